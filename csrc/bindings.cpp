@@ -1,0 +1,132 @@
+// pybind11 boundary of the C++ backend: takes buffers (NumPy views of torch tensors, no libtorch),
+// checks every shape, format and size, then releases the GIL and calls the kernel.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "kron_sum.h"
+
+namespace py = pybind11;
+
+namespace {
+
+[[noreturn]] void fail(const std::string& msg) { throw std::invalid_argument("duat_kernels._C.kron_sum: " + msg); }
+
+int64_t checked_mul(int64_t a, int64_t b, const char* what) {
+  int64_t r;
+  if (__builtin_mul_overflow(a, b, &r)) fail(std::string(what) + " overflows int64");
+  return r;
+}
+
+std::string shape_str(const py::buffer_info& b) {
+  std::string s = "(";
+  for (size_t i = 0; i < b.shape.size(); ++i) s += (i ? ", " : "") + std::to_string(b.shape[i]);
+  return s + ")";
+}
+
+void require_c_contiguous(const py::buffer_info& b, const char* name) {
+  int64_t expected = b.itemsize;
+  for (int64_t d = b.ndim - 1; d >= 0; --d) {
+    if (b.shape[d] != 1 && b.strides[d] != expected)
+      fail(std::string(name) + " must be C-contiguous");
+    expected *= b.shape[d];
+  }
+}
+
+char scalar_format(const py::buffer_info& b, const char* name) {
+  if (b.format == py::format_descriptor<float>::format()) return 'f';
+  if (b.format == py::format_descriptor<double>::format()) return 'd';
+  fail(std::string(name) + " must hold float32 or float64, got format '" + b.format + "'");
+}
+
+duat::OutType parse_out_type(const std::string& s) {
+  if (s == "float32") return duat::OutType::kFloat32;
+  if (s == "float64") return duat::OutType::kFloat64;
+  if (s == "float16") return duat::OutType::kFloat16;
+  if (s == "bfloat16") return duat::OutType::kBFloat16;
+  fail("out_dtype must be one of float32, float64, float16, bfloat16, got '" + s + "'");
+}
+
+int64_t itemsize_of(duat::OutType t) {
+  switch (t) {
+    case duat::OutType::kFloat32: return 4;
+    case duat::OutType::kFloat64: return 8;
+    default: return 2;
+  }
+}
+
+void kron_sum(py::buffer lt, py::buffer rt, py::buffer out, const std::string& out_dtype,
+              int64_t row0, int64_t col0, int num_threads) {
+  py::buffer_info l = lt.request(), r = rt.request(), o = out.request(/*writable=*/true);
+  if (l.ndim != 3) fail("lt must be 3-D (P, S, h), got shape " + shape_str(l));
+  if (r.ndim != 3) fail("rt must be 3-D (Q, h, T), got shape " + shape_str(r));
+  if (o.ndim != 2) fail("out must be 2-D (rows, cols), got shape " + shape_str(o));
+  require_c_contiguous(l, "lt");
+  require_c_contiguous(r, "rt");
+  require_c_contiguous(o, "out");
+  const char lf = scalar_format(l, "lt"), rf = scalar_format(r, "rt");
+  if (lf != rf) fail("lt and rt must have the same dtype");
+  const duat::OutType ot = parse_out_type(out_dtype);
+  if (o.itemsize != itemsize_of(ot))
+    fail("out has itemsize " + std::to_string(o.itemsize) + " but out_dtype is " + out_dtype);
+  if ((ot == duat::OutType::kFloat64) != (lf == 'd'))
+    fail("float64 output needs float64 factors and other outputs float32 factors");
+
+  duat::KronSumProblem pb;
+  pb.P = l.shape[0];
+  pb.S = l.shape[1];
+  pb.h = l.shape[2];
+  pb.Q = r.shape[0];
+  pb.T = r.shape[2];
+  if (r.shape[1] != pb.h)
+    fail("lt has " + std::to_string(pb.h) + " heads but rt has " + std::to_string(r.shape[1]));
+  pb.rows = o.shape[0];
+  pb.cols = o.shape[1];
+  pb.row0 = row0;
+  pb.col0 = col0;
+  const int64_t total_rows = checked_mul(pb.P, pb.Q, "P*Q");
+  const int64_t total_cols = checked_mul(pb.S, pb.T, "S*T");
+  checked_mul(total_rows, total_cols, "the number of entries of W");
+  if (row0 < 0 || col0 < 0 || row0 > total_rows - pb.rows || col0 > total_cols - pb.cols)
+    fail("tile rows [" + std::to_string(row0) + ", " + std::to_string(row0 + pb.rows) + ") x cols [" +
+         std::to_string(col0) + ", " + std::to_string(col0 + pb.cols) + ") exceeds W of shape (" +
+         std::to_string(total_rows) + ", " + std::to_string(total_cols) + ")");
+  if (pb.h <= 0 || pb.rows == 0 || pb.cols == 0) {
+    if (pb.h <= 0 && pb.rows > 0 && pb.cols > 0) fail("h must be positive");
+    return;
+  }
+
+  const void* lp = l.ptr;
+  const void* rp = r.ptr;
+  void* op = o.ptr;
+  py::gil_scoped_release release;
+  if (lf == 'd')
+    duat::kron_sum_f64(static_cast<const double*>(lp), static_cast<const double*>(rp), static_cast<double*>(op), pb,
+                       num_threads);
+  else
+    duat::kron_sum_f32(static_cast<const float*>(lp), static_cast<const float*>(rp), op, ot, pb, num_threads);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "C++ (OpenMP) kernels of duat_kernels; use duat_kernels.hvo_matrix, not this module.";
+  m.def("kron_sum", &kron_sum, py::arg("lt"), py::arg("rt"), py::arg("out"), py::arg("out_dtype"),
+        py::arg("row0") = 0, py::arg("col0") = 0, py::arg("num_threads") = 1,
+        "Write the tile [row0, row0+rows) x [col0, col0+cols) of sum_i L_i (x) R_i into out.\n"
+        "lt: (P, S, h) float32/float64, rt: (Q, h, T) same dtype, out: (rows, cols) C-contiguous.");
+#ifdef _OPENMP
+  m.attr("openmp") = true;
+#else
+  m.attr("openmp") = false;
+#endif
+#if defined(__AVX512F__)
+  m.attr("simd") = "avx512";
+#elif defined(__AVX2__)
+  m.attr("simd") = "avx2";
+#else
+  m.attr("simd") = "baseline";
+#endif
+}

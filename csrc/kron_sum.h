@@ -1,0 +1,30 @@
+// Kronecker-sum materialisation: the one kernel behind W'_HVO on the CPU.
+//
+// W = sum_i L_i (x) R_i with L_i (P x S) and R_i (Q x T), i < h. Entry
+//   W[p*Q + q, s*T + t] = sum_i L[i, p, s] * R[i, q, t].
+// Token layout is (L, R) = (A, OV); feature layout is (L, R) = (OV, A).
+//
+// The kernel writes any rectangle [row0, row0 + rows) x [col0, col0 + cols) of W into a
+// C-contiguous (rows x cols) buffer. It trusts its arguments: the pybind11 boundary validates.
+#pragma once
+
+#include <cstdint>
+
+namespace duat {
+
+enum class OutType { kFloat32, kFloat64, kFloat16, kBFloat16 };
+
+struct KronSumProblem {
+  int64_t h, P, S, Q, T;      // heads and factor shapes
+  int64_t row0, col0;          // global offset of the tile in W
+  int64_t rows, cols;          // tile extent (the output buffer is rows x cols)
+};
+
+// lt: (P, S, h) = L transposed so that one coefficient vector L[:, p, s] is contiguous.
+// rt: (Q, h, T) = R with the head axis in the middle so that R[:, q, :] is one contiguous slab.
+void kron_sum_f32(const float* lt, const float* rt, void* out, OutType out_type,
+                  const KronSumProblem& pb, int num_threads);
+void kron_sum_f64(const double* lt, const double* rt, double* out, const KronSumProblem& pb,
+                  int num_threads);
+
+}  // namespace duat

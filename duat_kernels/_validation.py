@@ -1,0 +1,175 @@
+"""Input checks of the public API, done once, before any allocation or kernel call.
+
+Every error names the argument and what was expected. Kernels trust what passes these checks.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+OUTPUT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+LAYOUTS = ("token", "feature")
+
+
+@dataclass(frozen=True)
+class HeadDims:
+    """Sizes of one attention layer: B batch, h query heads, h_kv kv heads, N tokens, d head size."""
+
+    batch: int
+    heads: int
+    kv_heads: int
+    tokens: int
+    head_dim: int
+    m_in: int
+    m_out: int
+    batched: bool  # whether attn came with a batch axis
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def check_tensor(name: str, t, ndims: tuple[int, ...]) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() not in ndims:
+        want = " or ".join(f"{n}-D" for n in ndims)
+        raise ValueError(f"{name} must be {want}, got shape {_shape(t)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
+
+
+def check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be 'token' or 'feature', got {layout!r}")
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    first_name, first = next(iter(devices.items()))
+    for name, dev in devices.items():
+        if dev != first:
+            raise ValueError(f"{name} is on {dev} but {first_name} is on {first}; put all inputs on one device")
+    return first
+
+
+def check_heads(num_heads: int, num_kv_heads: int | None, w_v: torch.Tensor | None,
+                w_o: torch.Tensor) -> tuple[int, int]:
+    """Validate h, h_kv against w_o (M_out, h*d) and w_v (h_kv*d, M_in); return (h_kv, d)."""
+    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    h_kv = num_heads if num_kv_heads is None else num_kv_heads
+    if not isinstance(h_kv, int) or isinstance(h_kv, bool) or h_kv < 1:
+        raise ValueError(f"num_kv_heads must be a positive int or None, got {num_kv_heads!r}")
+    if num_heads % h_kv:
+        raise ValueError(f"num_kv_heads={h_kv} must divide the number of query heads h={num_heads} (GQA groups)")
+    if w_o.shape[1] % num_heads:
+        raise ValueError(f"w_o must have shape (M_out, h*d) with h={num_heads} heads, got {_shape(w_o)}: "
+                         f"{w_o.shape[1]} is not a multiple of {num_heads}")
+    d = w_o.shape[1] // num_heads
+    if w_v is not None and w_v.shape[0] != h_kv * d:
+        raise ValueError(f"w_v must have shape (h_kv*d, M_in) = ({h_kv}*{d}, M_in) = ({h_kv * d}, M_in) for "
+                         f"num_kv_heads={h_kv} and head size d={d} (from w_o), got {_shape(w_v)}")
+    return h_kv, d
+
+
+def check_attention(attn: torch.Tensor, w_v: torch.Tensor | None, w_o: torch.Tensor,
+                    num_kv_heads: int | None) -> HeadDims:
+    check_tensor("attn", attn, (3, 4))
+    check_tensor("w_o", w_o, (2,))
+    if w_v is not None:
+        check_tensor("w_v", w_v, (2,))
+    n = attn.shape[-1]
+    if attn.shape[-2] != n or n == 0 or attn.shape[-3] == 0:
+        raise ValueError(f"attn must have shape (h, N, N) or (B, h, N, N) with h, N >= 1, got {_shape(attn)}")
+    h = attn.shape[-3]
+    h_kv, d = check_heads(h, num_kv_heads, w_v, w_o)
+    batched = attn.dim() == 4
+    return HeadDims(batch=attn.shape[0] if batched else 1, heads=h, kv_heads=h_kv, tokens=n, head_dim=d,
+                    m_in=w_v.shape[1] if w_v is not None else 0, m_out=w_o.shape[0], batched=batched)
+
+
+def check_bias(name: str, b: torch.Tensor | None, size: int) -> None:
+    if b is None:
+        return
+    check_tensor(name, b, (1,))
+    if b.shape[0] != size:
+        raise ValueError(f"{name} must have shape ({size},), got {_shape(b)}")
+
+
+def resolve_dtype(dtype: torch.dtype | None, out: torch.Tensor | None, *inputs: torch.Tensor) -> torch.dtype:
+    if dtype is None:
+        dtype = out.dtype if out is not None else inputs[0].dtype
+        for t in inputs[1:]:
+            dtype = torch.promote_types(dtype, t.dtype)
+    if dtype not in OUTPUT_DTYPES:
+        raise TypeError(f"dtype must be one of float32, float64, float16, bfloat16, got {dtype}")
+    if out is not None and out.dtype != dtype:
+        raise TypeError(f"out has dtype {out.dtype} but dtype={dtype} was requested")
+    return dtype
+
+
+def check_out(out: torch.Tensor, shape: tuple[int, ...], device: torch.device, *inputs: torch.Tensor) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if tuple(out.shape) != shape:
+        raise ValueError(f"out must have shape {shape}, got {_shape(out)}")
+    if out.device != device:
+        raise ValueError(f"out is on {out.device} but the inputs are on {device}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous (it is written in place, row-major); "
+                         "pass a fresh torch.empty buffer or out=None")
+    if out.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError("out requires grad; hvo_matrix writes it in place, so pass a buffer without grad")
+    lo, hi = _byte_range(out)
+    for t in inputs:
+        if t is not None and t.device == out.device and t.numel():
+            t_lo, t_hi = _byte_range(t)
+            if lo < t_hi and t_lo < hi:
+                raise ValueError("out overlaps the memory of an input tensor; pass a separate buffer")
+
+
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    if t.numel() == 0:
+        return 0, 0
+    start = t.data_ptr()
+    span = sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
+    neg = sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if st < 0)
+    return start + neg * t.element_size(), start + (span + 1) * t.element_size()
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated on the device (MemAvailable on the CPU)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def check_fits(what: str, needed: int, device: torch.device) -> None:
+    """Refuse, before allocating, an allocation that cannot fit in memory."""
+    free = available_memory(device)
+    if needed > free:
+        raise MemoryError(
+            f"{what} needs {format_bytes(needed)} but only {format_bytes(free)} is available on {device}. "
+            "Use the matrix-free duat_kernels.HVOOperator instead (matvec/rmatvec/matmat for products, "
+            "block() and tile() for parts of W')."
+        )

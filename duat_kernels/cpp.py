@@ -1,0 +1,62 @@
+"""C++ backend: thin wrapper around the pybind11 kernel in csrc/ (CPU, OpenMP, SIMD).
+
+W' is a Kronecker sum sum_i L_i (x) R_i with (L, R) = (A, OV) in token layout and (OV, A) in
+feature layout; the kernel receives L as (P, S, h) (one coefficient vector per block contiguous)
+and R as (Q, h, T) (one cache-resident slab per output row) and writes any tile of W'.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from duat_kernels.reference import compute_dtype
+
+try:
+    from duat_kernels import _C
+except ImportError as exc:  # a source tree without a build, or a failed build
+    _C = None
+    IMPORT_ERROR = (f"the C++ extension duat_kernels._C could not be imported ({exc}); build it with "
+                    "`pip install .` (or `pip install -e .` in a source checkout)")
+else:
+    IMPORT_ERROR = ""
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64",
+                torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def is_available() -> bool:
+    return _C is not None
+
+
+def kron_factors(attn: torch.Tensor, ov: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, R) of the Kronecker sum for attn (h, N, N) and ov (h, M_out, M_in)."""
+    return (attn, ov) if layout == "token" else (ov, attn)
+
+
+def _numpy_view(t: torch.Tensor):
+    """A NumPy view sharing t's memory; bfloat16 (unknown to NumPy) travels as int16 bits."""
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.detach().numpy()
+
+
+def kron_sum_tile_(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor, row0: int = 0,
+                   col0: int = 0) -> torch.Tensor:
+    """Write W[row0:row0+rows, col0:col0+cols] of W = sum_i left_i (x) right_i into out (rows, cols).
+
+    left (h, P, S), right (h, Q, T) in the compute dtype of out, on the CPU; out contiguous.
+    """
+    lt = left.permute(1, 2, 0).contiguous()  # (P, S, h)
+    rt = right.permute(1, 0, 2).contiguous()  # (Q, h, T)
+    _C.kron_sum(_numpy_view(lt), _numpy_view(rt), _numpy_view(out), _DTYPE_NAMES[out.dtype],
+                row0, col0, torch.get_num_threads())
+    return out
+
+
+def hvo_matrix_(attn: torch.Tensor, ov: torch.Tensor, layout: str, out: torch.Tensor) -> torch.Tensor:
+    """Write W' for attn (B, h, N, N) and ov (h, M_out, M_in) into out (B, N*M_out, N*M_in)."""
+    ct = compute_dtype(out.dtype)
+    ov = ov.to(ct)
+    for b in range(attn.shape[0]):
+        kron_sum_tile_(*kron_factors(attn[b].to(ct), ov, layout), out[b])
+    return out

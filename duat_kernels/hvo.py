@@ -1,0 +1,110 @@
+"""Public API: W'_HVO, its bias b' and the OV circuits (DESIGN.md §1-2).
+
+Validation and allocation happen here, once; `backends.materialise` picks the kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from duat_kernels import _validation as v
+from duat_kernels import backends, reference
+
+__all__ = ["hvo_matrix", "hvo_bias", "ov_circuits"]
+
+
+def ov_circuits(w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int, num_kv_heads: int | None = None) -> torch.Tensor:
+    """Per-head OV circuits OV_i = Wo_i · Wv_{i // g}, column-vector convention.
+
+    Args:
+        w_v: (h_kv·d, M_in) value projection weight (nn.Linear convention).
+        w_o: (M_out, h·d) output projection weight.
+        num_heads: h, the number of query heads.
+        num_kv_heads: h_kv (GQA); defaults to h. Query head i reads kv head i // (h / h_kv).
+
+    Returns:
+        (h, M_out, M_in) tensor in the promoted dtype of w_v and w_o.
+    """
+    v.check_tensor("w_v", w_v, (2,))
+    v.check_tensor("w_o", w_o, (2,))
+    v.check_same_device(w_v=w_v, w_o=w_o)
+    h_kv, _ = v.check_heads(num_heads, num_kv_heads, w_v, w_o)
+    dtype = torch.promote_types(w_v.dtype, w_o.dtype)
+    return reference.ov_circuits(w_v.to(dtype), w_o.to(dtype), num_heads, h_kv)
+
+
+def hvo_matrix(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, *, num_kv_heads: int | None = None,
+               layout: str = "token", backend: str = "auto", out: torch.Tensor | None = None,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Materialise W'_HVO, the matrix with h' = W' x' (+ b') for one attention layer.
+
+    Token layout: W'[(n, c), (m, a)] = Σ_i A_i[n, m] · OV_i[c, a], i.e. W' = Σ_i A_i ⊗ OV_i;
+    feature layout: W' = Σ_i OV_i ⊗ A_i (the same entries, permuted). See DESIGN.md §1.
+
+    Args:
+        attn: (h, N, N) or (B, h, N, N) attention probabilities (after softmax, masks, dropout).
+        w_v: (h_kv·d, M_in) value projection weight. w_o: (M_out, h·d) output projection weight.
+        num_kv_heads: h_kv for grouped-query attention; defaults to h.
+        layout: "token" (x'[n·M_in + a] = X[n, a]) or "feature" (x'[a·N + n] = X[n, a]).
+        backend: "auto", "reference" or "cpp" (see `available_backends`).
+        out: optional contiguous buffer of the output shape and dtype, written in place and returned.
+        dtype: output dtype (float32, float64, float16, bfloat16); defaults to out.dtype or the
+            promoted input dtype. Accumulation is in float32 (float64 for float64 output).
+
+    Returns:
+        (N·M_out, N·M_in), or (B, N·M_out, N·M_in) for batched attn.
+    """
+    dims = v.check_attention(attn, w_v, w_o, num_kv_heads)
+    v.check_layout(layout)
+    device = v.check_same_device(attn=attn, w_v=w_v, w_o=w_o)
+    dtype = v.resolve_dtype(dtype, out, attn, w_v, w_o)
+    rows, cols = dims.tokens * dims.m_out, dims.tokens * dims.m_in
+    shape = (dims.batch, rows, cols) if dims.batched else (rows, cols)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (attn, w_v, w_o))
+    backend = backends.resolve(backend, device, needs_grad)
+
+    entries = dims.batch * rows * cols
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    needed = 0 if out is not None else entries * itemsize
+    if backend == "reference":  # the Kronecker products and their running sum, in the compute dtype
+        needed += (dims.batch + 2) * rows * cols * torch.empty((), dtype=reference.compute_dtype(dtype)).element_size()
+    if out is not None:
+        v.check_out(out, shape, device, attn, w_v, w_o)
+    v.check_fits(f"W' of shape {shape} ({entries:,} entries of {dtype}) with backend={backend!r}", needed, device)
+
+    ct = reference.compute_dtype(dtype)
+    ov = reference.ov_circuits(w_v.to(ct), w_o.to(ct), dims.heads, dims.kv_heads)
+    attn4 = attn if dims.batched else attn.unsqueeze(0)
+    out4 = None if out is None else (out if dims.batched else out.unsqueeze(0))
+    result = backends.materialise(backend, attn4, ov, layout, out4, dtype)
+    if out is not None:
+        return out
+    return result if dims.batched else result[0]
+
+
+def hvo_bias(attn: torch.Tensor, w_o: torch.Tensor, b_v: torch.Tensor | None = None, b_o: torch.Tensor | None = None,
+             *, num_kv_heads: int | None = None, layout: str = "token") -> torch.Tensor:
+    """The bias b' of h' = W' x' + b'.
+
+    b'[(n, c)] = Σ_i (Σ_m A_i[n, m]) · (Wo_i b_v[kv head of i])[c] + b_o[c]; rows of A are not
+    assumed to sum to one (padding, attention sinks, dropout).
+
+    Args:
+        attn: (h, N, N) or (B, h, N, N). w_o: (M_out, h·d). b_v: (h_kv·d,) or None. b_o: (M_out,) or None.
+        num_kv_heads: h_kv for grouped-query attention; defaults to h.
+        layout: "token" (index n·M_out + c) or "feature" (index c·N + n).
+
+    Returns:
+        (N·M_out,), or (B, N·M_out) for batched attn, in the promoted dtype of the inputs.
+    """
+    dims = v.check_attention(attn, None, w_o, num_kv_heads)
+    v.check_layout(layout)
+    v.check_bias("b_v", b_v, dims.kv_heads * dims.head_dim)
+    v.check_bias("b_o", b_o, dims.m_out)
+    v.check_same_device(attn=attn, w_o=w_o, b_v=b_v, b_o=b_o)
+    dtype = v.resolve_dtype(None, None, *(t for t in (attn, w_o, b_v, b_o) if t is not None))
+    ct = reference.compute_dtype(dtype)
+    attn4 = attn if dims.batched else attn.unsqueeze(0)
+    bias = reference.hvo_bias(attn4.to(ct), w_o.to(ct), None if b_v is None else b_v.to(ct),
+                              None if b_o is None else b_o.to(ct), dims.kv_heads, layout).to(dtype)
+    return bias if dims.batched else bias[0]

@@ -1,0 +1,79 @@
+"""Reference backend: the formulas of DESIGN.md §1 in plain PyTorch, the oracle of every test.
+
+Notation: attention probabilities A_i (N x N) for query heads i < h, per-head OV circuits
+OV_i = Wo_i Wv_{i//g} (M_out x M_in), where g = h / h_kv is the GQA group size.
+
+    token layout:   W' = sum_i A_i (x) OV_i      W'[(n, c), (m, a)] = sum_i A_i[n, m] OV_i[c, a]
+    feature layout: W' = sum_i OV_i (x) A_i      W'[(c, n), (a, m)] = sum_i OV_i[c, a] A_i[n, m]
+    bias:           b'[(n, c)] = sum_i (sum_m A_i[n, m]) (Wo_i b_v[i//g])[c] + b_o[c]
+
+These functions do no validation (duat_kernels.hvo does it once) and are differentiable.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["compute_dtype", "ov_circuits", "hvo_matrix", "hvo_bias", "attention_output"]
+
+
+def compute_dtype(out_dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of every backend: float64 for float64 output, float32 otherwise."""
+    return torch.float64 if out_dtype == torch.float64 else torch.float32
+
+
+def ov_circuits(w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """OV_i = Wo_i @ Wv_{i // g}: w_v (h_kv*d, M_in), w_o (M_out, h*d) -> (h, M_out, M_in)."""
+    m_out, m_in = w_o.shape[0], w_v.shape[1]
+    d = w_o.shape[1] // num_heads
+    wv = w_v.reshape(num_kv_heads, d, m_in)  # Wv_j = w_v[j*d:(j+1)*d, :]
+    wv = wv.repeat_interleave(num_heads // num_kv_heads, dim=0)  # query head i reads kv head i // g
+    wo = w_o.reshape(m_out, num_heads, d).transpose(0, 1)  # Wo_i = w_o[:, i*d:(i+1)*d]
+    return torch.bmm(wo, wv)
+
+
+def hvo_matrix(attn: torch.Tensor, ov: torch.Tensor, layout: str = "token") -> torch.Tensor:
+    """W' as a sum of Kronecker products: attn (B, h, N, N), ov (h, M_out, M_in) -> (B, N*M_out, N*M_in)."""
+    mats = []
+    for a in attn:  # batch
+        if layout == "token":
+            mats.append(sum(torch.kron(a[i], ov[i]) for i in range(a.shape[0])))
+        else:
+            mats.append(sum(torch.kron(ov[i], a[i]) for i in range(a.shape[0])))
+    return torch.stack(mats)
+
+
+def hvo_bias(attn: torch.Tensor, w_o: torch.Tensor, b_v: torch.Tensor | None, b_o: torch.Tensor | None,
+             num_kv_heads: int, layout: str = "token") -> torch.Tensor:
+    """b' for attn (B, h, N, N), w_o (M_out, h*d), b_v (h_kv*d,), b_o (M_out,) -> (B, N*M_out)."""
+    batch, h, n, _ = attn.shape
+    m_out = w_o.shape[0]
+    bias = attn.new_zeros(batch, n, m_out)
+    if b_v is not None:
+        d = w_o.shape[1] // h
+        bv = b_v.reshape(num_kv_heads, d).repeat_interleave(h // num_kv_heads, dim=0)  # (h, d)
+        u = torch.einsum("chd,hd->hc", w_o.reshape(m_out, h, d), bv)  # u_i = Wo_i b_v[i//g]
+        bias = bias + torch.einsum("bhn,hc->bnc", attn.sum(-1), u)  # rows of A need not sum to 1
+    if b_o is not None:
+        bias = bias + b_o
+    if layout == "feature":
+        bias = bias.transpose(1, 2)
+    return bias.reshape(batch, -1)
+
+
+def attention_output(attn: torch.Tensor, x: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor,
+                     b_v: torch.Tensor | None = None, b_o: torch.Tensor | None = None,
+                     num_kv_heads: int | None = None) -> torch.Tensor:
+    """Multi-head attention with given probabilities, the way attention modules compute it.
+
+    attn (B, h, N, N), x (B, N, M_in) -> (B, N, M_out): V = x w_vᵀ + b_v split into heads,
+    repeated for GQA, mixed by A, concatenated and projected by w_o. The independent route to
+    W' x' + b' that tests compare against (and whose Jacobian in x is W').
+    """
+    batch, h, n, _ = attn.shape
+    h_kv = num_kv_heads or h
+    d = w_o.shape[1] // h
+    v = torch.nn.functional.linear(x, w_v, b_v).reshape(batch, n, h_kv, d).transpose(1, 2)
+    v = v.repeat_interleave(h // h_kv, dim=1)  # (B, h, N, d)
+    heads = (attn @ v).transpose(1, 2).reshape(batch, n, h * d)
+    return torch.nn.functional.linear(heads, w_o, b_o)
