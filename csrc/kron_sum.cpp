@@ -150,6 +150,17 @@ inline void store_vec(FP16* dst, VF v, bool stream) {
 }
 
 // Zeros for [dst, dst + n): blocks with all-zero coefficients cost a memset, not h FMAs.
+// c += a * b rounded as the vector path rounds it (fused where the hardware fuses), so that a
+// tile computed with other vector boundaries equals the same slice of the full matrix bit for bit.
+template <typename A>
+inline A madd(A a, A b, A c) {
+#if defined(__FMA__) || defined(__aarch64__)
+  return std::fma(a, b, c);
+#else
+  return c + a * b;
+#endif
+}
+
 template <typename Out>
 inline void zero(Out* dst, int64_t n, bool stream) {
   if (n <= 0) return;
@@ -214,7 +225,7 @@ void combine_h(const A* const* coef, const A* slab, int64_t h, int64_t T, int64_
   for (; t < t1; ++t) {
     for (int k = 0; k < K; ++k) {
       A sum = 0;
-      for (int64_t i = 0; i < h; ++i) sum += coef[k][i] * slab[i * T + t];
+      for (int64_t i = 0; i < h; ++i) sum = madd(coef[k][i], slab[i * T + t], sum);
       store(dst[k] + (t - t0), sum);
     }
   }

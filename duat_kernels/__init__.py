@@ -5,8 +5,9 @@
 with reference (PyTorch) and C++ (CPU) backends behind one API. See DESIGN.md and README.md.
 """
 
+from duat_kernels._validation import DenseTooLargeError
 from duat_kernels.backends import available_backends
 from duat_kernels.hvo import hvo_bias, hvo_matrix, ov_circuits
 
 __version__ = "0.1.0"
-__all__ = ["hvo_matrix", "hvo_bias", "ov_circuits", "available_backends"]
+__all__ = ["hvo_matrix", "hvo_bias", "ov_circuits", "available_backends", "DenseTooLargeError"]

@@ -14,6 +14,10 @@ OUTPUT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 LAYOUTS = ("token", "feature")
 
 
+class DenseTooLargeError(MemoryError, ValueError):
+    """A dense result that would not fit in memory, refused before anything is allocated."""
+
+
 @dataclass(frozen=True)
 class HeadDims:
     """Sizes of one attention layer: B batch, h query heads, h_kv kv heads, N tokens, d head size."""
@@ -29,7 +33,7 @@ class HeadDims:
 
 
 def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+    return str(tuple(t.shape))
 
 
 def check_tensor(name: str, t, ndims: tuple[int, ...]) -> None:
@@ -101,8 +105,10 @@ def check_bias(name: str, b: torch.Tensor | None, size: int) -> None:
 
 
 def resolve_dtype(dtype: torch.dtype | None, out: torch.Tensor | None, *inputs: torch.Tensor) -> torch.dtype:
-    if dtype is None:
-        dtype = out.dtype if out is not None else inputs[0].dtype
+    if dtype is None and out is not None:
+        dtype = out.dtype
+    elif dtype is None:
+        dtype = inputs[0].dtype
         for t in inputs[1:]:
             dtype = torch.promote_types(dtype, t.dtype)
     if dtype not in OUTPUT_DTYPES:
@@ -113,8 +119,6 @@ def resolve_dtype(dtype: torch.dtype | None, out: torch.Tensor | None, *inputs: 
 
 
 def check_out(out: torch.Tensor, shape: tuple[int, ...], device: torch.device, *inputs: torch.Tensor) -> None:
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
     if tuple(out.shape) != shape:
         raise ValueError(f"out must have shape {shape}, got {_shape(out)}")
     if out.device != device:
@@ -168,7 +172,7 @@ def check_fits(what: str, needed: int, device: torch.device) -> None:
     """Refuse, before allocating, an allocation that cannot fit in memory."""
     free = available_memory(device)
     if needed > free:
-        raise MemoryError(
+        raise DenseTooLargeError(
             f"{what} needs {format_bytes(needed)} but only {format_bytes(free)} is available on {device}. "
             "Use the matrix-free duat_kernels.HVOOperator instead (matvec/rmatvec/matmat for products, "
             "block() and tile() for parts of W')."

@@ -57,6 +57,8 @@ def hvo_matrix(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, *, num_
     dims = v.check_attention(attn, w_v, w_o, num_kv_heads)
     v.check_layout(layout)
     device = v.check_same_device(attn=attn, w_v=w_v, w_o=w_o)
+    if out is not None:
+        v.check_tensor("out", out, (3,) if dims.batched else (2,))
     dtype = v.resolve_dtype(dtype, out, attn, w_v, w_o)
     rows, cols = dims.tokens * dims.m_out, dims.tokens * dims.m_in
     shape = (dims.batch, rows, cols) if dims.batched else (rows, cols)

@@ -1,0 +1,69 @@
+"""Shared helpers: random attention layers and the one "close to reference" assertion."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import settings
+
+from duat_kernels import reference
+
+settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True, print_blob=True)
+settings.register_profile("dev", max_examples=60, deadline=None, print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+# Unit roundoff of the accumulation dtype and one ulp (relative) of each output dtype.
+_ACC_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}
+_OUT_ULP = {torch.float64: 2.0 ** -52, torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+
+
+def random_layer(batch=1, heads=4, kv_heads=None, tokens=7, head_dim=3, m_in=11, m_out=9, *, causal=False,
+                 batched=True, dtype=torch.float32, seed=0) -> dict:
+    """A random attention layer: softmax probabilities (causal if asked) and nn.Linear-style weights."""
+    g = torch.Generator().manual_seed(seed)
+    kv_heads = kv_heads or heads
+    scores = torch.randn(batch, heads, tokens, tokens, generator=g, dtype=torch.float64)
+    if causal:
+        scores = scores.masked_fill(torch.ones(tokens, tokens, dtype=torch.bool).triu(1), float("-inf"))
+    attn = scores.softmax(-1).to(dtype)
+    w_v = (torch.randn(kv_heads * head_dim, m_in, generator=g, dtype=torch.float64) / m_in ** 0.5).to(dtype)
+    w_o = (torch.randn(m_out, heads * head_dim, generator=g, dtype=torch.float64) / (heads * head_dim) ** 0.5).to(dtype)
+    b_v = torch.randn(kv_heads * head_dim, generator=g, dtype=torch.float64).to(dtype)
+    b_o = torch.randn(m_out, generator=g, dtype=torch.float64).to(dtype)
+    return dict(attn=attn if batched else attn[0], w_v=w_v, w_o=w_o, b_v=b_v, b_o=b_o, num_kv_heads=kv_heads)
+
+
+def assert_close_to_reference(got: torch.Tensor, attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor,
+                              num_kv_heads: int | None, layout: str) -> None:
+    """got (any output dtype) against the reference computed in the same accumulation dtype.
+
+    Both sides sum h products in the accumulation dtype (unit roundoff u), so they differ by at
+    most 2·h·u·Σ_i|A_i|⊗|OV_i| (the forward error bound of a length-h dot product, twice); a
+    16-bit output adds one ulp of its own rounding. Nothing looser.
+    """
+    acc = reference.compute_dtype(got.dtype)
+    attn4 = attn if attn.dim() == 4 else attn.unsqueeze(0)
+    heads = attn4.shape[1]
+    ov = reference.ov_circuits(w_v.to(acc), w_o.to(acc), heads, num_kv_heads or heads)
+    exact = reference.hvo_matrix(attn4.to(acc), ov, layout)
+    magnitude = reference.hvo_matrix(attn4.to(acc).abs(), ov.abs(), layout)
+    if attn.dim() == 3:
+        exact, magnitude = exact[0], magnitude[0]
+    assert got.shape == exact.shape, (got.shape, exact.shape)
+    bound = 2 * heads * _ACC_ROUNDOFF[acc] * magnitude.double() + _OUT_ULP[got.dtype] * exact.double().abs()
+    bound += torch.finfo(got.dtype).tiny  # subnormal outputs
+    err = (got.double() - exact.double()).abs()
+    bad = err > bound
+    if bad.any():
+        idx = tuple(i.item() for i in bad.nonzero()[0])
+        raise AssertionError(f"{int(bad.sum())} of {got.numel()} entries off; first at {idx}: got {got[idx].item()!r}, "
+                             f"reference {exact[idx].item()!r}, bound {bound[idx].item():.3g}")
+
+
+@pytest.fixture
+def layer():
+    return random_layer

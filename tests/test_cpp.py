@@ -1,0 +1,150 @@
+"""The C++ backend against the reference: randomised shapes, both layouts, GQA, batches, dtypes,
+out= buffers, non-contiguous inputs, causal zero blocks, tiles and the streaming-store path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import duat_kernels as dk
+from duat_kernels import cpp, reference
+
+from conftest import DTYPES, assert_close_to_reference, random_layer
+
+pytestmark = pytest.mark.skipif(not cpp.is_available(), reason=f"C++ extension not built: {cpp.IMPORT_ERROR}")
+
+
+def _cpp(lay, layout="token", dtype=None, **kw):
+    return dk.hvo_matrix(lay["attn"], lay["w_v"], lay["w_o"], num_kv_heads=lay["num_kv_heads"], layout=layout,
+                         backend="cpp", dtype=dtype, **kw)
+
+
+@given(
+    batch=st.integers(1, 3), kv_heads=st.integers(1, 8), group=st.sampled_from([1, 2, 3, 4]),
+    tokens=st.integers(1, 19), head_dim=st.integers(1, 5), m_in=st.integers(1, 70), m_out=st.integers(1, 40),
+    layout=st.sampled_from(["token", "feature"]), dtype=st.sampled_from(DTYPES), causal=st.booleans(),
+    batched=st.booleans(), seed=st.integers(0, 2 ** 16),
+)
+def test_random_shapes_match_reference(batch, kv_heads, group, tokens, head_dim, m_in, m_out, layout, dtype, causal,
+                                       batched, seed):
+    lay = random_layer(batch, kv_heads * group, kv_heads, tokens, head_dim, m_in, m_out, causal=causal,
+                       batched=batched, seed=seed)
+    got = _cpp(lay, layout, dtype)
+    assert got.dtype == dtype
+    assert_close_to_reference(got, lay["attn"], lay["w_v"], lay["w_o"], lay["num_kv_heads"], layout)
+
+
+# Shapes aimed at each code path: head counts with an unrolled loop (4, 8, 12, 16) and without
+# (1, 5, 32), segments of 4 vectors + 2 + 1 + a scalar tail (m_in = 117), short feature segments.
+@pytest.mark.parametrize("heads,kv_heads", [(1, 1), (4, 2), (5, 5), (8, 8), (12, 4), (16, 16), (32, 8)])
+@pytest.mark.parametrize("layout", ["token", "feature"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_code_paths(heads, kv_heads, layout, dtype):
+    lay = random_layer(2, heads, kv_heads, tokens=13, head_dim=2, m_in=117, m_out=6, seed=heads)
+    assert_close_to_reference(_cpp(lay, layout, dtype), lay["attn"], lay["w_v"], lay["w_o"], kv_heads, layout)
+
+
+@pytest.mark.parametrize("layout", ["token", "feature"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streaming_store_path(layout, dtype):
+    # 2080 x 2080 float32 = 17.3 MB, above the 16 MiB threshold for non-temporal stores.
+    lay = random_layer(1, 8, 2, tokens=16, head_dim=8, m_in=130, m_out=130, causal=True, batched=False, seed=3)
+    out = _cpp(lay, layout, torch.float32 if dtype == torch.float32 else dtype)
+    assert out.numel() * 4 > 16 * 2 ** 20
+    assert_close_to_reference(out, lay["attn"], lay["w_v"], lay["w_o"], 2, layout)
+
+
+@pytest.mark.parametrize("layout", ["token", "feature"])
+def test_causal_blocks_are_exact_zeros(layout):
+    lay = random_layer(1, 3, tokens=9, m_in=10, m_out=4, causal=True, batched=False)
+    w = _cpp(lay, layout)
+    blocks = w.reshape(9, 4, 9, 10) if layout == "token" else w.reshape(4, 9, 10, 9).permute(1, 0, 3, 2)
+    upper = torch.ones(9, 9, dtype=torch.bool).triu(1)
+    assert (blocks.permute(0, 2, 1, 3)[upper] == 0).all()
+    assert (blocks.permute(0, 2, 1, 3)[~upper].abs().sum((-1, -2)) > 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batched", [True, False])
+def test_out_buffer_is_written_in_place(dtype, batched):
+    lay = random_layer(2, 4, 2, tokens=5, m_in=7, m_out=3, batched=batched)
+    shape = ((2,) if batched else ()) + (15, 35)
+    out = torch.full(shape, float("nan"), dtype=dtype)
+    ptr = out.data_ptr()
+    res = _cpp(lay, out=out)
+    assert res is out and out.data_ptr() == ptr
+    assert not out.isnan().any()
+    assert_close_to_reference(out, lay["attn"], lay["w_v"], lay["w_o"], 2, "token")
+
+
+def test_non_contiguous_inputs():
+    lay = random_layer(2, 4, 2, tokens=6, head_dim=3, m_in=8, m_out=5)
+    attn = lay["attn"].transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, column-major
+    w_v = lay["w_v"].t().contiguous().t()
+    w_o = lay["w_o"].repeat_interleave(2, dim=1)[:, ::2]  # a strided view of the same values
+    assert not attn.is_contiguous() and not w_v.is_contiguous() and not w_o.is_contiguous()
+    got = dk.hvo_matrix(attn, w_v, w_o, num_kv_heads=2, backend="cpp")
+    ref = dk.hvo_matrix(lay["attn"], lay["w_v"], lay["w_o"], num_kv_heads=2, backend="cpp")
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["token", "feature"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tiles_are_slices_of_the_matrix(layout, dtype):
+    lay = random_layer(1, 6, 3, tokens=7, head_dim=2, m_in=37, m_out=5, causal=True, batched=False, seed=7)
+    ct = reference.compute_dtype(dtype)
+    ov = reference.ov_circuits(lay["w_v"].to(ct), lay["w_o"].to(ct), 6, 3)
+    left, right = cpp.kron_factors(lay["attn"].to(ct), ov, layout)
+    full = cpp.kron_sum_tile_(left, right, torch.empty(7 * 5, 7 * 37, dtype=dtype))
+    g = torch.Generator().manual_seed(1)
+    for _ in range(25):
+        r0, c0 = (int(torch.randint(0, n, (1,), generator=g)) for n in full.shape)
+        rows = int(torch.randint(1, full.shape[0] - r0 + 1, (1,), generator=g))
+        cols = int(torch.randint(1, full.shape[1] - c0 + 1, (1,), generator=g))
+        tile = cpp.kron_sum_tile_(left, right, torch.empty(rows, cols, dtype=dtype), r0, c0)
+        assert torch.equal(tile, full[r0:r0 + rows, c0:c0 + cols]), (r0, c0, rows, cols)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_conversion_rounds_like_torch(dtype):
+    # With h = 1 each entry is one product, computed exactly as torch computes it in float32, so the
+    # 16-bit conversion (vector and scalar paths) must agree with torch bit for bit: ties, subnormals,
+    # overflow to inf.
+    g = torch.Generator().manual_seed(0)
+    exps = torch.randint(-30, 20, (1, 1, 70), generator=g).double()
+    right = (torch.randn(1, 1, 70, generator=g, dtype=torch.float64) * 2.0 ** exps).float()
+    right[0, 0, :6] = torch.tensor([65520.0, 65519.0, 1e5, 2.0 ** -25, 2.0 ** -24 * 1.5, 1.0 + 2.0 ** -11])
+    left = torch.tensor([[[1.0, -1.0, 0.5, 3.0]]]).float()  # (h=1, P=1, S=4)
+    tile = cpp.kron_sum_tile_(left, right, torch.empty(1, 4 * 70, dtype=dtype))
+    expected = torch.kron(left[0], right[0]).to(dtype)
+    assert torch.equal(tile.view(torch.int16), expected.view(torch.int16))
+
+
+def test_boundary_rejects_bad_buffers():
+    import numpy as np
+
+    from duat_kernels import _C
+    lt = np.zeros((2, 3, 4), np.float32)
+    rt = np.zeros((5, 4, 6), np.float32)
+    out = np.zeros((10, 18), np.float32)
+    _C.kron_sum(lt, rt, out, "float32")
+    cases = [
+        ((lt[0], rt, out, "float32"), "lt must be 3-D"),
+        ((lt, rt.astype(np.float64), out, "float32"), "same dtype"),
+        ((lt, np.zeros((5, 3, 6), np.float32), out, "float32"), "heads"),
+        ((lt, rt, out, "float64"), "itemsize"),
+        ((lt, rt, out, "int8"), "out_dtype must be one of"),
+        ((lt, rt, out[:, ::2], "float32"), "C-contiguous"),
+        ((lt.astype(np.int32), rt, out, "float32"), "float32 or float64"),
+        ((lt, rt, out, "float32", 1, 0), "exceeds W"),
+        ((lt, rt, out, "float32", 0, -1), "exceeds W"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            _C.kron_sum(*args)
+    with pytest.raises(ValueError, match="read-only|writable"):
+        ro = out.copy()
+        ro.flags.writeable = False
+        _C.kron_sum(lt, rt, ro, "float32")
