@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "fma_peak.h"
 #include "kron_sum.h"
 
 namespace py = pybind11;
@@ -117,6 +118,15 @@ PYBIND11_MODULE(_C, m) {
         py::arg("row0") = 0, py::arg("col0") = 0, py::arg("num_threads") = 1,
         "Write the tile [row0, row0+rows) x [col0, col0+cols) of sum_i L_i (x) R_i into out.\n"
         "lt: (P, S, h) float32/float64, rt: (Q, h, T) same dtype, out: (rows, cols) C-contiguous.");
+  m.def(
+      "fma_peak_gflops",
+      [](int64_t iterations, int num_threads) {
+        if (iterations <= 0) fail("iterations must be positive");
+        py::gil_scoped_release release;
+        return duat::fma_peak_gflops(iterations, num_threads);
+      },
+      py::arg("iterations") = 20000000, py::arg("num_threads") = 1,
+      "Float32 FMA throughput in GFLOP/s of register-only vector FMA chains: the arithmetic floor.");
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else

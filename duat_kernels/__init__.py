@@ -8,6 +8,7 @@ with reference (PyTorch) and C++ (CPU) backends behind one API. See DESIGN.md an
 from duat_kernels._validation import DenseTooLargeError
 from duat_kernels.backends import available_backends
 from duat_kernels.hvo import hvo_bias, hvo_matrix, ov_circuits
+from duat_kernels.hvo_operator import HVOOperator
 
 __version__ = "0.1.0"
-__all__ = ["hvo_matrix", "hvo_bias", "ov_circuits", "available_backends", "DenseTooLargeError"]
+__all__ = ["hvo_matrix", "hvo_bias", "ov_circuits", "HVOOperator", "available_backends", "DenseTooLargeError"]

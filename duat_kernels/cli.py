@@ -1,0 +1,47 @@
+"""Command line: `duat [demo] [options]` (also `python -m duat_kernels`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from duat_kernels.demo import format_report, run_demo
+
+# W' x' + b' must reproduce the module in float32 to this relative error.
+DEMO_TOLERANCE = 1e-5
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="duat", description="Materialise and analyse the DUAT operator W'_HVO.")
+    sub = parser.add_subparsers(dest="command")
+    demo = sub.add_parser("demo", help="W' of a seeded random attention layer with every backend (the default)")
+    demo.add_argument("--tokens", type=int, default=24, help="sequence length N (default 24)")
+    demo.add_argument("--embed-dim", type=int, default=192, help="model width M (default 192)")
+    demo.add_argument("--heads", type=int, default=6, help="number of heads h (default 6)")
+    demo.add_argument("--layout", choices=["token", "feature"], default="token")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--repeats", type=int, default=3, help="timed repetitions, best one reported")
+    demo.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's setting)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["demo", *argv]
+    args = build_parser().parse_args(argv)
+    if args.embed_dim % args.heads:
+        raise SystemExit(f"duat demo: --embed-dim {args.embed_dim} must be divisible by --heads {args.heads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows, floor, shape = run_demo(args.tokens, args.embed_dim, args.heads, args.seed, args.layout, args.repeats)
+    print(format_report(rows, floor, shape, args.tokens, args.embed_dim, args.heads, args.layout))
+    failed = [r.backend for r in rows if not r.rel_err <= DEMO_TOLERANCE]
+    if failed:
+        print(f"FAILED: W' x' + b' differs from the module's output by more than {DEMO_TOLERANCE:g} "
+              f"for {', '.join(failed)}", file=sys.stderr)
+        return 1
+    print(f"OK: every backend reproduces the module's output (relative error <= {DEMO_TOLERANCE:g}).")
+    return 0

@@ -1,0 +1,141 @@
+"""HVOOperator: W' (and b') of one attention layer without materialising it.
+
+matvec is attention itself (project to values, mix with A, project out): O(h·N²·d + N·M·h·d),
+never O((N·M)²). Parts of W' (one block, any tile) are written directly by the kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from duat_kernels import _validation as v
+from duat_kernels import backends, cpp, reference
+from duat_kernels.hvo import hvo_bias, hvo_matrix
+
+
+class HVOOperator:
+    """Matrix-free W'_HVO for attn (h, N, N) or (B, h, N, N), w_v (h_kv·d, M_in), w_o (M_out, h·d).
+
+    `shape` is (N·M_out, N·M_in), with a leading B for batched attn; vectors follow `layout`
+    ("token": x'[n·M_in + a], "feature": x'[a·N + n]).
+    """
+
+    def __init__(self, attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, *, num_kv_heads: int | None = None,
+                 b_v: torch.Tensor | None = None, b_o: torch.Tensor | None = None, layout: str = "token"):
+        self.dims = v.check_attention(attn, w_v, w_o, num_kv_heads)
+        v.check_layout(layout)
+        v.check_bias("b_v", b_v, self.dims.kv_heads * self.dims.head_dim)
+        v.check_bias("b_o", b_o, self.dims.m_out)
+        self.device = v.check_same_device(attn=attn, w_v=w_v, w_o=w_o, b_v=b_v, b_o=b_o)
+        self.attn, self.w_v, self.w_o, self.b_v, self.b_o = attn, w_v, w_o, b_v, b_o
+        self.layout = layout
+        self._attn4 = attn if self.dims.batched else attn.unsqueeze(0)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        d = self.dims
+        mat = (d.tokens * d.m_out, d.tokens * d.m_in)
+        return (d.batch, *mat) if d.batched else mat
+
+    def _unflatten(self, x: torch.Tensor, width: int, name: str) -> torch.Tensor:
+        """x' (..., N·width) in this layout -> X (B, ..., N, width), checking the size."""
+        n = self.dims.tokens
+        if not isinstance(x, torch.Tensor) or x.shape[-1] != n * width:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{name} must have last dimension N*M = {n}*{width} = {n * width}, got {got}")
+        if self.dims.batched and (x.dim() < 2 or x.shape[0] != self.dims.batch):
+            raise ValueError(f"{name} must have a leading batch dimension of {self.dims.batch}, got {tuple(x.shape)}")
+        x = x if self.dims.batched else x.unsqueeze(0)
+        lead = x.shape[1:-1]
+        x = x.reshape(x.shape[0], -1, n, width) if self.layout == "token" else \
+            x.reshape(x.shape[0], -1, width, n).transpose(-1, -2)
+        return x, lead
+
+    def _flatten(self, y: torch.Tensor, lead: torch.Size) -> torch.Tensor:
+        y = y if self.layout == "token" else y.transpose(-1, -2)
+        y = y.reshape(y.shape[0], *lead, -1)
+        return y if self.dims.batched else y[0]
+
+    def _attention(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, K, N, M_in) -> (B, K, N, M_out): the attention of each of the K inputs, no biases."""
+        b, k, n, m = x.shape
+        attn = self._attn4.unsqueeze(1).expand(b, k, *self._attn4.shape[1:]).reshape(b * k, -1, n, n)
+        out = reference.attention_output(attn, x.reshape(b * k, n, m), self.w_v, self.w_o,
+                                         num_kv_heads=self.dims.kv_heads)
+        return out.reshape(b, k, n, -1)
+
+    def matvec(self, x: torch.Tensor) -> torch.Tensor:
+        """W' x' for x' (N·M_in,) or batched (B, N·M_in) (more leading dims are treated as columns)."""
+        xs, lead = self._unflatten(x, self.dims.m_in, "x")
+        return self._flatten(self._attention(xs), lead)
+
+    def rmatvec(self, y: torch.Tensor) -> torch.Tensor:
+        """W'ᵀ y for y (N·M_out,) or (B, N·M_out): the attention with Aᵀ, w_oᵀ and w_vᵀ swapped in."""
+        ys, lead = self._unflatten(y, self.dims.m_out, "y")
+        d = self.dims
+        b, k, n, _ = ys.shape
+        g = d.heads // d.kv_heads
+        u = (ys @ self.w_o).reshape(b, k, n, d.heads, d.head_dim).transpose(2, 3)  # (B, K, h, N, d): Y Wo_i
+        z = self._attn4.transpose(-1, -2).unsqueeze(1) @ u  # A_iᵀ Y Wo_i
+        z = z.reshape(b, k, d.kv_heads, g, n, d.head_dim).sum(3)  # query heads of a group share Wv_j
+        x = z.transpose(2, 3).reshape(b, k, n, d.kv_heads * d.head_dim) @ self.w_v
+        return self._flatten(x, lead)
+
+    def matmat(self, x: torch.Tensor) -> torch.Tensor:
+        """W' X for X (N·M_in, K) or (B, N·M_in, K)."""
+        return self.matvec(x.transpose(-1, -2)).transpose(-1, -2)
+
+    def bias(self) -> torch.Tensor:
+        """b' of h' = W' x' + b' (see duat_kernels.hvo_bias)."""
+        return hvo_bias(self.attn, self.w_o, self.b_v, self.b_o, num_kv_heads=self.dims.kv_heads, layout=self.layout)
+
+    def to_dense(self, **kwargs) -> torch.Tensor:
+        """The dense W' (refused with DenseTooLargeError when it would not fit); kwargs go to hvo_matrix."""
+        return hvo_matrix(self.attn, self.w_v, self.w_o, num_kv_heads=self.dims.kv_heads, layout=self.layout, **kwargs)
+
+    def block(self, n: int, m: int) -> torch.Tensor:
+        """Block (n, m) = Σ_i A_i[n, m] OV_i: (M_out, M_in), or (B, M_out, M_in); token-layout block."""
+        for name, idx in (("n", n), ("m", m)):
+            if not 0 <= idx < self.dims.tokens:
+                raise IndexError(f"{name}={idx} is out of range for N={self.dims.tokens} tokens")
+        ov = reference.ov_circuits(self.w_v, self.w_o, self.dims.heads, self.dims.kv_heads)
+        blk = torch.einsum("bi,ica->bca", self._attn4[:, :, n, m].to(ov.dtype), ov)
+        return blk if self.dims.batched else blk[0]
+
+    def tile(self, rows: slice, cols: slice, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W'[rows, cols] for unit-step slices, written straight into a (rows, cols) buffer (64-bit offsets)."""
+        total = self.shape[-2:]
+        (r0, r1), (c0, c1) = (self._range(s, size, name) for s, size, name in
+                              ((rows, total[0], "rows"), (cols, total[1], "cols")))
+        dtype = v.resolve_dtype(dtype, None, self.attn, self.w_v, self.w_o)
+        v.check_fits(f"a tile of W' of shape ({r1 - r0}, {c1 - c0})", (r1 - r0) * (c1 - c0) * self.dims.batch *
+                     torch.empty((), dtype=dtype).element_size(), self.device)
+        ct = reference.compute_dtype(dtype)
+        ov = reference.ov_circuits(self.w_v.to(ct), self.w_o.to(ct), self.dims.heads, self.dims.kv_heads)
+        out = torch.empty(self.dims.batch, r1 - r0, c1 - c0, dtype=dtype, device=self.device)
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (self.attn, self.w_v, self.w_o))
+        if backends.resolve("auto", self.device, needs_grad) == "cpp":
+            for b in range(self.dims.batch):
+                cpp.kron_sum_tile_(*cpp.kron_factors(self._attn4[b].to(ct), ov, self.layout), out[b], r0, c0)
+        else:  # reference: only the blocks that the tile touches
+            out = self._tile_reference(ov, r0, r1, c0, c1).to(dtype)
+        return out if self.dims.batched else out[0]
+
+    def _tile_reference(self, ov: torch.Tensor, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+        q_size, t_size = cpp.kron_factors(self._attn4[0], ov, self.layout)[1].shape[1:]  # R_i is Q x T
+        p0, p1, s0, s1 = r0 // q_size, (r1 - 1) // q_size + 1, c0 // t_size, (c1 - 1) // t_size + 1
+        mats = []
+        for a in self._attn4.to(ov.dtype):
+            left, right = cpp.kron_factors(a, ov, self.layout)
+            part = sum(torch.kron(left[i, p0:p1, s0:s1], right[i]) for i in range(left.shape[0]))
+            mats.append(part[r0 - p0 * q_size:r1 - p0 * q_size, c0 - s0 * t_size:c1 - s0 * t_size])
+        return torch.stack(mats)
+
+    @staticmethod
+    def _range(s: slice, size: int, name: str) -> tuple[int, int]:
+        if not isinstance(s, slice) or s.step not in (None, 1):
+            raise ValueError(f"{name} must be a slice with step 1, got {s!r}")
+        start, stop, _ = s.indices(size)
+        if stop <= start:
+            raise ValueError(f"{name}={s!r} selects no entries of a dimension of size {size}")
+        return start, stop

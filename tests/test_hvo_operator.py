@@ -1,0 +1,60 @@
+"""HVOOperator (matrix-free) against the dense reference W'."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import duat_kernels as dk
+
+from conftest import random_layer
+
+
+@pytest.mark.parametrize("layout", ["token", "feature"])
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
+def test_products_match_dense(layout, batched, heads, kv_heads):
+    lay = random_layer(2, heads, kv_heads, tokens=7, head_dim=3, m_in=5, m_out=4, causal=True, batched=batched,
+                       dtype=torch.float64)
+    op = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"], num_kv_heads=kv_heads, b_v=lay["b_v"], b_o=lay["b_o"],
+                        layout=layout)
+    dense = dk.hvo_matrix(lay["attn"], lay["w_v"], lay["w_o"], num_kv_heads=kv_heads, layout=layout,
+                          backend="reference")
+    assert op.shape == tuple(dense.shape)
+    lead = (2,) if batched else ()
+    x = torch.randn(*lead, 35, dtype=torch.float64)
+    y = torch.randn(*lead, 28, dtype=torch.float64)
+    xs = torch.randn(*lead, 35, 3, dtype=torch.float64)
+    torch.testing.assert_close(op.matvec(x), (dense @ x[..., None])[..., 0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(op.rmatvec(y), (dense.transpose(-1, -2) @ y[..., None])[..., 0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(op.matmat(xs), dense @ xs, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(op.to_dense(), dense.to(op.to_dense().dtype))
+    torch.testing.assert_close(op.bias(), dk.hvo_bias(lay["attn"], lay["w_o"], lay["b_v"], lay["b_o"],
+                                                      num_kv_heads=kv_heads, layout=layout))
+
+
+@pytest.mark.parametrize("layout", ["token", "feature"])
+@pytest.mark.parametrize("grad", [False, True])  # True exercises the reference tile path
+def test_tiles_and_blocks_match_dense(layout, grad):
+    lay = random_layer(1, 6, 3, tokens=6, head_dim=2, m_in=9, m_out=5, batched=False, dtype=torch.float64)
+    attn = lay["attn"].requires_grad_(grad)
+    op = dk.HVOOperator(attn, lay["w_v"], lay["w_o"], num_kv_heads=3, layout=layout)
+    with torch.no_grad():
+        dense = dk.hvo_matrix(lay["attn"], lay["w_v"], lay["w_o"], num_kv_heads=3, layout=layout, backend="reference")
+    for rows, cols in [(slice(0, 30), slice(0, 54)), (slice(3, 17), slice(8, 41)), (slice(29, None), slice(None, 1))]:
+        torch.testing.assert_close(op.tile(rows, cols), dense[rows, cols], rtol=1e-12, atol=1e-12)
+    tok = dk.hvo_matrix(lay["attn"], lay["w_v"], lay["w_o"], num_kv_heads=3, backend="reference")
+    torch.testing.assert_close(op.block(4, 1), tok[20:25, 9:18], rtol=1e-12, atol=1e-12)
+
+
+def test_bad_arguments():
+    lay = random_layer(1, 2, tokens=3, m_in=4, m_out=2, batched=False)
+    op = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"])
+    with pytest.raises(ValueError, match=r"x must have last dimension N\*M = 3\*4 = 12, got \(13,\)"):
+        op.matvec(torch.zeros(13))
+    with pytest.raises(IndexError, match="n=3 is out of range for N=3"):
+        op.block(3, 0)
+    with pytest.raises(ValueError, match="rows must be a slice with step 1"):
+        op.tile(slice(0, 4, 2), slice(0, 2))
+    with pytest.raises(ValueError, match="selects no entries"):
+        op.tile(slice(4, 4), slice(0, 2))
