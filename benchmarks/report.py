@@ -11,11 +11,19 @@ def main(path: str) -> None:
         run = json.load(f)
     groups = defaultdict(dict)
     for b in run["benchmarks"]:
-        groups[b["group"]][b["params"]["contestant"]] = b
+        params = b["params"]
+        groups[b["group"]][params.get("contestant") or params.get("operation")] = b
     cpu = run["machine_info"].get("cpu", {}).get("brand_raw", "?")
     print(f"machine: {cpu}, {run['machine_info'].get('cpu', {}).get('count', '?')} cores; best of the rounds\n")
     for group, rows in groups.items():
         print(f"### {group}\n")
+        if "peak_bytes" in next(iter(rows.values()))["extra_info"]:
+            print("| operation | best time | peak memory above inputs |")
+            print("|---|---:|---:|")
+            for name, b in rows.items():
+                print(f"| {name} | {b['stats']['min']:.3f} s | {b['extra_info']['peak_bytes'] / 2**20:.0f} MiB |")
+            print()
+            continue
         print("| contestant | best time | GB/s written | vs fill_ | vs cpp |")
         print("|---|---:|---:|---:|---:|")
         floor = rows.get("fill", {}).get("stats", {}).get("min")

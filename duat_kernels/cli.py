@@ -24,7 +24,29 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--repeats", type=int, default=3, help="timed repetitions, best one reported")
     demo.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's setting)")
+    scale = sub.add_parser("scale", help="time and peak memory of the matrix-free analyses as N grows")
+    scale.add_argument("--n", type=int, nargs="+", default=[64, 256, 1024, 4096, 16384],
+                       help="sequence lengths (default 64 256 1024 4096 16384)")
+    scale.add_argument("--m", type=int, default=256, help="model width M (default 256)")
+    scale.add_argument("--heads", type=int, default=4, help="heads h (default 4)")
+    scale.add_argument("--spectral-max-n", type=int, default=4096,
+                       help="largest N for spectral_norm, which needs tens of matvecs (default 4096)")
+    scale.add_argument("--plot", metavar="PNG", help="write a log-log plot of time against N")
+    scale.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def run_scale(args) -> int:
+    from duat_kernels.analysis import scaling
+
+    if any(n < 2 for n in args.n) or args.m < 1 or args.heads < 1 or args.m % args.heads:
+        raise SystemExit("duat scale: need every --n >= 2, --m >= 1, --heads >= 1 and --m divisible by --heads")
+    rows = scaling.scaling_sweep(sorted(args.n), args.m, args.heads, args.spectral_max_n, args.seed)
+    print(scaling.format_table(rows, args.m, args.heads))
+    if args.plot:
+        scaling.plot(rows, args.plot, args.m, args.heads)
+        print(f"plot written to {args.plot}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["demo", *argv]
     args = build_parser().parse_args(argv)
+    if args.command == "scale":
+        return run_scale(args)
     if args.embed_dim % args.heads:
         raise SystemExit(f"duat demo: --embed-dim {args.embed_dim} must be divisible by --heads {args.heads}")
     if args.threads:

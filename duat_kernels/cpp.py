@@ -46,11 +46,25 @@ def kron_sum_tile_(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor, r
 
     left (h, P, S), right (h, Q, T) in the compute dtype of out, on the CPU; out contiguous.
     """
-    lt = left.permute(1, 2, 0).contiguous()  # (P, S, h)
-    rt = right.permute(1, 0, 2).contiguous()  # (Q, h, T)
+    # Only the factor entries the tile touches are laid out for the kernel, so a small tile of a
+    # long-sequence W' costs O(tile), not O(h N²).
+    (p0, p1, q0, q1, row0), (s0, s1, t0, t1, col0) = (
+        _factor_range(row0, out.shape[0], right.shape[1]), _factor_range(col0, out.shape[1], right.shape[2]))
+    lt = left[:, p0:p1, s0:s1].permute(1, 2, 0).contiguous()  # (P', S', h)
+    rt = right[:, q0:q1, t0:t1].permute(1, 0, 2).contiguous()  # (Q', h, T')
     _C.kron_sum(_numpy_view(lt), _numpy_view(rt), _numpy_view(out), _DTYPE_NAMES[out.dtype],
                 row0, col0, torch.get_num_threads())
     return out
+
+
+def _factor_range(start: int, length: int, inner: int) -> tuple[int, int, int, int, int]:
+    """Index ranges of the outer (p or s) and inner (q or t) factor axes that W[start:start+length]
+    touches along one axis (index = outer * inner + in), and the start within the sliced problem."""
+    o0, o1 = start // inner, (start + length - 1) // inner + 1
+    if o1 - o0 == 1:  # inside one outer index: only part of the inner axis is needed
+        i0, i1 = start % inner, (start + length - 1) % inner + 1
+        return o0, o1, i0, i1, 0
+    return o0, o1, 0, inner, start - o0 * inner
 
 
 def hvo_matrix_(attn: torch.Tensor, ov: torch.Tensor, layout: str, out: torch.Tensor) -> torch.Tensor:

@@ -6,10 +6,11 @@ never O((N·M)²). Parts of W' (one block, any tile) are written directly by the
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from duat_kernels import _validation as v
-from duat_kernels import backends, cpp, reference
+from duat_kernels import analysis, backends, cpp, reference
 from duat_kernels.hvo import hvo_bias, hvo_matrix
 
 
@@ -130,6 +131,55 @@ class HVOOperator:
             part = sum(torch.kron(left[i, p0:p1, s0:s1], right[i]) for i in range(left.shape[0]))
             mats.append(part[r0 - p0 * q_size:r1 - p0 * q_size, c0 - s0 * t_size:c1 - s0 * t_size])
         return torch.stack(mats)
+
+    # --- analysis without the dense matrix (duat_kernels.analysis) -----------------------------
+
+    def block_norms(self, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """Frobenius norms of all N x N blocks (token-layout blocks B_nm = Σ_i A_i[n, m] OV_i):
+        (N, N) or (B, N, N), exactly, via the h x h Gram matrix of the OV circuits: O(N²h²) time,
+        O(N²) memory. grid=(R, C) reduces them to the norms of an R x C grid of super-blocks."""
+        if grid is not None and not (len(grid) == 2 and all(isinstance(g, int) and 1 <= g <= self.dims.tokens
+                                                            for g in grid)):
+            raise ValueError(f"grid must be two ints in [1, N={self.dims.tokens}], got {grid!r}")
+        with torch.no_grad():
+            norms = analysis.block_norms(self._attn4, self.w_v, self.w_o, self.dims.kv_heads, grid)
+        return norms if self.dims.batched else norms[0]
+
+    def frobenius_norm(self) -> torch.Tensor:
+        """||W'||_F exactly (float64), () or (B,)."""
+        with torch.no_grad():
+            norm = analysis.frobenius_norm(self._attn4, self.w_v, self.w_o, self.dims.kv_heads)
+        return norm if self.dims.batched else norm[0]
+
+    def trace(self) -> torch.Tensor:
+        """tr W' exactly (float64), () or (B,); W' must be square (M_in = M_out)."""
+        if self.dims.m_in != self.dims.m_out:
+            raise ValueError(f"trace needs a square W' (M_in = M_out), got M_in={self.dims.m_in}, M_out={self.dims.m_out}")
+        with torch.no_grad():
+            tr = analysis.trace(self._attn4, self.w_v, self.w_o, self.dims.kv_heads)
+        return tr if self.dims.batched else tr[0]
+
+    def fraction_above(self, threshold: float, samples: int = 100_000, confidence: float = 0.95, seed: int = 0,
+                       batch: int = 0) -> "analysis.EntryEstimate":
+        """Fraction of entries with |w| > threshold, estimated from uniformly sampled entries, with a
+        Wilson confidence interval (e.g. threshold = 0.01 * frobenius_norm() / sqrt(numel))."""
+        if samples < 1 or not 0 < confidence < 1:
+            raise ValueError(f"need samples >= 1 and 0 < confidence < 1, got {samples}, {confidence}")
+        with torch.no_grad():
+            return analysis.fraction_above(self._attn4, self.w_v, self.w_o, self.dims.kv_heads, threshold, samples,
+                                           confidence, seed, batch)
+
+    def as_linear_operator(self):
+        """scipy.sparse.linalg.LinearOperator of W' (unbatched)."""
+        return analysis.as_linear_operator(self)
+
+    def singular_values(self, k: int = 1, tol: float = 1e-6) -> "np.ndarray":
+        """The k largest singular values (scipy svds on the matrix-free operator), descending."""
+        return analysis.singular_values(self, k, tol)
+
+    def spectral_norm(self, tol: float = 1e-6) -> float:
+        """||W'||_2, the largest singular value."""
+        return float(self.singular_values(1, tol)[0])
 
     @staticmethod
     def _range(s: slice, size: int, name: str) -> tuple[int, int]:

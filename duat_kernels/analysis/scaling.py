@@ -1,0 +1,167 @@
+"""Scaling sweep behind `duat scale`: time and peak memory of the matrix-free analyses as N grows.
+
+For each N a synthetic attention layer (softmax of random low-rank scores, optionally causal) is
+built and matvec, block_norms, spectral_norm and one tile are measured, next to the plain
+attention forward (A @ V, then the output projection) on the same inputs. Peak memory is the
+resident-set high-water mark above the level before the call, sampled every millisecond.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+OPERATIONS = ("attention", "matvec", "block_norms", "spectral_norm", "tile")
+TILE_SIDE = 1024  # the tile is the bottom-right TILE_SIDE² corner of W' (the largest offsets)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+class PeakMemory:
+    """Context manager: `.peak` is the largest RSS increase seen while the block ran."""
+
+    def __init__(self, interval: float = 1e-3):
+        self.interval, self.peak = interval, 0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        self._base = _rss_bytes()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes() - self._base)
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes() - self._base)
+
+
+@dataclass
+class ScaleRow:
+    n: int
+    seconds: dict = field(default_factory=dict)  # operation -> seconds (nan when skipped)
+    peak_bytes: dict = field(default_factory=dict)  # operation -> bytes above the level before
+
+
+def synthetic_layer(n: int, m: int, heads: int, rank: int = 16, causal: bool = True, seed: int = 0):
+    """attn (h, N, N) = softmax(q kᵀ / √rank) with random (N, rank) q, k per head, built head by
+    head in place; w_v, w_o (M, M) scaled like trained weights."""
+    g = torch.Generator().manual_seed(seed)
+    attn = torch.empty(heads, n, n)
+    for i in range(heads):
+        q, k = torch.randn(n, rank, generator=g), torch.randn(n, rank, generator=g)
+        torch.mm(q, k.T, out=attn[i]).mul_(rank ** -0.5)
+        if causal:
+            attn[i].masked_fill_(torch.ones(n, n, dtype=torch.bool).triu_(1), float("-inf"))
+        attn[i] = attn[i].softmax(-1)
+    w_v = torch.randn(m, m, generator=g) / m ** 0.5
+    w_o = torch.randn(m, m, generator=g) / m ** 0.5
+    return attn, w_v, w_o
+
+
+def measure(fn, min_seconds: float = 0.2, max_repeats: int = 5) -> tuple[float, int]:
+    """(best time, peak memory) of fn; fast calls are repeated (up to max_repeats or min_seconds)."""
+    with PeakMemory() as mem:
+        times = []
+        while not times or (sum(times) < min_seconds and len(times) < max_repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return min(times), mem.peak
+
+
+def scaling_sweep(ns: list[int], m: int = 256, heads: int = 4, spectral_max_n: int = 4096, seed: int = 0,
+                  progress: bool = True) -> list[ScaleRow]:
+    """Measure every operation of OPERATIONS for each N in ns (spectral_norm only up to spectral_max_n)."""
+    from tqdm.auto import tqdm
+
+    from duat_kernels import reference
+    from duat_kernels.hvo_operator import HVOOperator
+
+    rows = []
+    for n in tqdm(ns, desc="duat scale", unit="N", disable=not progress):
+        attn, w_v, w_o = synthetic_layer(n, m, heads, seed=seed)
+        op = HVOOperator(attn, w_v, w_o)
+        x = torch.randn(n * m, generator=torch.Generator().manual_seed(seed))
+        side = min(TILE_SIDE, n * m)
+        corner = slice(n * m - side, n * m)
+        ops = {
+            "attention": lambda: reference.attention_output(attn[None], x.reshape(1, n, m), w_v, w_o),
+            "matvec": lambda: op.matvec(x),
+            "block_norms": lambda: op.block_norms(),
+            "spectral_norm": lambda: op.spectral_norm(tol=1e-4),
+            "tile": lambda: op.tile(corner, corner),
+        }
+        row = ScaleRow(n)
+        with torch.no_grad():
+            for name, fn in ops.items():
+                if name == "spectral_norm" and n > spectral_max_n:
+                    row.seconds[name], row.peak_bytes[name] = math.nan, math.nan
+                    continue
+                row.seconds[name], row.peak_bytes[name] = measure(fn)
+        rows.append(row)
+        del attn, op
+    return rows
+
+
+def growth_exponents(rows: list[ScaleRow], min_n: int = 256) -> dict[str, float]:
+    """Least-squares slope of log(time) against log(N) per operation, over N >= min_n."""
+    out = {}
+    for name in OPERATIONS:
+        pts = [(r.n, r.seconds[name]) for r in rows if r.n >= min_n and not math.isnan(r.seconds[name])]
+        out[name] = float(np.polyfit(np.log([p[0] for p in pts]), np.log([p[1] for p in pts]), 1)[0]) \
+            if len(pts) >= 2 else math.nan
+    return out
+
+
+def format_table(rows: list[ScaleRow], m: int, heads: int) -> str:
+    from duat_kernels._validation import format_bytes
+
+    lines = [f"M={m}, h={heads}, causal synthetic attention, float32; time (peak memory above the inputs)", "",
+             "| N | dense W' | " + " | ".join(OPERATIONS) + " |", "|---:|---:|" + "---:|" * len(OPERATIONS)]
+    for r in rows:
+        cells = ["-" if math.isnan(r.seconds[k]) else f"{r.seconds[k]:.3g} s ({format_bytes(r.peak_bytes[k])})"
+                 for k in OPERATIONS]
+        lines.append(f"| {r.n} | {format_bytes(4 * (r.n * m) ** 2)} | " + " | ".join(cells) + " |")
+    exps = growth_exponents(rows)
+    lines += ["", "fitted growth exponents (time ~ N^k, N >= 256): " +
+              ", ".join(f"{k} {v:.2f}" for k, v in exps.items() if not math.isnan(v))]
+    return "\n".join(lines)
+
+
+def plot(rows: list[ScaleRow], path: str, m: int, heads: int) -> None:
+    """Log-log plot of time against N, one line per operation, with fitted exponents in the legend."""
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ImportError("plotting needs matplotlib: pip install 'duat-kernels[plot]'") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    exps = growth_exponents(rows)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in OPERATIONS:
+        pts = [(r.n, r.seconds[name]) for r in rows if not math.isnan(r.seconds[name])]
+        if pts:
+            ax.loglog(*zip(*pts), marker="o", label=f"{name} (~N^{exps[name]:.2f})")
+    ax.set_xlabel("sequence length N")
+    ax.set_ylabel("time [s]")
+    ax.set_title(f"W' analyses without the dense matrix (M={m}, h={heads}, 2 CPU cores)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,74 @@
+"""block_norms, frobenius_norm, trace and sampled statistics against the dense W'."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import duat_kernels as dk
+from duat_kernels.analysis import norms as bn
+
+from conftest import random_layer
+
+
+def _dense_blocks(lay, kv_heads):
+    w = dk.hvo_matrix(lay["attn"], lay["w_v"], lay["w_o"], num_kv_heads=kv_heads, backend="reference")
+    n, m_out, m_in = lay["attn"].shape[-1], lay["w_o"].shape[0], lay["w_v"].shape[1]
+    return w.reshape(*w.shape[:-2], n, m_out, n, m_in).transpose(-3, -2)  # (..., n, m, M_out, M_in)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(1, 1), (4, 4), (6, 2), (12, 3)])
+@pytest.mark.parametrize("batched", [True, False])
+def test_block_norms_are_norms_of_dense_blocks(heads, kv_heads, batched, monkeypatch):
+    monkeypatch.setattr(bn, "CHUNK_ENTRIES", 50)  # several row chunks even at this size
+    lay = random_layer(2, heads, kv_heads, tokens=9, head_dim=3, m_in=7, m_out=5, causal=True, batched=batched,
+                       dtype=torch.float64)
+    op = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"], num_kv_heads=kv_heads)
+    expected = torch.linalg.matrix_norm(_dense_blocks(lay, kv_heads))
+    torch.testing.assert_close(op.block_norms(), expected, rtol=1e-10, atol=1e-12)
+    coarse = op.block_norms(grid=(4, 3))  # rows of blocks split 3/2/2/2, columns 3/3/3
+    sq = expected.square()
+    rows = [(0, 3), (3, 5), (5, 7), (7, 9)]
+    cols = [(0, 3), (3, 6), (6, 9)]
+    want = torch.stack([torch.stack([sq[..., r0:r1, c0:c1].sum((-1, -2)) for c0, c1 in cols], -1)
+                        for r0, r1 in rows], -2).sqrt()
+    torch.testing.assert_close(coarse, want, rtol=1e-10, atol=1e-12)
+
+
+def test_block_norms_float32_inputs():
+    lay = random_layer(1, 8, 2, tokens=16, head_dim=4, m_in=12, m_out=12, batched=False)
+    op = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"], num_kv_heads=2)
+    lay64 = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in lay.items()}
+    expected = torch.linalg.matrix_norm(_dense_blocks(lay64, 2))
+    got = op.block_norms()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6 * expected.max().item())
+
+
+def test_frobenius_norm_and_trace_are_exact():
+    lay = random_layer(2, 6, 3, tokens=8, head_dim=2, m_in=6, m_out=6, dtype=torch.float64)
+    op = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"], num_kv_heads=3, layout="feature")
+    w = op.to_dense()
+    torch.testing.assert_close(op.frobenius_norm(), torch.linalg.matrix_norm(w), rtol=1e-12, atol=0)
+    torch.testing.assert_close(op.trace(), w.diagonal(dim1=-2, dim2=-1).sum(-1), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="trace needs a square W'"):
+        dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"][:5], num_kv_heads=3).trace()
+
+
+def test_fraction_above_covers_the_exact_fraction():
+    lay = random_layer(1, 4, tokens=12, head_dim=3, m_in=9, m_out=9, causal=True, batched=False)
+    op = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"])
+    w = op.to_dense()
+    threshold = 0.3 * w.abs().mean().item()
+    exact = (w.abs() > threshold).double().mean().item()
+    est = op.fraction_above(threshold, samples=20_000, confidence=0.999)
+    assert est.low <= exact <= est.high, (est, exact)
+    assert est.high - est.low < 0.05
+    assert "of entries have |w| >" in str(est)
+
+
+def test_bad_grid():
+    lay = random_layer(1, 2, tokens=3, batched=False)
+    op = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"])
+    with pytest.raises(ValueError, match=r"grid must be two ints in \[1, N=3\]"):
+        op.block_norms(grid=(4, 1))

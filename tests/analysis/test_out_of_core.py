@@ -1,0 +1,76 @@
+"""save_dense: the file equals the dense W', resumes after an interruption without recomputing
+finished tiles, and never leaves a complete-looking file behind an interrupted run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import duat_kernels as dk
+from duat_kernels.analysis import save_dense
+
+from conftest import random_layer
+
+
+class Interrupted(Exception):
+    """Stands for a crash or a kill in the middle of the run."""
+
+
+@pytest.fixture
+def op():
+    lay = random_layer(1, 4, 2, tokens=9, head_dim=3, m_in=7, m_out=5, causal=True, batched=False)
+    return dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"], num_kv_heads=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_file_equals_dense(op, tmp_path, dtype):
+    path = save_dense(op, tmp_path / "w.npy", rows_per_tile=7, dtype=dtype, progress=False)
+    arr = np.load(path)
+    assert arr.shape == (45, 63) and arr.dtype == np.dtype(dtype.__str__().split(".")[1])
+    assert np.array_equal(arr, op.to_dense(dtype=dtype).numpy())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.npy"]
+
+
+def test_resumes_after_interruption(op, tmp_path, monkeypatch):
+    path = tmp_path / "w.npy"
+    calls = []
+    fail_on_call = [4]
+    real_tile = type(op).tile
+
+    def flaky_tile(self, rows, cols, dtype=None):
+        calls.append(rows.start)
+        if len(calls) == fail_on_call[0]:
+            raise Interrupted("simulated interruption")
+        return real_tile(self, rows, cols, dtype)
+
+    monkeypatch.setattr(type(op), "tile", flaky_tile)
+    with pytest.raises(Interrupted):
+        save_dense(op, path, rows_per_tile=5, progress=False)
+    assert not path.exists()  # nothing that looks complete
+    assert (tmp_path / "w.npy.partial").exists() and (tmp_path / "w.npy.progress.json").exists()
+
+    calls.clear()
+    fail_on_call[0] = None
+    save_dense(op, path, rows_per_tile=5, progress=False)
+    assert calls == [15, 20, 25, 30, 35, 40]  # tiles 0-2 were not recomputed
+    assert np.array_equal(np.load(path), op.to_dense().numpy())
+    assert not (tmp_path / "w.npy.partial").exists() and not (tmp_path / "w.npy.progress.json").exists()
+
+
+def test_refuses_to_resume_other_inputs(op, tmp_path, monkeypatch):
+    path = tmp_path / "w.npy"
+    monkeypatch.setattr(type(op), "tile", lambda *a, **k: (_ for _ in ()).throw(Interrupted()))
+    with pytest.raises(Interrupted):
+        save_dense(op, path, rows_per_tile=5, progress=False)
+    monkeypatch.undo()
+    other = dk.HVOOperator(op.attn, op.w_v * 2, op.w_o, num_kv_heads=2)
+    with pytest.raises(ValueError, match="holds an interrupted run for other inputs"):
+        save_dense(other, path, rows_per_tile=5, progress=False)
+
+
+def test_bad_arguments(op, tmp_path):
+    with pytest.raises(TypeError, match="float32, float64 or float16"):
+        save_dense(op, tmp_path / "w.npy", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="one row of W' takes"):
+        save_dense(op, tmp_path / "w.npy", max_tile_bytes=16)

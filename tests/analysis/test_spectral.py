@@ -1,0 +1,43 @@
+"""Singular values through scipy on the matrix-free operator against torch.linalg on the dense W'."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import duat_kernels as dk
+
+from conftest import random_layer
+
+
+@pytest.mark.parametrize("layout", ["token", "feature"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_spectral_norm_and_top_singular_values(layout, dtype):
+    lay = random_layer(1, 6, 2, tokens=10, head_dim=4, m_in=8, m_out=6, causal=True, batched=False, dtype=dtype)
+    op = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"], num_kv_heads=2, layout=layout)
+    dense = op.to_dense(dtype=torch.float64)
+    rtol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert op.spectral_norm() == pytest.approx(torch.linalg.matrix_norm(dense, 2).item(), rel=rtol)
+    np.testing.assert_allclose(op.singular_values(4), torch.linalg.svdvals(dense)[:4].numpy(), rtol=rtol)
+
+
+def test_linear_operator_products():
+    lay = random_layer(1, 3, tokens=5, m_in=4, m_out=3, batched=False, dtype=torch.float64)
+    op = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"])
+    lin = op.as_linear_operator()
+    dense = op.to_dense().numpy()
+    x, y, xs = np.random.rand(20), np.random.rand(15), np.random.rand(20, 3)
+    np.testing.assert_allclose(lin @ x, dense @ x, rtol=1e-12)
+    np.testing.assert_allclose(lin.rmatvec(y), dense.T @ y, rtol=1e-12)
+    np.testing.assert_allclose(lin @ xs, dense @ xs, rtol=1e-12)
+    np.testing.assert_allclose(lin.T @ y, dense.T @ y, rtol=1e-12)
+
+
+def test_refusals():
+    lay = random_layer(2, 2, tokens=3, m_in=4, m_out=3)
+    with pytest.raises(ValueError, match="needs an unbatched HVOOperator"):
+        dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"]).spectral_norm()
+    op = dk.HVOOperator(lay["attn"][0], lay["w_v"], lay["w_o"])
+    with pytest.raises(ValueError, match=r"k must be in \[1, 8\]"):
+        op.singular_values(9)
