@@ -1,0 +1,11 @@
+"""Model adapters: every attention layer's W' from Hugging Face and PyTorch models.
+
+    layers = duat_kernels.models.attention_layers(model, **inputs)   # one forward pass, hooks
+    layers[0].hvo_matrix(), layers[0].operator().block_norms(), layers[0].relative_error()
+"""
+
+from duat_kernels.models.architectures import ARCHITECTURES, Architecture
+from duat_kernels.models.capture import AttentionLayer, attention_layers
+from duat_kernels.models.zoo import DEFAULT_TEXT, load
+
+__all__ = ["attention_layers", "AttentionLayer", "Architecture", "ARCHITECTURES", "load", "DEFAULT_TEXT"]

