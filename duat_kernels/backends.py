@@ -1,52 +1,96 @@
 """Backend dispatch: the one place that chooses and calls a kernel.
 
-"reference" is plain PyTorch (any device, differentiable), "cpp" the C++ kernel (CPU tensors),
-"auto" the fastest one available for the tensors' device.
+"reference" is plain PyTorch (any device), "cpp" the C++ kernel (CPU tensors), "triton" the
+Triton kernel (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1), "auto" the fastest one
+available for the tensors' device. Every kernel writes one tile of W = Σ_i L_i ⊗ R_i.
 """
 
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import torch
 
 from duat_kernels import cpp, reference
 
-BACKENDS = ("auto", "reference", "cpp")
+BACKENDS = ("auto", "reference", "cpp", "triton")
+
+
+def triton_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Names of the backends that can run on tensors of the given device, fastest last."""
+    kind = torch.device(device).type
     names = ["reference"]
-    if torch.device(device).type == "cpu" and cpp.is_available():
+    if kind == "cpu" and _triton_importable() and triton_interpreter():
+        names.append("triton")  # correct but slow: for tests, never picked by "auto" on the CPU
+    if kind == "cpu" and cpp.is_available():
         names.append("cpp")
+    if kind == "cuda" and _triton_importable():
+        names.append("triton")
     return names
 
 
-def resolve(backend: str, device: torch.device, needs_grad: bool) -> str:
+def resolve(backend: str, device: torch.device) -> str:
     """The concrete backend for `backend` (which may be "auto"), or a clear error why it cannot run."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     if backend == "auto":
-        return "reference" if needs_grad else available_backends(device)[-1]
+        return available_backends(device)[-1]
     if backend == "cpp":
         if not cpp.is_available():
             raise RuntimeError(f"backend='cpp' is unavailable: {cpp.IMPORT_ERROR}")
         if device.type != "cpu":
             raise ValueError(f"backend='cpp' runs on CPU tensors, but the inputs are on {device}; "
                              "use backend='auto' or move the inputs to the CPU")
-        if needs_grad:
-            raise RuntimeError("backend='cpp' does not propagate gradients; call it under torch.no_grad() "
-                               "or use backend='reference' (or 'auto') for a differentiable W'")
+    if backend == "triton":
+        if not _triton_importable():
+            raise RuntimeError("backend='triton' needs the triton package: pip install triton")
+        if device.type == "cpu" and not triton_interpreter():
+            raise ValueError("backend='triton' runs on CUDA tensors; on CPU tensors it runs only in Triton's "
+                             "interpreter (set TRITON_INTERPRET=1 before triton is imported). Use backend='cpp' "
+                             "or 'auto' on the CPU")
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"backend='triton' runs on CUDA tensors, but the inputs are on {device}")
     return backend
 
 
-def materialise(backend: str, attn: torch.Tensor, ov: torch.Tensor, layout: str,
-                out: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """W' for attn (B, h, N, N), ov (h, M_out, M_in) into out (B, N*M_out, N*M_in), or a new tensor."""
+def output_dtypes(backend: str) -> tuple[torch.dtype, ...]:
+    if backend == "triton":
+        from duat_kernels import triton as triton_backend
+        return triton_backend.OUTPUT_DTYPES
+    return (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def tile_kernel(backend: str):
+    """The function (left, right, out, row0, col0) -> out of a kernel backend."""
+    if backend == "cpp":
+        return cpp.kron_sum_tile_
+    if backend == "triton":
+        from duat_kernels import triton as triton_backend
+        return triton_backend.kron_sum_tile_
+    raise ValueError(f"backend {backend!r} has no tile kernel")
+
+
+def kron_factors(attn: torch.Tensor, ov: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, R) of W = Σ_i L_i ⊗ R_i for attn (h, N, N) and ov (h, M_out, M_in)."""
+    return (attn, ov) if layout == "token" else (ov, attn)
+
+
+def materialise(backend: str, attn: torch.Tensor, ov: torch.Tensor, layout: str, out: torch.Tensor) -> torch.Tensor:
+    """Write W' for attn (B, h, N, N), ov (h, M_out, M_in) into out (B, N·M_out, N·M_in)."""
+    ct = reference.compute_dtype(out.dtype)
+    ov = ov.to(ct)
     if backend == "reference":
-        ct = reference.compute_dtype(dtype)
-        w = reference.hvo_matrix(attn.to(ct), ov.to(ct), layout)
-        return w.to(dtype) if out is None else out.copy_(w)
-    if out is None:
-        b, h, n, _ = attn.shape
-        out = torch.empty(b, n * ov.shape[1], n * ov.shape[2], dtype=dtype, device=attn.device)
-    return cpp.hvo_matrix_(attn, ov, layout, out)
+        return out.copy_(reference.hvo_matrix(attn.to(ct), ov, layout))
+    kernel = tile_kernel(backend)
+    for b in range(attn.shape[0]):
+        kernel(*kron_factors(attn[b].to(ct), ov, layout), out[b])
+    return out

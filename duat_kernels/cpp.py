@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from duat_kernels.reference import compute_dtype
-
 try:
     from duat_kernels import _C
 except ImportError as exc:  # a source tree without a build, or a failed build
@@ -26,11 +24,6 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64",
 
 def is_available() -> bool:
     return _C is not None
-
-
-def kron_factors(attn: torch.Tensor, ov: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L, R) of the Kronecker sum for attn (h, N, N) and ov (h, M_out, M_in)."""
-    return (attn, ov) if layout == "token" else (ov, attn)
 
 
 def _numpy_view(t: torch.Tensor):
@@ -65,12 +58,3 @@ def _factor_range(start: int, length: int, inner: int) -> tuple[int, int, int, i
         i0, i1 = start % inner, (start + length - 1) % inner + 1
         return o0, o1, i0, i1, 0
     return o0, o1, 0, inner, start - o0 * inner
-
-
-def hvo_matrix_(attn: torch.Tensor, ov: torch.Tensor, layout: str, out: torch.Tensor) -> torch.Tensor:
-    """Write W' for attn (B, h, N, N) and ov (h, M_out, M_in) into out (B, N*M_out, N*M_in)."""
-    ct = compute_dtype(out.dtype)
-    ov = ov.to(ct)
-    for b in range(attn.shape[0]):
-        kron_sum_tile_(*kron_factors(attn[b].to(ct), ov, layout), out[b])
-    return out

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from duat_kernels import _validation as v
-from duat_kernels import backends, reference
+from duat_kernels import backends, ops, reference
 
 __all__ = ["hvo_matrix", "hvo_bias", "ov_circuits"]
 
@@ -46,7 +46,8 @@ def hvo_matrix(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, *, num_
         w_v: (h_kv·d, M_in) value projection weight. w_o: (M_out, h·d) output projection weight.
         num_kv_heads: h_kv for grouped-query attention; defaults to h.
         layout: "token" (x'[n·M_in + a] = X[n, a]) or "feature" (x'[a·N + n] = X[n, a]).
-        backend: "auto", "reference" or "cpp" (see `available_backends`).
+        backend: "auto", "reference", "cpp" or "triton" (see `available_backends`). Every backend is
+            differentiable in attn, w_v and w_o (the torch.library op duat::hvo_matrix has a backward).
         out: optional contiguous buffer of the output shape and dtype, written in place and returned.
         dtype: output dtype (float32, float64, float16, bfloat16); defaults to out.dtype or the
             promoted input dtype. Accumulation is in float32 (float64 for float64 output).
@@ -62,26 +63,34 @@ def hvo_matrix(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, *, num_
     dtype = v.resolve_dtype(dtype, out, attn, w_v, w_o)
     rows, cols = dims.tokens * dims.m_out, dims.tokens * dims.m_in
     shape = (dims.batch, rows, cols) if dims.batched else (rows, cols)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (attn, w_v, w_o))
-    backend = backends.resolve(backend, device, needs_grad)
-
-    entries = dims.batch * rows * cols
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    needed = 0 if out is not None else entries * itemsize
-    if backend == "reference":  # the Kronecker products and their running sum, in the compute dtype
-        needed += (dims.batch + 2) * rows * cols * torch.empty((), dtype=reference.compute_dtype(dtype)).element_size()
+    backend = backends.resolve(backend, device)
+    if dtype not in backends.output_dtypes(backend):
+        raise TypeError(f"backend={backend!r} writes {', '.join(map(str, backends.output_dtypes(backend)))}, "
+                        f"not {dtype}; use backend='reference' or 'cpp' for it")
     if out is not None:
         v.check_out(out, shape, device, attn, w_v, w_o)
-    v.check_fits(f"W' of shape {shape} ({entries:,} entries of {dtype}) with backend={backend!r}", needed, device)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (attn, w_v, w_o)):
+            raise RuntimeError("out= writes W' in place and records no gradient; pass out=None for a differentiable "
+                               "W' (or call under torch.no_grad())")
+    if not torch.compiler.is_compiling():  # memory is the caller's business inside a compiled graph
+        entries = dims.batch * rows * cols
+        needed = 0 if out is not None else entries * _itemsize(dtype)
+        if backend == "reference":  # the Kronecker products and their running sum, in the compute dtype
+            needed += (dims.batch + 2) * rows * cols * _itemsize(reference.compute_dtype(dtype))
+        v.check_fits(f"W' of shape {shape} ({entries:,} entries of {dtype}) with backend={backend!r}", needed, device)
 
     ct = reference.compute_dtype(dtype)
     ov = reference.ov_circuits(w_v.to(ct), w_o.to(ct), dims.heads, dims.kv_heads)
     attn4 = attn if dims.batched else attn.unsqueeze(0)
-    out4 = None if out is None else (out if dims.batched else out.unsqueeze(0))
-    result = backends.materialise(backend, attn4, ov, layout, out4, dtype)
     if out is not None:
+        ops.hvo_matrix_out(attn4, ov, layout, backend, out if dims.batched else out.unsqueeze(0))
         return out
+    result = ops.hvo_matrix(attn4, ov, layout, backend, dtype)
     return result if dims.batched else result[0]
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def hvo_bias(attn: torch.Tensor, w_o: torch.Tensor, b_v: torch.Tensor | None = None, b_o: torch.Tensor | None = None,

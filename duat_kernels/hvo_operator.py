@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from duat_kernels import _validation as v
-from duat_kernels import analysis, backends, cpp, reference
+from duat_kernels import analysis, backends, reference
 from duat_kernels.hvo import hvo_bias, hvo_matrix
 
 
@@ -114,20 +114,22 @@ class HVOOperator:
         ct = reference.compute_dtype(dtype)
         ov = reference.ov_circuits(self.w_v.to(ct), self.w_o.to(ct), self.dims.heads, self.dims.kv_heads)
         out = torch.empty(self.dims.batch, r1 - r0, c1 - c0, dtype=dtype, device=self.device)
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (self.attn, self.w_v, self.w_o))
-        if backends.resolve("auto", self.device, needs_grad) == "cpp":
-            for b in range(self.dims.batch):
-                cpp.kron_sum_tile_(*cpp.kron_factors(self._attn4[b].to(ct), ov, self.layout), out[b], r0, c0)
+        backend = backends.resolve("auto", self.device)
+        if backend != "reference" and dtype in backends.output_dtypes(backend):
+            kernel = backends.tile_kernel(backend)
+            with torch.no_grad():
+                for b in range(self.dims.batch):
+                    kernel(*backends.kron_factors(self._attn4[b].to(ct), ov, self.layout), out[b], r0, c0)
         else:  # reference: only the blocks that the tile touches
             out = self._tile_reference(ov, r0, r1, c0, c1).to(dtype)
         return out if self.dims.batched else out[0]
 
     def _tile_reference(self, ov: torch.Tensor, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
-        q_size, t_size = cpp.kron_factors(self._attn4[0], ov, self.layout)[1].shape[1:]  # R_i is Q x T
+        q_size, t_size = backends.kron_factors(self._attn4[0], ov, self.layout)[1].shape[1:]  # R_i is Q x T
         p0, p1, s0, s1 = r0 // q_size, (r1 - 1) // q_size + 1, c0 // t_size, (c1 - 1) // t_size + 1
         mats = []
         for a in self._attn4.to(ov.dtype):
-            left, right = cpp.kron_factors(a, ov, self.layout)
+            left, right = backends.kron_factors(a, ov, self.layout)
             part = sum(torch.kron(left[i, p0:p1, s0:s1], right[i]) for i in range(left.shape[0]))
             mats.append(part[r0 - p0 * q_size:r1 - p0 * q_size, c0 - s0 * t_size:c1 - s0 * t_size])
         return torch.stack(mats)

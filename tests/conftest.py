@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 
+# The Triton kernels run in Triton's interpreter on the CPU; the variable must be set before triton
+# is imported (duat_kernels imports it lazily, at the first backend="triton" call).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 from hypothesis import settings

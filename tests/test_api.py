@@ -35,7 +35,7 @@ def test_shapes_and_default_dtype(lay):
 
 @needs_cpp
 def test_auto_picks_cpp_on_cpu(lay):
-    assert dk.available_backends("cpu") == ["reference", "cpp"]
+    assert dk.available_backends("cpu")[0] == "reference" and dk.available_backends("cpu")[-1] == "cpp"
     torch.testing.assert_close(call(lay), call(lay, backend="cpp"), rtol=0, atol=0)
 
 
@@ -95,12 +95,12 @@ def test_too_large_is_refused_before_allocating(lay):
     assert "W' of shape (1, 6291456, 6291456)" in str(info.value)
 
 
-@needs_cpp
-def test_cpp_refuses_gradients_instead_of_dropping_them(lay):
-    with pytest.raises(RuntimeError, match="backend='cpp' does not propagate gradients"):
-        call(lay, attn=lay["attn"].requires_grad_(), backend="cpp")
+def test_out_refuses_gradients(lay):
+    out = torch.empty(2, 30, 35)
+    with pytest.raises(RuntimeError, match="out= writes W' in place and records no gradient"):
+        call(lay, attn=lay["attn"].requires_grad_(), out=out)
     with torch.no_grad():
-        call(lay, attn=lay["attn"].requires_grad_(), backend="cpp")
+        call(lay, attn=lay["attn"].requires_grad_(), out=out)
 
 
 @needs_cpp

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import duat_kernels as dk
-from duat_kernels import cpp, reference
+from duat_kernels import backends, cpp, reference
 
 from conftest import DTYPES, assert_close_to_reference, random_layer
 
@@ -96,7 +96,7 @@ def test_tiles_are_slices_of_the_matrix(layout, dtype):
     lay = random_layer(1, 6, 3, tokens=7, head_dim=2, m_in=37, m_out=5, causal=True, batched=False, seed=7)
     ct = reference.compute_dtype(dtype)
     ov = reference.ov_circuits(lay["w_v"].to(ct), lay["w_o"].to(ct), 6, 3)
-    left, right = cpp.kron_factors(lay["attn"].to(ct), ov, layout)
+    left, right = backends.kron_factors(lay["attn"].to(ct), ov, layout)
     full = cpp.kron_sum_tile_(left, right, torch.empty(7 * 5, 7 * 37, dtype=dtype))
     g = torch.Generator().manual_seed(1)
     for _ in range(25):
