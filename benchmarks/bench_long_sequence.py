@@ -41,7 +41,7 @@ def test_long_sequence(benchmark, operation):
         "tile": lambda: op.tile(corner, corner),
     }
     benchmark.group = f"long sequence N={N} M={M} h={H}"
-    benchmark.extra_info.update(n=N, m=M, h=H, bytes=4 * side * side if operation == "tile" else 0)
+    benchmark.extra_info.update(kind="long", contestant=operation, n=N, m=M, h=H, bytes=4 * side * side if operation == "tile" else 0)
     with torch.no_grad(), PeakMemory() as mem:
         benchmark.pedantic(fns[operation], rounds=1 if QUICK else 3, warmup_rounds=0 if QUICK else 1)
     benchmark.extra_info["peak_bytes"] = mem.peak

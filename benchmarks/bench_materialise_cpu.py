@@ -1,14 +1,17 @@
-"""How fast does the C++ backend materialise W' on the CPU, against the memory-write floor and
-what a user would otherwise write?
+"""How fast does the C++ backend materialise W' on the CPU, against the hardware floors and what a
+user would otherwise write?
 
-Contestants per (N, M, h), fp32, token layout, all writing the same N·M x N·M matrix:
-  cpp         duat_kernels.hvo_matrix(backend="cpp", out=buf)   (reused buffer)
+Every case writes the same N·M x N·M matrix (token layout). Contestants:
+  cpp         duat_kernels.hvo_matrix(backend="cpp", out=buf)        (reused buffer)
   cpp_fresh   the same with a fresh output (pays first-touch page faults)
   fill        buf.fill_(0) on the same buffer: the memory-write floor
   einsum      torch.einsum("inm,ica->ncma", A, OV).reshape(...): the obvious PyTorch route
   kron_sum    Σ_i torch.kron(A_i, OV_i): the reference backend
-Each entry of W' costs 2h flops, so the cpp kernel is store-bound for small h and FMA-bound for
-large h; `python benchmarks/report.py run.json` prints the ratios.
+  jacrev      torch.func.jacrev of the attention with A detached: the autograd route
+The FMA floor (2h flops per entry at the FMA peak measured by duat_kernels._C.fma_peak_gflops)
+is recorded with every cpp case. Sweeps: the issue's three configurations, h, N and M; bf16
+output and causal attention for the main configurations. The slow peers run where W' is at most
+64 MiB (kron_sum also on the main configurations). `python benchmarks/report.py run.json` turns a run into tables and plots.
 """
 
 import functools
@@ -21,8 +24,26 @@ from duat_kernels import reference
 
 from conftest import QUICK
 
-CONFIGS = [(4, 16, 2), (3, 24, 3)] if QUICK else [(32, 256, 8), (16, 768, 12), (32, 256, 32)]
-CONTESTANTS = ["cpp", "cpp_fresh", "fill", "einsum", "kron_sum"]
+MAIN = [(4, 16, 2), (3, 24, 3)] if QUICK else [(32, 256, 8), (16, 768, 12), (32, 256, 32)]
+SWEEP_H = [] if QUICK else [(32, 256, h) for h in (1, 2, 4, 16)]
+SWEEP_N = [] if QUICK else [(n, 256, 8) for n in (8, 16, 48)]
+SWEEP_M = [] if QUICK else [(16, m, 8) for m in (128, 384, 512)]
+PEER_LIMIT_BYTES = 64 << 20
+
+
+def _cases():
+    for cfg in MAIN + SWEEP_H + SWEEP_N + SWEEP_M:
+        small = 4 * (cfg[0] * cfg[1]) ** 2 <= PEER_LIMIT_BYTES
+        peers = (["kron_sum"] if small or cfg in MAIN else []) + (["jacrev"] if small else [])
+        for contestant in ["cpp", "cpp_fresh", "fill", "einsum"] + peers:
+            yield cfg, contestant, torch.float32, False
+        if cfg in MAIN:
+            yield cfg, "cpp", torch.bfloat16, False
+            yield cfg, "fill", torch.bfloat16, False
+            yield cfg, "cpp", torch.float32, True
+
+
+CASES = list(_cases())
 
 
 @functools.lru_cache(maxsize=1)
@@ -32,34 +53,47 @@ def fma_peak_gflops() -> float:
     return max(_C.fma_peak_gflops(2_000_000 if QUICK else 20_000_000, torch.get_num_threads()) for _ in range(3))
 
 
-def _layer(n: int, m: int, h: int):
+@functools.lru_cache(maxsize=4)
+def _layer(n: int, m: int, h: int, causal: bool):
     g = torch.Generator().manual_seed(0)
-    attn = torch.randn(h, n, n, generator=g).softmax(-1)
+    scores = torch.randn(h, n, n, generator=g)
+    if causal:
+        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
     w_v = torch.randn(m, m, generator=g) / m ** 0.5
     w_o = torch.randn(m, m, generator=g) / m ** 0.5
-    return attn, w_v, w_o
+    return scores.softmax(-1), w_v, w_o
 
 
-@pytest.mark.parametrize("contestant", CONTESTANTS)
-@pytest.mark.parametrize("n,m,h", CONFIGS, ids=[f"N{n}-M{m}-h{h}" for n, m, h in CONFIGS])
-def test_materialise(benchmark, n, m, h, contestant):
-    attn, w_v, w_o = _layer(n, m, h)
-    benchmark.group = f"materialise fp32 token N={n} M={m} h={h}"
-    benchmark.extra_info.update(n=n, m=m, h=h, entries=(n * m) ** 2, bytes=(n * m) ** 2 * 4)
-    out = torch.empty(n * m, n * m)
+def _jacrev(attn, w_v, w_o, n, m):
+    def layer(xp):  # x' -> h' with the probabilities held fixed
+        return reference.attention_output(attn.detach()[None], xp.reshape(1, n, m), w_v, w_o).reshape(-1)
+    return torch.func.jacrev(layer)(torch.zeros(n * m))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"N{c[0][0]}-M{c[0][1]}-h{c[0][2]}-{c[1]}-{str(c[2])[6:]}"
+                                            f"{'-causal' if c[3] else ''}" for c in CASES])
+def test_materialise(benchmark, case):
+    (n, m, h), contestant, dtype, causal = case
+    if contestant.startswith("cpp") and "cpp" not in dk.available_backends():
+        pytest.skip("the C++ extension is not built")
+    attn, w_v, w_o = _layer(n, m, h, causal)
+    out = torch.empty(n * m, n * m, dtype=dtype)
     ov = dk.ov_circuits(w_v, w_o, h)
     fns = {
         "cpp": lambda: dk.hvo_matrix(attn, w_v, w_o, backend="cpp", out=out),
-        "cpp_fresh": lambda: dk.hvo_matrix(attn, w_v, w_o, backend="cpp"),
+        "cpp_fresh": lambda: dk.hvo_matrix(attn, w_v, w_o, backend="cpp", dtype=dtype),
         "fill": lambda: out.fill_(0),
         "einsum": lambda: torch.einsum("inm,ica->ncma", attn, ov).reshape(n * m, n * m),
         "kron_sum": lambda: reference.hvo_matrix(attn[None], ov)[0],
+        "jacrev": lambda: _jacrev(attn, w_v, w_o, n, m),
     }
+    benchmark.group = f"materialise {str(dtype)[6:]}{' causal' if causal else ''} N={n} M={m} h={h}"
+    benchmark.extra_info.update(kind="materialise", contestant=contestant, n=n, m=m, h=h, dtype=str(dtype)[6:],
+                                causal=causal, entries=(n * m) ** 2, bytes=(n * m) ** 2 * out.element_size())
     if contestant.startswith("cpp"):
-        if "cpp" not in dk.available_backends():
-            pytest.skip("the C++ extension is not built")
         benchmark.extra_info["fma_floor_s"] = 2 * h * (n * m) ** 2 / (fma_peak_gflops() * 1e9)
-    rounds = 1 if QUICK else (3 if contestant == "kron_sum" else 10)
-    result = benchmark.pedantic(fns[contestant], rounds=rounds, warmup_rounds=1)
-    if contestant in ("einsum", "kron_sum"):  # same numbers as ours, so the race is fair
-        torch.testing.assert_close(result, dk.hvo_matrix(attn, w_v, w_o, backend="reference"), rtol=1e-5, atol=1e-5)
+        benchmark.extra_info["fma_peak_gflops"] = fma_peak_gflops()
+    slow = contestant in ("kron_sum", "jacrev")
+    result = benchmark.pedantic(fns[contestant], rounds=1 if QUICK else (3 if slow else 10), warmup_rounds=1)
+    if contestant in ("einsum", "kron_sum", "jacrev"):  # the same numbers as ours, so the race is fair
+        torch.testing.assert_close(result, dk.hvo_matrix(attn, w_v, w_o), rtol=1e-5, atol=1e-5)

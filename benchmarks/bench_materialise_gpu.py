@@ -41,6 +41,6 @@ def test_materialise_gpu(benchmark, n, m, h, contestant, dtype):
     fn = fns[contestant]
     benchmark.group = f"gpu materialise {str(dtype)[6:]} N={n} M={m} h={h}"
     ms = do_bench(fn)
-    benchmark.extra_info.update(do_bench_ms=ms, bytes=out.numel() * out.element_size(),
+    benchmark.extra_info.update(kind="gpu", contestant=contestant, do_bench_ms=ms, bytes=out.numel() * out.element_size(),
                                 gb_per_s=out.numel() * out.element_size() / ms / 1e6)
     benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=1 if QUICK else 5, warmup_rounds=1)

@@ -1,45 +1,188 @@
-"""Ratios from a pytest-benchmark JSON: `python benchmarks/report.py run.json` prints, per group,
-each contestant's best time, write bandwidth and ratio to the floor (`fill`) and to `cpp`."""
+"""Turn a pytest-benchmark JSON run into a Markdown report with ratios and PNG plots.
 
+    pytest benchmarks/ --benchmark-json=run.json && python benchmarks/report.py run.json --out benchmarks/results
+
+Writes <out>/<name>.md (machine description, one table per group: best time, GB/s written, ratios
+to the memory-write floor `fill`, to the FMA floor and to each peer) and, when the run has them,
+<name>_time_vs_bytes.png, <name>_speedup_vs_h.png and <name>_matrix_free.png.
+"""
+
+from __future__ import annotations
+
+import argparse
 import json
-import sys
+import math
 from collections import defaultdict
+from pathlib import Path
 
 
-def main(path: str) -> None:
-    with open(path) as f:
-        run = json.load(f)
-    groups = defaultdict(dict)
+def machine_description(run: dict) -> str:
+    mi = run.get("machine_info", {})
+    cpu = mi.get("cpu", {})
+    flags = set(cpu.get("flags", []))
+    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "baseline SIMD"
+    return (f"{cpu.get('brand_raw', '?')}, {cpu.get('count', '?')} cores, {simd}; {mi.get('system', '?')} "
+            f"{mi.get('release', '')}; Python {mi.get('python_version', '?')}; run {run.get('datetime', '?')[:19]}")
+
+
+def _rows_by_group(run: dict) -> dict[str, dict[str, dict]]:
+    groups: dict[str, dict[str, dict]] = defaultdict(dict)
     for b in run["benchmarks"]:
-        params = b["params"]
-        groups[b["group"]][params.get("contestant") or params.get("operation")] = b
-    cpu = run["machine_info"].get("cpu", {}).get("brand_raw", "?")
-    print(f"machine: {cpu}, {run['machine_info'].get('cpu', {}).get('count', '?')} cores; best of the rounds\n")
+        info = b["extra_info"]
+        name = info.get("contestant") or b["params"].get("operation") or b["name"]
+        groups[b["group"]][name] = b
+    return groups
+
+
+def _ms(t: float) -> str:
+    return f"{t * 1e3:.1f} ms" if t < 1 else f"{t:.2f} s"
+
+
+def materialise_table(rows: dict[str, dict]) -> list[str]:
+    best = {k: b["stats"]["min"] for k, b in rows.items()}
+    floor, ours = best.get("fill"), best.get("cpp")
+    fma = rows.get("cpp", {}).get("extra_info", {}).get("fma_floor_s")
+    out = ["| contestant | best time | GB/s written | vs fill_ | vs FMA floor | time / cpp |", "|---|---:|---:|---:|---:|---:|"]
+    for name, b in rows.items():
+        t = best[name]
+        cells = [name, _ms(t), f"{b['extra_info']['bytes'] / t / 1e9:.1f}",
+                 f"{t / floor:.2f}x" if floor else "-", f"{t / fma:.2f}x" if fma else "-",
+                 f"{t / ours:.1f}x" if ours else "-"]
+        out.append("| " + " | ".join(cells) + " |")
+    if fma and floor and ours:
+        bound = "FMA" if fma > floor else "memory"
+        out += ["", f"Floors: memory (fill_) {_ms(floor)}, FMA {_ms(fma)} ({bound}-bound); "
+                    f"cpp is {ours / max(fma, floor):.2f}x the larger floor."]
+    return out
+
+
+def generic_table(rows: dict[str, dict]) -> list[str]:
+    out = ["| case | best time | peak memory above inputs |", "|---|---:|---:|"]
+    for name, b in rows.items():
+        peak = b["extra_info"].get("peak_bytes")
+        memory = "-" if peak is None else f"{peak / 2**20:.0f} MiB"
+        out.append(f"| {name} | {_ms(b['stats']['min'])} | {memory} |")
+    return out
+
+
+def matrix_free_table(rows: dict[str, dict]) -> list[str]:
+    by_n: dict[int, dict[str, float]] = defaultdict(dict)
+    for b in rows.values():
+        by_n[b["extra_info"]["n"]][b["extra_info"]["route"]] = b["stats"]["min"]
+    out = ["| N | dense W' | matrix-free | dense route | dense / matrix-free |", "|---:|---:|---:|---:|---:|"]
+    for n, t in sorted(by_n.items()):
+        size = next(b["extra_info"]["bytes"] for b in rows.values() if b["extra_info"]["n"] == n)
+        free, dense = t["free"], t.get("dense")
+        ratio = "-" if dense is None else f"{dense / free:.1f}x"
+        out.append(f"| {n} | {size / 2**20:.1f} MiB | {_ms(free)} | {'-' if dense is None else _ms(dense)} | {ratio} |")
+    return out
+
+
+def plots(groups: dict[str, dict[str, dict]], out: Path, name: str) -> list[str]:
+    try:
+        import matplotlib
+    except ImportError:
+        return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    mat = [rows for g, rows in groups.items() if g.startswith("materialise float32 N=")]
+    if mat:  # time against output bytes, per contestant
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        series = defaultdict(list)
+        for rows in mat:
+            for c, b in rows.items():
+                series[c].append((b["extra_info"]["bytes"], b["stats"]["min"]))
+        for c, pts in sorted(series.items()):
+            ax.loglog(*zip(*sorted(pts)), marker="o", linestyle="", label=c)
+        ax.set_xlabel("bytes of W' written")
+        ax.set_ylabel("best time [s]")
+        ax.set_title("Materialising W' (fp32, CPU)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        written.append(_save(fig, out / f"{name}_time_vs_bytes.png", plt))
+        # speed-up against h at N = 32, M = 256
+        pts = sorted((rows["cpp"]["extra_info"]["h"], rows) for rows in mat
+                     if "cpp" in rows and rows["cpp"]["extra_info"]["n"] == 32 and rows["cpp"]["extra_info"]["m"] == 256)
+        if len(pts) > 1:
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            hs = [h for h, _ in pts]
+            for peer in ("einsum", "kron_sum", "jacrev"):
+                ys = [(h, rows[peer]["stats"]["min"] / rows["cpp"]["stats"]["min"]) for h, rows in pts if peer in rows]
+                if ys:
+                    ax.semilogy(*zip(*ys), marker="o", label=f"{peer} time / cpp time")
+            ax.semilogy(hs, [rows["cpp"]["stats"]["min"] / rows["fill"]["stats"]["min"] for _, rows in pts],
+                        marker="s", label="cpp time / fill_ time (memory floor)")
+            ax.semilogy(hs, [rows["cpp"]["stats"]["min"] / rows["cpp"]["extra_info"]["fma_floor_s"] for _, rows in pts],
+                        marker="^", label="cpp time / FMA floor")
+            ax.axhline(1, color="gray", lw=0.8)
+            ax.set_xlabel("heads h")
+            ax.set_ylabel("ratio")
+            ax.set_title("W' materialisation, N=32, M=256, fp32: speed-up and distance to the floors")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+            written.append(_save(fig, out / f"{name}_speedup_vs_h.png", plt))
+    free = {g: rows for g, rows in groups.items() if g.startswith("matrix-free")}
+    if free:
+        fig, axes = plt.subplots(1, len(free), figsize=(4.2 * len(free), 4), squeeze=False)
+        for ax, (g, rows) in zip(axes[0], sorted(free.items())):
+            for route in ("free", "dense"):
+                pts = sorted((b["extra_info"]["n"], b["stats"]["min"]) for b in rows.values()
+                             if b["extra_info"]["route"] == route)
+                if pts:
+                    ax.loglog(*zip(*pts), marker="o", label="matrix-free" if route == "free" else "dense route")
+            ax.set_title(g.split(": ")[1].split(" ")[0])
+            ax.set_xlabel("N")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        axes[0][0].set_ylabel("best time [s]")
+        written.append(_save(fig, out / f"{name}_matrix_free.png", plt))
+    return written
+
+
+def _save(fig, path: Path, plt) -> str:
+    from matplotlib.ticker import NullFormatter
+
+    for ax in fig.axes:  # minor tick labels of log axes overlap the major ones
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def report(run: dict, out: Path, name: str) -> str:
+    groups = _rows_by_group(run)
+    lines = [f"# Benchmark report: {name}", "", f"Machine: {machine_description(run)}. Times are the best of the rounds.",
+             ""]
     for group, rows in groups.items():
-        print(f"### {group}\n")
-        if "peak_bytes" in next(iter(rows.values()))["extra_info"]:
-            print("| operation | best time | peak memory above inputs |")
-            print("|---|---:|---:|")
-            for name, b in rows.items():
-                print(f"| {name} | {b['stats']['min']:.3f} s | {b['extra_info']['peak_bytes'] / 2**20:.0f} MiB |")
-            print()
-            continue
-        print("| contestant | best time | GB/s written | vs fill_ | vs cpp |")
-        print("|---|---:|---:|---:|---:|")
-        floor = rows.get("fill", {}).get("stats", {}).get("min")
-        ours = rows.get("cpp", {}).get("stats", {}).get("min")
-        for name, b in rows.items():
-            t = b["stats"]["min"]
-            gbs = b["extra_info"]["bytes"] / t / 1e9
-            vs_floor = f"{t / floor:.2f}x" if floor else "-"
-            vs_ours = f"{t / ours:.2f}x" if ours else "-"
-            print(f"| {name} | {t * 1e3:.1f} ms | {gbs:.1f} | {vs_floor} | {vs_ours} |")
-        fma = rows.get("cpp", {}).get("extra_info", {}).get("fma_floor_s")
-        if fma:
-            print(f"\nFMA floor (2h flops per entry at the measured FMA peak): {fma * 1e3:.1f} ms; "
-                  f"memory floor (fill_): {floor * 1e3:.1f} ms. cpp / max(floors) = {ours / max(fma, floor):.2f}x")
-        print()
+        kind = next(iter(rows.values()))["extra_info"].get("kind")
+        lines += [f"### {group}", ""]
+        table = materialise_table if kind == "materialise" else matrix_free_table if kind == "matrix_free" \
+            else generic_table
+        lines += table(rows) + [""]
+    for png in plots(groups, out, name):
+        lines += [f"![{png}]({png})", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", help="pytest-benchmark JSON (--benchmark-json)")
+    parser.add_argument("--out", default="benchmarks/results", help="output folder (default benchmarks/results)")
+    parser.add_argument("--name", default=None, help="report name (default: the JSON file's stem)")
+    args = parser.parse_args(argv)
+    with open(args.run) as f:
+        run = json.load(f)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = args.name or Path(args.run).stem
+    text = report(run, out, name)
+    (out / f"{name}.md").write_text(text)
+    print(text)
+    print(f"\nwritten: {out / (name + '.md')}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "run.json")
+    main()

@@ -36,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sequence lengths (default 64 256 1024 4096 16384)")
     scale.add_argument("--m", type=int, default=256, help="model width M (default 256)")
     scale.add_argument("--heads", type=int, default=4, help="heads h (default 4)")
-    scale.add_argument("--spectral-max-n", type=int, default=4096,
-                       help="largest N for spectral_norm, which needs tens of matvecs (default 4096)")
+    scale.add_argument("--spectral-max-n", type=int, default=None,
+                       help="largest N for spectral_norm, which costs tens of matvecs (default: every N)")
     scale.add_argument("--plot", metavar="PNG", help="write a log-log plot of time against N")
     scale.add_argument("--seed", type=int, default=0)
     return parser
