@@ -2,7 +2,8 @@
 
     W' = Σ_i A_i ⊗ OV_i   (token layout),   h' = W' x' + b'
 
-with reference (PyTorch) and C++ (CPU) backends behind one API. See DESIGN.md and README.md.
+with reference (PyTorch), C++ (CPU) and Triton (GPU) backends behind one API, a matrix-free
+operator for long sequences (duat_kernels.analysis) and model adapters (duat_kernels.models).
 """
 
 from duat_kernels._validation import DenseTooLargeError
@@ -12,4 +13,5 @@ from duat_kernels.hvo_operator import HVOOperator
 from duat_kernels import models  # noqa: E402  (imports transformers lazily, on first load)
 
 __version__ = "0.1.0"
-__all__ = ["hvo_matrix", "hvo_bias", "ov_circuits", "HVOOperator", "available_backends", "DenseTooLargeError"]
+__all__ = ["hvo_matrix", "hvo_bias", "ov_circuits", "HVOOperator", "available_backends", "DenseTooLargeError",
+           "models"]
