@@ -13,6 +13,7 @@ import os
 import torch
 
 from duat_kernels import cpp, reference
+from duat_kernels._validation import OUTPUT_DTYPES
 
 BACKENDS = ("auto", "reference", "cpp", "triton")
 
@@ -66,7 +67,7 @@ def output_dtypes(backend: str) -> tuple[torch.dtype, ...]:
     if backend == "triton":
         from duat_kernels import triton as triton_backend
         return triton_backend.OUTPUT_DTYPES
-    return (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+    return OUTPUT_DTYPES
 
 
 def tile_kernel(backend: str):

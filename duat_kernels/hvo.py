@@ -74,9 +74,9 @@ def hvo_matrix(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, *, num_
                                "W' (or call under torch.no_grad())")
     if not torch.compiler.is_compiling():  # memory is the caller's business inside a compiled graph
         entries = dims.batch * rows * cols
-        needed = 0 if out is not None else entries * _itemsize(dtype)
+        needed = 0 if out is not None else entries * dtype.itemsize
         if backend == "reference":  # the Kronecker products and their running sum, in the compute dtype
-            needed += (dims.batch + 2) * rows * cols * _itemsize(reference.compute_dtype(dtype))
+            needed += (dims.batch + 2) * rows * cols * reference.compute_dtype(dtype).itemsize
         v.check_fits(f"W' of shape {shape} ({entries:,} entries of {dtype}) with backend={backend!r}", needed, device)
 
     ct = reference.compute_dtype(dtype)
@@ -87,10 +87,6 @@ def hvo_matrix(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, *, num_
         return out
     result = ops.hvo_matrix(attn4, ov, layout, backend, dtype)
     return result if dims.batched else result[0]
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def hvo_bias(attn: torch.Tensor, w_o: torch.Tensor, b_v: torch.Tensor | None = None, b_o: torch.Tensor | None = None,

@@ -109,8 +109,8 @@ class HVOOperator:
         (r0, r1), (c0, c1) = (self._range(s, size, name) for s, size, name in
                               ((rows, total[0], "rows"), (cols, total[1], "cols")))
         dtype = v.resolve_dtype(dtype, None, self.attn, self.w_v, self.w_o)
-        v.check_fits(f"a tile of W' of shape ({r1 - r0}, {c1 - c0})", (r1 - r0) * (c1 - c0) * self.dims.batch *
-                     torch.empty((), dtype=dtype).element_size(), self.device)
+        v.check_fits(f"a tile of W' of shape ({r1 - r0}, {c1 - c0})", (r1 - r0) * (c1 - c0) * self.dims.batch * dtype.itemsize,
+                     self.device)
         ct = reference.compute_dtype(dtype)
         ov = reference.ov_circuits(self.w_v.to(ct), self.w_o.to(ct), self.dims.heads, self.dims.kv_heads)
         out = torch.empty(self.dims.batch, r1 - r0, c1 - c0, dtype=dtype, device=self.device)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["compute_dtype", "ov_circuits", "hvo_matrix", "hvo_bias", "attention_output"]
+__all__ = ["compute_dtype", "head_factors", "ov_circuits", "hvo_matrix", "hvo_bias", "attention_output"]
 
 
 def compute_dtype(out_dtype: torch.dtype) -> torch.dtype:
@@ -22,14 +22,19 @@ def compute_dtype(out_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if out_dtype == torch.float64 else torch.float32
 
 
+def head_factors(w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int,
+                 num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query head (Wo_i (h, M_out, d), Wv_{i // g} (h, d, M_in)) from w_o (M_out, h*d), w_v (h_kv*d, M_in)."""
+    d = w_o.shape[1] // num_heads
+    wv = w_v.reshape(num_kv_heads, d, w_v.shape[1])  # Wv_j = w_v[j*d:(j+1)*d, :]
+    wv = wv.repeat_interleave(num_heads // num_kv_heads, dim=0)  # query head i reads kv head i // g
+    wo = w_o.reshape(w_o.shape[0], num_heads, d).transpose(0, 1)  # Wo_i = w_o[:, i*d:(i+1)*d]
+    return wo, wv
+
+
 def ov_circuits(w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
     """OV_i = Wo_i @ Wv_{i // g}: w_v (h_kv*d, M_in), w_o (M_out, h*d) -> (h, M_out, M_in)."""
-    m_out, m_in = w_o.shape[0], w_v.shape[1]
-    d = w_o.shape[1] // num_heads
-    wv = w_v.reshape(num_kv_heads, d, m_in)  # Wv_j = w_v[j*d:(j+1)*d, :]
-    wv = wv.repeat_interleave(num_heads // num_kv_heads, dim=0)  # query head i reads kv head i // g
-    wo = w_o.reshape(m_out, num_heads, d).transpose(0, 1)  # Wo_i = w_o[:, i*d:(i+1)*d]
-    return torch.bmm(wo, wv)
+    return torch.bmm(*head_factors(w_v, w_o, num_heads, num_kv_heads))
 
 
 def hvo_matrix(attn: torch.Tensor, ov: torch.Tensor, layout: str = "token") -> torch.Tensor:

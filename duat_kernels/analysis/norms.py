@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import torch
 
+from duat_kernels.reference import head_factors
+
 # Rows of A per step: the (h, rows, N) product stays ~64 MiB at N = 8192, h = 12 (fp32).
 CHUNK_ENTRIES = 1 << 24
 
 
 def gram_factor(w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
     """C (h, h) in float64 with CᵀC = G, G_ij = ⟨OV_i, OV_j⟩_F, from w_v (h_kv·d, M_in), w_o (M_out, h·d)."""
-    d = w_o.shape[1] // num_heads
-    wv = w_v.double().reshape(num_kv_heads, d, -1).repeat_interleave(num_heads // num_kv_heads, dim=0)  # (h, d, M_in)
-    wo = w_o.double().reshape(w_o.shape[0], num_heads, d).transpose(0, 1)  # (h, M_out, d)
+    wo, wv = head_factors(w_v.double(), w_o.double(), num_heads, num_kv_heads)  # (h, M_out, d), (h, d, M_in)
     oo = torch.einsum("icd,jce->ijde", wo, wo)  # Wo_iᵀ Wo_j
     vv = torch.einsum("ida,jea->ijde", wv, wv)  # Wv_i Wv_jᵀ
     gram = (oo * vv).sum((-1, -2))

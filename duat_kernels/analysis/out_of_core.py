@@ -57,8 +57,7 @@ def save_dense(op, path: str | os.PathLike, *, rows_per_tile: int | None = None,
     if dtype not in _NUMPY_DTYPES:
         raise TypeError(f"dtype must be float32, float64 or float16 for a .npy file, got {dtype}")
     rows, cols = op.shape
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    row_bytes = cols * itemsize
+    row_bytes = cols * dtype.itemsize
     if rows_per_tile is None:
         if row_bytes > max_tile_bytes:
             raise ValueError(f"one row of W' takes {v.format_bytes(row_bytes)}, more than max_tile_bytes="

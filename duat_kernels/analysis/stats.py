@@ -19,10 +19,7 @@ def frobenius_norm(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, num
 
 def trace(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """tr W' = Σ_n Σ_i A_i[n, n] tr(OV_i) for square W' (M_in = M_out) -> (B,); the same in both layouts."""
-    h = attn.shape[1]
-    d = w_o.shape[1] // h
-    wv = w_v.double().reshape(num_kv_heads, d, -1).repeat_interleave(h // num_kv_heads, dim=0)  # (h, d, M)
-    wo = w_o.double().reshape(w_o.shape[0], h, d).transpose(0, 1)  # (h, M, d)
+    wo, wv = reference.head_factors(w_v.double(), w_o.double(), attn.shape[1], num_kv_heads)  # (h, M, d), (h, d, M)
     tr_ov = torch.einsum("icd,idc->i", wo, wv)  # tr(Wo_i Wv_i)
     return torch.einsum("bin,i->b", attn.double().diagonal(dim1=-2, dim2=-1), tr_ov)
 
