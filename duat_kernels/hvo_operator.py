@@ -183,6 +183,26 @@ class HVOOperator:
         """||W'||_2, the largest singular value."""
         return float(self.singular_values(1, tol)[0])
 
+    def contributions(self, x: torch.Tensor, per_head: bool = False) -> torch.Tensor:
+        """Token-to-token contributions ||W'_nm x_m||₂ of input token m to output token n, without W'.
+
+        x: the layer input X as (N, M_in) (or (B, N, M_in) when batched), or flattened x' in this
+        operator's layout. Returns (N, N) (or (B, N, N)); per_head=True gives each head's own
+        ||A_i[n, m] OV_i x_m|| as (h, N, N) (or (B, h, N, N)). Biases are not included (b' is
+        separate: see bias()).
+        """
+        d = self.dims
+        if isinstance(x, torch.Tensor) and x.shape[-2:] == (d.tokens, d.m_in) and x.dim() == 2 + d.batched:
+            xs = x if d.batched else x.unsqueeze(0)
+        else:
+            xs, _ = self._unflatten(x, d.m_in, "x")
+            if xs.shape[1] != 1:
+                raise ValueError(f"x must be one input per batch element, got shape {tuple(x.shape)}")
+            xs = xs[:, 0]
+        with torch.no_grad():
+            out = analysis.contributions(self._attn4, xs, self.w_v, self.w_o, d.kv_heads, per_head)
+        return out if d.batched else out[0]
+
     @staticmethod
     def _range(s: slice, size: int, name: str) -> tuple[int, int]:
         if not isinstance(s, slice) or s.step not in (None, 1):

@@ -1,0 +1,46 @@
+"""Token-to-token contributions ||W'_nm x_m|| without forming W' (Kobayashi et al. 2020, norm-based).
+
+Block (n, m) of W' applied to input token m is Σ_i A_i[n, m] u_i[m] with u_i[m] = OV_i x_m =
+Wo_i (Wv_{i//g} x_m), the value vector of token m in head i projected out. Its squared norm is
+αᵀ G_m α with α = A[:, n, m] and G_m[i, j] = ⟨u_i[m], u_j[m]⟩ (h x h per input token), so all N²
+contributions cost O(N²h² + N·h·M_out·d) and O(N·h² + rows·N·h) memory, never (N, N, M_out).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from duat_kernels.reference import head_factors
+
+# Rows of A per step: the (B, h, rows, N) chunk and its Gram product stay ~64 MiB (fp32).
+CHUNK_ENTRIES = 1 << 24
+
+
+def projected_values(x: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int,
+                     num_kv_heads: int) -> torch.Tensor:
+    """u_i[m] = Wo_i Wv_{i//g} x_m for x (B, N, M_in) -> (B, h, N, M_out) (no biases)."""
+    wo, wv = head_factors(w_v.to(x.dtype), w_o.to(x.dtype), num_heads, num_kv_heads)  # (h, M_out, d), (h, d, M_in)
+    values = torch.einsum("ida,bna->bind", wv, x)  # Wv x_m per head
+    return torch.einsum("icd,bind->binc", wo, values)
+
+
+def contributions(attn: torch.Tensor, x: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
+                  per_head: bool = False) -> torch.Tensor:
+    """||W'_nm x_m||₂ for attn (B, h, N, N), x (B, N, M_in) -> (B, N, N).
+
+    per_head=True gives each head's own contribution ||A_i[n, m] u_i[m]|| as (B, h, N, N).
+    """
+    batch, h, n, _ = attn.shape
+    ct = torch.float64 if torch.float64 in (attn.dtype, x.dtype, w_v.dtype, w_o.dtype) else torch.float32
+    u = projected_values(x.to(ct), w_v, w_o, h, num_kv_heads)  # (B, h, N, M_out)
+    if per_head:
+        return attn.to(ct).abs() * u.norm(dim=-1).unsqueeze(2)  # |A_i[n, m]| · ||u_i[m]||
+    gram = torch.einsum("bimc,bjmc->bmij", u, u)  # G_m, (B, N, h, h)
+    out = torch.empty(batch, n, n, dtype=ct, device=attn.device)
+    rows_per_step = max(1, CHUNK_ENTRIES // (h * n))
+    for r0 in range(0, n, rows_per_step):
+        r1 = min(n, r0 + rows_per_step)
+        alpha = attn[:, :, r0:r1, :].to(ct)  # (B, h, rows, N)
+        g_alpha = torch.einsum("bmij,bjrm->birm", gram, alpha)  # G_m α per (row, m)
+        out[:, r0:r1] = (alpha * g_alpha).sum(1)
+    return out.clamp_min_(0).sqrt_()

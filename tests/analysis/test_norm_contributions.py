@@ -1,0 +1,53 @@
+"""contributions against the dense W' blocks and against the module's own value vectors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import duat_kernels as dk
+from duat_kernels.analysis import norm_contributions as contrib
+
+from conftest import random_layer
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(1, 1), (4, 4), (6, 2)])
+@pytest.mark.parametrize("layout", ["token", "feature"])
+@pytest.mark.parametrize("batched", [True, False])
+def test_contributions_are_dense_blocks_times_tokens(heads, kv_heads, layout, batched, monkeypatch):
+    monkeypatch.setattr(contrib, "CHUNK_ENTRIES", 40)  # several row chunks even at this size
+    lay = random_layer(2, heads, kv_heads, tokens=7, head_dim=3, m_in=5, m_out=4, causal=True, batched=batched,
+                       dtype=torch.float64)
+    n, m_in, m_out = 7, 5, 4
+    x = torch.randn(*((2,) if batched else ()), n, m_in, dtype=torch.float64)
+    op = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"], num_kv_heads=kv_heads, layout=layout)
+    w = dk.hvo_matrix(lay["attn"], lay["w_v"], lay["w_o"], num_kv_heads=kv_heads, backend="reference")
+    blocks = w.reshape(*w.shape[:-2], n, m_out, n, m_in).transpose(-3, -2)  # (..., n, m, M_out, M_in)
+    expected = (blocks @ x.unsqueeze(-3).unsqueeze(-1)).squeeze(-1).norm(dim=-1)  # ||B_nm x_m||
+    torch.testing.assert_close(op.contributions(x), expected, rtol=1e-10, atol=1e-12)
+    flat = x.reshape(*x.shape[:-2], -1) if layout == "token" else x.transpose(-1, -2).reshape(*x.shape[:-2], -1)
+    torch.testing.assert_close(op.contributions(flat), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_contributions_match_module_value_vectors():
+    # Independent route: nn.MultiheadAttention's own value projection, mixed by A, per head.
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(12, 3, batch_first=True).double().eval()
+    x = torch.randn(1, 6, 12, dtype=torch.float64)
+    _, attn = mha(x, x, x, need_weights=True, average_attn_weights=False)
+    e = 12
+    w_v, w_o = mha.in_proj_weight[2 * e:].detach(), mha.out_proj.weight.detach()
+    values = (x[0] @ w_v.T).reshape(6, 3, 4)  # (m, head, d), without b_v
+    per_pair = torch.einsum("inm,mid->nmid", attn[0].detach(), values)  # A_i[n, m] v_i[m]
+    projected = torch.einsum("nmid,cid->nmic", per_pair, w_o.reshape(12, 3, 4))
+    op = dk.HVOOperator(attn[0].detach(), w_v, w_o)
+    torch.testing.assert_close(op.contributions(x[0]), projected.sum(2).norm(dim=-1), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(op.contributions(x[0], per_head=True), projected.norm(dim=-1).permute(2, 0, 1),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_contributions_rejects_wrong_shape():
+    lay = random_layer(1, 2, tokens=3, m_in=4, m_out=2, batched=False)
+    op = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"])
+    with pytest.raises(ValueError, match=r"x must have last dimension N\*M = 3\*4 = 12"):
+        op.contributions(torch.zeros(13))
