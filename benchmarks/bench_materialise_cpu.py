@@ -8,19 +8,23 @@ Every case writes the same N·M x N·M matrix (token layout). Contestants:
   einsum      torch.einsum("inm,ica->ncma", A, OV).reshape(...): the obvious PyTorch route
   kron_sum    Σ_i torch.kron(A_i, OV_i): the reference backend
   jacrev      torch.func.jacrev of the attention with A detached: the autograd route
-The FMA floor (2h flops per entry at the FMA peak measured by duat_kernels._C.fma_peak_gflops)
-is recorded with every cpp case. Sweeps: the issue's three configurations, h, N and M; bf16
-output and causal attention for the main configurations. The slow peers run where W' is at most
-64 MiB (kron_sum also on the main configurations). `python benchmarks/report.py run.json` turns a run into tables and plots.
+  cpp@ISA     cpp forced to each ISA variant the CPU supports (baseline, avx2, avx512), as
+              DUAT_CPU_CAPABILITY would: what the same wheel does on a lesser CPU
+The FMA floor (2h flops per entry at the FMA peak of the variant, measured by
+duat_kernels._C.fma_peak_gflops in the same run) is recorded with every cpp case. Sweeps: the
+main configurations, h, N and M; bf16 output and causal attention for the main configurations.
+The slow peers run where W' is at most 64 MiB (kron_sum also on the main configurations).
+`python benchmarks/report.py run.json` turns a run into tables and plots.
 """
 
+import contextlib
 import functools
 
 import pytest
 import torch
 
 import duat_kernels as dk
-from duat_kernels import reference
+from duat_kernels import cpp, reference
 
 from conftest import QUICK
 
@@ -38,19 +42,24 @@ def _cases():
         for contestant in ["cpp", "cpp_fresh", "fill", "einsum"] + peers:
             yield cfg, contestant, torch.float32, False
         if cfg in MAIN:
+            for isa in cpp.supported_capabilities():
+                yield cfg, f"cpp@{isa}", torch.float32, False
             yield cfg, "cpp", torch.bfloat16, False
+            yield cfg, "cpp_fresh", torch.bfloat16, False
             yield cfg, "fill", torch.bfloat16, False
+            for isa in cpp.supported_capabilities():
+                yield cfg, f"cpp@{isa}", torch.bfloat16, False
             yield cfg, "cpp", torch.float32, True
 
 
 CASES = list(_cases())
 
 
-@functools.lru_cache(maxsize=1)
-def fma_peak_gflops() -> float:
-    """The machine's float32 FMA throughput with torch's thread count (the arithmetic floor)."""
-    from duat_kernels import _C
-    return max(_C.fma_peak_gflops(2_000_000 if QUICK else 20_000_000, torch.get_num_threads()) for _ in range(3))
+@functools.lru_cache(maxsize=8)
+def fma_peak_gflops(isa: str) -> float:
+    """Float32 FMA throughput of an ISA variant with torch's thread count (its arithmetic floor)."""
+    with cpp.using_capability(isa):
+        return max(cpp._C.fma_peak_gflops(2_000_000 if QUICK else 20_000_000, torch.get_num_threads()) for _ in range(3))
 
 
 @functools.lru_cache(maxsize=4)
@@ -76,11 +85,13 @@ def test_materialise(benchmark, case):
     (n, m, h), contestant, dtype, causal = case
     if contestant.startswith("cpp") and "cpp" not in dk.available_backends():
         pytest.skip("the C++ extension is not built")
+    isa = contestant.partition("@")[2] or cpp.cpu_capability()
     attn, w_v, w_o = _layer(n, m, h, causal)
     out = torch.empty(n * m, n * m, dtype=dtype)
     ov = dk.ov_circuits(w_v, w_o, h)
     fns = {
         "cpp": lambda: dk.hvo_matrix(attn, w_v, w_o, backend="cpp", out=out),
+        f"cpp@{isa}": lambda: dk.hvo_matrix(attn, w_v, w_o, backend="cpp", out=out),
         "cpp_fresh": lambda: dk.hvo_matrix(attn, w_v, w_o, backend="cpp", dtype=dtype),
         "fill": lambda: out.fill_(0),
         "einsum": lambda: torch.einsum("inm,ica->ncma", attn, ov).reshape(n * m, n * m),
@@ -91,9 +102,10 @@ def test_materialise(benchmark, case):
     benchmark.extra_info.update(kind="materialise", contestant=contestant, n=n, m=m, h=h, dtype=str(dtype)[6:],
                                 causal=causal, entries=(n * m) ** 2, bytes=(n * m) ** 2 * out.element_size())
     if contestant.startswith("cpp"):
-        benchmark.extra_info["fma_floor_s"] = 2 * h * (n * m) ** 2 / (fma_peak_gflops() * 1e9)
-        benchmark.extra_info["fma_peak_gflops"] = fma_peak_gflops()
+        benchmark.extra_info.update(isa=isa, fma_peak_gflops=fma_peak_gflops(isa),
+                                    fma_floor_s=2 * h * (n * m) ** 2 / (fma_peak_gflops(isa) * 1e9))
     slow = contestant in ("kron_sum", "jacrev")
-    result = benchmark.pedantic(fns[contestant], rounds=1 if QUICK else (3 if slow else 10), warmup_rounds=1)
+    with cpp.using_capability(isa) if contestant.startswith("cpp") else contextlib.nullcontext():
+        result = benchmark.pedantic(fns[contestant], rounds=1 if QUICK else (3 if slow else 10), warmup_rounds=1)
     if contestant in ("einsum", "kron_sum", "jacrev"):  # the same numbers as ours, so the race is fair
         torch.testing.assert_close(result, dk.hvo_matrix(attn, w_v, w_o), rtol=1e-5, atol=1e-5)

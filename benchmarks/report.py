@@ -1,9 +1,12 @@
 """Turn a pytest-benchmark JSON run into a Markdown report with ratios and PNG plots.
 
-    pytest benchmarks/ --benchmark-json=run.json && python benchmarks/report.py run.json --out benchmarks/results
+    pytest benchmarks/ --benchmark-json=run.json && python benchmarks/report.py run.json
 
-Writes <out>/<name>.md (machine description, one table per group: best time, GB/s written, ratios
-to the memory-write floor `fill`, to the FMA floor and to each peer) and, when the run has them,
+Writes into its own folder, by default benchmarks/results/<machine> (e.g. amd-epyc-2c-avx512, named
+after the CPU that ran it, so a run on another machine never overwrites this one; the folder's old
+report and plots are removed first): <name>.md (the machine, its CPU and SIMD flags, one table per
+group: best time, GB/s written, ratios to the memory-write floor `fill`, to the FMA floor and to each
+peer; then one table per ISA variant of the C++ kernels), the run's JSON and, when the run has them,
 <name>_time_vs_bytes.png, <name>_speedup_vs_h.png and <name>_matrix_free.png.
 """
 
@@ -11,18 +14,37 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import re
+import shutil
 from collections import defaultdict
 from pathlib import Path
+
+# The CPU flags that decide which kernels can run and how fast.
+SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16",
+              "avx512_fp16", "amx_tile", "neon", "asimd", "sve")
+
+
+def _simd(flags: set[str]) -> str:
+    return "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "baseline SIMD"
 
 
 def machine_description(run: dict) -> str:
     mi = run.get("machine_info", {})
     cpu = mi.get("cpu", {})
     flags = set(cpu.get("flags", []))
-    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "baseline SIMD"
-    return (f"{cpu.get('brand_raw', '?')}, {cpu.get('count', '?')} cores, {simd}; {mi.get('system', '?')} "
-            f"{mi.get('release', '')}; Python {mi.get('python_version', '?')}; run {run.get('datetime', '?')[:19]}")
+    present = " ".join(f for f in SIMD_FLAGS if f in flags) or "none listed"
+    return (f"{cpu.get('brand_raw', '?')}, {cpu.get('count', '?')} cores, {_simd(flags)} (flags: {present}); "
+            f"{mi.get('system', '?')} {mi.get('release', '')}; Python {mi.get('python_version', '?')}; "
+            f"run {run.get('datetime', '?')[:19]}")
+
+
+def machine_slug(run: dict) -> str:
+    """A folder name for the machine: CPU brand, core count and best SIMD, e.g. amd-epyc-2c-avx512."""
+    cpu = run.get("machine_info", {}).get("cpu", {})
+    brand = re.sub(r"\(r\)|\(tm\)|cpu|processor|@.*$|\d+-core", "", cpu.get("brand_raw", "cpu").lower())
+    brand = re.sub(r"[^a-z0-9]+", "-", brand).strip("-") or "cpu"
+    simd = {"AVX-512": "avx512", "AVX2": "avx2"}.get(_simd(set(cpu.get("flags", []))), "baseline")
+    return f"{brand}-{cpu.get('count', 0)}c-{simd}"
 
 
 def _rows_by_group(run: dict) -> dict[str, dict[str, dict]]:
@@ -45,14 +67,38 @@ def materialise_table(rows: dict[str, dict]) -> list[str]:
     out = ["| contestant | best time | GB/s written | vs fill_ | vs FMA floor | time / cpp |", "|---|---:|---:|---:|---:|---:|"]
     for name, b in rows.items():
         t = best[name]
+        own_fma = b["extra_info"].get("fma_floor_s", fma)  # each ISA variant against its own FMA rate
         cells = [name, _ms(t), f"{b['extra_info']['bytes'] / t / 1e9:.1f}",
-                 f"{t / floor:.2f}x" if floor else "-", f"{t / fma:.2f}x" if fma else "-",
+                 f"{t / floor:.2f}x" if floor else "-", f"{t / own_fma:.2f}x" if own_fma else "-",
                  f"{t / ours:.1f}x" if ours else "-"]
         out.append("| " + " | ".join(cells) + " |")
     if fma and floor and ours:
         bound = "FMA" if fma > floor else "memory"
         out += ["", f"Floors: memory (fill_) {_ms(floor)}, FMA {_ms(fma)} ({bound}-bound); "
                     f"cpp is {ours / max(fma, floor):.2f}x the larger floor."]
+    return out
+
+
+def isa_tables(groups: dict[str, dict[str, dict]]) -> list[str]:
+    """One table per ISA variant (cpp@ISA contestants): each configuration against fill_ on the same
+    buffer and the variant's own FMA floor, and the ratio to the larger of the two."""
+    by_isa: dict[str, list[tuple[str, dict, float]]] = defaultdict(list)
+    for group, rows in groups.items():
+        fill = rows.get("fill", {}).get("stats", {}).get("min")
+        for name, b in rows.items():
+            if name.startswith("cpp@") and fill:
+                by_isa[name[4:]].append((group.removeprefix("materialise "), b, fill))
+    out = []
+    for isa, entries in by_isa.items():
+        out += [f"### ISA variant {isa} (DUAT_CPU_CAPABILITY={isa})", "",
+                "| configuration | best time | fill_ | FMA floor | FMA GFLOP/s | vs max(fill_, FMA) |",
+                "|---|---:|---:|---:|---:|---:|"]
+        for group, b, fill in entries:
+            t, info = b["stats"]["min"], b["extra_info"]
+            fma = info["fma_floor_s"]
+            out.append(f"| {group} | {_ms(t)} | {_ms(fill)} | {_ms(fma)} | {info['fma_peak_gflops']:.0f} | "
+                       f"{t / max(fill, fma):.2f}x |")
+        out.append("")
     return out
 
 
@@ -162,6 +208,7 @@ def report(run: dict, out: Path, name: str) -> str:
         table = materialise_table if kind == "materialise" else matrix_free_table if kind == "matrix_free" \
             else generic_table
         lines += table(rows) + [""]
+    lines += isa_tables(groups)
     for png in plots(groups, out, name):
         lines += [f"![{png}]({png})", ""]
     return "\n".join(lines)
@@ -170,14 +217,20 @@ def report(run: dict, out: Path, name: str) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", help="pytest-benchmark JSON (--benchmark-json)")
-    parser.add_argument("--out", default="benchmarks/results", help="output folder (default benchmarks/results)")
-    parser.add_argument("--name", default=None, help="report name (default: the JSON file's stem)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: benchmarks/results/<machine>, emptied of an older report first)")
+    parser.add_argument("--name", default="cpu", help="report name (default: cpu)")
     args = parser.parse_args(argv)
     with open(args.run) as f:
         run = json.load(f)
-    out = Path(args.out)
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / machine_slug(run)
+    if out.exists():  # a report is the files of one run: no stale plots beside new tables
+        for old in [*out.glob("*.png"), out / f"{args.name}.md", out / f"{args.name}.json"]:
+            old.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    name = args.name or Path(args.run).stem
+    name = args.name
+    if Path(args.run).resolve() != (out / f"{name}.json").resolve():
+        shutil.copyfile(args.run, out / f"{name}.json")
     text = report(run, out, name)
     (out / f"{name}.md").write_text(text)
     print(text)

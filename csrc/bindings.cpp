@@ -1,12 +1,17 @@
 // pybind11 boundary of the C++ backend: takes buffers (NumPy views of torch tensors, no libtorch),
 // checks every shape, format and size, then releases the GIL and calls the kernel.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 
-#include "fma_peak.h"
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include "isa.h"
 #include "kron_sum.h"
 
 namespace py = pybind11;
@@ -58,6 +63,22 @@ int64_t itemsize_of(duat::OutType t) {
   }
 }
 
+// A fresh output pays one page fault per 4 KiB page on first touch (several times the cost of the
+// writes); asking for transparent huge pages on a large buffer makes that one fault per 2 MiB. The
+// threads that write the rows then fault their pages in parallel. Harmless on a reused buffer.
+void advise_huge_pages(void* ptr, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (bytes < int64_t(8) << 20) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(ptr) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(ptr) + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // advice only
+#else
+  (void)ptr;
+  (void)bytes;
+#endif
+}
+
 void kron_sum(py::buffer lt, py::buffer rt, py::buffer out, const std::string& out_dtype,
               int64_t row0, int64_t col0, int num_threads) {
   py::buffer_info l = lt.request(), r = rt.request(), o = out.request(/*writable=*/true);
@@ -102,12 +123,15 @@ void kron_sum(py::buffer lt, py::buffer rt, py::buffer out, const std::string& o
   const void* lp = l.ptr;
   const void* rp = r.ptr;
   void* op = o.ptr;
+  const duat::IsaKernels& kernels = duat::active();
+  const int64_t out_bytes = checked_mul(checked_mul(pb.rows, pb.cols, "rows*cols"), o.itemsize, "the output bytes");
   py::gil_scoped_release release;
+  advise_huge_pages(op, out_bytes);
   if (lf == 'd')
-    duat::kron_sum_f64(static_cast<const double*>(lp), static_cast<const double*>(rp), static_cast<double*>(op), pb,
-                       num_threads);
+    kernels.kron_sum_f64(static_cast<const double*>(lp), static_cast<const double*>(rp), static_cast<double*>(op), pb,
+                         num_threads);
   else
-    duat::kron_sum_f32(static_cast<const float*>(lp), static_cast<const float*>(rp), op, ot, pb, num_threads);
+    kernels.kron_sum_f32(static_cast<const float*>(lp), static_cast<const float*>(rp), op, ot, pb, num_threads);
 }
 
 }  // namespace
@@ -121,22 +145,38 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "fma_peak_gflops",
       [](int64_t iterations, int num_threads) {
-        if (iterations <= 0) fail("iterations must be positive");
+        if (iterations <= 0) throw std::invalid_argument("fma_peak_gflops: iterations must be positive");
+        const duat::IsaKernels& kernels = duat::active();
         py::gil_scoped_release release;
-        return duat::fma_peak_gflops(iterations, num_threads);
+        return kernels.fma_peak_gflops(iterations, num_threads);
       },
       py::arg("iterations") = 20000000, py::arg("num_threads") = 1,
-      "Float32 FMA throughput in GFLOP/s of register-only vector FMA chains: the arithmetic floor.");
+      "Float32 FMA throughput in GFLOP/s of register-only vector FMA chains of the active ISA variant:\n"
+      "the arithmetic floor of kron_sum.");
+  m.def("cpu_capability", [] { return std::string(duat::active().name); },
+        "The ISA variant of the kernels in use: baseline, avx2, avx512 or native.");
+  m.def("set_cpu_capability", &duat::set_capability, py::arg("name"),
+        "Use the named ISA variant (one of supported_capabilities()).");
+  m.def(
+      "compiled_capabilities",
+      [] {
+        std::vector<std::string> names;
+        for (const duat::IsaKernels* v : duat::compiled_variants()) names.emplace_back(v->name);
+        return names;
+      },
+      "The ISA variants compiled into this build, lowest first.");
+  m.def(
+      "supported_capabilities",
+      [] {
+        std::vector<std::string> names;
+        for (const duat::IsaKernels* v : duat::compiled_variants())
+          if (v->cpu_supports()) names.emplace_back(v->name);
+        return names;
+      },
+      "The compiled ISA variants this CPU can run, lowest first.");
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else
   m.attr("openmp") = false;
-#endif
-#if defined(__AVX512F__)
-  m.attr("simd") = "avx512";
-#elif defined(__AVX2__)
-  m.attr("simd") = "avx2";
-#else
-  m.attr("simd") = "baseline";
 #endif
 }

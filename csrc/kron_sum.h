@@ -22,9 +22,12 @@ struct KronSumProblem {
 
 // lt: (P, S, h) = L transposed so that one coefficient vector L[:, p, s] is contiguous.
 // rt: (Q, h, T) = R with the head axis in the middle so that R[:, q, :] is one contiguous slab.
-void kron_sum_f32(const float* lt, const float* rt, void* out, OutType out_type,
-                  const KronSumProblem& pb, int num_threads);
-void kron_sum_f64(const double* lt, const double* rt, double* out, const KronSumProblem& pb,
-                  int num_threads);
+using KronSumF32 = void (*)(const float* lt, const float* rt, void* out, OutType out_type,
+                            const KronSumProblem& pb, int num_threads);
+using KronSumF64 = void (*)(const double* lt, const double* rt, double* out, const KronSumProblem& pb,
+                            int num_threads);
+// Best float32 multiply-add rate (GFLOP/s, 2 flops per FMA) of `num_threads` threads running
+// `iterations` rounds of independent vector FMA chains with this variant's vectors.
+using FmaPeak = double (*)(int64_t iterations, int num_threads);
 
 }  // namespace duat

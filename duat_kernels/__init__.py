@@ -8,10 +8,11 @@ operator for long sequences (duat_kernels.analysis) and model adapters (duat_ker
 
 from duat_kernels._validation import DenseTooLargeError
 from duat_kernels.backends import available_backends
+from duat_kernels.cpp import cpu_capability
 from duat_kernels.hvo import hvo_bias, hvo_matrix, ov_circuits
 from duat_kernels.hvo_operator import HVOOperator
 from duat_kernels import models  # noqa: E402  (imports transformers lazily, on first load)
 
 __version__ = "0.1.0"
-__all__ = ["hvo_matrix", "hvo_bias", "ov_circuits", "HVOOperator", "available_backends", "DenseTooLargeError",
+__all__ = ["hvo_matrix", "hvo_bias", "ov_circuits", "HVOOperator", "available_backends", "cpu_capability", "DenseTooLargeError",
            "models"]

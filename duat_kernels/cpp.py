@@ -3,9 +3,17 @@
 W' is a Kronecker sum sum_i L_i (x) R_i with (L, R) = (A, OV) in token layout and (OV, A) in
 feature layout; the kernel receives L as (P, S, h) (one coefficient vector per block contiguous)
 and R as (Q, h, T) (one cache-resident slab per output row) and writes any tile of W'.
+
+The extension carries one copy of the kernels per instruction set (baseline, avx2, avx512 on
+x86-64) and uses the best one the CPU supports; DUAT_CPU_CAPABILITY=baseline|avx2|avx512 (read at
+import) or `set_cpu_capability` selects a lower one, `cpu_capability()` reports the one in use.
 """
 
 from __future__ import annotations
+
+import os
+import warnings
+from contextlib import contextmanager
 
 import torch
 
@@ -18,12 +26,61 @@ except ImportError as exc:  # a source tree without a build, or a failed build
 else:
     IMPORT_ERROR = ""
 
+CAPABILITY_ENV = "DUAT_CPU_CAPABILITY"
+
 _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64",
                 torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def is_available() -> bool:
     return _C is not None
+
+
+def cpu_capability() -> str:
+    """The ISA variant of the C++ kernels in use: "baseline", "avx2", "avx512" (or "native" in a
+    DUAT_NATIVE=1 build); "unavailable" when the extension is not built."""
+    return _C.cpu_capability() if _C is not None else "unavailable"
+
+
+def supported_capabilities() -> list[str]:
+    """The ISA variants compiled into the extension that this CPU can run, lowest first."""
+    return list(_C.supported_capabilities()) if _C is not None else []
+
+
+def set_cpu_capability(name: str) -> None:
+    """Use the named ISA variant (one of supported_capabilities()) for every later kernel call."""
+    if _C is None:
+        raise RuntimeError(IMPORT_ERROR)
+    if not isinstance(name, str) or name not in _C.compiled_capabilities():
+        raise ValueError(f"CPU capability must be one of {', '.join(_C.compiled_capabilities())}, got {name!r}")
+    if name not in _C.supported_capabilities():
+        raise ValueError(f"this CPU cannot run the {name!r} kernels; it supports {', '.join(supported_capabilities())}")
+    _C.set_cpu_capability(name)
+
+
+@contextmanager
+def using_capability(name: str):
+    """Run the enclosed kernel calls with the named ISA variant, then restore the previous one."""
+    before = cpu_capability()
+    set_cpu_capability(name)
+    try:
+        yield name
+    finally:
+        _C.set_cpu_capability(before)
+
+
+def _apply_capability_env() -> None:
+    """DUAT_CPU_CAPABILITY forces a variant; an unusable value warns and keeps the best one."""
+    forced = os.environ.get(CAPABILITY_ENV, "").strip()
+    if forced and _C is not None:
+        try:
+            set_cpu_capability(forced)
+        except ValueError as exc:
+            warnings.warn(f"{CAPABILITY_ENV}={forced!r} ignored: {exc}; using {cpu_capability()!r}", RuntimeWarning,
+                          stacklevel=2)
+
+
+_apply_capability_env()
 
 
 def _numpy_view(t: torch.Tensor):

@@ -1,7 +1,14 @@
 """The C++ backend against the reference: randomised shapes, both layouts, GQA, batches, dtypes,
-out= buffers, non-contiguous inputs, causal zero blocks, tiles and the streaming-store path."""
+out= buffers, non-contiguous inputs, causal zero blocks, tiles and the streaming-store path, in
+every ISA variant the CPU can run (a lower variant runs on a higher CPU)."""
 
 from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -15,20 +22,35 @@ from conftest import DTYPES, assert_close_to_reference, random_layer
 
 pytestmark = pytest.mark.skipif(not cpp.is_available(), reason=f"C++ extension not built: {cpp.IMPORT_ERROR}")
 
+CAPABILITIES = cpp.supported_capabilities()
+
+
+@pytest.fixture(params=CAPABILITIES)
+def capability(request):
+    """Run the test with each ISA variant of the kernels this CPU supports, then restore the default."""
+    with cpp.using_capability(request.param):
+        yield request.param
+
 
 def _cpp(lay, layout="token", dtype=None, **kw):
     return dk.hvo_matrix(lay["attn"], lay["w_v"], lay["w_o"], num_kv_heads=lay["num_kv_heads"], layout=layout,
                          backend="cpp", dtype=dtype, **kw)
 
 
+@pytest.mark.parametrize("isa", CAPABILITIES)
 @given(
     batch=st.integers(1, 3), kv_heads=st.integers(1, 8), group=st.sampled_from([1, 2, 3, 4]),
     tokens=st.integers(1, 19), head_dim=st.integers(1, 5), m_in=st.integers(1, 70), m_out=st.integers(1, 40),
     layout=st.sampled_from(["token", "feature"]), dtype=st.sampled_from(DTYPES), causal=st.booleans(),
     batched=st.booleans(), seed=st.integers(0, 2 ** 16),
 )
-def test_random_shapes_match_reference(batch, kv_heads, group, tokens, head_dim, m_in, m_out, layout, dtype, causal,
-                                       batched, seed):
+def test_random_shapes_match_reference(isa, batch, kv_heads, group, tokens, head_dim, m_in, m_out, layout, dtype,
+                                       causal, batched, seed):
+    with cpp.using_capability(isa):
+        _check_random_shape(batch, kv_heads, group, tokens, head_dim, m_in, m_out, layout, dtype, causal, batched, seed)
+
+
+def _check_random_shape(batch, kv_heads, group, tokens, head_dim, m_in, m_out, layout, dtype, causal, batched, seed):
     lay = random_layer(batch, kv_heads * group, kv_heads, tokens, head_dim, m_in, m_out, causal=causal,
                        batched=batched, seed=seed)
     got = _cpp(lay, layout, dtype)
@@ -41,14 +63,14 @@ def test_random_shapes_match_reference(batch, kv_heads, group, tokens, head_dim,
 @pytest.mark.parametrize("heads,kv_heads", [(1, 1), (4, 2), (5, 5), (8, 8), (12, 4), (16, 16), (32, 8)])
 @pytest.mark.parametrize("layout", ["token", "feature"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_code_paths(heads, kv_heads, layout, dtype):
+def test_code_paths(heads, kv_heads, layout, dtype, capability):
     lay = random_layer(2, heads, kv_heads, tokens=13, head_dim=2, m_in=117, m_out=6, seed=heads)
     assert_close_to_reference(_cpp(lay, layout, dtype), lay["attn"], lay["w_v"], lay["w_o"], kv_heads, layout)
 
 
 @pytest.mark.parametrize("layout", ["token", "feature"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_streaming_store_path(layout, dtype):
+def test_streaming_store_path(layout, dtype, capability):
     # 2080 x 2080 float32 = 17.3 MB, above the 16 MiB threshold for non-temporal stores.
     lay = random_layer(1, 8, 2, tokens=16, head_dim=8, m_in=130, m_out=130, causal=True, batched=False, seed=3)
     out = _cpp(lay, layout, torch.float32 if dtype == torch.float32 else dtype)
@@ -57,7 +79,7 @@ def test_streaming_store_path(layout, dtype):
 
 
 @pytest.mark.parametrize("layout", ["token", "feature"])
-def test_causal_blocks_are_exact_zeros(layout):
+def test_causal_blocks_are_exact_zeros(layout, capability):
     lay = random_layer(1, 3, tokens=9, m_in=10, m_out=4, causal=True, batched=False)
     w = _cpp(lay, layout)
     blocks = w.reshape(9, 4, 9, 10) if layout == "token" else w.reshape(4, 9, 10, 9).permute(1, 0, 3, 2)
@@ -92,7 +114,7 @@ def test_non_contiguous_inputs():
 
 @pytest.mark.parametrize("layout", ["token", "feature"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_tiles_are_slices_of_the_matrix(layout, dtype):
+def test_tiles_are_slices_of_the_matrix(layout, dtype, capability):
     lay = random_layer(1, 6, 3, tokens=7, head_dim=2, m_in=37, m_out=5, causal=True, batched=False, seed=7)
     ct = reference.compute_dtype(dtype)
     ov = reference.ov_circuits(lay["w_v"].to(ct), lay["w_o"].to(ct), 6, 3)
@@ -108,7 +130,7 @@ def test_tiles_are_slices_of_the_matrix(layout, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_conversion_rounds_like_torch(dtype):
+def test_half_conversion_rounds_like_torch(dtype, capability):
     # With h = 1 each entry is one product, computed exactly as torch computes it in float32, so the
     # 16-bit conversion (vector and scalar paths) must agree with torch bit for bit: ties, subnormals,
     # overflow to inf.
@@ -148,3 +170,74 @@ def test_boundary_rejects_bad_buffers():
         ro = out.copy()
         ro.flags.writeable = False
         _C.kron_sum(lt, rt, ro, "float32")
+
+
+# --- ISA variants and their dispatch ------------------------------------------------------------
+
+def test_capabilities():
+    compiled = list(cpp._C.compiled_capabilities())
+    assert compiled[0] == "baseline" and cpp.supported_capabilities()[0] == "baseline"
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert {"avx2", "avx512"} <= set(compiled)
+    forced = os.environ.get(cpp.CAPABILITY_ENV)
+    assert cpp.cpu_capability() == (forced if forced in CAPABILITIES else CAPABILITIES[-1])
+    assert dk.cpu_capability() == cpp.cpu_capability()
+    with pytest.raises(ValueError, match="CPU capability must be one of baseline"):
+        cpp.set_cpu_capability("sse9")
+    unsupported = [c for c in compiled if c not in CAPABILITIES]
+    if unsupported:
+        with pytest.raises(ValueError, match="this CPU cannot run"):
+            cpp.set_cpu_capability(unsupported[0])
+
+
+@pytest.mark.parametrize("value,expected,warns", [("baseline", "baseline", False), ("avx9", None, True)])
+def test_environment_variable_forces_a_variant(value, expected, warns):
+    code = "import warnings; warnings.simplefilter('always'); import duat_kernels as dk; print(dk.cpu_capability())"
+    env = {**os.environ, cpp.CAPABILITY_ENV: value}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=True)
+    assert run.stdout.strip() == (expected or CAPABILITIES[-1])
+    assert ("DUAT_CPU_CAPABILITY='avx9' ignored" in run.stderr) == warns
+
+
+def _sgemm_gflops(size: int = 768, rounds: int = 5) -> float:
+    """torch's float32 matrix product on one thread, in CPU time (robust to other processes)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        best = float("inf")
+        for _ in range(rounds):
+            start = time.thread_time()
+            torch.mm(a, b)
+            best = min(best, time.thread_time() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return 2 * size ** 3 / best / 1e9
+
+
+@pytest.mark.parametrize("isa", [c for c in CAPABILITIES if c != "baseline"])
+def test_fma_probe_is_not_below_half_of_sgemm(isa):
+    # The probe is the arithmetic floor of the benchmarks: it must not under-report the machine.
+    # (The baseline variant has no FMA and narrower vectors than torch's sgemm: its floor is its own.)
+    with cpp.using_capability(isa):
+        probe = max(cpp._C.fma_peak_gflops(2_000_000, 1) for _ in range(3))
+    sgemm = _sgemm_gflops()
+    assert probe >= 0.5 * sgemm, f"{isa}: FMA probe {probe:.0f} GFLOP/s < half of torch sgemm {sgemm:.0f} GFLOP/s"
+
+
+@pytest.mark.parametrize("layout", ["token", "feature"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_values_propagate_through_zero_blocks(layout, bad, capability):
+    # A zero attention weight times a non-finite OV entry is NaN (IEEE), so the shortcut that writes
+    # zero blocks as zeros must not be taken; likewise zero columns of A against a non-finite OV.
+    attn = torch.tensor([[[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.2, 0.3, 0.5]]])
+    w_v, w_o = torch.ones(1, 2), torch.tensor([[bad], [1.0]])
+    got = dk.hvo_matrix(attn, w_v, w_o, layout=layout, backend="cpp")
+    want = dk.hvo_matrix(attn, w_v, w_o, layout=layout, backend="reference")
+    assert torch.equal(got.isnan(), want.isnan()) and want.isnan().any()
+    torch.testing.assert_close(got, want, equal_nan=True)
+    nan_attn = attn.clone()
+    nan_attn[0, 0, 0] = bad
+    got = dk.hvo_matrix(nan_attn, torch.ones(1, 2), torch.ones(2, 1), layout=layout, backend="cpp")
+    want = dk.hvo_matrix(nan_attn, torch.ones(1, 2), torch.ones(2, 1), layout=layout, backend="reference")
+    torch.testing.assert_close(got, want, equal_nan=True)

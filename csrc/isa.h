@@ -1,0 +1,34 @@
+// Runtime ISA dispatch of the CPU kernels (the way ATen's DispatchStub or numpy's CPU dispatch work).
+//
+// Every source under csrc/kernels/ is compiled once per instruction set through a translation unit
+// csrc/isa/<name>.cpp, which defines DUAT_ISA (the namespace of that copy) and is built with that
+// ISA's compiler flags (setup.py). Each copy fills one IsaKernels table; dispatch.cpp picks the
+// best table the running CPU supports, once, at import (DUAT_CPU_CAPABILITY forces a lower one).
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "kron_sum.h"
+
+namespace duat {
+
+struct IsaKernels {
+  const char* name;
+  bool (*cpu_supports)();  // whether the running CPU (and OS) can execute this copy
+  KronSumF32 kron_sum_f32;
+  KronSumF64 kron_sum_f64;
+  FmaPeak fma_peak_gflops;
+};
+
+// The variants compiled into this build, lowest first (each defined by its csrc/isa/<name>.cpp).
+const std::vector<const IsaKernels*>& compiled_variants();
+// The variant in use; set_capability throws std::invalid_argument for an unknown or unsupported name.
+const IsaKernels& active();
+void set_capability(const std::string& name);
+
+}  // namespace duat
+
+// Opens the namespace of the copy being compiled: namespace duat::DUAT_ISA.
+#define DUAT_ISA_BEGIN namespace duat { namespace DUAT_ISA {
+#define DUAT_ISA_END } }

@@ -1,0 +1,18 @@
+// The AVX-512 (F, BW, VL, DQ) copy of the CPU kernels: csrc/kernels/* compiled with -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mf16c (see setup.py).
+#define DUAT_ISA avx512
+
+#include "../kernels/kron_sum.cpp"
+#include "../kernels/fma_peak.cpp"
+
+namespace duat {
+namespace DUAT_ISA {
+namespace {
+bool cpu_supports() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma");
+}
+}  // namespace
+
+extern const IsaKernels kKernels = {"avx512", &cpu_supports, &kron_sum_f32, &kron_sum_f64, &fma_peak_gflops};
+}  // namespace DUAT_ISA
+}  // namespace duat

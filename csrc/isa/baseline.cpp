@@ -1,0 +1,17 @@
+// The baseline (SSE2 on x86-64, NEON on aarch64) copy of the CPU kernels: csrc/kernels/* compiled with no ISA flags (see setup.py).
+#define DUAT_ISA baseline
+
+#include "../kernels/kron_sum.cpp"
+#include "../kernels/fma_peak.cpp"
+
+namespace duat {
+namespace DUAT_ISA {
+namespace {
+bool cpu_supports() {
+  return true;  // the architecture's baseline
+}
+}  // namespace
+
+extern const IsaKernels kKernels = {"baseline", &cpu_supports, &kron_sum_f32, &kron_sum_f64, &fma_peak_gflops};
+}  // namespace DUAT_ISA
+}  // namespace duat

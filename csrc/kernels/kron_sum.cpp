@@ -1,0 +1,415 @@
+// Hot loop of the Kronecker-sum materialisation (see kron_sum.h for the contract), compiled once per
+// instruction set (csrc/isa/*.cpp): the vector width and the register blocking come from the ISA.
+//
+// Roofline. Every output entry is a length-h dot product (2h flops) and one store (4 bytes fp32,
+// 2 bytes bf16/fp16); nothing is read from memory except the small factors, which stay in cache.
+// Small h is bound by the stores (out.fill_ is the floor), large h by the FMAs (2h flops/entry at
+// the FMA peak); on a 2-core AVX2 machine the crossover is near h = 16 for fp32.
+//
+// Structure. One output row (p, q) is the small matrix product (S x h) @ (h x T): segment s is
+//   W[(p, q), (s, :)] = sum_i L[i, p, s] * R[i, q, :],
+// a linear combination of the h rows of the slab R[:, q, :]. The micro-kernel combines MR segments
+// over NV vectors of t with MR * NV accumulators in registers (inner dimension h), like a GEMM
+// micro-kernel whose k-loop is the heads. Register budget: MR * NV accumulators + NV slab vectors +
+// 1 broadcast coefficient must fit the register file (16 on SSE2/AVX2, 32 on AVX-512/NEON):
+//   AVX-512: 4 x 4 zmm (21 registers)  AVX2: 6 x 2 ymm (15)  SSE2: 6 x 2 xmm (15)  NEON: 6 x 4 (29).
+// The slab is blocked over t so that the part in use (h x TB) stays in L1 across up to kBatch
+// segments, which matters once h * T no longer fits (h = 12, T = 768 is 36 KiB).
+// Segments whose coefficients are all zero (causal masks in token layout) and the columns where
+// R[:, q, :] is zero (causal masks in feature layout) are written as zeros, but only when the other
+// factor is finite: 0 * inf and 0 * NaN are NaN, and IEEE semantics win over the shortcut.
+//
+// Rounding. Vector and scalar paths use the same operation per term (fused multiply-add where the
+// ISA has it, multiply then add otherwise, never contracted by the compiler: -ffp-contract=off), so
+// a tile computed with other vector boundaries equals the same slice of the full matrix bit for bit.
+#include <cstring>
+
+#include "simd.h"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+DUAT_ISA_BEGIN
+namespace {
+
+constexpr int kBatch = 48;                             // whole segments that share one pass over a slab block
+constexpr int64_t kSlabBlockBytes = 16 << 10;         // h x TB slab part kept in L1
+constexpr int64_t kStreamBytes = int64_t(16) << 20;  // tiles above 16 MiB use non-temporal stores
+
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+inline uint32_t bits_of(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+inline float float_of(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+
+// float -> bfloat16, round to nearest even (NaN becomes the quiet NaN 0x7FC0), as torch rounds.
+inline uint16_t to_bf16(float f) {
+  uint32_t u = bits_of(f);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+// float -> IEEE half, round to nearest even, handling subnormals, overflow to inf and NaN.
+inline uint16_t to_fp16(float f) {
+#if defined(__F16C__)
+  return static_cast<uint16_t>(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT));
+#else
+  // Scale so that the float adder rounds the mantissa to 10 bits at the right exponent.
+  float base = (__builtin_fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f;
+  const uint32_t w = bits_of(f);
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xFF000000u;
+  if (bias < 0x71000000u) bias = 0x71000000u;
+  base = float_of((bias >> 1) + 0x07800000u) + base;
+  const uint32_t b = bits_of(base);
+  const uint32_t nonsign = ((b >> 13) & 0x00007C00u) + (b & 0x00000FFFu);
+  return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+#endif
+}
+
+inline void store(float* dst, float v) { *dst = v; }
+inline void store(double* dst, double v) { *dst = v; }
+inline void store(BF16* dst, float v) { dst->bits = to_bf16(v); }
+inline void store(FP16* dst, float v) { dst->bits = to_fp16(v); }
+
+// One store of Bytes bytes. With `stream`, aligned stores bypass the cache (non-temporal): a large
+// W' is not read back soon, and a regular store would first read the line it overwrites.
+template <int Bytes>
+inline void put(void* dst, const void* src, bool stream) {
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(dst);
+#if defined(__AVX512F__)
+  if (Bytes == 64 && stream && (addr & 63) == 0) {
+    _mm512_stream_si512(static_cast<__m512i*>(dst), _mm512_loadu_si512(src));
+    return;
+  }
+#endif
+#if defined(__AVX__)
+  if (Bytes >= 32 && stream && (addr & 31) == 0) {
+    for (int j = 0; j < Bytes / 32; ++j)
+      _mm256_stream_si256(static_cast<__m256i*>(dst) + j, _mm256_loadu_si256(static_cast<const __m256i*>(src) + j));
+    return;
+  }
+#endif
+#if defined(__SSE2__)
+  if (Bytes >= 16 && stream && (addr & 15) == 0) {
+    for (int j = 0; j < Bytes / 16; ++j)
+      _mm_stream_si128(static_cast<__m128i*>(dst) + j, _mm_loadu_si128(static_cast<const __m128i*>(src) + j));
+    return;
+  }
+#endif
+  (void)addr;
+  (void)stream;
+  std::memcpy(dst, src, Bytes);
+}
+
+inline void store_vec(float* dst, VF v, bool stream) { put<sizeof v>(dst, &v, stream); }
+inline void store_vec(double* dst, VD v, bool stream) { put<sizeof v>(dst, &v, stream); }
+
+// bfloat16: add the rounding bias (0x7FFF + lowest kept bit), keep the high halves, NaN -> 0x7FC0.
+inline void store_vec(BF16* dst, VF v, bool stream) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  const __m256i u = _mm256_castps_si256((__m256)v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)),
+                                         _mm256_set1_epi32(0x7F800000));
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+  // Pack the 8 32-bit lanes into 8 16-bit lanes (packus works per 128-bit half: fix the order).
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+  const __m128i half = _mm256_castsi256_si128(packed);
+  put<16>(dst, &half, stream);
+#else
+  typedef uint32_t VU32 __attribute__((vector_size(kVecBytes)));
+  typedef int32_t VI32 __attribute__((vector_size(kVecBytes)));
+  typedef uint16_t VU16 __attribute__((vector_size(kVecBytes / 2)));
+  VU32 u;
+  std::memcpy(&u, &v, sizeof u);
+  VU32 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const VU32 nan_mask = (VU32)(VI32)((u & 0x7FFFFFFFu) > 0x7F800000u);  // all-ones lanes where NaN
+  rounded = (rounded & ~nan_mask) | (0x7FC0u & nan_mask);
+  const VU16 narrow = __builtin_convertvector(rounded, VU16);
+  put<sizeof narrow>(dst, &narrow, stream);
+#endif
+}
+
+inline void store_vec(FP16* dst, VF v, bool stream) {
+#if defined(__AVX512F__)
+  const __m256i half = _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT);
+  put<32>(dst, &half, stream);
+#elif defined(__F16C__) && defined(__AVX__)
+  const __m128i half = _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT);
+  put<16>(dst, &half, stream);
+#else
+  uint16_t half[Vec<float>::kLanes];
+  for (int j = 0; j < Vec<float>::kLanes; ++j) half[j] = to_fp16(v[j]);
+  put<sizeof half>(dst, half, stream);
+#endif
+}
+
+// Zeros for [dst, dst + n): blocks with all-zero coefficients cost a memset, not h FMAs.
+template <typename Out>
+inline void zero(Out* dst, int64_t n, bool stream) {
+  if (n <= 0) return;
+  char* p = reinterpret_cast<char*>(dst);
+  int64_t bytes = n * static_cast<int64_t>(sizeof(Out));
+  if (stream) {
+    alignas(64) static const char zeros[64] = {};
+    const int64_t head = min64(bytes, (64 - (reinterpret_cast<uintptr_t>(p) & 63)) & 63);
+    std::memset(p, 0, static_cast<size_t>(head));
+    p += head;
+    bytes -= head;
+    for (; bytes >= 64; bytes -= 64, p += 64) put<64>(p, zeros, true);
+  }
+  std::memset(p, 0, static_cast<size_t>(bytes));
+}
+
+// dst[k][t - t0] = sum_i coef[k][i] * slab[i * T + t] for t in [t, t + NV * L) and k < K: the
+// micro-kernel, all K * NV accumulators in registers.
+template <typename A, typename Out, int K, int NV>
+inline void micro(const A* const* coef, const A* slab, int64_t h, int64_t T, int64_t t, Out* const* dst,
+                  int64_t offset, bool stream) {
+  using V = typename Vec<A>::type;
+  constexpr int L = Vec<A>::kLanes;
+  V acc[K][NV];
+#pragma GCC unroll 16
+  for (int k = 0; k < K; ++k)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) acc[k][j] = V{};
+#pragma GCC unroll 2
+  for (int64_t i = 0; i < h; ++i) {
+    V r[NV];
+    const A* row = slab + i * T + t;
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) std::memcpy(&r[j], row + j * L, sizeof(V));
+#pragma GCC unroll 16
+    for (int k = 0; k < K; ++k) {
+      const V c = V{} + coef[k][i];
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[k][j] = madd(c, r[j], acc[k][j]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int k = 0; k < K; ++k)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) store_vec(dst[k] + offset + j * L, acc[k][j], stream);
+}
+
+// Vectors of t per micro-kernel for K segments: as many as the accumulator budget allows.
+constexpr int nv_for(int k) { return kAccumulators / k >= kNV ? kNV : (kAccumulators / k >= 2 ? 2 : 1); }
+
+// K segments over columns [t0, t1) of the slab: full-width micro-kernels, then narrower ones, then
+// a scalar tail (same rounding per term).
+template <typename A, typename Out, int K>
+void combine(const A* const* coef, const A* slab, int64_t h, int64_t T, int64_t t0, int64_t t1, Out* const* dst,
+             bool stream) {
+  constexpr int L = Vec<A>::kLanes, NV = nv_for(K);
+  int64_t t = t0;
+  for (; t + NV * L <= t1; t += NV * L) micro<A, Out, K, NV>(coef, slab, h, T, t, dst, t - t0, stream);
+  if constexpr (NV > 2) {
+    if (t + 2 * L <= t1) {
+      micro<A, Out, K, 2>(coef, slab, h, T, t, dst, t - t0, stream);
+      t += 2 * L;
+    }
+  }
+  if constexpr (NV > 1) {
+    for (; t + L <= t1; t += L) micro<A, Out, K, 1>(coef, slab, h, T, t, dst, t - t0, stream);
+  }
+  for (; t < t1; ++t) {
+    for (int k = 0; k < K; ++k) {
+      A sum = 0;
+      for (int64_t i = 0; i < h; ++i) sum = madd(coef[k][i], slab[i * T + t], sum);
+      store(dst[k] + (t - t0), sum);
+    }
+  }
+}
+
+// Segments per micro-kernel call for segments of `width` columns: short segments (feature layout,
+// T = N) are grouped more widely so that each slab vector still feeds enough FMAs.
+inline int group_for(int64_t width, int64_t lanes) {
+  const int64_t vectors = width / lanes;
+  const int64_t nv = vectors >= kNV ? kNV : (vectors >= 2 ? 2 : 1);
+  const int64_t k = kAccumulators / nv;
+  return static_cast<int>(k < kMaxGroup ? k : kMaxGroup);
+}
+
+template <typename A, typename Out>
+void combine_k(int k, const A* const* coef, const A* slab, int64_t h, int64_t T, int64_t t0, int64_t t1,
+               Out* const* dst, bool stream) {
+  static_assert(kMaxGroup == 12, "combine_k covers groups of up to 12 segments");
+  switch (k) {
+    case 12: combine<A, Out, 12>(coef, slab, h, T, t0, t1, dst, stream); break;
+    case 8: combine<A, Out, 8>(coef, slab, h, T, t0, t1, dst, stream); break;
+    case 6: combine<A, Out, 6>(coef, slab, h, T, t0, t1, dst, stream); break;
+    case 4: combine<A, Out, 4>(coef, slab, h, T, t0, t1, dst, stream); break;
+    case 3: combine<A, Out, 3>(coef, slab, h, T, t0, t1, dst, stream); break;
+    case 2: combine<A, Out, 2>(coef, slab, h, T, t0, t1, dst, stream); break;
+    case 1: combine<A, Out, 1>(coef, slab, h, T, t0, t1, dst, stream); break;
+    default: {  // 5, 7, 9-11: one group of the next smaller size, then the rest
+      const int first = k > 8 ? 8 : (k > 6 ? 6 : 4);
+      combine_k<A, Out>(first, coef, slab, h, T, t0, t1, dst, stream);
+      combine_k<A, Out>(k - first, coef + first, slab, h, T, t0, t1, dst + first, stream);
+    }
+  }
+}
+
+// n segments (n <= kBatch) that share the columns [t0, t1): slab blocks of TB columns stay in L1
+// while every group of segments passes over them.
+template <typename A, typename Out>
+void combine_batch(int n, const A* const* coef, Out* const* dst, const A* slab, int64_t h, int64_t T, int64_t t0,
+                   int64_t t1, bool stream) {
+  constexpr int64_t step = kNV * Vec<A>::kLanes;
+  const int64_t tb = max64(step, kSlabBlockBytes / (h * static_cast<int64_t>(sizeof(A))) / step * step);
+  const int group = group_for(t1 - t0, Vec<A>::kLanes);
+  Out* d[kMaxGroup];
+  for (int64_t ta = t0; ta < t1; ta += tb) {
+    const int64_t te = min64(t1, ta + tb);
+    for (int k0 = 0; k0 < n; k0 += group) {
+      const int k = static_cast<int>(min64(group, n - k0));
+      for (int j = 0; j < k; ++j) d[j] = dst[k0 + j] + (ta - t0);
+      combine_k<A, Out>(k, coef + k0, slab, h, T, ta, te, d, stream);
+    }
+  }
+}
+
+template <typename A>
+inline bool all_zero(const A* v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (v[i] != A(0)) return false;
+  return true;
+}
+
+template <typename A>
+bool all_finite(const A* v, int64_t n) {
+  bool ok = true;
+  for (int64_t i = 0; i < n; ++i) ok &= (v[i] - v[i]) == A(0);  // false for inf and NaN; vectorises
+  return ok;
+}
+
+// [first, last) of the columns t where some R[i, q, t] != 0 (empty when the slab is zero).
+template <typename A>
+void nonzero_columns(const A* slab, int64_t h, int64_t T, int64_t* first, int64_t* last) {
+  int64_t lo = T, hi = 0;
+  for (int64_t i = 0; i < h; ++i) {
+    const A* row = slab + i * T;
+    int64_t a = 0, b = T;
+    while (a < b && row[a] == A(0)) ++a;
+    while (b > a && row[b - 1] == A(0)) --b;
+    if (a < b) { lo = min64(lo, a); hi = max64(hi, b); }
+  }
+  *first = lo;
+  *last = max64(lo, hi);
+}
+
+struct Shortcuts {
+  bool zero_segments;  // skip segments whose coefficients are all zero (valid when R is finite)
+  bool zero_columns;   // skip columns where the slab is zero (valid when L is finite)
+  bool stream;
+};
+
+template <typename A, typename Out>
+void write_row(const A* lt, const A* rt, Out* orow, const KronSumProblem& pb, int64_t grow, Shortcuts sc) {
+  const int64_t h = pb.h, S = pb.S, T = pb.T;
+  const int64_t p = grow / pb.Q, q = grow % pb.Q;
+  const A* slab = rt + q * h * T;
+  int64_t z0 = 0, z1 = T;
+  if (sc.zero_columns) nonzero_columns(slab, h, T, &z0, &z1);
+
+  const int64_t c_end = pb.col0 + pb.cols;
+  const A* bcoef[kBatch];
+  Out* bdst[kBatch];
+  int nb = 0;
+  for (int64_t s = pb.col0 / T; s * T < c_end; ++s) {
+    const int64_t ta = max64(0, pb.col0 - s * T), tb = min64(T, c_end - s * T);
+    Out* dst = orow + (s * T + ta - pb.col0);  // local address of column (s, ta)
+    const A* coef = lt + (p * S + s) * h;
+    const int64_t lo = max64(ta, z0), hi = min64(tb, z1);
+    if (lo >= hi || (sc.zero_segments && all_zero(coef, h))) {
+      zero(dst, tb - ta, sc.stream);
+      continue;
+    }
+    zero(dst, lo - ta, sc.stream);
+    zero(dst + (hi - ta), tb - hi, sc.stream);
+    Out* dlo = dst + (lo - ta);
+    if (ta == 0 && tb == T) {  // a whole segment: every batched one shares [z0, z1)
+      bcoef[nb] = coef;
+      bdst[nb] = dlo;
+      if (++nb == kBatch) {
+        combine_batch<A, Out>(nb, bcoef, bdst, slab, h, T, lo, hi, sc.stream);
+        nb = 0;
+      }
+    } else {  // the tile's first or last segment, cut by its edge
+      combine_batch<A, Out>(1, &coef, &dlo, slab, h, T, lo, hi, sc.stream);
+    }
+  }
+  if (nb > 0) combine_batch<A, Out>(nb, bcoef, bdst, slab, h, T, z0, z1, sc.stream);
+#if defined(__SSE2__)
+  if (sc.stream) _mm_sfence();  // order this row's non-temporal stores before the thread moves on
+#endif
+}
+
+// The order in which the tile's rows g = p * Q + q are written. Row (p, q) reads the coefficients
+// L[:, p, :] (S x h) and the slab R[:, q, :] (h x T). Consecutive rows should share the larger of
+// the two, so that it is read from memory once and then from cache: p-major (rows in memory order)
+// when S >= T, q-major (all p for one q) when T > S, as in token layout where T = M_in >> S = N and
+// the h x M_in slab would otherwise be fetched again for every row.
+struct RowOrder {
+  int64_t p0, np, q0, nq, count, Q, row0, row1;
+  bool q_major;
+  explicit RowOrder(const KronSumProblem& pb)
+      : p0(pb.row0 / pb.Q), np((pb.row0 + pb.rows - 1) / pb.Q - pb.row0 / pb.Q + 1), q0(0), nq(pb.Q), count(0),
+        Q(pb.Q), row0(pb.row0), row1(pb.row0 + pb.rows), q_major(pb.T > pb.S && np > 1) {
+    if (np == 1) {  // one p: only the q range of the tile
+      q0 = pb.row0 % pb.Q;
+      nq = pb.rows;
+    }
+    count = q_major ? np * nq : pb.rows;
+  }
+  // The global row of the k-th step, or -1 for a (p, q) of the bounding box outside the tile.
+  int64_t global_row(int64_t k) const {
+    if (!q_major) return row0 + k;
+    const int64_t g = (p0 + k % np) * Q + q0 + k / np;
+    return g >= row0 && g < row1 ? g : -1;
+  }
+};
+
+template <typename A, typename Out>
+void run(const A* lt, const A* rt, Out* out, const KronSumProblem& pb, int num_threads) {
+  if (pb.rows <= 0 || pb.cols <= 0) return;
+  Shortcuts sc;
+  sc.zero_segments = all_finite(rt, pb.Q * pb.h * pb.T);
+  sc.zero_columns = all_finite(lt, pb.P * pb.S * pb.h);
+  // Stream past the cache once the tile is well beyond the last-level cache of a core.
+  sc.stream = pb.rows * pb.cols * static_cast<int64_t>(sizeof(Out)) > kStreamBytes;
+  const RowOrder order(pb);
+  auto row = [&](int64_t k) {
+    const int64_t g = order.global_row(k);
+    if (g >= 0) write_row(lt, rt, out + (g - pb.row0) * pb.cols, pb, g, sc);
+  };
+  if (num_threads <= 1) {  // no OpenMP at all: safe in a forked child of a process that used it
+    for (int64_t k = 0; k < order.count; ++k) row(k);
+    return;
+  }
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+#endif
+  for (int64_t k = 0; k < order.count; ++k) row(k);
+}
+
+}  // namespace
+
+void kron_sum_f32(const float* lt, const float* rt, void* out, OutType out_type, const KronSumProblem& pb,
+                  int num_threads) {
+  switch (out_type) {
+    case OutType::kFloat32: run(lt, rt, static_cast<float*>(out), pb, num_threads); break;
+    case OutType::kFloat16: run(lt, rt, static_cast<FP16*>(out), pb, num_threads); break;
+    case OutType::kBFloat16: run(lt, rt, static_cast<BF16*>(out), pb, num_threads); break;
+    case OutType::kFloat64: break;  // excluded by the boundary: float64 output uses kron_sum_f64
+  }
+}
+
+void kron_sum_f64(const double* lt, const double* rt, double* out, const KronSumProblem& pb, int num_threads) {
+  run(lt, rt, out, pb, num_threads);
+}
+
+DUAT_ISA_END

@@ -1,0 +1,84 @@
+// Vectors of the ISA being compiled (csrc/isa/*.cpp) and the register blocking derived from its
+// register file, shared by the kernels of csrc/kernels/.
+#pragma once
+
+#include <cstdint>
+
+#include "isa.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+#if defined(__aarch64__)
+#include <arm_neon.h>
+#endif
+
+DUAT_ISA_BEGIN
+namespace {
+
+// The micro-kernel's accumulator block (see kron_sum.cpp): up to kNV vectors of t times as many
+// segments as fit kAccumulators registers, and the register file stays free of spills:
+// kAccumulators + kNV slab vectors + 1 broadcast <= 16 (SSE2, AVX2) or 32 (AVX-512, NEON).
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64, kNV = 4, kAccumulators = 24;
+#elif defined(__AVX__)
+constexpr int kVecBytes = 32, kNV = 2, kAccumulators = 12;
+#elif defined(__aarch64__)
+constexpr int kVecBytes = 16, kNV = 4, kAccumulators = 24;
+#else
+constexpr int kVecBytes = 16, kNV = 2, kAccumulators = 12;
+#endif
+constexpr int kMaxGroup = 12;  // segments per micro-kernel when a segment is one vector wide
+
+
+template <typename A>
+struct Vec {
+  static constexpr int kLanes = kVecBytes / sizeof(A);
+  typedef A type __attribute__((vector_size(kVecBytes)));
+};
+using VF = Vec<float>::type;
+using VD = Vec<double>::type;
+
+struct BF16 { uint16_t bits; };
+struct FP16 { uint16_t bits; };
+
+// acc + a * b, fused where the ISA has an FMA instruction (scalar and vector alike).
+inline float madd(float a, float b, float acc) {
+#if defined(__FMA__) || defined(__aarch64__)
+  return __builtin_fmaf(a, b, acc);
+#else
+  return acc + a * b;
+#endif
+}
+inline double madd(double a, double b, double acc) {
+#if defined(__FMA__) || defined(__aarch64__)
+  return __builtin_fma(a, b, acc);
+#else
+  return acc + a * b;
+#endif
+}
+inline VF madd(VF a, VF b, VF acc) {
+#if defined(__AVX512F__)
+  return (VF)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)acc);
+#elif defined(__FMA__)
+  return (VF)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)acc);
+#elif defined(__aarch64__)
+  return (VF)vfmaq_f32((float32x4_t)acc, (float32x4_t)a, (float32x4_t)b);
+#else
+  return acc + a * b;
+#endif
+}
+inline VD madd(VD a, VD b, VD acc) {
+#if defined(__AVX512F__)
+  return (VD)_mm512_fmadd_pd((__m512d)a, (__m512d)b, (__m512d)acc);
+#elif defined(__FMA__)
+  return (VD)_mm256_fmadd_pd((__m256d)a, (__m256d)b, (__m256d)acc);
+#elif defined(__aarch64__)
+  return (VD)vfmaq_f64((float64x2_t)acc, (float64x2_t)a, (float64x2_t)b);
+#else
+  return acc + a * b;
+#endif
+}
+
+}  // namespace
+DUAT_ISA_END
