@@ -106,15 +106,21 @@ inline void put(void* dst, const void* src, bool stream) {
 inline void store_vec(float* dst, VF v, bool stream) { put<sizeof v>(dst, &v, stream); }
 inline void store_vec(double* dst, VD v, bool stream) { put<sizeof v>(dst, &v, stream); }
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+inline __m256i bf16_bits_avx2(VF v) {  // rounded bfloat16 bits in the low half of each 32-bit lane
+  const __m256i u = _mm256_castps_si256((__m256)v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)),
+                                         _mm256_set1_epi32(0x7F800000));
+  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+}
+#endif
+
 // bfloat16: add the rounding bias (0x7FFF + lowest kept bit), keep the high halves, NaN -> 0x7FC0.
 inline void store_vec(BF16* dst, VF v, bool stream) {
 #if defined(__AVX2__) && !defined(__AVX512F__)
-  const __m256i u = _mm256_castps_si256((__m256)v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
-  const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)),
-                                         _mm256_set1_epi32(0x7F800000));
-  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+  const __m256i r = bf16_bits_avx2(v);
   // Pack the 8 32-bit lanes into 8 16-bit lanes (packus works per 128-bit half: fix the order).
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
   const __m128i half = _mm256_castsi256_si128(packed);
@@ -146,6 +152,51 @@ inline void store_vec(FP16* dst, VF v, bool stream) {
   put<sizeof half>(dst, half, stream);
 #endif
 }
+
+// Two adjacent vectors (2L entries) at once. For 16-bit outputs this packs both into one full-width
+// store (half the packing work, no half-register stores); other outputs store each vector.
+template <typename Out, typename V>
+inline void store_pair(Out* dst, V a, V b, bool stream) {
+  store_vec(dst, a, stream);
+  store_vec(dst + sizeof(V) / sizeof(a[0]), b, stream);
+}
+
+#if defined(__AVX512F__)
+inline __m512i bf16_bits(VF v) {  // rounded bfloat16 bits in the low half of each 32-bit lane
+  const __m512i u = _mm512_castps_si512((__m512)v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  const __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)),
+                                                _mm512_set1_epi32(0x7F800000));
+  return _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
+}
+template <>
+inline void store_pair(BF16* dst, VF a, VF b, bool stream) {
+  // packus interleaves the 128-bit lanes of a and b; the permutation restores a0..a15 b0..b15.
+  const __m512i packed = _mm512_packus_epi32(bf16_bits(a), bf16_bits(b));
+  const __m512i order = _mm512_set_epi64(7, 5, 3, 1, 6, 4, 2, 0);
+  const __m512i out = _mm512_permutexvar_epi64(order, packed);
+  put<64>(dst, &out, stream);
+}
+template <>
+inline void store_pair(FP16* dst, VF a, VF b, bool stream) {
+  const __m512i out = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtps_ph((__m512)a, _MM_FROUND_TO_NEAREST_INT)),
+                                         _mm512_cvtps_ph((__m512)b, _MM_FROUND_TO_NEAREST_INT), 1);
+  put<64>(dst, &out, stream);
+}
+#elif defined(__AVX2__)
+template <>
+inline void store_pair(BF16* dst, VF a, VF b, bool stream) {
+  const __m256i out = _mm256_permute4x64_epi64(_mm256_packus_epi32(bf16_bits_avx2(a), bf16_bits_avx2(b)), 0xD8);
+  put<32>(dst, &out, stream);
+}
+template <>
+inline void store_pair(FP16* dst, VF a, VF b, bool stream) {
+  const __m256i out = _mm256_set_m128i(_mm256_cvtps_ph((__m256)b, _MM_FROUND_TO_NEAREST_INT),
+                                       _mm256_cvtps_ph((__m256)a, _MM_FROUND_TO_NEAREST_INT));
+  put<32>(dst, &out, stream);
+}
+#endif
 
 // Zeros for [dst, dst + n): blocks with all-zero coefficients cost a memset, not h FMAs.
 template <typename Out>
@@ -190,9 +241,11 @@ inline void micro(const A* const* coef, const A* slab, int64_t h, int64_t T, int
     }
   }
 #pragma GCC unroll 16
-  for (int k = 0; k < K; ++k)
+  for (int k = 0; k < K; ++k) {
 #pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) store_vec(dst[k] + offset + j * L, acc[k][j], stream);
+    for (int j = 0; j + 1 < NV; j += 2) store_pair(dst[k] + offset + j * L, acc[k][j], acc[k][j + 1], stream);
+    if constexpr (NV % 2 == 1) store_vec(dst[k] + offset + (NV - 1) * L, acc[k][NV - 1], stream);
+  }
 }
 
 // Vectors of t per micro-kernel for K segments: as many as the accumulator budget allows.
