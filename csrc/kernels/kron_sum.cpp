@@ -332,11 +332,20 @@ inline bool all_zero(const A* v, int64_t n) {
   return true;
 }
 
+// Whether v[0..n) holds no Inf or NaN (x - x is 0 exactly for finite x); split across threads for
+// large factors, since it runs before every call.
 template <typename A>
-bool all_finite(const A* v, int64_t n) {
-  bool ok = true;
-  for (int64_t i = 0; i < n; ++i) ok &= (v[i] - v[i]) == A(0);  // false for inf and NaN; vectorises
-  return ok;
+bool all_finite(const A* v, int64_t n, int num_threads) {
+  int bad = 0;
+  if (num_threads > 1 && n > (int64_t(1) << 20)) {
+#ifdef _OPENMP
+#pragma omp parallel for reduction(| : bad) num_threads(num_threads)
+#endif
+    for (int64_t i = 0; i < n; ++i) bad |= !((v[i] - v[i]) == A(0));
+  } else {
+    for (int64_t i = 0; i < n; ++i) bad |= !((v[i] - v[i]) == A(0));
+  }
+  return bad == 0;
 }
 
 // [first, last) of the columns t where some R[i, q, t] != 0 (empty when the slab is zero).
@@ -430,8 +439,8 @@ template <typename A, typename Out>
 void run(const A* lt, const A* rt, Out* out, const KronSumProblem& pb, int num_threads) {
   if (pb.rows <= 0 || pb.cols <= 0) return;
   Shortcuts sc;
-  sc.zero_segments = all_finite(rt, pb.Q * pb.h * pb.T);
-  sc.zero_columns = all_finite(lt, pb.P * pb.S * pb.h);
+  sc.zero_segments = all_finite(rt, pb.Q * pb.h * pb.T, num_threads);
+  sc.zero_columns = all_finite(lt, pb.P * pb.S * pb.h, num_threads);
   // Stream past the cache once the tile is well beyond the last-level cache of a core.
   sc.stream = pb.rows * pb.cols * static_cast<int64_t>(sizeof(Out)) > kStreamBytes;
   const RowOrder order(pb);
