@@ -235,7 +235,7 @@ inline void micro(const A* const* coef, const A* slab, int64_t h, int64_t T, int
     for (int j = 0; j < NV; ++j) std::memcpy(&r[j], row + j * L, sizeof(V));
 #pragma GCC unroll 16
     for (int k = 0; k < K; ++k) {
-      const V c = V{} + coef[k][i];
+      const V c = splat(coef[k] + i);
 #pragma GCC unroll 4
       for (int j = 0; j < NV; ++j) acc[k][j] = madd(c, r[j], acc[k][j]);
     }
@@ -386,7 +386,7 @@ void write_row(const A* lt, const A* rt, Out* orow, const KronSumProblem& pb, in
     Out* dst = orow + (s * T + ta - pb.col0);  // local address of column (s, ta)
     const A* coef = lt + (p * S + s) * h;
     const int64_t lo = max64(ta, z0), hi = min64(tb, z1);
-    if (lo >= hi || (sc.zero_segments && all_zero(coef, h))) {
+    if (lo >= hi || (sc.zero_segments && coef[0] == A(0) && all_zero(coef, h))) {
       zero(dst, tb - ta, sc.stream);
       continue;
     }

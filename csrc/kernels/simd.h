@@ -80,5 +80,26 @@ inline VD madd(VD a, VD b, VD acc) {
 #endif
 }
 
+// All lanes = *p, read straight from memory (a load-port broadcast, or an FMA's embedded broadcast
+// on AVX-512) rather than through a scalar register and a shuffle.
+inline VF splat(const float* p) {
+#if defined(__AVX512F__)
+  return (VF)_mm512_set1_ps(*p);
+#elif defined(__AVX__)
+  return (VF)_mm256_broadcast_ss(p);
+#else
+  return VF{} + *p;
+#endif
+}
+inline VD splat(const double* p) {
+#if defined(__AVX512F__)
+  return (VD)_mm512_set1_pd(*p);
+#elif defined(__AVX__)
+  return (VD)_mm256_broadcast_sd(p);
+#else
+  return VD{} + *p;
+#endif
+}
+
 }  // namespace
 DUAT_ISA_END
