@@ -71,3 +71,12 @@ def assert_close_to_reference(got: torch.Tensor, attn: torch.Tensor, w_v: torch.
 @pytest.fixture
 def layer():
     return random_layer
+
+
+@pytest.fixture(scope="module")
+def dask_client():
+    """A Client of a LocalCluster with 2 worker processes (one thread each), one per test module."""
+    distributed = pytest.importorskip("distributed", reason="needs dask.distributed: pip install '.[dask]'")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        yield client
