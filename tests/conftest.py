@@ -73,9 +73,10 @@ def layer():
     return random_layer
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def dask_client():
-    """A Client of a LocalCluster with 2 worker processes (one thread each), one per test module."""
+    """A Client of a LocalCluster with 2 worker processes (one thread each), shared by the test modules
+    that use it: starting workers and importing torch in them costs seconds."""
     distributed = pytest.importorskip("distributed", reason="needs dask.distributed: pip install '.[dask]'")
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             distributed.Client(cluster) as client:
