@@ -166,3 +166,20 @@ def test_bad_jsonl_line_is_named(tmp_path):
     path.write_text('{"text": "fine"}\n{"oops": 1}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: expected"):
         read_texts(path)
+
+
+def test_long_texts_get_grid_block_norms_and_contributions(model_dir):
+    full, = analysis.analyse_text(CorpusSettings(model=model_dir, layers=(0,)), 0, "t", TEXTS[3])
+    coarse, = analysis.analyse_text(CorpusSettings(model=model_dir, layers=(0,), grid=4), 0, "t", TEXTS[3])
+    n = full["n_tokens"]
+    assert full["grid"] == n == 14 and coarse["grid"] == 4
+    bins = torch.arange(n) * 4 // n  # 3 or 4 tokens per super-block
+    onehot = torch.nn.functional.one_hot(bins, 4).double()  # (N, 4)
+    norms = torch.tensor(full["block_norms"], dtype=torch.float64).reshape(n, n)
+    contrib = torch.tensor(full["contributions"], dtype=torch.float64).reshape(n, n)
+    torch.testing.assert_close(torch.tensor(coarse["block_norms"], dtype=torch.float64).reshape(4, 4),
+                               (onehot.T @ norms.square() @ onehot).sqrt(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(torch.tensor(coarse["contributions"], dtype=torch.float64).reshape(4, 4),
+                               onehot.T @ contrib @ onehot, rtol=1e-12, atol=0)
+    for key in ("rel_error", "frobenius", "spectral_norm", "self_contribution", "mean_distance"):
+        assert coarse[key] == full[key], key

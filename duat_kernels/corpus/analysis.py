@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from duat_kernels.analysis.norms import _bins
+
 # How many times this process has loaded each model (read by the tests through Client.run).
 MODEL_LOADS: dict[str, int] = {}
 _MODELS: dict[str, tuple] = {}
@@ -53,6 +55,16 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _grid_sum(matrix: torch.Tensor, grid: int) -> torch.Tensor:
+    """(N, N) -> (grid, grid): sums over the same near-equal token ranges as block_norms(grid=...)."""
+    n = matrix.shape[0]
+    if grid == n:
+        return matrix
+    bins = _bins(n, grid, matrix.device)
+    rows = torch.zeros(n, grid, dtype=matrix.dtype).index_add_(1, bins, matrix)
+    return torch.zeros(grid, grid, dtype=matrix.dtype).index_add_(0, bins, rows)
+
+
 @contextmanager
 def torch_threads(threads: int):
     before = torch.get_num_threads()
@@ -68,8 +80,9 @@ def analyse_text(settings: CorpusSettings, index: int, text_id: str, text: str) 
 
     Each row: text_index, text_id, text_sha256, tokens, n_tokens, layer, heads, kv_heads, m_in,
     m_out, rel_error (||W' x' + b' - output|| / ||output||, matrix-free), frobenius (||W'||_F),
-    spectral_norm (||W'||_2), grid (R: block_norms is R x R), block_norms, contributions (N x N,
-    ||W'_nm x_m||), self_contribution (mean over n of c_nn / Σ_m c_nm), mean_distance (mean over
+    spectral_norm (||W'||_2), grid (R: block_norms and contributions are R x R; R = N up to
+    settings.grid tokens), block_norms (Frobenius norms of the blocks or super-blocks),
+    contributions (||W'_nm x_m||, summed over the token ranges of a super-block), self_contribution (mean over n of c_nn / Σ_m c_nm), mean_distance (mean over
     n of Σ_m |n - m| c_nm / Σ_m c_nm).
     """
     from duat_kernels.hvo_operator import HVOOperator
@@ -94,7 +107,7 @@ def analyse_text(settings: CorpusSettings, index: int, text_id: str, text: str) 
                 m_in=layer.w_v.shape[1], m_out=layer.w_o.shape[0], rel_error=layer.relative_error(),
                 frobenius=op.frobenius_norm().item(), spectral_norm=op.spectral_norm(), grid=grid,
                 block_norms=op.block_norms(None if grid == n else (grid, grid)).double().reshape(-1).tolist(),
-                contributions=contrib.reshape(-1).tolist(),
+                contributions=_grid_sum(contrib, grid).reshape(-1).tolist(),
                 self_contribution=share.diagonal().mean().item(),
                 mean_distance=(share * (steps[:, None] - steps[None, :]).abs()).sum(1).mean().item()))
     return rows
