@@ -93,8 +93,8 @@ def to_dask(op, chunks: tuple[int, int] | None = None, dtype: torch.dtype | None
     """W' of an HVOOperator as a lazy dask.array.
 
     Args:
-        op: HVOOperator, attn (h, N, N) or (B, h, N, N); CPU or CUDA tensors (blocks come back as
-            NumPy arrays on the host).
+        op: HVOOperator, attn (h, N, N) or (B, h, N, N). Its factors go into the graph as CPU
+            tensors: the workers write tiles with their CPU kernels; blocks are NumPy arrays.
         chunks: (rows, cols) of one block of W' (default: square-ish blocks of ~32 MiB). Blocks
             need not align with the M_out x M_in blocks of W'.
         dtype: entry dtype, float32, float64 or float16 (default: the inputs' promoted dtype).
