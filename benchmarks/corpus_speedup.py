@@ -2,7 +2,7 @@
 
 For each K: start a LocalCluster of K single-threaded worker processes, load the model once in
 every worker (timed: "start"), then time run_corpus over the texts into a fresh folder
-("analysis"), and compare with --sync in this process. Prints a Markdown table.
+("analysis"); last, --sync in this process. Prints a Markdown table.
 
     python benchmarks/corpus_speedup.py --model minilm --texts benchmarks/corpus_texts.jsonl --workers 1 2
 """
@@ -32,9 +32,6 @@ def main() -> None:
     rows = []
     cached_model(args.model)
     with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        run_corpus(texts, os.path.join(tmp, "sync"), settings, None, progress=False)
-        rows.append(("--sync (this process)", float("nan"), time.perf_counter() - start))
         for k in args.workers:
             start = time.perf_counter()
             with LocalCluster(n_workers=k, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
@@ -43,6 +40,9 @@ def main() -> None:
                 ready = time.perf_counter()
                 run_corpus(texts, os.path.join(tmp, f"k{k}"), settings, client, progress=False)
                 rows.append((f"--workers {k}", ready - start, time.perf_counter() - ready))
+        start = time.perf_counter()
+        run_corpus(texts, os.path.join(tmp, "sync"), settings, None, progress=False)
+        rows.append(("--sync (this process, model loaded before)", float("nan"), time.perf_counter() - start))
     base = next((r[2] for r in rows if r[0] == "--workers 1"), rows[0][2])
     print(f"{len(texts)} texts, model {args.model}, all layers; load average before: "
           f"{' '.join(f'{x:.1f}' for x in load_before)}; {os.cpu_count()} CPUs\n")
