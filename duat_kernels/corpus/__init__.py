@@ -1,7 +1,8 @@
 """`duat corpus`: W' analyses of many texts and layers, on one process or a Dask cluster.
 
-    rows = duat_kernels.corpus.analyse_text("minilm", 0, "t0", "Some text.", layers=None, grid=64)
-    duat_kernels.corpus.run_corpus(texts, out_dir, settings, client)   # results.parquet + summary.md
+    settings = duat_kernels.corpus.CorpusSettings(model="minilm", layers=(0, 5))
+    rows = duat_kernels.corpus.analyse_text(settings, 0, "t0", "Some text.")      # one row per layer
+    duat_kernels.corpus.run_corpus(read_texts("texts.jsonl"), "out", settings, client)  # client None: here
 """
 
 from duat_kernels.corpus.analysis import CorpusSettings, analyse_text, cached_model
