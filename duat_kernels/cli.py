@@ -1,4 +1,4 @@
-"""Command line: `duat [inspect|demo|scale] [options]` (also `python -m duat_kernels`); inspect is the default."""
+"""Command line: `duat [inspect|demo|scale|corpus] [options]` (also `python -m duat_kernels`); inspect is the default."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+from duat_kernels.corpus import cli as corpus_cli
 from duat_kernels.demo import format_report, run_demo
 
 # W' x' + b' must reproduce the modules in float32 to this relative error.
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--repeats", type=int, default=3, help="timed repetitions, best one reported")
     demo.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's setting)")
+    corpus_cli.add_arguments(sub.add_parser("corpus", help="W' analyses of many texts, on a Dask cluster or here"))
     scale = sub.add_parser("scale", help="time and peak memory of the matrix-free analyses as N grows")
     scale.add_argument("--n", type=int, nargs="+", default=[64, 256, 1024, 4096, 16384],
                        help="sequence lengths (default 64 256 1024 4096 16384)")
@@ -88,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_scale(args)
         if args.command == "inspect":
             return run_inspect(args)
+        if args.command == "corpus":
+            return corpus_cli.run(args)
     except (ImportError, FileNotFoundError) as exc:  # a missing optional dependency or model: say what to do
         print(f"duat {args.command}: {exc}", file=sys.stderr)
         return 2

@@ -203,6 +203,11 @@ class HVOOperator:
             out = analysis.contributions(self._attn4, xs, self.w_v, self.w_o, d.kv_heads, per_head)
         return out if d.batched else out[0]
 
+    def to_dask(self, chunks: tuple[int, int] | None = None, dtype: torch.dtype | None = None):
+        """W' as a lazy dask.array whose (rows, cols) blocks are tiles written by the kernels; the
+        factors are one task in the graph, shipped to each worker once (duat_kernels.analysis.to_dask)."""
+        return analysis.to_dask(self, chunks, dtype)
+
     @staticmethod
     def _range(s: slice, size: int, name: str) -> tuple[int, int]:
         if not isinstance(s, slice) or s.step not in (None, 1):

@@ -71,3 +71,13 @@ def assert_close_to_reference(got: torch.Tensor, attn: torch.Tensor, w_v: torch.
 @pytest.fixture
 def layer():
     return random_layer
+
+
+@pytest.fixture(scope="session")
+def dask_client():
+    """A Client of a LocalCluster with 2 worker processes (one thread each), shared by the test modules
+    that use it: starting workers and importing torch in them costs seconds."""
+    distributed = pytest.importorskip("distributed", reason="needs dask.distributed: pip install '.[dask]'")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        yield client

@@ -1,0 +1,180 @@
+"""W' into a zarr array, chunk by chunk on any Dask scheduler, resumable, with a sha256 per chunk.
+
+The array is written into `<path>.partial` (a zarr v3 store). Each chunk task computes its tile
+(HVOOperator.tile), writes it, and only then records the sha256 of its bytes in
+`<path>.progress/<i>.<j>` (replaced atomically), next to the inputs' fingerprint. A rerun checks
+every recorded chunk by reading it back and hashing it: a chunk with no record, or whose stored
+bytes no longer match it (a torn write, a corrupted file), is written again; the others are kept.
+When every chunk is valid the checksums go into the array's attributes ("duat" -> "chunk_sha256")
+and the store is renamed to `path`, so a store at `path` is always complete; `verify_zarr`
+re-checks it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from duat_kernels.analysis.dask_tiles import (NUMPY_DTYPES, _dask, check_chunks, chunk_bounds, factors_token,
+                                              operator_delayed, stored_dtype, tile_block)
+
+
+def _zarr():
+    try:
+        import zarr
+    except ImportError as exc:
+        raise ImportError("save_zarr needs zarr: pip install 'duat-kernels[dask]'") from exc
+    return zarr
+
+
+def chunk_sha256(data: np.ndarray) -> str:
+    """sha256 of a chunk's bytes in C order (little-endian, the stored dtype)."""
+    return hashlib.sha256(np.ascontiguousarray(data).tobytes()).hexdigest()
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_region(store: Path, region: tuple[slice, ...]) -> np.ndarray | None:
+    """The stored chunk, or None when it cannot be decoded (a torn or corrupted chunk file)."""
+    try:
+        return _zarr().open_array(store, mode="r")[region]
+    except Exception:  # any decoding failure means: write the chunk again
+        return None
+
+
+def write_chunk(op, store: str, record: str, region: tuple[slice, ...], dtype: torch.dtype) -> bool:
+    """Write one chunk unless a valid copy is already stored; True if it was written.
+
+    region: (rows, cols) slices, with a leading slice(None) for a batched operator.
+    """
+    store_path, record_path = Path(store), Path(record)
+    if record_path.exists():
+        stored = _read_region(store_path, region)
+        if stored is not None and chunk_sha256(stored) == record_path.read_text().strip():
+            return False
+        record_path.unlink()  # invalid: forget it before rewriting
+    r, c = region[-2:]
+    data = tile_block(op, r.start, r.stop, c.start, c.stop, dtype)
+    _zarr().open_array(store_path, mode="r+")[region] = data
+    _write_text(record_path, chunk_sha256(data))
+    return True
+
+
+def save_zarr(op, path: str | os.PathLike, chunks: tuple[int, int] | None = None, *, dtype: torch.dtype | None = None,
+              scheduler=None, progress: bool = True) -> Path:
+    """Write the dense W' of an HVOOperator into the zarr array `path`, one Dask task per chunk.
+
+    Args:
+        op: HVOOperator, attn (h, N, N) or (B, h, N, N); the array is (N·M_out, N·M_in) (or with
+            a leading B, one chunk along B), token or feature layout as the operator's.
+        path: the zarr store (a directory) to create; must not exist yet.
+        chunks: (rows, cols) of one chunk (default: square-ish chunks of ~32 MiB).
+        dtype: float32, float64 or float16 (default: the inputs' promoted dtype).
+        scheduler: passed to dask.compute ("sync", "threads", "processes" or a distributed
+            Client); None uses Dask's default, i.e. the current distributed Client if there is one.
+        progress: show a tqdm progress bar over chunks.
+
+    Returns:
+        The path of the complete store. A rerun after an interruption rewrites only the chunks
+        that are missing or fail their checksum.
+    """
+    dask, zarr = _dask(), _zarr()
+    dtype = stored_dtype(op, dtype)
+    chunk_rows, chunk_cols = check_chunks(op, chunks, dtype)
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} exists; save_zarr writes a new store (delete it or choose another path)")
+    partial, progress_dir = Path(f"{path}.partial"), Path(f"{path}.progress")
+    fingerprint = {"factors_sha256": factors_token(op), "shape": list(op.shape), "chunks": [chunk_rows, chunk_cols],
+                   "dtype": str(dtype), "layout": op.layout}
+    fingerprint_file = progress_dir / "fingerprint.json"
+    if partial.exists() and fingerprint_file.exists():
+        if json.loads(fingerprint_file.read_text()) != fingerprint:
+            raise ValueError(f"{partial} holds an interrupted run for other inputs or settings; "
+                             f"delete it (and {progress_dir}) to start again")
+    else:
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(progress_dir, ignore_errors=True)
+        lead = (op.dims.batch,) if op.dims.batched else ()
+        zarr.create_array(partial, shape=tuple(op.shape), chunks=(*lead, chunk_rows, chunk_cols),
+                          dtype=NUMPY_DTYPES[dtype], fill_value=0)
+        progress_dir.mkdir(parents=True)
+        _write_text(fingerprint_file, json.dumps(fingerprint))
+
+    rows, cols = op.shape[-2:]
+    lead = (slice(None),) if op.dims.batched else ()
+    source = operator_delayed(op)
+    write = dask.delayed(write_chunk, pure=False)
+    tasks, names = [], []
+    for i, (r0, r1) in enumerate(chunk_bounds(rows, chunk_rows)):
+        for j, (c0, c1) in enumerate(chunk_bounds(cols, chunk_cols)):
+            names.append(f"{i}.{j}")
+            tasks.append(write(source, str(partial), str(progress_dir / names[-1]), (*lead, slice(r0, r1), slice(c0, c1)),
+                               dtype, dask_key_name=f"zarr-chunk-{fingerprint['factors_sha256'][:16]}-{i}.{j}"))
+    _compute_with_progress(dask, tasks, scheduler, progress, f"W' -> {path.name}")
+
+    checksums = {name: (progress_dir / name).read_text().strip() for name in names}
+    arr = zarr.open_array(partial, mode="r+")
+    arr.attrs["duat"] = {**fingerprint, "chunk_sha256": checksums}
+    os.replace(partial, path)
+    shutil.rmtree(progress_dir)
+    return path
+
+
+def _compute_with_progress(dask, tasks: list, scheduler, progress: bool, desc: str) -> None:
+    """dask.compute(*tasks) with a tqdm bar: futures as they complete on a distributed Client,
+    a scheduler callback otherwise."""
+    from tqdm.auto import tqdm
+
+    client = scheduler if scheduler is not None and hasattr(scheduler, "compute") else None
+    if client is None and scheduler is None:
+        try:
+            from distributed import get_client
+            client = get_client()
+        except (ImportError, ValueError):
+            client = None
+    with tqdm(total=len(tasks), unit="chunk", desc=desc, disable=not progress) as bar:
+        if client is not None:
+            from distributed import as_completed
+
+            for future in as_completed(client.compute(tasks)):
+                future.result()  # raises the task's exception, if any
+                bar.update(1)
+            return
+        from dask.callbacks import Callback
+
+        keys = {t.key for t in tasks}
+        with Callback(posttask=lambda key, *_: bar.update(1) if key in keys else None):
+            dask.compute(*tasks, scheduler=scheduler)
+
+
+def verify_zarr(path: str | os.PathLike) -> list[str]:
+    """Names "i.j" of the chunks of a store written by save_zarr whose bytes no longer match their
+    recorded sha256 (an empty list: the store is intact)."""
+    arr = _zarr().open_array(Path(path), mode="r")
+    meta = arr.attrs.get("duat")
+    if not meta or "chunk_sha256" not in meta:
+        raise ValueError(f"{path} has no chunk checksums: it was not written by save_zarr")
+    chunk_rows, chunk_cols = meta["chunks"]
+    lead = (slice(None),) if arr.ndim == 3 else ()
+    bad = []
+    for name, expected in meta["chunk_sha256"].items():
+        i, j = (int(k) for k in name.split("."))
+        region = (*lead, slice(i * chunk_rows, (i + 1) * chunk_rows), slice(j * chunk_cols, (j + 1) * chunk_cols))
+        stored = _read_region(Path(path), region)
+        if stored is None or chunk_sha256(stored) != expected:
+            bad.append(name)
+    return bad

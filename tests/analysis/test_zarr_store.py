@@ -1,0 +1,102 @@
+"""save_zarr resumes by chunk: after an interruption only the missing chunks, and those whose bytes
+fail their sha256, are written again; verify_zarr finds corrupted chunks (sync scheduler, no cluster)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import duat_kernels as dk
+from duat_kernels.analysis import dask_tiles, zarr_store
+
+zarr = pytest.importorskip("zarr", reason="needs zarr: pip install '.[dask]'")
+pytest.importorskip("dask", reason="needs dask: pip install '.[dask]'")
+
+CHUNKS = (12, 14)  # a 7-token, M_out=9, M_in=11 layer: W' is 63 x 77, so 6 x 6 chunks
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture
+def op(layer):
+    p = layer(batched=False)
+    return dk.HVOOperator(p["attn"], p["w_v"], p["w_o"], num_kv_heads=p["num_kv_heads"])
+
+
+def _count_tiles(monkeypatch, fail_after: int | None = None) -> list:
+    """Count (and optionally stop after) the chunks that save_zarr computes."""
+    calls, original = [], dask_tiles.tile_block
+
+    def counting(*args):
+        if fail_after is not None and len(calls) == fail_after:
+            raise Interrupted
+        calls.append(args[1:5])
+        return original(*args)
+
+    monkeypatch.setattr(zarr_store, "tile_block", counting)
+    return calls
+
+
+def _chunk_file(store, i: int, j: int):
+    return store / "c" / str(i) / str(j)
+
+
+def test_interrupted_run_redoes_only_missing_and_invalid_chunks(op, tmp_path, monkeypatch):
+    path = tmp_path / "w.zarr"
+    first = _count_tiles(monkeypatch, fail_after=20)
+    with pytest.raises(Interrupted):
+        dk.analysis.save_zarr(op, path, chunks=CHUNKS, scheduler="sync", progress=False)
+    assert len(first) == 20 and not path.exists()
+    partial = tmp_path / "w.zarr.partial"
+    done = sorted((r0 // CHUNKS[0], c0 // CHUNKS[1]) for r0, _, c0, _ in first)
+    corrupted, deleted = done[3], done[7]
+    _chunk_file(partial, *corrupted).write_bytes(b"\x00" * 16)  # not a valid chunk any more
+    _chunk_file(partial, *deleted).unlink()  # lost, although its checksum was recorded
+
+    second = _count_tiles(monkeypatch)
+    dk.analysis.save_zarr(op, path, chunks=CHUNKS, scheduler="sync", progress=False)
+    redone = sorted((r0 // CHUNKS[0], c0 // CHUNKS[1]) for r0, _, c0, _ in second)
+    all_chunks = [(i, j) for i in range(6) for j in range(6)]
+    assert redone == sorted(set(all_chunks) - set(done) | {corrupted, deleted})
+    np.testing.assert_array_equal(zarr.open_array(path, mode="r")[:], op.to_dense().numpy())
+    assert dk.analysis.verify_zarr(path) == []
+
+
+def test_verify_finds_a_corrupted_chunk(op, tmp_path):
+    path = dk.analysis.save_zarr(op, tmp_path / "w.zarr", chunks=CHUNKS, scheduler="sync", progress=False)
+    stored = zarr.open_array(path, mode="r+")
+    stored[12:24, 14:28] = stored[12:24, 14:28] + 1  # a valid chunk, other bytes
+    assert dk.analysis.verify_zarr(path) == ["1.1"]
+    meta = stored.attrs["duat"]
+    assert meta["chunks"] == list(CHUNKS) and len(meta["chunk_sha256"]) == 36
+
+
+def test_threads_scheduler_and_float64(layer, tmp_path):
+    p = layer(batched=False, dtype=torch.float64, heads=6, kv_heads=3)
+    op = dk.HVOOperator(p["attn"], p["w_v"], p["w_o"], num_kv_heads=3, layout="feature")
+    path = dk.analysis.save_zarr(op, tmp_path / "w.zarr", chunks=(20, 25), scheduler="threads", progress=False)
+    stored = zarr.open_array(path, mode="r")
+    assert stored.dtype == np.float64
+    np.testing.assert_array_equal(stored[:], op.to_dense().numpy())
+
+
+def test_resume_with_other_inputs_is_refused(op, layer, tmp_path, monkeypatch):
+    path = tmp_path / "w.zarr"
+    _count_tiles(monkeypatch, fail_after=2)
+    with pytest.raises(Interrupted):
+        dk.analysis.save_zarr(op, path, chunks=CHUNKS, scheduler="sync", progress=False)
+    p = layer(batched=False, seed=1)
+    other = dk.HVOOperator(p["attn"], p["w_v"], p["w_o"], num_kv_heads=p["num_kv_heads"])
+    with pytest.raises(ValueError, match="interrupted run for other inputs"):
+        dk.analysis.save_zarr(other, path, chunks=CHUNKS, scheduler="sync", progress=False)
+    with pytest.raises(ValueError, match="interrupted run for other inputs"):
+        dk.analysis.save_zarr(op, path, chunks=(10, 10), scheduler="sync", progress=False)
+
+
+def test_existing_store_is_not_overwritten(op, tmp_path):
+    path = dk.analysis.save_zarr(op, tmp_path / "w.zarr", chunks=CHUNKS, scheduler="sync", progress=False)
+    with pytest.raises(FileExistsError, match="exists"):
+        dk.analysis.save_zarr(op, path, chunks=CHUNKS, scheduler="sync", progress=False)
