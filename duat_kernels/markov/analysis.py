@@ -45,7 +45,7 @@ def residual(op: TransitionOperator, pi: np.ndarray) -> float:
 
 def stationary_distribution(op: TransitionOperator, *, power_steps: int = 1000, tol: float = 1e-13) -> Stationary:
     """π of P (S,). Dense: solve (Pᵀ − I) π = 0 with Σπ = 1 replacing one equation (exact for an
-    irreducible chain). Larger: ARPACK's leading eigenvector of Pᵀ, then power steps π <- πP
+    irreducible chain; ValueError if singular). Larger: ARPACK's leading eigenvector of Pᵀ, then power steps π <- πP
     until ||πP − π||₁ <= tol or power_steps is reached."""
     s = op.num_states
     if s <= DENSE_MAX_STATES:
@@ -53,7 +53,11 @@ def stationary_distribution(op: TransitionOperator, *, power_steps: int = 1000, 
         a[-1] = 1.0  # normalisation row: Σπ = 1
         b = np.zeros(s)
         b[-1] = 1.0
-        pi = np.linalg.solve(a, b)
+        try:
+            pi = np.linalg.solve(a, b)
+        except np.linalg.LinAlgError:
+            raise ValueError("P is not irreducible (π is not unique): some transition probabilities are exactly 0, "
+                             "as when a small temperature underflows them; use a larger temperature") from None
         method = "dense solve"
     else:
         from scipy.sparse.linalg import eigs
@@ -92,7 +96,7 @@ def spectral_gap(op: TransitionOperator) -> SpectralGap:
     vals = vals[np.argsort(-np.abs(vals))]
     # the leading eigenvalue is 1 (stochastic P); λ_2 is the next one in modulus
     lam2 = complex(vals[1])
-    return SpectralGap(float(1.0 - abs(lam2)), lam2, method)
+    return SpectralGap(max(0.0, 1.0 - abs(lam2)), lam2, method)  # |λ_2| may round above 1
 
 
 def constant_states(num_symbols: int, context: int) -> np.ndarray:

@@ -43,7 +43,7 @@ def transition_filename(temperature: float) -> str:
     return f"transition_tau{temperature:g}.npz"
 
 
-@dataclass
+@dataclass(eq=False)
 class LanguageModelChain:
     """The chain of a model on symbols with context K: logits (T^K, T) at the symbols, one row per state.
 
@@ -77,11 +77,11 @@ class LanguageModelChain:
     def from_model(cls, model, symbols: Sequence, context: int, *, tokenizer=None, temperatures=(1.0,),
                    bos_id: int | None | str = BOS_AUTO, batch_size: int = 64,
                    cache_dir: str | os.PathLike | None = None, model_id: str | None = None,
-                   progress: bool = True) -> LanguageModelChain:
+                   share_prefix: bool = True, progress: bool = True) -> LanguageModelChain:
         """Evaluate model (a Hugging Face causal LM or a callable input_ids (B, L) -> next-token logits)
         on all T^K contexts. With a tokenizer, symbols are strings, each a single token; without one,
         symbols are token ids. bos_id "auto": the tokenizer's or the model config's BOS id, if any;
-        None: no BOS. cache_dir, model_id: see `context_logits`."""
+        None: no BOS. batch_size, cache_dir, model_id, share_prefix: see `context_logits`."""
         check_context(context)
         taus = tuple(check_temperature(t) for t in temperatures)
         if tokenizer is not None:
@@ -95,7 +95,7 @@ class LanguageModelChain:
         if bos_id == BOS_AUTO:
             bos_id = default_bos_id(model, tokenizer)
         logits = context_logits(model, ids, context, bos_id=bos_id, batch_size=batch_size, cache_dir=cache_dir,
-                                model_id=model_id, progress=progress)
+                                model_id=model_id, share_prefix=share_prefix, progress=progress)
         return cls(logits, tuple(str(s) for s in symbols), context, taus, tuple(ids), bos_id)
 
     @property

@@ -65,7 +65,8 @@ def next_token_function(model) -> Callable[[torch.Tensor], torch.Tensor]:
     """input_ids (B, L) int64 -> next-token logits (B, vocab) for a Hugging Face causal LM or any callable
     that returns (B, vocab) logits, (B, L, vocab) logits or an object with a `.logits` of either shape."""
     if not callable(model):
-        raise TypeError(f"model must be a causal LM or a callable returning next-token logits, got {type(model).__name__}")
+        raise TypeError("model must be a causal LM or a callable returning next-token logits, "
+                        f"got {type(model).__name__}")
     kwargs = {}
     forward = getattr(model, "forward", None)
     if isinstance(model, torch.nn.Module) and forward is not None:
@@ -80,6 +81,36 @@ def next_token_function(model) -> Callable[[torch.Tensor], torch.Tensor]:
             raise ValueError(f"model must return next-token logits (B, vocab) or (B, L, vocab) for input_ids "
                              f"{tuple(input_ids.shape)}, got {got}")
         return logits[:, -1] if logits.dim() == 3 else logits
+
+    return call
+
+
+def shared_prefix_function(model, group: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Like next_token_function, for a Hugging Face causal LM with a KV cache, for input_ids (B, L) whose
+    rows come in groups of `group` consecutive rows sharing input_ids[:, :-1] (the T contexts that differ
+    only in x_K): each prefix runs once, then the B last tokens read its cached keys and values, so
+    B/group·(L−1) + B tokens go through the model instead of B·L. None if the model has no such cache;
+    other input_ids take the full forward."""
+    forward = getattr(model, "forward", None)
+    if not isinstance(model, torch.nn.Module) or forward is None:
+        return None
+    params = set(inspect.signature(forward).parameters)
+    cache_arg = "cache" if "cache" in params else "past_key_values"  # the name before transformers 5.x
+    if not {cache_arg, "use_cache", "logits_to_keep"} <= params:
+        return None
+    full = next_token_function(model)
+
+    def call(input_ids: torch.Tensor) -> torch.Tensor:
+        b, length = input_ids.shape
+        grouped = input_ids.view(b // group, group, length) if length > 1 and b % group == 0 else None
+        if grouped is None or not (grouped[:, :, :-1] == grouped[:, :1, :-1]).all():
+            return full(input_ids)
+        cache = getattr(model(input_ids=grouped[:, 0, :-1], use_cache=True, logits_to_keep=1), cache_arg, None)
+        if not hasattr(cache, "batch_repeat_interleave"):
+            return full(input_ids)
+        cache.batch_repeat_interleave(group)  # prefix g -> rows g·group .. g·group + group − 1
+        out = model(input_ids=input_ids[:, -1:], use_cache=True, logits_to_keep=1, **{cache_arg: cache})
+        return out.logits[:, -1]
 
     return call
 
@@ -114,10 +145,12 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
 
 def context_logits(model, token_ids: Sequence[int], context: int, *, bos_id: int | None = None,
                    batch_size: int = 64, cache_dir: str | os.PathLike | None = None, model_id: str | None = None,
-                   progress: bool = True) -> np.ndarray:
+                   share_prefix: bool = True, progress: bool = True) -> np.ndarray:
     """The logits at token_ids (T,) after each of the T^K contexts [bos_id] x_1 ... x_K.
 
-    Returns (T^K, T) float32, row = state index. With cache_dir the result and each finished batch
+    Returns (T^K, T) float32, row = state index. Batches hold whole groups of the T contexts that
+    differ only in x_K (batch_size is rounded to a multiple of T); with share_prefix and a model
+    with a KV cache, each group's prefix is computed once (`shared_prefix_function`). With cache_dir the result and each finished batch
     are stored under cache_dir/logits_<key>, key = hash(model_id or the module's fingerprint,
     token_ids, K, bos_id); a complete table is loaded without calling the model, a partial one is
     completed. A plain callable needs model_id to be cached (there is nothing else to identify it).
@@ -148,7 +181,10 @@ def context_logits(model, token_ids: Sequence[int], context: int, *, bos_id: int
 
     todo = np.flatnonzero(~done)
     if todo.size:
-        _evaluate(next_token_function(model), ids, context, bos_id, todo, batch_size, table, folder, progress)
+        t = ids.numel()
+        next_logits = (shared_prefix_function(model, t) if share_prefix else None) or next_token_function(model)
+        batch = max(t, batch_size // t * t)
+        _evaluate(next_logits, ids, context, bos_id, todo, batch, table, folder, progress)
     if folder is not None:
         _save_atomic(folder / "logits.npy", table)
         for part in folder.glob("rows_*.npy"):
@@ -158,7 +194,8 @@ def context_logits(model, token_ids: Sequence[int], context: int, *, bos_id: int
 
 def _evaluate(next_logits, ids: torch.Tensor, context: int, bos_id: int | None, todo: np.ndarray, batch_size: int,
               table: np.ndarray, folder: Path | None, progress: bool) -> None:
-    """Fill table[todo] batch by batch (consecutive runs of todo, so each batch is one row range)."""
+    """Fill table[todo] batch by batch (consecutive runs of todo, so each batch is one row range; runs
+    start and end at multiples of T when every batch written before was a whole number of groups)."""
     from tqdm.auto import tqdm
 
     sequences = torch.from_numpy(state_sequences(ids.numel(), context))

@@ -21,7 +21,10 @@ def analyse_temperature(chain: LanguageModelChain, tau: float) -> dict:
     """Everything markov.json holds for one temperature τ (plain Python types)."""
     start = time.perf_counter()
     op = chain.operator(tau)
-    stationary = analysis.stationary_distribution(op)
+    try:
+        stationary = analysis.stationary_distribution(op)
+    except ValueError as exc:
+        raise ValueError(f"at temperature τ={tau:g}: {exc}") from None
     pi = stationary.pi
     gap = analysis.spectral_gap(op)
     dense = op.num_states <= analysis.DENSE_MAX_STATES
@@ -70,8 +73,8 @@ def analyse(chain: LanguageModelChain, progress: bool = True) -> list[dict]:
 
 def format_table(results: list[dict]) -> str:
     """The Markdown table: one row per temperature."""
-    lines = ["| τ | spectral gap | abs(λ₂) | t_rel | t_mix(1/4) | slowest start | residual ‖πP−π‖₁ | top token marginals "
-             "| top states (π) |", "|---:|---:|---:|---:|---:|---|---:|---|---|"]
+    lines = ["| τ | spectral gap | abs(λ₂) | t_rel | t_mix(1/4) | slowest start | residual ‖πP−π‖₁ "
+             "| top token marginals | top states (π) |", "|---:|---:|---:|---:|---:|---|---:|---|---|"]
     for r in results:
         lam2 = abs(complex(*r["second_eigenvalue"]))
         t_rel = "∞" if r["relaxation_time"] is None else f"{r['relaxation_time']:.3g}"
@@ -95,8 +98,8 @@ def write_markdown(results: list[dict], meta: dict, path: Path) -> None:
             format_table(results), "",
             "spectral gap = 1 − |λ₂|, t_rel = 1 / gap; t_mix(1/4) = min{t : max_s ‖P^t(s, ·) − π‖_TV ≤ 1/4} "
             f"(over {results[0]['mixing_time_over'] if results else 'all states'}).", "",
-            f"Logits of the {meta['num_states']} contexts: {meta['logits_seconds']:.1f} s"
-            f"{' (from the cache)' if meta.get('logits_cached') else ''}; analysis: "
+            f"Logits of the {meta['num_states']} contexts (or reading them from the cache): "
+            f"{meta['logits_seconds']:.1f} s; analysis: "
             + ", ".join(f"τ={r['temperature']:g} {r['analysis_seconds']:.1f} s" for r in results) + ".", ""]
     path.write_text("\n".join(text))
 
@@ -116,7 +119,7 @@ def plot(results: list[dict], out_dir: Path, title: str) -> list[Path]:
         for label, curve in r["tv_curve"].items():
             worst = label == "max over states"
             ax.semilogy(np.arange(len(curve)), np.maximum(curve, 1e-16), label=label,
-                        color="black" if worst else None, lw=2.0 if worst else 0.9)
+                        color="black" if worst else None, lw=1.6 if worst else 0.9, ls="--" if worst else "-")
         ax.axhline(analysis.MIXING_EPSILON, color="gray", ls="--", lw=0.8)
         ax.set_title(f"τ = {r['temperature']:g}, t_mix = {r['mixing_time']}")
         ax.set_xlabel("t (steps)")

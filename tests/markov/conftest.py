@@ -6,12 +6,13 @@ import pytest
 import torch
 
 VOCAB = ["<s>", "<unk>", "a", "b", "c", "d", "ab", "x", "y"]
+NEEDS_TRANSFORMERS = "the tiny model needs transformers: pip install '.[models]'"
 SYMBOLS = ["a", "b", "c"]  # single tokens; "a b" is two tokens, "zz" is unknown
 
 
 def tiny_tokenizer():
-    tokenizers = pytest.importorskip("tokenizers", reason="the tiny tokenizer needs tokenizers (with transformers)")
-    transformers = pytest.importorskip("transformers", reason="the tiny model needs transformers: pip install '.[models]'")
+    tokenizers = pytest.importorskip("tokenizers", reason=NEEDS_TRANSFORMERS)
+    transformers = pytest.importorskip("transformers", reason=NEEDS_TRANSFORMERS)
     backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
     backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", unk_token="<unk>")
@@ -19,7 +20,7 @@ def tiny_tokenizer():
 
 def tiny_causal_lm(seed: int = 0):
     """Llama, 2 layers, GQA 4/2, vocab 9; weights at std 0.5 so that next-token distributions differ per context."""
-    transformers = pytest.importorskip("transformers", reason="the tiny model needs transformers: pip install '.[models]'")
+    transformers = pytest.importorskip("transformers", reason=NEEDS_TRANSFORMERS)
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(vocab_size=len(VOCAB), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,

@@ -119,3 +119,9 @@ def test_sparse_paths_match_dense(monkeypatch):
     assert sparse_gap.gap == pytest.approx(dense_gap.gap, abs=1e-10)
     with pytest.raises(ValueError, match="mixing_time over all states needs S <= 100"):
         analysis.mixing_time(op, sparse_pi.pi)
+
+
+def test_reducible_chain_is_refused():
+    """Identity P (every state absorbing): π is not unique, and the dense solve says so."""
+    with pytest.raises(ValueError, match=r"P is not irreducible \(π is not unique\)"):
+        analysis.stationary_distribution(TransitionOperator(np.eye(3), 3, 1))

@@ -1,43 +1,21 @@
-"""LanguageModelChain on a tiny random-init Llama: P row by row from the model, π, the logits cache
-(reuse across temperatures, resume after an interruption), plain callables, save, and the errors."""
+"""LanguageModelChain on a tiny random-init Llama: P row by row from the model, π, plain callables,
+save, and the errors."""
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pytest
 import scipy.sparse
 import torch
 
-from duat_kernels.markov import LanguageModelChain, analysis, context_logits, state_sequences
+from duat_kernels.markov import LanguageModelChain, analysis
 
-from .conftest import SYMBOLS, tiny_causal_lm
+from .conftest import SYMBOLS
 
 TAUS = (0.5, 1.0, 2.0)
 # P from batched float32 forwards against one-sequence forwards: the logits differ by float32 rounding
 # in differently blocked matmuls (~1e-6), which moves probabilities by at most about that / τ.
 PROB_ATOL = 1e-5
-
-
-class CountingModel:
-    """A plain callable input_ids (B, L) -> (B, L, vocab) that counts its calls and can fail at a given call."""
-
-    def __init__(self, model, fail_at: int | None = None):
-        self.model, self.fail_at, self.calls = model, fail_at, 0
-
-    def __call__(self, input_ids):
-        self.calls += 1
-        if self.fail_at is not None and self.calls >= self.fail_at:
-            raise KeyboardInterrupt("interrupted")
-        return self.model(input_ids=input_ids).logits
-
-
-def test_state_order_is_base_t():
-    seqs = state_sequences(3, 3)
-    assert seqs.shape == (27, 3)
-    np.testing.assert_array_equal(np.ravel_multi_index(tuple(seqs.T), (3, 3, 3)), np.arange(27))
-    np.testing.assert_array_equal(seqs[5], [0, 1, 2])  # 5 = 0·9 + 1·3 + 2
 
 
 def _row_from_model(model, tokenizer, chain, state: str, tau: float, bos: bool) -> np.ndarray:
@@ -84,45 +62,6 @@ def test_plain_callables_match_the_model(tiny_lm):
     np.testing.assert_array_equal(next_fn.logits, seq_fn.logits)
 
 
-def test_cache_reused_across_temperatures(tiny_lm, tmp_path):
-    model, tokenizer = tiny_lm
-    first = CountingModel(model)
-    chain = LanguageModelChain.from_model(first, SYMBOLS, 3, tokenizer=tokenizer, temperatures=(1.0,), batch_size=4,
-                                          cache_dir=tmp_path, model_id="tiny", progress=False)
-    assert first.calls == math.ceil(27 / 4)
-    again = CountingModel(model)
-    other = LanguageModelChain.from_model(again, SYMBOLS, 3, tokenizer=tokenizer, temperatures=(0.25, 3.0),
-                                          batch_size=4, cache_dir=tmp_path, model_id="tiny", progress=False)
-    assert again.calls == 0
-    np.testing.assert_array_equal(other.logits, chain.logits)
-    # another K, another cache entry; a module is keyed by its weights, so another model does not hit it
-    LanguageModelChain.from_model(again, SYMBOLS, 2, tokenizer=tokenizer, cache_dir=tmp_path, model_id="tiny",
-                                  progress=False)
-    assert again.calls == 1
-    other_model = tiny_causal_lm(seed=1)
-    a = context_logits(model, [2, 3], 2, bos_id=0, cache_dir=tmp_path, progress=False)
-    b = context_logits(other_model, [2, 3], 2, bos_id=0, cache_dir=tmp_path, progress=False)
-    assert not np.allclose(a, b)
-    assert len(list(tmp_path.glob("logits_*"))) == 4
-
-
-def test_interrupted_run_resumes(tiny_lm, tmp_path):
-    model, tokenizer = tiny_lm
-    uninterrupted = LanguageModelChain.from_model(model, SYMBOLS, 3, tokenizer=tokenizer, batch_size=4,
-                                                  progress=False)
-    with pytest.raises(KeyboardInterrupt):
-        LanguageModelChain.from_model(CountingModel(model, fail_at=3), SYMBOLS, 3, tokenizer=tokenizer, batch_size=4,
-                                      cache_dir=tmp_path, model_id="tiny", progress=False)
-    (folder,) = tmp_path.glob("logits_*")
-    assert len(list(folder.glob("rows_*.npy"))) == 2 and not (folder / "logits.npy").exists()
-    resumed = CountingModel(model)
-    chain = LanguageModelChain.from_model(resumed, SYMBOLS, 3, tokenizer=tokenizer, batch_size=4, cache_dir=tmp_path,
-                                          model_id="tiny", progress=False)
-    assert resumed.calls == math.ceil((27 - 8) / 4)
-    np.testing.assert_array_equal(chain.logits, uninterrupted.logits)
-    assert (folder / "logits.npy").exists() and not list(folder.glob("rows_*.npy"))
-
-
 def test_save_writes_one_npz_per_temperature(tiny_lm, tmp_path):
     model, tokenizer = tiny_lm
     chain = LanguageModelChain.from_model(model, SYMBOLS, 2, tokenizer=tokenizer, temperatures=TAUS, progress=False)
@@ -156,12 +95,3 @@ def test_temperature_errors(tiny_lm, tau):
     chain = LanguageModelChain(np.zeros((4, 2)), ("a", "b"), 2)
     with pytest.raises(ValueError, match="temperature τ must be a finite number > 0"):
         chain.operator(tau)
-
-
-def test_callable_errors(tmp_path):
-    with pytest.raises(ValueError, match="needs model_id="):
-        context_logits(lambda x: torch.zeros(x.shape[0], 5), [1, 2], 2, cache_dir=tmp_path)
-    with pytest.raises(ValueError, match=r"next-token logits \(B, vocab\) or \(B, L, vocab\)"):
-        context_logits(lambda x: torch.zeros(5), [1, 2], 2, progress=False)
-    with pytest.raises(TypeError, match="without a tokenizer, symbols must be token ids"):
-        LanguageModelChain.from_model(lambda x: torch.zeros(x.shape[0], 5), ["a", "b"], 2, progress=False)
