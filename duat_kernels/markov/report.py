@@ -17,6 +17,11 @@ MIN_CURVE_STEPS = 16
 MAX_CURVE_STEPS = 1000
 
 
+def _curve_steps(t_mix: int | None) -> int:
+    """Length of the TV curves: three mixing times, within [MIN_CURVE_STEPS, MAX_CURVE_STEPS]."""
+    return MAX_CURVE_STEPS if t_mix is None else int(np.clip(3 * t_mix, MIN_CURVE_STEPS, MAX_CURVE_STEPS))
+
+
 def analyse_temperature(chain: LanguageModelChain, tau: float) -> dict:
     """Everything markov.json holds for one temperature τ (plain Python types)."""
     start = time.perf_counter()
@@ -28,19 +33,22 @@ def analyse_temperature(chain: LanguageModelChain, tau: float) -> dict:
     pi = stationary.pi
     gap = analysis.spectral_gap(op)
     dense = op.num_states <= analysis.DENSE_MAX_STATES
-    t_mix = analysis.mixing_time(op, pi) if dense else None
-    steps = int(np.clip(3 * (t_mix or 0), MIN_CURVE_STEPS, MAX_CURVE_STEPS))
     starts = analysis.constant_states(chain.num_symbols, chain.context)
-    curves = analysis.tv_curves(op, pi, starts, steps)
-    tv_curve = {chain.state_label(int(s)): c.tolist() for s, c in zip(starts, curves)}
     slowest = None
     if dense:
+        t_mix = analysis.mixing_time(op, pi)
+        steps = _curve_steps(t_mix)
+        curves = analysis.tv_curves(op, pi, starts, steps)
         worst, argmax = analysis.worst_tv_curve(op, pi, steps)
-        tv_curve["max over states"] = worst.tolist()
         slowest = chain.state_label(int(argmax[-1]))
     else:  # without the dense powers, t_mix over the starting states only (a lower bound on t_mix)
+        curves = analysis.tv_curves(op, pi, starts, MAX_CURVE_STEPS)
         below = np.flatnonzero(curves.max(axis=0) <= analysis.MIXING_EPSILON)
         t_mix = int(below[0]) if below.size else None
+        curves = curves[:, :_curve_steps(t_mix) + 1]
+    tv_curve = {chain.state_label(int(s)): c.tolist() for s, c in zip(starts, curves)}
+    if dense:
+        tv_curve["max over states"] = worst.tolist()
     marginal = analysis.token_marginal(pi, chain.num_symbols, chain.context)
     order = np.argsort(-pi)[:TOP]
     return {
