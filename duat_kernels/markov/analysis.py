@@ -1,0 +1,156 @@
+"""Stationary distribution, spectral gap, total-variation curves and mixing time of a chain P.
+
+Definitions (Levin & Peres, "Markov Chains and Mixing Times"):
+* π: πP = π, Σπ = 1; the residual reported is ||πP − π||₁.
+* spectral gap: 1 − |λ_2|, λ_2 the eigenvalue of P of second-largest modulus (the absolute gap;
+  P need not be reversible, so the eigenvalues may be complex). t_rel = 1 / gap.
+* TV curve from a state s: ||δ_s P^t − π||_TV = ½ Σ_s' |P^t(s, s') − π(s')|, t = 0, 1, ...
+* d(t) = max_s ||δ_s P^t − π||_TV (non-increasing in t); t_mix(ε) = min{t : d(t) <= ε}, ε = 1/4.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from duat_kernels.markov.operator import TransitionOperator
+
+# Up to this many states P is handled densely (an S x S float64 matrix: 32 MiB at 2048); above it,
+# sparse eigensolvers and structured products only.
+DENSE_MAX_STATES = 2048
+MIXING_EPSILON = 0.25
+# Up to this many states all eigenvalues are computed (LAPACK); above it, ARPACK's 6 largest in modulus.
+EIGVALS_MAX_STATES = 256
+
+
+@dataclass(frozen=True)
+class Stationary:
+    pi: np.ndarray  # (S,) float64, sums to one
+    residual: float  # ||πP − π||₁
+    method: str  # "dense solve" or "eigs + power"
+
+
+@dataclass(frozen=True)
+class SpectralGap:
+    gap: float  # 1 − |λ_2|
+    second_eigenvalue: complex  # λ_2
+    method: str  # "dense eigvals" or "eigs"
+
+
+def residual(op: TransitionOperator, pi: np.ndarray) -> float:
+    """||πP − π||₁ for π (S,)."""
+    return float(np.abs(op.rmatvec(pi) - pi).sum())
+
+
+def stationary_distribution(op: TransitionOperator, *, power_steps: int = 1000, tol: float = 1e-13) -> Stationary:
+    """π of P (S,). Dense: solve (Pᵀ − I) π = 0 with Σπ = 1 replacing one equation (exact for an
+    irreducible chain; ValueError if singular). Larger: ARPACK's leading eigenvector of Pᵀ, then power steps π <- πP
+    until ||πP − π||₁ <= tol or power_steps is reached."""
+    s = op.num_states
+    if s <= DENSE_MAX_STATES:
+        a = op.to_dense().T - np.eye(s)
+        a[-1] = 1.0  # normalisation row: Σπ = 1
+        b = np.zeros(s)
+        b[-1] = 1.0
+        try:
+            pi = np.linalg.solve(a, b)
+        except np.linalg.LinAlgError:
+            raise ValueError("P is not irreducible (π is not unique): some transition probabilities are exactly 0, "
+                             "as when a small temperature underflows them; use a larger temperature") from None
+        method = "dense solve"
+    else:
+        from scipy.sparse.linalg import eigs
+
+        _, vec = eigs(op.to_csr().T.tocsr(), k=1, which="LM", v0=np.full(s, 1.0 / s), tol=1e-14)
+        pi = np.abs(vec[:, 0].real)
+        method = "eigs + power"
+    pi = np.clip(pi, 0.0, None)
+    pi /= pi.sum()
+    res = residual(op, pi)
+    for _ in range(power_steps if method != "dense solve" else 0):
+        if res <= tol:
+            break
+        pi = op.rmatvec(pi)
+        pi /= pi.sum()
+        res = residual(op, pi)
+    return Stationary(pi, res, method)
+
+
+def token_marginal(pi: np.ndarray, num_symbols: int, context: int, position: int = -1) -> np.ndarray:
+    """(T,): the distribution of x_position (default the last, the newest token) under π (S,).
+    Under a stationary π every position has the same marginal (up to the residual)."""
+    return pi.reshape((num_symbols,) * context).sum(axis=tuple(k for k in range(context) if k != position % context))
+
+
+def spectral_gap(op: TransitionOperator) -> SpectralGap:
+    """1 − |λ_2| of P; all eigenvalues for small S, the 6 largest in modulus (ARPACK) otherwise."""
+    if op.num_states <= EIGVALS_MAX_STATES:
+        vals, method = np.linalg.eigvals(op.to_dense()), "dense eigvals"
+    else:
+        from scipy.sparse.linalg import eigs
+
+        v0 = np.random.default_rng(0).random(op.num_states)  # seeded (reproducible); not the all-ones eigenvector
+        vals = eigs(op.to_csr(), k=6, which="LM", v0=v0, return_eigenvectors=False, tol=1e-12)
+        method = "eigs"
+    vals = vals[np.argsort(-np.abs(vals))]
+    # the leading eigenvalue is 1 (stochastic P); λ_2 is the next one in modulus
+    lam2 = complex(vals[1])
+    return SpectralGap(max(0.0, 1.0 - abs(lam2)), lam2, method)  # |λ_2| may round above 1
+
+
+def constant_states(num_symbols: int, context: int) -> np.ndarray:
+    """Indices of the T states (v, v, ..., v): v·(T^K − 1)/(T − 1)."""
+    return np.arange(num_symbols) * ((num_symbols ** context - 1) // (num_symbols - 1))
+
+
+def tv_curves(op: TransitionOperator, pi: np.ndarray, starts: np.ndarray, steps: int) -> np.ndarray:
+    """(len(starts), steps + 1): ||δ_s P^t − π||_TV for each start s and t = 0..steps (structured products)."""
+    starts = np.asarray(starts, dtype=np.int64)
+    dist = np.zeros((op.num_states, starts.size))
+    dist[starts, np.arange(starts.size)] = 1.0
+    curves = np.empty((starts.size, steps + 1))
+    for t in range(steps + 1):
+        curves[:, t] = 0.5 * np.abs(dist - pi[:, None]).sum(axis=0)
+        if t < steps:
+            dist = op.rmatvec(dist)
+    return curves
+
+
+def worst_tv_curve(op: TransitionOperator, pi: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """d(t) = max over all S states of ||δ_s P^t − π||_TV, and the maximising state, for t = 0..steps:
+    two (steps + 1,) arrays (float64, int64); S x S work per step."""
+    every = tv_curves(op, pi, np.arange(op.num_states), steps)
+    return every.max(axis=0), every.argmax(axis=0)
+
+
+def _max_tv(rows: np.ndarray, pi: np.ndarray) -> float:
+    return float(0.5 * np.abs(rows - pi).sum(axis=1).max())
+
+
+def mixing_time(op: TransitionOperator, pi: np.ndarray, epsilon: float = MIXING_EPSILON,
+                max_steps: int = 1 << 20) -> int | None:
+    """t_mix(ε) = min{t : d(t) <= ε} over all states, or None if above max_steps.
+
+    Dense P^(2^i) by repeated squaring until d <= ε, then binary lifting down the powers (d is
+    non-increasing, so the largest t with d(t) > ε is found bit by bit): O(log t) S x S products.
+    Needs S <= DENSE_MAX_STATES."""
+    s = op.num_states
+    if s > DENSE_MAX_STATES:
+        raise ValueError(f"mixing_time over all states needs S <= {DENSE_MAX_STATES} states, got {s}; "
+                         "use tv_curves from a few starting states instead")
+    if not 0 < epsilon < 1:
+        raise ValueError(f"epsilon must be in (0, 1), got {epsilon!r}")
+    if _max_tv(np.eye(s), pi) <= epsilon:
+        return 0
+    powers = [op.to_dense()]  # powers[i] = P^(2^i)
+    while _max_tv(powers[-1], pi) > epsilon:
+        if 1 << len(powers) > max_steps:
+            return None
+        powers.append(powers[-1] @ powers[-1])
+    current, t = np.eye(s), 0  # invariant: d(t) > ε for current = P^t
+    for i in range(len(powers) - 2, -1, -1):
+        candidate = current @ powers[i]
+        if _max_tv(candidate, pi) > epsilon:
+            current, t = candidate, t + (1 << i)
+    return t + 1 if t + 1 <= max_steps else None

@@ -1,0 +1,152 @@
+"""A causal language model as a Markov chain on the T^K sequences of K symbols.
+
+Zekri et al., "Large Language Models as Markov Chains" (arXiv 2410.02724). With symbols
+V = (v_0, ..., v_{T-1}) (each one token) and context length K, the states are s = (x_1, ..., x_K),
+index(s) = Σ_k x_k T^{K-k} (base T, x_1 most significant, symbols in the order given). The model
+reads [BOS] x_1 ... x_K (BOS when the model has one; no chat template) and
+
+    P(y | s) = softmax_{y ∈ V}(logits[V] / τ),        s -> (x_2, ..., x_K, y)
+
+(the logits restricted to V and renormalised, at temperature τ).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse
+
+from duat_kernels.markov.logits import BOS_AUTO, check_context, context_logits, default_bos_id, symbol_token_ids
+from duat_kernels.markov.operator import TransitionOperator
+
+
+def check_temperature(tau) -> float:
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
+        raise ValueError(f"temperature τ must be a finite number > 0, got {tau!r}")
+    return float(tau)
+
+
+def transition_probabilities(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """Q[s, y] = softmax_y(logits[s, :] / τ): (S, T) logits -> (S, T) float64, rows summing to one."""
+    scaled = np.asarray(logits, dtype=np.float64) / check_temperature(temperature)
+    scaled -= scaled.max(axis=1, keepdims=True)
+    q = np.exp(scaled)
+    return q / q.sum(axis=1, keepdims=True)
+
+
+def transition_filename(temperature: float) -> str:
+    return f"transition_tau{temperature:g}.npz"
+
+
+@dataclass(eq=False)
+class LanguageModelChain:
+    """The chain of a model on symbols with context K: logits (T^K, T) at the symbols, one row per state.
+
+    `.operator(τ)` is the structured P (`TransitionOperator`), `.csr(τ)` the scipy matrix,
+    `.save(DIR)` writes DIR/transition_tau{τ}.npz for each of `.temperatures`.
+    """
+
+    logits: np.ndarray
+    symbols: tuple[str, ...]
+    context: int
+    temperatures: tuple[float, ...] = (1.0,)
+    token_ids: tuple[int, ...] | None = None
+    bos_id: int | None = None
+    _operators: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self):
+        self.symbols = tuple(str(s) for s in self.symbols)
+        self.context = check_context(self.context)
+        self.temperatures = tuple(check_temperature(t) for t in self.temperatures)
+        t = len(self.symbols)
+        if t < 2:
+            raise ValueError(f"need at least 2 symbols, got {list(self.symbols)}")
+        self.logits = np.asarray(self.logits)
+        if self.logits.shape != (t ** self.context, t):
+            raise ValueError(f"logits must have shape (T^K, T) = ({t ** self.context}, {t}) for T={t}, "
+                             f"K={self.context}, got {self.logits.shape}")
+        if not np.isfinite(self.logits).all():
+            raise ValueError("logits must be finite (the model returned NaN or inf at some context)")
+
+    @classmethod
+    def from_model(cls, model, symbols: Sequence, context: int, *, tokenizer=None, temperatures=(1.0,),
+                   bos_id: int | None | str = BOS_AUTO, batch_size: int = 64,
+                   cache_dir: str | os.PathLike | None = None, model_id: str | None = None,
+                   share_prefix: bool = True, progress: bool = True) -> LanguageModelChain:
+        """Evaluate model (a Hugging Face causal LM or a callable input_ids (B, L) -> next-token logits)
+        on all T^K contexts. With a tokenizer, symbols are strings, each a single token; without one,
+        symbols are token ids. bos_id "auto": the tokenizer's or the model config's BOS id, if any;
+        None: no BOS. batch_size, cache_dir, model_id, share_prefix: see `context_logits`."""
+        check_context(context)
+        taus = tuple(check_temperature(t) for t in temperatures)
+        if tokenizer is not None:
+            ids = symbol_token_ids(tokenizer, symbols)
+        else:
+            if not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 0 for s in symbols):
+                raise TypeError(f"without a tokenizer, symbols must be token ids (ints >= 0), got {list(symbols)}")
+            ids = [int(s) for s in symbols]
+            if len(set(ids)) != len(ids):
+                raise ValueError(f"symbols must be distinct token ids, got {ids}")
+        if bos_id == BOS_AUTO:
+            bos_id = default_bos_id(model, tokenizer)
+        logits = context_logits(model, ids, context, bos_id=bos_id, batch_size=batch_size, cache_dir=cache_dir,
+                                model_id=model_id, share_prefix=share_prefix, progress=progress)
+        return cls(logits, tuple(str(s) for s in symbols), context, taus, tuple(ids), bos_id)
+
+    @property
+    def num_symbols(self) -> int:
+        return len(self.symbols)
+
+    @property
+    def num_states(self) -> int:
+        return self.logits.shape[0]
+
+    def state_index(self, sequence: Sequence[str]) -> int:
+        """index of (x_1, ..., x_K) given as K symbols (or a string of K one-character symbols)."""
+        seq = list(sequence)
+        if len(seq) != self.context or any(x not in self.symbols for x in seq):
+            raise ValueError(f"a state is {self.context} symbols from {list(self.symbols)}, got {sequence!r}")
+        index = 0
+        for x in seq:
+            index = index * self.num_symbols + self.symbols.index(x)
+        return index
+
+    def state_label(self, index: int) -> str:
+        """The K symbols of state `index`, joined (with spaces unless every symbol is one character)."""
+        digits, t = [], self.num_symbols
+        for _ in range(self.context):
+            index, d = divmod(index, t)
+            digits.append(self.symbols[d])
+        sep = "" if all(len(s) == 1 for s in self.symbols) else " "
+        return sep.join(reversed(digits))
+
+    def probabilities(self, temperature: float) -> np.ndarray:
+        """(T^K, T): Q[s, y] = P(y | s) at temperature τ."""
+        return transition_probabilities(self.logits, temperature)
+
+    def operator(self, temperature: float) -> TransitionOperator:
+        """The structured transition operator P at temperature τ (cached per τ)."""
+        tau = check_temperature(temperature)
+        if tau not in self._operators:
+            self._operators[tau] = TransitionOperator(self.probabilities(tau), self.num_symbols, self.context)
+        return self._operators[tau]
+
+    def csr(self, temperature: float) -> scipy.sparse.csr_matrix:
+        """P at temperature τ as a (T^K, T^K) scipy CSR matrix."""
+        return self.operator(temperature).to_csr()
+
+    def save(self, directory: str | os.PathLike) -> list[Path]:
+        """Write directory/transition_tau{τ}.npz (scipy.sparse.save_npz of P) for each temperature."""
+        folder = Path(directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for tau in self.temperatures:
+            path = folder / transition_filename(tau)
+            scipy.sparse.save_npz(path, self.csr(tau))
+            paths.append(path)
+        return paths

@@ -1,0 +1,89 @@
+"""The transition operator of a context-K chain over T symbols, in its structured (shift) form.
+
+A state is s = (x_1, ..., x_K), index(s) = Σ_k x_k T^{K-k} (base T, x_1 most significant). The
+only transitions are s -> (x_2, ..., x_K, y), i.e. to s' = (s mod T^{K-1})·T + y, so with
+R = T^{K-1} and the state index split as s = x_1·R + r (x_1 < T, r < R):
+
+    P[x_1·R + r, r·T + y] = Q[x_1·R + r, y]        (Q: the (T^K, T) next-symbol probabilities)
+
+and every product with P is a contraction of Q reshaped to (T, R, T), with no index arrays:
+
+    (P v)[x_1, r]  = Σ_y Q[x_1, r, y] · v[r, y]          (v reshaped to (R, T))
+    (Pᵀ u)[r, y]   = Σ_{x_1} u[x_1, r] · Q[x_1, r, y]     (u reshaped to (T, R))
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse
+
+
+class TransitionOperator:
+    """P of shape (T^K, T^K) from the next-symbol probabilities Q (T^K, T), rows summing to one.
+
+    `.matvec(v)` is P v and `.rmatvec(u)` is Pᵀ u (so a row distribution μ evolves as
+    μ P = rmatvec(μ)); both take (T^K,) or (T^K, n) arrays. `.to_csr()` is the scipy CSR matrix.
+    """
+
+    def __init__(self, probabilities: np.ndarray, num_symbols: int, context: int):
+        q = np.asarray(probabilities, dtype=np.float64)
+        if num_symbols < 2 or context < 1:
+            raise ValueError(f"need num_symbols >= 2 and context >= 1, got {num_symbols} and {context}")
+        if q.shape != (num_symbols ** context, num_symbols):
+            raise ValueError(f"probabilities must have shape (T^K, T) = ({num_symbols ** context}, {num_symbols}) "
+                             f"for T={num_symbols}, K={context}, got {q.shape}")
+        self.probabilities, self.num_symbols, self.context = q, num_symbols, context
+        self._q3 = q.reshape(num_symbols, num_symbols ** (context - 1), num_symbols)  # (T, R, T)
+
+    @property
+    def num_states(self) -> int:
+        return self.probabilities.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.num_states, self.num_states)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.probabilities.dtype
+
+    def _check(self, name: str, v) -> np.ndarray:
+        v = np.asarray(v)
+        if v.ndim not in (1, 2) or v.shape[0] != self.num_states:
+            raise ValueError(f"{name} must have shape ({self.num_states},) or ({self.num_states}, n), got {v.shape}")
+        return v
+
+    def matvec(self, v: np.ndarray) -> np.ndarray:
+        """P v: v (S,) or (S, n) -> same shape; (P v)[s] = E[v(next state) | s]."""
+        v = self._check("v", v)
+        t, r = self.num_symbols, self.num_states // self.num_symbols
+        v3 = v.reshape(r, t, -1)  # (R, T_y, n)
+        out = np.matmul(self._q3.transpose(1, 0, 2), v3)  # (R, T_x, n): batched over r
+        return out.transpose(1, 0, 2).reshape(v.shape)
+
+    def rmatvec(self, u: np.ndarray) -> np.ndarray:
+        """Pᵀ u: u (S,) or (S, n) -> same shape; a distribution μ (as a column) evolves to μ P."""
+        u = self._check("u", u)
+        t, r = self.num_symbols, self.num_states // self.num_symbols
+        u3 = u.reshape(t, r, -1).transpose(1, 0, 2)  # (R, T_x, n)
+        out = np.matmul(self._q3.transpose(1, 2, 0), u3)  # (R, T_y, n): batched over r
+        return out.reshape(u.shape)
+
+    def to_csr(self) -> scipy.sparse.csr_matrix:
+        """P as a scipy CSR matrix (T nonzeros per row; explicit zeros where Q has them)."""
+        s, t = self.num_states, self.num_symbols
+        first_column = (np.arange(s) % (s // t)) * t  # (s mod T^{K-1})·T
+        indices = (first_column[:, None] + np.arange(t)).ravel()
+        indptr = np.arange(0, s * t + 1, t)
+        return scipy.sparse.csr_matrix((self.probabilities.ravel(), indices, indptr), shape=self.shape)
+
+    def to_dense(self) -> np.ndarray:
+        """P as a dense (S, S) float64 array (S² entries: for small chains and tests)."""
+        return self.to_csr().toarray()
+
+    def as_linear_operator(self):
+        """P as a scipy.sparse.linalg.LinearOperator (matvec, rmatvec, matmat)."""
+        from scipy.sparse.linalg import LinearOperator
+
+        return LinearOperator(self.shape, matvec=self.matvec, rmatvec=self.rmatvec, matmat=self.matvec,
+                              rmatmat=self.rmatvec, dtype=self.dtype)

@@ -1,0 +1,127 @@
+"""π, spectral gap, TV curves and mixing time on chains where they are known exactly, and against brute force."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from duat_kernels.markov import LanguageModelChain, TransitionOperator, analysis
+
+from .test_operator import random_probabilities
+
+ABS_PI = 10 * np.finfo(np.float64).eps
+TWO_STATE = [(0.3, 0.1), (0.9, 0.8), (0.05, 0.02)]  # (a, b): P = [[1-a, a], [b, 1-b]]; λ₂ = 1-a-b (< 0 for the second)
+
+
+def brute_force_mixing_time(p: np.ndarray, pi: np.ndarray, eps: float = 0.25) -> int:
+    t, power = 0, np.eye(len(pi))
+    while 0.5 * np.abs(power - pi).sum(axis=1).max() > eps:
+        t, power = t + 1, power @ p
+    return t
+
+
+@pytest.mark.parametrize("a,b", TWO_STATE, ids=[f"a{a}-b{b}" for a, b in TWO_STATE])
+def test_two_state_chain_exact(a, b):
+    # K = 1 over 2 symbols, built from logits = log P at τ = 1 (so it also goes through LanguageModelChain)
+    chain = LanguageModelChain(np.log([[1 - a, a], [b, 1 - b]]), ("u", "v"), 1)
+    op = chain.operator(1.0)
+    lam = 1 - a - b
+    st = analysis.stationary_distribution(op)
+    np.testing.assert_allclose(st.pi, [b / (a + b), a / (a + b)], rtol=1e-14)
+    assert st.residual <= 1e-15
+    gap = analysis.spectral_gap(op)
+    assert gap.second_eigenvalue == pytest.approx(lam, abs=1e-14)
+    assert gap.gap == pytest.approx(1 - abs(lam), abs=1e-14)
+    steps = 30
+    t = np.arange(steps + 1)
+    curves = analysis.tv_curves(op, st.pi, np.array([0, 1]), steps)
+    # δ_0 P^t − π = λ^t (a, −a)/(a+b): TV = a/(a+b)·|λ|^t; from state 1: b/(a+b)·|λ|^t
+    np.testing.assert_allclose(curves, np.outer([a / (a + b), b / (a + b)], abs(lam) ** t), rtol=1e-9, atol=1e-15)
+    d = max(a, b) / (a + b) * abs(lam) ** t
+    worst, argmax = analysis.worst_tv_curve(op, st.pi, steps)
+    np.testing.assert_allclose(worst, d, rtol=1e-9, atol=1e-15)
+    np.testing.assert_array_equal(argmax, 0 if a > b else 1)  # the larger TV prefactor
+    expected = next(s for s in range(10_000) if max(a, b) / (a + b) * abs(lam) ** s <= 0.25)
+    assert analysis.mixing_time(op, st.pi) == expected
+
+
+IID = [(3, 3, 1.0), (3, 3, 0.5), (2, 4, 2.0)]
+
+
+@pytest.mark.parametrize("t,k,tau", IID, ids=[f"T{t}-K{k}-tau{tau}" for t, k, tau in IID])
+def test_iid_chain_exact(t, k, tau):
+    """Logits independent of the context: y ~ q_τ ∝ q^(1/τ) i.i.d., so π(s) = Π_k q_τ(x_k), P^K = 1π (all other
+    eigenvalues 0), and from s after t < K steps the first K−t symbols are still x_{t+1..K}:
+    ||δ_s P^t − π||_TV = 1 − Π_{k>t} q_τ(x_k)."""
+    q = np.arange(1, t + 1, dtype=np.float64) ** 2
+    chain = LanguageModelChain(np.tile(np.log(q), (t ** k, 1)), tuple("uvwz"[:t]), k, (tau,))
+    op = chain.operator(tau)
+    q_tau = q ** (1 / tau) / (q ** (1 / tau)).sum()
+    st = analysis.stationary_distribution(op)
+    product = q_tau
+    for _ in range(k - 1):
+        product = np.outer(product, q_tau).ravel()
+    # the dense solve is backward stable: entries accurate to a few ulps of max π (<= 1) in absolute terms
+    np.testing.assert_allclose(st.pi, product, rtol=1e-12, atol=ABS_PI)
+    for position in range(k):
+        np.testing.assert_allclose(analysis.token_marginal(st.pi, t, k, position), q_tau, rtol=1e-12, atol=ABS_PI)
+    # 0 is a defective eigenvalue (Jordan blocks of size K), which rounding u moves by O(u^(1/K))
+    assert analysis.spectral_gap(op).gap == pytest.approx(1.0, abs=10 * np.finfo(float).eps ** (1 / k))
+    starts = analysis.constant_states(t, k)
+    steps = k + 2
+    expected = np.array([[1 - q_tau[v] ** (k - s) if s < k else 0.0 for s in range(steps + 1)] for v in range(t)])
+    np.testing.assert_allclose(analysis.tv_curves(op, st.pi, starts, steps), expected, atol=1e-13)
+    worst = np.array([1 - q_tau.min() ** (k - s) if s < k else 0.0 for s in range(steps + 1)])
+    np.testing.assert_allclose(analysis.worst_tv_curve(op, st.pi, steps)[0], worst, atol=1e-13)
+    assert analysis.mixing_time(op, st.pi) == next(s for s in range(k + 1) if worst[s] <= 0.25)
+
+
+@pytest.mark.parametrize("n,p", [(5, 0.3), (6, 0.5), (4, 0.9)])
+def test_noisy_rotation_uniform_pi_complex_gap(n, p):
+    """P = (1−p) I + p·C (C the cyclic shift): doubly stochastic, so π is uniform; eigenvalues 1 − p + p ω^j."""
+    q = (1 - p) * np.eye(n) + p * np.roll(np.eye(n), 1, axis=1)
+    op = TransitionOperator(q, n, 1)
+    st = analysis.stationary_distribution(op)
+    np.testing.assert_allclose(st.pi, np.full(n, 1 / n), rtol=1e-13)
+    lam = 1 - p + p * np.exp(2j * np.pi * np.arange(1, n) / n)
+    gap = analysis.spectral_gap(op)
+    assert gap.gap == pytest.approx(1 - np.abs(lam).max(), abs=1e-13)
+    assert abs(gap.second_eigenvalue) == pytest.approx(np.abs(lam).max(), abs=1e-13)
+    assert analysis.mixing_time(op, st.pi) == brute_force_mixing_time(q, st.pi)
+
+
+@pytest.mark.parametrize("t,k,seed", [(3, 2, 0), (2, 5, 1), (4, 3, 2)])
+def test_random_chain_against_brute_force(t, k, seed):
+    # peaked rows (probabilities ∝ r^6) so that mixing takes several steps
+    q = random_probabilities(t, k, seed) ** 6
+    op = TransitionOperator(q / q.sum(axis=1, keepdims=True), t, k)
+    p = op.to_dense()
+    st = analysis.stationary_distribution(op)
+    assert st.residual <= 1e-13
+    assert np.abs(st.pi @ p - st.pi).sum() <= 1e-13 and st.pi.min() >= 0
+    assert analysis.mixing_time(op, st.pi) == brute_force_mixing_time(p, st.pi)
+    assert analysis.mixing_time(op, st.pi, max_steps=1) is None or brute_force_mixing_time(p, st.pi) <= 1
+    vals = np.sort(np.abs(np.linalg.eigvals(p)))
+    assert analysis.spectral_gap(op).gap == pytest.approx(1 - vals[-2], abs=1e-12)
+
+
+def test_sparse_paths_match_dense(monkeypatch):
+    """Above the dense limits: ARPACK (+ power steps) for π and λ₂ give the dense answers."""
+    q = random_probabilities(3, 5, seed=3) ** 4
+    op = TransitionOperator(q / q.sum(axis=1, keepdims=True), 3, 5)  # 243 states
+    dense_pi, dense_gap = analysis.stationary_distribution(op), analysis.spectral_gap(op)
+    monkeypatch.setattr(analysis, "DENSE_MAX_STATES", 100)
+    monkeypatch.setattr(analysis, "EIGVALS_MAX_STATES", 100)
+    sparse_pi, sparse_gap = analysis.stationary_distribution(op), analysis.spectral_gap(op)
+    assert (sparse_pi.method, sparse_gap.method) == ("eigs + power", "eigs")
+    assert sparse_pi.residual <= 1e-13
+    np.testing.assert_allclose(sparse_pi.pi, dense_pi.pi, rtol=1e-10, atol=ABS_PI)
+    assert sparse_gap.gap == pytest.approx(dense_gap.gap, abs=1e-10)
+    with pytest.raises(ValueError, match="mixing_time over all states needs S <= 100"):
+        analysis.mixing_time(op, sparse_pi.pi)
+
+
+def test_reducible_chain_is_refused():
+    """Identity P (every state absorbing): π is not unique, and the dense solve says so."""
+    with pytest.raises(ValueError, match=r"P is not irreducible \(π is not unique\)"):
+        analysis.stationary_distribution(TransitionOperator(np.eye(3), 3, 1))

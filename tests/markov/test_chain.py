@@ -1,0 +1,97 @@
+"""LanguageModelChain on a tiny random-init Llama: P row by row from the model, π, plain callables,
+save, and the errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse
+import torch
+
+from duat_kernels.markov import LanguageModelChain, analysis
+
+from .conftest import SYMBOLS
+
+TAUS = (0.5, 1.0, 2.0)
+# P from batched float32 forwards against one-sequence forwards: the logits differ by float32 rounding
+# in differently blocked matmuls (~1e-6), which moves probabilities by at most about that / τ.
+PROB_ATOL = 1e-5
+
+
+def _row_from_model(model, tokenizer, chain, state: str, tau: float, bos: bool) -> np.ndarray:
+    """P(· | state) straight from one full forward pass: softmax over the symbols of logits[-1] / τ."""
+    ids = [tokenizer.convert_tokens_to_ids(x) for x in state]
+    ids = ([tokenizer.bos_token_id] if bos else []) + ids
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, -1].double()
+    sym_ids = [tokenizer.convert_tokens_to_ids(s) for s in SYMBOLS]
+    return torch.softmax(logits[sym_ids] / tau, dim=0).numpy()
+
+
+@pytest.mark.parametrize("bos", [True, False], ids=["bos", "no-bos"])
+def test_rows_recomputed_from_the_model(tiny_lm, bos):
+    model, tokenizer = tiny_lm
+    chain = LanguageModelChain.from_model(model, SYMBOLS, 3, tokenizer=tokenizer, temperatures=TAUS,
+                                          bos_id="auto" if bos else None, batch_size=5, progress=False)
+    assert chain.bos_id == (tokenizer.bos_token_id if bos else None) and chain.num_states == 27
+    for tau in TAUS:
+        csr = chain.csr(tau)
+        np.testing.assert_allclose(np.asarray(csr.sum(axis=1)).ravel(), 1.0, rtol=0, atol=1e-14)
+        for state in ("abc", "ccc", "bab", "aaa", "cba"):
+            row = csr.getrow(chain.state_index(state)).toarray().ravel()
+            expected = _row_from_model(model, tokenizer, chain, state, tau, bos)
+            successors = [chain.state_index(state[1:] + y) for y in SYMBOLS]
+            np.testing.assert_allclose(row[successors], expected, rtol=0, atol=PROB_ATOL)
+            assert sorted(np.flatnonzero(row)) == sorted(successors)  # nothing outside the shift
+        st = analysis.stationary_distribution(chain.operator(tau))
+        assert st.residual <= 1e-8
+        assert np.abs(csr.T @ st.pi - st.pi).sum() <= 1e-8  # ||πP − π||₁ from the CSR matrix
+    # the rows differ between contexts (a check that would catch a context mixed up with another)
+    assert np.ptp(chain.probabilities(1.0)[:, 0]) > 0.1
+
+
+def test_plain_callables_match_the_model(tiny_lm):
+    model, tokenizer = tiny_lm
+    reference = LanguageModelChain.from_model(model, SYMBOLS, 2, tokenizer=tokenizer, progress=False)
+    ids = list(reference.token_ids)
+    # (B, L, vocab) logits from a function, symbols given as token ids, BOS given explicitly
+    seq_fn = LanguageModelChain.from_model(lambda x: model(x).logits, ids, 2, bos_id=0, progress=False)
+    # (B, vocab) next-token logits
+    next_fn = LanguageModelChain.from_model(lambda x: model(x).logits[:, -1], ids, 2, bos_id=0, progress=False)
+    np.testing.assert_allclose(seq_fn.logits, reference.logits, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(next_fn.logits, seq_fn.logits)
+
+
+def test_save_writes_one_npz_per_temperature(tiny_lm, tmp_path):
+    model, tokenizer = tiny_lm
+    chain = LanguageModelChain.from_model(model, SYMBOLS, 2, tokenizer=tokenizer, temperatures=TAUS, progress=False)
+    paths = chain.save(tmp_path)
+    assert [p.name for p in paths] == ["transition_tau0.5.npz", "transition_tau1.npz", "transition_tau2.npz"]
+    for tau, path in zip(TAUS, paths):
+        np.testing.assert_array_equal(scipy.sparse.load_npz(path).toarray(), chain.csr(tau).toarray())
+
+
+@pytest.mark.parametrize("symbols,match", [(["a", "a b"], r"'a b' must be a single token.*2 token"),
+                                          (["a", "zz"], r"'zz' must be a single token"),
+                                          (["a", "a"], "distinct tokens")], ids=["two-tokens", "unknown", "repeated"])
+def test_symbol_errors(tiny_lm, symbols, match):
+    model, tokenizer = tiny_lm
+    with pytest.raises(ValueError, match=match):
+        LanguageModelChain.from_model(model, symbols, 2, tokenizer=tokenizer, progress=False)
+
+
+@pytest.mark.parametrize("context", [0, -1, 1.5], ids=str)
+def test_context_errors(tiny_lm, context):
+    model, tokenizer = tiny_lm
+    with pytest.raises(ValueError, match="context K must be an int >= 1"):
+        LanguageModelChain.from_model(model, SYMBOLS, context, tokenizer=tokenizer, progress=False)
+
+
+@pytest.mark.parametrize("tau", [0, -1.0, float("inf"), float("nan")], ids=str)
+def test_temperature_errors(tiny_lm, tau):
+    model, tokenizer = tiny_lm
+    with pytest.raises(ValueError, match="temperature τ must be a finite number > 0"):
+        LanguageModelChain.from_model(model, SYMBOLS, 2, tokenizer=tokenizer, temperatures=(1.0, tau), progress=False)
+    chain = LanguageModelChain(np.zeros((4, 2)), ("a", "b"), 2)
+    with pytest.raises(ValueError, match="temperature τ must be a finite number > 0"):
+        chain.operator(tau)

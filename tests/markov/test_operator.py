@@ -1,0 +1,57 @@
+"""TransitionOperator: the structured products and the CSR matrix against P built state by state."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from duat_kernels.markov import TransitionOperator
+
+SIZES = [(2, 1), (3, 1), (2, 3), (3, 2), (4, 3), (5, 2)]
+
+
+def random_probabilities(t: int, k: int, seed: int = 0) -> np.ndarray:
+    q = np.random.default_rng(seed).random((t ** k, t)) + 1e-3
+    return q / q.sum(axis=1, keepdims=True)
+
+
+def dense_by_enumeration(q: np.ndarray, t: int, k: int) -> np.ndarray:
+    """P[s, s'] from the definition: s = (x_1..x_K) in lexicographic order, s' = (x_2..x_K, y)."""
+    states = list(itertools.product(range(t), repeat=k))
+    index = {s: i for i, s in enumerate(states)}
+    p = np.zeros((len(states), len(states)))
+    for i, s in enumerate(states):
+        for y in range(t):
+            p[i, index[s[1:] + (y,)]] += q[i, y]
+    return p
+
+
+@pytest.mark.parametrize("t,k", SIZES, ids=[f"T{t}-K{k}" for t, k in SIZES])
+def test_products_and_csr_match_enumeration(t, k):
+    q = random_probabilities(t, k)
+    op = TransitionOperator(q, t, k)
+    p = dense_by_enumeration(q, t, k)
+    rng = np.random.default_rng(1)
+    v, block = rng.standard_normal(t ** k), rng.standard_normal((t ** k, 3))
+    np.testing.assert_allclose(op.matvec(v), p @ v, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(op.rmatvec(v), p.T @ v, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(op.matvec(block), p @ block, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(op.rmatvec(block), p.T @ block, rtol=1e-13, atol=1e-13)
+    csr = op.to_csr()
+    assert csr.shape == (t ** k, t ** k) and csr.nnz == t ** (k + 1)
+    np.testing.assert_array_equal(csr.toarray(), p)
+    lin = op.as_linear_operator()
+    np.testing.assert_allclose(lin.rmatvec(v), p.T @ v, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(lin @ block, p @ block, rtol=1e-13, atol=1e-13)
+
+
+def test_rejects_bad_shapes():
+    with pytest.raises(ValueError, match=r"probabilities must have shape \(T\^K, T\) = \(9, 3\)"):
+        TransitionOperator(np.full((8, 3), 1 / 3), 3, 2)
+    with pytest.raises(ValueError, match="num_symbols >= 2 and context >= 1"):
+        TransitionOperator(np.ones((1, 1)), 1, 1)
+    op = TransitionOperator(random_probabilities(2, 2), 2, 2)
+    with pytest.raises(ValueError, match=r"v must have shape \(4,\) or \(4, n\)"):
+        op.matvec(np.ones(5))

@@ -1,0 +1,45 @@
+"""analyse_temperature on both sides of the dense limit, and the Markdown table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from duat_kernels.markov import LanguageModelChain, analysis, report
+
+from .test_analysis import ABS_PI
+
+
+def _chain() -> LanguageModelChain:
+    logits = np.random.default_rng(0).standard_normal((3 ** 4, 3)) * 2  # T = 3, K = 4: 81 states
+    return LanguageModelChain(logits, ("a", "b", "c"), 4, (0.5, 2.0))
+
+
+def test_dense_analysis_is_over_all_states():
+    r = report.analyse_temperature(_chain(), 0.5)
+    assert r["mixing_time_over"] == "all states" and r["residual"] <= 1e-13 and r["row_sum_error"] <= 1e-15
+    worst = r["tv_curve"]["max over states"]
+    assert worst[r["mixing_time"]] <= 0.25 < worst[r["mixing_time"] - 1]
+    assert r["slowest_state"] is not None and sum(r["pi"]) == pytest.approx(1.0, abs=1e-14)
+
+
+def test_sparse_analysis_over_the_constant_starts(monkeypatch):
+    """Above DENSE_MAX_STATES: ARPACK for π and λ₂, t_mix from the constant starting states only."""
+    dense = report.analyse_temperature(_chain(), 0.5)
+    monkeypatch.setattr(analysis, "DENSE_MAX_STATES", 10)
+    monkeypatch.setattr(analysis, "EIGVALS_MAX_STATES", 10)
+    sparse = report.analyse_temperature(_chain(), 0.5)
+    assert sparse["mixing_time_over"] == "the constant starting states" and "max over states" not in sparse["tv_curve"]
+    np.testing.assert_allclose(sparse["pi"], dense["pi"], rtol=1e-10, atol=ABS_PI)
+    assert sparse["spectral_gap"] == pytest.approx(dense["spectral_gap"], abs=1e-10)
+    starts_max = np.max(list(sparse["tv_curve"].values()), axis=0)
+    assert starts_max[sparse["mixing_time"]] <= 0.25 < starts_max[sparse["mixing_time"] - 1]
+    assert sparse["mixing_time"] <= dense["mixing_time"]  # a lower bound on t_mix over all states
+
+
+def test_table_has_one_row_per_temperature():
+    chain = _chain()
+    table = report.format_table(report.analyse(chain, progress=False))
+    lines = table.splitlines()
+    assert len(lines) == 2 + len(chain.temperatures)
+    assert lines[2].startswith("| 0.5 |") and lines[3].startswith("| 2 |")
