@@ -44,13 +44,13 @@ class AttentionLayer:
                 f"{'+' if self.b_v is not None and self.b_o is not None else ''}{'b_o' if self.b_o is not None else ''}"
                 f"{'none' if self.b_v is None and self.b_o is None else ''}, padded={self.token_mask is not None})")
 
-    def operator(self, layout: str = "token") -> HVOOperator:
-        """The matrix-free W' (with b') of this layer."""
+    def operator(self, layout: str = "token", heads: int | list[int] | None = None) -> HVOOperator:
+        """The matrix-free W' (with b') of this layer, or of the given heads only."""
         return HVOOperator(self.attn, self.w_v, self.w_o, num_kv_heads=self.num_kv_heads, b_v=self.b_v, b_o=self.b_o,
-                           layout=layout)
+                           layout=layout, heads=heads)
 
     def hvo_matrix(self, **kwargs) -> torch.Tensor:
-        """Dense W' (B, N·M_out, N·M_in); kwargs go to duat_kernels.hvo_matrix."""
+        """Dense W' (B, N·M_out, N·M_in); kwargs (heads=, dtype=, backend=, ...) go to duat_kernels.hvo_matrix."""
         return hvo_matrix(self.attn, self.w_v, self.w_o, num_kv_heads=self.num_kv_heads, **kwargs)
 
     def hvo_bias(self, layout: str = "token") -> torch.Tensor:
