@@ -134,13 +134,18 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
             projections (found by name: Llama, Mistral, Qwen, Gemma, OLMo, Phi, OPT, GPT-J, BERT,
             RoBERTa, ELECTRA, DistilBERT, DeBERTa-v2, ViT, ...), a fused family registered in
             ARCHITECTURES (GPT-2, GPT-NeoX/Pythia, BLOOM, Falcon, Phi-3, GPT-BigCode) or with
-            `register_architecture`, or any module containing torch.nn.MultiheadAttention.
+            `register_architecture`, any module containing torch.nn.MultiheadAttention, or a
+            TransformerLens TransformerBridge (then pass tokens: see duat_kernels.models.lens).
         layers: indices of the layers to keep (negative counts from the end); default all. Only
             these are hooked and kept in memory.
         switch_to_eager: if the model uses sdpa/flash attention, switch it to eager attention for
             the capture (and back); if False, raise an error instead.
         *args, **inputs: the model's inputs (e.g. input_ids, attention_mask).
     """
+    from duat_kernels.models import lens
+
+    if lens.is_bridge(model):  # TransformerLens 4.x: hook_pattern, W_V, W_O, b_V, b_O
+        return lens.bridge_attention_layers(model, *args, layers=layers, **inputs)
     blocks = attention_blocks(model)
     chosen = range(len(blocks)) if layers is None else layers
     for i in chosen:
