@@ -173,7 +173,7 @@ def _run(args) -> int:
             Path(args.json).write_text(text + "\n")
             log(f"per-layer results (JSON) written to {args.json}")
     if args.save:
-        inspection.save(reports, args.save, tokens, log=log)
+        inspection.save(reports, args.save, tokens, log=log, heads=heads)
     if args.plot:
         from duat_kernels.models.inspect_plot import plot_block_norms
 

@@ -142,14 +142,16 @@ def saved_tensors(reports: list[LayerReport]) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save(reports: list[LayerReport], path: str, tokens: list[str], log=print) -> None:
-    """W', b' and the block norms of each layer into one safetensors file, saying what and how much first."""
+def save(reports: list[LayerReport], path: str, tokens: list[str], log=print, heads: list[int] | None = None) -> None:
+    """W', b' and the block norms of each layer into one safetensors file, saying what and how much first.
+    With heads, W' and the block norms are of those heads (metadata "heads"), b' of the whole layer."""
     from safetensors.torch import save_file
 
     tensors = saved_tensors(reports)
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     log(f"writing {format_bytes(size)} to {path} ...")
-    save_file(tensors, path, metadata={"tokens": "\t".join(tokens), "layout": "token"})
+    metadata = {"tokens": "\t".join(tokens), "layout": "token", "heads": "all" if heads is None else ",".join(map(str, heads))}
+    save_file(tensors, path, metadata=metadata)
     with_w = [r.layer.index for r in reports if r.matrix is not None]
     without = [r.layer.index for r in reports if r.matrix is None]
     what = f"W' of layer(s) {', '.join(map(str, with_w))}, " if with_w else ""
