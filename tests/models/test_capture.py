@@ -22,10 +22,13 @@ def _assert_exact(layers, expected_count):
         assert layer.relative_error() <= TOLERANCE, layer.name  # matrix-free route
 
 
-def _ids(vocab, batch=2, tokens=9, seed=0):
+def _ids(vocab, batch=2, tokens=9, seed=0, side="left"):
     ids = torch.randint(0, vocab, (batch, tokens), generator=torch.Generator().manual_seed(seed))
     mask = torch.ones(batch, tokens, dtype=torch.long)
-    mask[1, :3] = 0  # left padding in the second sequence (its padded query rows are left out of the error)
+    if side == "left":  # padding in the second sequence (its padded query rows are left out of the error)
+        mask[1, :3] = 0
+    else:
+        mask[1, -3:] = 0
     return dict(input_ids=ids, attention_mask=mask)
 
 
@@ -112,6 +115,12 @@ def test_random_init_models_are_exact(family):
         assert layer.num_kv_heads == (expected_kv or config.num_attention_heads)
     if family in ("qwen2", "gpt_neox", "bloom", "falcon-mha", "starcoder2"):
         assert layer.b_v is not None and layer.b_v.abs().sum() > 0  # the value bias is used
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bloom", "falcon", "deberta_v2", "gemma2"])
+def test_right_padding(family):
+    config, model = _random_model(family)
+    _assert_exact(dk.models.attention_layers(model, **_ids(config.vocab_size, side="right")), config.num_hidden_layers)
 
 
 def test_value_split_of_interleaved_qkv_is_checked():
