@@ -8,5 +8,5 @@ from duat_kernels.models.architectures import ARCHITECTURES, SHAPES, Architectur
 from duat_kernels.models.capture import AttentionLayer, attention_layers
 from duat_kernels.models.zoo import DEFAULT_TEXT, load
 
-__all__ = ["attention_layers", "AttentionLayer", "Architecture", "ARCHITECTURES", "SHAPES", "register_architecture", "load",
-           "DEFAULT_TEXT"]
+__all__ = ["attention_layers", "AttentionLayer", "Architecture", "ARCHITECTURES", "SHAPES", "register_architecture",
+           "load", "DEFAULT_TEXT"]

@@ -38,8 +38,8 @@ class AttentionLayer:
 
     def __repr__(self) -> str:
         batch, heads, tokens = self.attn.shape[:3]
-        return (f"AttentionLayer(index={self.index}, name={self.name!r}, batch={batch}, tokens={tokens}, heads={heads}, "
-                f"kv_heads={self.num_kv_heads}, head_dim={self.w_o.shape[1] // heads}, M_in={self.w_v.shape[1]}, "
+        return (f"AttentionLayer(index={self.index}, name={self.name!r}, batch={batch}, tokens={tokens}, "
+                f"heads={heads}, kv_heads={self.num_kv_heads}, head_dim={self.w_o.shape[1] // heads}, M_in={self.w_v.shape[1]}, "
                 f"M_out={self.w_o.shape[0]}, biases={'b_v' if self.b_v is not None else ''}"
                 f"{'+' if self.b_v is not None and self.b_o is not None else ''}{'b_o' if self.b_o is not None else ''}"
                 f"{'none' if self.b_v is None and self.b_o is None else ''}, padded={self.token_mask is not None})")
@@ -84,7 +84,8 @@ def attention_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module,
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     shapes = ", ".join(f"{a.value}+{a.out_proj}" for a in SHAPES)
     raise ValueError(
-        f"no adapter for model_type={model_type!r} ({type(model).__name__}): found {describe_attention_modules(model)}. "
+        f"no adapter for model_type={model_type!r} ({type(model).__name__}): "
+        f"found {describe_attention_modules(model)}. "
         f"Supported: value/output projections named {shapes}; fused query/key/value for "
         f"{', '.join(sorted(ARCHITECTURES))}; torch.nn.MultiheadAttention. Add one with "
         "duat_kernels.models.register_architecture(model_type, value=..., out_proj=..., value_weights=...)")

@@ -149,19 +149,22 @@ D.layers.forEach((L, j) => {
   const tr = document.createElement("tr");
   if (!L.passed) tr.className = "fail";
   const cells = [L.index, L.name, `${L.heads}/${L.kv_heads}`, L.rel_error.toExponential(2), L.passed ? "yes" : "NO",
-    L.frobenius.toFixed(2), (100 * L.dense_blocks).toFixed(1) + "%", L.w_ms === null ? "matrix-free" : L.w_ms.toFixed(1) + " ms"];
+    L.frobenius.toFixed(2), (100 * L.dense_blocks).toFixed(1) + "%",
+    L.w_ms === null ? "matrix-free" : L.w_ms.toFixed(1) + " ms"];
   for (const c of cells) { const td = document.createElement("td"); td.textContent = c; tr.appendChild(td); }
   tr.addEventListener("click", () => showLayer(j));
   body.appendChild(tr);
 });
 document.getElementById("tokens").textContent = `${D.tokens.length} tokens: ${D.tokens.join(" ")}`;
-document.getElementById("legend").textContent = `Colour: log scale over 4 decades, shared by all layers (and by all heads);` +
+document.getElementById("legend").textContent =
+  `Colour: log scale over 4 decades, shared by all layers (and by all heads);` +
   (C < D.tokens.length ? ` ${D.tokens.length} tokens shown as ${C}x${C} super-blocks (exact norms).` : "") +
   ` Click a row of the table to show its layer; hover a cell for its tokens.`;
 showLayer(0);
 if (location.hash === "#selftest") {  // for the headless test: hover the first heatmap's centre
   const canvas = document.querySelector("canvas"), rect = canvas.getBoundingClientRect();
-  canvas.dispatchEvent(new MouseEvent("mousemove", {clientX: rect.left + rect.width / 2, clientY: rect.top + rect.height / 2}));
+  const centre = {clientX: rect.left + rect.width / 2, clientY: rect.top + rect.height / 2};
+  canvas.dispatchEvent(new MouseEvent("mousemove", centre));
   document.getElementById("status").textContent += "; hover: " + tip.textContent.replace(/\\n/g, " | ");
 }
 </script></body></html>

@@ -36,7 +36,8 @@ def reduced_norms(report, cells: int, heads: list[int] | None = None) -> torch.T
     return report.layer.operator(heads=heads).block_norms(grid=(cells, cells))[0]
 
 
-def plot_block_norms(reports, path: str, tokens: list[str], title: str, heads: list[int] | None = None) -> tuple[int, int]:
+def plot_block_norms(reports, path: str, tokens: list[str], title: str,
+                     heads: list[int] | None = None) -> tuple[int, int]:
     """Heatmaps of the block norms ||W'_nm||_F, one panel per layer, on one log colour scale.
 
     Long inputs are reduced to at most MAX_CELLS x MAX_CELLS super-blocks (exact super-block norms)

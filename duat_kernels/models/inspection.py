@@ -48,7 +48,8 @@ def head_contribution(layer: AttentionLayer, head: int) -> torch.Tensor:
 
 def head_reports(layer: AttentionLayer, heads: list[int]) -> list[HeadReport]:
     """Size of each head's W' and of its part of the output (batch element 0 and real tokens)."""
-    ov_norms = ov_circuits(layer.w_v.double(), layer.w_o.double(), layer.attn.shape[1], layer.num_kv_heads).flatten(1).norm(dim=1)
+    ov = ov_circuits(layer.w_v.double(), layer.w_o.double(), layer.attn.shape[1], layer.num_kv_heads)
+    ov_norms = ov.flatten(1).norm(dim=1)
     out = layer.output.double() if layer.token_mask is None else layer.output.double()[layer.token_mask]
     result = []
     for i in heads:
@@ -91,7 +92,8 @@ def inspect_layers(model, inputs: dict, layers: list[int] | None = None, backend
     return reports
 
 
-def format_reports(reports: list[LayerReport], model_name: str, tokens: list[str], heads: list[int] | None = None) -> str:
+def format_reports(reports: list[LayerReport], model_name: str, tokens: list[str],
+                   heads: list[int] | None = None) -> str:
     shown = tokens if len(tokens) <= 64 else [*tokens[:30], f"... ({len(tokens) - 60} more) ...", *tokens[-30:]]
     lines = [f"{model_name}: {len(tokens)} tokens: {' '.join(shown)}", "",
              f"{'layer':>5} {'N':>4} {'M_in':>5} {'M_out':>5} {'heads':>7} {'rel. error':>11} {'W time':>11} "
@@ -150,7 +152,8 @@ def save(reports: list[LayerReport], path: str, tokens: list[str], log=print, he
     tensors = saved_tensors(reports)
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     log(f"writing {format_bytes(size)} to {path} ...")
-    metadata = {"tokens": "\t".join(tokens), "layout": "token", "heads": "all" if heads is None else ",".join(map(str, heads))}
+    metadata = {"tokens": "\t".join(tokens), "layout": "token",
+                "heads": "all" if heads is None else ",".join(map(str, heads))}
     save_file(tensors, path, metadata=metadata)
     with_w = [r.layer.index for r in reports if r.matrix is not None]
     without = [r.layer.index for r in reports if r.matrix is None]

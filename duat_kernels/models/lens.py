@@ -63,7 +63,8 @@ def bridge_attention_layers(bridge, tokens, layers: list[int] | None = None,
             raise IndexError(f"layer {i} is out of range: the model has {count} attention layers")
     selected = sorted({i % count for i in chosen})
     ids = _tokens(bridge, tokens)
-    wanted = {f"blocks.{i}.{hook}" for i in selected for hook in ("attn.hook_pattern", "attn.v.hook_in", "hook_attn_out")}
+    hooks = ("attn.hook_pattern", "attn.v.hook_in", "hook_attn_out")
+    wanted = {f"blocks.{i}.{hook}" for i in selected for hook in hooks}
     kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
     with torch.no_grad():
         _, cache = bridge.run_with_cache(ids, names_filter=lambda name: name in wanted, **kwargs)

@@ -219,7 +219,8 @@ class OddModel(torch.nn.Module):
 
 def test_unknown_family_names_what_was_found_and_can_be_registered():
     model, x = OddModel(), torch.randn(2, 5, 8)
-    with pytest.raises(ValueError, match=r"model_type='odd'.*found attn \(OddAttention: wv, wo\).*register_architecture"):
+    expected = r"model_type='odd'.*found attn \(OddAttention: wv, wo\).*register_architecture"
+    with pytest.raises(ValueError, match=expected):
         dk.models.attention_layers(model, x)
     try:
         dk.models.register_architecture("odd", "wv", "wo")

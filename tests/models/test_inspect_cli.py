@@ -28,7 +28,8 @@ def folder(tmp_path_factory):
     vocab = {tok: i for i, tok in enumerate(["[PAD]", "[UNK]", *(f"w{i}" for i in range(WORDS))])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(path)
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+    tokenizer.save_pretrained(path)
     torch.manual_seed(0)
     config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                                      vocab_size=len(vocab), max_position_embeddings=POSITIONS)
