@@ -131,8 +131,8 @@ def _positions(model) -> int | None:
 def run(args) -> int:
     try:
         return _run(args)
-    except (InspectError, FileNotFoundError, ImportError) as exc:
-        print(f"duat inspect: {exc}", file=sys.stderr)
+    except (InspectError, OSError, ImportError, ValueError) as exc:  # user errors, unloadable or unsupported models
+        print(f"duat inspect: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
 
 
