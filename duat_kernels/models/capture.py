@@ -136,7 +136,8 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
             RoBERTa, ELECTRA, DistilBERT, DeBERTa-v2, ViT, ...), a fused family registered in
             ARCHITECTURES (GPT-2, GPT-NeoX/Pythia, BLOOM, Falcon, Phi-3, GPT-BigCode) or with
             `register_architecture`, any module containing torch.nn.MultiheadAttention, or a
-            TransformerLens TransformerBridge (then pass tokens: see duat_kernels.models.lens).
+            TransformerLens TransformerBridge (then pass tokens: see duat_kernels.models.lens), or an
+            nnsight NNsight / LanguageModel (its wrapped module is run).
         layers: indices of the layers to keep (negative counts from the end); default all. Only
             these are hooked and kept in memory.
         switch_to_eager: if the model uses sdpa/flash attention, switch it to eager attention for
@@ -147,6 +148,8 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
 
     if lens.is_bridge(model):  # TransformerLens 4.x: hook_pattern, W_V, W_O, b_V, b_O
         return lens.bridge_attention_layers(model, *args, layers=layers, **inputs)
+    if type(model).__module__.startswith("nnsight.") and isinstance(getattr(model, "_module", None), torch.nn.Module):
+        model = model._module  # an nnsight NNsight / LanguageModel wraps the torch module it runs
     blocks = attention_blocks(model)
     chosen = range(len(blocks)) if layers is None else layers
     for i in chosen:
@@ -206,8 +209,8 @@ def _hooks(model, block: tuple[str, torch.nn.Module, Architecture | None], rec: 
 
     def on_block(_m, _args, out):
         if "attn" in rec:
-            raise RuntimeError(f"{name} was called more than once in one forward pass (weights shared across "
-                               "layers, as in ALBERT): its layers cannot be told apart")
+            raise ValueError(f"{name} was called more than once in one forward pass (weights shared across "
+                             "layers, as in ALBERT): its layers cannot be told apart; this model is not supported")
         attn = _probabilities(out)
         if attn is None:
             raise RuntimeError(f"{name} returned no attention probabilities (attn_implementation="

@@ -21,18 +21,24 @@ WORDS = 60
 POSITIONS = 256
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """A 2-layer BERT (4 heads, width 32, biases) and a word-level tokenizer w0 ... w59, saved offline."""
-    path = tmp_path_factory.mktemp("tiny_bert")
+def _save_tokenizer(path):
+    """A word-level tokenizer w0 ... w59 (+ [PAD], [UNK]) saved offline."""
     vocab = {tok: i for i, tok in enumerate(["[PAD]", "[UNK]", *(f"w{i}" for i in range(WORDS))])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
     tokenizer.save_pretrained(path)
+    return len(vocab)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A 2-layer BERT (4 heads, width 32, biases) and its tokenizer, saved offline."""
+    path = tmp_path_factory.mktemp("tiny_bert")
+    vocab = _save_tokenizer(path)
     torch.manual_seed(0)
     config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                                     vocab_size=len(vocab), max_position_embeddings=POSITIONS)
+                                     vocab_size=vocab, max_position_embeddings=POSITIONS)
     model = transformers.BertModel(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -153,6 +159,18 @@ def test_bad_model_paths_are_one_line(tmp_path, capsys):
     assert main(["inspect", "--model", str(tmp_path / "missing.gguf")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "missing.gguf' does not exist" in err and "there is no model hub here" in err
+
+
+def test_unsupported_model_is_one_line(tmp_path, capsys):
+    vocab = _save_tokenizer(tmp_path)
+    transformers.AlbertModel(transformers.AlbertConfig(
+        embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        vocab_size=vocab)).save_pretrained(tmp_path)
+    assert main(["inspect", "--model", str(tmp_path), "--text", _text(3)]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("duat inspect: ") and "called more than once" in last and "not supported" in last
+    assert "Traceback" not in err
 
 
 def test_backend_choices_are_checked(capsys):
