@@ -29,7 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", nargs="+", default=None, metavar="H",
                         help="'all': report each head's own W' and share of the output; or head indices: W' (saved, "
                              "norms, plots) of these heads only, plus their per-head rows")
-    parser.add_argument("--save", metavar="FILE.safetensors", help="write W', b' and block norms of each layer")
+    # dest is not "save": nnsight (when imported) gives every object a .save attribute, which argparse
+    # would then take for an already-set value
+    parser.add_argument("--save", dest="save_file", metavar="FILE.safetensors",
+                        help="write W', b' and block norms of each layer")
     parser.add_argument("--plot", metavar="PNG", help="heatmaps of the block norms (log scale shared by all layers)")
     parser.add_argument("--html", metavar="FILE.html", help="a self-contained interactive page: per-layer and "
                         "per-head heatmaps, tokens on hover, the exactness table")
@@ -100,8 +103,9 @@ def _check_before_loading(args) -> None:
     if args.backend not in backends.available_backends("cpu") + ["auto"]:
         raise InspectError(f"--backend {args.backend} is not available here (available: "
                            f"{', '.join(backends.available_backends('cpu'))})")
-    for option in ("save", "plot", "html", "json"):
-        _output_path(f"--{option}", getattr(args, option))
+    for option, path in (("--save", args.save_file), ("--plot", args.plot), ("--html", args.html),
+                         ("--json", args.json)):
+        _output_path(option, path)
     if args.model not in ("minilm", "smollm2"):
         from duat_kernels.models.zoo import local_model
 
@@ -166,7 +170,7 @@ def _run(args) -> int:
         except ValueError as exc:
             raise InspectError(f"--heads: {exc}") from None
         per_head = list(range(h)) if heads is None else heads
-    reports = inspection.inspect_layers(model, dict(inputs), args.layer, args.backend, keep=bool(args.save),
+    reports = inspection.inspect_layers(model, dict(inputs), args.layer, args.backend, keep=bool(args.save_file),
                                         dtype=dtype, heads=heads, per_head=per_head)
     tolerance = inspection.TOLERANCES[dtype]
     name = f"{args.model} ({model.config.model_type})"
@@ -180,8 +184,8 @@ def _run(args) -> int:
         else:
             Path(args.json).write_text(text + "\n")
             log(f"per-layer results (JSON) written to {args.json}")
-    if args.save:
-        inspection.save(reports, args.save, tokens, log=log, heads=heads)
+    if args.save_file:
+        inspection.save(reports, args.save_file, tokens, log=log, heads=heads)
     if args.plot:
         from duat_kernels.models.inspect_plot import plot_block_norms
 
