@@ -102,6 +102,7 @@ SHAPES: tuple[Architecture, ...] = (
     Architecture("value", "../output.dense"),  # BERT, RoBERTa, ELECTRA, ViT (older), ...
     Architecture("value_proj", "../output.dense"),  # DeBERTa-v2
     Architecture("value", "dense"),  # ALBERT-style blocks that hold their output projection
+    Architecture("v", "o"),  # T5, mT5, UMT5
 )
 
 # Fused query/key/value projections: the split of the value rows is declared per model_type.
@@ -118,7 +119,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "modernbert": Architecture("Wqkv", "Wo", packed_value),
 }
 
-CROSS_ATTENTION_NAMES = ("encoder_attn", "crossattention", "cross_attn")  # A is not N x N there
+CROSS_ATTENTION_NAMES = ("encoder_attn", "crossattention", "cross_attn", "encdecattention")  # A is not N x N there
 
 
 def register_architecture(model_type: str, value: str, out_proj: str, value_weights: Callable[..., Weights] = linear,
@@ -172,7 +173,7 @@ def find_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, Arch
     candidates = (ARCHITECTURES[model_type],) if model_type in ARCHITECTURES else SHAPES
     blocks = []
     for name, module in model.named_modules():
-        if any(part in name.rsplit(".", 1)[-1] for part in CROSS_ATTENTION_NAMES):
+        if any(part in name.rsplit(".", 1)[-1].lower() for part in CROSS_ATTENTION_NAMES):
             continue
         arch = next((a for a in candidates if _weighted(model, name, a.value) and _weighted(model, name, a.out_proj)),
                     None)

@@ -166,8 +166,6 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
     finally:
         for h in handles:
             h.remove()
-    mask = inputs.get("attention_mask")
-    token_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
     result = []
     for i in selected:
         rec = records[i]
@@ -175,8 +173,20 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
             raise RuntimeError(f"attention layer {i} ({blocks[i][0]}) was not called by the forward pass; "
                                "select only the layers the model runs (layers=[...])")
         rec.setdefault("num_kv_heads", _kv_heads(blocks[i][0], rec))
+        token_mask = _token_mask(model, blocks[i][0], rec["attn"], inputs)
         result.append(AttentionLayer(index=i, name=blocks[i][0], token_mask=token_mask, **rec))
     return result
+
+
+def _token_mask(model, name: str, attn: torch.Tensor, inputs: dict) -> torch.Tensor | None:
+    """(B, N) True at real tokens: attention_mask, or decoder_attention_mask for the decoder of an
+    encoder-decoder model; None when no mask of the layer's shape was given."""
+    config = getattr(model, "config", None)
+    decoder = getattr(config, "is_encoder_decoder", False) and "decoder" in name.split(".")
+    mask = inputs.get("decoder_attention_mask" if decoder else "attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.shape == (attn.shape[0], attn.shape[-1]):
+        return mask.bool()
+    return None
 
 
 def _kv_heads(name: str, rec: dict) -> int:
@@ -190,12 +200,11 @@ def _kv_heads(name: str, rec: dict) -> int:
 
 
 def _probabilities(out) -> torch.Tensor | None:
-    """The (B, h, N, N) probabilities among a block's outputs (the second element for HF blocks)."""
+    """The (B, h, N, N) probabilities among a block's outputs: the last 4-D square tensor after the
+    output ((output, weights) for most HF blocks; T5 returns (output, position_bias, weights))."""
     outs = out if isinstance(out, (tuple, list)) else (out,)
-    if len(outs) > 1 and isinstance(outs[1], torch.Tensor) and outs[1].dim() == 4:
-        return outs[1]
-    return next((o for o in outs[1:] if isinstance(o, torch.Tensor) and o.dim() == 4 and o.shape[-1] == o.shape[-2]),
-                None)
+    return next((o for o in reversed(outs[1:]) if isinstance(o, torch.Tensor) and o.dim() == 4
+                 and o.shape[-1] == o.shape[-2]), None)
 
 
 def _hooks(model, block: tuple[str, torch.nn.Module, Architecture | None], rec: dict) -> list:

@@ -84,6 +84,10 @@ CONFIGS = {
     "modernbert": lambda: transformers.ModernBertConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64,
                                                         pad_token_id=0, bos_token_id=1, eos_token_id=1, cls_token_id=1,
                                                         sep_token_id=1, **_SMALL),
+    "bart": lambda: transformers.BartConfig(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                            vocab_size=100),
+    "t5": lambda: transformers.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=100),
     "vit": lambda: transformers.ViTConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64,
                                           num_hidden_layers=2, image_size=16, patch_size=4),
 }
@@ -104,8 +108,16 @@ def _random_model(family):
 def test_random_init_models_are_exact(family):
     config, model = _random_model(family)
     inputs = dict(pixel_values=torch.randn(2, 3, 16, 16)) if family == "vit" else _ids(config.vocab_size)
+    count = config.num_hidden_layers
+    if config.is_encoder_decoder:  # encoder and decoder self-attention (cross-attention is skipped)
+        decoder = _ids(config.vocab_size, tokens=6, seed=1)
+        inputs.update(decoder_input_ids=decoder["input_ids"], decoder_attention_mask=decoder["attention_mask"])
+        count += config.num_decoder_layers if family == "t5" else config.decoder_layers
     layers = dk.models.attention_layers(model, **inputs)
-    _assert_exact(layers, config.num_hidden_layers)
+    _assert_exact(layers, count)
+    if config.is_encoder_decoder:
+        assert [layer.attn.shape[-1] for layer in layers] == [9] * (count // 2) + [6] * (count // 2)
+        assert all(layer.token_mask is not None for layer in layers)
     layer = layers[0]
     assert layer.attn.shape[:2] == (2, config.num_attention_heads)
     if family in ("mistral", "falcon", "gpt_bigcode"):
