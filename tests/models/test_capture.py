@@ -88,6 +88,15 @@ CONFIGS = {
                                             decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
                                             vocab_size=100),
     "t5": lambda: transformers.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=100),
+    "gpt_neo": lambda: transformers.GPTNeoConfig(hidden_size=32, num_heads=4, num_layers=2, vocab_size=100,
+                                                 attention_types=[[["global", "local"], 1]], window_size=4),
+    "cohere": lambda: transformers.CohereConfig(**_GQA),
+    "mobilebert": lambda: transformers.MobileBertConfig(hidden_size=32, embedding_size=16, intra_bottleneck_size=32,
+                                                        true_hidden_size=32, num_attention_heads=4,
+                                                        intermediate_size=64, **_SMALL),
+    "siglip_vision_model": lambda: transformers.SiglipVisionConfig(hidden_size=32, num_attention_heads=4,
+                                                                   intermediate_size=64, num_hidden_layers=2,
+                                                                   image_size=16, patch_size=4),
     "vit": lambda: transformers.ViTConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64,
                                           num_hidden_layers=2, image_size=16, patch_size=4),
 }
@@ -107,7 +116,8 @@ def _random_model(family):
 @pytest.mark.parametrize("family", sorted(CONFIGS))
 def test_random_init_models_are_exact(family):
     config, model = _random_model(family)
-    inputs = dict(pixel_values=torch.randn(2, 3, 16, 16)) if family == "vit" else _ids(config.vocab_size)
+    vision = family in ("vit", "siglip_vision_model")
+    inputs = dict(pixel_values=torch.randn(2, 3, 16, 16)) if vision else _ids(config.vocab_size)
     count = config.num_hidden_layers
     if config.is_encoder_decoder:  # encoder and decoder self-attention (cross-attention is skipped)
         decoder = _ids(config.vocab_size, tokens=6, seed=1)
@@ -122,7 +132,7 @@ def test_random_init_models_are_exact(family):
     assert layer.attn.shape[:2] == (2, config.num_attention_heads)
     if family in ("mistral", "falcon", "gpt_bigcode"):
         assert layer.num_kv_heads == 1  # multi-query
-    elif family != "vit":
+    elif not vision:
         expected_kv = 2 if family == "falcon-gqa" else getattr(config, "num_key_value_heads", None)
         assert layer.num_kv_heads == (expected_kv or config.num_attention_heads)
     if family in ("qwen2", "gpt_neox", "bloom", "falcon-mha", "starcoder2"):
