@@ -10,6 +10,7 @@ import torch
 from duat_kernels.corpus import cli as corpus_cli
 from duat_kernels.demo import format_report, run_demo
 from duat_kernels.markov import cli as markov_cli
+from duat_kernels.models import inspect_cli
 
 # W' x' + b' must reproduce the modules in float32 to this relative error.
 DEMO_TOLERANCE = 1e-5
@@ -19,12 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="duat", description="Materialise and analyse the DUAT operator W'_HVO.")
     sub = parser.add_subparsers(dest="command")
     insp = sub.add_parser("inspect", help="W' of every attention layer of a real model on a text (the default)")
-    insp.add_argument("--model", default="minilm", help="minilm (default), smollm2, or a local folder / .gguf file")
-    insp.add_argument("--text", default=None, help="input text (default: a built-in sentence)")
-    insp.add_argument("--layer", type=int, nargs="+", default=None, help="layer indices (default: all)")
-    insp.add_argument("--backend", default="auto", help="auto (default), cpp or reference")
-    insp.add_argument("--save", metavar="FILE.safetensors", help="write W', b' and block norms of each layer")
-    insp.add_argument("--plot", metavar="PNG", help="heatmaps of the N x N block norms, tokens on the axes")
+    inspect_cli.add_arguments(insp)
     demo = sub.add_parser("demo", help="W' of a seeded random attention layer with every backend")
     demo.add_argument("--tokens", type=int, default=24, help="sequence length N (default 24)")
     demo.add_argument("--embed-dim", type=int, default=192, help="model width M (default 192)")
@@ -61,28 +57,6 @@ def run_scale(args) -> int:
     return 0
 
 
-def run_inspect(args) -> int:
-    from duat_kernels.models import DEFAULT_TEXT, load
-    from duat_kernels.models import inspection
-
-    model, tokenizer = load(args.model)
-    inputs = tokenizer([args.text or DEFAULT_TEXT], return_tensors="pt")
-    tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
-    reports = inspection.inspect_layers(model, dict(inputs), args.layer, args.backend, keep=bool(args.save))
-    print(inspection.format_reports(reports, f"{args.model} ({model.config.model_type})", tokens))
-    if args.save:
-        inspection.save(reports, args.save, tokens)
-        print(f"W', b' and block norms written to {args.save}")
-    if args.plot:
-        inspection.plot_block_norms(reports, args.plot, tokens, f"{args.model}: block norms of W'")
-        print(f"heatmap written to {args.plot}")
-    worst = max(r.rel_error for r in reports)
-    if not worst <= DEMO_TOLERANCE:
-        print(f"FAILED: W' x' + b' differs from a layer's output by {worst:.2e} > {DEMO_TOLERANCE:g}", file=sys.stderr)
-        return 1
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
@@ -92,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "scale":
             return run_scale(args)
         if args.command == "inspect":
-            return run_inspect(args)
+            return inspect_cli.run(args)
         if args.command == "corpus":
             return corpus_cli.run(args)
         if args.command == "markov":

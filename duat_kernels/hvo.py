@@ -5,10 +5,13 @@ Validation and allocation happen here, once; `backends.materialise` picks the ke
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from duat_kernels import _validation as v
 from duat_kernels import backends, ops, reference
+from duat_kernels.heads import select_heads
 
 __all__ = ["hvo_matrix", "hvo_bias", "ov_circuits"]
 
@@ -35,7 +38,7 @@ def ov_circuits(w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int, num_kv_hea
 
 def hvo_matrix(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, *, num_kv_heads: int | None = None,
                layout: str = "token", backend: str = "auto", out: torch.Tensor | None = None,
-               dtype: torch.dtype | None = None) -> torch.Tensor:
+               dtype: torch.dtype | None = None, heads: int | Sequence[int] | None = None) -> torch.Tensor:
     """Materialise W'_HVO, the matrix with h' = W' x' (+ b') for one attention layer.
 
     Token layout: W'[(n, c), (m, a)] = Σ_i A_i[n, m] · OV_i[c, a], i.e. W' = Σ_i A_i ⊗ OV_i;
@@ -51,11 +54,16 @@ def hvo_matrix(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, *, num_
         out: optional contiguous buffer of the output shape and dtype, written in place and returned.
         dtype: output dtype (float32, float64, float16, bfloat16); defaults to out.dtype or the
             promoted input dtype. Accumulation is in float32 (float64 for float64 output).
+        heads: a head index or a sequence of them: W' of those heads only, Σ_{i in heads} A_i ⊗ OV_i
+            (one head's own contribution with heads=i); default all heads.
 
     Returns:
         (N·M_out, N·M_in), or (B, N·M_out, N·M_in) for batched attn.
     """
     dims = v.check_attention(attn, w_v, w_o, num_kv_heads)
+    if heads is not None:
+        attn, w_v, w_o, _, num_kv_heads = select_heads(attn, w_v, w_o, None, heads, dims.kv_heads)
+        dims = v.check_attention(attn, w_v, w_o, num_kv_heads)
     v.check_layout(layout)
     device = v.check_same_device(attn=attn, w_v=w_v, w_o=w_o)
     if out is not None:
@@ -90,7 +98,8 @@ def hvo_matrix(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, *, num_
 
 
 def hvo_bias(attn: torch.Tensor, w_o: torch.Tensor, b_v: torch.Tensor | None = None, b_o: torch.Tensor | None = None,
-             *, num_kv_heads: int | None = None, layout: str = "token") -> torch.Tensor:
+             *, num_kv_heads: int | None = None, layout: str = "token",
+             heads: int | Sequence[int] | None = None) -> torch.Tensor:
     """The bias b' of h' = W' x' + b'.
 
     b'[(n, c)] = Σ_i (Σ_m A_i[n, m]) · (Wo_i b_v[kv head of i])[c] + b_o[c]; rows of A are not
@@ -100,11 +109,18 @@ def hvo_bias(attn: torch.Tensor, w_o: torch.Tensor, b_v: torch.Tensor | None = N
         attn: (h, N, N) or (B, h, N, N). w_o: (M_out, h·d). b_v: (h_kv·d,) or None. b_o: (M_out,) or None.
         num_kv_heads: h_kv for grouped-query attention; defaults to h.
         layout: "token" (index n·M_out + c) or "feature" (index c·N + n).
+        heads: as in hvo_matrix: only these heads' value-bias terms (b_o, which belongs to no head,
+            is added as given: pass b_o=None for the heads' own contribution).
 
     Returns:
         (N·M_out,), or (B, N·M_out) for batched attn, in the promoted dtype of the inputs.
     """
     dims = v.check_attention(attn, None, w_o, num_kv_heads)
+    if heads is not None:
+        v.check_bias("b_v", b_v, dims.kv_heads * dims.head_dim)
+        w_v = torch.empty(dims.kv_heads * dims.head_dim, 0, dtype=w_o.dtype, device=w_o.device)
+        attn, _, w_o, b_v, num_kv_heads = select_heads(attn, w_v, w_o, b_v, heads, dims.kv_heads)
+        dims = v.check_attention(attn, None, w_o, num_kv_heads)
     v.check_layout(layout)
     v.check_bias("b_v", b_v, dims.kv_heads * dims.head_dim)
     v.check_bias("b_o", b_o, dims.m_out)

@@ -6,11 +6,14 @@ never O((N·M)²). Parts of W' (one block, any tile) are written directly by the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
 from duat_kernels import _validation as v
 from duat_kernels import analysis, backends, reference
+from duat_kernels.heads import select_heads
 from duat_kernels.hvo import hvo_bias, hvo_matrix
 
 
@@ -22,8 +25,13 @@ class HVOOperator:
     """
 
     def __init__(self, attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, *, num_kv_heads: int | None = None,
-                 b_v: torch.Tensor | None = None, b_o: torch.Tensor | None = None, layout: str = "token"):
+                 b_v: torch.Tensor | None = None, b_o: torch.Tensor | None = None, layout: str = "token",
+                 heads: int | Sequence[int] | None = None):
         self.dims = v.check_attention(attn, w_v, w_o, num_kv_heads)
+        if heads is not None:  # W' of these heads only (b_o is kept as given): see duat_kernels.heads
+            v.check_bias("b_v", b_v, self.dims.kv_heads * self.dims.head_dim)
+            attn, w_v, w_o, b_v, num_kv_heads = select_heads(attn, w_v, w_o, b_v, heads, self.dims.kv_heads)
+            self.dims = v.check_attention(attn, w_v, w_o, num_kv_heads)
         v.check_layout(layout)
         v.check_bias("b_v", b_v, self.dims.kv_heads * self.dims.head_dim)
         v.check_bias("b_o", b_o, self.dims.m_out)
@@ -216,3 +224,9 @@ class HVOOperator:
         if stop <= start:
             raise ValueError(f"{name}={s!r} selects no entries of a dimension of size {size}")
         return start, stop
+
+    def __repr__(self) -> str:
+        d = self.dims
+        return (f"HVOOperator(shape={tuple(self.shape)}, tokens={d.tokens}, heads={d.heads}, kv_heads={d.kv_heads}, "
+                f"head_dim={d.head_dim}, M_in={d.m_in}, M_out={d.m_out}, layout={self.layout!r}, "
+                f"dtype={self.attn.dtype}, device={self.device})")

@@ -1,8 +1,11 @@
-"""Where the attention pieces of each architecture live: one small table entry per family.
+"""Where the attention pieces of a model live: detected from the module shapes, or registered.
 
-Paths are relative to one attention block (the module that returns (output, probabilities)):
+An attention block is the module that returns (output, probabilities). Paths are relative to it:
 `value` is the value projection (its input is x, after any pre-norm), `out_proj` the output
-projection (its output is the attention output before the residual, biases included).
+projection (its output is the attention output before the residual, biases included); "../"
+steps up to the block's parent. Families with separate value and output projections are found
+from their module names (SHAPES); fused query/key/value projections need a declared split of
+the value rows, so they are registered per model_type (ARCHITECTURES, `register_architecture`).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import Callable
 
 import torch
 
-Weights = tuple[torch.Tensor, torch.Tensor | None]  # (weight in nn.Linear convention, bias)
+Weights = tuple[torch.Tensor, torch.Tensor | None]  # (weight in nn.Linear convention (out, in), bias)
 
 
 def linear(module: torch.nn.Module, _config) -> Weights:
@@ -24,30 +27,125 @@ def conv1d(module: torch.nn.Module, _config) -> Weights:
     return module.weight.detach().T, module.bias.detach()
 
 
+def head_sizes(config) -> tuple[int, int, int]:
+    """(h, h_kv, d) from a Hugging Face config."""
+    h = config.num_attention_heads
+    h_kv = getattr(config, "num_key_value_heads", None) or getattr(config, "num_kv_heads", None) or h
+    d = getattr(config, "head_dim", None) or config.hidden_size // h
+    return h, h_kv, d
+
+
+def _rows(module: torch.nn.Module, rows: torch.Tensor | slice, weight: torch.Tensor | None = None) -> Weights:
+    weight = module.weight.detach() if weight is None else weight
+    bias = None if module.bias is None else module.bias.detach()[rows]
+    return weight[rows], bias
+
+
 def conv1d_packed_value(module: torch.nn.Module, config) -> Weights:
-    """GPT-2's c_attn packs [query | key | value] along the output axis."""
+    """GPT-2's c_attn packs [query | key | value] along the output axis (Conv1D: weight is (in, out))."""
     e = config.hidden_size
-    return module.weight.detach()[:, 2 * e:3 * e].T, module.bias.detach()[2 * e:3 * e]
+    return _rows(module, slice(2 * e, 3 * e), module.weight.detach().T)
+
+
+def packed_value(module: torch.nn.Module, config) -> Weights:
+    """[query (h·d) | key (h_kv·d) | value (h_kv·d)] along the output axis (Phi-3 qkv_proj, GPT-BigCode c_attn,
+    MPT and ModernBERT Wqkv)."""
+    h, h_kv, d = head_sizes(config)
+    if getattr(config, "multi_query", False):  # GPT-BigCode: one key/value head
+        h_kv = 1
+    return _rows(module, slice(h * d + h_kv * d, h * d + 2 * h_kv * d))
+
+
+def interleaved_value(module: torch.nn.Module, config) -> Weights:
+    """Per head [query | key | value] (GPT-NeoX/Pythia, BLOOM, Falcon without multi-query):
+    the output is viewed as (h, 3, d), so head j's value rows are (3j + 2)·d ... (3j + 3)·d."""
+    h, _, d = head_sizes(config)
+    rows = (torch.arange(h)[:, None] * 3 * d + 2 * d + torch.arange(d)[None, :]).reshape(-1)
+    return _rows(module, rows)
+
+
+def falcon_value(module: torch.nn.Module, config) -> Weights:
+    """Falcon: grouped (new_decoder_architecture: per kv group [g queries | key | value]),
+    multi-query ([h queries | key | value]) or per-head interleaved."""
+    h, _, d = head_sizes(config)
+    if config.new_decoder_architecture:
+        h_kv = config.num_kv_heads
+        per_group = h // h_kv + 2
+        rows = (torch.arange(h_kv)[:, None] * per_group * d + (per_group - 1) * d + torch.arange(d)).reshape(-1)
+        return _rows(module, rows)
+    if config.multi_query:
+        return _rows(module, slice((h + 1) * d, (h + 2) * d))
+    return interleaved_value(module, config)
+
+
+def codegen_value(module: torch.nn.Module, config) -> Weights:
+    """CodeGen: the output is viewed as 4 chunks of [query | value | key], each e/4 wide (its mp_num = 4)."""
+    chunk = config.hidden_size // 4
+    rows = (torch.arange(4)[:, None] * 3 * chunk + chunk + torch.arange(chunk)).reshape(-1)
+    return _rows(module, rows)
 
 
 @dataclass(frozen=True)
 class Architecture:
-    attention: str  # regex of the attention block's module name; group 1 is the layer index
-    value: str
-    out_proj: str
-    value_weights: Callable[..., Weights] = linear
-    out_weights: Callable[..., Weights] = linear
+    value: str  # path of the value projection (or the fused query/key/value projection)
+    out_proj: str  # path of the output projection
+    value_weights: Callable[..., Weights] = linear  # (module, config) -> value rows (h_kv·d, M_in) and bias
+    out_weights: Callable[..., Weights] = linear  # (module, config) -> (M_out, h·d) and bias
 
 
-_BERT = Architecture(r"(?:^|\.)layer\.(\d+)\.attention\.self$", "value", "../output.dense")
-_LLAMA = Architecture(r"(?:^|\.)layers\.(\d+)\.self_attn$", "v_proj", "o_proj")
-_GPT2 = Architecture(r"(?:^|\.)h\.(\d+)\.attn$", "c_attn", "c_proj", conv1d_packed_value, conv1d)
+# Separate value and output projections: found by name in any model, whatever its model_type.
+SHAPES: tuple[Architecture, ...] = (
+    Architecture("v_proj", "o_proj"),  # Llama, Mistral, Qwen2/3, Gemma 1-3, OLMo 2, StarCoder2, ViT, ...
+    Architecture("v_proj", "out_proj"),  # OPT, GPT-J, BART-style self-attention
+    Architecture("v_proj", "dense"),  # Phi
+    Architecture("v_lin", "out_lin"),  # DistilBERT
+    Architecture("value", "../output.dense"),  # BERT, RoBERTa, ELECTRA, ViT (older), ...
+    Architecture("value_proj", "../output.dense"),  # DeBERTa-v2
+    Architecture("value", "dense"),  # ALBERT-style blocks that hold their output projection
+    Architecture("v", "o"),  # T5, mT5, UMT5
+)
 
+# Fused query/key/value projections: the split of the value rows is declared per model_type.
 ARCHITECTURES: dict[str, Architecture] = {
-    "bert": _BERT, "roberta": _BERT,  # BERT-family encoders (MiniLM is a BERT)
-    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA,  # Llama-family decoders with GQA (SmolLM2 is a Llama)
-    "gpt2": _GPT2,
+    "gpt2": Architecture("c_attn", "c_proj", conv1d_packed_value, conv1d),
+    "gpt_bigcode": Architecture("c_attn", "c_proj", packed_value),
+    "phi3": Architecture("qkv_proj", "o_proj", packed_value),
+    "gpt_neox": Architecture("query_key_value", "dense", interleaved_value),
+    "bloom": Architecture("query_key_value", "dense", interleaved_value),
+    "falcon": Architecture("query_key_value", "dense", falcon_value),
+    "persimmon": Architecture("query_key_value", "dense", interleaved_value),
+    "mpt": Architecture("Wqkv", "out_proj", packed_value),
+    "codegen": Architecture("qkv_proj", "out_proj", codegen_value),
+    "modernbert": Architecture("Wqkv", "Wo", packed_value),
 }
+
+CROSS_ATTENTION_NAMES = ("encoder_attn", "crossattention", "cross_attn", "encdecattention")  # A is not N x N there
+
+
+def register_architecture(model_type: str, value: str, out_proj: str, value_weights: Callable[..., Weights] = linear,
+                          out_weights: Callable[..., Weights] = linear) -> Architecture:
+    """Tell `attention_layers` where a family's value and output projections are.
+
+    Args:
+        model_type: the Hugging Face `config.model_type` this applies to.
+        value: path of the value (or fused query/key/value) projection relative to the attention
+            block, the module that returns (output, probabilities); "../" steps up one level.
+        out_proj: path of the output projection relative to the block (e.g. "o_proj", "../output.dense").
+        value_weights: (module, config) -> (weight (h_kv·d, M_in), bias (h_kv·d,) or None), the value
+            rows in nn.Linear convention; e.g. `packed_value` or `interleaved_value` for fused layers.
+        out_weights: (module, config) -> (weight (M_out, h·d), bias (M_out,) or None).
+
+    Returns:
+        The Architecture now used for every model with this model_type.
+    """
+    for name, arg in (("model_type", model_type), ("value", value), ("out_proj", out_proj)):
+        if not isinstance(arg, str) or not arg:
+            raise TypeError(f"{name} must be a non-empty str, got {arg!r}")
+    for name, fn in (("value_weights", value_weights), ("out_weights", out_weights)):
+        if not callable(fn):
+            raise TypeError(f"{name} must be a callable (module, config) -> (weight, bias), got {fn!r}")
+    ARCHITECTURES[model_type] = Architecture(value, out_proj, value_weights, out_weights)
+    return ARCHITECTURES[model_type]
 
 
 def resolve(root: torch.nn.Module, block_name: str, relative: str) -> torch.nn.Module:
@@ -59,3 +157,35 @@ def resolve(root: torch.nn.Module, block_name: str, relative: str) -> torch.nn.M
         else:
             parts += step.split(".")
     return root.get_submodule(".".join(parts))
+
+
+def _weighted(root: torch.nn.Module, block_name: str, relative: str) -> bool:
+    try:
+        module = resolve(root, block_name, relative)
+    except AttributeError:
+        return False
+    return isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2
+
+
+def find_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, Architecture]]:
+    """Every self-attention block of a model with its Architecture, in module order; [] if none fits."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    candidates = (ARCHITECTURES[model_type],) if model_type in ARCHITECTURES else SHAPES
+    blocks = []
+    for name, module in model.named_modules():
+        if any(part in name.rsplit(".", 1)[-1].lower() for part in CROSS_ATTENTION_NAMES):
+            continue
+        arch = next((a for a in candidates if _weighted(model, name, a.value) and _weighted(model, name, a.out_proj)),
+                    None)
+        if arch is not None:
+            blocks.append((name, module, arch))
+    return blocks
+
+
+def describe_attention_modules(model: torch.nn.Module, limit: int = 3) -> str:
+    """A few attention-like modules and their children, for the error when no shape fits."""
+    found = [f"{name or '<root>'} ({type(m).__name__}: {', '.join(n for n, _ in m.named_children()) or 'no children'})"
+             for name, m in model.named_modules() if "att" in type(m).__name__.lower()]
+    if not found:
+        return "no module whose class name contains 'Attention'"
+    return "; ".join(found[:limit]) + (f"; ... ({len(found)} in all)" if len(found) > limit else "")

@@ -15,7 +15,8 @@ import torch
 
 from duat_kernels.hvo import hvo_bias, hvo_matrix
 from duat_kernels.hvo_operator import HVOOperator
-from duat_kernels.models.architectures import ARCHITECTURES, Architecture, resolve
+from duat_kernels.models.architectures import (ARCHITECTURES, SHAPES, Architecture, describe_attention_modules,
+                                               find_blocks, resolve)
 
 
 @dataclass
@@ -35,13 +36,21 @@ class AttentionLayer:
     output: torch.Tensor
     token_mask: torch.Tensor | None = field(default=None, repr=False)  # True where a real (unpadded) token
 
-    def operator(self, layout: str = "token") -> HVOOperator:
-        """The matrix-free W' (with b') of this layer."""
+    def __repr__(self) -> str:
+        batch, heads, tokens = self.attn.shape[:3]
+        return (f"AttentionLayer(index={self.index}, name={self.name!r}, batch={batch}, tokens={tokens}, "
+                f"heads={heads}, kv_heads={self.num_kv_heads}, head_dim={self.w_o.shape[1] // heads}, M_in={self.w_v.shape[1]}, "
+                f"M_out={self.w_o.shape[0]}, biases={'b_v' if self.b_v is not None else ''}"
+                f"{'+' if self.b_v is not None and self.b_o is not None else ''}{'b_o' if self.b_o is not None else ''}"
+                f"{'none' if self.b_v is None and self.b_o is None else ''}, padded={self.token_mask is not None})")
+
+    def operator(self, layout: str = "token", heads: int | list[int] | None = None) -> HVOOperator:
+        """The matrix-free W' (with b') of this layer, or of the given heads only."""
         return HVOOperator(self.attn, self.w_v, self.w_o, num_kv_heads=self.num_kv_heads, b_v=self.b_v, b_o=self.b_o,
-                           layout=layout)
+                           layout=layout, heads=heads)
 
     def hvo_matrix(self, **kwargs) -> torch.Tensor:
-        """Dense W' (B, N·M_out, N·M_in); kwargs go to duat_kernels.hvo_matrix."""
+        """Dense W' (B, N·M_out, N·M_in); kwargs (heads=, dtype=, backend=, ...) go to duat_kernels.hvo_matrix."""
         return hvo_matrix(self.attn, self.w_v, self.w_o, num_kv_heads=self.num_kv_heads, **kwargs)
 
     def hvo_bias(self, layout: str = "token") -> torch.Tensor:
@@ -64,25 +73,22 @@ class AttentionLayer:
         return (diff.norm() / ref.norm()).item()
 
 
-def find_architecture(model: torch.nn.Module) -> Architecture | None:
-    """The table entry for a Hugging Face model, None for models built from nn.MultiheadAttention."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type in ARCHITECTURES:
-        return ARCHITECTURES[model_type]
-    if any(isinstance(m, torch.nn.MultiheadAttention) for m in model.modules()):
-        return None
-    raise ValueError(f"no adapter for model_type={model_type!r} ({type(model).__name__}); supported: "
-                     f"{', '.join(sorted(ARCHITECTURES))} and modules built from torch.nn.MultiheadAttention. "
-                     "Adding one is an entry in duat_kernels/models/architectures.py")
-
-
-def attention_blocks(model: torch.nn.Module, arch: Architecture | None) -> list[tuple[str, torch.nn.Module]]:
-    if arch is None:
-        return [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.MultiheadAttention)]
-    pattern = re.compile(arch.attention)
-    blocks = [(name, m) for name, m in model.named_modules() if pattern.search(name)]
-    return sorted(blocks, key=lambda b: int(pattern.search(b[0]).group(1)))
+def attention_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, Architecture | None]]:
+    """(name, block, Architecture) of every self-attention layer in module order; Architecture is None
+    for torch.nn.MultiheadAttention. Raises ValueError naming what was found when nothing fits."""
+    blocks = find_blocks(model)
+    if not blocks:
+        blocks = [(name, m, None) for name, m in model.named_modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    if blocks:
+        return blocks
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    shapes = ", ".join(f"{a.value}+{a.out_proj}" for a in SHAPES)
+    raise ValueError(
+        f"no adapter for model_type={model_type!r} ({type(model).__name__}): "
+        f"found {describe_attention_modules(model)}. "
+        f"Supported: value/output projections named {shapes}; fused query/key/value for "
+        f"{', '.join(sorted(ARCHITECTURES))}; torch.nn.MultiheadAttention. Add one with "
+        "duat_kernels.models.register_architecture(model_type, value=..., out_proj=..., value_weights=...)")
 
 
 @contextmanager
@@ -91,16 +97,33 @@ def eager_attention(model: torch.nn.Module, switch: bool):
     config = getattr(model, "config", None)
     impl = getattr(config, "_attn_implementation", None)
     if impl in (None, "eager"):
-        yield
+        with _output_attentions(config):
+            yield
         return
     if not switch:
         raise RuntimeError(f"the model uses attn_implementation={impl!r}, which does not return attention "
                            "probabilities; load it with attn_implementation='eager' or pass switch_to_eager=True")
     model.set_attn_implementation("eager")
     try:
-        yield
+        with _output_attentions(config):
+            yield
     finally:
         model.set_attn_implementation(impl)
+
+
+@contextmanager
+def _output_attentions(config):
+    """config.output_attentions = True for the duration (some blocks, e.g. DeBERTa's, return
+    probabilities only then)."""
+    if config is None or not hasattr(config, "output_attentions"):
+        yield
+        return
+    before = config.output_attentions
+    config.output_attentions = True
+    try:
+        yield
+    finally:
+        config.output_attentions = before
 
 
 def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = None, switch_to_eager: bool = True,
@@ -108,18 +131,26 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
     """Run model(*args, **inputs) once and return the selected attention layers, in order.
 
     Args:
-        model: a Hugging Face model (BERT, RoBERTa, MiniLM, GPT-2, Llama, Mistral, Qwen2, SmolLM2) or
-            any module containing torch.nn.MultiheadAttention (or one itself).
+        model: a Hugging Face model whose attention blocks have separate value and output
+            projections (found by name: Llama, Mistral, Qwen, Gemma, OLMo, Phi, OPT, GPT-J, BERT,
+            RoBERTa, ELECTRA, DistilBERT, DeBERTa-v2, ViT, ...), a fused family registered in
+            ARCHITECTURES (GPT-2, GPT-NeoX/Pythia, BLOOM, Falcon, Phi-3, GPT-BigCode) or with
+            `register_architecture`, any module containing torch.nn.MultiheadAttention, or a
+            TransformerLens TransformerBridge (then pass tokens: see duat_kernels.models.lens), or an
+            nnsight NNsight / LanguageModel (its wrapped module is run).
         layers: indices of the layers to keep (negative counts from the end); default all. Only
             these are hooked and kept in memory.
         switch_to_eager: if the model uses sdpa/flash attention, switch it to eager attention for
             the capture (and back); if False, raise an error instead.
         *args, **inputs: the model's inputs (e.g. input_ids, attention_mask).
     """
-    arch = find_architecture(model)
-    blocks = attention_blocks(model, arch)
-    if not blocks:
-        raise ValueError(f"found no attention layers in {type(model).__name__}")
+    from duat_kernels.models import lens
+
+    if lens.is_bridge(model):  # TransformerLens 4.x: hook_pattern, W_V, W_O, b_V, b_O
+        return lens.bridge_attention_layers(model, *args, layers=layers, **inputs)
+    if type(model).__module__.startswith("nnsight.") and isinstance(getattr(model, "_module", None), torch.nn.Module):
+        model = model._module  # an nnsight NNsight / LanguageModel wraps the torch module it runs
+    blocks = attention_blocks(model)
     chosen = range(len(blocks)) if layers is None else layers
     for i in chosen:
         if not -len(blocks) <= i < len(blocks):
@@ -129,40 +160,71 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
     handles = []
     try:
         for i in selected:
-            handles += _hooks(model, arch, blocks[i], records[i])
+            handles += _hooks(model, blocks[i], records[i])
         with eager_attention(model, switch_to_eager), torch.no_grad():
             model(*args, **inputs)
     finally:
         for h in handles:
             h.remove()
-    mask = inputs.get("attention_mask")
-    token_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
     result = []
     for i in selected:
         rec = records[i]
         if "attn" not in rec:
             raise RuntimeError(f"attention layer {i} ({blocks[i][0]}) was not called by the forward pass; "
                                "select only the layers the model runs (layers=[...])")
+        rec.setdefault("num_kv_heads", _kv_heads(blocks[i][0], rec))
+        token_mask = _token_mask(model, blocks[i][0], rec["attn"], inputs)
         result.append(AttentionLayer(index=i, name=blocks[i][0], token_mask=token_mask, **rec))
     return result
 
 
-def _hooks(model, arch: Architecture | None, block: tuple[str, torch.nn.Module], rec: dict) -> list:
-    name, module = block
+def _token_mask(model, name: str, attn: torch.Tensor, inputs: dict) -> torch.Tensor | None:
+    """(B, N) True at real tokens: attention_mask, or decoder_attention_mask for the decoder of an
+    encoder-decoder model; None when no mask of the layer's shape was given."""
+    config = getattr(model, "config", None)
+    decoder = getattr(config, "is_encoder_decoder", False) and "decoder" in name.split(".")
+    mask = inputs.get("decoder_attention_mask" if decoder else "attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.shape == (attn.shape[0], attn.shape[-1]):
+        return mask.bool()
+    return None
+
+
+def _kv_heads(name: str, rec: dict) -> int:
+    """h_kv from the captured shapes: d = (h·d) / h from w_o and A, h_kv = (h_kv·d) / d from w_v."""
+    heads, inner, kv_rows = rec["attn"].shape[1], rec["w_o"].shape[1], rec["w_v"].shape[0]
+    if inner % heads or kv_rows % (inner // heads) or heads % (kv_rows // (inner // heads)):
+        raise RuntimeError(f"{name}: {heads} heads in the attention probabilities do not fit the output projection's "
+                           f"{inner} inputs and the value projection's {kv_rows} rows; register the family's value "
+                           "split with duat_kernels.models.register_architecture")
+    return kv_rows // (inner // heads)
+
+
+def _probabilities(out) -> torch.Tensor | None:
+    """The (B, h, N, N) probabilities among a block's outputs: the last 4-D square tensor after the
+    output ((output, weights) for most HF blocks; T5 returns (output, position_bias, weights))."""
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return next((o for o in reversed(outs[1:]) if isinstance(o, torch.Tensor) and o.dim() == 4
+                 and o.shape[-1] == o.shape[-2]), None)
+
+
+def _hooks(model, block: tuple[str, torch.nn.Module, Architecture | None], rec: dict) -> list:
+    name, module, arch = block
     if arch is None:
         return _mha_hooks(module, rec)
     config = model.config
     value, out_proj = resolve(model, name, arch.value), resolve(model, name, arch.out_proj)
-    heads = config.num_attention_heads
-    rec["num_kv_heads"] = getattr(config, "num_key_value_heads", None) or heads
     rec["w_v"], rec["b_v"] = arch.value_weights(value, config)
     rec["w_o"], rec["b_o"] = arch.out_weights(out_proj, config)
 
     def on_block(_m, _args, out):
-        if out[1] is None:
+        if "attn" in rec:
+            raise ValueError(f"{name} was called more than once in one forward pass (weights shared across "
+                             "layers, as in ALBERT): its layers cannot be told apart; this model is not supported")
+        attn = _probabilities(out)
+        if attn is None:
             raise RuntimeError(f"{name} returned no attention probabilities (attn_implementation="
                                f"{config._attn_implementation!r}); load the model with attn_implementation='eager'")
-        rec["attn"] = out[1].detach()
+        rec["attn"] = attn.detach()
 
     def on_value(_m, args, kwargs):
         rec["x"] = (args[0] if args else kwargs["input"]).detach()

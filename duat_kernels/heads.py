@@ -1,0 +1,46 @@
+"""Per-head views: W' of a subset of the heads, Σ_{i in heads} A_i ⊗ OV_i (DESIGN.md §1)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def head_indices(heads: int | Sequence[int], num_heads: int) -> list[int]:
+    """heads as a list of distinct indices in [0, h) (negative indices count from the end)."""
+    items = [heads] if isinstance(heads, int) and not isinstance(heads, bool) else heads
+    if not isinstance(items, Sequence) or isinstance(items, str) or not items or \
+            not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+        raise TypeError(f"heads must be an int or a non-empty sequence of ints, got {heads!r}")
+    bad = [i for i in items if not -num_heads <= i < num_heads]
+    if bad:
+        raise ValueError(f"heads must be in [-{num_heads}, {num_heads}) for h={num_heads} heads, got {bad}")
+    chosen = [i % num_heads for i in items]
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"heads must be distinct, got {list(items)}")
+    return chosen
+
+
+def select_heads(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, b_v: torch.Tensor | None,
+                 heads: int | Sequence[int], num_kv_heads: int | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """The attention layer restricted to `heads`, as an ordinary layer of k = len(heads) heads.
+
+    Args (shapes already validated): attn (..., h, N, N); w_v (h_kv·d, M_in); w_o (M_out, h·d);
+        b_v (h_kv·d,) or None; num_kv_heads h_kv (None: h).
+
+    Returns:
+        (attn (..., k, N, N), w_v (k·d, M_in), w_o (M_out, k·d), b_v (k·d,) or None, k): each chosen
+        query head i gets its own copy of kv head i // g, so OV_i is unchanged and h_kv becomes k.
+    """
+    h = attn.shape[-3]
+    d = w_o.shape[1] // h
+    group = h // (num_kv_heads or h)
+    chosen = head_indices(heads, h)
+    index = torch.tensor(chosen, device=attn.device)
+    out_cols = (index[:, None] * d + torch.arange(d, device=attn.device)).reshape(-1)
+    kv_rows = ((index // group)[:, None] * d + torch.arange(d, device=attn.device)).reshape(-1)
+    return (attn.index_select(-3, index), w_v.index_select(0, kv_rows.to(w_v.device)),
+            w_o.index_select(1, out_cols.to(w_o.device)),
+            None if b_v is None else b_v.index_select(0, kv_rows.to(b_v.device)), len(chosen))

@@ -1,0 +1,171 @@
+"""`duat inspect --html`: one self-contained page (inline data, CSS and JS, no network) with each
+layer's and each head's block-norm heatmap, tokens on hover, and the exactness table."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+
+import torch
+
+from duat_kernels.models.inspect_plot import cell_labels, grid_size, reduced_norms
+from duat_kernels.reference import ov_circuits
+
+HTML_MAX_CELLS = 64  # heatmaps of longer inputs show super-blocks (exact norms of groups of tokens)
+
+
+def _rounded(t: torch.Tensor) -> list:
+    return [[float(f"{v:.3g}") for v in row] for row in t.double().tolist()]
+
+
+def head_block_norms(layer, cells: int) -> torch.Tensor:
+    """(h, cells, cells): ||A_i ⊗ OV_i|| on each super-block = ||OV_i||_F · sqrt(Σ_cell A_i[n, m]²)."""
+    attn = layer.attn[0].double()
+    h, n, _ = attn.shape
+    ov = ov_circuits(layer.w_v.double(), layer.w_o.double(), h, layer.num_kv_heads).flatten(1).norm(dim=1)
+    bins = torch.arange(n) * cells // n
+    sq = torch.zeros(h, cells, n, dtype=torch.float64).index_add_(1, bins, attn.square())
+    sq = torch.zeros(h, cells, cells, dtype=torch.float64).index_add_(2, bins, sq)
+    return sq.sqrt() * ov[:, None, None]
+
+
+def page_data(reports, tokens: list[str], title: str, tolerance: float, heads: list[int] | None) -> dict:
+    cells = grid_size(len(tokens), HTML_MAX_CELLS)
+    layers = []
+    for r in reports:
+        lay = r.layer
+        layers.append(dict(
+            index=lay.index, name=lay.name, heads=lay.attn.shape[1], kv_heads=lay.num_kv_heads,
+            rel_error=r.rel_error, passed=r.rel_error <= tolerance, frobenius=r.frobenius,
+            dense_blocks=r.dense_blocks, w_ms=None if math.isnan(r.seconds) else r.seconds * 1e3,
+            total=_rounded(reduced_norms(r, cells, heads)),
+            per_head=[_rounded(m) for m in head_block_norms(lay, cells)]))
+    return dict(title=title, tokens=tokens, labels=cell_labels(tokens, cells), cells=cells, tolerance=tolerance,
+                selected_heads=heads, layers=layers)
+
+
+def write_html(path: str, reports, tokens: list[str], title: str, tolerance: float, heads: list[int] | None) -> int:
+    """Write the page; returns its size in bytes."""
+    data = json.dumps(page_data(reports, tokens, title, tolerance, heads), separators=(",", ":"))
+    page = PAGE.replace("__TITLE__", html.escape(title)).replace("__DATA__", data.replace("</", "<\\/"))
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(page)
+    return len(page.encode("utf-8"))
+
+
+PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title>
+<style>
+body{font-family:system-ui,sans-serif;margin:16px;color:#222;background:#fafafa}
+h1{font-size:18px}h2{font-size:15px;margin:18px 0 6px}
+table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}
+tr.fail td{background:#fdd}tr.sel td{background:#def}tr{cursor:pointer}
+.maps{display:flex;flex-wrap:wrap;gap:10px}.map{font-size:11px;text-align:center}
+canvas{image-rendering:pixelated;border:1px solid #999;display:block}
+#tip{position:fixed;pointer-events:none;background:#222;color:#fff;font-size:12px;padding:4px 6px;
+border-radius:3px;display:none;max-width:420px;white-space:pre-wrap}
+#legend{font-size:12px;margin:6px 0}.tokens{font-size:12px;color:#555;max-height:60px;overflow:auto}
+</style></head><body>
+<h1>__TITLE__</h1>
+<div class="tokens" id="tokens"></div>
+<h2>Exactness: W' x' + b' against each attention module's output</h2>
+<table id="exactness"><thead><tr><th>layer</th><th>module</th><th>heads (q/kv)</th><th>rel. error</th>
+<th>pass</th><th>||W'||_F</th><th>blocks&gt;1%</th><th>W' time</th></tr></thead><tbody></tbody></table>
+<h2 id="maptitle"></h2>
+<div id="legend"></div>
+<div class="maps" id="maps"></div>
+<div id="tip"></div>
+<div id="status"></div>
+<script id="data" type="application/json">__DATA__</script>
+<script>
+"use strict";
+const D = JSON.parse(document.getElementById("data").textContent);
+const C = D.cells, tip = document.getElementById("tip");
+// magma-like colour ramp, interpolated
+const RAMP = [[0,0,4],[40,11,84],[101,21,110],[159,42,99],[212,72,66],[245,125,21],[250,193,39],[252,253,191]];
+function colour(t) {
+  t = Math.min(1, Math.max(0, t)) * (RAMP.length - 1);
+  const i = Math.min(RAMP.length - 2, Math.floor(t)), f = t - i, a = RAMP[i], b = RAMP[i + 1];
+  return [0, 1, 2].map(k => Math.round(a[k] + f * (b[k] - a[k])));
+}
+function logRange(maps) {  // one log scale shared by all maps of a kind: [max * 1e-4, max]
+  let top = 0;
+  for (const m of maps) for (const row of m) for (const v of row) if (v > top) top = v;
+  top = top > 0 ? top : 1;
+  return [Math.log10(top * 1e-4), Math.log10(top)];
+}
+const totalRange = logRange(D.layers.map(l => l.total));
+const headRange = logRange(D.layers.flatMap(l => l.per_head));
+function draw(canvas, m, range) {
+  const px = Math.max(2, Math.floor(Math.min(320, Math.max(160, 4 * C)) / C));
+  canvas.width = canvas.height = px * C;
+  const ctx = canvas.getContext("2d");
+  for (let n = 0; n < C; n++) for (let k = 0; k < C; k++) {
+    const v = m[n][k], t = v > 0 ? (Math.log10(v) - range[0]) / (range[1] - range[0]) : 0;
+    const [r, g, b] = colour(t);
+    ctx.fillStyle = `rgb(${r},${g},${b})`;
+    ctx.fillRect(k * px, n * px, px, px);
+  }
+  canvas.dataset.px = px;
+}
+function describe(canvas, m, what, ev) {
+  const px = +canvas.dataset.px, rect = canvas.getBoundingClientRect();
+  const k = Math.floor((ev.clientX - rect.left) / px), n = Math.floor((ev.clientY - rect.top) / px);
+  if (n < 0 || k < 0 || n >= C || k >= C) return null;
+  return `${what}\\noutput n=${n}: ${D.labels[n]}\\ninput m=${k}: ${D.labels[k]}\\nnorm: ${m[n][k].toPrecision(3)}`;
+}
+function heatmap(parent, m, range, caption) {
+  const box = document.createElement("div"), canvas = document.createElement("canvas");
+  box.className = "map";
+  draw(canvas, m, range);
+  const show = ev => {
+    const text = describe(canvas, m, caption, ev);
+    if (text === null) { tip.style.display = "none"; return; }
+    tip.textContent = text; tip.style.display = "block";
+    tip.style.left = (ev.clientX + 14) + "px"; tip.style.top = (ev.clientY + 14) + "px";
+  };
+  canvas.addEventListener("mousemove", show);
+  canvas.addEventListener("mouseleave", () => { tip.style.display = "none"; });
+  box.appendChild(canvas);
+  box.appendChild(document.createTextNode(caption));
+  parent.appendChild(box);
+  return canvas;
+}
+function showLayer(j) {
+  const L = D.layers[j], maps = document.getElementById("maps");
+  maps.innerHTML = "";
+  document.querySelectorAll("#exactness tbody tr").forEach((tr, i) => tr.classList.toggle("sel", i === j));
+  const heads = D.selected_heads ? `heads ${D.selected_heads.join(", ")}` : "all heads";
+  document.getElementById("maptitle").textContent =
+    `Layer ${L.index} (${L.name}): block norms ||W'_nm||_F, ${heads}, then each head's ||A_i[n,m] OV_i||_F`;
+  heatmap(maps, L.total, totalRange, `layer ${L.index}: ${heads}`);
+  L.per_head.forEach((m, i) => heatmap(maps, m, headRange, `head ${i}`));
+  document.getElementById("status").textContent =
+    `rendered layer ${L.index}: ${1 + L.per_head.length} heatmaps of ${C}x${C}`;
+}
+const body = document.querySelector("#exactness tbody");
+D.layers.forEach((L, j) => {
+  const tr = document.createElement("tr");
+  if (!L.passed) tr.className = "fail";
+  const cells = [L.index, L.name, `${L.heads}/${L.kv_heads}`, L.rel_error.toExponential(2), L.passed ? "yes" : "NO",
+    L.frobenius.toFixed(2), (100 * L.dense_blocks).toFixed(1) + "%",
+    L.w_ms === null ? "matrix-free" : L.w_ms.toFixed(1) + " ms"];
+  for (const c of cells) { const td = document.createElement("td"); td.textContent = c; tr.appendChild(td); }
+  tr.addEventListener("click", () => showLayer(j));
+  body.appendChild(tr);
+});
+document.getElementById("tokens").textContent = `${D.tokens.length} tokens: ${D.tokens.join(" ")}`;
+document.getElementById("legend").textContent =
+  `Colour: log scale over 4 decades, shared by all layers (and by all heads);` +
+  (C < D.tokens.length ? ` ${D.tokens.length} tokens shown as ${C}x${C} super-blocks (exact norms).` : "") +
+  ` Click a row of the table to show its layer; hover a cell for its tokens.`;
+showLayer(0);
+if (location.hash === "#selftest") {  // for the headless test: hover the first heatmap's centre
+  const canvas = document.querySelector("canvas"), rect = canvas.getBoundingClientRect();
+  const centre = {clientX: rect.left + rect.width / 2, clientY: rect.top + rect.height / 2};
+  canvas.dispatchEvent(new MouseEvent("mousemove", centre));
+  document.getElementById("status").textContent += "; hover: " + tip.textContent.replace(/\\n/g, " | ");
+}
+</script></body></html>
+"""

