@@ -39,12 +39,15 @@ def ov_circuits(w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int, num_kv_hea
 
 def hvo_matrix(attn: torch.Tensor, ov: torch.Tensor, layout: str = "token") -> torch.Tensor:
     """W' as a sum of Kronecker products: attn (B, h, N, N), ov (h, M_out, M_in) -> (B, N*M_out, N*M_in)."""
+    batch, h, n, _ = attn.shape
     mats = []
-    for a in attn:  # batch
+    for a in attn.contiguous():  # batch; torch.kron needs contiguous factors
         if layout == "token":
-            mats.append(sum(torch.kron(a[i], ov[i]) for i in range(a.shape[0])))
+            mats.append(sum(torch.kron(a[i], ov[i].contiguous()) for i in range(h)))
         else:
-            mats.append(sum(torch.kron(ov[i], a[i]) for i in range(a.shape[0])))
+            mats.append(sum(torch.kron(ov[i].contiguous(), a[i]) for i in range(h)))
+    if not mats:  # empty batch
+        return attn.new_empty(0, n * ov.shape[1], n * ov.shape[2], dtype=torch.promote_types(attn.dtype, ov.dtype))
     return torch.stack(mats)
 
 
