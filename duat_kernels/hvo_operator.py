@@ -74,10 +74,12 @@ class HVOOperator:
         """(B, K, N, M_in) -> (B, K, N, M_out): the attention of each of the K inputs, no biases."""
         b, k, n, m = x.shape
         attn4, w_v, w_o = self._factors(x)
+        if m == 0:  # W' has no columns: W' x' is an empty sum, whatever A holds
+            return x.new_zeros(b, k, n, self.dims.m_out, dtype=attn4.dtype)
         x = x.to(attn4.dtype)
-        attn = attn4.unsqueeze(1).expand(b, k, *attn4.shape[1:]).reshape(b * k, -1, n, n)
+        attn = attn4.unsqueeze(1).expand(b, k, *attn4.shape[1:]).reshape(b * k, self.dims.heads, n, n)
         out = reference.attention_output(attn, x.reshape(b * k, n, m), w_v, w_o, num_kv_heads=self.dims.kv_heads)
-        return out.reshape(b, k, n, -1)
+        return out.reshape(b, k, n, self.dims.m_out)
 
     def matvec(self, x: torch.Tensor) -> torch.Tensor:
         """W' x' for x' (N·M_in,) or batched (B, N·M_in) (more leading dims are treated as columns)."""
@@ -91,6 +93,8 @@ class HVOOperator:
         b, k, n, _ = ys.shape
         g = d.heads // d.kv_heads
         attn4, w_v, w_o = self._factors(ys)
+        if d.m_out == 0:  # W' has no rows: W'ᵀ y is an empty sum
+            return self._flatten(ys.new_zeros(b, k, n, d.m_in, dtype=attn4.dtype), lead)
         u = (ys.to(w_o.dtype) @ w_o).reshape(b, k, n, d.heads, d.head_dim).transpose(2, 3)  # (B, K, h, N, d): Y Wo_i
         z = attn4.transpose(-1, -2).unsqueeze(1) @ u  # A_iᵀ Y Wo_i
         z = z.reshape(b, k, d.kv_heads, g, n, d.head_dim).sum(3)  # query heads of a group share Wv_j
@@ -149,7 +153,7 @@ class HVOOperator:
         mats = []
         for a in self._attn4.to(ov.dtype):
             left, right = backends.kron_factors(a, ov, self.layout)
-            part = sum(torch.kron(left[i, p0:p1, s0:s1].contiguous(), right[i].contiguous()) for i in range(left.shape[0]))
+            part = sum(reference.kron(left[i, p0:p1, s0:s1], right[i]) for i in range(left.shape[0]))
             mats.append(part[r0 - p0 * q_size:r1 - p0 * q_size, c0 - s0 * t_size:c1 - s0 * t_size])
         return torch.stack(mats)
 
@@ -183,6 +187,9 @@ class HVOOperator:
         """Fraction of entries with |w| > threshold, estimated from uniformly sampled entries, with a
         Wilson confidence interval (e.g. threshold = 0.01 * frobenius_norm() / sqrt(numel))."""
         args.sampling_arguments(threshold, samples, confidence, seed)
+        if self.dims.m_in == 0 or self.dims.m_out == 0:
+            raise ValueError(f"W' of shape {self.shape} has no entries to sample (M_in={self.dims.m_in}, "
+                             f"M_out={self.dims.m_out})")
         batch = v.check_index("batch", batch, self.dims.batch, f"B={self.dims.batch} batch elements")
         with torch.no_grad():
             return analysis.fraction_above(self._attn4, self.w_v, self.w_o, self.dims.kv_heads, threshold, samples,

@@ -19,6 +19,8 @@ def frobenius_norm(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, num
 
 def trace(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """tr W' = Σ_n Σ_i A_i[n, n] tr(OV_i) for square W' (M_in = M_out) -> (B,); the same in both layouts."""
+    if w_v.shape[1] == 0:  # an empty W' has trace 0, whatever A holds
+        return torch.zeros(attn.shape[0], dtype=torch.float64, device=attn.device)
     wo, wv = reference.head_factors(w_v.double(), w_o.double(), attn.shape[1], num_kv_heads)  # (h, M, d), (h, d, M)
     tr_ov = torch.einsum("icd,idc->i", wo, wv)  # tr(Wo_i Wv_i)
     return torch.einsum("bin,i->b", attn.double().diagonal(dim1=-2, dim2=-1), tr_ov)

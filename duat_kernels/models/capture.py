@@ -31,6 +31,7 @@ class AttentionLayer:
     b_v: torch.Tensor | None
     b_o: torch.Tensor | None
     num_kv_heads: int
+    num_heads: int  # h, from the module's configuration: checked against attn's head axis
     x: torch.Tensor
     output: torch.Tensor
     token_mask: torch.Tensor | None = field(default=None, repr=False)  # True where a real (unpadded) token
@@ -38,14 +39,16 @@ class AttentionLayer:
     def operator(self, layout: str = "token") -> HVOOperator:
         """The matrix-free W' (with b') of this layer."""
         return HVOOperator(self.attn, self.w_v, self.w_o, num_kv_heads=self.num_kv_heads, b_v=self.b_v, b_o=self.b_o,
-                           layout=layout)
+                           layout=layout, num_heads=self.num_heads)
 
     def hvo_matrix(self, **kwargs) -> torch.Tensor:
         """Dense W' (B, N·M_out, N·M_in); kwargs go to duat_kernels.hvo_matrix."""
-        return hvo_matrix(self.attn, self.w_v, self.w_o, num_kv_heads=self.num_kv_heads, **kwargs)
+        return hvo_matrix(self.attn, self.w_v, self.w_o, num_kv_heads=self.num_kv_heads, num_heads=self.num_heads,
+                          **kwargs)
 
     def hvo_bias(self, layout: str = "token") -> torch.Tensor:
-        return hvo_bias(self.attn, self.w_o, self.b_v, self.b_o, num_kv_heads=self.num_kv_heads, layout=layout)
+        return hvo_bias(self.attn, self.w_o, self.b_v, self.b_o, num_kv_heads=self.num_kv_heads, layout=layout,
+                        num_heads=self.num_heads)
 
     def reconstruct(self, w: torch.Tensor | None = None) -> torch.Tensor:
         """W' x' + b' as (B, N, M_out): with the given dense token-layout W', else matrix-free."""
@@ -154,6 +157,7 @@ def _hooks(model, arch: Architecture | None, block: tuple[str, torch.nn.Module],
     config = model.config
     value, out_proj = resolve(model, name, arch.value), resolve(model, name, arch.out_proj)
     heads = config.num_attention_heads
+    rec["num_heads"] = heads
     rec["num_kv_heads"] = getattr(config, "num_key_value_heads", None) or heads
     rec["w_v"], rec["b_v"] = arch.value_weights(value, config)
     rec["w_o"], rec["b_o"] = arch.out_weights(out_proj, config)
@@ -177,7 +181,7 @@ def _hooks(model, arch: Architecture | None, block: tuple[str, torch.nn.Module],
 def _mha_hooks(mha: torch.nn.MultiheadAttention, rec: dict) -> list:
     """nn.MultiheadAttention: ask for per-head probabilities, take the value input and the output."""
     e = mha.embed_dim
-    rec["num_kv_heads"] = mha.num_heads
+    rec["num_heads"] = rec["num_kv_heads"] = mha.num_heads
     rec["w_v"] = (mha.in_proj_weight[2 * e:] if mha._qkv_same_embed_dim else mha.v_proj_weight).detach()
     rec["b_v"] = None if mha.in_proj_bias is None else mha.in_proj_bias[2 * e:].detach()
     rec["w_o"] = mha.out_proj.weight.detach()
