@@ -56,6 +56,7 @@ def test_random_init_models_are_exact(family):
     layers = dk.models.attention_layers(model, **_ids(config.vocab_size))
     _assert_exact(layers, config.num_hidden_layers)
     assert layers[0].num_kv_heads == (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    assert layers[0].num_heads == config.num_attention_heads == layers[0].attn.shape[1]
     if family == "qwen2":
         assert layers[0].b_v is not None and layers[0].b_v.abs().sum() > 0  # Qwen2's value bias is used
 
@@ -87,7 +88,9 @@ def test_multihead_attention_bare_and_nested(batch_first):
         mha.in_proj_bias.normal_()
         mha.out_proj.bias.normal_()
     x = torch.randn(2, 7, 24) if batch_first else torch.randn(7, 2, 24)
-    _assert_exact(dk.models.attention_layers(mha, x, x, x), 1)
+    captured = dk.models.attention_layers(mha, x, x, x)
+    _assert_exact(captured, 1)
+    assert captured[0].num_heads == 3 and captured[0].attn.shape[1] == 3  # per-head maps, never averaged
 
     layer = torch.nn.TransformerEncoderLayer(24, 3, dim_feedforward=32, batch_first=batch_first, dropout=0.0).eval()
     encoder = torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False).eval()
