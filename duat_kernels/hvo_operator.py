@@ -204,7 +204,9 @@ class HVOOperator:
         return analysis.singular_values(self, k, tol)
 
     def spectral_norm(self, tol: float = 1e-6) -> float:
-        """||W'||_2, the largest singular value."""
+        """||W'||_2, the largest singular value (0 for an empty W', NaN when W' has NaN or Inf entries)."""
+        if min(self.shape[-2:]) == 0 and not self.dims.batched:
+            return 0.0
         return float(self.singular_values(1, tol)[0])
 
     @staticmethod
