@@ -85,8 +85,3 @@ def sampling_arguments(threshold, samples, confidence, seed) -> None:
 def positive_tolerance(tol) -> None:
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0 or math.isinf(tol):
         raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
-
-
-def all_finite(*tensors: torch.Tensor | None) -> bool:
-    """Whether every entry of every given tensor is finite (False on the first NaN or Inf)."""
-    return all(t is None or t.device.type == "meta" or bool(torch.isfinite(t).all()) for t in tensors)

@@ -204,3 +204,14 @@ def test_meta_operator_infers_shapes():
     meta = {k: lay[k].to("meta") for k in ("attn", "w_v", "w_o")}
     assert dk.hvo_matrix(meta["attn"], meta["w_v"], meta["w_o"]).device.type == "meta"
     assert dk.HVOOperator(meta["attn"], meta["w_v"], meta["w_o"]).matvec(torch.ones(33, device="meta")).shape == (27,)
+
+
+@pytest.mark.parametrize("values,finite", [([1.0, 2.0], True), ([3e38, 3e38], True), ([1.0, NAN], False),
+                                           ([INF, -INF], False), ([-INF, 0.0], False), ([], True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_all_finite_is_exact_even_when_the_sum_overflows(values, finite, dtype):
+    from duat_kernels._validation import all_finite
+
+    t = torch.tensor(values, dtype=torch.float64).clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max)
+    t = torch.where(torch.tensor(values, dtype=torch.float64).isfinite(), t, torch.tensor(values, dtype=torch.float64))
+    assert all_finite(t.to(dtype).repeat(100)) is finite

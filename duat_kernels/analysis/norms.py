@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from duat_kernels import reference
-from duat_kernels.operator_args import all_finite
+from duat_kernels._validation import all_finite
 from duat_kernels.reference import head_factors
 
 # Rows of A per step: the (h, rows, N) product stays ~64 MiB at N = 8192, h = 12 (fp32).

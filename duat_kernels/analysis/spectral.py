@@ -33,7 +33,8 @@ def singular_values(op, k: int = 1, tol: float = 1e-6, seed: int = 0) -> np.ndar
     when k = min(shape), which svds cannot do). NaN when W' has a NaN or Inf entry."""
     from scipy.sparse.linalg import svds
 
-    from duat_kernels.operator_args import all_finite, positive_tolerance
+    from duat_kernels._validation import all_finite
+    from duat_kernels.operator_args import positive_tolerance
 
     lin = as_linear_operator(op)
     side = min(lin.shape)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from duat_kernels._validation import all_finite
 from duat_kernels.triton.kron_sum import kron_sum_kernel
 
 # tl.dot precision per output dtype: IEEE fp32 for float32 (exact to fp32 rounding); TF32 for
@@ -28,7 +29,7 @@ def kron_sum_tile_(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor, r
         return out
     # 0 · NaN and 0 · Inf are NaN: a zero patch may be stored without the dot product only when
     # every factor entry is finite. One pass over the factors, small next to the output.
-    finite = bool(torch.isfinite(left).all()) and bool(torch.isfinite(right).all())
+    finite = all_finite(left, right)
     h, _, s_size = left.shape
     _, q_size, t_size = right.shape
     rows, cols = out.shape
