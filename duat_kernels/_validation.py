@@ -207,8 +207,8 @@ def _byte_range(t: torch.Tensor) -> tuple[int, int]:
 
 def all_finite(*tensors: torch.Tensor | None) -> bool:
     """Whether every entry of the given tensors is finite. NaN and Inf survive any sum, so a finite
-    sum proves the entries finite (~30x faster than isfinite().all() on the CPU); only a sum that is
-    not finite (a non-finite entry, or finite entries that overflow) is checked entry by entry."""
+    sum proves the entries finite (no bool tensor: ~25x faster than isfinite().all() on the CPU); only
+    a sum that is not finite (a non-finite entry, or finite entries that overflow) is checked entry by entry."""
     for t in tensors:
         if t is None or t.numel() == 0 or t.device.type == "meta":
             continue
