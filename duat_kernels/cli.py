@@ -109,7 +109,8 @@ def check_scale_args(args) -> None:
     free = available_memory(torch.device("cpu"))
     if needed > free:
         raise ValueError(f"--n {n} needs about {format_bytes(needed)} of memory ((h + 4) N² float32: the attention "
-                         f"probabilities and N x N work space) but {format_bytes(free)} is available; use a smaller --n")
+                         f"probabilities and N x N work space) but {format_bytes(free)} is available; "
+                         "use a smaller --n")
 
 
 def check_demo_args(args) -> None:

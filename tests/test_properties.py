@@ -14,8 +14,7 @@ from hypothesis import strategies as st
 import duat_kernels as dk
 from duat_kernels import reference
 
-from strategies import (ROUNDOFF, SPECIALS, assert_ieee_close, dense_reference, layers, materialise_bound,
-                        restride)
+from strategies import ROUNDOFF, SPECIALS, assert_ieee_close, dense_reference, layers, materialise_bound
 
 BACKEND_DTYPES = {"reference": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
                   "cpp": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
@@ -175,6 +174,14 @@ def test_operator_parts_equal_dense(lay, layout, data):
         r, c = (grid, grid) if isinstance(grid, int) else grid
         coarse = op.block_norms(grid=grid)
         assert coarse.shape == (*((d.batch,) if d.batched else ()), r, c)
+        # super-block (R, C) holds rows n with n·R // N = R's index (columns alike): sums of squared norms
+        row_of, col_of = torch.arange(d.tokens) * r // d.tokens, torch.arange(d.tokens) * c // d.tokens
+        member = (row_of[:, None, None, None] == torch.arange(r)[None, None, :, None]) & \
+                 (col_of[None, :, None, None] == torch.arange(c)[None, None, None, :])  # (N, N, R, C)
+        in_super = lambda t: torch.where(member, t[..., None, None], 0.0).sum((1, 2))  # noqa: E731 (not 0 · NaN)
+        expected_sq, bound_sq = in_super(norms64.square()), in_super(sq_bound)
+        assert_ieee_close(coarse.double().square(), unbatch(expected_sq), unbatch(bound_sq) + 1e-300,
+                          what=f"block_norms(grid={grid})")
     fro = torch.linalg.vector_norm(token64, dim=(-2, -1))
     assert_ieee_close(op.frobenius_norm().double().square(), unbatch(fro.square()),
                       unbatch(sq_bound.sum((-1, -2))) + 1e-300, what="frobenius_norm")
@@ -219,7 +226,8 @@ def test_operator_tile_equals_dense(lay, layout, data):
     got = op.tile(slice(r0, r1), slice(c0, c1), dtype=dtype)
     assert got.dtype == out_dtype
     assert_ieee_close(got, exact[..., sr, sc].to(out_dtype),
-                      materialise_bound(exact[..., sr, sc], magnitude[..., sr, sc], op.dims.heads, out_dtype), what="tile")
+                      materialise_bound(exact[..., sr, sc], magnitude[..., sr, sc], op.dims.heads, out_dtype),
+                      what="tile")
 
 
 # Bad arguments: every one a ValueError/TypeError that names it.
@@ -279,7 +287,8 @@ OPERATOR_BAD_CALLS = [
 ]
 
 
-@pytest.mark.parametrize("name,call", OPERATOR_BAD_CALLS, ids=[f"{n}-{i}" for i, (n, _) in enumerate(OPERATOR_BAD_CALLS)])
+@pytest.mark.parametrize("name,call", OPERATOR_BAD_CALLS,
+                         ids=[f"{n}-{i}" for i, (n, _) in enumerate(OPERATOR_BAD_CALLS)])
 def test_operator_bad_arguments_name_the_argument(name, call):
     op = dk.HVOOperator(torch.rand(2, 3, 3), torch.rand(4, 2), torch.rand(2, 4))  # N=3, M_in=M_out=2
     with pytest.raises((ValueError, TypeError)) as info:

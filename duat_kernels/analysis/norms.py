@@ -73,8 +73,8 @@ def _block_norms_direct(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor
                 sq[b, row, m0:m0 + cols_per_step] = blocks.square().sum((-1, -2))
     if grid is not None:  # squared norms summed into super-blocks
         rows, cols = grid
-        per_row = torch.zeros(batch, n, cols, dtype=dtype, device=sq.device).index_add_(2, _bins(n, cols, sq.device), sq)
-        sq = torch.zeros(batch, rows, cols, dtype=dtype, device=sq.device).index_add_(1, _bins(n, rows, sq.device), per_row)
+        per_row = sq.new_zeros(batch, n, cols).index_add_(2, _bins(n, cols, sq.device), sq)
+        sq = sq.new_zeros(batch, rows, cols).index_add_(1, _bins(n, rows, sq.device), per_row)
     return sq.sqrt_()
 
 
