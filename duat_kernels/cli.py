@@ -20,7 +20,7 @@ DEMO_TOLERANCE = 1e-5
 
 # Exceptions that are the user's to fix (bad values, files, memory); anything else is reported as
 # an internal error, still in one line.
-USER_ERRORS = (ValueError, TypeError, OSError, ImportError, MemoryError, RuntimeError)
+USER_ERRORS = (ValueError, TypeError, IndexError, OSError, ImportError, MemoryError, RuntimeError)
 
 
 class OneLineParser(argparse.ArgumentParser):
