@@ -91,6 +91,8 @@ def materialise(backend: str, attn: torch.Tensor, ov: torch.Tensor, layout: str,
     ov = ov.to(ct)
     if backend == "reference":
         return out.copy_(reference.hvo_matrix(attn.to(ct), ov, layout))
+    if out.numel() == 0:  # empty batch, M_in = 0 or M_out = 0: nothing to write
+        return out
     kernel = tile_kernel(backend)
     for b in range(attn.shape[0]):
         kernel(*kron_factors(attn[b].to(ct), ov, layout), out[b])

@@ -1,9 +1,15 @@
-"""Command line: `duat [inspect|demo|scale|corpus|markov] [options]` (also `python -m duat_kernels`); inspect is the default."""
+"""Command line: `duat [inspect|demo|scale|corpus|markov] [options]` (also `python -m duat_kernels`); inspect is the default.
+
+A user error (a bad option, a missing file, a size that does not fit) is one line on stderr and exit
+status 2, never a traceback; DUAT_TRACEBACK=1 shows the traceback of any error.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -15,40 +21,119 @@ from duat_kernels.models import inspect_cli
 # W' x' + b' must reproduce the modules in float32 to this relative error.
 DEMO_TOLERANCE = 1e-5
 
+# Exceptions that are the user's to fix (bad values, files, memory); anything else is reported as
+# an internal error, still in one line.
+USER_ERRORS = (ValueError, TypeError, IndexError, OSError, ImportError, MemoryError, RuntimeError)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors in one line (the usage block is in --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    value = int_argument(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    value = int_argument(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def int_argument(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="duat", description="Materialise and analyse the DUAT operator W'_HVO.")
+    from duat_kernels import __version__
+
+    parser = OneLineParser(prog="duat", description="Materialise and analyse the DUAT operator W'_HVO.")
+    parser.add_argument("--version", action="version", version=f"duat-kernels {__version__}")
     sub = parser.add_subparsers(dest="command")
     insp = sub.add_parser("inspect", help="W' of every attention layer of a real model on a text (the default)")
     inspect_cli.add_arguments(insp)
     demo = sub.add_parser("demo", help="W' of a seeded random attention layer with every backend")
-    demo.add_argument("--tokens", type=int, default=24, help="sequence length N (default 24)")
-    demo.add_argument("--embed-dim", type=int, default=192, help="model width M (default 192)")
-    demo.add_argument("--heads", type=int, default=6, help="number of heads h (default 6)")
+    demo.add_argument("--tokens", type=positive_int, default=24, help="sequence length N (default 24)")
+    demo.add_argument("--embed-dim", type=positive_int, default=192, help="model width M (default 192)")
+    demo.add_argument("--heads", type=positive_int, default=6, help="number of heads h (default 6)")
     demo.add_argument("--layout", choices=["token", "feature"], default="token")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--repeats", type=int, default=3, help="timed repetitions, best one reported")
-    demo.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's setting)")
-    corpus_cli.add_arguments(sub.add_parser("corpus", help="W' analyses of many texts, on a Dask cluster or here"))
+    demo.add_argument("--seed", type=nonnegative_int, default=0)
+    demo.add_argument("--repeats", type=positive_int, default=3, help="timed repetitions, best one reported")
+    demo.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's setting)")
     scale = sub.add_parser("scale", help="time and peak memory of the matrix-free analyses as N grows")
-    scale.add_argument("--n", type=int, nargs="+", default=[64, 256, 1024, 4096, 16384],
+    scale.add_argument("--n", type=positive_int, nargs="+", default=[64, 256, 1024, 4096, 16384],
                        help="sequence lengths (default 64 256 1024 4096 16384)")
-    scale.add_argument("--m", type=int, default=256, help="model width M (default 256)")
-    scale.add_argument("--heads", type=int, default=4, help="heads h (default 4)")
-    scale.add_argument("--spectral-max-n", type=int, default=None,
+    scale.add_argument("--m", type=positive_int, default=256, help="model width M (default 256)")
+    scale.add_argument("--heads", type=positive_int, default=4, help="heads h (default 4)")
+    scale.add_argument("--spectral-max-n", type=nonnegative_int, default=None,
                        help="largest N for spectral_norm, which costs tens of matvecs (default: every N)")
     scale.add_argument("--plot", metavar="PNG", help="write a log-log plot of time against N")
-    scale.add_argument("--seed", type=int, default=0)
+    scale.add_argument("--seed", type=nonnegative_int, default=0)
+    corpus_cli.add_arguments(sub.add_parser("corpus", help="W' analyses of many texts, on a Dask cluster or here"))
     markov_cli.add_arguments(sub.add_parser("markov", help="a causal LM as a Markov chain on T^K states: "
                                                            "stationary distribution and mixing per temperature"))
     return parser
 
 
+def check_output_file(option: str, path: str | None) -> None:
+    """An output file's folder must exist and the path must not be a folder (checked before the work)."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{option} {path} is a directory; give a file name")
+    if not p.parent.is_dir():
+        raise ValueError(f"{option} {path}: the folder {p.parent} does not exist")
+
+
+def check_scale_args(args) -> None:
+    from duat_kernels._validation import available_memory, format_bytes
+
+    if min(args.n) < 2:
+        raise ValueError(f"every --n must be >= 2, got {min(args.n)}")
+    if args.m % args.heads:
+        raise ValueError(f"--m {args.m} must be divisible by --heads {args.heads}")
+    check_output_file("--plot", args.plot)
+    # attn (h, N, N) float32, the causal mask and block_norms' (N, N) result, and a few (N, N) temporaries
+    n = max(args.n)
+    needed = (args.heads + 4) * n * n * 4
+    free = available_memory(torch.device("cpu"))
+    if needed > free:
+        raise ValueError(f"--n {n} needs about {format_bytes(needed)} of memory ((h + 4) N² float32: the attention "
+                         f"probabilities and N x N work space) but {format_bytes(free)} is available; "
+                         "use a smaller --n")
+
+
+def check_demo_args(args) -> None:
+    from duat_kernels._validation import available_memory, format_bytes
+
+    if args.embed_dim % args.heads:
+        raise ValueError(f"--embed-dim {args.embed_dim} must be divisible by --heads {args.heads}")
+    # W' twice (the result and the out= buffer of the timing) plus the reference backend's Kronecker
+    # products and running sum, all (N·M)² float32
+    side = args.tokens * args.embed_dim
+    needed = 5 * side * side * 4 + args.heads * args.tokens ** 2 * 4
+    free = available_memory(torch.device("cpu"))
+    if needed > free:
+        raise ValueError(f"--tokens {args.tokens} --embed-dim {args.embed_dim}: W' is {side} x {side} float32 and the "
+                         f"demo needs about {format_bytes(needed)} but {format_bytes(free)} is available; use smaller "
+                         "sizes (or duat scale for long sequences)")
+
+
 def run_scale(args) -> int:
     from duat_kernels.analysis import scaling
 
-    if any(n < 2 for n in args.n) or args.m < 1 or args.heads < 1 or args.m % args.heads:
-        raise SystemExit("duat scale: need every --n >= 2, --m >= 1, --heads >= 1 and --m divisible by --heads")
+    check_scale_args(args)
     rows = scaling.scaling_sweep(sorted(args.n), args.m, args.heads, args.spectral_max_n, args.seed)
     print(scaling.format_table(rows, args.m, args.heads))
     if args.plot:
@@ -59,23 +144,30 @@ def run_scale(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
         argv = ["inspect", *argv]
     args = build_parser().parse_args(argv)
+    commands = {"scale": run_scale, "inspect": inspect_cli.run, "demo": run_demo_command, "corpus": corpus_cli.run,
+                "markov": markov_cli.run}
     try:
-        if args.command == "scale":
-            return run_scale(args)
-        if args.command == "inspect":
-            return inspect_cli.run(args)
-        if args.command == "corpus":
-            return corpus_cli.run(args)
-        if args.command == "markov":
-            return markov_cli.run(args)
-    except (ImportError, FileNotFoundError) as exc:  # a missing optional dependency or model: say what to do
-        print(f"duat {args.command}: {exc}", file=sys.stderr)
-        return 2
-    if args.embed_dim % args.heads:
-        raise SystemExit(f"duat demo: --embed-dim {args.embed_dim} must be divisible by --heads {args.heads}")
+        return commands[args.command](args)
+    except Exception as exc:  # noqa: BLE001 (every error becomes one line; DUAT_TRACEBACK=1 for the traceback)
+        if os.environ.get("DUAT_TRACEBACK") == "1":
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        if isinstance(exc, USER_ERRORS):
+            print(f"duat {args.command}: {message}", file=sys.stderr)
+            return 2
+        print(f"duat {args.command}: internal error: {type(exc).__name__}: {message} (DUAT_TRACEBACK=1 shows where; "
+              "please report it)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"duat {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def run_demo_command(args) -> int:
+    check_demo_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     rows, floor, shape = run_demo(args.tokens, args.embed_dim, args.heads, args.seed, args.layout, args.repeats)

@@ -32,6 +32,24 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64",
                 torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
+# Whether the OpenMP thread pool of this process is usable. GNU OpenMP's pool does not survive
+# fork(): a forked child that enters a parallel region of more than one thread waits forever for
+# the parent's threads, in our kernel and in torch's own parallel ops alike (they share libgomp).
+_FORKED_AFTER_KERNEL = False
+_KERNEL_RAN = False
+
+
+def _after_fork_in_child() -> None:
+    """In a fork()ed child of a process that ran the kernel: one thread, in our kernel and in torch."""
+    global _FORKED_AFTER_KERNEL
+    if _KERNEL_RAN:
+        _FORKED_AFTER_KERNEL = True
+        torch.set_num_threads(1)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def is_available() -> bool:
     return _C is not None
 
@@ -80,6 +98,11 @@ def _apply_capability_env() -> None:
                           stacklevel=2)
 
 
+def num_threads() -> int:
+    """Threads the kernel runs on: torch's setting, or 1 in a forked child (see _after_fork_in_child)."""
+    return 1 if _FORKED_AFTER_KERNEL else torch.get_num_threads()
+
+
 _apply_capability_env()
 
 
@@ -96,14 +119,18 @@ def kron_sum_tile_(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor, r
 
     left (h, P, S), right (h, Q, T) in the compute dtype of out, on the CPU; out contiguous.
     """
+    global _KERNEL_RAN
+    if out.numel() == 0:
+        return out
     # Only the factor entries the tile touches are laid out for the kernel, so a small tile of a
     # long-sequence W' costs O(tile), not O(h N²).
     (p0, p1, q0, q1, row0), (s0, s1, t0, t1, col0) = (
         _factor_range(row0, out.shape[0], right.shape[1]), _factor_range(col0, out.shape[1], right.shape[2]))
     lt = left[:, p0:p1, s0:s1].permute(1, 2, 0).contiguous()  # (P', S', h)
     rt = right[:, q0:q1, t0:t1].permute(1, 0, 2).contiguous()  # (Q', h, T')
-    _C.kron_sum(_numpy_view(lt), _numpy_view(rt), _numpy_view(out), _DTYPE_NAMES[out.dtype],
-                row0, col0, torch.get_num_threads())
+    threads = num_threads()
+    _KERNEL_RAN = _KERNEL_RAN or threads > 1
+    _C.kron_sum(_numpy_view(lt), _numpy_view(rt), _numpy_view(out), _DTYPE_NAMES[out.dtype], row0, col0, threads)
     return out
 
 

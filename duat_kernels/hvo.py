@@ -38,29 +38,34 @@ def ov_circuits(w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int, num_kv_hea
 
 def hvo_matrix(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, *, num_kv_heads: int | None = None,
                layout: str = "token", backend: str = "auto", out: torch.Tensor | None = None,
-               dtype: torch.dtype | None = None, heads: int | Sequence[int] | None = None) -> torch.Tensor:
+               dtype: torch.dtype | str | None = None, num_heads: int | None = None,
+               heads: int | Sequence[int] | None = None) -> torch.Tensor:
     """Materialise W'_HVO, the matrix with h' = W' x' (+ b') for one attention layer.
 
     Token layout: W'[(n, c), (m, a)] = Σ_i A_i[n, m] · OV_i[c, a], i.e. W' = Σ_i A_i ⊗ OV_i;
     feature layout: W' = Σ_i OV_i ⊗ A_i (the same entries, permuted). See DESIGN.md §1.
 
     Args:
-        attn: (h, N, N) or (B, h, N, N) attention probabilities (after softmax, masks, dropout).
+        attn: (h, N, N) or (B, h, N, N) per-head attention probabilities (after softmax, masks, dropout).
+            A 3-D attn is one sequence's h heads, never a batch of head-averaged (B, N, N) maps
+            (nn.MultiheadAttention's default output): ask the module for average_attn_weights=False.
         w_v: (h_kv·d, M_in) value projection weight. w_o: (M_out, h·d) output projection weight.
         num_kv_heads: h_kv for grouped-query attention; defaults to h.
+        num_heads: h; when given, attn must have h heads on axis -3 (catches head-averaged maps).
         layout: "token" (x'[n·M_in + a] = X[n, a]) or "feature" (x'[a·N + n] = X[n, a]).
         backend: "auto", "reference", "cpp" or "triton" (see `available_backends`). Every backend is
             differentiable in attn, w_v and w_o (the torch.library op duat::hvo_matrix has a backward).
         out: optional contiguous buffer of the output shape and dtype, written in place and returned.
-        dtype: output dtype (float32, float64, float16, bfloat16); defaults to out.dtype or the
-            promoted input dtype. Accumulation is in float32 (float64 for float64 output).
+        dtype: output dtype (float32, float64, float16, bfloat16, or its name as a string); defaults to
+            out.dtype or the promoted input dtype. Accumulation is in float32 (float64 for float64 output).
         heads: a head index or a sequence of them: W' of those heads only, Σ_{i in heads} A_i ⊗ OV_i
             (one head's own contribution with heads=i); default all heads.
 
     Returns:
-        (N·M_out, N·M_in), or (B, N·M_out, N·M_in) for batched attn.
+        (N·M_out, N·M_in), or (B, N·M_out, N·M_in) for batched attn (B, M_in and M_out may be 0).
+        Non-finite inputs propagate as IEEE arithmetic says (0 · NaN = NaN) with every backend.
     """
-    dims = v.check_attention(attn, w_v, w_o, num_kv_heads)
+    dims = v.check_attention(attn, w_v, w_o, num_kv_heads, num_heads)
     if heads is not None:
         attn, w_v, w_o, _, num_kv_heads = select_heads(attn, w_v, w_o, None, heads, dims.kv_heads)
         dims = v.check_attention(attn, w_v, w_o, num_kv_heads)
@@ -80,7 +85,7 @@ def hvo_matrix(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, *, num_
         if torch.is_grad_enabled() and any(t.requires_grad for t in (attn, w_v, w_o)):
             raise RuntimeError("out= writes W' in place and records no gradient; pass out=None for a differentiable "
                                "W' (or call under torch.no_grad())")
-    if not torch.compiler.is_compiling():  # memory is the caller's business inside a compiled graph
+    if not torch.compiler.is_compiling() and device.type != "meta":  # meta tensors and compiled graphs allocate nothing
         entries = dims.batch * rows * cols
         needed = 0 if out is not None else entries * dtype.itemsize
         if backend == "reference":  # the Kronecker products and their running sum, in the compute dtype
@@ -98,7 +103,7 @@ def hvo_matrix(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, *, num_
 
 
 def hvo_bias(attn: torch.Tensor, w_o: torch.Tensor, b_v: torch.Tensor | None = None, b_o: torch.Tensor | None = None,
-             *, num_kv_heads: int | None = None, layout: str = "token",
+             *, num_kv_heads: int | None = None, layout: str = "token", num_heads: int | None = None,
              heads: int | Sequence[int] | None = None) -> torch.Tensor:
     """The bias b' of h' = W' x' + b'.
 
@@ -109,13 +114,14 @@ def hvo_bias(attn: torch.Tensor, w_o: torch.Tensor, b_v: torch.Tensor | None = N
         attn: (h, N, N) or (B, h, N, N). w_o: (M_out, h·d). b_v: (h_kv·d,) or None. b_o: (M_out,) or None.
         num_kv_heads: h_kv for grouped-query attention; defaults to h.
         layout: "token" (index n·M_out + c) or "feature" (index c·N + n).
+        num_heads: h; when given, attn must have h heads on axis -3 (see hvo_matrix).
         heads: as in hvo_matrix: only these heads' value-bias terms (b_o, which belongs to no head,
             is added as given: pass b_o=None for the heads' own contribution).
 
     Returns:
         (N·M_out,), or (B, N·M_out) for batched attn, in the promoted dtype of the inputs.
     """
-    dims = v.check_attention(attn, None, w_o, num_kv_heads)
+    dims = v.check_attention(attn, None, w_o, num_kv_heads, num_heads)
     if heads is not None:
         v.check_bias("b_v", b_v, dims.kv_heads * dims.head_dim)
         w_v = torch.empty(dims.kv_heads * dims.head_dim, 0, dtype=w_o.dtype, device=w_o.device)

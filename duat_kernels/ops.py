@@ -48,9 +48,9 @@ def hvo_matrix_vjp(grad: torch.Tensor, attn: torch.Tensor, ov: torch.Tensor, lay
     m_out, m_in = ov.shape[1:]
     ct = reference.compute_dtype(grad.dtype)
     if layout == "token":
-        g5 = grad.view(batch, n, m_out, n, m_in)  # (b, n, c, m, a)
+        g5 = grad.reshape(batch, n, m_out, n, m_in)  # (b, n, c, m, a)
     else:
-        g5 = grad.view(batch, m_out, n, m_in, n).permute(0, 2, 1, 4, 3)  # (b, c, n, a, m) -> (b, n, c, m, a)
+        g5 = grad.reshape(batch, m_out, n, m_in, n).permute(0, 2, 1, 4, 3)  # (b, c, n, a, m) -> (b, n, c, m, a)
     ov_c = ov.to(ct).transpose(0, 1)  # (c, h, a)
     a_ct = attn.to(ct)
     grad_attn = torch.empty(batch, h, n, n, dtype=ct, device=attn.device)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["compute_dtype", "head_factors", "ov_circuits", "hvo_matrix", "hvo_bias", "attention_output"]
+__all__ = ["compute_dtype", "head_factors", "ov_circuits", "kron", "hvo_matrix", "hvo_bias", "attention_output"]
 
 
 def compute_dtype(out_dtype: torch.dtype) -> torch.dtype:
@@ -37,14 +37,24 @@ def ov_circuits(w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int, num_kv_hea
     return torch.bmm(*head_factors(w_v, w_o, num_heads, num_kv_heads))
 
 
+def kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a ⊗ b for a (P, S), b (Q, T) -> (P·Q, S·T): entry [p·Q + q, s·T + t] = a[p, s]·b[q, t], for any
+    strides (torch.kron needs views it cannot always make of transposed or sliced factors)."""
+    (p, s), (q, t) = a.shape, b.shape
+    return (a[:, None, :, None] * b[None, :, None, :]).reshape(p * q, s * t)
+
+
 def hvo_matrix(attn: torch.Tensor, ov: torch.Tensor, layout: str = "token") -> torch.Tensor:
     """W' as a sum of Kronecker products: attn (B, h, N, N), ov (h, M_out, M_in) -> (B, N*M_out, N*M_in)."""
+    batch, h, n, _ = attn.shape
     mats = []
     for a in attn:  # batch
         if layout == "token":
-            mats.append(sum(torch.kron(a[i], ov[i]) for i in range(a.shape[0])))
+            mats.append(sum(kron(a[i], ov[i]) for i in range(h)))
         else:
-            mats.append(sum(torch.kron(ov[i], a[i]) for i in range(a.shape[0])))
+            mats.append(sum(kron(ov[i], a[i]) for i in range(h)))
+    if not mats:  # empty batch
+        return attn.new_empty(0, n * ov.shape[1], n * ov.shape[2], dtype=torch.promote_types(attn.dtype, ov.dtype))
     return torch.stack(mats)
 
 
@@ -63,7 +73,7 @@ def hvo_bias(attn: torch.Tensor, w_o: torch.Tensor, b_v: torch.Tensor | None, b_
         bias = bias + b_o
     if layout == "feature":
         bias = bias.transpose(1, 2)
-    return bias.reshape(batch, -1)
+    return bias.reshape(batch, n * m_out)
 
 
 def attention_output(attn: torch.Tensor, x: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor,

@@ -21,9 +21,87 @@ def test_demo(capsys):
     assert "cpp" in out and "reference" in out and "OK: every backend reproduces" in out
 
 
-def test_demo_rejects_indivisible_width():
-    with pytest.raises(SystemExit, match="must be divisible by --heads"):
-        main(["demo", "--embed-dim", "10", "--heads", "3"])
+def test_demo_rejects_indivisible_width(capsys):
+    assert main(["demo", "--embed-dim", "10", "--heads", "3"]) == 2
+    assert capsys.readouterr().err == "duat demo: --embed-dim 10 must be divisible by --heads 3\n"
+
+
+# User errors: (arguments, a piece of the one-line message); all exit with status 2. The issue's
+# cases run the console script (`python -m duat_kernels`), one process each, all at once; the others
+# call main() in this process (the same code after the interpreter's start, which costs ~3 s of
+# CPU per process, mostly importing torch).
+CLI_ERRORS = {
+    "demo-heads-0": (["demo", "--heads", "0"], "argument --heads: must be a positive integer, got 0"),
+    "demo-tokens-0": (["demo", "--tokens", "0"], "argument --tokens: must be a positive integer, got 0"),
+    "demo-tokens-negative": (["demo", "--tokens", "-3"], "argument --tokens: must be a positive integer, got -3"),
+    "demo-embed-dim-0": (["demo", "--embed-dim", "0"], "argument --embed-dim: must be a positive integer"),
+    "demo-repeats-0": (["demo", "--repeats", "0"], "argument --repeats: must be a positive integer"),
+    "demo-threads-negative": (["demo", "--threads", "-1"], "argument --threads: must be a positive integer"),
+    "scale-n-huge": (["scale", "--n", "1000000"], "--n 1000000 needs about"),
+}
+IN_PROCESS_ERRORS = {
+    "demo-tokens-text": (["demo", "--tokens", "many"], "argument --tokens: must be an integer, got 'many'"),
+    "demo-indivisible": (["demo", "--embed-dim", "10", "--heads", "3"], "--embed-dim 10 must be divisible"),
+    "demo-too-large": (["demo", "--tokens", "100000"], "W' is 19200000 x 19200000 float32 and the demo needs"),
+    "scale-n-1": (["scale", "--n", "1"], "every --n must be >= 2"),
+    "scale-indivisible": (["scale", "--m", "10", "--heads", "3"], "--m 10 must be divisible by --heads 3"),
+    "scale-plot-missing-folder": (["scale", "--n", "8", "--plot", "/nonexistent/x.png"],
+                                  "--plot /nonexistent/x.png: the folder /nonexistent does not exist"),
+    "scale-plot-is-folder": (["scale", "--n", "8", "--plot", "/"], "--plot / is a directory"),
+    "unknown-command": (["bogus"], "invalid choice: 'bogus'"),
+}
+
+
+@pytest.fixture(scope="module")
+def cli_runs():
+    """Every case of CLI_ERRORS and --version, each in its own `python -m duat_kernels` process, all at once."""
+    cases = {**{name: argv for name, (argv, _) in CLI_ERRORS.items()}, "version": ["--version"]}
+    procs = {name: subprocess.Popen([sys.executable, "-m", "duat_kernels", *argv], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True) for name, argv in cases.items()}
+    results = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        results[name] = (proc.returncode, out, err)
+    return results
+
+
+@pytest.mark.parametrize("case", sorted(CLI_ERRORS))
+def test_console_script_user_errors_are_one_line(cli_runs, case):
+    code, out, err = cli_runs[case]
+    assert code == 2, (code, err)
+    assert err.count("\n") == 1 and err.startswith("duat") and CLI_ERRORS[case][1] in err, err
+    assert "Traceback" not in err and out == ""
+
+
+@pytest.mark.parametrize("case", sorted(IN_PROCESS_ERRORS))
+def test_user_errors_are_one_line(capsys, case):
+    argv, message = IN_PROCESS_ERRORS[case]
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse
+        code = exc.code
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert captured.err.count("\n") == 1 and captured.err.startswith("duat") and message in captured.err, captured.err
+
+
+def test_version(cli_runs):
+    import duat_kernels
+
+    code, out, err = cli_runs["version"]
+    assert (code, out, err) == (0, f"duat-kernels {duat_kernels.__version__}\n", "")
+
+
+def test_internal_errors_are_one_line_too(monkeypatch, capsys):
+    import duat_kernels.cli as cli
+
+    monkeypatch.setattr(cli, "run_demo", lambda *a: {}["boom"])  # a bug, not a user error
+    assert main(["demo", "--tokens", "2", "--embed-dim", "4", "--heads", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("duat demo: internal error: KeyError: 'boom'") and err.count("\n") == 1
+    monkeypatch.setenv("DUAT_TRACEBACK", "1")
+    with pytest.raises(KeyError):
+        main(["demo", "--tokens", "2", "--embed-dim", "4", "--heads", "2"])
 
 
 def test_scale_writes_table_and_plot(tmp_path, capsys):

@@ -1,10 +1,12 @@
 """Streaming W' to disk tile by tile: bounded memory, a progress bar, restartable.
 
 The matrix is written into `<path>.partial` (a valid .npy with its header) in tiles of whole rows,
-each tile with one positioned write; after each tile is on disk (fsync) its index is recorded in
-`<path>.progress.json` (replaced atomically). Only when every tile is written is the file renamed
-to `path`, so an interrupted run never leaves a file at `path` that looks complete, and a rerun
-with the same inputs resumes where it stopped.
+each tile with one positioned write; after each tile is on disk (fsync) its index and a CRC-32 of
+its bytes are recorded in `<path>.progress.json` (replaced atomically) with the file's size. Only
+when every tile is written is the file renamed to `path`, so an interrupted run never leaves a file
+at `path` that looks complete, and a rerun with the same inputs resumes where it stopped; a resume
+first reads back every recorded tile and redoes those whose bytes changed (a truncated or damaged
+.partial). The target, its folder and the free disk space are checked before anything is written.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +33,7 @@ def _fingerprint(op, dtype: torch.dtype, rows_per_tile: int) -> str:
     flat = op.attn.detach().reshape(-1)
     step = max(1, flat.numel() >> 20)
     for t in (flat[::step], op.w_v.detach(), op.w_o.detach()):
-        h.update(t.contiguous().cpu().numpy().tobytes())
+        h.update(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     h.update(repr((tuple(op.shape), op.layout, str(dtype), rows_per_tile, op.dims.kv_heads)).encode())
     return h.hexdigest()
 
@@ -53,7 +57,9 @@ def save_dense(op, path: str | os.PathLike, *, rows_per_tile: int | None = None,
 
     if op.dims.batched:
         raise ValueError("save_dense needs an unbatched HVOOperator (attn of shape (h, N, N))")
-    dtype = dtype or v.resolve_dtype(None, None, op.attn, op.w_v, op.w_o)
+    if op.device.type == "meta":
+        raise ValueError("save_dense needs an HVOOperator on tensors with data (cpu or cuda), got meta tensors")
+    dtype = v.as_dtype(dtype) or v.resolve_dtype(None, None, op.attn, op.w_v, op.w_o)
     if dtype not in _NUMPY_DTYPES:
         raise TypeError(f"dtype must be float32, float64 or float16 for a .npy file, got {dtype}")
     rows, cols = op.shape
@@ -63,25 +69,33 @@ def save_dense(op, path: str | os.PathLike, *, rows_per_tile: int | None = None,
             raise ValueError(f"one row of W' takes {v.format_bytes(row_bytes)}, more than max_tile_bytes="
                              f"{v.format_bytes(max_tile_bytes)}; raise max_tile_bytes")
         rows_per_tile = max(1, min(rows, max_tile_bytes // row_bytes))
-    if rows_per_tile < 1:
-        raise ValueError(f"rows_per_tile must be positive, got {rows_per_tile}")
+    if isinstance(rows_per_tile, bool) or not isinstance(rows_per_tile, int) or rows_per_tile < 1:
+        raise ValueError(f"rows_per_tile must be a positive int, got {rows_per_tile!r}")
     path = Path(path)
     partial, progress_file = Path(f"{path}.partial"), Path(f"{path}.progress.json")
+    _check_target(path, partial, rows * row_bytes)
     fingerprint = _fingerprint(op, dtype, rows_per_tile)
-    n_tiles = -(-rows // rows_per_tile)
+    n_tiles = -(-rows // rows_per_tile) if rows else 0
 
-    done: set[int] = set()
+    done: dict[int, int] = {}  # tile -> CRC-32 of its bytes
     if partial.exists() and progress_file.exists():
-        state = json.loads(progress_file.read_text())
-        if state.get("fingerprint") != fingerprint:
-            raise ValueError(f"{partial} holds an interrupted run for other inputs or settings; "
-                             "delete it (and its .progress.json) to start again")
-        done = set(state["done"])
+        done = _read_progress(progress_file, partial, fingerprint)
+        try:
+            offset = _data_offset(partial)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"save_dense: {partial} is not a valid .npy file ({exc}); delete it and "
+                             f"{progress_file} to start again") from None
+        done = _verified_tiles(partial, offset, done, rows, rows_per_tile, row_bytes)
     else:
-        arr = np.lib.format.open_memmap(partial, mode="w+", dtype=_NUMPY_DTYPES[dtype], shape=(rows, cols))
+        try:
+            arr = np.lib.format.open_memmap(partial, mode="w+", dtype=_NUMPY_DTYPES[dtype], shape=(rows, cols))
+        except (OSError, ValueError, OverflowError) as exc:
+            raise v.DenseTooLargeError(f"cannot create {partial} for W' of shape ({rows}, {cols}) "
+                                       f"({v.format_bytes(rows * row_bytes)}): {exc}") from None
         del arr  # only the header and the file size are needed
-        _write_progress(progress_file, fingerprint, done)
-    offset = _data_offset(partial)
+        offset = _data_offset(partial)
+        _write_progress(progress_file, fingerprint, done, offset + rows * row_bytes)
+    size = offset + rows * row_bytes
 
     from tqdm.auto import tqdm
 
@@ -93,10 +107,11 @@ def save_dense(op, path: str | os.PathLike, *, rows_per_tile: int | None = None,
             r1 = min(rows, r0 + rows_per_tile)
             with torch.no_grad():
                 tile = op.tile(slice(r0, r1), slice(0, cols), dtype=dtype).cpu()
-            _pwrite_all(f.fileno(), memoryview(tile.numpy()).cast("B"), offset + r0 * row_bytes)
+            data = memoryview(tile.numpy()).cast("B")
+            _pwrite_all(f.fileno(), data, offset + r0 * row_bytes)
             os.fsync(f.fileno())
-            done.add(t)
-            _write_progress(progress_file, fingerprint, done)
+            done[t] = zlib.crc32(data)
+            _write_progress(progress_file, fingerprint, done, size)
             bar.update(1)
     os.replace(partial, path)
     progress_file.unlink()
@@ -118,7 +133,74 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[n:], offset + n
 
 
-def _write_progress(progress_file: Path, fingerprint: str, done: set[int]) -> None:
+def _write_progress(progress_file: Path, fingerprint: str, done: dict[int, int], file_size: int) -> None:
     tmp = progress_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"fingerprint": fingerprint, "done": sorted(done)}))
+    tmp.write_text(json.dumps({"fingerprint": fingerprint, "file_size": file_size,
+                               "tiles": {str(t): crc for t, crc in sorted(done.items())}}))
     os.replace(tmp, progress_file)
+
+
+def _check_target(path: Path, partial: Path, data_bytes: int) -> None:
+    """Refuse, before writing anything, a target that is a folder, a missing folder, or a disk
+    without room for the file (a fresh .partial is sparse: the space is taken as tiles arrive)."""
+    for p in (path, partial):
+        if p.is_dir():
+            raise ValueError(f"save_dense: {p} is a directory; pass a file path such as {p / 'w.npy'}")
+    folder = path.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"save_dense: the folder {folder} of {path} does not exist; create it first")
+    from duat_kernels import _validation as v
+
+    have = partial.stat().st_blocks * 512 if partial.exists() else 0
+    stat = os.statvfs(folder)
+    free = stat.f_bavail * stat.f_frsize
+    if data_bytes - have > free:
+        raise v.DenseTooLargeError(f"save_dense: {path} needs {v.format_bytes(data_bytes)} but only "
+                                   f"{v.format_bytes(free + have)} is free on its disk; write to a larger disk or "
+                                   "save parts of W' with HVOOperator.tile")
+
+
+def _crc_range(fd: int, offset: int, length: int, chunk: int = 64 << 20) -> int:
+    crc = 0
+    while length > 0:
+        data = os.pread(fd, min(chunk, length), offset)
+        if not data:
+            break
+        crc = zlib.crc32(data, crc)
+        offset, length = offset + len(data), length - len(data)
+    return crc
+
+
+def _read_progress(progress_file: Path, partial: Path, fingerprint: str) -> dict[int, int]:
+    """The recorded tiles {index: CRC-32} of an interrupted run, or a clear error."""
+    try:
+        state = json.loads(progress_file.read_text())
+        recorded_fingerprint, tiles = state["fingerprint"], state["tiles"]
+        done = {int(t): int(crc) for t, crc in tiles.items()}
+        int(state["file_size"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"save_dense: {progress_file} is not a valid progress record ({type(exc).__name__}: {exc}); "
+                         f"delete it and {partial} to start again") from None
+    if recorded_fingerprint != fingerprint:
+        raise ValueError(f"{partial} holds an interrupted run for other inputs or settings; "
+                         "delete it (and its .progress.json) to start again")
+    return done
+
+
+def _verified_tiles(partial: Path, offset: int, done: dict[int, int], rows: int, rows_per_tile: int,
+                    row_bytes: int) -> dict[int, int]:
+    """The recorded tiles whose bytes in `partial` still have their CRC-32; a file of the wrong size
+    (truncated) is first restored to its size, so that the missing tiles fail the check and are redone."""
+    size = offset + rows * row_bytes
+    if partial.stat().st_size != size:
+        os.truncate(partial, size)
+    good = {}
+    with open(partial, "rb") as f:
+        for t, crc in done.items():
+            r0, r1 = t * rows_per_tile, min(rows, (t + 1) * rows_per_tile)
+            if 0 <= r0 < r1 and _crc_range(f.fileno(), offset + r0 * row_bytes, (r1 - r0) * row_bytes) == crc:
+                good[t] = crc
+    if len(good) < len(done):
+        warnings.warn(f"save_dense: {len(done) - len(good)} of the {len(done)} tiles recorded in {partial} changed on "
+                      "disk (a truncated or damaged file); they are written again", RuntimeWarning, stacklevel=3)
+    return good

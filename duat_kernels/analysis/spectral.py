@@ -29,12 +29,27 @@ def as_linear_operator(op):
 
 
 def singular_values(op, k: int = 1, tol: float = 1e-6, seed: int = 0) -> np.ndarray:
-    """The k largest singular values of W', descending (scipy svds, Lanczos/ARPACK)."""
+    """The k largest singular values of W', descending (scipy svds, Lanczos/ARPACK; the dense SVD
+    when k = min(shape), which svds cannot do). NaN when W' has a NaN or Inf entry."""
     from scipy.sparse.linalg import svds
 
+    from duat_kernels._validation import all_finite
+    from duat_kernels.operator_args import positive_tolerance
+
     lin = as_linear_operator(op)
-    if not 1 <= k < min(lin.shape):
-        raise ValueError(f"k must be in [1, {min(lin.shape) - 1}] for W' of shape {lin.shape}, got {k}")
-    v0 = np.random.default_rng(seed).standard_normal(min(lin.shape)).astype(lin.dtype)
+    side = min(lin.shape)
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__} {k!r}")
+    if not 1 <= k <= side:
+        raise ValueError(f"k must be in [1, {side}] for W' of shape {lin.shape}, got {k}"
+                         if side else f"W' of shape {lin.shape} has no singular values (k={k})")
+    positive_tolerance(tol)
+    if not all_finite(op.attn, op.w_v, op.w_o):
+        return np.full(k, np.nan, dtype=lin.dtype)
+    if k == side:
+        with torch.no_grad():
+            dense = op.to_dense(dtype=torch.float64 if lin.dtype == np.float64 else torch.float32)
+        return torch.linalg.svdvals(dense).cpu().numpy()[:k].astype(lin.dtype)
+    v0 = np.random.default_rng(seed).standard_normal(side).astype(lin.dtype)
     s = svds(lin, k=k, tol=tol, v0=v0, return_singular_vectors=False)
     return np.sort(s)[::-1]

@@ -18,10 +18,15 @@ def frobenius_norm(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, num
 
 
 def trace(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """tr W' = Σ_n Σ_i A_i[n, n] tr(OV_i) for square W' (M_in = M_out) -> (B,); the same in both layouts."""
+    """tr W' = Σ_n Σ_c Σ_i A_i[n, n] OV_i[c, c] for square W' (M_in = M_out) -> (B,); the same in both
+    layouts. The N·M diagonal entries are formed (O(N·M·h), no OV needed: OV_i[c, c] = Σ_d Wo_i[c, d]
+    Wv_i[d, c]) and summed, so NaN and Inf come out as in the dense W' (Inf - Inf between entries)."""
+    if w_v.shape[1] == 0:  # an empty W' has trace 0, whatever A holds
+        return torch.zeros(attn.shape[0], dtype=torch.float64, device=attn.device)
     wo, wv = reference.head_factors(w_v.double(), w_o.double(), attn.shape[1], num_kv_heads)  # (h, M, d), (h, d, M)
-    tr_ov = torch.einsum("icd,idc->i", wo, wv)  # tr(Wo_i Wv_i)
-    return torch.einsum("bin,i->b", attn.double().diagonal(dim1=-2, dim2=-1), tr_ov)
+    diag_ov = torch.einsum("icd,idc->ic", wo, wv)  # OV_i[c, c]
+    diagonal = torch.einsum("bin,ic->bnc", attn.double().diagonal(dim1=-2, dim2=-1), diag_ov)  # W'[(n, c), (n, c)]
+    return diagonal.sum((1, 2))
 
 
 @dataclass

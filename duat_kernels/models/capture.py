@@ -32,6 +32,7 @@ class AttentionLayer:
     b_v: torch.Tensor | None
     b_o: torch.Tensor | None
     num_kv_heads: int
+    num_heads: int  # h, from the module's configuration: checked against attn's head axis
     x: torch.Tensor
     output: torch.Tensor
     token_mask: torch.Tensor | None = field(default=None, repr=False)  # True where a real (unpadded) token
@@ -47,14 +48,16 @@ class AttentionLayer:
     def operator(self, layout: str = "token", heads: int | list[int] | None = None) -> HVOOperator:
         """The matrix-free W' (with b') of this layer, or of the given heads only."""
         return HVOOperator(self.attn, self.w_v, self.w_o, num_kv_heads=self.num_kv_heads, b_v=self.b_v, b_o=self.b_o,
-                           layout=layout, heads=heads)
+                           layout=layout, num_heads=self.num_heads, heads=heads)
 
     def hvo_matrix(self, **kwargs) -> torch.Tensor:
         """Dense W' (B, N·M_out, N·M_in); kwargs (heads=, dtype=, backend=, ...) go to duat_kernels.hvo_matrix."""
-        return hvo_matrix(self.attn, self.w_v, self.w_o, num_kv_heads=self.num_kv_heads, **kwargs)
+        return hvo_matrix(self.attn, self.w_v, self.w_o, num_kv_heads=self.num_kv_heads, num_heads=self.num_heads,
+                          **kwargs)
 
     def hvo_bias(self, layout: str = "token") -> torch.Tensor:
-        return hvo_bias(self.attn, self.w_o, self.b_v, self.b_o, num_kv_heads=self.num_kv_heads, layout=layout)
+        return hvo_bias(self.attn, self.w_o, self.b_v, self.b_o, num_kv_heads=self.num_kv_heads, layout=layout,
+                        num_heads=self.num_heads)
 
     def reconstruct(self, w: torch.Tensor | None = None) -> torch.Tensor:
         """W' x' + b' as (B, N, M_out): with the given dense token-layout W', else matrix-free."""
@@ -173,6 +176,7 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
             raise RuntimeError(f"attention layer {i} ({blocks[i][0]}) was not called by the forward pass; "
                                "select only the layers the model runs (layers=[...])")
         rec.setdefault("num_kv_heads", _kv_heads(blocks[i][0], rec))
+        rec.setdefault("num_heads", rec["attn"].shape[1])
         token_mask = _token_mask(model, blocks[i][0], rec["attn"], inputs)
         result.append(AttentionLayer(index=i, name=blocks[i][0], token_mask=token_mask, **rec))
     return result
@@ -213,6 +217,8 @@ def _hooks(model, block: tuple[str, torch.nn.Module, Architecture | None], rec: 
         return _mha_hooks(module, rec)
     config = model.config
     value, out_proj = resolve(model, name, arch.value), resolve(model, name, arch.out_proj)
+    if isinstance(getattr(config, "num_attention_heads", None), int):  # checked against A's head axis later
+        rec["num_heads"] = config.num_attention_heads
     rec["w_v"], rec["b_v"] = arch.value_weights(value, config)
     rec["w_o"], rec["b_o"] = arch.out_weights(out_proj, config)
 
@@ -239,7 +245,7 @@ def _hooks(model, block: tuple[str, torch.nn.Module, Architecture | None], rec: 
 def _mha_hooks(mha: torch.nn.MultiheadAttention, rec: dict) -> list:
     """nn.MultiheadAttention: ask for per-head probabilities, take the value input and the output."""
     e = mha.embed_dim
-    rec["num_kv_heads"] = mha.num_heads
+    rec["num_heads"] = rec["num_kv_heads"] = mha.num_heads
     rec["w_v"] = (mha.in_proj_weight[2 * e:] if mha._qkv_same_embed_dim else mha.v_proj_weight).detach()
     rec["b_v"] = None if mha.in_proj_bias is None else mha.in_proj_bias[2 * e:].detach()
     rec["w_o"] = mha.out_proj.weight.detach()

@@ -75,6 +75,6 @@ def bridge_attention_layers(bridge, tokens, layers: list[int] | None = None,
         attn = cache[f"blocks.{i}.attn.hook_pattern"].detach()
         d = w_o.shape[1] // attn.shape[1]
         result.append(AttentionLayer(index=i, name=f"blocks.{i}.attn", attn=attn, w_v=w_v, w_o=w_o, b_v=b_v, b_o=b_o,
-                                     num_kv_heads=w_v.shape[0] // d, x=cache[f"blocks.{i}.attn.v.hook_in"].detach(),
+                                     num_heads=attn.shape[1], num_kv_heads=w_v.shape[0] // d, x=cache[f"blocks.{i}.attn.v.hook_in"].detach(),
                                      output=cache[f"blocks.{i}.hook_attn_out"].detach(), token_mask=token_mask))
     return result

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from duat_kernels._validation import all_finite
 from duat_kernels.triton.kron_sum import kron_sum_kernel
 
 # tl.dot precision per output dtype: IEEE fp32 for float32 (exact to fp32 rounding); TF32 for
@@ -24,6 +25,11 @@ def kron_sum_tile_(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor, r
 
     left (h, P, S), right (h, Q, T) float32 (any strides), out contiguous float32/float16/bfloat16.
     """
+    if out.numel() == 0:
+        return out
+    # 0 · NaN and 0 · Inf are NaN: a zero patch may be stored without the dot product only when
+    # every factor entry is finite. One pass over the factors, small next to the output.
+    finite = all_finite(left, right)
     h, _, s_size = left.shape
     _, q_size, t_size = right.shape
     rows, cols = out.shape
@@ -37,6 +43,6 @@ def kron_sum_tile_(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor, r
 
     kron_sum_kernel[grid](
         left, right, out, h, q_size, s_size, t_size, row0, col0, rows, cols, s_first,
-        *left.stride(), *right.stride(), H_PAD=h_pad, PRECISION=_PRECISION[out.dtype],
+        *left.stride(), *right.stride(), H_PAD=h_pad, PRECISION=_PRECISION[out.dtype], SKIP_ZERO_PATCHES=finite,
     )
     return out

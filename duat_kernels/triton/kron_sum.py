@@ -7,7 +7,10 @@ layout (OV, A). One program writes a BLOCK_S x BLOCK_T patch of ROWS output rows
     patch[s, t] = (L[:, p, s-block]ᵀ  @  R[:, q, t-block])      K = h, padded to H_PAD >= 16
 
 on the tensor cores (tl.dot), stored at columns s·T + t with int64 offsets and masks for ragged
-edges. Patches whose L or R slice is all zero (causal masks) are stored as zeros, without the dot.
+edges. Patches whose L or R slice is all zero (causal masks) are stored as zeros, without the dot,
+but only when SKIP_ZERO_PATCHES (the launcher's check that every factor entry is finite): IEEE
+0 · NaN = NaN, and tl.max, NaN-ignoring like IEEE maxNum (np.nanmax in the interpreter), would
+call a slice of NaN and zero padding "all zero".
 
 Roofline (H100: ~3 TB/s HBM, ~495 TFLOP/s dense TF32, ~67 TFLOP/s FP32 on CUDA cores). Each
 entry is written once (4 bytes fp32, 2 bytes fp16/bf16) and costs 2h flops, reads are tiny and
@@ -42,7 +45,7 @@ def kron_sum_kernel(
     row0, col0, rows, cols,  # the tile: global offset and extent (out is rows x cols)
     s_first,  # first segment (s) that the tile touches
     stride_lh, stride_lp, stride_ls, stride_rh, stride_rq, stride_rt,
-    H_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    H_PAD: tl.constexpr, PRECISION: tl.constexpr, SKIP_ZERO_PATCHES: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
@@ -64,8 +67,11 @@ def kron_sum_kernel(
             rq = tl.load(r_ptr + i[:, None] * stride_rh + q * stride_rq + t[None, :] * stride_rt,
                          mask=(i[:, None] < h) & (t[None, :] < T), other=0.0)  # (H_PAD, BLOCK_T)
             offs = r_local.to(tl.int64) * cols + (col - col0)
-            if (tl.max(tl.abs(lp)) == 0.0) | (tl.max(tl.abs(rq)) == 0.0):
-                patch = tl.zeros((BLOCK_S, BLOCK_T), dtype=tl.float32)
+            if SKIP_ZERO_PATCHES:
+                if (tl.max(tl.abs(lp)) == 0.0) | (tl.max(tl.abs(rq)) == 0.0):
+                    patch = tl.zeros((BLOCK_S, BLOCK_T), dtype=tl.float32)
+                else:
+                    patch = tl.dot(lp, rq, input_precision=PRECISION)
             else:
                 patch = tl.dot(lp, rq, input_precision=PRECISION)
             tl.store(out_ptr + offs, patch.to(out_ptr.dtype.element_ty), mask=col_ok)

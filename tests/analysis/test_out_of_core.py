@@ -3,6 +3,8 @@ finished tiles, and never leaves a complete-looking file behind an interrupted r
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -74,3 +76,76 @@ def test_bad_arguments(op, tmp_path):
         save_dense(op, tmp_path / "w.npy", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="one row of W' takes"):
         save_dense(op, tmp_path / "w.npy", max_tile_bytes=16)
+
+
+def _interrupt_after(op, monkeypatch, tiles: int):
+    calls = []
+    real_tile = type(op).tile
+
+    def flaky_tile(self, rows, cols, dtype=None):
+        calls.append(rows.start)
+        if len(calls) > tiles:
+            raise Interrupted("simulated interruption")
+        return real_tile(self, rows, cols, dtype)
+
+    monkeypatch.setattr(type(op), "tile", flaky_tile)
+    return calls
+
+
+@pytest.mark.parametrize("damage", ["truncate", "overwrite"])
+def test_damaged_partial_tiles_are_redone(op, tmp_path, monkeypatch, damage):
+    path = tmp_path / "w.npy"
+    _interrupt_after(op, monkeypatch, 4)
+    with pytest.raises(Interrupted):
+        save_dense(op, path, rows_per_tile=5, progress=False)
+    monkeypatch.undo()
+    partial = tmp_path / "w.npy.partial"
+    size = partial.stat().st_size
+    if damage == "truncate":  # only 12 rows left: recorded tiles 2 and 3 (rows 10-19) lost
+        os.truncate(partial, size - (45 - 12) * 63 * 4)
+    else:  # a byte changed inside tile 1
+        with open(partial, "r+b") as f:
+            f.seek(size - (45 - 7) * 63 * 4)
+            f.write(b"\x01")
+    calls = _interrupt_after(op, monkeypatch, 100)
+    with pytest.warns(RuntimeWarning, match="changed on disk"):
+        save_dense(op, path, rows_per_tile=5, progress=False)
+    redone = {"truncate": [10, 15], "overwrite": [5]}[damage]
+    assert calls == sorted(redone + [20, 25, 30, 35, 40])  # the damaged tiles and the missing ones, only
+    assert np.array_equal(np.load(path), op.to_dense().numpy())
+
+
+def test_corrupt_progress_record_is_a_clear_error(op, tmp_path, monkeypatch):
+    path = tmp_path / "w.npy"
+    _interrupt_after(op, monkeypatch, 2)
+    with pytest.raises(Interrupted):
+        save_dense(op, path, rows_per_tile=5, progress=False)
+    (tmp_path / "w.npy.progress.json").write_text('{"fingerprint": "abc", "ti')
+    with pytest.raises(ValueError, match=r"w.npy.progress.json is not a valid progress record .*delete it and"):
+        save_dense(op, path, rows_per_tile=5, progress=False)
+
+
+def test_directory_target_is_refused_before_writing(op, tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ValueError, match="is a directory; pass a file path"):
+        save_dense(op, tmp_path / "out", progress=False)
+    with pytest.raises(FileNotFoundError, match="does not exist; create it first"):
+        save_dense(op, tmp_path / "missing" / "w.npy", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_free_disk_space_is_checked_before_writing(op, tmp_path, monkeypatch):
+    real = os.statvfs(tmp_path)
+    small = type("statvfs", (), {"f_bavail": 1, "f_frsize": real.f_frsize})
+    monkeypatch.setattr(os, "statvfs", lambda _path: small)
+    with pytest.raises(dk.DenseTooLargeError, match=r"needs 11\.1 KiB but only .* is free on its disk"):
+        save_dense(op, tmp_path / "w.npy", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_huge_shape_is_refused_clearly(tmp_path):
+    attn = torch.full((1, 1, 1), 1.0).expand(1, 4096, 4096)  # no memory behind the expansion
+    op = dk.HVOOperator(attn, torch.zeros(4096, 4096), torch.zeros(4096, 4096))
+    with pytest.raises(dk.DenseTooLargeError, match=r"needs 1\.0 PiB but only"):
+        save_dense(op, tmp_path / "w.npy", max_tile_bytes=1 << 40, progress=False)
+    assert list(tmp_path.iterdir()) == []

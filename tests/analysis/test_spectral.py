@@ -39,5 +39,21 @@ def test_refusals():
     with pytest.raises(ValueError, match="needs an unbatched HVOOperator"):
         dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"]).spectral_norm()
     op = dk.HVOOperator(lay["attn"][0], lay["w_v"], lay["w_o"])
-    with pytest.raises(ValueError, match=r"k must be in \[1, 8\]"):
-        op.singular_values(9)
+    with pytest.raises(ValueError, match=r"k must be in \[1, 9\]"):
+        op.singular_values(10)
+
+
+def test_every_singular_value_empty_and_non_finite():
+    lay = random_layer(1, 2, tokens=3, m_in=2, m_out=2, batched=False, dtype=torch.float64)
+    op = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"])
+    np.testing.assert_allclose(op.singular_values(6), torch.linalg.svdvals(op.to_dense()).numpy(), rtol=1e-12)
+    one = dk.HVOOperator(lay["attn"][:, :1, :1], lay["w_v"][:, :1], lay["w_o"][:1])  # W' is 1 x 1
+    assert one.spectral_norm() == pytest.approx(abs(one.to_dense().item()), rel=1e-12)
+    assert dk.HVOOperator(lay["attn"], lay["w_v"][:, :0], lay["w_o"]).spectral_norm() == 0.0  # M_in = 0
+    w_o = lay["w_o"].clone()
+    w_o[0, 0] = float("nan")
+    assert np.isnan(dk.HVOOperator(lay["attn"], lay["w_v"], w_o).spectral_norm())
+    with pytest.raises(TypeError, match="k must be an int, got bool"):
+        op.singular_values(True)
+    with pytest.raises(ValueError, match="tol must be a finite number >= 0"):
+        op.spectral_norm(tol=-1.0)

@@ -130,6 +130,7 @@ def test_random_init_models_are_exact(family):
         assert all(layer.token_mask is not None for layer in layers)
     layer = layers[0]
     assert layer.attn.shape[:2] == (2, config.num_attention_heads)
+    assert layer.num_heads == config.num_attention_heads
     if family in ("mistral", "falcon", "gpt_bigcode"):
         assert layer.num_kv_heads == 1  # multi-query
     elif not vision:
@@ -186,7 +187,9 @@ def test_multihead_attention_bare_and_nested(batch_first):
         mha.in_proj_bias.normal_()
         mha.out_proj.bias.normal_()
     x = torch.randn(2, 7, 24) if batch_first else torch.randn(7, 2, 24)
-    _assert_exact(dk.models.attention_layers(mha, x, x, x), 1)
+    captured = dk.models.attention_layers(mha, x, x, x)
+    _assert_exact(captured, 1)
+    assert captured[0].num_heads == 3 and captured[0].attn.shape[1] == 3  # per-head maps, never averaged
 
     layer = torch.nn.TransformerEncoderLayer(24, 3, dim_feedforward=32, batch_first=batch_first, dropout=0.0).eval()
     encoder = torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False).eval()

@@ -1,0 +1,87 @@
+"""Argument checks of HVOOperator's methods: every bad argument is a ValueError/TypeError that names
+it, and what is sensible is accepted (negative indices, X given as an (N, M) matrix, grid=R for R x R).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from duat_kernels import _validation as v
+
+
+def vector_operand(x, name: str, *, tokens: int, width: int, batch: int, batched: bool, device: torch.device,
+                   layout: str) -> tuple[torch.Tensor, bool]:
+    """x' (..., N·width) flattened in `layout`, or X (..., N, width) with tokens as rows.
+
+    Returns x' (..., N·width) and whether X was given as a matrix (the result is then reshaped to
+    (..., N, width_out) too). A batched operator needs the batch B as the leading dimension.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    v.check_real_dtype(name, x)
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but the operator's tensors are on {device}; move {name} there")
+    flat = tokens * width
+    lead = "(B, ..., " if batched else "(..., "
+    want = f"last dimension N*M = {tokens}*{width} = {flat}"
+    matrix_hint = f" (or pass X of shape {lead}N, M) = {lead}{tokens}, {width}))"
+    if x.dim() == 0:
+        raise ValueError(f"{name} must have {want}, got a 0-d tensor{matrix_hint}")
+    matrix = x.dim() >= 2 and tuple(x.shape[-2:]) == (tokens, width) and x.shape[-1] != flat
+    if matrix:  # X[n, a] -> x' in this layout
+        x = (x if layout == "token" else x.transpose(-1, -2)).reshape(*x.shape[:-2], flat)
+    elif x.shape[-1] != flat:
+        raise ValueError(f"{name} must have {want}, got {tuple(x.shape)}{matrix_hint}")
+    if batched and (x.dim() < 2 or x.shape[0] != batch):
+        raise ValueError(f"{name} must have a leading batch dimension of {batch} (attn is batched), got "
+                         f"{tuple(x.shape)}")
+    return x, matrix
+
+
+def matrix_operand(x, name: str, rows: int, batched: bool) -> None:
+    """X of matmat: (N·M_in, K), or (B, N·M_in, K) for a batched operator."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    want = 3 if batched else 2
+    if x.dim() != want:
+        shape = "(B, N*M_in, K)" if batched else "(N*M_in, K)"
+        raise ValueError(f"{name} must have shape {shape} = {shape.replace('N*M_in', str(rows))}, got "
+                         f"{tuple(x.shape)}; use matvec for vectors")
+
+
+def grid_argument(grid, tokens: int) -> tuple[int, int] | None:
+    """grid=None, R (an R x R grid) or (R, C), each in [1, N]."""
+    if grid is None:
+        return None
+    parts = (grid, grid) if hasattr(grid, "__index__") and not isinstance(grid, bool) else grid
+    try:
+        rows, cols = parts
+    except (TypeError, ValueError):
+        raise TypeError(f"grid must be None, an int R or a pair (R, C), got {grid!r}") from None
+    for g in (rows, cols):
+        if isinstance(g, bool) or not hasattr(g, "__index__"):
+            raise TypeError(f"grid must be None, an int R or a pair (R, C) of ints, got {grid!r}")
+        if not 1 <= g.__index__() <= tokens:
+            raise ValueError(f"grid must be two ints in [1, N={tokens}] (or one for a square grid), got {grid!r}")
+    return rows.__index__(), cols.__index__()
+
+
+def sampling_arguments(threshold, samples, confidence, seed) -> None:
+    """Arguments of fraction_above: a real threshold, samples >= 1, 0 < confidence < 1, an int seed."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"threshold must be a real number, got {type(threshold).__name__} {threshold!r}")
+    if isinstance(samples, bool) or not isinstance(samples, int):
+        raise TypeError(f"samples must be an int, got {type(samples).__name__} {samples!r}")
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
+        raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
+
+
+def positive_tolerance(tol) -> None:
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0 or math.isinf(tol):
+        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
