@@ -1,4 +1,4 @@
-"""Command line: `duat [inspect|demo|scale] [options]` (also `python -m duat_kernels`); inspect is the default."""
+"""Command line: `duat [inspect|demo|scale|claims] [options]` (also `python -m duat_kernels`); inspect is the default."""
 
 from __future__ import annotations
 
@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest N for spectral_norm, which costs tens of matvecs (default: every N)")
     scale.add_argument("--plot", metavar="PNG", help="write a log-log plot of time against N")
     scale.add_argument("--seed", type=int, default=0)
+    from duat_kernels.analysis.claims import cli as claims_cli
+    claims_cli.add_arguments(sub.add_parser("claims", help="the DUAT paper's claims measured on a real model"))
     return parser
 
 
@@ -88,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
             return run_scale(args)
         if args.command == "inspect":
             return run_inspect(args)
+        if args.command == "claims":
+            from duat_kernels.analysis.claims import cli as claims_cli
+            return claims_cli.run(args)
     except (ImportError, FileNotFoundError) as exc:  # a missing optional dependency or model: say what to do
         print(f"duat {args.command}: {exc}", file=sys.stderr)
         return 2
