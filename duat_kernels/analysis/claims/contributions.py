@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from duat_kernels.analysis.claims.layer_terms import LayerTerms, _norm
+from duat_kernels.analysis.claims.layer_terms import LayerTerms
 from duat_kernels.analysis.norm_contributions import projected_values
 
 ROLLOUT_MAX_TOKENS = 256  # the (N, N, M) transformed vectors stay under ~300 MB (float64, M = 576)

@@ -34,7 +34,9 @@ def attention_density(op: HVOOperator, thresholds=THRESHOLDS, exact_entries: int
     else:
         entries = _sampled_entry_fractions(op, norms, thresholds, samples)
         method = f"sampled ({samples} entries, 95% Wilson intervals; max over the largest block and the sample)"
-    return {"entries": entries, "blocks": blocks, "method": method, "tokens": n, "shape": list(op.shape)}
+    structural = (op.attn != 0).any(0).double().mean().item()  # blocks that A does not mask out (causal: ~1/2)
+    return {"entries": entries, "blocks": blocks, "nonzero_blocks": structural, "method": method, "tokens": n,
+            "shape": list(op.shape)}
 
 
 def _row_chunks(op: HVOOperator):

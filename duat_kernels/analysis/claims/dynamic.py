@@ -41,6 +41,12 @@ def attention_distance(base: LayerTerms, other: LayerTerms, p_base: list[int], p
     return (norm(diff) / norm(attn_base)).item()
 
 
+def first_token_attention(terms: LayerTerms, positions: list[int]) -> float:
+    """Mean attention of the passage's tokens on the passage's first token (over heads and query tokens)."""
+    attn = terms.attention.attn[0]
+    return attn[:, positions][:, :, positions[0]].double().mean().item()
+
+
 def ffn_gram(terms: LayerTerms) -> torch.Tensor:
     """(W2ᵀW2) ⊙ (W1W1ᵀ), (F, F): ||W2 diag(δ) W1||_F² = δᵀ G δ."""
     w_in, w_out = terms.ffn_matrices()
@@ -63,7 +69,9 @@ def measure(model, tokenizer, passage: str, prompts=PROMPTS, base: list[LayerTer
     base_inputs, p_base = prompted_inputs(tokenizer, passage, "")
     base = base if base is not None else collect(model, base_inputs)
     rows = {t.attention.index: {"layer": t.attention.index, "attention": {}, "ffn_linear_maps": {},
-                                "ffn_linearised": {}} for t in base}
+                                "ffn_linearised": {},
+                                "first_token_attention": {"alone": first_token_attention(t, p_base), "prompted": {}}}
+            for t in base}
     grams = [ffn_gram(t) for t in base]
     for prompt in tqdm(prompts, desc="dynamic", leave=False):
         inputs, p_other = prompted_inputs(tokenizer, passage, prompt)
@@ -72,6 +80,7 @@ def measure(model, tokenizer, passage: str, prompts=PROMPTS, base: list[LayerTer
             row["attention"][prompt] = attention_distance(b, o, p_base, p_other)
             same = [(x - y).norm().item() for x, y in zip(b.ffn_matrices(), o.ffn_matrices())]
             row["ffn_linear_maps"][prompt] = max(same)  # the same weight tensors: exactly 0
+            row["first_token_attention"]["prompted"][prompt] = first_token_attention(o, p_other)
             row["ffn_linearised"][prompt] = linearised_ffn_distance(b, o, p_base, p_other, gram)
     return {"passage": passage, "prompts": list(prompts), "shared_tokens": len(p_base),
             "ffn_linear_maps_exactly_zero": all(v == 0.0 for r in rows.values() for v in r["ffn_linear_maps"].values()),

@@ -80,4 +80,6 @@ def measure(terms) -> dict:
     """The pruning section for a list of LayerTerms."""
     layers = [{"layer": t.attention.index, "heads": prune_heads(t.attention), "blocks": prune_blocks(t.attention)}
               for t in terms]
-    return {"block_budgets": list(BLOCK_BUDGETS), "bound_held": True, "layers": layers}
+    held = all(b["actual"] <= b["bound"] * (1 + SLACK) for r in layers for part in ("heads", "blocks")
+               for b in r[part]["budgets"])
+    return {"block_budgets": list(BLOCK_BUDGETS), "bound_held": held, "layers": layers}

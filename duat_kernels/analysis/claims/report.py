@@ -32,10 +32,12 @@ def density_md(d: dict) -> list[str]:
              f"blocks {_pct(1 / d['tokens'])} at every t.", ""]
     lines += _table(["layer", *(f"entries > {t}" for t in ts), *(f"blocks > {t}" for t in ts), f"FFN W1 entries > {ts[1]}",
                      "method"], rows)
+    structural = mean(r["attention"]["nonzero_blocks"] for r in d["layers"])
     verdict = "held" if att_blocks > conv["blocks"][ts[1]] else "did not hold"
     lines += ["", f"**What held:** the paper's \"W' is (almost) fully dense\" {verdict} at the block level: on average "
               f"{_pct(att_blocks)} of attention's blocks exceed 1% of the largest block, against {_pct(conv['blocks'][ts[1]])} "
-              f"for the convolution and {_pct(1 / d['tokens'])} for the FFN. Entry-wise it is less dense than \"fully\": "
+              f"for the convolution and {_pct(1 / d['tokens'])} for the FFN; the attention mask leaves {_pct(structural)} of the "
+              f"blocks nonzero at all. Entry-wise it is less dense than \"fully\": "
               f"{_pct(att_entries)} of the entries exceed 1% of the largest entry."]
     return lines
 
@@ -49,6 +51,11 @@ def dynamic_md(d: dict) -> list[str]:
              "linear maps (exact distance) and its linearised form W2 diag(D) W1 (mean over prompts).", ""]
     lines += _table(["layer", *(f"W' \"{p.strip()}\"" for p in d["prompts"]), "FFN maps", "FFN linearised"], rows)
     held = "What held:** W' is dynamic" if overall > 1e-3 else "What did not hold:** W' barely moves"
+    sink = [(mean(r["first_token_attention"]["alone"] for r in d["layers"]),
+             mean(v for r in d["layers"] for v in r["first_token_attention"]["prompted"].values()))]
+    lines += ["", f"Attention on the passage's first token (mean over layers, heads and shared queries): "
+              f"{sink[0][0]:.3f} alone, {sink[0][1]:.3f} behind a prompt; where it drops, part of the distance is an "
+              "attention sink moving to the prompt's first token rather than a change in how the passage is read."]
     lines += ["", f"**{held}: the same tokens' blocks move by {overall:.3f} (relative, mean over layers "
               f"and prompts) when only the prompt changes. The FFN's linear maps are identical "
               f"(distance exactly 0: {d['ffn_linear_maps_exactly_zero']}). **What the paper leaves out:** linearised at the input, "
