@@ -16,6 +16,7 @@ import torch
 from duat_kernels.analysis.claims.layer_terms import LayerTerms
 from duat_kernels.analysis.norm_contributions import projected_values
 
+PER_HEAD_MAX_TOKENS = 64  # the JSON keeps every head's (N, N) map up to this N (h·N² numbers per layer)
 ROLLOUT_MAX_TOKENS = 256  # the (N, N, M) transformed vectors stay under ~300 MB (float64, M = 576)
 
 
@@ -50,8 +51,9 @@ def alti_matrix(t: LayerTerms) -> torch.Tensor:
 
 
 def measure(terms: list[LayerTerms]) -> dict:
-    """The contributions section: per layer the summed (N, N) and per-head totals, the bias norms, and
-    the ALTI rollout (N, N) (skipped beyond ROLLOUT_MAX_TOKENS tokens)."""
+    """The contributions section: per layer the summed (N, N) map, each head's (h, N, N) map (up to
+    PER_HEAD_MAX_TOKENS tokens) and share, the bias norms ||b'_n||, and the ALTI rollout (N, N)
+    (skipped beyond ROLLOUT_MAX_TOKENS tokens)."""
     rows = []
     n = terms[0].h_in.shape[0]
     rollout = torch.eye(n, dtype=torch.float64) if n <= ROLLOUT_MAX_TOKENS else None
@@ -66,6 +68,8 @@ def measure(terms: list[LayerTerms]) -> dict:
                "head_share": (per_head.sum((1, 2)) / per_head.sum()).tolist(),
                "self_share": (summed.diagonal().sum() / summed.sum()).item(),
                "bias_to_token_ratio": (bias / summed.sum(1)).mean().item()}
+        if n <= PER_HEAD_MAX_TOKENS:
+            row["per_head"] = per_head.tolist()
         if rollout is not None:
             alti = alti_matrix(t)
             rollout = alti @ rollout

@@ -43,3 +43,16 @@ def test_claims_refuses_an_unsupported_model(tmp_path, tokenizer, capsys):
         main(["claims", "--model", str(folder), "--out", str(tmp_path / "out")])
     assert main(["claims", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
     assert "duat claims: model" in capsys.readouterr().err
+
+
+def test_claims_sections_subset_without_plots(tmp_path, tokenizer):
+    folder = tmp_path / "tiny-bert"
+    tiny_model("bert", torch.float32).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out = tmp_path / "report"
+    assert main(["claims", "--model", str(folder), "--sections", "multilayer", "pruning", "--no-plots",
+                 "--out", str(out)]) == 0
+    result = json.loads((out / "claims.json").read_text())
+    assert {"multilayer", "pruning"} <= set(result) and "lora" not in result and "density" not in result
+    assert "--sections multilayer pruning" in result["meta"]["command"]
+    assert not list(out.glob("*.png")) and "## Many layers" in (out / "claims.md").read_text()

@@ -78,6 +78,9 @@ def test_measure_rolls_out_the_layers(tokenizer):
     for row in result["layers"]:
         rollout = torch.tensor(row["alti"], dtype=torch.float64) @ rollout
         assert len(row["head_share"]) == 6 and abs(sum(row["head_share"]) - 1) < 1e-12
+        per_head = torch.tensor(row["per_head"], dtype=torch.float64)  # (h, N, N)
+        assert per_head.shape == (6, result["tokens"], result["tokens"])
+        assert (per_head.sum(0) >= torch.tensor(row["summed"], dtype=torch.float64) - 1e-12).all()  # triangle
     torch.testing.assert_close(torch.tensor(result["rollout"], dtype=torch.float64), rollout)
     torch.testing.assert_close(torch.tensor(result["rollout"], dtype=torch.float64).triu(1), torch.zeros_like(rollout))  # causal
 
