@@ -1,4 +1,4 @@
-"""Command line: `duat [inspect|demo|scale|corpus|markov] [options]` (also `python -m duat_kernels`); inspect is the default.
+"""Command line: `duat [inspect|demo|scale|claims|corpus|markov] [options]` (also `python -m duat_kernels`); inspect is the default.
 
 A user error (a bad option, a missing file, a size that does not fit) is one line on stderr and exit
 status 2, never a traceback; DUAT_TRACEBACK=1 shows the traceback of any error.
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from duat_kernels.analysis.claims import cli as claims_cli
 from duat_kernels.corpus import cli as corpus_cli
 from duat_kernels.demo import format_report, run_demo
 from duat_kernels.markov import cli as markov_cli
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest N for spectral_norm, which costs tens of matvecs (default: every N)")
     scale.add_argument("--plot", metavar="PNG", help="write a log-log plot of time against N")
     scale.add_argument("--seed", type=nonnegative_int, default=0)
+    claims_cli.add_arguments(sub.add_parser("claims", help="the DUAT paper's claims measured on a real model"))
     corpus_cli.add_arguments(sub.add_parser("corpus", help="W' analyses of many texts, on a Dask cluster or here"))
     markov_cli.add_arguments(sub.add_parser("markov", help="a causal LM as a Markov chain on T^K states: "
                                                            "stationary distribution and mixing per temperature"))
@@ -147,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
         argv = ["inspect", *argv]
     args = build_parser().parse_args(argv)
-    commands = {"scale": run_scale, "inspect": inspect_cli.run, "demo": run_demo_command, "corpus": corpus_cli.run,
-                "markov": markov_cli.run}
+    commands = {"scale": run_scale, "inspect": inspect_cli.run, "demo": run_demo_command, "claims": claims_cli.run,
+                "corpus": corpus_cli.run, "markov": markov_cli.run}
     try:
         return commands[args.command](args)
     except Exception as exc:  # noqa: BLE001 (every error becomes one line; DUAT_TRACEBACK=1 for the traceback)

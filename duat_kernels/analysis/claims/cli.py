@@ -1,0 +1,65 @@
+"""`duat claims --model minilm|smollm2|FOLDER [--text ...] --out DIR`: the paper's claims, measured."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from duat_kernels.analysis.claims.run import SECTIONS
+
+    parser.add_argument("--model", default="minilm", help="minilm (default), smollm2, or a local folder / .gguf file")
+    parser.add_argument("--text", default=None, help="the passage (default: a built-in sentence)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="writes DIR/claims.md, DIR/claims.json and PNGs")
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
+                        help="which sections to measure (default: all)")
+    parser.add_argument("--lora-rank", type=int, default=4, help="rank r of the LoRA adapters (default 4)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+
+
+def run(args) -> int:
+    from duat_kernels.analysis.claims import plots, report
+    from duat_kernels.analysis.claims.layer_terms import family_of
+    from duat_kernels.analysis.claims.multilayer import TOLERANCE
+    from duat_kernels.analysis.claims.run import measure_all
+    from duat_kernels.models import DEFAULT_TEXT, load
+
+    if args.lora_rank < 1:
+        raise SystemExit(f"duat claims: --lora-rank must be >= 1, got {args.lora_rank}")
+    model, tokenizer = load(args.model)
+    try:
+        family_of(model)
+    except ValueError as exc:
+        raise SystemExit(f"duat claims: {exc}") from None
+    text = args.text or DEFAULT_TEXT
+    results, facts = measure_all(model, tokenizer, text, args.sections, args.lora_rank)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"model": args.model, "model_type": model.config.model_type, "text": text, "command": _command(args), **facts}
+    if not args.no_plots:
+        plots.write_all(out, results, facts["token_strings"], args.model)
+    report.write(out, results, meta)
+    print((out / "claims.md").read_text())
+    print(f"written to {out}/ (claims.md, claims.json{'' if args.no_plots else ', PNGs'})")
+    ml = results.get("multilayer")
+    if ml is not None and not ml["held"]:
+        print(f"FAILED: the multilayer reconstruction error {ml['max_relative_error']:.2e} exceeds {TOLERANCE:g}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _command(args) -> str:
+    """The command line that reproduces this report."""
+    from duat_kernels.analysis.claims.run import SECTIONS
+
+    parts = ["duat claims", f"--model {args.model}"]
+    if args.text:
+        parts.append(f"--text {args.text!r}")
+    if list(args.sections) != list(SECTIONS):
+        parts.append("--sections " + " ".join(args.sections))
+    if args.lora_rank != 4:
+        parts.append(f"--lora-rank {args.lora_rank}")
+    return " ".join(parts + [f"--out {args.out}"])

@@ -1,0 +1,58 @@
+"""`duat claims` end to end on a tiny local model folder, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from duat_kernels.analysis.claims import SECTIONS
+from duat_kernels.cli import main
+
+from claims_models import tiny_model, tokenizer  # noqa: F401  (fixtures)
+
+pytest.importorskip("peft", reason="the lora section needs peft: pip install '.[claims]'")
+pytest.importorskip("matplotlib", reason="the plots need matplotlib: pip install '.[plot]'")
+
+
+def test_claims_on_a_local_folder(tmp_path, tokenizer, capsys):
+    folder = tmp_path / "tiny-llama"
+    tiny_model("llama", torch.float32).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out = tmp_path / "report"
+    assert main(["claims", "--model", str(folder), "--text", "the quick brown fox jumps", "--out", str(out)]) == 0
+    result = json.loads((out / "claims.json").read_text())
+    assert set(SECTIONS) <= set(result) and result["meta"]["model_type"] == "llama"
+    assert result["multilayer"]["held"] and result["pruning"]["bound_held"]
+    assert result["lora"]["value_output"]["rank_bound_held"]
+    md = (out / "claims.md").read_text()
+    for title in ("## Density", "## Dynamic", "## Pruning", "## LoRA", "## Many layers", "## Token-to-token"):
+        assert title in md
+    for png in ("density", "dynamic", "pruning", "multilayer", "contributions"):
+        assert (out / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"--out {out}" in result["meta"]["command"] and "claims.md" in capsys.readouterr().out
+
+
+def test_claims_refuses_an_unsupported_model(tmp_path, tokenizer, capsys):
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path / "tiny-gpt2"
+    transformers.GPT2Model(transformers.GPT2Config(vocab_size=40, n_embd=8, n_layer=1, n_head=2)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    with pytest.raises(SystemExit, match="duat claims: model_type='gpt2' has no layer recipe"):
+        main(["claims", "--model", str(folder), "--out", str(tmp_path / "out")])
+    assert main(["claims", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
+    assert "duat claims: model" in capsys.readouterr().err
+
+
+def test_claims_sections_subset_without_plots(tmp_path, tokenizer):
+    folder = tmp_path / "tiny-bert"
+    tiny_model("bert", torch.float32).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out = tmp_path / "report"
+    assert main(["claims", "--model", str(folder), "--sections", "multilayer", "pruning", "--no-plots",
+                 "--out", str(out)]) == 0
+    result = json.loads((out / "claims.json").read_text())
+    assert {"multilayer", "pruning"} <= set(result) and "lora" not in result and "density" not in result
+    assert "--sections multilayer pruning" in result["meta"]["command"]
+    assert not list(out.glob("*.png")) and "## Many layers" in (out / "claims.md").read_text()
