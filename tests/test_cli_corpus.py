@@ -127,7 +127,8 @@ def test_killed_worker_loses_no_result(model_dir, texts_file, sync_results, dask
     assert pq.read_table(results).equals(_table(sync_results))
 
 
-def test_interrupted_run_resumes_without_redoing_texts(model_dir, texts_file, sync_results, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_without_redoing_texts(model_dir, texts_file, sync_results, tmp_path, monkeypatch,
+                                                      capsys):
     calls, real = [], runner.analyse_text
 
     def stop_at_third(settings, index, text_id, text):
@@ -138,8 +139,8 @@ def test_interrupted_run_resumes_without_redoing_texts(model_dir, texts_file, sy
 
     monkeypatch.setattr(runner, "analyse_text", stop_at_third)
     args = ["corpus", "--model", model_dir, "--texts", texts_file, "--out", str(tmp_path), "--sync", "--no-progress"]
-    with pytest.raises(KeyboardInterrupt):
-        main(args)
+    assert main(args) == 130  # Ctrl-C: one line and the shell's exit status for SIGINT, no traceback
+    assert capsys.readouterr().err.strip() == "duat corpus: interrupted"
     assert calls == [0, 1] and len(list((tmp_path / "parts").glob("*.parquet"))) == 2
     calls.clear()
     monkeypatch.setattr(runner, "analyse_text", lambda *a: calls.append(a[1]) or real(*a))
