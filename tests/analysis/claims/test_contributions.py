@@ -7,17 +7,15 @@ import re
 import torch
 
 from duat_kernels.analysis.claims import contributions, layer_terms
-from duat_kernels.models.architectures import ARCHITECTURES, resolve
 
 from claims_models import encode, family, tiny_model, tokenizer  # noqa: F401  (fixtures)
 
 
 def own_value_vectors(model, inputs) -> list[torch.Tensor]:
     """Each layer's value projection output minus its bias, as the module computed it: (N, h_kv·d)."""
-    arch = ARCHITECTURES[model.config.model_type]
     values, handles = [], []
-    for name in [n for n, _ in model.named_modules() if re.search(arch.attention, n)]:
-        module = resolve(model, name, arch.value)
+    # The value projections by their names in BERT and Llama (independent of the adapters' lookup).
+    for module in [m for n, m in model.named_modules() if re.search(r"(attention\.self\.value|self_attn\.v_proj)$", n)]:
         handles.append(module.register_forward_hook(
             lambda m, _a, out: values.append((out[0] - (m.bias if m.bias is not None else 0)).detach())))
     try:
