@@ -33,7 +33,7 @@ setup(
     ext_modules=[
         Pybind11Extension(
             "duat_kernels._C",
-            sources=["csrc/bindings.cpp", "csrc/kron_sum.cpp", "csrc/fma_peak.cpp"],
+            sources=["csrc/bindings.cpp", "csrc/kron_sum.cpp", "csrc/fma_peak.cpp", "csrc/attention_norms.cpp"],
             include_dirs=["csrc"],
             cxx_std=17,
         )

@@ -13,7 +13,7 @@ def as_linear_operator(op):
     if op.dims.batched:
         raise ValueError("as_linear_operator needs an unbatched HVOOperator (attn of shape (h, N, N)); "
                          "build one per batch element")
-    dtype = torch.promote_types(op.attn.dtype, torch.promote_types(op.w_v.dtype, op.w_o.dtype))
+    dtype = torch.promote_types(op.source.dtype, torch.promote_types(op.w_v.dtype, op.w_o.dtype))
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
     tdtype = torch.float64 if np_dtype == np.float64 else torch.float32
 
