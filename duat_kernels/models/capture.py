@@ -104,7 +104,7 @@ def eager_attention(model: torch.nn.Module, switch: bool):
 
 
 def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = None, switch_to_eager: bool = True,
-                     **inputs) -> list[AttentionLayer]:
+                     capture: str = "attn", **inputs) -> list[AttentionLayer]:
     """Run model(*args, **inputs) once and return the selected attention layers, in order.
 
     Args:
@@ -114,8 +114,16 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
             these are hooked and kept in memory.
         switch_to_eager: if the model uses sdpa/flash attention, switch it to eager attention for
             the capture (and back); if False, raise an error instead.
+        capture: "attn" records A (eager attention); "qk" records q and k after rotary embeddings
+            with sdpa attention (A is never stored; the pass stops after the last selected layer;
+            see duat_kernels.models.qk_capture).
         *args, **inputs: the model's inputs (e.g. input_ids, attention_mask).
     """
+    if capture not in ("attn", "qk"):
+        raise ValueError(f"capture must be 'attn' or 'qk', got {capture!r}")
+    if capture == "qk":
+        from duat_kernels.models.qk_capture import attention_layers_qk
+        return attention_layers_qk(model, *args, layers=layers, **inputs)
     arch = find_architecture(model)
     blocks = attention_blocks(model, arch)
     if not blocks:
