@@ -160,6 +160,121 @@ class QKAttention(AttentionSource):
         self.kv_heads = k.shape[1]
         self.dtype, self.device = ct, q.device
         self.scale = d ** -0.5 if scale is None else float(scale)
+        self.q_scaled = self.q * self.scale
+        self.causal, self.softcap, self.window = bool(causal), softcap, sliding_window
+        self.key_mask = key_mask_4d(attention_mask, self.batch, self.tokens)
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask.to(self.device)
+        self._lse: torch.Tensor | None = None
+        self.empty_rows = self._rows_without_keys()  # (B, N) bool or None
+
+    # --- masks ------------------------------------------------------------------------------
+
+    def column_range(self, r0, r1):
+        c0 = max(0, r0 - self.window + 1) if self.window else 0
+        c1 = r1 if self.causal else (min(self.tokens, r1 - 1 + self.window) if self.window else self.tokens)
+        return c0, max(c1, c0 + 1)
+
+    def allowed(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor | None:
+        """bool (B or 1, 1, len(rows), len(cols)) of the attended (query, key) pairs; None if all are."""
+        n, m = rows[:, None], cols[None, :]
+        ok = None
+        if self.causal:
+            ok = m <= n
+        if self.window:
+            win = (n - m < self.window) & ((m - n < self.window) if not self.causal else True)
+            ok = win if ok is None else ok & win
+        ok = None if ok is None else ok[None, None]
+        if self.key_mask is not None:
+            keys = self.key_mask[..., cols]
+            ok = keys if ok is None else ok & keys
+        return ok
+
+    def _rows_without_keys(self) -> torch.Tensor | None:
+        if self.key_mask is None and not self.window:
+            return None  # causal rows see themselves; full rows see every key
+        keys = self.key_mask[:, 0, 0] if self.key_mask is not None else \
+            torch.ones(1, self.tokens, dtype=torch.bool, device=self.device)
+        count = torch.nn.functional.pad(keys.long().cumsum(-1), (1, 0))  # count[j] = keys before j
+        n = torch.arange(self.tokens, device=self.device)
+        lo = (n - self.window + 1).clamp_min(0) if self.window else torch.zeros_like(n)
+        hi = n + 1 if self.causal else ((n + self.window).clamp_max(self.tokens) if self.window else
+                                        torch.full_like(n, self.tokens))
+        empty = (count[:, hi] - count[:, lo]) == 0
+        return empty.expand(self.batch, -1) if empty.any() else None
+
+    # --- blocks -----------------------------------------------------------------------------
+
+    def logits(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+        """scale·q kᵀ (soft-capped) with -inf where masked: (B, h, rows, cols)."""
+        b, g = self.batch, self.heads // self.kv_heads
+        q = self.q_scaled[:, :, r0:r1].reshape(b, self.kv_heads, g, r1 - r0, -1)
+        s = (q @ self.k[:, :, None, c0:c1].transpose(-1, -2)).reshape(b, self.heads, r1 - r0, c1 - c0)
+        if self.softcap:
+            s.div_(self.softcap).tanh_().mul_(self.softcap)
+        # Only columns that some row of the block may not see need the mask: for causal rows
+        # without window or key mask that is the square [r0, r1) on the diagonal.
+        m0 = max(c0, r0) if self.causal and not self.window and self.key_mask is None else c0
+        ok = self.allowed(torch.arange(r0, r1, device=self.device), torch.arange(m0, c1, device=self.device))
+        if ok is not None:
+            s[..., m0 - c0:].masked_fill_(~ok, float("-inf"))
+        return s
+
+    def block(self, r0, r1, c0, c1):
+        return self.attn[:, :, r0:r1, c0:c1]
+
+    def rows(self, r0, r1):
+        return self.attn[:, :, r0:r1]
+
+    def dense(self):
+        return self.attn
+
+    def mix(self, values):
+        return self.attn @ values.repeat_interleave(self.heads // self.kv_heads, dim=1)
+
+    def mix_transposed(self, u):
+        return self.attn.transpose(-1, -2) @ u
+
+    def diagonal(self):
+        return self.attn.diagonal(dim1=-2, dim2=-1)
+
+    def row_sums(self):
+        return self.attn.sum(-1)
+
+    def entries(self, batch, rows, cols):
+        return self.attn[batch][:, rows, cols]
+
+    def fingerprint(self):
+        flat = self.attn.detach().reshape(-1)
+        return [flat[::max(1, flat.numel() >> 20)]]
+
+
+def key_mask_4d(mask: torch.Tensor | None, batch: int, tokens: int) -> torch.Tensor | None:
+    """attention_mask (N,) or (B, N), True/1 = attend -> bool (B, 1, 1, N), or None."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dim() not in (1, 2) or mask.shape[-1] != tokens or (
+            mask.dim() == 2 and mask.shape[0] not in (1, batch)):
+        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"attention_mask must be a key mask of shape (N,) = ({tokens},) or (B, N) = "
+                         f"({batch}, {tokens}), True = attend, got {got}")
+    mask = mask.bool().reshape(-1, 1, 1, tokens)
+    return mask.expand(batch, 1, 1, tokens)
+
+
+class QKAttention(AttentionSource):
+    """A = softmax(scale·q kᵀ (soft-capped) + masks) from q (B, h, N, d), k (B, h_kv, N, d)."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = False,
+                 attention_mask: torch.Tensor | None = None, scale: float | None = None,
+                 softcap: float | None = None, sliding_window: int | None = None):
+        ct = reference.compute_dtype(q.dtype)
+        self.q, self.k = q.to(ct), k.to(ct)
+        self.batch, self.heads, self.tokens, d = q.shape
+        self.kv_heads = k.shape[1]
+        self.dtype, self.device = ct, q.device
+        self.scale = d ** -0.5 if scale is None else float(scale)
+        self.q_scaled = self.q * self.scale
         self.causal, self.softcap, self.window = bool(causal), softcap, sliding_window
         self.key_mask = key_mask_4d(attention_mask, self.batch, self.tokens)
         if self.key_mask is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from duat_kernels.analysis import gram_norms
-from duat_kernels.attention_source import ExplicitAttention
+from duat_kernels.attention_source import ExplicitAttention, QKAttention
 from duat_kernels.reference import head_factors
 
 # Rows of A per step (torch path): the (h, rows, N) product stays ~64 MiB at N = 8192, h = 12 (fp32).
@@ -37,6 +37,8 @@ def block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
     if isinstance(source, torch.Tensor):
         source = ExplicitAttention(source, num_kv_heads)
     batch, h, n = source.batch, source.heads, source.tokens
+    if grid is not None and isinstance(source, QKAttention) and source.device.type == "cuda":
+        return _block_norms_triton(source, w_v, w_o, num_kv_heads, grid)
     wide = source.dtype == torch.float64
     c = gram_factor(w_v, w_o, h, num_kv_heads).to(source.device, torch.float64 if wide else torch.float32)
     out_rows, out_cols = grid if grid is not None else (n, n)
@@ -64,6 +66,17 @@ def block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
                 out[b].index_add_(0, row_bins[r0:r1], per_row)
     out = out.clamp_min_(0).sqrt_()
     return out if wide or grid is None else out.float()
+
+
+def _block_norms_triton(source: QKAttention, w_v, w_o, num_kv_heads: int, grid: tuple[int, int]) -> torch.Tensor:
+    """The fused q/k pass on the GPU (duat_kernels.triton.attention_norms): A is never written."""
+    from duat_kernels.triton.attention_norms import block_norms_qk
+
+    c = gram_factor(w_v, w_o, source.heads, num_kv_heads).to(source.device, torch.float32)
+    key_mask = None if source.key_mask is None else source.key_mask[:, 0, 0]
+    return block_norms_qk(source.q, source.k, c, _bins(source.tokens, grid[0], source.device),
+                          _bins(source.tokens, grid[1], source.device), grid, causal=source.causal, key_mask=key_mask,
+                          scale=source.scale, softcap=source.softcap, window=source.window)
 
 
 def _bins(n: int, parts: int, device) -> torch.Tensor:
