@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--backend", default="auto", help="auto (default), cpp or reference")
     insp.add_argument("--save", metavar="FILE.safetensors", help="write W', b' and block norms of each layer")
     insp.add_argument("--plot", metavar="PNG", help="heatmaps of the N x N block norms, tokens on the axes")
+    insp.add_argument("--long", action="store_true", help="capture q/k instead of A (long texts; also automatic "
+                      "when A would not fit): norms on a grid, spectral norm, no dense W'")
     demo = sub.add_parser("demo", help="W' of a seeded random attention layer with every backend")
     demo.add_argument("--tokens", type=int, default=24, help="sequence length N (default 24)")
     demo.add_argument("--embed-dim", type=int, default=192, help="model width M (default 192)")
@@ -40,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest N for spectral_norm, which costs tens of matvecs (default: every N)")
     scale.add_argument("--plot", metavar="PNG", help="write a log-log plot of time against N")
     scale.add_argument("--seed", type=int, default=0)
+    scale.add_argument("--from-qk", action="store_true",
+                       help="recompute A from random causal q/k (never stored; block norms on a 256x256 grid)")
     return parser
 
 
@@ -48,8 +52,9 @@ def run_scale(args) -> int:
 
     if any(n < 2 for n in args.n) or args.m < 1 or args.heads < 1 or args.m % args.heads:
         raise SystemExit("duat scale: need every --n >= 2, --m >= 1, --heads >= 1 and --m divisible by --heads")
-    rows = scaling.scaling_sweep(sorted(args.n), args.m, args.heads, args.spectral_max_n, args.seed)
-    print(scaling.format_table(rows, args.m, args.heads))
+    rows = scaling.scaling_sweep(sorted(args.n), args.m, args.heads, args.spectral_max_n, args.seed,
+                                 from_qk=args.from_qk)
+    print(scaling.format_table(rows, args.m, args.heads, from_qk=args.from_qk))
     if args.plot:
         scaling.plot(rows, args.plot, args.m, args.heads)
         print(f"plot written to {args.plot}")
@@ -57,9 +62,11 @@ def run_scale(args) -> int:
 
 
 def run_inspect(args) -> int:
-    from duat_kernels.models import DEFAULT_TEXT, load
+    from duat_kernels.models import DEFAULT_TEXT, load, long_context
     from duat_kernels.models import inspection
 
+    if long_context.wants_long(args):  # issue 11 hook: q/k capture, A never stored
+        return long_context.run_inspect_long(args)
     model, tokenizer = load(args.model)
     inputs = tokenizer([args.text or DEFAULT_TEXT], return_tensors="pt")
     tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
