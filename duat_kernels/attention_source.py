@@ -356,7 +356,7 @@ class QKAttention(AttentionSource):
         """A V with torch's fused attention (same masks, same A); soft-capping falls back to blocks."""
         if self.softcap:
             return super().mix(values)
-        sdpa = torch.nn.functional.scaled_dot_product_attention
+        sdpa = self._sdpa
         vals = values.to(self.dtype)
         if self.key_mask is None and not self.window:
             out = sdpa(self.q, self.k, vals, is_causal=self.causal, scale=self.scale, enable_gqa=True)
@@ -371,6 +371,23 @@ class QKAttention(AttentionSource):
                                     scale=self.scale, enable_gqa=True)
             self._zero_empty(out[:, :, r0:r1], r0, r1)
         return out.to(values.dtype)
+
+    @staticmethod
+    def _sdpa(q, k, vals, **kwargs):
+        """torch's sdpa with values of any width: its fused CPU kernel needs value width = d, so wider
+        values go through in slices of d columns (the last one zero-padded)."""
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        d, e = q.shape[-1], vals.shape[-1]
+        if e == d:
+            return sdpa(q, k, vals, **kwargs)
+        parts = []
+        for j in range(0, e, d):
+            part = vals[..., j:j + d]
+            width = part.shape[-1]
+            if width < d:
+                part = torch.nn.functional.pad(part, (0, d - width))
+            parts.append(sdpa(q, k, part, **kwargs)[..., :width])
+        return torch.cat(parts, -1)
 
     # --- derived quantities -------------------------------------------------------------------
 
