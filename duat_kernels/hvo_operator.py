@@ -72,6 +72,11 @@ class HVOOperator:
         return a if self.dims.batched else a[0]
 
     @property
+    def _attn4(self) -> torch.Tensor:
+        """A as (B, h, N, N) (kept for code written against the stored attention; prefer self.source)."""
+        return self.source.dense()
+
+    @property
     def shape(self) -> tuple[int, ...]:
         d = self.dims
         mat = (d.tokens * d.m_out, d.tokens * d.m_in)
@@ -102,7 +107,7 @@ class HVOOperator:
         d = self.dims
         b, k, n, _ = x.shape
         vals = (x @ self.w_v.T).reshape(b, k, n, d.kv_heads, d.head_dim).permute(0, 3, 2, 1, 4)
-        z = self.source.mix(vals.reshape(b, d.kv_heads, n, k * d.head_dim))  # (B, h, N, K·d)
+        z = self.source.mix(vals.reshape(b, d.kv_heads, n, k * d.head_dim).contiguous())  # (B, h, N, K·d)
         z = z.reshape(b, d.heads, n, k, d.head_dim).permute(0, 3, 2, 1, 4).reshape(b, k, n, d.heads * d.head_dim)
         return z @ self.w_o.T
 
