@@ -96,9 +96,10 @@ def _operations(n: int, m: int, heads: int, seed: int, from_qk: bool, grid: int)
         op = HVOOperator.from_qk(q, k, w_v, w_o, causal=True)
         cells = (min(grid, n), min(grid, n))
 
-        def attention():  # the plain causal attention forward: projections around torch's sdpa
+        def attention():  # the plain causal attention forward: projections around torch's sdpa (4-D
+            # inputs: with 3-D ones torch falls back to a kernel that materialises A)
             vals = (x.reshape(n, m) @ w_v.T).reshape(n, heads, -1).transpose(0, 1)
-            out = torch.nn.functional.scaled_dot_product_attention(q, k, vals, is_causal=True)
+            out = torch.nn.functional.scaled_dot_product_attention(q[None], k[None], vals[None], is_causal=True)[0]
             return out.transpose(0, 1).reshape(n, m) @ w_o.T
         block_norms = lambda: op.block_norms(grid=cells)  # noqa: E731
         keep = (q, k)
