@@ -12,6 +12,7 @@
 #endif
 
 #include "isa.h"
+#include "attention_norms.h"
 #include "kron_sum.h"
 
 namespace py = pybind11;
@@ -134,6 +135,79 @@ void kron_sum(py::buffer lt, py::buffer rt, py::buffer out, const std::string& o
     kernels.kron_sum_f32(static_cast<const float*>(lp), static_cast<const float*>(rp), op, ot, pb, num_threads);
 }
 
+[[noreturn]] void fail_norms(const std::string& msg) {
+  throw std::invalid_argument("duat_kernels._C.gram_norms: " + msg);
+}
+
+// a (h, rows, cols) float32 and c (h, h) float32, C-contiguous: the problem, or an error naming the buffer.
+duat::GramNormsProblem check_gram_inputs(const py::buffer_info& a, const py::buffer_info& c) {
+  if (a.ndim != 3) fail_norms("a must be 3-D (h, rows, cols), got shape " + shape_str(a));
+  if (c.ndim != 2 || c.shape[0] != a.shape[0] || c.shape[1] != a.shape[0])
+    fail_norms("c must be (h, h) with h = " + std::to_string(a.shape[0]) + ", got shape " + shape_str(c));
+  for (const auto* b : {&a, &c}) {
+    const char* name = b == &a ? "a" : "c";
+    if (b->format != py::format_descriptor<float>::format())
+      fail_norms(std::string(name) + " must hold float32, got format '" + b->format + "'");
+    int64_t expected = b->itemsize;
+    for (int64_t d = b->ndim - 1; d >= 0; --d) {
+      if (b->shape[d] != 1 && b->strides[d] != expected) fail_norms(std::string(name) + " must be C-contiguous");
+      expected *= b->shape[d];
+    }
+  }
+  duat::GramNormsProblem pb{a.shape[0], a.shape[1], a.shape[2]};
+  checked_mul(checked_mul(pb.h, pb.rows, "h*rows"), pb.cols, "h*rows*cols");
+  if (pb.h <= 0) fail_norms("h must be positive");
+  return pb;
+}
+
+void require_shape(const py::buffer_info& b, const char* name, const char* fmt, std::initializer_list<int64_t> shape) {
+  if (b.format != fmt) fail_norms(std::string(name) + " has format '" + b.format + "', expected '" + fmt + "'");
+  if (b.ndim != static_cast<int64_t>(shape.size())) fail_norms(std::string(name) + " has shape " + shape_str(b));
+  int64_t d = 0, expected = b.itemsize;
+  for (int64_t s : shape)
+    if (b.shape[d++] != s) fail_norms(std::string(name) + " has shape " + shape_str(b));
+  for (int64_t k = b.ndim - 1; k >= 0; --k) {
+    if (b.shape[k] != 1 && b.strides[k] != expected) fail_norms(std::string(name) + " must be C-contiguous");
+    expected *= b.shape[k];
+  }
+}
+
+void gram_squared_norms(py::buffer a_buf, py::buffer c_buf, py::buffer out_buf, int num_threads) {
+  py::buffer_info a = a_buf.request(), c = c_buf.request(), o = out_buf.request(/*writable=*/true);
+  const duat::GramNormsProblem pb = check_gram_inputs(a, c);
+  require_shape(o, "out", py::format_descriptor<float>::format().c_str(), {pb.rows, pb.cols});
+  if (pb.rows == 0 || pb.cols == 0) return;
+  const float *ap = static_cast<const float*>(a.ptr), *cp = static_cast<const float*>(c.ptr);
+  float* op = static_cast<float*>(o.ptr);
+  py::gil_scoped_release release;
+  duat::gram_squared_norms(ap, cp, op, pb, num_threads);
+}
+
+void gram_grid_norms(py::buffer a_buf, py::buffer c_buf, py::buffer row_bin_buf, py::buffer col_bin_buf,
+                     py::buffer out_buf, int num_threads) {
+  py::buffer_info a = a_buf.request(), c = c_buf.request(), rb = row_bin_buf.request(), cb = col_bin_buf.request(),
+                  o = out_buf.request(/*writable=*/true);
+  const duat::GramNormsProblem pb = check_gram_inputs(a, c);
+  const std::string i64 = py::format_descriptor<int64_t>::format();
+  if (rb.format != i64 && !(rb.format == "l" && rb.itemsize == 8)) fail_norms("row_bin must hold int64");
+  if (cb.format != i64 && !(cb.format == "l" && cb.itemsize == 8)) fail_norms("col_bin must hold int64");
+  require_shape(rb, "row_bin", rb.format.c_str(), {pb.rows});
+  require_shape(cb, "col_bin", cb.format.c_str(), {pb.cols});
+  if (o.ndim != 2) fail_norms("out must be 2-D (out_rows, out_cols), got shape " + shape_str(o));
+  require_shape(o, "out", py::format_descriptor<double>::format().c_str(), {o.shape[0], o.shape[1]});
+  const int64_t *rp = static_cast<const int64_t*>(rb.ptr), *cp_bin = static_cast<const int64_t*>(cb.ptr);
+  for (int64_t r = 0; r < pb.rows; ++r)
+    if (rp[r] < 0 || rp[r] >= o.shape[0]) fail_norms("row_bin[" + std::to_string(r) + "] is out of range");
+  for (int64_t m = 0; m < pb.cols; ++m)
+    if (cp_bin[m] < 0 || cp_bin[m] >= o.shape[1]) fail_norms("col_bin[" + std::to_string(m) + "] is out of range");
+  if (pb.rows == 0 || pb.cols == 0) return;
+  const float *ap = static_cast<const float*>(a.ptr), *cp = static_cast<const float*>(c.ptr);
+  double* op = static_cast<double*>(o.ptr);
+  const int64_t out_rows = o.shape[0], out_cols = o.shape[1];
+  py::gil_scoped_release release;
+  duat::gram_grid_norms(ap, cp, rp, cp_bin, op, out_rows, out_cols, pb, num_threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -174,6 +248,12 @@ PYBIND11_MODULE(_C, m) {
         return names;
       },
       "The compiled ISA variants this CPU can run, lowest first.");
+  m.def("gram_squared_norms", &gram_squared_norms, py::arg("a"), py::arg("c"), py::arg("out"),
+        py::arg("num_threads") = 1,
+        "out[r, m] = ||c @ a[:, r, m]||^2 for a (h, rows, cols) float32, c (h, h) float32, out (rows, cols) float32.");
+  m.def("gram_grid_norms", &gram_grid_norms, py::arg("a"), py::arg("c"), py::arg("row_bin"), py::arg("col_bin"),
+        py::arg("out"), py::arg("num_threads") = 1,
+        "out[row_bin[r], col_bin[m]] += ||c @ a[:, r, m]||^2; row_bin (rows,), col_bin (cols,) int64, out float64.");
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else

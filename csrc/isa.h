@@ -13,12 +13,16 @@
 
 namespace duat {
 
+// sq[m] = ||C a[:, m]||^2 for one row of A (a_row = a[0, r, 0], head stride plane; c (h, h)).
+using GramRow = void (*)(const float* a_row, int64_t plane, const float* c, int64_t h, int64_t cols, float* sq);
+
 struct IsaKernels {
   const char* name;
   bool (*cpu_supports)();  // whether the running CPU (and OS) can execute this copy
   KronSumF32 kron_sum_f32;
   KronSumF64 kron_sum_f64;
   FmaPeak fma_peak_gflops;
+  GramRow gram_row_squared_norms;
 };
 
 // The variants compiled into this build, lowest first (each defined by its csrc/isa/<name>.cpp).

@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     insp = sub.add_parser("inspect", help="W' of every attention layer of a real model on a text (the default)")
     inspect_cli.add_arguments(insp)
+    insp.add_argument("--long", action="store_true", help="capture q/k instead of A (long texts; also automatic "
+                      "past a few thousand words): norms on a grid, spectral norm, no dense W'")
     demo = sub.add_parser("demo", help="W' of a seeded random attention layer with every backend")
     demo.add_argument("--tokens", type=positive_int, default=24, help="sequence length N (default 24)")
     demo.add_argument("--embed-dim", type=positive_int, default=192, help="model width M (default 192)")
@@ -80,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest N for spectral_norm, which costs tens of matvecs (default: every N)")
     scale.add_argument("--plot", metavar="PNG", help="write a log-log plot of time against N")
     scale.add_argument("--seed", type=nonnegative_int, default=0)
+    scale.add_argument("--from-qk", action="store_true",
+                       help="recompute A from random causal q/k (never stored; block norms on a 256x256 grid)")
     claims_cli.add_arguments(sub.add_parser("claims", help="the DUAT paper's claims measured on a real model"))
     corpus_cli.add_arguments(sub.add_parser("corpus", help="W' analyses of many texts, on a Dask cluster or here"))
     markov_cli.add_arguments(sub.add_parser("markov", help="a causal LM as a Markov chain on T^K states: "
@@ -136,8 +140,9 @@ def run_scale(args) -> int:
     from duat_kernels.analysis import scaling
 
     check_scale_args(args)
-    rows = scaling.scaling_sweep(sorted(args.n), args.m, args.heads, args.spectral_max_n, args.seed)
-    print(scaling.format_table(rows, args.m, args.heads))
+    rows = scaling.scaling_sweep(sorted(args.n), args.m, args.heads, args.spectral_max_n, args.seed,
+                                 from_qk=args.from_qk)
+    print(scaling.format_table(rows, args.m, args.heads, from_qk=args.from_qk))
     if args.plot:
         scaling.plot(rows, args.plot, args.m, args.heads)
         print(f"plot written to {args.plot}")

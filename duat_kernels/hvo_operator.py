@@ -15,12 +15,17 @@ import torch
 from duat_kernels import _validation as v
 from duat_kernels import analysis, backends, reference
 from duat_kernels import operator_args as args
+from duat_kernels.attention_source import AttentionSource, ExplicitAttention, QKAttention
 from duat_kernels.heads import select_heads
 from duat_kernels.hvo import hvo_bias, hvo_matrix
+from duat_kernels.operator_parts import check_qk, operator_bias, tile_factors
 
 
 class HVOOperator:
     """Matrix-free W'_HVO for attn (h, N, N) or (B, h, N, N), w_v (h_kv·d, M_in), w_o (M_out, h·d).
+
+    The attention probabilities come from `source` (duat_kernels.attention_source): the stored attn
+    given here, or q and k (HVOOperator.from_qk), recomputed row block by row block.
 
     `shape` is (N·M_out, N·M_in), with a leading B for batched attn; vectors follow `layout`
     ("token": x'[n·M_in + a], "feature": x'[a·N + n]) or are (N, M) matrices X[n, a]. A 3-D attn is
@@ -32,18 +37,57 @@ class HVOOperator:
     def __init__(self, attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, *, num_kv_heads: int | None = None,
                  b_v: torch.Tensor | None = None, b_o: torch.Tensor | None = None, layout: str = "token",
                  num_heads: int | None = None, heads: int | Sequence[int] | None = None):
-        self.dims = v.check_attention(attn, w_v, w_o, num_kv_heads, num_heads)
+        dims = v.check_attention(attn, w_v, w_o, num_kv_heads, num_heads)
         if heads is not None:  # W' of these heads only (b_o is kept as given): see duat_kernels.heads
-            v.check_bias("b_v", b_v, self.dims.kv_heads * self.dims.head_dim)
-            attn, w_v, w_o, b_v, num_kv_heads = select_heads(attn, w_v, w_o, b_v, heads, self.dims.kv_heads)
-            self.dims = v.check_attention(attn, w_v, w_o, num_kv_heads)
+            v.check_bias("b_v", b_v, dims.kv_heads * dims.head_dim)
+            attn, w_v, w_o, b_v, num_kv_heads = select_heads(attn, w_v, w_o, b_v, heads, dims.kv_heads)
+            dims = v.check_attention(attn, w_v, w_o, num_kv_heads)
+        self._setup(ExplicitAttention(attn if dims.batched else attn.unsqueeze(0), dims.kv_heads), dims,
+                    w_v, w_o, b_v, b_o, layout, attn=attn)
+
+    @classmethod
+    def from_qk(cls, q: torch.Tensor, k: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, *,
+                num_kv_heads: int | None = None, causal: bool = False, attention_mask: torch.Tensor | None = None,
+                scale: float | None = None, b_v: torch.Tensor | None = None, b_o: torch.Tensor | None = None,
+                layout: str = "token", softcap: float | None = None,
+                sliding_window: int | None = None) -> "HVOOperator":
+        """W' of the layer whose A = softmax(scale·q kᵀ + masks) is recomputed tile by tile, never stored.
+
+        q (h, N, d) or (B, h, N, d); k (h_kv, N, d) or (B, h_kv, N, d) (GQA: query head i reads key
+        head i // (h / h_kv)); attention_mask a key mask (N,) or (B, N), True = attend; causal: key
+        m <= query n; scale defaults to d^-0.5; softcap c: logits c·tanh(logits / c) (Gemma 2);
+        sliding_window w: keys with n - w < m (< n + w when not causal) (Mistral). Rows that attend
+        no key are zero. Memory O(h · rows · N) per step; every method gives what it gives on the
+        explicit A.
+        """
+        dims = check_qk(q, k, w_v, w_o, num_kv_heads, softcap, sliding_window)
+        q4, k4 = (q, k) if dims.batched else (q.unsqueeze(0), k.unsqueeze(0))
+        source = QKAttention(q4, k4, causal=causal, attention_mask=attention_mask, scale=scale, softcap=softcap,
+                             sliding_window=sliding_window)
+        op = cls.__new__(cls)
+        op._setup(source, dims, w_v, w_o, b_v, b_o, layout, q=q, k=k)
+        return op
+
+    def _setup(self, source: AttentionSource, dims: v.HeadDims, w_v, w_o, b_v, b_o, layout: str, **inputs) -> None:
+        self.dims, self.source = dims, source
         v.check_layout(layout)
         v.check_bias("b_v", b_v, self.dims.kv_heads * self.dims.head_dim)
         v.check_bias("b_o", b_o, self.dims.m_out)
-        self.device = v.check_same_device(attn=attn, w_v=w_v, w_o=w_o, b_v=b_v, b_o=b_o)
-        self.attn, self.w_v, self.w_o, self.b_v, self.b_o = attn, w_v, w_o, b_v, b_o
+        self.device = v.check_same_device(w_v=w_v, w_o=w_o, b_v=b_v, b_o=b_o, **inputs)
+        self.w_v, self.w_o, self.b_v, self.b_o = w_v, w_o, b_v, b_o
         self.layout = layout
-        self._attn4 = attn if self.dims.batched else attn.unsqueeze(0)
+
+    @property
+    def attn(self) -> torch.Tensor:
+        """The attention probabilities (h, N, N) or (B, h, N, N); from q/k they are computed here
+        (refused with DenseTooLargeError when they would not fit)."""
+        a = self.source.dense()
+        return a if self.dims.batched else a[0]
+
+    @property
+    def _attn4(self) -> torch.Tensor:
+        """A as (B, h, N, N) (kept for code written against the stored attention; prefer self.source)."""
+        return self.source.dense()
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -71,21 +115,26 @@ class HVOOperator:
         y = y.reshape(y.shape[0], *lead, y.shape[-1] * y.shape[-2])
         return y if self.dims.batched else y[0]
 
-    def _factors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(attn (B, h, N, N), w_v, w_o) in the promoted dtype of the inputs and x."""
-        dtype = torch.promote_types(x.dtype, v.resolve_dtype(None, None, self.attn, self.w_v, self.w_o))
-        return self._attn4.to(dtype), self.w_v.to(dtype), self.w_o.to(dtype)
+    def _factors(self, x: torch.Tensor) -> tuple[torch.dtype, torch.Tensor, torch.Tensor]:
+        """(dtype, w_v, w_o) in the promoted dtype of the inputs and x."""
+        dtype = torch.promote_types(x.dtype, v.resolve_dtype(None, None, self._attn_dtype_probe(), self.w_v, self.w_o))
+        return dtype, self.w_v.to(dtype), self.w_o.to(dtype)
+
+    def _attn_dtype_probe(self) -> torch.Tensor:
+        return torch.empty(0, dtype=self.source.dtype)
 
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, K, N, M_in) -> (B, K, N, M_out): the attention of each of the K inputs, no biases."""
+        """(B, K, N, M_in) -> (B, K, N, M_out): the attention of each of the K inputs, no biases.
+        The K inputs ride along the value dimension: A_i (V_1 | ... | V_K) in one product."""
+        d = self.dims
         b, k, n, m = x.shape
-        attn4, w_v, w_o = self._factors(x)
+        dtype, w_v, w_o = self._factors(x)
         if m == 0:  # W' has no columns: W' x' is an empty sum, whatever A holds
-            return x.new_zeros(b, k, n, self.dims.m_out, dtype=attn4.dtype)
-        x = x.to(attn4.dtype)
-        attn = attn4.unsqueeze(1).expand(b, k, *attn4.shape[1:]).reshape(b * k, self.dims.heads, n, n)
-        out = reference.attention_output(attn, x.reshape(b * k, n, m), w_v, w_o, num_kv_heads=self.dims.kv_heads)
-        return out.reshape(b, k, n, self.dims.m_out)
+            return x.new_zeros(b, k, n, d.m_out, dtype=dtype)
+        vals = (x.to(dtype) @ w_v.T).reshape(b, k, n, d.kv_heads, d.head_dim).permute(0, 3, 2, 1, 4)
+        z = self.source.mix(vals.reshape(b, d.kv_heads, n, k * d.head_dim).contiguous())  # (B, h, N, K·d)
+        z = z.to(dtype).reshape(b, d.heads, n, k, d.head_dim).permute(0, 3, 2, 1, 4).reshape(b, k, n, d.heads * d.head_dim)
+        return z @ w_o.T
 
     def matvec(self, x: torch.Tensor) -> torch.Tensor:
         """W' x' for x' (N·M_in,) or batched (B, N·M_in) (more leading dims are treated as columns)."""
@@ -98,13 +147,13 @@ class HVOOperator:
         d = self.dims
         b, k, n, _ = ys.shape
         g = d.heads // d.kv_heads
-        attn4, w_v, w_o = self._factors(ys)
+        dtype, w_v, w_o = self._factors(ys)
         if d.m_out == 0:  # W' has no rows: W'ᵀ y is an empty sum
-            return self._flatten(ys.new_zeros(b, k, n, d.m_in, dtype=attn4.dtype), lead)
-        u = (ys.to(w_o.dtype) @ w_o).reshape(b, k, n, d.heads, d.head_dim).transpose(2, 3)  # (B, K, h, N, d): Y Wo_i
-        z = attn4.transpose(-1, -2).unsqueeze(1) @ u  # A_iᵀ Y Wo_i
-        z = z.reshape(b, k, d.kv_heads, g, n, d.head_dim).sum(3)  # query heads of a group share Wv_j
-        x = z.transpose(2, 3).reshape(b, k, n, d.kv_heads * d.head_dim) @ w_v
+            return self._flatten(ys.new_zeros(b, k, n, d.m_in, dtype=dtype), lead)
+        u = (ys.to(dtype) @ w_o).reshape(b, k, n, d.heads, d.head_dim).permute(0, 3, 2, 1, 4)  # Y Wo_i: (B, h, N, K, d)
+        z = self.source.mix_transposed(u.reshape(b, d.heads, n, k * d.head_dim)).to(dtype)  # A_iᵀ Y Wo_i
+        z = z.reshape(b, d.kv_heads, g, n, k, d.head_dim).sum(2)  # query heads of a group share Wv_j
+        x = z.permute(0, 3, 2, 1, 4).reshape(b, k, n, d.kv_heads * d.head_dim) @ w_v
         return self._flatten(x, lead)
 
     def matmat(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,7 +163,10 @@ class HVOOperator:
 
     def bias(self) -> torch.Tensor:
         """b' of h' = W' x' + b' (see duat_kernels.hvo_bias)."""
-        return hvo_bias(self.attn, self.w_o, self.b_v, self.b_o, num_kv_heads=self.dims.kv_heads, layout=self.layout)
+        if isinstance(self.source, ExplicitAttention):
+            return hvo_bias(self.attn, self.w_o, self.b_v, self.b_o, num_kv_heads=self.dims.kv_heads, layout=self.layout)
+        bias = operator_bias(self.source, self.w_o, self.b_v, self.b_o, self.layout)
+        return bias if self.dims.batched else bias[0]
 
     def to_dense(self, **kwargs) -> torch.Tensor:
         """The dense W' (refused with DenseTooLargeError when it would not fit); kwargs go to hvo_matrix."""
@@ -125,9 +177,12 @@ class HVOOperator:
         Negative n, m count from the end, as in Python."""
         n, m = (v.check_index(name, idx, self.dims.tokens, f"N={self.dims.tokens} tokens")
                 for name, idx in (("n", n), ("m", m)))
-        dtype = v.resolve_dtype(None, None, self.attn, self.w_v, self.w_o)
+        dtype = v.resolve_dtype(None, None, self._attn_dtype_probe(), self.w_v, self.w_o)
         ov = reference.ov_circuits(self.w_v.to(dtype), self.w_o.to(dtype), self.dims.heads, self.dims.kv_heads)
-        blk = torch.einsum("bi,ica->bca", self._attn4[:, :, n, m].to(ov.dtype), ov)
+        idx = torch.tensor([n], device=self.device), torch.tensor([m], device=self.device)
+        alpha = torch.stack([self.source.entries(b, *idx)[:, 0] for b in range(self.dims.batch)]) if self.dims.batch \
+            else torch.zeros(0, self.dims.heads, dtype=dtype, device=self.device)
+        blk = torch.einsum("bi,ica->bca", alpha.to(ov.dtype), ov)
         return blk if self.dims.batched else blk[0]
 
     def tile(self, rows: slice, cols: slice, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -135,33 +190,23 @@ class HVOOperator:
         total = self.shape[-2:]
         (r0, r1), (c0, c1) = (self._range(s, size, name) for s, size, name in
                               ((rows, total[0], "rows"), (cols, total[1], "cols")))
-        dtype = v.resolve_dtype(dtype, None, self.attn, self.w_v, self.w_o)
+        dtype = v.resolve_dtype(v.as_dtype(dtype), None, self._attn_dtype_probe(), self.w_v, self.w_o)
         v.check_fits(f"a tile of W' of shape ({r1 - r0}, {c1 - c0})", (r1 - r0) * (c1 - c0) * self.dims.batch * dtype.itemsize,
                      self.device)
         ct = reference.compute_dtype(dtype)
         ov = reference.ov_circuits(self.w_v.to(ct), self.w_o.to(ct), self.dims.heads, self.dims.kv_heads)
+        attn, ov, row0, col0 = tile_factors(self.source, ov, self.layout, r0, r1, c0, c1)
         out = torch.empty(self.dims.batch, r1 - r0, c1 - c0, dtype=dtype, device=self.device)
         backend = backends.resolve("auto", self.device)
-        if self.dims.batch == 0:
-            pass
-        elif backend != "reference" and dtype in backends.output_dtypes(backend):
-            kernel = backends.tile_kernel(backend)
-            with torch.no_grad():
-                for b in range(self.dims.batch):
-                    kernel(*backends.kron_factors(self._attn4[b].to(ct), ov, self.layout), out[b], r0, c0)
-        else:  # reference: only the blocks that the tile touches
-            out = self._tile_reference(ov, r0, r1, c0, c1).to(dtype)
+        with torch.no_grad():
+            for b in range(self.dims.batch):
+                left, right = backends.kron_factors(attn[b].to(ct), ov, self.layout)
+                if backend != "reference" and dtype in backends.output_dtypes(backend):
+                    backends.tile_kernel(backend)(left, right, out[b], row0, col0)
+                else:  # reference: the Kronecker products of the factor ranges the tile touches
+                    part = sum(reference.kron(left[i], right[i]) for i in range(left.shape[0]))
+                    out[b] = part[row0:row0 + r1 - r0, col0:col0 + c1 - c0]
         return out if self.dims.batched else out[0]
-
-    def _tile_reference(self, ov: torch.Tensor, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
-        q_size, t_size = backends.kron_factors(self._attn4[0], ov, self.layout)[1].shape[1:]  # R_i is Q x T
-        p0, p1, s0, s1 = r0 // q_size, (r1 - 1) // q_size + 1, c0 // t_size, (c1 - 1) // t_size + 1
-        mats = []
-        for a in self._attn4.to(ov.dtype):
-            left, right = backends.kron_factors(a, ov, self.layout)
-            part = sum(reference.kron(left[i, p0:p1, s0:s1], right[i]) for i in range(left.shape[0]))
-            mats.append(part[r0 - p0 * q_size:r1 - p0 * q_size, c0 - s0 * t_size:c1 - s0 * t_size])
-        return torch.stack(mats)
 
     # --- analysis without the dense matrix (duat_kernels.analysis) -----------------------------
 
@@ -171,13 +216,13 @@ class HVOOperator:
         O(N²) memory. grid=(R, C) reduces them to the norms of an R x C grid of super-blocks."""
         grid = args.grid_argument(grid, self.dims.tokens)
         with torch.no_grad():
-            norms = analysis.block_norms(self._attn4, self.w_v, self.w_o, self.dims.kv_heads, grid)
+            norms = analysis.block_norms(self.source, self.w_v, self.w_o, self.dims.kv_heads, grid)
         return norms if self.dims.batched else norms[0]
 
     def frobenius_norm(self) -> torch.Tensor:
         """||W'||_F exactly (float64), () or (B,)."""
         with torch.no_grad():
-            norm = analysis.frobenius_norm(self._attn4, self.w_v, self.w_o, self.dims.kv_heads)
+            norm = analysis.frobenius_norm(self.source, self.w_v, self.w_o, self.dims.kv_heads)
         return norm if self.dims.batched else norm[0]
 
     def trace(self) -> torch.Tensor:
@@ -185,7 +230,7 @@ class HVOOperator:
         if self.dims.m_in != self.dims.m_out:
             raise ValueError(f"trace needs a square W' (M_in = M_out), got M_in={self.dims.m_in}, M_out={self.dims.m_out}")
         with torch.no_grad():
-            tr = analysis.trace(self._attn4, self.w_v, self.w_o, self.dims.kv_heads)
+            tr = analysis.trace(self.source, self.w_v, self.w_o, self.dims.kv_heads)
         return tr if self.dims.batched else tr[0]
 
     def fraction_above(self, threshold: float, samples: int = 100_000, confidence: float = 0.95, seed: int = 0,
@@ -198,7 +243,7 @@ class HVOOperator:
                              f"M_out={self.dims.m_out})")
         batch = v.check_index("batch", batch, self.dims.batch, f"B={self.dims.batch} batch elements")
         with torch.no_grad():
-            return analysis.fraction_above(self._attn4, self.w_v, self.w_o, self.dims.kv_heads, threshold, samples,
+            return analysis.fraction_above(self.source, self.w_v, self.w_o, self.dims.kv_heads, threshold, samples,
                                            confidence, seed, batch)
 
     def as_linear_operator(self):
@@ -229,7 +274,7 @@ class HVOOperator:
             raise ValueError(f"x must be one input per batch element, got shape {tuple(x.shape)}")
         xs = xs[:, 0]
         with torch.no_grad():
-            out = analysis.contributions(self._attn4, xs, self.w_v, self.w_o, d.kv_heads, per_head)
+            out = analysis.contributions(self.source, xs, self.w_v, self.w_o, d.kv_heads, per_head)
         return out if d.batched else out[0]
 
     def to_dask(self, chunks: tuple[int, int] | None = None, dtype: torch.dtype | None = None):
@@ -250,4 +295,4 @@ class HVOOperator:
         d = self.dims
         return (f"HVOOperator(shape={tuple(self.shape)}, tokens={d.tokens}, heads={d.heads}, kv_heads={d.kv_heads}, "
                 f"head_dim={d.head_dim}, M_in={d.m_in}, M_out={d.m_out}, layout={self.layout!r}, "
-                f"dtype={self.attn.dtype}, device={self.device})")
+                f"source={type(self.source).__name__}, dtype={self.source.dtype}, device={self.device})")

@@ -3,6 +3,7 @@
 
 #include "../kernels/kron_sum.cpp"
 #include "../kernels/fma_peak.cpp"
+#include "../kernels/gram_rows.cpp"
 
 namespace duat {
 namespace DUAT_ISA {
@@ -12,6 +13,7 @@ bool cpu_supports() {
 }
 }  // namespace
 
-extern const IsaKernels kKernels = {"avx2", &cpu_supports, &kron_sum_f32, &kron_sum_f64, &fma_peak_gflops};
+extern const IsaKernels kKernels = {"avx2", &cpu_supports, &kron_sum_f32, &kron_sum_f64, &fma_peak_gflops,
+                                   &gram_row_squared_norms};
 }  // namespace DUAT_ISA
 }  // namespace duat

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from duat_kernels.attention_source import ExplicitAttention
 from duat_kernels.reference import head_factors
 
 # Rows of A per step: the (B, h, rows, N) chunk and its Gram product stay ~64 MiB (fp32).
@@ -24,23 +25,23 @@ def projected_values(x: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, num_
     return torch.einsum("icd,bind->binc", wo, values)
 
 
-def contributions(attn: torch.Tensor, x: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
+def contributions(attn, x: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
                   per_head: bool = False) -> torch.Tensor:
-    """||W'_nm x_m||₂ for attn (B, h, N, N), x (B, N, M_in) -> (B, N, N).
+    """||W'_nm x_m||₂ for attn (B, h, N, N) (or an AttentionSource: row blocks of A are read as
+    they are needed), x (B, N, M_in) -> (B, N, N).
 
     per_head=True gives each head's own contribution ||A_i[n, m] u_i[m]|| as (B, h, N, N).
     """
-    batch, h, n, _ = attn.shape
-    ct = torch.float64 if torch.float64 in (attn.dtype, x.dtype, w_v.dtype, w_o.dtype) else torch.float32
+    source = ExplicitAttention(attn, num_kv_heads) if isinstance(attn, torch.Tensor) else attn
+    batch, h, n = source.batch, source.heads, source.tokens
+    ct = torch.float64 if torch.float64 in (source.dtype, x.dtype, w_v.dtype, w_o.dtype) else torch.float32
     u = projected_values(x.to(ct), w_v, w_o, h, num_kv_heads)  # (B, h, N, M_out)
     if per_head:
-        return attn.to(ct).abs() * u.norm(dim=-1).unsqueeze(2)  # |A_i[n, m]| · ||u_i[m]||
+        return source.dense().to(ct).abs() * u.norm(dim=-1).unsqueeze(2)  # |A_i[n, m]| · ||u_i[m]||
     gram = torch.einsum("bimc,bjmc->bmij", u, u)  # G_m, (B, N, h, h)
-    out = torch.empty(batch, n, n, dtype=ct, device=attn.device)
-    rows_per_step = max(1, CHUNK_ENTRIES // (h * n))
-    for r0 in range(0, n, rows_per_step):
-        r1 = min(n, r0 + rows_per_step)
-        alpha = attn[:, :, r0:r1, :].to(ct)  # (B, h, rows, N)
-        g_alpha = torch.einsum("bmij,bjrm->birm", gram, alpha)  # G_m α per (row, m)
-        out[:, r0:r1] = (alpha * g_alpha).sum(1)
+    out = torch.zeros(batch, n, n, dtype=ct, device=source.device)
+    for r0, r1, c0, c1, alpha in source.row_blocks(max(1, CHUNK_ENTRIES // (h * n))):
+        alpha = alpha.to(ct)  # (B, h, rows, cols)
+        g_alpha = torch.einsum("bmij,bjrm->birm", gram[:, c0:c1], alpha)  # G_m α per (row, m)
+        out[:, r0:r1, c0:c1] = (alpha * g_alpha).sum(1)
     return out.clamp_min_(0).sqrt_()

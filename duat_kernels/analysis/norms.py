@@ -13,9 +13,11 @@ import torch
 
 from duat_kernels import reference
 from duat_kernels._validation import all_finite
+from duat_kernels.analysis import gram_norms
+from duat_kernels.attention_source import ExplicitAttention, QKAttention
 from duat_kernels.reference import head_factors
 
-# Rows of A per step: the (h, rows, N) product stays ~64 MiB at N = 8192, h = 12 (fp32).
+# Rows of A per step (torch path): the (h, rows, N) product stays ~64 MiB at N = 8192, h = 12 (fp32).
 CHUNK_ENTRIES = 1 << 24
 
 
@@ -29,48 +31,74 @@ def gram_factor(w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int, num_kv_hea
     return evals.clamp_min(0).sqrt()[:, None] * evecs.T
 
 
-def block_norms(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
+def block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
                 grid: tuple[int, int] | None = None) -> torch.Tensor:
-    """||B_nm||_F for attn (B, h, N, N) -> (B, N, N); with grid=(R, C), the Frobenius norms of an
-    R x C grid of super-blocks (rows and columns of blocks split as evenly as possible) -> (B, R, C)."""
-    batch, h, n, _ = attn.shape
-    if not all_finite(attn, w_v, w_o):
-        return _block_norms_direct(attn, w_v, w_o, num_kv_heads, grid)
-    c = gram_factor(w_v, w_o, h, num_kv_heads).to(torch.float32 if attn.dtype != torch.float64 else torch.float64)
-    rows_per_step = max(1, CHUNK_ENTRIES // (h * n))
+    """||B_nm||_F for the A of `source` (an AttentionSource, or attn (B, h, N, N)) -> (B, N, N); with
+    grid=(R, C), the Frobenius norms of an R x C grid of super-blocks (rows and columns of blocks
+    split as evenly as possible) -> (B, R, C). Float32 A on the CPU goes through the fused C++ pass."""
+    if isinstance(source, torch.Tensor):
+        source = ExplicitAttention(source, num_kv_heads)
+    batch, h, n = source.batch, source.heads, source.tokens
+    if not all_finite(*source.inputs(), w_v, w_o):
+        return _block_norms_direct(source, w_v, w_o, num_kv_heads, grid)
+    if grid is not None and isinstance(source, QKAttention) and source.device.type == "cuda":
+        return _block_norms_triton(source, w_v, w_o, num_kv_heads, grid)
+    wide = source.dtype == torch.float64
+    c = gram_factor(w_v, w_o, h, num_kv_heads).to(source.device, torch.float64 if wide else torch.float32)
     out_rows, out_cols = grid if grid is not None else (n, n)
-    out = torch.zeros(batch, out_rows, out_cols, dtype=c.dtype, device=attn.device)
-    col_bins = _bins(n, out_cols, attn.device)
-    row_bins = _bins(n, out_rows, attn.device)
-    for b in range(batch):
-        for r0 in range(0, n, rows_per_step):
-            r1 = min(n, r0 + rows_per_step)
-            alpha = attn[b, :, r0:r1, :].to(c.dtype).reshape(h, -1)  # (h, rows·N)
-            sq = (c.to(attn.device) @ alpha).square_().sum(0).reshape(r1 - r0, n)  # ||B_nm||² for these rows
+    fused = gram_norms.available(source)
+    whole = fused and isinstance(source, ExplicitAttention)  # one pass over the stored A, every entry written
+    out = (torch.empty if whole and grid is None else torch.zeros)(
+        batch, out_rows, out_cols, device=source.device,
+        dtype=torch.float64 if wide or grid is not None else torch.float32)  # grid sums in float64
+    col_bins, row_bins = _bins(n, out_cols, source.device), _bins(n, out_rows, source.device)
+    rows = n if whole else max(1, CHUNK_ENTRIES // max(1, batch * h * n))
+    for r0, r1, c0, c1, alpha in source.row_blocks(rows):
+        for b in range(batch):
+            if fused:  # one multithreaded pass: ||C α||² and the grid sums, nothing else written
+                if grid is None:
+                    gram_norms.squared_(alpha[b], c, out[b, r0:r1, c0:c1])
+                else:
+                    gram_norms.grid_(alpha[b], c, row_bins[r0:r1], col_bins[c0:c1], out[b])
+                continue
+            sq = (c @ alpha[b].to(c.dtype).reshape(h, -1)).square_().sum(0).reshape(r1 - r0, c1 - c0)
             if grid is None:
-                out[b, r0:r1] = sq
+                out[b, r0:r1, c0:c1] = sq
             else:  # accumulate squared norms into super-blocks
-                per_row = torch.zeros(r1 - r0, out_cols, dtype=sq.dtype, device=sq.device).index_add_(1, col_bins, sq)
+                per_row = torch.zeros(r1 - r0, out_cols, dtype=out.dtype, device=sq.device).index_add_(
+                    1, col_bins[c0:c1], sq.to(out.dtype))
                 out[b].index_add_(0, row_bins[r0:r1], per_row)
-    return out.clamp_min_(0).sqrt_()
+    out = out.clamp_min_(0).sqrt_()
+    return out if wide or grid is None else out.float()
 
 
-def _block_norms_direct(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
+def _block_norms_triton(source: QKAttention, w_v, w_o, num_kv_heads: int, grid: tuple[int, int]) -> torch.Tensor:
+    """The fused q/k pass on the GPU (duat_kernels.triton.attention_norms): A is never written."""
+    from duat_kernels.triton.attention_norms import block_norms_qk
+
+    c = gram_factor(w_v, w_o, source.heads, num_kv_heads).to(source.device, torch.float32)
+    key_mask = None if source.key_mask is None else source.key_mask[:, 0, 0]
+    return block_norms_qk(source.q, source.k, c, _bins(source.tokens, grid[0], source.device),
+                          _bins(source.tokens, grid[1], source.device), grid, causal=source.causal, key_mask=key_mask,
+                          scale=source.scale, softcap=source.softcap, window=source.window)
+
+
+def _block_norms_direct(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
                         grid: tuple[int, int] | None) -> torch.Tensor:
     """block_norms for factors with NaN or Inf: αᵀGα cannot see 0 · NaN = NaN or Inf - Inf = NaN,
     so each block Σ_i α_i OV_i is formed (a chunk at a time) and its entries summed, as in the
     dense W': O(N² h M_out M_in) time, the cost of materialising."""
-    batch, h, n, _ = attn.shape
-    dtype = torch.float64 if attn.dtype == torch.float64 else torch.float32
+    batch, h, n = source.batch, source.heads, source.tokens
+    dtype = torch.float64 if source.dtype == torch.float64 else torch.float32
     ov = reference.ov_circuits(w_v.to(dtype), w_o.to(dtype), h, num_kv_heads)  # (h, M_out, M_in)
     cols_per_step = max(1, min(n, CHUNK_ENTRIES // max(1, ov[0].numel())))
-    sq = torch.empty(batch, n, n, dtype=dtype, device=attn.device)
-    for b in range(batch):
-        for row in range(n):
-            for m0 in range(0, n, cols_per_step):
-                alpha = attn[b, :, row, m0:m0 + cols_per_step].to(dtype)  # (h, cols)
-                blocks = torch.einsum("im,ica->mca", alpha, ov)
-                sq[b, row, m0:m0 + cols_per_step] = blocks.square().sum((-1, -2))
+    sq = torch.zeros(batch, n, n, dtype=dtype, device=source.device)
+    for r0, r1, c0, c1, alpha_rows in source.row_blocks(1):
+        for b in range(batch):
+            for m0 in range(c0, c1, cols_per_step):
+                m1 = min(c1, m0 + cols_per_step)
+                alpha = alpha_rows[b, :, 0, m0 - c0:m1 - c0].to(dtype)  # (h, cols)
+                sq[b, r0, m0:m1] = torch.einsum("im,ica->mca", alpha, ov).square().sum((-1, -2))
     if grid is not None:  # squared norms summed into super-blocks
         rows, cols = grid
         per_row = sq.new_zeros(batch, n, cols).index_add_(2, _bins(n, cols, sq.device), sq)

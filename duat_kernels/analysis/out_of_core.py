@@ -28,12 +28,10 @@ _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.flo
 
 def _fingerprint(op, dtype: torch.dtype, rows_per_tile: int) -> str:
     """Identifies the matrix being written: shapes, layout, dtype, tiling, and a hash of the inputs
-    (the weights whole, the attention through a strided sample of at most 2^20 entries)."""
+    (the weights whole, the attention's inputs through strided samples of at most 2^20 entries)."""
     h = hashlib.sha256()
-    flat = op.attn.detach().reshape(-1)
-    step = max(1, flat.numel() >> 20)
-    for t in (flat[::step], op.w_v.detach(), op.w_o.detach()):
-        h.update(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    for t in (*op.source.fingerprint(), op.w_v.detach(), op.w_o.detach()):
+        h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     h.update(repr((tuple(op.shape), op.layout, str(dtype), rows_per_tile, op.dims.kv_heads)).encode())
     return h.hexdigest()
 
@@ -59,7 +57,7 @@ def save_dense(op, path: str | os.PathLike, *, rows_per_tile: int | None = None,
         raise ValueError("save_dense needs an unbatched HVOOperator (attn of shape (h, N, N))")
     if op.device.type == "meta":
         raise ValueError("save_dense needs an HVOOperator on tensors with data (cpu or cuda), got meta tensors")
-    dtype = v.as_dtype(dtype) or v.resolve_dtype(None, None, op.attn, op.w_v, op.w_o)
+    dtype = v.as_dtype(dtype) or v.resolve_dtype(None, None, torch.empty(0, dtype=op.source.dtype), op.w_v, op.w_o)
     if dtype not in _NUMPY_DTYPES:
         raise TypeError(f"dtype must be float32, float64 or float16 for a .npy file, got {dtype}")
     rows, cols = op.shape

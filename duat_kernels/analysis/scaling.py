@@ -72,6 +72,48 @@ def synthetic_layer(n: int, m: int, heads: int, rank: int = 16, causal: bool = T
     return attn, w_v, w_o
 
 
+def synthetic_qk(n: int, m: int, heads: int, seed: int = 0):
+    """Random q, k (h, N, d) with d = M / h (standard normal, as after a layer norm and projection) and
+    w_v, w_o (M, M) scaled like trained weights: the inputs of HVOOperator.from_qk."""
+    g = torch.Generator().manual_seed(seed)
+    d = m // heads
+    q, k = torch.randn(heads, n, d, generator=g), torch.randn(heads, n, d, generator=g)
+    w_v = torch.randn(m, m, generator=g) / m ** 0.5
+    w_o = torch.randn(m, m, generator=g) / m ** 0.5
+    return q, k, w_v, w_o
+
+
+def _operations(n: int, m: int, heads: int, seed: int, from_qk: bool, grid: int) -> tuple[dict, object]:
+    """name -> callable for one N (and the objects that keep its inputs alive)."""
+    from duat_kernels import reference
+    from duat_kernels.hvo_operator import HVOOperator
+
+    x = torch.randn(n * m, generator=torch.Generator().manual_seed(seed))
+    side = min(TILE_SIDE, n * m)
+    corner = slice(n * m - side, n * m)
+    if from_qk:
+        q, k, w_v, w_o = synthetic_qk(n, m, heads, seed)
+        op = HVOOperator.from_qk(q, k, w_v, w_o, causal=True)
+        cells = (min(grid, n), min(grid, n))
+
+        def attention():  # the plain causal attention forward: projections around torch's sdpa (4-D
+            # inputs: with 3-D ones torch falls back to a kernel that materialises A)
+            vals = (x.reshape(n, m) @ w_v.T).reshape(n, heads, -1).transpose(0, 1)
+            out = torch.nn.functional.scaled_dot_product_attention(q[None], k[None], vals[None], is_causal=True)[0]
+            return out.transpose(0, 1).reshape(n, m) @ w_o.T
+        block_norms = lambda: op.block_norms(grid=cells)  # noqa: E731
+        keep = (q, k)
+    else:
+        attn, w_v, w_o = synthetic_layer(n, m, heads, seed=seed)
+        op = HVOOperator(attn, w_v, w_o)
+        attention = lambda: reference.attention_output(attn[None], x.reshape(1, n, m), w_v, w_o)  # noqa: E731
+        block_norms = op.block_norms
+        keep = attn
+    ops = {"attention": attention, "matvec": lambda: op.matvec(x), "block_norms": block_norms,
+           "spectral_norm": lambda: op.spectral_norm(tol=1e-4), "tile": lambda: op.tile(corner, corner)}
+    return ops, (op, keep)
+
+
 def measure(fn, min_seconds: float = 0.2, max_repeats: int = 5) -> tuple[float, int]:
     """(best time, peak memory) of fn; fast calls are repeated (up to max_repeats or min_seconds)."""
     with PeakMemory() as mem:
@@ -84,28 +126,20 @@ def measure(fn, min_seconds: float = 0.2, max_repeats: int = 5) -> tuple[float, 
 
 
 def scaling_sweep(ns: list[int], m: int = 256, heads: int = 4, spectral_max_n: int | None = None, seed: int = 0,
-                  progress: bool = True) -> list[ScaleRow]:
+                  progress: bool = True, from_qk: bool = False, grid: int = 256) -> list[ScaleRow]:
     """Measure every operation of OPERATIONS for each N in ns (spectral_norm only up to spectral_max_n,
-    when given: it costs tens of matvecs and rmatvecs)."""
+    when given: it costs tens of matvecs and rmatvecs). from_qk: the operator recomputes A from random
+    causal q/k (HVOOperator.from_qk) and block_norms reduces to a grid x grid grid; otherwise A is stored.
+    Every operation runs once untimed at the smallest N first (warm-up: allocator, thread pool, caches)."""
     from tqdm.auto import tqdm
 
-    from duat_kernels import reference
-    from duat_kernels.hvo_operator import HVOOperator
-
+    warm, _ = _operations(min(ns), m, heads, seed, from_qk, grid)
+    with torch.no_grad():
+        for fn in warm.values():
+            fn()
     rows = []
     for n in tqdm(ns, desc="duat scale", unit="N", disable=not progress):
-        attn, w_v, w_o = synthetic_layer(n, m, heads, seed=seed)
-        op = HVOOperator(attn, w_v, w_o)
-        x = torch.randn(n * m, generator=torch.Generator().manual_seed(seed))
-        side = min(TILE_SIDE, n * m)
-        corner = slice(n * m - side, n * m)
-        ops = {
-            "attention": lambda: reference.attention_output(attn[None], x.reshape(1, n, m), w_v, w_o),
-            "matvec": lambda: op.matvec(x),
-            "block_norms": lambda: op.block_norms(),
-            "spectral_norm": lambda: op.spectral_norm(tol=1e-4),
-            "tile": lambda: op.tile(corner, corner),
-        }
+        ops, keep = _operations(n, m, heads, seed, from_qk, grid)
         row = ScaleRow(n)
         with torch.no_grad():
             for name, fn in ops.items():
@@ -114,32 +148,38 @@ def scaling_sweep(ns: list[int], m: int = 256, heads: int = 4, spectral_max_n: i
                     continue
                 row.seconds[name], row.peak_bytes[name] = measure(fn)
         rows.append(row)
-        del attn, op
+        del ops, keep
     return rows
 
 
+MIN_FIT_POINTS = 3  # no exponent is fitted through fewer points
+
+
 def growth_exponents(rows: list[ScaleRow], min_n: int = 256) -> dict[str, float]:
-    """Least-squares slope of log(time) against log(N) per operation, over N >= min_n."""
+    """Least-squares slope of log(time) against log(N) per operation, over N >= min_n (nan with fewer
+    than MIN_FIT_POINTS points)."""
     out = {}
     for name in OPERATIONS:
         pts = [(r.n, r.seconds[name]) for r in rows if r.n >= min_n and not math.isnan(r.seconds[name])]
         out[name] = float(np.polyfit(np.log([p[0] for p in pts]), np.log([p[1] for p in pts]), 1)[0]) \
-            if len(pts) >= 2 else math.nan
+            if len(pts) >= MIN_FIT_POINTS else math.nan
     return out
 
 
-def format_table(rows: list[ScaleRow], m: int, heads: int) -> str:
+def format_table(rows: list[ScaleRow], m: int, heads: int, from_qk: bool = False, grid: int = 256) -> str:
     from duat_kernels._validation import format_bytes
 
-    lines = [f"M={m}, h={heads}, causal synthetic attention, float32; time (peak memory above the inputs)", "",
+    what = (f"A recomputed from random causal q/k (from_qk), block_norms on a {grid}x{grid} grid" if from_qk
+            else "causal synthetic attention stored")
+    lines = [f"M={m}, h={heads}, {what}, float32; time (peak memory above the inputs)", "",
              "| N | dense W' | " + " | ".join(OPERATIONS) + " |", "|---:|---:|" + "---:|" * len(OPERATIONS)]
     for r in rows:
         cells = ["-" if math.isnan(r.seconds[k]) else f"{r.seconds[k]:.3g} s ({format_bytes(r.peak_bytes[k])})"
                  for k in OPERATIONS]
         lines.append(f"| {r.n} | {format_bytes(4 * (r.n * m) ** 2)} | " + " | ".join(cells) + " |")
     exps = growth_exponents(rows)
-    lines += ["", "fitted growth exponents (time ~ N^k, N >= 256): " +
-              ", ".join(f"{k} {v:.2f}" for k, v in exps.items() if not math.isnan(v))]
+    fitted = ", ".join(f"{k} {v:.2f}" for k, v in exps.items() if not math.isnan(v))
+    lines += ["", f"fitted growth exponents (time ~ N^k, N >= 256, >= {MIN_FIT_POINTS} points): {fitted or 'none'}"]
     return "\n".join(lines)
 
 
@@ -157,7 +197,8 @@ def plot(rows: list[ScaleRow], path: str, m: int, heads: int) -> None:
     for name in OPERATIONS:
         pts = [(r.n, r.seconds[name]) for r in rows if not math.isnan(r.seconds[name])]
         if pts:
-            ax.loglog(*zip(*pts), marker="o", label=f"{name} (~N^{exps[name]:.2f})")
+            fit = "" if math.isnan(exps[name]) else f" (~N^{exps[name]:.2f})"
+            ax.loglog(*zip(*pts), marker="o", label=f"{name}{fit}")
     ax.set_xlabel("sequence length N")
     ax.set_ylabel("time [s]")
     ax.set_title(f"W' analyses without the dense matrix (M={m}, h={heads}, 2 CPU cores)")

@@ -13,7 +13,7 @@ def as_linear_operator(op):
     if op.dims.batched:
         raise ValueError("as_linear_operator needs an unbatched HVOOperator (attn of shape (h, N, N)); "
                          "build one per batch element")
-    dtype = torch.promote_types(op.attn.dtype, torch.promote_types(op.w_v.dtype, op.w_o.dtype))
+    dtype = torch.promote_types(op.source.dtype, torch.promote_types(op.w_v.dtype, op.w_o.dtype))
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
     tdtype = torch.float64 if np_dtype == np.float64 else torch.float32
 
@@ -44,7 +44,7 @@ def singular_values(op, k: int = 1, tol: float = 1e-6, seed: int = 0) -> np.ndar
         raise ValueError(f"k must be in [1, {side}] for W' of shape {lin.shape}, got {k}"
                          if side else f"W' of shape {lin.shape} has no singular values (k={k})")
     positive_tolerance(tol)
-    if not all_finite(op.attn, op.w_v, op.w_o):
+    if not all_finite(*op.source.inputs(), op.w_v, op.w_o):
         return np.full(k, np.nan, dtype=lin.dtype)
     if k == side:
         with torch.no_grad():

@@ -10,22 +10,30 @@ import torch
 
 from duat_kernels import reference
 from duat_kernels.analysis.norms import block_norms
+from duat_kernels.attention_source import AttentionSource, ExplicitAttention
 
 
-def frobenius_norm(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """||W'||_F for attn (B, h, N, N) -> (B,): the root of the summed squared block norms (exact)."""
-    return block_norms(attn, w_v, w_o, num_kv_heads).double().square().sum((-1, -2)).sqrt()
+def _source(attn, num_kv_heads: int) -> AttentionSource:
+    return ExplicitAttention(attn, num_kv_heads) if isinstance(attn, torch.Tensor) else attn
 
 
-def trace(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+def frobenius_norm(attn, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """||W'||_F for attn (B, h, N, N) or an AttentionSource -> (B,): the root of the summed squared
+    block norms (exact), reduced to one super-block as they are formed."""
+    return block_norms(attn, w_v, w_o, num_kv_heads, grid=(1, 1)).double()[:, 0, 0]
+
+
+def trace(attn, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """tr W' = Σ_n Σ_c Σ_i A_i[n, n] OV_i[c, c] for square W' (M_in = M_out) -> (B,); the same in both
-    layouts. The N·M diagonal entries are formed (O(N·M·h), no OV needed: OV_i[c, c] = Σ_d Wo_i[c, d]
-    Wv_i[d, c]) and summed, so NaN and Inf come out as in the dense W' (Inf - Inf between entries)."""
+    layouts. attn (B, h, N, N) or an AttentionSource; only the diagonal of A is read (and widened). The
+    N·M diagonal entries are formed (O(N·M·h), no OV needed: OV_i[c, c] = Σ_d Wo_i[c, d] Wv_i[d, c])
+    and summed, so NaN and Inf come out as in the dense W' (Inf - Inf between entries)."""
+    source = _source(attn, num_kv_heads)
     if w_v.shape[1] == 0:  # an empty W' has trace 0, whatever A holds
-        return torch.zeros(attn.shape[0], dtype=torch.float64, device=attn.device)
-    wo, wv = reference.head_factors(w_v.double(), w_o.double(), attn.shape[1], num_kv_heads)  # (h, M, d), (h, d, M)
-    diag_ov = torch.einsum("icd,idc->ic", wo, wv)  # OV_i[c, c]
-    diagonal = torch.einsum("bin,ic->bnc", attn.double().diagonal(dim1=-2, dim2=-1), diag_ov)  # W'[(n, c), (n, c)]
+        return torch.zeros(source.batch, dtype=torch.float64, device=source.device)
+    wo, wv = reference.head_factors(w_v.double(), w_o.double(), source.heads, num_kv_heads)  # (h, M, d), (h, d, M)
+    diag_ov = torch.einsum("icd,idc->ic", wo, wv).to(source.device)  # OV_i[c, c]
+    diagonal = torch.einsum("bin,ic->bnc", source.diagonal().double(), diag_ov)  # W'[(n, c), (n, c)]
     return diagonal.sum((1, 2))
 
 
@@ -45,25 +53,27 @@ class EntryEstimate:
                 f"({self.confidence:.0%} CI [{self.low:.4f}, {self.high:.4f}], {self.samples} samples)")
 
 
-def sample_entries(attn: torch.Tensor, ov: torch.Tensor, samples: int, generator: torch.Generator | None = None,
+def sample_entries(attn, ov: torch.Tensor, samples: int, generator: torch.Generator | None = None,
                    batch: int = 0) -> torch.Tensor:
     """Values of `samples` uniformly drawn entries of W' (token layout; layouts permute the same
     entries): W'[(n, c), (m, a)] = Σ_i A_i[n, m] OV_i[c, a], each computed as a length-h dot product."""
-    _, h, n, _ = attn.shape
+    source = _source(attn, ov.shape[0])  # attn (B, h, N, N) or an AttentionSource
+    n = source.tokens
     m_out, m_in = ov.shape[1:]
     idx = [torch.randint(0, size, (samples,), generator=generator) for size in (n, m_out, n, m_in)]
-    rows, c, cols, a = (i.to(attn.device) for i in idx)
-    alpha = attn[batch][:, rows, cols].to(ov.dtype)  # (h, samples)
+    rows, c, cols, a = (i.to(source.device) for i in idx)
+    alpha = source.entries(batch, rows, cols).to(ov.dtype)  # (h, samples)
     return (alpha * ov[:, c, a]).sum(0)
 
 
-def fraction_above(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int, threshold: float,
+def fraction_above(attn, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int, threshold: float,
                    samples: int = 100_000, confidence: float = 0.95, seed: int = 0, batch: int = 0) -> EntryEstimate:
     """Estimated fraction of entries with |w| > threshold (the paper's "almost fully dense", made
     quantitative), from a uniform sample with a Wilson score interval."""
-    ov = reference.ov_circuits(w_v.float(), w_o.float(), attn.shape[1], num_kv_heads)
+    source = _source(attn, num_kv_heads)
+    ov = reference.ov_circuits(w_v.float(), w_o.float(), source.heads, num_kv_heads).to(source.device)
     g = torch.Generator().manual_seed(seed)
-    values = sample_entries(attn, ov, samples, g, batch)
+    values = sample_entries(source, ov, samples, g, batch)
     hits = int((values.abs() > threshold).sum())
     p = hits / samples
     z = _normal_quantile(0.5 + confidence / 2)

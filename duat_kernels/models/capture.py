@@ -130,7 +130,7 @@ def _output_attentions(config):
 
 
 def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = None, switch_to_eager: bool = True,
-                     **inputs) -> list[AttentionLayer]:
+                     capture: str = "attn", **inputs) -> list[AttentionLayer]:
     """Run model(*args, **inputs) once and return the selected attention layers, in order.
 
     Args:
@@ -145,14 +145,22 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
             these are hooked and kept in memory.
         switch_to_eager: if the model uses sdpa/flash attention, switch it to eager attention for
             the capture (and back); if False, raise an error instead.
+        capture: "attn" records A (eager attention); "qk" records q and k after rotary embeddings
+            with sdpa attention (A is never stored; the pass stops after the last selected layer;
+            see duat_kernels.models.qk_capture).
         *args, **inputs: the model's inputs (e.g. input_ids, attention_mask).
     """
+    if capture not in ("attn", "qk"):
+        raise ValueError(f"capture must be 'attn' or 'qk', got {capture!r}")
     from duat_kernels.models import lens
 
     if lens.is_bridge(model):  # TransformerLens 4.x: hook_pattern, W_V, W_O, b_V, b_O
         return lens.bridge_attention_layers(model, *args, layers=layers, **inputs)
     if type(model).__module__.startswith("nnsight.") and isinstance(getattr(model, "_module", None), torch.nn.Module):
         model = model._module  # an nnsight NNsight / LanguageModel wraps the torch module it runs
+    if capture == "qk":
+        from duat_kernels.models.qk_capture import attention_layers_qk
+        return attention_layers_qk(model, *args, layers=layers, **inputs)
     blocks = attention_blocks(model)
     chosen = range(len(blocks)) if layers is None else layers
     for i in chosen:

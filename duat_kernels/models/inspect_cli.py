@@ -148,6 +148,9 @@ def _run(args) -> int:
     from duat_kernels.models.capture import attention_blocks
 
     _check_before_loading(args)
+    from duat_kernels.models import long_context
+    if long_context.wants_long(args):  # q/k capture: A never stored, norms on a grid, spectral norm
+        return long_context.run_inspect_long(args)
     heads, per_head_wanted = _heads(args.heads)
     quiet = args.json == "-"
     log = (lambda msg: print(msg, file=sys.stderr)) if quiet else print

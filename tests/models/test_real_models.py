@@ -55,3 +55,19 @@ def test_smollm2_gqa_layers_are_exact(smollm2):
         assert torch.equal(layer.attn.triu(1), torch.zeros_like(layer.attn))  # causal
         assert layer.relative_error(layer.hvo_matrix(dtype=torch.float64)) <= TOLERANCE
         assert layer.relative_error(layer.hvo_matrix(backend="cpp")) <= TOLERANCE
+
+
+def test_minilm_capture_qk_matches_attn(minilm):
+    from test_qk_capture import compare_captures
+
+    model, tok = minilm
+    enc = tok(["Attention is a dynamic linear map.", "A second, longer sentence, so that the first is padded."],
+              return_tensors="pt", padding=True)
+    compare_captures(model, dict(enc), [0, 5])
+
+
+def test_smollm2_capture_qk_matches_attn(smollm2):
+    from test_qk_capture import compare_captures
+
+    model, tok = smollm2
+    compare_captures(model, dict(tok(["Attention is a dynamic linear map of its inputs."], return_tensors="pt")), [3])

@@ -1,0 +1,78 @@
+"""Can W' of one attention layer be analysed at N = 32768 from q and k, without A (51 GB)?
+
+N = 32768, h = 12, d = 64, M = 768, causal, random q/k, fp32 (HVOOperator.from_qk):
+  block_norms   grid=(256, 256) super-block norms (bar: <= 120 s, peak <= 2 GiB above the inputs);
+                two grid rows are checked against an explicit float64 computation of their rows of A
+                (relative 1e-4)
+  matvec        W' x' (torch's sdpa inside)            (bar: <= 2x sdpa, and equal to it)
+  sdpa          torch.nn.functional.scaled_dot_product_attention on the same q, k and values: the peer
+Peak memory above the inputs is recorded in extra_info["peak_bytes"] (RSS sampled every ms).
+"""
+
+import functools
+
+import pytest
+import torch
+
+import duat_kernels as dk
+from duat_kernels.analysis import norms
+from duat_kernels.analysis.scaling import PeakMemory, synthetic_qk
+
+from conftest import QUICK
+
+N, M, H = (256, 64, 4) if QUICK else (32768, 768, 12)
+GRID = (16, 16) if QUICK else (256, 256)
+CHECKED_GRID_ROWS = (0, GRID[0] - 1)
+
+
+@functools.lru_cache(maxsize=1)
+def _inputs():
+    q, k, w_v, w_o = synthetic_qk(N, M, H)
+    return q, k, w_v, w_o, torch.randn(N * M, generator=torch.Generator().manual_seed(1))
+
+
+def _explicit_grid_row(q, k, w_v, w_o, row):
+    """Super-block norms of one grid row from its rows of A, computed whole in float64."""
+    r0, r1 = (row * N + GRID[0] - 1) // GRID[0], ((row + 1) * N + GRID[0] - 1) // GRID[0]
+    s = q[:, r0:r1].double() @ k.double().transpose(-1, -2) * (M // H) ** -0.5
+    s.masked_fill_(torch.arange(N)[None, :] > torch.arange(r0, r1)[:, None], float("-inf"))
+    alpha = s.softmax(-1)  # (h, rows, N)
+    c = norms.gram_factor(w_v, w_o, H, H)
+    sq = (c @ alpha.reshape(H, -1)).square().sum(0).reshape(r1 - r0, N).sum(0)
+    bins = torch.arange(N) * GRID[1] // N
+    return torch.zeros(GRID[1], dtype=torch.float64).index_add_(0, bins, sq).sqrt()
+
+
+def _values(x, w_v):
+    """(1, h, N, d): 4-D, as torch's fused CPU kernel requires."""
+    return (x.reshape(N, M) @ w_v.T).reshape(N, H, -1).transpose(0, 1)[None]
+
+
+@pytest.mark.parametrize("operation", ["block_norms", "matvec", "sdpa"])
+def test_from_qk(benchmark, operation):
+    q, k, w_v, w_o, x = _inputs()
+    op = dk.HVOOperator.from_qk(q, k, w_v, w_o, causal=True)
+    result = {}
+    fns = {
+        "block_norms": lambda: result.update(norms=op.block_norms(grid=GRID)),
+        "matvec": lambda: result.update(y=op.matvec(x)),
+        "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q[None], k[None], _values(x, w_v),
+                                                                         is_causal=True),
+    }
+    benchmark.group = f"from_qk N={N} M={M} h={H}"
+    benchmark.extra_info.update(kind="from_qk", contestant=operation, n=N, m=M, h=H)
+    with torch.no_grad(), PeakMemory() as mem:
+        benchmark.pedantic(fns[operation], rounds=1, warmup_rounds=0 if QUICK or operation == "block_norms" else 1)
+    benchmark.extra_info["peak_bytes"] = mem.peak
+    if operation == "block_norms":
+        for row in CHECKED_GRID_ROWS:
+            want = _explicit_grid_row(q, k, w_v, w_o, row)
+            err = ((result["norms"][row].double() - want).abs().max() / want.max()).item()
+            benchmark.extra_info[f"grid_row_{row}_rel_err"] = err
+            assert err <= 1e-4, (row, err)
+    if operation == "matvec":
+        heads = torch.nn.functional.scaled_dot_product_attention(q[None], k[None], _values(x, w_v), is_causal=True)
+        want = (heads[0].transpose(0, 1).reshape(N, M) @ w_o.T).reshape(-1)
+        err = ((result["y"] - want).norm() / want.norm()).item()
+        benchmark.extra_info["rel_err_vs_sdpa"] = err
+        assert err <= 1e-6, err

@@ -1,0 +1,28 @@
+// Gram-weighted squared block norms of W' read straight from rows of the attention probabilities.
+//
+// For one row n of A (h heads) and every column m, alpha = A[:, n, m] (h,) and the squared
+// Frobenius norm of the block B_nm = sum_i alpha_i OV_i is ||C alpha||^2, C (h x h) the Gram factor
+// (C^T C = G, G_ij = <OV_i, OV_j>_F). One pass over A; nothing of size rows x cols is written in the
+// grid variant, which sums the squared norms into super-blocks (row_bin[r], col_bin[m]).
+#pragma once
+
+#include <cstdint>
+
+namespace duat {
+
+struct GramNormsProblem {
+  int64_t h;     // heads
+  int64_t rows;  // rows of A in this call
+  int64_t cols;  // columns of A in this call
+};
+
+// a: (h, rows, cols) float32, C-contiguous; c: (h, h) float32 row-major; out: (rows, cols) float32,
+// out[r, m] = ||C a[:, r, m]||^2.
+void gram_squared_norms(const float* a, const float* c, float* out, const GramNormsProblem& pb, int num_threads);
+
+// As above, but out (out_rows, out_cols) float64 accumulates out[row_bin[r], col_bin[m]] += ||C a[:, r, m]||^2;
+// every bin index must lie in range (checked by the caller).
+void gram_grid_norms(const float* a, const float* c, const int64_t* row_bin, const int64_t* col_bin, double* out,
+                     int64_t out_rows, int64_t out_cols, const GramNormsProblem& pb, int num_threads);
+
+}  // namespace duat

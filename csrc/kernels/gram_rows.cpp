@@ -1,0 +1,65 @@
+// The hot loop of the Gram-weighted block norms (csrc/attention_norms.cpp), compiled per ISA.
+//
+// Roofline. Each column m costs h loads of A and h^2 multiply-adds (y = C alpha) plus h (||y||^2):
+// for h = 12 the arithmetic dominates unless A streams from DRAM faster than ~12 flops per float.
+// Micro-kernel: kVecs vectors of columns at once; for each output row j of C, the kVecs
+// accumulators of y_j take one broadcast C[j, i] and kVecs loads of alpha_i per head i, and ||y||^2
+// is kept in kVecs more registers (9 live vectors: fits every ISA's register file). Column groups
+// whose h coefficients are all zero (the upper triangle of causal attention) cost h loads only.
+#include <cstring>
+
+#include "simd.h"
+
+DUAT_ISA_BEGIN
+namespace {
+
+constexpr int kVecs = 4;
+
+inline VF load_vf(const float* p) {
+  VF v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+}  // namespace
+
+// sq[m] = ||C a[:, m]||^2 for one row of A: a_row points at a[0, r, 0], head stride `plane`.
+void gram_row_squared_norms(const float* a_row, int64_t plane, const float* c, int64_t h, int64_t cols, float* sq) {
+  typedef int32_t VI __attribute__((vector_size(kVecBytes)));
+  constexpr int64_t kLanes = Vec<float>::kLanes, kCols = kLanes * kVecs;
+  int64_t m = 0;
+  for (; m + kCols <= cols; m += kCols) {
+    VI nonzero = {};
+    for (int64_t i = 0; i < h; ++i)
+      for (int v = 0; v < kVecs; ++v) nonzero |= (load_vf(a_row + i * plane + m + v * kLanes) != 0);
+    bool any = false;
+    for (int l = 0; l < kLanes; ++l) any |= nonzero[l] != 0;
+    if (!any) {
+      for (int64_t k = 0; k < kCols; ++k) sq[m + k] = 0.0f;
+      continue;
+    }
+    VF norm[kVecs] = {};
+    for (int64_t j = 0; j < h; ++j) {
+      VF y[kVecs] = {};
+      const float* cj = c + j * h;
+      for (int64_t i = 0; i < h; ++i) {
+        const VF cji = splat(cj + i);
+        const float* ai = a_row + i * plane + m;
+        for (int v = 0; v < kVecs; ++v) y[v] = madd(cji, load_vf(ai + v * kLanes), y[v]);
+      }
+      for (int v = 0; v < kVecs; ++v) norm[v] = madd(y[v], y[v], norm[v]);
+    }
+    for (int v = 0; v < kVecs; ++v) std::memcpy(sq + m + v * kLanes, &norm[v], sizeof(VF));
+  }
+  for (; m < cols; ++m) {
+    float norm = 0.0f;
+    for (int64_t j = 0; j < h; ++j) {
+      float y = 0.0f;
+      for (int64_t i = 0; i < h; ++i) y = madd(c[j * h + i], a_row[i * plane + m], y);
+      norm = madd(y, y, norm);
+    }
+    sq[m] = norm;
+  }
+}
+
+DUAT_ISA_END

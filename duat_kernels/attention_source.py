@@ -1,0 +1,333 @@
+"""Where HVOOperator gets the attention probabilities A from: a stored tensor, or q and k.
+
+Every analysis reads A row block by row block, so a source only has to hand out row blocks
+A[:, :, r0:r1, c0:c1] (B, h, rows, cols) (columns outside [c0, c1) are zero, e.g. above a causal
+diagonal) plus a few derived quantities. `ExplicitAttention` slices a stored (B, h, N, N) tensor;
+`QKAttention` recomputes A = softmax(scale·q kᵀ + masks) tile by tile, as flash attention does,
+so memory stays O(h · rows · N) and A is never stored whole.
+
+Masks follow Hugging Face: key mask True = attend; causal: key m <= query n; sliding window w:
+n - w < m (and m < n + w without causal). Rows that may attend no key are zero rows of A.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from duat_kernels import _validation as v
+from duat_kernels import reference
+
+# Entries of A per row block (B·h·rows·cols): 64 MiB of float32 per step.
+BLOCK_ENTRIES = 1 << 24
+
+
+class AttentionSource:
+    """A (B, h, N, N) handed out in row blocks; subclasses implement `block`."""
+
+    batch: int
+    heads: int
+    kv_heads: int
+    tokens: int
+    dtype: torch.dtype  # dtype of the blocks
+    device: torch.device
+
+    def rows_per_step(self, entries: int | None = None) -> int:
+        return max(1, (entries or BLOCK_ENTRIES) // max(1, self.batch * self.heads * self.tokens))
+
+    def column_range(self, r0: int, r1: int) -> tuple[int, int]:
+        """[c0, c1): the columns that can be non-zero in rows [r0, r1)."""
+        return 0, self.tokens
+
+    def block(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+        """A[:, :, r0:r1, c0:c1] (B, h, rows, cols)."""
+        raise NotImplementedError
+
+    def row_blocks(self, rows: int | None = None):
+        """Yield (r0, r1, c0, c1, A[:, :, r0:r1, c0:c1]) over all rows, skipping known-zero columns."""
+        step = rows or self.rows_per_step()
+        for r0 in range(0, self.tokens, step):
+            r1 = min(self.tokens, r0 + step)
+            c0, c1 = self.column_range(r0, r1)
+            yield r0, r1, c0, c1, self.block(r0, r1, c0, c1)
+
+    def rows(self, r0: int, r1: int) -> torch.Tensor:
+        """A[:, :, r0:r1, :] (B, h, rows, N)."""
+        c0, c1 = self.column_range(r0, r1)
+        out = torch.zeros(self.batch, self.heads, r1 - r0, self.tokens, dtype=self.dtype, device=self.device)
+        out[..., c0:c1] = self.block(r0, r1, c0, c1)
+        return out
+
+    def dense(self) -> torch.Tensor:
+        """The whole A (B, h, N, N) (refused with DenseTooLargeError when it would not fit)."""
+        n = self.tokens
+        v.check_fits(f"attention probabilities of shape ({self.batch}, {self.heads}, {n}, {n})",
+                     self.batch * self.heads * n * n * self.dtype.itemsize, self.device)
+        return self.rows(0, n)
+
+    def mix(self, values: torch.Tensor) -> torch.Tensor:
+        """A_i V_{i//g}: values (B, h_kv, N, e) -> (B, h, N, e)."""
+        g = self.heads // self.kv_heads
+        out = values.new_empty(self.batch, self.heads, self.tokens, values.shape[-1])
+        vals = values.to(self.dtype).repeat_interleave(g, dim=1)
+        for r0, r1, c0, c1, a in self.row_blocks():
+            out[:, :, r0:r1] = (a @ vals[:, :, c0:c1]).to(out.dtype)
+        return out
+
+    def mix_transposed(self, u: torch.Tensor) -> torch.Tensor:
+        """A_iᵀ U_i: u (B, h, N, e) -> (B, h, N, e)."""
+        out = torch.zeros(self.batch, self.heads, self.tokens, u.shape[-1], dtype=self.dtype, device=self.device)
+        uc = u.to(self.dtype)
+        for r0, r1, c0, c1, a in self.row_blocks():
+            out[:, :, c0:c1] += a.transpose(-1, -2) @ uc[:, :, r0:r1]
+        return out.to(u.dtype)
+
+    def diagonal(self) -> torch.Tensor:
+        """A_i[n, n] (B, h, N)."""
+        raise NotImplementedError
+
+    def row_sums(self) -> torch.Tensor:
+        """Σ_m A_i[n, m] (B, h, N)."""
+        raise NotImplementedError
+
+    def entries(self, batch: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """A[batch, :, rows[s], cols[s]] (h, S) for index vectors rows, cols (S,)."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> list[torch.Tensor]:
+        """Tensors that identify A (for restartable writes): small samples of the inputs."""
+        raise NotImplementedError
+
+    def inputs(self) -> list[torch.Tensor]:
+        """The tensors A is computed from (checked once for NaN/Inf before shortcuts that assume finite A)."""
+        raise NotImplementedError
+
+
+class ExplicitAttention(AttentionSource):
+    """A stored attn (B, h, N, N)."""
+
+    def __init__(self, attn4: torch.Tensor, kv_heads: int):
+        self.attn = attn4
+        self.batch, self.heads, self.tokens = attn4.shape[0], attn4.shape[1], attn4.shape[-1]
+        self.kv_heads, self.dtype, self.device = kv_heads, attn4.dtype, attn4.device
+
+    def block(self, r0, r1, c0, c1):
+        return self.attn[:, :, r0:r1, c0:c1]
+
+    def rows(self, r0, r1):
+        return self.attn[:, :, r0:r1]
+
+    def dense(self):
+        return self.attn
+
+    def mix(self, values):
+        dtype = torch.promote_types(self.attn.dtype, values.dtype)  # the promoted dtype of A and the vectors
+        return self.attn.to(dtype) @ values.to(dtype).repeat_interleave(self.heads // self.kv_heads, dim=1)
+
+    def mix_transposed(self, u):
+        dtype = torch.promote_types(self.attn.dtype, u.dtype)
+        return self.attn.to(dtype).transpose(-1, -2) @ u.to(dtype)
+
+    def diagonal(self):
+        return self.attn.diagonal(dim1=-2, dim2=-1)
+
+    def row_sums(self):
+        return self.attn.sum(-1)
+
+    def entries(self, batch, rows, cols):
+        return self.attn[batch][:, rows, cols]
+
+    def inputs(self):
+        return [self.attn]
+
+    def fingerprint(self):
+        flat = self.attn.detach().reshape(-1)
+        return [flat[::max(1, flat.numel() >> 20)]]
+
+
+def key_mask_4d(mask: torch.Tensor | None, batch: int, tokens: int) -> torch.Tensor | None:
+    """attention_mask (N,) or (B, N), True/1 = attend -> bool (B, 1, 1, N), or None."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dim() not in (1, 2) or mask.shape[-1] != tokens or (
+            mask.dim() == 2 and mask.shape[0] not in (1, batch)):
+        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"attention_mask must be a key mask of shape (N,) = ({tokens},) or (B, N) = "
+                         f"({batch}, {tokens}), True = attend, got {got}")
+    mask = mask.bool().reshape(-1, 1, 1, tokens)
+    return mask.expand(batch, 1, 1, tokens)
+
+
+class QKAttention(AttentionSource):
+    """A = softmax(scale·q kᵀ (soft-capped) + masks) from q (B, h, N, d), k (B, h_kv, N, d)."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = False,
+                 attention_mask: torch.Tensor | None = None, scale: float | None = None,
+                 softcap: float | None = None, sliding_window: int | None = None):
+        ct = reference.compute_dtype(q.dtype)
+        self.q, self.k = q.to(ct), k.to(ct)
+        self.batch, self.heads, self.tokens, d = q.shape
+        self.kv_heads = k.shape[1]
+        self.dtype, self.device = ct, q.device
+        self.scale = d ** -0.5 if scale is None else float(scale)
+        self.causal, self.softcap, self.window = bool(causal), softcap, sliding_window
+        self.key_mask = key_mask_4d(attention_mask, self.batch, self.tokens)
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask.to(self.device)
+        self._lse: torch.Tensor | None = None
+        self.empty_rows = self._rows_without_keys()  # (B, N) bool or None
+
+    # --- masks ------------------------------------------------------------------------------
+
+    def column_range(self, r0, r1):
+        c0 = max(0, r0 - self.window + 1) if self.window else 0
+        c1 = r1 if self.causal else (min(self.tokens, r1 - 1 + self.window) if self.window else self.tokens)
+        return c0, max(c1, c0 + 1)
+
+    def allowed(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor | None:
+        """bool (B or 1, 1, len(rows), len(cols)) of the attended (query, key) pairs; None if all are."""
+        n, m = rows[:, None], cols[None, :]
+        ok = None
+        if self.causal:
+            ok = m <= n
+        if self.window:
+            win = (n - m < self.window) & ((m - n < self.window) if not self.causal else True)
+            ok = win if ok is None else ok & win
+        ok = None if ok is None else ok[None, None]
+        if self.key_mask is not None:
+            keys = self.key_mask[..., cols]
+            ok = keys if ok is None else ok & keys
+        return ok
+
+    def _rows_without_keys(self) -> torch.Tensor | None:
+        if self.key_mask is None and not self.window:
+            return None  # causal rows see themselves; full rows see every key
+        keys = self.key_mask[:, 0, 0] if self.key_mask is not None else \
+            torch.ones(1, self.tokens, dtype=torch.bool, device=self.device)
+        count = torch.nn.functional.pad(keys.long().cumsum(-1), (1, 0))  # count[j] = keys before j
+        n = torch.arange(self.tokens, device=self.device)
+        lo = (n - self.window + 1).clamp_min(0) if self.window else torch.zeros_like(n)
+        hi = n + 1 if self.causal else ((n + self.window).clamp_max(self.tokens) if self.window else
+                                        torch.full_like(n, self.tokens))
+        empty = (count[:, hi] - count[:, lo]) == 0
+        return empty.expand(self.batch, -1) if empty.any() else None
+
+    # --- blocks -----------------------------------------------------------------------------
+
+    def logits(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+        """scale·q kᵀ (soft-capped) with -inf where masked: (B, h, rows, cols)."""
+        b, g = self.batch, self.heads // self.kv_heads
+        q = self.q[:, :, r0:r1].reshape(b, self.kv_heads, g, r1 - r0, -1)
+        s = (q @ self.k[:, :, None, c0:c1].transpose(-1, -2)).reshape(b, self.heads, r1 - r0, c1 - c0)
+        s.mul_(self.scale)
+        if self.softcap:
+            s.div_(self.softcap).tanh_().mul_(self.softcap)
+        ok = self.allowed(torch.arange(r0, r1, device=self.device), torch.arange(c0, c1, device=self.device))
+        if ok is not None:
+            s.masked_fill_(~ok, float("-inf"))
+        return s
+
+    def block(self, r0, r1, c0, c1):
+        return self._zero_empty(self.logits(r0, r1, c0, c1).softmax(-1), r0, r1)
+
+    def _zero_empty(self, p, r0, r1):
+        if self.empty_rows is not None:
+            p.masked_fill_(self.empty_rows[:, None, r0:r1, None], 0.0)
+        return p
+
+    def log_sum_exp(self) -> torch.Tensor:
+        """log Σ_m exp(logits[n, m]) per row (B, h, N), computed once (-inf for rows without keys)."""
+        if self._lse is None:
+            lse = torch.empty(self.batch, self.heads, self.tokens, dtype=self.dtype, device=self.device)
+            for r0 in range(0, self.tokens, self.rows_per_step()):
+                r1 = min(self.tokens, r0 + self.rows_per_step())
+                lse[:, :, r0:r1] = self.logits(r0, r1, *self.column_range(r0, r1)).logsumexp(-1)
+            self._lse = lse
+        return self._lse
+
+    # --- products through scaled_dot_product_attention ---------------------------------------
+
+    def mix(self, values):
+        """A V with torch's fused attention (same masks, same A); soft-capping falls back to blocks."""
+        if self.softcap:
+            return super().mix(values)
+        sdpa = self._sdpa
+        vals = values.to(self.dtype)
+        if self.key_mask is None and not self.window:
+            out = sdpa(self.q, self.k, vals, is_causal=self.causal, scale=self.scale, enable_gqa=True)
+            return out.to(values.dtype)
+        out = torch.empty(self.batch, self.heads, self.tokens, vals.shape[-1], dtype=self.dtype, device=self.device)
+        step = self.rows_per_step()
+        for r0 in range(0, self.tokens, step):
+            r1 = min(self.tokens, r0 + step)
+            c0, c1 = self.column_range(r0, r1)
+            ok = self.allowed(torch.arange(r0, r1, device=self.device), torch.arange(c0, c1, device=self.device))
+            out[:, :, r0:r1] = sdpa(self.q[:, :, r0:r1], self.k[:, :, c0:c1], vals[:, :, c0:c1], attn_mask=ok,
+                                    scale=self.scale, enable_gqa=True)
+            self._zero_empty(out[:, :, r0:r1], r0, r1)
+        return out.to(values.dtype)
+
+    @staticmethod
+    def _sdpa(q, k, vals, **kwargs):
+        """torch's sdpa with values of any width: its fused CPU kernel needs value width = d, so wider
+        values go through in slices of d columns (the last one zero-padded)."""
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        d, e = q.shape[-1], vals.shape[-1]
+        if e == d:
+            return sdpa(q, k, vals, **kwargs)
+        parts = []
+        for j in range(0, e, d):
+            part = vals[..., j:j + d]
+            width = part.shape[-1]
+            if width < d:
+                part = torch.nn.functional.pad(part, (0, d - width))
+            parts.append(sdpa(q, k, part, **kwargs)[..., :width])
+        return torch.cat(parts, -1)
+
+    # --- derived quantities -------------------------------------------------------------------
+
+    def entries(self, batch, rows, cols):
+        out = torch.empty(self.heads, rows.shape[0], dtype=self.dtype, device=self.device)
+        lse = self.log_sum_exp()[batch]
+        g = self.heads // self.kv_heads
+        for s0 in range(0, rows.shape[0], 8192):
+            n, m = rows[s0:s0 + 8192], cols[s0:s0 + 8192]
+            q = self.q[batch][:, n].reshape(self.kv_heads, g, n.shape[0], -1)
+            s = (q * self.k[batch][:, None, m]).sum(-1).reshape(self.heads, -1) * self.scale
+            if self.softcap:
+                s = torch.tanh(s / self.softcap) * self.softcap
+            p = (s - lse[:, n]).exp()
+            ok = self._pair_allowed(batch, n, m)
+            out[:, s0:s0 + 8192] = torch.where(ok, p, 0.0)
+        return out
+
+    def _pair_allowed(self, batch: int, n: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        ok = torch.ones_like(n, dtype=torch.bool)
+        if self.causal:
+            ok &= m <= n
+        if self.window:
+            ok &= n - m < self.window
+            if not self.causal:
+                ok &= m - n < self.window
+        if self.key_mask is not None:
+            ok &= self.key_mask[batch, 0, 0, m]
+        return ok & torch.isfinite(self.log_sum_exp()[batch][0, n])
+
+    def diagonal(self):
+        n = torch.arange(self.tokens, device=self.device)
+        return torch.stack([self.entries(b, n, n) for b in range(self.batch)])
+
+    def row_sums(self):
+        full = torch.ones(self.batch, self.tokens, dtype=self.dtype, device=self.device)
+        if self.empty_rows is not None:
+            full = full.masked_fill(self.empty_rows, 0.0)
+        return full[:, None].expand(self.batch, self.heads, self.tokens)
+
+    def inputs(self):
+        return [self.q, self.k]
+
+    def fingerprint(self):
+        mask = [] if self.key_mask is None else [self.key_mask.reshape(-1).to(torch.uint8)]
+        opts = torch.tensor([self.scale, float(self.causal), float(self.softcap or 0), float(self.window or 0)],
+                            dtype=torch.float64)
+        return [self.q.reshape(-1)[::max(1, self.q.numel() >> 20)], self.k.reshape(-1)[::max(1, self.k.numel() >> 20)],
+                opts, *mask]

@@ -1,0 +1,108 @@
+"""`duat inspect --long`: W' analyses of a real model on a long text without storing any attention.
+
+Layers are captured as q and k (attention_layers(..., capture="qk"), sdpa, the pass stops after the
+last selected layer); every number comes from HVOOperator.from_qk: the exactness check W' x' + b'
+against the module's output, ||W'||_F, block norms on a grid and the spectral norm.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from duat_kernels.models.capture import attention_layers
+
+AUTO_WORDS = 1500  # texts longer than this (whitespace-separated words) are inspected with --long
+GRID = 64  # block norms are reported on a GRID x GRID grid of super-blocks
+
+
+@dataclass
+class LongLayerReport:
+    index: int
+    tokens: int
+    heads: str  # "h/h_kv"
+    rel_error: float  # ||W' x' + b' - module output|| / ||module output||
+    frobenius: float
+    spectral: float  # nan when not computed
+    grid_norms: torch.Tensor  # (GRID, GRID) super-block norms
+    seconds: dict  # analysis -> seconds
+
+
+def wants_long(args) -> bool:
+    """--long, or a text long enough that eager attention probabilities of every layer would be large."""
+    text = read_text(args.text) if getattr(args, "text", None) else ""
+    return bool(getattr(args, "long", False)) or len(text.split()) > AUTO_WORDS
+
+
+def read_text(text: str) -> str:
+    """The text itself, or the contents of a file given as @path."""
+    return Path(text[1:]).read_text() if text.startswith("@") else text
+
+
+def inspect_long(model, inputs: dict, layers: list[int] | None = None, spectral: bool = True, grid: int = GRID,
+                 spectral_tol: float = 1e-3) -> list[LongLayerReport]:
+    """Capture the selected layers as q/k on inputs (batch of one) and analyse each matrix-free."""
+    start = time.perf_counter()
+    captured = attention_layers(model, layers=layers, capture="qk", **inputs)
+    capture_s = time.perf_counter() - start
+    reports = []
+    for layer in captured:
+        op = layer.operator()
+        n = op.dims.tokens
+        seconds = {"capture": capture_s}
+        t = time.perf_counter()
+        rel = layer.relative_error()
+        seconds["check"] = time.perf_counter() - t
+        t = time.perf_counter()
+        cells = op.block_norms(grid=(min(grid, n), min(grid, n)))[0]
+        seconds["block_norms"] = time.perf_counter() - t
+        sigma = math.nan
+        if spectral:
+            t = time.perf_counter()
+            single = layer.operator() if not op.dims.batched else _unbatched(layer)
+            sigma = single.spectral_norm(tol=spectral_tol)
+            seconds["spectral_norm"] = time.perf_counter() - t
+        reports.append(LongLayerReport(layer.index, n, f"{op.dims.heads}/{op.dims.kv_heads}", rel,
+                                       cells.double().square().sum().sqrt().item(), sigma, cells, seconds))
+    return reports
+
+
+def _unbatched(layer):
+    from duat_kernels.hvo_operator import HVOOperator
+
+    return HVOOperator.from_qk(layer.q[0], layer.k[0], layer.w_v, layer.w_o, causal=layer.causal,
+                               attention_mask=None if layer.token_mask is None else layer.token_mask[0],
+                               scale=layer.scale, b_v=layer.b_v, b_o=layer.b_o, softcap=layer.softcap,
+                               sliding_window=layer.sliding_window)
+
+
+def format_long_reports(reports: list[LongLayerReport], model_name: str) -> str:
+    lines = [f"{model_name}: {reports[0].tokens if reports else 0} tokens, q/k capture (no attention stored)", "",
+             f"{'layer':>5} {'N':>6} {'heads':>7} {'rel. error':>11} {'||W||_F':>9} {'||W||_2':>9} "
+             f"{'norms time':>10} {'spectral time':>13}"]
+    for r in reports:
+        spec_t = r.seconds.get("spectral_norm", math.nan)
+        lines.append(f"{r.index:>5} {r.tokens:>6} {r.heads:>7} {r.rel_error:>11.2e} {r.frobenius:>9.2f} "
+                     f"{r.spectral:>9.3f} {r.seconds['block_norms']:>9.2f}s {spec_t:>12.2f}s")
+    return "\n".join(lines)
+
+
+def run_inspect_long(args) -> int:
+    """The CLI path of `duat inspect --long` (args from duat inspect's parser)."""
+    from duat_kernels.models import DEFAULT_TEXT, load
+
+    model, tokenizer = load(args.model)
+    text = read_text(args.text) if args.text else DEFAULT_TEXT
+    inputs = dict(tokenizer([text], return_tensors="pt"))
+    reports = inspect_long(model, inputs, args.layer)
+    print(format_long_reports(reports, f"{args.model} ({model.config.model_type})"))
+    worst = max(r.rel_error for r in reports)
+    if not worst <= 1e-5:
+        print(f"FAILED: W' x' + b' differs from a layer's output by {worst:.2e} > 1e-05", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,158 @@
+"""Capture q and k (after rotary embeddings) instead of A: `attention_layers(..., capture="qk")`.
+
+The model runs with sdpa attention (no eager switch): for the duration of one forward pass the
+"sdpa" entry of transformers' AttentionInterface is wrapped so that the selected layers record
+the query and key states it receives, with the scaling, soft-cap and sliding window the layer
+passes; the masks come from the layer (is_causal) and the inputs' key mask. The forward pass stops
+right after the output projection of the last selected layer. `layer.operator()` then gives
+HVOOperator.from_qk, which never stores A (h, N, N).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from duat_kernels.hvo_operator import HVOOperator
+from duat_kernels.models.architectures import resolve
+from duat_kernels.models.capture import AttentionLayer, attention_blocks
+
+
+@dataclass
+class QKAttentionLayer(AttentionLayer):
+    """An attention layer captured as q (B, h, N, d), k (B, h_kv, N, d) and its masks; attn is None."""
+
+    q: torch.Tensor | None = field(default=None, repr=False)
+    k: torch.Tensor | None = field(default=None, repr=False)
+    causal: bool = False
+    scale: float | None = None
+    softcap: float | None = None
+    sliding_window: int | None = None
+
+    def __repr__(self) -> str:
+        batch, heads, tokens, d = self.q.shape
+        return (f"QKAttentionLayer(index={self.index}, name={self.name!r}, batch={batch}, tokens={tokens}, heads={heads}, "
+                f"kv_heads={self.num_kv_heads}, head_dim={d}, M_in={self.w_v.shape[1]}, M_out={self.w_o.shape[0]}, "
+                f"causal={self.causal}, padded={self.token_mask is not None})")
+
+    def operator(self, layout: str = "token") -> HVOOperator:
+        """The matrix-free W' (with b') of this layer, A recomputed from q and k tile by tile."""
+        return HVOOperator.from_qk(self.q, self.k, self.w_v, self.w_o, causal=self.causal,
+                                   attention_mask=self.token_mask, scale=self.scale, b_v=self.b_v, b_o=self.b_o,
+                                   layout=layout, softcap=self.softcap, sliding_window=self.sliding_window)
+
+    def attention(self) -> torch.Tensor:
+        """A (B, h, N, N), computed (refused when it would not fit)."""
+        return self.operator().attn
+
+    def hvo_matrix(self, **kwargs) -> torch.Tensor:
+        """Dense W' (B, N·M_out, N·M_in); kwargs go to HVOOperator.to_dense."""
+        return self.operator().to_dense(**kwargs)
+
+    def hvo_bias(self, layout: str = "token") -> torch.Tensor:
+        return self.operator(layout).bias()
+
+
+class _StopForward(Exception):
+    """Raised after the last selected layer: the rest of the model is not run."""
+
+
+@contextmanager
+def _sdpa_recorder(model: torch.nn.Module, records: dict[int, dict]):
+    """Run the model with sdpa attention, recording q, k and options of the modules in `records` (by id)."""
+    from transformers.modeling_utils import AttentionInterface
+
+    mapping = AttentionInterface._global_mapping
+    sdpa = mapping["sdpa"]
+
+    def recording_sdpa(module, query, key, value, attention_mask, *args, **kwargs):
+        rec = records.get(id(module))
+        if rec is not None:
+            rec["q"], rec["k"] = query.detach(), key.detach()
+            rec["scale"] = kwargs.get("scaling", args[1] if len(args) > 1 else None)
+            rec["softcap"] = kwargs.get("softcap")
+            rec["sliding_window"] = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+            is_causal = kwargs.get("is_causal")
+            rec["causal"] = bool(getattr(module, "is_causal", False) if is_causal is None else is_causal)
+            if rec["softcap"] is not None:  # sdpa has no soft-capping: let the layer's own eager path run
+                from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+                if attention_mask is not None and attention_mask.dtype == torch.bool:  # eager adds its mask
+                    attention_mask = torch.zeros_like(attention_mask, dtype=query.dtype).masked_fill(
+                        ~attention_mask, float("-inf"))
+                return eager_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+        return sdpa(module, query, key, value, attention_mask, *args, **kwargs)
+
+    impl = model.config._attn_implementation
+    mapping["sdpa"] = recording_sdpa
+    try:
+        if impl != "sdpa":
+            model.set_attn_implementation("sdpa")
+        yield
+    finally:
+        mapping["sdpa"] = sdpa
+        if impl != "sdpa":
+            model.set_attn_implementation(impl)
+
+
+def attention_layers_qk(model: torch.nn.Module, *args, layers: list[int] | None = None,
+                        **inputs) -> list[QKAttentionLayer]:
+    """attention_layers(..., capture="qk"): the selected layers as q/k captures, in order (see the module doc)."""
+    blocks = attention_blocks(model)
+    if not blocks:
+        raise ValueError(f"found no attention layers in {type(model).__name__}")
+    if any(arch is None for _, _, arch in blocks) or not hasattr(model, "config"):
+        raise ValueError("capture='qk' needs a Hugging Face model (transformers' attention functions); "
+                         "modules built from torch.nn.MultiheadAttention give A: use capture='attn'")
+    chosen = range(len(blocks)) if layers is None else layers
+    for i in chosen:
+        if not -len(blocks) <= i < len(blocks):
+            raise IndexError(f"layer {i} is out of range: the model has {len(blocks)} attention layers")
+    selected = sorted({i % len(blocks) for i in chosen})
+    config = model.config
+    records = {i: {"num_heads": config.num_attention_heads,
+                   "num_kv_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
+               for i in selected}
+    handles = []
+    for i in selected:
+        name, module, arch = blocks[i]
+        rec = records[i]
+        value, out_proj = resolve(model, name, arch.value), resolve(model, name, arch.out_proj)
+        rec["w_v"], rec["b_v"] = arch.value_weights(value, config)
+        rec["w_o"], rec["b_o"] = arch.out_weights(out_proj, config)
+        handles.append(value.register_forward_pre_hook(_store_input(rec), with_kwargs=True))
+        handles.append(out_proj.register_forward_hook(_store_output(rec, stop=i == selected[-1])))
+    by_module = {id(blocks[i][1]): records[i] for i in selected}
+    try:
+        with _sdpa_recorder(model, by_module), torch.no_grad():
+            model(*args, **inputs)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    mask = inputs.get("attention_mask")
+    token_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    result = []
+    for i in selected:
+        rec = records[i]
+        if "q" not in rec or "output" not in rec:
+            raise RuntimeError(f"attention layer {i} ({blocks[i][0]}) was not called through transformers' "
+                               "attention functions; capture='qk' cannot record it (use capture='attn')")
+        result.append(QKAttentionLayer(index=i, name=blocks[i][0], attn=None, token_mask=token_mask, **rec))
+    return result
+
+
+def _store_input(rec: dict):
+    def hook(_m, args, kwargs):
+        rec["x"] = (args[0] if args else kwargs["input"]).detach()
+    return hook
+
+
+def _store_output(rec: dict, stop: bool):
+    def hook(_m, _args, out):
+        rec["output"] = out.detach()
+        if stop:
+            raise _StopForward
+    return hook

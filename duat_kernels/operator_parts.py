@@ -1,0 +1,64 @@
+"""Pieces of HVOOperator that do not depend on where A comes from: the q/k checks, b' from the row
+sums of A, and the factor ranges that one tile of W' touches."""
+
+from __future__ import annotations
+
+import torch
+
+from duat_kernels import _validation as v
+from duat_kernels import reference
+from duat_kernels.attention_source import AttentionSource
+from duat_kernels.cpp import _factor_range
+
+
+def check_qk(q: torch.Tensor, k: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int | None,
+             softcap: float | None, sliding_window: int | None) -> v.HeadDims:
+    """Shapes of q (h, N, d) / (B, h, N, d) and k (h_kv, N, d) / (B, h_kv, N, d) against the weights."""
+    v.check_tensor("q", q, (3, 4))
+    v.check_tensor("k", k, (3, 4))
+    v.check_tensor("w_v", w_v, (2,))
+    v.check_tensor("w_o", w_o, (2,))
+    if k.dim() != q.dim() or k.shape[-2:] != q.shape[-2:] or (q.dim() == 4 and k.shape[0] != q.shape[0]):
+        raise ValueError(f"k must have shape (h_kv, N, d) or (B, h_kv, N, d) matching q {tuple(q.shape)} in B, N and d, "
+                         f"got {tuple(k.shape)}")
+    h, n, h_kv = q.shape[-3], q.shape[-2], k.shape[-3]
+    if n == 0 or h == 0 or h_kv == 0 or h % h_kv:
+        raise ValueError(f"need N >= 1 and h = {h} a positive multiple of h_kv = {h_kv} (q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)})")
+    if num_kv_heads is not None and num_kv_heads != h_kv:
+        raise ValueError(f"num_kv_heads={num_kv_heads} but k has {h_kv} heads")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be positive or None, got {softcap!r}")
+    if sliding_window is not None and not (isinstance(sliding_window, int) and sliding_window >= 1):
+        raise ValueError(f"sliding_window must be an int >= 1 or None, got {sliding_window!r}")
+    kv, d = v.check_heads(h, h_kv, w_v, w_o)
+    batched = q.dim() == 4
+    return v.HeadDims(batch=q.shape[0] if batched else 1, heads=h, kv_heads=kv, tokens=n, head_dim=d,
+                      m_in=w_v.shape[1], m_out=w_o.shape[0], batched=batched)
+
+
+def operator_bias(source: AttentionSource, w_o: torch.Tensor, b_v: torch.Tensor | None, b_o: torch.Tensor | None,
+                  layout: str) -> torch.Tensor:
+    """b' (B, N·M_out) from the row sums of A (reference.hvo_bias with Σ_m A_i[n, m] given)."""
+    dtype = v.resolve_dtype(None, None, torch.empty(0, dtype=source.dtype),
+                            *(t for t in (w_o, b_v, b_o) if t is not None))
+    ct = reference.compute_dtype(dtype)
+    sums = source.row_sums().to(ct)  # (B, h, N)
+    # hvo_bias reads only attn.sum(-1): a (B, h, N, 1) "attention" with those sums gives the same b'.
+    bias = reference.hvo_bias(sums[..., None], w_o.to(ct), None if b_v is None else b_v.to(ct),
+                              None if b_o is None else b_o.to(ct), source.kv_heads, layout)
+    return bias.to(dtype)
+
+
+def tile_factors(source: AttentionSource, ov: torch.Tensor, layout: str, r0: int, r1: int, c0: int,
+                 c1: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """The parts of A (B, h, n', m') and OV (h, M_out', M_in') that W'[r0:r1, c0:c1] reads, and the
+    tile's (row0, col0) inside the W' of those parts. Rows of W' are p·Q + q with (P, Q) = (N, M_out)
+    in token layout and (M_out, N) in feature layout (columns alike)."""
+    n = source.tokens
+    token = layout == "token"
+    po0, po1, pi0, pi1, row0 = _factor_range(r0, r1 - r0, ov.shape[1] if token else n)
+    so0, so1, si0, si1, col0 = _factor_range(c0, c1 - c0, ov.shape[2] if token else n)
+    (ar0, ar1, ac0, ac1), ov_part = ((po0, po1, so0, so1), ov[:, pi0:pi1, si0:si1]) if token else \
+        ((pi0, pi1, si0, si1), ov[:, po0:po1, so0:so1])
+    return source.rows(ar0, ar1)[..., ac0:ac1], ov_part, row0, col0

@@ -1,0 +1,153 @@
+"""HVOOperator.from_qk against the operator on the explicitly computed A: every method, on small
+causal / bidirectional GQA cases with padding, soft-capping and sliding windows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import duat_kernels as dk
+from duat_kernels import attention_source
+from duat_kernels.analysis import stats
+
+CASES = {  # name: (causal, padded, softcap, sliding_window)
+    "causal_padded": (True, True, None, None),
+    "bidirectional_padded": (False, True, None, None),
+    "softcap": (True, False, 2.0, None),
+    "causal_window": (True, True, None, 3),
+    "bidirectional_window": (False, False, None, 4),
+}
+
+
+def _inputs(batch=2, heads=4, kv_heads=2, tokens=11, d=5, m=6, dtype=torch.float64, padded=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, tokens, d, generator=g, dtype=torch.float64).to(dtype)
+    k = torch.randn(batch, kv_heads, tokens, d, generator=g, dtype=torch.float64).to(dtype)
+    w_v = torch.randn(kv_heads * d, m, generator=g, dtype=torch.float64).to(dtype) / m ** 0.5
+    w_o = torch.randn(m, heads * d, generator=g, dtype=torch.float64).to(dtype) / (heads * d) ** 0.5
+    b_v = torch.randn(kv_heads * d, generator=g, dtype=torch.float64).to(dtype)
+    b_o = torch.randn(m, generator=g, dtype=torch.float64).to(dtype)
+    mask = torch.ones(batch, tokens, dtype=torch.bool)
+    if padded:
+        mask[-1, :4] = False  # left padding: under causal masking the first rows see no key
+        mask[0, -2:] = False  # right padding
+    return q, k, w_v, w_o, b_v, b_o, mask if padded else None
+
+
+def _explicit_attention(q, k, causal, mask, softcap, window, scale=None):
+    """softmax(scale·q kᵀ + masks) with full N x N masks; rows without keys are zero."""
+    heads, kv_heads, n, d = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
+    s = q @ k.repeat_interleave(heads // kv_heads, dim=1).transpose(-1, -2) * (scale or d ** -0.5)
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    ok = torch.ones(n, n, dtype=torch.bool)
+    if causal:
+        ok &= j <= i
+    if window:
+        ok &= (i - j < window) & ((j - i < window) | causal)
+    ok = ok[None, None] & (mask[:, None, None, :] if mask is not None else True)
+    p = s.masked_fill(~ok, float("-inf")).softmax(-1)
+    return torch.nan_to_num(p, nan=0.0)
+
+
+def _pair(name, dtype=torch.float64, batched=True, layout="token"):
+    causal, padded, softcap, window = CASES[name]
+    q, k, w_v, w_o, b_v, b_o, mask = _inputs(dtype=dtype, padded=padded)
+    if not batched:
+        q, k, mask = q[-1], k[-1], None if mask is None else mask[-1]
+    attn = _explicit_attention(q if batched else q[None], k if batched else k[None], causal,
+                               None if mask is None else (mask if batched else mask[None]), softcap, window)
+    explicit = dk.HVOOperator(attn if batched else attn[0], w_v, w_o, num_kv_heads=2, b_v=b_v, b_o=b_o, layout=layout)
+    from_qk = dk.HVOOperator.from_qk(q, k, w_v, w_o, causal=causal, attention_mask=mask, b_v=b_v, b_o=b_o,
+                                     layout=layout, softcap=softcap, sliding_window=window)
+    return explicit, from_qk
+
+
+@pytest.fixture(autouse=True)
+def _small_blocks(monkeypatch):
+    monkeypatch.setattr(attention_source, "BLOCK_ENTRIES", 3 * 2 * 4 * 11)  # three rows per step: several blocks
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("layout", ["token", "feature"])
+def test_products_and_bias_match_explicit(name, layout):
+    explicit, from_qk = _pair(name, layout=layout)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, explicit.shape[-1], generator=g, dtype=torch.float64)
+    y = torch.randn(2, explicit.shape[-2], generator=g, dtype=torch.float64)
+    xs = torch.randn(2, explicit.shape[-1], 3, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(from_qk.matvec(x), explicit.matvec(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(from_qk.rmatvec(y), explicit.rmatvec(y), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(from_qk.matmat(xs), explicit.matmat(xs), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(from_qk.bias(), explicit.bias(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(from_qk.to_dense(), explicit.to_dense(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(from_qk.attn, explicit.attn, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("layout", ["token", "feature"])
+def test_blocks_and_tiles_match_explicit(name, layout):
+    explicit, from_qk = _pair(name, layout=layout)
+    rows, cols = explicit.shape[-2:]
+    for n, m in [(0, 0), (5, 2), (10, 10), (3, 9)]:
+        torch.testing.assert_close(from_qk.block(n, m), explicit.block(n, m), rtol=1e-12, atol=1e-14)
+    for r, c in [(slice(0, rows), slice(0, cols)), (slice(7, 9), slice(3, 40)), (slice(20, 53), slice(61, 66))]:
+        torch.testing.assert_close(from_qk.tile(r, c), explicit.tile(r, c), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_norms_trace_and_samples_match_explicit(name, dtype):
+    explicit, from_qk = _pair(name, dtype=dtype)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(from_qk.block_norms(), explicit.block_norms(), **tol)
+    torch.testing.assert_close(from_qk.block_norms(grid=(4, 3)), explicit.block_norms(grid=(4, 3)), **tol)
+    torch.testing.assert_close(from_qk.frobenius_norm(), explicit.frobenius_norm(), **tol)
+    torch.testing.assert_close(from_qk.trace(), explicit.trace(), **tol)
+    for b in range(2):
+        gen = [torch.Generator().manual_seed(7) for _ in range(2)]
+        ov = dk.ov_circuits(explicit.w_v, explicit.w_o, 4, 2).to(dtype)
+        got = stats.sample_entries(from_qk.source, ov, 500, gen[0], b)
+        want = stats.sample_entries(explicit.source, ov, 500, gen[1], b)
+        torch.testing.assert_close(got, want, **tol)
+    est = [op.fraction_above(0.05, samples=2000, batch=1) for op in (from_qk, explicit)]
+    assert est[0].fraction == est[1].fraction
+
+
+@pytest.mark.parametrize("name", ["causal_padded", "softcap", "bidirectional_window"])
+def test_spectrum_and_save_dense_match_explicit(name, tmp_path):
+    explicit, from_qk = _pair(name, batched=False)
+    np.testing.assert_allclose(from_qk.singular_values(3, tol=1e-10), explicit.singular_values(3, tol=1e-10),
+                               rtol=1e-9)
+    assert from_qk.spectral_norm() == pytest.approx(explicit.spectral_norm(), rel=1e-6)
+    paths = [dk.analysis.save_dense(op, tmp_path / f"{i}.npy", rows_per_tile=7, progress=False)
+             for i, op in enumerate((from_qk, explicit))]
+    np.testing.assert_allclose(np.load(paths[0]), np.load(paths[1]), rtol=1e-12, atol=1e-14)
+
+
+def test_causal_matvec_is_torch_sdpa():
+    """The causal unpadded matvec is scaled_dot_product_attention itself (then the projections)."""
+    q, k, w_v, w_o, _, _, _ = _inputs(batch=1, dtype=torch.float32, padded=False)
+    op = dk.HVOOperator.from_qk(q[0], k[0], w_v, w_o, causal=True)
+    x = torch.randn(11, 6)
+    vals = (x @ w_v.T).reshape(11, 2, 5).transpose(0, 1)
+    heads = torch.nn.functional.scaled_dot_product_attention(q[0], k[0], vals, is_causal=True, enable_gqa=True)
+    want = heads.transpose(0, 1).reshape(11, 20) @ w_o.T
+    torch.testing.assert_close(op.matvec(x.reshape(-1)), want.reshape(-1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(k=torch.randn(3, 11, 5)), "multiple of h_kv"),
+    (dict(k=torch.randn(2, 10, 5)), "k must have shape"),
+    (dict(num_kv_heads=4), "num_kv_heads=4"),
+    (dict(attention_mask=torch.ones(12, dtype=torch.bool)), "attention_mask"),
+    (dict(softcap=0.0), "softcap"),
+    (dict(sliding_window=0), "sliding_window"),
+])
+def test_from_qk_rejects_bad_input(kwargs, match):
+    args = dict(q=torch.randn(4, 11, 5), k=torch.randn(2, 11, 5), w_v=torch.randn(10, 6), w_o=torch.randn(6, 20))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        dk.HVOOperator.from_qk(args.pop("q"), args.pop("k"), args.pop("w_v"), args.pop("w_o"), **args)

@@ -1,0 +1,36 @@
+"""The fused q/k Triton pass in Triton's interpreter against from_qk's block norms (torch/C++)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import duat_kernels as dk
+from duat_kernels import backends
+from duat_kernels.analysis import norms
+
+pytest.importorskip("triton", reason="the Triton backend needs triton: pip install triton")
+pytestmark = pytest.mark.skipif(not backends.triton_interpreter(), reason="needs TRITON_INTERPRET=1 (set in conftest)")
+
+
+@pytest.mark.parametrize("causal,padded,softcap,window", [
+    (True, True, None, None), (False, True, None, None), (True, False, 3.0, None), (False, False, None, 5)])
+def test_block_norms_match_from_qk(causal, padded, softcap, window):
+    from duat_kernels.triton.attention_norms import block_norms_qk
+
+    g = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, n, d, m = 2, 6, 2, 21, 8, 12
+    q, k = torch.randn(batch, heads, n, d, generator=g), torch.randn(batch, kv_heads, n, d, generator=g)
+    w_v, w_o = torch.randn(kv_heads * d, m, generator=g), torch.randn(m, heads * d, generator=g)
+    mask = torch.ones(batch, n, dtype=torch.bool)
+    if padded:
+        mask[1, :5] = False
+        mask[0, -3:] = False
+    op = dk.HVOOperator.from_qk(q, k, w_v, w_o, causal=causal, attention_mask=mask if padded else None,
+                                softcap=softcap, sliding_window=window)
+    grid = (4, 3)
+    c = norms.gram_factor(w_v, w_o, heads, kv_heads).float()
+    got = block_norms_qk(q, k, c, norms._bins(n, grid[0], q.device), norms._bins(n, grid[1], q.device), grid,
+                         causal=causal, key_mask=mask if padded else None, scale=d ** -0.5, softcap=softcap,
+                         window=window)
+    torch.testing.assert_close(got, op.block_norms(grid=grid), rtol=1e-5, atol=1e-6)
