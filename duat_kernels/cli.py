@@ -103,8 +103,6 @@ def check_output_file(option: str, path: str | None) -> None:
 
 
 def check_scale_args(args) -> None:
-    from duat_kernels._validation import available_memory, format_bytes
-
     if min(args.n) < 2:
         raise ValueError(f"every --n must be >= 2, got {min(args.n)}")
     if args.m % args.heads:
@@ -112,28 +110,28 @@ def check_scale_args(args) -> None:
     check_output_file("--plot", args.plot)
     # attn (h, N, N) float32, the causal mask and block_norms' (N, N) result, and a few (N, N) temporaries
     n = max(args.n)
-    needed = (args.heads + 4) * n * n * 4
-    free = available_memory(torch.device("cpu"))
-    if needed > free:
-        raise ValueError(f"--n {n} needs about {format_bytes(needed)} of memory ((h + 4) N² float32: the attention "
-                         f"probabilities and N x N work space) but {format_bytes(free)} is available; "
-                         "use a smaller --n")
+    _check_memory(f"--n {n} needs about {{needed}} of memory ((h + 4) N² float32: the attention probabilities and "
+                  "N x N work space) but {free} is available; use a smaller --n", (args.heads + 4) * n * n * 4)
 
 
 def check_demo_args(args) -> None:
-    from duat_kernels._validation import available_memory, format_bytes
-
     if args.embed_dim % args.heads:
         raise ValueError(f"--embed-dim {args.embed_dim} must be divisible by --heads {args.heads}")
     # W' twice (the result and the out= buffer of the timing) plus the reference backend's Kronecker
     # products and running sum, all (N·M)² float32
     side = args.tokens * args.embed_dim
-    needed = 5 * side * side * 4 + args.heads * args.tokens ** 2 * 4
+    _check_memory(f"--tokens {args.tokens} --embed-dim {args.embed_dim}: W' is {side} x {side} float32 and the demo "
+                  "needs about {needed} but {free} is available; use smaller sizes (or duat scale for long sequences)",
+                  5 * side * side * 4 + args.heads * args.tokens ** 2 * 4)
+
+
+def _check_memory(message: str, needed: int) -> None:
+    """A ValueError with message (its {needed} and {free} filled in) when needed bytes exceed free memory."""
+    from duat_kernels._validation import available_memory, format_bytes
+
     free = available_memory(torch.device("cpu"))
     if needed > free:
-        raise ValueError(f"--tokens {args.tokens} --embed-dim {args.embed_dim}: W' is {side} x {side} float32 and the "
-                         f"demo needs about {format_bytes(needed)} but {format_bytes(free)} is available; use smaller "
-                         "sizes (or duat scale for long sequences)")
+        raise ValueError(message.format(needed=format_bytes(needed), free=format_bytes(free)))
 
 
 def run_scale(args) -> int:

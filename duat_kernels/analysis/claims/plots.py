@@ -15,6 +15,15 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path, legend_ax=None) -> None:
+    """Legend (on legend_ax), layout, PNG, and the figure closed."""
+    if legend_ax is not None:
+        legend_ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+
+
 def density(d: dict, path: Path, title: str) -> None:
     plt = _plt()
     t = str(d["thresholds"][1])
@@ -27,10 +36,7 @@ def density(d: dict, path: Path, title: str) -> None:
     ax.plot(layers, [r["ffn_in"]["entries"][t] for r in d["layers"]], "^:", color="C3", label="FFN I⊗W1 entries")
     ax.axhline(1 / d["tokens"], color="C3", ls="--", label="FFN I⊗W1 blocks")
     ax.set(xlabel="layer", ylabel=f"fraction above {t}·max", yscale="log", title=title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, ax)
 
 
 def dynamic(d: dict, path: Path, title: str) -> None:
@@ -43,10 +49,7 @@ def dynamic(d: dict, path: Path, title: str) -> None:
             label="FFN linearised (mean)")
     ax.plot(layers, [max(r["ffn_linear_maps"].values()) for r in d["layers"]], "k--", label="FFN linear maps (0)")
     ax.set(xlabel="layer", ylabel="relative Frobenius distance", title=title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, ax)
 
 
 def pruning(d: dict, path: Path, title: str) -> None:
@@ -59,10 +62,7 @@ def pruning(d: dict, path: Path, title: str) -> None:
         ax.plot(k, [b["actual"] for b in r["heads"]["budgets"]], "o-", color=f"C{c}", label=f"layer {r['layer']} actual")
         ax.plot(k, [b["bound"] for b in r["heads"]["budgets"]], "--", color=f"C{c}", label=f"layer {r['layer']} bound")
     ax.set(xlabel="heads pruned (greedy)", ylabel="relative output error", title=title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, ax)
 
 
 def multilayer(d: dict, path: Path, title: str) -> None:
@@ -73,10 +73,7 @@ def multilayer(d: dict, path: Path, title: str) -> None:
     ax.semilogy(layers, [r["one_layer_error"] for r in d["layers"]], "s:", label="one layer from its own input")
     ax.axhline(d["tolerance"], color="r", ls="--", label="bound")
     ax.set(xlabel="layer L", ylabel="relative error of h_L", title=title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, ax)
 
 
 def contributions(d: dict, tokens: list[str], path: Path, title: str) -> None:
@@ -92,9 +89,7 @@ def contributions(d: dict, tokens: list[str], path: Path, title: str) -> None:
         ax.set(title=name, xlabel="input token m", ylabel="output token n")
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def write_all(out: Path, results: dict, tokens: list[str], model: str) -> None:
