@@ -9,11 +9,12 @@ import sys
 
 import pytest
 
+from conftest import CHILD_CWD
+
 SCRIPT = """
 import nnsight, torch, transformers
 import duat_kernels as dk
 
-from conftest import CHILD_CWD
 torch.manual_seed(0)
 config = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                   intermediate_size=64, vocab_size=100, attention_bias=True)
