@@ -9,7 +9,8 @@ import duat_kernels
 
 if "site-packages" not in duat_kernels.__file__:
     sys.exit(f"duat_kernels was imported from {duat_kernels.__file__}, not from an installed wheel")
-modules = [m.name for m in pkgutil.walk_packages(duat_kernels.__path__, "duat_kernels.")]
+# every module except the `python -m duat_kernels` entry point, whose import runs the CLI
+modules = [m.name for m in pkgutil.walk_packages(duat_kernels.__path__, "duat_kernels.") if not m.name.endswith("__main__")]
 for name in modules:
     importlib.import_module(name)
 from duat_kernels import cpp  # noqa: E402
