@@ -51,7 +51,7 @@ def _rows_by_group(run: dict) -> dict[str, dict[str, dict]]:
     groups: dict[str, dict[str, dict]] = defaultdict(dict)
     for b in run["benchmarks"]:
         info = b["extra_info"]
-        name = info.get("contestant") or b["params"].get("operation") or b["name"]
+        name = info.get("contestant") or (b.get("params") or {}).get("operation") or b["name"]
         groups[b["group"]][name] = b
     return groups
 
