@@ -85,11 +85,6 @@ class HVOOperator:
         return a if self.dims.batched else a[0]
 
     @property
-    def _attn4(self) -> torch.Tensor:
-        """A as (B, h, N, N) (kept for code written against the stored attention; prefer self.source)."""
-        return self.source.dense()
-
-    @property
     def shape(self) -> tuple[int, ...]:
         d = self.dims
         mat = (d.tokens * d.m_out, d.tokens * d.m_in)
@@ -115,13 +110,15 @@ class HVOOperator:
         y = y.reshape(y.shape[0], *lead, y.shape[-1] * y.shape[-2])
         return y if self.dims.batched else y[0]
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The promoted dtype of A and the weights: the default dtype of W', its parts and products."""
+        return torch.promote_types(self.source.dtype, torch.promote_types(self.w_v.dtype, self.w_o.dtype))
+
     def _factors(self, x: torch.Tensor) -> tuple[torch.dtype, torch.Tensor, torch.Tensor]:
         """(dtype, w_v, w_o) in the promoted dtype of the inputs and x."""
-        dtype = torch.promote_types(x.dtype, v.resolve_dtype(None, None, self._attn_dtype_probe(), self.w_v, self.w_o))
+        dtype = torch.promote_types(x.dtype, self.dtype)
         return dtype, self.w_v.to(dtype), self.w_o.to(dtype)
-
-    def _attn_dtype_probe(self) -> torch.Tensor:
-        return torch.empty(0, dtype=self.source.dtype)
 
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
         """(B, K, N, M_in) -> (B, K, N, M_out): the attention of each of the K inputs, no biases.
@@ -177,7 +174,7 @@ class HVOOperator:
         Negative n, m count from the end, as in Python."""
         n, m = (v.check_index(name, idx, self.dims.tokens, f"N={self.dims.tokens} tokens")
                 for name, idx in (("n", n), ("m", m)))
-        dtype = v.resolve_dtype(None, None, self._attn_dtype_probe(), self.w_v, self.w_o)
+        dtype = self.dtype
         ov = reference.ov_circuits(self.w_v.to(dtype), self.w_o.to(dtype), self.dims.heads, self.dims.kv_heads)
         idx = torch.tensor([n], device=self.device), torch.tensor([m], device=self.device)
         alpha = torch.stack([self.source.entries(b, *idx)[:, 0] for b in range(self.dims.batch)]) if self.dims.batch \
@@ -190,7 +187,7 @@ class HVOOperator:
         total = self.shape[-2:]
         (r0, r1), (c0, c1) = (self._range(s, size, name) for s, size, name in
                               ((rows, total[0], "rows"), (cols, total[1], "cols")))
-        dtype = v.resolve_dtype(v.as_dtype(dtype), None, self._attn_dtype_probe(), self.w_v, self.w_o)
+        dtype = v.resolve_dtype(self.dtype if dtype is None else dtype, None)
         v.check_fits(f"a tile of W' of shape ({r1 - r0}, {c1 - c0})", (r1 - r0) * (c1 - c0) * self.dims.batch * dtype.itemsize,
                      self.device)
         ct = reference.compute_dtype(dtype)

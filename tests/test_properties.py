@@ -160,7 +160,7 @@ def test_operator_parts_equal_dense(lay, layout, data):
     norms64 = torch.linalg.vector_norm(blocks, dim=(2, 4))  # (B, N, N)
     ov64 = reference.ov_circuits(lay["w_v"].double(), lay["w_o"].double(), d.heads, d.kv_heads)
     tr_gram = ov64.square().sum() if ov64.isfinite().all() else torch.tensor(0.0, dtype=torch.float64)
-    alpha_sq = op._attn4.double().square().sum(1)  # (B, N, N)
+    alpha_sq = op.source.dense().double().square().sum(1)  # (B, N, N)
     sq_bound = 4 * d.heads * (d.heads + 2 + d.m_in * d.m_out) * ROUNDOFF[acc] * tr_gram * alpha_sq
     got_norms = op.block_norms()
     assert got_norms.shape == unbatch(norms64).shape

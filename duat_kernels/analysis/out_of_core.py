@@ -57,7 +57,7 @@ def save_dense(op, path: str | os.PathLike, *, rows_per_tile: int | None = None,
         raise ValueError("save_dense needs an unbatched HVOOperator (attn of shape (h, N, N))")
     if op.device.type == "meta":
         raise ValueError("save_dense needs an HVOOperator on tensors with data (cpu or cuda), got meta tensors")
-    dtype = v.as_dtype(dtype) or v.resolve_dtype(None, None, torch.empty(0, dtype=op.source.dtype), op.w_v, op.w_o)
+    dtype = v.as_dtype(dtype) or op.dtype
     if dtype not in _NUMPY_DTYPES:
         raise TypeError(f"dtype must be float32, float64 or float16 for a .npy file, got {dtype}")
     rows, cols = op.shape

@@ -60,7 +60,7 @@ def _sampled_entry_fractions(op: HVOOperator, norms: torch.Tensor, thresholds, s
     """The reference max|w| is the largest entry of the block with the largest norm (exact) or of the sample."""
     n, m = divmod(int(norms.argmax()), norms.shape[-1])
     ov = ov_circuits(op.w_v.float(), op.w_o.float(), op.dims.heads, op.dims.kv_heads)
-    sample = sample_entries(op._attn4, ov, samples, torch.Generator().manual_seed(1))
+    sample = sample_entries(op.source.dense(), ov, samples, torch.Generator().manual_seed(1))
     largest = max(op.block(n, m).abs().max().item(), sample.abs().max().item())
     result = {}
     for t in thresholds:
