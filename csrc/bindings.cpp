@@ -6,9 +6,11 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
+#include <unistd.h>
 #endif
 
 #include "isa.h"
@@ -80,16 +82,47 @@ void advise_huge_pages(void* ptr, int64_t bytes) {
 #endif
 }
 
+// The stride of axis `axis` in elements (buffers give bytes); negative or fractional strides are refused.
+int64_t element_stride(const py::buffer_info& b, int axis, const char* name) {
+  const int64_t bytes = b.strides[axis];
+  if (bytes < 0 || bytes % b.itemsize != 0)
+    fail(std::string(name) + " has stride " + std::to_string(bytes) + " bytes on axis " + std::to_string(axis) +
+         "; strides must be non-negative multiples of the item size");
+  return bytes / b.itemsize;
+}
+
+// Whether most pages of a large buffer were never touched (not resident): a fresh allocation whose
+// pages the kernel will zero on first touch.
+bool untouched(void* ptr, int64_t bytes) {
+#if defined(__linux__)
+  if (bytes < int64_t(8) << 20) return false;
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(ptr) + page - 1) & ~(page - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(ptr) + static_cast<uintptr_t>(bytes)) & ~(page - 1);
+  if (end <= begin) return false;
+  std::vector<unsigned char> resident((end - begin) / page);
+  if (mincore(reinterpret_cast<void*>(begin), end - begin, resident.data()) != 0) return false;
+  size_t count = 0;
+  for (unsigned char v : resident) count += v & 1;
+  return count * 2 < resident.size();
+#else
+  (void)ptr;
+  (void)bytes;
+  return false;
+#endif
+}
+
 void kron_sum(py::buffer lt, py::buffer rt, py::buffer out, const std::string& out_dtype,
               int64_t row0, int64_t col0, int num_threads) {
   py::buffer_info l = lt.request(), r = rt.request(), o = out.request(/*writable=*/true);
-  if (l.ndim != 3) fail("lt must be 3-D (P, S, h), got shape " + shape_str(l));
-  if (r.ndim != 3) fail("rt must be 3-D (Q, h, T), got shape " + shape_str(r));
+  if (l.ndim != 3) fail("lt must be 3-D (h, P, S), got shape " + shape_str(l));
+  if (r.ndim != 3) fail("rt must be 3-D (h, Q, T), got shape " + shape_str(r));
   if (o.ndim != 2) fail("out must be 2-D (rows, cols), got shape " + shape_str(o));
-  require_c_contiguous(l, "lt");
-  require_c_contiguous(r, "rt");
   require_c_contiguous(o, "out");
   const char lf = scalar_format(l, "lt"), rf = scalar_format(r, "rt");
+  const int64_t ls[3] = {element_stride(l, 0, "lt"), element_stride(l, 1, "lt"), element_stride(l, 2, "lt")};
+  const int64_t rs[3] = {element_stride(r, 0, "rt"), element_stride(r, 1, "rt"), element_stride(r, 2, "rt")};
+  if (r.shape[2] > 1 && rs[2] != 1) fail("rt must be contiguous along its last axis (T)");
   if (lf != rf) fail("lt and rt must have the same dtype");
   const duat::OutType ot = parse_out_type(out_dtype);
   if (o.itemsize != itemsize_of(ot))
@@ -98,13 +131,18 @@ void kron_sum(py::buffer lt, py::buffer rt, py::buffer out, const std::string& o
     fail("float64 output needs float64 factors and other outputs float32 factors");
 
   duat::KronSumProblem pb;
-  pb.P = l.shape[0];
-  pb.S = l.shape[1];
-  pb.h = l.shape[2];
-  pb.Q = r.shape[0];
+  pb.h = l.shape[0];
+  pb.P = l.shape[1];
+  pb.S = l.shape[2];
+  pb.Q = r.shape[1];
   pb.T = r.shape[2];
-  if (r.shape[1] != pb.h)
-    fail("lt has " + std::to_string(pb.h) + " heads but rt has " + std::to_string(r.shape[1]));
+  if (r.shape[0] != pb.h)
+    fail("lt has " + std::to_string(pb.h) + " heads but rt has " + std::to_string(r.shape[0]));
+  pb.l_h = ls[0];
+  pb.l_p = ls[1];
+  pb.l_s = ls[2];
+  pb.r_h = rs[0];
+  pb.r_q = rs[1];
   pb.rows = o.shape[0];
   pb.cols = o.shape[1];
   pb.row0 = row0;
@@ -128,6 +166,7 @@ void kron_sum(py::buffer lt, py::buffer rt, py::buffer out, const std::string& o
   const int64_t out_bytes = checked_mul(checked_mul(pb.rows, pb.cols, "rows*cols"), o.itemsize, "the output bytes");
   py::gil_scoped_release release;
   advise_huge_pages(op, out_bytes);
+  pb.fresh = untouched(op, out_bytes);
   if (lf == 'd')
     kernels.kron_sum_f64(static_cast<const double*>(lp), static_cast<const double*>(rp), static_cast<double*>(op), pb,
                          num_threads);
@@ -215,7 +254,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("kron_sum", &kron_sum, py::arg("lt"), py::arg("rt"), py::arg("out"), py::arg("out_dtype"),
         py::arg("row0") = 0, py::arg("col0") = 0, py::arg("num_threads") = 1,
         "Write the tile [row0, row0+rows) x [col0, col0+cols) of sum_i L_i (x) R_i into out.\n"
-        "lt: (P, S, h) float32/float64, rt: (Q, h, T) same dtype, out: (rows, cols) C-contiguous.");
+        "lt: L (h, P, S) float32/float64, rt: R (h, Q, T) same dtype, any non-negative strides (T's = 1),\n"
+        "out: (rows, cols) C-contiguous.");
   m.def(
       "fma_peak_gflops",
       [](int64_t iterations, int num_threads) {

@@ -18,10 +18,12 @@ struct KronSumProblem {
   int64_t h, P, S, Q, T;      // heads and factor shapes
   int64_t row0, col0;          // global offset of the tile in W
   int64_t rows, cols;          // tile extent (the output buffer is rows x cols)
+  int64_t l_h, l_p, l_s;       // strides of L (elements): L[i, p, s] = lt[i * l_h + p * l_p + s * l_s]
+  int64_t r_h, r_q;            // strides of R: R[i, q, t] = rt[i * r_h + q * r_q + t] (t contiguous)
+  bool fresh;                  // the output's pages were never touched (see kron_sum.cpp: RowOrder)
 };
 
-// lt: (P, S, h) = L transposed so that one coefficient vector L[:, p, s] is contiguous.
-// rt: (Q, h, T) = R with the head axis in the middle so that R[:, q, :] is one contiguous slab.
+// lt: L (h, P, S) and rt: R (h, Q, T), read in place through the strides of the problem.
 using KronSumF32 = void (*)(const float* lt, const float* rt, void* out, OutType out_type,
                             const KronSumProblem& pb, int num_threads);
 using KronSumF64 = void (*)(const double* lt, const double* rt, double* out, const KronSumProblem& pb,

@@ -122,12 +122,14 @@ def kron_sum_tile_(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor, r
     global _KERNEL_RAN
     if out.numel() == 0:
         return out
-    # Only the factor entries the tile touches are laid out for the kernel, so a small tile of a
+    # Only the factor entries the tile touches are passed (views, no copies), so a small tile of a
     # long-sequence W' costs O(tile), not O(h N²).
     (p0, p1, q0, q1, row0), (s0, s1, t0, t1, col0) = (
         _factor_range(row0, out.shape[0], right.shape[1]), _factor_range(col0, out.shape[1], right.shape[2]))
-    lt = left[:, p0:p1, s0:s1].permute(1, 2, 0).contiguous()  # (P', S', h)
-    rt = right[:, q0:q1, t0:t1].permute(1, 0, 2).contiguous()  # (Q', h, T')
+    lt = left[:, p0:p1, s0:s1]  # (h, P', S'), read in place through its strides
+    rt = right[:, q0:q1, t0:t1]  # (h, Q', T')
+    if rt.shape[-1] > 1 and rt.stride(-1) != 1:
+        rt = rt.contiguous()
     threads = num_threads()
     _KERNEL_RAN = _KERNEL_RAN or threads > 1
     _C.kron_sum(_numpy_view(lt), _numpy_view(rt), _numpy_view(out), _DTYPE_NAMES[out.dtype], row0, col0, threads)

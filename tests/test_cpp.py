@@ -148,14 +148,16 @@ def test_boundary_rejects_bad_buffers():
     import numpy as np
 
     from duat_kernels import _C
-    lt = np.zeros((2, 3, 4), np.float32)
-    rt = np.zeros((5, 4, 6), np.float32)
+    lt = np.zeros((4, 2, 3), np.float32)
+    rt = np.zeros((4, 5, 6), np.float32)
     out = np.zeros((10, 18), np.float32)
     _C.kron_sum(lt, rt, out, "float32")
     cases = [
         ((lt[0], rt, out, "float32"), "lt must be 3-D"),
         ((lt, rt.astype(np.float64), out, "float32"), "same dtype"),
-        ((lt, np.zeros((5, 3, 6), np.float32), out, "float32"), "heads"),
+        ((lt, np.zeros((3, 5, 6), np.float32), out, "float32"), "heads"),
+        ((lt, np.zeros((4, 5, 12), np.float32)[..., ::2], out, "float32"), "contiguous along its last axis"),
+        ((lt[:, ::-1], rt, out, "float32"), "non-negative"),
         ((lt, rt, out, "float64"), "itemsize"),
         ((lt, rt, out, "int8"), "out_dtype must be one of"),
         ((lt, rt, out[:, ::2], "float32"), "C-contiguous"),

@@ -23,6 +23,8 @@
 // ISA has it, multiply then add otherwise, never contracted by the compiler: -ffp-contract=off), so
 // a tile computed with other vector boundaries equals the same slice of the full matrix bit for bit.
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 #include "simd.h"
 #ifdef _OPENMP
@@ -43,9 +45,11 @@ inline uint32_t bits_of(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u;
 inline float float_of(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 
 // float -> bfloat16, round to nearest even (NaN becomes the quiet NaN 0x7FC0), as torch rounds.
+// kNaN = false: no NaN test (see BF16Finite).
+template <bool kNaN = true>
 inline uint16_t to_bf16(float f) {
   uint32_t u = bits_of(f);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+  if (kNaN && (u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
   return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
@@ -71,6 +75,7 @@ inline uint16_t to_fp16(float f) {
 inline void store(float* dst, float v) { *dst = v; }
 inline void store(double* dst, double v) { *dst = v; }
 inline void store(BF16* dst, float v) { dst->bits = to_bf16(v); }
+inline void store(BF16Finite* dst, float v) { dst->bits = to_bf16<false>(v); }
 inline void store(FP16* dst, float v) { dst->bits = to_fp16(v); }
 
 // One store of Bytes bytes. With `stream`, aligned stores bypass the cache (non-temporal): a large
@@ -107,10 +112,12 @@ inline void store_vec(float* dst, VF v, bool stream) { put<sizeof v>(dst, &v, st
 inline void store_vec(double* dst, VD v, bool stream) { put<sizeof v>(dst, &v, stream); }
 
 #if defined(__AVX2__) && !defined(__AVX512F__)
+template <bool kNaN = true>
 inline __m256i bf16_bits_avx2(VF v) {  // rounded bfloat16 bits in the low half of each 32-bit lane
   const __m256i u = _mm256_castps_si256((__m256)v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
   const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  if (!kNaN) return r;
   const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)),
                                          _mm256_set1_epi32(0x7F800000));
   return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
@@ -118,9 +125,10 @@ inline __m256i bf16_bits_avx2(VF v) {  // rounded bfloat16 bits in the low half 
 #endif
 
 // bfloat16: add the rounding bias (0x7FFF + lowest kept bit), keep the high halves, NaN -> 0x7FC0.
-inline void store_vec(BF16* dst, VF v, bool stream) {
+template <bool kNaN, typename Out>
+inline void store_bf16_vec(Out* dst, VF v, bool stream) {
 #if defined(__AVX2__) && !defined(__AVX512F__)
-  const __m256i r = bf16_bits_avx2(v);
+  const __m256i r = bf16_bits_avx2<kNaN>(v);
   // Pack the 8 32-bit lanes into 8 16-bit lanes (packus works per 128-bit half: fix the order).
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
   const __m128i half = _mm256_castsi256_si128(packed);
@@ -132,12 +140,16 @@ inline void store_vec(BF16* dst, VF v, bool stream) {
   VU32 u;
   std::memcpy(&u, &v, sizeof u);
   VU32 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  const VU32 nan_mask = (VU32)(VI32)((u & 0x7FFFFFFFu) > 0x7F800000u);  // all-ones lanes where NaN
-  rounded = (rounded & ~nan_mask) | (0x7FC0u & nan_mask);
+  if (kNaN) {
+    const VU32 nan_mask = (VU32)(VI32)((u & 0x7FFFFFFFu) > 0x7F800000u);  // all-ones lanes where NaN
+    rounded = (rounded & ~nan_mask) | (0x7FC0u & nan_mask);
+  }
   const VU16 narrow = __builtin_convertvector(rounded, VU16);
   put<sizeof narrow>(dst, &narrow, stream);
 #endif
 }
+inline void store_vec(BF16* dst, VF v, bool stream) { store_bf16_vec<true>(dst, v, stream); }
+inline void store_vec(BF16Finite* dst, VF v, bool stream) { store_bf16_vec<false>(dst, v, stream); }
 
 inline void store_vec(FP16* dst, VF v, bool stream) {
 #if defined(__AVX512F__)
@@ -162,18 +174,20 @@ inline void store_pair(Out* dst, V a, V b, bool stream) {
 }
 
 #if defined(__AVX512F__)
+template <bool kNaN = true>
 inline __m512i bf16_bits(VF v) {  // rounded bfloat16 bits in the low half of each 32-bit lane
   const __m512i u = _mm512_castps_si512((__m512)v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  if (!kNaN) return r;
   const __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)),
                                                 _mm512_set1_epi32(0x7F800000));
   return _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
 }
-template <>
-inline void store_pair(BF16* dst, VF a, VF b, bool stream) {
+template <bool kNaN, typename Out>
+inline void store_bf16_pair(Out* dst, VF a, VF b, bool stream) {
   // packus interleaves the 128-bit lanes of a and b; the permutation restores a0..a15 b0..b15.
-  const __m512i packed = _mm512_packus_epi32(bf16_bits(a), bf16_bits(b));
+  const __m512i packed = _mm512_packus_epi32(bf16_bits<kNaN>(a), bf16_bits<kNaN>(b));
   const __m512i order = _mm512_set_epi64(7, 5, 3, 1, 6, 4, 2, 0);
   const __m512i out = _mm512_permutexvar_epi64(order, packed);
   put<64>(dst, &out, stream);
@@ -185,9 +199,10 @@ inline void store_pair(FP16* dst, VF a, VF b, bool stream) {
   put<64>(dst, &out, stream);
 }
 #elif defined(__AVX2__)
-template <>
-inline void store_pair(BF16* dst, VF a, VF b, bool stream) {
-  const __m256i out = _mm256_permute4x64_epi64(_mm256_packus_epi32(bf16_bits_avx2(a), bf16_bits_avx2(b)), 0xD8);
+template <bool kNaN, typename Out>
+inline void store_bf16_pair(Out* dst, VF a, VF b, bool stream) {
+  const __m256i out =
+      _mm256_permute4x64_epi64(_mm256_packus_epi32(bf16_bits_avx2<kNaN>(a), bf16_bits_avx2<kNaN>(b)), 0xD8);
   put<32>(dst, &out, stream);
 }
 template <>
@@ -196,6 +211,12 @@ inline void store_pair(FP16* dst, VF a, VF b, bool stream) {
                                        _mm256_cvtps_ph((__m256)a, _MM_FROUND_TO_NEAREST_INT));
   put<32>(dst, &out, stream);
 }
+#endif
+#if defined(__AVX2__)
+template <>
+inline void store_pair(BF16* dst, VF a, VF b, bool stream) { store_bf16_pair<true>(dst, a, b, stream); }
+template <>
+inline void store_pair(BF16Finite* dst, VF a, VF b, bool stream) { store_bf16_pair<false>(dst, a, b, stream); }
 #endif
 
 // Zeros for [dst, dst + n): blocks with all-zero coefficients cost a memset, not h FMAs.
@@ -332,18 +353,26 @@ inline bool all_zero(const A* v, int64_t n) {
   return true;
 }
 
-// Whether v[0..n) holds no Inf or NaN (x - x is 0 exactly for finite x); split across threads for
-// large factors, since it runs before every call.
+// Whether the strided (n0, n1, n2) array v holds no Inf or NaN (x - x is 0 exactly for finite x);
+// split across threads for large factors, since it runs before every call.
 template <typename A>
-bool all_finite(const A* v, int64_t n, int num_threads) {
+bool all_finite(const A* v, int64_t n0, int64_t n1, int64_t n2, int64_t s0, int64_t s1, int64_t s2,
+                int num_threads) {
+  auto line = [&](int64_t k) {
+    const A* row = v + (k / n1) * s0 + (k % n1) * s1;
+    int b = 0;
+    for (int64_t j = 0; j < n2; ++j) b |= !((row[j * s2] - row[j * s2]) == A(0));
+    return b;
+  };
+  const int64_t lines = n0 * n1;
   int bad = 0;
-  if (num_threads > 1 && n > (int64_t(1) << 20)) {
+  if (num_threads > 1 && lines * n2 > (int64_t(1) << 20)) {
 #ifdef _OPENMP
 #pragma omp parallel for reduction(| : bad) num_threads(num_threads)
 #endif
-    for (int64_t i = 0; i < n; ++i) bad |= !((v[i] - v[i]) == A(0));
+    for (int64_t k = 0; k < lines; ++k) bad |= line(k);
   } else {
-    for (int64_t i = 0; i < n; ++i) bad |= !((v[i] - v[i]) == A(0));
+    for (int64_t k = 0; k < lines; ++k) bad |= line(k);
   }
   return bad == 0;
 }
@@ -369,13 +398,52 @@ struct Shortcuts {
   bool stream;
 };
 
+// Per-thread copies of the factor parts a row reads, packed the way the micro-kernel wants them
+// (as a GEMM packs its panels): the slab R[:, q, :] as (h, T) rows and the coefficients L[:, p, s]
+// of the tile's segments as (segments, h). The factors themselves are read in place through their
+// strides (no transposed copy of OV per call), and the packed rows, unlike rows of OV h·Q·T apart,
+// do not all fall into the same cache sets.
+template <typename A>
+struct Workspace {
+  std::vector<A> slab, coef;
+  int64_t q = -1, p = -1, z0 = 0, z1 = 0;
+  int64_t s0 = 0;  // first segment of the tile
+
+  Workspace(const KronSumProblem& pb)
+      : slab(pb.h * pb.T), coef(pb.h * ((pb.col0 + pb.cols - 1) / pb.T - pb.col0 / pb.T + 1)), s0(pb.col0 / pb.T) {}
+
+  const A* pack_slab(const A* rt, const KronSumProblem& pb, int64_t q_, bool zero_columns) {
+    if (q_ != q) {
+      for (int64_t i = 0; i < pb.h; ++i) std::memcpy(&slab[i * pb.T], rt + i * pb.r_h + q_ * pb.r_q, pb.T * sizeof(A));
+      z0 = 0;
+      z1 = pb.T;
+      if (zero_columns) nonzero_columns(slab.data(), pb.h, pb.T, &z0, &z1);
+      q = q_;
+    }
+    return slab.data();
+  }
+
+  const A* pack_coef(const A* lt, const KronSumProblem& pb, int64_t p_) {
+    if (p_ != p) {
+      const int64_t segments = static_cast<int64_t>(coef.size()) / pb.h;
+      for (int64_t i = 0; i < pb.h; ++i) {
+        const A* src = lt + i * pb.l_h + p_ * pb.l_p + s0 * pb.l_s;
+        for (int64_t s = 0; s < segments; ++s) coef[s * pb.h + i] = src[s * pb.l_s];
+      }
+      p = p_;
+    }
+    return coef.data();
+  }
+};
+
 template <typename A, typename Out>
-void write_row(const A* lt, const A* rt, Out* orow, const KronSumProblem& pb, int64_t grow, Shortcuts sc) {
-  const int64_t h = pb.h, S = pb.S, T = pb.T;
+void write_row(const A* lt, const A* rt, Out* orow, const KronSumProblem& pb, int64_t grow, Shortcuts sc,
+               Workspace<A>& ws) {
+  const int64_t h = pb.h, T = pb.T;
   const int64_t p = grow / pb.Q, q = grow % pb.Q;
-  const A* slab = rt + q * h * T;
-  int64_t z0 = 0, z1 = T;
-  if (sc.zero_columns) nonzero_columns(slab, h, T, &z0, &z1);
+  const A* slab = ws.pack_slab(rt, pb, q, sc.zero_columns);
+  const A* coefs = ws.pack_coef(lt, pb, p);
+  const int64_t z0 = ws.z0, z1 = ws.z1;
 
   const int64_t c_end = pb.col0 + pb.cols;
   const A* bcoef[kBatch];
@@ -384,7 +452,7 @@ void write_row(const A* lt, const A* rt, Out* orow, const KronSumProblem& pb, in
   for (int64_t s = pb.col0 / T; s * T < c_end; ++s) {
     const int64_t ta = max64(0, pb.col0 - s * T), tb = min64(T, c_end - s * T);
     Out* dst = orow + (s * T + ta - pb.col0);  // local address of column (s, ta)
-    const A* coef = lt + (p * S + s) * h;
+    const A* coef = coefs + (s - ws.s0) * h;
     const int64_t lo = max64(ta, z0), hi = min64(tb, z1);
     if (lo >= hi || (sc.zero_segments && coef[0] == A(0) && all_zero(coef, h))) {
       zero(dst, tb - ta, sc.stream);
@@ -414,13 +482,14 @@ void write_row(const A* lt, const A* rt, Out* orow, const KronSumProblem& pb, in
 // L[:, p, :] (S x h) and the slab R[:, q, :] (h x T). Consecutive rows should share the larger of
 // the two, so that it is read from memory once and then from cache: p-major (rows in memory order)
 // when S >= T, q-major (all p for one q) when T > S, as in token layout where T = M_in >> S = N and
-// the h x M_in slab would otherwise be fetched again for every row.
+// the h x M_in slab would otherwise be packed again for every row. A fresh output is written in
+// memory order instead, so each page is written right after its first-touch fault zeroed it.
 struct RowOrder {
   int64_t p0, np, q0, nq, count, Q, row0, row1;
   bool q_major;
   explicit RowOrder(const KronSumProblem& pb)
       : p0(pb.row0 / pb.Q), np((pb.row0 + pb.rows - 1) / pb.Q - pb.row0 / pb.Q + 1), q0(0), nq(pb.Q), count(0),
-        Q(pb.Q), row0(pb.row0), row1(pb.row0 + pb.rows), q_major(pb.T > pb.S && np > 1) {
+        Q(pb.Q), row0(pb.row0), row1(pb.row0 + pb.rows), q_major(pb.T > pb.S && np > 1 && !pb.fresh) {
     if (np == 1) {  // one p: only the q range of the tile
       q0 = pb.row0 % pb.Q;
       nq = pb.rows;
@@ -436,26 +505,47 @@ struct RowOrder {
 };
 
 template <typename A, typename Out>
+void run_rows(const A* lt, const A* rt, Out* out, const KronSumProblem& pb, Shortcuts sc, int num_threads);
+
+template <typename A, typename Out>
 void run(const A* lt, const A* rt, Out* out, const KronSumProblem& pb, int num_threads) {
   if (pb.rows <= 0 || pb.cols <= 0) return;
   Shortcuts sc;
-  sc.zero_segments = all_finite(rt, pb.Q * pb.h * pb.T, num_threads);
-  sc.zero_columns = all_finite(lt, pb.P * pb.S * pb.h, num_threads);
-  // Stream past the cache once the tile is well beyond the last-level cache of a core.
-  sc.stream = pb.rows * pb.cols * static_cast<int64_t>(sizeof(Out)) > kStreamBytes;
+  sc.zero_segments = all_finite(rt, pb.h, pb.Q, pb.T, pb.r_h, pb.r_q, int64_t(1), num_threads);
+  sc.zero_columns = all_finite(lt, pb.h, pb.P, pb.S, pb.l_h, pb.l_p, pb.l_s, num_threads);
+  // Stream past the cache once the tile is well beyond the last-level cache of a core. Not into
+  // fresh pages: the kernel has just zeroed each one in the cache, and regular stores overwrite the
+  // zeros there instead of sending both to memory.
+  sc.stream = !pb.fresh && pb.rows * pb.cols * static_cast<int64_t>(sizeof(Out)) > kStreamBytes;
+  if constexpr (std::is_same_v<Out, BF16>) {
+    if (sc.zero_segments && sc.zero_columns)
+      return run_rows(lt, rt, reinterpret_cast<BF16Finite*>(out), pb, sc, num_threads);
+  }
+  run_rows(lt, rt, out, pb, sc, num_threads);
+}
+
+template <typename A, typename Out>
+void run_rows(const A* lt, const A* rt, Out* out, const KronSumProblem& pb, Shortcuts sc, int num_threads) {
   const RowOrder order(pb);
-  auto row = [&](int64_t k) {
+  auto row = [&](int64_t k, Workspace<A>& ws) {
     const int64_t g = order.global_row(k);
-    if (g >= 0) write_row(lt, rt, out + (g - pb.row0) * pb.cols, pb, g, sc);
+    if (g >= 0) write_row(lt, rt, out + (g - pb.row0) * pb.cols, pb, g, sc, ws);
   };
   if (num_threads <= 1) {  // no OpenMP at all: safe in a forked child of a process that used it
-    for (int64_t k = 0; k < order.count; ++k) row(k);
+    Workspace<A> ws(pb);
+    for (int64_t k = 0; k < order.count; ++k) row(k, ws);
     return;
   }
 #ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+#pragma omp parallel num_threads(num_threads)
 #endif
-  for (int64_t k = 0; k < order.count; ++k) row(k);
+  {
+    Workspace<A> ws(pb);
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+    for (int64_t k = 0; k < order.count; ++k) row(k, ws);
+  }
 }
 
 }  // namespace

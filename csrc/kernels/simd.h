@@ -40,6 +40,11 @@ using VF = Vec<float>::type;
 using VD = Vec<double>::type;
 
 struct BF16 { uint16_t bits; };
+// bfloat16 written from finite factors: the only NaN such sums can produce is the default NaN of an
+// invalid operation (Inf - Inf after an overflow), which the rounding bias leaves a NaN (x86
+// 0xFFC00000 -> 0xFFC0, Arm 0x7FC00000 -> 0x7FC0), so the NaN test of the general path is skipped.
+// Payload NaNs from the inputs could carry into the exponent or the sign; they take the BF16 path.
+struct BF16Finite { uint16_t bits; };
 struct FP16 { uint16_t bits; };
 
 // acc + a * b, fused where the ISA has an FMA instruction (scalar and vector alike).
