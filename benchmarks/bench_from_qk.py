@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import duat_kernels as dk
-from duat_kernels.analysis import norms
+from duat_kernels.linalg import norms
 from duat_kernels.analysis.scaling import PeakMemory, synthetic_qk
 
 from conftest import QUICK

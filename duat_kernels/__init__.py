@@ -3,7 +3,8 @@
     W' = Σ_i A_i ⊗ OV_i   (token layout),   h' = W' x' + b'
 
 with reference (PyTorch), C++ (CPU) and Triton (GPU) backends behind one API, a matrix-free
-operator for long sequences (duat_kernels.analysis) and model adapters (duat_kernels.models).
+operator for long sequences (its math in duat_kernels.linalg, tools on it in duat_kernels.analysis)
+and model adapters (duat_kernels.models).
 """
 
 from duat_kernels._validation import DenseTooLargeError

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from duat_kernels import _validation as v
-from duat_kernels import analysis, backends, reference
+from duat_kernels import backends, linalg, reference
 from duat_kernels import operator_args as args
 from duat_kernels.attention_source import AttentionSource, ExplicitAttention, QKAttention
 from duat_kernels.heads import select_heads
@@ -205,7 +205,7 @@ class HVOOperator:
                     out[b] = part[row0:row0 + r1 - r0, col0:col0 + c1 - c0]
         return out if self.dims.batched else out[0]
 
-    # --- analysis without the dense matrix (duat_kernels.analysis) -----------------------------
+    # --- analysis without the dense matrix (duat_kernels.linalg) -------------------------------
 
     def block_norms(self, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """Frobenius norms of all N x N blocks (token-layout blocks B_nm = Σ_i A_i[n, m] OV_i):
@@ -213,13 +213,13 @@ class HVOOperator:
         O(N²) memory. grid=(R, C) reduces them to the norms of an R x C grid of super-blocks."""
         grid = args.grid_argument(grid, self.dims.tokens)
         with torch.no_grad():
-            norms = analysis.block_norms(self.source, self.w_v, self.w_o, self.dims.kv_heads, grid)
+            norms = linalg.block_norms(self.source, self.w_v, self.w_o, self.dims.kv_heads, grid)
         return norms if self.dims.batched else norms[0]
 
     def frobenius_norm(self) -> torch.Tensor:
         """||W'||_F exactly (float64), () or (B,)."""
         with torch.no_grad():
-            norm = analysis.frobenius_norm(self.source, self.w_v, self.w_o, self.dims.kv_heads)
+            norm = linalg.frobenius_norm(self.source, self.w_v, self.w_o, self.dims.kv_heads)
         return norm if self.dims.batched else norm[0]
 
     def trace(self) -> torch.Tensor:
@@ -227,11 +227,11 @@ class HVOOperator:
         if self.dims.m_in != self.dims.m_out:
             raise ValueError(f"trace needs a square W' (M_in = M_out), got M_in={self.dims.m_in}, M_out={self.dims.m_out}")
         with torch.no_grad():
-            tr = analysis.trace(self.source, self.w_v, self.w_o, self.dims.kv_heads)
+            tr = linalg.trace(self.source, self.w_v, self.w_o, self.dims.kv_heads)
         return tr if self.dims.batched else tr[0]
 
     def fraction_above(self, threshold: float, samples: int = 100_000, confidence: float = 0.95, seed: int = 0,
-                       batch: int = 0) -> "analysis.EntryEstimate":
+                       batch: int = 0) -> "linalg.EntryEstimate":
         """Fraction of entries with |w| > threshold, estimated from uniformly sampled entries, with a
         Wilson confidence interval (e.g. threshold = 0.01 * frobenius_norm() / sqrt(numel))."""
         args.sampling_arguments(threshold, samples, confidence, seed)
@@ -240,16 +240,16 @@ class HVOOperator:
                              f"M_out={self.dims.m_out})")
         batch = v.check_index("batch", batch, self.dims.batch, f"B={self.dims.batch} batch elements")
         with torch.no_grad():
-            return analysis.fraction_above(self.source, self.w_v, self.w_o, self.dims.kv_heads, threshold, samples,
+            return linalg.fraction_above(self.source, self.w_v, self.w_o, self.dims.kv_heads, threshold, samples,
                                            confidence, seed, batch)
 
     def as_linear_operator(self):
         """scipy.sparse.linalg.LinearOperator of W' (unbatched)."""
-        return analysis.as_linear_operator(self)
+        return linalg.as_linear_operator(self)
 
     def singular_values(self, k: int = 1, tol: float = 1e-6) -> "np.ndarray":
         """The k largest singular values (scipy svds on the matrix-free operator), descending."""
-        return analysis.singular_values(self, k, tol)
+        return linalg.singular_values(self, k, tol)
 
     def spectral_norm(self, tol: float = 1e-6) -> float:
         """||W'||_2, the largest singular value (0 for an empty W', NaN when W' has NaN or Inf entries)."""
@@ -271,13 +271,15 @@ class HVOOperator:
             raise ValueError(f"x must be one input per batch element, got shape {tuple(x.shape)}")
         xs = xs[:, 0]
         with torch.no_grad():
-            out = analysis.contributions(self.source, xs, self.w_v, self.w_o, d.kv_heads, per_head)
+            out = linalg.contributions(self.source, xs, self.w_v, self.w_o, d.kv_heads, per_head)
         return out if d.batched else out[0]
 
     def to_dask(self, chunks: tuple[int, int] | None = None, dtype: torch.dtype | None = None):
         """W' as a lazy dask.array whose (rows, cols) blocks are tiles written by the kernels; the
         factors are one task in the graph, shipped to each worker once (duat_kernels.analysis.to_dask)."""
-        return analysis.to_dask(self, chunks, dtype)
+        from duat_kernels.analysis.dask_tiles import to_dask  # the tools floor imports this module
+
+        return to_dask(self, chunks, dtype)
 
     @staticmethod
     def _range(s: slice, size: int, name: str) -> tuple[int, int]:

@@ -9,7 +9,7 @@ import torch
 
 import duat_kernels as dk
 from duat_kernels import attention_source
-from duat_kernels.analysis import stats
+from duat_kernels.linalg import stats
 
 CASES = {  # name: (causal, padded, softcap, sliding_window)
     "causal_padded": (True, True, None, None),

@@ -14,6 +14,9 @@ import hashlib
 import numpy as np
 import torch
 
+from duat_kernels import _validation as v
+from duat_kernels.hvo_operator import HVOOperator
+
 NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
 
 # Default chunk: about this many bytes (square-ish tiles), 32 MiB.
@@ -31,8 +34,6 @@ def _dask():
 
 def stored_dtype(op, dtype: torch.dtype | None) -> torch.dtype:
     """The dtype of W' entries (default: the inputs' promoted dtype); float32, float64 or float16."""
-    from duat_kernels import _validation as v
-
     dtype = dtype or v.resolve_dtype(None, None, op.attn, op.w_v, op.w_o)
     if dtype not in NUMPY_DTYPES:
         raise TypeError(f"dtype must be float32, float64 or float16 (a NumPy dtype), got {dtype}")
@@ -69,8 +70,6 @@ def factors_token(op) -> str:
 
 def build_operator(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int, layout: str):
     """An HVOOperator without biases (runs once per worker that holds the factors)."""
-    from duat_kernels.hvo_operator import HVOOperator
-
     return HVOOperator(attn, w_v, w_o, num_kv_heads=num_kv_heads, layout=layout)
 
 

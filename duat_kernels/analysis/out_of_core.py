@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from duat_kernels import _validation as v
+
 DEFAULT_TILE_BYTES = 256 << 20
 
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
@@ -51,8 +53,6 @@ def save_dense(op, path: str | os.PathLike, *, rows_per_tile: int | None = None,
     Returns:
         The path of the complete file. Reruns after an interruption resume from the last tile.
     """
-    from duat_kernels import _validation as v
-
     if op.dims.batched:
         raise ValueError("save_dense needs an unbatched HVOOperator (attn of shape (h, N, N))")
     if op.device.type == "meta":
@@ -147,8 +147,6 @@ def _check_target(path: Path, partial: Path, data_bytes: int) -> None:
     folder = path.parent
     if not folder.is_dir():
         raise FileNotFoundError(f"save_dense: the folder {folder} of {path} does not exist; create it first")
-    from duat_kernels import _validation as v
-
     have = partial.stat().st_blocks * 512 if partial.exists() else 0
     stat = os.statvfs(folder)
     free = stat.f_bavail * stat.f_frsize

@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from duat_kernels import reference
+from duat_kernels._validation import format_bytes
+from duat_kernels.hvo_operator import HVOOperator
+
 OPERATIONS = ("attention", "matvec", "block_norms", "spectral_norm", "tile")
 TILE_SIDE = 1024  # the tile is the bottom-right TILE_SIDE² corner of W' (the largest offsets)
 
@@ -85,9 +89,6 @@ def synthetic_qk(n: int, m: int, heads: int, seed: int = 0):
 
 def _operations(n: int, m: int, heads: int, seed: int, from_qk: bool, grid: int) -> tuple[dict, object]:
     """name -> callable for one N (and the objects that keep its inputs alive)."""
-    from duat_kernels import reference
-    from duat_kernels.hvo_operator import HVOOperator
-
     x = torch.randn(n * m, generator=torch.Generator().manual_seed(seed))
     side = min(TILE_SIDE, n * m)
     corner = slice(n * m - side, n * m)
@@ -167,8 +168,6 @@ def growth_exponents(rows: list[ScaleRow], min_n: int = 256) -> dict[str, float]
 
 
 def format_table(rows: list[ScaleRow], m: int, heads: int, from_qk: bool = False, grid: int = 256) -> str:
-    from duat_kernels._validation import format_bytes
-
     what = (f"A recomputed from random causal q/k (from_qk), block_norms on a {grid}x{grid} grid" if from_qk
             else "causal synthetic attention stored")
     lines = [f"M={m}, h={heads}, {what}, float32; time (peak memory above the inputs)", "",

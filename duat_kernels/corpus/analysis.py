@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from duat_kernels.analysis.norms import _bins
+from duat_kernels.linalg.norms import _bins
 
 # How many times this process has loaded each model (read by the tests through Client.run).
 MODEL_LOADS: dict[str, int] = {}

@@ -17,7 +17,7 @@ def grid_size(tokens: int, max_cells: int = MAX_CELLS) -> int:
 
 def cell_edges(tokens: int, cells: int) -> list[int]:
     """Token boundaries of `cells` near-equal groups: token t is in cell (t · cells) // tokens, the grid
-    of analysis.block_norms, so cell k starts at ceil(k · tokens / cells)."""
+    of linalg.block_norms, so cell k starts at ceil(k · tokens / cells)."""
     return [-(-k * tokens // cells) for k in range(cells + 1)]
 
 

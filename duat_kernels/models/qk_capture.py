@@ -6,10 +6,15 @@ the query and key states it receives, with the scaling, soft-cap and sliding win
 passes; the masks come from the layer (is_causal) and the inputs' key mask. The forward pass stops
 right after the output projection of the last selected layer. `layer.operator()` then gives
 HVOOperator.from_qk, which never stores A (h, N, N).
+
+Models that sdpa cannot run (transformers' _supports_sdpa is False: Gemma 2, whose logit soft-capping
+sdpa lacks) keep their own eager attention, recorded through the "eager" entry instead; their
+forward pass forms one layer's A at a time, as the model itself does, and nothing keeps it.
 """
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -59,40 +64,62 @@ class _StopForward(Exception):
     """Raised after the last selected layer: the rest of the model is not run."""
 
 
+def _runs_eager(model: torch.nn.Module) -> bool:
+    """True for models whose attention sdpa cannot compute (transformers' _supports_sdpa is False:
+    Gemma 2 and its kin, whose logit soft-capping sdpa lacks; GPT-OSS, whose attention sinks it lacks)."""
+    return not getattr(model, "_supports_sdpa", True)
+
+
+def _eager_function(module: torch.nn.Module):
+    """The eager attention function of the module's own modeling file (soft-capping, sinks, ... included)."""
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        raise RuntimeError(f"{type(module).__name__} cannot run with sdpa and its module {type(module).__module__} "
+                           "has no eager_attention_forward; capture='qk' cannot record it (use capture='attn')")
+    return fn
+
+
 @contextmanager
-def _sdpa_recorder(model: torch.nn.Module, records: dict[int, dict]):
-    """Run the model with sdpa attention, recording q, k and options of the modules in `records` (by id)."""
+def _attention_recorder(model: torch.nn.Module, records: dict[int, dict]):
+    """Run the model with sdpa attention (its own eager attention where sdpa cannot run it), recording
+    q, k and options of the modules in `records` (by id)."""
     from transformers.modeling_utils import AttentionInterface
 
     mapping = AttentionInterface._global_mapping
-    sdpa = mapping["sdpa"]
+    target = "eager" if _runs_eager(model) else "sdpa"
+    wrapped = mapping.get(target)  # "eager" is normally no entry: modules fall back to their own function
 
-    def recording_sdpa(module, query, key, value, attention_mask, *args, **kwargs):
+    def recording(module, query, key, value, attention_mask, *args, **kwargs):
         rec = records.get(id(module))
         if rec is not None:
+            if kwargs.get("s_aux") is not None:  # GPT-OSS: a sink logit per head takes part of each row's mass
+                raise RuntimeError(f"{type(module).__name__} has attention sinks (s_aux), which HVOOperator.from_qk "
+                                   "does not model; use capture='attn'")
+            if target == "sdpa" and kwargs.get("softcap") is not None:
+                raise RuntimeError(f"{type(module).__name__} passes softcap={kwargs['softcap']} to sdpa, which has no "
+                                   "soft-capping; capture='qk' cannot reproduce the layer (use capture='attn')")
             rec["q"], rec["k"] = query.detach(), key.detach()
             rec["scale"] = kwargs.get("scaling", args[1] if len(args) > 1 else None)
-            rec["softcap"] = kwargs.get("softcap")
+            rec["softcap"] = kwargs.get("softcap", args[2] if len(args) > 2 else None)
             rec["sliding_window"] = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
             is_causal = kwargs.get("is_causal")
             rec["causal"] = bool(getattr(module, "is_causal", False) if is_causal is None else is_causal)
-            if rec["softcap"] is not None:  # sdpa has no soft-capping: let the layer's own eager path run
-                from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
-                if attention_mask is not None and attention_mask.dtype == torch.bool:  # eager adds its mask
-                    attention_mask = torch.zeros_like(attention_mask, dtype=query.dtype).masked_fill(
-                        ~attention_mask, float("-inf"))
-                return eager_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
-        return sdpa(module, query, key, value, attention_mask, *args, **kwargs)
+        if target == "eager":
+            return (wrapped or _eager_function(module))(module, query, key, value, attention_mask, *args, **kwargs)
+        return wrapped(module, query, key, value, attention_mask, *args, **kwargs)
 
     impl = model.config._attn_implementation
-    mapping["sdpa"] = recording_sdpa
+    mapping[target] = recording
     try:
-        if impl != "sdpa":
-            model.set_attn_implementation("sdpa")
+        if impl != target:
+            model.set_attn_implementation(target)
         yield
     finally:
-        mapping["sdpa"] = sdpa
-        if impl != "sdpa":
+        if wrapped is None:
+            del mapping[target]
+        else:
+            mapping[target] = wrapped
+        if impl != target:
             model.set_attn_implementation(impl)
 
 
@@ -125,7 +152,7 @@ def attention_layers_qk(model: torch.nn.Module, *args, layers: list[int] | None 
         handles.append(out_proj.register_forward_hook(_store_output(rec, stop=i == selected[-1])))
     by_module = {id(blocks[i][1]): records[i] for i in selected}
     try:
-        with _sdpa_recorder(model, by_module), torch.no_grad():
+        with _attention_recorder(model, by_module), torch.no_grad():
             model(*args, **inputs)
     except _StopForward:
         pass

@@ -43,11 +43,11 @@ def _tiny(family, **extra):
     return transformers.AutoModel.from_config(config, attn_implementation="eager").eval()
 
 
-def _ids(batch=2, tokens=12, padded=True):
+def _ids(batch=2, tokens=12, padded=True, side="right"):
     ids = torch.randint(0, 100, (batch, tokens), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(batch, tokens, dtype=torch.long)
-    if padded:
-        mask[1, -4:] = 0
+    if padded:  # the second sequence's first (left) or last (right) 4 tokens are padding
+        mask[1, slice(0, 4) if side == "left" else slice(tokens - 4, tokens)] = 0
     return dict(input_ids=ids, attention_mask=mask)
 
 
@@ -59,6 +59,69 @@ def test_random_init_models(family, extra):
     assert layer.causal == (family != "bert")
     assert layer.sliding_window == extra.get("sliding_window")
     assert model.config._attn_implementation == "eager"  # restored
+
+
+def _gemma2(softcap: float):
+    """Tiny Gemma 2: layer 0 with a sliding window of 4 tokens, layer 1 full, 4 query / 2 kv heads; the
+    q and k weights are scaled up so that the logits (|s| ~ 50) reach far past the soft-cap."""
+    torch.manual_seed(0)
+    config = transformers.Gemma2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                       head_dim=8, intermediate_size=64, vocab_size=100, sliding_window=4,
+                                       attn_logit_softcapping=softcap)
+    model = transformers.AutoModel.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for block in model.layers:
+            block.self_attn.q_proj.weight.mul_(30)
+            block.self_attn.k_proj.weight.mul_(30)
+    return model
+
+
+def _real_rows_close(expected, actual, real):
+    """||actual - expected|| / ||expected|| <= TOLERANCE over the real (unpadded) query tokens; (B, N, ...)."""
+    diff, ref = (actual - expected).double()[real], expected.double()[real]
+    assert (diff.norm() / ref.norm()).item() <= TOLERANCE
+
+
+@pytest.mark.parametrize("padding", ["left", "right", None], ids=["left-padded", "right-padded", "unpadded"])
+def test_gemma2_soft_cap_and_sliding_window(padding):
+    from transformers.modeling_utils import AttentionInterface
+
+    softcap = 5.0  # Gemma 2 uses 50; a cap of logits |s| ~ 30-50 changes A only where the capped range
+    # (-5, 5) leaves the softmax far from one-hot
+    model = _gemma2(softcap)
+    enc = _ids(padded=padding is not None, side=padding or "right")
+    real = enc["attention_mask"].bool()  # (B, N)
+    with_attn = dk.models.attention_layers(model, **enc)
+    with_qk = compare_captures(model, enc, [0, 1])  # A of the real query rows and W' x' + b' = output, to 1e-5
+    assert [layer.sliding_window for layer in with_qk] == [4, None]
+    assert [layer.softcap for layer in with_qk] == [softcap, softcap]
+    assert "eager" not in AttentionInterface._global_mapping and model.config._attn_implementation == "eager"
+    x = torch.randn(2, 12 * 32, generator=torch.Generator().manual_seed(1))
+    for a, b in zip(with_attn, with_qk, strict=True):
+        op_a, op_b = a.operator(), b.operator()
+        _real_rows_close(a.attn, op_b.source.dense(), real[:, None, :].expand(a.attn.shape[:3]))
+        _real_rows_close(op_a.matvec(x).reshape(2, 12, 32), op_b.matvec(x).reshape(2, 12, 32), real)
+        _real_rows_close(op_a.block_norms(), op_b.block_norms(), real)
+        uncapped = dk.HVOOperator.from_qk(b.q, b.k, b.w_v, b.w_o, causal=True, attention_mask=b.token_mask,
+                                          scale=b.scale, sliding_window=b.sliding_window).attn
+        assert ((uncapped - a.attn).abs() * real[:, None, :, None]).max() > 0.1  # the cap changes A
+    # layer 0 not selected: the forward pass still soft-caps it (layer 1 reads its output)
+    compare_captures(model, enc, [1])
+
+
+def test_attention_the_operator_does_not_model_is_refused(monkeypatch):
+    torch.manual_seed(0)
+    config = transformers.GptOssConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                       head_dim=8, intermediate_size=64, vocab_size=100, num_local_experts=2,
+                                       num_experts_per_tok=1)
+    gpt_oss = transformers.AutoModel.from_config(config, attn_implementation="eager").eval()
+    with pytest.raises(RuntimeError, match="attention sinks"):
+        dk.models.attention_layers(gpt_oss, capture="qk", **_ids())
+    gemma2 = _gemma2(softcap=5.0)
+    monkeypatch.setattr(type(gemma2), "_supports_sdpa", True)  # as if sdpa could run it: the cap would be lost
+    with pytest.raises(RuntimeError, match="no soft-capping"):
+        dk.models.attention_layers(gemma2, capture="qk", **_ids())
+    assert gemma2.config._attn_implementation == "eager"  # restored after the error
 
 
 def test_forward_stops_after_the_last_selected_layer():

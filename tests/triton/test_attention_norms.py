@@ -7,7 +7,7 @@ import torch
 
 import duat_kernels as dk
 from duat_kernels import backends
-from duat_kernels.analysis import norms
+from duat_kernels.linalg import norms
 
 pytest.importorskip("triton", reason="the Triton backend needs triton: pip install triton")
 pytestmark = pytest.mark.skipif(not backends.triton_interpreter(), reason="needs TRITON_INTERPRET=1 (set in conftest)")

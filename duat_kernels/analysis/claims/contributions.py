@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from duat_kernels.analysis.claims.layer_terms import LayerTerms
-from duat_kernels.analysis.norm_contributions import projected_values
+from duat_kernels.linalg.norm_contributions import projected_values
 
 PER_HEAD_MAX_TOKENS = 64  # the JSON keeps every head's (N, N) map up to this N (h·N² numbers per layer)
 ROLLOUT_MAX_TOKENS = 256  # the (N, N, M) transformed vectors stay under ~300 MB (float64, M = 576)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from duat_kernels.analysis.stats import sample_entries
+from duat_kernels.linalg.stats import sample_entries
 from duat_kernels.hvo_operator import HVOOperator
 from duat_kernels.reference import ov_circuits
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import duat_kernels as dk
-from duat_kernels.analysis import norm_contributions as contrib
+from duat_kernels.linalg import norm_contributions as contrib
 
 from conftest import random_layer
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from duat_kernels import cpp
-from duat_kernels.analysis import gram_norms
+from duat_kernels.linalg import gram_norms
 
 pytestmark = pytest.mark.skipif(not cpp.is_available(), reason="the C++ extension is not built")
 

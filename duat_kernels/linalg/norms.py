@@ -13,7 +13,7 @@ import torch
 
 from duat_kernels import reference
 from duat_kernels._validation import all_finite
-from duat_kernels.analysis import gram_norms
+from duat_kernels.linalg import gram_norms
 from duat_kernels.attention_source import ExplicitAttention, QKAttention
 from duat_kernels.reference import head_factors
 

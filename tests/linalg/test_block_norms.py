@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import duat_kernels as dk
-from duat_kernels.analysis import norms as bn
+from duat_kernels.linalg import norms as bn
 
 from conftest import random_layer
 

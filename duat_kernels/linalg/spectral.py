@@ -5,6 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from duat_kernels._validation import all_finite
+from duat_kernels.operator_args import positive_tolerance
+
 
 def as_linear_operator(op):
     """A scipy.sparse.linalg.LinearOperator for an unbatched HVOOperator (matvec and rmatvec only)."""
@@ -32,9 +35,6 @@ def singular_values(op, k: int = 1, tol: float = 1e-6, seed: int = 0) -> np.ndar
     """The k largest singular values of W', descending (scipy svds, Lanczos/ARPACK; the dense SVD
     when k = min(shape), which svds cannot do). NaN when W' has a NaN or Inf entry."""
     from scipy.sparse.linalg import svds
-
-    from duat_kernels._validation import all_finite
-    from duat_kernels.operator_args import positive_tolerance
 
     lin = as_linear_operator(op)
     side = min(lin.shape)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from duat_kernels import reference
-from duat_kernels.analysis.norms import block_norms
+from duat_kernels.linalg.norms import block_norms
 from duat_kernels.attention_source import AttentionSource, ExplicitAttention
 
 
