@@ -16,6 +16,8 @@
 #include "isa.h"
 #include "attention_norms.h"
 #include "kron_sum.h"
+#include "output_cache.h"
+#include <pybind11/numpy.h>
 
 namespace py = pybind11;
 
@@ -256,6 +258,41 @@ PYBIND11_MODULE(_C, m) {
         "Write the tile [row0, row0+rows) x [col0, col0+cols) of sum_i L_i (x) R_i into out.\n"
         "lt: L (h, P, S) float32/float64, rt: R (h, Q, T) same dtype, any non-negative strides (T's = 1),\n"
         "out: (rows, cols) C-contiguous.");
+  m.def(
+      "alloc_output",
+      [](int64_t nbytes) {
+        if (nbytes < 0) throw std::invalid_argument("alloc_output: nbytes must be non-negative");
+        auto* block = new duat::OutputBlock(duat::take_output_block(static_cast<size_t>(nbytes)));
+        py::capsule owner(block, [](void* p) {
+          auto* b = static_cast<duat::OutputBlock*>(p);
+          duat::give_output_block(*b);
+          delete b;
+        });
+        return py::array_t<uint8_t>({nbytes}, {int64_t(1)}, static_cast<uint8_t*>(block->ptr), owner);
+      },
+      py::arg("nbytes"),
+      "A writable uint8 array of nbytes from the output cache: 2 MiB aligned, huge-page advised, resident\n"
+      "when a freed block of the same size was cached; its memory returns to the cache when freed.");
+  m.def("release_output_cache", [] { duat::release_output_cache(); }, "Unmap every cached output block.");
+  m.def(
+      "output_cache_info",
+      [] {
+        const duat::OutputCacheInfo i = duat::output_cache_info();
+        py::dict d;
+        d["cached_bytes"] = i.cached_bytes;
+        d["cached_blocks"] = i.cached_blocks;
+        d["limit_bytes"] = i.limit_bytes;
+        d["hits"] = i.hits;
+        d["misses"] = i.misses;
+        return d;
+      },
+      "Bytes and blocks held by the output cache, its limit, and its hits and misses so far.");
+  m.def(
+      "set_output_cache_limit", [](int64_t bytes) {
+        if (bytes < 0) throw std::invalid_argument("set_output_cache_limit: bytes must be non-negative");
+        duat::set_output_cache_limit(static_cast<size_t>(bytes));
+      },
+      py::arg("bytes"), "Cap the bytes the output cache keeps (0 turns it off); evicts the oldest blocks.");
   m.def(
       "fma_peak_gflops",
       [](int64_t iterations, int num_threads) {

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from duat_kernels import cpp
+
 OUTPUT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 LAYOUTS = ("token", "feature")
 
@@ -219,10 +221,19 @@ def all_finite(*tensors: torch.Tensor | None) -> bool:
 
 
 def available_memory(device: torch.device) -> int:
-    """Bytes that can still be allocated on the device (MemAvailable on the CPU)."""
+    """Bytes that can still be allocated on the device (MemAvailable on the CPU, plus the C++
+    backend's cached output blocks, which a new allocation of another size releases)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free
+    return _meminfo_available() + _cached_output_bytes()
+
+
+def _cached_output_bytes() -> int:
+    return cpp.output_cache_info().get("cached_bytes", 0)
+
+
+def _meminfo_available() -> int:
     try:
         with open("/proc/meminfo") as f:
             for line in f:

@@ -80,6 +80,13 @@ def tile_kernel(backend: str):
     raise ValueError(f"backend {backend!r} has no tile kernel")
 
 
+def empty_output(backend: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised output of a backend: the C++ backend's large outputs come from its output cache."""
+    if backend == "cpp":
+        return cpp.empty_output(shape, dtype)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def kron_factors(attn: torch.Tensor, ov: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(L, R) of W = Σ_i L_i ⊗ R_i for attn (h, N, N) and ov (h, M_out, M_in)."""
     return (attn, ov) if layout == "token" else (ov, attn)

@@ -1,8 +1,13 @@
 """C++ backend: thin wrapper around the pybind11 kernel in csrc/ (CPU, OpenMP, SIMD).
 
 W' is a Kronecker sum sum_i L_i (x) R_i with (L, R) = (A, OV) in token layout and (OV, A) in
-feature layout; the kernel receives L as (P, S, h) (one coefficient vector per block contiguous)
-and R as (Q, h, T) (one cache-resident slab per output row) and writes any tile of W'.
+feature layout; the kernel reads L (h, P, S) and R (h, Q, T) in place through their strides (each
+thread packs the coefficients and the slab R[:, q, :] of the rows it writes) and writes any tile of W'.
+
+Large outputs made here (W' without out=) come from an output cache: a freed block is kept, up to
+a limit (an eighth of physical memory by default, DUAT_OUTPUT_CACHE_BYTES, `set_output_cache_limit`),
+for the next output of the same size, which then skips the page zeroing of fresh memory;
+`empty_output_cache()` gives the memory back.
 
 The extension carries one copy of the kernels per instruction set (baseline, avx2, avx512 on
 x86-64) and uses the best one the CPU supports; DUAT_CPU_CAPABILITY=baseline|avx2|avx512 (read at
@@ -134,6 +139,39 @@ def kron_sum_tile_(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor, r
     _KERNEL_RAN = _KERNEL_RAN or threads > 1
     _C.kron_sum(_numpy_view(lt), _numpy_view(rt), _numpy_view(out), _DTYPE_NAMES[out.dtype], row0, col0, threads)
     return out
+
+
+# Outputs from this size up come from the output cache (smaller ones are cheap to fault in).
+OUTPUT_CACHE_MIN_BYTES = 8 << 20
+
+
+def empty_output(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised contiguous CPU tensor for a kernel output: from the output cache when it is
+    large (its storage cannot be resized), else torch.empty."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    nbytes = numel * dtype.itemsize
+    if _C is None or nbytes < OUTPUT_CACHE_MIN_BYTES:
+        return torch.empty(shape, dtype=dtype)
+    return torch.from_numpy(_C.alloc_output(nbytes)).view(dtype).view(shape)
+
+
+def output_cache_info() -> dict[str, int]:
+    """{cached_bytes, cached_blocks, limit_bytes, hits, misses} of the output cache."""
+    return dict(_C.output_cache_info()) if _C is not None else {}
+
+
+def empty_output_cache() -> None:
+    """Give every cached output block back to the operating system."""
+    if _C is not None:
+        _C.release_output_cache()
+
+
+def set_output_cache_limit(nbytes: int) -> None:
+    """Keep at most nbytes of freed outputs for reuse (0 turns the cache off)."""
+    if _C is not None:
+        _C.set_output_cache_limit(int(nbytes))
 
 
 def _factor_range(start: int, length: int, inner: int) -> tuple[int, int, int, int, int]:

@@ -15,7 +15,7 @@ from duat_kernels import backends, reference
 @torch.library.custom_op("duat::hvo_matrix", mutates_args=())
 def hvo_matrix(attn: torch.Tensor, ov: torch.Tensor, layout: str, backend: str, dtype: torch.dtype) -> torch.Tensor:
     batch, _, n, _ = attn.shape
-    out = torch.empty(batch, n * ov.shape[1], n * ov.shape[2], dtype=dtype, device=attn.device)
+    out = backends.empty_output(backend, (batch, n * ov.shape[1], n * ov.shape[2]), dtype, attn.device)
     return backends.materialise(backend, attn, ov, layout, out)
 
 

@@ -71,11 +71,81 @@ def test_code_paths(heads, kv_heads, layout, dtype, capability):
 @pytest.mark.parametrize("layout", ["token", "feature"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_streaming_store_path(layout, dtype, capability):
-    # 2080 x 2080 float32 = 17.3 MB, above the 16 MiB threshold for non-temporal stores.
+    # 2080 x 2080 float32 = 17.3 MB into a buffer whose pages are resident: above the 16 MiB
+    # threshold for non-temporal stores.
     lay = random_layer(1, 8, 2, tokens=16, head_dim=8, m_in=130, m_out=130, causal=True, batched=False, seed=3)
-    out = _cpp(lay, layout, torch.float32 if dtype == torch.float32 else dtype)
+    out = torch.full((2080, 2080), float("nan"), dtype=dtype)
+    _cpp(lay, layout, out=out)
     assert out.numel() * 4 > 16 * 2 ** 20
     assert_close_to_reference(out, lay["attn"], lay["w_v"], lay["w_o"], 2, layout)
+
+
+@pytest.mark.parametrize("layout", ["token", "feature"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fresh_and_cached_outputs_equal_a_reused_buffer(layout, dtype, capability):
+    # A new mapping (pages never touched: rows in memory order, regular stores) and a block back from
+    # the output cache (stale contents) hold W' bit for bit as a buffer written before.
+    lay = random_layer(1, 8, 2, tokens=16, head_dim=8, m_in=130, m_out=130, causal=True, batched=False, seed=4)
+    reused = torch.zeros(2080, 2080, dtype=dtype)
+    _cpp(lay, layout, out=reused)
+    cpp.empty_output_cache()
+    fresh = _cpp(lay, layout, dtype)
+    assert torch.equal(fresh.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                       reused.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+    ptr = fresh.data_ptr()
+    fresh.fill_(float("nan"))
+    del fresh
+    again = _cpp(lay, layout, dtype)
+    assert again.data_ptr() == ptr and cpp.output_cache_info()["hits"] >= 1
+    assert torch.equal(again, reused)
+
+
+def test_output_cache_limit_and_release():
+    lay = random_layer(1, 2, tokens=16, head_dim=2, m_in=130, m_out=130, batched=False, seed=5)
+    limit = cpp.output_cache_info()["limit_bytes"]
+    try:
+        cpp.empty_output_cache()
+        w = _cpp(lay)
+        nbytes = w.numel() * 4
+        del w
+        info = cpp.output_cache_info()
+        assert info["cached_blocks"] == 1 and info["cached_bytes"] >= nbytes
+        cpp.empty_output_cache()
+        assert cpp.output_cache_info()["cached_bytes"] == 0
+        cpp.set_output_cache_limit(0)  # off: a freed output is unmapped at once
+        w = _cpp(lay)
+        del w
+        assert cpp.output_cache_info()["cached_bytes"] == 0
+        with pytest.raises(ValueError, match="non-negative"):
+            cpp._C.set_output_cache_limit(-1)
+    finally:
+        cpp.set_output_cache_limit(limit)
+
+
+def test_factors_are_read_through_their_strides(capability):
+    # The kernel reads L (h, P, S) and R (h, Q, T) in place: transposed and sliced views give the
+    # same tile bit for bit as contiguous copies (strides that are multiples of 4 KiB included).
+    g = torch.Generator().manual_seed(0)
+    left = torch.randn(5, 9, 1024, generator=g)[:, :, ::128].transpose(1, 2)  # (5, 8, 9)
+    right = torch.randn(1024, 5, 40, generator=g)[:7].permute(1, 0, 2)[..., 3:36]  # (5, 7, 33)
+    assert not left.is_contiguous() and not right.is_contiguous()
+    got = cpp.kron_sum_tile_(left, right, torch.empty(8 * 7, 9 * 33))
+    want = cpp.kron_sum_tile_(left.contiguous(), right.contiguous(), torch.empty(8 * 7, 9 * 33))
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got, sum(reference.kron(left[i], right[i]) for i in range(5)))
+
+
+def test_bfloat16_from_finite_factors_rounds_overflow_like_torch(capability):
+    # Finite factors whose products overflow: the bf16 output (finite path, no NaN test) equals the
+    # float32 output of the same variant rounded by torch, Inf and NaN included (multiply-then-add
+    # variants meet +Inf - Inf = NaN; fused multiply-adds keep +Inf).
+    left = torch.tensor([[[3e38, 1.0, 0.0]], [[-3e38, 1.0, 2.0]]])  # (h=2, P=1, S=3)
+    right = torch.full((2, 1, 37), 10.0)
+    wide = cpp.kron_sum_tile_(left, right, torch.empty(1, 3 * 37))
+    got = cpp.kron_sum_tile_(left, right, torch.empty(1, 3 * 37, dtype=torch.bfloat16))
+    assert not wide[0, :37].isfinite().any() and wide[0, 37:].isfinite().all()
+    assert torch.equal(got.isnan(), wide.isnan())
+    assert torch.equal(got[~got.isnan()], wide.to(torch.bfloat16)[~got.isnan()])
 
 
 @pytest.mark.parametrize("layout", ["token", "feature"])
