@@ -361,7 +361,11 @@ bool all_finite(const A* v, int64_t n0, int64_t n1, int64_t n2, int64_t s0, int6
   auto line = [&](int64_t k) {
     const A* row = v + (k / n1) * s0 + (k % n1) * s1;
     int b = 0;
-    for (int64_t j = 0; j < n2; ++j) b |= !((row[j * s2] - row[j * s2]) == A(0));
+    if (s2 == 1) {  // contiguous lines vectorise
+      for (int64_t j = 0; j < n2; ++j) b |= !((row[j] - row[j]) == A(0));
+    } else {
+      for (int64_t j = 0; j < n2; ++j) b |= !((row[j * s2] - row[j * s2]) == A(0));
+    }
     return b;
   };
   const int64_t lines = n0 * n1;
@@ -405,12 +409,22 @@ struct Shortcuts {
 // do not all fall into the same cache sets.
 template <typename A>
 struct Workspace {
+  static constexpr int64_t kCoefCacheBytes = int64_t(1) << 20;  // all rows' coefficients up to 1 MiB
   std::vector<A> slab, coef;
-  int64_t q = -1, p = -1, z0 = 0, z1 = 0;
-  int64_t s0 = 0;  // first segment of the tile
+  std::vector<char> packed;  // per p of the tile: coefficients already in `coef`
+  int64_t q = -1, z0 = 0, z1 = 0;
+  int64_t s0, segments, p0, rows_cached;
 
   Workspace(const KronSumProblem& pb)
-      : slab(pb.h * pb.T), coef(pb.h * ((pb.col0 + pb.cols - 1) / pb.T - pb.col0 / pb.T + 1)), s0(pb.col0 / pb.T) {}
+      : slab(pb.h * pb.T), s0(pb.col0 / pb.T), segments((pb.col0 + pb.cols - 1) / pb.T - pb.col0 / pb.T + 1),
+        p0(pb.row0 / pb.Q) {
+    const int64_t np = (pb.row0 + pb.rows - 1) / pb.Q - p0 + 1;
+    // Keep every row's coefficients when they are small (token layout: A), so that rows visited
+    // q-major (p changing every row) pack each p once; otherwise one p at a time.
+    rows_cached = np * segments * pb.h * static_cast<int64_t>(sizeof(A)) <= kCoefCacheBytes ? np : 1;
+    coef.resize(rows_cached * segments * pb.h);
+    packed.assign(rows_cached, 0);
+  }
 
   const A* pack_slab(const A* rt, const KronSumProblem& pb, int64_t q_, bool zero_columns) {
     if (q_ != q) {
@@ -423,17 +437,23 @@ struct Workspace {
     return slab.data();
   }
 
-  const A* pack_coef(const A* lt, const KronSumProblem& pb, int64_t p_) {
-    if (p_ != p) {
-      const int64_t segments = static_cast<int64_t>(coef.size()) / pb.h;
+  // L[:, p, s] of the tile's segments as (segments, h), one coefficient vector contiguous.
+  const A* pack_coef(const A* lt, const KronSumProblem& pb, int64_t p) {
+    const int64_t slot = rows_cached > 1 ? p - p0 : 0;
+    A* dst = &coef[slot * segments * pb.h];
+    if (!packed[slot] || (rows_cached == 1 && p != last_p)) {
       for (int64_t i = 0; i < pb.h; ++i) {
-        const A* src = lt + i * pb.l_h + p_ * pb.l_p + s0 * pb.l_s;
-        for (int64_t s = 0; s < segments; ++s) coef[s * pb.h + i] = src[s * pb.l_s];
+        const A* src = lt + i * pb.l_h + p * pb.l_p + s0 * pb.l_s;
+        for (int64_t s = 0; s < segments; ++s) dst[s * pb.h + i] = src[s * pb.l_s];
       }
-      p = p_;
+      packed[slot] = 1;
+      last_p = p;
     }
-    return coef.data();
+    return dst;
   }
+
+ private:
+  int64_t last_p = -1;
 };
 
 template <typename A, typename Out>
