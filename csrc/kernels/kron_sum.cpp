@@ -561,8 +561,11 @@ void run_rows(const A* lt, const A* rt, Out* out, const KronSumProblem& pb, Shor
 #endif
   {
     Workspace<A> ws(pb);
+    // q-major: a thread takes all rows of one q at a time, so each slab is packed once per call.
+    const int chunk = order.q_major ? static_cast<int>(order.np) : 1;
+    (void)chunk;
 #ifdef _OPENMP
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, chunk)
 #endif
     for (int64_t k = 0; k < order.count; ++k) row(k, ws);
   }
