@@ -493,8 +493,15 @@ void write_row(const A* lt, const A* rt, Out* orow, const KronSumProblem& pb, in
     }
   }
   if (nb > 0) combine_batch<A, Out>(nb, bcoef, bdst, slab, h, T, z0, z1, sc.stream);
+}
+
+// Orders a thread's non-temporal stores before what follows it (once per thread and call, not per
+// row: each fence waits for the write-combining buffers to drain).
+inline void store_fence(bool stream) {
 #if defined(__SSE2__)
-  if (sc.stream) _mm_sfence();  // order this row's non-temporal stores before the thread moves on
+  if (stream) _mm_sfence();
+#else
+  (void)stream;
 #endif
 }
 
@@ -554,6 +561,7 @@ void run_rows(const A* lt, const A* rt, Out* out, const KronSumProblem& pb, Shor
   if (num_threads <= 1) {  // no OpenMP at all: safe in a forked child of a process that used it
     Workspace<A> ws(pb);
     for (int64_t k = 0; k < order.count; ++k) row(k, ws);
+    store_fence(sc.stream);
     return;
   }
 #ifdef _OPENMP
@@ -565,9 +573,10 @@ void run_rows(const A* lt, const A* rt, Out* out, const KronSumProblem& pb, Shor
     const int chunk = order.q_major ? static_cast<int>(order.np) : 1;
     (void)chunk;
 #ifdef _OPENMP
-#pragma omp for schedule(dynamic, chunk)
+#pragma omp for schedule(dynamic, chunk) nowait
 #endif
     for (int64_t k = 0; k < order.count; ++k) row(k, ws);
+    store_fence(sc.stream);  // before the barrier that ends the parallel region
   }
 }
 
