@@ -22,7 +22,10 @@
 // Rounding. Vector and scalar paths use the same operation per term (fused multiply-add where the
 // ISA has it, multiply then add otherwise, never contracted by the compiler: -ffp-contract=off), so
 // a tile computed with other vector boundaries equals the same slice of the full matrix bit for bit.
+#include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <new>
 #include <type_traits>
 #include <vector>
 
@@ -315,12 +318,13 @@ void combine_k(int k, const A* const* coef, const A* slab, int64_t h, int64_t T,
     case 12: combine<A, Out, 12>(coef, slab, h, T, t0, t1, dst, stream); break;
     case 8: combine<A, Out, 8>(coef, slab, h, T, t0, t1, dst, stream); break;
     case 6: combine<A, Out, 6>(coef, slab, h, T, t0, t1, dst, stream); break;
+    case 5: combine<A, Out, 5>(coef, slab, h, T, t0, t1, dst, stream); break;
     case 4: combine<A, Out, 4>(coef, slab, h, T, t0, t1, dst, stream); break;
     case 3: combine<A, Out, 3>(coef, slab, h, T, t0, t1, dst, stream); break;
     case 2: combine<A, Out, 2>(coef, slab, h, T, t0, t1, dst, stream); break;
     case 1: combine<A, Out, 1>(coef, slab, h, T, t0, t1, dst, stream); break;
-    default: {  // 5, 7, 9-11: one group of the next smaller size, then the rest
-      const int first = k > 8 ? 8 : (k > 6 ? 6 : 4);
+    default: {  // 7, 9-11: one group of the next smaller size, then the rest
+      const int first = k > 8 ? 8 : 6;
       combine_k<A, Out>(first, coef, slab, h, T, t0, t1, dst, stream);
       combine_k<A, Out>(k - first, coef + first, slab, h, T, t0, t1, dst + first, stream);
     }
@@ -338,8 +342,11 @@ void combine_batch(int n, const A* const* coef, Out* const* dst, const A* slab, 
   Out* d[kMaxGroup];
   for (int64_t ta = t0; ta < t1; ta += tb) {
     const int64_t te = min64(t1, ta + tb);
-    for (int k0 = 0; k0 < n; k0 += group) {
-      const int k = static_cast<int>(min64(group, n - k0));
+    for (int k0 = 0, k = 0; k0 < n; k0 += k) {
+      // The last two groups share their segments evenly (32 = 6+6+6+6+4+4, not ...+6+2): a thin
+      // group feeds too few FMAs per slab load.
+      const int rest = n - k0;
+      k = rest > group && rest < 2 * group && group <= 6 ? (rest + 1) / 2 : static_cast<int>(min64(group, rest));
       for (int j = 0; j < k; ++j) d[j] = dst[k0 + j] + (ta - t0);
       combine_k<A, Out>(k, coef + k0, slab, h, T, ta, te, d, stream);
     }
@@ -407,21 +414,41 @@ struct Shortcuts {
 // of the tile's segments as (segments, h). The factors themselves are read in place through their
 // strides (no transposed copy of OV per call), and the packed rows, unlike rows of OV h·Q·T apart,
 // do not all fall into the same cache sets.
+// A 64-byte aligned array (full-width vector loads from the packed slab never straddle cache lines).
+template <typename A>
+class AlignedBuffer {
+ public:
+  void resize(int64_t n) {
+    const size_t bytes = (static_cast<size_t>(n > 0 ? n : 1) * sizeof(A) + 63) / 64 * 64;
+    data_.reset(static_cast<A*>(std::aligned_alloc(64, bytes)));
+    if (!data_) throw std::bad_alloc();
+  }
+  A* data() const { return data_.get(); }
+  A& operator[](int64_t i) const { return data_.get()[i]; }
+
+ private:
+  struct Free {
+    void operator()(A* p) const { std::free(p); }
+  };
+  std::unique_ptr<A, Free> data_;
+};
+
 template <typename A>
 struct Workspace {
   static constexpr int64_t kCoefCacheBytes = int64_t(1) << 20;  // all rows' coefficients up to 1 MiB
-  std::vector<A> slab, coef;
+  AlignedBuffer<A> slab, coef;
   std::vector<char> packed;  // per p of the tile: coefficients already in `coef`
   int64_t q = -1, z0 = 0, z1 = 0;
   int64_t s0, segments, p0, rows_cached;
 
   Workspace(const KronSumProblem& pb)
-      : slab(pb.h * pb.T), s0(pb.col0 / pb.T), segments((pb.col0 + pb.cols - 1) / pb.T - pb.col0 / pb.T + 1),
+      : s0(pb.col0 / pb.T), segments((pb.col0 + pb.cols - 1) / pb.T - pb.col0 / pb.T + 1),
         p0(pb.row0 / pb.Q) {
     const int64_t np = (pb.row0 + pb.rows - 1) / pb.Q - p0 + 1;
     // Keep every row's coefficients when they are small (token layout: A), so that rows visited
     // q-major (p changing every row) pack each p once; otherwise one p at a time.
     rows_cached = np * segments * pb.h * static_cast<int64_t>(sizeof(A)) <= kCoefCacheBytes ? np : 1;
+    slab.resize(pb.h * pb.T);
     coef.resize(rows_cached * segments * pb.h);
     packed.assign(rows_cached, 0);
   }
