@@ -85,6 +85,7 @@ def format_report(rows: list[BackendRow], floor: float, shape: tuple[int, int], 
     lines.append(f"{'fill_(0)':<10} {'':>10} {floor * 1e3:>8.2f}ms {nbytes / floor / 1e9:>7.1f} {1.0:>8.2f}x "
                  f"{'(floor)':>11}")
     lines.append("")
-    lines.append("fresh: a new output each call (pays first-touch page faults); out=: a reused buffer; "
-                 "fill_: the memory-write floor on the same buffer.")
+    lines.append("fresh: a new output each call (cpp: large outputs reuse freed blocks from its output cache, "
+                 "others pay first-touch page faults); out=: a reused buffer; fill_: the memory-write floor on "
+                 "the same buffer.")
     return "\n".join(lines)
