@@ -32,3 +32,32 @@ def grid_(alpha: torch.Tensor, c: torch.Tensor, row_bins: torch.Tensor, col_bins
     cpp._C.gram_grid_norms(alpha.contiguous().numpy(), c.contiguous().numpy(), row_bins.contiguous().numpy(),
                            col_bins.contiguous().numpy(), out.numpy(), torch.get_num_threads())
     return out
+
+
+def qk_available(source) -> bool:
+    """Whether the fused C++ q/k pass handles this source: a float32 CPU QKAttention, extension built."""
+    from duat_kernels.attention_source import QKAttention
+
+    return (isinstance(source, QKAttention) and available(source) and hasattr(cpp._C, "qk_gram_grid_norms")
+            and source.q.shape[-1] > 0)
+
+
+def qk_squared_norms(source, c: torch.Tensor, grid: tuple[int, int] | None, row_bins: torch.Tensor | None = None,
+                     col_bins: torch.Tensor | None = None) -> torch.Tensor:
+    """||C α||² from q and k in one C++ pass, A never written: (B, N, N) float32 for grid=None, else the
+    super-block sums (B, R, C) float64 with row_bins / col_bins (N,) int64 the super-block of each token.
+    source a QKAttention (float32, CPU), c (h, h)."""
+    q, k = source.q.contiguous(), source.k.contiguous()
+    mask = None if source.key_mask is None else source.key_mask[:, 0, 0].contiguous().numpy()
+    opts = dict(scale=float(source.scale), softcap=float(source.softcap or 0.0), causal=source.causal,
+                window=int(source.window or 0), num_threads=cpp.num_threads())
+    c32 = c.to(torch.float32).contiguous().numpy()
+    cpp._KERNEL_RAN = cpp._KERNEL_RAN or opts["num_threads"] > 1
+    if grid is None:
+        out = torch.empty(source.batch, source.tokens, source.tokens, dtype=torch.float32)
+        cpp._C.qk_gram_squared_norms(q.numpy(), k.numpy(), mask, c32, out.numpy(), **opts)
+    else:
+        out = torch.zeros(source.batch, *grid, dtype=torch.float64)
+        cpp._C.qk_gram_grid_norms(q.numpy(), k.numpy(), mask, c32, row_bins.contiguous().numpy(),
+                                  col_bins.contiguous().numpy(), out.numpy(), **opts)
+    return out
