@@ -231,11 +231,11 @@ struct QkInputs {
 };
 
 QkInputs check_qk_inputs(const py::buffer_info& q, const py::buffer_info& k, const py::object& key_mask_obj,
-                         py::buffer_info& mask_info, const py::buffer_info& c, double scale, double softcap,
+                         py::buffer_info& mask_info, const py::buffer_info* c, double scale, double softcap,
                          bool causal, int64_t window) {
   require_f32_c(q, "q", 4);
   require_f32_c(k, "k", 4);
-  require_f32_c(c, "c", 2);
+  if (c) require_f32_c(*c, "c", 2);
   duat::QkNormsProblem pb{q.shape[0], q.shape[1], k.shape[1], q.shape[2], q.shape[3], static_cast<float>(scale),
                           static_cast<float>(softcap), causal, window};
   if (k.shape[0] != pb.batch || k.shape[2] != pb.n || k.shape[3] != pb.d)
@@ -245,8 +245,8 @@ QkInputs check_qk_inputs(const py::buffer_info& q, const py::buffer_info& k, con
     fail_qk("the heads of q (" + std::to_string(pb.h) + ") must be a positive multiple of those of k (" +
             std::to_string(pb.h_kv) + ")");
   if (pb.d <= 0) fail_qk("the head dimension d must be positive, got " + std::to_string(pb.d));
-  if (c.shape[0] != pb.h || c.shape[1] != pb.h)
-    fail_qk("c must be (h, h) with h = " + std::to_string(pb.h) + ", got shape " + shape_str(c));
+  if (c && (c->shape[0] != pb.h || c->shape[1] != pb.h))
+    fail_qk("c must be (h, h) with h = " + std::to_string(pb.h) + ", got shape " + shape_str(*c));
   if (!std::isfinite(scale)) fail_qk("scale must be finite, got " + std::to_string(scale));
   if (!(softcap >= 0.0) || !std::isfinite(softcap)) fail_qk("softcap must be finite and >= 0 (0 = none), got " + std::to_string(softcap));
   if (window < 0) fail_qk("window must be >= 0 (0 = none), got " + std::to_string(window));
@@ -267,13 +267,14 @@ QkInputs check_qk_inputs(const py::buffer_info& q, const py::buffer_info& k, con
       fail_qk("key_mask must be C-contiguous");
     mask = static_cast<const uint8_t*>(mask_info.ptr);
   }
-  return {pb, static_cast<const float*>(q.ptr), static_cast<const float*>(k.ptr), static_cast<const float*>(c.ptr), mask};
+  return {pb, static_cast<const float*>(q.ptr), static_cast<const float*>(k.ptr),
+          c ? static_cast<const float*>(c->ptr) : nullptr, mask};
 }
 
 void qk_gram_squared_norms(py::buffer q_buf, py::buffer k_buf, py::object key_mask, py::buffer c_buf, py::buffer out_buf,
                            double scale, double softcap, bool causal, int64_t window, int num_threads) {
   py::buffer_info q = q_buf.request(), k = k_buf.request(), c = c_buf.request(), o = out_buf.request(true), mi;
-  const QkInputs in = check_qk_inputs(q, k, key_mask, mi, c, scale, softcap, causal, window);
+  const QkInputs in = check_qk_inputs(q, k, key_mask, mi, &c, scale, softcap, causal, window);
   if (o.format != py::format_descriptor<float>::format() || o.ndim != 3 || o.shape[0] != in.pb.batch ||
       o.shape[1] != in.pb.n || o.shape[2] != in.pb.n)
     fail_qk("out must be float32 (B, N, N) = (" + std::to_string(in.pb.batch) + ", " + std::to_string(in.pb.n) + ", " +
@@ -290,7 +291,7 @@ void qk_gram_grid_norms(py::buffer q_buf, py::buffer k_buf, py::object key_mask,
                         int64_t window, int num_threads) {
   py::buffer_info q = q_buf.request(), k = k_buf.request(), c = c_buf.request(), rb = row_bin_buf.request(),
                   cb = col_bin_buf.request(), o = out_buf.request(true), mi;
-  const QkInputs in = check_qk_inputs(q, k, key_mask, mi, c, scale, softcap, causal, window);
+  const QkInputs in = check_qk_inputs(q, k, key_mask, mi, &c, scale, softcap, causal, window);
   const std::string i64 = py::format_descriptor<int64_t>::format();
   for (const auto* b : {&rb, &cb}) {
     const char* name = b == &rb ? "row_bin" : "col_bin";
@@ -318,6 +319,24 @@ void qk_gram_grid_norms(py::buffer q_buf, py::buffer k_buf, py::object key_mask,
   double* op = static_cast<double*>(o.ptr);
   py::gil_scoped_release release;
   duat::qk_gram_grid_norms(in.q, in.k, in.key_mask, in.c, rp, cp, op, out_rows, out_cols, in.pb, num_threads);
+}
+
+void qk_mix_transposed(py::buffer q_buf, py::buffer k_buf, py::object key_mask, py::buffer u_buf, py::buffer out_buf,
+                       double scale, double softcap, bool causal, int64_t window, int num_threads) {
+  py::buffer_info q = q_buf.request(), k = k_buf.request(), u = u_buf.request(), o = out_buf.request(true), mi;
+  require_f32_c(u, "u", 4);
+  require_f32_c(o, "out", 4);
+  const QkInputs in = check_qk_inputs(q, k, key_mask, mi, nullptr, scale, softcap, causal, window);
+  if (u.shape[0] != in.pb.batch || u.shape[1] != in.pb.h || u.shape[2] != in.pb.n)
+    fail_qk("u must be (B, h, N, e) with (B, h, N) = (" + std::to_string(in.pb.batch) + ", " + std::to_string(in.pb.h) +
+            ", " + std::to_string(in.pb.n) + "), got shape " + shape_str(u));
+  if (o.shape != u.shape) fail_qk("out must have the shape of u " + shape_str(u) + ", got " + shape_str(o));
+  const int64_t e = u.shape[3];
+  if (in.pb.batch == 0 || in.pb.n == 0 || e == 0) return;
+  const float* up = static_cast<const float*>(u.ptr);
+  float* op = static_cast<float*>(o.ptr);
+  py::gil_scoped_release release;
+  duat::qk_mix_transposed(in.q, in.k, in.key_mask, up, op, e, in.pb, num_threads);
 }
 
 void vector_exp(py::buffer x_buf, py::buffer y_buf) {
@@ -383,6 +402,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("row_bin"), py::arg("col_bin"), py::arg("out"), py::arg("scale"), py::arg("softcap") = 0.0,
         py::arg("causal") = false, py::arg("window") = 0, py::arg("num_threads") = 1,
         "out[b, row_bin[n], col_bin[m]] += ||c @ A[b, :, n, m]||^2 (out (B, R, C) float64), A never written.");
+  m.def("qk_mix_transposed", &qk_mix_transposed, py::arg("q"), py::arg("k"), py::arg("key_mask"), py::arg("u"),
+        py::arg("out"), py::arg("scale"), py::arg("softcap") = 0.0, py::arg("causal") = false, py::arg("window") = 0,
+        py::arg("num_threads") = 1,
+        "out[b, i] = A[b, i]^T u[b, i] for u, out (B, h, N, e) float32, A = softmax(scale q k^T (soft-capped, masked))\n"
+        "recomputed per head and row block, never stored.");
   m.def("vector_exp", &vector_exp, py::arg("x"), py::arg("y"),
         "y = exp(x) (float32 vectors) with the active ISA variant's vectorised exponential.");
 #ifdef _OPENMP

@@ -21,6 +21,9 @@ using QkLogits = void (*)(const float* q, int64_t rows, int64_t d, const float* 
                           int64_t m1, float scale, float* s, int64_t lds);
 // In place x = exp(softcap(x) + bias - max) over one row of n logits; returns the sum (0 if all -inf).
 using SoftmaxNumerator = float (*)(float* x, int64_t n, const float* bias, float softcap);
+// out[m * e + j] += Σ_r p[r * ldp + m] · us[r * e + j] for m < keys, j < e, r < rows.
+using PtUAccumulate = void (*)(const float* p, int64_t ldp, int64_t rows, const float* us, int64_t e, float* out,
+                               int64_t keys);
 // y = exp(x) elementwise with the vectorised exponential of the variant.
 using ExpF32 = void (*)(const float* x, int64_t n, float* y);
 
@@ -34,6 +37,7 @@ struct IsaKernels {
   QkLogits qk_logits;
   SoftmaxNumerator softmax_numerator;
   ExpF32 exp_f32;
+  PtUAccumulate pt_u_accumulate;
 };
 
 // The variants compiled into this build, lowest first (each defined by its csrc/isa/<name>.cpp).

@@ -53,6 +53,27 @@ void transpose_keys(const float* k, const QkNormsProblem& pb, int64_t b, float* 
   }
 }
 
+// Logits of one head for rows [r0, r1) into si (rows, width), columns from key cb0 = key_lo(r0); only the
+// keys each row group attends are computed (rounded up to whole vector blocks, into the slack).
+void head_logits(const float* qi, const float* kti, const QkNormsProblem& pb, int64_t r0, int64_t r1, int64_t width,
+                 float* si) {
+  const IsaKernels& isa = active();
+  const int64_t rows = r1 - r0, cb0 = key_lo(pb, r0), cb1 = key_hi(pb, r1 - 1), ldk = pb.n + kPad;
+  for (int64_t t0 = cb0; t0 < cb1; t0 += kKeyTile) {
+    const int64_t t1 = std::min(cb1, t0 + kKeyTile);
+    for (int64_t g0 = 0; g0 < rows; g0 += kGroupRows) {
+      const int64_t g1 = std::min(rows, g0 + kGroupRows);
+      const int64_t lo = std::max(t0, key_lo(pb, r0 + g0)), hi = std::min(t1, key_hi(pb, r0 + g1 - 1));
+      if (lo >= hi) continue;
+      // Rounded up to whole vector blocks: the extra keys (padding or keys the rows do not attend)
+      // land in the buffer's slack and are never read.
+      const int64_t hi_round = lo + (hi - lo + kPad - 1) / kPad * kPad;
+      isa.qk_logits(qi + g0 * pb.d, g1 - g0, pb.d, kti, ldk, lo, hi_round, pb.scale, si + g0 * width + (lo - cb0),
+                    width);
+    }
+  }
+}
+
 // Rows [r0, r1) of batch b: the squared norms of each row go to sink.row(n, sq, lo, hi) (sq[m - lo] for
 // keys m in [lo, hi); sq == nullptr for a row without keys).
 template <class Sink>
@@ -61,26 +82,10 @@ void process_block(const float* q, const float* kt, const float* bias, const flo
                    std::vector<float>& cs, Sink& sink) {
   const IsaKernels& isa = active();
   const int64_t rows = r1 - r0, cb0 = key_lo(pb, r0), cb1 = key_hi(pb, r1 - 1), width = cb1 - cb0 + kPad;
-  const int64_t ldk = pb.n + kPad;
   const int64_t g = pb.h / pb.h_kv;
-  for (int64_t i = 0; i < pb.h; ++i) {
-    const float* qi = q + ((b * pb.h + i) * pb.n + r0) * pb.d;
-    const float* kti = kt + (i / g) * pb.d * ldk;
-    float* si = buf.data() + i * rows * width;
-    for (int64_t t0 = cb0; t0 < cb1; t0 += kKeyTile) {
-      const int64_t t1 = std::min(cb1, t0 + kKeyTile);
-      for (int64_t g0 = 0; g0 < rows; g0 += kGroupRows) {
-        const int64_t g1 = std::min(rows, g0 + kGroupRows);
-        const int64_t lo = std::max(t0, key_lo(pb, r0 + g0)), hi = std::min(t1, key_hi(pb, r0 + g1 - 1));
-        if (lo >= hi) continue;
-        // Rounded up to whole vector blocks: the extra keys (padding or keys the rows do not attend)
-        // land in the buffer's slack and are never read.
-        const int64_t hi_round = lo + (hi - lo + kPad - 1) / kPad * kPad;
-        isa.qk_logits(qi + g0 * pb.d, g1 - g0, pb.d, kti, ldk, lo, hi_round, pb.scale, si + g0 * width + (lo - cb0),
-                      width);
-      }
-    }
-  }
+  for (int64_t i = 0; i < pb.h; ++i)
+    head_logits(q + ((b * pb.h + i) * pb.n + r0) * pb.d, kt + (i / g) * pb.d * (pb.n + kPad), pb, r0, r1, width,
+                buf.data() + i * rows * width);
   std::vector<float> inv(static_cast<size_t>(pb.h));
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t n = r0 + r, lo = key_lo(pb, n), hi = key_hi(pb, n);
@@ -180,6 +185,50 @@ struct GridSink {
 };
 
 }  // namespace
+
+void qk_mix_transposed(const float* q, const float* k, const uint8_t* key_mask, const float* u, float* out, int64_t e,
+                       const QkNormsProblem& pb, int num_threads) {
+  const int threads = std::max(1, num_threads);
+  const IsaKernels& isa = active();
+  const int64_t rb = std::max<int64_t>(1, std::min(kMaxBlockRows, kBufferBytes / (4 * std::max<int64_t>(1, pb.n))));
+  const int64_t blocks = (pb.n + rb - 1) / rb, g = pb.h / pb.h_kv, head_size = pb.n * e;
+  std::vector<float> kt(static_cast<size_t>(pb.h_kv * pb.d * (pb.n + kPad)), 0.0f);
+  std::vector<float> bias(key_mask ? static_cast<size_t>(pb.n) : 0);
+  for (int64_t b = 0; b < pb.batch; ++b) {
+    transpose_keys(k, pb, b, kt.data(), threads);
+    for (int64_t m = 0; key_mask && m < pb.n; ++m) bias[m] = key_mask[b * pb.n + m] ? 0.0f : -INFINITY;
+    // One head per task: its output rows belong to it alone, so nothing is reduced across threads.
+#pragma omp parallel num_threads(threads)
+    {
+      std::vector<float> buf, us(static_cast<size_t>(rb * e));
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t i = 0; i < pb.h; ++i) {
+        float* oi = out + (b * pb.h + i) * head_size;
+        const float* ui = u + (b * pb.h + i) * head_size;
+        std::fill(oi, oi + head_size, 0.0f);
+        for (int64_t blk = 0; blk < blocks; ++blk) {
+          const int64_t r0 = blk * rb, r1 = std::min(pb.n, r0 + rb), rows = r1 - r0;
+          const int64_t cb0 = key_lo(pb, r0), cb1 = key_hi(pb, r1 - 1), width = cb1 - cb0 + kPad;
+          if (buf.size() < static_cast<size_t>(rows * width)) buf.resize(static_cast<size_t>(rows * width));
+          head_logits(q + ((b * pb.h + i) * pb.n + r0) * pb.d, kt.data() + (i / g) * pb.d * (pb.n + kPad), pb, r0, r1,
+                      width, buf.data());
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t n = r0 + r, lo = key_lo(pb, n), hi = key_hi(pb, n);
+            float* row = buf.data() + r * width;
+            const float sum = isa.softmax_numerator(row + (lo - cb0), hi - lo, key_mask ? bias.data() + lo : nullptr,
+                                                    pb.softcap);
+            const float w = sum > 0.0f ? 1.0f / sum : 0.0f;  // a row without keys is a zero row of A
+            std::fill(row, row + (lo - cb0), 0.0f);  // keys the row does not attend: A = 0
+            std::fill(row + (hi - cb0), row + (cb1 - cb0), 0.0f);
+            if (!(sum > 0.0f)) std::fill(row, row + (cb1 - cb0), 0.0f);
+            for (int64_t j = 0; j < e; ++j) us[r * e + j] = ui[n * e + j] * w;  // U rows with 1 / Σ folded in
+          }
+          isa.pt_u_accumulate(buf.data(), width, rows, us.data(), e, oi + cb0 * e, cb1 - cb0);
+        }
+      }
+    }
+  }
+}
 
 void qk_gram_squared_norms(const float* q, const float* k, const uint8_t* key_mask, const float* c, float* out,
                            const QkNormsProblem& pb, int num_threads) {

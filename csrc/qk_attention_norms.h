@@ -34,4 +34,9 @@ void qk_gram_grid_norms(const float* q, const float* k, const uint8_t* key_mask,
                         const int64_t* col_bin, double* out, int64_t out_rows, int64_t out_cols, const QkNormsProblem& pb,
                         int num_threads);
 
+// out (batch, h, n, e) = A_iᵀ u_i per head for u (batch, h, n, e) float32 C-contiguous (what rmatvec needs):
+// per head and row block, the logits and softmax numerators as above, then out[keys] += Pᵀ (u rows / Σ).
+void qk_mix_transposed(const float* q, const float* k, const uint8_t* key_mask, const float* u, float* out, int64_t e,
+                       const QkNormsProblem& pb, int num_threads);
+
 }  // namespace duat

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from duat_kernels import _validation as v
-from duat_kernels import reference
+from duat_kernels import qk_cpu, reference
 
 # Entries of A per row block (B·h·rows·cols): 64 MiB of float32 per step.
 BLOCK_ENTRIES = 1 << 24
@@ -245,6 +245,12 @@ class QKAttention(AttentionSource):
         return self._lse
 
     # --- products through scaled_dot_product_attention ---------------------------------------
+
+    def mix_transposed(self, u):
+        """A_iᵀ U_i; float32 CPU sources through the fused C++ pass (duat_kernels.qk_cpu)."""
+        if qk_cpu.handles(self):
+            return qk_cpu.mix_transposed(self, u)
+        return super().mix_transposed(u)
 
     def mix(self, values):
         """A V with torch's fused attention (same masks, same A); soft-capping falls back to blocks."""

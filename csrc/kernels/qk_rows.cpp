@@ -7,6 +7,10 @@
 // d-loop is kNV vector loads of kt[t, m:m+kNV·L] and kRows broadcasts of q[r, t]. The caller keeps
 // the key range one tile wide (d x kKeyTile floats stay in L1/L2 across the row groups).
 //
+// Transposed product. out[m, :] += Σ_r p[r, m] · us[r, :] (Aᵀ U of one head for a row block, the
+// normalisation folded into us): kRows keys x kNV vectors of the value width in registers, the
+// inner loop over the block's rows (one vector load of us[r] per kRows broadcasts of p[r, m]).
+//
 // Exponential. exp(x) = 2^n · p(r), n = round(x / ln 2), r = x - n ln 2 (Cody-Waite, two constants),
 // p the degree-6 Cephes polynomial (about 1 ulp on [-ln2/2, ln2/2]); 2^n is applied as two factors so
 // that subnormal results and exp(x) up to FLT_MAX are exact to rounding. x < -103.98 (below half the
@@ -110,7 +114,56 @@ void logits_rows_fixed(const float* q, int64_t d, const float* kt, int64_t ldk, 
     }
 }
 
+template <int KM, int V>
+inline void ptu_block(const float* p, int64_t ldp, int64_t rows, const float* us, int64_t e, int64_t j, float* out) {
+  VF acc[KM][V];
+  for (int km = 0; km < KM; ++km)
+    for (int v = 0; v < V; ++v) acc[km][v] = VF{};
+  for (int64_t r = 0; r < rows; ++r) {
+    VF uv[V];
+    for (int v = 0; v < V; ++v) uv[v] = load_v(us + r * e + j + v * kL);
+    for (int km = 0; km < KM; ++km) {
+      const VF pb = splat(p + r * ldp + km);
+      for (int v = 0; v < V; ++v) acc[km][v] = madd(pb, uv[v], acc[km][v]);
+    }
+  }
+  for (int km = 0; km < KM; ++km)
+    for (int v = 0; v < V; ++v) {
+      float* o = out + km * e + j + v * kL;
+      store_v(o, load_v(o) + acc[km][v]);
+    }
+}
+
+template <int KM>
+void ptu_keys_fixed(const float* p, int64_t ldp, int64_t rows, const float* us, int64_t e, float* out) {
+  int64_t j = 0;
+  for (; j + kNV * kL <= e; j += kNV * kL) ptu_block<KM, kNV>(p, ldp, rows, us, e, j, out);
+  for (; j + kL <= e; j += kL) ptu_block<KM, 1>(p, ldp, rows, us, e, j, out);
+  for (; j < e; ++j)
+    for (int km = 0; km < KM; ++km) {
+      float acc = 0.0f;
+      for (int64_t r = 0; r < rows; ++r) acc = madd(p[r * ldp + km], us[r * e + j], acc);
+      out[km * e + j] += acc;
+    }
+}
+
 }  // namespace
+
+// out[m * e + j] += Σ_r p[r * ldp + m] · us[r * e + j] for m < keys, j < e.
+void pt_u_accumulate(const float* p, int64_t ldp, int64_t rows, const float* us, int64_t e, float* out, int64_t keys) {
+  for (int64_t m = 0; m < keys; m += kRows) {
+    const float* pm = p + m;
+    float* om = out + m * e;
+    switch (keys - m < kRows ? keys - m : kRows) {
+      case 1: ptu_keys_fixed<1>(pm, ldp, rows, us, e, om); break;
+      case 2: ptu_keys_fixed<2>(pm, ldp, rows, us, e, om); break;
+      case 3: ptu_keys_fixed<3>(pm, ldp, rows, us, e, om); break;
+      case 4: ptu_keys_fixed<4>(pm, ldp, rows, us, e, om); break;
+      case 5: ptu_keys_fixed<5>(pm, ldp, rows, us, e, om); break;
+      default: ptu_keys_fixed<kRows>(pm, ldp, rows, us, e, om); break;
+    }
+  }
+}
 
 // s[r * lds + (m - m0)] = scale · Σ_t q[r * d + t] · kt[t * ldk + m] for r < rows, m in [m0, m1).
 void qk_logits(const float* q, int64_t rows, int64_t d, const float* kt, int64_t ldk, int64_t m0, int64_t m1,
