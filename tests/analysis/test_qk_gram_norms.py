@@ -40,6 +40,8 @@ def _padding_mask(batch, tokens):
 
 CASES = {  # batch, h, h_kv, N, d, options
     "full": (1, 4, 4, 37, 16, {}),
+    "one_token": (1, 1, 1, 1, 3, dict(causal=True)),
+    "two_tokens": (2, 2, 1, 2, 5, {}),
     "causal_gqa": (2, 6, 2, 53, 24, dict(causal=True)),
     "causal_padding": (2, 6, 3, 53, 64, dict(causal=True, mask=True)),
     "window_padding": (2, 4, 2, 45, 8, dict(mask=True, sliding_window=5)),
