@@ -20,10 +20,7 @@ using GramRow = void (*)(const float* a_row, int64_t plane, const float* c, int6
 using QkLogits = void (*)(const float* q, int64_t rows, int64_t d, const float* kt, int64_t ldk, int64_t m0,
                           int64_t m1, float scale, float* s, int64_t lds);
 // In place x = exp(softcap(x) + bias - max) over one row of n logits; returns the sum (0 if all -inf).
-// The max (after soft-cap and bias) goes to *max_out when not null.
-using SoftmaxNumerator = float (*)(float* x, int64_t n, const float* bias, float softcap, float* max_out);
-// In place x = exp(softcap(x) + bias - shift).
-using ExpShifted = void (*)(float* x, int64_t n, const float* bias, float softcap, float shift);
+using SoftmaxNumerator = float (*)(float* x, int64_t n, const float* bias, float softcap);
 // out[m * e + j] += Σ_r p[r * ldp + m] · us[r * e + j] for m < keys, j < e, r < rows.
 using PtUAccumulate = void (*)(const float* p, int64_t ldp, int64_t rows, const float* us, int64_t e, float* out,
                                int64_t keys);
@@ -41,7 +38,6 @@ struct IsaKernels {
   SoftmaxNumerator softmax_numerator;
   ExpF32 exp_f32;
   PtUAccumulate pt_u_accumulate;
-  ExpShifted exp_shifted;
 };
 
 // The variants compiled into this build, lowest first (each defined by its csrc/isa/<name>.cpp).

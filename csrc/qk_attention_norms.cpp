@@ -12,7 +12,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <vector>
 
 #ifdef _OPENMP
@@ -54,85 +53,23 @@ void transpose_keys(const float* k, const QkNormsProblem& pb, int64_t b, float* 
   }
 }
 
-// Logits of one head for rows [r0, r1) and keys [t0, t1) into si (rows, ld), column m at si[m - base];
-// only the keys each row group attends are computed, rounded up to whole vector blocks (the extra keys,
-// padding or keys the rows do not attend, land in the buffer's slack of kPad columns and are never read).
-void tile_logits(const float* qi, const float* kti, const QkNormsProblem& pb, int64_t r0, int64_t r1, int64_t t0,
-                 int64_t t1, float* si, int64_t ld, int64_t base) {
-  const IsaKernels& isa = active();
-  const int64_t rows = r1 - r0, ldk = pb.n + kPad;
-  for (int64_t g0 = 0; g0 < rows; g0 += kGroupRows) {
-    const int64_t g1 = std::min(rows, g0 + kGroupRows);
-    const int64_t lo = std::max(t0, key_lo(pb, r0 + g0)), hi = std::min(t1, key_hi(pb, r0 + g1 - 1));
-    if (lo >= hi) continue;
-    const int64_t hi_round = lo + (hi - lo + kPad - 1) / kPad * kPad;
-    isa.qk_logits(qi + g0 * pb.d, g1 - g0, pb.d, kti, ldk, lo, hi_round, pb.scale, si + g0 * ld + (lo - base), ld);
-  }
-}
-
-// Logits of one head for rows [r0, r1) into si (rows, width), columns from key cb0 = key_lo(r0), a key
-// tile at a time.
+// Logits of one head for rows [r0, r1) into si (rows, width), columns from key cb0 = key_lo(r0); only the
+// keys each row group attends are computed (rounded up to whole vector blocks, into the slack).
 void head_logits(const float* qi, const float* kti, const QkNormsProblem& pb, int64_t r0, int64_t r1, int64_t width,
                  float* si) {
-  const int64_t cb0 = key_lo(pb, r0), cb1 = key_hi(pb, r1 - 1);
-  for (int64_t t0 = cb0; t0 < cb1; t0 += kKeyTile)
-    tile_logits(qi, kti, pb, r0, r1, t0, std::min(cb1, t0 + kKeyTile), si, width, cb0);
-}
-
-// The two-pass variant (measured against the one-pass process_block, see the README): pass 1 keeps
-// only the row statistics (max, Σ exp) per head, a key tile at a time; pass 2 recomputes the logits
-// of a key tile for every head (h x rows x kKeyTile floats, in L2) and reduces them at once.
-template <class Sink>
-void process_block_two_pass(const float* q, const float* kt, const float* bias, const float* c,
-                            const QkNormsProblem& pb, int64_t b, int64_t r0, int64_t r1, std::vector<float>& buf,
-                            std::vector<float>& sq, std::vector<float>& cs, Sink& sink) {
   const IsaKernels& isa = active();
-  const int64_t rows = r1 - r0, cb0 = key_lo(pb, r0), cb1 = key_hi(pb, r1 - 1), ld = kKeyTile + kPad;
-  const int64_t g = pb.h / pb.h_kv;
-  if (buf.size() < static_cast<size_t>(pb.h * rows * ld)) buf.resize(static_cast<size_t>(pb.h * rows * ld));
-  std::vector<float> mx(static_cast<size_t>(pb.h * rows), -INFINITY), sum(static_cast<size_t>(pb.h * rows), 0.0f);
-  for (int64_t i = 0; i < pb.h; ++i) {  // pass 1: row statistics
-    const float* qi = q + ((b * pb.h + i) * pb.n + r0) * pb.d;
-    const float* kti = kt + (i / g) * pb.d * (pb.n + kPad);
-    for (int64_t t0 = cb0; t0 < cb1; t0 += kKeyTile) {
-      const int64_t t1 = std::min(cb1, t0 + kKeyTile);
-      tile_logits(qi, kti, pb, r0, r1, t0, t1, buf.data(), ld, t0);
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t lo = std::max(t0, key_lo(pb, r0 + r)), hi = std::min(t1, key_hi(pb, r0 + r));
-        if (lo >= hi) continue;
-        float m_seg;
-        const float s_seg = isa.softmax_numerator(buf.data() + r * ld + (lo - t0), hi - lo, bias ? bias + lo : nullptr,
-                                                  pb.softcap, &m_seg);
-        if (!(s_seg > 0.0f)) continue;
-        float& m = mx[i * rows + r];
-        float& s = sum[i * rows + r];
-        const float m_new = std::max(m, m_seg);
-        s = (m == -INFINITY ? 0.0f : s * std::exp(m - m_new)) + s_seg * std::exp(m_seg - m_new);
-        m = m_new;
-      }
-    }
-  }
-  std::vector<float> crow(static_cast<size_t>(rows * pb.h * pb.h));
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < pb.h; ++j)
-      for (int64_t i = 0; i < pb.h; ++i) {
-        const float s = sum[i * rows + r];
-        crow[(r * pb.h + j) * pb.h + i] = s > 0.0f ? c[j * pb.h + i] / s : 0.0f;  // C diag(1 / Σ)
-      }
-  for (int64_t t0 = cb0; t0 < cb1; t0 += kKeyTile) {  // pass 2: probabilities and ||C α||² per tile
+  const int64_t rows = r1 - r0, cb0 = key_lo(pb, r0), cb1 = key_hi(pb, r1 - 1), ldk = pb.n + kPad;
+  for (int64_t t0 = cb0; t0 < cb1; t0 += kKeyTile) {
     const int64_t t1 = std::min(cb1, t0 + kKeyTile);
-    for (int64_t i = 0; i < pb.h; ++i)
-      tile_logits(q + ((b * pb.h + i) * pb.n + r0) * pb.d, kt + (i / g) * pb.d * (pb.n + kPad), pb, r0, r1, t0, t1,
-                  buf.data() + i * rows * ld, ld, t0);
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t lo = std::max(t0, key_lo(pb, r0 + r)), hi = std::min(t1, key_hi(pb, r0 + r));
-      if (lo >= hi || !(sum[r] > 0.0f)) continue;  // a row without keys adds nothing
-      for (int64_t i = 0; i < pb.h; ++i)
-        isa.exp_shifted(buf.data() + (i * rows + r) * ld + (lo - t0), hi - lo, bias ? bias + lo : nullptr, pb.softcap,
-                        mx[i * rows + r]);
-      isa.gram_row_squared_norms(buf.data() + r * ld + (lo - t0), rows * ld, crow.data() + r * pb.h * pb.h, pb.h,
-                                 hi - lo, sq.data());
-      sink.row(r0 + r, sq.data(), lo, hi);
+    for (int64_t g0 = 0; g0 < rows; g0 += kGroupRows) {
+      const int64_t g1 = std::min(rows, g0 + kGroupRows);
+      const int64_t lo = std::max(t0, key_lo(pb, r0 + g0)), hi = std::min(t1, key_hi(pb, r0 + g1 - 1));
+      if (lo >= hi) continue;
+      // Rounded up to whole vector blocks: the extra keys (padding or keys the rows do not attend)
+      // land in the buffer's slack and are never read.
+      const int64_t hi_round = lo + (hi - lo + kPad - 1) / kPad * kPad;
+      isa.qk_logits(qi + g0 * pb.d, g1 - g0, pb.d, kti, ldk, lo, hi_round, pb.scale, si + g0 * width + (lo - cb0),
+                    width);
     }
   }
 }
@@ -155,7 +92,7 @@ void process_block(const float* q, const float* kt, const float* bias, const flo
     bool empty = false;
     for (int64_t i = 0; i < pb.h && !empty; ++i) {
       float* x = buf.data() + (i * rows + r) * width + (lo - cb0);
-      const float sum = isa.softmax_numerator(x, hi - lo, bias ? bias + lo : nullptr, pb.softcap, nullptr);
+      const float sum = isa.softmax_numerator(x, hi - lo, bias ? bias + lo : nullptr, pb.softcap);
       empty = !(sum > 0.0f);  // every head sees the same keys: all -inf in one head means in all
       inv[i] = 1.0f / sum;
     }
@@ -174,7 +111,7 @@ void process_block(const float* q, const float* kt, const float* bias, const flo
 // sink.begin(r0, r1) / sink.end() bracket each block.
 template <class MakeSink>
 void qk_pass(const float* q, const float* k, const uint8_t* key_mask, const float* c, const QkNormsProblem& pb,
-             int num_threads, MakeSink make_sink, bool two_pass = false) {
+             int num_threads, MakeSink make_sink) {
   const int threads = std::max(1, num_threads);
   const int64_t rb = block_rows(pb), blocks = (pb.n + rb - 1) / rb;
   std::vector<float> kt(static_cast<size_t>(pb.h_kv * pb.d * (pb.n + kPad)), 0.0f);
@@ -193,10 +130,7 @@ void qk_pass(const float* q, const float* k, const uint8_t* key_mask, const floa
         const size_t need = static_cast<size_t>(pb.h * (r1 - r0) * (key_hi(pb, r1 - 1) - key_lo(pb, r0) + kPad));
         if (buf.size() < need) buf.resize(need);
         sink.begin(r0, r1);
-        if (two_pass)
-          process_block_two_pass(q, kt.data(), key_mask ? bias.data() : nullptr, c, pb, b, r0, r1, buf, sq, cs, sink);
-        else
-          process_block(q, kt.data(), key_mask ? bias.data() : nullptr, c, pb, b, r0, r1, buf, sq, cs, sink);
+        process_block(q, kt.data(), key_mask ? bias.data() : nullptr, c, pb, b, r0, r1, buf, sq, cs, sink);
         sink.end();
       }
     }
@@ -282,7 +216,7 @@ void qk_mix_transposed(const float* q, const float* k, const uint8_t* key_mask, 
             const int64_t n = r0 + r, lo = key_lo(pb, n), hi = key_hi(pb, n);
             float* row = buf.data() + r * width;
             const float sum = isa.softmax_numerator(row + (lo - cb0), hi - lo, key_mask ? bias.data() + lo : nullptr,
-                                                    pb.softcap, nullptr);
+                                                    pb.softcap);
             const float w = sum > 0.0f ? 1.0f / sum : 0.0f;  // a row without keys is a zero row of A
             std::fill(row, row + (lo - cb0), 0.0f);  // keys the row does not attend: A = 0
             std::fill(row + (hi - cb0), row + (cb1 - cb0), 0.0f);
@@ -304,7 +238,6 @@ void qk_gram_squared_norms(const float* q, const float* k, const uint8_t* key_ma
 void qk_gram_grid_norms(const float* q, const float* k, const uint8_t* key_mask, const float* c, const int64_t* row_bin,
                         const int64_t* col_bin, double* out, int64_t out_rows, int64_t out_cols, const QkNormsProblem& pb,
                         int num_threads) {
-  const char* env = std::getenv("DUAT_QK_TWO_PASS");
   qk_pass(q, k, key_mask, c, pb, num_threads, [&](int64_t b) {
     GridSink s;
     s.out = out + b * out_rows * out_cols;
@@ -312,7 +245,7 @@ void qk_gram_grid_norms(const float* q, const float* k, const uint8_t* key_mask,
     s.col_bin = col_bin;
     s.out_cols = out_cols;
     return s;
-  }, env && env[0] == '1');
+  });
 }
 
 }  // namespace duat

@@ -16,6 +16,6 @@ bool cpu_supports() {
 
 extern const IsaKernels kKernels = {"baseline", &cpu_supports, &kron_sum_f32, &kron_sum_f64, &fma_peak_gflops,
                                    &gram_row_squared_norms, &qk_logits, &softmax_numerator,
-                                   &exp_f32, &pt_u_accumulate, &exp_shifted};
+                                   &exp_f32, &pt_u_accumulate};
 }  // namespace DUAT_ISA
 }  // namespace duat

@@ -184,7 +184,7 @@ void qk_logits(const float* q, int64_t rows, int64_t d, const float* kt, int64_t
 
 // One row of logits x (n,), in place: x = softcap(x) (cap > 0) + bias (bias may be null; 0 or -inf
 // per key), then x = exp(x - max x). Returns Σ x; 0 (and x untouched) when every entry is -inf.
-float softmax_numerator(float* x, int64_t n, const float* bias, float cap, float* max_out) {
+float softmax_numerator(float* x, int64_t n, const float* bias, float cap) {
   VF vmax = splat_v(-__builtin_inff());
   int64_t m = 0;
   for (; m + kL <= n; m += kL) {
@@ -203,7 +203,6 @@ float softmax_numerator(float* x, int64_t n, const float* bias, float cap, float
     x[m] = v;
     mx = v > mx ? v : mx;
   }
-  if (max_out) *max_out = mx;
   if (mx == -__builtin_inff()) return 0.0f;
   const VF vm = splat_v(mx);
   VF vsum = VF{};
@@ -219,24 +218,6 @@ float softmax_numerator(float* x, int64_t n, const float* bias, float cap, float
     sum += x[m];
   }
   return sum;
-}
-
-// x = exp(softcap(x) + bias - shift) in place (bias may be null).
-void exp_shifted(float* x, int64_t n, const float* bias, float cap, float shift) {
-  const VF vs = splat_v(shift);
-  int64_t m = 0;
-  for (; m + kL <= n; m += kL) {
-    VF v = load_v(x + m);
-    if (cap > 0.0f) v = vsoftcap(v, cap);
-    if (bias) v = v + load_v(bias + m);
-    store_v(x + m, vexp(v - vs));
-  }
-  for (; m < n; ++m) {
-    float v = x[m];
-    if (cap > 0.0f) v = vsoftcap(splat_v(v), cap)[0];
-    if (bias) v += bias[m];
-    x[m] = sexp(v - shift);
-  }
 }
 
 // y[m] = exp(x[m]) for m < n (exposed for tests of the exponential).
