@@ -250,8 +250,7 @@ QkInputs check_qk_inputs(const py::buffer_info& q, const py::buffer_info& k, con
   if (!std::isfinite(scale)) fail_qk("scale must be finite, got " + std::to_string(scale));
   if (!(softcap >= 0.0) || !std::isfinite(softcap)) fail_qk("softcap must be finite and >= 0 (0 = none), got " + std::to_string(softcap));
   if (window < 0) fail_qk("window must be >= 0 (0 = none), got " + std::to_string(window));
-  const int64_t qn = checked_mul(checked_mul(checked_mul(pb.batch, pb.h, "B*h"), pb.n, "B*h*N"), pb.d, "B*h*N*d");
-  (void)qn;
+  checked_mul(checked_mul(checked_mul(pb.batch, pb.h, "B*h"), pb.n, "B*h*N"), pb.d, "B*h*N*d");
   checked_mul(checked_mul(checked_mul(pb.h, pb.n, "h*N"), 96, "h*N*rows"), 4, "the logits buffer bytes");
   checked_mul(checked_mul(pb.batch, pb.n, "B*N"), pb.n, "B*N*N");
   const uint8_t* mask = nullptr;

@@ -1,5 +1,6 @@
-// The threaded driver of the fused q/k block-norm pass (see qk_attention_norms.h); the per-ISA pieces
-// are csrc/kernels/qk_rows.cpp (logits micro-kernel, softmax numerators) and gram_rows.cpp (||C α||²).
+// The threaded drivers of the fused q/k passes (see qk_attention_norms.h): block norms and Aᵀ U. The
+// per-ISA pieces are csrc/kernels/qk_rows.cpp (logits and Pᵀ U micro-kernels, softmax numerators) and
+// gram_rows.cpp (||C α||²).
 //
 // One pass, one row block per task: logits of the block for every head go into the thread's buffer
 // (h, rows, keys), a key tile (kKeyTile keys x d of kᵀ, 32 KiB at d = 64) at a time so that the tile

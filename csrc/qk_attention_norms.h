@@ -1,4 +1,5 @@
-// Gram-weighted squared block norms of W' straight from queries and keys: A is never written.
+// Gram-weighted squared block norms of W' (and Aᵀ U for rmatvec) straight from queries and keys: A is
+// never written.
 //
 // For a block of query rows the pass forms the logits scale·q kᵀ (soft-capped, masked), the softmax
 // numerators exp(s - max) in a per-thread buffer (h, rows, keys), and for every row n and key m
