@@ -338,6 +338,26 @@ void qk_mix_transposed(py::buffer q_buf, py::buffer k_buf, py::object key_mask, 
   duat::qk_mix_transposed(in.q, in.k, in.key_mask, up, op, e, in.pb, num_threads);
 }
 
+void qk_mix(py::buffer q_buf, py::buffer k_buf, py::object key_mask, py::buffer v_buf, py::buffer out_buf, double scale,
+            double softcap, bool causal, int64_t window, int num_threads) {
+  py::buffer_info q = q_buf.request(), k = k_buf.request(), v = v_buf.request(), o = out_buf.request(true), mi;
+  require_f32_c(v, "values", 4);
+  require_f32_c(o, "out", 4);
+  const QkInputs in = check_qk_inputs(q, k, key_mask, mi, nullptr, scale, softcap, causal, window);
+  if (v.shape[0] != in.pb.batch || v.shape[1] != in.pb.h_kv || v.shape[2] != in.pb.n)
+    fail_qk("values must be (B, h_kv, N, e) with (B, h_kv, N) = (" + std::to_string(in.pb.batch) + ", " +
+            std::to_string(in.pb.h_kv) + ", " + std::to_string(in.pb.n) + "), got shape " + shape_str(v));
+  const int64_t e = v.shape[3];
+  if (o.shape[0] != in.pb.batch || o.shape[1] != in.pb.h || o.shape[2] != in.pb.n || o.shape[3] != e)
+    fail_qk("out must be (B, h, N, e) = (" + std::to_string(in.pb.batch) + ", " + std::to_string(in.pb.h) + ", " +
+            std::to_string(in.pb.n) + ", " + std::to_string(e) + "), got shape " + shape_str(o));
+  if (in.pb.batch == 0 || in.pb.n == 0 || e == 0) return;
+  const float* vp = static_cast<const float*>(v.ptr);
+  float* op = static_cast<float*>(o.ptr);
+  py::gil_scoped_release release;
+  duat::qk_mix(in.q, in.k, in.key_mask, vp, op, e, in.pb, num_threads);
+}
+
 void vector_exp(py::buffer x_buf, py::buffer y_buf) {
   py::buffer_info x = x_buf.request(), y = y_buf.request(true);
   require_f32_c(x, "x", 1);
@@ -405,6 +425,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("out"), py::arg("scale"), py::arg("softcap") = 0.0, py::arg("causal") = false, py::arg("window") = 0,
         py::arg("num_threads") = 1,
         "out[b, i] = A[b, i]^T u[b, i] for u, out (B, h, N, e) float32, A = softmax(scale q k^T (soft-capped, masked))\n"
+        "recomputed per head and row block, never stored.");
+  m.def("qk_mix", &qk_mix, py::arg("q"), py::arg("k"), py::arg("key_mask"), py::arg("values"), py::arg("out"),
+        py::arg("scale"), py::arg("softcap") = 0.0, py::arg("causal") = false, py::arg("window") = 0,
+        py::arg("num_threads") = 1,
+        "out[b, i] = A[b, i] values[b, i // (h / h_kv)] for values (B, h_kv, N, e), out (B, h, N, e) float32, A\n"
         "recomputed per head and row block, never stored.");
   m.def("vector_exp", &vector_exp, py::arg("x"), py::arg("y"),
         "y = exp(x) (float32 vectors) with the active ISA variant's vectorised exponential.");

@@ -69,7 +69,7 @@ void head_logits(const float* qi, const float* kti, const QkNormsProblem& pb, in
       // Rounded up to whole vector blocks: the extra keys (padding or keys the rows do not attend)
       // land in the buffer's slack and are never read.
       const int64_t hi_round = lo + (hi - lo + kPad - 1) / kPad * kPad;
-      isa.qk_logits(qi + g0 * pb.d, g1 - g0, pb.d, kti, ldk, lo, hi_round, pb.scale, si + g0 * width + (lo - cb0),
+      isa.qk_logits(qi + g0 * pb.d, pb.d, g1 - g0, pb.d, kti, ldk, lo, hi_round, pb.scale, si + g0 * width + (lo - cb0),
                     width);
     }
   }
@@ -226,6 +226,55 @@ void qk_mix_transposed(const float* q, const float* k, const uint8_t* key_mask, 
           }
           isa.pt_u_accumulate(buf.data(), width, rows, us.data(), e, oi + cb0 * e, cb1 - cb0);
         }
+      }
+    }
+  }
+}
+
+void qk_mix(const float* q, const float* k, const uint8_t* key_mask, const float* values, float* out, int64_t e,
+            const QkNormsProblem& pb, int num_threads) {
+  const int threads = std::max(1, num_threads);
+  const IsaKernels& isa = active();
+  const int64_t rb = std::max<int64_t>(1, std::min(kMaxBlockRows, kBufferBytes / (4 * std::max<int64_t>(1, pb.n))));
+  const int64_t blocks = (pb.n + rb - 1) / rb, g = pb.h / pb.h_kv;
+  std::vector<float> kt(static_cast<size_t>(pb.h_kv * pb.d * (pb.n + kPad)), 0.0f);
+  std::vector<float> bias(key_mask ? static_cast<size_t>(pb.n) : 0);
+  for (int64_t b = 0; b < pb.batch; ++b) {
+    transpose_keys(k, pb, b, kt.data(), threads);
+    for (int64_t m = 0; key_mask && m < pb.n; ++m) bias[m] = key_mask[b * pb.n + m] ? 0.0f : -INFINITY;
+    // One (head, row block) per task: its output rows belong to it alone.
+#pragma omp parallel num_threads(threads)
+    {
+      std::vector<float> buf, part(static_cast<size_t>(rb * e)), w(static_cast<size_t>(rb));
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t job = 0; job < pb.h * blocks; ++job) {
+        const int64_t i = job / blocks, blk = pb.causal ? blocks - 1 - job % blocks : job % blocks;
+        const int64_t r0 = blk * rb, r1 = std::min(pb.n, r0 + rb), rows = r1 - r0;
+        const int64_t cb0 = key_lo(pb, r0), cb1 = key_hi(pb, r1 - 1), width = cb1 - cb0 + kPad;
+        if (buf.size() < static_cast<size_t>(rows * width)) buf.resize(static_cast<size_t>(rows * width));
+        head_logits(q + ((b * pb.h + i) * pb.n + r0) * pb.d, kt.data() + (i / g) * pb.d * (pb.n + kPad), pb, r0, r1,
+                    width, buf.data());
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t n = r0 + r, lo = key_lo(pb, n), hi = key_hi(pb, n);
+          float* row = buf.data() + r * width;
+          const float sum = isa.softmax_numerator(row + (lo - cb0), hi - lo, key_mask ? bias.data() + lo : nullptr,
+                                                  pb.softcap);
+          w[r] = sum > 0.0f ? 1.0f / sum : 0.0f;  // a row without keys is a zero row of A
+          std::fill(row, row + (lo - cb0), 0.0f);  // keys the row does not attend: A = 0
+          std::fill(row + (hi - cb0), row + (cb1 - cb0), 0.0f);
+          if (!(sum > 0.0f)) std::fill(row, row + (cb1 - cb0), 0.0f);
+        }
+        // out rows = diag(w) P V, a key tile of V (kKeyTile x e, in L1/L2) at a time for all the rows.
+        float* o = out + ((b * pb.h + i) * pb.n + r0) * e;
+        std::fill(o, o + rows * e, 0.0f);
+        const float* vi = values + (b * pb.h_kv + i / g) * pb.n * e;
+        for (int64_t t0 = cb0; t0 < cb1; t0 += kKeyTile) {
+          const int64_t t1 = std::min(cb1, t0 + kKeyTile);
+          isa.qk_logits(buf.data() + (t0 - cb0), width, rows, t1 - t0, vi + t0 * e, e, 0, e, 1.0f, part.data(), e);
+          for (int64_t x = 0; x < rows * e; ++x) o[x] += part[x];
+        }
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t j = 0; j < e; ++j) o[r * e + j] *= w[r];
       }
     }
   }

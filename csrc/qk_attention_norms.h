@@ -40,4 +40,9 @@ void qk_gram_grid_norms(const float* q, const float* k, const uint8_t* key_mask,
 void qk_mix_transposed(const float* q, const float* k, const uint8_t* key_mask, const float* u, float* out, int64_t e,
                        const QkNormsProblem& pb, int num_threads);
 
+// out (batch, h, n, e) = A_i v_{i / (h / h_kv)} for values (batch, h_kv, n, e) float32 C-contiguous (matvec
+// where torch's sdpa cannot compute A, i.e. with a soft-cap): per head and row block, P V a key tile at a time.
+void qk_mix(const float* q, const float* k, const uint8_t* key_mask, const float* values, float* out, int64_t e,
+            const QkNormsProblem& pb, int num_threads);
+
 }  // namespace duat

@@ -253,9 +253,10 @@ class QKAttention(AttentionSource):
         return super().mix_transposed(u)
 
     def mix(self, values):
-        """A V with torch's fused attention (same masks, same A); soft-capping falls back to blocks."""
+        """A V with torch's fused attention (same masks, same A); soft-capped logits, which sdpa cannot
+        form, through the C++ pass (duat_kernels.qk_cpu) on float32 CPU sources, else in blocks."""
         if self.softcap:
-            return super().mix(values)
+            return qk_cpu.mix(self, values) if qk_cpu.handles(self) else super().mix(values)
         sdpa = self._sdpa
         vals = values.to(self.dtype)
         if self.key_mask is None and not self.window:

@@ -88,3 +88,28 @@ def test_bad_buffers_are_rejected():
         cpp._C.qk_mix_transposed(q, k, None, u.numpy(), torch.zeros(1, 4, 37, 9).numpy(), scale=1.0)
     with pytest.raises(ValueError, match="float32"):
         cpp._C.qk_mix_transposed(q, k, None, u.double().numpy(), u.numpy(), scale=1.0)
+
+
+@pytest.mark.parametrize("isa", CAPABILITIES)
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("width", [64, 21])
+def test_mix_equals_stored_attention(isa, case, width):
+    """A V in C++ (used by QKAttention.mix for soft-capped sources, which torch's sdpa cannot form)."""
+    fused, exact = _sources(case)
+    values = torch.randn(fused.batch, fused.kv_heads, fused.tokens, width, generator=torch.Generator().manual_seed(4))
+    with cpp.using_capability(isa):
+        got = qk_cpu.mix(fused, values)
+    want = ExplicitAttention(exact.dense(), exact.kv_heads).mix(values.double())
+    assert got.dtype == values.dtype and got.shape == want.shape
+    err = (got.double() - want).norm(dim=(-1, -2)) / want.norm(dim=(-1, -2)).clamp_min(1e-300)
+    assert err.max() <= 1e-5, err.max()
+
+
+def test_softcapped_matvec_goes_through_the_cpp_pass(monkeypatch):
+    fused, exact = _sources("causal_window_softcap")
+    calls = []
+    monkeypatch.setattr(qk_cpu, "mix", lambda source, values, _mix=qk_cpu.mix: calls.append(1) or _mix(source, values))
+    values = torch.randn(fused.batch, fused.kv_heads, fused.tokens, 16, generator=torch.Generator().manual_seed(5))
+    got = fused.mix(values)
+    want = ExplicitAttention(exact.dense(), exact.kv_heads).mix(values.double())
+    assert calls and ((got.double() - want).norm() / want.norm()).item() <= 1e-5

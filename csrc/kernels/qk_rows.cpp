@@ -81,7 +81,7 @@ inline VF vsoftcap(VF x, float cap) {
 }
 
 template <int R, int V>
-inline void logits_block(const float* q, int64_t d, const float* kt, int64_t ldk, int64_t m, float scale, float* s,
+inline void logits_block(const float* q, int64_t ldq, int64_t d, const float* kt, int64_t ldk, int64_t m, float scale, float* s,
                          int64_t lds) {
   VF acc[R][V];
   for (int r = 0; r < R; ++r)
@@ -91,7 +91,7 @@ inline void logits_block(const float* q, int64_t d, const float* kt, int64_t ldk
     const float* kr = kt + t * ldk + m;
     for (int v = 0; v < V; ++v) kv[v] = load_v(kr + v * kL);
     for (int r = 0; r < R; ++r) {
-      const VF qb = splat(q + r * d + t);
+      const VF qb = splat(q + r * ldq + t);
       for (int v = 0; v < V; ++v) acc[r][v] = madd(qb, kv[v], acc[r][v]);
     }
   }
@@ -101,15 +101,15 @@ inline void logits_block(const float* q, int64_t d, const float* kt, int64_t ldk
 }
 
 template <int R>
-void logits_rows_fixed(const float* q, int64_t d, const float* kt, int64_t ldk, int64_t m0, int64_t m1, float scale,
-                       float* s, int64_t lds) {
+void logits_rows_fixed(const float* q, int64_t ldq, int64_t d, const float* kt, int64_t ldk, int64_t m0, int64_t m1,
+                       float scale, float* s, int64_t lds) {
   int64_t m = m0;
-  for (; m + kNV * kL <= m1; m += kNV * kL) logits_block<R, kNV>(q, d, kt, ldk, m, scale, s + (m - m0), lds);
-  for (; m + kL <= m1; m += kL) logits_block<R, 1>(q, d, kt, ldk, m, scale, s + (m - m0), lds);
+  for (; m + kNV * kL <= m1; m += kNV * kL) logits_block<R, kNV>(q, ldq, d, kt, ldk, m, scale, s + (m - m0), lds);
+  for (; m + kL <= m1; m += kL) logits_block<R, 1>(q, ldq, d, kt, ldk, m, scale, s + (m - m0), lds);
   for (; m < m1; ++m)
     for (int r = 0; r < R; ++r) {
       float acc = 0.0f;
-      for (int64_t t = 0; t < d; ++t) acc = madd(q[r * d + t], kt[t * ldk + m], acc);
+      for (int64_t t = 0; t < d; ++t) acc = madd(q[r * ldq + t], kt[t * ldk + m], acc);
       s[r * lds + (m - m0)] = acc * scale;
     }
 }
@@ -165,19 +165,20 @@ void pt_u_accumulate(const float* p, int64_t ldp, int64_t rows, const float* us,
   }
 }
 
-// s[r * lds + (m - m0)] = scale · Σ_t q[r * d + t] · kt[t * ldk + m] for r < rows, m in [m0, m1).
-void qk_logits(const float* q, int64_t rows, int64_t d, const float* kt, int64_t ldk, int64_t m0, int64_t m1,
-               float scale, float* s, int64_t lds) {
+// s[r * lds + (m - m0)] = scale · Σ_t q[r * ldq + t] · kt[t * ldk + m] for r < rows, m in [m0, m1). The
+// same product is P V (rows of P, values V (keys, e)) with q = P, d = keys, kt = V, ldk = e.
+void qk_logits(const float* q, int64_t ldq, int64_t rows, int64_t d, const float* kt, int64_t ldk, int64_t m0,
+               int64_t m1, float scale, float* s, int64_t lds) {
   for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
-    const float* qr = q + r0 * d;
+    const float* qr = q + r0 * ldq;
     float* sr = s + r0 * lds;
     switch (rows - r0 < kRows ? rows - r0 : kRows) {
-      case 1: logits_rows_fixed<1>(qr, d, kt, ldk, m0, m1, scale, sr, lds); break;
-      case 2: logits_rows_fixed<2>(qr, d, kt, ldk, m0, m1, scale, sr, lds); break;
-      case 3: logits_rows_fixed<3>(qr, d, kt, ldk, m0, m1, scale, sr, lds); break;
-      case 4: logits_rows_fixed<4>(qr, d, kt, ldk, m0, m1, scale, sr, lds); break;
-      case 5: logits_rows_fixed<5>(qr, d, kt, ldk, m0, m1, scale, sr, lds); break;
-      default: logits_rows_fixed<kRows>(qr, d, kt, ldk, m0, m1, scale, sr, lds); break;
+      case 1: logits_rows_fixed<1>(qr, ldq, d, kt, ldk, m0, m1, scale, sr, lds); break;
+      case 2: logits_rows_fixed<2>(qr, ldq, d, kt, ldk, m0, m1, scale, sr, lds); break;
+      case 3: logits_rows_fixed<3>(qr, ldq, d, kt, ldk, m0, m1, scale, sr, lds); break;
+      case 4: logits_rows_fixed<4>(qr, ldq, d, kt, ldk, m0, m1, scale, sr, lds); break;
+      case 5: logits_rows_fixed<5>(qr, ldq, d, kt, ldk, m0, m1, scale, sr, lds); break;
+      default: logits_rows_fixed<kRows>(qr, ldq, d, kt, ldk, m0, m1, scale, sr, lds); break;
     }
   }
 }
