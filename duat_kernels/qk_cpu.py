@@ -20,14 +20,16 @@ def handles(source) -> bool:
             and source.dtype == torch.float32 and source.q.shape[-1] > 0 and all_finite(source.q, source.k))
 
 
-def _options(source) -> dict:
+def kernel_options(source) -> dict:
+    """The keyword arguments of the q/k kernels for this source (scale, soft-cap, masks, threads)."""
     threads = cpp.num_threads()
     cpp._KERNEL_RAN = cpp._KERNEL_RAN or threads > 1
     return dict(scale=float(source.scale), softcap=float(source.softcap or 0.0), causal=source.causal,
                 window=int(source.window or 0), num_threads=threads)
 
 
-def _key_mask(source):
+def key_mask(source):
+    """The key mask (B, N) as a NumPy bool view for the kernels, or None."""
     return None if source.key_mask is None else source.key_mask[:, 0, 0].contiguous().numpy()
 
 
@@ -36,8 +38,8 @@ def mix(source, values: torch.Tensor) -> torch.Tensor:
     in float32, returned in values' dtype."""
     vals = values.to(torch.float32).contiguous()
     out = torch.empty(source.batch, source.heads, source.tokens, vals.shape[-1], dtype=torch.float32)
-    cpp._C.qk_mix(source.q.contiguous().numpy(), source.k.contiguous().numpy(), _key_mask(source), vals.numpy(),
-                  out.numpy(), **_options(source))
+    cpp._C.qk_mix(source.q.contiguous().numpy(), source.k.contiguous().numpy(), key_mask(source), vals.numpy(),
+                  out.numpy(), **kernel_options(source))
     return out.to(values.dtype)
 
 
@@ -46,6 +48,6 @@ def mix_transposed(source, u: torch.Tensor) -> torch.Tensor:
     in float32, returned in u's dtype."""
     uc = u.to(torch.float32).contiguous()
     out = torch.empty_like(uc)
-    cpp._C.qk_mix_transposed(source.q.contiguous().numpy(), source.k.contiguous().numpy(), _key_mask(source),
-                             uc.numpy(), out.numpy(), **_options(source))
+    cpp._C.qk_mix_transposed(source.q.contiguous().numpy(), source.k.contiguous().numpy(), key_mask(source),
+                             uc.numpy(), out.numpy(), **kernel_options(source))
     return out.to(u.dtype)
