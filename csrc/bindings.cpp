@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -15,6 +16,7 @@
 
 #include "isa.h"
 #include "attention_norms.h"
+#include "qk_attention_norms.h"
 #include "kron_sum.h"
 #include "output_cache.h"
 #include <pybind11/numpy.h>
@@ -249,6 +251,162 @@ void gram_grid_norms(py::buffer a_buf, py::buffer c_buf, py::buffer row_bin_buf,
   duat::gram_grid_norms(ap, cp, rp, cp_bin, op, out_rows, out_cols, pb, num_threads);
 }
 
+[[noreturn]] void fail_qk(const std::string& msg) { throw std::invalid_argument("duat_kernels._C.qk_gram_norms: " + msg); }
+
+void require_f32_c(const py::buffer_info& b, const char* name, int64_t ndim) {
+  if (b.format != py::format_descriptor<float>::format())
+    fail_qk(std::string(name) + " must hold float32, got format '" + b.format + "'");
+  if (b.ndim != ndim) fail_qk(std::string(name) + " must be " + std::to_string(ndim) + "-D, got shape " + shape_str(b));
+  int64_t expected = b.itemsize;
+  for (int64_t d = b.ndim - 1; d >= 0; --d) {
+    if (b.shape[d] != 1 && b.strides[d] != expected) fail_qk(std::string(name) + " must be C-contiguous");
+    expected *= b.shape[d];
+  }
+}
+
+// The problem of q (B, h, N, d), k (B, h_kv, N, d), c (h, h) and the options; key_mask (B, N) bytes or None.
+struct QkInputs {
+  duat::QkNormsProblem pb;
+  const float *q, *k, *c;
+  const uint8_t* key_mask;
+};
+
+QkInputs check_qk_inputs(const py::buffer_info& q, const py::buffer_info& k, const py::object& key_mask_obj,
+                         py::buffer_info& mask_info, const py::buffer_info* c, double scale, double softcap,
+                         bool causal, int64_t window) {
+  require_f32_c(q, "q", 4);
+  require_f32_c(k, "k", 4);
+  if (c) require_f32_c(*c, "c", 2);
+  duat::QkNormsProblem pb{q.shape[0], q.shape[1], k.shape[1], q.shape[2], q.shape[3], static_cast<float>(scale),
+                          static_cast<float>(softcap), causal, window};
+  if (k.shape[0] != pb.batch || k.shape[2] != pb.n || k.shape[3] != pb.d)
+    fail_qk("k must be (B, h_kv, N, d) = (" + std::to_string(pb.batch) + ", h_kv, " + std::to_string(pb.n) + ", " +
+            std::to_string(pb.d) + ") to match q " + shape_str(q) + ", got " + shape_str(k));
+  if (pb.h <= 0 || pb.h_kv <= 0 || pb.h % pb.h_kv != 0)
+    fail_qk("the heads of q (" + std::to_string(pb.h) + ") must be a positive multiple of those of k (" +
+            std::to_string(pb.h_kv) + ")");
+  if (pb.d <= 0) fail_qk("the head dimension d must be positive, got " + std::to_string(pb.d));
+  if (c && (c->shape[0] != pb.h || c->shape[1] != pb.h))
+    fail_qk("c must be (h, h) with h = " + std::to_string(pb.h) + ", got shape " + shape_str(*c));
+  if (!std::isfinite(scale)) fail_qk("scale must be finite, got " + std::to_string(scale));
+  if (!(softcap >= 0.0) || !std::isfinite(softcap)) fail_qk("softcap must be finite and >= 0 (0 = none), got " + std::to_string(softcap));
+  if (window < 0) fail_qk("window must be >= 0 (0 = none), got " + std::to_string(window));
+  checked_mul(checked_mul(checked_mul(pb.batch, pb.h, "B*h"), pb.n, "B*h*N"), pb.d, "B*h*N*d");
+  checked_mul(checked_mul(checked_mul(pb.h, pb.n, "h*N"), 96, "h*N*rows"), 4, "the logits buffer bytes");
+  checked_mul(checked_mul(pb.batch, pb.n, "B*N"), pb.n, "B*N*N");
+  const uint8_t* mask = nullptr;
+  if (!key_mask_obj.is_none()) {
+    mask_info = py::cast<py::buffer>(key_mask_obj).request();
+    if (mask_info.itemsize != 1 || (mask_info.format != "?" && mask_info.format != "B" && mask_info.format != "b"))
+      fail_qk("key_mask must hold bool or uint8, got format '" + mask_info.format + "'");
+    if (mask_info.ndim != 2 || mask_info.shape[0] != pb.batch || mask_info.shape[1] != pb.n)
+      fail_qk("key_mask must be (B, N) = (" + std::to_string(pb.batch) + ", " + std::to_string(pb.n) + "), got shape " +
+              shape_str(mask_info));
+    if ((mask_info.shape[1] != 1 && mask_info.strides[1] != 1) ||
+        (mask_info.shape[0] != 1 && mask_info.strides[0] != pb.n))
+      fail_qk("key_mask must be C-contiguous");
+    mask = static_cast<const uint8_t*>(mask_info.ptr);
+  }
+  return {pb, static_cast<const float*>(q.ptr), static_cast<const float*>(k.ptr),
+          c ? static_cast<const float*>(c->ptr) : nullptr, mask};
+}
+
+void qk_gram_squared_norms(py::buffer q_buf, py::buffer k_buf, py::object key_mask, py::buffer c_buf, py::buffer out_buf,
+                           double scale, double softcap, bool causal, int64_t window, int num_threads) {
+  py::buffer_info q = q_buf.request(), k = k_buf.request(), c = c_buf.request(), o = out_buf.request(true), mi;
+  const QkInputs in = check_qk_inputs(q, k, key_mask, mi, &c, scale, softcap, causal, window);
+  if (o.format != py::format_descriptor<float>::format() || o.ndim != 3 || o.shape[0] != in.pb.batch ||
+      o.shape[1] != in.pb.n || o.shape[2] != in.pb.n)
+    fail_qk("out must be float32 (B, N, N) = (" + std::to_string(in.pb.batch) + ", " + std::to_string(in.pb.n) + ", " +
+            std::to_string(in.pb.n) + "), got format '" + o.format + "' shape " + shape_str(o));
+  require_f32_c(o, "out", 3);
+  if (in.pb.batch == 0 || in.pb.n == 0) return;
+  float* op = static_cast<float*>(o.ptr);
+  py::gil_scoped_release release;
+  duat::qk_gram_squared_norms(in.q, in.k, in.key_mask, in.c, op, in.pb, num_threads);
+}
+
+void qk_gram_grid_norms(py::buffer q_buf, py::buffer k_buf, py::object key_mask, py::buffer c_buf, py::buffer row_bin_buf,
+                        py::buffer col_bin_buf, py::buffer out_buf, double scale, double softcap, bool causal,
+                        int64_t window, int num_threads) {
+  py::buffer_info q = q_buf.request(), k = k_buf.request(), c = c_buf.request(), rb = row_bin_buf.request(),
+                  cb = col_bin_buf.request(), o = out_buf.request(true), mi;
+  const QkInputs in = check_qk_inputs(q, k, key_mask, mi, &c, scale, softcap, causal, window);
+  const std::string i64 = py::format_descriptor<int64_t>::format();
+  for (const auto* b : {&rb, &cb}) {
+    const char* name = b == &rb ? "row_bin" : "col_bin";
+    if (!(b->format == i64 || ((b->format == "l" || b->format == "q") && b->itemsize == 8)))
+      fail_qk(std::string(name) + " must hold int64, got format '" + b->format + "'");
+    if (b->ndim != 1 || b->shape[0] != in.pb.n || (in.pb.n > 1 && b->strides[0] != 8))
+      fail_qk(std::string(name) + " must be a contiguous (N,) = (" + std::to_string(in.pb.n) + ",) vector, got shape " +
+              shape_str(*b));
+  }
+  if (o.format != py::format_descriptor<double>::format() || o.ndim != 3 || o.shape[0] != in.pb.batch)
+    fail_qk("out must be float64 (B, R, C) with B = " + std::to_string(in.pb.batch) + ", got format '" + o.format +
+            "' shape " + shape_str(o));
+  int64_t expected = 8;
+  for (int64_t d = 2; d >= 0; --d) {
+    if (o.shape[d] != 1 && o.strides[d] != expected) fail_qk("out must be C-contiguous");
+    expected *= o.shape[d];
+  }
+  const int64_t out_rows = o.shape[1], out_cols = o.shape[2];
+  const int64_t *rp = static_cast<const int64_t*>(rb.ptr), *cp = static_cast<const int64_t*>(cb.ptr);
+  for (int64_t r = 0; r < in.pb.n; ++r)
+    if (rp[r] < 0 || rp[r] >= out_rows) fail_qk("row_bin[" + std::to_string(r) + "] is out of range");
+  for (int64_t m = 0; m < in.pb.n; ++m)
+    if (cp[m] < 0 || cp[m] >= out_cols) fail_qk("col_bin[" + std::to_string(m) + "] is out of range");
+  if (in.pb.batch == 0 || in.pb.n == 0) return;
+  double* op = static_cast<double*>(o.ptr);
+  py::gil_scoped_release release;
+  duat::qk_gram_grid_norms(in.q, in.k, in.key_mask, in.c, rp, cp, op, out_rows, out_cols, in.pb, num_threads);
+}
+
+void qk_mix_transposed(py::buffer q_buf, py::buffer k_buf, py::object key_mask, py::buffer u_buf, py::buffer out_buf,
+                       double scale, double softcap, bool causal, int64_t window, int num_threads) {
+  py::buffer_info q = q_buf.request(), k = k_buf.request(), u = u_buf.request(), o = out_buf.request(true), mi;
+  require_f32_c(u, "u", 4);
+  require_f32_c(o, "out", 4);
+  const QkInputs in = check_qk_inputs(q, k, key_mask, mi, nullptr, scale, softcap, causal, window);
+  if (u.shape[0] != in.pb.batch || u.shape[1] != in.pb.h || u.shape[2] != in.pb.n)
+    fail_qk("u must be (B, h, N, e) with (B, h, N) = (" + std::to_string(in.pb.batch) + ", " + std::to_string(in.pb.h) +
+            ", " + std::to_string(in.pb.n) + "), got shape " + shape_str(u));
+  if (o.shape != u.shape) fail_qk("out must have the shape of u " + shape_str(u) + ", got " + shape_str(o));
+  const int64_t e = u.shape[3];
+  if (in.pb.batch == 0 || in.pb.n == 0 || e == 0) return;
+  const float* up = static_cast<const float*>(u.ptr);
+  float* op = static_cast<float*>(o.ptr);
+  py::gil_scoped_release release;
+  duat::qk_mix_transposed(in.q, in.k, in.key_mask, up, op, e, in.pb, num_threads);
+}
+
+void qk_mix(py::buffer q_buf, py::buffer k_buf, py::object key_mask, py::buffer v_buf, py::buffer out_buf, double scale,
+            double softcap, bool causal, int64_t window, int num_threads) {
+  py::buffer_info q = q_buf.request(), k = k_buf.request(), v = v_buf.request(), o = out_buf.request(true), mi;
+  require_f32_c(v, "values", 4);
+  require_f32_c(o, "out", 4);
+  const QkInputs in = check_qk_inputs(q, k, key_mask, mi, nullptr, scale, softcap, causal, window);
+  if (v.shape[0] != in.pb.batch || v.shape[1] != in.pb.h_kv || v.shape[2] != in.pb.n)
+    fail_qk("values must be (B, h_kv, N, e) with (B, h_kv, N) = (" + std::to_string(in.pb.batch) + ", " +
+            std::to_string(in.pb.h_kv) + ", " + std::to_string(in.pb.n) + "), got shape " + shape_str(v));
+  const int64_t e = v.shape[3];
+  if (o.shape[0] != in.pb.batch || o.shape[1] != in.pb.h || o.shape[2] != in.pb.n || o.shape[3] != e)
+    fail_qk("out must be (B, h, N, e) = (" + std::to_string(in.pb.batch) + ", " + std::to_string(in.pb.h) + ", " +
+            std::to_string(in.pb.n) + ", " + std::to_string(e) + "), got shape " + shape_str(o));
+  if (in.pb.batch == 0 || in.pb.n == 0 || e == 0) return;
+  const float* vp = static_cast<const float*>(v.ptr);
+  float* op = static_cast<float*>(o.ptr);
+  py::gil_scoped_release release;
+  duat::qk_mix(in.q, in.k, in.key_mask, vp, op, e, in.pb, num_threads);
+}
+
+void vector_exp(py::buffer x_buf, py::buffer y_buf) {
+  py::buffer_info x = x_buf.request(), y = y_buf.request(true);
+  require_f32_c(x, "x", 1);
+  require_f32_c(y, "y", 1);
+  if (y.shape[0] != x.shape[0]) fail_qk("y must have the shape of x");
+  duat::active().exp_f32(static_cast<const float*>(x.ptr), x.shape[0], static_cast<float*>(y.ptr));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -331,6 +489,27 @@ PYBIND11_MODULE(_C, m) {
   m.def("gram_grid_norms", &gram_grid_norms, py::arg("a"), py::arg("c"), py::arg("row_bin"), py::arg("col_bin"),
         py::arg("out"), py::arg("num_threads") = 1,
         "out[row_bin[r], col_bin[m]] += ||c @ a[:, r, m]||^2; row_bin (rows,), col_bin (cols,) int64, out float64.");
+  m.def("qk_gram_squared_norms", &qk_gram_squared_norms, py::arg("q"), py::arg("k"), py::arg("key_mask"), py::arg("c"),
+        py::arg("out"), py::arg("scale"), py::arg("softcap") = 0.0, py::arg("causal") = false, py::arg("window") = 0,
+        py::arg("num_threads") = 1,
+        "out[b, n, m] = ||c @ A[b, :, n, m]||^2 with A = softmax(scale q k^T (soft-capped, masked)) never written;\n"
+        "q (B, h, N, d), k (B, h_kv, N, d), c (h, h) float32, key_mask (B, N) bool/uint8 or None, out (B, N, N) float32.");
+  m.def("qk_gram_grid_norms", &qk_gram_grid_norms, py::arg("q"), py::arg("k"), py::arg("key_mask"), py::arg("c"),
+        py::arg("row_bin"), py::arg("col_bin"), py::arg("out"), py::arg("scale"), py::arg("softcap") = 0.0,
+        py::arg("causal") = false, py::arg("window") = 0, py::arg("num_threads") = 1,
+        "out[b, row_bin[n], col_bin[m]] += ||c @ A[b, :, n, m]||^2 (out (B, R, C) float64), A never written.");
+  m.def("qk_mix_transposed", &qk_mix_transposed, py::arg("q"), py::arg("k"), py::arg("key_mask"), py::arg("u"),
+        py::arg("out"), py::arg("scale"), py::arg("softcap") = 0.0, py::arg("causal") = false, py::arg("window") = 0,
+        py::arg("num_threads") = 1,
+        "out[b, i] = A[b, i]^T u[b, i] for u, out (B, h, N, e) float32, A = softmax(scale q k^T (soft-capped, masked))\n"
+        "recomputed per head and row block, never stored.");
+  m.def("qk_mix", &qk_mix, py::arg("q"), py::arg("k"), py::arg("key_mask"), py::arg("values"), py::arg("out"),
+        py::arg("scale"), py::arg("softcap") = 0.0, py::arg("causal") = false, py::arg("window") = 0,
+        py::arg("num_threads") = 1,
+        "out[b, i] = A[b, i] values[b, i // (h / h_kv)] for values (B, h_kv, N, e), out (B, h, N, e) float32, A\n"
+        "recomputed per head and row block, never stored.");
+  m.def("vector_exp", &vector_exp, py::arg("x"), py::arg("y"),
+        "y = exp(x) (float32 vectors) with the active ISA variant's vectorised exponential.");
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else

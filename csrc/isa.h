@@ -16,6 +16,18 @@ namespace duat {
 // sq[m] = ||C a[:, m]||^2 for one row of A (a_row = a[0, r, 0], head stride plane; c (h, h)).
 using GramRow = void (*)(const float* a_row, int64_t plane, const float* c, int64_t h, int64_t cols, float* sq);
 
+// s[r * lds + (m - m0)] = scale · q_r · k_m, r < rows, m in [m0, m1), for q (rows, d) with row stride ldq
+// and kt = kᵀ (d, ldk).
+using QkLogits = void (*)(const float* q, int64_t ldq, int64_t rows, int64_t d, const float* kt, int64_t ldk,
+                          int64_t m0, int64_t m1, float scale, float* s, int64_t lds);
+// In place x = exp(softcap(x) + bias - max) over one row of n logits; returns the sum (0 if all -inf).
+using SoftmaxNumerator = float (*)(float* x, int64_t n, const float* bias, float softcap);
+// out[m * e + j] += Σ_r p[r * ldp + m] · us[r * e + j] for m < keys, j < e, r < rows.
+using PtUAccumulate = void (*)(const float* p, int64_t ldp, int64_t rows, const float* us, int64_t e, float* out,
+                               int64_t keys);
+// y = exp(x) elementwise with the vectorised exponential of the variant.
+using ExpF32 = void (*)(const float* x, int64_t n, float* y);
+
 struct IsaKernels {
   const char* name;
   bool (*cpu_supports)();  // whether the running CPU (and OS) can execute this copy
@@ -23,6 +35,10 @@ struct IsaKernels {
   KronSumF64 kron_sum_f64;
   FmaPeak fma_peak_gflops;
   GramRow gram_row_squared_norms;
+  QkLogits qk_logits;
+  SoftmaxNumerator softmax_numerator;
+  ExpF32 exp_f32;
+  PtUAccumulate pt_u_accumulate;
 };
 
 // The variants compiled into this build, lowest first (each defined by its csrc/isa/<name>.cpp).

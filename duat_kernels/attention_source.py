@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from duat_kernels import _validation as v
-from duat_kernels import reference
+from duat_kernels import qk_cpu, reference
 
 # Entries of A per row block (B·h·rows·cols): 64 MiB of float32 per step.
 BLOCK_ENTRIES = 1 << 24
@@ -246,10 +246,17 @@ class QKAttention(AttentionSource):
 
     # --- products through scaled_dot_product_attention ---------------------------------------
 
+    def mix_transposed(self, u):
+        """A_iᵀ U_i; float32 CPU sources through the fused C++ pass (duat_kernels.qk_cpu)."""
+        if qk_cpu.handles(self):
+            return qk_cpu.mix_transposed(self, u)
+        return super().mix_transposed(u)
+
     def mix(self, values):
-        """A V with torch's fused attention (same masks, same A); soft-capping falls back to blocks."""
+        """A V with torch's fused attention (same masks, same A); soft-capped logits, which sdpa cannot
+        form, through the C++ pass (duat_kernels.qk_cpu) on float32 CPU sources, else in blocks."""
         if self.softcap:
-            return super().mix(values)
+            return qk_cpu.mix(self, values) if qk_cpu.handles(self) else super().mix(values)
         sdpa = self._sdpa
         vals = values.to(self.dtype)
         if self.key_mask is None and not self.window:

@@ -4,6 +4,7 @@
 #include "../kernels/kron_sum.cpp"
 #include "../kernels/fma_peak.cpp"
 #include "../kernels/gram_rows.cpp"
+#include "../kernels/qk_rows.cpp"
 
 namespace duat {
 namespace DUAT_ISA {
@@ -30,6 +31,7 @@ bool cpu_supports() {
 }  // namespace
 
 extern const IsaKernels kKernels = {"native", &cpu_supports, &kron_sum_f32, &kron_sum_f64, &fma_peak_gflops,
-                                   &gram_row_squared_norms};
+                                   &gram_row_squared_norms, &qk_logits, &softmax_numerator,
+                                   &exp_f32, &pt_u_accumulate};
 }  // namespace DUAT_ISA
 }  // namespace duat

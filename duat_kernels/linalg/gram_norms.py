@@ -1,13 +1,16 @@
-"""The fused C++ pass of block_norms: ||C α||² for every column of a row block of A, and its grid sums.
+"""The fused C++ passes of block_norms: ||C α||² for every column of a row block of A, and its grid sums.
 
-One multithreaded read of the (h, rows, cols) block; nothing but the result is written.
+On a stored A: one multithreaded read of the (h, rows, cols) block; nothing but the result is written.
+From q and k (float32 CPU QKAttention): the logits and softmax are formed in the same pass, A never
+exists (csrc/qk_attention_norms.cpp).
 """
 
 from __future__ import annotations
 
 import torch
 
-from duat_kernels import cpp
+from duat_kernels import cpp, qk_cpu
+from duat_kernels.attention_source import QKAttention
 
 
 def available(source) -> bool:
@@ -31,4 +34,27 @@ def grid_(alpha: torch.Tensor, c: torch.Tensor, row_bins: torch.Tensor, col_bins
     row_bins (rows,), col_bins (cols,) int64, out (R, C) float64 contiguous."""
     cpp._C.gram_grid_norms(alpha.contiguous().numpy(), c.contiguous().numpy(), row_bins.contiguous().numpy(),
                            col_bins.contiguous().numpy(), out.numpy(), torch.get_num_threads())
+    return out
+
+
+def qk_available(source) -> bool:
+    """Whether the fused C++ q/k pass handles this source: a float32 CPU QKAttention with finite q and k."""
+    return isinstance(source, QKAttention) and qk_cpu.handles(source) and hasattr(cpp._C, "qk_gram_grid_norms")
+
+
+def qk_squared_norms(source, c: torch.Tensor, grid: tuple[int, int] | None, row_bins: torch.Tensor | None = None,
+                     col_bins: torch.Tensor | None = None) -> torch.Tensor:
+    """||C α||² from q and k in one C++ pass, A never written: (B, N, N) float32 for grid=None, else the
+    super-block sums (B, R, C) float64 with row_bins / col_bins (N,) int64 the super-block of each token.
+    source a QKAttention (float32, CPU), c (h, h)."""
+    q, k = source.q.contiguous().numpy(), source.k.contiguous().numpy()
+    c32 = c.to(torch.float32).contiguous().numpy()
+    opts = qk_cpu.kernel_options(source)
+    if grid is None:
+        out = torch.empty(source.batch, source.tokens, source.tokens, dtype=torch.float32)
+        cpp._C.qk_gram_squared_norms(q, k, qk_cpu.key_mask(source), c32, out.numpy(), **opts)
+    else:
+        out = torch.zeros(source.batch, *grid, dtype=torch.float64)
+        cpp._C.qk_gram_grid_norms(q, k, qk_cpu.key_mask(source), c32, row_bins.contiguous().numpy(),
+                                  col_bins.contiguous().numpy(), out.numpy(), **opts)
     return out

@@ -46,6 +46,9 @@ def block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
     wide = source.dtype == torch.float64
     c = gram_factor(w_v, w_o, h, num_kv_heads).to(source.device, torch.float64 if wide else torch.float32)
     out_rows, out_cols = grid if grid is not None else (n, n)
+    if not wide and gram_norms.qk_available(source):  # logits, softmax and ||C α||² fused in C++: A never written
+        bins = _bins(n, out_rows, source.device), _bins(n, out_cols, source.device)
+        return gram_norms.qk_squared_norms(source, c, grid, *bins).clamp_min_(0).sqrt_().float()
     fused = gram_norms.available(source)
     whole = fused and isinstance(source, ExplicitAttention)  # one pass over the stored A, every entry written
     out = (torch.empty if whole and grid is None else torch.zeros)(
