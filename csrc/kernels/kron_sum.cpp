@@ -178,21 +178,23 @@ inline void store_pair(Out* dst, V a, V b, bool stream) {
 
 #if defined(__AVX512F__)
 template <bool kNaN = true>
-inline __m512i bf16_bits(VF v) {  // rounded bfloat16 bits in the low half of each 32-bit lane
+inline __m512i bf16_rounded(VF v) {  // the rounded bfloat16 bits in the high half of each 32-bit lane
   const __m512i u = _mm512_castps_si512((__m512)v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  const __m512i biased = _mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF));
+  // + 1 where the lowest kept bit (bit 16) is set: ties round to even
+  const __m512i r = _mm512_mask_add_epi32(biased, _mm512_test_epi32_mask(u, _mm512_set1_epi32(0x10000)), biased,
+                                          _mm512_set1_epi32(1));
   if (!kNaN) return r;
   const __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)),
                                                 _mm512_set1_epi32(0x7F800000));
-  return _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
+  return _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC00000));
 }
 template <bool kNaN, typename Out>
 inline void store_bf16_pair(Out* dst, VF a, VF b, bool stream) {
-  // packus interleaves the 128-bit lanes of a and b; the permutation restores a0..a15 b0..b15.
-  const __m512i packed = _mm512_packus_epi32(bf16_bits<kNaN>(a), bf16_bits<kNaN>(b));
-  const __m512i order = _mm512_set_epi64(7, 5, 3, 1, 6, 4, 2, 0);
-  const __m512i out = _mm512_permutexvar_epi64(order, packed);
+  // One word permutation takes the high halves of a's 16 lanes, then of b's: a0..a15 b0..b15.
+  const __m512i high_words = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33,
+                                              31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  const __m512i out = _mm512_permutex2var_epi16(bf16_rounded<kNaN>(a), high_words, bf16_rounded<kNaN>(b));
   put<64>(dst, &out, stream);
 }
 template <>
