@@ -80,6 +80,23 @@ def tile_kernel(backend: str):
     raise ValueError(f"backend {backend!r} has no tile kernel")
 
 
+def ov_circuits(backend: str, layout: str, w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int,
+                num_kv_heads: int) -> torch.Tensor:
+    """OV (h, M_out, M_in) for materialising W' with a backend, in the memory layout it reads fastest.
+
+    The C++ kernel in token layout reads one slab OV[:, q, :] per output row, so there OV is written
+    as (M_out, h, M_in) and viewed as (h, M_out, M_in) (the same numbers: BLAS writes each head's
+    product with another row stride), unless a gradient has to flow through it (bmm with out=
+    records none). Every other case is reference.ov_circuits."""
+    needs_grad = torch.is_grad_enabled() and (w_v.requires_grad or w_o.requires_grad)
+    if backend != "cpp" or layout != "token" or needs_grad or torch.compiler.is_compiling():
+        return reference.ov_circuits(w_v, w_o, num_heads, num_kv_heads)
+    wo, wv = reference.head_factors(w_v, w_o, num_heads, num_kv_heads)
+    slabs = torch.empty(wo.shape[1], num_heads, wv.shape[2], dtype=torch.promote_types(wo.dtype, wv.dtype),
+                        device=wo.device)
+    return torch.bmm(wo, wv, out=slabs.permute(1, 0, 2))
+
+
 def empty_output(backend: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialised output of a backend: the C++ backend's large outputs come from its output cache."""
     if backend == "cpp":

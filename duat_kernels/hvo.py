@@ -93,7 +93,7 @@ def hvo_matrix(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, *, num_
         v.check_fits(f"W' of shape {shape} ({entries:,} entries of {dtype}) with backend={backend!r}", needed, device)
 
     ct = reference.compute_dtype(dtype)
-    ov = reference.ov_circuits(w_v.to(ct), w_o.to(ct), dims.heads, dims.kv_heads)
+    ov = backends.ov_circuits(backend, layout, w_v.to(ct), w_o.to(ct), dims.heads, dims.kv_heads)
     attn4 = attn if dims.batched else attn.unsqueeze(0)
     if out is not None:
         ops.hvo_matrix_out(attn4, ov, layout, backend, out if dims.batched else out.unsqueeze(0))

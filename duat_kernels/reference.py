@@ -27,7 +27,8 @@ def head_factors(w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int,
     """Per query head (Wo_i (h, M_out, d), Wv_{i // g} (h, d, M_in)) from w_o (M_out, h*d), w_v (h_kv*d, M_in)."""
     d = w_o.shape[1] // num_heads
     wv = w_v.reshape(num_kv_heads, d, w_v.shape[1])  # Wv_j = w_v[j*d:(j+1)*d, :]
-    wv = wv.repeat_interleave(num_heads // num_kv_heads, dim=0)  # query head i reads kv head i // g
+    if num_heads != num_kv_heads:
+        wv = wv.repeat_interleave(num_heads // num_kv_heads, dim=0)  # query head i reads kv head i // g
     wo = w_o.reshape(w_o.shape[0], num_heads, d).transpose(0, 1)  # Wo_i = w_o[:, i*d:(i+1)*d]
     return wo, wv
 

@@ -314,3 +314,17 @@ def test_non_finite_values_propagate_through_zero_blocks(layout, bad, capability
     got = dk.hvo_matrix(nan_attn, torch.ones(1, 2), torch.ones(2, 1), layout=layout, backend="cpp")
     want = dk.hvo_matrix(nan_attn, torch.ones(1, 2), torch.ones(2, 1), layout=layout, backend="reference")
     torch.testing.assert_close(got, want, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ov_in_slab_layout_gives_the_same_matrix(dtype, capability):
+    # Token layout on the C++ backend writes OV as (M_out, h, M_in) so that the kernel reads each slab
+    # in place; W' is bit for bit what a contiguous OV gives, and with gradients OV stays differentiable.
+    lay = random_layer(1, 6, 3, tokens=9, head_dim=4, m_in=70, m_out=33, causal=True, batched=False, seed=11)
+    ov = backends.ov_circuits("cpp", "token", lay["w_v"], lay["w_o"], 6, 3)
+    assert ov.stride() == (70, 6 * 70, 1)
+    torch.testing.assert_close(ov, reference.ov_circuits(lay["w_v"], lay["w_o"], 6, 3), rtol=0, atol=0)
+    contiguous = cpp.kron_sum_tile_(lay["attn"], ov.contiguous(), torch.empty(9 * 33, 9 * 70, dtype=dtype))
+    assert torch.equal(_cpp(lay, dtype=dtype), contiguous)
+    w_v = lay["w_v"].clone().requires_grad_()
+    assert backends.ov_circuits("cpp", "token", w_v, lay["w_o"], 6, 3).requires_grad

@@ -440,6 +440,7 @@ struct Workspace {
   static constexpr int64_t kCoefCacheBytes = int64_t(1) << 20;  // all rows' coefficients up to 1 MiB
   AlignedBuffer<A> slab, coef;
   std::vector<char> packed;  // per p of the tile: coefficients already in `coef`
+  const A* current = nullptr;  // the slab of q
   int64_t q = -1, z0 = 0, z1 = 0;
   int64_t s0, segments, p0, rows_cached;
 
@@ -455,15 +456,23 @@ struct Workspace {
     packed.assign(rows_cached, 0);
   }
 
+  // R[:, q, :] as (h, T) rows: in place when R is laid out (Q, h, T) already (rows T apart), else
+  // copied into the thread's buffer.
   const A* pack_slab(const A* rt, const KronSumProblem& pb, int64_t q_, bool zero_columns) {
     if (q_ != q) {
-      for (int64_t i = 0; i < pb.h; ++i) std::memcpy(&slab[i * pb.T], rt + i * pb.r_h + q_ * pb.r_q, pb.T * sizeof(A));
+      const bool in_place = pb.r_h == pb.T;
+      if (in_place) {
+        current = rt + q_ * pb.r_q;
+      } else {
+        for (int64_t i = 0; i < pb.h; ++i) std::memcpy(&slab[i * pb.T], rt + i * pb.r_h + q_ * pb.r_q, pb.T * sizeof(A));
+        current = slab.data();
+      }
       z0 = 0;
       z1 = pb.T;
-      if (zero_columns) nonzero_columns(slab.data(), pb.h, pb.T, &z0, &z1);
+      if (zero_columns) nonzero_columns(current, pb.h, pb.T, &z0, &z1);
       q = q_;
     }
-    return slab.data();
+    return current;
   }
 
   // L[:, p, s] of the tile's segments as (segments, h), one coefficient vector contiguous.
