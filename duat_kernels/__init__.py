@@ -12,8 +12,9 @@ from duat_kernels.backends import available_backends
 from duat_kernels.cpp import cpu_capability
 from duat_kernels.hvo import hvo_bias, hvo_matrix, ov_circuits
 from duat_kernels.hvo_operator import HVOOperator
+from duat_kernels import analysis  # the tools on the operator (save_dense, zarr); after HVOOperator, which they import
 from duat_kernels import models  # noqa: E402  (imports transformers lazily, on first load)
 
 __version__ = "0.1.0"
 __all__ = ["hvo_matrix", "hvo_bias", "ov_circuits", "HVOOperator", "available_backends", "cpu_capability", "DenseTooLargeError",
-           "models"]
+           "analysis", "models"]
