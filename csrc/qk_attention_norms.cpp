@@ -39,6 +39,11 @@ int64_t block_rows(const QkNormsProblem& pb) {
   return std::max<int64_t>(1, std::min(kMaxBlockRows, kBufferBytes / per_row));
 }
 
+// Rows per block when one head's logits are in the buffer at a time (the mix drivers).
+int64_t head_block_rows(const QkNormsProblem& pb) {
+  return std::max<int64_t>(1, std::min(kMaxBlockRows, kBufferBytes / (4 * std::max<int64_t>(1, pb.n))));
+}
+
 // kt (h_kv, d, n + kPad) = k[b] transposed per key head (zero padding): one key per lane in the logits
 // micro-kernel.
 void transpose_keys(const float* k, const QkNormsProblem& pb, int64_t b, float* kt, int threads) {
@@ -53,6 +58,22 @@ void transpose_keys(const float* k, const QkNormsProblem& pb, int64_t b, float* 
       for (int64_t m = m0; m < m1; ++m) dst[t * (pb.n + kPad) + m] = src[m * pb.d + t];
   }
 }
+
+// The keys of batch element b as the drivers read them: kᵀ per key head (transpose_keys) and the
+// additive key-mask bias (0 or -inf per key; empty without a mask).
+struct Keys {
+  std::vector<float> kt, bias;
+  Keys(const QkNormsProblem& pb, bool masked)
+      : kt(static_cast<size_t>(pb.h_kv * pb.d * (pb.n + kPad)), 0.0f), bias(masked ? static_cast<size_t>(pb.n) : 0) {}
+  void load(const float* k, const uint8_t* key_mask, const QkNormsProblem& pb, int64_t b, int threads) {
+    transpose_keys(k, pb, b, kt.data(), threads);
+    for (int64_t m = 0; key_mask && m < pb.n; ++m) bias[m] = key_mask[b * pb.n + m] ? 0.0f : -INFINITY;
+  }
+  const float* mask_bias() const { return bias.empty() ? nullptr : bias.data(); }
+  const float* head(const QkNormsProblem& pb, int64_t i) const {  // kᵀ of query head i's key head
+    return kt.data() + (i / (pb.h / pb.h_kv)) * pb.d * (pb.n + kPad);
+  }
+};
 
 // Logits of one head for rows [r0, r1) into si (rows, width), columns from key cb0 = key_lo(r0); only the
 // keys each row group attends are computed (rounded up to whole vector blocks, into the slack).
@@ -75,17 +96,36 @@ void head_logits(const float* qi, const float* kti, const QkNormsProblem& pb, in
   }
 }
 
+// Rows [r0, r1) of head i of batch b as probabilities without their normalisation: buf (rows, width)
+// holds exp(s - max) over each row's keys and zeros elsewhere, w[r] = 1 / Σ (0 for a row without
+// keys, whose buffer row is all zeros: a zero row of A). Columns start at key cb0 = key_lo(r0).
+void head_numerators(const float* q, const Keys& keys, const QkNormsProblem& pb, int64_t b, int64_t i, int64_t r0,
+                     int64_t r1, int64_t width, float* buf, float* w) {
+  const IsaKernels& isa = active();
+  const int64_t cb0 = key_lo(pb, r0), cb1 = key_hi(pb, r1 - 1);
+  head_logits(q + ((b * pb.h + i) * pb.n + r0) * pb.d, keys.head(pb, i), pb, r0, r1, width, buf);
+  for (int64_t r = 0; r < r1 - r0; ++r) {
+    const int64_t n = r0 + r, lo = key_lo(pb, n), hi = key_hi(pb, n);
+    float* row = buf + r * width;
+    const float* bias = keys.mask_bias();
+    const float sum = isa.softmax_numerator(row + (lo - cb0), hi - lo, bias ? bias + lo : nullptr, pb.softcap);
+    w[r] = sum > 0.0f ? 1.0f / sum : 0.0f;
+    std::fill(row, row + (lo - cb0), 0.0f);  // keys the row does not attend: A = 0
+    std::fill(row + (hi - cb0), row + (cb1 - cb0), 0.0f);
+    if (!(sum > 0.0f)) std::fill(row, row + (cb1 - cb0), 0.0f);
+  }
+}
+
 // Rows [r0, r1) of batch b: the squared norms of each row go to sink.row(n, sq, lo, hi) (sq[m - lo] for
 // keys m in [lo, hi); sq == nullptr for a row without keys).
 template <class Sink>
-void process_block(const float* q, const float* kt, const float* bias, const float* c, const QkNormsProblem& pb,
-                   int64_t b, int64_t r0, int64_t r1, std::vector<float>& buf, std::vector<float>& sq,
-                   std::vector<float>& cs, Sink& sink) {
+void process_block(const float* q, const Keys& keys, const float* c, const QkNormsProblem& pb, int64_t b, int64_t r0,
+                   int64_t r1, std::vector<float>& buf, std::vector<float>& sq, std::vector<float>& cs, Sink& sink) {
   const IsaKernels& isa = active();
   const int64_t rows = r1 - r0, cb0 = key_lo(pb, r0), cb1 = key_hi(pb, r1 - 1), width = cb1 - cb0 + kPad;
-  const int64_t g = pb.h / pb.h_kv;
+  const float* bias = keys.mask_bias();
   for (int64_t i = 0; i < pb.h; ++i)
-    head_logits(q + ((b * pb.h + i) * pb.n + r0) * pb.d, kt + (i / g) * pb.d * (pb.n + kPad), pb, r0, r1, width,
+    head_logits(q + ((b * pb.h + i) * pb.n + r0) * pb.d, keys.head(pb, i), pb, r0, r1, width,
                 buf.data() + i * rows * width);
   std::vector<float> inv(static_cast<size_t>(pb.h));
   for (int64_t r = 0; r < rows; ++r) {
@@ -115,11 +155,9 @@ void qk_pass(const float* q, const float* k, const uint8_t* key_mask, const floa
              int num_threads, MakeSink make_sink) {
   const int threads = std::max(1, num_threads);
   const int64_t rb = block_rows(pb), blocks = (pb.n + rb - 1) / rb;
-  std::vector<float> kt(static_cast<size_t>(pb.h_kv * pb.d * (pb.n + kPad)), 0.0f);
-  std::vector<float> bias(key_mask ? static_cast<size_t>(pb.n) : 0);
+  Keys keys(pb, key_mask != nullptr);
   for (int64_t b = 0; b < pb.batch; ++b) {
-    transpose_keys(k, pb, b, kt.data(), threads);
-    for (int64_t m = 0; key_mask && m < pb.n; ++m) bias[m] = key_mask[b * pb.n + m] ? 0.0f : -INFINITY;
+    keys.load(k, key_mask, pb, b, threads);
 #pragma omp parallel num_threads(threads)
     {
       auto sink = make_sink(b);
@@ -131,7 +169,7 @@ void qk_pass(const float* q, const float* k, const uint8_t* key_mask, const floa
         const size_t need = static_cast<size_t>(pb.h * (r1 - r0) * (key_hi(pb, r1 - 1) - key_lo(pb, r0) + kPad));
         if (buf.size() < need) buf.resize(need);
         sink.begin(r0, r1);
-        process_block(q, kt.data(), key_mask ? bias.data() : nullptr, c, pb, b, r0, r1, buf, sq, cs, sink);
+        process_block(q, keys, c, pb, b, r0, r1, buf, sq, cs, sink);
         sink.end();
       }
     }
@@ -191,17 +229,14 @@ void qk_mix_transposed(const float* q, const float* k, const uint8_t* key_mask, 
                        const QkNormsProblem& pb, int num_threads) {
   const int threads = std::max(1, num_threads);
   const IsaKernels& isa = active();
-  const int64_t rb = std::max<int64_t>(1, std::min(kMaxBlockRows, kBufferBytes / (4 * std::max<int64_t>(1, pb.n))));
-  const int64_t blocks = (pb.n + rb - 1) / rb, g = pb.h / pb.h_kv, head_size = pb.n * e;
-  std::vector<float> kt(static_cast<size_t>(pb.h_kv * pb.d * (pb.n + kPad)), 0.0f);
-  std::vector<float> bias(key_mask ? static_cast<size_t>(pb.n) : 0);
+  const int64_t rb = head_block_rows(pb), blocks = (pb.n + rb - 1) / rb, head_size = pb.n * e;
+  Keys keys(pb, key_mask != nullptr);
   for (int64_t b = 0; b < pb.batch; ++b) {
-    transpose_keys(k, pb, b, kt.data(), threads);
-    for (int64_t m = 0; key_mask && m < pb.n; ++m) bias[m] = key_mask[b * pb.n + m] ? 0.0f : -INFINITY;
+    keys.load(k, key_mask, pb, b, threads);
     // One head per task: its output rows belong to it alone, so nothing is reduced across threads.
 #pragma omp parallel num_threads(threads)
     {
-      std::vector<float> buf, us(static_cast<size_t>(rb * e));
+      std::vector<float> buf, us(static_cast<size_t>(rb * e)), w(static_cast<size_t>(rb));
 #pragma omp for schedule(dynamic, 1)
       for (int64_t i = 0; i < pb.h; ++i) {
         float* oi = out + (b * pb.h + i) * head_size;
@@ -211,19 +246,9 @@ void qk_mix_transposed(const float* q, const float* k, const uint8_t* key_mask, 
           const int64_t r0 = blk * rb, r1 = std::min(pb.n, r0 + rb), rows = r1 - r0;
           const int64_t cb0 = key_lo(pb, r0), cb1 = key_hi(pb, r1 - 1), width = cb1 - cb0 + kPad;
           if (buf.size() < static_cast<size_t>(rows * width)) buf.resize(static_cast<size_t>(rows * width));
-          head_logits(q + ((b * pb.h + i) * pb.n + r0) * pb.d, kt.data() + (i / g) * pb.d * (pb.n + kPad), pb, r0, r1,
-                      width, buf.data());
-          for (int64_t r = 0; r < rows; ++r) {
-            const int64_t n = r0 + r, lo = key_lo(pb, n), hi = key_hi(pb, n);
-            float* row = buf.data() + r * width;
-            const float sum = isa.softmax_numerator(row + (lo - cb0), hi - lo, key_mask ? bias.data() + lo : nullptr,
-                                                    pb.softcap);
-            const float w = sum > 0.0f ? 1.0f / sum : 0.0f;  // a row without keys is a zero row of A
-            std::fill(row, row + (lo - cb0), 0.0f);  // keys the row does not attend: A = 0
-            std::fill(row + (hi - cb0), row + (cb1 - cb0), 0.0f);
-            if (!(sum > 0.0f)) std::fill(row, row + (cb1 - cb0), 0.0f);
-            for (int64_t j = 0; j < e; ++j) us[r * e + j] = ui[n * e + j] * w;  // U rows with 1 / Σ folded in
-          }
+          head_numerators(q, keys, pb, b, i, r0, r1, width, buf.data(), w.data());
+          for (int64_t r = 0; r < rows; ++r)  // U rows with 1 / Σ folded in
+            for (int64_t j = 0; j < e; ++j) us[r * e + j] = ui[(r0 + r) * e + j] * w[r];
           isa.pt_u_accumulate(buf.data(), width, rows, us.data(), e, oi + cb0 * e, cb1 - cb0);
         }
       }
@@ -235,13 +260,10 @@ void qk_mix(const float* q, const float* k, const uint8_t* key_mask, const float
             const QkNormsProblem& pb, int num_threads) {
   const int threads = std::max(1, num_threads);
   const IsaKernels& isa = active();
-  const int64_t rb = std::max<int64_t>(1, std::min(kMaxBlockRows, kBufferBytes / (4 * std::max<int64_t>(1, pb.n))));
-  const int64_t blocks = (pb.n + rb - 1) / rb, g = pb.h / pb.h_kv;
-  std::vector<float> kt(static_cast<size_t>(pb.h_kv * pb.d * (pb.n + kPad)), 0.0f);
-  std::vector<float> bias(key_mask ? static_cast<size_t>(pb.n) : 0);
+  const int64_t rb = head_block_rows(pb), blocks = (pb.n + rb - 1) / rb, g = pb.h / pb.h_kv;
+  Keys keys(pb, key_mask != nullptr);
   for (int64_t b = 0; b < pb.batch; ++b) {
-    transpose_keys(k, pb, b, kt.data(), threads);
-    for (int64_t m = 0; key_mask && m < pb.n; ++m) bias[m] = key_mask[b * pb.n + m] ? 0.0f : -INFINITY;
+    keys.load(k, key_mask, pb, b, threads);
     // One (head, row block) per task: its output rows belong to it alone.
 #pragma omp parallel num_threads(threads)
     {
@@ -252,18 +274,7 @@ void qk_mix(const float* q, const float* k, const uint8_t* key_mask, const float
         const int64_t r0 = blk * rb, r1 = std::min(pb.n, r0 + rb), rows = r1 - r0;
         const int64_t cb0 = key_lo(pb, r0), cb1 = key_hi(pb, r1 - 1), width = cb1 - cb0 + kPad;
         if (buf.size() < static_cast<size_t>(rows * width)) buf.resize(static_cast<size_t>(rows * width));
-        head_logits(q + ((b * pb.h + i) * pb.n + r0) * pb.d, kt.data() + (i / g) * pb.d * (pb.n + kPad), pb, r0, r1,
-                    width, buf.data());
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t n = r0 + r, lo = key_lo(pb, n), hi = key_hi(pb, n);
-          float* row = buf.data() + r * width;
-          const float sum = isa.softmax_numerator(row + (lo - cb0), hi - lo, key_mask ? bias.data() + lo : nullptr,
-                                                  pb.softcap);
-          w[r] = sum > 0.0f ? 1.0f / sum : 0.0f;  // a row without keys is a zero row of A
-          std::fill(row, row + (lo - cb0), 0.0f);  // keys the row does not attend: A = 0
-          std::fill(row + (hi - cb0), row + (cb1 - cb0), 0.0f);
-          if (!(sum > 0.0f)) std::fill(row, row + (cb1 - cb0), 0.0f);
-        }
+        head_numerators(q, keys, pb, b, i, r0, r1, width, buf.data(), w.data());
         // out rows = diag(w) P V, a key tile of V (kKeyTile x e, in L1/L2) at a time for all the rows.
         float* o = out + ((b * pb.h + i) * pb.n + r0) * e;
         std::fill(o, o + rows * e, 0.0f);
