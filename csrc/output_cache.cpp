@@ -81,6 +81,14 @@ void* map(size_t bytes) {
 #endif
 }
 
+void evict_to_limit_locked(Cache& c) {  // oldest first
+  while (c.cached > c.limit) {
+    unmap(c.free_blocks.front());
+    c.cached -= c.free_blocks.front().bytes;
+    c.free_blocks.erase(c.free_blocks.begin());
+  }
+}
+
 void release_locked(Cache& c) {
   for (const OutputBlock& b : c.free_blocks) unmap(b);
   c.free_blocks.clear();
@@ -118,11 +126,7 @@ void give_output_block(const OutputBlock& b) {
   }
   c.free_blocks.push_back(b);
   c.cached += b.bytes;
-  while (c.cached > c.limit) {  // oldest first
-    unmap(c.free_blocks.front());
-    c.cached -= c.free_blocks.front().bytes;
-    c.free_blocks.erase(c.free_blocks.begin());
-  }
+  evict_to_limit_locked(c);
 }
 
 void release_output_cache() {
@@ -141,11 +145,7 @@ void set_output_cache_limit(size_t bytes) {
   Cache& c = cache();
   std::lock_guard<std::mutex> lock(c.mu);
   c.limit = bytes;
-  while (c.cached > c.limit) {
-    unmap(c.free_blocks.front());
-    c.cached -= c.free_blocks.front().bytes;
-    c.free_blocks.erase(c.free_blocks.begin());
-  }
+  evict_to_limit_locked(c);
 }
 
 }  // namespace duat

@@ -16,6 +16,7 @@ import) or `set_cpu_capability` selects a lower one, `cpu_capability()` reports 
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from contextlib import contextmanager
@@ -148,10 +149,7 @@ OUTPUT_CACHE_MIN_BYTES = 8 << 20
 def empty_output(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised contiguous CPU tensor for a kernel output: from the output cache when it is
     large (its storage cannot be resized), else torch.empty."""
-    numel = 1
-    for size in shape:
-        numel *= size
-    nbytes = numel * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
     if _C is None or nbytes < OUTPUT_CACHE_MIN_BYTES:
         return torch.empty(shape, dtype=dtype)
     return torch.from_numpy(_C.alloc_output(nbytes)).view(dtype).view(shape)
