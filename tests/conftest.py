@@ -47,6 +47,29 @@ def random_layer(batch=1, heads=4, kv_heads=None, tokens=7, head_dim=3, m_in=11,
     return dict(attn=attn if batched else attn[0], w_v=w_v, w_o=w_o, b_v=b_v, b_o=b_o, num_kv_heads=kv_heads)
 
 
+def qk_sources(batch: int, heads: int, kv_heads: int, tokens: int, head_dim: int, opts: dict,
+               generator: torch.Generator):
+    """QKAttention from random q (batch, heads, tokens, head_dim) and k (GQA) drawn from `generator`, in
+    float32 and in float64 (the same numbers). opts: QKAttention's options, plus mask=True (left padding
+    in batch 0, so rows without keys under a causal mask; right padding in the others) or mask="none"
+    (batch 1 attends no key at all)."""
+    from duat_kernels.attention_source import QKAttention
+
+    q = torch.randn(batch, heads, tokens, head_dim, generator=generator)
+    k = torch.randn(batch, kv_heads, tokens, head_dim, generator=generator)
+    opts = dict(opts)
+    mask = opts.pop("mask", None)
+    if mask is not None:
+        keys = torch.ones(batch, tokens, dtype=torch.bool)
+        if mask == "none":
+            keys[1] = False
+        else:
+            keys[0, :7] = False
+            keys[1:, tokens - 9:] = False
+        opts["attention_mask"] = keys
+    return QKAttention(q, k, **opts), QKAttention(q.double(), k.double(), **opts)
+
+
 def assert_close_to_reference(got: torch.Tensor, attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor,
                               num_kv_heads: int | None, layout: str) -> None:
     """got (any output dtype) against the reference computed in the same accumulation dtype.

@@ -12,6 +12,8 @@ import duat_kernels as dk
 from duat_kernels import cpp, qk_cpu
 from duat_kernels.attention_source import ExplicitAttention, QKAttention
 
+from conftest import qk_sources
+
 pytestmark = pytest.mark.skipif(not cpp.is_available(), reason=f"C++ extension not built: {cpp.IMPORT_ERROR}")
 
 CAPABILITIES = cpp.supported_capabilities()
@@ -29,16 +31,7 @@ CASES = {  # batch, h, h_kv, N, d, options
 
 
 def _sources(case, seed=0):
-    batch, h, h_kv, n, d, opts = CASES[case]
-    g = torch.Generator().manual_seed(seed)
-    q, k = torch.randn(batch, h, n, d, generator=g), torch.randn(batch, h_kv, n, d, generator=g)
-    opts = dict(opts)
-    if opts.pop("mask", False):  # left padding in batch 0 (rows without keys), right padding in the others
-        mask = torch.ones(batch, n, dtype=torch.bool)
-        mask[0, :7] = False
-        mask[1:, n - 9:] = False
-        opts["attention_mask"] = mask
-    return QKAttention(q, k, **opts), QKAttention(q.double(), k.double(), **opts)
+    return qk_sources(*CASES[case], generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("isa", CAPABILITIES)

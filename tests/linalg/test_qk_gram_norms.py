@@ -16,6 +16,8 @@ from duat_kernels import cpp
 from duat_kernels.linalg import gram_norms, norms
 from duat_kernels.attention_source import QKAttention
 
+from conftest import qk_sources
+
 pytestmark = pytest.mark.skipif(not cpp.is_available(), reason=f"C++ extension not built: {cpp.IMPORT_ERROR}")
 
 CAPABILITIES = cpp.supported_capabilities()
@@ -28,14 +30,6 @@ def _layer(batch, heads, kv_heads, tokens, head_dim, seed=0):
     w_v = torch.randn(kv_heads * head_dim, 24, generator=g) / 5
     w_o = torch.randn(24, heads * head_dim, generator=g) / 5
     return q, k, w_v, w_o
-
-
-def _padding_mask(batch, tokens):
-    """Left padding in batch 0 (rows without keys under a causal mask), right padding in the others."""
-    mask = torch.ones(batch, tokens, dtype=torch.bool)
-    mask[0, :7] = False
-    mask[1:, tokens - 9:] = False
-    return mask
 
 
 CASES = {  # batch, h, h_kv, N, d, options
@@ -53,16 +47,10 @@ CASES = {  # batch, h, h_kv, N, d, options
 
 def _sources(case):
     batch, h, h_kv, n, d, opts = CASES[case]
-    q, k, w_v, w_o = _layer(batch, h, h_kv, n, d)
-    opts = dict(opts)
-    mask = opts.pop("mask", None)
-    if mask is True:
-        opts["attention_mask"] = _padding_mask(batch, n)
-    elif mask == "none":  # batch 1 attends no key at all
-        opts["attention_mask"] = torch.ones(batch, n, dtype=torch.bool)
-        opts["attention_mask"][1] = False
-    fused = QKAttention(q, k, **opts)
-    exact = QKAttention(q.double(), k.double(), **opts)
+    g = torch.Generator().manual_seed(0)
+    fused, exact = qk_sources(batch, h, h_kv, n, d, opts, generator=g)
+    w_v = torch.randn(h_kv * d, 24, generator=g) / 5
+    w_o = torch.randn(24, h * d, generator=g) / 5
     return fused, exact, w_v, w_o, h_kv
 
 
