@@ -25,7 +25,7 @@ namespace py = pybind11;
 
 namespace {
 
-[[noreturn]] void fail(const std::string& msg) { throw std::invalid_argument("duat_kernels._C.kron_sum: " + msg); }
+[[noreturn]] void fail(const std::string& msg) { throw std::invalid_argument("duat_kernels._C: " + msg); }
 
 int64_t checked_mul(int64_t a, int64_t b, const char* what) {
   int64_t r;
@@ -116,35 +116,61 @@ bool untouched(void* ptr, int64_t bytes) {
 #endif
 }
 
-void kron_sum(py::buffer lt, py::buffer rt, py::buffer out, const std::string& out_dtype,
-              int64_t row0, int64_t col0, int num_threads) {
-  py::buffer_info l = lt.request(), r = rt.request(), o = out.request(/*writable=*/true);
-  if (l.ndim != 3) fail("lt must be 3-D (h, P, S), got shape " + shape_str(l));
-  if (r.ndim != 3) fail("rt must be 3-D (h, Q, T), got shape " + shape_str(r));
+// The output checks shared by the kron_sum entry points: 2-D, C-contiguous, an item size matching
+// out_dtype, float64 exactly when the factors are float64.
+duat::OutType check_output(const py::buffer_info& o, const std::string& out_dtype, char factor_format) {
   if (o.ndim != 2) fail("out must be 2-D (rows, cols), got shape " + shape_str(o));
   require_c_contiguous(o, "out");
-  const char lf = scalar_format(l, "lt"), rf = scalar_format(r, "rt");
-  const int64_t ls[3] = {element_stride(l, 0, "lt"), element_stride(l, 1, "lt"), element_stride(l, 2, "lt")};
-  const int64_t rs[3] = {element_stride(r, 0, "rt"), element_stride(r, 1, "rt"), element_stride(r, 2, "rt")};
-  if (r.shape[2] > 1 && rs[2] != 1) fail("rt must be contiguous along its last axis (T)");
-  if (lf != rf) fail("lt and rt must have the same dtype");
   const duat::OutType ot = parse_out_type(out_dtype);
   if (o.itemsize != itemsize_of(ot))
     fail("out has itemsize " + std::to_string(o.itemsize) + " but out_dtype is " + out_dtype);
-  if ((ot == duat::OutType::kFloat64) != (lf == 'd'))
+  if ((ot == duat::OutType::kFloat64) != (factor_format == 'd'))
     fail("float64 output needs float64 factors and other outputs float32 factors");
+  return ot;
+}
 
-  duat::KronSumProblem pb;
+// L (h, P, S) read through its strides: shape and strides into the problem.
+void set_left(duat::KronSumProblem& pb, const py::buffer_info& l) {
+  if (l.ndim != 3) fail("lt must be 3-D (h, P, S), got shape " + shape_str(l));
   pb.h = l.shape[0];
   pb.P = l.shape[1];
   pb.S = l.shape[2];
+  pb.l_h = element_stride(l, 0, "lt");
+  pb.l_p = element_stride(l, 1, "lt");
+  pb.l_s = element_stride(l, 2, "lt");
+}
+
+// Releases the GIL and runs the problem on out (after the checks; pb.h > 0, a non-empty tile).
+void launch(duat::KronSumProblem pb, const void* lp, const void* rp, const py::buffer_info& o, duat::OutType ot,
+            char factor_format, int num_threads) {
+  void* op = o.ptr;
+  const duat::IsaKernels& kernels = duat::active();
+  const int64_t out_bytes = checked_mul(checked_mul(pb.rows, pb.cols, "rows*cols"), o.itemsize, "the output bytes");
+  py::gil_scoped_release release;
+  advise_huge_pages(op, out_bytes);
+  pb.fresh = untouched(op, out_bytes);
+  if (factor_format == 'd')
+    kernels.kron_sum_f64(static_cast<const double*>(lp), static_cast<const double*>(rp), static_cast<double*>(op), pb,
+                         num_threads);
+  else
+    kernels.kron_sum_f32(static_cast<const float*>(lp), static_cast<const float*>(rp), op, ot, pb, num_threads);
+}
+
+void kron_sum(py::buffer lt, py::buffer rt, py::buffer out, const std::string& out_dtype,
+              int64_t row0, int64_t col0, int num_threads) {
+  py::buffer_info l = lt.request(), r = rt.request(), o = out.request(/*writable=*/true);
+  duat::KronSumProblem pb;
+  set_left(pb, l);
+  if (r.ndim != 3) fail("rt must be 3-D (h, Q, T), got shape " + shape_str(r));
+  const char lf = scalar_format(l, "lt"), rf = scalar_format(r, "rt");
+  const int64_t rs[3] = {element_stride(r, 0, "rt"), element_stride(r, 1, "rt"), element_stride(r, 2, "rt")};
+  if (r.shape[2] > 1 && rs[2] != 1) fail("rt must be contiguous along its last axis (T)");
+  if (lf != rf) fail("lt and rt must have the same dtype");
+  const duat::OutType ot = check_output(o, out_dtype, lf);
   pb.Q = r.shape[1];
   pb.T = r.shape[2];
   if (r.shape[0] != pb.h)
     fail("lt has " + std::to_string(pb.h) + " heads but rt has " + std::to_string(r.shape[0]));
-  pb.l_h = ls[0];
-  pb.l_p = ls[1];
-  pb.l_s = ls[2];
   pb.r_h = rs[0];
   pb.r_q = rs[1];
   pb.rows = o.shape[0];
@@ -162,20 +188,92 @@ void kron_sum(py::buffer lt, py::buffer rt, py::buffer out, const std::string& o
     if (pb.h <= 0 && pb.rows > 0 && pb.cols > 0) fail("h must be positive");
     return;
   }
+  launch(pb, l.ptr, r.ptr, o, ot, lf, num_threads);
+}
 
-  const void* lp = l.ptr;
-  const void* rp = r.ptr;
+// The whole token-layout W = sum_i A_i (x) OV_i with OV given by its factors (never written):
+// lt = A (h, N, N) through its strides, wo (M_out, h*d) and wv (h_kv*d, M_in) C-contiguous.
+void kron_sum_factored(py::buffer lt, py::buffer wo_buf, py::buffer wv_buf, py::buffer out, const std::string& out_dtype,
+                       int64_t kv_heads, int num_threads) {
+  py::buffer_info l = lt.request(), wo = wo_buf.request(), wv = wv_buf.request(), o = out.request(/*writable=*/true);
+  duat::KronSumProblem pb;
+  set_left(pb, l);
+  if (wo.ndim != 2) fail("wo must be 2-D (M_out, h*d), got shape " + shape_str(wo));
+  if (wv.ndim != 2) fail("wv must be 2-D (h_kv*d, M_in), got shape " + shape_str(wv));
+  require_c_contiguous(wo, "wo");
+  require_c_contiguous(wv, "wv");
+  const char f = scalar_format(l, "lt");
+  if (scalar_format(wo, "wo") != f || scalar_format(wv, "wv") != f) fail("lt, wo and wv must have one dtype");
+  const duat::OutType ot = check_output(o, out_dtype, f);
+  if (pb.h <= 0 || kv_heads <= 0 || pb.h % kv_heads != 0)
+    fail("lt's heads (" + std::to_string(pb.h) + ") must be a positive multiple of kv_heads (" +
+         std::to_string(kv_heads) + ")");
+  if (pb.P != pb.S) fail("lt must be (h, N, N), got shape " + shape_str(l));
+  if (wo.shape[1] % pb.h != 0)
+    fail("wo has " + std::to_string(wo.shape[1]) + " columns, not a multiple of h = " + std::to_string(pb.h));
+  pb.Q = wo.shape[0];
+  pb.T = wv.shape[1];
+  pb.d = wo.shape[1] / pb.h;
+  pb.group = pb.h / kv_heads;
+  pb.ldo = wo.shape[1];
+  if (wv.shape[0] != kv_heads * pb.d)
+    fail("wv has " + std::to_string(wv.shape[0]) + " rows, expected kv_heads * d = " + std::to_string(kv_heads * pb.d));
+  pb.rows = checked_mul(pb.P, pb.Q, "N*M_out");
+  pb.cols = checked_mul(pb.S, pb.T, "N*M_in");
+  checked_mul(pb.rows, pb.cols, "the number of entries of W");
+  if (o.shape[0] != pb.rows || o.shape[1] != pb.cols)
+    fail("out has shape " + shape_str(o) + ", expected (" + std::to_string(pb.rows) + ", " + std::to_string(pb.cols) +
+         ")");
+  pb.row0 = pb.col0 = 0;
+  pb.r_h = pb.r_q = 0;
+  pb.wo = wo.ptr;
+  pb.wv = wv.ptr;
+  if (pb.rows == 0 || pb.cols == 0) return;
+  launch(pb, l.ptr, nullptr, o, ot, f, num_threads);
+}
+
+// OV (M_out, h, M_in) of wo (M_out, h·d) and wv (h_kv·d, M_in), all C-contiguous, one dtype.
+void ov_slabs(py::buffer wo_buf, py::buffer wv_buf, py::buffer out_buf, int64_t heads, int64_t kv_heads,
+              int num_threads) {
+  py::buffer_info wo = wo_buf.request(), wv = wv_buf.request(), o = out_buf.request(/*writable=*/true);
+  if (wo.ndim != 2) fail("wo must be 2-D (M_out, h*d), got shape " + shape_str(wo));
+  if (wv.ndim != 2) fail("wv must be 2-D (h_kv*d, M_in), got shape " + shape_str(wv));
+  if (o.ndim != 3) fail("out must be 3-D (M_out, h, M_in), got shape " + shape_str(o));
+  require_c_contiguous(wo, "wo");
+  require_c_contiguous(wv, "wv");
+  require_c_contiguous(o, "out");
+  const char f = scalar_format(wo, "wo");
+  if (scalar_format(wv, "wv") != f || scalar_format(o, "out") != f) fail("wo, wv and out must have one dtype");
+  if (heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0)
+    fail("heads (" + std::to_string(heads) + ") must be a positive multiple of kv_heads (" + std::to_string(kv_heads) +
+         ")");
+  if (wo.shape[1] % heads != 0)
+    fail("wo has " + std::to_string(wo.shape[1]) + " columns, not a multiple of heads = " + std::to_string(heads));
+  duat::OvProblem pb;
+  pb.m_out = wo.shape[0];
+  pb.m_in = wv.shape[1];
+  pb.heads = heads;
+  pb.group = heads / kv_heads;
+  pb.d = wo.shape[1] / heads;
+  pb.ldo = wo.shape[1];
+  if (wv.shape[0] != kv_heads * pb.d)
+    fail("wv has " + std::to_string(wv.shape[0]) + " rows, expected kv_heads * d = " + std::to_string(kv_heads * pb.d));
+  if (o.shape[0] != pb.m_out || o.shape[1] != heads || o.shape[2] != pb.m_in)
+    fail("out has shape " + shape_str(o) + ", expected (" + std::to_string(pb.m_out) + ", " + std::to_string(heads) +
+         ", " + std::to_string(pb.m_in) + ")");
+  checked_mul(checked_mul(pb.m_out, heads, "M_out*h"), pb.m_in, "the number of entries of OV");
+  if (pb.m_out == 0 || pb.m_in == 0) return;
+  const void* wop = wo.ptr;
+  const void* wvp = wv.ptr;
   void* op = o.ptr;
   const duat::IsaKernels& kernels = duat::active();
-  const int64_t out_bytes = checked_mul(checked_mul(pb.rows, pb.cols, "rows*cols"), o.itemsize, "the output bytes");
   py::gil_scoped_release release;
-  advise_huge_pages(op, out_bytes);
-  pb.fresh = untouched(op, out_bytes);
-  if (lf == 'd')
-    kernels.kron_sum_f64(static_cast<const double*>(lp), static_cast<const double*>(rp), static_cast<double*>(op), pb,
+  if (f == 'd')
+    kernels.ov_slabs_f64(static_cast<const double*>(wop), static_cast<const double*>(wvp), static_cast<double*>(op), pb,
                          num_threads);
   else
-    kernels.kron_sum_f32(static_cast<const float*>(lp), static_cast<const float*>(rp), op, ot, pb, num_threads);
+    kernels.ov_slabs_f32(static_cast<const float*>(wop), static_cast<const float*>(wvp), static_cast<float*>(op), pb,
+                         num_threads);
 }
 
 [[noreturn]] void fail_norms(const std::string& msg) {
@@ -416,6 +514,14 @@ PYBIND11_MODULE(_C, m) {
         "Write the tile [row0, row0+rows) x [col0, col0+cols) of sum_i L_i (x) R_i into out.\n"
         "lt: L (h, P, S) float32/float64, rt: R (h, Q, T) same dtype, any non-negative strides (T's = 1),\n"
         "out: (rows, cols) C-contiguous.");
+  m.def("kron_sum_factored", &kron_sum_factored, py::arg("lt"), py::arg("wo"), py::arg("wv"), py::arg("out"),
+        py::arg("out_dtype"), py::arg("kv_heads"), py::arg("num_threads") = 1,
+        "Write the whole token-layout W = sum_i A_i (x) OV_i into out (N*M_out, N*M_in), OV_i = Wo_i Wv_(i // g)\n"
+        "computed in cache (never written): lt = A (h, N, N), wo (M_out, h*d), wv (h_kv*d, M_in).");
+  m.def("ov_slabs", &ov_slabs, py::arg("wo"), py::arg("wv"), py::arg("out"), py::arg("heads"), py::arg("kv_heads"),
+        py::arg("num_threads") = 1,
+        "Write OV_i = Wo_i Wv_(i // g) as out (M_out, h, M_in) for wo (M_out, h*d) and wv (h_kv*d, M_in),\n"
+        "all C-contiguous float32 or float64.");
   m.def(
       "alloc_output",
       [](int64_t nbytes) {

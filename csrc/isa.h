@@ -33,6 +33,8 @@ struct IsaKernels {
   bool (*cpu_supports)();  // whether the running CPU (and OS) can execute this copy
   KronSumF32 kron_sum_f32;
   KronSumF64 kron_sum_f64;
+  OvSlabsF32 ov_slabs_f32;
+  OvSlabsF64 ov_slabs_f64;
   FmaPeak fma_peak_gflops;
   GramRow gram_row_squared_norms;
   QkLogits qk_logits;

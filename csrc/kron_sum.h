@@ -21,6 +21,13 @@ struct KronSumProblem {
   int64_t l_h, l_p, l_s;       // strides of L (elements): L[i, p, s] = lt[i * l_h + p * l_p + s * l_s]
   int64_t r_h, r_q;            // strides of R: R[i, q, t] = rt[i * r_h + q * r_q + t] (t contiguous)
   bool fresh;                  // the output's pages were never touched (see kron_sum.cpp: RowOrder)
+  // Token layout may give R = OV by its factors instead of rt (which is then unused):
+  //   R[i, q, t] = sum_k wo[q * ldo + i * d + k] * wv[((i / group) * d + k) * T + t],
+  // computed by the kernel for a few q at a time, in cache, with the arithmetic of OvSlabs (so the
+  // same bits as W' from that OV), and never written to memory.
+  const void* wo = nullptr;
+  const void* wv = nullptr;
+  int64_t d = 0, group = 1, ldo = 0;
 };
 
 // lt: L (h, P, S) and rt: R (h, Q, T), read in place through the strides of the problem.
@@ -28,6 +35,14 @@ using KronSumF32 = void (*)(const float* lt, const float* rt, void* out, OutType
                             const KronSumProblem& pb, int num_threads);
 using KronSumF64 = void (*)(const double* lt, const double* rt, double* out, const KronSumProblem& pb,
                             int num_threads);
+// The value-output circuits OV_i = Wo_i Wv_{i / group} written as (m_out, heads, m_in), the layout in
+// which a token-layout row of W' reads its slab OV[:, q, :] contiguously. wo (m_out, heads * d) with
+// row stride ldo and unit column stride; wv (heads / group * d, m_in) C-contiguous.
+struct OvProblem {
+  int64_t m_out, m_in, heads, group, d, ldo;
+};
+using OvSlabsF32 = void (*)(const float* wo, const float* wv, float* out, const OvProblem& pb, int num_threads);
+using OvSlabsF64 = void (*)(const double* wo, const double* wv, double* out, const OvProblem& pb, int num_threads);
 // Best float32 multiply-add rate (GFLOP/s, 2 flops per FMA) of `num_threads` threads running
 // `iterations` rounds of independent vector FMA chains with this variant's vectors.
 using FmaPeak = double (*)(int64_t iterations, int num_threads);

@@ -254,6 +254,8 @@ def format_bytes(n: float) -> str:
 
 def check_fits(what: str, needed: int, device: torch.device) -> None:
     """Refuse, before allocating, an allocation that cannot fit in memory."""
+    if needed <= 0:  # nothing to allocate (out= given): no need to ask the system
+        return
     free = available_memory(device)
     if needed > free:
         raise DenseTooLargeError(

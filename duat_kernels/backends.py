@@ -80,21 +80,35 @@ def tile_kernel(backend: str):
     raise ValueError(f"backend {backend!r} has no tile kernel")
 
 
-def ov_circuits(backend: str, layout: str, w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int,
-                num_kv_heads: int) -> torch.Tensor:
-    """OV (h, M_out, M_in) for materialising W' with a backend, in the memory layout it reads fastest.
+def ov_circuits(backend: str, w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """OV (h, M_out, M_in) for materialising W' (or a tile of it) with a backend.
 
-    The C++ kernel in token layout reads one slab OV[:, q, :] per output row, so there OV is written
-    as (M_out, h, M_in) and viewed as (h, M_out, M_in) (the same numbers: BLAS writes each head's
-    product with another row stride), unless a gradient has to flow through it (bmm with out=
-    records none). Every other case is reference.ov_circuits."""
+    The C++ backend computes it with its own kernel, as a view of an (M_out, h, M_in) buffer: a
+    token-layout row of W' then reads its slab OV[:, q, :] in place. Every other case (and any OV
+    a gradient has to flow through) is reference.ov_circuits. hvo_matrix and the tiles of
+    HVOOperator both take OV from here, so a tile equals the same slice of W' bit for bit."""
     needs_grad = torch.is_grad_enabled() and (w_v.requires_grad or w_o.requires_grad)
-    if backend != "cpp" or layout != "token" or needs_grad or torch.compiler.is_compiling():
+    if (backend != "cpp" or needs_grad or torch.compiler.is_compiling() or w_v.device.type != "cpu"
+            or w_v.dtype not in (torch.float32, torch.float64)):
         return reference.ov_circuits(w_v, w_o, num_heads, num_kv_heads)
-    wo, wv = reference.head_factors(w_v, w_o, num_heads, num_kv_heads)
-    slabs = torch.empty(wo.shape[1], num_heads, wv.shape[2], dtype=torch.promote_types(wo.dtype, wv.dtype),
-                        device=wo.device)
-    return torch.bmm(wo, wv, out=slabs.permute(1, 0, 2))
+    return cpp.ov_circuits(w_v, w_o, num_heads, num_kv_heads)
+
+
+def fuses_ov(backend: str, layout: str, attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor) -> bool:
+    """Whether W' for attn (B, h, N, N) is written by the C++ kernel straight from the weights, OV
+    computed in cache (materialise_fused): token layout, one batch element (a batch shares one OV),
+    eager and without autograd (the registered op, which takes OV, serves the other cases)."""
+    return (backend == "cpp" and layout == "token" and attn.shape[0] == 1 and w_v.device.type == "cpu"
+            and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (attn, w_v, w_o))))
+
+
+def materialise_fused(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
+                      out: torch.Tensor) -> torch.Tensor:
+    """Write W' for attn (1, h, N, N) into out (1, N·M_out, N·M_in) (see fuses_ov)."""
+    ct = reference.compute_dtype(out.dtype)
+    cpp.kron_sum_factored_(attn[0].to(ct), w_v.to(ct), w_o.to(ct), num_kv_heads, out[0])
+    return out
 
 
 def empty_output(backend: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

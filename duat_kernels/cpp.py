@@ -109,6 +109,14 @@ def num_threads() -> int:
     return 1 if _FORKED_AFTER_KERNEL else torch.get_num_threads()
 
 
+def kernel_threads() -> int:
+    """num_threads() for a kernel about to run, recording that a parallel one ran (for fork safety)."""
+    global _KERNEL_RAN
+    threads = num_threads()
+    _KERNEL_RAN = _KERNEL_RAN or threads > 1
+    return threads
+
+
 _apply_capability_env()
 
 
@@ -125,7 +133,6 @@ def kron_sum_tile_(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor, r
 
     left (h, P, S), right (h, Q, T) in the compute dtype of out, on the CPU; out contiguous.
     """
-    global _KERNEL_RAN
     if out.numel() == 0:
         return out
     # Only the factor entries the tile touches are passed (views, no copies), so a small tile of a
@@ -136,11 +143,36 @@ def kron_sum_tile_(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor, r
     rt = right[:, q0:q1, t0:t1]  # (h, Q', T')
     if rt.shape[-1] > 1 and rt.stride(-1) != 1:
         rt = rt.contiguous()
-    threads = num_threads()
-    _KERNEL_RAN = _KERNEL_RAN or threads > 1
-    _C.kron_sum(_numpy_view(lt), _numpy_view(rt), _numpy_view(out), _DTYPE_NAMES[out.dtype], row0, col0, threads)
+    _C.kron_sum(_numpy_view(lt), _numpy_view(rt), _numpy_view(out), _DTYPE_NAMES[out.dtype], row0, col0,
+                kernel_threads())
     return out
 
+
+def ov_circuits(w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """OV_i = Wo_i @ Wv_{i // g} (h, M_out, M_in), a view of an (M_out, h, M_in) buffer: the slab layout
+    the kernel reads a token-layout row from. w_v (h_kv·d, M_in), w_o (M_out, h·d), float32 or float64
+    on the CPU, without autograd. Computed by the kernel's micro-kernel (about 2.5x torch.bmm at
+    d = 64); every entry is one chain of d multiply-adds, so the result does not depend on threads."""
+    dtype = torch.promote_types(w_v.dtype, w_o.dtype)
+    wo, wv = w_o.detach().to(dtype).contiguous(), w_v.detach().to(dtype).contiguous()
+    slabs = torch.empty(wo.shape[0], num_heads, wv.shape[1], dtype=dtype)
+    _C.ov_slabs(_numpy_view(wo), _numpy_view(wv), _numpy_view(slabs), num_heads, num_kv_heads, kernel_threads())
+    return slabs.permute(1, 0, 2)
+
+
+
+def kron_sum_factored_(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
+                       out: torch.Tensor) -> torch.Tensor:
+    """Write the token-layout W' = Σ_i A_i ⊗ OV_i into out (N·M_out, N·M_in) for attn (h, N, N), w_v
+    (h_kv·d, M_in) and w_o (M_out, h·d), all in out's compute dtype on the CPU. OV is computed by the
+    kernel a few rows at a time, in cache, never written: the same bits as kron_sum_tile_ with
+    ov_circuits, without OV's pass over memory."""
+    if out.numel() == 0:
+        return out
+    _C.kron_sum_factored(_numpy_view(attn), _numpy_view(w_o.detach().contiguous()),
+                         _numpy_view(w_v.detach().contiguous()), _numpy_view(out), _DTYPE_NAMES[out.dtype], num_kv_heads,
+                         kernel_threads())
+    return out
 
 # Outputs from this size up come from the output cache (smaller ones are cheap to fault in).
 OUTPUT_CACHE_MIN_BYTES = 8 << 20

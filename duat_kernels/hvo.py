@@ -93,8 +93,12 @@ def hvo_matrix(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, *, num_
         v.check_fits(f"W' of shape {shape} ({entries:,} entries of {dtype}) with backend={backend!r}", needed, device)
 
     ct = reference.compute_dtype(dtype)
-    ov = backends.ov_circuits(backend, layout, w_v.to(ct), w_o.to(ct), dims.heads, dims.kv_heads)
     attn4 = attn if dims.batched else attn.unsqueeze(0)
+    if backends.fuses_ov(backend, layout, attn4, w_v, w_o):
+        result = out if out is not None else backends.empty_output(backend, shape, dtype, device)
+        backends.materialise_fused(attn4, w_v, w_o, dims.kv_heads, result if dims.batched else result.unsqueeze(0))
+        return result
+    ov = backends.ov_circuits(backend, w_v.to(ct), w_o.to(ct), dims.heads, dims.kv_heads)
     if out is not None:
         ops.hvo_matrix_out(attn4, ov, layout, backend, out if dims.batched else out.unsqueeze(0))
         return out

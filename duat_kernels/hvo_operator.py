@@ -191,11 +191,11 @@ class HVOOperator:
         v.check_fits(f"a tile of W' of shape ({r1 - r0}, {c1 - c0})", (r1 - r0) * (c1 - c0) * self.dims.batch * dtype.itemsize,
                      self.device)
         ct = reference.compute_dtype(dtype)
-        ov = reference.ov_circuits(self.w_v.to(ct), self.w_o.to(ct), self.dims.heads, self.dims.kv_heads)
-        attn, ov, row0, col0 = tile_factors(self.source, ov, self.layout, r0, r1, c0, c1)
         out = torch.empty(self.dims.batch, r1 - r0, c1 - c0, dtype=dtype, device=self.device)
         backend = backends.resolve("auto", self.device)
         with torch.no_grad():
+            ov = backends.ov_circuits(backend, self.w_v.to(ct), self.w_o.to(ct), self.dims.heads, self.dims.kv_heads)
+            attn, ov, row0, col0 = tile_factors(self.source, ov, self.layout, r0, r1, c0, c1)
             for b in range(self.dims.batch):
                 left, right = backends.kron_factors(attn[b].to(ct), ov, self.layout)
                 if backend != "reference" and dtype in backends.output_dtypes(backend):

@@ -22,10 +22,8 @@ def handles(source) -> bool:
 
 def kernel_options(source) -> dict:
     """The keyword arguments of the q/k kernels for this source (scale, soft-cap, masks, threads)."""
-    threads = cpp.num_threads()
-    cpp._KERNEL_RAN = cpp._KERNEL_RAN or threads > 1
     return dict(scale=float(source.scale), softcap=float(source.softcap or 0.0), causal=source.causal,
-                window=int(source.window or 0), num_threads=threads)
+                window=int(source.window or 0), num_threads=cpp.kernel_threads())
 
 
 def key_mask(source):

@@ -316,15 +316,127 @@ def test_non_finite_values_propagate_through_zero_blocks(layout, bad, capability
     torch.testing.assert_close(got, want, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,m_in,m_out", [(6, 3, 4, 70, 33), (12, 12, 64, 97, 50),
+                                                                 (1, 1, 1, 1, 1), (8, 2, 13, 200, 131)])
+def test_ov_kernel_matches_the_per_head_products(dtype, heads, kv_heads, head_dim, m_in, m_out, capability):
+    # The C++ OV (M_out, h, M_in) viewed as (h, M_out, M_in), GQA included: close to torch's bmm in
+    # float64, and the same bits on one thread as on all (one chain of d multiply-adds per entry).
+    g = torch.Generator().manual_seed(heads * 1000 + m_in)
+    w_v = torch.randn(kv_heads * head_dim, m_in, generator=g, dtype=dtype)
+    w_o = torch.randn(m_out, heads * head_dim, generator=g, dtype=dtype)
+    ov = cpp.ov_circuits(w_v, w_o, heads, kv_heads)
+    assert ov.shape == (heads, m_out, m_in) and ov.stride() == (m_in, heads * m_in, 1)
+    want = reference.ov_circuits(w_v.double(), w_o.double(), heads, kv_heads)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(ov.double(), want, rtol=tol, atol=tol * head_dim ** 0.5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(cpp.ov_circuits(w_v, w_o, heads, kv_heads), ov)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_ov_kernel_propagates_non_finite_values(capability):
+    w_v, w_o = torch.ones(2, 3), torch.ones(4, 2)
+    w_v[0, 1], w_o[2, 1] = float("inf"), float("nan")
+    ov = cpp.ov_circuits(w_v, w_o, 2, 2)
+    torch.testing.assert_close(ov, reference.ov_circuits(w_v, w_o, 2, 2), equal_nan=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ov_in_slab_layout_gives_the_same_matrix(dtype, capability):
-    # Token layout on the C++ backend writes OV as (M_out, h, M_in) so that the kernel reads each slab
-    # in place; W' is bit for bit what a contiguous OV gives, and with gradients OV stays differentiable.
+    # The C++ backend takes OV from its own kernel, as (M_out, h, M_in) read in place; W' is bit for
+    # bit what a contiguous copy of that OV gives, and with gradients OV comes from torch (differentiable).
     lay = random_layer(1, 6, 3, tokens=9, head_dim=4, m_in=70, m_out=33, causal=True, batched=False, seed=11)
-    ov = backends.ov_circuits("cpp", "token", lay["w_v"], lay["w_o"], 6, 3)
+    ov = backends.ov_circuits("cpp", lay["w_v"], lay["w_o"], 6, 3)
     assert ov.stride() == (70, 6 * 70, 1)
-    torch.testing.assert_close(ov, reference.ov_circuits(lay["w_v"], lay["w_o"], 6, 3), rtol=0, atol=0)
+    torch.testing.assert_close(ov, reference.ov_circuits(lay["w_v"], lay["w_o"], 6, 3), rtol=1e-6, atol=1e-6)
     contiguous = cpp.kron_sum_tile_(lay["attn"], ov.contiguous(), torch.empty(9 * 33, 9 * 70, dtype=dtype))
     assert torch.equal(_cpp(lay, dtype=dtype), contiguous)
     w_v = lay["w_v"].clone().requires_grad_()
-    assert backends.ov_circuits("cpp", "token", w_v, lay["w_o"], 6, 3).requires_grad
+    assert backends.ov_circuits("cpp", w_v, lay["w_o"], 6, 3).requires_grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,tokens,m_in,m_out", [(6, 3, 9, 70, 33), (12, 12, 5, 131, 13), (1, 1, 2, 17, 7)])
+def test_ov_computed_in_the_kernel_gives_the_same_matrix(dtype, heads, kv_heads, tokens, m_in, m_out, capability):
+    # One token-layout W' without autograd: the kernel computes OV's slabs itself, a few q at a time
+    # (m_out not a multiple of that block), and writes the same bits as from the OV of ov_circuits.
+    lay = random_layer(1, heads, kv_heads, tokens=tokens, head_dim=5, m_in=m_in, m_out=m_out, causal=True,
+                       batched=False, seed=heads + m_in)
+    assert backends.fuses_ov("cpp", "token", lay["attn"][None], lay["w_v"], lay["w_o"])
+    ct = reference.compute_dtype(dtype)
+    ov = cpp.ov_circuits(lay["w_v"].to(ct), lay["w_o"].to(ct), heads, kv_heads)
+    want = cpp.kron_sum_tile_(lay["attn"].to(ct), ov, torch.empty(tokens * m_out, tokens * m_in, dtype=dtype))
+    got = _cpp(lay, dtype=dtype)
+    assert torch.equal(got, want)
+    assert_close_to_reference(got, lay["attn"], lay["w_v"], lay["w_o"], kv_heads, "token")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("where", ["w_o", "w_v"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_in_the_kernel_computed_ov(dtype, where, bad, capability):
+    # A non-finite weight makes some slabs non-finite (a row of w_o: one q; an entry of w_v: every q
+    # of its head): there zero attention weights must give NaN (0 * inf), not the zero-block shortcut,
+    # and bfloat16 rows must take the NaN-testing stores; finite slabs keep both shortcuts.
+    lay = random_layer(1, 4, 2, tokens=5, head_dim=3, m_in=40, m_out=13, causal=True, batched=False, seed=8)
+    lay[where] = lay[where].clone()
+    lay[where][3, 2] = bad
+    got = _cpp(lay, dtype=dtype)
+    ov = reference.ov_circuits(lay["w_v"].double(), lay["w_o"].double(), 4, 2)
+    want = reference.hvo_matrix(lay["attn"][None].double(), ov)[0]
+    assert torch.equal(got.isnan(), want.isnan()) and want.isnan().any() and (~want.isnan()).any()
+    assert torch.equal(got.isinf(), want.isinf())
+    wide = _cpp(lay, dtype=torch.float32)
+    assert torch.equal(got.isnan(), wide.isnan())
+    if dtype == torch.bfloat16:
+        assert torch.equal(got[~got.isnan()], wide.to(dtype)[~got.isnan()])
+
+
+def test_factored_boundary_rejects_bad_buffers():
+    import numpy as np
+
+    from duat_kernels import _C
+    lt, wo, wv = np.zeros((4, 3, 3), np.float32), np.zeros((5, 8), np.float32), np.zeros((4, 7), np.float32)
+    out = np.zeros((15, 21), np.float32)
+    _C.kron_sum_factored(lt, wo, wv, out, "float32", 2)
+    cases = [
+        ((lt[0], wo, wv, out, "float32", 2), "lt must be 3-D"),
+        ((lt[:, :2], wo, wv, out, "float32", 2), r"lt must be \(h, N, N\)"),
+        ((lt, wo[0], wv, out, "float32", 2), "wo must be 2-D"),
+        ((lt, wo[:, ::2], wv, out, "float32", 2), "C-contiguous"),
+        ((lt, wo, wv.astype(np.float64), out, "float32", 2), "one dtype"),
+        ((lt, wo, wv, out, "float32", 3), "multiple of kv_heads"),
+        ((lt, wo[:, :6].copy(), wv, out, "float32", 2), "not a multiple of h"),
+        ((lt, wo, wv[:3].copy(), out, "float32", 2), "expected kv_heads"),
+        ((lt, wo, wv, out[:14], "float32", 2), "expected"),
+        ((lt, wo, wv, out, "float64", 2), "itemsize"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            _C.kron_sum_factored(*args)
+
+
+def test_ov_boundary_rejects_bad_buffers():
+    import numpy as np
+
+    from duat_kernels import _C
+    wo, wv, out = np.zeros((5, 12), np.float32), np.zeros((6, 7), np.float32), np.zeros((5, 4, 7), np.float32)
+    _C.ov_slabs(wo, wv, out, 4, 2)
+    cases = [
+        ((wo[0], wv, out, 4, 2), "wo must be 2-D"),
+        ((wo, wv, out[0], 4, 2), "out must be 3-D"),
+        ((wo[:, ::2], wv[:3], out, 4, 2), "C-contiguous"),
+        ((wo, wv.astype(np.float64), out, 4, 2), "one dtype"),
+        ((wo, wv, out, 4, 3), "multiple of kv_heads"),
+        ((wo, wv, out, 0, 1), "positive multiple"),
+        ((wo, wv, out, 5, 5), "not a multiple of heads"),
+        ((wo, wv[:4], out, 4, 2), "expected kv_heads"),
+        ((wo, wv, np.zeros((5, 3, 7), np.float32), 4, 2), "out has shape"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            _C.ov_slabs(*args)

@@ -14,7 +14,8 @@ bool cpu_supports() {
 }
 }  // namespace
 
-extern const IsaKernels kKernels = {"baseline", &cpu_supports, &kron_sum_f32, &kron_sum_f64, &fma_peak_gflops,
+extern const IsaKernels kKernels = {"baseline", &cpu_supports, &kron_sum_f32, &kron_sum_f64, &ov_slabs_f32, &ov_slabs_f64,
+                                   &fma_peak_gflops,
                                    &gram_row_squared_norms, &qk_logits, &softmax_numerator,
                                    &exp_f32, &pt_u_accumulate};
 }  // namespace DUAT_ISA

@@ -355,6 +355,36 @@ void combine_batch(int n, const A* const* coef, Out* const* dst, const A* slab, 
   }
 }
 
+// OV in slab layout, out (M_out, h, M_in): out[q, i, t] = sum_k Wo[q, i d + k] * Wv[(i / group) d + k, t]
+// (see OvProblem), by the same micro-kernel: row q of head i is one segment whose coefficients are
+// Wo[q, i d : (i + 1) d] and whose slab is the d x M_in block of Wv of its value head. Each entry is
+// one chain of d multiply-adds from k = 0 whatever the blocking, so OV, and every tile of W' built
+// from it, is the same bit for bit however it is split.
+template <typename A>
+void ov_slabs(const A* wo, const A* wv, A* out, const OvProblem& pb, int num_threads) {
+  const int64_t blocks = (pb.m_out + kBatch - 1) / kBatch;
+  const int64_t items = pb.heads * blocks;  // (head, block of kBatch rows q): one head's Wv block stays in cache
+  auto item = [&](int64_t w) {
+    const int64_t i = w / blocks, q0 = (w % blocks) * kBatch;
+    const int n = static_cast<int>(min64(kBatch, pb.m_out - q0));
+    const A* coef[kBatch];
+    A* dst[kBatch];
+    for (int j = 0; j < n; ++j) {
+      coef[j] = wo + (q0 + j) * pb.ldo + i * pb.d;
+      dst[j] = out + ((q0 + j) * pb.heads + i) * pb.m_in;
+    }
+    combine_batch<A, A>(n, coef, dst, wv + (i / pb.group) * pb.d * pb.m_in, pb.d, pb.m_in, 0, pb.m_in, false);
+  };
+  if (num_threads <= 1 || items == 1) {
+    for (int64_t w = 0; w < items; ++w) item(w);
+    return;
+  }
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+#endif
+  for (int64_t w = 0; w < items; ++w) item(w);
+}
+
 template <typename A>
 inline bool all_zero(const A* v, int64_t n) {
   for (int64_t i = 0; i < n; ++i)
@@ -438,11 +468,14 @@ class AlignedBuffer {
 template <typename A>
 struct Workspace {
   static constexpr int64_t kCoefCacheBytes = int64_t(1) << 20;  // all rows' coefficients up to 1 MiB
+  static constexpr int kQBlock = 6;  // factored R: slabs computed together (rows of one micro-kernel)
   AlignedBuffer<A> slab, coef;
   std::vector<char> packed;  // per p of the tile: coefficients already in `coef`
   const A* current = nullptr;  // the slab of q
   int64_t q = -1, z0 = 0, z1 = 0;
   int64_t s0, segments, p0, rows_cached;
+  int64_t blk0 = 0, nblk = 0;  // factored R: the q whose slabs `slab` holds
+  bool finite = true;          // factored R: the current slab holds no Inf or NaN
 
   Workspace(const KronSumProblem& pb)
       : s0(pb.col0 / pb.T), segments((pb.col0 + pb.cols - 1) / pb.T - pb.col0 / pb.T + 1),
@@ -451,7 +484,7 @@ struct Workspace {
     // Keep every row's coefficients when they are small (token layout: A), so that rows visited
     // q-major (p changing every row) pack each p once; otherwise one p at a time.
     rows_cached = np * segments * pb.h * static_cast<int64_t>(sizeof(A)) <= kCoefCacheBytes ? np : 1;
-    slab.resize(pb.h * pb.T);
+    slab.resize(pb.h * pb.T * (pb.wo != nullptr ? kQBlock : 1));
     coef.resize(rows_cached * segments * pb.h);
     packed.assign(rows_cached, 0);
   }
@@ -461,7 +494,11 @@ struct Workspace {
   const A* pack_slab(const A* rt, const KronSumProblem& pb, int64_t q_, bool zero_columns) {
     if (q_ != q) {
       const bool in_place = pb.r_h == pb.T;
-      if (in_place) {
+      if (pb.wo != nullptr) {
+        if (q_ < blk0 || q_ >= blk0 + nblk) compute_slabs(pb, q_);
+        current = &slab[(q_ - blk0) * pb.h * pb.T];
+        finite = all_finite(current, 1, 1, pb.h * pb.T, 0, 0, 1, 1);
+      } else if (in_place) {
         current = rt + q_ * pb.r_q;
       } else {
         for (int64_t i = 0; i < pb.h; ++i) std::memcpy(&slab[i * pb.T], rt + i * pb.r_h + q_ * pb.r_q, pb.T * sizeof(A));
@@ -473,6 +510,24 @@ struct Workspace {
       q = q_;
     }
     return current;
+  }
+
+  // Factored R: the slabs of q0, q0 + 1, ... (up to kQBlock) as OvSlabs computes them, head by head,
+  // each head's rows of Wo as the coefficients of one micro-kernel over its d x T block of Wv.
+  void compute_slabs(const KronSumProblem& pb, int64_t q0) {
+    blk0 = q0;
+    nblk = min64(kQBlock, pb.Q - q0);
+    const A* wo = static_cast<const A*>(pb.wo);
+    const A* wv = static_cast<const A*>(pb.wv);
+    const A* c[kQBlock];
+    A* dst[kQBlock];
+    for (int64_t i = 0; i < pb.h; ++i) {
+      for (int j = 0; j < nblk; ++j) {
+        c[j] = wo + (q0 + j) * pb.ldo + i * pb.d;
+        dst[j] = &slab[(j * pb.h + i) * pb.T];
+      }
+      combine_batch<A, A>(static_cast<int>(nblk), c, dst, wv + (i / pb.group) * pb.d * pb.T, pb.d, pb.T, 0, pb.T, false);
+    }
   }
 
   // L[:, p, s] of the tile's segments as (segments, h), one coefficient vector contiguous.
@@ -500,6 +555,12 @@ void write_row(const A* lt, const A* rt, Out* orow, const KronSumProblem& pb, in
   const int64_t h = pb.h, T = pb.T;
   const int64_t p = grow / pb.Q, q = grow % pb.Q;
   const A* slab = ws.pack_slab(rt, pb, q, sc.zero_columns);
+  if constexpr (std::is_same_v<Out, BF16>) {
+    // Both factors of this row finite: no NaN can arise but Inf - Inf, whose default NaN survives
+    // the rounding bias, so the stores skip the NaN test.
+    if (sc.zero_segments && sc.zero_columns && ws.finite)
+      return write_row(lt, rt, reinterpret_cast<BF16Finite*>(orow), pb, grow, sc, ws);
+  }
   const A* coefs = ws.pack_coef(lt, pb, p);
   const int64_t z0 = ws.z0, z1 = ws.z1;
 
@@ -512,7 +573,7 @@ void write_row(const A* lt, const A* rt, Out* orow, const KronSumProblem& pb, in
     Out* dst = orow + (s * T + ta - pb.col0);  // local address of column (s, ta)
     const A* coef = coefs + (s - ws.s0) * h;
     const int64_t lo = max64(ta, z0), hi = min64(tb, z1);
-    if (lo >= hi || (sc.zero_segments && coef[0] == A(0) && all_zero(coef, h))) {
+    if (lo >= hi || (sc.zero_segments && ws.finite && coef[0] == A(0) && all_zero(coef, h))) {
       zero(dst, tb - ta, sc.stream);
       continue;
     }
@@ -573,19 +634,29 @@ template <typename A, typename Out>
 void run_rows(const A* lt, const A* rt, Out* out, const KronSumProblem& pb, Shortcuts sc, int num_threads);
 
 template <typename A, typename Out>
-void run(const A* lt, const A* rt, Out* out, const KronSumProblem& pb, int num_threads) {
-  if (pb.rows <= 0 || pb.cols <= 0) return;
+void run(const A* lt, const A* rt, Out* out, const KronSumProblem& problem, int num_threads) {
+  if (problem.rows <= 0 || problem.cols <= 0) return;
+  KronSumProblem pb = problem;
+  AlignedBuffer<A> ov;
+  if (pb.wo != nullptr && !RowOrder(pb).q_major) {
+    // Rows in memory order would need every slab once per p: write OV once instead.
+    ov.resize(pb.Q * pb.h * pb.T);
+    const OvProblem op{pb.Q, pb.T, pb.h, pb.group, pb.d, pb.ldo};
+    ov_slabs(static_cast<const A*>(pb.wo), static_cast<const A*>(pb.wv), ov.data(), op, num_threads);
+    rt = ov.data();
+    pb.r_h = pb.T;
+    pb.r_q = pb.h * pb.T;
+    pb.wo = pb.wv = nullptr;
+  }
   Shortcuts sc;
-  sc.zero_segments = all_finite(rt, pb.h, pb.Q, pb.T, pb.r_h, pb.r_q, int64_t(1), num_threads);
+  // Zero segments are skipped only where the slab is finite: checked here for a given R, per slab
+  // (Workspace::finite) for a factored one.
+  sc.zero_segments = pb.wo != nullptr || all_finite(rt, pb.h, pb.Q, pb.T, pb.r_h, pb.r_q, int64_t(1), num_threads);
   sc.zero_columns = all_finite(lt, pb.h, pb.P, pb.S, pb.l_h, pb.l_p, pb.l_s, num_threads);
   // Stream past the cache once the tile is well beyond the last-level cache of a core. Not into
   // fresh pages: the kernel has just zeroed each one in the cache, and regular stores overwrite the
   // zeros there instead of sending both to memory.
   sc.stream = !pb.fresh && pb.rows * pb.cols * static_cast<int64_t>(sizeof(Out)) > kStreamBytes;
-  if constexpr (std::is_same_v<Out, BF16>) {
-    if (sc.zero_segments && sc.zero_columns)
-      return run_rows(lt, rt, reinterpret_cast<BF16Finite*>(out), pb, sc, num_threads);
-  }
   run_rows(lt, rt, out, pb, sc, num_threads);
 }
 
@@ -608,7 +679,7 @@ void run_rows(const A* lt, const A* rt, Out* out, const KronSumProblem& pb, Shor
   {
     Workspace<A> ws(pb);
     // q-major: a thread takes all rows of one q at a time, so each slab is packed once per call.
-    const int chunk = order.q_major ? static_cast<int>(order.np) : 1;
+    const int chunk = order.q_major ? static_cast<int>(order.np) * (pb.wo != nullptr ? Workspace<A>::kQBlock : 1) : 1;
     (void)chunk;
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, chunk) nowait
@@ -632,6 +703,14 @@ void kron_sum_f32(const float* lt, const float* rt, void* out, OutType out_type,
 
 void kron_sum_f64(const double* lt, const double* rt, double* out, const KronSumProblem& pb, int num_threads) {
   run(lt, rt, out, pb, num_threads);
+}
+
+void ov_slabs_f32(const float* wo, const float* wv, float* out, const OvProblem& pb, int num_threads) {
+  ov_slabs(wo, wv, out, pb, num_threads);
+}
+
+void ov_slabs_f64(const double* wo, const double* wv, double* out, const OvProblem& pb, int num_threads) {
+  ov_slabs(wo, wv, out, pb, num_threads);
 }
 
 DUAT_ISA_END
