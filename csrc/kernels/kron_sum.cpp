@@ -565,15 +565,35 @@ void write_row(const A* lt, const A* rt, Out* orow, const KronSumProblem& pb, in
   const int64_t z0 = ws.z0, z1 = ws.z1;
 
   const int64_t c_end = pb.col0 + pb.cols;
+  const bool zero_check = sc.zero_segments && ws.finite;
   const A* bcoef[kBatch];
   Out* bdst[kBatch];
   int nb = 0;
+  if (pb.col0 % T == 0 && c_end % T == 0 && z0 == 0 && z1 == T) {
+    // Whole segments and no zero columns (a whole W'): only the zero-block test per segment.
+    Out* dst = orow;
+    const A* coef = coefs;
+    for (int64_t j = 0, n = pb.cols / T; j < n; ++j, dst += T, coef += h) {
+      if (zero_check && coef[0] == A(0) && all_zero(coef, h)) {
+        zero(dst, T, sc.stream);
+        continue;
+      }
+      bcoef[nb] = coef;
+      bdst[nb] = dst;
+      if (++nb == kBatch) {
+        combine_batch<A, Out>(nb, bcoef, bdst, slab, h, T, 0, T, sc.stream);
+        nb = 0;
+      }
+    }
+    if (nb > 0) combine_batch<A, Out>(nb, bcoef, bdst, slab, h, T, 0, T, sc.stream);
+    return;
+  }
   for (int64_t s = pb.col0 / T; s * T < c_end; ++s) {
     const int64_t ta = max64(0, pb.col0 - s * T), tb = min64(T, c_end - s * T);
     Out* dst = orow + (s * T + ta - pb.col0);  // local address of column (s, ta)
     const A* coef = coefs + (s - ws.s0) * h;
     const int64_t lo = max64(ta, z0), hi = min64(tb, z1);
-    if (lo >= hi || (sc.zero_segments && ws.finite && coef[0] == A(0) && all_zero(coef, h))) {
+    if (lo >= hi || (zero_check && coef[0] == A(0) && all_zero(coef, h))) {
       zero(dst, tb - ta, sc.stream);
       continue;
     }
