@@ -373,6 +373,12 @@ def test_ov_computed_in_the_kernel_gives_the_same_matrix(dtype, heads, kv_heads,
     got = _cpp(lay, dtype=dtype)
     assert torch.equal(got, want)
     assert_close_to_reference(got, lay["attn"], lay["w_v"], lay["w_o"], kv_heads, "token")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: the rows of every q block in order, no OpenMP
+    try:
+        assert torch.equal(_cpp(lay, dtype=dtype), want)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
