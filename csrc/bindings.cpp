@@ -191,6 +191,31 @@ void kron_sum(py::buffer lt, py::buffer rt, py::buffer out, const std::string& o
   launch(pb, l.ptr, r.ptr, o, ot, lf, num_threads);
 }
 
+// wo (M_out, h·d) and wv (h_kv·d, M_in), C-contiguous, in the factor format f: the OV problem.
+duat::OvProblem check_weights(const py::buffer_info& wo, const py::buffer_info& wv, int64_t heads, int64_t kv_heads,
+                              char f) {
+  if (wo.ndim != 2) fail("wo must be 2-D (M_out, h*d), got shape " + shape_str(wo));
+  if (wv.ndim != 2) fail("wv must be 2-D (h_kv*d, M_in), got shape " + shape_str(wv));
+  require_c_contiguous(wo, "wo");
+  require_c_contiguous(wv, "wv");
+  if (scalar_format(wo, "wo") != f || scalar_format(wv, "wv") != f) fail("lt/out, wo and wv must have one dtype");
+  if (heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0)
+    fail("heads (" + std::to_string(heads) + ") must be a positive multiple of kv_heads (" + std::to_string(kv_heads) +
+         ")");
+  if (wo.shape[1] % heads != 0)
+    fail("wo has " + std::to_string(wo.shape[1]) + " columns, not a multiple of heads = " + std::to_string(heads));
+  duat::OvProblem pb;
+  pb.m_out = wo.shape[0];
+  pb.m_in = wv.shape[1];
+  pb.heads = heads;
+  pb.group = heads / kv_heads;
+  pb.d = wo.shape[1] / heads;
+  pb.ldo = wo.shape[1];
+  if (wv.shape[0] != kv_heads * pb.d)
+    fail("wv has " + std::to_string(wv.shape[0]) + " rows, expected kv_heads * d = " + std::to_string(kv_heads * pb.d));
+  return pb;
+}
+
 // The whole token-layout W = sum_i A_i (x) OV_i with OV given by its factors (never written):
 // lt = A (h, N, N) through its strides, wo (M_out, h*d) and wv (h_kv*d, M_in) C-contiguous.
 void kron_sum_factored(py::buffer lt, py::buffer wo_buf, py::buffer wv_buf, py::buffer out, const std::string& out_dtype,
@@ -198,26 +223,15 @@ void kron_sum_factored(py::buffer lt, py::buffer wo_buf, py::buffer wv_buf, py::
   py::buffer_info l = lt.request(), wo = wo_buf.request(), wv = wv_buf.request(), o = out.request(/*writable=*/true);
   duat::KronSumProblem pb;
   set_left(pb, l);
-  if (wo.ndim != 2) fail("wo must be 2-D (M_out, h*d), got shape " + shape_str(wo));
-  if (wv.ndim != 2) fail("wv must be 2-D (h_kv*d, M_in), got shape " + shape_str(wv));
-  require_c_contiguous(wo, "wo");
-  require_c_contiguous(wv, "wv");
   const char f = scalar_format(l, "lt");
-  if (scalar_format(wo, "wo") != f || scalar_format(wv, "wv") != f) fail("lt, wo and wv must have one dtype");
   const duat::OutType ot = check_output(o, out_dtype, f);
-  if (pb.h <= 0 || kv_heads <= 0 || pb.h % kv_heads != 0)
-    fail("lt's heads (" + std::to_string(pb.h) + ") must be a positive multiple of kv_heads (" +
-         std::to_string(kv_heads) + ")");
   if (pb.P != pb.S) fail("lt must be (h, N, N), got shape " + shape_str(l));
-  if (wo.shape[1] % pb.h != 0)
-    fail("wo has " + std::to_string(wo.shape[1]) + " columns, not a multiple of h = " + std::to_string(pb.h));
-  pb.Q = wo.shape[0];
-  pb.T = wv.shape[1];
-  pb.d = wo.shape[1] / pb.h;
-  pb.group = pb.h / kv_heads;
-  pb.ldo = wo.shape[1];
-  if (wv.shape[0] != kv_heads * pb.d)
-    fail("wv has " + std::to_string(wv.shape[0]) + " rows, expected kv_heads * d = " + std::to_string(kv_heads * pb.d));
+  const duat::OvProblem ov = check_weights(wo, wv, pb.h, kv_heads, f);
+  pb.Q = ov.m_out;
+  pb.T = ov.m_in;
+  pb.d = ov.d;
+  pb.group = ov.group;
+  pb.ldo = ov.ldo;
   pb.rows = checked_mul(pb.P, pb.Q, "N*M_out");
   pb.cols = checked_mul(pb.S, pb.T, "N*M_in");
   checked_mul(pb.rows, pb.cols, "the number of entries of W");
@@ -236,28 +250,10 @@ void kron_sum_factored(py::buffer lt, py::buffer wo_buf, py::buffer wv_buf, py::
 void ov_slabs(py::buffer wo_buf, py::buffer wv_buf, py::buffer out_buf, int64_t heads, int64_t kv_heads,
               int num_threads) {
   py::buffer_info wo = wo_buf.request(), wv = wv_buf.request(), o = out_buf.request(/*writable=*/true);
-  if (wo.ndim != 2) fail("wo must be 2-D (M_out, h*d), got shape " + shape_str(wo));
-  if (wv.ndim != 2) fail("wv must be 2-D (h_kv*d, M_in), got shape " + shape_str(wv));
   if (o.ndim != 3) fail("out must be 3-D (M_out, h, M_in), got shape " + shape_str(o));
-  require_c_contiguous(wo, "wo");
-  require_c_contiguous(wv, "wv");
   require_c_contiguous(o, "out");
-  const char f = scalar_format(wo, "wo");
-  if (scalar_format(wv, "wv") != f || scalar_format(o, "out") != f) fail("wo, wv and out must have one dtype");
-  if (heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0)
-    fail("heads (" + std::to_string(heads) + ") must be a positive multiple of kv_heads (" + std::to_string(kv_heads) +
-         ")");
-  if (wo.shape[1] % heads != 0)
-    fail("wo has " + std::to_string(wo.shape[1]) + " columns, not a multiple of heads = " + std::to_string(heads));
-  duat::OvProblem pb;
-  pb.m_out = wo.shape[0];
-  pb.m_in = wv.shape[1];
-  pb.heads = heads;
-  pb.group = heads / kv_heads;
-  pb.d = wo.shape[1] / heads;
-  pb.ldo = wo.shape[1];
-  if (wv.shape[0] != kv_heads * pb.d)
-    fail("wv has " + std::to_string(wv.shape[0]) + " rows, expected kv_heads * d = " + std::to_string(kv_heads * pb.d));
+  const char f = scalar_format(o, "out");
+  const duat::OvProblem pb = check_weights(wo, wv, heads, kv_heads, f);
   if (o.shape[0] != pb.m_out || o.shape[1] != heads || o.shape[2] != pb.m_in)
     fail("out has shape " + shape_str(o) + ", expected (" + std::to_string(pb.m_out) + ", " + std::to_string(heads) +
          ", " + std::to_string(pb.m_in) + ")");

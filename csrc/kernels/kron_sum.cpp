@@ -355,25 +355,31 @@ void combine_batch(int n, const A* const* coef, Out* const* dst, const A* slab, 
   }
 }
 
-// OV in slab layout, out (M_out, h, M_in): out[q, i, t] = sum_k Wo[q, i d + k] * Wv[(i / group) d + k, t]
-// (see OvProblem), by the same micro-kernel: row q of head i is one segment whose coefficients are
+// Rows q0 .. q0 + n - 1 (n <= kBatch) of OV_i into dst + j * h * M_in + i * M_in (the slab layout
+// (M_out, h, M_in) from row q0 on): row q of head i is one segment whose coefficients are
 // Wo[q, i d : (i + 1) d] and whose slab is the d x M_in block of Wv of its value head. Each entry is
 // one chain of d multiply-adds from k = 0 whatever the blocking, so OV, and every tile of W' built
 // from it, is the same bit for bit however it is split.
 template <typename A>
+void ov_head_rows(const A* wo, const A* wv, const OvProblem& pb, int64_t i, int64_t q0, int n, A* dst) {
+  const A* coef[kBatch];
+  A* rows[kBatch];
+  for (int j = 0; j < n; ++j) {
+    coef[j] = wo + (q0 + j) * pb.ldo + i * pb.d;
+    rows[j] = dst + (j * pb.heads + i) * pb.m_in;
+  }
+  combine_batch<A, A>(n, coef, rows, wv + (i / pb.group) * pb.d * pb.m_in, pb.d, pb.m_in, 0, pb.m_in, false);
+}
+
+// OV in slab layout, out (M_out, h, M_in) (see OvProblem), in items of (head, kBatch rows q): one
+// head's block of Wv stays in cache.
+template <typename A>
 void ov_slabs(const A* wo, const A* wv, A* out, const OvProblem& pb, int num_threads) {
   const int64_t blocks = (pb.m_out + kBatch - 1) / kBatch;
-  const int64_t items = pb.heads * blocks;  // (head, block of kBatch rows q): one head's Wv block stays in cache
+  const int64_t items = pb.heads * blocks;
   auto item = [&](int64_t w) {
     const int64_t i = w / blocks, q0 = (w % blocks) * kBatch;
-    const int n = static_cast<int>(min64(kBatch, pb.m_out - q0));
-    const A* coef[kBatch];
-    A* dst[kBatch];
-    for (int j = 0; j < n; ++j) {
-      coef[j] = wo + (q0 + j) * pb.ldo + i * pb.d;
-      dst[j] = out + ((q0 + j) * pb.heads + i) * pb.m_in;
-    }
-    combine_batch<A, A>(n, coef, dst, wv + (i / pb.group) * pb.d * pb.m_in, pb.d, pb.m_in, 0, pb.m_in, false);
+    ov_head_rows(wo, wv, pb, i, q0, static_cast<int>(min64(kBatch, pb.m_out - q0)), out + q0 * pb.heads * pb.m_in);
   };
   if (num_threads <= 1 || items == 1) {
     for (int64_t w = 0; w < items; ++w) item(w);
@@ -384,6 +390,9 @@ void ov_slabs(const A* wo, const A* wv, A* out, const OvProblem& pb, int num_thr
 #endif
   for (int64_t w = 0; w < items; ++w) item(w);
 }
+
+// The OV of a factored R (KronSumProblem::wo, wv).
+inline OvProblem ov_problem(const KronSumProblem& pb) { return OvProblem{pb.Q, pb.T, pb.h, pb.group, pb.d, pb.ldo}; }
 
 template <typename A>
 inline bool all_zero(const A* v, int64_t n) {
@@ -512,22 +521,14 @@ struct Workspace {
     return current;
   }
 
-  // Factored R: the slabs of q0, q0 + 1, ... (up to kQBlock) as OvSlabs computes them, head by head,
-  // each head's rows of Wo as the coefficients of one micro-kernel over its d x T block of Wv.
+  // Factored R: the slabs of q0, q0 + 1, ... (up to kQBlock), computed as ov_slabs computes them.
   void compute_slabs(const KronSumProblem& pb, int64_t q0) {
     blk0 = q0;
     nblk = min64(kQBlock, pb.Q - q0);
-    const A* wo = static_cast<const A*>(pb.wo);
-    const A* wv = static_cast<const A*>(pb.wv);
-    const A* c[kQBlock];
-    A* dst[kQBlock];
-    for (int64_t i = 0; i < pb.h; ++i) {
-      for (int j = 0; j < nblk; ++j) {
-        c[j] = wo + (q0 + j) * pb.ldo + i * pb.d;
-        dst[j] = &slab[(j * pb.h + i) * pb.T];
-      }
-      combine_batch<A, A>(static_cast<int>(nblk), c, dst, wv + (i / pb.group) * pb.d * pb.T, pb.d, pb.T, 0, pb.T, false);
-    }
+    const OvProblem op = ov_problem(pb);
+    for (int64_t i = 0; i < pb.h; ++i)
+      ov_head_rows(static_cast<const A*>(pb.wo), static_cast<const A*>(pb.wv), op, i, q0, static_cast<int>(nblk),
+                   slab.data());
   }
 
   // L[:, p, s] of the tile's segments as (segments, h), one coefficient vector contiguous.
@@ -661,8 +662,7 @@ void run(const A* lt, const A* rt, Out* out, const KronSumProblem& problem, int 
   if (pb.wo != nullptr && !RowOrder(pb).q_major) {
     // Rows in memory order would need every slab once per p: write OV once instead.
     ov.resize(pb.Q * pb.h * pb.T);
-    const OvProblem op{pb.Q, pb.T, pb.h, pb.group, pb.d, pb.ldo};
-    ov_slabs(static_cast<const A*>(pb.wo), static_cast<const A*>(pb.wv), ov.data(), op, num_threads);
+    ov_slabs(static_cast<const A*>(pb.wo), static_cast<const A*>(pb.wv), ov.data(), ov_problem(pb), num_threads);
     rt = ov.data();
     pb.r_h = pb.T;
     pb.r_q = pb.h * pb.T;
