@@ -14,7 +14,10 @@ Every case writes the same N·M x N·M matrix (token layout). Contestants:
   cpp@ISA     cpp forced to each ISA variant the CPU supports (baseline, avx2, avx512), as
               DUAT_CPU_CAPABILITY would: what the same wheel does on a lesser CPU
 The FMA floor (2h flops per entry at the FMA peak of the variant, measured by
-duat_kernels._C.fma_peak_gflops in the same run) is recorded with every cpp case. Sweeps: the
+duat_kernels._C.fma_peak_gflops in the same run) is recorded with every cpp case, and so is the
+looser sgemm floor (2h flops per entry at the rate torch.mm reaches on 2048 x 2048 float32
+matrices in the same run: what a BLAS call would give; on CPUs where the BLAS does not use every
+vector unit it lies well above the FMA floor). Sweeps: the
 main configurations, h, N and M; bf16 output and causal attention for the main configurations.
 The slow peers run where W' is at most 64 MiB (kron_sum also on the main configurations).
 `python benchmarks/report.py run.json` turns a run into tables and plots.
@@ -22,6 +25,7 @@ The slow peers run where W' is at most 64 MiB (kron_sum also on the main configu
 
 import contextlib
 import functools
+import time
 
 import pytest
 import torch
@@ -63,6 +67,20 @@ def fma_peak_gflops(isa: str) -> float:
     """Float32 FMA throughput of an ISA variant with torch's thread count (its arithmetic floor)."""
     with cpp.using_capability(isa):
         return max(cpp._C.fma_peak_gflops(2_000_000 if QUICK else 20_000_000, torch.get_num_threads()) for _ in range(3))
+
+
+@functools.lru_cache(maxsize=1)
+def sgemm_gflops() -> float:
+    """The float32 rate of torch.mm with torch's thread count: the looser 'sgemm' arithmetic floor."""
+    n = 256 if QUICK else 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out = torch.mm(a, b)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e9
 
 
 @functools.lru_cache(maxsize=4)
@@ -116,7 +134,9 @@ def test_materialise(benchmark, case):
                                 causal=causal, entries=(n * m) ** 2, bytes=(n * m) ** 2 * out.element_size())
     if contestant.startswith("cpp"):
         benchmark.extra_info.update(isa=isa, fma_peak_gflops=fma_peak_gflops(isa),
-                                    fma_floor_s=2 * h * (n * m) ** 2 / (fma_peak_gflops(isa) * 1e9))
+                                    fma_floor_s=2 * h * (n * m) ** 2 / (fma_peak_gflops(isa) * 1e9),
+                                    sgemm_gflops=sgemm_gflops(),
+                                    sgemm_floor_s=2 * h * (n * m) ** 2 / (sgemm_gflops() * 1e9))
     slow = contestant in ("kron_sum", "jacrev")
     with cpp.using_capability(isa) if contestant.startswith("cpp") else contextlib.nullcontext():
         setup = cpp.empty_output_cache if contestant == "cpp_first_touch" else None
