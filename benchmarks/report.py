@@ -60,9 +60,15 @@ def _ms(t: float) -> str:
     return f"{t * 1e3:.1f} ms" if t < 1 else f"{t:.2f} s"
 
 
+def fill_floor(rows: dict[str, dict]) -> float | None:
+    """The memory-write floor of a configuration: the faster of its fill_ runs on the shared buffer."""
+    times = [rows[k]["stats"]["min"] for k in ("fill", "fill_again") if k in rows]
+    return min(times) if times else None
+
+
 def materialise_table(rows: dict[str, dict]) -> list[str]:
     best = {k: b["stats"]["min"] for k, b in rows.items()}
-    floor, ours = best.get("fill"), best.get("cpp")
+    floor, ours = fill_floor(rows), best.get("cpp")
     fma = rows.get("cpp", {}).get("extra_info", {}).get("fma_floor_s")
     out = ["| contestant | best time | GB/s written | vs fill_ | vs FMA floor | time / cpp |", "|---|---:|---:|---:|---:|---:|"]
     for name, b in rows.items():
@@ -89,7 +95,7 @@ def isa_tables(groups: dict[str, dict[str, dict]]) -> list[str]:
     buffer and the variant's own FMA floor, and the ratio to the larger of the two."""
     by_isa: dict[str, list[tuple[str, dict, float]]] = defaultdict(list)
     for group, rows in groups.items():
-        fill = rows.get("fill", {}).get("stats", {}).get("min")
+        fill = fill_floor(rows)
         for name, b in rows.items():
             if name.startswith("cpp@") and fill:
                 by_isa[name[4:]].append((group.removeprefix("materialise "), b, fill))
@@ -165,7 +171,7 @@ def plots(groups: dict[str, dict[str, dict]], out: Path, name: str) -> list[str]
                 ys = [(h, rows[peer]["stats"]["min"] / rows["cpp"]["stats"]["min"]) for h, rows in pts if peer in rows]
                 if ys:
                     ax.semilogy(*zip(*ys), marker="o", label=f"{peer} time / cpp time")
-            ax.semilogy(hs, [rows["cpp"]["stats"]["min"] / rows["fill"]["stats"]["min"] for _, rows in pts],
+            ax.semilogy(hs, [rows["cpp"]["stats"]["min"] / fill_floor(rows) for _, rows in pts],
                         marker="s", label="cpp time / fill_ time (memory floor)")
             ax.semilogy(hs, [rows["cpp"]["stats"]["min"] / rows["cpp"]["extra_info"]["fma_floor_s"] for _, rows in pts],
                         marker="^", label="cpp time / FMA floor")
