@@ -13,6 +13,9 @@ DUAT_DECLARE_VARIANT(avx2)
 #if defined(DUAT_HAVE_AVX512)
 DUAT_DECLARE_VARIANT(avx512)
 #endif
+#if defined(DUAT_HAVE_AVX512_BF16)
+DUAT_DECLARE_VARIANT(avx512_bf16)
+#endif
 #if defined(DUAT_HAVE_NATIVE)
 DUAT_DECLARE_VARIANT(native)
 #endif
@@ -25,6 +28,9 @@ const std::vector<const IsaKernels*>& compiled_variants() {
 #endif
 #if defined(DUAT_HAVE_AVX512)
       &avx512::kKernels,
+#endif
+#if defined(DUAT_HAVE_AVX512_BF16)
+      &avx512_bf16::kKernels,
 #endif
 #if defined(DUAT_HAVE_NATIVE)
       &native::kKernels,

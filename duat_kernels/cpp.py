@@ -9,8 +9,9 @@ a limit (an eighth of physical memory by default, DUAT_OUTPUT_CACHE_BYTES, `set_
 for the next output of the same size, which then skips the page zeroing of fresh memory;
 `empty_output_cache()` gives the memory back.
 
-The extension carries one copy of the kernels per instruction set (baseline, avx2, avx512 on
-x86-64) and uses the best one the CPU supports; DUAT_CPU_CAPABILITY=baseline|avx2|avx512 (read at
+The extension carries one copy of the kernels per instruction set (baseline, avx2, avx512,
+avx512_bf16 on x86-64) and uses the best one the CPU supports;
+DUAT_CPU_CAPABILITY=baseline|avx2|avx512|avx512_bf16 (read at
 import) or `set_cpu_capability` selects a lower one, `cpu_capability()` reports the one in use.
 """
 
@@ -61,7 +62,7 @@ def is_available() -> bool:
 
 
 def cpu_capability() -> str:
-    """The ISA variant of the C++ kernels in use: "baseline", "avx2", "avx512" (or "native" in a
+    """The ISA variant of the C++ kernels in use: "baseline", "avx2", "avx512", "avx512_bf16" (or "native" in a
     DUAT_NATIVE=1 build); "unavailable" when the extension is not built."""
     return _C.cpu_capability() if _C is not None else "unavailable"
 

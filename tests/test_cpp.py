@@ -208,6 +208,8 @@ def test_half_conversion_rounds_like_torch(dtype, capability):
     exps = torch.randint(-30, 20, (1, 1, 70), generator=g).double()
     right = (torch.randn(1, 1, 70, generator=g, dtype=torch.float64) * 2.0 ** exps).float()
     right[0, 0, :6] = torch.tensor([65520.0, 65519.0, 1e5, 2.0 ** -25, 2.0 ** -24 * 1.5, 1.0 + 2.0 ** -11])
+    # float32 denormals (bf16 keeps them; avx512_bf16's conversion instruction would flush them)
+    right[0, 0, 40:46] = torch.tensor([1e-39, -3e-40, 1.4e-45, 1.1754942e-38, 2.0 ** -127 * 1.00390625, -7e-41])
     left = torch.tensor([[[1.0, -1.0, 0.5, 3.0]]]).float()  # (h=1, P=1, S=4)
     tile = cpp.kron_sum_tile_(left, right, torch.empty(1, 4 * 70, dtype=dtype))
     expected = torch.kron(left[0], right[0]).to(dtype)
