@@ -156,6 +156,22 @@ void launch(duat::KronSumProblem pb, const void* lp, const void* rp, const py::b
     kernels.kron_sum_f32(static_cast<const float*>(lp), static_cast<const float*>(rp), op, ot, pb, num_threads);
 }
 
+// The tile [row0, row0 + rows) x [col0, col0 + cols) of W (P·Q x S·T), rows x cols the shape of out:
+// into the problem after checking that it lies inside W and that W's entries can be counted in int64.
+void set_tile(duat::KronSumProblem& pb, const py::buffer_info& o, int64_t row0, int64_t col0) {
+  pb.rows = o.shape[0];
+  pb.cols = o.shape[1];
+  pb.row0 = row0;
+  pb.col0 = col0;
+  const int64_t total_rows = checked_mul(pb.P, pb.Q, "P*Q");
+  const int64_t total_cols = checked_mul(pb.S, pb.T, "S*T");
+  checked_mul(total_rows, total_cols, "the number of entries of W");
+  if (row0 < 0 || col0 < 0 || row0 > total_rows - pb.rows || col0 > total_cols - pb.cols)
+    fail("tile rows [" + std::to_string(row0) + ", " + std::to_string(row0 + pb.rows) + ") x cols [" +
+         std::to_string(col0) + ", " + std::to_string(col0 + pb.cols) + ") exceeds W of shape (" +
+         std::to_string(total_rows) + ", " + std::to_string(total_cols) + ")");
+}
+
 void kron_sum(py::buffer lt, py::buffer rt, py::buffer out, const std::string& out_dtype,
               int64_t row0, int64_t col0, int num_threads) {
   py::buffer_info l = lt.request(), r = rt.request(), o = out.request(/*writable=*/true);
@@ -173,17 +189,7 @@ void kron_sum(py::buffer lt, py::buffer rt, py::buffer out, const std::string& o
     fail("lt has " + std::to_string(pb.h) + " heads but rt has " + std::to_string(r.shape[0]));
   pb.r_h = rs[0];
   pb.r_q = rs[1];
-  pb.rows = o.shape[0];
-  pb.cols = o.shape[1];
-  pb.row0 = row0;
-  pb.col0 = col0;
-  const int64_t total_rows = checked_mul(pb.P, pb.Q, "P*Q");
-  const int64_t total_cols = checked_mul(pb.S, pb.T, "S*T");
-  checked_mul(total_rows, total_cols, "the number of entries of W");
-  if (row0 < 0 || col0 < 0 || row0 > total_rows - pb.rows || col0 > total_cols - pb.cols)
-    fail("tile rows [" + std::to_string(row0) + ", " + std::to_string(row0 + pb.rows) + ") x cols [" +
-         std::to_string(col0) + ", " + std::to_string(col0 + pb.cols) + ") exceeds W of shape (" +
-         std::to_string(total_rows) + ", " + std::to_string(total_cols) + ")");
+  set_tile(pb, o, row0, col0);
   if (pb.h <= 0 || pb.rows == 0 || pb.cols == 0) {
     if (pb.h <= 0 && pb.rows > 0 && pb.cols > 0) fail("h must be positive");
     return;
@@ -216,29 +222,23 @@ duat::OvProblem check_weights(const py::buffer_info& wo, const py::buffer_info& 
   return pb;
 }
 
-// The whole token-layout W = sum_i A_i (x) OV_i with OV given by its factors (never written):
-// lt = A (h, N, N) through its strides, wo (M_out, h*d) and wv (h_kv*d, M_in) C-contiguous.
+// A tile of W = sum_i L_i (x) OV_i with OV given by its factors (token layout; never written):
+// lt = L (h, P, S) through its strides (a part of A), wo (Q, h*d) and wv (h_kv*d, T) C-contiguous (the
+// rows and columns of the weights the tile touches), out (rows, cols) at [row0, col0) of W.
 void kron_sum_factored(py::buffer lt, py::buffer wo_buf, py::buffer wv_buf, py::buffer out, const std::string& out_dtype,
-                       int64_t kv_heads, int num_threads) {
+                       int64_t kv_heads, int64_t row0, int64_t col0, int num_threads) {
   py::buffer_info l = lt.request(), wo = wo_buf.request(), wv = wv_buf.request(), o = out.request(/*writable=*/true);
   duat::KronSumProblem pb;
   set_left(pb, l);
   const char f = scalar_format(l, "lt");
   const duat::OutType ot = check_output(o, out_dtype, f);
-  if (pb.P != pb.S) fail("lt must be (h, N, N), got shape " + shape_str(l));
   const duat::OvProblem ov = check_weights(wo, wv, pb.h, kv_heads, f);
   pb.Q = ov.m_out;
   pb.T = ov.m_in;
   pb.d = ov.d;
   pb.group = ov.group;
   pb.ldo = ov.ldo;
-  pb.rows = checked_mul(pb.P, pb.Q, "N*M_out");
-  pb.cols = checked_mul(pb.S, pb.T, "N*M_in");
-  checked_mul(pb.rows, pb.cols, "the number of entries of W");
-  if (o.shape[0] != pb.rows || o.shape[1] != pb.cols)
-    fail("out has shape " + shape_str(o) + ", expected (" + std::to_string(pb.rows) + ", " + std::to_string(pb.cols) +
-         ")");
-  pb.row0 = pb.col0 = 0;
+  set_tile(pb, o, row0, col0);
   pb.r_h = pb.r_q = 0;
   pb.wo = wo.ptr;
   pb.wv = wv.ptr;
@@ -511,9 +511,10 @@ PYBIND11_MODULE(_C, m) {
         "lt: L (h, P, S) float32/float64, rt: R (h, Q, T) same dtype, any non-negative strides (T's = 1),\n"
         "out: (rows, cols) C-contiguous.");
   m.def("kron_sum_factored", &kron_sum_factored, py::arg("lt"), py::arg("wo"), py::arg("wv"), py::arg("out"),
-        py::arg("out_dtype"), py::arg("kv_heads"), py::arg("num_threads") = 1,
-        "Write the whole token-layout W = sum_i A_i (x) OV_i into out (N*M_out, N*M_in), OV_i = Wo_i Wv_(i // g)\n"
-        "computed in cache (never written): lt = A (h, N, N), wo (M_out, h*d), wv (h_kv*d, M_in).");
+        py::arg("out_dtype"), py::arg("kv_heads"), py::arg("row0") = 0, py::arg("col0") = 0, py::arg("num_threads") = 1,
+        "Write the tile [row0, row0+rows) x [col0, col0+cols) of the token-layout W = sum_i A_i (x) OV_i into out,\n"
+        "OV_i = Wo_i Wv_(i // g) computed in cache (never written): lt = A (h, P, S) (any non-negative strides),\n"
+        "wo (Q, h*d), wv (h_kv*d, T) C-contiguous, out (rows, cols) C-contiguous.");
   m.def("ov_slabs", &ov_slabs, py::arg("wo"), py::arg("wv"), py::arg("out"), py::arg("heads"), py::arg("kv_heads"),
         py::arg("num_threads") = 1,
         "Write OV_i = Wo_i Wv_(i // g) as out (M_out, h, M_in) for wo (M_out, h*d) and wv (h_kv*d, M_in),\n"

@@ -94,20 +94,21 @@ def ov_circuits(backend: str, w_v: torch.Tensor, w_o: torch.Tensor, num_heads: i
     return cpp.ov_circuits(w_v, w_o, num_heads, num_kv_heads)
 
 
-def fuses_ov(backend: str, layout: str, attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor) -> bool:
-    """Whether W' for attn (B, h, N, N) is written by the C++ kernel straight from the weights, OV
-    computed in cache (materialise_fused): token layout, one batch element (a batch shares one OV),
-    eager and without autograd (the registered op, which takes OV, serves the other cases)."""
-    return (backend == "cpp" and layout == "token" and attn.shape[0] == 1 and w_v.device.type == "cpu"
+def fuses_ov(backend: str, layout: str, batch: int, *tensors: torch.Tensor) -> bool:
+    """Whether W' (or a tile of it) for a batch of attention maps is written by the C++ kernel straight
+    from the weights, OV computed in cache (materialise_fused): token layout, one batch element (a
+    batch shares one OV), eager and without autograd through any of the tensors (the registered op,
+    which takes OV, serves the other cases)."""
+    return (backend == "cpp" and layout == "token" and batch == 1 and all(t.device.type == "cpu" for t in tensors)
             and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (attn, w_v, w_o))))
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
 
 
 def materialise_fused(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
-                      out: torch.Tensor) -> torch.Tensor:
-    """Write W' for attn (1, h, N, N) into out (1, N·M_out, N·M_in) (see fuses_ov)."""
+                      out: torch.Tensor, row0: int = 0, col0: int = 0) -> torch.Tensor:
+    """Write W'[row0:, col0:] (out's shape) for attn (1, h, N, N) into out (1, rows, cols) (see fuses_ov)."""
     ct = reference.compute_dtype(out.dtype)
-    cpp.kron_sum_factored_(attn[0].to(ct), w_v.to(ct), w_o.to(ct), num_kv_heads, out[0])
+    cpp.kron_sum_factored_(attn[0].to(ct), w_v.to(ct), w_o.to(ct), num_kv_heads, out[0], row0, col0)
     return out
 
 

@@ -128,6 +128,11 @@ def _numpy_view(t: torch.Tensor):
     return t.detach().numpy()
 
 
+def _tile_ranges(row0: int, col0: int, shape: tuple[int, int], inner_rows: int, inner_cols: int):
+    """_factor_range of a (rows, cols) tile at (row0, col0) along both axes."""
+    return _factor_range(row0, shape[0], inner_rows), _factor_range(col0, shape[1], inner_cols)
+
+
 def kron_sum_tile_(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor, row0: int = 0,
                    col0: int = 0) -> torch.Tensor:
     """Write W[row0:row0+rows, col0:col0+cols] of W = sum_i left_i (x) right_i into out (rows, cols).
@@ -138,14 +143,29 @@ def kron_sum_tile_(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor, r
         return out
     # Only the factor entries the tile touches are passed (views, no copies), so a small tile of a
     # long-sequence W' costs O(tile), not O(h N²).
-    (p0, p1, q0, q1, row0), (s0, s1, t0, t1, col0) = (
-        _factor_range(row0, out.shape[0], right.shape[1]), _factor_range(col0, out.shape[1], right.shape[2]))
+    (p0, p1, q0, q1, row0), (s0, s1, t0, t1, col0) = _tile_ranges(row0, col0, out.shape, right.shape[1], right.shape[2])
     lt = left[:, p0:p1, s0:s1]  # (h, P', S'), read in place through its strides
     rt = right[:, q0:q1, t0:t1]  # (h, Q', T')
     if rt.shape[-1] > 1 and rt.stride(-1) != 1:
         rt = rt.contiguous()
     _C.kron_sum(_numpy_view(lt), _numpy_view(rt), _numpy_view(out), _DTYPE_NAMES[out.dtype], row0, col0,
                 kernel_threads())
+    return out
+
+
+def kron_sum_factored_(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
+                       out: torch.Tensor, row0: int = 0, col0: int = 0) -> torch.Tensor:
+    """Write W'[row0:row0+rows, col0:col0+cols] of the token-layout W' = Σ_i A_i ⊗ OV_i into out
+    (rows, cols) for attn (h, N, N), w_v (h_kv·d, M_in) and w_o (M_out, h·d), all in out's compute
+    dtype on the CPU. Only the parts of A and the weights the tile touches are passed, and OV is
+    computed by the kernel a few rows q at a time, in cache, never written: the same bits as
+    kron_sum_tile_ with ov_circuits, in O(tile + threads·h·M_in) memory."""
+    if out.numel() == 0:
+        return out
+    (p0, p1, q0, q1, row0), (s0, s1, t0, t1, col0) = _tile_ranges(row0, col0, out.shape, w_o.shape[0], w_v.shape[1])
+    wo, wv = w_o.detach()[q0:q1].contiguous(), w_v.detach()[:, t0:t1].contiguous()
+    _C.kron_sum_factored(_numpy_view(attn[:, p0:p1, s0:s1]), _numpy_view(wo), _numpy_view(wv), _numpy_view(out),
+                         _DTYPE_NAMES[out.dtype], num_kv_heads, row0, col0, kernel_threads())
     return out
 
 
@@ -161,19 +181,6 @@ def ov_circuits(w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int, num_kv_hea
     return slabs.permute(1, 0, 2)
 
 
-
-def kron_sum_factored_(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
-                       out: torch.Tensor) -> torch.Tensor:
-    """Write the token-layout W' = Σ_i A_i ⊗ OV_i into out (N·M_out, N·M_in) for attn (h, N, N), w_v
-    (h_kv·d, M_in) and w_o (M_out, h·d), all in out's compute dtype on the CPU. OV is computed by the
-    kernel a few rows at a time, in cache, never written: the same bits as kron_sum_tile_ with
-    ov_circuits, without OV's pass over memory."""
-    if out.numel() == 0:
-        return out
-    _C.kron_sum_factored(_numpy_view(attn), _numpy_view(w_o.detach().contiguous()),
-                         _numpy_view(w_v.detach().contiguous()), _numpy_view(out), _DTYPE_NAMES[out.dtype], num_kv_heads,
-                         kernel_threads())
-    return out
 
 # Outputs from this size up come from the output cache (smaller ones are cheap to fault in).
 OUTPUT_CACHE_MIN_BYTES = 8 << 20

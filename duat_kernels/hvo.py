@@ -94,7 +94,7 @@ def hvo_matrix(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, *, num_
 
     ct = reference.compute_dtype(dtype)
     attn4 = attn if dims.batched else attn.unsqueeze(0)
-    if backends.fuses_ov(backend, layout, attn4, w_v, w_o):
+    if backends.fuses_ov(backend, layout, attn4.shape[0], attn4, w_v, w_o):
         result = out if out is not None else backends.empty_output(backend, shape, dtype, device)
         backends.materialise_fused(attn4, w_v, w_o, dims.kv_heads, result if dims.batched else result.unsqueeze(0))
         return result

@@ -194,8 +194,14 @@ class HVOOperator:
         out = torch.empty(self.dims.batch, r1 - r0, c1 - c0, dtype=dtype, device=self.device)
         backend = backends.resolve("auto", self.device)
         with torch.no_grad():
-            ov = backends.ov_circuits(backend, self.w_v.to(ct), self.w_o.to(ct), self.dims.heads, self.dims.kv_heads)
-            attn, ov, row0, col0 = tile_factors(self.source, ov, self.layout, r0, r1, c0, c1)
+            w_v, w_o = self.w_v.to(ct), self.w_o.to(ct)
+            attn, ov_rows, ov_cols, row0, col0 = tile_factors(self.source, (w_o.shape[0], w_v.shape[1]), self.layout,
+                                                              r0, r1, c0, c1)
+            if dtype in backends.output_dtypes(backend) and backends.fuses_ov(backend, self.layout, self.dims.batch, w_v):
+                # OV's slabs for the tile's rows q and columns t only, in cache: no (h, M, M) OV per tile
+                backends.materialise_fused(attn, w_v[:, ov_cols], w_o[ov_rows], self.dims.kv_heads, out, row0, col0)
+                return out if self.dims.batched else out[0]
+            ov = backends.ov_circuits(backend, w_v, w_o, self.dims.heads, self.dims.kv_heads)[:, ov_rows, ov_cols]
             for b in range(self.dims.batch):
                 left, right = backends.kron_factors(attn[b].to(ct), ov, self.layout)
                 if backend != "reference" and dtype in backends.output_dtypes(backend):

@@ -50,15 +50,16 @@ def operator_bias(source: AttentionSource, w_o: torch.Tensor, b_v: torch.Tensor 
     return bias.to(dtype)
 
 
-def tile_factors(source: AttentionSource, ov: torch.Tensor, layout: str, r0: int, r1: int, c0: int,
-                 c1: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """The parts of A (B, h, n', m') and OV (h, M_out', M_in') that W'[r0:r1, c0:c1] reads, and the
-    tile's (row0, col0) inside the W' of those parts. Rows of W' are p·Q + q with (P, Q) = (N, M_out)
-    in token layout and (M_out, N) in feature layout (columns alike)."""
+def tile_factors(source: AttentionSource, ov_shape: tuple[int, int], layout: str, r0: int, r1: int, c0: int,
+                 c1: int) -> tuple[torch.Tensor, slice, slice, int, int]:
+    """The part of A (B, h, n', m') that W'[r0:r1, c0:c1] reads, the rows and columns of OV
+    (M_out, M_in) = ov_shape it reads, and the tile's (row0, col0) inside the W' of those parts.
+    Rows of W' are p·Q + q with (P, Q) = (N, M_out) in token layout and (M_out, N) in feature layout
+    (columns alike)."""
     n = source.tokens
     token = layout == "token"
-    po0, po1, pi0, pi1, row0 = _factor_range(r0, r1 - r0, ov.shape[1] if token else n)
-    so0, so1, si0, si1, col0 = _factor_range(c0, c1 - c0, ov.shape[2] if token else n)
-    (ar0, ar1, ac0, ac1), ov_part = ((po0, po1, so0, so1), ov[:, pi0:pi1, si0:si1]) if token else \
-        ((pi0, pi1, si0, si1), ov[:, po0:po1, so0:so1])
-    return source.rows(ar0, ar1)[..., ac0:ac1], ov_part, row0, col0
+    po0, po1, pi0, pi1, row0 = _factor_range(r0, r1 - r0, ov_shape[0] if token else n)
+    so0, so1, si0, si1, col0 = _factor_range(c0, c1 - c0, ov_shape[1] if token else n)
+    (ar0, ar1, ac0, ac1), (ov_rows, ov_cols) = ((po0, po1, so0, so1), (slice(pi0, pi1), slice(si0, si1))) if token \
+        else ((pi0, pi1, si0, si1), (slice(po0, po1), slice(so0, so1)))
+    return source.rows(ar0, ar1)[..., ac0:ac1], ov_rows, ov_cols, row0, col0

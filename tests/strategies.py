@@ -74,12 +74,19 @@ def layers(draw, max_batch=2, max_heads=3, max_tokens=4, max_width=4, dtypes=(to
 
 
 def dense_reference(attn, w_v, w_o, num_kv_heads, layout, acc) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W', Σ|A_i| ⊗ |OV_i|) in the accumulation dtype acc, with attn's batch axis (if any)."""
+    """(W', magnitude) in the accumulation dtype acc, with attn's batch axis (if any).
+
+    magnitude = Σ|A_i| ⊗ |OV_i| + (d/h)·Σ|A_i| ⊗ (|Wo_i||Wv_i|): 2h·u·magnitude is then the error of
+    the length-h sums of W' plus that of OV's own length-d dot products (each side forms OV itself:
+    the C++ backend with its kernel, the reference with torch.bmm), as in conftest."""
     attn4 = attn if attn.dim() == 4 else attn.unsqueeze(0)
     h = attn4.shape[1]
     ov = reference.ov_circuits(w_v.to(acc), w_o.to(acc), h, num_kv_heads)
     exact = reference.hvo_matrix(attn4.to(acc), ov, layout)
     magnitude = reference.hvo_matrix(attn4.to(acc).abs(), ov.abs(), layout)
+    if h and w_o.shape[1]:
+        ov_magnitude = reference.ov_circuits(w_v.to(acc).abs(), w_o.to(acc).abs(), h, num_kv_heads)
+        magnitude = magnitude + (w_o.shape[1] // h) / h * reference.hvo_matrix(attn4.to(acc).abs(), ov_magnitude, layout)
     return (exact, magnitude) if attn.dim() == 4 else (exact[0], magnitude[0])
 
 

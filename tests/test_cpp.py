@@ -187,7 +187,7 @@ def test_non_contiguous_inputs():
 def test_tiles_are_slices_of_the_matrix(layout, dtype, capability):
     lay = random_layer(1, 6, 3, tokens=7, head_dim=2, m_in=37, m_out=5, causal=True, batched=False, seed=7)
     ct = reference.compute_dtype(dtype)
-    ov = reference.ov_circuits(lay["w_v"].to(ct), lay["w_o"].to(ct), 6, 3)
+    ov = cpp.ov_circuits(lay["w_v"].to(ct), lay["w_o"].to(ct), 6, 3)
     left, right = backends.kron_factors(lay["attn"].to(ct), ov, layout)
     full = cpp.kron_sum_tile_(left, right, torch.empty(7 * 5, 7 * 37, dtype=dtype))
     g = torch.Generator().manual_seed(1)
@@ -197,6 +197,10 @@ def test_tiles_are_slices_of_the_matrix(layout, dtype, capability):
         cols = int(torch.randint(1, full.shape[1] - c0 + 1, (1,), generator=g))
         tile = cpp.kron_sum_tile_(left, right, torch.empty(rows, cols, dtype=dtype), r0, c0)
         assert torch.equal(tile, full[r0:r0 + rows, c0:c0 + cols]), (r0, c0, rows, cols)
+        if layout == "token":  # OV's slabs computed by the kernel for the tile's part of the weights only
+            tile = cpp.kron_sum_factored_(lay["attn"].to(ct), lay["w_v"].to(ct), lay["w_o"].to(ct), 3,
+                                          torch.empty(rows, cols, dtype=dtype), r0, c0)
+            assert torch.equal(tile, full[r0:r0 + rows, c0:c0 + cols]), (r0, c0, rows, cols)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -368,7 +372,7 @@ def test_ov_computed_in_the_kernel_gives_the_same_matrix(dtype, heads, kv_heads,
     # (m_out not a multiple of that block), and writes the same bits as from the OV of ov_circuits.
     lay = random_layer(1, heads, kv_heads, tokens=tokens, head_dim=5, m_in=m_in, m_out=m_out, causal=True,
                        batched=False, seed=heads + m_in)
-    assert backends.fuses_ov("cpp", "token", lay["attn"][None], lay["w_v"], lay["w_o"])
+    assert backends.fuses_ov("cpp", "token", 1, lay["attn"][None], lay["w_v"], lay["w_o"])
     ct = reference.compute_dtype(dtype)
     ov = cpp.ov_circuits(lay["w_v"].to(ct), lay["w_o"].to(ct), heads, kv_heads)
     want = cpp.kron_sum_tile_(lay["attn"].to(ct), ov, torch.empty(tokens * m_out, tokens * m_in, dtype=dtype))
@@ -413,14 +417,15 @@ def test_factored_boundary_rejects_bad_buffers():
     _C.kron_sum_factored(lt, wo, wv, out, "float32", 2)
     cases = [
         ((lt[0], wo, wv, out, "float32", 2), "lt must be 3-D"),
-        ((lt[:, :2], wo, wv, out, "float32", 2), r"lt must be \(h, N, N\)"),
+        ((lt[:, :2], wo, wv, out, "float32", 2), "exceeds W"),
         ((lt, wo[0], wv, out, "float32", 2), "wo must be 2-D"),
         ((lt, wo[:, ::2], wv, out, "float32", 2), "C-contiguous"),
         ((lt, wo, wv.astype(np.float64), out, "float32", 2), "one dtype"),
         ((lt, wo, wv, out, "float32", 3), "multiple of kv_heads"),
         ((lt, wo[:, :6].copy(), wv, out, "float32", 2), "not a multiple of h"),
         ((lt, wo, wv[:3].copy(), out, "float32", 2), "expected kv_heads"),
-        ((lt, wo, wv, out[:14], "float32", 2), "expected"),
+        ((lt, wo, wv, out[:14], "float32", 2, 2, 0), "exceeds W"),
+        ((lt, wo, wv, out, "float32", 2, 0, -1), "exceeds W"),
         ((lt, wo, wv, out, "float64", 2), "itemsize"),
     ]
     for args, message in cases:
