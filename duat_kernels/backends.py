@@ -94,6 +94,16 @@ def ov_circuits(backend: str, w_v: torch.Tensor, w_o: torch.Tensor, num_heads: i
     return cpp.ov_circuits(w_v, w_o, num_heads, num_kv_heads)
 
 
+def ov_part(backend: str, w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int, num_kv_heads: int, rows: slice,
+            cols: slice) -> torch.Tensor:
+    """OV[:, rows, cols] as ov_circuits gives it: the C++ backend forms only that part, from w_o[rows]
+    and w_v[:, cols] (each entry is the same chain of d multiply-adds as in the whole OV, so the
+    same bits); other backends slice the whole OV."""
+    if backend == "cpp":
+        return ov_circuits(backend, w_v[:, cols], w_o[rows], num_heads, num_kv_heads)
+    return ov_circuits(backend, w_v, w_o, num_heads, num_kv_heads)[:, rows, cols]
+
+
 def fuses_ov(backend: str, layout: str, batch: int, *tensors: torch.Tensor) -> bool:
     """Whether W' (or a tile of it) for a batch of attention maps is written by the C++ kernel straight
     from the weights, OV computed in cache (materialise_fused): token layout, one batch element (a

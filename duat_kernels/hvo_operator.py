@@ -201,7 +201,7 @@ class HVOOperator:
                 # OV's slabs for the tile's rows q and columns t only, in cache: no (h, M, M) OV per tile
                 backends.materialise_fused(attn, w_v[:, ov_cols], w_o[ov_rows], self.dims.kv_heads, out, row0, col0)
                 return out if self.dims.batched else out[0]
-            ov = backends.ov_circuits(backend, w_v, w_o, self.dims.heads, self.dims.kv_heads)[:, ov_rows, ov_cols]
+            ov = backends.ov_part(backend, w_v, w_o, self.dims.heads, self.dims.kv_heads, ov_rows, ov_cols)
             for b in range(self.dims.batch):
                 left, right = backends.kron_factors(attn[b].to(ct), ov, self.layout)
                 if backend != "reference" and dtype in backends.output_dtypes(backend):

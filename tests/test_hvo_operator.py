@@ -58,3 +58,15 @@ def test_bad_arguments():
         op.tile(slice(0, 4, 2), slice(0, 2))
     with pytest.raises(ValueError, match="selects no entries"):
         op.tile(slice(4, 4), slice(0, 2))
+
+
+@pytest.mark.parametrize("layout", ["token", "feature"])
+@pytest.mark.parametrize("batched", [False, True])
+def test_tiles_are_bitwise_slices_of_to_dense(layout, batched):
+    # The C++ backend forms only the part of OV (or, for one token-layout map, only the slabs) a tile
+    # touches; every OV entry is the same chain of multiply-adds, so tiles are exact slices.
+    lay = random_layer(2, 4, 2, tokens=5, head_dim=3, m_in=37, m_out=11, causal=True, batched=batched, seed=21)
+    op = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"], num_kv_heads=2, layout=layout)
+    dense = op.to_dense()
+    for r0, r1, c0, c1 in [(0, 55, 0, 185), (3, 17, 8, 41), (12, 13, 40, 80), (50, 55, 0, 1)]:
+        assert torch.equal(op.tile(slice(r0, r1), slice(c0, c1)), dense[..., r0:r1, c0:c1]), (r0, r1, c0, c1)
