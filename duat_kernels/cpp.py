@@ -181,7 +181,6 @@ def ov_circuits(w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int, num_kv_hea
     return slabs.permute(1, 0, 2)
 
 
-
 # Outputs from this size up come from the output cache (smaller ones are cheap to fault in).
 OUTPUT_CACHE_MIN_BYTES = 8 << 20
 
