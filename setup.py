@@ -75,7 +75,7 @@ setup(
             sources=["csrc/bindings.cpp", "csrc/dispatch.cpp", "csrc/attention_norms.cpp", "csrc/qk_attention_norms.cpp",
                      "csrc/output_cache.cpp"] + [f"csrc/isa/{name}.cpp" for name in ISA_VARIANTS],
             include_dirs=["csrc"],
-            depends=["csrc/isa.h", "csrc/kron_sum.h", "csrc/attention_norms.h", "csrc/qk_attention_norms.h",
+            depends=["csrc/isa.h", "csrc/isa/variant.h", "csrc/kron_sum.h", "csrc/attention_norms.h", "csrc/qk_attention_norms.h",
                      "csrc/output_cache.h", "csrc/kernels/simd.h", "csrc/kernels/kron_sum.cpp", "csrc/kernels/fma_peak.cpp",
                      "csrc/kernels/gram_rows.cpp", "csrc/kernels/qk_rows.cpp"],
             cxx_std=17,

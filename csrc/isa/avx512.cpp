@@ -1,11 +1,6 @@
 // The AVX-512 (F, BW, VL, DQ) copy of the CPU kernels: csrc/kernels/* compiled with -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mf16c (see setup.py).
 #define DUAT_ISA avx512
 
-#include "../kernels/kron_sum.cpp"
-#include "../kernels/fma_peak.cpp"
-#include "../kernels/gram_rows.cpp"
-#include "../kernels/qk_rows.cpp"
-
 namespace duat {
 namespace DUAT_ISA {
 namespace {
@@ -14,10 +9,7 @@ bool cpu_supports() {
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma");
 }
 }  // namespace
-
-extern const IsaKernels kKernels = {"avx512", &cpu_supports, &kron_sum_f32, &kron_sum_f64, &ov_slabs_f32, &ov_slabs_f64,
-                                   &fma_peak_gflops,
-                                   &gram_row_squared_norms, &qk_logits, &softmax_numerator,
-                                   &exp_f32, &pt_u_accumulate};
 }  // namespace DUAT_ISA
 }  // namespace duat
+
+#include "variant.h"

@@ -2,11 +2,6 @@
 // setup.py). It differs from avx512 only in the bfloat16 stores (kron_sum.cpp: store_bf16_pair).
 #define DUAT_ISA avx512_bf16
 
-#include "../kernels/kron_sum.cpp"
-#include "../kernels/fma_peak.cpp"
-#include "../kernels/gram_rows.cpp"
-#include "../kernels/qk_rows.cpp"
-
 namespace duat {
 namespace DUAT_ISA {
 namespace {
@@ -16,10 +11,7 @@ bool cpu_supports() {
          __builtin_cpu_supports("avx512bf16");
 }
 }  // namespace
-
-extern const IsaKernels kKernels = {"avx512_bf16", &cpu_supports, &kron_sum_f32, &kron_sum_f64, &ov_slabs_f32, &ov_slabs_f64,
-                                   &fma_peak_gflops,
-                                   &gram_row_squared_norms, &qk_logits, &softmax_numerator,
-                                   &exp_f32, &pt_u_accumulate};
 }  // namespace DUAT_ISA
 }  // namespace duat
+
+#include "variant.h"
