@@ -172,8 +172,8 @@ def kron_sum_factored_(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor,
 def ov_circuits(w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
     """OV_i = Wo_i @ Wv_{i // g} (h, M_out, M_in), a view of an (M_out, h, M_in) buffer: the slab layout
     the kernel reads a token-layout row from. w_v (h_kv·d, M_in), w_o (M_out, h·d), float32 or float64
-    on the CPU, without autograd. Computed by the kernel's micro-kernel (about 2.5x torch.bmm at
-    d = 64); every entry is one chain of d multiply-adds, so the result does not depend on threads."""
+    on the CPU, without autograd. Computed by the kernel's micro-kernel (about 2.4x torch.bmm at
+    d = 64, benchmarks/bench_ov_circuits.py); every entry is one chain of d multiply-adds, so the result does not depend on threads."""
     dtype = torch.promote_types(w_v.dtype, w_o.dtype)
     wo, wv = w_o.detach().to(dtype).contiguous(), w_v.detach().to(dtype).contiguous()
     slabs = torch.empty(wo.shape[0], num_heads, wv.shape[1], dtype=dtype)
