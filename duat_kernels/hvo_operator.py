@@ -197,9 +197,15 @@ class HVOOperator:
             w_v, w_o = self.w_v.to(ct), self.w_o.to(ct)
             attn, ov_rows, ov_cols, row0, col0 = tile_factors(self.source, (w_o.shape[0], w_v.shape[1]), self.layout,
                                                               r0, r1, c0, c1)
-            if dtype in backends.output_dtypes(backend) and backends.fuses_ov(backend, self.layout, self.dims.batch, w_v):
-                # OV's slabs for the tile's rows q and columns t only, in cache: no (h, M, M) OV per tile
-                backends.materialise_fused(attn, w_v[:, ov_cols], w_o[ov_rows], self.dims.kv_heads, out, row0, col0)
+            ov_entries = self.dims.heads * (ov_rows.stop - ov_rows.start) * (ov_cols.stop - ov_cols.start)
+            if (dtype in backends.output_dtypes(backend) and backends.fuses_ov(backend, self.layout, 1, w_v)
+                    and (self.dims.batch == 1 or ov_entries > (r1 - r0) * (c1 - c0))):
+                # OV's slabs for the tile's rows q and columns t only, in cache, per batch element: no
+                # (h, M, M) OV for a tile spanning several tokens. A batch recomputes the slabs per
+                # element, so it takes this path only where the OV part would outgrow the tile itself.
+                for b in range(self.dims.batch):
+                    backends.materialise_fused(attn[b:b + 1], w_v[:, ov_cols], w_o[ov_rows], self.dims.kv_heads,
+                                               out[b:b + 1], row0, col0)
                 return out if self.dims.batched else out[0]
             ov = backends.ov_part(backend, w_v, w_o, self.dims.heads, self.dims.kv_heads, ov_rows, ov_cols)
             for b in range(self.dims.batch):

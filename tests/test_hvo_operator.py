@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import duat_kernels as dk
+from duat_kernels import backends
 
 from conftest import random_layer
 
@@ -70,3 +71,18 @@ def test_tiles_are_bitwise_slices_of_to_dense(layout, batched):
     dense = op.to_dense()
     for r0, r1, c0, c1 in [(0, 55, 0, 185), (3, 17, 8, 41), (12, 13, 40, 80), (50, 55, 0, 1)]:
         assert torch.equal(op.tile(slice(r0, r1), slice(c0, c1)), dense[..., r0:r1, c0:c1]), (r0, r1, c0, c1)
+
+
+def test_batched_token_tile_across_tokens_forms_no_ov(monkeypatch):
+    # A token-layout tile spanning two tokens both ways reads every row and column of OV: a batch
+    # writes it from the weights per element (as one map does) instead of forming the (h, M, M) OV.
+    lay = random_layer(3, 4, 2, tokens=5, head_dim=3, m_in=37, m_out=11, causal=False, batched=True, seed=5)
+    op = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"], num_kv_heads=2)
+    dense = op.to_dense()
+
+    def no_ov(*args, **kwargs):
+        raise AssertionError("the tile formed OV")
+
+    monkeypatch.setattr(backends, "ov_part", no_ov)
+    monkeypatch.setattr(backends, "ov_circuits", no_ov)
+    assert torch.equal(op.tile(slice(3, 17), slice(8, 41)), dense[:, 3:17, 8:41])
