@@ -162,6 +162,9 @@ def kron_sum_factored_(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor,
     kron_sum_tile_ with ov_circuits, in O(tile + threads·h·M_in) memory."""
     if out.numel() == 0:
         return out
+    if w_o.shape[1] == 0:  # head size d = 0: every OV_i is an empty sum, zero (the kernel's OV needs d >= 1)
+        zero_ov = out.new_zeros((), dtype=attn.dtype).expand(attn.shape[0], w_o.shape[0], w_v.shape[1])
+        return kron_sum_tile_(attn, zero_ov, out, row0, col0)
     (p0, p1, q0, q1, row0), (s0, s1, t0, t1, col0) = _tile_ranges(row0, col0, out.shape, w_o.shape[0], w_v.shape[1])
     wo, wv = w_o.detach()[q0:q1].contiguous(), w_v.detach()[:, t0:t1].contiguous()
     _C.kron_sum_factored(_numpy_view(attn[:, p0:p1, s0:s1]), _numpy_view(wo), _numpy_view(wv), _numpy_view(out),
@@ -176,6 +179,8 @@ def ov_circuits(w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int, num_kv_hea
     d = 64, benchmarks/bench_ov_circuits.py); every entry is one chain of d multiply-adds, so the result does not depend on threads."""
     dtype = torch.promote_types(w_v.dtype, w_o.dtype)
     wo, wv = w_o.detach().to(dtype).contiguous(), w_v.detach().to(dtype).contiguous()
+    if wo.shape[1] == 0:  # head size d = 0: every OV_i is an empty sum, zero (the kernel needs d >= 1)
+        return torch.zeros(num_heads, wo.shape[0], wv.shape[1], dtype=dtype)
     slabs = torch.empty(wo.shape[0], num_heads, wv.shape[1], dtype=dtype)
     _C.ov_slabs(_numpy_view(wo), _numpy_view(wv), _numpy_view(slabs), num_heads, num_kv_heads, kernel_threads())
     return slabs.permute(1, 0, 2)

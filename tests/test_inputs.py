@@ -112,6 +112,24 @@ def test_empty_batch_and_zero_widths(backend, sizes, shape):
     assert dk.hvo_bias(attn, w_o).shape == (batch, 4 * m_out)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["token", "feature"])
+@pytest.mark.parametrize("batched", [False, True])
+def test_zero_head_size(backend, layout, batched):
+    """d = 0 (w_v (0, M_in), w_o (M_out, 0)): every OV_i is an empty sum, zero, so W' is A ⊗ 0 (NaN
+    where A is NaN); the C++ OV kernel used to die of SIGFPE (a division by d)."""
+    attn = torch.tril(torch.softmax(torch.randn(2, 3, 4, 4), -1))
+    attn[0, 1, 2, 3] = NAN
+    attn = attn if batched else attn[0]
+    w_v, w_o = torch.empty(0, 5), torch.empty(6, 0)
+    expected = reference.hvo_matrix(attn if batched else attn[None], torch.zeros(3, 6, 5), layout)
+    expected = expected if batched else expected[0]
+    torch.testing.assert_close(dk.hvo_matrix(attn, w_v, w_o, layout=layout, backend=backend), expected, equal_nan=True)
+    op = dk.HVOOperator(attn, w_v, w_o, layout=layout)
+    torch.testing.assert_close(op.tile(slice(3, 20), slice(2, 17)), expected[..., 3:20, 2:17], equal_nan=True)
+    assert dk.ov_circuits(w_v, w_o, 3).shape == (3, 6, 5)
+
+
 @pytest.mark.parametrize("name,dtype", [("float32", torch.float32), ("torch.bfloat16", torch.bfloat16),
                                         ("half", torch.float16), ("float64", torch.float64)])
 def test_dtype_by_name(name, dtype):
