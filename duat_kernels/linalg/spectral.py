@@ -51,5 +51,13 @@ def singular_values(op, k: int = 1, tol: float = 1e-6, seed: int = 0) -> np.ndar
             dense = op.to_dense(dtype=torch.float64 if lin.dtype == np.float64 else torch.float32)
         return torch.linalg.svdvals(dense).cpu().numpy()[:k].astype(lin.dtype)
     v0 = np.random.default_rng(seed).standard_normal(side).astype(lin.dtype)
-    s = svds(lin, k=k, tol=tol, v0=v0, return_singular_vectors=False)
-    return np.sort(s)[::-1]
+    # ARPACK iterates on W'ᵀW', whose entries are squares: a zero W' (fully masked attention, zero
+    # weights) stops it ("starting vector is zero"), and so do tiny entries, whose squares underflow.
+    # It runs on W' scaled by max|W' x| / max|x| for a random x (no squares; 0 only for a zero W') instead.
+    x = np.random.default_rng(seed).standard_normal(lin.shape[1]).astype(lin.dtype)
+    gain = float(np.abs(lin.matvec(x)).max()) / float(np.abs(x).max())
+    if gain == 0:
+        return np.zeros(k, dtype=lin.dtype)
+    scale = gain if np.isfinite(gain) else 1.0
+    s = svds(lin * lin.dtype.type(1 / scale), k=k, tol=tol, v0=v0, return_singular_vectors=False)
+    return (np.sort(s)[::-1] * scale).astype(lin.dtype)

@@ -57,3 +57,16 @@ def test_every_singular_value_empty_and_non_finite():
         op.singular_values(True)
     with pytest.raises(ValueError, match="tol must be a finite number >= 0"):
         op.spectral_norm(tol=-1.0)
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-30, 1e20])
+def test_zero_tiny_and_large_operators(scale):
+    """A zero W' (all-masked attention) has singular values 0, and W' with entries whose squares
+    under- or overflow float32 has its own: ARPACK, which iterates on W'ᵀW', used to raise
+    ArpackError ("starting vector is zero", "could not build an Arnoldi factorization")."""
+    lay = random_layer(1, 2, tokens=3, m_in=2, m_out=2, batched=False, dtype=torch.float64)
+    attn = lay["attn"] * scale
+    dense = dk.HVOOperator(attn, lay["w_v"], lay["w_o"]).to_dense()
+    op = dk.HVOOperator(attn.float(), lay["w_v"].float(), lay["w_o"].float())
+    np.testing.assert_allclose(op.singular_values(2), torch.linalg.svdvals(dense)[:2].numpy(), rtol=1e-4)
+    assert op.spectral_norm() == pytest.approx(torch.linalg.matrix_norm(dense, 2).item(), rel=1e-4)
