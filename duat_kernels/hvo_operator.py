@@ -60,7 +60,7 @@ class HVOOperator:
         no key are zero. Memory O(h · rows · N) per step; every method gives what it gives on the
         explicit A.
         """
-        dims = check_qk(q, k, w_v, w_o, num_kv_heads, softcap, sliding_window)
+        dims = check_qk(q, k, w_v, w_o, num_kv_heads, scale, softcap, sliding_window)
         q4, k4 = (q, k) if dims.batched else (q.unsqueeze(0), k.unsqueeze(0))
         source = QKAttention(q4, k4, causal=causal, attention_mask=attention_mask, scale=scale, softcap=softcap,
                              sliding_window=sliding_window)

@@ -3,6 +3,9 @@ sums of A, and the factor ranges that one tile of W' touches."""
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from duat_kernels import _validation as v
@@ -12,7 +15,7 @@ from duat_kernels.cpp import _factor_range
 
 
 def check_qk(q: torch.Tensor, k: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int | None,
-             softcap: float | None, sliding_window: int | None) -> v.HeadDims:
+             scale: float | None, softcap: float | None, sliding_window: int | None) -> v.HeadDims:
     """Shapes of q (h, N, d) / (B, h, N, d) and k (h_kv, N, d) / (B, h_kv, N, d) against the weights."""
     v.check_tensor("q", q, (3, 4))
     v.check_tensor("k", k, (3, 4))
@@ -25,11 +28,20 @@ def check_qk(q: torch.Tensor, k: torch.Tensor, w_v: torch.Tensor, w_o: torch.Ten
     if n == 0 or h == 0 or h_kv == 0 or h % h_kv:
         raise ValueError(f"need N >= 1 and h = {h} a positive multiple of h_kv = {h_kv} (q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)})")
+    if q.shape[-1] == 0:
+        raise ValueError(f"q and k must have a head size d >= 1 (the logits are d-term dot products), got q "
+                         f"{tuple(q.shape)}")
     if num_kv_heads is not None and num_kv_heads != h_kv:
         raise ValueError(f"num_kv_heads={num_kv_heads} but k has {h_kv} heads")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be positive or None, got {softcap!r}")
-    if sliding_window is not None and not (isinstance(sliding_window, int) and sliding_window >= 1):
+    for name, value in (("scale", scale), ("softcap", softcap)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            raise TypeError(f"{name} must be a real number or None, got {type(value).__name__} {value!r}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number or None (d^-0.5), got {scale!r}")
+    if softcap is not None and not 0 < softcap < math.inf:
+        raise ValueError(f"softcap must be a positive finite number or None (no cap), got {softcap!r}")
+    if sliding_window is not None and not (isinstance(sliding_window, int) and not isinstance(sliding_window, bool)
+                                           and sliding_window >= 1):
         raise ValueError(f"sliding_window must be an int >= 1 or None, got {sliding_window!r}")
     kv, d = v.check_heads(h, h_kv, w_v, w_o)
     batched = q.dim() == 4

@@ -145,9 +145,22 @@ def test_causal_matvec_is_torch_sdpa():
     (dict(attention_mask=torch.ones(12, dtype=torch.bool)), "attention_mask"),
     (dict(softcap=0.0), "softcap"),
     (dict(sliding_window=0), "sliding_window"),
+    (dict(sliding_window=True), "sliding_window"),  # was a RuntimeError from torch (bool tensor subtraction)
+    (dict(softcap=float("inf")), "softcap must be a positive finite"),  # was an A of NaN (inf · tanh(s / inf))
+    (dict(scale=float("nan")), "scale must be a finite number"),
+    (dict(q=torch.randn(4, 11, 0), k=torch.randn(2, 11, 0)), "head size d >= 1"),  # was ZeroDivisionError
 ])
 def test_from_qk_rejects_bad_input(kwargs, match):
     args = dict(q=torch.randn(4, 11, 5), k=torch.randn(2, 11, 5), w_v=torch.randn(10, 6), w_o=torch.randn(6, 20))
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         dk.HVOOperator.from_qk(args.pop("q"), args.pop("k"), args.pop("w_v"), args.pop("w_o"), **args)
+
+
+@pytest.mark.parametrize("name", ["scale", "softcap"])
+def test_from_qk_names_a_scale_or_softcap_that_is_not_a_number(name):
+    """A string used to fail deep inside: "could not convert string to float", "'>' not supported"."""
+    with pytest.raises(TypeError, match=f"{name} must be a real number or None, got str"):
+        dk.HVOOperator.from_qk(torch.randn(2, 5, 3), torch.randn(2, 5, 3), torch.randn(6, 4), torch.randn(4, 6),
+                               **{name: "0.5"})
+
