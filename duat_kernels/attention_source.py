@@ -257,6 +257,8 @@ class QKAttention(AttentionSource):
         form, through the C++ pass (duat_kernels.qk_cpu) on float32 CPU sources, else in blocks."""
         if self.softcap:
             return qk_cpu.mix(self, values) if qk_cpu.handles(self) else super().mix(values)
+        if not v.all_finite(self.q, self.k):  # torch's CPU sdpa writes zeros for a row of NaN logits
+            return super().mix(values)
         sdpa = self._sdpa
         vals = values.to(self.dtype)
         if self.key_mask is None and not self.window:
@@ -317,13 +319,17 @@ class QKAttention(AttentionSource):
                 ok &= m - n < self.window
         if self.key_mask is not None:
             ok &= self.key_mask[batch, 0, 0, m]
-        return ok & torch.isfinite(self.log_sum_exp()[batch][0, n])
+        if self.empty_rows is not None:  # rows without keys (log-sum-exp -inf) are zero rows
+            ok &= ~self.empty_rows[batch, n]
+        return ok
 
     def diagonal(self):
         n = torch.arange(self.tokens, device=self.device)
         return torch.stack([self.entries(b, n, n) for b in range(self.batch)])
 
     def row_sums(self):
+        if not v.all_finite(self.q, self.k):  # a row with a NaN or Inf logit sums to NaN, as its entries say
+            return torch.cat([a.sum(-1) for *_, a in self.row_blocks()], -1)
         full = torch.ones(self.batch, self.tokens, dtype=self.dtype, device=self.device)
         if self.empty_rows is not None:
             full = full.masked_fill(self.empty_rows, 0.0)

@@ -164,3 +164,19 @@ def test_from_qk_names_a_scale_or_softcap_that_is_not_a_number(name):
         dk.HVOOperator.from_qk(torch.randn(2, 5, 3), torch.randn(2, 5, 3), torch.randn(6, 4), torch.randn(4, 6),
                                **{name: "0.5"})
 
+
+@pytest.mark.parametrize("head", [0, 1])
+def test_nan_in_q_reaches_products_blocks_trace_and_bias(head):
+    """A NaN in q makes its row of A NaN (softmax); matvec, block, trace and bias said otherwise: torch's
+    CPU sdpa writes zeros for that row, entries() masked every head's row when head 0's log-sum-exp was not
+    finite, and row_sums() assumed rows sum to one."""
+    q, k, w_v, w_o = torch.randn(2, 4, 3), torch.randn(2, 4, 3), torch.randn(6, 5), torch.randn(5, 6)
+    q[head, 2, 1] = float("nan")
+    op = dk.HVOOperator.from_qk(q, k, w_v, w_o, b_v=torch.randn(6))
+    explicit = dk.HVOOperator(op.attn, w_v, w_o, b_v=op.b_v)
+    assert op.attn[head, 2].isnan().all() and op.attn[1 - head].isfinite().all()
+    x = torch.randn(20)
+    for got, want in [(op.matvec(x), explicit.matvec(x)), (op.block(2, 1), explicit.block(2, 1)),
+                      (op.trace(), explicit.trace()), (op.bias(), explicit.bias())]:
+        assert got.isnan().any() and torch.equal(got.isnan(), want.isnan())
+        torch.testing.assert_close(got, want, equal_nan=True)
