@@ -39,8 +39,17 @@ def machine_description(run: dict) -> str:
             f"run {run.get('datetime', '?')[:19]}")
 
 
+def run_gpu(run: dict) -> str | None:
+    """The GPU a run's GPU benchmarks ran on (their extra_info), or None for a CPU-only run."""
+    return next((b["extra_info"]["gpu"] for b in run["benchmarks"] if b["extra_info"].get("gpu")), None)
+
+
 def machine_slug(run: dict) -> str:
-    """A folder name for the machine: CPU brand, core count and best SIMD, e.g. amd-epyc-2c-avx512."""
+    """A folder name for the machine: the GPU for a GPU run (e.g. nvidia-h200), else CPU brand, core
+    count and best SIMD, e.g. amd-epyc-2c-avx512."""
+    gpu = run_gpu(run)
+    if gpu:
+        return re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
     cpu = run.get("machine_info", {}).get("cpu", {})
     brand = re.sub(r"\(r\)|\(tm\)|cpu|processor|@.*$|\d+-core", "", cpu.get("brand_raw", "cpu").lower())
     brand = re.sub(r"[^a-z0-9]+", "-", brand).strip("-") or "cpu"
@@ -59,6 +68,10 @@ def _rows_by_group(run: dict) -> dict[str, dict[str, dict]]:
 
 def _ms(t: float) -> str:
     return f"{t * 1e3:.1f} ms" if t < 1 else f"{t:.2f} s"
+
+
+def _time(t: float) -> str:
+    return f"{t * 1e6:.0f} µs" if t < 1e-3 else _ms(t)
 
 
 def fill_floor(rows: dict[str, dict]) -> float | None:
@@ -121,6 +134,21 @@ def isa_tables(groups: dict[str, dict[str, dict]]) -> list[str]:
             out.append(f"| {group} | {_ms(t)} | {_ms(fill)} | {_ms(fma)} | {info['fma_peak_gflops']:.0f} | "
                        f"{t / max(fill, fma):.2f}x | {sgemm} |")
         out.append("")
+    return out
+
+
+def gpu_table(rows: dict[str, dict]) -> list[str]:
+    """GPU rows: triton.testing.do_bench's best and median (L2 flushed before each call)."""
+    best = {k: b["extra_info"]["best_ms"] / 1e3 for k, b in rows.items()}
+    floor, ours = best.get("fill"), best.get("triton")
+    out = ["| contestant | best | median | GB/s written | vs fill_ (HBM write floor) | time / triton | max error (relative to Σ_i \\|A_i\\| \\|OV_i\\|) |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, b in sorted(rows.items(), key=lambda kv: best[kv[0]]):
+        info = b["extra_info"]
+        err = info.get("max_rel_err")
+        out.append(f"| {name} | {_time(best[name])} | {_time(info['median_ms'] / 1e3)} | {info['bytes'] / best[name] / 1e9:.0f} | "
+                   f"{'-' if floor is None else f'{best[name] / floor:.2f}x'} | "
+                   f"{'-' if ours is None else f'{best[name] / ours:.2f}x'} | {'-' if err is None else f'{err:.1e}'} |")
     return out
 
 
@@ -222,13 +250,14 @@ def _save(fig, path: Path, plt) -> str:
 
 def report(run: dict, out: Path, name: str) -> str:
     groups = _rows_by_group(run)
-    lines = [f"# Benchmark report: {name}", "", f"Machine: {machine_description(run)}. Times are the best of the rounds.",
-             ""]
+    gpu = run_gpu(run)
+    lines = [f"# Benchmark report: {name}", "", (f"GPU: {gpu}; host " if gpu else "Machine: ") +
+             f"{machine_description(run)}. Times are the best of the rounds.", ""]
     for group, rows in groups.items():
         kind = next(iter(rows.values()))["extra_info"].get("kind")
         lines += [f"### {group}", ""]
         table = materialise_table if kind == "materialise" else matrix_free_table if kind == "matrix_free" \
-            else generic_table
+            else gpu_table if kind == "gpu" else generic_table
         lines += table(rows) + [""]
     lines += isa_tables(groups)
     for png in plots(groups, out, name):
@@ -248,7 +277,8 @@ def main(argv=None) -> None:
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / machine_slug(run)
     if out.exists():  # a report is the files of one run: no stale plots beside new tables
         for old in [*out.glob("*.png"), out / f"{args.name}.md", out / f"{args.name}.json"]:
-            old.unlink(missing_ok=True)
+            if old.resolve() != Path(args.run).resolve():  # never the run being reported
+                old.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     name = args.name
     if Path(args.run).resolve() != (out / f"{name}.json").resolve():

@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 import triton
 
-from duat_kernels._validation import all_finite
 from duat_kernels.triton.kron_sum import kron_sum_kernel
 
 # tl.dot precision per output dtype: IEEE fp32 for float32 (exact to fp32 rounding); TF32 for
-# bfloat16 (2^-11 relative per product, well under bf16's 2^-8); 3xTF32 (~fp32) for float16.
+# bfloat16 (operands rounded to 11 bits, 2^-10 relative per product, under bf16's 2^-8); 3xTF32
+# (~fp32) for float16.
 _PRECISION = {torch.float32: "ieee", torch.float16: "tf32x3", torch.bfloat16: "tf32"}
 OUTPUT_DTYPES = tuple(_PRECISION)
 
@@ -27,9 +27,6 @@ def kron_sum_tile_(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor, r
     """
     if out.numel() == 0:
         return out
-    # 0 · NaN and 0 · Inf are NaN: a zero patch may be stored without the dot product only when
-    # every factor entry is finite. One pass over the factors, small next to the output.
-    finite = all_finite(left, right)
     h, _, s_size = left.shape
     _, q_size, t_size = right.shape
     rows, cols = out.shape
@@ -37,12 +34,12 @@ def kron_sum_tile_(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor, r
     s_count = (col0 + cols - 1) // t_size + 1 - s_first
     h_pad = max(16, triton.next_power_of_2(h))
 
-    def grid(meta):
+    def grid(meta):  # row blocks x column patches, flattened (the kernel's n_patches: the last two factors)
         n_t = triton.cdiv(t_size, meta["BLOCK_T"])
-        return triton.cdiv(rows, meta["ROWS"]), triton.cdiv(s_count, meta["BLOCK_S"]) * n_t
+        return (triton.cdiv(rows, meta["ROWS"]) * triton.cdiv(s_count, meta["BLOCK_S"]) * n_t,)
 
     kron_sum_kernel[grid](
-        left, right, out, h, q_size, s_size, t_size, row0, col0, rows, cols, s_first,
-        *left.stride(), *right.stride(), H_PAD=h_pad, PRECISION=_PRECISION[out.dtype], SKIP_ZERO_PATCHES=finite,
+        left, right, out, h, q_size, s_size, t_size, row0, col0, rows, cols, s_first, s_count,
+        *left.stride(), *right.stride(), H_PAD=h_pad, PRECISION=_PRECISION[out.dtype],
     )
     return out

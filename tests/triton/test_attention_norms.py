@@ -1,4 +1,5 @@
-"""The fused q/k Triton pass in Triton's interpreter against from_qk's block norms (torch/C++)."""
+"""The fused q/k Triton pass against from_qk's block norms (torch/C++): in Triton's interpreter on CPU
+tensors, or compiled on a CUDA GPU when run with TRITON_INTERPRET=0."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from duat_kernels import backends
 from duat_kernels.linalg import norms
 
 pytest.importorskip("triton", reason="the Triton backend needs triton: pip install triton")
-pytestmark = pytest.mark.skipif(not backends.triton_interpreter(), reason="needs TRITON_INTERPRET=1 (set in conftest)")
+DEVICE = "cpu" if backends.triton_interpreter() else "cuda"
+pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
+                                reason="needs TRITON_INTERPRET=1 (set in conftest) or a CUDA GPU")
 
 
 @pytest.mark.parametrize("causal,padded,softcap,window", [
@@ -29,8 +32,9 @@ def test_block_norms_match_from_qk(causal, padded, softcap, window):
     op = dk.HVOOperator.from_qk(q, k, w_v, w_o, causal=causal, attention_mask=mask if padded else None,
                                 softcap=softcap, sliding_window=window)
     grid = (4, 3)
-    c = norms.gram_factor(w_v, w_o, heads, kv_heads).float()
-    got = block_norms_qk(q, k, c, norms._bins(n, grid[0], q.device), norms._bins(n, grid[1], q.device), grid,
-                         causal=causal, key_mask=mask if padded else None, scale=d ** -0.5, softcap=softcap,
+    c = norms.gram_factor(w_v, w_o, heads, kv_heads).float().to(DEVICE)
+    qd, kd, maskd = q.to(DEVICE), k.to(DEVICE), mask.to(DEVICE)
+    got = block_norms_qk(qd, kd, c, norms._bins(n, grid[0], qd.device), norms._bins(n, grid[1], qd.device), grid,
+                         causal=causal, key_mask=maskd if padded else None, scale=d ** -0.5, softcap=softcap,
                          window=window)
-    torch.testing.assert_close(got, op.block_norms(grid=grid), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.cpu(), op.block_norms(grid=grid), rtol=1e-5, atol=1e-6)
