@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -233,6 +234,9 @@ void kron_sum_factored(py::buffer lt, py::buffer wo_buf, py::buffer wv_buf, py::
   const char f = scalar_format(l, "lt");
   const duat::OutType ot = check_output(o, out_dtype, f);
   const duat::OvProblem ov = check_weights(wo, wv, pb.h, kv_heads, f);
+  if (ov.d == 0)
+    fail("wo and wv have head size d = 0: OV is zero, write the tile with kron_sum and a zero OV (the factored "
+         "kernel needs d >= 1)");
   pb.Q = ov.m_out;
   pb.T = ov.m_in;
   pb.d = ov.d;
@@ -259,6 +263,10 @@ void ov_slabs(py::buffer wo_buf, py::buffer wv_buf, py::buffer out_buf, int64_t 
          ", " + std::to_string(pb.m_in) + ")");
   checked_mul(checked_mul(pb.m_out, heads, "M_out*h"), pb.m_in, "the number of entries of OV");
   if (pb.m_out == 0 || pb.m_in == 0) return;
+  if (pb.d == 0) {  // head size 0: every OV_i is an empty sum (the kernel blocks its columns by d)
+    std::memset(o.ptr, 0, static_cast<size_t>(pb.m_out * heads * pb.m_in) * static_cast<size_t>(o.itemsize));
+    return;
+  }
   const void* wop = wo.ptr;
   const void* wvp = wv.ptr;
   void* op = o.ptr;

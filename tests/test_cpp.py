@@ -427,6 +427,7 @@ def test_factored_boundary_rejects_bad_buffers():
         ((lt, wo, wv, out[:14], "float32", 2, 2, 0), "exceeds W"),
         ((lt, wo, wv, out, "float32", 2, 0, -1), "exceeds W"),
         ((lt, wo, wv, out, "float64", 2), "itemsize"),
+        ((lt, wo[:, :0].copy(), wv[:0].copy(), out, "float32", 2), "head size d = 0"),  # not SIGFPE
     ]
     for args, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -439,6 +440,9 @@ def test_ov_boundary_rejects_bad_buffers():
     from duat_kernels import _C
     wo, wv, out = np.zeros((5, 12), np.float32), np.zeros((6, 7), np.float32), np.zeros((5, 4, 7), np.float32)
     _C.ov_slabs(wo, wv, out, 4, 2)
+    zero_d = np.full((5, 4, 7), np.nan, np.float32)
+    _C.ov_slabs(wo[:, :0].copy(), wv[:0].copy(), zero_d, 4, 2)  # head size 0: OV = 0 (this was SIGFPE)
+    assert not zero_d.any()
     cases = [
         ((wo[0], wv, out, 4, 2), "wo must be 2-D"),
         ((wo, wv, out[0], 4, 2), "out must be 3-D"),
