@@ -153,6 +153,13 @@ def key_mask_4d(mask: torch.Tensor | None, batch: int, tokens: int) -> torch.Ten
         got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ValueError(f"attention_mask must be a key mask of shape (N,) = ({tokens},) or (B, N) = "
                          f"({batch}, {tokens}), True = attend, got {got}")
+    if mask.dtype != torch.bool:
+        # 1/0 keep masks (tokenizers give int64) only: an additive mask (0 = attend, -inf or a large
+        # negative = masked) read as one would be silently inverted
+        if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(f"attention_mask must hold True/1 (attend) and False/0 (masked) only, got {mask.dtype} "
+                             "values other than 0 and 1 (an additive mask, 0 = attend and -inf = masked? pass "
+                             "attention_mask == 0 for one)")
     mask = mask.bool().reshape(-1, 1, 1, tokens)
     return mask.expand(batch, 1, 1, tokens)
 

@@ -143,6 +143,9 @@ def test_causal_matvec_is_torch_sdpa():
     (dict(k=torch.randn(2, 10, 5)), "k must have shape"),
     (dict(num_kv_heads=4), "num_kv_heads=4"),
     (dict(attention_mask=torch.ones(12, dtype=torch.bool)), "attention_mask"),
+    # an additive mask (0 = attend, -inf = masked) used to be read as bool: silently inverted
+    (dict(attention_mask=torch.tensor([0.0] * 8 + [float("-inf")] * 3)), "additive mask"),
+    (dict(attention_mask=torch.tensor([2] * 11)), "True/1 \\(attend\\) and False/0"),
     (dict(softcap=0.0), "softcap"),
     (dict(sliding_window=0), "sliding_window"),
     (dict(sliding_window=True), "sliding_window"),  # was a RuntimeError from torch (bool tensor subtraction)
@@ -155,6 +158,14 @@ def test_from_qk_rejects_bad_input(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         dk.HVOOperator.from_qk(args.pop("q"), args.pop("k"), args.pop("w_v"), args.pop("w_o"), **args)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float32, torch.bool])
+def test_from_qk_takes_0_1_masks_of_any_dtype(dtype):
+    q, k, w_v, w_o = torch.randn(4, 11, 5), torch.randn(2, 11, 5), torch.randn(10, 6), torch.randn(6, 20)
+    keep = torch.tensor([1] * 8 + [0] * 3)
+    want = dk.HVOOperator.from_qk(q, k, w_v, w_o, attention_mask=keep.bool()).attn
+    torch.testing.assert_close(dk.HVOOperator.from_qk(q, k, w_v, w_o, attention_mask=keep.to(dtype)).attn, want)
 
 
 @pytest.mark.parametrize("name", ["scale", "softcap"])
