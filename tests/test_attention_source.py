@@ -160,6 +160,14 @@ def test_from_qk_rejects_bad_input(kwargs, match):
         dk.HVOOperator.from_qk(args.pop("q"), args.pop("k"), args.pop("w_v"), args.pop("w_o"), **args)
 
 
+@pytest.mark.parametrize("causal", ["no", None, 0.5])
+def test_from_qk_causal_must_be_a_bool(causal):
+    # a string such as "no" used to count as True
+    with pytest.raises(TypeError, match="causal must be True or False"):
+        dk.HVOOperator.from_qk(torch.randn(2, 5, 3), torch.randn(2, 5, 3), torch.randn(6, 4), torch.randn(4, 6),
+                               causal=causal)
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.float32, torch.bool])
 def test_from_qk_takes_0_1_masks_of_any_dtype(dtype):
     q, k, w_v, w_o = torch.randn(4, 11, 5), torch.randn(2, 11, 5), torch.randn(10, 6), torch.randn(6, 20)
