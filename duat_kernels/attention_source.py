@@ -180,6 +180,7 @@ class QKAttention(AttentionSource):
         self.scale = d ** -0.5 if scale is None else float(scale)
         self.causal, self.softcap, self.window = bool(causal), softcap, sliding_window
         self.key_mask = key_mask_4d(attention_mask, self.batch, self.tokens)
+        self._qk_finite: bool | None = None
         if self.key_mask is not None:
             self.key_mask = self.key_mask.to(self.device)
         self._lse: torch.Tensor | None = None
@@ -236,7 +237,20 @@ class QKAttention(AttentionSource):
         return s
 
     def block(self, r0, r1, c0, c1):
-        return self._zero_empty(self.logits(r0, r1, c0, c1).softmax(-1), r0, r1)
+        p = self.logits(r0, r1, c0, c1).softmax(-1)
+        if not self._finite_qk():
+            # masked pairs are exact zeros, as entries() and the fused passes have them, also in a row
+            # whose logits hold a NaN (softmax would spread it over the masked keys of the row block,
+            # not over those of other blocks); finite logits give exact zeros there already
+            ok = self.allowed(torch.arange(r0, r1, device=self.device), torch.arange(c0, c1, device=self.device))
+            if ok is not None:
+                p.masked_fill_(~ok, 0.0)
+        return self._zero_empty(p, r0, r1)
+
+    def _finite_qk(self) -> bool:
+        if self._qk_finite is None:
+            self._qk_finite = v.all_finite(self.q, self.k)
+        return self._qk_finite
 
     def _zero_empty(self, p, r0, r1):
         if self.empty_rows is not None:
@@ -266,7 +280,7 @@ class QKAttention(AttentionSource):
         form, through the C++ pass (duat_kernels.qk_cpu) on float32 CPU sources, else in blocks."""
         if self.softcap:
             return qk_cpu.mix(self, values) if qk_cpu.handles(self) else super().mix(values)
-        if not v.all_finite(self.q, self.k):  # torch's CPU sdpa writes zeros for a row of NaN logits
+        if not self._finite_qk():  # torch's CPU sdpa writes zeros for a row of NaN logits
             return super().mix(values)
         sdpa = self._sdpa
         vals = values.to(self.dtype)
@@ -337,7 +351,7 @@ class QKAttention(AttentionSource):
         return torch.stack([self.entries(b, n, n) for b in range(self.batch)])
 
     def row_sums(self):
-        if not v.all_finite(self.q, self.k):  # a row with a NaN or Inf logit sums to NaN, as its entries say
+        if not self._finite_qk():  # a row with a NaN or Inf logit sums to NaN, as its entries say
             return torch.cat([a.sum(-1) for *_, a in self.row_blocks()], -1)
         full = torch.ones(self.batch, self.tokens, dtype=self.dtype, device=self.device)
         if self.empty_rows is not None:

@@ -199,3 +199,27 @@ def test_nan_in_q_reaches_products_blocks_trace_and_bias(head):
                       (op.trace(), explicit.trace()), (op.bias(), explicit.bias())]:
         assert got.isnan().any() and torch.equal(got.isnan(), want.isnan())
         torch.testing.assert_close(got, want, equal_nan=True)
+
+
+def test_masked_pairs_stay_zero_in_a_row_with_a_nan_logit():
+    """Masked (query, key) pairs are exact zeros in every path, also in a row whose logits hold a NaN:
+    the dense A (rows of softmax blocks) used to spread the NaN over the masked keys of the row block
+    only, so to_dense and tile disagreed with entries(), trace() and the fused norms."""
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(1, 2, 9, 4, generator=g), torch.randn(1, 2, 9, 4, generator=g)
+    w_v, w_o = torch.randn(8, 5, generator=g), torch.randn(5, 8, generator=g)
+    q[0, 0, 2, 1] = float("nan")
+    keep = torch.ones(1, 9, dtype=torch.bool)
+    keep[0, 2] = keep[0, 7] = False
+    op = dk.HVOOperator.from_qk(q, k, w_v, w_o, causal=True, attention_mask=keep)
+    a = op.attn[0]
+    allowed = torch.ones(9, 9, dtype=torch.bool).tril() & keep[0]
+    assert torch.equal(a[:, ~allowed], torch.zeros_like(a[:, ~allowed]))  # exact zeros, NaN row included
+    assert a[0, 2, allowed[2]].isnan().all() and a[1].isfinite().all()
+    dense = op.to_dense()[0]
+    # the diagonal pair (2, 2) is masked (key 2): the trace stays finite, in the dense W' as in trace()
+    assert op.trace()[0].isfinite()
+    torch.testing.assert_close(op.trace()[0], dense.diagonal().sum().double(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(op.tile(slice(0, 45), slice(0, 45))[0].isnan(), dense[:45, :45].isnan())
+    explicit = dk.HVOOperator(a, w_v, w_o)
+    assert torch.equal(op.block_norms()[0].isnan(), explicit.block_norms().isnan())
