@@ -327,7 +327,11 @@ class QKAttention(AttentionSource):
             s = (q * self.k[batch][:, None, m]).sum(-1).reshape(self.heads, -1) * self.scale
             if self.softcap:
                 s = torch.tanh(s / self.softcap) * self.softcap
-            p = (s - lse[:, n]).exp()
+            row_lse = lse[:, n]
+            p = (s - row_lse).exp()
+            # a row with a +Inf or NaN logit has a log-sum-exp of Inf or NaN, and softmax makes every
+            # entry of it NaN (its sum is NaN); exp(s - lse) alone would give 0 beside the NaN
+            p = torch.where(row_lse.isfinite() | (row_lse == float("-inf")), p, float("nan"))
             ok = self._pair_allowed(batch, n, m)
             out[:, s0:s0 + 8192] = torch.where(ok, p, 0.0)
         return out

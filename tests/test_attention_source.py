@@ -184,13 +184,14 @@ def test_from_qk_names_a_scale_or_softcap_that_is_not_a_number(name):
                                **{name: "0.5"})
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
 @pytest.mark.parametrize("head", [0, 1])
-def test_nan_in_q_reaches_products_blocks_trace_and_bias(head):
+def test_nan_in_q_reaches_products_blocks_trace_and_bias(head, value):
     """A NaN in q makes its row of A NaN (softmax); matvec, block, trace and bias said otherwise: torch's
     CPU sdpa writes zeros for that row, entries() masked every head's row when head 0's log-sum-exp was not
     finite, and row_sums() assumed rows sum to one."""
     q, k, w_v, w_o = torch.randn(2, 4, 3), torch.randn(2, 4, 3), torch.randn(6, 5), torch.randn(5, 6)
-    q[head, 2, 1] = float("nan")
+    q[head, 2, 1] = value  # Inf: a row of ±Inf logits, which softmax makes all NaN (entries() gave NaN, 0, ...)
     op = dk.HVOOperator.from_qk(q, k, w_v, w_o, b_v=torch.randn(6))
     explicit = dk.HVOOperator(op.attn, w_v, w_o, b_v=op.b_v)
     assert op.attn[head, 2].isnan().all() and op.attn[1 - head].isfinite().all()
