@@ -100,13 +100,23 @@ def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
     return first
 
 
+def positive_int(value) -> int | None:
+    """value as an int if it is a positive integer (an int or a NumPy integer: anything with
+    __index__ but a bool or a tensor), else None."""
+    if isinstance(value, (bool, torch.Tensor)) or not hasattr(value, "__index__"):
+        return None
+    value = value.__index__()
+    return value if value >= 1 else None
+
+
 def check_heads(num_heads: int, num_kv_heads: int | None, w_v: torch.Tensor | None,
                 w_o: torch.Tensor) -> tuple[int, int]:
     """Validate h, h_kv against w_o (M_out, h*d) and w_v (h_kv*d, M_in); return (h_kv, d)."""
-    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
+    if positive_int(num_heads) is None:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
-    h_kv = num_heads if num_kv_heads is None else num_kv_heads
-    if not isinstance(h_kv, int) or isinstance(h_kv, bool) or h_kv < 1:
+    num_heads = positive_int(num_heads)
+    h_kv = positive_int(num_heads if num_kv_heads is None else num_kv_heads)
+    if h_kv is None:
         raise ValueError(f"num_kv_heads must be a positive int or None, got {num_kv_heads!r}")
     if num_heads % h_kv:
         raise ValueError(f"num_kv_heads={h_kv} must divide the number of query heads h={num_heads} (GQA groups)")
@@ -139,7 +149,7 @@ def check_attention(attn: torch.Tensor, w_v: torch.Tensor | None, w_o: torch.Ten
         raise ValueError(f"attn must have shape (h, N, N) or (B, h, N, N) with h, N >= 1, got {_shape(attn)}")
     h = attn.shape[-3]
     if num_heads is not None:
-        if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
+        if positive_int(num_heads) is None:
             raise ValueError(f"num_heads must be a positive int or None, got {num_heads!r}")
         if num_heads != h:
             raise ValueError(f"num_heads={num_heads} but attn of shape {_shape(attn)} has {h} heads on axis -3. "

@@ -33,7 +33,7 @@ def ov_circuits(w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int, num_kv_hea
     v.check_same_device(w_v=w_v, w_o=w_o)
     h_kv, _ = v.check_heads(num_heads, num_kv_heads, w_v, w_o)
     dtype = torch.promote_types(w_v.dtype, w_o.dtype)
-    return reference.ov_circuits(w_v.to(dtype), w_o.to(dtype), num_heads, h_kv)
+    return reference.ov_circuits(w_v.to(dtype), w_o.to(dtype), v.positive_int(num_heads), h_kv)
 
 
 def hvo_matrix(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, *, num_kv_heads: int | None = None,

@@ -234,3 +234,19 @@ def test_all_finite_is_exact_even_when_the_sum_overflows(values, finite, dtype):
     t = torch.tensor(values, dtype=torch.float64).clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max)
     t = torch.where(torch.tensor(values, dtype=torch.float64).isfinite(), t, torch.tensor(values, dtype=torch.float64))
     assert all_finite(t.to(dtype).repeat(100)) is finite
+
+
+def test_numpy_integers_count_heads():
+    # num_heads, num_kv_heads and heads take NumPy integers as block() indices do (they were refused)
+    import numpy as np
+
+    lay = random_layer(1, 4, 2, tokens=5, m_in=7, m_out=6, batched=False)
+    want = dk.hvo_matrix(lay["attn"], lay["w_v"], lay["w_o"], num_kv_heads=2, heads=[1, 3])
+    got = dk.hvo_matrix(lay["attn"], lay["w_v"], lay["w_o"], num_kv_heads=np.int64(2), num_heads=np.int32(4),
+                        heads=[np.int64(1), 3])
+    assert torch.equal(got, want)
+    assert torch.equal(dk.ov_circuits(lay["w_v"], lay["w_o"], np.int64(4), np.int16(2)),
+                       dk.ov_circuits(lay["w_v"], lay["w_o"], 4, 2))
+    for bad in (True, 2.0, torch.tensor(2)):
+        with pytest.raises(ValueError, match="num_kv_heads must be a positive int"):
+            dk.hvo_matrix(lay["attn"], lay["w_v"], lay["w_o"], num_kv_heads=bad)
