@@ -72,6 +72,8 @@ def sampling_arguments(threshold, samples, confidence, seed) -> None:
     """Arguments of fraction_above: a real threshold, samples >= 1, 0 < confidence < 1, an int seed."""
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
         raise TypeError(f"threshold must be a real number, got {type(threshold).__name__} {threshold!r}")
+    if math.isnan(threshold):  # |w| > NaN is false for every entry: a fraction of 0 that means nothing
+        raise ValueError("threshold must be a number, got nan")
     if isinstance(samples, bool) or not isinstance(samples, int):
         raise TypeError(f"samples must be an int, got {type(samples).__name__} {samples!r}")
     if samples < 1:

@@ -67,6 +67,13 @@ def test_fraction_above_covers_the_exact_fraction():
     assert "of entries have |w| >" in str(est)
 
 
+def test_fraction_above_refuses_a_nan_threshold():
+    # |w| > NaN is false for every entry: it used to report 0 with the interval [0, 0]
+    lay = random_layer(1, 2, tokens=3, batched=False)
+    with pytest.raises(ValueError, match="threshold must be a number, got nan"):
+        dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"]).fraction_above(float("nan"))
+
+
 def test_bad_grid():
     lay = random_layer(1, 2, tokens=3, batched=False)
     op = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"])
