@@ -185,18 +185,18 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
                                "select only the layers the model runs (layers=[...])")
         rec.setdefault("num_kv_heads", _kv_heads(blocks[i][0], rec))
         rec.setdefault("num_heads", rec["attn"].shape[1])
-        token_mask = _token_mask(model, blocks[i][0], rec["attn"], inputs)
+        token_mask = _token_mask(model, blocks[i][0], rec["attn"].shape[0], rec["attn"].shape[-1], inputs)
         result.append(AttentionLayer(index=i, name=blocks[i][0], token_mask=token_mask, **rec))
     return result
 
 
-def _token_mask(model, name: str, attn: torch.Tensor, inputs: dict) -> torch.Tensor | None:
+def _token_mask(model, name: str, batch: int, tokens: int, inputs: dict) -> torch.Tensor | None:
     """(B, N) True at real tokens: attention_mask, or decoder_attention_mask for the decoder of an
     encoder-decoder model; None when no mask of the layer's shape was given."""
     config = getattr(model, "config", None)
     decoder = getattr(config, "is_encoder_decoder", False) and "decoder" in name.split(".")
     mask = inputs.get("decoder_attention_mask" if decoder else "attention_mask")
-    if isinstance(mask, torch.Tensor) and mask.shape == (attn.shape[0], attn.shape[-1]):
+    if isinstance(mask, torch.Tensor) and mask.shape == (batch, tokens):
         return mask.bool()
     return None
 

@@ -22,7 +22,7 @@ import torch
 
 from duat_kernels.hvo_operator import HVOOperator
 from duat_kernels.models.architectures import resolve
-from duat_kernels.models.capture import AttentionLayer, attention_blocks
+from duat_kernels.models.capture import AttentionLayer, _token_mask, attention_blocks
 
 
 @dataclass
@@ -159,14 +159,14 @@ def attention_layers_qk(model: torch.nn.Module, *args, layers: list[int] | None 
     finally:
         for h in handles:
             h.remove()
-    mask = inputs.get("attention_mask")
-    token_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
     result = []
     for i in selected:
         rec = records[i]
         if "q" not in rec or "output" not in rec:
             raise RuntimeError(f"attention layer {i} ({blocks[i][0]}) was not called through transformers' "
                                "attention functions; capture='qk' cannot record it (use capture='attn')")
+        batch, _, tokens, _ = rec["q"].shape  # the decoder of an encoder-decoder model has its own mask
+        token_mask = _token_mask(model, blocks[i][0], batch, tokens, inputs)
         result.append(QKAttentionLayer(index=i, name=blocks[i][0], attn=None, token_mask=token_mask, **rec))
     return result
 

@@ -140,3 +140,20 @@ def test_forward_stops_after_the_last_selected_layer():
 def test_bad_capture_is_rejected():
     with pytest.raises(ValueError, match="capture must be"):
         dk.models.attention_layers(_tiny("llama"), capture="probs", **_ids())
+
+
+def test_decoder_layers_of_an_encoder_decoder_model_take_the_decoder_mask():
+    """BART: the decoder's self-attention (6 tokens) keys are masked by decoder_attention_mask, not the
+    encoder's attention_mask (9 tokens), as with capture='attn'."""
+    torch.manual_seed(0)
+    config = transformers.BartConfig(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                                     decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100)
+    model = transformers.AutoModel.from_config(config, attn_implementation="eager").eval()
+    enc, dec = _ids(tokens=9, side="left"), _ids(tokens=6)
+    layers = dk.models.attention_layers(model, capture="qk", **enc, decoder_input_ids=dec["input_ids"],
+                                        decoder_attention_mask=dec["attention_mask"])
+    assert [layer.q.shape[2] for layer in layers] == [9, 6]
+    assert torch.equal(layers[0].token_mask, enc["attention_mask"].bool())
+    assert torch.equal(layers[1].token_mask, dec["attention_mask"].bool())
+    for layer in layers:
+        assert layer.relative_error() <= TOLERANCE, layer.name
