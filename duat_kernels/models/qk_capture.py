@@ -95,6 +95,10 @@ def _attention_recorder(model: torch.nn.Module, records: dict[int, dict]):
             if kwargs.get("s_aux") is not None:  # GPT-OSS: a sink logit per head takes part of each row's mass
                 raise RuntimeError(f"{type(module).__name__} has attention sinks (s_aux), which HVOOperator.from_qk "
                                    "does not model; use capture='attn'")
+            bias = kwargs.get("position_bias")
+            if isinstance(bias, torch.Tensor) and bool(bias.any()):  # T5: learned relative position bias
+                raise RuntimeError(f"{type(module).__name__} adds a position bias to the attention logits "
+                                   "(position_bias), which HVOOperator.from_qk does not model; use capture='attn'")
             if target == "sdpa" and kwargs.get("softcap") is not None:
                 raise RuntimeError(f"{type(module).__name__} passes softcap={kwargs['softcap']} to sdpa, which has no "
                                    "soft-capping; capture='qk' cannot reproduce the layer (use capture='attn')")

@@ -117,6 +117,10 @@ def test_attention_the_operator_does_not_model_is_refused(monkeypatch):
     gpt_oss = transformers.AutoModel.from_config(config, attn_implementation="eager").eval()
     with pytest.raises(RuntimeError, match="attention sinks"):
         dk.models.attention_layers(gpt_oss, capture="qk", **_ids())
+    t5 = transformers.T5Model(transformers.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                                                    vocab_size=100)).eval()
+    with pytest.raises(RuntimeError, match="position bias"):  # T5's relative position bias: A would be wrong
+        dk.models.attention_layers(t5, capture="qk", **_ids(), decoder_input_ids=_ids()["input_ids"])
     gemma2 = _gemma2(softcap=5.0)
     monkeypatch.setattr(type(gemma2), "_supports_sdpa", True)  # as if sdpa could run it: the cap would be lost
     with pytest.raises(RuntimeError, match="no soft-capping"):
