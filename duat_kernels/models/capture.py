@@ -7,6 +7,7 @@ W' x' + b' can be checked against the model itself.
 
 from __future__ import annotations
 
+import inspect
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -177,6 +178,7 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
     finally:
         for h in handles:
             h.remove()
+    named = named_inputs(model, args, inputs)
     result = []
     for i in selected:
         rec = records[i]
@@ -185,9 +187,20 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
                                "select only the layers the model runs (layers=[...])")
         rec.setdefault("num_kv_heads", _kv_heads(blocks[i][0], rec))
         rec.setdefault("num_heads", rec["attn"].shape[1])
-        token_mask = _token_mask(model, blocks[i][0], rec["attn"].shape[0], rec["attn"].shape[-1], inputs)
+        token_mask = _token_mask(model, blocks[i][0], rec["attn"].shape[0], rec["attn"].shape[-1], named)
         result.append(AttentionLayer(index=i, name=blocks[i][0], token_mask=token_mask, **rec))
     return result
+
+
+def named_inputs(model: torch.nn.Module, args: tuple, inputs: dict) -> dict:
+    """The model's inputs by name, those passed positionally (model(ids, mask)) included."""
+    if not args:
+        return inputs
+    try:
+        bound = inspect.signature(model.forward).bind_partial(*args, **inputs)
+    except (TypeError, ValueError):
+        return inputs
+    return {**bound.arguments, **inputs}
 
 
 def _token_mask(model, name: str, batch: int, tokens: int, inputs: dict) -> torch.Tensor | None:

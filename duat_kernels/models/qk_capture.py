@@ -22,7 +22,7 @@ import torch
 
 from duat_kernels.hvo_operator import HVOOperator
 from duat_kernels.models.architectures import resolve
-from duat_kernels.models.capture import AttentionLayer, _token_mask, attention_blocks
+from duat_kernels.models.capture import AttentionLayer, _token_mask, attention_blocks, named_inputs
 
 
 @dataclass
@@ -141,6 +141,13 @@ def attention_layers_qk(model: torch.nn.Module, *args, layers: list[int] | None 
         if not -len(blocks) <= i < len(blocks):
             raise IndexError(f"layer {i} is out of range: the model has {len(blocks)} attention layers")
     selected = sorted({i % len(blocks) for i in chosen})
+    named = named_inputs(model, args, inputs)
+    for key in ("attention_mask", "decoder_attention_mask"):
+        mask = named.get(key)
+        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"capture='qk' takes {key} as a (B, N) mask of the real tokens, got {shape}; "
+                             "HVOOperator.from_qk cannot model another mask: use capture='attn'")
     config = model.config
     records = {i: {"num_heads": config.num_attention_heads,
                    "num_kv_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
@@ -170,7 +177,7 @@ def attention_layers_qk(model: torch.nn.Module, *args, layers: list[int] | None 
             raise RuntimeError(f"attention layer {i} ({blocks[i][0]}) was not called through transformers' "
                                "attention functions; capture='qk' cannot record it (use capture='attn')")
         batch, _, tokens, _ = rec["q"].shape  # the decoder of an encoder-decoder model has its own mask
-        token_mask = _token_mask(model, blocks[i][0], batch, tokens, inputs)
+        token_mask = _token_mask(model, blocks[i][0], batch, tokens, named)
         result.append(QKAttentionLayer(index=i, name=blocks[i][0], attn=None, token_mask=token_mask, **rec))
     return result
 

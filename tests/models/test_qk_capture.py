@@ -161,3 +161,18 @@ def test_decoder_layers_of_an_encoder_decoder_model_take_the_decoder_mask():
     assert torch.equal(layers[1].token_mask, dec["attention_mask"].bool())
     for layer in layers:
         assert layer.relative_error() <= TOLERANCE, layer.name
+
+
+def test_positional_and_four_dimensional_masks():
+    """model(ids, mask) passed positionally is the key mask too; a 4-D mask, which from_qk cannot model, is
+    refused (it was ignored: A of the padded batch attended to the padding)."""
+    model = _tiny("llama")
+    enc = _ids(side="left")
+    layer = dk.models.attention_layers(model, enc["input_ids"], enc["attention_mask"], layers=[0], capture="qk")[0]
+    assert torch.equal(layer.token_mask, enc["attention_mask"].bool())
+    assert layer.relative_error() <= TOLERANCE
+    with_attn = dk.models.attention_layers(model, enc["input_ids"], enc["attention_mask"], layers=[0])[0]
+    assert torch.equal(with_attn.token_mask, enc["attention_mask"].bool())  # padded rows left out of the error
+    mask4 = enc["attention_mask"].bool()[:, None, None, :].expand(2, 1, 12, 12)
+    with pytest.raises(ValueError, match=r"attention_mask as a \(B, N\) mask.*capture='attn'"):
+        dk.models.attention_layers(model, input_ids=enc["input_ids"], attention_mask=mask4, capture="qk")
