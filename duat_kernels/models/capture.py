@@ -163,11 +163,7 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
         from duat_kernels.models.qk_capture import attention_layers_qk
         return attention_layers_qk(model, *args, layers=layers, **inputs)
     blocks = attention_blocks(model)
-    chosen = range(len(blocks)) if layers is None else layers
-    for i in chosen:
-        if not -len(blocks) <= i < len(blocks):
-            raise IndexError(f"layer {i} is out of range: the model has {len(blocks)} attention layers")
-    selected = sorted({i % len(blocks) for i in chosen})
+    selected = select_layers(layers, len(blocks))
     records: dict[int, dict] = {i: {} for i in selected}
     handles = []
     try:
@@ -201,6 +197,21 @@ def named_inputs(model: torch.nn.Module, args: tuple, inputs: dict) -> dict:
     except (TypeError, ValueError):
         return inputs
     return {**bound.arguments, **inputs}
+
+
+def select_layers(layers, count: int) -> list[int]:
+    """The sorted distinct indices in [0, count) of `layers` (ints, negative from the end; None: all)."""
+    if layers is None:
+        return list(range(count))
+    if isinstance(layers, (str, bytes, torch.Tensor)) or not hasattr(layers, "__iter__"):
+        raise TypeError(f"layers must be a list of int layer indices, got {type(layers).__name__} {layers!r}")
+    chosen = list(layers)
+    for i in chosen:
+        if isinstance(i, bool) or not hasattr(i, "__index__"):
+            raise TypeError(f"layers must be a list of int layer indices, got {type(i).__name__} {i!r} in {chosen!r}")
+        if not -count <= i.__index__() < count:
+            raise IndexError(f"layer {i} is out of range: the model has {count} attention layers")
+    return sorted({i.__index__() % count for i in chosen})
 
 
 def _token_mask(model, name: str, batch: int, tokens: int, inputs: dict) -> torch.Tensor | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from duat_kernels.models.capture import AttentionLayer
+from duat_kernels.models.capture import AttentionLayer, select_layers
 
 LENS_EXTRA = "pip install 'duat-kernels[lens]'"
 
@@ -56,12 +56,7 @@ def bridge_attention_layers(bridge, tokens, layers: list[int] | None = None,
         AttentionLayer per layer: attn (B, h, N, N) from hook_pattern, x (B, N, M) from attn.v.hook_in,
         output (B, N, M) from hook_attn_out.
     """
-    count = len(bridge.blocks)
-    chosen = range(count) if layers is None else layers
-    for i in chosen:
-        if not -count <= i < count:
-            raise IndexError(f"layer {i} is out of range: the model has {count} attention layers")
-    selected = sorted({i % count for i in chosen})
+    selected = select_layers(layers, len(bridge.blocks))
     ids = _tokens(bridge, tokens)
     hooks = ("attn.hook_pattern", "attn.v.hook_in", "hook_attn_out")
     wanted = {f"blocks.{i}.{hook}" for i in selected for hook in hooks}

@@ -22,7 +22,8 @@ import torch
 
 from duat_kernels.hvo_operator import HVOOperator
 from duat_kernels.models.architectures import resolve
-from duat_kernels.models.capture import AttentionLayer, _token_mask, attention_blocks, named_inputs
+from duat_kernels.models.capture import (AttentionLayer, _token_mask, attention_blocks, named_inputs,
+                                         select_layers)
 
 
 @dataclass
@@ -136,11 +137,7 @@ def attention_layers_qk(model: torch.nn.Module, *args, layers: list[int] | None 
     if any(arch is None for _, _, arch in blocks) or not hasattr(model, "config"):
         raise ValueError("capture='qk' needs a Hugging Face model (transformers' attention functions); "
                          "modules built from torch.nn.MultiheadAttention give A: use capture='attn'")
-    chosen = range(len(blocks)) if layers is None else layers
-    for i in chosen:
-        if not -len(blocks) <= i < len(blocks):
-            raise IndexError(f"layer {i} is out of range: the model has {len(blocks)} attention layers")
-    selected = sorted({i % len(blocks) for i in chosen})
+    selected = select_layers(layers, len(blocks))
     named = named_inputs(model, args, inputs)
     for key in ("attention_mask", "decoder_attention_mask"):
         mask = named.get(key)

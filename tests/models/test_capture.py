@@ -4,6 +4,7 @@ transformers module code, torch.nn.MultiheadAttention, and sdpa/eager handling."
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -167,6 +168,12 @@ def test_layer_selection_keeps_only_what_is_asked():
     assert [layer.index for layer in layers] == [1]
     with pytest.raises(IndexError, match="layer 5 is out of range: the model has 2 attention layers"):
         dk.models.attention_layers(model, layers=[5], **_ids(100))
+    layers = dk.models.attention_layers(model, layers=(np.int64(0),), **_ids(100))
+    assert [layer.index for layer in layers] == [0] and type(layers[0].index) is int
+    for capture in ("attn", "qk"):  # a bare int, floats, bools, strings: refused before the model runs
+        for bad in (0, [1.0], [True], ["0"], torch.tensor([0])):
+            with pytest.raises(TypeError, match="layers must be a list of int layer indices"):
+                dk.models.attention_layers(model, layers=bad, capture=capture, **_ids(100))
 
 
 def test_sdpa_models_are_switched_or_refused():
