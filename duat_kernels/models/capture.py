@@ -65,6 +65,12 @@ class AttentionLayer:
         if w is None:
             flat = self.operator().matvec(self.x.reshape(self.x.shape[0], -1))
         else:
+            (batch, tokens, m_out), m_in = self.output.shape, self.x.shape[-1]
+            expected = (batch, tokens * m_out, tokens * m_in)
+            if not isinstance(w, torch.Tensor) or tuple(w.shape) != expected:
+                got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+                raise ValueError(f"w must be this layer's dense token-layout W' of shape (B, N·M_out, N·M_in) = "
+                                 f"{expected} (layer.hvo_matrix()), got {got}")
             flat = torch.einsum("brc,bc->br", w, self.x.reshape(self.x.shape[0], -1).to(w.dtype))
         return (flat + self.hvo_bias().to(flat.dtype)).reshape(self.output.shape)
 

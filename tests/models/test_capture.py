@@ -276,3 +276,11 @@ def test_attention_layer_repr_shows_shapes():
     text = repr(dk.models.attention_layers(model, **_ids(100))[0])
     assert text.startswith("AttentionLayer(index=0, name='layers.0.self_attn', batch=2, tokens=9, heads=6, kv_heads=2")
     assert "tensor(" not in text and len(text) < 300
+
+
+def test_relative_error_names_a_dense_w_of_the_wrong_shape():
+    config, model = _random_model("llama")
+    layer = dk.models.attention_layers(model, layers=[0], **_ids(100))[0]
+    for bad in (torch.zeros(3, 3), layer.hvo_matrix()[0], layer.hvo_matrix()[:, :-1]):
+        with pytest.raises(ValueError, match=r"w must be this layer's dense token-layout W' of shape .*\(2, 432, 432\)"):
+            layer.relative_error(bad)
