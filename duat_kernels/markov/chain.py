@@ -33,9 +33,12 @@ def check_temperature(tau) -> float:
 
 def transition_probabilities(logits: np.ndarray, temperature: float) -> np.ndarray:
     """Q[s, y] = softmax_y(logits[s, :] / τ): (S, T) logits -> (S, T) float64, rows summing to one."""
-    scaled = np.asarray(logits, dtype=np.float64) / check_temperature(temperature)
-    scaled -= scaled.max(axis=1, keepdims=True)
-    q = np.exp(scaled)
+    logits = np.asarray(logits, dtype=np.float64)
+    tau = check_temperature(temperature)
+    # the maximum is subtracted before dividing: logits / τ overflows for a tiny τ (inf - inf = NaN);
+    # here an overflow is a difference of -inf, an exact 0 after exp
+    with np.errstate(over="ignore"):
+        q = np.exp((logits - logits.max(axis=1, keepdims=True)) / tau)
     return q / q.sum(axis=1, keepdims=True)
 
 

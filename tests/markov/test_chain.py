@@ -8,7 +8,7 @@ import pytest
 import scipy.sparse
 import torch
 
-from duat_kernels.markov import LanguageModelChain, analysis
+from duat_kernels.markov import LanguageModelChain, analysis, transition_probabilities
 
 from .conftest import SYMBOLS
 
@@ -95,3 +95,12 @@ def test_temperature_errors(tiny_lm, tau):
     chain = LanguageModelChain(np.zeros((4, 2)), ("a", "b"), 2)
     with pytest.raises(ValueError, match="temperature τ must be a finite number > 0"):
         chain.operator(tau)
+
+
+def test_tiny_and_huge_temperatures_give_probabilities_not_nan():
+    """logits / τ overflowed for a tiny τ (inf - inf = NaN in every row); the limit is the argmax."""
+    logits = np.array([[1.0, 3.0, 2.0], [-1e308, 1e308, 0.0]])
+    for tau in (1e-310, 1e-300, 1e-3):
+        np.testing.assert_array_equal(transition_probabilities(logits, tau), [[0, 1, 0], [0, 1, 0]])
+    np.testing.assert_allclose(transition_probabilities(logits[:1], 1e300), np.full((1, 3), 1 / 3), rtol=1e-15)
+    np.testing.assert_allclose(transition_probabilities(logits[:1], 1.0), np.exp(logits[:1]) / np.exp(logits[:1]).sum())
