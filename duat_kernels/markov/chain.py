@@ -13,6 +13,7 @@ reads [BOS] x_1 ... x_K (BOS when the model has one; no chat template) and
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,9 +27,19 @@ from duat_kernels.markov.operator import TransitionOperator
 
 
 def check_temperature(tau) -> float:
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
+    # numbers.Real: Python and NumPy ints and floats (np.float32 is no float subclass)
+    if isinstance(tau, (bool, np.bool_)) or not isinstance(tau, numbers.Real) or not math.isfinite(tau) or tau <= 0:
         raise ValueError(f"temperature τ must be a finite number > 0, got {tau!r}")
     return float(tau)
+
+
+def check_temperatures(temperatures) -> tuple[float, ...]:
+    """One temperature or a sequence of them (not a string) -> a tuple of floats."""
+    if isinstance(temperatures, numbers.Real):
+        return (check_temperature(temperatures),)
+    if isinstance(temperatures, (str, bytes)) or not hasattr(temperatures, "__iter__"):
+        raise TypeError(f"temperatures must be a number or a sequence of numbers, got {temperatures!r}")
+    return tuple(check_temperature(t) for t in temperatures)
 
 
 def transition_probabilities(logits: np.ndarray, temperature: float) -> np.ndarray:
@@ -65,7 +76,7 @@ class LanguageModelChain:
     def __post_init__(self):
         self.symbols = tuple(str(s) for s in self.symbols)
         self.context = check_context(self.context)
-        self.temperatures = tuple(check_temperature(t) for t in self.temperatures)
+        self.temperatures = check_temperatures(self.temperatures)
         t = len(self.symbols)
         if t < 2:
             raise ValueError(f"need at least 2 symbols, got {list(self.symbols)}")
@@ -86,7 +97,7 @@ class LanguageModelChain:
         symbols are token ids. bos_id "auto": the tokenizer's or the model config's BOS id, if any;
         None: no BOS. batch_size, cache_dir, model_id, share_prefix: see `context_logits`."""
         check_context(context)
-        taus = tuple(check_temperature(t) for t in temperatures)
+        taus = check_temperatures(temperatures)
         if tokenizer is not None:
             ids = symbol_token_ids(tokenizer, symbols)
         else:

@@ -104,3 +104,14 @@ def test_tiny_and_huge_temperatures_give_probabilities_not_nan():
         np.testing.assert_array_equal(transition_probabilities(logits, tau), [[0, 1, 0], [0, 1, 0]])
     np.testing.assert_allclose(transition_probabilities(logits[:1], 1e300), np.full((1, 3), 1 / 3), rtol=1e-15)
     np.testing.assert_allclose(transition_probabilities(logits[:1], 1.0), np.exp(logits[:1]) / np.exp(logits[:1]).sum())
+
+
+def test_numpy_temperatures_are_numbers():
+    chain = LanguageModelChain(np.zeros((4, 2)), ("a", "b"), 2, temperatures=(np.float32(0.5), np.int64(2)))
+    assert chain.temperatures == (0.5, 2.0) and all(type(t) is float for t in chain.temperatures)
+    np.testing.assert_array_equal(chain.probabilities(np.float32(0.5)), np.full((4, 2), 0.5))
+    with pytest.raises(ValueError, match="temperature τ must be a finite number > 0"):
+        chain.operator(np.bool_(True))
+    assert LanguageModelChain(np.zeros((4, 2)), ("a", "b"), 2, temperatures=0.5).temperatures == (0.5,)
+    with pytest.raises(TypeError, match="temperatures must be a number or a sequence of numbers, got '0.5'"):
+        LanguageModelChain(np.zeros((4, 2)), ("a", "b"), 2, temperatures="0.5")
