@@ -14,8 +14,12 @@ and every product with P is a contraction of Q reshaped to (T, R, T), with no in
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import scipy.sparse
+
+ROW_SUM_TOLERANCE = 1e-6  # |Σ_y Q[s, y] − 1| allowed (float32 probabilities, rounding)
 
 
 class TransitionOperator:
@@ -27,11 +31,20 @@ class TransitionOperator:
 
     def __init__(self, probabilities: np.ndarray, num_symbols: int, context: int):
         q = np.asarray(probabilities, dtype=np.float64)
+        if any(isinstance(n, bool) or not isinstance(n, numbers.Integral) for n in (num_symbols, context)):
+            raise TypeError(f"num_symbols and context must be ints, got {num_symbols!r} and {context!r}")
+        num_symbols, context = int(num_symbols), int(context)
         if num_symbols < 2 or context < 1:
             raise ValueError(f"need num_symbols >= 2 and context >= 1, got {num_symbols} and {context}")
         if q.shape != (num_symbols ** context, num_symbols):
             raise ValueError(f"probabilities must have shape (T^K, T) = ({num_symbols ** context}, {num_symbols}) "
                              f"for T={num_symbols}, K={context}, got {q.shape}")
+        row_error = np.abs(q.sum(axis=1) - 1.0).max()
+        if not (np.isfinite(q).all() and (q >= 0).all() and row_error <= ROW_SUM_TOLERANCE):
+            bad = int(np.argmax(~np.isfinite(q).all(axis=1) | (q < 0).any(axis=1)
+                                | (np.abs(q.sum(axis=1) - 1.0) > ROW_SUM_TOLERANCE)))
+            raise ValueError(f"probabilities must be finite, >= 0 and sum to one in every row (P is stochastic): "
+                             f"row {bad} is {q[bad].tolist()[:8]} (sum {q[bad].sum()!r})")
         self.probabilities, self.num_symbols, self.context = q, num_symbols, context
         self._q3 = q.reshape(num_symbols, num_symbols ** (context - 1), num_symbols)  # (T, R, T)
 

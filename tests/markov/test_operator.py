@@ -55,3 +55,18 @@ def test_rejects_bad_shapes():
     op = TransitionOperator(random_probabilities(2, 2), 2, 2)
     with pytest.raises(ValueError, match=r"v must have shape \(4,\) or \(4, n\)"):
         op.matvec(np.ones(5))
+
+
+def test_rejects_probabilities_that_are_not_stochastic():
+    """A zero, negative, NaN or unnormalised row used to be taken: stationary_distribution then returned
+    a 'π' with residual 0.04 and no error."""
+    q = random_probabilities(3, 2)
+    for row, values in ((4, [0, 0, 0]), (0, [1.5, -0.5, 0]), (8, [np.nan, 0.5, 0.5]), (2, [0.5, 0.5, 0.5])):
+        bad = q.copy()
+        bad[row] = values
+        with pytest.raises(ValueError, match=rf"sum to one in every row .*: row {row} is"):
+            TransitionOperator(bad, 3, 2)
+    TransitionOperator(q.astype(np.float32), 3, 2)  # float32 rounding of the row sums is fine
+    TransitionOperator(q, np.int64(3), np.int32(2))
+    with pytest.raises(TypeError, match="num_symbols and context must be ints"):
+        TransitionOperator(q, 3.0, 2)
