@@ -38,6 +38,14 @@ class SpectralGap:
     method: str  # "dense eigvals" or "eigs"
 
 
+def _check_pi(op: TransitionOperator, pi) -> np.ndarray:
+    pi = np.asarray(pi, dtype=np.float64)
+    if pi.shape != (op.num_states,):
+        raise ValueError(f"pi must be a distribution over the {op.num_states} states, shape ({op.num_states},), "
+                         f"got {pi.shape}")
+    return pi
+
+
 def residual(op: TransitionOperator, pi: np.ndarray) -> float:
     """||πP − π||₁ for π (S,)."""
     return float(np.abs(op.rmatvec(pi) - pi).sum())
@@ -106,7 +114,10 @@ def constant_states(num_symbols: int, context: int) -> np.ndarray:
 
 def tv_curves(op: TransitionOperator, pi: np.ndarray, starts: np.ndarray, steps: int) -> np.ndarray:
     """(len(starts), steps + 1): ||δ_s P^t − π||_TV for each start s and t = 0..steps (structured products)."""
+    pi = _check_pi(op, pi)
     starts = np.asarray(starts, dtype=np.int64)
+    if starts.size and not ((starts >= 0) & (starts < op.num_states)).all():
+        raise ValueError(f"starts must be state indices in [0, {op.num_states}), got {starts.tolist()[:8]}")
     dist = np.zeros((op.num_states, starts.size))
     dist[starts, np.arange(starts.size)] = 1.0
     curves = np.empty((starts.size, steps + 1))
@@ -136,6 +147,7 @@ def mixing_time(op: TransitionOperator, pi: np.ndarray, epsilon: float = MIXING_
     non-increasing, so the largest t with d(t) > ε is found bit by bit): O(log t) S x S products.
     Needs S <= DENSE_MAX_STATES."""
     s = op.num_states
+    pi = _check_pi(op, pi)
     if s > DENSE_MAX_STATES:
         raise ValueError(f"mixing_time over all states needs S <= {DENSE_MAX_STATES} states, got {s}; "
                          "use tv_curves from a few starting states instead")

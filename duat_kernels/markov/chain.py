@@ -132,6 +132,8 @@ class LanguageModelChain:
 
     def state_label(self, index: int) -> str:
         """The K symbols of state `index`, joined (with spaces unless every symbol is one character)."""
+        if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not 0 <= index < self.num_states:
+            raise ValueError(f"index must be a state index in [0, {self.num_states}), got {index!r}")
         digits, t = [], self.num_symbols
         for _ in range(self.context):
             index, d = divmod(index, t)

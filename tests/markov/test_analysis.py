@@ -125,3 +125,19 @@ def test_reducible_chain_is_refused():
     """Identity P (every state absorbing): π is not unique, and the dense solve says so."""
     with pytest.raises(ValueError, match=r"P is not irreducible \(π is not unique\)"):
         analysis.stationary_distribution(TransitionOperator(np.eye(3), 3, 1))
+
+
+def test_pi_starts_and_state_labels_are_checked():
+    op = TransitionOperator(np.full((9, 3), 1 / 3), 3, 2)
+    pi = np.full(9, 1 / 9)
+    with pytest.raises(ValueError, match=r"pi must be a distribution over the 9 states, shape \(9,\), got \(3,\)"):
+        analysis.mixing_time(op, pi[:3])  # was "operands could not be broadcast together"
+    with pytest.raises(ValueError, match=r"pi must be a distribution over the 9 states"):
+        analysis.tv_curves(op, pi[:, None], [0], 2)
+    with pytest.raises(ValueError, match=r"starts must be state indices in \[0, 9\), got \[9\]"):
+        analysis.tv_curves(op, pi, [9], 2)  # was numpy's IndexError
+    chain = LanguageModelChain(np.zeros((9, 3)), tuple("abc"), 2)
+    assert chain.state_label(np.int64(8)) == "cc"
+    for bad in (9, -1, 1.0):  # 9 was labelled "aa" (wrapped around)
+        with pytest.raises(ValueError, match=r"index must be a state index in \[0, 9\)"):
+            chain.state_label(bad)
