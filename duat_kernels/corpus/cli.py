@@ -57,18 +57,16 @@ def run(args) -> int:
     from duat_kernels.corpus.runner import max_rel_error, read_texts, run_corpus, summary_table
 
     if args.workers is not None and args.workers < 1 or args.grid < 1 or args.threads < 1:
-        raise SystemExit(f"duat corpus: --workers, --grid and --threads must be positive, got "
+        raise ValueError(f"--workers, --grid and --threads must be positive, got "
                          f"{args.workers}, {args.grid}, {args.threads}")
     if not Path(args.texts).is_file():
-        raise SystemExit(f"duat corpus: --texts {args.texts}: no such file")
-    try:
-        texts = read_texts(args.texts)
-        settings = CorpusSettings(model=args.model, layers=None if args.layer is None else tuple(args.layer),
-                                  grid=args.grid, threads=args.threads)
-        with dask_client(args) as client:
-            results, failures = run_corpus(texts, args.out, settings, client, progress=not args.no_progress)
-    except ValueError as exc:
-        raise SystemExit(f"duat corpus: {exc}") from None
+        raise ValueError(f"--texts {args.texts}: no such file")
+    # a user error (ValueError) is one line and exit status 2 (cli.main), as in the other commands
+    texts = read_texts(args.texts)
+    settings = CorpusSettings(model=args.model, layers=None if args.layer is None else tuple(args.layer),
+                              grid=args.grid, threads=args.threads)
+    with dask_client(args) as client:
+        results, failures = run_corpus(texts, args.out, settings, client, progress=not args.no_progress)
     summary = summary_table(results, f"{args.model}: {len(texts)} texts")
     (Path(args.out) / "summary.md").write_text(summary + "\n")
     print(summary)
