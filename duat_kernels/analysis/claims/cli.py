@@ -26,13 +26,10 @@ def run(args) -> int:
     from duat_kernels.analysis.claims.run import measure_all
     from duat_kernels.models import DEFAULT_TEXT, load
 
-    if args.lora_rank < 1:
-        raise SystemExit(f"duat claims: --lora-rank must be >= 1, got {args.lora_rank}")
+    if args.lora_rank < 1:  # user errors are ValueErrors: one line, exit status 2 (cli.main)
+        raise ValueError(f"--lora-rank must be >= 1, got {args.lora_rank}")
     model, tokenizer = load(args.model)
-    try:
-        family_of(model)
-    except ValueError as exc:
-        raise SystemExit(f"duat claims: {exc}") from None
+    family_of(model)
     text = args.text or DEFAULT_TEXT
     results, facts = measure_all(model, tokenizer, text, args.sections, args.lora_rank)
     out = Path(args.out)

@@ -39,8 +39,10 @@ def test_claims_refuses_an_unsupported_model(tmp_path, tokenizer, capsys):
     folder = tmp_path / "tiny-gpt2"
     transformers.GPT2Model(transformers.GPT2Config(vocab_size=40, n_embd=8, n_layer=1, n_head=2)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    with pytest.raises(SystemExit, match="duat claims: model_type='gpt2' has no layer recipe"):
-        main(["claims", "--model", str(folder), "--out", str(tmp_path / "out")])
+    assert main(["claims", "--model", str(folder), "--out", str(tmp_path / "out")]) == 2  # SystemExit gave 1
+    assert "duat claims: model_type='gpt2' has no layer recipe" in capsys.readouterr().err
+    assert main(["claims", "--model", str(folder), "--out", str(tmp_path / "out"), "--lora-rank", "0"]) == 2
+    assert capsys.readouterr().err == "duat claims: --lora-rank must be >= 1, got 0\n"
     assert main(["claims", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
     assert "duat claims: model" in capsys.readouterr().err
 
