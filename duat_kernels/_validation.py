@@ -273,3 +273,15 @@ def check_fits(what: str, needed: int, device: torch.device) -> None:
             "Use the matrix-free duat_kernels.HVOOperator instead (matvec/rmatvec/matmat for products, "
             "block() and tile() for parts of W')."
         )
+
+
+def check_output_folder(option: str, path) -> None:
+    """Refuse, before any work, an output folder that cannot be created or written: a file on its path."""
+    folder = os.path.abspath(os.fspath(path))
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{option} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: {existing} is not writable")

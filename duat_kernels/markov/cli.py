@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from duat_kernels._validation import check_output_folder
 from duat_kernels.markov.chain import LanguageModelChain, check_temperature
 from duat_kernels.markov.logits import check_context
 
@@ -53,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
         symbols = _symbols(args.tokens)
         if len(symbols) < 2 or len(set(symbols)) != len(symbols):
             raise ValueError(f"--tokens must give at least 2 distinct symbols, got {symbols}")
+        check_output_folder("--out", args.out)
+        if args.cache:
+            check_output_folder("--cache", args.cache)
         model, tokenizer = load(args.model, causal_lm=True)
         out = Path(args.out)
         start = time.perf_counter()

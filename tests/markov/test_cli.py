@@ -65,3 +65,15 @@ def test_markov_errors_are_one_line(tiny_lm_folder, tmp_path, capsys, args, mess
 def test_markov_missing_model(capsys):
     assert main(["markov", "--model", "/nonexistent/model"]) == 2
     assert "there is no model hub here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--out", "--cache"])
+def test_markov_output_folder_that_is_a_file_is_refused_before_loading(tmp_path, capsys, monkeypatch, option):
+    import duat_kernels.models
+
+    monkeypatch.setattr(duat_kernels.models, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    argv = ["markov", "--model", "any", "--tokens", "ab", "--context", "1", "--out", str(tmp_path / "out")]
+    assert main([*argv, option, str(blocker / "sub")]) == 2  # was "[Errno 20] Not a directory" after loading
+    assert capsys.readouterr().err == f"duat markov: {option} {blocker / 'sub'}: {blocker} is a file, not a folder\n"

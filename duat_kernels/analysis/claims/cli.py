@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from duat_kernels._validation import check_output_folder
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from duat_kernels.analysis.claims.run import SECTIONS
@@ -28,6 +30,7 @@ def run(args) -> int:
 
     if args.lora_rank < 1:  # user errors are ValueErrors: one line, exit status 2 (cli.main)
         raise ValueError(f"--lora-rank must be >= 1, got {args.lora_rank}")
+    check_output_folder("--out", args.out)
     model, tokenizer = load(args.model)
     family_of(model)
     text = args.text or DEFAULT_TEXT

@@ -58,3 +58,13 @@ def test_claims_sections_subset_without_plots(tmp_path, tokenizer):
     assert {"multilayer", "pruning"} <= set(result) and "lora" not in result and "density" not in result
     assert "--sections multilayer pruning" in result["meta"]["command"]
     assert not list(out.glob("*.png")) and "## Many layers" in (out / "claims.md").read_text()
+
+
+def test_claims_out_that_is_a_file_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    import duat_kernels.models
+
+    monkeypatch.setattr(duat_kernels.models, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["claims", "--model", "any", "--out", str(blocker)]) == 2  # was refused after every measurement
+    assert capsys.readouterr().err == f"duat claims: --out {blocker}: {blocker} is a file, not a folder\n"
