@@ -86,3 +86,11 @@ def test_batched_token_tile_across_tokens_forms_no_ov(monkeypatch):
     monkeypatch.setattr(backends, "ov_part", no_ov)
     monkeypatch.setattr(backends, "ov_circuits", no_ov)
     assert torch.equal(op.tile(slice(3, 17), slice(8, 41)), dense[:, 3:17, 8:41])
+
+
+def test_fraction_above_samples_float64_operators_in_float64():
+    """The sampled entries were formed in float32: W' = [[1 + 1e-12]] counted as not above 1."""
+    one = torch.ones(1, 1, 1, dtype=torch.float64)
+    op = dk.HVOOperator(one, one[0], torch.full((1, 1), 1 + 1e-12, dtype=torch.float64))
+    assert op.fraction_above(1.0, samples=16).fraction == 1.0
+    assert op.fraction_above(1.0 + 2e-12, samples=16).fraction == 0.0

@@ -71,7 +71,8 @@ def fraction_above(attn, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int
     """Estimated fraction of entries with |w| > threshold (the paper's "almost fully dense", made
     quantitative), from a uniform sample with a Wilson score interval."""
     source = _source(attn, num_kv_heads)
-    ov = reference.ov_circuits(w_v.float(), w_o.float(), source.heads, num_kv_heads).to(source.device)
+    dtype = torch.promote_types(torch.promote_types(w_v.dtype, w_o.dtype), torch.float32)  # float64 stays float64
+    ov = reference.ov_circuits(w_v.to(dtype), w_o.to(dtype), source.heads, num_kv_heads).to(source.device)
     g = torch.Generator().manual_seed(seed)
     values = sample_entries(source, ov, samples, g, batch)
     hits = int((values.abs() > threshold).sum())
