@@ -80,6 +80,8 @@ class LanguageModelChain:
         t = len(self.symbols)
         if t < 2:
             raise ValueError(f"need at least 2 symbols, got {list(self.symbols)}")
+        if len(set(self.symbols)) != t:  # state_index would be ambiguous
+            raise ValueError(f"symbols must be distinct, got {list(self.symbols)}")
         self.logits = np.asarray(self.logits)
         if self.logits.shape != (t ** self.context, t):
             raise ValueError(f"logits must have shape (T^K, T) = ({t ** self.context}, {t}) for T={t}, "

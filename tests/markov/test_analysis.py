@@ -141,3 +141,17 @@ def test_pi_starts_and_state_labels_are_checked():
     for bad in (9, -1, 1.0):  # 9 was labelled "aa" (wrapped around)
         with pytest.raises(ValueError, match=r"index must be a state index in \[0, 9\)"):
             chain.state_label(bad)
+
+
+def test_counts_and_symbols_are_checked():
+    op = TransitionOperator(np.full((9, 3), 1 / 3), 3, 2)
+    with pytest.raises(ValueError, match=r"steps must be an int >= 0, got -1"):
+        analysis.tv_curves(op, np.full(9, 1 / 9), [0], -1)  # was an empty array
+    with pytest.raises(ValueError, match=r"num_symbols must be an int >= 2"):
+        analysis.constant_states(1, 3)  # was ZeroDivisionError
+    with pytest.raises(ValueError, match=r"context must be an int >= 1"):
+        analysis.constant_states(3, 0)
+    assert analysis.constant_states(3, 2).tolist() == [0, 4, 8]
+    with pytest.raises(ValueError, match=r"symbols must be distinct, got \['a', 'a', 'b'\]"):
+        LanguageModelChain(np.zeros((9, 3)), tuple("aab"), 2)  # state_index was ambiguous
+
