@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from duat_kernels.heads import head_indices, select_heads
 from duat_kernels.hvo_operator import HVOOperator
 from duat_kernels.models.architectures import resolve
 from duat_kernels.models.capture import (AttentionLayer, _token_mask, attention_blocks, named_inputs,
@@ -43,19 +44,26 @@ class QKAttentionLayer(AttentionLayer):
                 f"kv_heads={self.num_kv_heads}, head_dim={d}, M_in={self.w_v.shape[1]}, M_out={self.w_o.shape[0]}, "
                 f"causal={self.causal}, padded={self.token_mask is not None})")
 
-    def operator(self, layout: str = "token") -> HVOOperator:
-        """The matrix-free W' (with b') of this layer, A recomputed from q and k tile by tile."""
-        return HVOOperator.from_qk(self.q, self.k, self.w_v, self.w_o, causal=self.causal,
-                                   attention_mask=self.token_mask, scale=self.scale, b_v=self.b_v, b_o=self.b_o,
-                                   layout=layout, softcap=self.softcap, sliding_window=self.sliding_window)
+    def operator(self, layout: str = "token", heads: int | list[int] | None = None) -> HVOOperator:
+        """The matrix-free W' (with b') of this layer, or of the given heads only, A recomputed from q and
+        k tile by tile."""
+        q, k, w_v, w_o, b_v = self.q, self.k, self.w_v, self.w_o, self.b_v
+        if heads is not None:  # each chosen query head with its own copy of its kv head, as select_heads does
+            group = q.shape[-3] // k.shape[-3]
+            kv = torch.tensor(head_indices(heads, q.shape[-3]), device=k.device) // group
+            q, w_v, w_o, b_v, _ = select_heads(q, w_v, w_o, b_v, heads, k.shape[-3])
+            k = k.index_select(-3, kv)
+        return HVOOperator.from_qk(q, k, w_v, w_o, causal=self.causal, attention_mask=self.token_mask,
+                                   scale=self.scale, b_v=b_v, b_o=self.b_o, layout=layout, softcap=self.softcap,
+                                   sliding_window=self.sliding_window)
 
     def attention(self) -> torch.Tensor:
         """A (B, h, N, N), computed (refused when it would not fit)."""
         return self.operator().attn
 
-    def hvo_matrix(self, **kwargs) -> torch.Tensor:
-        """Dense W' (B, N·M_out, N·M_in); kwargs go to HVOOperator.to_dense."""
-        return self.operator().to_dense(**kwargs)
+    def hvo_matrix(self, heads: int | list[int] | None = None, **kwargs) -> torch.Tensor:
+        """Dense W' (B, N·M_out, N·M_in), of the given heads only if any; kwargs go to HVOOperator.to_dense."""
+        return self.operator(heads=heads).to_dense(**kwargs)
 
     def hvo_bias(self, layout: str = "token") -> torch.Tensor:
         return self.operator(layout).bias()

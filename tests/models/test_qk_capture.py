@@ -176,3 +176,15 @@ def test_positional_and_four_dimensional_masks():
     mask4 = enc["attention_mask"].bool()[:, None, None, :].expand(2, 1, 12, 12)
     with pytest.raises(ValueError, match=r"attention_mask as a \(B, N\) mask.*capture='attn'"):
         dk.models.attention_layers(model, input_ids=enc["input_ids"], attention_mask=mask4, capture="qk")
+
+
+def test_per_head_operators_match_the_captured_attention():
+    # QKAttentionLayer.operator(heads=...) used to raise TypeError (from_qk has no heads argument)
+    model = _tiny("llama").eval()
+    enc = _ids(padded=False)
+    (a,), (b,) = (dk.models.attention_layers(model, layers=[1], capture=c, **enc) for c in ("attn", "qk"))
+    x = torch.randn(b.operator().shape[0], b.operator().shape[-1])
+    for heads in ([1, 4], 2, [5, 0, 3]):  # GQA: 6 query heads on 2 kv heads
+        want, got = a.operator(heads=heads), b.operator(heads=heads)
+        torch.testing.assert_close(got.matvec(x), want.matvec(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b.hvo_matrix(heads=heads), a.hvo_matrix(heads=heads), rtol=1e-5, atol=1e-5)
