@@ -163,6 +163,17 @@ def test_user_errors_say_what_to_do(model_dir, texts_file, sync_results, extra, 
     assert err.startswith("duat corpus: ") and message in err and len(err.splitlines()) == 1
 
 
+def test_an_output_path_that_is_a_file_is_refused_before_the_cluster(model_dir, texts_file, tmp_path, monkeypatch,
+                                                                     capsys):
+    from duat_kernels.corpus import cli as corpus_cli
+
+    monkeypatch.setattr(corpus_cli, "dask_client", lambda args: pytest.fail("the cluster was started"))
+    target = tmp_path / "a_file"
+    target.write_text("")
+    assert main(["corpus", "--model", model_dir, "--texts", texts_file, "--out", str(target / "run")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
 def test_bad_jsonl_line_is_named(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "fine"}\n{"oops": 1}\n')

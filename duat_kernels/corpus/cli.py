@@ -55,12 +55,14 @@ def dask_client(args):
 def run(args) -> int:
     from duat_kernels.corpus.analysis import CorpusSettings
     from duat_kernels.corpus.runner import max_rel_error, read_texts, run_corpus, summary_table
+    from duat_kernels._validation import check_output_folder
 
     if args.workers is not None and args.workers < 1 or args.grid < 1 or args.threads < 1:
         raise ValueError(f"--workers, --grid and --threads must be positive, got "
                          f"{args.workers}, {args.grid}, {args.threads}")
     if not Path(args.texts).is_file():
         raise ValueError(f"--texts {args.texts}: no such file")
+    check_output_folder("--out", args.out)  # before the Dask cluster starts
     # a user error (ValueError) is one line and exit status 2 (cli.main), as in the other commands
     texts = read_texts(args.texts)
     settings = CorpusSettings(model=args.model, layers=None if args.layer is None else tuple(args.layer),
