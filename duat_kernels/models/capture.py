@@ -220,14 +220,21 @@ def select_layers(layers, count: int) -> list[int]:
     return sorted({i.__index__() % count for i in chosen})
 
 
-def _token_mask(model, name: str, batch: int, tokens: int, inputs: dict) -> torch.Tensor | None:
+def _token_mask(model, name: str, batch: int, tokens: int, inputs: dict, strict: bool = False) -> torch.Tensor | None:
     """(B, N) True at real tokens: attention_mask, or decoder_attention_mask for the decoder of an
-    encoder-decoder model; None when no mask of the layer's shape was given."""
+    encoder-decoder model; None when no mask of the layer's shape was given (strict: when none was given,
+    and a mask of another shape is refused)."""
     config = getattr(model, "config", None)
     decoder = getattr(config, "is_encoder_decoder", False) and "decoder" in name.split(".")
-    mask = inputs.get("decoder_attention_mask" if decoder else "attention_mask")
+    key = "decoder_attention_mask" if decoder else "attention_mask"
+    mask = inputs.get(key)
     if isinstance(mask, torch.Tensor) and mask.shape == (batch, tokens):
         return mask.bool()
+    if strict and mask is not None:
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"{name}: {key} has shape {shape}, not the layer's (B, N) = ({batch}, {tokens}) (cached "
+                         "keys, past_key_values?); capture='qk' would lose it: pass the layer's key mask or use "
+                         "capture='attn'")
     return None
 
 

@@ -182,7 +182,7 @@ def attention_layers_qk(model: torch.nn.Module, *args, layers: list[int] | None 
             raise RuntimeError(f"attention layer {i} ({blocks[i][0]}) was not called through transformers' "
                                "attention functions; capture='qk' cannot record it (use capture='attn')")
         batch, _, tokens, _ = rec["q"].shape  # the decoder of an encoder-decoder model has its own mask
-        token_mask = _token_mask(model, blocks[i][0], batch, tokens, named)
+        token_mask = _token_mask(model, blocks[i][0], batch, tokens, named, strict=True)
         result.append(QKAttentionLayer(index=i, name=blocks[i][0], attn=None, token_mask=token_mask, **rec))
     return result
 

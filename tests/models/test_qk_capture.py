@@ -188,3 +188,16 @@ def test_per_head_operators_match_the_captured_attention():
         want, got = a.operator(heads=heads), b.operator(heads=heads)
         torch.testing.assert_close(got.matvec(x), want.matvec(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(b.hvo_matrix(heads=heads), a.hvo_matrix(heads=heads), rtol=1e-5, atol=1e-5)
+
+
+def test_a_mask_of_another_length_is_refused():
+    # cached keys (past_key_values) make the 2-D mask longer than the layer's tokens: capture='qk' used to
+    # drop it silently (token_mask None); the attention capture still ignores it (it only marks padded rows)
+    from duat_kernels.models.capture import _token_mask
+
+    model = _tiny("llama")
+    inputs = {"attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    assert _token_mask(model, "model.layers.0.self_attn", 2, 8, inputs) is None
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 12\), not the layer's \(B, N\) = \(2, 8\)"):
+        _token_mask(model, "model.layers.0.self_attn", 2, 8, inputs, strict=True)
+    assert torch.equal(_token_mask(model, "x", 2, 12, inputs, strict=True), torch.ones(2, 12, dtype=torch.bool))
