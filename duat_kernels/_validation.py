@@ -75,11 +75,19 @@ def as_dtype(dtype) -> torch.dtype | None:
                     f"got {dtype!r}")
 
 
+def integer(value, tensors: bool = True) -> int | None:
+    """value as an int if it is an integer: anything with __index__ (int, NumPy integer, and with
+    tensors=True a one-element integer tensor) but a bool; else None."""
+    if isinstance(value, bool) or (not tensors and isinstance(value, torch.Tensor)) or not hasattr(value, "__index__"):
+        return None
+    return value.__index__()
+
+
 def check_index(name: str, index, size: int, axis: str) -> int:
     """A Python-style index into an axis of `size` (negative counts from the end) -> [0, size)."""
-    if isinstance(index, bool) or not hasattr(index, "__index__"):
+    if integer(index) is None:
         raise TypeError(f"{name} must be an int, got {type(index).__name__} {index!r}")
-    index = index.__index__()
+    index = integer(index)
     if not -size <= index < size:
         raise IndexOutOfRangeError(f"{name}={index} is out of range for {axis} "
                                    f"(expected {-size} <= {name} < {size})")
@@ -101,20 +109,18 @@ def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
 
 
 def positive_int(value) -> int | None:
-    """value as an int if it is a positive integer (an int or a NumPy integer: anything with
-    __index__ but a bool or a tensor), else None."""
-    if isinstance(value, (bool, torch.Tensor)) or not hasattr(value, "__index__"):
-        return None
-    value = value.__index__()
-    return value if value >= 1 else None
+    """value as an int if it is a positive integer (an int or a NumPy integer, not a tensor), else None."""
+    value = integer(value, tensors=False)
+    return value if value is not None and value >= 1 else None
 
 
 def check_heads(num_heads: int, num_kv_heads: int | None, w_v: torch.Tensor | None,
                 w_o: torch.Tensor) -> tuple[int, int]:
     """Validate h, h_kv against w_o (M_out, h*d) and w_v (h_kv*d, M_in); return (h_kv, d)."""
-    if positive_int(num_heads) is None:
+    h = positive_int(num_heads)
+    if h is None:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
-    num_heads = positive_int(num_heads)
+    num_heads = h
     h_kv = positive_int(num_heads if num_kv_heads is None else num_kv_heads)
     if h_kv is None:
         raise ValueError(f"num_kv_heads must be a positive int or None, got {num_kv_heads!r}")

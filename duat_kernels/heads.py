@@ -6,16 +6,18 @@ from collections.abc import Sequence
 
 import torch
 
+from duat_kernels._validation import integer
+
 
 def head_indices(heads: int | Sequence[int], num_heads: int) -> list[int]:
     """heads as a list of distinct indices in [0, h) (negative indices count from the end)."""
-    def is_int(i) -> bool:  # an int or a NumPy integer, not a bool or a tensor
-        return hasattr(i, "__index__") and not isinstance(i, (bool, torch.Tensor))
+    def is_int(i) -> bool:  # an int or a NumPy integer, not a tensor
+        return integer(i, tensors=False) is not None
 
     items = [heads] if is_int(heads) else heads
     if not isinstance(items, Sequence) or isinstance(items, str) or not items or not all(is_int(i) for i in items):
         raise TypeError(f"heads must be an int or a non-empty sequence of ints, got {heads!r}")
-    items = [i.__index__() for i in items]
+    items = [integer(i) for i in items]
     bad = [i for i in items if not -num_heads <= i < num_heads]
     if bad:
         raise ValueError(f"heads must be in [-{num_heads}, {num_heads}) for h={num_heads} heads, got {bad}")

@@ -55,17 +55,17 @@ def grid_argument(grid, tokens: int) -> tuple[int, int] | None:
     """grid=None, R (an R x R grid) or (R, C), each in [1, N]."""
     if grid is None:
         return None
-    parts = (grid, grid) if hasattr(grid, "__index__") and not isinstance(grid, bool) else grid
+    parts = (grid, grid) if v.integer(grid) is not None else grid
     try:
         rows, cols = parts
     except (TypeError, ValueError):
         raise TypeError(f"grid must be None, an int R or a pair (R, C), got {grid!r}") from None
     for g in (rows, cols):
-        if isinstance(g, bool) or not hasattr(g, "__index__"):
+        if v.integer(g) is None:
             raise TypeError(f"grid must be None, an int R or a pair (R, C) of ints, got {grid!r}")
-        if not 1 <= g.__index__() <= tokens:
+        if not 1 <= v.integer(g) <= tokens:
             raise ValueError(f"grid must be two ints in [1, N={tokens}] (or one for a square grid), got {grid!r}")
-    return rows.__index__(), cols.__index__()
+    return v.integer(rows), v.integer(cols)
 
 
 def sampling_arguments(threshold, samples, confidence, seed) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from duat_kernels._validation import integer
 from duat_kernels.markov.operator import TransitionOperator
 
 # Up to this many states P is handled densely (an S x S float64 matrix: 32 MiB at 2048); above it,
@@ -109,9 +110,9 @@ def spectral_gap(op: TransitionOperator) -> SpectralGap:
 
 def constant_states(num_symbols: int, context: int) -> np.ndarray:
     """Indices of the T states (v, v, ..., v): v·(T^K − 1)/(T − 1)."""
-    if isinstance(num_symbols, bool) or not hasattr(num_symbols, "__index__") or num_symbols < 2:
+    if integer(num_symbols) is None or num_symbols < 2:
         raise ValueError(f"num_symbols must be an int >= 2 (a chain over one symbol has one state), got {num_symbols!r}")
-    if isinstance(context, bool) or not hasattr(context, "__index__") or context < 1:
+    if integer(context) is None or context < 1:
         raise ValueError(f"context must be an int >= 1, got {context!r}")
     return np.arange(num_symbols) * ((num_symbols ** context - 1) // (num_symbols - 1))
 
@@ -119,7 +120,7 @@ def constant_states(num_symbols: int, context: int) -> np.ndarray:
 def tv_curves(op: TransitionOperator, pi: np.ndarray, starts: np.ndarray, steps: int) -> np.ndarray:
     """(len(starts), steps + 1): ||δ_s P^t − π||_TV for each start s and t = 0..steps (structured products)."""
     pi = _check_pi(op, pi)
-    if isinstance(steps, bool) or not hasattr(steps, "__index__") or steps < 0:
+    if integer(steps) is None or steps < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
     starts = np.asarray(starts, dtype=np.int64)
     if starts.size and not ((starts >= 0) & (starts < op.num_states)).all():

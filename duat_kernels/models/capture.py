@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from duat_kernels._validation import integer
 from duat_kernels.hvo import hvo_bias, hvo_matrix
 from duat_kernels.hvo_operator import HVOOperator
 from duat_kernels.models.architectures import (ARCHITECTURES, SHAPES, Architecture, describe_attention_modules,
@@ -213,11 +214,11 @@ def select_layers(layers, count: int) -> list[int]:
         raise TypeError(f"layers must be a list of int layer indices, got {type(layers).__name__} {layers!r}")
     chosen = list(layers)
     for i in chosen:
-        if isinstance(i, bool) or not hasattr(i, "__index__"):
+        if integer(i) is None:
             raise TypeError(f"layers must be a list of int layer indices, got {type(i).__name__} {i!r} in {chosen!r}")
-        if not -count <= i.__index__() < count:
+        if not -count <= integer(i) < count:
             raise IndexError(f"layer {i} is out of range: the model has {count} attention layers")
-    return sorted({i.__index__() % count for i in chosen})
+    return sorted({integer(i) % count for i in chosen})
 
 
 def _token_mask(model, name: str, batch: int, tokens: int, inputs: dict, strict: bool = False) -> torch.Tensor | None:
