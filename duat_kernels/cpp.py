@@ -179,8 +179,6 @@ def ov_circuits(w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int, num_kv_hea
     d = 64, benchmarks/bench_ov_circuits.py); every entry is one chain of d multiply-adds, so the result does not depend on threads."""
     dtype = torch.promote_types(w_v.dtype, w_o.dtype)
     wo, wv = w_o.detach().to(dtype).contiguous(), w_v.detach().to(dtype).contiguous()
-    if wo.shape[1] == 0:  # head size d = 0: every OV_i is an empty sum, zero (the kernel needs d >= 1)
-        return torch.zeros(num_heads, wo.shape[0], wv.shape[1], dtype=dtype)
     slabs = torch.empty(wo.shape[0], num_heads, wv.shape[1], dtype=dtype)
     _C.ov_slabs(_numpy_view(wo), _numpy_view(wv), _numpy_view(slabs), num_heads, num_kv_heads, kernel_threads())
     return slabs.permute(1, 0, 2)
