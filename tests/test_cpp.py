@@ -212,6 +212,11 @@ def test_half_conversion_rounds_like_torch(dtype, capability):
     exps = torch.randint(-30, 20, (1, 1, 70), generator=g).double()
     right = (torch.randn(1, 1, 70, generator=g, dtype=torch.float64) * 2.0 ** exps).float()
     right[0, 0, :6] = torch.tensor([65520.0, 65519.0, 1e5, 2.0 ** -25, 2.0 ** -24 * 1.5, 1.0 + 2.0 ** -11])
+    # bfloat16 ties in even and odd columns (AVX2 rounds even and odd columns in separate lanes),
+    # either side of a tie, and overflow to inf
+    right[0, 0, 6:16] = torch.tensor([1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8, -(1.0 + 2.0 ** -8), -(1.0 + 3 * 2.0 ** -8),
+                                      1.0 + 2.0 ** -8 + 2.0 ** -20, 1.0 + 2.0 ** -8 - 2.0 ** -20, 3.3961e38, -3.3961e38,
+                                      255.5, 256.5 * 2.0 ** -100])
     # float32 denormals (bf16 keeps them; avx512_bf16's conversion instruction would flush them)
     right[0, 0, 40:46] = torch.tensor([1e-39, -3e-40, 1.4e-45, 1.1754942e-38, 2.0 ** -127 * 1.00390625, -7e-41])
     left = torch.tensor([[[1.0, -1.0, 0.5, 3.0]]]).float()  # (h=1, P=1, S=4)

@@ -79,40 +79,41 @@ inline void store(float* dst, float v) { *dst = v; }
 inline void store(double* dst, double v) { *dst = v; }
 inline void store(BF16* dst, float v) { dst->bits = to_bf16(v); }
 inline void store(BF16Finite* dst, float v) { dst->bits = to_bf16<false>(v); }
+inline void store(BF16Split* dst, float v) { dst->bits = to_bf16<false>(v); }
 inline void store(FP16* dst, float v) { dst->bits = to_fp16(v); }
 
-// One store of Bytes bytes. With `stream`, aligned stores bypass the cache (non-temporal): a large
-// W' is not read back soon, and a regular store would first read the line it overwrites.
-template <int Bytes>
-inline void put(void* dst, const void* src, bool stream) {
-  const uintptr_t addr = reinterpret_cast<uintptr_t>(dst);
+// One store of Bytes bytes. kStream: a non-temporal store, which bypasses the cache (a large W' is
+// not read back soon, and a regular store would first read the line it overwrites); the caller
+// guarantees that dst is aligned to Bytes (to 16 below 16 bytes).
+template <int Bytes, bool kStream>
+inline void put(void* dst, const void* src) {
 #if defined(__AVX512F__)
-  if (Bytes == 64 && stream && (addr & 63) == 0) {
+  if (Bytes == 64 && kStream) {
     _mm512_stream_si512(static_cast<__m512i*>(dst), _mm512_loadu_si512(src));
     return;
   }
 #endif
 #if defined(__AVX__)
-  if (Bytes >= 32 && stream && (addr & 31) == 0) {
+  if (Bytes >= 32 && kStream) {
     for (int j = 0; j < Bytes / 32; ++j)
       _mm256_stream_si256(static_cast<__m256i*>(dst) + j, _mm256_loadu_si256(static_cast<const __m256i*>(src) + j));
     return;
   }
 #endif
 #if defined(__SSE2__)
-  if (Bytes >= 16 && stream && (addr & 15) == 0) {
+  if (Bytes >= 16 && kStream) {
     for (int j = 0; j < Bytes / 16; ++j)
       _mm_stream_si128(static_cast<__m128i*>(dst) + j, _mm_loadu_si128(static_cast<const __m128i*>(src) + j));
     return;
   }
 #endif
-  (void)addr;
-  (void)stream;
   std::memcpy(dst, src, Bytes);
 }
 
-inline void store_vec(float* dst, VF v, bool stream) { put<sizeof v>(dst, &v, stream); }
-inline void store_vec(double* dst, VD v, bool stream) { put<sizeof v>(dst, &v, stream); }
+template <bool kStream>
+inline void store_vec(float* dst, VF v) { put<sizeof v, kStream>(dst, &v); }
+template <bool kStream>
+inline void store_vec(double* dst, VD v) { put<sizeof v, kStream>(dst, &v); }
 
 #if defined(__AVX2__) && !defined(__AVX512F__)
 template <bool kNaN = true>
@@ -128,14 +129,14 @@ inline __m256i bf16_bits_avx2(VF v) {  // rounded bfloat16 bits in the low half 
 #endif
 
 // bfloat16: add the rounding bias (0x7FFF + lowest kept bit), keep the high halves, NaN -> 0x7FC0.
-template <bool kNaN, typename Out>
-inline void store_bf16_vec(Out* dst, VF v, bool stream) {
+template <bool kNaN, bool kStream, typename Out>
+inline void store_bf16_vec(Out* dst, VF v) {
 #if defined(__AVX2__) && !defined(__AVX512F__)
   const __m256i r = bf16_bits_avx2<kNaN>(v);
   // Pack the 8 32-bit lanes into 8 16-bit lanes (packus works per 128-bit half: fix the order).
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
   const __m128i half = _mm256_castsi256_si128(packed);
-  put<16>(dst, &half, stream);
+  put<16, kStream>(dst, &half);
 #else
   typedef uint32_t VU32 __attribute__((vector_size(kVecBytes)));
   typedef int32_t VI32 __attribute__((vector_size(kVecBytes)));
@@ -148,32 +149,37 @@ inline void store_bf16_vec(Out* dst, VF v, bool stream) {
     rounded = (rounded & ~nan_mask) | (0x7FC0u & nan_mask);
   }
   const VU16 narrow = __builtin_convertvector(rounded, VU16);
-  put<sizeof narrow>(dst, &narrow, stream);
+  put<sizeof narrow, kStream>(dst, &narrow);
 #endif
 }
-inline void store_vec(BF16* dst, VF v, bool stream) { store_bf16_vec<true>(dst, v, stream); }
-inline void store_vec(BF16Finite* dst, VF v, bool stream) { store_bf16_vec<false>(dst, v, stream); }
+template <bool kStream>
+inline void store_vec(BF16* dst, VF v) { store_bf16_vec<true, kStream>(dst, v); }
+template <bool kStream>
+inline void store_vec(BF16Finite* dst, VF v) { store_bf16_vec<false, kStream>(dst, v); }
+template <bool kStream>  // a single vector: columns in order (only full pairs are split)
+inline void store_vec(BF16Split* dst, VF v) { store_bf16_vec<false, kStream>(dst, v); }
 
-inline void store_vec(FP16* dst, VF v, bool stream) {
+template <bool kStream>
+inline void store_vec(FP16* dst, VF v) {
 #if defined(__AVX512F__)
   const __m256i half = _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT);
-  put<32>(dst, &half, stream);
+  put<32, kStream>(dst, &half);
 #elif defined(__F16C__) && defined(__AVX__)
   const __m128i half = _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT);
-  put<16>(dst, &half, stream);
+  put<16, kStream>(dst, &half);
 #else
   uint16_t half[Vec<float>::kLanes];
   for (int j = 0; j < Vec<float>::kLanes; ++j) half[j] = to_fp16(v[j]);
-  put<sizeof half>(dst, half, stream);
+  put<sizeof half, kStream>(dst, half);
 #endif
 }
 
 // Two adjacent vectors (2L entries) at once. For 16-bit outputs this packs both into one full-width
 // store (half the packing work, no half-register stores); other outputs store each vector.
-template <typename Out, typename V>
-inline void store_pair(Out* dst, V a, V b, bool stream) {
-  store_vec(dst, a, stream);
-  store_vec(dst + sizeof(V) / sizeof(a[0]), b, stream);
+template <bool kStream, typename Out, typename V>
+inline void store_pair(Out* dst, V a, V b) {
+  store_vec<kStream>(dst, a);
+  store_vec<kStream>(dst + sizeof(V) / sizeof(a[0]), b);
 }
 
 #if defined(__AVX512F__)
@@ -189,8 +195,8 @@ inline __m512i bf16_rounded(VF v) {  // the rounded bfloat16 bits in the high ha
                                                 _mm512_set1_epi32(0x7F800000));
   return _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC00000));
 }
-template <bool kNaN, typename Out>
-inline void store_bf16_pair(Out* dst, VF a, VF b, bool stream) {
+template <bool kNaN, bool kStream, typename Out>
+inline void store_bf16_pair(Out* dst, VF a, VF b) {
 #if defined(__AVX512BF16__)
   if (!kNaN) {
     // vcvtne2ps2bf16 rounds to nearest even as below, but flushes denormal inputs to zero (torch
@@ -199,7 +205,7 @@ inline void store_bf16_pair(Out* dst, VF a, VF b, bool stream) {
     const __mmask16 denormal = _mm512_fpclass_ps_mask((__m512)a, 0x20) | _mm512_fpclass_ps_mask((__m512)b, 0x20);
     if (__builtin_expect(denormal == 0, 1)) {
       const __m512i out = (__m512i)_mm512_cvtne2ps_pbh((__m512)b, (__m512)a);
-      put<64>(dst, &out, stream);
+      put<64, kStream>(dst, &out);
       return;
     }
   }
@@ -208,33 +214,49 @@ inline void store_bf16_pair(Out* dst, VF a, VF b, bool stream) {
   const __m512i high_words = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33,
                                               31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
   const __m512i out = _mm512_permutex2var_epi16(bf16_rounded<kNaN>(a), high_words, bf16_rounded<kNaN>(b));
-  put<64>(dst, &out, stream);
+  put<64, kStream>(dst, &out);
 }
-template <>
-inline void store_pair(FP16* dst, VF a, VF b, bool stream) {
+template <bool kStream>
+inline void store_pair(FP16* dst, VF a, VF b) {
   const __m512i out = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtps_ph((__m512)a, _MM_FROUND_TO_NEAREST_INT)),
                                          _mm512_cvtps_ph((__m512)b, _MM_FROUND_TO_NEAREST_INT), 1);
-  put<64>(dst, &out, stream);
+  put<64, kStream>(dst, &out);
 }
 #elif defined(__AVX2__)
-template <bool kNaN, typename Out>
-inline void store_bf16_pair(Out* dst, VF a, VF b, bool stream) {
+template <bool kNaN, bool kStream, typename Out>
+inline void store_bf16_pair(Out* dst, VF a, VF b) {
   const __m256i out =
       _mm256_permute4x64_epi64(_mm256_packus_epi32(bf16_bits_avx2<kNaN>(a), bf16_bits_avx2<kNaN>(b)), 0xD8);
-  put<32>(dst, &out, stream);
+  put<32, kStream>(dst, &out);
 }
-template <>
-inline void store_pair(FP16* dst, VF a, VF b, bool stream) {
+template <bool kStream>
+inline void store_pair(FP16* dst, VF a, VF b) {
   const __m256i out = _mm256_set_m128i(_mm256_cvtps_ph((__m256)b, _MM_FROUND_TO_NEAREST_INT),
                                        _mm256_cvtps_ph((__m256)a, _MM_FROUND_TO_NEAREST_INT));
-  put<32>(dst, &out, stream);
+  put<32, kStream>(dst, &out);
 }
 #endif
 #if defined(__AVX2__)
-template <>
-inline void store_pair(BF16* dst, VF a, VF b, bool stream) { store_bf16_pair<true>(dst, a, b, stream); }
-template <>
-inline void store_pair(BF16Finite* dst, VF a, VF b, bool stream) { store_bf16_pair<false>(dst, a, b, stream); }
+template <bool kStream>
+inline void store_pair(BF16* dst, VF a, VF b) { store_bf16_pair<true, kStream>(dst, a, b); }
+template <bool kStream>
+inline void store_pair(BF16Finite* dst, VF a, VF b) { store_bf16_pair<false, kStream>(dst, a, b); }
+#endif
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// a holds the even columns of 16, b the odd ones, so that word j of the result is column j. Word
+// blends pair the high halves (hi) and the low halves (lo) of a's and b's lanes; the rounding carry
+// of lo + 0x7FFF + (lowest kept bit of hi) is a saturating 16-bit add that reaches 0xFFFF. Nine
+// operations per 16 values instead of twelve; on AVX2 they share ports with the FMAs.
+template <bool kStream>
+inline void store_pair(BF16Split* dst, VF a, VF b) {
+  const __m256i ua = _mm256_castps_si256((__m256)a), ub = _mm256_castps_si256((__m256)b);
+  const __m256i hi = _mm256_blend_epi16(_mm256_srli_epi32(ua, 16), ub, 0xAA);
+  const __m256i lo = _mm256_blend_epi16(ua, _mm256_slli_epi32(ub, 16), 0xAA);
+  const __m256i bias = _mm256_or_si256(_mm256_and_si256(hi, _mm256_set1_epi16(1)), _mm256_set1_epi16(0x7FFE));
+  const __m256i carry = _mm256_cmpeq_epi16(_mm256_adds_epu16(lo, bias), _mm256_set1_epi16(-1));
+  const __m256i out = _mm256_sub_epi16(hi, carry);
+  put<32, kStream>(dst, &out);
+}
 #endif
 
 // Zeros for [dst, dst + n): blocks with all-zero coefficients cost a memset, not h FMAs.
@@ -249,18 +271,19 @@ inline void zero(Out* dst, int64_t n, bool stream) {
     std::memset(p, 0, static_cast<size_t>(head));
     p += head;
     bytes -= head;
-    for (; bytes >= 64; bytes -= 64, p += 64) put<64>(p, zeros, true);
+    for (; bytes >= 64; bytes -= 64, p += 64) put<64, true>(p, zeros);
   }
   std::memset(p, 0, static_cast<size_t>(bytes));
 }
 
 // dst[k][t - t0] = sum_i coef[k][i] * slab[i * T + t] for t in [t, t + NV * L) and k < K: the
 // micro-kernel, all K * NV accumulators in registers.
-template <typename A, typename Out, int K, int NV>
-inline void micro(const A* const* coef, const A* slab, int64_t h, int64_t T, int64_t t, Out* const* dst,
-                  int64_t offset, bool stream) {
+// kStream: non-temporal stores, every dst[k] + offset aligned to the vector width (see micro_at).
+template <typename A, typename Out, int K, int NV, bool kStream>
+void micro(const A* const* coef, const A* slab, int64_t h, int64_t T, int64_t t, Out* const* dst, int64_t offset) {
   using V = typename Vec<A>::type;
   constexpr int L = Vec<A>::kLanes;
+  if (h < 1) __builtin_unreachable();  // the boundary refuses h = 0; GCC would otherwise merge an h = 0 path into the stores
   V acc[K][NV];
 #pragma GCC unroll 16
   for (int k = 0; k < K; ++k)
@@ -282,9 +305,23 @@ inline void micro(const A* const* coef, const A* slab, int64_t h, int64_t T, int
 #pragma GCC unroll 16
   for (int k = 0; k < K; ++k) {
 #pragma GCC unroll 4
-    for (int j = 0; j + 1 < NV; j += 2) store_pair(dst[k] + offset + j * L, acc[k][j], acc[k][j + 1], stream);
-    if constexpr (NV % 2 == 1) store_vec(dst[k] + offset + (NV - 1) * L, acc[k][NV - 1], stream);
+    for (int j = 0; j + 1 < NV; j += 2) store_pair<kStream>(dst[k] + offset + j * L, acc[k][j], acc[k][j + 1]);
+    if constexpr (NV % 2 == 1) store_vec<kStream>(dst[k] + offset + (NV - 1) * L, acc[k][NV - 1]);
   }
+}
+
+// One micro-kernel, streaming its stores when asked and every destination is aligned to the vector
+// width. The choice is made here, once per call, and not among the stores: with both store paths in
+// one body GCC computes their common part for every accumulator before the branch and spills it.
+template <typename A, typename Out, int K, int NV>
+inline void micro_at(const A* const* coef, const A* slab, int64_t h, int64_t T, int64_t t, Out* const* dst,
+                     int64_t offset, bool stream) {
+  uintptr_t addresses = 0;
+  for (int k = 0; k < K; ++k) addresses |= reinterpret_cast<uintptr_t>(dst[k] + offset);
+  if (stream && (addresses & (kVecBytes - 1)) == 0)
+    micro<A, Out, K, NV, true>(coef, slab, h, T, t, dst, offset);
+  else
+    micro<A, Out, K, NV, false>(coef, slab, h, T, t, dst, offset);
 }
 
 // Vectors of t per micro-kernel for K segments: as many as the accumulator budget allows.
@@ -297,15 +334,15 @@ void combine(const A* const* coef, const A* slab, int64_t h, int64_t T, int64_t 
              bool stream) {
   constexpr int L = Vec<A>::kLanes, NV = nv_for(K);
   int64_t t = t0;
-  for (; t + NV * L <= t1; t += NV * L) micro<A, Out, K, NV>(coef, slab, h, T, t, dst, t - t0, stream);
+  for (; t + NV * L <= t1; t += NV * L) micro_at<A, Out, K, NV>(coef, slab, h, T, t, dst, t - t0, stream);
   if constexpr (NV > 2) {
     if (t + 2 * L <= t1) {
-      micro<A, Out, K, 2>(coef, slab, h, T, t, dst, t - t0, stream);
+      micro_at<A, Out, K, 2>(coef, slab, h, T, t, dst, t - t0, stream);
       t += 2 * L;
     }
   }
   if constexpr (NV > 1) {
-    for (; t + L <= t1; t += L) micro<A, Out, K, 1>(coef, slab, h, T, t, dst, t - t0, stream);
+    for (; t + L <= t1; t += L) micro_at<A, Out, K, 1>(coef, slab, h, T, t, dst, t - t0, stream);
   }
   for (; t < t1; ++t) {
     for (int k = 0; k < K; ++k) {
@@ -491,10 +528,10 @@ template <typename A>
 struct Workspace {
   static constexpr int64_t kCoefCacheBytes = int64_t(1) << 20;  // all rows' coefficients up to 1 MiB
   static constexpr int kQBlock = 6;  // factored R: slabs computed together (rows of one micro-kernel)
-  AlignedBuffer<A> slab, coef;
+  AlignedBuffer<A> slab, coef, split;  // split: split_slab's copy of the slab of split_q
   std::vector<char> packed;  // per p of the tile: coefficients already in `coef`
   const A* current = nullptr;  // the slab of q
-  int64_t q = -1, z0 = 0, z1 = 0;
+  int64_t q = -1, z0 = 0, z1 = 0, split_q = -1;
   int64_t s0, segments, p0, rows_cached;
   int64_t blk0 = 0, nblk = 0;  // factored R: the q whose slabs `slab` holds
   bool finite = true;          // factored R: the current slab holds no Inf or NaN
@@ -534,6 +571,28 @@ struct Workspace {
     return current;
   }
 
+  // The current slab with every full group of 2L columns as its L even then its L odd columns (the
+  // rest as it is), for BF16Split stores; computed once per slab.
+  const A* split_slab(int64_t h, int64_t T) {
+    if (split_q != q) {
+      constexpr int64_t L = Vec<A>::kLanes;
+      if (split_q < 0) split.resize(h * T);
+      const int64_t full = T / (2 * L) * (2 * L);
+      for (int64_t i = 0; i < h; ++i) {
+        const A* src = current + i * T;
+        A* dst = &split[i * T];
+        for (int64_t t = 0; t < full; t += 2 * L)
+          for (int64_t k = 0; k < L; ++k) {
+            dst[t + k] = src[t + 2 * k];
+            dst[t + L + k] = src[t + 2 * k + 1];
+          }
+        for (int64_t t = full; t < T; ++t) dst[t] = src[t];
+      }
+      split_q = q;
+    }
+    return split.data();
+  }
+
   // Factored R: the slabs of q0, q0 + 1, ... (up to kQBlock), computed as ov_slabs computes them.
   void compute_slabs(const KronSumProblem& pb, int64_t q0) {
     blk0 = q0;
@@ -563,6 +622,30 @@ struct Workspace {
   int64_t last_p = -1;
 };
 
+// n whole segments of T columns from orow on, with coefficients coefs (n, h).
+template <typename A, typename Out>
+void whole_segments(const A* coefs, const A* slab, Out* orow, int64_t h, int64_t T, int64_t n, bool zero_check,
+                    bool stream) {
+  const A* bcoef[kBatch];
+  Out* bdst[kBatch];
+  int nb = 0;
+  Out* dst = orow;
+  const A* coef = coefs;
+  for (int64_t j = 0; j < n; ++j, dst += T, coef += h) {
+    if (zero_check && coef[0] == A(0) && all_zero(coef, h)) {
+      zero(dst, T, stream);
+      continue;
+    }
+    bcoef[nb] = coef;
+    bdst[nb] = dst;
+    if (++nb == kBatch) {
+      combine_batch<A, Out>(nb, bcoef, bdst, slab, h, T, 0, T, stream);
+      nb = 0;
+    }
+  }
+  if (nb > 0) combine_batch<A, Out>(nb, bcoef, bdst, slab, h, T, 0, T, stream);
+}
+
 template <typename A, typename Out>
 void write_row(const A* lt, const A* rt, Out* orow, const KronSumProblem& pb, int64_t grow, Shortcuts sc,
                Workspace<A>& ws) {
@@ -585,21 +668,12 @@ void write_row(const A* lt, const A* rt, Out* orow, const KronSumProblem& pb, in
   int nb = 0;
   if (pb.col0 % T == 0 && c_end % T == 0 && z0 == 0 && z1 == T) {
     // Whole segments and no zero columns (a whole W'): only the zero-block test per segment.
-    Out* dst = orow;
-    const A* coef = coefs;
-    for (int64_t j = 0, n = pb.cols / T; j < n; ++j, dst += T, coef += h) {
-      if (zero_check && coef[0] == A(0) && all_zero(coef, h)) {
-        zero(dst, T, sc.stream);
-        continue;
-      }
-      bcoef[nb] = coef;
-      bdst[nb] = dst;
-      if (++nb == kBatch) {
-        combine_batch<A, Out>(nb, bcoef, bdst, slab, h, T, 0, T, sc.stream);
-        nb = 0;
-      }
-    }
-    if (nb > 0) combine_batch<A, Out>(nb, bcoef, bdst, slab, h, T, 0, T, sc.stream);
+    // Every micro-kernel then starts at a multiple of 2L columns (combine_batch), as BF16Split needs.
+    if constexpr (kSplitBf16 && std::is_same_v<Out, BF16Finite>)
+      whole_segments(coefs, ws.split_slab(h, T), reinterpret_cast<BF16Split*>(orow), h, T, pb.cols / T, zero_check,
+                     sc.stream);
+    else
+      whole_segments(coefs, slab, orow, h, T, pb.cols / T, zero_check, sc.stream);
     return;
   }
   for (int64_t s = pb.col0 / T; s * T < c_end; ++s) {
