@@ -148,6 +148,28 @@ def test_bfloat16_from_finite_factors_rounds_overflow_like_torch(capability):
     assert torch.equal(got[~got.isnan()], wide.to(torch.bfloat16)[~got.isnan()])
 
 
+@pytest.mark.parametrize("scale", [2.0 ** -64, 2.0 ** -40, 1.0])
+def test_bfloat16_keeps_subnormal_sums_of_normal_products(scale, capability):
+    # Normal factors whose products or cancelling sums are subnormal: AVX512_BF16's conversion
+    # instruction flushes subnormals to zero, so it may only run where the factors' exponents rule
+    # them out (2^-40 and 1: they cannot occur; 2^-64: they do, and must survive as torch keeps them).
+    g = torch.Generator().manual_seed(1)
+    left = (torch.randn(3, 2, 5, generator=g) * scale).float()
+    right = (torch.randn(3, 4, 48, generator=g) * scale).float()
+    right[1] = -right[0] * (left[0, 0, 0] / left[1, 0, 0])  # segment (0, 0): heads 0 and 1 nearly cancel
+    wide = cpp.kron_sum_tile_(left, right, torch.empty(8, 5 * 48))
+    got = cpp.kron_sum_tile_(left, right, torch.empty(8, 5 * 48, dtype=torch.bfloat16))
+    assert torch.equal(got.view(torch.int16), wide.to(torch.bfloat16).view(torch.int16))
+    if scale == 2.0 ** -64:  # the case is exercised: subnormal results that bfloat16 keeps nonzero
+        assert (got.float().abs() < torch.finfo(torch.float32).tiny).logical_and(got != 0).sum() > 100
+    # and the kernel-computed OV of token layout, whose bound is that of w_o and w_v
+    attn = torch.rand(2, 3, 3, generator=g)
+    w_v, w_o = (torch.randn(64, 64, generator=g) * scale).float(), (torch.randn(64, 64, generator=g) * scale).float()
+    wide = cpp.kron_sum_factored_(attn, w_v, w_o, 2, torch.empty(192, 192))
+    got = cpp.kron_sum_factored_(attn, w_v, w_o, 2, torch.empty(192, 192, dtype=torch.bfloat16))
+    assert torch.equal(got.view(torch.int16), wide.to(torch.bfloat16).view(torch.int16))
+
+
 @pytest.mark.parametrize("layout", ["token", "feature"])
 def test_causal_blocks_are_exact_zeros(layout, capability):
     lay = random_layer(1, 3, tokens=9, m_in=10, m_out=4, causal=True, batched=False)

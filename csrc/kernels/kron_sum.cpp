@@ -22,6 +22,7 @@
 // Rounding. Vector and scalar paths use the same operation per term (fused multiply-add where the
 // ISA has it, multiply then add otherwise, never contracted by the compiler: -ffp-contract=off), so
 // a tile computed with other vector boundaries equals the same slice of the full matrix bit for bit.
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -80,6 +81,7 @@ inline void store(double* dst, double v) { *dst = v; }
 inline void store(BF16* dst, float v) { dst->bits = to_bf16(v); }
 inline void store(BF16Finite* dst, float v) { dst->bits = to_bf16<false>(v); }
 inline void store(BF16Split* dst, float v) { dst->bits = to_bf16<false>(v); }
+inline void store(BF16Normal* dst, float v) { dst->bits = to_bf16<false>(v); }
 inline void store(FP16* dst, float v) { dst->bits = to_fp16(v); }
 
 // One store of Bytes bytes. kStream: a non-temporal store, which bypasses the cache (a large W' is
@@ -158,6 +160,8 @@ template <bool kStream>
 inline void store_vec(BF16Finite* dst, VF v) { store_bf16_vec<false, kStream>(dst, v); }
 template <bool kStream>  // a single vector: columns in order (only full pairs are split)
 inline void store_vec(BF16Split* dst, VF v) { store_bf16_vec<false, kStream>(dst, v); }
+template <bool kStream>
+inline void store_vec(BF16Normal* dst, VF v) { store_bf16_vec<false, kStream>(dst, v); }
 
 template <bool kStream>
 inline void store_vec(FP16* dst, VF v) {
@@ -216,6 +220,13 @@ inline void store_bf16_pair(Out* dst, VF a, VF b) {
   const __m512i out = _mm512_permutex2var_epi16(bf16_rounded<kNaN>(a), high_words, bf16_rounded<kNaN>(b));
   put<64, kStream>(dst, &out);
 }
+#if defined(__AVX512BF16__)
+template <bool kStream>
+inline void store_pair(BF16Normal* dst, VF a, VF b) {  // no subnormal, no NaN but the default one
+  const __m512i out = (__m512i)_mm512_cvtne2ps_pbh((__m512)b, (__m512)a);
+  put<64, kStream>(dst, &out);
+}
+#endif
 template <bool kStream>
 inline void store_pair(FP16* dst, VF a, VF b) {
   const __m512i out = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtps_ph((__m512)a, _MM_FROUND_TO_NEAREST_INT)),
@@ -451,32 +462,71 @@ inline bool all_zero(const A* v, int64_t n) {
   return true;
 }
 
-// Whether the strided (n0, n1, n2) array v holds no Inf or NaN (x - x is 0 exactly for finite x);
-// split across threads for large factors, since it runs before every call.
-template <typename A>
-bool all_finite(const A* v, int64_t n0, int64_t n1, int64_t n2, int64_t s0, int64_t s1, int64_t s2,
-                int num_threads) {
-  auto line = [&](int64_t k) {
+constexpr int kNoBits = 1 << 20;  // FactorScan::lowest_bit of a factor without nonzero finite entries
+
+struct FactorScan {
+  bool finite = true;  // no Inf or NaN
+  // A lower bound on the exponent of the lowest set bit of every nonzero finite entry (float: the
+  // entry's exponent minus 23; -149 for subnormals), or kNoBits. Sums of products of two factors,
+  // each product and each rounding exact on that grid, are multiples of 2^(sum of their bounds):
+  // nonzero ones are at least that large, so no result is subnormal when the sum is >= -126.
+  int lowest_bit = kNoBits;
+};
+
+// Scans the strided (n0, n1, n2) array v: finiteness (x - x is 0 exactly for finite x) and, with
+// kLowest (float), lowest_bit. Split across threads for large factors, since it runs before every call.
+template <bool kLowest, typename A>
+FactorScan scan_factor(const A* v, int64_t n0, int64_t n1, int64_t n2, int64_t s0, int64_t s1, int64_t s2,
+                       int num_threads) {
+  static_assert(!kLowest || std::is_same_v<A, float>, "lowest_bit is computed for float factors");
+  auto line = [&](int64_t k, int& bad, uint32_t& emin) {
     const A* row = v + (k / n1) * s0 + (k % n1) * s1;
-    int b = 0;
-    if (s2 == 1) {  // contiguous lines vectorise
-      for (int64_t j = 0; j < n2; ++j) b |= !((row[j] - row[j]) == A(0));
+    if constexpr (kLowest) {  // float: the biased exponent e; e = 255 is Inf or NaN, zeros leave emin
+      int b = 0;
+      uint32_t m = 255;
+      auto entry = [&](A x) __attribute__((always_inline)) {
+        const uint32_t u = bits_of(x), e = (u >> 23) & 0xFFu;
+        b |= e == 0xFFu;
+        m = std::min(m, (u << 1) != 0 ? e : 255u);
+      };
+      if (s2 == 1) {  // contiguous lines vectorise
+        for (int64_t j = 0; j < n2; ++j) entry(row[j]);
+      } else {
+        for (int64_t j = 0; j < n2; ++j) entry(row[j * s2]);
+      }
+      bad |= b;
+      emin = std::min(emin, m);
     } else {
-      for (int64_t j = 0; j < n2; ++j) b |= !((row[j * s2] - row[j * s2]) == A(0));
+      int b = 0;
+      if (s2 == 1) {
+        for (int64_t j = 0; j < n2; ++j) b |= !((row[j] - row[j]) == A(0));
+      } else {
+        for (int64_t j = 0; j < n2; ++j) b |= !((row[j * s2] - row[j * s2]) == A(0));
+      }
+      bad |= b;
     }
-    return b;
   };
   const int64_t lines = n0 * n1;
   int bad = 0;
+  uint32_t emin = 255;
   if (num_threads > 1 && lines * n2 > (int64_t(1) << 20)) {
 #ifdef _OPENMP
-#pragma omp parallel for reduction(| : bad) num_threads(num_threads)
+#pragma omp parallel for reduction(| : bad) reduction(min : emin) num_threads(num_threads)
 #endif
-    for (int64_t k = 0; k < lines; ++k) bad |= line(k);
+    for (int64_t k = 0; k < lines; ++k) line(k, bad, emin);
   } else {
-    for (int64_t k = 0; k < lines; ++k) bad |= line(k);
+    for (int64_t k = 0; k < lines; ++k) line(k, bad, emin);
   }
-  return bad == 0;
+  FactorScan scan;
+  scan.finite = bad == 0;
+  if (emin < 255) scan.lowest_bit = static_cast<int>(emin > 0 ? emin : 1) - 150;
+  return scan;
+}
+
+template <typename A>
+bool all_finite(const A* v, int64_t n0, int64_t n1, int64_t n2, int64_t s0, int64_t s1, int64_t s2,
+                int num_threads) {
+  return scan_factor<false>(v, n0, n1, n2, s0, s1, s2, num_threads).finite;
 }
 
 // [first, last) of the columns t where some R[i, q, t] != 0 (empty when the slab is zero).
@@ -498,6 +548,7 @@ struct Shortcuts {
   bool zero_segments;  // skip segments whose coefficients are all zero (valid when R is finite)
   bool zero_columns;   // skip columns where the slab is zero (valid when L is finite)
   bool stream;
+  bool no_subnormals = false;  // no entry of W can be subnormal (FactorScan::lowest_bit)
 };
 
 // Per-thread copies of the factor parts a row reads, packed the way the micro-kernel wants them
@@ -655,8 +706,12 @@ void write_row(const A* lt, const A* rt, Out* orow, const KronSumProblem& pb, in
   if constexpr (std::is_same_v<Out, BF16>) {
     // Both factors of this row finite: no NaN can arise but Inf - Inf, whose default NaN survives
     // the rounding bias, so the stores skip the NaN test.
-    if (sc.zero_segments && sc.zero_columns && ws.finite)
+    if (sc.zero_segments && sc.zero_columns && ws.finite) {
+      if constexpr (kBf16Convert) {
+        if (sc.no_subnormals) return write_row(lt, rt, reinterpret_cast<BF16Normal*>(orow), pb, grow, sc, ws);
+      }
       return write_row(lt, rt, reinterpret_cast<BF16Finite*>(orow), pb, grow, sc, ws);
+    }
   }
   const A* coefs = ws.pack_coef(lt, pb, p);
   const int64_t z0 = ws.z0, z1 = ws.z1;
@@ -758,8 +813,22 @@ void run(const A* lt, const A* rt, Out* out, const KronSumProblem& problem, int 
   Shortcuts sc;
   // Zero segments are skipped only where the slab is finite: checked here for a given R, per slab
   // (Workspace::finite) for a factored one.
-  sc.zero_segments = pb.wo != nullptr || all_finite(rt, pb.h, pb.Q, pb.T, pb.r_h, pb.r_q, int64_t(1), num_threads);
-  sc.zero_columns = all_finite(lt, pb.h, pb.P, pb.S, pb.l_h, pb.l_p, pb.l_s, num_threads);
+  // bfloat16 with the conversion instruction also bounds the smallest nonzero |W| (no_subnormals).
+  constexpr bool kLowest = kBf16Convert && std::is_same_v<Out, BF16>;
+  const FactorScan left = scan_factor<kLowest>(lt, pb.h, pb.P, pb.S, pb.l_h, pb.l_p, pb.l_s, num_threads);
+  FactorScan right;
+  if (pb.wo == nullptr) {
+    right = scan_factor<kLowest>(rt, pb.h, pb.Q, pb.T, pb.r_h, pb.r_q, int64_t(1), num_threads);
+  } else if constexpr (kLowest) {  // OV = Wo Wv: its bound is the sum of theirs (finiteness: per slab)
+    const A* wo = static_cast<const A*>(pb.wo);
+    const A* wv = static_cast<const A*>(pb.wv);
+    const int lo = scan_factor<true>(wo, 1, pb.Q, pb.h * pb.d, 0, pb.ldo, int64_t(1), num_threads).lowest_bit;
+    const int lv = scan_factor<true>(wv, 1, pb.h / pb.group * pb.d, pb.T, 0, pb.T, int64_t(1), num_threads).lowest_bit;
+    right.lowest_bit = lo == kNoBits || lv == kNoBits ? kNoBits : lo + lv;
+  }
+  sc.zero_segments = pb.wo != nullptr || right.finite;
+  sc.zero_columns = left.finite;
+  sc.no_subnormals = kLowest && left.lowest_bit + right.lowest_bit >= -126;
   // Stream past the cache once the tile is well beyond the last-level cache of a core. Not into
   // fresh pages: the kernel has just zeroed each one in the cache, and regular stores overwrite the
   // zeros there instead of sending both to memory.

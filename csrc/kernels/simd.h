@@ -45,6 +45,14 @@ struct BF16 { uint16_t bits; };
 // 0xFFC00000 -> 0xFFC0, Arm 0x7FC00000 -> 0x7FC0), so the NaN test of the general path is skipped.
 // Payload NaNs from the inputs could carry into the exponent or the sign; they take the BF16 path.
 struct BF16Finite { uint16_t bits; };
+// BF16Finite whose values are known not to be subnormal (KronSumProblem bound, see kron_sum.cpp
+// lowest_bit): AVX512_BF16's conversion instruction, which flushes subnormal inputs, is then exact.
+struct BF16Normal { uint16_t bits; };
+#if defined(__AVX512BF16__)
+constexpr bool kBf16Convert = true;
+#else
+constexpr bool kBf16Convert = false;
+#endif
 // BF16Finite written from a slab whose columns are split (Workspace::split_slab): AVX2 rounds and
 // packs a pair of vectors that hold the even and the odd columns of 2L consecutive ones with word
 // blends, fewer operations than packing two vectors of consecutive columns across 128-bit lanes.
