@@ -29,7 +29,8 @@ if X86:
     AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"]
     ISA_VARIANTS["avx512"] = (AVX512, "DUAT_HAVE_AVX512")
     # AVX-512 plus the bfloat16 conversion instruction (Zen 4 and later, Sapphire Rapids and later):
-    # bf16 output rounds in one instruction instead of seven integer operations per 32 values.
+    # bf16 output rounds in one instruction instead of seven integer operations per 32 values
+    # (docs/design.md, "The bfloat16 store path").
     ISA_VARIANTS["avx512_bf16"] = (AVX512 + ["-mavx512bf16"], "DUAT_HAVE_AVX512_BF16")
 if NATIVE:
     ISA_VARIANTS["native"] = (["-march=native"], "DUAT_HAVE_NATIVE")

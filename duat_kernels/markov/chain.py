@@ -98,7 +98,7 @@ class LanguageModelChain:
         on all T^K contexts. With a tokenizer, symbols are strings, each a single token; without one,
         symbols are token ids. bos_id "auto": the tokenizer's or the model config's BOS id, if any;
         None: no BOS. batch_size, cache_dir, model_id, share_prefix: see `context_logits`."""
-        check_context(context)
+        context = check_context(context)
         taus = check_temperatures(temperatures)
         if tokenizer is not None:
             ids = symbol_token_ids(tokenizer, symbols)

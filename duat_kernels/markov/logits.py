@@ -18,18 +18,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from duat_kernels._validation import positive_int
+
 BOS_AUTO = "auto"
 
 
 def check_context(context) -> int:
-    if not isinstance(context, int) or isinstance(context, bool) or context < 1:
+    """The context length K as an int (a Python or NumPy integer >= 1, as TransitionOperator takes)."""
+    k = positive_int(context)
+    if k is None:
         raise ValueError(f"context K must be an int >= 1, got {context!r}")
-    return context
+    return k
 
 
 def state_sequences(num_symbols: int, context: int) -> np.ndarray:
     """(T^K, K) int64: row s is the symbol indices (x_1, ..., x_K) of state s (base T, x_1 most significant)."""
-    check_context(context)
+    context = check_context(context)
     powers = num_symbols ** np.arange(context - 1, -1, -1, dtype=np.int64)
     return (np.arange(num_symbols ** context, dtype=np.int64)[:, None] // powers) % num_symbols
 
@@ -155,9 +159,10 @@ def context_logits(model, token_ids: Sequence[int], context: int, *, bos_id: int
     token_ids, K, bos_id); a complete table is loaded without calling the model, a partial one is
     completed. A plain callable needs model_id to be cached (there is nothing else to identify it).
     """
-    check_context(context)
-    if not isinstance(batch_size, int) or batch_size < 1:
+    context = check_context(context)
+    if positive_int(batch_size) is None:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    batch_size = positive_int(batch_size)
     ids = torch.tensor([int(i) for i in token_ids], dtype=torch.int64)
     if ids.numel() < 2:
         raise ValueError(f"need at least 2 symbols (token ids), got {list(token_ids)}")

@@ -80,7 +80,17 @@ def test_symbol_errors(tiny_lm, symbols, match):
         LanguageModelChain.from_model(model, symbols, 2, tokenizer=tokenizer, progress=False)
 
 
-@pytest.mark.parametrize("context", [0, -1, 1.5], ids=str)
+def test_numpy_integers_for_context_and_batch_size(tiny_lm):
+    # as TransitionOperator and the rest of the API take them (e.g. a context from np.arange)
+    model, tokenizer = tiny_lm
+    chain = LanguageModelChain.from_model(model, SYMBOLS, np.int64(2), tokenizer=tokenizer, batch_size=np.int32(3),
+                                          progress=False)
+    expected = LanguageModelChain.from_model(model, SYMBOLS, 2, tokenizer=tokenizer, batch_size=3, progress=False)
+    assert type(chain.context) is int and chain.context == 2
+    np.testing.assert_array_equal(chain.logits, expected.logits)
+
+
+@pytest.mark.parametrize("context", [0, -1, 1.5, np.int64(0), True], ids=str)
 def test_context_errors(tiny_lm, context):
     model, tokenizer = tiny_lm
     with pytest.raises(ValueError, match="context K must be an int >= 1"):
