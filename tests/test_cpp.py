@@ -180,6 +180,17 @@ def test_causal_blocks_are_exact_zeros(layout, capability):
     assert (blocks.permute(0, 2, 1, 3)[~upper].abs().sum((-1, -2)) > 0).all()
 
 
+def test_causal_rows_when_the_coefficients_overflow_their_cache(capability):
+    # 8 x 200 x 200 coefficients (1.28 MB) exceed the workspace's 1 MiB cache: each thread packs one
+    # row p at a time, and whether the row has all-zero segments is decided anew for each p.
+    lay = random_layer(1, 8, tokens=200, head_dim=1, m_in=3, m_out=2, causal=True, batched=False)
+    w = _cpp(lay)
+    assert_close_to_reference(w, lay["attn"], lay["w_v"], lay["w_o"], 8, "token")
+    blocks = w.reshape(200, 2, 200, 3).permute(0, 2, 1, 3)
+    upper = torch.ones(200, 200, dtype=torch.bool).triu(1)
+    assert (blocks[upper] == 0).all() and (blocks[~upper].abs().sum((-1, -2)) > 0).all()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batched", [True, False])
 def test_out_buffer_is_written_in_place(dtype, batched):

@@ -580,7 +580,8 @@ struct Workspace {
   static constexpr int64_t kCoefCacheBytes = int64_t(1) << 20;  // all rows' coefficients up to 1 MiB
   static constexpr int kQBlock = 6;  // factored R: slabs computed together (rows of one micro-kernel)
   AlignedBuffer<A> slab, coef, split;  // split: split_slab's copy of the slab of split_q
-  std::vector<char> packed;  // per p of the tile: coefficients already in `coef`
+  std::vector<char> packed;  // per p of the tile: 1 + (some segment's coefficients are all zero) once in `coef`
+  bool zero_segment = true;  // pack_coef's row has a segment whose coefficients are all zero
   const A* current = nullptr;  // the slab of q
   int64_t q = -1, z0 = 0, z1 = 0, split_q = -1;
   int64_t s0, segments, p0, rows_cached;
@@ -663,9 +664,12 @@ struct Workspace {
         const A* src = lt + i * pb.l_h + p * pb.l_p + s0 * pb.l_s;
         for (int64_t s = 0; s < segments; ++s) dst[s * pb.h + i] = src[s * pb.l_s];
       }
-      packed[slot] = 1;
+      bool any_zero = false;  // decided once per p, not per row and segment
+      for (int64_t s = 0; s < segments && !any_zero; ++s) any_zero = all_zero(dst + s * pb.h, pb.h);
+      packed[slot] = static_cast<char>(1 + any_zero);
       last_p = p;
     }
+    zero_segment = packed[slot] == 2;
     return dst;
   }
 
@@ -679,11 +683,22 @@ void whole_segments(const A* coefs, const A* slab, Out* orow, int64_t h, int64_t
                     bool stream) {
   const A* bcoef[kBatch];
   Out* bdst[kBatch];
+  if (!zero_check) {  // every segment is computed: batches of consecutive ones
+    for (int64_t j0 = 0; j0 < n; j0 += kBatch) {
+      const int nb = static_cast<int>(min64(kBatch, n - j0));
+      for (int j = 0; j < nb; ++j) {
+        bcoef[j] = coefs + (j0 + j) * h;
+        bdst[j] = orow + (j0 + j) * T;
+      }
+      combine_batch<A, Out>(nb, bcoef, bdst, slab, h, T, 0, T, stream);
+    }
+    return;
+  }
   int nb = 0;
   Out* dst = orow;
   const A* coef = coefs;
   for (int64_t j = 0; j < n; ++j, dst += T, coef += h) {
-    if (zero_check && coef[0] == A(0) && all_zero(coef, h)) {
+    if (coef[0] == A(0) && all_zero(coef, h)) {
       zero(dst, T, stream);
       continue;
     }
@@ -717,7 +732,7 @@ void write_row(const A* lt, const A* rt, Out* orow, const KronSumProblem& pb, in
   const int64_t z0 = ws.z0, z1 = ws.z1;
 
   const int64_t c_end = pb.col0 + pb.cols;
-  const bool zero_check = sc.zero_segments && ws.finite;
+  const bool zero_check = sc.zero_segments && ws.finite && ws.zero_segment;
   const A* bcoef[kBatch];
   Out* bdst[kBatch];
   int nb = 0;
