@@ -268,17 +268,18 @@ def format_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def check_fits(what: str, needed: int, device: torch.device) -> None:
-    """Refuse, before allocating, an allocation that cannot fit in memory."""
+DENSE_HINT = ("Use the matrix-free duat_kernels.HVOOperator instead (matvec/rmatvec/matmat for products, "
+              "block() and tile() for parts of W').")
+
+
+def check_fits(what: str, needed: int, device: torch.device, hint: str = DENSE_HINT) -> None:
+    """Refuse, before allocating, an allocation that cannot fit in memory; `hint` says what to do instead."""
     if needed <= 0:  # nothing to allocate (out= given): no need to ask the system
         return
     free = available_memory(device)
     if needed > free:
         raise DenseTooLargeError(
-            f"{what} needs {format_bytes(needed)} but only {format_bytes(free)} is available on {device}. "
-            "Use the matrix-free duat_kernels.HVOOperator instead (matvec/rmatvec/matmat for products, "
-            "block() and tile() for parts of W')."
-        )
+            f"{what} needs {format_bytes(needed)} but only {format_bytes(free)} is available on {device}. {hint}")
 
 
 def check_output_folder(option: str, path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from duat_kernels._validation import check_fits
 from duat_kernels.attention_source import ExplicitAttention
 from duat_kernels.reference import head_factors
 
@@ -35,6 +36,11 @@ def contributions(attn, x: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, n
     source = ExplicitAttention(attn, num_kv_heads) if isinstance(attn, torch.Tensor) else attn
     batch, h, n = source.batch, source.heads, source.tokens
     ct = torch.float64 if torch.float64 in (source.dtype, x.dtype, w_v.dtype, w_o.dtype) else torch.float32
+    m_out, size = w_o.shape[0], ct.itemsize
+    result = batch * h * n * n * 2 if per_head else batch * n * n + batch * n * h * h  # with |A| or G_m
+    check_fits(f"contributions of shape {(batch, h, n, n) if per_head else (batch, n, n)}",
+               (batch * h * n * m_out + result) * size, source.device,
+               "Analyse fewer tokens (or one batch element) at a time.")
     u = projected_values(x.to(ct), w_v, w_o, h, num_kv_heads)  # (B, h, N, M_out)
     if per_head:
         return source.dense().to(ct).abs() * u.norm(dim=-1).unsqueeze(2)  # |A_i[n, m]| · ||u_i[m]||

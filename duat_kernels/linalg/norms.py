@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from duat_kernels import reference
-from duat_kernels._validation import all_finite
+from duat_kernels._validation import all_finite, check_fits
 from duat_kernels.linalg import gram_norms
 from duat_kernels.attention_source import ExplicitAttention, QKAttention
 from duat_kernels.reference import head_factors
@@ -39,7 +39,9 @@ def block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
     if isinstance(source, torch.Tensor):
         source = ExplicitAttention(source, num_kv_heads)
     batch, h, n = source.batch, source.heads, source.tokens
-    if not all_finite(*source.inputs(), w_v, w_o):
+    finite = all_finite(*source.inputs(), w_v, w_o)
+    _check_output_fits(source, grid, finite)
+    if not finite:
         return _block_norms_direct(source, w_v, w_o, num_kv_heads, grid)
     if grid is not None and isinstance(source, QKAttention) and source.device.type == "cuda":
         return _block_norms_triton(source, w_v, w_o, num_kv_heads, grid)
@@ -73,6 +75,21 @@ def block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
                 out[b].index_add_(0, row_bins[r0:r1], per_row)
     out = out.clamp_min_(0).sqrt_()
     return out if wide or grid is None else out.float()
+
+
+def _check_output_fits(source, grid: tuple[int, int] | None, finite: bool) -> None:
+    """Refuse, before allocating, norms that cannot fit: (B, R, C) sums in float64 (float32 for
+    grid=None, float64 A aside), plus the float32 result of a grid; non-finite factors form all
+    (B, N, N) squared norms first, whatever the grid."""
+    batch, n = source.batch, source.tokens
+    rows, cols = grid if grid is not None else (n, n)
+    wide = source.dtype == torch.float64
+    per_entry = 8 if wide or grid is not None else 4
+    needed = batch * rows * cols * (per_entry + (4 if grid is not None and not wide else 0))
+    if not finite:
+        needed += batch * n * n * (8 if wide else 4)
+    check_fits(f"block norms of shape ({batch}, {rows}, {cols})", needed, source.device,
+               "Ask for the norms of a coarser grid of super-blocks: block_norms(grid=(R, C)).")
 
 
 def _block_norms_triton(source: QKAttention, w_v, w_o, num_kv_heads: int, grid: tuple[int, int]) -> torch.Tensor:

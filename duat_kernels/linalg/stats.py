@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from duat_kernels import reference
+from duat_kernels._validation import check_fits
 from duat_kernels.linalg.norms import block_norms
 from duat_kernels.attention_source import AttentionSource, ExplicitAttention
 
@@ -60,6 +61,9 @@ def sample_entries(attn, ov: torch.Tensor, samples: int, generator: torch.Genera
     source = _source(attn, ov.shape[0])  # attn (B, h, N, N) or an AttentionSource
     n = source.tokens
     m_out, m_in = ov.shape[1:]
+    # four int64 indices, then α, the gathered OV entries and their product (h, samples) each
+    check_fits(f"{samples:,} sampled entries of W'", samples * (4 * 8 + 3 * ov.shape[0] * ov.dtype.itemsize),
+               source.device, "Draw fewer samples (the interval shrinks as 1/sqrt(samples)).")
     idx = [torch.randint(0, size, (samples,), generator=generator) for size in (n, m_out, n, m_in)]
     rows, c, cols, a = (i.to(source.device) for i in idx)
     alpha = source.entries(batch, rows, cols).to(ov.dtype)  # (h, samples)

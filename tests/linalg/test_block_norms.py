@@ -79,3 +79,23 @@ def test_bad_grid():
     op = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"])
     with pytest.raises(ValueError, match=r"grid must be two ints in \[1, N=3\]"):
         op.block_norms(grid=(4, 1))
+
+
+@pytest.mark.parametrize("call,what", [
+    (lambda op: op.block_norms(), r"block norms of shape \(1, 1024, 1024\) needs \d+\.0 MiB"),
+    (lambda op: op.block_norms(grid=(1024, 512)), r"block norms of shape \(1, 1024, 512\) needs \d+\.0 MiB"),
+    (lambda op: op.fraction_above(0.1, samples=1_000_000), r"1,000,000 sampled entries of W' needs"),
+], ids=["block_norms", "grid", "fraction_above"])
+@pytest.mark.parametrize("finite", [True, False])
+def test_outputs_that_cannot_fit_are_refused_before_allocating(call, what, finite, monkeypatch):
+    # They allocated (B, N, N) norms or (h, samples) samples unchecked: the allocator's raw
+    # RuntimeError, or with overcommit a process killed later; now DenseTooLargeError, before any work.
+    from duat_kernels import _validation
+
+    monkeypatch.setattr(_validation, "available_memory", lambda device: 1 << 20)
+    q = torch.randn(1, 1024, 1)
+    if not finite:
+        q[0, 3, 0] = float("nan")
+    op = dk.HVOOperator.from_qk(q, torch.randn(1, 1024, 1), torch.randn(1, 1), torch.randn(1, 1), causal=True)
+    with pytest.raises(dk.DenseTooLargeError, match=what + r".* but only 1\.0 MiB is available"):
+        call(op)

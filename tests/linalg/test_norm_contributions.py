@@ -51,3 +51,16 @@ def test_contributions_rejects_wrong_shape():
     op = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"])
     with pytest.raises(ValueError, match=r"x must have last dimension N\*M = 3\*4 = 12"):
         op.contributions(torch.zeros(13))
+
+
+@pytest.mark.parametrize("per_head,shape", [(False, r"\(1, 1024, 1024\)"), (True, r"\(1, 2, 1024, 1024\)")])
+def test_contributions_that_cannot_fit_are_refused_before_allocating(per_head, shape, monkeypatch):
+    # The (B, N, N) result was allocated unchecked (from q and k, A itself is never stored): the
+    # allocator's raw RuntimeError for long sequences; now DenseTooLargeError naming the size.
+    from duat_kernels import _validation
+
+    monkeypatch.setattr(_validation, "available_memory", lambda device: 1 << 20)
+    q, k = torch.randn(2, 1024, 1), torch.randn(2, 1024, 1)
+    op = dk.HVOOperator.from_qk(q, k, torch.randn(2, 3), torch.randn(3, 2), causal=True)
+    with pytest.raises(dk.DenseTooLargeError, match=f"contributions of shape {shape} needs .* but only 1.0 MiB"):
+        op.contributions(torch.randn(1024, 3), per_head=per_head)
