@@ -44,17 +44,18 @@ def check_chunks(op, chunks, dtype: torch.dtype) -> tuple[int, int]:
     """(rows, cols) of one chunk of W' (each clipped to the matrix); None: square-ish, ~32 MiB."""
     rows, cols = op.shape[-2:]
     if chunks is None:
-        side = max(1, int((DEFAULT_CHUNK_BYTES / (dtype.itemsize * op.dims.batch)) ** 0.5))
-        return min(rows, side), min(cols, side)
+        side = max(1, int((DEFAULT_CHUNK_BYTES / (dtype.itemsize * max(1, op.dims.batch))) ** 0.5))
+        return max(1, min(rows, side)), max(1, min(cols, side))
     if not (isinstance(chunks, (tuple, list)) and len(chunks) == 2
             and all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in chunks)):
         raise ValueError(f"chunks must be (rows, cols), two positive ints, got {chunks!r}")
-    return min(rows, chunks[0]), min(cols, chunks[1])
+    return max(1, min(rows, chunks[0])), max(1, min(cols, chunks[1]))
 
 
 def chunk_bounds(total: int, size: int) -> list[tuple[int, int]]:
-    """[(start, stop)] of the chunks of size `size` along a dimension of length `total`."""
-    return [(s, min(total, s + size)) for s in range(0, total, size)]
+    """[(start, stop)] of the chunks of size `size` along a dimension of length `total` (one empty
+    chunk for total = 0: W' without rows or columns, M_out = 0 or M_in = 0)."""
+    return [(s, min(total, s + size)) for s in range(0, total, size)] or [(0, 0)]
 
 
 def factors_token(op) -> str:
@@ -84,6 +85,8 @@ def operator_delayed(op):
 
 def tile_block(op, r0: int, r1: int, c0: int, c1: int, dtype: torch.dtype) -> np.ndarray:
     """W'[r0:r1, c0:c1] as a NumPy array, (r1-r0, c1-c0) or (B, r1-r0, c1-c0), written by op.tile."""
+    if r1 == r0 or c1 == c0:  # an empty W' (M_out = 0 or M_in = 0): nothing for the kernels to write
+        return np.zeros((*op.shape[:-2], r1 - r0, c1 - c0), dtype=NUMPY_DTYPES[dtype])
     with torch.no_grad():
         return op.tile(slice(r0, r1), slice(c0, c1), dtype=dtype).cpu().numpy()
 

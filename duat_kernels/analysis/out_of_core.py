@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from duat_kernels import _validation as v
+from duat_kernels.analysis.dask_tiles import tile_block
 
 DEFAULT_TILE_BYTES = 256 << 20
 
@@ -63,10 +64,13 @@ def save_dense(op, path: str | os.PathLike, *, rows_per_tile: int | None = None,
     rows, cols = op.shape
     row_bytes = cols * dtype.itemsize
     if rows_per_tile is None:
-        if row_bytes > max_tile_bytes:
+        if row_bytes == 0:  # W' without columns (M_in = 0): the file is its header
+            rows_per_tile = max(1, rows)
+        elif row_bytes > max_tile_bytes:
             raise ValueError(f"one row of W' takes {v.format_bytes(row_bytes)}, more than max_tile_bytes="
                              f"{v.format_bytes(max_tile_bytes)}; raise max_tile_bytes")
-        rows_per_tile = max(1, min(rows, max_tile_bytes // row_bytes))
+        else:
+            rows_per_tile = max(1, min(rows, max_tile_bytes // row_bytes))
     if isinstance(rows_per_tile, bool) or not isinstance(rows_per_tile, int) or rows_per_tile < 1:
         raise ValueError(f"rows_per_tile must be a positive int, got {rows_per_tile!r}")
     path = Path(path)
@@ -103,9 +107,7 @@ def save_dense(op, path: str | os.PathLike, *, rows_per_tile: int | None = None,
         for t in todo:
             r0 = t * rows_per_tile
             r1 = min(rows, r0 + rows_per_tile)
-            with torch.no_grad():
-                tile = op.tile(slice(r0, r1), slice(0, cols), dtype=dtype).cpu()
-            data = memoryview(tile.numpy()).cast("B")
+            data = memoryview(tile_block(op, r0, r1, 0, cols, dtype).reshape(-1)).cast("B")
             _pwrite_all(f.fileno(), data, offset + r0 * row_bytes)
             os.fsync(f.fileno())
             done[t] = zlib.crc32(data)

@@ -149,3 +149,13 @@ def test_huge_shape_is_refused_clearly(tmp_path):
     with pytest.raises(dk.DenseTooLargeError, match=r"needs 1\.0 PiB but only"):
         save_dense(op, tmp_path / "w.npy", max_tile_bytes=1 << 40, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("empty", ["m_in", "m_out"])
+def test_empty_operator_gives_an_empty_file(tmp_path, empty):
+    # W' without columns (M_in = 0) failed with ZeroDivisionError (rows per tile from 0-byte rows)
+    lay = random_layer(1, 2, tokens=5, m_in=3, m_out=4, batched=False)
+    w_v, w_o = (lay["w_v"][:, :0], lay["w_o"]) if empty == "m_in" else (lay["w_v"], lay["w_o"][:0])
+    op = dk.HVOOperator(lay["attn"], w_v, w_o)
+    path = save_dense(op, tmp_path / "w.npy", progress=False)
+    assert np.load(path).shape == op.shape

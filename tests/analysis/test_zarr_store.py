@@ -100,3 +100,17 @@ def test_existing_store_is_not_overwritten(op, tmp_path):
     path = dk.analysis.save_zarr(op, tmp_path / "w.zarr", chunks=CHUNKS, scheduler="sync", progress=False)
     with pytest.raises(FileExistsError, match="exists"):
         dk.analysis.save_zarr(op, path, chunks=CHUNKS, scheduler="sync", progress=False)
+
+
+@pytest.mark.parametrize("empty", ["m_in", "m_out"])
+@pytest.mark.parametrize("batched", [False, True])
+def test_empty_operator_gives_an_empty_array(layer, tmp_path, empty, batched):
+    # W' without columns (M_in = 0) or rows (M_out = 0) is accepted by HVOOperator; to_dask and
+    # save_zarr failed inside their chunking with "range() arg 3 must not be zero"
+    p = layer(batch=2, batched=batched)
+    w_v, w_o = (p["w_v"][:, :0], p["w_o"]) if empty == "m_in" else (p["w_v"], p["w_o"][:0])
+    op = dk.HVOOperator(p["attn"], w_v, w_o, num_kv_heads=p["num_kv_heads"])
+    assert op.to_dask(chunks=CHUNKS).compute(scheduler="sync").shape == op.shape
+    path = dk.analysis.save_zarr(op, tmp_path / "w.zarr", chunks=CHUNKS, scheduler="sync", progress=False)
+    assert zarr.open_array(path, mode="r").shape == op.shape
+    assert dk.analysis.verify_zarr(path) == []
