@@ -99,6 +99,13 @@ def check_layout(layout: str) -> None:
         raise ValueError(f"layout must be 'token' or 'feature', got {layout!r}")
 
 
+def check_has_data(what: str, device: torch.device) -> None:
+    """Refuse meta tensors where numbers must come out (a file, a NumPy array, a sample, a spectrum)."""
+    if device.type == "meta":
+        raise ValueError(f"{what} needs an HVOOperator on tensors with data (cpu or cuda), got meta tensors "
+                         "(they have shapes only)")
+
+
 def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     first_name, first = next(iter(devices.items()))

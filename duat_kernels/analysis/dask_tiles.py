@@ -33,8 +33,10 @@ def _dask():
 
 
 def stored_dtype(op, dtype: torch.dtype | None) -> torch.dtype:
-    """The dtype of W' entries (default: the inputs' promoted dtype); float32, float64 or float16."""
-    dtype = dtype or v.resolve_dtype(None, None, op.attn, op.w_v, op.w_o)
+    """The dtype of W' entries (default: the inputs' promoted dtype); float32, float64 or float16, or
+    its name. Refuses an operator on meta tensors (no entries to store)."""
+    v.check_has_data("W' as a Dask array (to_dask, save_zarr)", op.device)
+    dtype = v.as_dtype(dtype) or op.dtype
     if dtype not in NUMPY_DTYPES:
         raise TypeError(f"dtype must be float32, float64 or float16 (a NumPy dtype), got {dtype}")
     return dtype
@@ -47,9 +49,9 @@ def check_chunks(op, chunks, dtype: torch.dtype) -> tuple[int, int]:
         side = max(1, int((DEFAULT_CHUNK_BYTES / (dtype.itemsize * max(1, op.dims.batch))) ** 0.5))
         return max(1, min(rows, side)), max(1, min(cols, side))
     if not (isinstance(chunks, (tuple, list)) and len(chunks) == 2
-            and all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in chunks)):
+            and all(v.positive_int(c) is not None for c in chunks)):
         raise ValueError(f"chunks must be (rows, cols), two positive ints, got {chunks!r}")
-    return max(1, min(rows, chunks[0])), max(1, min(cols, chunks[1]))
+    return max(1, min(rows, v.positive_int(chunks[0]))), max(1, min(cols, v.positive_int(chunks[1])))
 
 
 def chunk_bounds(total: int, size: int) -> list[tuple[int, int]]:

@@ -56,8 +56,9 @@ def save_dense(op, path: str | os.PathLike, *, rows_per_tile: int | None = None,
     """
     if op.dims.batched:
         raise ValueError("save_dense needs an unbatched HVOOperator (attn of shape (h, N, N))")
-    if op.device.type == "meta":
-        raise ValueError("save_dense needs an HVOOperator on tensors with data (cpu or cuda), got meta tensors")
+    v.check_has_data("save_dense", op.device)
+    if v.positive_int(max_tile_bytes) is None:
+        raise ValueError(f"max_tile_bytes must be a positive int, got {max_tile_bytes!r}")
     dtype = v.as_dtype(dtype) or op.dtype
     if dtype not in _NUMPY_DTYPES:
         raise TypeError(f"dtype must be float32, float64 or float16 for a .npy file, got {dtype}")
@@ -71,8 +72,9 @@ def save_dense(op, path: str | os.PathLike, *, rows_per_tile: int | None = None,
                              f"{v.format_bytes(max_tile_bytes)}; raise max_tile_bytes")
         else:
             rows_per_tile = max(1, min(rows, max_tile_bytes // row_bytes))
-    if isinstance(rows_per_tile, bool) or not isinstance(rows_per_tile, int) or rows_per_tile < 1:
+    if v.positive_int(rows_per_tile) is None:
         raise ValueError(f"rows_per_tile must be a positive int, got {rows_per_tile!r}")
+    rows_per_tile = v.positive_int(rows_per_tile)
     path = Path(path)
     partial, progress_file = Path(f"{path}.partial"), Path(f"{path}.progress.json")
     _check_target(path, partial, rows * row_bytes)

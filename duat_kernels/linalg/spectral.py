@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from duat_kernels._validation import all_finite
+from duat_kernels._validation import all_finite, check_has_data
 from duat_kernels.operator_args import positive_tolerance
 
 
@@ -36,6 +36,7 @@ def singular_values(op, k: int = 1, tol: float = 1e-6, seed: int = 0) -> np.ndar
     when k = min(shape), which svds cannot do). NaN when W' has a NaN or Inf entry."""
     from scipy.sparse.linalg import svds
 
+    check_has_data("singular_values", op.device)
     lin = as_linear_operator(op)
     side = min(lin.shape)
     if isinstance(k, bool) or not isinstance(k, int):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from duat_kernels import reference
-from duat_kernels._validation import check_fits
+from duat_kernels._validation import check_fits, check_has_data
 from duat_kernels.linalg.norms import block_norms
 from duat_kernels.attention_source import AttentionSource, ExplicitAttention
 
@@ -75,6 +75,7 @@ def fraction_above(attn, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int
     """Estimated fraction of entries with |w| > threshold (the paper's "almost fully dense", made
     quantitative), from a uniform sample with a Wilson score interval."""
     source = _source(attn, num_kv_heads)
+    check_has_data("fraction_above", source.device)
     dtype = torch.promote_types(torch.promote_types(w_v.dtype, w_o.dtype), torch.float32)  # float64 stays float64
     ov = reference.ov_circuits(w_v.to(dtype), w_o.to(dtype), source.heads, num_kv_heads).to(source.device)
     g = torch.Generator().manual_seed(seed)

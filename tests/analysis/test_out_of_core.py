@@ -76,6 +76,13 @@ def test_bad_arguments(op, tmp_path):
         save_dense(op, tmp_path / "w.npy", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="one row of W' takes"):
         save_dense(op, tmp_path / "w.npy", max_tile_bytes=16)
+    # max_tile_bytes was not checked: "1" failed in a comparison (TypeError "'>' not supported"), 100.5
+    # was blamed on rows_per_tile ("rows_per_tile must be a positive int, got 2.0")
+    for bad in ("1", 100.5, 0, True):
+        with pytest.raises(ValueError, match=f"max_tile_bytes must be a positive int, got {bad!r}"):
+            save_dense(op, tmp_path / "w.npy", max_tile_bytes=bad)
+    with pytest.raises(ValueError, match="rows_per_tile must be a positive int, got 2.5"):
+        save_dense(op, tmp_path / "w.npy", rows_per_tile=2.5)
 
 
 def _interrupt_after(op, monkeypatch, tiles: int):
@@ -159,3 +166,9 @@ def test_empty_operator_gives_an_empty_file(tmp_path, empty):
     op = dk.HVOOperator(lay["attn"], w_v, w_o)
     path = save_dense(op, tmp_path / "w.npy", progress=False)
     assert np.load(path).shape == op.shape
+
+
+def test_numpy_rows_per_tile_is_taken(op, tmp_path):
+    # a NumPy integer (e.g. from a computed split) was refused as not a positive int
+    path = save_dense(op, tmp_path / "w.npy", rows_per_tile=np.int64(10), progress=False)
+    np.testing.assert_array_equal(np.load(path), op.to_dense().numpy())

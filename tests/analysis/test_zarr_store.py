@@ -114,3 +114,25 @@ def test_empty_operator_gives_an_empty_array(layer, tmp_path, empty, batched):
     path = dk.analysis.save_zarr(op, tmp_path / "w.zarr", chunks=CHUNKS, scheduler="sync", progress=False)
     assert zarr.open_array(path, mode="r").shape == op.shape
     assert dk.analysis.verify_zarr(path) == []
+
+
+def test_dtype_names_and_numpy_chunk_sizes_are_taken(op, tmp_path):
+    # dtype="float64" was refused as "dtype must be float32, float64 or float16 ..., got float64"
+    # (hvo_matrix and save_dense take names), and chunks of NumPy integers as not positive ints
+    got = op.to_dask(chunks=(np.int64(12), np.int32(14)), dtype="float64").compute(scheduler="sync")
+    np.testing.assert_array_equal(got, op.to_dense(dtype=torch.float64).numpy())
+    path = dk.analysis.save_zarr(op, tmp_path / "w.zarr", chunks=(np.int64(12), 14), dtype="torch.float16",
+                                 scheduler="sync", progress=False)
+    np.testing.assert_array_equal(zarr.open_array(path, mode="r")[:], op.to_dense(dtype=torch.float16).numpy())
+
+
+@pytest.mark.parametrize("call", [lambda op, path: op.to_dask(chunks=CHUNKS),
+                                  lambda op, path: dk.analysis.save_zarr(op, path, scheduler="sync", progress=False)],
+                         ids=["to_dask", "save_zarr"])
+def test_meta_operator_is_refused(layer, tmp_path, call):
+    # it failed deep inside with NotImplementedError "Cannot copy out of meta tensor; no data!"
+    p = layer(batched=False)
+    op = dk.HVOOperator(*(p[k].to("meta") for k in ("attn", "w_v", "w_o")), num_kv_heads=p["num_kv_heads"])
+    with pytest.raises(ValueError, match="needs an HVOOperator on tensors with data .* got meta tensors"):
+        call(op, tmp_path / "w.zarr")
+    assert not (tmp_path / "w.zarr.partial").exists()

@@ -70,3 +70,14 @@ def test_zero_tiny_and_large_operators(scale):
     op = dk.HVOOperator(attn.float(), lay["w_v"].float(), lay["w_o"].float())
     np.testing.assert_allclose(op.singular_values(2), torch.linalg.svdvals(dense)[:2].numpy(), rtol=1e-4)
     assert op.spectral_norm() == pytest.approx(torch.linalg.matrix_norm(dense, 2).item(), rel=1e-4)
+
+
+def test_meta_operator_is_refused():
+    # spectral_norm failed inside with NotImplementedError "Cannot copy out of meta tensor; no data!",
+    # fraction_above with RuntimeError "Tensor.item() cannot be called on meta tensors"
+    lay = random_layer(1, 2, tokens=3, batched=False)
+    op = dk.HVOOperator(*(lay[k].to("meta") for k in ("attn", "w_v", "w_o")))
+    with pytest.raises(ValueError, match="singular_values needs an HVOOperator on tensors with data"):
+        op.spectral_norm()
+    with pytest.raises(ValueError, match="fraction_above needs an HVOOperator on tensors with data"):
+        op.fraction_above(0.1, samples=10)
