@@ -246,7 +246,7 @@ class HVOOperator:
                        batch: int = 0) -> "linalg.EntryEstimate":
         """Fraction of entries with |w| > threshold, estimated from uniformly sampled entries, with a
         Wilson confidence interval (e.g. threshold = 0.01 * frobenius_norm() / sqrt(numel))."""
-        args.sampling_arguments(threshold, samples, confidence, seed)
+        threshold, samples, confidence, seed = args.sampling_arguments(threshold, samples, confidence, seed)
         if self.dims.m_in == 0 or self.dims.m_out == 0:
             raise ValueError(f"W' of shape {self.shape} has no entries to sample (M_in={self.dims.m_in}, "
                              f"M_out={self.dims.m_out})")

@@ -5,6 +5,7 @@ it, and what is sensible is accepted (negative indices, X given as an (N, M) mat
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -68,22 +69,29 @@ def grid_argument(grid, tokens: int) -> tuple[int, int] | None:
     return v.integer(rows), v.integer(cols)
 
 
-def sampling_arguments(threshold, samples, confidence, seed) -> None:
-    """Arguments of fraction_above: a real threshold, samples >= 1, 0 < confidence < 1, an int seed."""
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+def sampling_arguments(threshold, samples, confidence, seed) -> tuple[float, int, float, int]:
+    """Arguments of fraction_above: a real threshold, samples >= 1, 0 < confidence < 1, an int seed
+    (NumPy numbers too; bools are refused), returned as Python numbers."""
+    if not _real(threshold):
         raise TypeError(f"threshold must be a real number, got {type(threshold).__name__} {threshold!r}")
     if math.isnan(threshold):  # |w| > NaN is false for every entry: a fraction of 0 that means nothing
         raise ValueError("threshold must be a number, got nan")
-    if isinstance(samples, bool) or not isinstance(samples, int):
+    if v.integer(samples, tensors=False) is None:
         raise TypeError(f"samples must be an int, got {type(samples).__name__} {samples!r}")
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
-    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
+    if not _real(confidence) or not 0 < confidence < 1:
         raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if v.integer(seed, tensors=False) is None:
         raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
+    return float(threshold), v.integer(samples), float(confidence), v.integer(seed)
+
+
+def _real(x) -> bool:
+    """A real number (int, float, NumPy number), not a bool or a tensor."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def positive_tolerance(tol) -> None:
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0 or math.isinf(tol):
+    if not _real(tol) or not tol >= 0 or math.isinf(tol):
         raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from duat_kernels._validation import all_finite, check_has_data
+from duat_kernels._validation import all_finite, check_has_data, integer
 from duat_kernels.operator_args import positive_tolerance
 
 
@@ -39,8 +39,9 @@ def singular_values(op, k: int = 1, tol: float = 1e-6, seed: int = 0) -> np.ndar
     check_has_data("singular_values", op.device)
     lin = as_linear_operator(op)
     side = min(lin.shape)
-    if isinstance(k, bool) or not isinstance(k, int):
+    if integer(k, tensors=False) is None:
         raise TypeError(f"k must be an int, got {type(k).__name__} {k!r}")
+    k = integer(k)
     if not 1 <= k <= side:
         raise ValueError(f"k must be in [1, {side}] for W' of shape {lin.shape}, got {k}"
                          if side else f"W' of shape {lin.shape} has no singular values (k={k})")

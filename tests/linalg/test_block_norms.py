@@ -99,3 +99,17 @@ def test_outputs_that_cannot_fit_are_refused_before_allocating(call, what, finit
     op = dk.HVOOperator.from_qk(q, torch.randn(1, 1024, 1), torch.randn(1, 1), torch.randn(1, 1), causal=True)
     with pytest.raises(dk.DenseTooLargeError, match=what + r".* but only 1\.0 MiB is available"):
         call(op)
+
+
+def test_fraction_above_takes_numpy_numbers():
+    # np.float32 thresholds, np.int64 samples and seeds (what NumPy code computes) were refused with
+    # TypeErrors ("samples must be an int, got int64"), unlike block(n, m) or block_norms(grid=...)
+    import numpy as np
+
+    lay = random_layer(1, 2, tokens=4, batched=False)
+    op = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"])
+    want = op.fraction_above(0.25, samples=300, confidence=0.9, seed=3)
+    got = op.fraction_above(np.float32(0.25), samples=np.int64(300), confidence=np.float64(0.9), seed=np.int32(3))
+    assert got == want and type(got.samples) is int
+    with pytest.raises(TypeError, match="samples must be an int, got bool"):
+        op.fraction_above(0.25, samples=True)

@@ -81,3 +81,10 @@ def test_meta_operator_is_refused():
         op.spectral_norm()
     with pytest.raises(ValueError, match="fraction_above needs an HVOOperator on tensors with data"):
         op.fraction_above(0.1, samples=10)
+
+
+def test_numpy_k_and_tol_are_taken():
+    # singular_values(np.int64(2)) was refused ("k must be an int, got int64"), tol=np.float32(...) too
+    lay = random_layer(1, 2, tokens=3, m_in=4, m_out=4, batched=False, dtype=torch.float64)
+    op = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"])
+    np.testing.assert_array_equal(op.singular_values(np.int64(2), tol=np.float32(1e-8)), op.singular_values(2, tol=1e-8))
