@@ -155,8 +155,9 @@ class HVOOperator:
 
     def matmat(self, x: torch.Tensor) -> torch.Tensor:
         """W' X for X (N·M_in, K) or (B, N·M_in, K)."""
-        args.matrix_operand(x, "X", self.shape[-1], self.dims.batched)
-        return self.matvec(x.transpose(-1, -2)).transpose(-1, -2)
+        args.matrix_operand(x, "X", self.shape[-1], self.dims.batch, self.dims.batched)
+        xs, lead = self._unflatten(x.transpose(-1, -2), self.dims.m_in, "X")  # columns of X as vectors
+        return self._flatten(self._attention(xs), lead).transpose(-1, -2)
 
     def bias(self) -> torch.Tensor:
         """b' of h' = W' x' + b' (see duat_kernels.hvo_bias)."""

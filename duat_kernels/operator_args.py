@@ -41,15 +41,18 @@ def vector_operand(x, name: str, *, tokens: int, width: int, batch: int, batched
     return x, matrix
 
 
-def matrix_operand(x, name: str, rows: int, batched: bool) -> None:
-    """X of matmat: (N·M_in, K), or (B, N·M_in, K) for a batched operator."""
+def matrix_operand(x, name: str, rows: int, batch: int, batched: bool) -> None:
+    """X of matmat: (N·M_in, K), or (B, N·M_in, K) for a batched operator (dtype and device are
+    checked with the columns, by vector_operand)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     want = 3 if batched else 2
+    shape = "(B, N*M_in, K)" if batched else "(N*M_in, K)"
+    expected = shape.replace("N*M_in", str(rows)).replace("B,", f"{batch},")
     if x.dim() != want:
-        shape = "(B, N*M_in, K)" if batched else "(N*M_in, K)"
-        raise ValueError(f"{name} must have shape {shape} = {shape.replace('N*M_in', str(rows))}, got "
-                         f"{tuple(x.shape)}; use matvec for vectors")
+        raise ValueError(f"{name} must have shape {shape} = {expected}, got {tuple(x.shape)}; use matvec for vectors")
+    if x.shape[-2] != rows or (batched and x.shape[0] != batch):
+        raise ValueError(f"{name} must have shape {shape} = {expected}, got {tuple(x.shape)}")
 
 
 def grid_argument(grid, tokens: int) -> tuple[int, int] | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -59,6 +61,21 @@ def test_bad_arguments():
         op.tile(slice(0, 4, 2), slice(0, 2))
     with pytest.raises(ValueError, match="selects no entries"):
         op.tile(slice(4, 4), slice(0, 2))
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_matmat_errors_name_x_and_its_shape(batched):
+    # matmat's errors came from matvec on Xᵀ: "x must have last dimension N*M = 3*4 = 12, got (2, 13)"
+    # for X of shape (13, 2) (another argument's name, the shape transposed); int X was called x too
+    lay = random_layer(2, 2, tokens=3, m_in=4, m_out=2, batched=batched)
+    op = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"])
+    lead, shape = ((2,), r"\(B, N\*M_in, K\) = \(2, 12, K\)") if batched else ((), r"\(N\*M_in, K\) = \(12, K\)")
+    bad = [(*lead, 13, 2)] + ([(3, 12, 2)] if batched else [(3, 4)])
+    for size in bad:
+        with pytest.raises(ValueError, match=rf"X must have shape {shape}, got {re.escape(str(size))}"):
+            op.matmat(torch.zeros(size))
+    with pytest.raises(TypeError, match="X must have a floating-point dtype"):
+        op.matmat(torch.zeros(*lead, 12, 2, dtype=torch.int32))
 
 
 @pytest.mark.parametrize("layout", ["token", "feature"])
