@@ -77,7 +77,11 @@ def as_dtype(dtype) -> torch.dtype | None:
 
 def integer(value, tensors: bool = True) -> int | None:
     """value as an int if it is an integer: anything with __index__ (int, NumPy integer, and with
-    tensors=True a one-element integer tensor) but a bool; else None."""
+    tensors=True a one-element integer tensor) but a bool; else None. A symbolic size (torch.SymInt,
+    a dimension that torch.compile traces as dynamic) is an integer too, kept symbolic: TorchDynamo
+    cannot trace hasattr on it."""
+    if isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool):
+        return value if type(value) in (int, torch.SymInt) else int(value)  # an int subclass (IntEnum) as int
     if isinstance(value, bool) or (not tensors and isinstance(value, torch.Tensor)) or not hasattr(value, "__index__"):
         return None
     return value.__index__()

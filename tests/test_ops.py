@@ -69,3 +69,15 @@ def test_gradients_match_autograd_of_the_formula(backend, layout):
     formula = loss(lambda a, wv, wo: reference.hvo_matrix(a, reference.ov_circuits(wv, wo, 4, 2), layout))
     for g, want in zip(ours, formula):
         torch.testing.assert_close(g, want, rtol=1e-12, atol=1e-12)
+
+
+def test_torch_compile_fullgraph_with_symbolic_head_counts():
+    # A second head count makes torch.compile trace h (and d, M) as symbolic sizes; the integer check
+    # of num_heads called hasattr(h, "__index__"), which TorchDynamo cannot trace: "Unsupported hasattr
+    # call" under fullgraph=True (a graph break without it), e.g. compiling one function over layers
+    # of several models or over heads= subsets.
+    compiled = torch.compile(lambda a, wv, wo: dk.hvo_matrix(a, wv, wo, num_kv_heads=1), fullgraph=True)
+    for heads in (2, 4, 6):
+        lay = random_layer(1, heads, 1, tokens=3, head_dim=2, m_in=3, m_out=2, seed=heads)
+        torch.testing.assert_close(compiled(lay["attn"], lay["w_v"], lay["w_o"]),
+                                   dk.hvo_matrix(lay["attn"], lay["w_v"], lay["w_o"], num_kv_heads=1))
