@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from duat_kernels import cpp
@@ -85,6 +86,14 @@ def integer(value, tensors: bool = True) -> int | None:
     if isinstance(value, bool) or (not tensors and isinstance(value, torch.Tensor)) or not hasattr(value, "__index__"):
         return None
     return value.__index__()
+
+
+def check_flag(name: str, value) -> bool:
+    """A True/False argument (NumPy bools and 0/1 too) as a bool; a string such as "no", which would be
+    truthy, or a tensor is a TypeError."""
+    if isinstance(value, (str, bytes, torch.Tensor, np.ndarray)) or value not in (True, False):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
 
 
 def check_index(name: str, index, size: int, axis: str) -> int:

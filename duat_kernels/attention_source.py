@@ -170,8 +170,7 @@ class QKAttention(AttentionSource):
     def __init__(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = False,
                  attention_mask: torch.Tensor | None = None, scale: float | None = None,
                  softcap: float | None = None, sliding_window: int | None = None):
-        if isinstance(causal, (str, torch.Tensor)) or causal not in (True, False):  # "no" would be truthy
-            raise TypeError(f"causal must be True or False, got {type(causal).__name__} {causal!r}")
+        causal = v.check_flag("causal", causal)  # "no" would be truthy
         ct = reference.compute_dtype(q.dtype)
         self.q, self.k = q.to(ct), k.to(ct)
         self.batch, self.heads, self.tokens, d = q.shape

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from duat_kernels._validation import check_fits
+from duat_kernels._validation import check_fits, check_flag
 from duat_kernels.attention_source import ExplicitAttention
 from duat_kernels.reference import head_factors
 
@@ -33,6 +33,7 @@ def contributions(attn, x: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, n
 
     per_head=True gives each head's own contribution ||A_i[n, m] u_i[m]|| as (B, h, N, N).
     """
+    per_head = check_flag("per_head", per_head)
     source = ExplicitAttention(attn, num_kv_heads) if isinstance(attn, torch.Tensor) else attn
     batch, h, n = source.batch, source.heads, source.tokens
     ct = torch.float64 if torch.float64 in (source.dtype, x.dtype, w_v.dtype, w_o.dtype) else torch.float32

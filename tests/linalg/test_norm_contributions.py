@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -64,3 +65,13 @@ def test_contributions_that_cannot_fit_are_refused_before_allocating(per_head, s
     op = dk.HVOOperator.from_qk(q, k, torch.randn(2, 3), torch.randn(3, 2), causal=True)
     with pytest.raises(dk.DenseTooLargeError, match=f"contributions of shape {shape} needs .* but only 1.0 MiB"):
         op.contributions(torch.randn(1024, 3), per_head=per_head)
+
+
+@pytest.mark.parametrize("flag", ["no", "False", torch.tensor(True), None])
+def test_per_head_must_be_a_bool(flag):
+    # per_head="no" (truthy) silently gave the per-head (h, N, N) result instead of (N, N)
+    lay = random_layer(1, 2, tokens=3, m_in=4, m_out=2, batched=False)
+    op = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"])
+    with pytest.raises(TypeError, match="per_head must be True or False, got"):
+        op.contributions(torch.zeros(3, 4), per_head=flag)
+    assert op.contributions(torch.zeros(3, 4), per_head=np.bool_(True)).shape == (2, 3, 3)
