@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from duat_kernels._validation import integer, positive_int
 from duat_kernels.linalg.norms import _bins
 
 # How many times this process has loaded each model (read by the tests through Client.run).
@@ -34,6 +35,21 @@ class CorpusSettings:
     layers: tuple[int, ...] | None = None
     grid: int = 64
     threads: int = 1
+
+    def __post_init__(self):
+        """Checked here, once, not per text (where each text would fail alike); sizes as Python ints."""
+        if not isinstance(self.model, str) or not self.model:
+            raise TypeError(f"model must be a name or a folder (a non-empty str), got {self.model!r}")
+        for name in ("grid", "threads"):
+            if positive_int(getattr(self, name)) is None:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, positive_int(getattr(self, name)))
+        if self.layers is not None:
+            iterable = not isinstance(self.layers, (str, bytes)) and hasattr(self.layers, "__iter__")
+            layers = [integer(i, tensors=False) for i in self.layers] if iterable else [None]
+            if None in layers:
+                raise TypeError(f"layers must be None or a sequence of layer indices (ints), got {self.layers!r}")
+            object.__setattr__(self, "layers", tuple(layers))
 
     def to_json(self) -> dict:
         d = asdict(self)

@@ -1,0 +1,35 @@
+"""CorpusSettings: checked once, when made, not per text inside the run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from duat_kernels.corpus import CorpusSettings
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(grid=0), ValueError, "grid must be a positive int, got 0"),
+    (dict(threads=0), ValueError, "threads must be a positive int, got 0"),
+    (dict(threads=True), ValueError, "threads must be a positive int, got True"),
+    (dict(layers=0), TypeError, "layers must be None or a sequence of layer indices"),
+    (dict(layers="01"), TypeError, "layers must be None or a sequence of layer indices"),
+    (dict(layers=(0, 1.0)), TypeError, "layers must be None or a sequence of layer indices"),
+], ids=["grid", "threads", "threads-bool", "layers-int", "layers-str", "layers-float"])
+def test_bad_settings_are_refused_when_made(kwargs, error, message):
+    # They were accepted, recorded in run.json, and then failed for every text alike (grid=0: "grid must
+    # be two ints in [1, N=5]", threads=0: torch's "set_num_threads expects a positive integer")
+    # or crashed the run (layers=0: "'int' object is not iterable")
+    with pytest.raises(error, match=message):
+        CorpusSettings(model="minilm", **kwargs)
+
+
+def test_numpy_and_list_layers_are_normalised():
+    # layers=(np.int64(0),) crashed run_corpus with "Object of type int64 is not JSON serializable"
+    # when it recorded the settings; a list made the frozen settings unhashable
+    settings = CorpusSettings(model="minilm", layers=[np.int64(0), -1], grid=np.int32(8))
+    assert settings.layers == (0, -1) and settings.grid == 8 and type(settings.grid) is int
+    assert json.loads(json.dumps(settings.to_json())) == {"model": "minilm", "layers": [0, -1], "grid": 8, "threads": 1}
+    assert hash(settings) == hash(CorpusSettings(model="minilm", layers=(0, -1), grid=8))
