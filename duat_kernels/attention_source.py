@@ -225,7 +225,7 @@ class QKAttention(AttentionSource):
     def logits(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
         """scale·q kᵀ (soft-capped) with -inf where masked: (B, h, rows, cols)."""
         b, g = self.batch, self.heads // self.kv_heads
-        q = self.q[:, :, r0:r1].reshape(b, self.kv_heads, g, r1 - r0, -1)
+        q = self.q[:, :, r0:r1].reshape(b, self.kv_heads, g, r1 - r0, self.q.shape[-1])  # no -1: B may be 0
         s = (q @ self.k[:, :, None, c0:c1].transpose(-1, -2)).reshape(b, self.heads, r1 - r0, c1 - c0)
         s.mul_(self.scale)
         if self.softcap:
@@ -351,6 +351,8 @@ class QKAttention(AttentionSource):
 
     def diagonal(self):
         n = torch.arange(self.tokens, device=self.device)
+        if self.batch == 0:  # an empty batch: nothing to stack
+            return torch.zeros(0, self.heads, self.tokens, dtype=self.dtype, device=self.device)
         return torch.stack([self.entries(b, n, n) for b in range(self.batch)])
 
     def row_sums(self):

@@ -224,3 +224,24 @@ def test_masked_pairs_stay_zero_in_a_row_with_a_nan_logit():
     assert torch.equal(op.tile(slice(0, 45), slice(0, 45))[0].isnan(), dense[:45, :45].isnan())
     explicit = dk.HVOOperator(a, w_v, w_o)
     assert torch.equal(op.block_norms()[0].isnan(), explicit.block_norms().isnan())
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_empty_batch_matches_the_explicit_operator(case, dtype):
+    # B = 0 is accepted (as for an explicit attn), but attn, to_dense, tile and contributions failed with
+    # torch's "cannot reshape tensor of 0 elements into shape [0, 2, 2, 11, -1]" and trace with "stack
+    # expects a non-empty TensorList"
+    causal, padded, softcap, window = CASES[case]
+    q, k, w_v, w_o, b_v, b_o = _inputs(batch=2, dtype=dtype)[:6]
+    mask = torch.ones(0, 11, dtype=torch.bool) if padded else None
+    op = dk.HVOOperator.from_qk(q[:0], k[:0], w_v, w_o, num_kv_heads=2, causal=causal, attention_mask=mask,
+                                softcap=softcap, sliding_window=window, b_v=b_v, b_o=b_o)
+    explicit = dk.HVOOperator(torch.zeros(0, 4, 11, 11, dtype=dtype), w_v, w_o, num_kv_heads=2, b_v=b_v, b_o=b_o)
+    x = torch.randn(0, 11, 6, dtype=dtype)
+    for method in (lambda o: o.attn, lambda o: o.to_dense(), lambda o: o.tile(slice(3, 20), slice(5, 9)),
+                   lambda o: o.trace(), lambda o: o.frobenius_norm(), lambda o: o.block_norms(), lambda o: o.bias(),
+                   lambda o: o.block_norms(grid=3), lambda o: o.block(-1, 2), lambda o: o.matvec(x),
+                   lambda o: o.rmatvec(x), lambda o: o.contributions(x), lambda o: o.contributions(x, per_head=True)):
+        got, want = method(op), method(explicit)
+        assert got.shape == want.shape and got.dtype == want.dtype
