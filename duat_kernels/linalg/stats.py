@@ -73,13 +73,16 @@ def sample_entries(attn, ov: torch.Tensor, samples: int, generator: torch.Genera
 def fraction_above(attn, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int, threshold: float,
                    samples: int = 100_000, confidence: float = 0.95, seed: int = 0, batch: int = 0) -> EntryEstimate:
     """Estimated fraction of entries with |w| > threshold (the paper's "almost fully dense", made
-    quantitative), from a uniform sample with a Wilson score interval."""
+    quantitative), from a uniform sample with a Wilson score interval; NaN (fraction and interval)
+    when a sampled entry is NaN."""
     source = _source(attn, num_kv_heads)
     check_has_data("fraction_above", source.device)
     dtype = torch.promote_types(torch.promote_types(w_v.dtype, w_o.dtype), torch.float32)  # float64 stays float64
     ov = reference.ov_circuits(w_v.to(dtype), w_o.to(dtype), source.heads, num_kv_heads).to(source.device)
     g = torch.Generator().manual_seed(seed)
     values = sample_entries(source, ov, samples, g, batch)
+    if bool(values.isnan().any()):  # |NaN| > t is false: counting it as "not above" would hide it
+        return EntryEstimate(math.nan, math.nan, math.nan, samples, threshold, confidence)
     hits = int((values.abs() > threshold).sum())
     p = hits / samples
     z = _normal_quantile(0.5 + confidence / 2)

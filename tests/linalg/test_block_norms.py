@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -113,3 +115,24 @@ def test_fraction_above_takes_numpy_numbers():
     assert got == want and type(got.samples) is int
     with pytest.raises(TypeError, match="samples must be an int, got bool"):
         op.fraction_above(0.25, samples=True)
+
+
+@pytest.mark.parametrize("where", ["attn", "w_v", "zero_block_inf"])
+def test_fraction_above_is_nan_when_sampled_entries_are_nan(where):
+    # |NaN| > t is false, so NaN entries were counted as "not above": W' with a NaN in its weights
+    # reported e.g. "0.4230 of entries have |w| > 0.1" with a tight interval
+    lay = random_layer(1, 2, tokens=4, m_in=3, m_out=3, causal=True, batched=False, dtype=torch.float64)
+    attn, w_v = lay["attn"].clone(), lay["w_v"].clone()
+    if where == "attn":
+        attn[:, 2, 1] = float("nan")
+    elif where == "w_v":
+        w_v[0, 1] = float("nan")
+    else:  # 0 · Inf = NaN in the causal zero blocks
+        w_v[0, 1] = float("inf")
+    op = dk.HVOOperator(attn, w_v, lay["w_o"])
+    expected_nan_hits = (op.to_dense().isnan().double().mean() * 4000).item()
+    est = op.fraction_above(0.1, samples=4000)
+    assert expected_nan_hits > 10  # the sample hits NaN entries
+    assert math.isnan(est.fraction) and math.isnan(est.low) and math.isnan(est.high) and est.samples == 4000
+    finite = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"]).fraction_above(0.1, samples=4000)
+    assert 0 < finite.fraction < 1
