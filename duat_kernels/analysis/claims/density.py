@@ -9,6 +9,8 @@ m - n + 1), and each FFN linear map W, whose W' = I_N ⊗ W is block diagonal.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from duat_kernels.linalg.stats import sample_entries
@@ -26,9 +28,15 @@ def attention_density(op: HVOOperator, thresholds=THRESHOLDS, exact_entries: int
     """Entry and block fractions above t·max for an unbatched operator of N x N blocks (M_out x M_in)."""
     n, m_out, m_in = op.dims.tokens, op.dims.m_out, op.dims.m_in
     norms = op.block_norms().double()
-    blocks = {str(t): (norms > t * norms.max()).double().mean().item() for t in thresholds}
+    # a NaN or Inf entry of W' makes its block's norm non-finite: "above t·max" then means nothing, and
+    # comparisons with NaN are false (the max over tiles below would even depend on their order)
+    finite = bool(norms.isfinite().all())
+    blocks = {str(t): (norms > t * norms.max()).double().mean().item() if finite else math.nan for t in thresholds}
     total = n * m_out * n * m_in
-    if total <= exact_entries:
+    if not finite:
+        entries = {str(t): {"fraction": math.nan, "low": math.nan, "high": math.nan} for t in thresholds}
+        method = "non-finite (W' has NaN or Inf entries: no fractions)"
+    elif total <= exact_entries:
         entries = _exact_entry_fractions(op, thresholds)
         method = "exact"
     else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -70,3 +72,21 @@ def test_ffn_is_block_diagonal():
     for t in map(str, THRESHOLDS):
         assert result["entries"][t] == pytest.approx(entries[t], abs=1e-12)
         assert result["blocks"][t] == pytest.approx(blocks[t], abs=1e-12)
+
+
+@pytest.mark.parametrize("token", [0, 5], ids=["first-tile", "last-tile"])
+@pytest.mark.parametrize("exact_entries", [10 ** 8, 10], ids=["exact", "sampled"])
+def test_non_finite_entries_give_nan_fractions(token, exact_entries, monkeypatch):
+    # NaN entries compared as "not above", and max|w| over the tiles was Python's max, which keeps a NaN
+    # only when it comes first: a NaN in the first tile gave 0.0, one in the last tile 0.546; block
+    # fractions were 0.0; the sampled path called fraction_above with a NaN threshold (ValueError)
+    monkeypatch.setattr(density, "TILE_ENTRIES", 500)  # several tiles
+    lay = random_layer(1, 4, 2, tokens=6, head_dim=3, m_in=5, m_out=4, batched=False)
+    attn = lay["attn"].clone()
+    attn[:, token, 0] = float("nan")
+    op = dk.HVOOperator(attn, lay["w_v"], lay["w_o"], num_kv_heads=2)
+    result = density.attention_density(op, THRESHOLDS, exact_entries=exact_entries, samples=500)
+    for t in map(str, THRESHOLDS):
+        assert all(math.isnan(result["entries"][t][k]) for k in ("fraction", "low", "high"))
+        assert math.isnan(result["blocks"][t])
+    assert "NaN or Inf" in result["method"]
