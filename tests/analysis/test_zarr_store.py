@@ -102,16 +102,22 @@ def test_existing_store_is_not_overwritten(op, tmp_path):
         dk.analysis.save_zarr(op, path, chunks=CHUNKS, scheduler="sync", progress=False)
 
 
-@pytest.mark.parametrize("empty", ["m_in", "m_out"])
-@pytest.mark.parametrize("batched", [False, True])
-def test_empty_operator_gives_an_empty_array(layer, tmp_path, empty, batched):
+@pytest.mark.parametrize("empty,batched", [("m_in", False), ("m_in", True), ("m_out", False), ("m_out", True),
+                                           ("batch", True)])
+@pytest.mark.parametrize("chunks", [CHUNKS, None], ids=["chunks", "default-chunks"])
+def test_empty_operator_gives_an_empty_array(layer, tmp_path, empty, batched, chunks):
     # W' without columns (M_in = 0) or rows (M_out = 0) is accepted by HVOOperator; to_dask and
-    # save_zarr failed inside their chunking with "range() arg 3 must not be zero"
+    # save_zarr failed inside their chunking with "range() arg 3 must not be zero", and an empty batch
+    # (B = 0) with the default chunks with ZeroDivisionError (bytes per chunk divided by B)
     p = layer(batch=2, batched=batched)
-    w_v, w_o = (p["w_v"][:, :0], p["w_o"]) if empty == "m_in" else (p["w_v"], p["w_o"][:0])
-    op = dk.HVOOperator(p["attn"], w_v, w_o, num_kv_heads=p["num_kv_heads"])
-    assert op.to_dask(chunks=CHUNKS).compute(scheduler="sync").shape == op.shape
-    path = dk.analysis.save_zarr(op, tmp_path / "w.zarr", chunks=CHUNKS, scheduler="sync", progress=False)
+    attn, w_v, w_o = p["attn"], p["w_v"], p["w_o"]
+    if empty == "batch":
+        attn = attn[:0]
+    else:
+        w_v, w_o = (w_v[:, :0], w_o) if empty == "m_in" else (w_v, w_o[:0])
+    op = dk.HVOOperator(attn, w_v, w_o, num_kv_heads=p["num_kv_heads"])
+    assert op.to_dask(chunks=chunks).compute(scheduler="sync").shape == op.shape
+    path = dk.analysis.save_zarr(op, tmp_path / "w.zarr", chunks=chunks, scheduler="sync", progress=False)
     assert zarr.open_array(path, mode="r").shape == op.shape
     assert dk.analysis.verify_zarr(path) == []
 
