@@ -57,6 +57,16 @@ class AttentionSource:
         out[..., c0:c1] = self.block(r0, r1, c0, c1)
         return out
 
+    def part(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+        """A[:, :, r0:r1, c0:c1] (B, h, rows, cols) for any columns, formed a row block at a time, so
+        that a tall narrow part (one column of W' over every row) never forms whole rows of A."""
+        out = torch.empty(self.batch, self.heads, r1 - r0, c1 - c0, dtype=self.dtype, device=self.device)
+        step = self.rows_per_step()
+        for s in range(r0, r1, step):
+            e = min(r1, s + step)
+            out[:, :, s - r0:e - r0] = self.rows(s, e)[..., c0:c1]
+        return out
+
     def dense(self) -> torch.Tensor:
         """The whole A (B, h, N, N) (refused with DenseTooLargeError when it would not fit)."""
         n = self.tokens
@@ -115,6 +125,9 @@ class ExplicitAttention(AttentionSource):
 
     def rows(self, r0, r1):
         return self.attn[:, :, r0:r1]
+
+    def part(self, r0, r1, c0, c1):
+        return self.attn[:, :, r0:r1, c0:c1]
 
     def dense(self):
         return self.attn

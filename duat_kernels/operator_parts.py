@@ -74,4 +74,4 @@ def tile_factors(source: AttentionSource, ov_shape: tuple[int, int], layout: str
     so0, so1, si0, si1, col0 = _factor_range(c0, c1 - c0, ov_shape[1] if token else n)
     (ar0, ar1, ac0, ac1), (ov_rows, ov_cols) = ((po0, po1, so0, so1), (slice(pi0, pi1), slice(si0, si1))) if token \
         else ((pi0, pi1, si0, si1), (slice(po0, po1), slice(so0, so1)))
-    return source.rows(ar0, ar1)[..., ac0:ac1], ov_rows, ov_cols, row0, col0
+    return source.part(ar0, ar1, ac0, ac1), ov_rows, ov_cols, row0, col0

@@ -245,3 +245,22 @@ def test_empty_batch_matches_the_explicit_operator(case, dtype):
                    lambda o: o.rmatvec(x), lambda o: o.contributions(x), lambda o: o.contributions(x, per_head=True)):
         got, want = method(op), method(explicit)
         assert got.shape == want.shape and got.dtype == want.dtype
+
+
+@pytest.mark.parametrize("layout", ["token", "feature"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_tall_narrow_tile_forms_row_blocks_only(layout, causal, monkeypatch):
+    # One column of W' over every row read whole rows of A for every token: (B, h, N, N) at once
+    # (640 GB for N = 400000: the allocator's raw RuntimeError); now A's part is formed a row block
+    # (BLOCK_ENTRIES) at a time, with the same numbers
+    q, k, w_v, w_o, b_v, b_o, mask = _inputs(batch=2)
+    op = dk.HVOOperator.from_qk(q, k, w_v, w_o, num_kv_heads=2, causal=causal, attention_mask=mask, layout=layout)
+    dense = op.to_dense()
+    monkeypatch.setattr(attention_source, "BLOCK_ENTRIES", 2 * 4 * 11 * 3)  # 3 rows of A per step
+    widths = []
+    real_rows = attention_source.QKAttention.rows
+    monkeypatch.setattr(attention_source.QKAttention, "rows",
+                        lambda self, r0, r1: widths.append(r1 - r0) or real_rows(self, r0, r1))
+    for cols in (slice(0, 1), slice(40, 43), slice(65, 66)):
+        torch.testing.assert_close(op.tile(slice(0, 66), cols), dense[:, :, cols], rtol=1e-12, atol=1e-12)
+    assert widths and max(widths) <= 3
