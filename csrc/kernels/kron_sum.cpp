@@ -163,10 +163,16 @@ inline void store_vec(BF16Split* dst, VF v) { store_bf16_vec<false, kStream>(dst
 template <bool kStream>
 inline void store_vec(BF16Normal* dst, VF v) { store_bf16_vec<false, kStream>(dst, v); }
 
+#if defined(__AVX512F__)
+// float -> IEEE half, 16 lanes, round to nearest even. Zero-masked forms here and in store_pair: the plain intrinsics'
+// undefined pass-through makes GCC 12 warn (-Wuninitialized) wherever it is inlined.
+inline __m256i cvtps_ph(__m512 v) { return _mm512_maskz_cvtps_ph(0xFFFF, v, _MM_FROUND_TO_NEAREST_INT); }
+#endif
+
 template <bool kStream>
 inline void store_vec(FP16* dst, VF v) {
 #if defined(__AVX512F__)
-  const __m256i half = _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT);
+  const __m256i half = cvtps_ph((__m512)v);
   put<32, kStream>(dst, &half);
 #elif defined(__F16C__) && defined(__AVX__)
   const __m128i half = _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT);
@@ -229,8 +235,7 @@ inline void store_pair(BF16Normal* dst, VF a, VF b) {  // no subnormal, no NaN b
 #endif
 template <bool kStream>
 inline void store_pair(FP16* dst, VF a, VF b) {
-  const __m512i out = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtps_ph((__m512)a, _MM_FROUND_TO_NEAREST_INT)),
-                                         _mm512_cvtps_ph((__m512)b, _MM_FROUND_TO_NEAREST_INT), 1);
+  const __m512i out = _mm512_maskz_inserti64x4(0xFF, _mm512_castsi256_si512(cvtps_ph((__m512)a)), cvtps_ph((__m512)b), 1);
   put<64, kStream>(dst, &out);
 }
 #elif defined(__AVX2__)
