@@ -190,7 +190,8 @@ class QKAttention(AttentionSource):
         self.kv_heads = k.shape[1]
         self.dtype, self.device = ct, q.device
         self.scale = d ** -0.5 if scale is None else float(scale)
-        self.causal, self.softcap, self.window = bool(causal), softcap, sliding_window
+        self.causal, self.softcap = bool(causal), softcap
+        self.window = None if sliding_window is None else int(sliding_window)  # a NumPy integer as an int
         self.key_mask = key_mask_4d(attention_mask, self.batch, self.tokens)
         self._qk_finite: bool | None = None
         if self.key_mask is not None:

@@ -40,8 +40,7 @@ def check_qk(q: torch.Tensor, k: torch.Tensor, w_v: torch.Tensor, w_o: torch.Ten
         raise ValueError(f"scale must be a finite number or None (d^-0.5), got {scale!r}")
     if softcap is not None and not 0 < softcap < math.inf:
         raise ValueError(f"softcap must be a positive finite number or None (no cap), got {softcap!r}")
-    if sliding_window is not None and not (isinstance(sliding_window, int) and not isinstance(sliding_window, bool)
-                                           and sliding_window >= 1):
+    if sliding_window is not None and v.positive_int(sliding_window) is None:
         raise ValueError(f"sliding_window must be an int >= 1 or None, got {sliding_window!r}")
     kv, d = v.check_heads(h, h_kv, w_v, w_o)
     batched = q.dim() == 4

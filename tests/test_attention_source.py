@@ -160,6 +160,16 @@ def test_from_qk_rejects_bad_input(kwargs, match):
         dk.HVOOperator.from_qk(args.pop("q"), args.pop("k"), args.pop("w_v"), args.pop("w_o"), **args)
 
 
+def test_from_qk_takes_a_numpy_sliding_window():
+    # as the rest of the API takes NumPy integers (a window read from a config array, say)
+    import numpy as np
+    g = torch.Generator().manual_seed(0)
+    q, k, w_v, w_o = torch.randn(4, 11, 5, generator=g), torch.randn(2, 11, 5, generator=g), torch.randn(10, 6), torch.randn(6, 20)
+    got = dk.HVOOperator.from_qk(q, k, w_v, w_o, causal=True, sliding_window=np.int64(3)).to_dense()
+    expected = dk.HVOOperator.from_qk(q, k, w_v, w_o, causal=True, sliding_window=3).to_dense()
+    assert torch.equal(got, expected)
+
+
 @pytest.mark.parametrize("causal", ["no", None, 0.5])
 def test_from_qk_causal_must_be_a_bool(causal):
     # a string such as "no" used to count as True

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from duat_kernels import reference
-from duat_kernels._validation import format_bytes
+from duat_kernels._validation import format_bytes, positive_int
 from duat_kernels.hvo_operator import HVOOperator
 
 OPERATIONS = ("attention", "matvec", "block_norms", "spectral_norm", "tile")
@@ -134,6 +134,9 @@ def scaling_sweep(ns: list[int], m: int = 256, heads: int = 4, spectral_max_n: i
     Every operation runs once untimed at the smallest N first (warm-up: allocator, thread pool, caches)."""
     from tqdm.auto import tqdm
 
+    if not ns or any(positive_int(n) is None for n in ns):
+        raise ValueError(f"ns must be a non-empty sequence of token counts N >= 1, got {ns!r}")
+    ns = [positive_int(n) for n in ns]
     warm, _ = _operations(min(ns), m, heads, seed, from_qk, grid)
     with torch.no_grad():
         for fn in warm.values():

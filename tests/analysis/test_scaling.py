@@ -24,3 +24,11 @@ def test_no_exponent_from_fewer_than_three_points():
     assert all(math.isnan(v) for v in scaling.growth_exponents(two).values())
     three = two + [row(1024, 16.0)]
     assert all(abs(v - 2) < 1e-9 for v in scaling.growth_exponents(three).values())
+
+
+def test_sweep_refuses_no_or_bad_sizes():
+    import pytest
+
+    for ns in ([], [0], [4, -1], [2.5]):
+        with pytest.raises(ValueError, match="ns must be a non-empty sequence of token counts"):
+            scaling.scaling_sweep(ns, m=4, heads=1, progress=False)
