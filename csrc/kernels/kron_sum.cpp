@@ -486,30 +486,24 @@ FactorScan scan_factor(const A* v, int64_t n0, int64_t n1, int64_t n2, int64_t s
   static_assert(!kLowest || std::is_same_v<A, float>, "lowest_bit is computed for float factors");
   auto line = [&](int64_t k, int& bad, uint32_t& emin) {
     const A* row = v + (k / n1) * s0 + (k % n1) * s1;
-    if constexpr (kLowest) {  // float: the biased exponent e; e = 255 is Inf or NaN, zeros leave emin
-      int b = 0;
-      uint32_t m = 255;
-      auto entry = [&](A x) __attribute__((always_inline)) {
+    int b = 0;
+    uint32_t m = 255;
+    auto entry = [&](A x) __attribute__((always_inline)) {
+      if constexpr (kLowest) {  // float: the biased exponent e; e = 255 is Inf or NaN, zeros leave m
         const uint32_t u = bits_of(x), e = (u >> 23) & 0xFFu;
         b |= e == 0xFFu;
         m = std::min(m, (u << 1) != 0 ? e : 255u);
-      };
-      if (s2 == 1) {  // contiguous lines vectorise
-        for (int64_t j = 0; j < n2; ++j) entry(row[j]);
       } else {
-        for (int64_t j = 0; j < n2; ++j) entry(row[j * s2]);
+        b |= !((x - x) == A(0));
       }
-      bad |= b;
-      emin = std::min(emin, m);
+    };
+    if (s2 == 1) {  // contiguous lines vectorise
+      for (int64_t j = 0; j < n2; ++j) entry(row[j]);
     } else {
-      int b = 0;
-      if (s2 == 1) {
-        for (int64_t j = 0; j < n2; ++j) b |= !((row[j] - row[j]) == A(0));
-      } else {
-        for (int64_t j = 0; j < n2; ++j) b |= !((row[j * s2] - row[j * s2]) == A(0));
-      }
-      bad |= b;
+      for (int64_t j = 0; j < n2; ++j) entry(row[j * s2]);
     }
+    bad |= b;
+    emin = std::min(emin, m);
   };
   const int64_t lines = n0 * n1;
   int bad = 0;
@@ -738,9 +732,6 @@ void write_row(const A* lt, const A* rt, Out* orow, const KronSumProblem& pb, in
 
   const int64_t c_end = pb.col0 + pb.cols;
   const bool zero_check = sc.zero_segments && ws.finite && ws.zero_segment;
-  const A* bcoef[kBatch];
-  Out* bdst[kBatch];
-  int nb = 0;
   if (pb.col0 % T == 0 && c_end % T == 0 && z0 == 0 && z1 == T) {
     // Whole segments and no zero columns (a whole W'): only the zero-block test per segment.
     // Every micro-kernel then starts at a multiple of 2L columns (combine_batch), as BF16Split needs.
@@ -751,6 +742,9 @@ void write_row(const A* lt, const A* rt, Out* orow, const KronSumProblem& pb, in
       whole_segments(coefs, slab, orow, h, T, pb.cols / T, zero_check, sc.stream);
     return;
   }
+  const A* bcoef[kBatch];
+  Out* bdst[kBatch];
+  int nb = 0;
   for (int64_t s = pb.col0 / T; s * T < c_end; ++s) {
     const int64_t ta = max64(0, pb.col0 - s * T), tb = min64(T, c_end - s * T);
     Out* dst = orow + (s * T + ta - pb.col0);  // local address of column (s, ta)
