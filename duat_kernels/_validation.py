@@ -85,7 +85,10 @@ def integer(value, tensors: bool = True) -> int | None:
         return value if type(value) in (int, torch.SymInt) else int(value)  # an int subclass (IntEnum) as int
     if isinstance(value, bool) or (not tensors and isinstance(value, torch.Tensor)) or not hasattr(value, "__index__"):
         return None
-    return value.__index__()
+    try:
+        return value.__index__()
+    except TypeError:  # an array of several entries or of floats has __index__, and refuses it
+        return None
 
 
 def check_flag(name: str, value) -> bool:

@@ -39,7 +39,9 @@ class AttentionSource:
         return 0, self.tokens
 
     def block(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
-        """A[:, :, r0:r1, c0:c1] (B, h, rows, cols)."""
+        """A[:, :, r0:r1, c0:c1] (B, h, rows, cols) for columns [c0, c1) that contain
+        column_range(r0, r1): a source that computes A from logits normalises each row over the
+        columns it is given. For any other columns use part()."""
         raise NotImplementedError
 
     def row_blocks(self, rows: int | None = None):

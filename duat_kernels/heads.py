@@ -4,16 +4,26 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from duat_kernels._validation import integer
 
 
-def head_indices(heads: int | Sequence[int], num_heads: int) -> list[int]:
-    """heads as a list of distinct indices in [0, h) (negative indices count from the end)."""
+def _integer_dtype(a: torch.Tensor | np.ndarray) -> bool:
+    if isinstance(a, torch.Tensor):
+        return not (a.dtype.is_floating_point or a.dtype.is_complex or a.dtype == torch.bool)
+    return a.dtype.kind in "iu"
+
+
+def head_indices(heads: int | Sequence[int] | np.ndarray | torch.Tensor, num_heads: int) -> list[int]:
+    """heads (an int, a sequence of ints, or a 1-D integer array or tensor) as a list of distinct
+    indices in [0, h) (negative indices count from the end)."""
     def is_int(i) -> bool:  # an int or a NumPy integer, not a tensor
         return integer(i, tensors=False) is not None
 
+    if isinstance(heads, (torch.Tensor, np.ndarray)) and heads.ndim <= 1 and _integer_dtype(heads):
+        heads = heads.tolist()  # a 1-D index array (np.arange, torch.tensor([...])) or a 0-d one
     items = [heads] if is_int(heads) else heads
     if not isinstance(items, Sequence) or isinstance(items, str) or not items or not all(is_int(i) for i in items):
         raise TypeError(f"heads must be an int or a non-empty sequence of ints, got {heads!r}")

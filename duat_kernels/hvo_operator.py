@@ -184,13 +184,20 @@ class HVOOperator:
         return blk if self.dims.batched else blk[0]
 
     def tile(self, rows: slice, cols: slice, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """W'[rows, cols] for unit-step slices, written straight into a (rows, cols) buffer (64-bit offsets)."""
+        """W'[rows, cols] for unit-step slices: (rows, cols), or (B, rows, cols) for a batch.
+
+        Written straight into the buffer by the kernel backend (64-bit offsets). When autograd is on
+        and one of the weights or the tensors A comes from requires grad, the tile is computed with
+        differentiable torch operations on the factor ranges it touches instead (same values, within
+        rounding), so gradients flow back to them."""
         total = self.shape[-2:]
         (r0, r1), (c0, c1) = (self._range(s, size, name) for s, size, name in
                               ((rows, total[0], "rows"), (cols, total[1], "cols")))
         dtype = v.resolve_dtype(self.dtype if dtype is None else dtype, None)
         v.check_fits(f"a tile of W' of shape ({r1 - r0}, {c1 - c0})", (r1 - r0) * (c1 - c0) * self.dims.batch * dtype.itemsize,
                      self.device)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (self.w_v, self.w_o, *self.source.inputs())):
+            return self._tile_differentiable(r0, r1, c0, c1, dtype)
         ct = reference.compute_dtype(dtype)
         out = torch.empty(self.dims.batch, r1 - r0, c1 - c0, dtype=dtype, device=self.device)
         backend = backends.resolve("auto", self.device)
@@ -214,8 +221,25 @@ class HVOOperator:
                 if backend != "reference" and dtype in backends.output_dtypes(backend):
                     backends.tile_kernel(backend)(left, right, out[b], row0, col0)
                 else:  # reference: the Kronecker products of the factor ranges the tile touches
-                    part = sum(reference.kron(left[i], right[i]) for i in range(left.shape[0]))
-                    out[b] = part[row0:row0 + r1 - r0, col0:col0 + c1 - c0]
+                    out[b] = self._kron_part(left, right, row0, col0, r1 - r0, c1 - c0)
+        return out if self.dims.batched else out[0]
+
+    @staticmethod
+    def _kron_part(left: torch.Tensor, right: torch.Tensor, row0: int, col0: int, rows: int, cols: int) -> torch.Tensor:
+        """(Σ_i left_i ⊗ right_i)[row0:row0 + rows, col0:col0 + cols] with torch operations."""
+        part = sum(reference.kron(left[i], right[i]) for i in range(left.shape[0]))
+        return part[row0:row0 + rows, col0:col0 + cols]
+
+    def _tile_differentiable(self, r0: int, r1: int, c0: int, c1: int, dtype: torch.dtype) -> torch.Tensor:
+        """tile() through autograd: OV and the Kronecker products of the touched factor ranges."""
+        ct = reference.compute_dtype(dtype)
+        w_v, w_o = self.w_v.to(ct), self.w_o.to(ct)
+        attn, ov_rows, ov_cols, row0, col0 = tile_factors(self.source, (w_o.shape[0], w_v.shape[1]), self.layout,
+                                                          r0, r1, c0, c1)
+        ov = reference.ov_circuits(w_v[:, ov_cols], w_o[ov_rows], self.dims.heads, self.dims.kv_heads)
+        parts = [self._kron_part(*backends.kron_factors(attn[b].to(ct), ov, self.layout), row0, col0, r1 - r0, c1 - c0)
+                 for b in range(self.dims.batch)]
+        out = (torch.stack(parts) if parts else attn.new_zeros(0, r1 - r0, c1 - c0, dtype=ct)).to(dtype)
         return out if self.dims.batched else out[0]
 
     # --- analysis without the dense matrix (duat_kernels.linalg) -------------------------------

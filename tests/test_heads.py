@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,3 +70,22 @@ def test_bad_heads_name_the_argument(heads, error, match):
         dk.hvo_matrix(attn, w_v, w_o, heads=heads)
     with pytest.raises(error, match=match):
         dk.HVOOperator(attn, w_v, w_o, heads=heads)
+
+
+@pytest.mark.parametrize("make", [np.array, torch.tensor, lambda x: np.int64(x[0]), lambda x: torch.tensor(x[0])])
+def test_heads_as_integer_arrays(make):
+    # an index array (np.arange(...), np.flatnonzero(mask), torch.tensor([...])) was refused
+    attn, w_v, w_o, _ = _layer(2, 6, 2)
+    heads = [4, 1] if make in (np.array, torch.tensor) else [4]
+    want = dk.hvo_matrix(attn, w_v, w_o, num_kv_heads=2, heads=heads)
+    torch.testing.assert_close(dk.hvo_matrix(attn, w_v, w_o, num_kv_heads=2, heads=make(heads)), want)
+    op = dk.HVOOperator(attn, w_v, w_o, num_kv_heads=2, heads=make(heads))
+    torch.testing.assert_close(op.to_dense(), want)
+
+
+@pytest.mark.parametrize("heads", [np.array([0.0, 1.0]), torch.tensor([[0, 1]]), np.array([True, False]),
+                                   torch.tensor([], dtype=torch.int64)])
+def test_heads_arrays_that_are_not_index_vectors_are_refused(heads):
+    attn, w_v, w_o, _ = _layer(0, 4, 4)
+    with pytest.raises(TypeError, match="heads must be an int or a non-empty sequence of ints"):
+        dk.hvo_matrix(attn, w_v, w_o, heads=heads)

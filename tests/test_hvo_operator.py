@@ -50,6 +50,38 @@ def test_tiles_and_blocks_match_dense(layout, grad):
     torch.testing.assert_close(op.block(4, 1), tok[20:25, 9:18], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("layout", ["token", "feature"])
+@pytest.mark.parametrize("from_qk", [False, True])
+def test_tile_gradients_match_the_dense_slice(layout, from_qk):
+    # tile() ran under no_grad: its result had no grad_fn, and backward() failed on it
+    g = torch.Generator().manual_seed(3)
+    heads, kv, n, d, m_in, m_out = 4, 2, 5, 3, 7, 6
+    w_v = torch.randn(kv * d, m_in, generator=g, dtype=torch.float64, requires_grad=True)
+    w_o = torch.randn(m_out, heads * d, generator=g, dtype=torch.float64, requires_grad=True)
+    if from_qk:
+        q = torch.randn(2, heads, n, d, generator=g, dtype=torch.float64, requires_grad=True)
+        k = torch.randn(2, kv, n, d, generator=g, dtype=torch.float64, requires_grad=True)
+        leaves = (q, k, w_v, w_o)
+        op = dk.HVOOperator.from_qk(q, k, w_v, w_o, num_kv_heads=kv, causal=True, layout=layout)
+        attn = (q @ k.repeat_interleave(heads // kv, 1).transpose(-1, -2) * d ** -0.5).masked_fill(
+            torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+    else:
+        attn = torch.randn(2, heads, n, n, generator=g, dtype=torch.float64).softmax(-1).requires_grad_(True)
+        leaves = (attn, w_v, w_o)
+        op = dk.HVOOperator(attn, w_v, w_o, num_kv_heads=kv, layout=layout)
+    weights = torch.randn(2, 13, 17, generator=g, dtype=torch.float64)
+    tile = op.tile(slice(4, 17), slice(9, 26))
+    assert tile.requires_grad
+    got = torch.autograd.grad((tile * weights).sum(), leaves)
+    dense = dk.hvo_matrix(attn, w_v, w_o, num_kv_heads=kv, layout=layout, backend="reference")
+    torch.testing.assert_close(tile, dense[:, 4:17, 9:26], rtol=1e-12, atol=1e-12)
+    want = torch.autograd.grad((dense[:, 4:17, 9:26] * weights).sum(), leaves)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():  # and without autograd, the kernel path (an exact slice)
+        assert not op.tile(slice(4, 17), slice(9, 26)).requires_grad
+
+
 def test_bad_arguments():
     lay = random_layer(1, 2, tokens=3, m_in=4, m_out=2, batched=False)
     op = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"])

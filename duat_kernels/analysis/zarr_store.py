@@ -164,7 +164,13 @@ def _compute_with_progress(dask, tasks: list, scheduler, progress: bool, desc: s
 def verify_zarr(path: str | os.PathLike) -> list[str]:
     """Names "i.j" of the chunks of a store written by save_zarr whose bytes no longer match their
     recorded sha256 (an empty list: the store is intact)."""
-    arr = _zarr().open_array(Path(path), mode="r")
+    zarr = _zarr()
+    if not Path(path).exists():
+        raise FileNotFoundError(f"verify_zarr: {path} does not exist")
+    try:
+        arr = zarr.open_array(Path(path), mode="r")
+    except (zarr.errors.BaseZarrError, ValueError) as exc:  # no array there, a group, unreadable metadata
+        raise ValueError(f"{path} is not a zarr array written by save_zarr ({exc})") from exc
     meta = arr.attrs.get("duat")
     if not meta or "chunk_sha256" not in meta:
         raise ValueError(f"{path} has no chunk checksums: it was not written by save_zarr")

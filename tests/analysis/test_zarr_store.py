@@ -74,6 +74,22 @@ def test_verify_finds_a_corrupted_chunk(op, tmp_path):
     assert meta["chunks"] == list(CHUNKS) and len(meta["chunk_sha256"]) == 36
 
 
+def test_verify_names_a_path_that_is_no_store(tmp_path):
+    # zarr's own errors came out: "No array found in store file://... at path", a JSONDecodeError
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "zarr.json").write_text("{not json")
+    zarr.create_group(tmp_path / "group")
+    for name in ("empty", "broken", "group"):
+        with pytest.raises(ValueError, match=f"{name} is not a zarr array written by save_zarr"):
+            dk.analysis.verify_zarr(tmp_path / name)
+    with pytest.raises(FileNotFoundError, match="verify_zarr: .*missing does not exist"):
+        dk.analysis.verify_zarr(tmp_path / "missing")
+    plain = zarr.create_array(tmp_path / "plain", shape=(2, 2), dtype="f4")
+    with pytest.raises(ValueError, match="has no chunk checksums"):
+        dk.analysis.verify_zarr(plain.store_path.store.root)
+
+
 def test_threads_scheduler_and_float64(layer, tmp_path):
     p = layer(batched=False, dtype=torch.float64, heads=6, kv_heads=3)
     op = dk.HVOOperator(p["attn"], p["w_v"], p["w_o"], num_kv_heads=3, layout="feature")
