@@ -8,6 +8,9 @@ Every case writes the same N·M x N·M matrix (token layout). Contestants:
   cpp_first_touch  without out=, the output cache emptied before every call: a new mapping whose
               pages the kernel zeroes on first touch
   fill        buf.fill_(0) on the same buffer: the memory-write floor
+  fill_stream the same buffer zeroed with the kernel's non-temporal stores (duat_kernels.cpp.stream_zero_):
+              the write floor of the store path cpp takes for outputs above 16 MiB; on some buffers
+              it is slower than fill_'s regular stores, on others faster
   einsum      torch.einsum("inm,ica->ncma", A, OV).reshape(...): the obvious PyTorch route
   kron_sum    Σ_i torch.kron(A_i, OV_i): the reference backend
   jacrev      torch.func.jacrev of the attention with A detached: the autograd route
@@ -53,10 +56,10 @@ def _cases():
         small = 4 * (cfg[0] * cfg[1]) ** 2 <= PEER_LIMIT_BYTES
         peers = (["kron_sum"] if small or cfg in MAIN else []) + (["jacrev"] if small else [])
         variants = [f"cpp@{isa}" for isa in cpp.supported_capabilities()] if cfg in MAIN else []
-        for contestant in ["fill", "cpp"] + variants + ["cpp_fresh", "fill_again", "einsum"] + peers:
+        for contestant in ["fill", "fill_stream", "cpp"] + variants + ["cpp_fresh", "fill_again", "einsum"] + peers:
             yield cfg, contestant, torch.float32, False
         if cfg in MAIN:
-            for contestant in ["fill", "cpp"] + variants + ["cpp_fresh", "fill_again"]:
+            for contestant in ["fill", "fill_stream", "cpp"] + variants + ["cpp_fresh", "fill_again"]:
                 yield cfg, contestant, torch.bfloat16, False
             yield cfg, "cpp", torch.float32, True
             yield cfg, "cpp_first_touch", torch.float32, False
@@ -118,7 +121,7 @@ def _jacrev(attn, w_v, w_o, n, m):
                                             f"{'-causal' if c[3] else ''}" for c in CASES])
 def test_materialise(benchmark, case):
     (n, m, h), contestant, dtype, causal = case
-    if contestant.startswith("cpp") and "cpp" not in dk.available_backends():
+    if (contestant.startswith("cpp") or contestant == "fill_stream") and "cpp" not in dk.available_backends():
         pytest.skip("the C++ extension is not built")
     isa = contestant.partition("@")[2] or cpp.cpu_capability()
     attn, w_v, w_o = _layer(n, m, h, causal)
@@ -130,6 +133,7 @@ def test_materialise(benchmark, case):
         "cpp_fresh": lambda: dk.hvo_matrix(attn, w_v, w_o, backend="cpp", dtype=dtype),
         "cpp_first_touch": lambda: dk.hvo_matrix(attn, w_v, w_o, backend="cpp", dtype=dtype),
         "fill": lambda: out.fill_(0),
+        "fill_stream": lambda: cpp.stream_zero_(out),
         "fill_again": lambda: out.fill_(0),
         "einsum": lambda: torch.einsum("inm,ica->ncma", attn, ov).reshape(n * m, n * m),
         "kron_sum": lambda: reference.hvo_matrix(attn[None], ov)[0],

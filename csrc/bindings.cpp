@@ -573,6 +573,21 @@ PYBIND11_MODULE(_C, m) {
       py::arg("iterations") = 20000000, py::arg("num_threads") = 1,
       "Float32 FMA throughput in GFLOP/s of register-only vector FMA chains of the active ISA variant:\n"
       "the arithmetic floor of kron_sum.");
+  m.def(
+      "stream_zero",
+      [](py::array out, int num_threads) {
+        if (!out.writeable()) throw std::invalid_argument("stream_zero: out must be writable");
+        if (!(out.flags() & py::array::c_style)) throw std::invalid_argument("stream_zero: out must be C-contiguous");
+        if (num_threads < 1) throw std::invalid_argument("stream_zero: num_threads must be at least 1");
+        void* data = out.mutable_data();
+        const int64_t nbytes = static_cast<int64_t>(out.nbytes());
+        const duat::IsaKernels& kernels = duat::active();
+        py::gil_scoped_release release;
+        kernels.stream_zero(data, nbytes, num_threads);
+      },
+      py::arg("out"), py::arg("num_threads") = 1,
+      "Zero a C-contiguous array with the non-temporal stores of the active ISA variant, the store path\n"
+      "of a large W': the memory-write floor of that path (for benchmarks).");
   m.def("cpu_capability", [] { return std::string(duat::active().name); },
         "The ISA variant of the kernels in use: baseline, avx2, avx512 or native.");
   m.def("set_cpu_capability", &duat::set_capability, py::arg("name"),

@@ -197,6 +197,15 @@ def empty_output(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(_C.alloc_output(nbytes)).view(dtype).view(shape)
 
 
+def stream_zero_(out: torch.Tensor) -> torch.Tensor:
+    """Zero a contiguous CPU tensor with the kernel's non-temporal stores (the store path of a W' above
+    16 MiB written into out=): the memory-write floor of that path, next to fill_'s. For benchmarks."""
+    if out.device.type != "cpu" or not out.is_contiguous():
+        raise ValueError(f"stream_zero_ needs a contiguous CPU tensor, got {out.device} tensor of strides {out.stride()}")
+    _C.stream_zero(_numpy_view(out), kernel_threads())
+    return out
+
+
 def output_cache_info() -> dict[str, int]:
     """{cached_bytes, cached_blocks, limit_bytes, hits, misses} of the output cache."""
     return dict(_C.output_cache_info()) if _C is not None else {}

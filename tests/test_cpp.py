@@ -342,6 +342,25 @@ def test_fma_probe_is_not_below_half_of_sgemm(isa):
     assert probe >= 0.5 * sgemm, f"{isa}: FMA probe {probe:.0f} GFLOP/s < half of torch sgemm {sgemm:.0f} GFLOP/s"
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype,offset,numel", [(torch.uint8, 3, 4_900_003), (torch.bfloat16, 1, 77),
+                                                (torch.float32, 5, (2 << 20) + 9), (torch.float64, 0, 0)])
+def test_stream_zero_writes_exactly_its_tensor(dtype, offset, numel, threads, capability):
+    # the benchmarks' floor of the non-temporal store path: an unaligned start, chunks split over threads
+    full = torch.full((offset + numel + 70,), 5, dtype=dtype)
+    part = full[offset:offset + numel]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cpp.stream_zero_(part)
+    finally:
+        torch.set_num_threads(before)
+    assert (part == 0).all()
+    assert (full[:offset] == 5).all() and (full[offset + numel:] == 5).all()
+    with pytest.raises(ValueError, match="stream_zero_ needs a contiguous CPU tensor"):
+        cpp.stream_zero_(torch.zeros(4, 4).t())
+
+
 @pytest.mark.parametrize("layout", ["token", "feature"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_values_propagate_through_zero_blocks(layout, bad, capability):

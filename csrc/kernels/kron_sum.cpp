@@ -881,6 +881,28 @@ void run_rows(const A* lt, const A* rt, Out* out, const KronSumProblem& pb, Shor
 
 }  // namespace
 
+void stream_zero(void* dst, int64_t bytes, int num_threads) {
+  constexpr int64_t kChunk = int64_t(2) << 20;
+  char* base = static_cast<char*>(dst);
+  const int64_t chunks = (bytes + kChunk - 1) / kChunk;
+  auto chunk = [&](int64_t c) { zero(base + c * kChunk, min64(kChunk, bytes - c * kChunk), true); };
+  if (num_threads <= 1 || chunks <= 1) {  // no OpenMP at all (see run_rows)
+    for (int64_t c = 0; c < chunks; ++c) chunk(c);
+    store_fence(true);
+    return;
+  }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(num_threads)
+#endif
+  {
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (int64_t c = 0; c < chunks; ++c) chunk(c);
+    store_fence(true);
+  }
+}
+
 void kron_sum_f32(const float* lt, const float* rt, void* out, OutType out_type, const KronSumProblem& pb,
                   int num_threads) {
   switch (out_type) {
