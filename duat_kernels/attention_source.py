@@ -113,6 +113,10 @@ class AttentionSource:
         """The tensors A is computed from (checked once for NaN/Inf before shortcuts that assume finite A)."""
         raise NotImplementedError
 
+    def finite(self) -> bool:
+        """Whether every entry of A is finite (finite inputs() prove it; see QKAttention for the rest)."""
+        return v.all_finite(*self.inputs())
+
 
 class ExplicitAttention(AttentionSource):
     """A stored attn (B, h, N, N)."""
@@ -381,6 +385,11 @@ class QKAttention(AttentionSource):
 
     def inputs(self):
         return [self.q, self.k]
+
+    def finite(self):
+        """A NaN or Inf in q or k need not reach A: a masked key's, or an Inf logit soft-capped to c.
+        Softmax entries lie in [0, 1] or are NaN, so A is finite exactly where its row sums are."""
+        return self._finite_qk() or v.all_finite(self.row_sums())
 
     def fingerprint(self):
         mask = [] if self.key_mask is None else [self.key_mask.reshape(-1).to(torch.uint8)]

@@ -46,7 +46,7 @@ def singular_values(op, k: int = 1, tol: float = 1e-6, seed: int = 0) -> np.ndar
         raise ValueError(f"k must be in [1, {side}] for W' of shape {lin.shape}, got {k}"
                          if side else f"W' of shape {lin.shape} has no singular values (k={k})")
     positive_tolerance(tol)
-    if not all_finite(*op.source.inputs(), op.w_v, op.w_o):
+    if not (op.source.finite() and all_finite(op.w_v, op.w_o)):  # a non-finite weight reaches W' (0 · Inf = NaN)
         return np.full(k, np.nan, dtype=lin.dtype)
     if k == side:
         with torch.no_grad():
