@@ -99,6 +99,19 @@ def check_flag(name: str, value) -> bool:
     return bool(value)
 
 
+def numeric_array(name: str, value, complex_ok: bool = False) -> np.ndarray:
+    """value as a NumPy array of numbers (bool, int, float; complex when complex_ok): strings and objects
+    failed deep inside NumPy, and complex values were cast to real with only a warning."""
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as exc:  # ragged nested sequences
+        raise TypeError(f"{name} must be an array of numbers, got {type(value).__name__} ({exc})") from None
+    if array.dtype.kind not in ("biufc" if complex_ok else "biuf"):
+        kinds = "real or complex numbers" if complex_ok else "real numbers"
+        raise TypeError(f"{name} must hold {kinds}, got an array of dtype {array.dtype}")
+    return array
+
+
 def check_index(name: str, index, size: int, axis: str) -> int:
     """A Python-style index into an axis of `size` (negative counts from the end) -> [0, size)."""
     if integer(index) is None:

@@ -19,6 +19,8 @@ import numbers
 import numpy as np
 import scipy.sparse
 
+from duat_kernels._validation import numeric_array
+
 ROW_SUM_TOLERANCE = 1e-6  # |Σ_y Q[s, y] − 1| allowed (float32 probabilities, rounding)
 
 
@@ -30,7 +32,7 @@ class TransitionOperator:
     """
 
     def __init__(self, probabilities: np.ndarray, num_symbols: int, context: int):
-        q = np.asarray(probabilities, dtype=np.float64)
+        q = numeric_array("probabilities", probabilities).astype(np.float64, copy=False)
         if any(isinstance(n, bool) or not isinstance(n, numbers.Integral) for n in (num_symbols, context)):
             raise TypeError(f"num_symbols and context must be ints, got {num_symbols!r} and {context!r}")
         num_symbols, context = int(num_symbols), int(context)
@@ -61,7 +63,7 @@ class TransitionOperator:
         return self.probabilities.dtype
 
     def _check(self, name: str, v) -> np.ndarray:
-        v = np.asarray(v)
+        v = numeric_array(name, v, complex_ok=True)  # P is linear: complex vectors are fine
         if v.ndim not in (1, 2) or v.shape[0] != self.num_states:
             raise ValueError(f"{name} must have shape ({self.num_states},) or ({self.num_states}, n), got {v.shape}")
         return v
