@@ -54,14 +54,22 @@ def check_tensor(name: str, t, ndims: tuple[int, ...]) -> None:
 
 
 def check_real_dtype(name: str, t: torch.Tensor) -> None:
-    """t must be float32/float64/float16/bfloat16; float8 is refused because its values mean
-    nothing without the scales that quantised them."""
+    """t must be a dense (strided) float32/float64/float16/bfloat16 tensor; float8 is refused because
+    its values mean nothing without the scales that quantised them."""
+    check_strided(name, t)
     if not t.is_floating_point():
         raise TypeError(f"{name} must have a floating-point dtype (float32, float64, float16 or bfloat16), "
                         f"got {t.dtype}")
     if t.dtype not in OUTPUT_DTYPES:
         raise TypeError(f"{name} has dtype {t.dtype}; expected float32, float64, float16 or bfloat16. Dequantise "
                         f"float8 weights first (multiply by their scales, e.g. w.float() * scale)")
+
+
+def check_strided(name: str, t: torch.Tensor) -> None:
+    """Sparse (COO, CSR, ...) and MKL-DNN tensors failed deep inside torch (reshape, strides, storage)."""
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; convert it with "
+                        f"{name}.to_dense()")
 
 
 def as_dtype(dtype) -> torch.dtype | None:
@@ -238,6 +246,8 @@ def check_out(out: torch.Tensor, shape: tuple[int, ...], device: torch.device, *
     if not out.is_contiguous():
         raise ValueError("out must be contiguous (it is written in place, row-major); "
                          "pass a fresh torch.empty buffer or out=None")
+    if out.is_neg():  # a lazy negation (torch._neg_view): what is written would be read back negated
+        raise ValueError("out has its negative bit set (a lazily negated view); pass a plain buffer (torch.empty)")
     if out.requires_grad and torch.is_grad_enabled():
         raise RuntimeError("out requires grad; hvo_matrix writes it in place, so pass a buffer without grad")
     if torch.compiler.is_compiling():

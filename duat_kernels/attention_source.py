@@ -172,6 +172,7 @@ def key_mask_4d(mask: torch.Tensor | None, batch: int, tokens: int) -> torch.Ten
         got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ValueError(f"attention_mask must be a key mask of shape (N,) = ({tokens},) or (B, N) = "
                          f"({batch}, {tokens}), True = attend, got {got}")
+    v.check_strided("attention_mask", mask)
     if mask.dtype != torch.bool:
         # 1/0 keep masks (tokenizers give int64) only: an additive mask (0 = attend, -inf or a large
         # negative = masked) read as one would be silently inverted

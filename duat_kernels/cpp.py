@@ -122,10 +122,13 @@ _apply_capability_env()
 
 
 def _numpy_view(t: torch.Tensor):
-    """A NumPy view sharing t's memory; bfloat16 (unknown to NumPy) travels as int16 bits."""
+    """A NumPy view sharing t's memory; bfloat16 (unknown to NumPy) travels as int16 bits. A tensor whose
+    negative bit is set (a lazy negation: x.conj().imag of a complex x, torch._neg_view) has no such
+    view: its negated copy is passed (outputs never have the bit: _validation.check_out refuses it)."""
+    t = t.detach().resolve_neg()
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
-    return t.detach().numpy()
+    return t.numpy()
 
 
 def _tile_ranges(row0: int, col0: int, shape: tuple[int, int], inner_rows: int, inner_cols: int):

@@ -26,6 +26,11 @@ def kernel_options(source) -> dict:
                 window=int(source.window or 0), num_threads=cpp.kernel_threads())
 
 
+def query_keys(source):
+    """q and k of the source as contiguous NumPy views for the kernels."""
+    return cpp._numpy_view(source.q.contiguous()), cpp._numpy_view(source.k.contiguous())
+
+
 def key_mask(source):
     """The key mask (B, N) as a NumPy bool view for the kernels, or None."""
     return None if source.key_mask is None else source.key_mask[:, 0, 0].contiguous().numpy()
@@ -36,8 +41,7 @@ def mix(source, values: torch.Tensor) -> torch.Tensor:
     in float32, returned in values' dtype."""
     vals = values.to(torch.float32).contiguous()
     out = torch.empty(source.batch, source.heads, source.tokens, vals.shape[-1], dtype=torch.float32)
-    cpp._C.qk_mix(source.q.contiguous().numpy(), source.k.contiguous().numpy(), key_mask(source), vals.numpy(),
-                  out.numpy(), **kernel_options(source))
+    cpp._C.qk_mix(*query_keys(source), key_mask(source), vals.numpy(), out.numpy(), **kernel_options(source))
     return out.to(values.dtype)
 
 
@@ -46,6 +50,5 @@ def mix_transposed(source, u: torch.Tensor) -> torch.Tensor:
     in float32, returned in u's dtype."""
     uc = u.to(torch.float32).contiguous()
     out = torch.empty_like(uc)
-    cpp._C.qk_mix_transposed(source.q.contiguous().numpy(), source.k.contiguous().numpy(), key_mask(source),
-                             uc.numpy(), out.numpy(), **kernel_options(source))
+    cpp._C.qk_mix_transposed(*query_keys(source), key_mask(source), uc.numpy(), out.numpy(), **kernel_options(source))
     return out.to(u.dtype)
