@@ -136,3 +136,23 @@ def test_fraction_above_is_nan_when_sampled_entries_are_nan(where):
     assert math.isnan(est.fraction) and math.isnan(est.low) and math.isnan(est.high) and est.samples == 4000
     finite = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"]).fraction_above(0.1, samples=4000)
     assert 0 < finite.fraction < 1
+
+
+@pytest.mark.parametrize("wide", ["w_v", "w_o"])
+@pytest.mark.parametrize("grid", [None, (2, 3)])
+def test_float64_weights_with_float32_attention_keep_float64(wide, grid):
+    # float32 A with float64 weights ran the float32 Gram pass: relative errors ~1e-7 (and a float32
+    # result) where to_dense and contributions, in the promoted float64, are exact to ~1e-16
+    lay = random_layer(1, 4, 2, tokens=5, head_dim=3, m_in=4, m_out=3, batched=False, dtype=torch.float64)
+    args = {"attn": lay["attn"].float(), "w_v": lay["w_v"].float(), "w_o": lay["w_o"].float()}
+    args[wide] = lay[wide]
+    op = dk.HVOOperator(args["attn"], args["w_v"], args["w_o"], num_kv_heads=2)
+    dense = op.to_dense().reshape(5, 3, 5, 4).permute(0, 2, 1, 3)
+    want = dense.square().sum((-1, -2))
+    if grid is not None:
+        want = torch.stack([torch.stack([want[r][:, c].sum() for c in (slice(0, 2), slice(2, 4), slice(4, 5))])
+                            for r in (slice(0, 3), slice(3, 5))])  # rows (arange(N) * R) // N, columns alike
+    got = op.block_norms(grid)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want.sqrt(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(op.frobenius_norm(), dense.square().sum().sqrt(), rtol=1e-12, atol=0)
