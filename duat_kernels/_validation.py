@@ -120,6 +120,17 @@ def numeric_array(name: str, value, complex_ok: bool = False) -> np.ndarray:
     return array
 
 
+def check_threads(name: str, value) -> int:
+    """A thread count: an int in [1, cpp.max_threads()] (4 per CPU; 100000 crashed the process in OpenMP)."""
+    threads = positive_int(value)
+    if threads is None:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if threads > cpp.max_threads():
+        raise ValueError(f"{name} must be at most {cpp.max_threads()} ({cpp.MAX_THREADS_PER_CPU} per CPU, "
+                         f"{os.cpu_count()} CPUs here), got {value!r}")
+    return threads
+
+
 def check_index(name: str, index, size: int, axis: str) -> int:
     """A Python-style index into an axis of `size` (negative counts from the end) -> [0, size)."""
     if integer(index) is None:

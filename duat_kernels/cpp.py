@@ -105,6 +105,17 @@ def _apply_capability_env() -> None:
                           stacklevel=2)
 
 
+# The most threads per CPU that a --threads option takes: more only contend for the CPUs, and tens of
+# thousands make OpenMP fail to start them: torch.set_num_threads(100000) leaves a process in which
+# the next parallel region (torch's or the kernel's) aborts in libgomp or segfaults.
+MAX_THREADS_PER_CPU = 4
+
+
+def max_threads() -> int:
+    """The most threads a thread count option takes (_validation.check_threads): 4 per CPU."""
+    return MAX_THREADS_PER_CPU * (os.cpu_count() or 1)
+
+
 def num_threads() -> int:
     """Threads the kernel runs on: torch's setting, or 1 in a forked child (see _after_fork_in_child)."""
     return 1 if _FORKED_AFTER_KERNEL else torch.get_num_threads()

@@ -115,6 +115,11 @@ def test_fraction_above_takes_numpy_numbers():
     assert got == want and type(got.samples) is int
     with pytest.raises(TypeError, match="samples must be an int, got bool"):
         op.fraction_above(0.25, samples=True)
+    # a seed outside torch.Generator's range failed with its raw "Overflow when unpacking long long"
+    for seed in (1 << 64, -(1 << 63) - 1):
+        with pytest.raises(ValueError, match=r"seed must be in \[-2\*\*63, 2\*\*64\)"):
+            op.fraction_above(0.25, samples=10, seed=seed)
+    assert op.fraction_above(0.25, samples=10, seed=(1 << 64) - 1).samples == 10
 
 
 @pytest.mark.parametrize("where", ["attn", "w_v", "zero_block_inf"])
