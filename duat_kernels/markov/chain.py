@@ -24,7 +24,7 @@ import scipy.sparse
 
 from duat_kernels._validation import numeric_array
 from duat_kernels.markov.logits import BOS_AUTO, check_context, context_logits, default_bos_id, symbol_token_ids
-from duat_kernels.markov.operator import TransitionOperator
+from duat_kernels.markov.operator import TransitionOperator, state_count
 
 
 def check_temperature(tau) -> float:
@@ -86,7 +86,7 @@ class LanguageModelChain:
         if len(set(self.symbols)) != t:  # state_index would be ambiguous
             raise ValueError(f"symbols must be distinct, got {list(self.symbols)}")
         self.logits = numeric_array("logits", self.logits)
-        if self.logits.shape != (t ** self.context, t):
+        if self.logits.shape != (state_count(t, self.context), t):
             raise ValueError(f"logits must have shape (T^K, T) = ({t ** self.context}, {t}) for T={t}, "
                              f"K={self.context}, got {self.logits.shape}")
         if not np.isfinite(self.logits).all():

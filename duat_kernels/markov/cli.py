@@ -12,6 +12,7 @@ import torch
 from duat_kernels._validation import check_output_folder, check_threads
 from duat_kernels.markov.chain import LanguageModelChain, check_temperature
 from duat_kernels.markov.logits import check_context
+from duat_kernels.markov.operator import state_count
 
 RESIDUAL_WARNING = 1e-8  # ||πP − π||₁ above this is reported on stderr
 
@@ -52,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         symbols = _symbols(args.tokens)
         if len(symbols) < 2 or len(set(symbols)) != len(symbols):
             raise ValueError(f"--tokens must give at least 2 distinct symbols, got {symbols}")
+        state_count(len(symbols), check_context(args.context))  # before the model loads
         check_output_folder("--out", args.out)
         if args.cache:
             check_output_folder("--cache", args.cache)
