@@ -163,8 +163,8 @@ class ExplicitAttention(AttentionSource):
         return [flat[::max(1, flat.numel() >> 20)]]
 
 
-def key_mask_4d(mask: torch.Tensor | None, batch: int, tokens: int) -> torch.Tensor | None:
-    """attention_mask (N,) or (B, N), True/1 = attend -> bool (B, 1, 1, N), or None."""
+def key_mask_4d(mask: torch.Tensor | None, batch: int, tokens: int, device: torch.device) -> torch.Tensor | None:
+    """attention_mask (N,) or (B, N), True/1 = attend -> bool (B, 1, 1, N) on `device` (q's), or None."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor) or mask.dim() not in (1, 2) or mask.shape[-1] != tokens or (
@@ -173,6 +173,8 @@ def key_mask_4d(mask: torch.Tensor | None, batch: int, tokens: int) -> torch.Ten
         raise ValueError(f"attention_mask must be a key mask of shape (N,) = ({tokens},) or (B, N) = "
                          f"({batch}, {tokens}), True = attend, got {got}")
     v.check_strided("attention_mask", mask)
+    if mask.device.type == "meta" and device.type != "meta":  # a meta mask has no values to move to q's device
+        raise ValueError(f"attention_mask is on {mask.device} but q and k are on {device}; put them on one device")
     if mask.dtype != torch.bool:
         # 1/0 keep masks (tokenizers give int64) only: an additive mask (0 = attend, -inf or a large
         # negative = masked) read as one would be silently inverted
@@ -181,7 +183,7 @@ def key_mask_4d(mask: torch.Tensor | None, batch: int, tokens: int) -> torch.Ten
                              "values other than 0 and 1 (an additive mask, 0 = attend and -inf = masked? pass "
                              "attention_mask == 0 for one)")
     mask = mask.bool().reshape(-1, 1, 1, tokens)
-    return mask.expand(batch, 1, 1, tokens)
+    return mask.expand(batch, 1, 1, tokens).to(device)
 
 
 class QKAttention(AttentionSource):
@@ -198,11 +200,11 @@ class QKAttention(AttentionSource):
         self.dtype, self.device = ct, q.device
         self.scale = d ** -0.5 if scale is None else float(scale)
         self.causal, self.softcap = bool(causal), softcap
-        self.window = None if sliding_window is None else int(sliding_window)  # a NumPy integer as an int
-        self.key_mask = key_mask_4d(attention_mask, self.batch, self.tokens)
+        # a NumPy integer as an int; a window of N or more keys is every key (the kernels take int64: 10**20
+        # overflowed there, 2**63 wrapped to a negative index)
+        self.window = None if sliding_window is None else min(int(sliding_window), self.tokens)
+        self.key_mask = key_mask_4d(attention_mask, self.batch, self.tokens, self.device)
         self._qk_finite: bool | None = None
-        if self.key_mask is not None:
-            self.key_mask = self.key_mask.to(self.device)
         self._lse: torch.Tensor | None = None
         self.empty_rows = self._rows_without_keys()  # (B, N) bool or None
 
@@ -229,8 +231,8 @@ class QKAttention(AttentionSource):
         return ok
 
     def _rows_without_keys(self) -> torch.Tensor | None:
-        if self.key_mask is None and not self.window:
-            return None  # causal rows see themselves; full rows see every key
+        if self.key_mask is None and not self.window or self.device.type == "meta":
+            return None  # causal rows see themselves; full rows see every key; meta tensors have shapes only
         keys = self.key_mask[:, 0, 0] if self.key_mask is not None else \
             torch.ones(1, self.tokens, dtype=torch.bool, device=self.device)
         count = torch.nn.functional.pad(keys.long().cumsum(-1), (1, 0))  # count[j] = keys before j

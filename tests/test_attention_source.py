@@ -170,6 +170,35 @@ def test_from_qk_takes_a_numpy_sliding_window():
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("window", [10 ** 20, 1 << 63, 1 << 40])
+@pytest.mark.parametrize("causal", [False, True])
+def test_from_qk_window_of_more_keys_than_tokens_is_every_key(window, causal):
+    # the int64 q/k kernels got the window as given: 10**20 failed with "int too big to convert",
+    # 2**63 with "index -9223372036854775808 is out of bounds"
+    g = torch.Generator().manual_seed(1)
+    q, k, w_v, w_o = (torch.randn(*s, generator=g) for s in ((2, 5, 3), (2, 5, 3), (6, 4), (4, 6)))
+    plain = dk.HVOOperator.from_qk(q, k, w_v, w_o, causal=causal)
+    op = dk.HVOOperator.from_qk(q, k, w_v, w_o, causal=causal, sliding_window=window)
+    x = torch.randn(20, generator=g)
+    torch.testing.assert_close(op.to_dense(), plain.to_dense())
+    torch.testing.assert_close(op.block_norms(), plain.block_norms())
+    torch.testing.assert_close(op.block_norms(grid=2), plain.block_norms(grid=2))
+    torch.testing.assert_close(op.matvec(x), plain.matvec(x))
+    torch.testing.assert_close(op.rmatvec(x), plain.rmatvec(x))
+
+
+def test_from_qk_meta_mask_is_refused_and_meta_q_takes_masks():
+    # was torch's NotImplementedError "Cannot copy out of meta tensor; no data!" at the first method
+    with pytest.raises(ValueError, match="attention_mask is on meta but q and k are on cpu"):
+        dk.HVOOperator.from_qk(torch.randn(2, 5, 3), torch.randn(2, 5, 3), torch.randn(6, 4), torch.randn(4, 6),
+                               attention_mask=torch.ones(5, dtype=torch.bool, device="meta"))
+    # meta q and k with a key mask or a sliding window failed with "Tensor.item() cannot be called on meta tensors"
+    for opts in (dict(attention_mask=torch.ones(5, dtype=torch.bool)), dict(sliding_window=2)):
+        meta = dk.HVOOperator.from_qk(*(torch.randn(*s, device="meta") for s in ((2, 5, 3), (2, 5, 3), (6, 4), (4, 6))),
+                                      **opts)
+        assert meta.matvec(torch.ones(20, device="meta")).shape == (20,)
+
+
 @pytest.mark.parametrize("causal", ["no", None, 0.5])
 def test_from_qk_causal_must_be_a_bool(causal):
     # a string such as "no" used to count as True
