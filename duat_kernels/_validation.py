@@ -84,6 +84,21 @@ def as_dtype(dtype) -> torch.dtype | None:
                     f"got {dtype!r}")
 
 
+NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
+
+
+def storage_dtype(dtype, default: torch.dtype, where: str) -> torch.dtype:
+    """The dtype W' is stored in where NumPy holds it (a .npy file, Dask, Zarr): dtype (or its name), else
+    `default` (the operator's dtype), bfloat16 widened to float32 (exact): NumPy has no bfloat16, and an
+    operator of bfloat16 tensors refused its own default."""
+    dtype = as_dtype(dtype)
+    if dtype is None:
+        dtype = torch.float32 if default == torch.bfloat16 else default
+    if dtype not in NUMPY_DTYPES:
+        raise TypeError(f"dtype must be float32, float64 or float16 {where}, got {dtype}")
+    return dtype
+
+
 def integer(value, tensors: bool = True) -> int | None:
     """value as an int if it is an integer: anything with __index__ (int, NumPy integer, and with
     tensors=True a one-element integer tensor) but a bool; else None. A symbolic size (torch.SymInt,
