@@ -322,7 +322,10 @@ class HVOOperator:
     def _range(s: slice, size: int, name: str) -> tuple[int, int]:
         if not isinstance(s, slice) or s.step not in (None, 1):
             raise ValueError(f"{name} must be a slice with step 1, got {s!r}")
-        start, stop, _ = s.indices(size)
+        try:
+            start, stop, _ = s.indices(size)
+        except TypeError:  # Python's "slice indices must be integers or None or have an __index__ method"
+            raise TypeError(f"{name} must be a slice of ints (or None), got {s!r}") from None
         if stop <= start:
             raise ValueError(f"{name}={s!r} selects no entries of a dimension of size {size}")
         return start, stop

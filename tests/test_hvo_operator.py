@@ -143,3 +143,11 @@ def test_fraction_above_samples_float64_operators_in_float64():
     op = dk.HVOOperator(one, one[0], torch.full((1, 1), 1 + 1e-12, dtype=torch.float64))
     assert op.fraction_above(1.0, samples=16).fraction == 1.0
     assert op.fraction_above(1.0 + 2e-12, samples=16).fraction == 0.0
+
+
+def test_tile_slices_of_floats_are_named():
+    # Python's own "slice indices must be integers or None or have an __index__ method" named nothing
+    lay = random_layer(1, 2, tokens=3, batched=False)
+    op = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"])
+    with pytest.raises(TypeError, match=r"rows must be a slice of ints \(or None\), got slice\(0.0, 2.0, None\)"):
+        op.tile(slice(0.0, 2.0), slice(0, 4))
