@@ -161,3 +161,23 @@ def test_float64_weights_with_float32_attention_keep_float64(wide, grid):
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, want.sqrt(), rtol=1e-12, atol=0)
     torch.testing.assert_close(op.frobenius_norm(), dense.square().sum().sqrt(), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_fraction_above_forms_only_the_sampled_ov_entries(kv_heads, monkeypatch):
+    # fraction_above formed the whole (h, M_out, M_in) OV: h = 2, M = 100000 failed with the allocator's
+    # raw RuntimeError for 80 GB. The sampled entries are the dense W' entries at the same indices.
+    from duat_kernels import reference
+    from duat_kernels.linalg import stats
+
+    monkeypatch.setattr(stats, "SAMPLES_PER_STEP", 7)
+    lay = random_layer(1, 4, kv_heads, tokens=3, head_dim=2, m_in=5, m_out=6, batched=False, dtype=torch.float64)
+    op = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"], num_kv_heads=kv_heads)
+    factors = reference.head_factors(lay["w_v"], lay["w_o"], 4, kv_heads)
+    ov = reference.ov_circuits(lay["w_v"], lay["w_o"], 4, kv_heads)
+    got = stats.sample_entries(op.source, factors, 50, torch.Generator().manual_seed(2))
+    want = stats.sample_entries(op.source, ov, 50, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    wide = dk.HVOOperator(lay["attn"][:2, :2, :2], torch.randn(1, 1).expand(1, 100000),
+                          torch.randn(1, 2).expand(100000, 2), num_kv_heads=1)
+    assert wide.fraction_above(0.0, samples=20).samples == 20
