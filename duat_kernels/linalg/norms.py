@@ -113,18 +113,22 @@ def _block_norms_direct(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_hea
                         grid: tuple[int, int] | None) -> torch.Tensor:
     """block_norms for factors with NaN or Inf: αᵀGα cannot see 0 · NaN = NaN or Inf - Inf = NaN,
     so each block Σ_i α_i OV_i is formed (a chunk at a time) and its entries summed, as in the
-    dense W': O(N² h M_out M_in) time, the cost of materialising."""
+    dense W': O(N² h M_out M_in) time, the cost of materialising. OV is formed a few of its rows at a time
+    (whole, an (h, M_out, M_in) OV of h = 2, M = 100000 failed to allocate 80 GB)."""
     batch, h, n = source.batch, source.heads, source.tokens
     dtype = torch.float64 if _wide(source, w_v, w_o) else torch.float32
-    ov = reference.ov_circuits(w_v.to(dtype), w_o.to(dtype), h, num_kv_heads)  # (h, M_out, M_in)
-    cols_per_step = max(1, min(n, CHUNK_ENTRIES // max(1, ov[0].numel())))
+    w_v, w_o = w_v.to(dtype), w_o.to(dtype)
+    ov_rows = max(1, CHUNK_ENTRIES // max(1, h * w_v.shape[1]))
     sq = torch.zeros(batch, n, n, dtype=dtype, device=source.device)
-    for r0, r1, c0, c1, alpha_rows in source.row_blocks(1):
-        for b in range(batch):
-            for m0 in range(c0, c1, cols_per_step):
-                m1 = min(c1, m0 + cols_per_step)
-                alpha = alpha_rows[b, :, 0, m0 - c0:m1 - c0].to(dtype)  # (h, cols)
-                sq[b, r0, m0:m1] = torch.einsum("im,ica->mca", alpha, ov).square().sum((-1, -2))
+    for q0 in range(0, w_o.shape[0], ov_rows):  # squared entries of rows q0.. of every block, summed
+        ov = reference.ov_circuits(w_v, w_o[q0:q0 + ov_rows], h, num_kv_heads)  # (h, rows, M_in)
+        cols_per_step = max(1, min(n, CHUNK_ENTRIES // max(1, ov[0].numel())))
+        for r0, r1, c0, c1, alpha_rows in source.row_blocks(1):
+            for b in range(batch):
+                for m0 in range(c0, c1, cols_per_step):
+                    m1 = min(c1, m0 + cols_per_step)
+                    alpha = alpha_rows[b, :, 0, m0 - c0:m1 - c0].to(dtype)  # (h, cols)
+                    sq[b, r0, m0:m1] += torch.einsum("im,ica->mca", alpha, ov).square().sum((-1, -2))
     if grid is not None:  # squared norms summed into super-blocks
         rows, cols = grid
         per_row = sq.new_zeros(batch, n, cols).index_add_(2, _bins(n, cols, sq.device), sq)

@@ -181,3 +181,28 @@ def test_fraction_above_forms_only_the_sampled_ov_entries(kv_heads, monkeypatch)
     wide = dk.HVOOperator(lay["attn"][:2, :2, :2], torch.randn(1, 1).expand(1, 100000),
                           torch.randn(1, 2).expand(100000, 2), num_kv_heads=1)
     assert wide.fraction_above(0.0, samples=20).samples == 20
+
+
+@pytest.mark.parametrize("grid", [None, (2, 2)])
+def test_non_finite_block_norms_form_ov_a_few_rows_at_a_time(grid, monkeypatch):
+    # the NaN/Inf path formed the whole (h, M_out, M_in) OV: h = 2, M = 100000 with one NaN weight failed
+    # with the allocator's raw RuntimeError for 80 GB in block_norms and frobenius_norm
+    monkeypatch.setattr(bn, "CHUNK_ENTRIES", 3 * 4 * 2)  # OV rows 2 at a time of 5
+    lay = random_layer(2, 3, tokens=4, head_dim=2, m_in=4, m_out=5, causal=True, dtype=torch.float64)
+    w_o = lay["w_o"].clone()
+    w_o[2, 1] = float("inf")  # 0 · Inf = NaN in the causal zero blocks, ±Inf elsewhere in row 2
+    op = dk.HVOOperator(lay["attn"], lay["w_v"], w_o)
+    blocks = op.to_dense().reshape(2, 4, 5, 4, 4).permute(0, 1, 3, 2, 4)
+    want = blocks.square().sum((-1, -2))
+    if grid is not None:
+        want = want.reshape(2, 2, 2, 2, 2).sum((2, 4))
+    from duat_kernels import reference
+
+    whole_ov = reference.ov_circuits
+
+    def ov_rows(w_v, w_o, *heads):
+        assert w_o.shape[0] <= 2, f"OV of {w_o.shape[0]} rows formed at once"
+        return whole_ov(w_v, w_o, *heads)
+
+    monkeypatch.setattr(reference, "ov_circuits", ov_rows)
+    torch.testing.assert_close(op.block_norms(grid), want.sqrt(), equal_nan=True, rtol=1e-12, atol=0)
