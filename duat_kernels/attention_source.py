@@ -328,6 +328,8 @@ class QKAttention(AttentionSource):
         d, e = q.shape[-1], vals.shape[-1]
         if e == d:
             return sdpa(q, k, vals, **kwargs)
+        if e == 0:  # value head size 0 (w_o of no columns): nothing to mix, and no slices to concatenate
+            return vals.new_zeros(*q.shape[:-1], 0)
         parts = []
         for j in range(0, e, d):
             part = vals[..., j:j + d]

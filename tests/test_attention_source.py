@@ -303,3 +303,15 @@ def test_tall_narrow_tile_forms_row_blocks_only(layout, causal, monkeypatch):
     for cols in (slice(0, 1), slice(40, 43), slice(65, 66)):
         torch.testing.assert_close(op.tile(slice(0, 66), cols), dense[:, :, cols], rtol=1e-12, atol=1e-12)
     assert widths and max(widths) <= 3
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_from_qk_with_value_head_size_zero(causal):
+    # w_v (0, M_in), w_o (M_out, 0): the values are empty, W' is zero. matvec, matmat and spectral_norm
+    # failed in the sliced sdpa with torch's "torch.cat(): expected a non-empty list of Tensors"
+    q, k = torch.randn(2, 4, 3), torch.randn(2, 4, 3)
+    op = dk.HVOOperator.from_qk(q, k, torch.randn(0, 5), torch.randn(6, 0), causal=causal)
+    assert torch.equal(op.matvec(torch.randn(20)), torch.zeros(24))
+    assert torch.equal(op.matmat(torch.randn(20, 3)), torch.zeros(24, 3))
+    assert torch.equal(op.rmatvec(torch.randn(24)), torch.zeros(20))
+    assert op.spectral_norm() == 0.0
