@@ -354,6 +354,21 @@ def check_fits(what: str, needed: int, device: torch.device, hint: str = DENSE_H
             f"{what} needs {format_bytes(needed)} but only {format_bytes(free)} is available on {device}. {hint}")
 
 
+def check_plot_format(option: str, path) -> None:
+    """A plot file whose extension matplotlib writes (none: PNG), checked before the work: .jgp or .bogus
+    failed in savefig after the whole sweep or every layer had been computed."""
+    suffix = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:  # the plotting code says what to install
+        return
+    formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    if suffix and suffix not in formats:
+        raise ValueError(f"{option} {path}: matplotlib cannot write .{suffix} files; use one of "
+                         f"{', '.join('.' + f for f in sorted(formats))}")
+
+
 def check_output_folder(option: str, path) -> None:
     """Refuse, before any work, an output folder that cannot be created or written: a file on its path."""
     folder = os.path.abspath(os.fspath(path))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from duat_kernels._validation import check_threads
+from duat_kernels._validation import check_plot_format, check_threads
 from duat_kernels.analysis.claims import cli as claims_cli
 from duat_kernels.corpus import cli as corpus_cli
 from duat_kernels.demo import format_report, run_demo
@@ -123,6 +123,8 @@ def check_scale_args(args) -> None:
     if args.m % args.heads:
         raise ValueError(f"--m {args.m} must be divisible by --heads {args.heads}")
     check_output_file("--plot", args.plot)
+    if args.plot is not None:
+        check_plot_format("--plot", args.plot)
     # attn (h, N, N) float32, the causal mask and block_norms' (N, N) result, and a few (N, N) temporaries
     n = max(args.n)
     _check_memory(f"--n {n} needs about {{needed}} of memory ((h + 4) N² float32: the attention probabilities and "

@@ -54,6 +54,8 @@ IN_PROCESS_ERRORS = {
                                   "--plot /nonexistent/x.png: the folder /nonexistent does not exist"),
     "scale-plot-is-folder": (["scale", "--n", "8", "--plot", "/"], "--plot / is a directory"),
     "unknown-command": (["bogus"], "invalid choice: 'bogus'"),
+    # matplotlib's "Format 'bogus' is not supported" came after the sweep
+    "scale-plot-format": (["scale", "--n", "8", "--plot", "/tmp/w.bogus"], "--plot /tmp/w.bogus: matplotlib cannot write"),
     # torch.manual_seed's "Overflow when unpacking long long"
     "demo-seed-huge": (["demo", "--seed", str(1 << 64)], "argument --seed: must be an integer in [0, 2**64)"),
     "scale-seed-huge": (["scale", "--n", "8", "--seed", str(1 << 64)], "argument --seed: must be an integer in [0, 2**64)"),
