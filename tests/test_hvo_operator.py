@@ -175,3 +175,11 @@ def test_block_forms_ov_a_few_rows_at_a_time(case, monkeypatch):
         op.block(0, 0)
     with pytest.raises(dk.DenseTooLargeError, match=r"OV circuits of shape \(4, 5, 5\) needs 400 B"):
         dk.ov_circuits(w_v, w_o, 4, 2)
+
+
+def test_block_composes_with_torch_compile_fullgraph():
+    # the size check of weighted_ov reads /proc/meminfo, which TorchDynamo cannot trace ("builtin operator open")
+    lay = random_layer(1, 2, tokens=3, m_in=4, m_out=3, batched=False)
+    compiled = torch.compile(lambda a, wv, wo: dk.HVOOperator(a, wv, wo).block(1, 2), fullgraph=True)
+    torch.testing.assert_close(compiled(lay["attn"], lay["w_v"], lay["w_o"]),
+                               dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"]).block(1, 2))
