@@ -205,6 +205,7 @@ class QKAttention(AttentionSource):
         self.window = None if sliding_window is None else min(int(sliding_window), self.tokens)
         self.key_mask = key_mask_4d(attention_mask, self.batch, self.tokens, self.device)
         self._qk_finite: bool | None = None
+        self._wide: bool | None = None
         self._lse: torch.Tensor | None = None
         self.empty_rows = self._rows_without_keys()  # (B, N) bool or None
 
@@ -249,7 +250,10 @@ class QKAttention(AttentionSource):
         """scale·q kᵀ (soft-capped) with -inf where masked: (B, h, rows, cols)."""
         b, g = self.batch, self.heads // self.kv_heads
         q = self.q[:, :, r0:r1].reshape(b, self.kv_heads, g, r1 - r0, self.q.shape[-1])  # no -1: B may be 0
-        s = (q @ self.k[:, :, None, c0:c1].transpose(-1, -2)).reshape(b, self.heads, r1 - r0, c1 - c0)
+        k = self.k[:, :, None, c0:c1]
+        if self.wide_logits():
+            q, k = q.double(), k.double()
+        s = (q @ k.transpose(-1, -2)).reshape(b, self.heads, r1 - r0, c1 - c0)
         s.mul_(self.scale)
         if self.softcap:
             s.div_(self.softcap).tanh_().mul_(self.softcap)
@@ -267,7 +271,22 @@ class QKAttention(AttentionSource):
             ok = self.allowed(torch.arange(r0, r1, device=self.device), torch.arange(c0, c1, device=self.device))
             if ok is not None:
                 p.masked_fill_(~ok, 0.0)
-        return self._zero_empty(p, r0, r1)
+        return self._zero_empty(p, r0, r1).to(self.dtype)
+
+    def wide_logits(self) -> bool:
+        """Whether float32 logits could overflow: |scale|·d·max|q|·max|k| (a bound of every product and partial
+        sum of every q·k, from one min/max pass, no copy) beyond float32's range. Such logits are formed in
+        float64, where they cannot overflow, as are their softmax and log-sum-exp, and the C++ and Triton passes
+        (float32) are not used: in float32 a logit of 1e40 came out as Inf or NaN depending on each path's order
+        of operations, so to_dense gave NaN rows where block_norms and rmatvec gave finite numbers (the exact A
+        is a finite one-hot row there)."""
+        if self._wide is None:
+            self._wide = False
+            if self.dtype == torch.float32 and self.device.type != "meta" and self.q.numel() and self.k.numel() \
+                    and self._finite_qk():
+                q_max, k_max = (max(-float(lo), float(hi)) for lo, hi in (torch.aminmax(self.q), torch.aminmax(self.k)))
+                self._wide = abs(self.scale) * self.q.shape[-1] * q_max * k_max > torch.finfo(torch.float32).max
+        return self._wide
 
     def _finite_qk(self) -> bool:
         if self._qk_finite is None:
@@ -282,7 +301,8 @@ class QKAttention(AttentionSource):
     def log_sum_exp(self) -> torch.Tensor:
         """log Σ_m exp(logits[n, m]) per row (B, h, N), computed once (-inf for rows without keys)."""
         if self._lse is None:
-            lse = torch.empty(self.batch, self.heads, self.tokens, dtype=self.dtype, device=self.device)
+            lse = torch.empty(self.batch, self.heads, self.tokens, device=self.device,
+                              dtype=torch.float64 if self.wide_logits() else self.dtype)
             for r0 in range(0, self.tokens, self.rows_per_step()):
                 r1 = min(self.tokens, r0 + self.rows_per_step())
                 lse[:, :, r0:r1] = self.logits(r0, r1, *self.column_range(r0, r1)).logsumexp(-1)
@@ -302,7 +322,7 @@ class QKAttention(AttentionSource):
         form, through the C++ pass (duat_kernels.qk_cpu) on float32 CPU sources, else in blocks."""
         if self.softcap:
             return qk_cpu.mix(self, values) if qk_cpu.handles(self) else super().mix(values)
-        if not self._finite_qk():  # torch's CPU sdpa writes zeros for a row of NaN logits
+        if not self._finite_qk() or self.wide_logits():  # sdpa writes zeros for a row of NaN logits
             return super().mix(values)
         sdpa = self._sdpa
         vals = values.to(self.dtype)
@@ -347,8 +367,10 @@ class QKAttention(AttentionSource):
         g = self.heads // self.kv_heads
         for s0 in range(0, rows.shape[0], 8192):
             n, m = rows[s0:s0 + 8192], cols[s0:s0 + 8192]
-            q = self.q[batch][:, n].reshape(self.kv_heads, g, n.shape[0], -1)
-            s = (q * self.k[batch][:, None, m]).sum(-1).reshape(self.heads, -1) * self.scale
+            q, k = self.q[batch][:, n].reshape(self.kv_heads, g, n.shape[0], -1), self.k[batch][:, None, m]
+            if self.wide_logits():
+                q, k = q.double(), k.double()
+            s = (q * k).sum(-1).reshape(self.heads, -1) * self.scale
             if self.softcap:
                 s = torch.tanh(s / self.softcap) * self.softcap
             row_lse = lse[:, n]

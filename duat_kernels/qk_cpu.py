@@ -15,9 +15,11 @@ from duat_kernels._validation import all_finite
 
 
 def handles(source) -> bool:
-    """Whether the C++ pass computes this source's products: float32 q/k on the CPU, finite, extension built."""
+    """Whether the C++ pass computes this source's products: float32 q/k on the CPU, finite, logits that
+    cannot overflow float32 (QKAttention.wide_logits), extension built."""
     return (cpp.is_available() and hasattr(cpp._C, "qk_mix") and source.device.type == "cpu"
-            and source.dtype == torch.float32 and source.q.shape[-1] > 0 and all_finite(source.q, source.k))
+            and source.dtype == torch.float32 and source.q.shape[-1] > 0 and all_finite(source.q, source.k)
+            and not source.wide_logits())
 
 
 def kernel_options(source) -> dict:

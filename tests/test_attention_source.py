@@ -315,3 +315,28 @@ def test_from_qk_with_value_head_size_zero(causal):
     assert torch.equal(op.matmat(torch.randn(20, 3)), torch.zeros(24, 3))
     assert torch.equal(op.rmatvec(torch.randn(24)), torch.zeros(20))
     assert op.spectral_norm() == 0.0
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("causal", [False, True])
+def test_from_qk_logits_beyond_float32_agree_with_float64(causal, softcap):
+    # finite q and k whose logits (1e40) overflow float32 came out as Inf or NaN depending on each path's
+    # order of operations: to_dense, tile, block and trace had NaN rows where block_norms, rmatvec (the C++
+    # passes) and the soft-capped matvec gave finite numbers. The exact A is finite (one-hot rows).
+    g = torch.Generator().manual_seed(0)
+    q, k, w_v, w_o = (torch.randn(*s, generator=g) for s in ((2, 4, 3), (2, 4, 3), (4, 3), (3, 4)))
+    q[0, 2] *= 1e20
+    k[0, 1] *= 1e20
+    k[0, 3] *= -1e20
+    opts = dict(causal=causal, softcap=softcap, attention_mask=torch.tensor([True, True, False, True]))
+    op = dk.HVOOperator.from_qk(q, k, w_v, w_o, **opts)
+    wide = dk.HVOOperator.from_qk(q.double(), k.double(), w_v.double(), w_o.double(), **opts)
+    torch.testing.assert_close(op.attn.double(), wide.attn, rtol=0, atol=1e-6)
+    explicit = dk.HVOOperator(op.attn, w_v, w_o)
+    x = torch.randn(12, generator=g)
+    for name in ("block_norms", "frobenius_norm", "trace", "bias"):
+        torch.testing.assert_close(getattr(op, name)(), getattr(explicit, name)(), msg=name)
+    for name in ("matvec", "rmatvec", "contributions"):
+        torch.testing.assert_close(getattr(op, name)(x), getattr(explicit, name)(x), msg=name)
+    torch.testing.assert_close(op.block_norms(grid=2), explicit.block_norms(grid=2))
+    torch.testing.assert_close(op.block(2, 1), explicit.block(2, 1))

@@ -45,7 +45,8 @@ def block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
     _check_output_fits(source, grid, finite, wide)
     if not finite:
         return _block_norms_direct(source, w_v, w_o, num_kv_heads, grid)
-    if grid is not None and isinstance(source, QKAttention) and source.device.type == "cuda" and not wide:
+    if (grid is not None and isinstance(source, QKAttention) and source.device.type == "cuda" and not wide
+            and not source.wide_logits()):  # the q/k Triton pass forms float32 logits
         return _block_norms_triton(source, w_v, w_o, num_kv_heads, grid)
     c = gram_factor(w_v, w_o, h, num_kv_heads).to(source.device, torch.float64 if wide else torch.float32)
     out_rows, out_cols = grid if grid is not None else (n, n)
