@@ -313,13 +313,25 @@ class QKAttention(AttentionSource):
 
     def mix_transposed(self, u):
         """A_iᵀ U_i; float32 CPU sources through the fused C++ pass (duat_kernels.qk_cpu)."""
-        if qk_cpu.handles(self):
-            return qk_cpu.mix_transposed(self, u)
-        return super().mix_transposed(u)
+        out = qk_cpu.mix_transposed(self, u) if qk_cpu.handles(self) else super().mix_transposed(u)
+        return self._masked_terms(out, u)
 
     def mix(self, values):
         """A V with torch's fused attention (same masks, same A); soft-capped logits, which sdpa cannot
         form, through the C++ pass (duat_kernels.qk_cpu) on float32 CPU sources, else in blocks."""
+        return self._masked_terms(self._mix(values), values)
+
+    def _masked_terms(self, out: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """out (B, h, N, e) plus what the pairs every path skips (masked, outside the causal or sliding window,
+        rows without keys: A = 0 there) contribute to A V or Aᵀ U: 0 · vectors, so zero, or NaN in every row
+        for a column of vectors (B, h or h_kv, N, e) that holds a NaN or Inf (0 · Inf = NaN, as in the dense
+        W'). Those were lost: matvec gave 0 for a row without keys where W' x' is NaN."""
+        if v.all_finite(vectors):
+            return out
+        skipped = (0 * vectors).sum(-2, keepdim=True)  # (B, h or h_kv, 1, e): 0, or NaN where a vector is not finite
+        return out + skipped.repeat_interleave(out.shape[1] // vectors.shape[1], dim=1).to(out.dtype)
+
+    def _mix(self, values):
         if self.softcap:
             return qk_cpu.mix(self, values) if qk_cpu.handles(self) else super().mix(values)
         if not self._finite_qk() or self.wide_logits():  # sdpa writes zeros for a row of NaN logits

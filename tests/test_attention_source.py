@@ -340,3 +340,27 @@ def test_from_qk_logits_beyond_float32_agree_with_float64(causal, softcap):
         torch.testing.assert_close(getattr(op, name)(x), getattr(explicit, name)(x), msg=name)
     torch.testing.assert_close(op.block_norms(grid=2), explicit.block_norms(grid=2))
     torch.testing.assert_close(op.block(2, 1), explicit.block(2, 1))
+
+
+@pytest.mark.parametrize("where", ["w_v", "w_o"])
+@pytest.mark.parametrize("opts", [dict(causal=True), dict(sliding_window=1),
+                                  dict(causal=True, sliding_window=2, attention_mask=torch.tensor([False, True, True, False])),
+                                  dict(softcap=3.0, attention_mask=torch.tensor([True, False, True, True]))],
+                         ids=["causal", "window", "causal-window-mask", "softcap-mask"])
+def test_from_qk_nan_weights_reach_masked_pairs(where, opts):
+    # 0 · NaN = NaN in the blocks of masked pairs, as in the dense W': block_norms and frobenius_norm left
+    # the blocks of the columns a row block skips at 0, and matvec/rmatvec (sdpa, the C++ passes, row
+    # blocks) skipped the masked pairs and zeroed rows without keys
+    g = torch.Generator().manual_seed(2)
+    q, k, w_v, w_o = (torch.randn(*s, generator=g) for s in ((2, 4, 3), (2, 4, 3), (4, 3), (3, 4)))
+    (w_v if where == "w_v" else w_o)[1, 2] = float("nan")
+    op = dk.HVOOperator.from_qk(q, k, w_v, w_o, **opts)
+    explicit = dk.HVOOperator(op.attn, w_v, w_o)
+    x = torch.randn(12, generator=g)
+    for got, want in ((op.block_norms(), explicit.block_norms()), (op.block_norms(grid=2), explicit.block_norms(grid=2)),
+                      (op.frobenius_norm(), explicit.frobenius_norm())):
+        torch.testing.assert_close(got, want, equal_nan=True)
+    for name in ("matvec", "rmatvec"):
+        got, want = getattr(op, name)(x), getattr(explicit, name)(x)
+        assert torch.equal(got.isfinite(), want.isfinite()), name
+        torch.testing.assert_close(got[got.isfinite()], want[want.isfinite()])

@@ -124,7 +124,12 @@ def _block_norms_direct(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_hea
     for q0 in range(0, w_o.shape[0], ov_rows):  # squared entries of rows q0.. of every block, summed
         ov = reference.ov_circuits(w_v, w_o[q0:q0 + ov_rows], h, num_kv_heads)  # (h, rows, M_in)
         cols_per_step = max(1, min(n, CHUNK_ENTRIES // max(1, ov[0].numel())))
+        # the blocks of the columns a row block skips (A = 0: causal, sliding window) are Σ_i 0 · OV_i: their
+        # squared entries sum to 0, or to NaN where OV is not finite (they were left at 0)
+        skipped = (0 * ov).square().sum()
         for r0, r1, c0, c1, alpha_rows in source.row_blocks(1):
+            sq[:, r0, :c0] += skipped
+            sq[:, r0, c1:] += skipped
             for b in range(batch):
                 for m0 in range(c0, c1, cols_per_step):
                     m1 = min(c1, m0 + cols_per_step)
