@@ -100,3 +100,21 @@ def test_direct_op_calls_check_their_arguments():
         torch.ops.duat.hvo_matrix(attn, ov, "token", "cpp", torch.int32)
     want = reference.hvo_matrix(attn, ov, "feature")
     torch.testing.assert_close(torch.ops.duat.hvo_matrix(attn, ov, "feature", "cpp", torch.float32), want)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("layout", ["token", "feature"])
+def test_torch_func_vmap(backend, layout):
+    # under vmap the cpp backend's fused path handed a batched tensor (no storage) to the C++ kernel:
+    # "Cannot access data pointer of Tensor that doesn't have storage"
+    import warnings
+
+    lay = random_layer(3, 2, tokens=3, m_in=2, m_out=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's "no batching rule for duat::hvo_matrix" performance note
+        got = torch.func.vmap(lambda a: dk.hvo_matrix(a, lay["w_v"], lay["w_o"], backend=backend, layout=layout))(
+            lay["attn"])
+        per_w_o = torch.func.vmap(lambda w: dk.hvo_matrix(lay["attn"][0], lay["w_v"], w, backend=backend))(
+            torch.stack([lay["w_o"], 2 * lay["w_o"]]))
+    torch.testing.assert_close(got, dk.hvo_matrix(lay["attn"], lay["w_v"], lay["w_o"], layout=layout))
+    torch.testing.assert_close(per_w_o[1], 2 * dk.hvo_matrix(lay["attn"][0], lay["w_v"], lay["w_o"]))
