@@ -369,6 +369,16 @@ def check_plot_format(option: str, path) -> None:
                          f"{', '.join('.' + f for f in sorted(formats))}")
 
 
+def as_path(name: str, path):
+    """path (a str or os.PathLike) as a pathlib.Path; anything else is a TypeError that names it (pathlib's own
+    "expected str, bytes or os.PathLike object, not int" named nothing)."""
+    from pathlib import Path
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a file path (a str or os.PathLike), got {type(path).__name__} {path!r}")
+    return Path(path)
+
+
 def check_output_folder(option: str, path) -> None:
     """Refuse, before any work, an output folder that cannot be created or written: a file on its path."""
     folder = os.path.abspath(os.fspath(path))
