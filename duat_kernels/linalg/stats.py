@@ -16,6 +16,8 @@ from duat_kernels.attention_source import AttentionSource, ExplicitAttention
 
 # Sampled OV entries formed per step from the head factors: (h, step, d) products.
 SAMPLES_PER_STEP = 8192
+# fraction_above forms the whole OV up to this size, else only the sampled entries.
+WHOLE_OV_BYTES = 64 << 20
 
 
 def _source(attn, num_kv_heads: int) -> AttentionSource:
@@ -98,11 +100,15 @@ def fraction_above(attn, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int
     source = _source(attn, num_kv_heads)
     check_has_data("fraction_above", source.device)
     dtype = torch.promote_types(torch.promote_types(w_v.dtype, w_o.dtype), torch.float32)  # float64 stays float64
-    # the head factors, not OV: an (h, M_out, M_in) OV of wide layers failed to allocate (h = 2, M = 100000: 80 GB)
-    factors = tuple(t.to(source.device) for t in reference.head_factors(w_v.to(dtype), w_o.to(dtype), source.heads,
-                                                                       num_kv_heads))
+    # OV when it is small (gathering from it is ~10x faster than d-term products per sample), else the head
+    # factors: an (h, M_out, M_in) OV of wide layers failed to allocate (h = 2, M = 100000: 80 GB)
+    if source.heads * w_o.shape[0] * w_v.shape[1] * dtype.itemsize <= WHOLE_OV_BYTES:
+        ov = reference.ov_circuits(w_v.to(dtype), w_o.to(dtype), source.heads, num_kv_heads).to(source.device)
+    else:
+        ov = tuple(t.to(source.device) for t in reference.head_factors(w_v.to(dtype), w_o.to(dtype), source.heads,
+                                                                      num_kv_heads))
     g = torch.Generator().manual_seed(seed)
-    values = sample_entries(source, factors, samples, g, batch)
+    values = sample_entries(source, ov, samples, g, batch)
     if bool(values.isnan().any()):  # |NaN| > t is false: counting it as "not above" would hide it
         return EntryEstimate(math.nan, math.nan, math.nan, samples, threshold, confidence)
     hits = int((values.abs() > threshold).sum())
