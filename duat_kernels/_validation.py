@@ -54,14 +54,22 @@ def check_tensor(name: str, t, ndims: tuple[int, ...]) -> None:
 
 
 def check_real_dtype(name: str, t: torch.Tensor) -> None:
-    """t must be float32/float64/float16/bfloat16; float8 is refused because its values mean
-    nothing without the scales that quantised them."""
+    """t must be a dense (strided) float32/float64/float16/bfloat16 tensor; float8 is refused because
+    its values mean nothing without the scales that quantised them."""
+    check_strided(name, t)
     if not t.is_floating_point():
         raise TypeError(f"{name} must have a floating-point dtype (float32, float64, float16 or bfloat16), "
                         f"got {t.dtype}")
     if t.dtype not in OUTPUT_DTYPES:
         raise TypeError(f"{name} has dtype {t.dtype}; expected float32, float64, float16 or bfloat16. Dequantise "
                         f"float8 weights first (multiply by their scales, e.g. w.float() * scale)")
+
+
+def check_strided(name: str, t: torch.Tensor) -> None:
+    """Sparse (COO, CSR, ...) and MKL-DNN tensors failed deep inside torch (reshape, strides, storage)."""
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; convert it with "
+                        f"{name}.to_dense()")
 
 
 def as_dtype(dtype) -> torch.dtype | None:
@@ -74,6 +82,21 @@ def as_dtype(dtype) -> torch.dtype | None:
             return resolved
     raise TypeError(f"dtype must be a torch.dtype or one of 'float32', 'float64', 'float16', 'bfloat16', "
                     f"got {dtype!r}")
+
+
+NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
+
+
+def storage_dtype(dtype, default: torch.dtype, where: str) -> torch.dtype:
+    """The dtype W' is stored in where NumPy holds it (a .npy file, Dask, Zarr): dtype (or its name), else
+    `default` (the operator's dtype), bfloat16 widened to float32 (exact): NumPy has no bfloat16, and an
+    operator of bfloat16 tensors refused its own default."""
+    dtype = as_dtype(dtype)
+    if dtype is None:
+        dtype = torch.float32 if default == torch.bfloat16 else default
+    if dtype not in NUMPY_DTYPES:
+        raise TypeError(f"dtype must be float32, float64 or float16 {where}, got {dtype}")
+    return dtype
 
 
 def integer(value, tensors: bool = True) -> int | None:
@@ -97,6 +120,30 @@ def check_flag(name: str, value) -> bool:
     if isinstance(value, (str, bytes, torch.Tensor, np.ndarray)) or value not in (True, False):
         raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
     return bool(value)
+
+
+def numeric_array(name: str, value, complex_ok: bool = False) -> np.ndarray:
+    """value as a NumPy array of numbers (bool, int, float; complex when complex_ok): strings and objects
+    failed deep inside NumPy, and complex values were cast to real with only a warning."""
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as exc:  # ragged nested sequences
+        raise TypeError(f"{name} must be an array of numbers, got {type(value).__name__} ({exc})") from None
+    if array.dtype.kind not in ("biufc" if complex_ok else "biuf"):
+        kinds = "real or complex numbers" if complex_ok else "real numbers"
+        raise TypeError(f"{name} must hold {kinds}, got an array of dtype {array.dtype}")
+    return array
+
+
+def check_threads(name: str, value) -> int:
+    """A thread count: an int in [1, cpp.max_threads()] (4 per CPU; 100000 crashed the process in OpenMP)."""
+    threads = positive_int(value)
+    if threads is None:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if threads > cpp.max_threads():
+        raise ValueError(f"{name} must be at most {cpp.max_threads()} ({cpp.MAX_THREADS_PER_CPU} per CPU, "
+                         f"{os.cpu_count()} CPUs here), got {value!r}")
+    return threads
 
 
 def check_index(name: str, index, size: int, axis: str) -> int:
@@ -229,6 +276,8 @@ def check_out(out: torch.Tensor, shape: tuple[int, ...], device: torch.device, *
         raise RuntimeError("out requires grad; hvo_matrix writes it in place, so pass a buffer without grad")
     if torch.compiler.is_compiling():
         return  # fake tensors have no addresses; the eager call checks overlap
+    if out.is_neg():  # a lazy negation (torch._neg_view): what is written would be read back negated
+        raise ValueError("out has its negative bit set (a lazily negated view); pass a plain buffer (torch.empty)")
     lo, hi = _byte_range(out)
     for t in inputs:
         if t is not None and t.device == out.device and t.numel():
@@ -303,6 +352,31 @@ def check_fits(what: str, needed: int, device: torch.device, hint: str = DENSE_H
     if needed > free:
         raise DenseTooLargeError(
             f"{what} needs {format_bytes(needed)} but only {format_bytes(free)} is available on {device}. {hint}")
+
+
+def check_plot_format(option: str, path) -> None:
+    """A plot file whose extension matplotlib writes (none: PNG), checked before the work: .jgp or .bogus
+    failed in savefig after the whole sweep or every layer had been computed."""
+    suffix = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:  # the plotting code says what to install
+        return
+    formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    if suffix and suffix not in formats:
+        raise ValueError(f"{option} {path}: matplotlib cannot write .{suffix} files; use one of "
+                         f"{', '.join('.' + f for f in sorted(formats))}")
+
+
+def as_path(name: str, path):
+    """path (a str or os.PathLike) as a pathlib.Path; anything else is a TypeError that names it (pathlib's own
+    "expected str, bytes or os.PathLike object, not int" named nothing)."""
+    from pathlib import Path
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a file path (a str or os.PathLike), got {type(path).__name__} {path!r}")
+    return Path(path)
 
 
 def check_output_folder(option: str, path) -> None:

@@ -113,6 +113,10 @@ class AttentionSource:
         """The tensors A is computed from (checked once for NaN/Inf before shortcuts that assume finite A)."""
         raise NotImplementedError
 
+    def finite(self) -> bool:
+        """Whether every entry of A is finite (finite inputs() prove it; see QKAttention for the rest)."""
+        return v.all_finite(*self.inputs())
+
 
 class ExplicitAttention(AttentionSource):
     """A stored attn (B, h, N, N)."""
@@ -159,8 +163,8 @@ class ExplicitAttention(AttentionSource):
         return [flat[::max(1, flat.numel() >> 20)]]
 
 
-def key_mask_4d(mask: torch.Tensor | None, batch: int, tokens: int) -> torch.Tensor | None:
-    """attention_mask (N,) or (B, N), True/1 = attend -> bool (B, 1, 1, N), or None."""
+def key_mask_4d(mask: torch.Tensor | None, batch: int, tokens: int, device: torch.device) -> torch.Tensor | None:
+    """attention_mask (N,) or (B, N), True/1 = attend -> bool (B, 1, 1, N) on `device` (q's), or None."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor) or mask.dim() not in (1, 2) or mask.shape[-1] != tokens or (
@@ -168,6 +172,9 @@ def key_mask_4d(mask: torch.Tensor | None, batch: int, tokens: int) -> torch.Ten
         got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ValueError(f"attention_mask must be a key mask of shape (N,) = ({tokens},) or (B, N) = "
                          f"({batch}, {tokens}), True = attend, got {got}")
+    v.check_strided("attention_mask", mask)
+    if mask.device.type == "meta" and device.type != "meta":  # a meta mask has no values to move to q's device
+        raise ValueError(f"attention_mask is on {mask.device} but q and k are on {device}; put them on one device")
     if mask.dtype != torch.bool:
         # 1/0 keep masks (tokenizers give int64) only: an additive mask (0 = attend, -inf or a large
         # negative = masked) read as one would be silently inverted
@@ -176,7 +183,7 @@ def key_mask_4d(mask: torch.Tensor | None, batch: int, tokens: int) -> torch.Ten
                              "values other than 0 and 1 (an additive mask, 0 = attend and -inf = masked? pass "
                              "attention_mask == 0 for one)")
     mask = mask.bool().reshape(-1, 1, 1, tokens)
-    return mask.expand(batch, 1, 1, tokens)
+    return mask.expand(batch, 1, 1, tokens).to(device)
 
 
 class QKAttention(AttentionSource):
@@ -193,11 +200,12 @@ class QKAttention(AttentionSource):
         self.dtype, self.device = ct, q.device
         self.scale = d ** -0.5 if scale is None else float(scale)
         self.causal, self.softcap = bool(causal), softcap
-        self.window = None if sliding_window is None else int(sliding_window)  # a NumPy integer as an int
-        self.key_mask = key_mask_4d(attention_mask, self.batch, self.tokens)
+        # a NumPy integer as an int; a window of N or more keys is every key (the kernels take int64: 10**20
+        # overflowed there, 2**63 wrapped to a negative index)
+        self.window = None if sliding_window is None else min(int(sliding_window), self.tokens)
+        self.key_mask = key_mask_4d(attention_mask, self.batch, self.tokens, self.device)
         self._qk_finite: bool | None = None
-        if self.key_mask is not None:
-            self.key_mask = self.key_mask.to(self.device)
+        self._wide: bool | None = None
         self._lse: torch.Tensor | None = None
         self.empty_rows = self._rows_without_keys()  # (B, N) bool or None
 
@@ -224,8 +232,8 @@ class QKAttention(AttentionSource):
         return ok
 
     def _rows_without_keys(self) -> torch.Tensor | None:
-        if self.key_mask is None and not self.window:
-            return None  # causal rows see themselves; full rows see every key
+        if self.key_mask is None and not self.window or self.device.type == "meta":
+            return None  # causal rows see themselves; full rows see every key; meta tensors have shapes only
         keys = self.key_mask[:, 0, 0] if self.key_mask is not None else \
             torch.ones(1, self.tokens, dtype=torch.bool, device=self.device)
         count = torch.nn.functional.pad(keys.long().cumsum(-1), (1, 0))  # count[j] = keys before j
@@ -242,7 +250,10 @@ class QKAttention(AttentionSource):
         """scale·q kᵀ (soft-capped) with -inf where masked: (B, h, rows, cols)."""
         b, g = self.batch, self.heads // self.kv_heads
         q = self.q[:, :, r0:r1].reshape(b, self.kv_heads, g, r1 - r0, self.q.shape[-1])  # no -1: B may be 0
-        s = (q @ self.k[:, :, None, c0:c1].transpose(-1, -2)).reshape(b, self.heads, r1 - r0, c1 - c0)
+        k = self.k[:, :, None, c0:c1]
+        if self.wide_logits():
+            q, k = q.double(), k.double()
+        s = (q @ k.transpose(-1, -2)).reshape(b, self.heads, r1 - r0, c1 - c0)
         s.mul_(self.scale)
         if self.softcap:
             s.div_(self.softcap).tanh_().mul_(self.softcap)
@@ -260,7 +271,22 @@ class QKAttention(AttentionSource):
             ok = self.allowed(torch.arange(r0, r1, device=self.device), torch.arange(c0, c1, device=self.device))
             if ok is not None:
                 p.masked_fill_(~ok, 0.0)
-        return self._zero_empty(p, r0, r1)
+        return self._zero_empty(p, r0, r1).to(self.dtype)
+
+    def wide_logits(self) -> bool:
+        """Whether float32 logits could overflow: |scale|·d·max|q|·max|k| (a bound of every product and partial
+        sum of every q·k, from one min/max pass, no copy) beyond float32's range. Such logits are formed in
+        float64, where they cannot overflow, as are their softmax and log-sum-exp, and the C++ and Triton passes
+        (float32) are not used: in float32 a logit of 1e40 came out as Inf or NaN depending on each path's order
+        of operations, so to_dense gave NaN rows where block_norms and rmatvec gave finite numbers (the exact A
+        is a finite one-hot row there)."""
+        if self._wide is None:
+            self._wide = False
+            if self.dtype == torch.float32 and self.device.type != "meta" and self.q.numel() and self.k.numel() \
+                    and self._finite_qk():
+                q_max, k_max = (max(-float(lo), float(hi)) for lo, hi in (torch.aminmax(self.q), torch.aminmax(self.k)))
+                self._wide = abs(self.scale) * self.q.shape[-1] * q_max * k_max > torch.finfo(torch.float32).max
+        return self._wide
 
     def _finite_qk(self) -> bool:
         if self._qk_finite is None:
@@ -275,7 +301,8 @@ class QKAttention(AttentionSource):
     def log_sum_exp(self) -> torch.Tensor:
         """log Σ_m exp(logits[n, m]) per row (B, h, N), computed once (-inf for rows without keys)."""
         if self._lse is None:
-            lse = torch.empty(self.batch, self.heads, self.tokens, dtype=self.dtype, device=self.device)
+            lse = torch.empty(self.batch, self.heads, self.tokens, device=self.device,
+                              dtype=torch.float64 if self.wide_logits() else self.dtype)
             for r0 in range(0, self.tokens, self.rows_per_step()):
                 r1 = min(self.tokens, r0 + self.rows_per_step())
                 lse[:, :, r0:r1] = self.logits(r0, r1, *self.column_range(r0, r1)).logsumexp(-1)
@@ -286,16 +313,28 @@ class QKAttention(AttentionSource):
 
     def mix_transposed(self, u):
         """A_iᵀ U_i; float32 CPU sources through the fused C++ pass (duat_kernels.qk_cpu)."""
-        if qk_cpu.handles(self):
-            return qk_cpu.mix_transposed(self, u)
-        return super().mix_transposed(u)
+        out = qk_cpu.mix_transposed(self, u) if qk_cpu.handles(self) else super().mix_transposed(u)
+        return self._masked_terms(out, u)
 
     def mix(self, values):
         """A V with torch's fused attention (same masks, same A); soft-capped logits, which sdpa cannot
         form, through the C++ pass (duat_kernels.qk_cpu) on float32 CPU sources, else in blocks."""
+        return self._masked_terms(self._mix(values), values)
+
+    def _masked_terms(self, out: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """out (B, h, N, e) plus what the pairs every path skips (masked, outside the causal or sliding window,
+        rows without keys: A = 0 there) contribute to A V or Aᵀ U: 0 · vectors, so zero, or NaN in every row
+        for a column of vectors (B, h or h_kv, N, e) that holds a NaN or Inf (0 · Inf = NaN, as in the dense
+        W'). Those were lost: matvec gave 0 for a row without keys where W' x' is NaN."""
+        if v.all_finite(vectors):
+            return out
+        skipped = (0 * vectors).sum(-2, keepdim=True)  # (B, h or h_kv, 1, e): 0, or NaN where a vector is not finite
+        return out + skipped.repeat_interleave(out.shape[1] // vectors.shape[1], dim=1).to(out.dtype)
+
+    def _mix(self, values):
         if self.softcap:
             return qk_cpu.mix(self, values) if qk_cpu.handles(self) else super().mix(values)
-        if not self._finite_qk():  # torch's CPU sdpa writes zeros for a row of NaN logits
+        if not self._finite_qk() or self.wide_logits():  # sdpa writes zeros for a row of NaN logits
             return super().mix(values)
         sdpa = self._sdpa
         vals = values.to(self.dtype)
@@ -321,6 +360,8 @@ class QKAttention(AttentionSource):
         d, e = q.shape[-1], vals.shape[-1]
         if e == d:
             return sdpa(q, k, vals, **kwargs)
+        if e == 0:  # value head size 0 (w_o of no columns): nothing to mix, and no slices to concatenate
+            return vals.new_zeros(*q.shape[:-1], 0)
         parts = []
         for j in range(0, e, d):
             part = vals[..., j:j + d]
@@ -338,8 +379,10 @@ class QKAttention(AttentionSource):
         g = self.heads // self.kv_heads
         for s0 in range(0, rows.shape[0], 8192):
             n, m = rows[s0:s0 + 8192], cols[s0:s0 + 8192]
-            q = self.q[batch][:, n].reshape(self.kv_heads, g, n.shape[0], -1)
-            s = (q * self.k[batch][:, None, m]).sum(-1).reshape(self.heads, -1) * self.scale
+            q, k = self.q[batch][:, n].reshape(self.kv_heads, g, n.shape[0], -1), self.k[batch][:, None, m]
+            if self.wide_logits():
+                q, k = q.double(), k.double()
+            s = (q * k).sum(-1).reshape(self.heads, -1) * self.scale
             if self.softcap:
                 s = torch.tanh(s / self.softcap) * self.softcap
             row_lse = lse[:, n]
@@ -381,6 +424,11 @@ class QKAttention(AttentionSource):
 
     def inputs(self):
         return [self.q, self.k]
+
+    def finite(self):
+        """A NaN or Inf in q or k need not reach A: a masked key's, or an Inf logit soft-capped to c.
+        Softmax entries lie in [0, 1] or are NaN, so A is finite exactly where its row sums are."""
+        return self._finite_qk() or v.all_finite(self.row_sums())
 
     def fingerprint(self):
         mask = [] if self.key_mask is None else [self.key_mask.reshape(-1).to(torch.uint8)]

@@ -91,7 +91,7 @@ def ov_circuits(backend: str, w_v: torch.Tensor, w_o: torch.Tensor, num_heads: i
     HVOOperator both take OV from here, so a tile equals the same slice of W' bit for bit."""
     needs_grad = torch.is_grad_enabled() and (w_v.requires_grad or w_o.requires_grad)
     if (backend != "cpp" or needs_grad or torch.compiler.is_compiling() or w_v.device.type != "cpu"
-            or w_v.dtype not in (torch.float32, torch.float64)):
+            or w_v.dtype not in (torch.float32, torch.float64) or functorch_wrapped(w_v, w_o)):
         return reference.ov_circuits(w_v, w_o, num_heads, num_kv_heads)
     return cpp.ov_circuits(w_v, w_o, num_heads, num_kv_heads)
 
@@ -106,13 +106,20 @@ def ov_part(backend: str, w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int, 
     return ov_circuits(backend, w_v, w_o, num_heads, num_kv_heads)[:, rows, cols]
 
 
+def functorch_wrapped(*tensors: torch.Tensor) -> bool:
+    """Whether a tensor is a torch.func transform's wrapper (vmap's batched tensor, grad's), which has no
+    storage for the C++ kernel: those go through the registered op, which torch.func unwraps (under vmap
+    the cpp backend failed with "Cannot access data pointer of Tensor that doesn't have storage")."""
+    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
 def fuses_ov(backend: str, layout: str, batch: int, *tensors: torch.Tensor) -> bool:
     """Whether W' (or a tile of it) for a batch of attention maps is written by the C++ kernel straight
     from the weights, OV computed in cache (materialise_fused): token layout, one batch element (a
     batch shares one OV), eager and without autograd through any of the tensors (the registered op,
     which takes OV, serves the other cases)."""
     return (backend == "cpp" and layout == "token" and batch == 1 and all(t.device.type == "cpu" for t in tensors)
-            and not torch.compiler.is_compiling()
+            and not torch.compiler.is_compiling() and not functorch_wrapped(*tensors)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from duat_kernels._validation import check_plot_format, check_threads
 from duat_kernels.analysis.claims import cli as claims_cli
 from duat_kernels.corpus import cli as corpus_cli
 from duat_kernels.demo import format_report, run_demo
@@ -41,10 +42,24 @@ def positive_int(text: str) -> int:
     return value
 
 
+def thread_count(text: str) -> int:
+    try:
+        return check_threads("--threads", positive_int(text))
+    except ValueError as exc:  # "--threads must be at most ..." after argparse's "argument --threads: "
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--threads ")) from None
+
+
 def nonnegative_int(text: str) -> int:
     value = int_argument(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def seed_argument(text: str) -> int:
+    value = nonnegative_int(text)
+    if value >= 1 << 64:  # torch.manual_seed's range ("Overflow when unpacking long long")
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**64), got {text}")
     return value
 
 
@@ -70,9 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--embed-dim", type=positive_int, default=192, help="model width M (default 192)")
     demo.add_argument("--heads", type=positive_int, default=6, help="number of heads h (default 6)")
     demo.add_argument("--layout", choices=["token", "feature"], default="token")
-    demo.add_argument("--seed", type=nonnegative_int, default=0)
+    demo.add_argument("--seed", type=seed_argument, default=0)
     demo.add_argument("--repeats", type=positive_int, default=3, help="timed repetitions, best one reported")
-    demo.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's setting)")
+    demo.add_argument("--threads", type=thread_count, default=None, help="CPU threads (default: torch's setting)")
     scale = sub.add_parser("scale", help="time and peak memory of the matrix-free analyses as N grows")
     scale.add_argument("--n", type=positive_int, nargs="+", default=[64, 256, 1024, 4096, 16384],
                        help="sequence lengths (default 64 256 1024 4096 16384)")
@@ -81,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--spectral-max-n", type=nonnegative_int, default=None,
                        help="largest N for spectral_norm, which costs tens of matvecs (default: every N)")
     scale.add_argument("--plot", metavar="PNG", help="write a log-log plot of time against N")
-    scale.add_argument("--seed", type=nonnegative_int, default=0)
+    scale.add_argument("--seed", type=seed_argument, default=0)
     scale.add_argument("--from-qk", action="store_true",
                        help="recompute A from random causal q/k (never stored; block norms on a 256x256 grid)")
     claims_cli.add_arguments(sub.add_parser("claims", help="the DUAT paper's claims measured on a real model"))
@@ -108,6 +123,8 @@ def check_scale_args(args) -> None:
     if args.m % args.heads:
         raise ValueError(f"--m {args.m} must be divisible by --heads {args.heads}")
     check_output_file("--plot", args.plot)
+    if args.plot is not None:
+        check_plot_format("--plot", args.plot)
     # attn (h, N, N) float32, the causal mask and block_norms' (N, N) result, and a few (N, N) temporaries
     n = max(args.n)
     _check_memory(f"--n {n} needs about {{needed}} of memory ((h + 4) N² float32: the attention probabilities and "

@@ -105,6 +105,17 @@ def _apply_capability_env() -> None:
                           stacklevel=2)
 
 
+# The most threads per CPU that a --threads option takes: more only contend for the CPUs, and tens of
+# thousands make OpenMP fail to start them: torch.set_num_threads(100000) leaves a process in which
+# the next parallel region (torch's or the kernel's) aborts in libgomp or segfaults.
+MAX_THREADS_PER_CPU = 4
+
+
+def max_threads() -> int:
+    """The most threads a thread count option takes (_validation.check_threads): 4 per CPU."""
+    return MAX_THREADS_PER_CPU * (os.cpu_count() or 1)
+
+
 def num_threads() -> int:
     """Threads the kernel runs on: torch's setting, or 1 in a forked child (see _after_fork_in_child)."""
     return 1 if _FORKED_AFTER_KERNEL else torch.get_num_threads()
@@ -122,10 +133,13 @@ _apply_capability_env()
 
 
 def _numpy_view(t: torch.Tensor):
-    """A NumPy view sharing t's memory; bfloat16 (unknown to NumPy) travels as int16 bits."""
+    """A NumPy view sharing t's memory; bfloat16 (unknown to NumPy) travels as int16 bits. A tensor whose
+    negative bit is set (a lazy negation: x.conj().imag of a complex x, torch._neg_view) has no such
+    view: its negated copy is passed (outputs never have the bit: _validation.check_out refuses it)."""
+    t = t.detach().resolve_neg()
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
-    return t.detach().numpy()
+    return t.numpy()
 
 
 def _tile_ranges(row0: int, col0: int, shape: tuple[int, int], inner_rows: int, inner_cols: int):
@@ -219,8 +233,37 @@ def empty_output_cache() -> None:
 
 def set_output_cache_limit(nbytes: int) -> None:
     """Keep at most nbytes of freed outputs for reuse (0 turns the cache off)."""
+    if isinstance(nbytes, bool) or not hasattr(nbytes, "__index__") or nbytes < 0:  # 1.5 was taken as 1
+        raise ValueError(f"nbytes must be an int >= 0 (0 turns the cache off), got {nbytes!r}")
     if _C is not None:
-        _C.set_output_cache_limit(int(nbytes))
+        _C.set_output_cache_limit(min(int(nbytes), (1 << 63) - 1))
+
+
+OUTPUT_CACHE_ENV = "DUAT_OUTPUT_CACHE_BYTES"
+
+
+def _apply_output_cache_env() -> None:
+    """DUAT_OUTPUT_CACHE_BYTES sets the cache limit (bytes, "2e9" too); an unusable value warns and keeps the
+    default, an eighth of physical memory. The C++ side reads it with strtoull, which took "-5" as 2**64 - 5
+    (no limit), "1e9" as 1 byte and "garbage" as 0, silently."""
+    text = os.environ.get(OUTPUT_CACHE_ENV, "").strip()
+    if not text or _C is None:
+        return
+    try:
+        value = float(text)
+        nbytes = int(text) if text.lstrip("+").isdigit() else int(value) if value.is_integer() else -1
+    except (ValueError, OverflowError):  # not a number, or inf
+        nbytes = -1
+    if nbytes < 0:
+        default = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 8
+        warnings.warn(f"{OUTPUT_CACHE_ENV}={text!r} ignored: expected a number of bytes >= 0 (0 turns the cache "
+                      f"off); using the default, an eighth of physical memory ({default} bytes)", RuntimeWarning,
+                      stacklevel=2)
+        nbytes = default
+    set_output_cache_limit(nbytes)
+
+
+_apply_output_cache_env()
 
 
 def _factor_range(start: int, length: int, inner: int) -> tuple[int, int, int, int, int]:

@@ -33,7 +33,12 @@ def ov_circuits(w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int, num_kv_hea
     v.check_same_device(w_v=w_v, w_o=w_o)
     h_kv, _ = v.check_heads(num_heads, num_kv_heads, w_v, w_o)
     dtype = torch.promote_types(w_v.dtype, w_o.dtype)
-    return reference.ov_circuits(w_v.to(dtype), w_o.to(dtype), v.positive_int(num_heads), h_kv)
+    h = v.positive_int(num_heads)
+    if w_v.device.type != "meta" and not torch.compiler.is_compiling():
+        v.check_fits(f"OV circuits of shape ({h}, {w_o.shape[0]}, {w_v.shape[1]})",
+                     h * w_o.shape[0] * w_v.shape[1] * dtype.itemsize, w_v.device,
+                     "Use the matrix-free duat_kernels.HVOOperator (block(n, m) forms one Σ_i A_i[n, m] OV_i).")
+    return reference.ov_circuits(w_v.to(dtype), w_o.to(dtype), h, h_kv)
 
 
 def hvo_matrix(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, *, num_kv_heads: int | None = None,

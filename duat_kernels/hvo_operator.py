@@ -18,7 +18,7 @@ from duat_kernels import operator_args as args
 from duat_kernels.attention_source import AttentionSource, ExplicitAttention, QKAttention
 from duat_kernels.heads import select_heads
 from duat_kernels.hvo import hvo_bias, hvo_matrix
-from duat_kernels.operator_parts import check_qk, operator_bias, tile_factors
+from duat_kernels.operator_parts import check_qk, operator_bias, tile_factors, weighted_ov
 
 
 class HVOOperator:
@@ -176,11 +176,10 @@ class HVOOperator:
         n, m = (v.check_index(name, idx, self.dims.tokens, f"N={self.dims.tokens} tokens")
                 for name, idx in (("n", n), ("m", m)))
         dtype = self.dtype
-        ov = reference.ov_circuits(self.w_v.to(dtype), self.w_o.to(dtype), self.dims.heads, self.dims.kv_heads)
         idx = torch.tensor([n], device=self.device), torch.tensor([m], device=self.device)
         alpha = torch.stack([self.source.entries(b, *idx)[:, 0] for b in range(self.dims.batch)]) if self.dims.batch \
             else torch.zeros(0, self.dims.heads, dtype=dtype, device=self.device)
-        blk = torch.einsum("bi,ica->bca", alpha.to(ov.dtype), ov)
+        blk = weighted_ov(alpha.to(dtype), self.w_v.to(dtype), self.w_o.to(dtype), self.dims.heads, self.dims.kv_heads)
         return blk if self.dims.batched else blk[0]
 
     def tile(self, rows: slice, cols: slice, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -322,7 +321,10 @@ class HVOOperator:
     def _range(s: slice, size: int, name: str) -> tuple[int, int]:
         if not isinstance(s, slice) or s.step not in (None, 1):
             raise ValueError(f"{name} must be a slice with step 1, got {s!r}")
-        start, stop, _ = s.indices(size)
+        try:
+            start, stop, _ = s.indices(size)
+        except TypeError:  # Python's "slice indices must be integers or None or have an __index__ method"
+            raise TypeError(f"{name} must be a slice of ints (or None), got {s!r}") from None
         if stop <= start:
             raise ValueError(f"{name}={s!r} selects no entries of a dimension of size {size}")
         return start, stop

@@ -87,6 +87,8 @@ def sampling_arguments(threshold, samples, confidence, seed) -> tuple[float, int
         raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
     if v.integer(seed, tensors=False) is None:
         raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
+    if not -(1 << 63) <= seed < 1 << 64:  # torch.Generator's range (2**64: "Overflow when unpacking long long")
+        raise ValueError(f"seed must be in [-2**63, 2**64), got {seed}")
     return float(threshold), v.integer(samples), float(confidence), v.integer(seed)
 
 

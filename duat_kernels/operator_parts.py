@@ -61,6 +61,30 @@ def operator_bias(source: AttentionSource, w_o: torch.Tensor, b_v: torch.Tensor 
     return bias.to(dtype)
 
 
+# Entries of OV (h·rows·M_in) formed per step by weighted_ov.
+OV_ENTRIES_PER_STEP = 1 << 24
+
+
+def weighted_ov(alpha: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int,
+                num_kv_heads: int) -> torch.Tensor:
+    """Σ_i α[b, i] OV_i (B, M_out, M_in) for alpha (B, h), w_v (h_kv·d, M_in), w_o (M_out, h·d), all in one
+    dtype: one block of W' per batch element. OV is formed a few of its rows at a time (as a whole it is h
+    blocks: h = 2, M = 100000 failed to allocate 80 GB), and a block that cannot fit is DenseTooLargeError."""
+    batch, m_out, m_in = alpha.shape[0], w_o.shape[0], w_v.shape[1]
+    if not torch.compiler.is_compiling():  # a compiled graph allocates nothing here (and cannot read /proc)
+        v.check_fits(f"a block of W' of shape ({batch}, {m_out}, {m_in})",
+                     batch * m_out * m_in * alpha.dtype.itemsize, alpha.device,
+                     "Ask for a tile of the block instead: tile(rows, cols).")
+    rows = max(1, OV_ENTRIES_PER_STEP // max(1, num_heads * m_in))
+    if rows >= m_out:  # OV in one step
+        return torch.einsum("bi,ica->bca", alpha, reference.ov_circuits(w_v, w_o, num_heads, num_kv_heads))
+    out = torch.empty(batch, m_out, m_in, dtype=alpha.dtype, device=alpha.device)
+    for c0 in range(0, m_out, rows):
+        ov = reference.ov_circuits(w_v, w_o[c0:c0 + rows], num_heads, num_kv_heads)  # (h, rows, M_in)
+        out[:, c0:c0 + rows] = torch.einsum("bi,ica->bca", alpha, ov)
+    return out
+
+
 def tile_factors(source: AttentionSource, ov_shape: tuple[int, int], layout: str, r0: int, r1: int, c0: int,
                  c1: int) -> tuple[torch.Tensor, slice, slice, int, int]:
     """The part of A (B, h, n', m') that W'[r0:r1, c0:c1] reads, the rows and columns of OV

@@ -9,13 +9,36 @@ from __future__ import annotations
 
 import torch
 
+from duat_kernels import _validation as v
 from duat_kernels import backends, reference
+
+KERNEL_BACKENDS = ("reference", "cpp", "triton")
+
+
+def check_op_arguments(attn: torch.Tensor, ov: torch.Tensor, layout: str, backend: str, dtype: torch.dtype,
+                       out: torch.Tensor | None = None) -> tuple[int, int, int]:
+    """The arguments of the ops when called directly (torch.ops.duat.*; duat_kernels.hvo_matrix checked them
+    already): a misspelt layout was read as "feature", an out= of a narrower shape got a tile of W', both
+    silently. Returns the output shape (B, N·M_out, N·M_in)."""
+    if attn.dim() != 4 or attn.shape[-1] != attn.shape[-2] or ov.dim() != 3 or ov.shape[0] != attn.shape[1]:
+        raise ValueError(f"duat::hvo_matrix needs attn (B, h, N, N) and ov (h, M_out, M_in) with the same h, got "
+                         f"{tuple(attn.shape)} and {tuple(ov.shape)}")
+    v.check_layout(layout)
+    if backend not in KERNEL_BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, KERNEL_BACKENDS))} (a resolved backend), "
+                         f"got {backend!r}")
+    if dtype not in v.OUTPUT_DTYPES:
+        raise TypeError(f"dtype must be one of float32, float64, float16, bfloat16, got {dtype}")
+    shape = (attn.shape[0], attn.shape[-1] * ov.shape[1], attn.shape[-1] * ov.shape[2])
+    if out is not None:
+        v.check_out(out, shape, attn.device, attn, ov)
+    return shape
 
 
 @torch.library.custom_op("duat::hvo_matrix", mutates_args=())
 def hvo_matrix(attn: torch.Tensor, ov: torch.Tensor, layout: str, backend: str, dtype: torch.dtype) -> torch.Tensor:
-    batch, _, n, _ = attn.shape
-    out = backends.empty_output(backend, (batch, n * ov.shape[1], n * ov.shape[2]), dtype, attn.device)
+    shape = check_op_arguments(attn, ov, layout, backend, dtype)
+    out = backends.empty_output(backend, shape, dtype, attn.device)
     return backends.materialise(backend, attn, ov, layout, out)
 
 
@@ -27,6 +50,7 @@ def _(attn, ov, layout, backend, dtype):
 
 @torch.library.custom_op("duat::hvo_matrix_out", mutates_args=("out",))
 def hvo_matrix_out(attn: torch.Tensor, ov: torch.Tensor, layout: str, backend: str, out: torch.Tensor) -> None:
+    check_op_arguments(attn, ov, layout, backend, out.dtype, out)
     backends.materialise(backend, attn, ov, layout, out)
 
 

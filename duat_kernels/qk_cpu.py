@@ -15,15 +15,22 @@ from duat_kernels._validation import all_finite
 
 
 def handles(source) -> bool:
-    """Whether the C++ pass computes this source's products: float32 q/k on the CPU, finite, extension built."""
+    """Whether the C++ pass computes this source's products: float32 q/k on the CPU, finite, logits that
+    cannot overflow float32 (QKAttention.wide_logits), extension built."""
     return (cpp.is_available() and hasattr(cpp._C, "qk_mix") and source.device.type == "cpu"
-            and source.dtype == torch.float32 and source.q.shape[-1] > 0 and all_finite(source.q, source.k))
+            and source.dtype == torch.float32 and source.q.shape[-1] > 0 and all_finite(source.q, source.k)
+            and not source.wide_logits())
 
 
 def kernel_options(source) -> dict:
     """The keyword arguments of the q/k kernels for this source (scale, soft-cap, masks, threads)."""
     return dict(scale=float(source.scale), softcap=float(source.softcap or 0.0), causal=source.causal,
                 window=int(source.window or 0), num_threads=cpp.kernel_threads())
+
+
+def query_keys(source):
+    """q and k of the source as contiguous NumPy views for the kernels."""
+    return cpp._numpy_view(source.q.contiguous()), cpp._numpy_view(source.k.contiguous())
 
 
 def key_mask(source):
@@ -36,8 +43,7 @@ def mix(source, values: torch.Tensor) -> torch.Tensor:
     in float32, returned in values' dtype."""
     vals = values.to(torch.float32).contiguous()
     out = torch.empty(source.batch, source.heads, source.tokens, vals.shape[-1], dtype=torch.float32)
-    cpp._C.qk_mix(source.q.contiguous().numpy(), source.k.contiguous().numpy(), key_mask(source), vals.numpy(),
-                  out.numpy(), **kernel_options(source))
+    cpp._C.qk_mix(*query_keys(source), key_mask(source), vals.numpy(), out.numpy(), **kernel_options(source))
     return out.to(values.dtype)
 
 
@@ -46,6 +52,5 @@ def mix_transposed(source, u: torch.Tensor) -> torch.Tensor:
     in float32, returned in u's dtype."""
     uc = u.to(torch.float32).contiguous()
     out = torch.empty_like(uc)
-    cpp._C.qk_mix_transposed(source.q.contiguous().numpy(), source.k.contiguous().numpy(), key_mask(source),
-                             uc.numpy(), out.numpy(), **kernel_options(source))
+    cpp._C.qk_mix_transposed(*query_keys(source), key_mask(source), uc.numpy(), out.numpy(), **kernel_options(source))
     return out.to(u.dtype)

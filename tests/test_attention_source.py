@@ -170,6 +170,35 @@ def test_from_qk_takes_a_numpy_sliding_window():
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("window", [10 ** 20, 1 << 63, 1 << 40])
+@pytest.mark.parametrize("causal", [False, True])
+def test_from_qk_window_of_more_keys_than_tokens_is_every_key(window, causal):
+    # the int64 q/k kernels got the window as given: 10**20 failed with "int too big to convert",
+    # 2**63 with "index -9223372036854775808 is out of bounds"
+    g = torch.Generator().manual_seed(1)
+    q, k, w_v, w_o = (torch.randn(*s, generator=g) for s in ((2, 5, 3), (2, 5, 3), (6, 4), (4, 6)))
+    plain = dk.HVOOperator.from_qk(q, k, w_v, w_o, causal=causal)
+    op = dk.HVOOperator.from_qk(q, k, w_v, w_o, causal=causal, sliding_window=window)
+    x = torch.randn(20, generator=g)
+    torch.testing.assert_close(op.to_dense(), plain.to_dense())
+    torch.testing.assert_close(op.block_norms(), plain.block_norms())
+    torch.testing.assert_close(op.block_norms(grid=2), plain.block_norms(grid=2))
+    torch.testing.assert_close(op.matvec(x), plain.matvec(x))
+    torch.testing.assert_close(op.rmatvec(x), plain.rmatvec(x))
+
+
+def test_from_qk_meta_mask_is_refused_and_meta_q_takes_masks():
+    # was torch's NotImplementedError "Cannot copy out of meta tensor; no data!" at the first method
+    with pytest.raises(ValueError, match="attention_mask is on meta but q and k are on cpu"):
+        dk.HVOOperator.from_qk(torch.randn(2, 5, 3), torch.randn(2, 5, 3), torch.randn(6, 4), torch.randn(4, 6),
+                               attention_mask=torch.ones(5, dtype=torch.bool, device="meta"))
+    # meta q and k with a key mask or a sliding window failed with "Tensor.item() cannot be called on meta tensors"
+    for opts in (dict(attention_mask=torch.ones(5, dtype=torch.bool)), dict(sliding_window=2)):
+        meta = dk.HVOOperator.from_qk(*(torch.randn(*s, device="meta") for s in ((2, 5, 3), (2, 5, 3), (6, 4), (4, 6))),
+                                      **opts)
+        assert meta.matvec(torch.ones(20, device="meta")).shape == (20,)
+
+
 @pytest.mark.parametrize("causal", ["no", None, 0.5])
 def test_from_qk_causal_must_be_a_bool(causal):
     # a string such as "no" used to count as True
@@ -274,3 +303,64 @@ def test_tall_narrow_tile_forms_row_blocks_only(layout, causal, monkeypatch):
     for cols in (slice(0, 1), slice(40, 43), slice(65, 66)):
         torch.testing.assert_close(op.tile(slice(0, 66), cols), dense[:, :, cols], rtol=1e-12, atol=1e-12)
     assert widths and max(widths) <= 3
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_from_qk_with_value_head_size_zero(causal):
+    # w_v (0, M_in), w_o (M_out, 0): the values are empty, W' is zero. matvec, matmat and spectral_norm
+    # failed in the sliced sdpa with torch's "torch.cat(): expected a non-empty list of Tensors"
+    q, k = torch.randn(2, 4, 3), torch.randn(2, 4, 3)
+    op = dk.HVOOperator.from_qk(q, k, torch.randn(0, 5), torch.randn(6, 0), causal=causal)
+    assert torch.equal(op.matvec(torch.randn(20)), torch.zeros(24))
+    assert torch.equal(op.matmat(torch.randn(20, 3)), torch.zeros(24, 3))
+    assert torch.equal(op.rmatvec(torch.randn(24)), torch.zeros(20))
+    assert op.spectral_norm() == 0.0
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("causal", [False, True])
+def test_from_qk_logits_beyond_float32_agree_with_float64(causal, softcap):
+    # finite q and k whose logits (1e40) overflow float32 came out as Inf or NaN depending on each path's
+    # order of operations: to_dense, tile, block and trace had NaN rows where block_norms, rmatvec (the C++
+    # passes) and the soft-capped matvec gave finite numbers. The exact A is finite (one-hot rows).
+    g = torch.Generator().manual_seed(0)
+    q, k, w_v, w_o = (torch.randn(*s, generator=g) for s in ((2, 4, 3), (2, 4, 3), (4, 3), (3, 4)))
+    q[0, 2] *= 1e20
+    k[0, 1] *= 1e20
+    k[0, 3] *= -1e20
+    opts = dict(causal=causal, softcap=softcap, attention_mask=torch.tensor([True, True, False, True]))
+    op = dk.HVOOperator.from_qk(q, k, w_v, w_o, **opts)
+    wide = dk.HVOOperator.from_qk(q.double(), k.double(), w_v.double(), w_o.double(), **opts)
+    torch.testing.assert_close(op.attn.double(), wide.attn, rtol=0, atol=1e-6)
+    explicit = dk.HVOOperator(op.attn, w_v, w_o)
+    x = torch.randn(12, generator=g)
+    for name in ("block_norms", "frobenius_norm", "trace", "bias"):
+        torch.testing.assert_close(getattr(op, name)(), getattr(explicit, name)(), msg=name)
+    for name in ("matvec", "rmatvec", "contributions"):
+        torch.testing.assert_close(getattr(op, name)(x), getattr(explicit, name)(x), msg=name)
+    torch.testing.assert_close(op.block_norms(grid=2), explicit.block_norms(grid=2))
+    torch.testing.assert_close(op.block(2, 1), explicit.block(2, 1))
+
+
+@pytest.mark.parametrize("where", ["w_v", "w_o"])
+@pytest.mark.parametrize("opts", [dict(causal=True), dict(sliding_window=1),
+                                  dict(causal=True, sliding_window=2, attention_mask=torch.tensor([False, True, True, False])),
+                                  dict(softcap=3.0, attention_mask=torch.tensor([True, False, True, True]))],
+                         ids=["causal", "window", "causal-window-mask", "softcap-mask"])
+def test_from_qk_nan_weights_reach_masked_pairs(where, opts):
+    # 0 · NaN = NaN in the blocks of masked pairs, as in the dense W': block_norms and frobenius_norm left
+    # the blocks of the columns a row block skips at 0, and matvec/rmatvec (sdpa, the C++ passes, row
+    # blocks) skipped the masked pairs and zeroed rows without keys
+    g = torch.Generator().manual_seed(2)
+    q, k, w_v, w_o = (torch.randn(*s, generator=g) for s in ((2, 4, 3), (2, 4, 3), (4, 3), (3, 4)))
+    (w_v if where == "w_v" else w_o)[1, 2] = float("nan")
+    op = dk.HVOOperator.from_qk(q, k, w_v, w_o, **opts)
+    explicit = dk.HVOOperator(op.attn, w_v, w_o)
+    x = torch.randn(12, generator=g)
+    for got, want in ((op.block_norms(), explicit.block_norms()), (op.block_norms(grid=2), explicit.block_norms(grid=2)),
+                      (op.frobenius_norm(), explicit.frobenius_norm())):
+        torch.testing.assert_close(got, want, equal_nan=True)
+    for name in ("matvec", "rmatvec"):
+        got, want = getattr(op, name)(x), getattr(explicit, name)(x)
+        assert torch.equal(got.isfinite(), want.isfinite()), name
+        torch.testing.assert_close(got[got.isfinite()], want[want.isfinite()])

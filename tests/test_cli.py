@@ -40,6 +40,9 @@ CLI_ERRORS = {
     "demo-repeats-0": (["demo", "--repeats", "0"], "argument --repeats: must be a positive integer"),
     "demo-threads-negative": (["demo", "--threads", "-1"], "argument --threads: must be a positive integer"),
     "scale-n-huge": (["scale", "--n", "1000000"], "--n 1000000 needs about"),
+    # torch.set_num_threads(100000) then crashed the process in libgomp (exit status 139, no message)
+    "demo-threads-huge": (["demo", "--threads", "100000"], "argument --threads: must be at most"),
+    "markov-threads-huge": (["markov", "--threads", "100000"], "--threads must be at most"),
 }
 IN_PROCESS_ERRORS = {
     "demo-tokens-text": (["demo", "--tokens", "many"], "argument --tokens: must be an integer, got 'many'"),
@@ -51,6 +54,11 @@ IN_PROCESS_ERRORS = {
                                   "--plot /nonexistent/x.png: the folder /nonexistent does not exist"),
     "scale-plot-is-folder": (["scale", "--n", "8", "--plot", "/"], "--plot / is a directory"),
     "unknown-command": (["bogus"], "invalid choice: 'bogus'"),
+    # matplotlib's "Format 'bogus' is not supported" came after the sweep
+    "scale-plot-format": (["scale", "--n", "8", "--plot", "/tmp/w.bogus"], "--plot /tmp/w.bogus: matplotlib cannot write"),
+    # torch.manual_seed's "Overflow when unpacking long long"
+    "demo-seed-huge": (["demo", "--seed", str(1 << 64)], "argument --seed: must be an integer in [0, 2**64)"),
+    "scale-seed-huge": (["scale", "--n", "8", "--seed", str(1 << 64)], "argument --seed: must be an integer in [0, 2**64)"),
 }
 
 

@@ -316,6 +316,25 @@ def test_environment_variable_forces_a_variant(value, expected, warns):
     assert ("DUAT_CPU_CAPABILITY='avx9' ignored" in run.stderr) == warns
 
 
+def test_output_cache_environment_variable_is_parsed_or_refused():
+    # strtoull took "-5" as 2**64 - 5 (a cache without limit), "1e9" as 1 byte and "garbage" as 0 (off),
+    # all silently; each value in its own process (the variable is read at import), all at once
+    code = ("import warnings; warnings.simplefilter('always'); from duat_kernels import cpp; "
+            "print(cpp.output_cache_info()['limit_bytes'])")
+    default = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 8
+    cases = {"-5": default, "garbage": default, "1e9": 10 ** 9, " 4096 ": 4096}
+    procs = {value: subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env={**os.environ, "DUAT_OUTPUT_CACHE_BYTES": value}, cwd=CHILD_CWD)
+             for value in cases}
+    for value, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert int(out) == cases[value], (value, out, err)
+        assert (f"DUAT_OUTPUT_CACHE_BYTES={value.strip()!r} ignored" in err) == (cases[value] == default), err
+    for bad in (1.5, -1, "1", True):
+        with pytest.raises(ValueError, match="nbytes must be an int >= 0"):
+            cpp.set_output_cache_limit(bad)
+
+
 def _sgemm_gflops(size: int = 768, rounds: int = 5) -> float:
     """torch's float32 matrix product on one thread, in CPU time (robust to other processes)."""
     a, b = torch.randn(size, size), torch.randn(size, size)

@@ -143,3 +143,43 @@ def test_fraction_above_samples_float64_operators_in_float64():
     op = dk.HVOOperator(one, one[0], torch.full((1, 1), 1 + 1e-12, dtype=torch.float64))
     assert op.fraction_above(1.0, samples=16).fraction == 1.0
     assert op.fraction_above(1.0 + 2e-12, samples=16).fraction == 0.0
+
+
+def test_tile_slices_of_floats_are_named():
+    # Python's own "slice indices must be integers or None or have an __index__ method" named nothing
+    lay = random_layer(1, 2, tokens=3, batched=False)
+    op = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"])
+    with pytest.raises(TypeError, match=r"rows must be a slice of ints \(or None\), got slice\(0.0, 2.0, None\)"):
+        op.tile(slice(0.0, 2.0), slice(0, 4))
+
+
+@pytest.mark.parametrize("case", ["finite", "nan_w_v", "inf_w_o_zero_alpha"])
+def test_block_forms_ov_a_few_rows_at_a_time(case, monkeypatch):
+    # block(n, m) formed the whole (h, M_out, M_in) OV, h times the block: h = 2, M = 100000 failed with
+    # the allocator's raw RuntimeError for 80 GB (a block that itself does not fit is DenseTooLargeError)
+    from duat_kernels import _validation, operator_parts
+
+    monkeypatch.setattr(operator_parts, "OV_ENTRIES_PER_STEP", 20)  # OV in chunks of 2 of its 5 rows
+    lay = random_layer(2, 4, 2, tokens=3, head_dim=2, m_in=5, m_out=5, causal=True, seed=3)
+    w_v, w_o = lay["w_v"].clone(), lay["w_o"].clone()
+    if case == "nan_w_v":
+        w_v[1, 2] = float("nan")
+    elif case == "inf_w_o_zero_alpha":  # block (0, 2) is a causal zero block: 0 · Inf = NaN
+        w_o[3, 1] = float("inf")
+    op = dk.HVOOperator(lay["attn"], w_v, w_o, num_kv_heads=2)
+    dense = op.to_dense(dtype=torch.float64).reshape(2, 3, 5, 3, 5)
+    for n, m in ((0, 2), (2, 1)):
+        torch.testing.assert_close(op.block(n, m).double(), dense[:, n, :, m], equal_nan=True)
+    monkeypatch.setattr(_validation, "available_memory", lambda device: 100)
+    with pytest.raises(dk.DenseTooLargeError, match=r"a block of W' of shape \(2, 5, 5\) needs 200 B"):
+        op.block(0, 0)
+    with pytest.raises(dk.DenseTooLargeError, match=r"OV circuits of shape \(4, 5, 5\) needs 400 B"):
+        dk.ov_circuits(w_v, w_o, 4, 2)
+
+
+def test_block_composes_with_torch_compile_fullgraph():
+    # the size check of weighted_ov reads /proc/meminfo, which TorchDynamo cannot trace ("builtin operator open")
+    lay = random_layer(1, 2, tokens=3, m_in=4, m_out=3, batched=False)
+    compiled = torch.compile(lambda a, wv, wo: dk.HVOOperator(a, wv, wo).block(1, 2), fullgraph=True)
+    torch.testing.assert_close(compiled(lay["attn"], lay["w_v"], lay["w_o"]),
+                               dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"]).block(1, 2))

@@ -250,3 +250,64 @@ def test_numpy_integers_count_heads():
     for bad in (True, 2.0, torch.tensor(2)):
         with pytest.raises(ValueError, match="num_kv_heads must be a positive int"):
             dk.hvo_matrix(lay["attn"], lay["w_v"], lay["w_o"], num_kv_heads=bad)
+
+
+def _negated_view(t: torch.Tensor) -> torch.Tensor:
+    """A tensor equal to t whose negative bit is set (what x.conj().imag of a complex x gives)."""
+    view = torch._neg_view(-t)
+    assert view.is_neg()
+    return view
+
+
+@pytest.mark.parametrize("name", ["attn", "w_v", "w_o"])
+def test_lazily_negated_views_are_read_as_their_values(name):
+    # the cpp backend (and block_norms, to_dense, tile through it) failed with torch's "Can't call
+    # numpy() on Tensor that has negative bit set"
+    lay = random_layer(1, 2, tokens=3, head_dim=2, m_in=3, m_out=3, batched=False, seed=5)
+    plain = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"])
+    args = {k: lay[k] for k in ("attn", "w_v", "w_o")}
+    args[name] = _negated_view(args[name])
+    op = dk.HVOOperator(args["attn"], args["w_v"], args["w_o"])
+    want = plain.to_dense()
+    torch.testing.assert_close(dk.hvo_matrix(args["attn"], args["w_v"], args["w_o"], backend="cpp"), want)
+    torch.testing.assert_close(op.to_dense(), want)
+    torch.testing.assert_close(op.tile(slice(1, 5), slice(2, 9)), want[1:5, 2:9])
+    torch.testing.assert_close(op.block_norms(), plain.block_norms())
+    torch.testing.assert_close(op.block_norms(grid=2), plain.block_norms(grid=2))
+    with pytest.raises(ValueError, match="out has its negative bit set"):
+        dk.hvo_matrix(lay["attn"], lay["w_v"], lay["w_o"], out=_negated_view(torch.zeros(9, 9)))
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_lazily_negated_q_and_k(softcap):
+    # block_norms and rmatvec of a from_qk operator passed q and k to the C++ passes through .numpy()
+    g = torch.Generator().manual_seed(4)
+    q, k, w_v, w_o = (torch.randn(*s, generator=g) for s in ((2, 3, 4), (2, 3, 4), (4, 3), (3, 4)))
+    plain = dk.HVOOperator.from_qk(q, k, w_v, w_o, causal=True, softcap=softcap)
+    op = dk.HVOOperator.from_qk(_negated_view(q), _negated_view(k), w_v, w_o, causal=True, softcap=softcap)
+    x = torch.randn(9, generator=g)
+    torch.testing.assert_close(op.block_norms(), plain.block_norms())
+    torch.testing.assert_close(op.block_norms(grid=2), plain.block_norms(grid=2))
+    torch.testing.assert_close(op.rmatvec(x), plain.rmatvec(x))
+    torch.testing.assert_close(op.matvec(x), plain.matvec(x))
+
+
+def test_sparse_and_mkldnn_tensors_are_refused_by_name():
+    # each failed deep inside torch: "Cannot access storage of SparseTensorImpl", "reshape is not
+    # implemented for sparse tensors", "Sparse CSR tensors do not have strides", aten::as_strided on MkldnnCPU
+    lay = random_layer(1, 2, tokens=3, head_dim=2, m_in=3, m_out=3, batched=False)
+    attn, w_v, w_o = lay["attn"], lay["w_v"], lay["w_o"]
+    op = dk.HVOOperator(attn, w_v, w_o)
+    q = torch.randn(2, 3, 2)
+    for name, call in (("attn", lambda: dk.hvo_matrix(attn.to_sparse(), w_v, w_o)),
+                       ("w_v", lambda: dk.hvo_matrix(attn, w_v.to_sparse_csr(), w_o)),
+                       ("attn", lambda: dk.hvo_matrix(attn.to_mkldnn(), w_v, w_o)),
+                       ("out", lambda: dk.hvo_matrix(attn, w_v, w_o, out=torch.zeros(9, 9).to_sparse())),
+                       ("b_v", lambda: dk.hvo_bias(attn, w_o, torch.ones(4).to_sparse())),
+                       ("x", lambda: op.matvec(torch.ones(9).to_sparse())),
+                       ("X", lambda: op.matmat(torch.ones(9, 2).to_sparse())),
+                       ("q", lambda: dk.HVOOperator.from_qk(q.to_sparse(), q, w_v, w_o)),
+                       ("attention_mask", lambda: dk.HVOOperator.from_qk(q, q, w_v, w_o,
+                                                                         attention_mask=torch.ones(3).to_sparse()))):
+        with pytest.raises(TypeError, match=rf"^{name} must be a dense \(strided\) tensor, got layout torch\."):
+            call()

@@ -81,3 +81,40 @@ def test_torch_compile_fullgraph_with_symbolic_head_counts():
         lay = random_layer(1, heads, 1, tokens=3, head_dim=2, m_in=3, m_out=2, seed=heads)
         torch.testing.assert_close(compiled(lay["attn"], lay["w_v"], lay["w_o"]),
                                    dk.hvo_matrix(lay["attn"], lay["w_v"], lay["w_o"], num_kv_heads=1))
+
+
+def test_direct_op_calls_check_their_arguments():
+    # torch.ops.duat.* called directly (they are registered for anyone): a misspelt layout was read as
+    # "feature" and an out= of a narrower shape got a tile of W', silently; others failed with a KeyError
+    # (dtype), an unpacking error (3-D attn) or the C++ boundary's message
+    attn, ov = torch.rand(1, 2, 3, 3), torch.randn(2, 4, 5)
+    with pytest.raises(ValueError, match="layout must be 'token' or 'feature', got 'Token'"):
+        torch.ops.duat.hvo_matrix(attn, ov, "Token", "cpp", torch.float32)
+    with pytest.raises(ValueError, match="out must have shape \\(1, 12, 15\\), got \\(1, 12, 14\\)"):
+        torch.ops.duat.hvo_matrix_out(attn, ov, "token", "cpp", torch.empty(1, 12, 14))
+    with pytest.raises(ValueError, match="backend must be one of 'reference', 'cpp', 'triton'"):
+        torch.ops.duat.hvo_matrix(attn, ov, "token", "auto", torch.float32)
+    with pytest.raises(ValueError, match="needs attn \\(B, h, N, N\\) and ov \\(h, M_out, M_in\\) with the same h"):
+        torch.ops.duat.hvo_matrix(attn[0], ov, "token", "cpp", torch.float32)
+    with pytest.raises(TypeError, match="dtype must be one of float32"):
+        torch.ops.duat.hvo_matrix(attn, ov, "token", "cpp", torch.int32)
+    want = reference.hvo_matrix(attn, ov, "feature")
+    torch.testing.assert_close(torch.ops.duat.hvo_matrix(attn, ov, "feature", "cpp", torch.float32), want)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("layout", ["token", "feature"])
+def test_torch_func_vmap(backend, layout):
+    # under vmap the cpp backend's fused path handed a batched tensor (no storage) to the C++ kernel:
+    # "Cannot access data pointer of Tensor that doesn't have storage"
+    import warnings
+
+    lay = random_layer(3, 2, tokens=3, m_in=2, m_out=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's "no batching rule for duat::hvo_matrix" performance note
+        got = torch.func.vmap(lambda a: dk.hvo_matrix(a, lay["w_v"], lay["w_o"], backend=backend, layout=layout))(
+            lay["attn"])
+        per_w_o = torch.func.vmap(lambda w: dk.hvo_matrix(lay["attn"][0], lay["w_v"], w, backend=backend))(
+            torch.stack([lay["w_o"], 2 * lay["w_o"]]))
+    torch.testing.assert_close(got, dk.hvo_matrix(lay["attn"], lay["w_v"], lay["w_o"], layout=layout))
+    torch.testing.assert_close(per_w_o[1], 2 * dk.hvo_matrix(lay["attn"][0], lay["w_v"], lay["w_o"]))

@@ -33,13 +33,10 @@ def _dask():
 
 
 def stored_dtype(op, dtype: torch.dtype | None) -> torch.dtype:
-    """The dtype of W' entries (default: the inputs' promoted dtype); float32, float64 or float16, or
-    its name. Refuses an operator on meta tensors (no entries to store)."""
+    """The dtype of W' entries (default: the inputs' promoted dtype, float32 for bfloat16); float32, float64
+    or float16, or its name. Refuses an operator on meta tensors (no entries to store)."""
     v.check_has_data("W' as a Dask array (to_dask, save_zarr)", op.device)
-    dtype = v.as_dtype(dtype) or op.dtype
-    if dtype not in NUMPY_DTYPES:
-        raise TypeError(f"dtype must be float32, float64 or float16 (a NumPy dtype), got {dtype}")
-    return dtype
+    return v.storage_dtype(dtype, op.dtype, "(a NumPy dtype)")
 
 
 def check_chunks(op, chunks, dtype: torch.dtype) -> tuple[int, int]:

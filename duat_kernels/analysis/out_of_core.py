@@ -48,7 +48,7 @@ def save_dense(op, path: str | os.PathLike, *, rows_per_tile: int | None = None,
         path: destination .npy; bfloat16 is not a NumPy dtype, so float32, float64 and float16 only.
         rows_per_tile: rows of W' per tile (default: as many as fit in max_tile_bytes).
         max_tile_bytes: memory budget of one tile, the peak memory beyond the inputs.
-        dtype: stored dtype (default: the inputs' promoted dtype).
+        dtype: stored dtype (default: the inputs' promoted dtype, float32 for bfloat16).
         progress: show a tqdm progress bar.
 
     Returns:
@@ -59,9 +59,7 @@ def save_dense(op, path: str | os.PathLike, *, rows_per_tile: int | None = None,
     v.check_has_data("save_dense", op.device)
     if v.positive_int(max_tile_bytes) is None:
         raise ValueError(f"max_tile_bytes must be a positive int, got {max_tile_bytes!r}")
-    dtype = v.as_dtype(dtype) or op.dtype
-    if dtype not in _NUMPY_DTYPES:
-        raise TypeError(f"dtype must be float32, float64 or float16 for a .npy file, got {dtype}")
+    dtype = v.storage_dtype(dtype, op.dtype, "for a .npy file")
     rows, cols = op.shape
     row_bytes = cols * dtype.itemsize
     if rows_per_tile is None:
@@ -75,7 +73,7 @@ def save_dense(op, path: str | os.PathLike, *, rows_per_tile: int | None = None,
     if v.positive_int(rows_per_tile) is None:
         raise ValueError(f"rows_per_tile must be a positive int, got {rows_per_tile!r}")
     rows_per_tile = v.positive_int(rows_per_tile)
-    path = Path(path)
+    path = v.as_path("path", path)
     partial, progress_file = Path(f"{path}.partial"), Path(f"{path}.progress.json")
     _check_target(path, partial, rows * row_bytes)
     fingerprint = _fingerprint(op, dtype, rows_per_tile)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from duat_kernels import reference
-from duat_kernels._validation import format_bytes, positive_int
+from duat_kernels._validation import format_bytes, integer, positive_int
 from duat_kernels.hvo_operator import HVOOperator
 
 OPERATIONS = ("attention", "matvec", "block_norms", "spectral_norm", "tile")
@@ -134,9 +134,21 @@ def scaling_sweep(ns: list[int], m: int = 256, heads: int = 4, spectral_max_n: i
     Every operation runs once untimed at the smallest N first (warm-up: allocator, thread pool, caches)."""
     from tqdm.auto import tqdm
 
+    ns_given = ns
+    ns = list(ns) if not isinstance(ns, (str, bytes)) and hasattr(ns, "__iter__") else []  # a NumPy array too
     if not ns or any(positive_int(n) is None for n in ns):
-        raise ValueError(f"ns must be a non-empty sequence of token counts N >= 1, got {ns!r}")
+        raise ValueError(f"ns must be a non-empty sequence of token counts N >= 1, got {ns_given!r}")
     ns = [positive_int(n) for n in ns]
+    # each failed deep inside: m=0 in tile ("rows=slice(0, 0) selects no entries"), heads=2.0 in torch.empty,
+    # heads=3 for m=8 with w_o's shape and the head-averaged-attention hint
+    for name, value in (("m", m), ("heads", heads), ("grid", grid)):
+        if positive_int(value) is None:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if m % heads:
+        raise ValueError(f"m={m} must be divisible by heads={heads} (head size m / heads)")
+    if spectral_max_n is not None and (integer(spectral_max_n, tensors=False) is None or spectral_max_n < 0):
+        raise ValueError(f"spectral_max_n must be None or an int >= 0, got {spectral_max_n!r}")
+    m, heads, grid = positive_int(m), positive_int(heads), positive_int(grid)
     warm, _ = _operations(min(ns), m, heads, seed, from_qk, grid)
     with torch.no_grad():
         for fn in warm.values():

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from duat_kernels._validation import integer, positive_int
+from duat_kernels._validation import check_threads, integer, positive_int
 from duat_kernels.linalg.norms import _bins
 
 # How many times this process has loaded each model (read by the tests through Client.run).
@@ -40,10 +40,10 @@ class CorpusSettings:
         """Checked here, once, not per text (where each text would fail alike); sizes as Python ints."""
         if not isinstance(self.model, str) or not self.model:
             raise TypeError(f"model must be a name or a folder (a non-empty str), got {self.model!r}")
-        for name in ("grid", "threads"):
-            if positive_int(getattr(self, name)) is None:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-            object.__setattr__(self, name, positive_int(getattr(self, name)))
+        if positive_int(self.grid) is None:
+            raise ValueError(f"grid must be a positive int, got {self.grid!r}")
+        object.__setattr__(self, "grid", positive_int(self.grid))
+        object.__setattr__(self, "threads", check_threads("threads", self.threads))
         if self.layers is not None:
             iterable = not isinstance(self.layers, (str, bytes)) and hasattr(self.layers, "__iter__")
             layers = [integer(i, tensors=False) for i in self.layers] if iterable else [None]

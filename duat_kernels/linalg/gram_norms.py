@@ -23,7 +23,7 @@ def squared_(alpha: torch.Tensor, c: torch.Tensor, out: torch.Tensor) -> torch.T
     """out = ||C α[:, r, m]||² (rows, cols) float32 for alpha (h, rows, cols), c (h, h) float32;
     written in place when out is contiguous, else through a temporary."""
     target = out if out.is_contiguous() else torch.empty(out.shape, dtype=torch.float32)
-    cpp._C.gram_squared_norms(alpha.contiguous().numpy(), c.contiguous().numpy(), target.numpy(),
+    cpp._C.gram_squared_norms(cpp._numpy_view(alpha.contiguous()), cpp._numpy_view(c.contiguous()), target.numpy(),
                               torch.get_num_threads())
     return out if target is out else out.copy_(target)
 
@@ -32,8 +32,9 @@ def grid_(alpha: torch.Tensor, c: torch.Tensor, row_bins: torch.Tensor, col_bins
           out: torch.Tensor) -> torch.Tensor:
     """out[row_bins[r], col_bins[m]] += ||C α[:, r, m]||² in place: alpha (h, rows, cols), c (h, h),
     row_bins (rows,), col_bins (cols,) int64, out (R, C) float64 contiguous."""
-    cpp._C.gram_grid_norms(alpha.contiguous().numpy(), c.contiguous().numpy(), row_bins.contiguous().numpy(),
-                           col_bins.contiguous().numpy(), out.numpy(), torch.get_num_threads())
+    cpp._C.gram_grid_norms(cpp._numpy_view(alpha.contiguous()), cpp._numpy_view(c.contiguous()),
+                           row_bins.contiguous().numpy(), col_bins.contiguous().numpy(), out.numpy(),
+                           torch.get_num_threads())
     return out
 
 
@@ -47,8 +48,8 @@ def qk_squared_norms(source, c: torch.Tensor, grid: tuple[int, int] | None, row_
     """||C α||² from q and k in one C++ pass, A never written: (B, N, N) float32 for grid=None, else the
     super-block sums (B, R, C) float64 with row_bins / col_bins (N,) int64 the super-block of each token.
     source a QKAttention (float32, CPU), c (h, h)."""
-    q, k = source.q.contiguous().numpy(), source.k.contiguous().numpy()
-    c32 = c.to(torch.float32).contiguous().numpy()
+    q, k = qk_cpu.query_keys(source)
+    c32 = cpp._numpy_view(c.to(torch.float32).contiguous())
     opts = qk_cpu.kernel_options(source)
     if grid is None:
         out = torch.empty(source.batch, source.tokens, source.tokens, dtype=torch.float32)

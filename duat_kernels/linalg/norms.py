@@ -35,23 +35,25 @@ def block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
                 grid: tuple[int, int] | None = None) -> torch.Tensor:
     """||B_nm||_F for the A of `source` (an AttentionSource, or attn (B, h, N, N)) -> (B, N, N); with
     grid=(R, C), the Frobenius norms of an R x C grid of super-blocks (rows and columns of blocks
-    split as evenly as possible) -> (B, R, C). Float32 A on the CPU goes through the fused C++ pass."""
+    split as evenly as possible) -> (B, R, C). Float32 A on the CPU goes through the fused C++ pass. Computed
+    and returned in float64 when A or a weight is float64 (as contributions and to_dense), else in float32."""
     if isinstance(source, torch.Tensor):
         source = ExplicitAttention(source, num_kv_heads)
     batch, h, n = source.batch, source.heads, source.tokens
     finite = all_finite(*source.inputs(), w_v, w_o)
-    _check_output_fits(source, grid, finite)
+    wide = _wide(source, w_v, w_o)
+    _check_output_fits(source, grid, finite, wide)
     if not finite:
         return _block_norms_direct(source, w_v, w_o, num_kv_heads, grid)
-    if grid is not None and isinstance(source, QKAttention) and source.device.type == "cuda":
+    if (grid is not None and isinstance(source, QKAttention) and source.device.type == "cuda" and not wide
+            and not source.wide_logits()):  # the q/k Triton pass forms float32 logits
         return _block_norms_triton(source, w_v, w_o, num_kv_heads, grid)
-    wide = source.dtype == torch.float64
     c = gram_factor(w_v, w_o, h, num_kv_heads).to(source.device, torch.float64 if wide else torch.float32)
     out_rows, out_cols = grid if grid is not None else (n, n)
     if not wide and gram_norms.qk_available(source):  # logits, softmax and ||C α||² fused in C++: A never written
         bins = _bins(n, out_rows, source.device), _bins(n, out_cols, source.device)
         return gram_norms.qk_squared_norms(source, c, grid, *bins).clamp_min_(0).sqrt_().float()
-    fused = gram_norms.available(source)
+    fused = not wide and gram_norms.available(source)
     whole = fused and isinstance(source, ExplicitAttention)  # one pass over the stored A, every entry written
     out = (torch.empty if whole and grid is None else torch.zeros)(
         batch, out_rows, out_cols, device=source.device,
@@ -77,13 +79,18 @@ def block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
     return out if wide or grid is None else out.float()
 
 
-def _check_output_fits(source, grid: tuple[int, int] | None, finite: bool) -> None:
+def _wide(source, w_v: torch.Tensor, w_o: torch.Tensor) -> bool:
+    """Whether the norms are computed in float64: A or a weight is float64 (float32 A with float64
+    weights lost the weights' precision: relative errors of 1e-7 where to_dense is exact to 1e-16)."""
+    return torch.float64 in (source.dtype, w_v.dtype, w_o.dtype)
+
+
+def _check_output_fits(source, grid: tuple[int, int] | None, finite: bool, wide: bool) -> None:
     """Refuse, before allocating, norms that cannot fit: (B, R, C) sums in float64 (float32 for
     grid=None, float64 A aside), plus the float32 result of a grid; non-finite factors form all
     (B, N, N) squared norms first, whatever the grid."""
     batch, n = source.batch, source.tokens
     rows, cols = grid if grid is not None else (n, n)
-    wide = source.dtype == torch.float64
     per_entry = 8 if wide or grid is not None else 4
     needed = batch * rows * cols * (per_entry + (4 if grid is not None and not wide else 0))
     if not finite:
@@ -107,18 +114,27 @@ def _block_norms_direct(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_hea
                         grid: tuple[int, int] | None) -> torch.Tensor:
     """block_norms for factors with NaN or Inf: αᵀGα cannot see 0 · NaN = NaN or Inf - Inf = NaN,
     so each block Σ_i α_i OV_i is formed (a chunk at a time) and its entries summed, as in the
-    dense W': O(N² h M_out M_in) time, the cost of materialising."""
+    dense W': O(N² h M_out M_in) time, the cost of materialising. OV is formed a few of its rows at a time
+    (whole, an (h, M_out, M_in) OV of h = 2, M = 100000 failed to allocate 80 GB)."""
     batch, h, n = source.batch, source.heads, source.tokens
-    dtype = torch.float64 if source.dtype == torch.float64 else torch.float32
-    ov = reference.ov_circuits(w_v.to(dtype), w_o.to(dtype), h, num_kv_heads)  # (h, M_out, M_in)
-    cols_per_step = max(1, min(n, CHUNK_ENTRIES // max(1, ov[0].numel())))
+    dtype = torch.float64 if _wide(source, w_v, w_o) else torch.float32
+    w_v, w_o = w_v.to(dtype), w_o.to(dtype)
+    ov_rows = max(1, CHUNK_ENTRIES // max(1, h * w_v.shape[1]))
     sq = torch.zeros(batch, n, n, dtype=dtype, device=source.device)
-    for r0, r1, c0, c1, alpha_rows in source.row_blocks(1):
-        for b in range(batch):
-            for m0 in range(c0, c1, cols_per_step):
-                m1 = min(c1, m0 + cols_per_step)
-                alpha = alpha_rows[b, :, 0, m0 - c0:m1 - c0].to(dtype)  # (h, cols)
-                sq[b, r0, m0:m1] = torch.einsum("im,ica->mca", alpha, ov).square().sum((-1, -2))
+    for q0 in range(0, w_o.shape[0], ov_rows):  # squared entries of rows q0.. of every block, summed
+        ov = reference.ov_circuits(w_v, w_o[q0:q0 + ov_rows], h, num_kv_heads)  # (h, rows, M_in)
+        cols_per_step = max(1, min(n, CHUNK_ENTRIES // max(1, ov[0].numel())))
+        # the blocks of the columns a row block skips (A = 0: causal, sliding window) are Σ_i 0 · OV_i: their
+        # squared entries sum to 0, or to NaN where OV is not finite (they were left at 0)
+        skipped = (0 * ov).square().sum()
+        for r0, r1, c0, c1, alpha_rows in source.row_blocks(1):
+            sq[:, r0, :c0] += skipped
+            sq[:, r0, c1:] += skipped
+            for b in range(batch):
+                for m0 in range(c0, c1, cols_per_step):
+                    m1 = min(c1, m0 + cols_per_step)
+                    alpha = alpha_rows[b, :, 0, m0 - c0:m1 - c0].to(dtype)  # (h, cols)
+                    sq[b, r0, m0:m1] += torch.einsum("im,ica->mca", alpha, ov).square().sum((-1, -2))
     if grid is not None:  # squared norms summed into super-blocks
         rows, cols = grid
         per_row = sq.new_zeros(batch, n, cols).index_add_(2, _bins(n, cols, sq.device), sq)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from duat_kernels._validation import all_finite, check_has_data, integer
+from duat_kernels._validation import all_finite, check_has_data, integer, numeric_array
 from duat_kernels.operator_args import positive_tolerance
 
 
@@ -21,6 +21,9 @@ def as_linear_operator(op):
     tdtype = torch.float64 if np_dtype == np.float64 else torch.float32
 
     def call(fn, x):  # x (n,) or (n, k) column-stacked, as scipy passes it
+        x = numeric_array("x", x, complex_ok=True)
+        if np.iscomplexobj(x):  # W' is real and linear: its real and imaginary parts (their imaginary part was dropped)
+            return call(fn, x.real) + 1j * call(fn, x.imag)
         vec = torch.from_numpy(np.ascontiguousarray(x, dtype=np_dtype)).to(op.device, tdtype)
         with torch.no_grad():
             y = fn(vec) if vec.dim() == 1 else fn(vec.T).T
@@ -46,7 +49,7 @@ def singular_values(op, k: int = 1, tol: float = 1e-6, seed: int = 0) -> np.ndar
         raise ValueError(f"k must be in [1, {side}] for W' of shape {lin.shape}, got {k}"
                          if side else f"W' of shape {lin.shape} has no singular values (k={k})")
     positive_tolerance(tol)
-    if not all_finite(*op.source.inputs(), op.w_v, op.w_o):
+    if not (op.source.finite() and all_finite(op.w_v, op.w_o)):  # a non-finite weight reaches W' (0 · Inf = NaN)
         return np.full(k, np.nan, dtype=lin.dtype)
     if k == side:
         with torch.no_grad():

@@ -14,6 +14,12 @@ from duat_kernels.linalg.norms import block_norms
 from duat_kernels.attention_source import AttentionSource, ExplicitAttention
 
 
+# Sampled OV entries formed per step from the head factors: (h, step, d) products.
+SAMPLES_PER_STEP = 8192
+# fraction_above forms the whole OV up to this size, else only the sampled entries.
+WHOLE_OV_BYTES = 64 << 20
+
+
 def _source(attn, num_kv_heads: int) -> AttentionSource:
     return ExplicitAttention(attn, num_kv_heads) if isinstance(attn, torch.Tensor) else attn
 
@@ -54,20 +60,36 @@ class EntryEstimate:
                 f"({self.confidence:.0%} CI [{self.low:.4f}, {self.high:.4f}], {self.samples} samples)")
 
 
-def sample_entries(attn, ov: torch.Tensor, samples: int, generator: torch.Generator | None = None,
-                   batch: int = 0) -> torch.Tensor:
+def sample_entries(attn, ov: torch.Tensor | tuple[torch.Tensor, torch.Tensor], samples: int,
+                   generator: torch.Generator | None = None, batch: int = 0) -> torch.Tensor:
     """Values of `samples` uniformly drawn entries of W' (token layout; layouts permute the same
-    entries): W'[(n, c), (m, a)] = Σ_i A_i[n, m] OV_i[c, a], each computed as a length-h dot product."""
-    source = _source(attn, ov.shape[0])  # attn (B, h, N, N) or an AttentionSource
+    entries): W'[(n, c), (m, a)] = Σ_i A_i[n, m] OV_i[c, a], each computed as a length-h dot product.
+    ov: the OV circuits (h, M_out, M_in), or their head factors (Wo_i (h, M_out, d), Wv_{i//g} (h, d, M_in))
+    (reference.head_factors), from which only the sampled entries of OV are formed."""
+    wo = ov[0] if isinstance(ov, tuple) else ov
+    h, m_out, m_in = wo.shape[0], wo.shape[1], ov[1].shape[2] if isinstance(ov, tuple) else ov.shape[2]
+    source = _source(attn, h)  # attn (B, h, N, N) or an AttentionSource
     n = source.tokens
-    m_out, m_in = ov.shape[1:]
     # four int64 indices, then α, the gathered OV entries and their product (h, samples) each
-    check_fits(f"{samples:,} sampled entries of W'", samples * (4 * 8 + 3 * ov.shape[0] * ov.dtype.itemsize),
+    check_fits(f"{samples:,} sampled entries of W'", samples * (4 * 8 + 3 * h * wo.dtype.itemsize),
                source.device, "Draw fewer samples (the interval shrinks as 1/sqrt(samples)).")
     idx = [torch.randint(0, size, (samples,), generator=generator) for size in (n, m_out, n, m_in)]
     rows, c, cols, a = (i.to(source.device) for i in idx)
-    alpha = source.entries(batch, rows, cols).to(ov.dtype)  # (h, samples)
-    return (alpha * ov[:, c, a]).sum(0)
+    alpha = source.entries(batch, rows, cols).to(wo.dtype)  # (h, samples)
+    return (alpha * _ov_entries(ov, c, a)).sum(0)
+
+
+def _ov_entries(ov: torch.Tensor | tuple[torch.Tensor, torch.Tensor], c: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """OV_i[c_s, a_s] (h, S): gathered from OV, or formed from the head factors as d-term dot products, a few
+    thousand samples at a time (O(h·S·d), never the (h, M_out, M_in) OV)."""
+    if not isinstance(ov, tuple):
+        return ov[:, c, a]
+    wo, wv = ov
+    out = torch.empty(wo.shape[0], c.shape[0], dtype=wo.dtype, device=wo.device)
+    for s0 in range(0, c.shape[0], SAMPLES_PER_STEP):
+        cs, as_ = c[s0:s0 + SAMPLES_PER_STEP], a[s0:s0 + SAMPLES_PER_STEP]
+        out[:, s0:s0 + SAMPLES_PER_STEP] = (wo[:, cs] * wv[:, :, as_].transpose(1, 2)).sum(-1)
+    return out
 
 
 def fraction_above(attn, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int, threshold: float,
@@ -78,7 +100,13 @@ def fraction_above(attn, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int
     source = _source(attn, num_kv_heads)
     check_has_data("fraction_above", source.device)
     dtype = torch.promote_types(torch.promote_types(w_v.dtype, w_o.dtype), torch.float32)  # float64 stays float64
-    ov = reference.ov_circuits(w_v.to(dtype), w_o.to(dtype), source.heads, num_kv_heads).to(source.device)
+    # OV when it is small (gathering from it is ~10x faster than d-term products per sample), else the head
+    # factors: an (h, M_out, M_in) OV of wide layers failed to allocate (h = 2, M = 100000: 80 GB)
+    if source.heads * w_o.shape[0] * w_v.shape[1] * dtype.itemsize <= WHOLE_OV_BYTES:
+        ov = reference.ov_circuits(w_v.to(dtype), w_o.to(dtype), source.heads, num_kv_heads).to(source.device)
+    else:
+        ov = tuple(t.to(source.device) for t in reference.head_factors(w_v.to(dtype), w_o.to(dtype), source.heads,
+                                                                      num_kv_heads))
     g = torch.Generator().manual_seed(seed)
     values = sample_entries(source, ov, samples, g, batch)
     if bool(values.isnan().any()):  # |NaN| > t is false: counting it as "not above" would hide it

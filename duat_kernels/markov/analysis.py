@@ -10,11 +10,12 @@ Definitions (Levin & Peres, "Markov Chains and Mixing Times"):
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
-from duat_kernels._validation import integer
+from duat_kernels._validation import check_index, integer, numeric_array
 from duat_kernels.markov.operator import TransitionOperator
 
 # Up to this many states P is handled densely (an S x S float64 matrix: 32 MiB at 2048); above it,
@@ -40,7 +41,7 @@ class SpectralGap:
 
 
 def _check_pi(op: TransitionOperator, pi) -> np.ndarray:
-    pi = np.asarray(pi, dtype=np.float64)
+    pi = numeric_array("pi", pi).astype(np.float64, copy=False)
     if pi.shape != (op.num_states,):
         raise ValueError(f"pi must be a distribution over the {op.num_states} states, shape ({op.num_states},), "
                          f"got {pi.shape}")
@@ -89,6 +90,13 @@ def stationary_distribution(op: TransitionOperator, *, power_steps: int = 1000, 
 def token_marginal(pi: np.ndarray, num_symbols: int, context: int, position: int = -1) -> np.ndarray:
     """(T,): the distribution of x_position (default the last, the newest token) under π (S,).
     Under a stationary π every position has the same marginal (up to the residual)."""
+    if integer(num_symbols) is None or integer(context) is None or num_symbols < 1 or context < 1:
+        raise ValueError(f"num_symbols and context must be ints >= 1, got {num_symbols!r} and {context!r}")
+    pi = numeric_array("pi", pi)
+    if pi.shape != (num_symbols ** context,):
+        raise ValueError(f"pi must have shape (T^K,) = ({num_symbols ** context},) for T={num_symbols}, K={context}, "
+                         f"got {pi.shape}")
+    position = check_index("position", position, context, f"K={context} context positions")  # 5 wrapped to 5 % K
     return pi.reshape((num_symbols,) * context).sum(axis=tuple(k for k in range(context) if k != position % context))
 
 
@@ -122,7 +130,10 @@ def tv_curves(op: TransitionOperator, pi: np.ndarray, starts: np.ndarray, steps:
     pi = _check_pi(op, pi)
     if integer(steps) is None or steps < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
-    starts = np.asarray(starts, dtype=np.int64)
+    starts = numeric_array("starts", starts)
+    if starts.ndim != 1 or (starts.size and starts.dtype.kind not in "iu"):  # 1.7 was truncated to state 1
+        raise ValueError(f"starts must be a 1-D sequence of integer state indices, got {starts.tolist()!r:.80}")
+    starts = starts.astype(np.int64)
     if starts.size and not ((starts >= 0) & (starts < op.num_states)).all():
         raise ValueError(f"starts must be state indices in [0, {op.num_states}), got {starts.tolist()[:8]}")
     dist = np.zeros((op.num_states, starts.size))
@@ -158,8 +169,12 @@ def mixing_time(op: TransitionOperator, pi: np.ndarray, epsilon: float = MIXING_
     if s > DENSE_MAX_STATES:
         raise ValueError(f"mixing_time over all states needs S <= {DENSE_MAX_STATES} states, got {s}; "
                          "use tv_curves from a few starting states instead")
-    if not 0 < epsilon < 1:
-        raise ValueError(f"epsilon must be in (0, 1), got {epsilon!r}")
+    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) or not 0 < epsilon < 1:
+        raise ValueError(f"epsilon must be a number in (0, 1), got {epsilon!r}")
+    if integer(max_steps, tensors=False) is None or max_steps < 0:  # 2.5 or -1 returned None
+        raise ValueError(f"max_steps must be an int >= 0, got {max_steps!r}")
+    if not np.isfinite(pi).all():  # d(t) would be NaN, never > ε: t_mix came out as 1
+        raise ValueError("pi must be finite (a distribution over the states), got NaN or inf entries")
     if _max_tv(np.eye(s), pi) <= epsilon:
         return 0
     powers = [op.to_dense()]  # powers[i] = P^(2^i)

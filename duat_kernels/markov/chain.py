@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse
 
+from duat_kernels._validation import numeric_array
 from duat_kernels.markov.logits import BOS_AUTO, check_context, context_logits, default_bos_id, symbol_token_ids
-from duat_kernels.markov.operator import TransitionOperator
+from duat_kernels.markov.operator import TransitionOperator, state_count
 
 
 def check_temperature(tau) -> float:
@@ -44,7 +45,9 @@ def check_temperatures(temperatures) -> tuple[float, ...]:
 
 def transition_probabilities(logits: np.ndarray, temperature: float) -> np.ndarray:
     """Q[s, y] = softmax_y(logits[s, :] / τ): (S, T) logits -> (S, T) float64, rows summing to one."""
-    logits = np.asarray(logits, dtype=np.float64)
+    logits = numeric_array("logits", logits).astype(np.float64, copy=False)
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be 2-D (states, T), got shape {logits.shape}")
     tau = check_temperature(temperature)
     # the maximum is subtracted before dividing: logits / τ overflows for a tiny τ (inf - inf = NaN);
     # here an overflow is a difference of -inf, an exact 0 after exp
@@ -82,8 +85,8 @@ class LanguageModelChain:
             raise ValueError(f"need at least 2 symbols, got {list(self.symbols)}")
         if len(set(self.symbols)) != t:  # state_index would be ambiguous
             raise ValueError(f"symbols must be distinct, got {list(self.symbols)}")
-        self.logits = np.asarray(self.logits)
-        if self.logits.shape != (t ** self.context, t):
+        self.logits = numeric_array("logits", self.logits)
+        if self.logits.shape != (state_count(t, self.context), t):
             raise ValueError(f"logits must have shape (T^K, T) = ({t ** self.context}, {t}) for T={t}, "
                              f"K={self.context}, got {self.logits.shape}")
         if not np.isfinite(self.logits).all():

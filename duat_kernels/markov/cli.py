@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
-from duat_kernels._validation import check_output_folder
+from duat_kernels._validation import check_output_folder, check_threads
 from duat_kernels.markov.chain import LanguageModelChain, check_temperature
 from duat_kernels.markov.logits import check_context
+from duat_kernels.markov.operator import state_count
 
 RESIDUAL_WARNING = 1e-8  # ||πP − π||₁ above this is reported on stderr
 
@@ -48,12 +49,11 @@ def run(args: argparse.Namespace) -> int:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.threads is not None:
-            if args.threads < 1:
-                raise ValueError(f"--threads must be >= 1, got {args.threads}")
-            torch.set_num_threads(args.threads)
+            torch.set_num_threads(check_threads("--threads", args.threads))
         symbols = _symbols(args.tokens)
         if len(symbols) < 2 or len(set(symbols)) != len(symbols):
             raise ValueError(f"--tokens must give at least 2 distinct symbols, got {symbols}")
+        state_count(len(symbols), check_context(args.context))  # before the model loads
         check_output_folder("--out", args.out)
         if args.cache:
             check_output_folder("--cache", args.cache)

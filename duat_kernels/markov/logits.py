@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from duat_kernels._validation import positive_int
+from duat_kernels.markov.operator import state_count
 
 BOS_AUTO = "auto"
 
@@ -166,7 +167,7 @@ def context_logits(model, token_ids: Sequence[int], context: int, *, bos_id: int
     ids = torch.tensor([int(i) for i in token_ids], dtype=torch.int64)
     if ids.numel() < 2:
         raise ValueError(f"need at least 2 symbols (token ids), got {list(token_ids)}")
-    num_states = ids.numel() ** context
+    num_states = state_count(ids.numel(), context)
     table = np.full((num_states, ids.numel()), np.nan, dtype=np.float32)
     done = np.zeros(num_states, dtype=bool)
 

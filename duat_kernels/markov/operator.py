@@ -14,12 +14,31 @@ and every product with P is a contraction of Q reshaped to (T, R, T), with no in
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
 import scipy.sparse
+import torch
+
+from duat_kernels._validation import DenseTooLargeError, check_fits, numeric_array
 
 ROW_SUM_TOLERANCE = 1e-6  # |Σ_y Q[s, y] − 1| allowed (float32 probabilities, rounding)
+
+
+def state_count(num_symbols: int, context: int) -> int:
+    """T^K, the number of states, for T >= 2 symbols and context K >= 1; refused (DenseTooLargeError) when
+    the (T^K, T) float64 probabilities of the chain could not be held in memory, before anything is
+    computed (K = 99999 failed after loading the model with NumPy's 'Maximum allowed dimension exceeded')."""
+    hint = "Use fewer symbols or a shorter context K."
+    if context * math.log2(num_symbols) > 62:  # T^K itself is too long to print (4300-digit limit)
+        raise DenseTooLargeError(f"a chain over T={num_symbols} symbols with context K={context} has T^K = "
+                                 f"{num_symbols}^{context} (about 10^{context * math.log10(num_symbols):.0f}) "
+                                 f"states, more than any memory holds. {hint}")
+    states = num_symbols ** context
+    check_fits(f"the table of ({states:,}, {num_symbols}) transition probabilities (T={num_symbols}, K={context})",
+               states * num_symbols * 8, torch.device("cpu"), hint)
+    return states
 
 
 class TransitionOperator:
@@ -30,13 +49,13 @@ class TransitionOperator:
     """
 
     def __init__(self, probabilities: np.ndarray, num_symbols: int, context: int):
-        q = np.asarray(probabilities, dtype=np.float64)
+        q = numeric_array("probabilities", probabilities).astype(np.float64, copy=False)
         if any(isinstance(n, bool) or not isinstance(n, numbers.Integral) for n in (num_symbols, context)):
             raise TypeError(f"num_symbols and context must be ints, got {num_symbols!r} and {context!r}")
         num_symbols, context = int(num_symbols), int(context)
         if num_symbols < 2 or context < 1:
             raise ValueError(f"need num_symbols >= 2 and context >= 1, got {num_symbols} and {context}")
-        if q.shape != (num_symbols ** context, num_symbols):
+        if q.shape != (state_count(num_symbols, context), num_symbols):
             raise ValueError(f"probabilities must have shape (T^K, T) = ({num_symbols ** context}, {num_symbols}) "
                              f"for T={num_symbols}, K={context}, got {q.shape}")
         row_error = np.abs(q.sum(axis=1) - 1.0).max()
@@ -61,7 +80,7 @@ class TransitionOperator:
         return self.probabilities.dtype
 
     def _check(self, name: str, v) -> np.ndarray:
-        v = np.asarray(v)
+        v = numeric_array(name, v, complex_ok=True)  # P is linear: complex vectors are fine
         if v.ndim not in (1, 2) or v.shape[0] != self.num_states:
             raise ValueError(f"{name} must have shape ({self.num_states},) or ({self.num_states}, n), got {v.shape}")
         return v

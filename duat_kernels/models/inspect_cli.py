@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from duat_kernels._validation import check_plot_format
+
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 BACKEND_CHOICES = ("auto", "reference", "cpp", "triton")
 
@@ -106,6 +108,11 @@ def _check_before_loading(args) -> None:
     for option, path in (("--save", args.save_file), ("--plot", args.plot), ("--html", args.html),
                          ("--json", args.json)):
         _output_path(option, path)
+    if args.plot is not None:
+        try:
+            check_plot_format("--plot", args.plot)
+        except ValueError as exc:
+            raise InspectError(str(exc)) from None
     if args.model not in ("minilm", "smollm2"):
         from duat_kernels.models.zoo import local_model
 

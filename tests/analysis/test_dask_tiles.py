@@ -79,3 +79,20 @@ def test_bfloat16_is_refused(layer):
     op = _operator(layer, dict(batched=False), "token")
     with pytest.raises(TypeError, match="float32, float64 or float16"):
         op.to_dask(dtype=torch.bfloat16)
+
+
+def test_bfloat16_operator_defaults_to_float32(layer, tmp_path):
+    # an operator of bfloat16 tensors refused its own default dtype ("dtype must be float32, float64 or
+    # float16 (a NumPy dtype), got torch.bfloat16") in to_dask and save_zarr, and save_dense alike
+    from duat_kernels.analysis import save_zarr
+    from duat_kernels.analysis.out_of_core import save_dense
+
+    p = layer(batched=False)
+    op = dk.HVOOperator(p["attn"].bfloat16(), p["w_v"].bfloat16(), p["w_o"].bfloat16(), num_kv_heads=p["num_kv_heads"])
+    want = op.to_dense(dtype=torch.float32).numpy()
+    arr = op.to_dask(chunks=(10, 13))
+    assert arr.dtype == np.float32
+    np.testing.assert_array_equal(arr.compute(scheduler="sync"), want)
+    stored = save_zarr(op, tmp_path / "w.zarr", chunks=(10, 13), scheduler="sync", progress=False)
+    np.testing.assert_array_equal(zarr.open_array(str(stored))[...], want)
+    np.testing.assert_array_equal(np.load(save_dense(op, tmp_path / "w.npy", progress=False)), want)

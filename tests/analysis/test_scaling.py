@@ -32,3 +32,14 @@ def test_sweep_refuses_no_or_bad_sizes():
     for ns in ([], [0], [4, -1], [2.5]):
         with pytest.raises(ValueError, match="ns must be a non-empty sequence of token counts"):
             scaling.scaling_sweep(ns, m=4, heads=1, progress=False)
+    # the other sizes failed deep inside (tile's "selects no entries", torch.empty's "takes 1 positional
+    # argument", w_o's shape with the head-averaged-attention hint); a NumPy array of N was "ambiguous"
+    for kwargs, message in ((dict(m=0), "m must be a positive int"), (dict(heads=2.0), "heads must be a positive int"),
+                            (dict(m=8, heads=3), "m=8 must be divisible by heads=3"),
+                            (dict(spectral_max_n=-1), "spectral_max_n must be None or an int >= 0"),
+                            (dict(grid=0), "grid must be a positive int")):
+        with pytest.raises(ValueError, match=message):
+            scaling.scaling_sweep([4], **{"m": 4, "heads": 1, **kwargs}, progress=False)
+    import numpy as np
+
+    assert [r.n for r in scaling.scaling_sweep(np.array([4, 5]), m=4, heads=1, progress=False)] == [4, 5]

@@ -88,6 +88,13 @@ def test_verify_names_a_path_that_is_no_store(tmp_path):
     plain = zarr.create_array(tmp_path / "plain", shape=(2, 2), dtype="f4")
     with pytest.raises(ValueError, match="has no chunk checksums"):
         dk.analysis.verify_zarr(plain.store_path.store.root)
+    with pytest.raises(TypeError, match="path must be a file path \\(a str or os.PathLike\\), got int 5"):
+        dk.analysis.verify_zarr(5)  # pathlib's "expected str, bytes or os.PathLike object, not int"
+
+
+def test_save_zarr_names_a_path_that_is_not_one(op):
+    with pytest.raises(TypeError, match="path must be a file path \\(a str or os.PathLike\\), got NoneType"):
+        dk.analysis.save_zarr(op, None)
 
 
 def test_threads_scheduler_and_float64(layer, tmp_path):

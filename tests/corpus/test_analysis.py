@@ -14,10 +14,11 @@ from duat_kernels.corpus import CorpusSettings
     (dict(grid=0), ValueError, "grid must be a positive int, got 0"),
     (dict(threads=0), ValueError, "threads must be a positive int, got 0"),
     (dict(threads=True), ValueError, "threads must be a positive int, got True"),
+    (dict(threads=100000), ValueError, "threads must be at most"),  # crashed every worker in libgomp
     (dict(layers=0), TypeError, "layers must be None or a sequence of layer indices"),
     (dict(layers="01"), TypeError, "layers must be None or a sequence of layer indices"),
     (dict(layers=(0, 1.0)), TypeError, "layers must be None or a sequence of layer indices"),
-], ids=["grid", "threads", "threads-bool", "layers-int", "layers-str", "layers-float"])
+], ids=["grid", "threads", "threads-bool", "threads-huge", "layers-int", "layers-str", "layers-float"])
 def test_bad_settings_are_refused_when_made(kwargs, error, message):
     # They were accepted, recorded in run.json, and then failed for every text alike (grid=0: "grid must
     # be two ints in [1, N=5]", threads=0: torch's "set_num_threads expects a positive integer")

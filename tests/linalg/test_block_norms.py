@@ -115,6 +115,11 @@ def test_fraction_above_takes_numpy_numbers():
     assert got == want and type(got.samples) is int
     with pytest.raises(TypeError, match="samples must be an int, got bool"):
         op.fraction_above(0.25, samples=True)
+    # a seed outside torch.Generator's range failed with its raw "Overflow when unpacking long long"
+    for seed in (1 << 64, -(1 << 63) - 1):
+        with pytest.raises(ValueError, match=r"seed must be in \[-2\*\*63, 2\*\*64\)"):
+            op.fraction_above(0.25, samples=10, seed=seed)
+    assert op.fraction_above(0.25, samples=10, seed=(1 << 64) - 1).samples == 10
 
 
 @pytest.mark.parametrize("where", ["attn", "w_v", "zero_block_inf"])
@@ -136,3 +141,68 @@ def test_fraction_above_is_nan_when_sampled_entries_are_nan(where):
     assert math.isnan(est.fraction) and math.isnan(est.low) and math.isnan(est.high) and est.samples == 4000
     finite = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"]).fraction_above(0.1, samples=4000)
     assert 0 < finite.fraction < 1
+
+
+@pytest.mark.parametrize("wide", ["w_v", "w_o"])
+@pytest.mark.parametrize("grid", [None, (2, 3)])
+def test_float64_weights_with_float32_attention_keep_float64(wide, grid):
+    # float32 A with float64 weights ran the float32 Gram pass: relative errors ~1e-7 (and a float32
+    # result) where to_dense and contributions, in the promoted float64, are exact to ~1e-16
+    lay = random_layer(1, 4, 2, tokens=5, head_dim=3, m_in=4, m_out=3, batched=False, dtype=torch.float64)
+    args = {"attn": lay["attn"].float(), "w_v": lay["w_v"].float(), "w_o": lay["w_o"].float()}
+    args[wide] = lay[wide]
+    op = dk.HVOOperator(args["attn"], args["w_v"], args["w_o"], num_kv_heads=2)
+    dense = op.to_dense().reshape(5, 3, 5, 4).permute(0, 2, 1, 3)
+    want = dense.square().sum((-1, -2))
+    if grid is not None:
+        want = torch.stack([torch.stack([want[r][:, c].sum() for c in (slice(0, 2), slice(2, 4), slice(4, 5))])
+                            for r in (slice(0, 3), slice(3, 5))])  # rows (arange(N) * R) // N, columns alike
+    got = op.block_norms(grid)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want.sqrt(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(op.frobenius_norm(), dense.square().sum().sqrt(), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_fraction_above_forms_only_the_sampled_ov_entries(kv_heads, monkeypatch):
+    # fraction_above formed the whole (h, M_out, M_in) OV: h = 2, M = 100000 failed with the allocator's
+    # raw RuntimeError for 80 GB. The sampled entries are the dense W' entries at the same indices.
+    from duat_kernels import reference
+    from duat_kernels.linalg import stats
+
+    monkeypatch.setattr(stats, "SAMPLES_PER_STEP", 7)
+    lay = random_layer(1, 4, kv_heads, tokens=3, head_dim=2, m_in=5, m_out=6, batched=False, dtype=torch.float64)
+    op = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"], num_kv_heads=kv_heads)
+    factors = reference.head_factors(lay["w_v"], lay["w_o"], 4, kv_heads)
+    ov = reference.ov_circuits(lay["w_v"], lay["w_o"], 4, kv_heads)
+    got = stats.sample_entries(op.source, factors, 50, torch.Generator().manual_seed(2))
+    want = stats.sample_entries(op.source, ov, 50, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    wide = dk.HVOOperator(lay["attn"][:2, :2, :2], torch.randn(1, 1).expand(1, 100000),
+                          torch.randn(1, 2).expand(100000, 2), num_kv_heads=1)
+    assert wide.fraction_above(0.0, samples=20).samples == 20
+
+
+@pytest.mark.parametrize("grid", [None, (2, 2)])
+def test_non_finite_block_norms_form_ov_a_few_rows_at_a_time(grid, monkeypatch):
+    # the NaN/Inf path formed the whole (h, M_out, M_in) OV: h = 2, M = 100000 with one NaN weight failed
+    # with the allocator's raw RuntimeError for 80 GB in block_norms and frobenius_norm
+    monkeypatch.setattr(bn, "CHUNK_ENTRIES", 3 * 4 * 2)  # OV rows 2 at a time of 5
+    lay = random_layer(2, 3, tokens=4, head_dim=2, m_in=4, m_out=5, causal=True, dtype=torch.float64)
+    w_o = lay["w_o"].clone()
+    w_o[2, 1] = float("inf")  # 0 · Inf = NaN in the causal zero blocks, ±Inf elsewhere in row 2
+    op = dk.HVOOperator(lay["attn"], lay["w_v"], w_o)
+    blocks = op.to_dense().reshape(2, 4, 5, 4, 4).permute(0, 1, 3, 2, 4)
+    want = blocks.square().sum((-1, -2))
+    if grid is not None:
+        want = want.reshape(2, 2, 2, 2, 2).sum((2, 4))
+    from duat_kernels import reference
+
+    whole_ov = reference.ov_circuits
+
+    def ov_rows(w_v, w_o, *heads):
+        assert w_o.shape[0] <= 2, f"OV of {w_o.shape[0]} rows formed at once"
+        return whole_ov(w_v, w_o, *heads)
+
+    monkeypatch.setattr(reference, "ov_circuits", ov_rows)
+    torch.testing.assert_close(op.block_norms(grid), want.sqrt(), equal_nan=True, rtol=1e-12, atol=0)

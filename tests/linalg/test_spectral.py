@@ -88,3 +88,38 @@ def test_numpy_k_and_tol_are_taken():
     lay = random_layer(1, 2, tokens=3, m_in=4, m_out=4, batched=False, dtype=torch.float64)
     op = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"])
     np.testing.assert_array_equal(op.singular_values(np.int64(2), tol=np.float32(1e-8)), op.singular_values(2, tol=1e-8))
+
+
+@pytest.mark.parametrize("case", ["masked_key_nan", "softcapped_inf", "attended_nan"])
+def test_spectral_norm_from_qk_non_finite_where_a_is_finite(case):
+    # A NaN or Inf in q or k need not reach A: a masked key's NaN, or an Inf logit soft-capped to c.
+    # spectral_norm returned NaN for every non-finite q or k, though the dense W' was finite.
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 4, 3, generator=g), torch.randn(1, 4, 3, generator=g)
+    w_v, w_o = torch.randn(3, 2, generator=g), torch.randn(2, 6, generator=g)
+    opts = {"attention_mask": torch.tensor([True, False, True, True])} if case != "softcapped_inf" else {"softcap": 5.0}
+    (k if case != "softcapped_inf" else q)[0, 1 if case == "masked_key_nan" else 2, 0] = \
+        float("inf") if case == "softcapped_inf" else float("nan")
+    op = dk.HVOOperator.from_qk(q, k, w_v, w_o, causal=True, **opts)
+    dense = op.to_dense(dtype=torch.float64)
+    if case == "attended_nan":
+        assert not bool(dense.isfinite().all()) and np.isnan(op.spectral_norm())
+        assert np.isnan(op.singular_values(2)).all()
+        return
+    assert bool(dense.isfinite().all())
+    assert op.spectral_norm() == pytest.approx(torch.linalg.matrix_norm(dense, 2).item(), rel=1e-4)
+    np.testing.assert_allclose(op.singular_values(2), torch.linalg.svdvals(dense)[:2].numpy(), rtol=1e-4)
+
+
+def test_linear_operator_takes_complex_vectors():
+    # the imaginary part was dropped with only a ComplexWarning: lin @ x was off by 6.6 for this x
+    lay = random_layer(1, 2, tokens=3, m_in=3, m_out=3, batched=False, dtype=torch.float64)
+    op = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"])
+    lin, dense = op.as_linear_operator(), op.to_dense().numpy()
+    rng = np.random.default_rng(0)
+    x = rng.random(9) + 1j * rng.random(9)
+    np.testing.assert_allclose(lin @ x, dense @ x, rtol=1e-12)
+    np.testing.assert_allclose(lin.rmatvec(x), dense.T @ x, rtol=1e-12)
+    np.testing.assert_allclose(lin @ np.stack([x, 2 * x], 1), dense @ np.stack([x, 2 * x], 1), rtol=1e-12)
+    with pytest.raises(TypeError, match="x must hold real or complex numbers"):
+        lin @ np.array(["a"] * 9)

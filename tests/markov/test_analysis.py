@@ -155,3 +155,32 @@ def test_counts_and_symbols_are_checked():
     with pytest.raises(ValueError, match=r"symbols must be distinct, got \['a', 'a', 'b'\]"):
         LanguageModelChain(np.zeros((9, 3)), tuple("aab"), 2)  # state_index was ambiguous
 
+
+
+def test_bad_starts_epsilon_max_steps_pi_and_position_are_refused():
+    # each was taken silently: starts 1.7 / True were read as state 1, max_steps -1 or 2.5 gave None
+    # (never mixes), a NaN π gave t_mix = 1 (NaN > ε is false), position 5 of K = 2 was position 1,
+    # 1.5 gave a number; epsilon "0.1" and a wrong-sized π failed inside with NumPy's raw errors
+    op = TransitionOperator(random_probabilities(3, 2), 3, 2)
+    pi = analysis.stationary_distribution(op).pi
+    for starts in ([1.7], [True], [[0, 1]]):
+        with pytest.raises(ValueError, match="starts must be a 1-D sequence of integer state indices"):
+            analysis.tv_curves(op, pi, starts, 2)
+    with pytest.raises(TypeError, match="starts must hold real numbers, got an array of dtype <U1"):
+        analysis.tv_curves(op, pi, ["a"], 2)
+    for max_steps in (-1, 2.5, "3"):
+        with pytest.raises(ValueError, match="max_steps must be an int >= 0"):
+            analysis.mixing_time(op, pi, 0.25, max_steps)
+    for eps in ("0.1", True, float("nan")):
+        with pytest.raises(ValueError, match="epsilon must be a number in"):
+            analysis.mixing_time(op, pi, eps)
+    with pytest.raises(ValueError, match="pi must be finite"):
+        analysis.mixing_time(op, np.full(9, np.nan))
+    assert analysis.mixing_time(op, pi, 0.25, np.int64(1 << 20)) == analysis.mixing_time(op, pi)
+    with pytest.raises(IndexError, match=r"position=5 is out of range for K=2"):
+        analysis.token_marginal(pi, 3, 2, 5)
+    with pytest.raises(TypeError, match="position must be an int, got float"):
+        analysis.token_marginal(pi, 3, 2, 1.5)
+    with pytest.raises(ValueError, match=r"pi must have shape \(T\^K,\) = \(27,\) for T=3, K=3, got \(9,\)"):
+        analysis.token_marginal(pi, 3, 3)
+    np.testing.assert_array_equal(analysis.token_marginal(pi, 3, 2, -2), analysis.token_marginal(pi, 3, 2, 0))

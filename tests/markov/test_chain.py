@@ -125,3 +125,16 @@ def test_numpy_temperatures_are_numbers():
     assert LanguageModelChain(np.zeros((4, 2)), ("a", "b"), 2, temperatures=0.5).temperatures == (0.5,)
     with pytest.raises(TypeError, match="temperatures must be a number or a sequence of numbers, got '0.5'"):
         LanguageModelChain(np.zeros((4, 2)), ("a", "b"), 2, temperatures="0.5")
+
+
+def test_logits_must_be_real_numbers_in_two_dimensions():
+    # complex logits were read as their real part (a ComplexWarning), strings failed in np.isfinite,
+    # 1-D logits in transition_probabilities with NumPy's AxisError
+    with pytest.raises(TypeError, match="logits must hold real numbers, got an array of dtype complex128"):
+        LanguageModelChain(np.ones((4, 2)) * 1j, ("a", "b"), 2)
+    with pytest.raises(TypeError, match="logits must hold real numbers, got an array of dtype <U1"):
+        LanguageModelChain(np.full((4, 2), "1"), ("a", "b"), 2)
+    with pytest.raises(ValueError, match=r"logits must be 2-D \(states, T\), got shape \(2,\)"):
+        transition_probabilities(np.array([1.0, 2.0]), 1.0)
+    with pytest.raises(TypeError, match="logits must hold real numbers"):
+        transition_probabilities(np.array([[1j, 2.0]]), 1.0)

@@ -77,3 +77,18 @@ def test_markov_output_folder_that_is_a_file_is_refused_before_loading(tmp_path,
     argv = ["markov", "--model", "any", "--tokens", "ab", "--context", "1", "--out", str(tmp_path / "out")]
     assert main([*argv, option, str(blocker / "sub")]) == 2  # was "[Errno 20] Not a directory" after loading
     assert capsys.readouterr().err == f"duat markov: {option} {blocker / 'sub'}: {blocker} is a file, not a folder\n"
+
+
+@pytest.mark.parametrize("context,message", [
+    ("99999", "has T^K = 2^99999 (about 10^30103) states, more than any memory holds"),
+    ("45", r"the table of (35,184,372,088,832, 2) transition probabilities (T=2, K=45) needs"),
+], ids=["beyond-int64", "beyond-memory"])
+def test_markov_context_too_long_is_refused_before_loading(tmp_path, capsys, monkeypatch, context, message):
+    # K = 99999 loaded the model and then failed with NumPy's "Maximum allowed dimension exceeded"
+    import duat_kernels.models
+
+    monkeypatch.setattr(duat_kernels.models, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    argv = ["markov", "--model", "any", "--tokens", "ab", "--context", context, "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("duat markov: ") and message in err and err.count("\n") == 1

@@ -70,3 +70,34 @@ def test_rejects_probabilities_that_are_not_stochastic():
     TransitionOperator(q, np.int64(3), np.int32(2))
     with pytest.raises(TypeError, match="num_symbols and context must be ints"):
         TransitionOperator(q, 3.0, 2)
+
+
+def test_non_numeric_and_complex_arrays_are_refused():
+    # complex probabilities lost their imaginary part with only a ComplexWarning; string or object
+    # arrays failed inside NumPy (UFuncTypeError, "could not convert string to float")
+    q = random_probabilities(2, 2)
+    with pytest.raises(TypeError, match="probabilities must hold real numbers, got an array of dtype complex128"):
+        TransitionOperator(q.astype(complex), 2, 2)
+    with pytest.raises(TypeError, match="probabilities must hold real numbers, got an array of dtype <U"):
+        TransitionOperator(q.astype(str), 2, 2)
+    op = TransitionOperator(q, 2, 2)
+    with pytest.raises(TypeError, match="v must hold real or complex numbers, got an array of dtype <U1"):
+        op.matvec(np.array(["a"] * 4))
+    with pytest.raises(TypeError, match="u must hold real or complex numbers, got an array of dtype object"):
+        op.rmatvec(np.array([None] * 4))
+    v = np.arange(4.0)
+    np.testing.assert_allclose(op.matvec(v + 1j * v), op.matvec(v) + 1j * op.matvec(v), rtol=1e-14)
+
+
+def test_state_counts_beyond_memory_are_refused_by_every_constructor():
+    # TransitionOperator(q, 2, 10**6) and LanguageModelChain(logits, ("a", "b"), 10**5) failed formatting their
+    # own message ("Exceeds the limit (4300 digits) for integer string conversion")
+    from duat_kernels.markov import LanguageModelChain
+    from duat_kernels.markov.operator import state_count
+
+    q = random_probabilities(2, 3)
+    for call in (lambda: TransitionOperator(q, 2, 10 ** 6), lambda: LanguageModelChain(q, ("a", "b"), 10 ** 5),
+                 lambda: state_count(2, 63)):
+        with pytest.raises(MemoryError, match=r"states, more than any memory holds"):
+            call()
+    assert state_count(3, 2) == 9

@@ -139,6 +139,7 @@ def test_html_report_renders_in_chromium(folder, tmp_path):
     (["--text", _text(POSITIONS + 5)], f"--text has {POSITIONS + 5} tokens but"),
     (["--heads", "4"], "--heads: heads must be in [-4, 4)"),
     (["--heads", "x"], "--heads takes 'all' or head indices"),
+    (["--plot", "{tmp}/w.jgp"], "matplotlib cannot write .jgp files"),  # was savefig's error after every layer
 ])
 def test_bad_input_is_one_line(folder, tmp_path, capsys, argv, message):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
@@ -148,7 +149,7 @@ def test_bad_input_is_one_line(folder, tmp_path, capsys, argv, message):
     lines = captured.err.strip().splitlines()
     assert lines[-1].startswith("duat inspect: ") and message in lines[-1], captured.err
     assert "Traceback" not in captured.err and "layers:" not in captured.err  # nothing computed
-    if "--layer" in argv or "--save" in argv or "--html" in argv:
+    if "--layer" in argv or "--save" in argv or "--html" in argv or "--plot" in argv:
         assert "loading" not in captured.err  # refused before the model loaded
 
 
