@@ -574,20 +574,21 @@ PYBIND11_MODULE(_C, m) {
       "Float32 FMA throughput in GFLOP/s of register-only vector FMA chains of the active ISA variant:\n"
       "the arithmetic floor of kron_sum.");
   m.def(
-      "stream_zero",
-      [](py::array out, int num_threads) {
-        if (!out.writeable()) throw std::invalid_argument("stream_zero: out must be writable");
-        if (!(out.flags() & py::array::c_style)) throw std::invalid_argument("stream_zero: out must be C-contiguous");
-        if (num_threads < 1) throw std::invalid_argument("stream_zero: num_threads must be at least 1");
+      "stream_fill",
+      [](py::array out, int value, int num_threads) {
+        if (!out.writeable()) throw std::invalid_argument("stream_fill: out must be writable");
+        if (!(out.flags() & py::array::c_style)) throw std::invalid_argument("stream_fill: out must be C-contiguous");
+        if (value < 0 || value > 255) throw std::invalid_argument("stream_fill: value must be a byte, 0 to 255");
+        if (num_threads < 1) throw std::invalid_argument("stream_fill: num_threads must be at least 1");
         void* data = out.mutable_data();
         const int64_t nbytes = static_cast<int64_t>(out.nbytes());
         const duat::IsaKernels& kernels = duat::active();
         py::gil_scoped_release release;
-        kernels.stream_zero(data, nbytes, num_threads);
+        kernels.stream_fill(data, nbytes, value, num_threads);
       },
-      py::arg("out"), py::arg("num_threads") = 1,
-      "Zero a C-contiguous array with the non-temporal stores of the active ISA variant, the store path\n"
-      "of a large W': the memory-write floor of that path (for benchmarks).");
+      py::arg("out"), py::arg("value"), py::arg("num_threads") = 1,
+      "Set every byte of a C-contiguous array to value with the non-temporal stores of the active ISA\n"
+      "variant, the store path of a large W': the memory-write floor of that path (for benchmarks).");
   m.def("cpu_capability", [] { return std::string(duat::active().name); },
         "The ISA variant of the kernels in use: baseline, avx2, avx512 or native.");
   m.def("set_cpu_capability", &duat::set_capability, py::arg("name"),

@@ -36,7 +36,7 @@ struct IsaKernels {
   OvSlabsF32 ov_slabs_f32;
   OvSlabsF64 ov_slabs_f64;
   FmaPeak fma_peak_gflops;
-  StreamZero stream_zero;
+  StreamFill stream_fill;
   GramRow gram_row_squared_norms;
   QkLogits qk_logits;
   SoftmaxNumerator softmax_numerator;

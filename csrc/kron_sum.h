@@ -46,8 +46,8 @@ using OvSlabsF64 = void (*)(const double* wo, const double* wv, double* out, con
 // Best float32 multiply-add rate (GFLOP/s, 2 flops per FMA) of `num_threads` threads running
 // `iterations` rounds of independent vector FMA chains with this variant's vectors.
 using FmaPeak = double (*)(int64_t iterations, int num_threads);
-// Zeros `bytes` bytes from dst with the non-temporal stores a large W' is written with (64-bit sizes):
-// the memory-write floor of that store path, for benchmarks.
-using StreamZero = void (*)(void* dst, int64_t bytes, int num_threads);
+// Sets `bytes` bytes from dst to the byte `value` with the non-temporal stores a large W' is written
+// with (64-bit sizes): the memory-write floor of that store path, for benchmarks.
+using StreamFill = void (*)(void* dst, int64_t bytes, int value, int num_threads);
 
 }  // namespace duat

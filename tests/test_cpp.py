@@ -362,22 +362,25 @@ def test_fma_probe_is_not_below_half_of_sgemm(isa):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("byte", [0, 0x3F])
 @pytest.mark.parametrize("dtype,offset,numel", [(torch.uint8, 3, 4_900_003), (torch.bfloat16, 1, 77),
                                                 (torch.float32, 5, (2 << 20) + 9), (torch.float64, 0, 0)])
-def test_stream_zero_writes_exactly_its_tensor(dtype, offset, numel, threads, capability):
+def test_stream_fill_writes_exactly_its_tensor(dtype, offset, numel, byte, threads, capability):
     # the benchmarks' floor of the non-temporal store path: an unaligned start, chunks split over threads
     full = torch.full((offset + numel + 70,), 5, dtype=dtype)
     part = full[offset:offset + numel]
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        cpp.stream_zero_(part)
+        cpp.stream_fill_(part, byte)
     finally:
         torch.set_num_threads(before)
-    assert (part == 0).all()
+    assert (part.view(torch.uint8) == byte).all()
     assert (full[:offset] == 5).all() and (full[offset + numel:] == 5).all()
-    with pytest.raises(ValueError, match="stream_zero_ needs a contiguous CPU tensor"):
-        cpp.stream_zero_(torch.zeros(4, 4).t())
+    with pytest.raises(ValueError, match="stream_fill_ needs a contiguous CPU tensor"):
+        cpp.stream_fill_(torch.zeros(4, 4).t())
+    with pytest.raises(ValueError, match="byte must be an int in"):
+        cpp.stream_fill_(part, 256)
 
 
 @pytest.mark.parametrize("layout", ["token", "feature"])

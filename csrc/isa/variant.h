@@ -15,7 +15,7 @@
 namespace duat {
 namespace DUAT_ISA {
 extern const IsaKernels kKernels = {DUAT_ISA_NAME(DUAT_ISA), &cpu_supports, &kron_sum_f32, &kron_sum_f64,
-                                    &ov_slabs_f32, &ov_slabs_f64, &fma_peak_gflops, &stream_zero,
+                                    &ov_slabs_f32, &ov_slabs_f64, &fma_peak_gflops, &stream_fill,
                                     &gram_row_squared_norms,
                                     &qk_logits, &softmax_numerator, &exp_f32, &pt_u_accumulate};
 }  // namespace DUAT_ISA

@@ -275,21 +275,25 @@ inline void store_pair(BF16Split* dst, VF a, VF b) {
 }
 #endif
 
+// `bytes` bytes of `value` from p; stream: non-temporal stores from the first 64-byte boundary on.
+inline void fill_bytes(char* p, int64_t bytes, unsigned char value, bool stream) {
+  if (bytes <= 0) return;
+  if (stream) {
+    alignas(64) char pattern[64];
+    std::memset(pattern, value, sizeof pattern);
+    const int64_t head = min64(bytes, (64 - (reinterpret_cast<uintptr_t>(p) & 63)) & 63);
+    std::memset(p, value, static_cast<size_t>(head));
+    p += head;
+    bytes -= head;
+    for (; bytes >= 64; bytes -= 64, p += 64) put<64, true>(p, pattern);
+  }
+  std::memset(p, value, static_cast<size_t>(bytes));
+}
+
 // Zeros for [dst, dst + n): blocks with all-zero coefficients cost a memset, not h FMAs.
 template <typename Out>
 inline void zero(Out* dst, int64_t n, bool stream) {
-  if (n <= 0) return;
-  char* p = reinterpret_cast<char*>(dst);
-  int64_t bytes = n * static_cast<int64_t>(sizeof(Out));
-  if (stream) {
-    alignas(64) static const char zeros[64] = {};
-    const int64_t head = min64(bytes, (64 - (reinterpret_cast<uintptr_t>(p) & 63)) & 63);
-    std::memset(p, 0, static_cast<size_t>(head));
-    p += head;
-    bytes -= head;
-    for (; bytes >= 64; bytes -= 64, p += 64) put<64, true>(p, zeros);
-  }
-  std::memset(p, 0, static_cast<size_t>(bytes));
+  if (n > 0) fill_bytes(reinterpret_cast<char*>(dst), n * static_cast<int64_t>(sizeof(Out)), 0, stream);
 }
 
 // dst[k][t - t0] = sum_i coef[k][i] * slab[i * T + t] for t in [t, t + NV * L) and k < K: the
@@ -881,11 +885,12 @@ void run_rows(const A* lt, const A* rt, Out* out, const KronSumProblem& pb, Shor
 
 }  // namespace
 
-void stream_zero(void* dst, int64_t bytes, int num_threads) {
+void stream_fill(void* dst, int64_t bytes, int value, int num_threads) {
   constexpr int64_t kChunk = int64_t(2) << 20;
   char* base = static_cast<char*>(dst);
   const int64_t chunks = (bytes + kChunk - 1) / kChunk;
-  auto chunk = [&](int64_t c) { zero(base + c * kChunk, min64(kChunk, bytes - c * kChunk), true); };
+  const auto byte = static_cast<unsigned char>(value);
+  auto chunk = [&](int64_t c) { fill_bytes(base + c * kChunk, min64(kChunk, bytes - c * kChunk), byte, true); };
   if (num_threads <= 1 || chunks <= 1) {  // no OpenMP at all (see run_rows)
     for (int64_t c = 0; c < chunks; ++c) chunk(c);
     store_fence(true);
