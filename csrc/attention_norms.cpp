@@ -5,6 +5,7 @@
 #include "isa.h"
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #ifdef _OPENMP
@@ -23,10 +24,16 @@ int thread_count(int requested) { return std::max(1, requested); }
 
 }  // namespace
 
-void gram_squared_norms(const float* a, const float* c, float* out, const GramNormsProblem& pb, int num_threads) {
+void gram_squared_norms(const float* a, const float* c, float* out, const GramNormsProblem& pb, int num_threads,
+                        bool root) {
   const int64_t plane = pb.rows * pb.cols;
 #pragma omp parallel for schedule(dynamic, 4) num_threads(thread_count(num_threads))
-  for (int64_t r = 0; r < pb.rows; ++r) row_squared_norms(a + r * pb.cols, plane, c, pb.h, pb.cols, out + r * pb.cols);
+  for (int64_t r = 0; r < pb.rows; ++r) {
+    float* row = out + r * pb.cols;
+    row_squared_norms(a + r * pb.cols, plane, c, pb.h, pb.cols, row);
+    if (root)
+      for (int64_t m = 0; m < pb.cols; ++m) row[m] = std::sqrt(row[m]);  // vectorised (-fno-math-errno); NaN stays
+  }
 }
 
 void gram_grid_norms(const float* a, const float* c, const int64_t* row_bin, const int64_t* col_bin, double* out,

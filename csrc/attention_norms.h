@@ -17,8 +17,9 @@ struct GramNormsProblem {
 };
 
 // a: (h, rows, cols) float32, C-contiguous; c: (h, h) float32 row-major; out: (rows, cols) float32,
-// out[r, m] = ||C a[:, r, m]||^2.
-void gram_squared_norms(const float* a, const float* c, float* out, const GramNormsProblem& pb, int num_threads);
+// out[r, m] = ||C a[:, r, m]||^2, or its square root with root (taken per row while the row is in cache).
+void gram_squared_norms(const float* a, const float* c, float* out, const GramNormsProblem& pb, int num_threads,
+                        bool root = false);
 
 // As above, but out (out_rows, out_cols) float64 accumulates out[row_bin[r], col_bin[m]] += ||C a[:, r, m]||^2;
 // every bin index must lie in range (checked by the caller).

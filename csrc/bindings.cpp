@@ -317,7 +317,7 @@ void require_shape(const py::buffer_info& b, const char* name, const char* fmt, 
   }
 }
 
-void gram_squared_norms(py::buffer a_buf, py::buffer c_buf, py::buffer out_buf, int num_threads) {
+void gram_squared_norms(py::buffer a_buf, py::buffer c_buf, py::buffer out_buf, int num_threads, bool root) {
   py::buffer_info a = a_buf.request(), c = c_buf.request(), o = out_buf.request(/*writable=*/true);
   const duat::GramNormsProblem pb = check_gram_inputs(a, c);
   require_shape(o, "out", py::format_descriptor<float>::format().c_str(), {pb.rows, pb.cols});
@@ -325,7 +325,7 @@ void gram_squared_norms(py::buffer a_buf, py::buffer c_buf, py::buffer out_buf, 
   const float *ap = static_cast<const float*>(a.ptr), *cp = static_cast<const float*>(c.ptr);
   float* op = static_cast<float*>(o.ptr);
   py::gil_scoped_release release;
-  duat::gram_squared_norms(ap, cp, op, pb, num_threads);
+  duat::gram_squared_norms(ap, cp, op, pb, num_threads, root);
 }
 
 void gram_grid_norms(py::buffer a_buf, py::buffer c_buf, py::buffer row_bin_buf, py::buffer col_bin_buf,
@@ -611,8 +611,9 @@ PYBIND11_MODULE(_C, m) {
       },
       "The compiled ISA variants this CPU can run, lowest first.");
   m.def("gram_squared_norms", &gram_squared_norms, py::arg("a"), py::arg("c"), py::arg("out"),
-        py::arg("num_threads") = 1,
-        "out[r, m] = ||c @ a[:, r, m]||^2 for a (h, rows, cols) float32, c (h, h) float32, out (rows, cols) float32.");
+        py::arg("num_threads") = 1, py::arg("root") = false,
+        "out[r, m] = ||c @ a[:, r, m]||^2 for a (h, rows, cols) float32, c (h, h) float32, out (rows, cols) float32;\n"
+        "with root=True its square root, ||c @ a[:, r, m]||.");
   m.def("gram_grid_norms", &gram_grid_norms, py::arg("a"), py::arg("c"), py::arg("row_bin"), py::arg("col_bin"),
         py::arg("out"), py::arg("num_threads") = 1,
         "out[row_bin[r], col_bin[m]] += ||c @ a[:, r, m]||^2; row_bin (rows,), col_bin (cols,) int64, out float64.");

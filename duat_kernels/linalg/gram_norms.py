@@ -19,12 +19,13 @@ def available(source) -> bool:
             and source.dtype == torch.float32)
 
 
-def squared_(alpha: torch.Tensor, c: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out = ||C α[:, r, m]||² (rows, cols) float32 for alpha (h, rows, cols), c (h, h) float32;
-    written in place when out is contiguous, else through a temporary."""
+def squared_(alpha: torch.Tensor, c: torch.Tensor, out: torch.Tensor, root: bool = False) -> torch.Tensor:
+    """out = ||C α[:, r, m]||² (rows, cols) float32 for alpha (h, rows, cols), c (h, h) float32, or with
+    root=True ||C α[:, r, m]|| (the root taken in the same pass); written in place when out is
+    contiguous, else through a temporary."""
     target = out if out.is_contiguous() else torch.empty(out.shape, dtype=torch.float32)
     cpp._C.gram_squared_norms(cpp._numpy_view(alpha.contiguous()), cpp._numpy_view(c.contiguous()), target.numpy(),
-                              torch.get_num_threads())
+                              cpp.kernel_threads(), root)
     return out if target is out else out.copy_(target)
 
 
@@ -34,7 +35,7 @@ def grid_(alpha: torch.Tensor, c: torch.Tensor, row_bins: torch.Tensor, col_bins
     row_bins (rows,), col_bins (cols,) int64, out (R, C) float64 contiguous."""
     cpp._C.gram_grid_norms(cpp._numpy_view(alpha.contiguous()), cpp._numpy_view(c.contiguous()),
                            row_bins.contiguous().numpy(), col_bins.contiguous().numpy(), out.numpy(),
-                           torch.get_num_threads())
+                           cpp.kernel_threads())
     return out
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from duat_kernels import reference
+from duat_kernels import cpp, reference
 from duat_kernels._validation import all_finite, check_fits
 from duat_kernels.linalg import gram_norms
 from duat_kernels.attention_source import ExplicitAttention, QKAttention
@@ -40,8 +40,12 @@ def block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
     if isinstance(source, torch.Tensor):
         source = ExplicitAttention(source, num_kv_heads)
     batch, h, n = source.batch, source.heads, source.tokens
-    finite = all_finite(*source.inputs(), w_v, w_o)
     wide = _wide(source, w_v, w_o)
+    fused = not wide and gram_norms.available(source)
+    whole = fused and isinstance(source, ExplicitAttention)  # one pass over the stored A, every entry written
+    # A stored A is checked for NaN/Inf after the fused pass, not before it (a second read of A, 25% of the
+    # time): a non-finite α makes its ||C α||² non-finite, so only a non-finite result needs the check.
+    finite = all_finite(w_v, w_o) and (whole or all_finite(*source.inputs()))
     _check_output_fits(source, grid, finite, wide)
     if not finite:
         return _block_norms_direct(source, w_v, w_o, num_kv_heads, grid)
@@ -53,18 +57,18 @@ def block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
     if not wide and gram_norms.qk_available(source):  # logits, softmax and ||C α||² fused in C++: A never written
         bins = _bins(n, out_rows, source.device), _bins(n, out_cols, source.device)
         return gram_norms.qk_squared_norms(source, c, grid, *bins).clamp_min_(0).sqrt_().float()
-    fused = not wide and gram_norms.available(source)
-    whole = fused and isinstance(source, ExplicitAttention)  # one pass over the stored A, every entry written
-    out = (torch.empty if whole and grid is None else torch.zeros)(
-        batch, out_rows, out_cols, device=source.device,
-        dtype=torch.float64 if wide or grid is not None else torch.float32)  # grid sums in float64
+    if whole and grid is None:  # from the output cache: huge pages, no page zeroing on repeated calls
+        out = cpp.empty_output((batch, out_rows, out_cols), torch.float32)
+    else:
+        out = torch.zeros(batch, out_rows, out_cols, device=source.device,
+                          dtype=torch.float64 if wide or grid is not None else torch.float32)  # grid sums in float64
     col_bins, row_bins = _bins(n, out_cols, source.device), _bins(n, out_rows, source.device)
     rows = n if whole else max(1, CHUNK_ENTRIES // max(1, batch * h * n))
     for r0, r1, c0, c1, alpha in source.row_blocks(rows):
         for b in range(batch):
             if fused:  # one multithreaded pass: ||C α||² and the grid sums, nothing else written
                 if grid is None:
-                    gram_norms.squared_(alpha[b], c, out[b, r0:r1, c0:c1])
+                    gram_norms.squared_(alpha[b], c, out[b, r0:r1, c0:c1], root=whole)
                 else:
                     gram_norms.grid_(alpha[b], c, row_bins[r0:r1], col_bins[c0:c1], out[b])
                 continue
@@ -75,7 +79,11 @@ def block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
                 per_row = torch.zeros(r1 - r0, out_cols, dtype=out.dtype, device=sq.device).index_add_(
                     1, col_bins[c0:c1], sq.to(out.dtype))
                 out[b].index_add_(0, row_bins[r0:r1], per_row)
-    out = out.clamp_min_(0).sqrt_()
+    if whole and not all_finite(out) and not all_finite(*source.inputs()):
+        _check_output_fits(source, grid, False, wide)
+        return _block_norms_direct(source, w_v, w_o, num_kv_heads, grid)
+    if not (whole and grid is None):  # the fused pass over a whole stored A took the roots itself
+        out = out.clamp_min_(0).sqrt_()
     return out if wide or grid is None else out.float()
 
 

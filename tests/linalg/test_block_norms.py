@@ -206,3 +206,25 @@ def test_non_finite_block_norms_form_ov_a_few_rows_at_a_time(grid, monkeypatch):
 
     monkeypatch.setattr(reference, "ov_circuits", ov_rows)
     torch.testing.assert_close(op.block_norms(grid), want.sqrt(), equal_nan=True, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("grid", [None, (2, 3)])
+def test_non_finite_stored_attention_found_after_the_fused_pass(grid):
+    # the fused float32 pass over a stored A checks A for NaN/Inf only when its result is not finite
+    lay = random_layer(2, 3, tokens=6, head_dim=2, m_in=4, m_out=5, causal=True, dtype=torch.float32)
+    attn = lay["attn"].clone()
+    attn[0, 0, 2, 4] = float("inf")  # inside the causal zero triangle
+    attn[1, 1, 4, 1] = float("nan")
+    lay["w_o"][:, 4:] = 0  # OV_2 = 0: a zero eigenvalue of G, so C has a zero row and ||C α||² is 0 · Inf = NaN
+    op = dk.HVOOperator(attn, lay["w_v"], lay["w_o"])  # where the dense block is Inf
+    dense = dk.HVOOperator(attn.double(), lay["w_v"].double(), lay["w_o"].double()).to_dense()
+    want = dense.reshape(2, 6, 5, 6, 4).permute(0, 1, 3, 2, 4).square().sum((-1, -2))
+    if grid is not None:
+        want = want.reshape(2, 2, 3, 3, 2).sum((2, 4))
+    got = op.block_norms(grid)
+    assert got.dtype == torch.float32
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+    torch.testing.assert_close(got.double(), want.sqrt(), equal_nan=True, rtol=1e-5, atol=1e-6)
+    finite = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"]).block_norms(grid)  # roots taken in the pass
+    ref = dk.HVOOperator(lay["attn"].double(), lay["w_v"].double(), lay["w_o"].double()).block_norms(grid)
+    torch.testing.assert_close(finite.double(), ref, rtol=1e-5, atol=1e-6)
