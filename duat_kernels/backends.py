@@ -113,6 +113,20 @@ def functorch_wrapped(*tensors: torch.Tensor) -> bool:
     return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
+def functorch_grad(*tensors: torch.Tensor) -> bool:
+    """Whether a tensor is tracked by a torch.func gradient transform (grad, vjp, jacrev, jvp), at any level
+    of its wrappers: the registered op's autograd formula cannot run there (torch.library generates an
+    autograd.Function without setup_context, which those transforms require; pytorch issues 168393,
+    179652), so such calls take the reference ops, which compose with every transform."""
+    f = torch._C._functorch
+    for t in tensors:
+        while f.is_functorch_wrapped_tensor(t):
+            if f.is_gradtrackingtensor(t):
+                return True
+            t = f.get_unwrapped(t)
+    return False
+
+
 def fuses_ov(backend: str, layout: str, batch: int, *tensors: torch.Tensor) -> bool:
     """Whether W' (or a tile of it) for a batch of attention maps is written by the C++ kernel straight
     from the weights, OV computed in cache (materialise_fused): token layout, one batch element (a

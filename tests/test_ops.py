@@ -118,3 +118,26 @@ def test_torch_func_vmap(backend, layout):
             torch.stack([lay["w_o"], 2 * lay["w_o"]]))
     torch.testing.assert_close(got, dk.hvo_matrix(lay["attn"], lay["w_v"], lay["w_o"], layout=layout))
     torch.testing.assert_close(per_w_o[1], 2 * dk.hvo_matrix(lay["attn"][0], lay["w_v"], lay["w_o"]))
+
+
+@pytest.mark.parametrize("layout", ["token", "feature"])
+def test_torch_func_gradient_transforms(layout):
+    # torch.func.grad / jacrev / jvp failed: "In order to use an autograd.Function with functorch transforms
+    # ... it must override the setup_context staticmethod" (the registered op's autograd formula)
+    lay = random_layer(2, 4, 2, tokens=3, m_in=3, m_out=2, dtype=torch.float64)
+    attn, w_v, w_o = lay["attn"], lay["w_v"], lay["w_o"]
+
+    def w_prime(a, wv, wo):
+        return dk.hvo_matrix(a, wv, wo, num_kv_heads=2, layout=layout)
+
+    want = torch.autograd.functional.jacobian(w_prime, (attn, w_v, w_o))
+    got = torch.func.jacrev(w_prime, argnums=(0, 1, 2))(attn, w_v, w_o)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    grad = torch.func.grad(lambda wo: w_prime(attn, w_v, wo).square().sum())(w_o)
+    torch.testing.assert_close(grad, torch.einsum("bij,bijkl->kl", 2 * w_prime(attn, w_v, w_o), want[2]))
+    tangent = torch.randn_like(w_o)
+    _, jvp = torch.func.jvp(lambda wo: w_prime(attn, w_v, wo), (w_o,), (tangent,))
+    torch.testing.assert_close(jvp, torch.einsum("bijkl,kl->bij", want[2], tangent))
+    outer = torch.func.grad(lambda wo: torch.func.vmap(lambda a: w_prime(a, w_v, wo).sum())(attn).sum())(w_o)
+    torch.testing.assert_close(outer, want[2].sum((0, 1, 2)))
