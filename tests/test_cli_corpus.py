@@ -181,6 +181,27 @@ def test_bad_jsonl_line_is_named(tmp_path):
         read_texts(path)
 
 
+@pytest.mark.parametrize("lines,match", [
+    (['{"text": "a", "id": null}'], r'ids.jsonl:1: "id" must be a string or an integer, got null'),
+    (['{"text": "a", "id": 1.5}'], r'ids.jsonl:1: "id" must be a string or an integer, got 1.5'),
+    (['{"text": "a", "id": ["x"]}'], r'ids.jsonl:1: "id" must be a string or an integer'),
+    (['{"text": "a", "id": "x"}', '', '{"text": "b", "id": "x"}'], r"ids.jsonl:3: id 'x' was already used on line 1"),
+    (['{"text": "a", "id": 2}', '"b"'], r"ids.jsonl:2: id '2' was already used on line 1"),
+])
+def test_text_ids_are_strings_or_integers_and_unique(tmp_path, lines, match):
+    # {"id": null} became the id "None", and two texts of one id were both accepted
+    path = tmp_path / "ids.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=match):
+        read_texts(path)
+
+
+def test_text_ids_default_to_line_numbers(tmp_path):
+    path = tmp_path / "ok.jsonl"
+    path.write_text('{"text": "a", "id": 7}\n\n"b"\n{"text": "c"}\n')
+    assert read_texts(path) == [("7", "a"), ("3", "b"), ("4", "c")]
+
+
 def test_long_texts_get_grid_block_norms_and_contributions(model_dir):
     full, = analysis.analyse_text(CorpusSettings(model=model_dir, layers=(0,)), 0, "t", TEXTS[3])
     coarse, = analysis.analyse_text(CorpusSettings(model=model_dir, layers=(0,), grid=4), 0, "t", TEXTS[3])

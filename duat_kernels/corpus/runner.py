@@ -41,7 +41,7 @@ def schema():
 def read_texts(path: str | os.PathLike) -> list[tuple[str, str]]:
     """(text_id, text) for each line of a JSON Lines file: {"text": ..., "id": ...} ("id"
     optional, default the line number) or a bare JSON string; blank lines are skipped."""
-    texts = []
+    texts, seen = [], {}
     for number, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -50,11 +50,17 @@ def read_texts(path: str | os.PathLike) -> list[tuple[str, str]]:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}:{number}: not JSON ({exc.msg}); expected {{\"text\": ...}} per line") from exc
         if isinstance(item, dict) and isinstance(item.get("text"), str):
-            texts.append((str(item.get("id", number)), item["text"]))
+            text_id = item.get("id", number)
+            if isinstance(text_id, bool) or not isinstance(text_id, (str, int)):  # null became the id "None"
+                raise ValueError(f"{path}:{number}: \"id\" must be a string or an integer, got {json.dumps(text_id)}")
+            texts.append((str(text_id), item["text"]))
         elif isinstance(item, str):
             texts.append((str(number), item))
         else:
             raise ValueError(f"{path}:{number}: expected {{\"text\": \"...\"}} or a JSON string, got {line[:60]!r}")
+        if texts[-1][0] in seen:  # the results are keyed by id: two texts of one id cannot be told apart
+            raise ValueError(f"{path}:{number}: id {texts[-1][0]!r} was already used on line {seen[texts[-1][0]]}")
+        seen[texts[-1][0]] = number
     if not texts:
         raise ValueError(f"{path} holds no texts")
     return texts

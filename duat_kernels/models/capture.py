@@ -81,6 +81,9 @@ class AttentionLayer:
         ref = self.output.double()
         if self.token_mask is not None:
             diff, ref = diff[self.token_mask], ref[self.token_mask]
+            if not bool(self.token_mask.any()):  # 0 / 0 was NaN
+                raise ValueError("relative_error: every query token of this batch is padding (token_mask is all "
+                                 "False), so there is no output to compare")
         return (diff.norm() / ref.norm()).item()
 
 
@@ -166,6 +169,7 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
         return lens.bridge_attention_layers(model, *args, layers=layers, **inputs)
     if type(model).__module__.startswith("nnsight.") and isinstance(getattr(model, "_module", None), torch.nn.Module):
         model = model._module  # an nnsight NNsight / LanguageModel wraps the torch module it runs
+    _check_has_tokens(named_inputs(model, args, inputs))
     if capture == "qk":
         from duat_kernels.models.qk_capture import attention_layers_qk
         return attention_layers_qk(model, *args, layers=layers, **inputs)
@@ -193,6 +197,15 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
         token_mask = _token_mask(model, blocks[i][0], rec["attn"].shape[0], rec["attn"].shape[-1], named)
         result.append(AttentionLayer(index=i, name=blocks[i][0], token_mask=token_mask, **rec))
     return result
+
+
+def _check_has_tokens(named: dict) -> None:
+    """A sequence of no tokens has no attention to capture: transformers failed inside the forward pass
+    with a raw reshape error ("cannot reshape tensor of 0 elements")."""
+    for key in ("input_ids", "inputs_embeds"):
+        t = named.get(key)
+        if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[1] == 0:
+            raise ValueError(f"{key} of shape {tuple(t.shape)} holds no tokens: pass at least one token per sequence")
 
 
 def named_inputs(model: torch.nn.Module, args: tuple, inputs: dict) -> dict:

@@ -284,3 +284,24 @@ def test_relative_error_names_a_dense_w_of_the_wrong_shape():
     for bad in (torch.zeros(3, 3), layer.hvo_matrix()[0], layer.hvo_matrix()[:, :-1]):
         with pytest.raises(ValueError, match=r"w must be this layer's dense token-layout W' of shape .*\(2, 432, 432\)"):
             layer.relative_error(bad)
+
+
+@pytest.mark.parametrize("capture", ["attn", "qk"])
+@pytest.mark.parametrize("positional", [False, True])
+def test_sequences_without_tokens_are_refused_by_name(capture, positional):
+    # transformers failed inside the forward pass: "cannot reshape tensor of 0 elements into shape ..."
+    config, model = _random_model("llama")
+    ids = torch.zeros(1, 0, dtype=torch.long)
+    args, kwargs = ((ids,), {}) if positional else ((), {"input_ids": ids})
+    with pytest.raises(ValueError, match=r"input_ids of shape \(1, 0\) holds no tokens"):
+        dk.models.attention_layers(model, *args, capture=capture, **kwargs)
+
+
+def test_relative_error_of_an_all_padding_batch_is_refused():
+    # every query row padded: 0 / 0 gave NaN
+    config, model = _random_model("llama")
+    inputs = _ids(100, batch=2, tokens=4)
+    inputs["attention_mask"] = torch.zeros_like(inputs["attention_mask"])
+    layer = dk.models.attention_layers(model, layers=[0], **inputs)[0]
+    with pytest.raises(ValueError, match="every query token of this batch is padding"):
+        layer.relative_error()
