@@ -163,6 +163,19 @@ class ExplicitAttention(AttentionSource):
         return [flat[::max(1, flat.numel() >> 20)]]
 
 
+def as_source(attn, num_kv_heads: int, w_v: torch.Tensor | None = None,
+              w_o: torch.Tensor | None = None) -> AttentionSource:
+    """attn as an AttentionSource: a source as it is; a tensor (B, h, N, N), checked against the weights
+    when they are given, as ExplicitAttention. The duat_kernels.linalg functions take either; called
+    directly with a wrong shape they failed deep inside torch ("shape '[2, 1, 3]' is invalid")."""
+    if not isinstance(attn, torch.Tensor):
+        return attn
+    v.check_tensor("attn", attn, (4,))
+    if w_o is not None:
+        v.check_attention(attn, w_v, w_o, num_kv_heads)
+    return ExplicitAttention(attn, num_kv_heads)
+
+
 def key_mask_4d(mask: torch.Tensor | None, batch: int, tokens: int, device: torch.device) -> torch.Tensor | None:
     """attention_mask (N,) or (B, N), True/1 = attend -> bool (B, 1, 1, N) on `device` (q's), or None."""
     if mask is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from duat_kernels._validation import check_fits, check_flag
-from duat_kernels.attention_source import ExplicitAttention
+from duat_kernels.attention_source import as_source
 from duat_kernels.reference import head_factors
 
 # Rows of A per step: the (B, h, rows, N) chunk and its Gram product stay ~64 MiB (fp32).
@@ -34,8 +34,10 @@ def contributions(attn, x: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, n
     per_head=True gives each head's own contribution ||A_i[n, m] u_i[m]|| as (B, h, N, N).
     """
     per_head = check_flag("per_head", per_head)
-    source = ExplicitAttention(attn, num_kv_heads) if isinstance(attn, torch.Tensor) else attn
+    source = as_source(attn, num_kv_heads, w_v, w_o)
     batch, h, n = source.batch, source.heads, source.tokens
+    if tuple(x.shape) != (batch, n, w_v.shape[1]):
+        raise ValueError(f"x must have shape (B, N, M_in) = ({batch}, {n}, {w_v.shape[1]}), got {tuple(x.shape)}")
     ct = torch.float64 if torch.float64 in (source.dtype, x.dtype, w_v.dtype, w_o.dtype) else torch.float32
     m_out, size = w_o.shape[0], ct.itemsize
     result = batch * h * n * n * 2 if per_head else batch * n * n + batch * n * h * h  # with |A| or G_m

@@ -14,7 +14,7 @@ import torch
 from duat_kernels import cpp, reference
 from duat_kernels._validation import all_finite, check_fits
 from duat_kernels.linalg import gram_norms
-from duat_kernels.attention_source import ExplicitAttention, QKAttention
+from duat_kernels.attention_source import ExplicitAttention, QKAttention, as_source
 from duat_kernels.reference import head_factors
 
 # Rows of A per step (torch path): the (h, rows, N) product stays ~64 MiB at N = 8192, h = 12 (fp32).
@@ -37,8 +37,7 @@ def block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
     grid=(R, C), the Frobenius norms of an R x C grid of super-blocks (rows and columns of blocks
     split as evenly as possible) -> (B, R, C). Float32 A on the CPU goes through the fused C++ pass. Computed
     and returned in float64 when A or a weight is float64 (as contributions and to_dense), else in float32."""
-    if isinstance(source, torch.Tensor):
-        source = ExplicitAttention(source, num_kv_heads)
+    source = as_source(source, num_kv_heads, w_v, w_o)
     batch, h, n = source.batch, source.heads, source.tokens
     wide = _wide(source, w_v, w_o)
     fused = not wide and gram_norms.available(source)

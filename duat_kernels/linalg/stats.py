@@ -11,17 +11,13 @@ import torch
 from duat_kernels import reference
 from duat_kernels._validation import check_fits, check_has_data
 from duat_kernels.linalg.norms import block_norms
-from duat_kernels.attention_source import AttentionSource, ExplicitAttention
+from duat_kernels.attention_source import as_source
 
 
 # Sampled OV entries formed per step from the head factors: (h, step, d) products.
 SAMPLES_PER_STEP = 8192
 # fraction_above forms the whole OV up to this size, else only the sampled entries.
 WHOLE_OV_BYTES = 64 << 20
-
-
-def _source(attn, num_kv_heads: int) -> AttentionSource:
-    return ExplicitAttention(attn, num_kv_heads) if isinstance(attn, torch.Tensor) else attn
 
 
 def frobenius_norm(attn, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -35,7 +31,7 @@ def trace(attn, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int) -> torc
     layouts. attn (B, h, N, N) or an AttentionSource; only the diagonal of A is read (and widened). The
     N·M diagonal entries are formed (O(N·M·h), no OV needed: OV_i[c, c] = Σ_d Wo_i[c, d] Wv_i[d, c])
     and summed, so NaN and Inf come out as in the dense W' (Inf - Inf between entries)."""
-    source = _source(attn, num_kv_heads)
+    source = as_source(attn, num_kv_heads, w_v, w_o)
     if w_v.shape[1] == 0:  # an empty W' has trace 0, whatever A holds
         return torch.zeros(source.batch, dtype=torch.float64, device=source.device)
     wo, wv = reference.head_factors(w_v.double(), w_o.double(), source.heads, num_kv_heads)  # (h, M, d), (h, d, M)
@@ -68,7 +64,7 @@ def sample_entries(attn, ov: torch.Tensor | tuple[torch.Tensor, torch.Tensor], s
     (reference.head_factors), from which only the sampled entries of OV are formed."""
     wo = ov[0] if isinstance(ov, tuple) else ov
     h, m_out, m_in = wo.shape[0], wo.shape[1], ov[1].shape[2] if isinstance(ov, tuple) else ov.shape[2]
-    source = _source(attn, h)  # attn (B, h, N, N) or an AttentionSource
+    source = as_source(attn, h)  # attn (B, h, N, N) or an AttentionSource
     n = source.tokens
     # four int64 indices, then α, the gathered OV entries and their product (h, samples) each
     check_fits(f"{samples:,} sampled entries of W'", samples * (4 * 8 + 3 * h * wo.dtype.itemsize),
@@ -97,7 +93,7 @@ def fraction_above(attn, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int
     """Estimated fraction of entries with |w| > threshold (the paper's "almost fully dense", made
     quantitative), from a uniform sample with a Wilson score interval; NaN (fraction and interval)
     when a sampled entry is NaN."""
-    source = _source(attn, num_kv_heads)
+    source = as_source(attn, num_kv_heads, w_v, w_o)
     check_has_data("fraction_above", source.device)
     dtype = torch.promote_types(torch.promote_types(w_v.dtype, w_o.dtype), torch.float32)  # float64 stays float64
     # OV when it is small (gathering from it is ~10x faster than d-term products per sample), else the head

@@ -228,3 +228,17 @@ def test_non_finite_stored_attention_found_after_the_fused_pass(grid):
     finite = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"]).block_norms(grid)  # roots taken in the pass
     ref = dk.HVOOperator(lay["attn"].double(), lay["w_v"].double(), lay["w_o"].double()).block_norms(grid)
     torch.testing.assert_close(finite.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda a: dk.linalg.frobenius_norm(a[0], torch.randn(4, 3), torch.randn(3, 4), 2),
+     r"attn must be 4-D, got shape \(2, 3, 3\)"),
+    (lambda a: dk.linalg.block_norms(a, torch.randn(4, 3), torch.randn(3, 5), 2), r"w_o must have shape \(M_out, h\*d\)"),
+    (lambda a: dk.linalg.trace(a, torch.randn(4, 3), torch.randn(3, 4), 3), r"num_kv_heads=3 must divide"),
+    (lambda a: dk.linalg.contributions(a, torch.randn(1, 3, 3), torch.randn(4, 2), torch.randn(3, 4), 2),
+     r"x must have shape \(B, N, M_in\) = \(1, 3, 2\), got \(1, 3, 3\)"),
+])
+def test_linalg_functions_called_directly_check_their_tensors(call, match):
+    # a wrong shape failed deep inside torch: "shape '[2, 1, 3]' is invalid for input of size 18", einsum errors
+    with pytest.raises(ValueError, match=match):
+        call(torch.rand(1, 2, 3, 3).softmax(-1))
