@@ -46,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
         check_context(args.context)
         for tau in args.temperature:
             check_temperature(tau)
+        if len(set(args.temperature)) != len(args.temperature):  # the report keys results by temperature
+            raise ValueError(f"--temperature lists a temperature twice: {' '.join(f'{t:g}' for t in args.temperature)}")
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.threads is not None:

@@ -54,7 +54,8 @@ def test_markov_end_to_end(tiny_lm_folder, tmp_path, capsys):
     (["--temperature", "1", "0"], "temperature τ must be a finite number > 0"),
     (["--temperature", "-2"], "temperature τ must be a finite number > 0"),
     (["--tokens", "aa"], "at least 2 distinct symbols"),
-], ids=["unknown-symbol", "two-token-symbol", "K0", "tau0", "tau-negative", "repeated"])
+    (["--temperature", "1", "0.5", "1.0"], "--temperature lists a temperature twice: 1 0.5 1"),
+], ids=["unknown-symbol", "two-token-symbol", "K0", "tau0", "tau-negative", "repeated", "tau-twice"])
 def test_markov_errors_are_one_line(tiny_lm_folder, tmp_path, capsys, args, message):
     assert main(["markov", "--model", str(tiny_lm_folder), "--out", str(tmp_path), "--tokens", "abc", *args]) == 2
     err = capsys.readouterr().err
