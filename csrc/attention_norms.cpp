@@ -24,6 +24,21 @@ int thread_count(int requested) { return std::max(1, requested); }
 
 }  // namespace
 
+void add_to_bins(const float* sq, const int64_t* bin, int64_t cols, double* acc) {
+  for (int64_t m = 0; m < cols;) {
+    const int64_t b = bin[m];
+    int64_t e = m + 1;
+    while (e < cols && bin[e] == b) ++e;
+    double s[4] = {0.0, 0.0, 0.0, 0.0};
+    int64_t k = m;
+    for (; k + 4 <= e; k += 4)
+      for (int j = 0; j < 4; ++j) s[j] += sq[k + j];
+    for (; k < e; ++k) s[0] += sq[k];
+    acc[b] += (s[0] + s[1]) + (s[2] + s[3]);
+    m = e;
+  }
+}
+
 void gram_squared_norms(const float* a, const float* c, float* out, const GramNormsProblem& pb, int num_threads,
                         bool root) {
   const int64_t plane = pb.rows * pb.cols;
@@ -60,8 +75,7 @@ void gram_grid_norms(const float* a, const float* c, const int64_t* row_bin, con
       std::vector<float> sq(static_cast<size_t>(pb.cols));
       for (int64_t r = r_begin; r < r_end; ++r) {
         row_squared_norms(a + r * pb.cols, plane, c, pb.h, pb.cols, sq.data());
-        double* acc = local.data() + (row_bin[r] - b_lo) * out_cols;
-        for (int64_t m = 0; m < pb.cols; ++m) acc[col_bin[m]] += sq[m];
+        add_to_bins(sq.data(), col_bin, pb.cols, local.data() + (row_bin[r] - b_lo) * out_cols);
       }
 #pragma omp critical(duat_gram_grid_norms)
       for (int64_t b = b_lo; b <= b_hi; ++b)

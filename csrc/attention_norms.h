@@ -21,6 +21,10 @@ struct GramNormsProblem {
 void gram_squared_norms(const float* a, const float* c, float* out, const GramNormsProblem& pb, int num_threads,
                         bool root = false);
 
+// acc[bin[m]] += sq[m] for m < cols, a run of equal bins at a time with four partial sums (adding each
+// entry into acc[bin] directly made every add wait for the one before: the grid passes' reduction).
+void add_to_bins(const float* sq, const int64_t* bin, int64_t cols, double* acc);
+
 // As above, but out (out_rows, out_cols) float64 accumulates out[row_bin[r], col_bin[m]] += ||C a[:, r, m]||^2;
 // every bin index must lie in range (checked by the caller).
 void gram_grid_norms(const float* a, const float* c, const int64_t* row_bin, const int64_t* col_bin, double* out,

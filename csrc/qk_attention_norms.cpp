@@ -9,6 +9,7 @@
 // Causal blocks are taken largest first (dynamic schedule) so the threads finish together.
 #include "qk_attention_norms.h"
 
+#include "attention_norms.h"
 #include "isa.h"
 
 #include <algorithm>
@@ -208,13 +209,7 @@ struct GridSink {
   }
   void row(int64_t r, const float* sq, int64_t lo, int64_t hi) {
     if (!sq) return;
-    double* acc = local.data() + (row_bin[r] - b_lo) * out_cols;
-    for (int64_t m = lo; m < hi;) {  // runs of keys in the same super-block column
-      const int64_t bin = col_bin[m];
-      double s = 0.0;
-      for (; m < hi && col_bin[m] == bin; ++m) s += sq[m - lo];
-      acc[bin] += s;
-    }
+    add_to_bins(sq, col_bin + lo, hi - lo, local.data() + (row_bin[r] - b_lo) * out_cols);
   }
   void end() {
 #pragma omp critical(duat_qk_grid_norms)
