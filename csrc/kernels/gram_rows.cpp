@@ -1,6 +1,7 @@
 // The hot loop of the Gram-weighted block norms (csrc/attention_norms.cpp), compiled per ISA.
 //
-// Roofline. Each column m costs h loads of A and h^2 multiply-adds (y = C alpha) plus h (||y||^2):
+// Roofline. Each column m costs h loads of A and h^2 multiply-adds (y = C alpha; h(h+1)/2 for an upper-
+// triangular C) plus h (||y||^2):
 // for h = 12 the arithmetic dominates unless A streams from DRAM faster than ~12 flops per float.
 // Micro-kernel: kVecs vectors of columns at once; for each output row j of C, the kVecs
 // accumulators of y_j take one broadcast C[j, i] and kVecs loads of alpha_i per head i, and ||y||^2
@@ -27,6 +28,13 @@ inline VF load_vf(const float* p) {
 void gram_row_squared_norms(const float* a_row, int64_t plane, const float* c, int64_t h, int64_t cols, float* sq) {
   typedef int32_t VI __attribute__((vector_size(kVecBytes)));
   constexpr int64_t kLanes = Vec<float>::kLanes, kCols = kLanes * kVecs;
+  // An upper-triangular C (what linalg.gram_factor gives) needs only the products i >= j: h(h+1)/2
+  // multiply-adds per column instead of h². Every α_i still meets row 0, so NaN and Inf in α still make
+  // ||C α||² non-finite (an Inf may give Inf where the skipped 0 · Inf would give NaN; block_norms
+  // recomputes every non-finite result exactly).
+  bool upper = true;
+  for (int64_t j = 1; j < h; ++j)
+    for (int64_t i = 0; i < j; ++i) upper &= c[j * h + i] == 0.0f;
   int64_t m = 0;
   for (; m + kCols <= cols; m += kCols) {
     VI nonzero = {};
@@ -42,7 +50,7 @@ void gram_row_squared_norms(const float* a_row, int64_t plane, const float* c, i
     for (int64_t j = 0; j < h; ++j) {
       VF y[kVecs] = {};
       const float* cj = c + j * h;
-      for (int64_t i = 0; i < h; ++i) {
+      for (int64_t i = upper ? j : 0; i < h; ++i) {
         const VF cji = splat(cj + i);
         const float* ai = a_row + i * plane + m;
         for (int v = 0; v < kVecs; ++v) y[v] = madd(cji, load_vf(ai + v * kLanes), y[v]);
@@ -55,7 +63,7 @@ void gram_row_squared_norms(const float* a_row, int64_t plane, const float* c, i
     float norm = 0.0f;
     for (int64_t j = 0; j < h; ++j) {
       float y = 0.0f;
-      for (int64_t i = 0; i < h; ++i) y = madd(c[j * h + i], a_row[i * plane + m], y);
+      for (int64_t i = upper ? j : 0; i < h; ++i) y = madd(c[j * h + i], a_row[i * plane + m], y);
       norm = madd(y, y, norm);
     }
     sq[m] = norm;

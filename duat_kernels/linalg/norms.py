@@ -22,13 +22,15 @@ CHUNK_ENTRIES = 1 << 24
 
 
 def gram_factor(w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
-    """C (h, h) in float64 with CᵀC = G, G_ij = ⟨OV_i, OV_j⟩_F, from w_v (h_kv·d, M_in), w_o (M_out, h·d)."""
+    """C (h, h) in float64, upper triangular, with CᵀC = G, G_ij = ⟨OV_i, OV_j⟩_F, from w_v (h_kv·d, M_in),
+    w_o (M_out, h·d). Triangular, ||C α|| costs the C++ pass h(h+1)/2 multiply-adds instead of h²."""
     wo, wv = head_factors(w_v.double(), w_o.double(), num_heads, num_kv_heads)  # (h, M_out, d), (h, d, M_in)
     oo = torch.einsum("icd,jce->ijde", wo, wo)  # Wo_iᵀ Wo_j
     vv = torch.einsum("ida,jea->ijde", wv, wv)  # Wv_i Wv_jᵀ
     gram = (oo * vv).sum((-1, -2))
-    evals, evecs = torch.linalg.eigh((gram + gram.T) / 2)
-    return evals.clamp_min(0).sqrt()[:, None] * evecs.T
+    evals, evecs = torch.linalg.eigh((gram + gram.T) / 2)  # G may be singular: no Cholesky
+    root = evals.clamp_min(0).sqrt()[:, None] * evecs.T  # rootᵀ root = G
+    return torch.linalg.qr(root, mode="r").R.contiguous()  # root = QR, so RᵀR = G
 
 
 def block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,

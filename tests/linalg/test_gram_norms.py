@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from duat_kernels import cpp
+from duat_kernels import linalg
 from duat_kernels.linalg import gram_norms
+from duat_kernels.reference import ov_circuits
 
 pytestmark = pytest.mark.skipif(not cpp.is_available(), reason="the C++ extension is not built")
 
@@ -58,3 +60,30 @@ def test_bad_buffers_are_rejected():
     with pytest.raises(ValueError, match="row_bin"):
         cpp._C.gram_grid_norms(a.numpy(), c.numpy(), torch.tensor([0, 1, 2]).numpy(), torch.zeros(5).long().numpy(),
                                torch.zeros(2, 1, dtype=torch.float64).numpy())
+
+
+@pytest.mark.parametrize("h,rows,cols", [(1, 3, 5), (12, 7, 100), (5, 33, 65)])
+def test_upper_triangular_factor_skips_only_its_zeros(h, rows, cols):
+    # an upper-triangular C takes the products i >= j only; every α_i still meets row 0, so a NaN or Inf
+    # in α makes ||C α||² non-finite even where its column of C is zero (0 · NaN); an Inf may give Inf
+    # where the full product has 0 · Inf = NaN, and block_norms recomputes such results exactly
+    a, c = _inputs(h, rows, cols, causal_zeros=True)
+    c = c.triu()
+    c[:, h // 2] = 0
+    a[h // 2, rows // 2, 3] = float("nan")
+    a[0, 0, 1] = float("inf")
+    got = gram_norms.squared_(a, c, torch.empty(rows, cols)).double()
+    want = _expected(a, c)
+    assert torch.equal(got.isfinite(), want.isfinite()) and got.isnan()[rows // 2, 3]
+    torch.testing.assert_close(got[want.isfinite()], want[want.isfinite()], rtol=1e-5, atol=1e-6)
+
+
+def test_gram_factor_is_upper_triangular():
+    g = torch.Generator().manual_seed(4)
+    w_v, w_o = torch.randn(2 * 3, 7, generator=g), torch.randn(5, 6 * 3, generator=g)
+    w_o[:, 3:6] = 0  # OV_1 = 0: a singular Gram matrix
+    c = linalg.gram_factor(w_v, w_o, 6, 2)
+    ov = ov_circuits(w_v.double(), w_o.double(), 6, 2)
+    gram = torch.einsum("icd,jcd->ij", ov, ov)
+    assert torch.equal(c, c.triu()) and c.is_contiguous()
+    torch.testing.assert_close(c.T @ c, gram, rtol=1e-10, atol=1e-10)
