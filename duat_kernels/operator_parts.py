@@ -75,13 +75,9 @@ def weighted_ov(alpha: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, num_h
         v.check_fits(f"a block of W' of shape ({batch}, {m_out}, {m_in})",
                      batch * m_out * m_in * alpha.dtype.itemsize, alpha.device,
                      "Ask for a tile of the block instead: tile(rows, cols).")
-    rows = max(1, OV_ENTRIES_PER_STEP // max(1, num_heads * m_in))
-    if rows >= m_out:  # OV in one step
-        return torch.einsum("bi,ica->bca", alpha, reference.ov_circuits(w_v, w_o, num_heads, num_kv_heads))
     out = torch.empty(batch, m_out, m_in, dtype=alpha.dtype, device=alpha.device)
-    for c0 in range(0, m_out, rows):
-        ov = reference.ov_circuits(w_v, w_o[c0:c0 + rows], num_heads, num_kv_heads)  # (h, rows, M_in)
-        out[:, c0:c0 + rows] = torch.einsum("bi,ica->bca", alpha, ov)
+    for c0, ov in reference.ov_row_blocks(w_v, w_o, num_heads, num_kv_heads, OV_ENTRIES_PER_STEP):
+        out[:, c0:c0 + ov.shape[1]] = torch.einsum("bi,ica->bca", alpha, ov)
     return out
 
 

@@ -38,6 +38,14 @@ def ov_circuits(w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int, num_kv_hea
     return torch.bmm(*head_factors(w_v, w_o, num_heads, num_kv_heads))
 
 
+def ov_row_blocks(w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int, num_kv_heads: int, entries: int):
+    """Yield (c0, OV[:, c0:c0 + rows, :]) over the rows of OV, about `entries` entries (h·rows·M_in) at a
+    time: a wide layer's whole (h, M_out, M_in) OV is never formed (h = 2, M = 100000 would be 80 GB)."""
+    rows = max(1, entries // max(1, num_heads * w_v.shape[1]))
+    for c0 in range(0, w_o.shape[0], rows):
+        yield c0, ov_circuits(w_v, w_o[c0:c0 + rows], num_heads, num_kv_heads)
+
+
 def kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a ⊗ b for a (P, S), b (Q, T) -> (P·Q, S·T): entry [p·Q + q, s·T + t] = a[p, s]·b[q, t], for any
     strides (torch.kron needs views it cannot always make of transposed or sliced factors)."""

@@ -128,10 +128,9 @@ def _block_norms_direct(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_hea
     batch, h, n = source.batch, source.heads, source.tokens
     dtype = torch.float64 if _wide(source, w_v, w_o) else torch.float32
     w_v, w_o = w_v.to(dtype), w_o.to(dtype)
-    ov_rows = max(1, CHUNK_ENTRIES // max(1, h * w_v.shape[1]))
     sq = torch.zeros(batch, n, n, dtype=dtype, device=source.device)
-    for q0 in range(0, w_o.shape[0], ov_rows):  # squared entries of rows q0.. of every block, summed
-        ov = reference.ov_circuits(w_v, w_o[q0:q0 + ov_rows], h, num_kv_heads)  # (h, rows, M_in)
+    # the squared entries of a few rows of every block at a time, summed; ov (h, rows, M_in)
+    for _, ov in reference.ov_row_blocks(w_v, w_o, h, num_kv_heads, CHUNK_ENTRIES):
         cols_per_step = max(1, min(n, CHUNK_ENTRIES // max(1, ov[0].numel())))
         # the blocks of the columns a row block skips (A = 0: causal, sliding window) are Σ_i 0 · OV_i: their
         # squared entries sum to 0, or to NaN where OV is not finite (they were left at 0)
