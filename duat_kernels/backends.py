@@ -91,8 +91,7 @@ def ov_circuits(backend: str, w_v: torch.Tensor, w_o: torch.Tensor, num_heads: i
     token-layout row of W' then reads its slab OV[:, q, :] in place. Every other case (and any OV
     a gradient has to flow through) is reference.ov_circuits. hvo_matrix and the tiles of
     HVOOperator both take OV from here, so a tile equals the same slice of W' bit for bit."""
-    needs_grad = torch.is_grad_enabled() and (w_v.requires_grad or w_o.requires_grad)
-    if (backend != "cpp" or needs_grad or torch.compiler.is_compiling() or w_v.device.type != "cpu"
+    if (backend != "cpp" or tracks_grad(w_v, w_o) or torch.compiler.is_compiling() or w_v.device.type != "cpu"
             or w_v.dtype not in (torch.float32, torch.float64) or functorch_wrapped(w_v, w_o)):
         return reference.ov_circuits(w_v, w_o, num_heads, num_kv_heads)
     return cpp.ov_circuits(w_v, w_o, num_heads, num_kv_heads)
@@ -106,6 +105,11 @@ def ov_part(backend: str, w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int, 
     if backend == "cpp":
         return ov_circuits(backend, w_v[:, cols], w_o[rows], num_heads, num_kv_heads)
     return ov_circuits(backend, w_v, w_o, num_heads, num_kv_heads)[:, rows, cols]
+
+
+def tracks_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records an operation on these tensors: grad mode on and one of them requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def functorch_wrapped(*tensors: torch.Tensor) -> bool:
@@ -136,7 +140,7 @@ def fuses_ov(backend: str, layout: str, batch: int, *tensors: torch.Tensor) -> b
     which takes OV, serves the other cases)."""
     return (backend == "cpp" and layout == "token" and batch == 1 and all(t.device.type == "cpu" for t in tensors)
             and not torch.compiler.is_compiling() and not functorch_wrapped(*tensors)
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
+            and not tracks_grad(*tensors))
 
 
 def materialise_fused(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,

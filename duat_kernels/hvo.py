@@ -87,7 +87,7 @@ def hvo_matrix(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, *, num_
                         f"not {dtype}; use backend='reference' or 'cpp' for it")
     if out is not None:
         v.check_out(out, shape, device, attn, w_v, w_o)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (attn, w_v, w_o)):
+        if backends.tracks_grad(attn, w_v, w_o):
             raise RuntimeError("out= writes W' in place and records no gradient; pass out=None for a differentiable "
                                "W' (or call under torch.no_grad())")
     if not torch.compiler.is_compiling() and device.type != "meta":  # meta tensors and compiled graphs allocate nothing

@@ -195,7 +195,7 @@ class HVOOperator:
         dtype = v.resolve_dtype(self.dtype if dtype is None else dtype, None)
         v.check_fits(f"a tile of W' of shape ({r1 - r0}, {c1 - c0})", (r1 - r0) * (c1 - c0) * self.dims.batch * dtype.itemsize,
                      self.device)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (self.w_v, self.w_o, *self.source.inputs())):
+        if backends.tracks_grad(self.w_v, self.w_o, *self.source.inputs()):
             return self._tile_differentiable(r0, r1, c0, c1, dtype)
         ct = reference.compute_dtype(dtype)
         out = torch.empty(self.dims.batch, r1 - r0, c1 - c0, dtype=dtype, device=self.device)

@@ -44,6 +44,7 @@ def block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
     wide = _wide(source, w_v, w_o)
     fused = not wide and gram_norms.available(source)
     whole = fused and isinstance(source, ExplicitAttention)  # one pass over the stored A, every entry written
+    rooted = whole and grid is None  # that pass writes the norms themselves (roots taken per row, in cache)
     # A stored A is checked for NaN/Inf after the fused pass, not before it (a second read of A, 25% of the
     # time): a non-finite α makes its ||C α||² non-finite, so only a non-finite result needs the check.
     finite = all_finite(w_v, w_o) and (whole or all_finite(*source.inputs()))
@@ -58,7 +59,7 @@ def block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
     if not wide and gram_norms.qk_available(source):  # logits, softmax and ||C α||² fused in C++: A never written
         bins = _bins(n, out_rows, source.device), _bins(n, out_cols, source.device)
         return gram_norms.qk_squared_norms(source, c, grid, *bins).clamp_min_(0).sqrt_().float()
-    if whole and grid is None:  # from the output cache: huge pages, no page zeroing on repeated calls
+    if rooted:  # from the output cache: huge pages, no page zeroing on repeated calls
         out = cpp.empty_output((batch, out_rows, out_cols), torch.float32)
     else:
         out = torch.zeros(batch, out_rows, out_cols, device=source.device,
@@ -69,7 +70,7 @@ def block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
         for b in range(batch):
             if fused:  # one multithreaded pass: ||C α||² and the grid sums, nothing else written
                 if grid is None:
-                    gram_norms.squared_(alpha[b], c, out[b, r0:r1, c0:c1], root=whole)
+                    gram_norms.squared_(alpha[b], c, out[b, r0:r1, c0:c1], root=rooted)
                 else:
                     gram_norms.grid_(alpha[b], c, row_bins[r0:r1], col_bins[c0:c1], out[b])
                 continue
@@ -80,10 +81,10 @@ def block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
                 per_row = torch.zeros(r1 - r0, out_cols, dtype=out.dtype, device=sq.device).index_add_(
                     1, col_bins[c0:c1], sq.to(out.dtype))
                 out[b].index_add_(0, row_bins[r0:r1], per_row)
-    if whole and not all_finite(out) and not all_finite(*source.inputs()):
+    if whole and not all_finite(out) and not source.finite():
         _check_output_fits(source, grid, False, wide)
         return _block_norms_direct(source, w_v, w_o, num_kv_heads, grid)
-    if not (whole and grid is None):  # the fused pass over a whole stored A took the roots itself
+    if not rooted:
         out = out.clamp_min_(0).sqrt_()
     return out if wide or grid is None else out.float()
 
