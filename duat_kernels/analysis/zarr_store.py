@@ -167,10 +167,10 @@ def verify_zarr(path: str | os.PathLike) -> list[str]:
     recorded sha256 (an empty list: the store is intact)."""
     zarr = _zarr()
     path = v.as_path("path", path)
-    if not Path(path).exists():
+    if not path.exists():
         raise FileNotFoundError(f"verify_zarr: {path} does not exist")
     try:
-        arr = zarr.open_array(Path(path), mode="r")
+        arr = zarr.open_array(path, mode="r")
     except (zarr.errors.BaseZarrError, ValueError) as exc:  # no array there, a group, unreadable metadata
         raise ValueError(f"{path} is not a zarr array written by save_zarr ({exc})") from exc
     meta = arr.attrs.get("duat")
@@ -182,7 +182,7 @@ def verify_zarr(path: str | os.PathLike) -> list[str]:
     for name, expected in meta["chunk_sha256"].items():
         i, j = (int(k) for k in name.split("."))
         region = (*lead, slice(i * chunk_rows, (i + 1) * chunk_rows), slice(j * chunk_cols, (j + 1) * chunk_cols))
-        stored = _read_region(Path(path), region)
+        stored = _read_region(path, region)
         if stored is None or chunk_sha256(stored) != expected:
             bad.append(name)
     return bad
