@@ -11,8 +11,8 @@ Every case writes the same N·M x N·M matrix (token layout). Contestants:
   fill_stream the same buffer filled with the byte 0x3F (0.75, data rather than zeros) by the kernel's
               non-temporal stores (duat_kernels.cpp.stream_fill_): the write floor of the store path
               cpp takes for outputs above 16 MiB. (On the VM of the committed run, zeros are written
-              about 2x faster than data with non-temporal stores and 1.1-1.5x with regular ones, so
-              fill_(0) is the stricter floor there.)
+              about 2x faster than data with non-temporal stores and 1.1-1.3x with regular ones, so
+              fill_(0) is the stricter floor there: bench_zero_writes.py.)
   einsum      torch.einsum("inm,ica->ncma", A, OV).reshape(...): the obvious PyTorch route
   kron_sum    Σ_i torch.kron(A_i, OV_i): the reference backend
   jacrev      torch.func.jacrev of the attention with A detached: the autograd route
