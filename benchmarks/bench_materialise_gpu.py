@@ -4,7 +4,9 @@ Contestants per (N, M, h), fp32 and bf16 output, token layout, timed with triton
 (which flushes the L2 cache before each call; best and median of its repetitions):
   triton         duat_kernels.hvo_matrix(backend="triton", out=buf) (OV from the weights, validation)
   triton_kernel  the tile kernel alone from the same OV as einsum (backends.tile_kernel("triton"))
-  triton_tf32x3  bf16 only: the same with 3xTF32 dots (about float32 accuracy) instead of TF32
+  triton_tf32x3  the same with 3xTF32 tensor-core dots (about float32 accuracy) instead of the default
+                 (TF32 for bf16, IEEE float32 FMAs for fp32)
+  triton_causal  triton on a causal A (zeros above the diagonal: every patch still takes its dot)
   fill           buf.fill_(x): the bytes of W' written once, the HBM write floor
   copy           buf.copy_(other): the same bytes read and written
   einsum         torch.einsum("inm,ica->ncma", A, OV).reshape(...).to(dtype) (allocates)
@@ -39,7 +41,8 @@ def _sampled_error(out: torch.Tensor, attn: torch.Tensor, ov: torch.Tensor, samp
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("contestant", ["triton", "triton_kernel", "triton_tf32x3", "fill", "copy", "einsum", "kron"])
+@pytest.mark.parametrize("contestant", ["triton", "triton_kernel", "triton_tf32x3", "triton_causal", "fill", "copy",
+                                        "einsum", "kron"])
 @pytest.mark.parametrize("n,m,h", CONFIGS, ids=[f"N{n}-M{m}-h{h}" for n, m, h in CONFIGS])
 def test_materialise_gpu(benchmark, n, m, h, contestant, dtype):
     from triton.testing import do_bench
@@ -47,13 +50,14 @@ def test_materialise_gpu(benchmark, n, m, h, contestant, dtype):
     from duat_kernels import backends
     from duat_kernels import triton as dk_triton
 
-    if contestant == "triton_tf32x3" and dtype != torch.bfloat16:
-        pytest.skip("3xTF32 is already the precision of float16 output; float32 output uses IEEE dots")
     bytes_fp32 = 4 * (n * m) ** 2
     if contestant == "kron" and 3 * bytes_fp32 > torch.cuda.get_device_properties(0).total_memory / 3:
         pytest.skip("kron needs three float32 W' at once")
     g = torch.Generator(device="cuda").manual_seed(0)
-    attn = torch.randn(h, n, n, device="cuda", generator=g).softmax(-1)
+    attn = torch.randn(h, n, n, device="cuda", generator=g)
+    if contestant == "triton_causal":
+        attn.masked_fill_(torch.ones(n, n, dtype=torch.bool, device="cuda").triu(1), float("-inf"))
+    attn = attn.softmax(-1)
     w_v = torch.randn(m, m, device="cuda", generator=g) / m ** 0.5
     w_o = torch.randn(m, m, device="cuda", generator=g) / m ** 0.5
     out = torch.empty(n * m, n * m, device="cuda", dtype=dtype)
@@ -61,17 +65,18 @@ def test_materialise_gpu(benchmark, n, m, h, contestant, dtype):
     ov = dk.ov_circuits(w_v, w_o, h)
 
     def triton_tf32x3():
-        saved = dk_triton._PRECISION[torch.bfloat16]
-        dk_triton._PRECISION[torch.bfloat16] = "tf32x3"
+        saved = dk_triton._PRECISION[dtype]
+        dk_triton._PRECISION[dtype] = "tf32x3"
         try:
             return dk.hvo_matrix(attn, w_v, w_o, backend="triton", out=out)
         finally:
-            dk_triton._PRECISION[torch.bfloat16] = saved
+            dk_triton._PRECISION[dtype] = saved
 
     fns = {
         "triton": lambda: dk.hvo_matrix(attn, w_v, w_o, backend="triton", out=out),
         "triton_kernel": lambda: backends.tile_kernel("triton")(attn, ov, out),
         "triton_tf32x3": triton_tf32x3,
+        "triton_causal": lambda: dk.hvo_matrix(attn, w_v, w_o, backend="triton", out=out),
         "fill": lambda: out.fill_(0.5),
         "copy": lambda: out.copy_(other),
         "einsum": lambda: torch.einsum("inm,ica->ncma", attn, ov).reshape(n * m, n * m).to(dtype),

@@ -163,6 +163,22 @@ def gpu_table(rows: dict[str, dict]) -> list[str]:
     return out
 
 
+def gpu_norms_table(rows: dict[str, dict]) -> list[str]:
+    """GPU block norms from q/k: best time, against sdpa (one attention forward) and the torch route."""
+    best = {k: b["stats"]["min"] for k, b in rows.items()}
+    sdpa, torch_route = best.get("sdpa"), best.get("torch")
+    out = ["| contestant | best | vs sdpa forward | vs plain torch | max error of two grid rows (relative) | "
+           "peak GPU memory above inputs | tile config |", "|---|---:|---:|---:|---:|---:|---|"]
+    for name, b in sorted(rows.items(), key=lambda kv: best[kv[0]]):
+        info = b["extra_info"]
+        err = info.get("max_rel_err")
+        out.append(f"| {name} | {_ms(best[name])} | {'-' if sdpa is None else f'{best[name] / sdpa:.2f}x'} | "
+                   f"{'-' if torch_route is None else f'{best[name] / torch_route:.2f}x'} | "
+                   f"{'-' if err is None else f'{err:.1e}'} | {info['peak_bytes'] / 2**20:.0f} MiB | "
+                   f"{info.get('config', '-')} |")
+    return out
+
+
 def generic_table(rows: dict[str, dict]) -> list[str]:
     out = ["| case | best time | peak memory above inputs |", "|---|---:|---:|"]
     for name, b in rows.items():
@@ -268,7 +284,7 @@ def report(run: dict, out: Path, name: str) -> str:
         kind = next(iter(rows.values()))["extra_info"].get("kind")
         lines += [f"### {group}", ""]
         table = materialise_table if kind == "materialise" else matrix_free_table if kind == "matrix_free" \
-            else gpu_table if kind == "gpu" else generic_table
+            else gpu_table if kind == "gpu" else gpu_norms_table if kind == "gpu_norms" else generic_table
         lines += table(rows) + [""]
     lines += isa_tables(groups)
     for png in plots(groups, out, name):

@@ -105,12 +105,12 @@ def hvo_matrix(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, *, num_
         return result
     ov = backends.ov_circuits(backend, w_v.to(ct), w_o.to(ct), dims.heads, dims.kv_heads)
     if out is not None:
-        ops.hvo_matrix_out(attn4, ov, layout, backend, out if dims.batched else out.unsqueeze(0))
+        ops.materialise_into(attn4, ov, layout, backend, out if dims.batched else out.unsqueeze(0))
         return out
     if not torch.compiler.is_compiling() and backends.functorch_grad(attn4, w_v, w_o):  # torch.func.grad, jacrev, jvp
         result = reference.hvo_matrix(attn4.to(ct), ov, layout).to(dtype)
     else:
-        result = ops.hvo_matrix(attn4, ov, layout, backend, dtype)
+        result = ops.materialise(attn4, ov, layout, backend, dtype)
     return result if dims.batched else result[0]
 
 

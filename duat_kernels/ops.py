@@ -38,6 +38,11 @@ def check_op_arguments(attn: torch.Tensor, ov: torch.Tensor, layout: str, backen
 @torch.library.custom_op("duat::hvo_matrix", mutates_args=())
 def hvo_matrix(attn: torch.Tensor, ov: torch.Tensor, layout: str, backend: str, dtype: torch.dtype) -> torch.Tensor:
     shape = check_op_arguments(attn, ov, layout, backend, dtype)
+    return _materialise_new(attn, ov, layout, backend, dtype, shape)
+
+
+def _materialise_new(attn: torch.Tensor, ov: torch.Tensor, layout: str, backend: str, dtype: torch.dtype,
+                     shape: tuple[int, int, int]) -> torch.Tensor:
     out = backends.empty_output(backend, shape, dtype, attn.device)
     return backends.materialise(backend, attn, ov, layout, out)
 
@@ -57,6 +62,34 @@ def hvo_matrix_out(attn: torch.Tensor, ov: torch.Tensor, layout: str, backend: s
 @hvo_matrix_out.register_fake
 def _(attn, ov, layout, backend, out):
     return None
+
+
+def direct_call(*tensors: torch.Tensor) -> bool:
+    """Whether a call of duat_kernels.hvo_matrix (arguments already checked) may run its kernel without the
+    registered op's dispatch, which costs 20-40 µs a call (a third of a small Triton call): eager, no
+    autograd through the tensors, plain tensors (no torch.func wrapper, fake tensor or subclass) and no
+    dispatch mode active (FakeTensorMode, FlopCounterMode, a profiler's mode and the like see the op)."""
+    return (not torch.compiler.is_compiling() and not backends.tracks_grad(*tensors)
+            and all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
+            and not backends.functorch_wrapped(*tensors) and torch._C._len_torch_dispatch_stack() == 0)
+
+
+def materialise(attn: torch.Tensor, ov: torch.Tensor, layout: str, backend: str, dtype: torch.dtype) -> torch.Tensor:
+    """W' (B, N·M_out, N·M_in) for checked attn (B, h, N, N) and ov (h, M_out, M_in): duat::hvo_matrix, or
+    its kernel directly where direct_call allows."""
+    if direct_call(attn, ov):
+        batch, _, n, _ = attn.shape
+        return _materialise_new(attn, ov, layout, backend, dtype, (batch, n * ov.shape[1], n * ov.shape[2]))
+    return hvo_matrix(attn, ov, layout, backend, dtype)
+
+
+def materialise_into(attn: torch.Tensor, ov: torch.Tensor, layout: str, backend: str, out: torch.Tensor) -> None:
+    """Write W' into a checked out (B, N·M_out, N·M_in): duat::hvo_matrix_out, or its kernel directly where
+    direct_call allows."""
+    if direct_call(attn, ov, out):
+        backends.materialise(backend, attn, ov, layout, out)
+    else:
+        hvo_matrix_out(attn, ov, layout, backend, out)
 
 
 def hvo_matrix_vjp(grad: torch.Tensor, attn: torch.Tensor, ov: torch.Tensor, layout: str):

@@ -141,3 +141,40 @@ def test_torch_func_gradient_transforms(layout):
     torch.testing.assert_close(jvp, torch.einsum("bijkl,kl->bij", want[2], tangent))
     outer = torch.func.grad(lambda wo: torch.func.vmap(lambda a: w_prime(a, w_v, wo).sum())(attn).sum())(w_o)
     torch.testing.assert_close(outer, want[2].sum((0, 1, 2)))
+
+
+@pytest.mark.parametrize("with_out", [False, True])
+@pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
+def test_eager_calls_skip_the_op_dispatch_and_modes_still_see_the_op(backend, with_out):
+    """Plain eager calls run the kernel without the registered op (its dispatch costs 20-40 µs a call);
+    under a dispatch mode (a profiler's, FakeTensorMode, FlopCounterMode) the call is the op, as before."""
+    from unittest import mock
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from duat_kernels import ops
+
+    lay = random_layer(heads=3, tokens=4, head_dim=2, m_in=5, m_out=6, batched=False, seed=2)
+    args = (lay["attn"], lay["w_v"], lay["w_o"])
+    want = reference.hvo_matrix(lay["attn"].unsqueeze(0), dk.ov_circuits(lay["w_v"], lay["w_o"], 3), "feature")[0]
+
+    def call():
+        out = torch.empty_like(want) if with_out else None
+        return dk.hvo_matrix(*args, layout="feature", backend=backend, out=out)
+
+    refuse = mock.Mock(side_effect=AssertionError("the registered op was called in plain eager mode"))
+    with mock.patch.object(ops, "hvo_matrix", refuse), mock.patch.object(ops, "hvo_matrix_out", refuse):
+        torch.testing.assert_close(call(), want)
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    with Seen() as seen:
+        torch.testing.assert_close(call(), want)
+    assert ("duat.hvo_matrix_out" if with_out else "duat.hvo_matrix") in seen.ops, seen.ops

@@ -3,12 +3,14 @@
 Two launches, as flash attention's forward and its statistics:
   1. row statistics: lse[b, i, n] = log Σ_m exp(s_i[n, m]) with an online max over key blocks,
      s_i = scale · q_i k_{i//g}ᵀ (soft-capped), -inf where masked (causal, window, key mask);
-  2. one program per (row block, key block): for every head i, α_i = exp(s_i - lse_i) (BLOCK_M x
-     BLOCK_N, recomputed), y = C α accumulated as (H_PAD, BLOCK_M, BLOCK_N), and ||y||² summed
-     into the super-block of each entry (atomic adds into the (R, C) grid, float32).
+  2. one program per (row block, key block): for every head i, α_i = exp(s_i - lse_i) (BM x
+     BN, recomputed), y = C α accumulated as (H_PAD, BM, BN), and ||y||² summed
+     into the super-block of each entry (summed per super-block in the tile, then atomic adds into
+     the (R, C) grid, float32).
 Cost: twice the q kᵀ products of one attention forward plus h² FMAs per entry; memory O(grid).
-The CPU tests run it in Triton's interpreter; the same tests passed compiled on an NVIDIA H200
-(TRITON_INTERPRET=0 pytest tests/triton). Its speed has not been measured.
+Tile shapes are autotuned (the grid kernel's atomic sums are zeroed before each trial). The CPU
+tests run it in Triton's interpreter; the same tests passed compiled on an NVIDIA H200
+(TRITON_INTERPRET=0 pytest tests/triton); benchmarks/bench_block_norms_gpu.py times it.
 """
 
 from __future__ import annotations
@@ -20,19 +22,42 @@ import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-BLOCK_M, BLOCK_N = (16, 16) if _INTERPRET else (32, 32)  # y holds H_PAD x 32 x 32 floats per program
+# tl.dot precision of the logits q kᵀ: three TF32 tensor-core products (about float32 accuracy). On an
+# H200 (benchmarks/bench_block_norms_gpu.py, N = 32768, h = 12, causal) they took 76 ms against 196 ms for IEEE
+# float32 dots on the CUDA cores, with the norms as close to float64 (1.4e-7 against 2.1e-7 relative).
+LOGIT_PRECISION = "tf32x3"
+
+
+def _configs(shapes):
+    return [triton.Config({"BM": bm, "BN": bn}, num_warps=w) for bm, bn, w in shapes]
+
+
+# Tile shapes, autotuned per (D_PAD, H_PAD, log2 N, causal, precision); the interpreter (CPU tests) takes one small tile.
+_LSE_CONFIGS = _configs([(16, 16, 4)] if _INTERPRET else [(32, 32, 4), (64, 32, 4), (64, 64, 4), (128, 32, 8),
+                                                          (128, 64, 8)])
+_GRID_CONFIGS = _configs([(16, 16, 4)] if _INTERPRET else [(32, 32, 4), (16, 32, 4), (16, 64, 4), (32, 64, 8),
+                                                           (64, 32, 8), (16, 16, 4)])
+# y holds H_PAD x BM x BN floats per program: tiles of more than 128 of them per thread spill registers.
+_Y_PER_THREAD = 128
+
+
+def _prune_grid_configs(configs, named_args, **kwargs):
+    h_pad = named_args.get("H_PAD", kwargs.get("H_PAD", 16))
+    fits = [c for c in configs if h_pad * c.kwargs["BM"] * c.kwargs["BN"] <= _Y_PER_THREAD * 32 * c.num_warps]
+    return fits or [min(configs, key=lambda c: c.kwargs["BM"] * c.kwargs["BN"])]
 
 
 @triton.jit
 def _logits(q_ptr, k_ptr, mask_ptr, b, i, kv, rows, cols, N, D, scale, softcap, window,
-            sqb, sqh, sqn, skb, skh, skn, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, D_PAD: tl.constexpr):
-    """s (BLOCK_M, BLOCK_N) of head i with -inf where masked."""
+            sqb, sqh, sqn, skb, skh, skn, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, D_PAD: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """s (BM, BN) of head i with -inf where masked."""
     d = tl.arange(0, D_PAD)
     q = tl.load(q_ptr + b * sqb + i * sqh + rows[:, None].to(tl.int64) * sqn + d[None, :],
                 mask=(rows[:, None] < N) & (d[None, :] < D), other=0.0)
     k = tl.load(k_ptr + b * skb + kv * skh + cols[:, None].to(tl.int64) * skn + d[None, :],
                 mask=(cols[:, None] < N) & (d[None, :] < D), other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
     if softcap > 0:
         s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))  # softcap · tanh(s / softcap)
     ok = (rows[:, None] < N) & (cols[None, :] < N)
@@ -48,10 +73,11 @@ def _logits(q_ptr, k_ptr, mask_ptr, b, i, kv, rows, cols, N, D, scale, softcap, 
     return tl.where(ok, s, float("-inf"))
 
 
+@triton.autotune(configs=_LSE_CONFIGS, key=["D_PAD", "SIZE_CLASS", "CAUSAL", "PRECISION"])
 @triton.jit
 def row_lse_kernel(q_ptr, k_ptr, mask_ptr, lse_ptr, H, G, N, D, scale, softcap, window,
-                   sqb, sqh, sqn, skb, skh, skn,
-                   CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, D_PAD: tl.constexpr,
+                   sqb, sqh, sqn, skb, skh, skn, SIZE_CLASS,
+                   CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr):
     bh = tl.program_id(0)
     b, i = bh // H, bh % H
@@ -64,7 +90,7 @@ def row_lse_kernel(q_ptr, k_ptr, mask_ptr, lse_ptr, H, G, N, D, scale, softcap, 
     for c0 in range(0, end, BN):
         cols = c0 + tl.arange(0, BN)
         s = _logits(q_ptr, k_ptr, mask_ptr, b, i, i // G, rows, cols, N, D, scale, softcap, window,
-                    sqb, sqh, sqn, skb, skh, skn, CAUSAL, HAS_MASK, D_PAD)
+                    sqb, sqh, sqn, skb, skh, skn, CAUSAL, HAS_MASK, D_PAD, PRECISION)
         new_max = tl.maximum(run_max, tl.max(s, 1))
         safe = tl.where(new_max == float("-inf"), 0.0, new_max)
         run_sum = run_sum * tl.exp(tl.where(run_max > float("-inf"), run_max - safe, float("-inf"))) + \
@@ -74,12 +100,14 @@ def row_lse_kernel(q_ptr, k_ptr, mask_ptr, lse_ptr, H, G, N, D, scale, softcap, 
     tl.store(lse_ptr + bh.to(tl.int64) * N + rows, lse, mask=rows < N)
 
 
+@triton.autotune(configs=_GRID_CONFIGS, key=["D_PAD", "H_PAD", "SIZE_CLASS", "CAUSAL", "PRECISION"], reset_to_zero=["out_ptr"],
+                 prune_configs_by={"early_config_prune": _prune_grid_configs})
 @triton.jit
 def gram_grid_kernel(q_ptr, k_ptr, mask_ptr, lse_ptr, c_ptr, rbin_ptr, cbin_ptr, out_ptr,
                      H, G, N, D, OUT_R, OUT_C, scale, softcap, window,
-                     sqb, sqh, sqn, skb, skh, skn,
+                     sqb, sqh, sqn, skb, skh, skn, SIZE_CLASS,
                      CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, D_PAD: tl.constexpr, H_PAD: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr):
+                     PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     b = tl.program_id(0)
     rows = tl.program_id(1) * BM + tl.arange(0, BM)
     cols = tl.program_id(2) * BN + tl.arange(0, BN)
@@ -91,7 +119,7 @@ def gram_grid_kernel(q_ptr, k_ptr, mask_ptr, lse_ptr, c_ptr, rbin_ptr, cbin_ptr,
         y = tl.zeros((H_PAD, BM, BN), tl.float32)
         for i in range(H):
             s = _logits(q_ptr, k_ptr, mask_ptr, b, i, i // G, rows, cols, N, D, scale, softcap, window,
-                        sqb, sqh, sqn, skb, skh, skn, CAUSAL, HAS_MASK, D_PAD)
+                        sqb, sqh, sqn, skb, skh, skn, CAUSAL, HAS_MASK, D_PAD, PRECISION)
             lse = tl.load(lse_ptr + (b * H + i).to(tl.int64) * N + rows, mask=rows < N, other=float("-inf"))
             lse = tl.where(lse > float("-inf"), lse, float("inf"))  # rows without keys: α = exp(-inf) = 0
             alpha = tl.exp(s - lse[:, None])
@@ -101,7 +129,23 @@ def gram_grid_kernel(q_ptr, k_ptr, mask_ptr, lse_ptr, c_ptr, rbin_ptr, cbin_ptr,
         rb = tl.load(rbin_ptr + rows, mask=rows < N, other=0)
         cb = tl.load(cbin_ptr + cols, mask=cols < N, other=0)
         ok = (rows[:, None] < N) & (cols[None, :] < N)
-        tl.atomic_add(out_ptr + b.to(tl.int64) * OUT_R * OUT_C + rb[:, None] * OUT_C + cb[None, :], sq, mask=ok)
+        base = out_ptr + b.to(tl.int64) * OUT_R * OUT_C
+        # Bins rise with the token index, so a tile within a super-block's size spans at most 2 x 2 of them:
+        # sum each part in registers and add it with one atomic, instead of BM·BN atomics on the same few
+        # addresses (which serialise). Finer grids take one atomic per entry, on distinct addresses.
+        r_lo = tl.min(tl.where(rows < N, rb, OUT_R))
+        r_hi = tl.max(tl.where(rows < N, rb, -1))
+        c_lo = tl.min(tl.where(cols < N, cb, OUT_C))
+        c_hi = tl.max(tl.where(cols < N, cb, -1))
+        if (r_hi - r_lo <= 1) & (c_hi - c_lo <= 1):
+            for dr in range(2):
+                for dc in range(2):
+                    part = tl.sum(tl.sum(tl.where(ok & (rb[:, None] == r_lo + dr) & (cb[None, :] == c_lo + dc),
+                                                  sq, 0.0), 1), 0)
+                    tl.atomic_add(base + (r_lo + dr) * OUT_C + c_lo + dc, part,
+                                  mask=(r_lo + dr <= r_hi) & (c_lo + dc <= c_hi))
+        else:
+            tl.atomic_add(base + rb[:, None] * OUT_C + cb[None, :], sq, mask=ok)
 
 
 def block_norms_qk(q: torch.Tensor, k: torch.Tensor, c: torch.Tensor, row_bins: torch.Tensor,
@@ -115,13 +159,13 @@ def block_norms_qk(q: torch.Tensor, k: torch.Tensor, c: torch.Tensor, row_bins: 
                                                                                          device=q.device)
     lse = torch.empty(batch, h, n, dtype=torch.float32, device=q.device)
     meta = dict(CAUSAL=bool(causal), HAS_MASK=key_mask is not None, D_PAD=max(16, triton.next_power_of_2(d)),
-                BM=BLOCK_M, BN=BLOCK_N)
-    args = (h // k.shape[1], n, d, float(scale), float(softcap or 0.0), int(window or 0),
-            *q.stride()[:3], *k.stride()[:3])
-    row_lse_kernel[(batch * h, triton.cdiv(n, BLOCK_M))](q, k, mask, lse, h, *args, **meta)
+                PRECISION=LOGIT_PRECISION)
+    strides = (*q.stride()[:3], *k.stride()[:3], n.bit_length())  # the last: the autotuners' size class
+    masking = (float(scale), float(softcap or 0.0), int(window or 0))
+    row_lse_kernel[lambda cfg: (batch * h, triton.cdiv(n, cfg["BM"]))](
+        q, k, mask, lse, h, h // k.shape[1], n, d, *masking, *strides, **meta)
     out = torch.zeros(batch, *grid, dtype=torch.float32, device=q.device)
-    gram_grid_kernel[(batch, triton.cdiv(n, BLOCK_M), triton.cdiv(n, BLOCK_N))](
+    gram_grid_kernel[lambda cfg: (batch, triton.cdiv(n, cfg["BM"]), triton.cdiv(n, cfg["BN"]))](
         q, k, mask, lse, c, row_bins.contiguous(), col_bins.contiguous(), out, h, h // k.shape[1], n, d, *grid,
-        float(scale), float(softcap or 0.0), int(window or 0), *q.stride()[:3], *k.stride()[:3],
-        H_PAD=max(2, triton.next_power_of_2(h)), **meta)
+        *masking, *strides, H_PAD=max(2, triton.next_power_of_2(h)), **meta)
     return out.clamp_min_(0).sqrt_()

@@ -10,14 +10,14 @@ stored at columns s·T + t with int64 offsets and masks for ragged edges, as one
 tensor cores with K = h padded to H_PAD >= 16. Every patch takes its dot, zero slices (causal
 masks) included, so NaN and Inf propagate as IEEE arithmetic says with no test of the factors.
 Skipping zero patches safely needs their finiteness: a host-side check cost 80 µs per call through
-its synchronisation, an in-kernel one 20-35% of the kernel's time on dense maps (H200; causal maps,
-where the skip would save dots, were not measured). h outer products on the CUDA cores instead of
-the dot were never faster.
+its synchronisation, an in-kernel one 20-35% of the kernel's time on dense maps, and a causal map
+takes the time of a dense one (H200): the writes bound the kernel, not the dots. h outer products on
+the CUDA cores instead of the dot were never faster.
 
 Roofline. Each entry is written once (4 bytes fp32, 2 bytes fp16/bf16) and costs 2h flops; the
 reads are small and cached. Measured on an NVIDIA H200 (benchmarks/bench_materialise_gpu.py,
-benchmarks/results/nvidia-h200/gpu.md), the kernel alone takes 1.06-1.9x fill_'s time for bf16
-output (TF32 dots) and 1.5-2.4x for float32 output (IEEE fp32 dots).
+benchmarks/results/nvidia-h200/gpu.md), the kernel alone takes 1.06-1.98x fill_'s time for bf16
+output (TF32 dots) and 1.5-2.4x for float32 output (IEEE fp32 dots; 3xTF32 was 5-13% slower).
 """
 
 from __future__ import annotations

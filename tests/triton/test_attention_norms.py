@@ -16,9 +16,10 @@ pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available
                                 reason="needs TRITON_INTERPRET=1 (set in conftest) or a CUDA GPU")
 
 
+@pytest.mark.parametrize("grid", [(4, 3), (2, 2), (1, 1)])  # finer than a tile; a tile in <= 2 x 2 super-blocks
 @pytest.mark.parametrize("causal,padded,softcap,window", [
     (True, True, None, None), (False, True, None, None), (True, False, 3.0, None), (False, False, None, 5)])
-def test_block_norms_match_from_qk(causal, padded, softcap, window):
+def test_block_norms_match_from_qk(causal, padded, softcap, window, grid):
     from duat_kernels.triton.attention_norms import block_norms_qk
 
     g = torch.Generator().manual_seed(0)
@@ -31,7 +32,6 @@ def test_block_norms_match_from_qk(causal, padded, softcap, window):
         mask[0, -3:] = False
     op = dk.HVOOperator.from_qk(q, k, w_v, w_o, causal=causal, attention_mask=mask if padded else None,
                                 softcap=softcap, sliding_window=window)
-    grid = (4, 3)
     c = norms.gram_factor(w_v, w_o, heads, kv_heads).float().to(DEVICE)
     qd, kd, maskd = q.to(DEVICE), k.to(DEVICE), mask.to(DEVICE)
     got = block_norms_qk(qd, kd, c, norms._bins(n, grid[0], qd.device), norms._bins(n, grid[1], qd.device), grid,
