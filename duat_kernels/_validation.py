@@ -274,8 +274,9 @@ def check_out(out: torch.Tensor, shape: tuple[int, ...], device: torch.device, *
                          "pass a fresh torch.empty buffer or out=None")
     if out.requires_grad and torch.is_grad_enabled():
         raise RuntimeError("out requires grad; hvo_matrix writes it in place, so pass a buffer without grad")
-    if torch.compiler.is_compiling():
-        return  # fake tensors have no addresses; the eager call checks overlap
+    if torch.compiler.is_compiling() or any(t is not None and type(t) not in (torch.Tensor, torch.nn.Parameter)
+                                            for t in (out, *inputs)):
+        return  # fake tensors (compile, export, FakeTensorMode) have no addresses; the eager call checks overlap
     if out.is_neg():  # a lazy negation (torch._neg_view): what is written would be read back negated
         raise ValueError("out has its negative bit set (a lazily negated view); pass a plain buffer (torch.empty)")
     lo, hi = _byte_range(out)

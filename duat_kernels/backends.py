@@ -84,6 +84,15 @@ def tile_kernel(backend: str):
     raise ValueError(f"backend {backend!r} has no tile kernel")
 
 
+def direct_kernel_call(*tensors: torch.Tensor) -> bool:
+    """Whether a C++ or Triton kernel may run on these tensors outside the registered op: eager (not
+    traced by torch.compile or torch.export), plain tensors with storage (no torch.func wrapper,
+    FakeTensor or other subclass) and no dispatch mode active (FakeTensorMode, FlopCounterMode, a
+    profiler's mode and the like see the op or the reference's torch ops instead)."""
+    return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+            and all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors) and not functorch_wrapped(*tensors))
+
+
 def ov_circuits(backend: str, w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
     """OV (h, M_out, M_in) for materialising W' (or a tile of it) with a backend.
 
@@ -91,8 +100,8 @@ def ov_circuits(backend: str, w_v: torch.Tensor, w_o: torch.Tensor, num_heads: i
     token-layout row of W' then reads its slab OV[:, q, :] in place. Every other case (and any OV
     a gradient has to flow through) is reference.ov_circuits. hvo_matrix and the tiles of
     HVOOperator both take OV from here, so a tile equals the same slice of W' bit for bit."""
-    if (backend != "cpp" or tracks_grad(w_v, w_o) or torch.compiler.is_compiling() or w_v.device.type != "cpu"
-            or w_v.dtype not in (torch.float32, torch.float64) or functorch_wrapped(w_v, w_o)):
+    if (backend != "cpp" or tracks_grad(w_v, w_o) or not direct_kernel_call(w_v, w_o) or w_v.device.type != "cpu"
+            or w_v.dtype not in (torch.float32, torch.float64)):
         return reference.ov_circuits(w_v, w_o, num_heads, num_kv_heads)
     return cpp.ov_circuits(w_v, w_o, num_heads, num_kv_heads)
 
@@ -139,8 +148,7 @@ def fuses_ov(backend: str, layout: str, batch: int, *tensors: torch.Tensor) -> b
     batch shares one OV), eager and without autograd through any of the tensors (the registered op,
     which takes OV, serves the other cases)."""
     return (backend == "cpp" and layout == "token" and batch == 1 and all(t.device.type == "cpu" for t in tensors)
-            and not torch.compiler.is_compiling() and not functorch_wrapped(*tensors)
-            and not tracks_grad(*tensors))
+            and direct_kernel_call(*tensors) and not tracks_grad(*tensors))
 
 
 def materialise_fused(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,

@@ -66,12 +66,9 @@ def _(attn, ov, layout, backend, out):
 
 def direct_call(*tensors: torch.Tensor) -> bool:
     """Whether a call of duat_kernels.hvo_matrix (arguments already checked) may run its kernel without the
-    registered op's dispatch, which costs 20-40 µs a call (a third of a small Triton call): eager, no
-    autograd through the tensors, plain tensors (no torch.func wrapper, fake tensor or subclass) and no
-    dispatch mode active (FakeTensorMode, FlopCounterMode, a profiler's mode and the like see the op)."""
-    return (not torch.compiler.is_compiling() and not backends.tracks_grad(*tensors)
-            and all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
-            and not backends.functorch_wrapped(*tensors) and torch._C._len_torch_dispatch_stack() == 0)
+    registered op's dispatch, which costs 20-40 µs a call (a third of a small Triton call): no autograd
+    through the tensors, and backends.direct_kernel_call (eager, plain tensors, no dispatch mode)."""
+    return backends.direct_kernel_call(*tensors) and not backends.tracks_grad(*tensors)
 
 
 def materialise(attn: torch.Tensor, ov: torch.Tensor, layout: str, backend: str, dtype: torch.dtype) -> torch.Tensor:

@@ -178,3 +178,22 @@ def test_eager_calls_skip_the_op_dispatch_and_modes_still_see_the_op(backend, wi
     with Seen() as seen:
         torch.testing.assert_close(call(), want)
     assert ("duat.hvo_matrix_out" if with_out else "duat.hvo_matrix") in seen.ops, seen.ops
+
+
+@pytest.mark.parametrize("with_out", [False, True])
+@pytest.mark.parametrize("layout", ["token", "feature"])
+@pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
+def test_fake_tensor_mode_gives_shapes_without_running_a_kernel(backend, layout, with_out):
+    """Under FakeTensorMode (shape propagation, memory planning) hvo_matrix, hvo_bias and ov_circuits give
+    fake results of the right shape and dtype: the C++ kernels were handed fake tensors (".numpy() is not
+    supported for tensor subclasses") and out= was refused as overlapping (fake tensors share address 0)."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    with FakeTensorMode():
+        attn, w_v, w_o = torch.rand(2, 4, 4).softmax(-1), torch.randn(6, 6), torch.randn(5, 6)
+        out = torch.empty(20, 24, dtype=torch.bfloat16) if with_out else None
+        w = dk.hvo_matrix(attn, w_v, w_o, backend=backend, layout=layout, out=out, dtype=torch.bfloat16)
+        bias = dk.hvo_bias(attn, w_o, torch.randn(6), torch.randn(5))
+        ov = dk.ov_circuits(w_v, w_o, 2)
+    assert isinstance(w, FakeTensor) and (w.shape, w.dtype) == ((20, 24), torch.bfloat16)
+    assert (bias.shape, ov.shape) == ((20,), (2, 5, 6))
