@@ -217,3 +217,21 @@ def test_long_texts_get_grid_block_norms_and_contributions(model_dir):
                                onehot.T @ contrib @ onehot, rtol=1e-12, atol=0)
     for key in ("rel_error", "frobenius", "spectral_norm", "self_contribution", "mean_distance"):
         assert coarse[key] == full[key], key
+
+
+@pytest.mark.parametrize("cluster", [False, True])
+def test_a_layer_out_of_range_is_one_error_before_any_text(model_dir, texts_file, tmp_path, cluster, dask_client,
+                                                          monkeypatch, capsys):
+    # it failed every text in turn ("FAILED: text 0 ... layer 99 is out of range"), exit status 1
+    from duat_kernels.corpus import runner
+
+    def analyse_text(*args):
+        raise AssertionError("a text was analysed")  # not pytest.fail: a BaseException hangs a Dask worker
+
+    monkeypatch.setattr(runner, "analyse_text", analyse_text)
+    where = ["--scheduler", dask_client.cluster.scheduler_address] if cluster else ["--sync"]
+    args = ["corpus", "--model", model_dir, "--texts", texts_file, "--out", str(tmp_path / "run"), "--layer", "99",
+            "--no-progress", *where]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "duat corpus: layer 99 is out of range: the model has" in err and "FAILED" not in err

@@ -16,7 +16,7 @@ import os
 import statistics
 from pathlib import Path
 
-from duat_kernels.corpus.analysis import CorpusSettings, analyse_text, text_sha256
+from duat_kernels.corpus.analysis import CorpusSettings, analyse_text, check_layers, text_sha256
 
 
 def _pyarrow():
@@ -109,6 +109,11 @@ def run_corpus(texts: list[tuple[str, str]], out: str | os.PathLike, settings: C
     parts.mkdir(parents=True, exist_ok=True)
     _check_settings(out, settings)
     todo = [(i, tid, text) for i, (tid, text) in enumerate(texts) if not _part_path(parts, i, text).exists()]
+    if todo and settings.layers is not None:  # where the texts run: the model is loaded there anyway
+        if client is None:
+            check_layers(settings)
+        else:
+            client.submit(check_layers, settings, pure=False).result()
     failures = []
     with tqdm(total=len(texts), initial=len(texts) - len(todo), unit="text", desc="corpus",
               disable=not progress) as bar:
