@@ -6,6 +6,7 @@ Every error names the argument and what was expected. Kernels trust what passes 
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -390,3 +391,9 @@ def check_output_folder(option: str, path) -> None:
         raise ValueError(f"{option} {path}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{option} {path}: {existing} is not writable")
+    try:  # os.access says yes to root on read-only or virtual file systems (/proc): create and write to see
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{option} {path}: the folder cannot be created or written ({exc.strerror or exc})") from None

@@ -311,3 +311,21 @@ def test_sparse_and_mkldnn_tensors_are_refused_by_name():
                                                                          attention_mask=torch.ones(3).to_sparse()))):
         with pytest.raises(TypeError, match=rf"^{name} must be a dense \(strided\) tensor, got layout torch\."):
             call()
+
+
+def test_output_folders_that_cannot_be_created_are_refused_in_one_line(tmp_path, monkeypatch):
+    """Root passes os.access on read-only and virtual file systems (/proc): the folder is created and written
+    to, so `--cache /proc/x` is refused up front, not as a raw "[Errno 2]" after the model has loaded."""
+    import os
+
+    from duat_kernels._validation import check_output_folder
+
+    check_output_folder("--out", tmp_path / "new" / "run")
+    assert (tmp_path / "new" / "run").is_dir() and not any((tmp_path / "new" / "run").iterdir())
+
+    def refuse(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(os, "makedirs", refuse)
+    with pytest.raises(ValueError, match=r"^--cache .*/x: the folder cannot be created or written \(Read-only file "):
+        check_output_folder("--cache", tmp_path / "x")
