@@ -52,7 +52,7 @@ def block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
     if not finite:
         return _block_norms_direct(source, w_v, w_o, num_kv_heads, grid)
     if (grid is not None and isinstance(source, QKAttention) and source.device.type == "cuda" and not wide
-            and not source.wide_logits()):  # the q/k Triton pass forms float32 logits
+            and not source.wide_logits() and _triton_launches(n)):  # the q/k Triton pass forms float32 logits
         return _block_norms_triton(source, w_v, w_o, num_kv_heads, grid)
     c = gram_factor(w_v, w_o, h, num_kv_heads).to(source.device, torch.float64 if wide else torch.float32)
     out_rows, out_cols = grid if grid is not None else (n, n)
@@ -107,6 +107,13 @@ def _check_output_fits(source, grid: tuple[int, int] | None, finite: bool, wide:
         needed += batch * n * n * (8 if wide else 4)
     check_fits(f"block norms of shape ({batch}, {rows}, {cols})", needed, source.device,
                "Ask for the norms of a coarser grid of super-blocks: block_norms(grid=(R, C)).")
+
+
+def _triton_launches(n: int) -> bool:
+    """Whether the q/k Triton pass launches for n tokens (CUDA's 65535 programs per grid axis)."""
+    from duat_kernels.triton.attention_norms import MAX_TOKENS
+
+    return n <= MAX_TOKENS
 
 
 def _block_norms_triton(source: QKAttention, w_v, w_o, num_kv_heads: int, grid: tuple[int, int]) -> torch.Tensor:

@@ -39,10 +39,25 @@ _GRID_CONFIGS = _configs([(16, 16, 4)] if _INTERPRET else [(32, 32, 4), (16, 32,
                                                            (64, 32, 8), (16, 16, 4)])
 # y holds H_PAD x BM x BN floats per program: tiles of more than 128 of them per thread spill registers.
 _Y_PER_THREAD = 128
+# CUDA launches at most 65535 programs along a grid's second and third axes: the row blocks (both kernels)
+# and the key blocks (the grid kernel). The longest sequence some tile shape of each kernel launches:
+MAX_GRID_AXIS = 65535
+MAX_TOKENS = min(MAX_GRID_AXIS * max(c.kwargs["BM"] for c in _LSE_CONFIGS),
+                 MAX_GRID_AXIS * max(min(c.kwargs["BM"], c.kwargs["BN"]) for c in _GRID_CONFIGS))
+
+
+def _launchable(configs, n: int, axes=("BM", "BN")):
+    """The configs whose blocks along `axes` number at most MAX_GRID_AXIS for n tokens."""
+    return [c for c in configs if all(triton.cdiv(n, c.kwargs[a]) <= MAX_GRID_AXIS for a in axes)]
+
+
+def _prune_lse_configs(configs, named_args, **kwargs):
+    return _launchable(configs, named_args["N"], ("BM",))
 
 
 def _prune_grid_configs(configs, named_args, **kwargs):
     h_pad = named_args.get("H_PAD", kwargs.get("H_PAD", 16))
+    configs = _launchable(configs, named_args["N"])
     fits = [c for c in configs if h_pad * c.kwargs["BM"] * c.kwargs["BN"] <= _Y_PER_THREAD * 32 * c.num_warps]
     return fits or [min(configs, key=lambda c: c.kwargs["BM"] * c.kwargs["BN"])]
 
@@ -73,7 +88,8 @@ def _logits(q_ptr, k_ptr, mask_ptr, b, i, kv, rows, cols, N, D, scale, softcap, 
     return tl.where(ok, s, float("-inf"))
 
 
-@triton.autotune(configs=_LSE_CONFIGS, key=["D_PAD", "SIZE_CLASS", "CAUSAL", "PRECISION"])
+@triton.autotune(configs=_LSE_CONFIGS, key=["D_PAD", "SIZE_CLASS", "CAUSAL", "PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune_lse_configs})
 @triton.jit
 def row_lse_kernel(q_ptr, k_ptr, mask_ptr, lse_ptr, H, G, N, D, scale, softcap, window,
                    sqb, sqh, sqn, skb, skh, skn, SIZE_CLASS,
@@ -154,6 +170,8 @@ def block_norms_qk(q: torch.Tensor, k: torch.Tensor, c: torch.Tensor, row_bins: 
     """Super-block norms (B, R, C) of W' for q (B, h, N, d), k (B, h_kv, N, d) float32, c (h, h) the
     Gram factor, row_bins / col_bins (N,) int64 super-block of each token; key_mask (B, N) bool."""
     batch, h, n, d = q.shape
+    if n > MAX_TOKENS:  # norms.block_norms takes its torch route for these
+        raise ValueError(f"the Triton q/k block-norm pass launches at most {MAX_TOKENS} tokens, got N = {n}")
     q, k, c = q.contiguous().float(), k.contiguous().float(), c.contiguous().float()
     mask = key_mask.to(torch.int8).contiguous() if key_mask is not None else torch.ones(1, dtype=torch.int8,
                                                                                          device=q.device)

@@ -38,3 +38,25 @@ def test_block_norms_match_from_qk(causal, padded, softcap, window, grid):
                          causal=causal, key_mask=maskd if padded else None, scale=d ** -0.5, softcap=softcap,
                          window=window)
     torch.testing.assert_close(got.cpu(), op.block_norms(grid=grid), rtol=1e-5, atol=1e-6)
+
+
+def test_tile_shapes_respect_cuda_grid_limits():
+    """CUDA launches at most 65535 programs along a grid's second and third axes: beyond 65535 blocks of
+    16 rows (N > 1,048,560) only larger tiles launch, and beyond every tile shape block_norms takes its
+    torch route (the kernel itself refuses such N in one line)."""
+    import triton
+
+    from duat_kernels.triton import attention_norms as an
+
+    configs = [triton.Config({"BM": bm, "BN": bn}, num_warps=w) for bm, bn, w in [(16, 64, 4), (32, 64, 8), (64, 128, 8)]]
+    shapes = lambda cs: [(c.kwargs["BM"], c.kwargs["BN"]) for c in cs]
+    assert shapes(an._prune_grid_configs(configs, {"N": 65535 * 16}, H_PAD=16)) == [(16, 64), (32, 64)]
+    assert shapes(an._prune_grid_configs(configs, {"N": 65535 * 16 + 1}, H_PAD=16)) == [(32, 64)]
+    assert shapes(an._prune_grid_configs(configs, {"N": 65535 * 32 + 1}, H_PAD=16)) == [(64, 128)]  # spills, launches
+    assert shapes(an._prune_lse_configs(configs, {"N": 65535 * 32 + 1})) == [(64, 128)]  # only row blocks count
+    limit = an.MAX_TOKENS
+    assert norms._triton_launches(limit) and not norms._triton_launches(limit + 1)
+    q, bins = torch.zeros(1, 1, limit + 1, 1, device=DEVICE), torch.zeros(limit + 1, dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match=f"launches at most {limit} tokens, got N = {limit + 1}"):
+        an.block_norms_qk(q, q, torch.ones(1, 1, device=DEVICE), bins, bins, (1, 1), causal=True, key_mask=None,
+                          scale=1.0, softcap=None, window=None)
