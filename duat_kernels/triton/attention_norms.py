@@ -46,18 +46,22 @@ MAX_TOKENS = min(MAX_GRID_AXIS * max(c.kwargs["BM"] for c in _LSE_CONFIGS),
                  MAX_GRID_AXIS * max(min(c.kwargs["BM"], c.kwargs["BN"]) for c in _GRID_CONFIGS))
 
 
-def _launchable(configs, n: int, axes=("BM", "BN")):
-    """The configs whose blocks along `axes` number at most MAX_GRID_AXIS for n tokens."""
+def _launchable(configs, named_args: dict, kwargs: dict, axes=("BM", "BN")):
+    """The configs whose blocks along `axes` number at most MAX_GRID_AXIS for the launch's N tokens
+    (block_norms_qk refuses any N that no config launches)."""
+    n = named_args.get("N", kwargs.get("N"))
+    if n is None:  # a Triton that hands the pruner other arguments: nothing to judge by
+        return configs
     return [c for c in configs if all(triton.cdiv(n, c.kwargs[a]) <= MAX_GRID_AXIS for a in axes)]
 
 
 def _prune_lse_configs(configs, named_args, **kwargs):
-    return _launchable(configs, named_args["N"], ("BM",))
+    return _launchable(configs, named_args, kwargs, ("BM",))
 
 
 def _prune_grid_configs(configs, named_args, **kwargs):
     h_pad = named_args.get("H_PAD", kwargs.get("H_PAD", 16))
-    configs = _launchable(configs, named_args["N"])
+    configs = _launchable(configs, named_args, kwargs)
     fits = [c for c in configs if h_pad * c.kwargs["BM"] * c.kwargs["BN"] <= _Y_PER_THREAD * 32 * c.num_warps]
     return fits or [min(configs, key=lambda c: c.kwargs["BM"] * c.kwargs["BN"])]
 
