@@ -278,6 +278,11 @@ def check_out(out: torch.Tensor, shape: tuple[int, ...], device: torch.device, *
     if torch.compiler.is_compiling() or any(t is not None and type(t) not in (torch.Tensor, torch.nn.Parameter)
                                             for t in (out, *inputs)):
         return  # fake tensors (compile, export, FakeTensorMode) have no addresses; the eager call checks overlap
+    if out.is_inference() and not torch.is_inference_mode_enabled():  # as torch's own out= ops refuse it
+        raise ValueError("out is an inference tensor (made under torch.inference_mode) and cannot be written "
+                         "outside it; call hvo_matrix under torch.inference_mode too, or pass a buffer made outside")
+    if out.device.type == "meta":
+        return  # meta tensors have no memory (every address is 0): nothing to overlap
     if out.is_neg():  # a lazy negation (torch._neg_view): what is written would be read back negated
         raise ValueError("out has its negative bit set (a lazily negated view); pass a plain buffer (torch.empty)")
     lo, hi = _byte_range(out)
