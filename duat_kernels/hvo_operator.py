@@ -260,8 +260,6 @@ class HVOOperator:
 
     def trace(self) -> torch.Tensor:
         """tr W' exactly (float64), () or (B,); W' must be square (M_in = M_out)."""
-        if self.dims.m_in != self.dims.m_out:
-            raise ValueError(f"trace needs a square W' (M_in = M_out), got M_in={self.dims.m_in}, M_out={self.dims.m_out}")
         with torch.no_grad():
             tr = linalg.trace(self.source, self.w_v, self.w_o, self.dims.kv_heads)
         return tr if self.dims.batched else tr[0]
@@ -270,11 +268,6 @@ class HVOOperator:
                        batch: int = 0) -> "linalg.EntryEstimate":
         """Fraction of entries with |w| > threshold, estimated from uniformly sampled entries, with a
         Wilson confidence interval (e.g. threshold = 0.01 * frobenius_norm() / sqrt(numel))."""
-        threshold, samples, confidence, seed = args.sampling_arguments(threshold, samples, confidence, seed)
-        if self.dims.m_in == 0 or self.dims.m_out == 0:
-            raise ValueError(f"W' of shape {self.shape} has no entries to sample (M_in={self.dims.m_in}, "
-                             f"M_out={self.dims.m_out})")
-        batch = v.check_index("batch", batch, self.dims.batch, f"B={self.dims.batch} batch elements")
         with torch.no_grad():
             return linalg.fraction_above(self.source, self.w_v, self.w_o, self.dims.kv_heads, threshold, samples,
                                            confidence, seed, batch)

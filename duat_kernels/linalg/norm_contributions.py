@@ -35,7 +35,7 @@ def contributions(attn, x: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, n
     """
     per_head = check_flag("per_head", per_head)
     source = as_source(attn, num_kv_heads, w_v, w_o)
-    batch, h, n = source.batch, source.heads, source.tokens
+    batch, h, n, num_kv_heads = source.batch, source.heads, source.tokens, source.kv_heads
     if tuple(x.shape) != (batch, n, w_v.shape[1]):
         raise ValueError(f"x must have shape (B, N, M_in) = ({batch}, {n}, {w_v.shape[1]}), got {tuple(x.shape)}")
     ct = torch.float64 if torch.float64 in (source.dtype, x.dtype, w_v.dtype, w_o.dtype) else torch.float32
