@@ -302,6 +302,12 @@ def _byte_range(t: torch.Tensor) -> tuple[int, int]:
     return start + neg * t.element_size(), start + (span + 1) * t.element_size()
 
 
+def value_bytes(t: torch.Tensor) -> bytes:
+    """The bytes of t's values, row-major, for hashing: a lazily negated view (negative bit set) gives its
+    values' bytes, as its plain copy does (torch's view to uint8 refuses such a tensor)."""
+    return t.detach().resolve_neg().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
 def all_finite(*tensors: torch.Tensor | None) -> bool:
     """Whether every entry of the given tensors is finite. NaN and Inf survive any sum, so a finite
     sum proves the entries finite (no bool tensor: ~25x faster than isfinite().all() on the CPU); only
