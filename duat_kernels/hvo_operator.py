@@ -215,9 +215,11 @@ class HVOOperator:
                                                out[b:b + 1], row0, col0)
                 return out if self.dims.batched else out[0]
             ov = backends.ov_part(backend, w_v, w_o, self.dims.heads, self.dims.kv_heads, ov_rows, ov_cols)
+            kernel = (backend != "reference" and dtype in backends.output_dtypes(backend)
+                      and backends.direct_kernel_call(attn, ov, out))  # no FakeTensor, dispatch mode or trace
             for b in range(self.dims.batch):
                 left, right = backends.kron_factors(attn[b].to(ct), ov, self.layout)
-                if backend != "reference" and dtype in backends.output_dtypes(backend):
+                if kernel:
                     backends.tile_kernel(backend)(left, right, out[b], row0, col0)
                 else:  # reference: the Kronecker products of the factor ranges the tile touches
                     out[b] = self._kron_part(left, right, row0, col0, r1 - r0, c1 - c0)
