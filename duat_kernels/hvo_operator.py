@@ -193,8 +193,9 @@ class HVOOperator:
         (r0, r1), (c0, c1) = (self._range(s, size, name) for s, size, name in
                               ((rows, total[0], "rows"), (cols, total[1], "cols")))
         dtype = v.resolve_dtype(self.dtype if dtype is None else dtype, None)
-        v.check_fits(f"a tile of W' of shape ({r1 - r0}, {c1 - c0})", (r1 - r0) * (c1 - c0) * self.dims.batch * dtype.itemsize,
-                     self.device)
+        if not torch.compiler.is_compiling():  # a compiled graph allocates nothing here (and cannot read /proc)
+            v.check_fits(f"a tile of W' of shape ({r1 - r0}, {c1 - c0})",
+                         (r1 - r0) * (c1 - c0) * self.dims.batch * dtype.itemsize, self.device)
         if backends.tracks_grad(self.w_v, self.w_o, *self.source.inputs()):
             return self._tile_differentiable(r0, r1, c0, c1, dtype)
         ct = reference.compute_dtype(dtype)
