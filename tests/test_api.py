@@ -147,3 +147,11 @@ def test_ov_circuits_bad_input(lay):
         dk.ov_circuits(lay["w_v"], lay["w_o"], 0)
     with pytest.raises(ValueError, match=r"w_v must have shape"):
         dk.ov_circuits(lay["w_v"], lay["w_o"], 4)  # 4 kv heads expected by default
+
+
+@pytest.mark.parametrize("device", ["CPU", "bogus", None, 1.5])
+def test_available_backends_names_a_bad_device(device):
+    # torch's raw "Expected one of cpu, cuda, ipu, ... device" RuntimeError, or its overload list for None
+    with pytest.raises((ValueError, TypeError), match=r"device must be a torch\.device or a device name .*got"):
+        dk.available_backends(device)
+    assert dk.available_backends(torch.device("cpu")) == dk.available_backends("cpu")
