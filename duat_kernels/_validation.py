@@ -278,6 +278,11 @@ def check_out(out: torch.Tensor, shape: tuple[int, ...], device: torch.device, *
     if torch.compiler.is_compiling() or any(t is not None and type(t) not in (torch.Tensor, torch.nn.Parameter)
                                             for t in (out, *inputs)):
         return  # fake tensors (compile, export, FakeTensorMode) have no addresses; the eager call checks overlap
+    if out.is_inference() and not torch.is_inference_mode_enabled():  # as torch's own out= ops refuse it
+        raise ValueError("out is an inference tensor (made under torch.inference_mode) and cannot be written "
+                         "outside it; call hvo_matrix under torch.inference_mode too, or pass a buffer made outside")
+    if out.device.type == "meta":
+        return  # meta tensors have no memory (every address is 0): nothing to overlap
     if out.is_neg():  # a lazy negation (torch._neg_view): what is written would be read back negated
         raise ValueError("out has its negative bit set (a lazily negated view); pass a plain buffer (torch.empty)")
     lo, hi = _byte_range(out)
@@ -295,6 +300,12 @@ def _byte_range(t: torch.Tensor) -> tuple[int, int]:
     span = sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
     neg = sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if st < 0)
     return start + neg * t.element_size(), start + (span + 1) * t.element_size()
+
+
+def value_bytes(t: torch.Tensor) -> bytes:
+    """The bytes of t's values, row-major, for hashing: a lazily negated view (negative bit set) gives its
+    values' bytes, as its plain copy does (torch's view to uint8 refuses such a tensor)."""
+    return t.detach().resolve_neg().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def all_finite(*tensors: torch.Tensor | None) -> bool:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from duat_kernels import _validation as v
-from duat_kernels import qk_cpu, reference
+from duat_kernels import backends, qk_cpu, reference
 
 # Entries of A per row block (B·h·rows·cols): 64 MiB of float32 per step.
 BLOCK_ENTRIES = 1 << 24
@@ -171,8 +171,8 @@ def as_source(attn, num_kv_heads: int, w_v: torch.Tensor | None = None,
     if not isinstance(attn, torch.Tensor):
         return attn
     v.check_tensor("attn", attn, (4,))
-    if w_o is not None:
-        v.check_attention(attn, w_v, w_o, num_kv_heads)
+    if w_o is not None:  # num_kv_heads=None is h, as in hvo_matrix: callers read source.kv_heads
+        num_kv_heads = v.check_attention(attn, w_v, w_o, num_kv_heads).kv_heads
     return ExplicitAttention(attn, num_kv_heads)
 
 
@@ -268,7 +268,9 @@ class QKAttention(AttentionSource):
             q, k = q.double(), k.double()
         s = (q @ k.transpose(-1, -2)).reshape(b, self.heads, r1 - r0, c1 - c0)
         s.mul_(self.scale)
-        if self.softcap:
+        if self.softcap and s.requires_grad:  # tanh's backward reads its output: no mul_ on it
+            s = torch.tanh(s / self.softcap) * self.softcap
+        elif self.softcap:
             s.div_(self.softcap).tanh_().mul_(self.softcap)
         ok = self.allowed(torch.arange(r0, r1, device=self.device), torch.arange(c0, c1, device=self.device))
         if ok is not None:
@@ -297,7 +299,8 @@ class QKAttention(AttentionSource):
             self._wide = False
             if self.dtype == torch.float32 and self.device.type != "meta" and self.q.numel() and self.k.numel() \
                     and self._finite_qk():
-                q_max, k_max = (max(-float(lo), float(hi)) for lo, hi in (torch.aminmax(self.q), torch.aminmax(self.k)))
+                q_max, k_max = (max(-float(lo), float(hi)) for lo, hi in
+                                (torch.aminmax(self.q.detach()), torch.aminmax(self.k.detach())))
                 self._wide = abs(self.scale) * self.q.shape[-1] * q_max * k_max > torch.finfo(torch.float32).max
         return self._wide
 
@@ -326,13 +329,19 @@ class QKAttention(AttentionSource):
 
     def mix_transposed(self, u):
         """A_iᵀ U_i; float32 CPU sources through the fused C++ pass (duat_kernels.qk_cpu)."""
-        out = qk_cpu.mix_transposed(self, u) if qk_cpu.handles(self) else super().mix_transposed(u)
+        out = qk_cpu.mix_transposed(self, u) if self._cpp_products(u) else super().mix_transposed(u)
         return self._masked_terms(out, u)
 
     def mix(self, values):
         """A V with torch's fused attention (same masks, same A); soft-capped logits, which sdpa cannot
         form, through the C++ pass (duat_kernels.qk_cpu) on float32 CPU sources, else in blocks."""
         return self._masked_terms(self._mix(values), values)
+
+    def _cpp_products(self, vectors: torch.Tensor) -> bool:
+        """Whether the C++ pass computes A V or Aᵀ U: it reads NumPy views, which autograd cannot follow
+        (q or k lost their gradient silently, vectors that require grad failed in numpy()); under autograd
+        the torch row blocks serve."""
+        return qk_cpu.handles(self) and not backends.tracks_grad(self.q, self.k, vectors)
 
     def _masked_terms(self, out: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         """out (B, h, N, e) plus what the pairs every path skips (masked, outside the causal or sliding window,
@@ -346,7 +355,7 @@ class QKAttention(AttentionSource):
 
     def _mix(self, values):
         if self.softcap:
-            return qk_cpu.mix(self, values) if qk_cpu.handles(self) else super().mix(values)
+            return qk_cpu.mix(self, values) if self._cpp_products(values) else super().mix(values)
         if not self._finite_qk() or self.wide_logits():  # sdpa writes zeros for a row of NaN logits
             return super().mix(values)
         sdpa = self._sdpa

@@ -32,7 +32,14 @@ def _triton_importable() -> bool:
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Names of the backends that can run on tensors of the given device, fastest last."""
-    kind = torch.device(device).type
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a torch.device or a device name such as 'cpu' or 'cuda', got "
+                        f"{type(device).__name__} {device!r}")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:  # torch's "Expected one of cpu, cuda, ipu, ... device type at start of device string"
+        raise ValueError(f"device must be a torch.device or a device name such as 'cpu' or 'cuda', got {device!r}"
+                         ) from None
     names = ["reference"]
     if kind == "cpu" and triton_interpreter() and _triton_importable():
         names.append("triton")  # correct but slow: for tests, never picked by "auto" on the CPU

@@ -193,8 +193,9 @@ class HVOOperator:
         (r0, r1), (c0, c1) = (self._range(s, size, name) for s, size, name in
                               ((rows, total[0], "rows"), (cols, total[1], "cols")))
         dtype = v.resolve_dtype(self.dtype if dtype is None else dtype, None)
-        v.check_fits(f"a tile of W' of shape ({r1 - r0}, {c1 - c0})", (r1 - r0) * (c1 - c0) * self.dims.batch * dtype.itemsize,
-                     self.device)
+        if not torch.compiler.is_compiling():  # a compiled graph allocates nothing here (and cannot read /proc)
+            v.check_fits(f"a tile of W' of shape ({r1 - r0}, {c1 - c0})",
+                         (r1 - r0) * (c1 - c0) * self.dims.batch * dtype.itemsize, self.device)
         if backends.tracks_grad(self.w_v, self.w_o, *self.source.inputs()):
             return self._tile_differentiable(r0, r1, c0, c1, dtype)
         ct = reference.compute_dtype(dtype)
@@ -215,9 +216,11 @@ class HVOOperator:
                                                out[b:b + 1], row0, col0)
                 return out if self.dims.batched else out[0]
             ov = backends.ov_part(backend, w_v, w_o, self.dims.heads, self.dims.kv_heads, ov_rows, ov_cols)
+            kernel = (backend != "reference" and dtype in backends.output_dtypes(backend)
+                      and backends.direct_kernel_call(attn, ov, out))  # no FakeTensor, dispatch mode or trace
             for b in range(self.dims.batch):
                 left, right = backends.kron_factors(attn[b].to(ct), ov, self.layout)
-                if backend != "reference" and dtype in backends.output_dtypes(backend):
+                if kernel:
                     backends.tile_kernel(backend)(left, right, out[b], row0, col0)
                 else:  # reference: the Kronecker products of the factor ranges the tile touches
                     out[b] = self._kron_part(left, right, row0, col0, r1 - r0, c1 - c0)
@@ -260,8 +263,6 @@ class HVOOperator:
 
     def trace(self) -> torch.Tensor:
         """tr W' exactly (float64), () or (B,); W' must be square (M_in = M_out)."""
-        if self.dims.m_in != self.dims.m_out:
-            raise ValueError(f"trace needs a square W' (M_in = M_out), got M_in={self.dims.m_in}, M_out={self.dims.m_out}")
         with torch.no_grad():
             tr = linalg.trace(self.source, self.w_v, self.w_o, self.dims.kv_heads)
         return tr if self.dims.batched else tr[0]
@@ -270,11 +271,6 @@ class HVOOperator:
                        batch: int = 0) -> "linalg.EntryEstimate":
         """Fraction of entries with |w| > threshold, estimated from uniformly sampled entries, with a
         Wilson confidence interval (e.g. threshold = 0.01 * frobenius_norm() / sqrt(numel))."""
-        threshold, samples, confidence, seed = args.sampling_arguments(threshold, samples, confidence, seed)
-        if self.dims.m_in == 0 or self.dims.m_out == 0:
-            raise ValueError(f"W' of shape {self.shape} has no entries to sample (M_in={self.dims.m_in}, "
-                             f"M_out={self.dims.m_out})")
-        batch = v.check_index("batch", batch, self.dims.batch, f"B={self.dims.batch} batch elements")
         with torch.no_grad():
             return linalg.fraction_above(self.source, self.w_v, self.w_o, self.dims.kv_heads, threshold, samples,
                                            confidence, seed, batch)

@@ -55,8 +55,9 @@ def matrix_operand(x, name: str, rows: int, batch: int, batched: bool) -> None:
         raise ValueError(f"{name} must have shape {shape} = {expected}, got {tuple(x.shape)}")
 
 
-def grid_argument(grid, tokens: int) -> tuple[int, int] | None:
-    """grid=None, R (an R x R grid) or (R, C), each in [1, N]."""
+def grid_argument(grid, tokens: int | None) -> tuple[int, int] | None:
+    """grid=None, R (an R x R grid) or (R, C), each in [1, N] (each >= 1 for tokens=None: linalg.block_norms
+    takes more super-blocks than tokens, the empty ones of norm 0)."""
     if grid is None:
         return None
     parts = (grid, grid) if v.integer(grid) is not None else grid
@@ -67,7 +68,9 @@ def grid_argument(grid, tokens: int) -> tuple[int, int] | None:
     for g in (rows, cols):
         if v.integer(g) is None:
             raise TypeError(f"grid must be None, an int R or a pair (R, C) of ints, got {grid!r}")
-        if not 1 <= v.integer(g) <= tokens:
+        if tokens is None and v.integer(g) < 1:
+            raise ValueError(f"grid must be two ints >= 1 (or one for a square grid), got {grid!r}")
+        if tokens is not None and not 1 <= v.integer(g) <= tokens:
             raise ValueError(f"grid must be two ints in [1, N={tokens}] (or one for a square grid), got {grid!r}")
     return v.integer(rows), v.integer(cols)
 

@@ -86,6 +86,29 @@ def test_out_overlapping_an_input_is_refused():
         dk.hvo_matrix(attn, lay["w_v"], lay["w_o"], out=storage[2:6].view(2, 2))
 
 
+def test_meta_out_is_not_an_overlap(lay):
+    """Meta tensors have no memory (every data_ptr() is 0): a meta out= was refused as overlapping the
+    meta inputs, where the call without out= gives the meta result (as FakeTensorMode does with out=)."""
+    meta = {k: v.to("meta") for k, v in lay.items() if isinstance(v, torch.Tensor)}
+    out = torch.empty(2, 30, 35, device="meta")
+    got = dk.hvo_matrix(meta["attn"], meta["w_v"], meta["w_o"], num_kv_heads=2, out=out)
+    assert got is out and got.shape == (2, 30, 35)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_cpp)])
+def test_inference_tensor_out_is_refused_by_name(lay, backend):
+    """An out= made under torch.inference_mode, used outside it: the reference backend failed in its
+    copy_ with torch's raw 'Inplace update to inference tensor outside InferenceMode' and the C++
+    backend wrote it anyway. Both refuse it as torch's own out= ops do; inside inference_mode it is taken."""
+    with torch.inference_mode():
+        out = torch.empty(2, 30, 35)
+    with pytest.raises(ValueError, match="out is an inference tensor .*torch.inference_mode"):
+        call(lay, out=out, backend=backend)
+    with torch.inference_mode():
+        got = call(lay, out=out, backend=backend)
+    torch.testing.assert_close(got, call(lay, backend=backend))
+
+
 def test_too_large_is_refused_before_allocating(lay):
     attn = torch.full((1, 1, 1, 1), 1.0).expand(1, 12, 8192, 8192)  # no memory behind the expansion
     w_v, w_o = torch.zeros(768, 768), torch.zeros(768, 768)
@@ -124,3 +147,11 @@ def test_ov_circuits_bad_input(lay):
         dk.ov_circuits(lay["w_v"], lay["w_o"], 0)
     with pytest.raises(ValueError, match=r"w_v must have shape"):
         dk.ov_circuits(lay["w_v"], lay["w_o"], 4)  # 4 kv heads expected by default
+
+
+@pytest.mark.parametrize("device", ["CPU", "bogus", None, 1.5])
+def test_available_backends_names_a_bad_device(device):
+    # torch's raw "Expected one of cpu, cuda, ipu, ... device" RuntimeError, or its overload list for None
+    with pytest.raises((ValueError, TypeError), match=r"device must be a torch\.device or a device name .*got"):
+        dk.available_backends(device)
+    assert dk.available_backends(torch.device("cpu")) == dk.available_backends("cpu")

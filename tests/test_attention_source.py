@@ -364,3 +364,33 @@ def test_from_qk_nan_weights_reach_masked_pairs(where, opts):
         got, want = getattr(op, name)(x), getattr(explicit, name)(x)
         assert torch.equal(got.isfinite(), want.isfinite()), name
         torch.testing.assert_close(got[got.isfinite()], want[want.isfinite()])
+
+
+@pytest.mark.filterwarnings("error::UserWarning")  # was: 'Converting a tensor with requires_grad=True to a scalar'
+@pytest.mark.parametrize("softcap", [None, 2.0])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("tracked", ["q", "k", "w_o", "vector"])
+def test_from_qk_products_keep_autograd(tracked, causal, softcap):
+    """float32 CPU sources take the C++ q/k passes (rmatvec, soft-capped matvec), which read NumPy views:
+    an input that requires grad failed there with torch's raw "Can't call numpy() on Tensor that requires
+    grad" (w_o, the vector) or lost its gradient silently (q, k: requires_grad False, q.grad missing the
+    term). Under autograd they take the torch row blocks; gradients equal those through the explicit A.
+    Soft-capped logits were capped in place (tanh_ then mul_), so any backward through A from q or k
+    failed with 'modified by an inplace operation' (to_dense, attn, matvec alike)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, w_v, w_o = (torch.randn(*s, generator=g) for s in ((2, 5, 3), (1, 5, 3), (3, 4), (4, 6)))
+    vector = torch.randn(20, generator=g)
+    leaves = dict(q=q, k=k, w_o=w_o, vector=vector)
+    leaves[tracked].requires_grad_()
+    op = dk.HVOOperator.from_qk(q, k, w_v, w_o, num_kv_heads=1, causal=causal, softcap=softcap)
+    explicit = dk.HVOOperator(op.attn, w_v, w_o, num_kv_heads=1)  # op.attn: torch operations on q and k
+    for name in ("matvec", "rmatvec"):
+        got, want = getattr(op, name)(vector), getattr(explicit, name)(vector)
+        assert got.requires_grad, name
+        torch.testing.assert_close(got, want)
+        weights = torch.randn(got.shape, generator=g)
+        torch.testing.assert_close(torch.autograd.grad((got * weights).sum(), leaves[tracked]),
+                                   torch.autograd.grad((want * weights).sum(), leaves[tracked], retain_graph=True),
+                                   msg=name)
+    with torch.no_grad():  # without autograd the C++ passes serve as before
+        torch.testing.assert_close(op.rmatvec(vector), explicit.rmatvec(vector))

@@ -235,3 +235,22 @@ def test_a_layer_out_of_range_is_one_error_before_any_text(model_dir, texts_file
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "duat corpus: layer 99 is out of range: the model has" in err and "FAILED" not in err
+
+
+@pytest.mark.parametrize("cluster", [False, True])
+def test_a_model_that_does_not_exist_is_one_error_before_any_text(texts_file, tmp_path, cluster, dask_client,
+                                                                  monkeypatch, capsys):
+    # without --layer nothing loaded the model before the texts: each text failed in turn ("FAILED: text 0 (id
+    # ...): FileNotFoundError: model '/nonexistent' does not exist"), exit status 1
+    from duat_kernels.corpus import runner
+
+    def analyse_text(*args):
+        raise AssertionError("a text was analysed")  # not pytest.fail: a BaseException hangs a Dask worker
+
+    monkeypatch.setattr(runner, "analyse_text", analyse_text)
+    where = ["--scheduler", dask_client.cluster.scheduler_address] if cluster else ["--sync"]
+    missing = str(tmp_path / "no-such-model")
+    args = ["corpus", "--model", missing, "--texts", texts_file, "--out", str(tmp_path / "run"), "--no-progress", *where]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"duat corpus: model '{missing}' does not exist" in err and "FAILED" not in err

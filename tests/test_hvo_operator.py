@@ -183,3 +183,29 @@ def test_block_composes_with_torch_compile_fullgraph():
     compiled = torch.compile(lambda a, wv, wo: dk.HVOOperator(a, wv, wo).block(1, 2), fullgraph=True)
     torch.testing.assert_close(compiled(lay["attn"], lay["w_v"], lay["w_o"]),
                                dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"]).block(1, 2))
+
+
+@pytest.mark.parametrize("layout", ["token", "feature"])
+@pytest.mark.parametrize("batched", [False, True])
+def test_tile_under_fake_tensor_mode_runs_no_kernel(layout, batched):
+    """tile handed FakeTensorMode's tensors to the C++ tile kernel ('.numpy() is not supported for tensor
+    subclasses') where matvec, block and to_dense give fake results: backends.direct_kernel_call decides
+    whether the kernel may run, as in hvo_matrix."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    with FakeTensorMode():
+        lay = random_layer(2, 4, 2, tokens=5, head_dim=2, m_in=3, m_out=4, batched=batched)
+        op = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"], num_kv_heads=2, layout=layout)
+        tile = op.tile(slice(1, 9), slice(2, 13), dtype=torch.float64)
+    assert isinstance(tile, FakeTensor) and (tuple(tile.shape), tile.dtype) == (((2,) if batched else ()) + (8, 11),
+                                                                                torch.float64)
+
+
+@pytest.mark.parametrize("layout", ["token", "feature"])
+def test_tile_composes_with_torch_compile_fullgraph(layout):
+    # tile's size check read /proc/meminfo, which TorchDynamo cannot trace ("builtin operator open"), as
+    # block's did; traced, the tile is the Kronecker products of its factor ranges (no C++ kernel call)
+    lay = random_layer(1, 2, tokens=4, m_in=3, m_out=2, batched=False)
+    tile = lambda a, wv, wo: dk.HVOOperator(a, wv, wo, layout=layout).tile(slice(1, 6), slice(2, 11))  # noqa: E731
+    torch.testing.assert_close(torch.compile(tile, fullgraph=True)(lay["attn"], lay["w_v"], lay["w_o"]),
+                               tile(lay["attn"], lay["w_v"], lay["w_o"]))

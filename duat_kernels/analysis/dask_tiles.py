@@ -61,9 +61,8 @@ def factors_token(op) -> str:
     """sha256 of everything W' depends on: A, w_v, w_o, kv heads and layout (not the biases)."""
     h = hashlib.sha256()
     for t in (op.attn, op.w_v, op.w_o):
-        t = t.detach().contiguous().cpu()
         h.update(repr((str(t.dtype), tuple(t.shape))).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(v.value_bytes(t))
     h.update(repr((op.dims.kv_heads, op.layout)).encode())
     return h.hexdigest()
 

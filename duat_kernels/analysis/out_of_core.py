@@ -34,7 +34,7 @@ def _fingerprint(op, dtype: torch.dtype, rows_per_tile: int) -> str:
     (the weights whole, the attention's inputs through strided samples of at most 2^20 entries)."""
     h = hashlib.sha256()
     for t in (*op.source.fingerprint(), op.w_v.detach(), op.w_o.detach()):
-        h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(v.value_bytes(t))
     h.update(repr((tuple(op.shape), op.layout, str(dtype), rows_per_tile, op.dims.kv_heads)).encode())
     return h.hexdigest()
 

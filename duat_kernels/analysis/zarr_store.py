@@ -162,6 +162,23 @@ def _compute_with_progress(dask, tasks: list, scheduler, progress: bool, desc: s
             dask.compute(*tasks, scheduler=scheduler)
 
 
+def _checksum_attributes(path: Path, meta) -> tuple[int, int, dict[tuple[int, int], tuple[str, str]]]:
+    """The chunk size and {(i, j): (name "i.j", sha256)} of a store's "duat" attributes, checked: damaged
+    ones failed with Python's raw errors ("invalid literal for int()", "'list' object has no attribute")."""
+    damaged = ValueError(f"{path} has damaged checksum attributes (\"duat\"): {str(meta)[:200]}")
+    size, recorded = (meta.get("chunks"), meta.get("chunk_sha256")) if isinstance(meta, dict) else (None, None)
+    if not (isinstance(size, list) and len(size) == 2 and all(type(c) is int and c >= 1 for c in size)
+            and isinstance(recorded, dict)):
+        raise damaged
+    sums = {}
+    for name, digest in recorded.items():
+        parts = name.split(".")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts) or not isinstance(digest, str):
+            raise damaged
+        sums[int(parts[0]), int(parts[1])] = name, digest
+    return size[0], size[1], sums
+
+
 def verify_zarr(path: str | os.PathLike) -> list[str]:
     """Names "i.j" of the chunks of a store written by save_zarr whose bytes no longer match their
     recorded sha256 (an empty list: the store is intact)."""
@@ -174,13 +191,12 @@ def verify_zarr(path: str | os.PathLike) -> list[str]:
     except (zarr.errors.BaseZarrError, ValueError) as exc:  # no array there, a group, unreadable metadata
         raise ValueError(f"{path} is not a zarr array written by save_zarr ({exc})") from exc
     meta = arr.attrs.get("duat")
-    if not meta or "chunk_sha256" not in meta:
+    if meta is None or (isinstance(meta, dict) and "chunk_sha256" not in meta):
         raise ValueError(f"{path} has no chunk checksums: it was not written by save_zarr")
-    chunk_rows, chunk_cols = meta["chunks"]
+    chunk_rows, chunk_cols, sums = _checksum_attributes(path, meta)
     lead = (slice(None),) if arr.ndim == 3 else ()
     bad = []
-    for name, expected in meta["chunk_sha256"].items():
-        i, j = (int(k) for k in name.split("."))
+    for (i, j), (name, expected) in sums.items():
         region = (*lead, slice(i * chunk_rows, (i + 1) * chunk_rows), slice(j * chunk_cols, (j + 1) * chunk_cols))
         stored = _read_region(path, region)
         if stored is None or chunk_sha256(stored) != expected:

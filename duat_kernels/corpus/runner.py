@@ -109,7 +109,9 @@ def run_corpus(texts: list[tuple[str, str]], out: str | os.PathLike, settings: C
     parts.mkdir(parents=True, exist_ok=True)
     _check_settings(out, settings)
     todo = [(i, tid, text) for i, (tid, text) in enumerate(texts) if not _part_path(parts, i, text).exists()]
-    if todo and settings.layers is not None:  # where the texts run: the model is loaded there anyway
+    # the model (a path that does not exist) and the layers, checked once where the texts run (the model is loaded
+    # there anyway), not once per text
+    if todo:
         if client is None:
             check_layers(settings)
         else:

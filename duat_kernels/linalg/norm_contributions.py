@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from duat_kernels._validation import check_fits, check_flag
+from duat_kernels._validation import check_fits, check_flag, check_real_dtype
 from duat_kernels.attention_source import as_source
 from duat_kernels.reference import head_factors
 
@@ -35,7 +35,10 @@ def contributions(attn, x: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, n
     """
     per_head = check_flag("per_head", per_head)
     source = as_source(attn, num_kv_heads, w_v, w_o)
-    batch, h, n = source.batch, source.heads, source.tokens
+    batch, h, n, num_kv_heads = source.batch, source.heads, source.tokens, source.kv_heads
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    check_real_dtype("x", x)
     if tuple(x.shape) != (batch, n, w_v.shape[1]):
         raise ValueError(f"x must have shape (B, N, M_in) = ({batch}, {n}, {w_v.shape[1]}), got {tuple(x.shape)}")
     ct = torch.float64 if torch.float64 in (source.dtype, x.dtype, w_v.dtype, w_o.dtype) else torch.float32

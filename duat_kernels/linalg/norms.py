@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 
 from duat_kernels import cpp, reference
-from duat_kernels._validation import all_finite, check_fits
+from duat_kernels._validation import all_finite, check_fits, check_heads, check_tensor
 from duat_kernels.linalg import gram_norms
+from duat_kernels.operator_args import grid_argument
 from duat_kernels.attention_source import ExplicitAttention, QKAttention, as_source
 from duat_kernels.reference import head_factors
 
@@ -24,6 +25,9 @@ CHUNK_ENTRIES = 1 << 24
 def gram_factor(w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
     """C (h, h) in float64, upper triangular, with CᵀC = G, G_ij = ⟨OV_i, OV_j⟩_F, from w_v (h_kv·d, M_in),
     w_o (M_out, h·d). Triangular, ||C α|| costs the C++ pass h(h+1)/2 multiply-adds instead of h²."""
+    check_tensor("w_v", w_v, (2,))
+    check_tensor("w_o", w_o, (2,))
+    num_kv_heads, _ = check_heads(num_heads, num_kv_heads, w_v, w_o)
     wo, wv = head_factors(w_v.double(), w_o.double(), num_heads, num_kv_heads)  # (h, M_out, d), (h, d, M_in)
     oo = torch.einsum("icd,jce->ijde", wo, wo)  # Wo_iᵀ Wo_j
     vv = torch.einsum("ida,jea->ijde", wv, wv)  # Wv_i Wv_jᵀ
@@ -37,10 +41,12 @@ def block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
                 grid: tuple[int, int] | None = None) -> torch.Tensor:
     """||B_nm||_F for the A of `source` (an AttentionSource, or attn (B, h, N, N)) -> (B, N, N); with
     grid=(R, C), the Frobenius norms of an R x C grid of super-blocks (rows and columns of blocks
-    split as evenly as possible) -> (B, R, C). Float32 A on the CPU goes through the fused C++ pass. Computed
-    and returned in float64 when A or a weight is float64 (as contributions and to_dense), else in float32."""
+    split as evenly as possible; R for an R x R grid) -> (B, R, C). Float32 A on the CPU goes through the fused
+    C++ pass. Computed and returned in float64 when A or a weight is float64 (as contributions and to_dense),
+    else in float32."""
     source = as_source(source, num_kv_heads, w_v, w_o)
-    batch, h, n = source.batch, source.heads, source.tokens
+    batch, h, n, num_kv_heads = source.batch, source.heads, source.tokens, source.kv_heads
+    grid = grid_argument(grid, None)  # HVOOperator.block_norms takes at most N per side
     wide = _wide(source, w_v, w_o)
     fused = not wide and gram_norms.available(source)
     whole = fused and isinstance(source, ExplicitAttention)  # one pass over the stored A, every entry written

@@ -49,6 +49,11 @@ def singular_values(op, k: int = 1, tol: float = 1e-6, seed: int = 0) -> np.ndar
         raise ValueError(f"k must be in [1, {side}] for W' of shape {lin.shape}, got {k}"
                          if side else f"W' of shape {lin.shape} has no singular values (k={k})")
     positive_tolerance(tol)
+    if integer(seed, tensors=False) is None:
+        raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
+    if seed < 0:  # NumPy's SeedSequence: "expected non-negative integer"
+        raise ValueError(f"seed must be an int >= 0, got {seed}")
+    seed = integer(seed)
     if not (op.source.finite() and all_finite(op.w_v, op.w_o)):  # a non-finite weight reaches W' (0 · Inf = NaN)
         return np.full(k, np.nan, dtype=lin.dtype)
     if k == side:

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from duat_kernels import reference
-from duat_kernels._validation import check_fits, check_has_data
+from duat_kernels._validation import check_fits, check_has_data, check_index
+from duat_kernels.operator_args import sampling_arguments
 from duat_kernels.linalg.norms import block_norms
 from duat_kernels.attention_source import as_source
 
@@ -32,6 +33,9 @@ def trace(attn, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int) -> torc
     N·M diagonal entries are formed (O(N·M·h), no OV needed: OV_i[c, c] = Σ_d Wo_i[c, d] Wv_i[d, c])
     and summed, so NaN and Inf come out as in the dense W' (Inf - Inf between entries)."""
     source = as_source(attn, num_kv_heads, w_v, w_o)
+    num_kv_heads = source.kv_heads
+    if w_v.shape[1] != w_o.shape[0]:
+        raise ValueError(f"trace needs a square W' (M_in = M_out), got M_in={w_v.shape[1]}, M_out={w_o.shape[0]}")
     if w_v.shape[1] == 0:  # an empty W' has trace 0, whatever A holds
         return torch.zeros(source.batch, dtype=torch.float64, device=source.device)
     wo, wv = reference.head_factors(w_v.double(), w_o.double(), source.heads, num_kv_heads)  # (h, M, d), (h, d, M)
@@ -93,7 +97,13 @@ def fraction_above(attn, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int
     """Estimated fraction of entries with |w| > threshold (the paper's "almost fully dense", made
     quantitative), from a uniform sample with a Wilson score interval; NaN (fraction and interval)
     when a sampled entry is NaN."""
+    threshold, samples, confidence, seed = sampling_arguments(threshold, samples, confidence, seed)
     source = as_source(attn, num_kv_heads, w_v, w_o)
+    num_kv_heads = source.kv_heads
+    if w_v.shape[1] == 0 or w_o.shape[0] == 0:
+        raise ValueError(f"W' of shape ({source.tokens * w_o.shape[0]}, {source.tokens * w_v.shape[1]}) has no entries "
+                         f"to sample (M_in={w_v.shape[1]}, M_out={w_o.shape[0]})")
+    batch = check_index("batch", batch, source.batch, f"B={source.batch} batch elements")
     check_has_data("fraction_above", source.device)
     dtype = torch.promote_types(torch.promote_types(w_v.dtype, w_o.dtype), torch.float32)  # float64 stays float64
     # OV when it is small (gathering from it is ~10x faster than d-term products per sample), else the head

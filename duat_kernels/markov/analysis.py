@@ -17,6 +17,7 @@ import numpy as np
 
 from duat_kernels._validation import check_index, integer, numeric_array
 from duat_kernels.markov.operator import TransitionOperator
+from duat_kernels.operator_args import positive_tolerance
 
 # Up to this many states P is handled densely (an S x S float64 matrix: 32 MiB at 2048); above it,
 # sparse eigensolvers and structured products only.
@@ -50,6 +51,7 @@ def _check_pi(op: TransitionOperator, pi) -> np.ndarray:
 
 def residual(op: TransitionOperator, pi: np.ndarray) -> float:
     """||πP − π||₁ for π (S,)."""
+    pi = _check_pi(op, pi)
     return float(np.abs(op.rmatvec(pi) - pi).sum())
 
 
@@ -57,6 +59,12 @@ def stationary_distribution(op: TransitionOperator, *, power_steps: int = 1000, 
     """π of P (S,). Dense: solve (Pᵀ − I) π = 0 with Σπ = 1 replacing one equation (exact for an
     irreducible chain; ValueError if singular). Larger: ARPACK's leading eigenvector of Pᵀ, then power steps π <- πP
     until ||πP − π||₁ <= tol or power_steps is reached."""
+    if integer(power_steps, tensors=False) is None:
+        raise TypeError(f"power_steps must be an int, got {type(power_steps).__name__} {power_steps!r}")
+    if power_steps < 0:
+        raise ValueError(f"power_steps must be an int >= 0, got {power_steps}")
+    power_steps = integer(power_steps)
+    positive_tolerance(tol)
     s = op.num_states
     if s <= DENSE_MAX_STATES:
         a = op.to_dense().T - np.eye(s)

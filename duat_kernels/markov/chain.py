@@ -56,8 +56,15 @@ def transition_probabilities(logits: np.ndarray, temperature: float) -> np.ndarr
     return q / q.sum(axis=1, keepdims=True)
 
 
+def temperature_label(temperature: float) -> str:
+    """τ as a name (files, report keys): as :g writes it (0.5, 1, 2) when that is the number, else exactly
+    (0.5000001: :g wrote 0.5, so the files and report entries of two temperatures replaced one another)."""
+    short = f"{temperature:g}"
+    return short if float(short) == temperature else repr(float(temperature))
+
+
 def transition_filename(temperature: float) -> str:
-    return f"transition_tau{temperature:g}.npz"
+    return f"transition_tau{temperature_label(temperature)}.npz"
 
 
 @dataclass(eq=False)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from duat_kernels.markov import analysis
-from duat_kernels.markov.chain import LanguageModelChain
+from duat_kernels.markov.chain import LanguageModelChain, temperature_label
 
 TOP = 5  # how many token marginals and states the Markdown table lists
 MIN_CURVE_STEPS = 16
@@ -169,7 +169,7 @@ def write_report(chain: LanguageModelChain, results: list[dict], out_dir: str | 
                 bos_id=chain.bos_id, num_states=chain.num_states,
                 state_order="base-T index, x_1 most significant, symbols in the order given")
     json_path, md_path = out / "markov.json", out / "markov.md"
-    per_tau = {f"{r['temperature']:g}": r for r in results}
+    per_tau = {temperature_label(r["temperature"]): r for r in results}
     json_path.write_text(json.dumps({"meta": meta, "temperatures": per_tau}, indent=1))
     write_markdown(results, meta, md_path)
     paths = [json_path, md_path, *chain.save(out)]

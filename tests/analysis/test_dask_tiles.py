@@ -96,3 +96,16 @@ def test_bfloat16_operator_defaults_to_float32(layer, tmp_path):
     stored = save_zarr(op, tmp_path / "w.zarr", chunks=(10, 13), scheduler="sync", progress=False)
     np.testing.assert_array_equal(zarr.open_array(str(stored))[...], want)
     np.testing.assert_array_equal(np.load(save_dense(op, tmp_path / "w.npy", progress=False)), want)
+
+
+def test_negated_views_are_tiled_and_keyed_by_value():
+    """to_dask of inputs with the negative bit set failed in factors_token with torch's raw
+    'torch.Tensor.view is not supported for tensors with negative bit set'."""
+    from conftest import random_layer
+    from duat_kernels.analysis.dask_tiles import factors_token
+
+    lay = random_layer(1, 2, tokens=4, head_dim=2, m_in=3, m_out=3, batched=False)
+    plain = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"])
+    negated = dk.HVOOperator(torch._neg_view(-lay["attn"]), lay["w_v"], torch._neg_view(-lay["w_o"]))
+    np.testing.assert_array_equal(negated.to_dask(chunks=(5, 7)).compute(), plain.to_dense().numpy())
+    assert factors_token(negated) == factors_token(plain)

@@ -165,3 +165,16 @@ def test_meta_operator_is_refused(layer, tmp_path, call):
     with pytest.raises(ValueError, match="needs an HVOOperator on tensors with data .* got meta tensors"):
         call(op, tmp_path / "w.zarr")
     assert not (tmp_path / "w.zarr.partial").exists()
+
+
+@pytest.mark.parametrize("damage", [{"chunks": "x"}, {"chunks": [12, 0]}, {"chunk_sha256": [1, 2]},
+                                    {"chunk_sha256": {"a.b": "0"}}, {"chunk_sha256": {"0.0": 5}}, 5])
+def test_verify_names_damaged_checksum_attributes(op, tmp_path, damage):
+    """A store whose "duat" attributes were damaged failed in verify_zarr with Python's raw errors ('not
+    enough values to unpack', "invalid literal for int() with base 10: 'a'", "'list' object has no
+    attribute 'items'", "argument of type 'int' is not iterable")."""
+    path = dk.analysis.save_zarr(op, tmp_path / "w.zarr", chunks=CHUNKS, scheduler="sync", progress=False)
+    stored = zarr.open_array(path, mode="r+")
+    stored.attrs["duat"] = damage if isinstance(damage, int) else {**stored.attrs["duat"], **damage}
+    with pytest.raises(ValueError, match=r"w\.zarr has damaged checksum attributes \(\"duat\"\)"):
+        dk.analysis.verify_zarr(path)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import duat_kernels as dk
+from duat_kernels import linalg
 from duat_kernels.linalg import norms as bn
 
 from conftest import random_layer
@@ -242,3 +243,55 @@ def test_linalg_functions_called_directly_check_their_tensors(call, match):
     # a wrong shape failed deep inside torch: "shape '[2, 1, 3]' is invalid for input of size 18", einsum errors
     with pytest.raises(ValueError, match=match):
         call(torch.rand(1, 2, 3, 3).softmax(-1))
+
+
+def _gqa_layer():
+    return random_layer(1, 4, 2, tokens=5, head_dim=2, m_in=3, m_out=3, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("call,exc,message", [
+    # (0, 1) failed in the C++ pass ('row_bin[0] is out of range'), (2.0, 2) in torch.zeros, grid=2 with
+    # 'cannot unpack non-iterable int object'
+    (lambda lay: linalg.block_norms(lay["attn"], lay["w_v"], lay["w_o"], 2, (0, 1)), ValueError,
+     r"grid must be two ints >= 1"),
+    (lambda lay: linalg.block_norms(lay["attn"], lay["w_v"], lay["w_o"], 2, (2.0, 2)), TypeError,
+     "grid must be None, an int R or a pair"),
+    # an einsum's 'subscript c has size 2 for operand 1 which does not broadcast'
+    (lambda lay: linalg.trace(lay["attn"], lay["w_v"][:, :2], lay["w_o"], 2), ValueError,
+     r"trace needs a square W' \(M_in = M_out\), got M_in=2, M_out=3"),
+    # "shape '[3, 2, 3]' is invalid for input of size 12" and ZeroDivisionError
+    (lambda lay: linalg.gram_factor(lay["w_v"], lay["w_o"], 4, 3), ValueError, "num_kv_heads=3 must divide"),
+    (lambda lay: linalg.gram_factor(lay["w_v"], lay["w_o"], 0, 0), ValueError, "num_heads must be a positive int"),
+    # ZeroDivisionError, torch's 'index 5 is out of bounds', "'>' not supported between 'Tensor' and 'str'"
+    (lambda lay: linalg.fraction_above(lay["attn"], lay["w_v"], lay["w_o"], 2, 0.1, samples=0), ValueError,
+     "samples must be >= 1, got 0"),
+    (lambda lay: linalg.fraction_above(lay["attn"], lay["w_v"], lay["w_o"], 2, 0.1, samples=10, batch=5),
+     IndexError, r"batch=5 is out of range for B=1"),
+    (lambda lay: linalg.fraction_above(lay["attn"], lay["w_v"], lay["w_o"], 2, "0.1", samples=10), TypeError,
+     "threshold must be a real number, got str"),
+    (lambda lay: linalg.fraction_above(lay["attn"], lay["w_v"][:, :0], lay["w_o"], 2, 0.1, samples=10), ValueError,
+     r"has no entries to sample \(M_in=0, M_out=3\)"),
+])
+def test_direct_calls_name_bad_arguments(call, exc, message):
+    """The duat_kernels.linalg functions called directly (they are public) check what HVOOperator's
+    methods check, instead of failing deep inside torch or returning a wrongly shaped result."""
+    with pytest.raises(exc, match=message):
+        call(_gqa_layer())
+
+
+def test_direct_calls_take_grid_r_and_default_kv_heads():
+    """grid=R is an R x R grid as for HVOOperator.block_norms, and num_kv_heads=None means h as in
+    hvo_matrix (it failed with 'reshape() takes 1 positional argument but 3 were given')."""
+    lay = _gqa_layer()
+    mha = random_layer(1, 4, tokens=5, head_dim=2, m_in=3, m_out=3, dtype=torch.float64)
+    a, w_v, w_o = mha["attn"], mha["w_v"], mha["w_o"]
+    dense = dk.hvo_matrix(a, w_v, w_o, backend="reference")
+    torch.testing.assert_close(linalg.block_norms(lay["attn"], lay["w_v"], lay["w_o"], 2, 2),
+                               dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"], num_kv_heads=2).block_norms((2, 2)))
+    torch.testing.assert_close(linalg.frobenius_norm(a, w_v, w_o, None), torch.linalg.matrix_norm(dense))
+    torch.testing.assert_close(linalg.trace(a, w_v, w_o, None), dense.diagonal(dim1=-2, dim2=-1).sum(-1))
+    torch.testing.assert_close(linalg.block_norms(a, w_v, w_o, None), torch.linalg.matrix_norm(_dense_blocks(mha, 4)))
+    x = torch.randn(1, 5, 3, dtype=torch.float64)
+    torch.testing.assert_close(linalg.contributions(a, x, w_v, w_o, None), linalg.contributions(a, x, w_v, w_o, 4))
+    assert str(linalg.fraction_above(a, w_v, w_o, None, 0.1, samples=50)) == str(
+        linalg.fraction_above(a, w_v, w_o, 4, 0.1, samples=50))

@@ -75,3 +75,17 @@ def test_per_head_must_be_a_bool(flag):
     with pytest.raises(TypeError, match="per_head must be True or False, got"):
         op.contributions(torch.zeros(3, 4), per_head=flag)
     assert op.contributions(torch.zeros(3, 4), per_head=np.bool_(True)).shape == (2, 3, 3)
+
+
+@pytest.mark.parametrize("x,exc,message", [
+    (lambda: [[0.0] * 4] * 3, TypeError, "x must be a torch.Tensor, got list"),  # 'list' has no attribute 'shape'
+    (lambda: torch.zeros(1, 3, 4, dtype=torch.int64), TypeError, "x must have a floating-point dtype"),
+    (lambda: torch.zeros(1, 3, 4).to_sparse(), TypeError, "x must be a dense"),
+])
+def test_contributions_called_directly_checks_x(x, exc, message):
+    """linalg.contributions (public) took x unchecked: a list failed with "'list' object has no attribute
+    'shape'", a sparse x inside torch, and integer tokens were taken where HVOOperator.contributions
+    refuses them."""
+    lay = random_layer(1, 2, tokens=3, m_in=4, m_out=2)
+    with pytest.raises(exc, match=message):
+        contrib.contributions(lay["attn"], x(), lay["w_v"], lay["w_o"], 2)

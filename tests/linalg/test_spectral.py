@@ -123,3 +123,18 @@ def test_linear_operator_takes_complex_vectors():
     np.testing.assert_allclose(lin @ np.stack([x, 2 * x], 1), dense @ np.stack([x, 2 * x], 1), rtol=1e-12)
     with pytest.raises(TypeError, match="x must hold real or complex numbers"):
         lin @ np.array(["a"] * 9)
+
+
+@pytest.mark.parametrize("seed,exc,message", [
+    (1.5, TypeError, "seed must be an int, got float 1.5"),  # NumPy's 'SeedSequence expects int or sequence of ints'
+    (-1, ValueError, "seed must be an int >= 0, got -1"),  # NumPy's 'expected non-negative integer'
+    (True, TypeError, "seed must be an int, got bool True"),  # taken as the seed 1
+])
+def test_singular_values_seed_is_named(seed, exc, message):
+    from duat_kernels import linalg
+
+    lay = random_layer(1, 2, tokens=4, head_dim=2, m_in=3, m_out=3, batched=False)
+    op = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"])
+    with pytest.raises(exc, match=message):
+        linalg.singular_values(op, 2, seed=seed)
+    np.testing.assert_allclose(linalg.singular_values(op, 2, seed=np.int64(3)), op.singular_values(2), rtol=1e-4)

@@ -184,3 +184,26 @@ def test_bad_starts_epsilon_max_steps_pi_and_position_are_refused():
     with pytest.raises(ValueError, match=r"pi must have shape \(T\^K,\) = \(27,\) for T=3, K=3, got \(9,\)"):
         analysis.token_marginal(pi, 3, 3)
     np.testing.assert_array_equal(analysis.token_marginal(pi, 3, 2, -2), analysis.token_marginal(pi, 3, 2, 0))
+
+
+def test_stationary_arguments_and_residual_pi_are_checked(monkeypatch):
+    """power_steps and tol were used unchecked: 1.5 failed in range() on the ARPACK path ('float' object
+    cannot be interpreted as an integer) and was ignored on the dense one, as were -1, NaN and '1e-3';
+    residual did not check π (a torch tensor failed with numpy's 'unsupported operand type(s) for -',
+    a wrong size was blamed on 'u')."""
+    import torch
+
+    q = random_probabilities(3, 5, seed=3)
+    op = TransitionOperator(q / q.sum(axis=1, keepdims=True), 3, 5)
+    for dense_limit in (analysis.DENSE_MAX_STATES, 100):
+        monkeypatch.setattr(analysis, "DENSE_MAX_STATES", dense_limit)
+        for kwargs, exc, message in [(dict(power_steps=1.5), TypeError, "power_steps must be an int, got float"),
+                                     (dict(power_steps=-1), ValueError, "power_steps must be an int >= 0, got -1"),
+                                     (dict(tol=float("nan")), ValueError, "tol must be a finite number >= 0"),
+                                     (dict(tol="1e-3"), ValueError, "tol must be a finite number >= 0")]:
+            with pytest.raises(exc, match=message):
+                analysis.stationary_distribution(op, **kwargs)
+    pi = analysis.stationary_distribution(op, power_steps=np.int64(5)).pi
+    assert analysis.residual(op, torch.from_numpy(pi)) == analysis.residual(op, pi)
+    with pytest.raises(ValueError, match=r"pi must be a distribution over the 243 states, shape \(243,\), got \(3,\)"):
+        analysis.residual(op, pi[:3])

@@ -138,3 +138,23 @@ def test_logits_must_be_real_numbers_in_two_dimensions():
         transition_probabilities(np.array([1.0, 2.0]), 1.0)
     with pytest.raises(TypeError, match="logits must hold real numbers"):
         transition_probabilities(np.array([[1j, 2.0]]), 1.0)
+
+
+def test_temperatures_equal_to_six_digits_keep_their_own_files(tmp_path):
+    """transition_tau{τ:g}.npz named 0.5 and 0.5000001 alike: the second file replaced the first, save()
+    returned one path twice, and the report's JSON kept one of the two temperatures. A temperature is
+    named as :g gives it when that is the number, else exactly (repr)."""
+    import json
+
+    from duat_kernels.markov import report
+
+    taus = (0.5, 0.5000001, 2.0)
+    chain = LanguageModelChain(np.random.default_rng(0).standard_normal((4, 2)) * 3, ("a", "b"), 2, taus)
+    paths = report.write_report(chain, report.analyse(chain, progress=False), tmp_path, {"model": "m", "logits_seconds": 0.0},
+                                plots=False)
+    names = [p.name for p in paths if p.suffix == ".npz"]
+    assert names == ["transition_tau0.5.npz", "transition_tau0.5000001.npz", "transition_tau2.npz"]
+    for tau, name in zip(taus, names):
+        np.testing.assert_array_equal(scipy.sparse.load_npz(tmp_path / name).toarray(), chain.csr(tau).toarray())
+    saved = json.loads((tmp_path / "markov.json").read_text())["temperatures"]
+    assert {key: r["temperature"] for key, r in saved.items()} == {"0.5": 0.5, "0.5000001": 0.5000001, "2": 2.0}
