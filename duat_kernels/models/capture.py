@@ -170,6 +170,7 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
     if type(model).__module__.startswith("nnsight.") and isinstance(getattr(model, "_module", None), torch.nn.Module):
         model = model._module  # an nnsight NNsight / LanguageModel wraps the torch module it runs
     _check_has_tokens(named_inputs(model, args, inputs))
+    _check_no_cached_keys(named_inputs(model, args, inputs))
     if capture == "qk":
         from duat_kernels.models.qk_capture import attention_layers_qk
         return attention_layers_qk(model, *args, layers=layers, **inputs)
@@ -206,6 +207,20 @@ def _check_has_tokens(named: dict) -> None:
         t = named.get(key)
         if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[1] == 0:
             raise ValueError(f"{key} of shape {tuple(t.shape)} holds no tokens: pass at least one token per sequence")
+
+
+def _check_no_cached_keys(named: dict) -> None:
+    """A filled cache (past_key_values, or transformers 5's cache) gives keys whose x the capture never sees:
+    A is (N, N_cached + N) and W' of the layer cannot be formed from this pass."""
+    for key in ("past_key_values", "cache"):
+        cache = named.get(key)
+        if cache is None:
+            continue
+        cached = cache.get_seq_length() if hasattr(cache, "get_seq_length") else len(cache) and cache[0][0].shape[-2]
+        if cached:
+            raise ValueError(f"{key} holds {int(cached)} cached tokens, whose keys and values the layers attend to "
+                             "but whose x W' x' + b' needs is not in this pass: pass the whole sequence without a "
+                             "filled cache")
 
 
 def named_inputs(model: torch.nn.Module, args: tuple, inputs: dict) -> dict:

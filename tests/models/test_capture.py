@@ -305,3 +305,21 @@ def test_relative_error_of_an_all_padding_batch_is_refused():
     layer = dk.models.attention_layers(model, layers=[0], **inputs)[0]
     with pytest.raises(ValueError, match="every query token of this batch is padding"):
         layer.relative_error()
+
+
+@pytest.mark.parametrize("capture", ["attn", "qk"])
+@pytest.mark.parametrize("key", ["past_key_values", "cache"])
+def test_cached_keys_are_refused_by_name(capture, key):
+    # with a filled cache the layer attends to keys whose x it never sees: capture='attn' failed with
+    # 'returned no attention probabilities (attn_implementation='eager'); load the model with eager', and
+    # capture='qk' returned layers whose operator() failed on q (2, 6, 4, 8) against k (2, 2, 9, 8)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS["llama"]()).eval()
+    ids = _ids(100)["input_ids"]
+    with torch.no_grad():
+        cache = model(ids[:, :5], use_cache=True).past_key_values
+    with pytest.raises(ValueError, match=rf"{key} holds 5 cached tokens.*whole sequence"):
+        dk.models.attention_layers(model, input_ids=ids[:, 5:], capture=capture, **{key: cache})
+    empty = transformers.DynamicCache(config=model.config)  # an empty cache is no cached key
+    layers = dk.models.attention_layers(model, input_ids=ids, capture=capture, use_cache=True, **{key: empty})
+    assert all(layer.relative_error() <= TOLERANCE for layer in layers)
