@@ -97,11 +97,18 @@ def _check_layers(layers: list[int] | None, count: int | None) -> None:
                            f"(valid: {-count} ... {count - 1})")
 
 
-def _check_before_loading(args) -> None:
+def _check_before_loading(args) -> str:
+    """Everything that can be refused before the model loads; returns the text to inspect (--text, or the
+    contents of the file given as --text @path, or the built-in sentence)."""
     from duat_kernels import backends
+    from duat_kernels.models import long_context
 
-    if args.text is not None and not args.text.strip():
-        raise InspectError("--text is empty; give some text, or leave --text out for the built-in sentence")
+    text = _input_text(args.text)
+    if not text.strip():
+        name = f"--text {args.text}" if args.text.startswith("@") else "--text"
+        raise InspectError(f"{name} is empty; give some text, or leave --text out for the built-in sentence")
+    if args.long or long_context.is_long(text):
+        _check_long_options(args)
     if args.backend not in backends.available_backends("cpu") + ["auto"]:
         raise InspectError(f"--backend {args.backend} is not available here (available: "
                            f"{', '.join(backends.available_backends('cpu'))})")
@@ -121,6 +128,43 @@ def _check_before_loading(args) -> None:
         except FileNotFoundError as exc:
             raise InspectError(str(exc)) from None
     _check_layers(args.layer, _declared_layers(args.model))
+    return text
+
+
+def _input_text(option: str | None) -> str:
+    from duat_kernels.models import DEFAULT_TEXT, long_context
+
+    if option is None:
+        return DEFAULT_TEXT
+    try:
+        return long_context.read_text(option)
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise InspectError(f"--text {option}: cannot read {option[1:]!r} ({reason})") from None
+
+
+def _check_long_options(args) -> None:
+    """--long (q/k capture, also automatic for long texts) writes only its table: no dense W', no per-head rows."""
+    given = [option for option, value, default in (
+        ("--heads", args.heads, None), ("--save", args.save_file, None), ("--plot", args.plot, None),
+        ("--html", args.html, None), ("--json", args.json, None), ("--dtype", args.dtype, "float32"),
+        ("--backend", args.backend, "auto")) if value != default]
+    if given:
+        from duat_kernels.models.long_context import AUTO_WORDS
+
+        why = "" if args.long else f" (chosen for texts of more than {AUTO_WORDS} words)"
+        raise InspectError(f"{given[0]} is not available with --long{why}: the q/k capture reports norms on a grid "
+                           f"and the spectral norm only; leave out {', '.join(given)}")
+
+
+def _tokenize(model, tokenizer, text: str, model_name: str) -> dict:
+    """The tokenizer's inputs (batch of one), refused past the model's positions."""
+    inputs = dict(tokenizer([text], return_tensors="pt"))
+    n = inputs["input_ids"].shape[1]
+    limit = _positions(model)
+    if limit is not None and n > limit:
+        raise InspectError(f"--text has {n} tokens but {model_name} takes at most {limit} positions")
+    return inputs
 
 
 def _load(name: str, log):
@@ -151,13 +195,15 @@ def _run(args) -> int:
     import torch
 
     from duat_kernels.heads import head_indices
-    from duat_kernels.models import DEFAULT_TEXT, inspection
+    from duat_kernels.models import inspection
     from duat_kernels.models.capture import attention_blocks
 
-    _check_before_loading(args)
+    text = _check_before_loading(args)
     from duat_kernels.models import long_context
-    if long_context.wants_long(args):  # q/k capture: A never stored, norms on a grid, spectral norm
-        return long_context.run_inspect_long(args)
+    if args.long or long_context.is_long(text):  # q/k capture: A never stored, norms on a grid, spectral norm
+        model, tokenizer = _load(args.model, lambda msg: print(msg, file=sys.stderr))
+        _check_layers(args.layer, len(attention_blocks(model)))
+        return long_context.run_inspect_long(args, model, _tokenize(model, tokenizer, text, args.model))
     heads, per_head_wanted = _heads(args.heads)
     quiet = args.json == "-"
     log = (lambda msg: print(msg, file=sys.stderr)) if quiet else print
@@ -165,11 +211,7 @@ def _run(args) -> int:
 
     model, tokenizer = _load(args.model, progress)
     _check_layers(args.layer, len(attention_blocks(model)))
-    inputs = tokenizer([DEFAULT_TEXT if args.text is None else args.text], return_tensors="pt")
-    n = inputs["input_ids"].shape[1]
-    limit = _positions(model)
-    if limit is not None and n > limit:
-        raise InspectError(f"--text has {n} tokens but {args.model} takes at most {limit} positions")
+    inputs = _tokenize(model, tokenizer, text, args.model)
     tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
     dtype = getattr(torch, args.dtype)
     per_head = None

@@ -35,8 +35,12 @@ class LongLayerReport:
 
 def wants_long(args) -> bool:
     """--long, or a text long enough that eager attention probabilities of every layer would be large."""
-    text = read_text(args.text) if getattr(args, "text", None) else ""
-    return bool(getattr(args, "long", False)) or len(text.split()) > AUTO_WORDS
+    return bool(getattr(args, "long", False)) or is_long(read_text(args.text) if getattr(args, "text", None) else "")
+
+
+def is_long(text: str) -> bool:
+    """More than AUTO_WORDS whitespace-separated words: inspected with --long."""
+    return len(text.split()) > AUTO_WORDS
 
 
 def read_text(text: str) -> str:
@@ -92,13 +96,9 @@ def format_long_reports(reports: list[LongLayerReport], model_name: str) -> str:
     return "\n".join(lines)
 
 
-def run_inspect_long(args) -> int:
-    """The CLI path of `duat inspect --long` (args from duat inspect's parser)."""
-    from duat_kernels.models import DEFAULT_TEXT, load
-
-    model, tokenizer = load(args.model)
-    text = read_text(args.text) if args.text else DEFAULT_TEXT
-    inputs = dict(tokenizer([text], return_tensors="pt"))
+def run_inspect_long(args, model, inputs: dict) -> int:
+    """The CLI path of `duat inspect --long` (args from duat inspect's parser; the loaded model and its
+    tokenized text, a batch of one)."""
     reports = inspect_long(model, inputs, args.layer)
     print(format_long_reports(reports, f"{args.model} ({model.config.model_type})"))
     worst = max(r.rel_error for r in reports)

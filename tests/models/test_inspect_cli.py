@@ -181,3 +181,38 @@ def test_backend_choices_are_checked(capsys):
         main(["inspect", "--backend", "cpu"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'cpu' (choose from 'auto', 'reference', 'cpp', 'triton')" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("long", [False, True])
+def test_text_from_a_file_is_read_in_both_modes(folder, tmp_path, capsys, long):
+    # '--text @file' was read only by --long: without it the text inspected was the literal '@/tmp/.../t.txt'
+    text = tmp_path / "t.txt"
+    text.write_text(_text(5) + "\n")
+    assert main(["inspect", "--model", str(folder), "--text", f"@{text}", *(["--long"] if long else [])]) == 0
+    out = capsys.readouterr().out
+    assert (" 5 tokens" in out) if long else (f"5 tokens: {_text(5)}" in out), out
+    empty = tmp_path / "empty.txt"
+    empty.write_text(" \n")
+    for argv, message in (([f"@{empty}"], "is empty"), ([f"@{tmp_path}/missing.txt"], "cannot read")):
+        assert main(["inspect", "--model", str(folder), "--text", *argv, *(["--long"] if long else [])]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("duat inspect: --text @") and message in err, err
+
+
+@pytest.mark.parametrize("argv", [["--json", "{tmp}/r.json"], ["--json", "-"], ["--save", "{tmp}/w.safetensors"],
+                                  ["--plot", "{tmp}/p.png"], ["--html", "{tmp}/r.html"], ["--heads", "all"],
+                                  ["--heads", "1"], ["--dtype", "float64"], ["--backend", "reference"]])
+def test_long_mode_refuses_the_options_it_does_not_serve(folder, tmp_path, capsys, argv):
+    # --long (also automatic past 1500 words) ignored them silently: no JSON, no file, exit status 0
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main(["inspect", "--model", str(folder), "--text", _text(3), "--long", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{argv[0]} is not available with --long" in err, err
+    assert not any(tmp_path.iterdir())
+
+
+def test_long_mode_checks_the_model_positions(folder, capsys):
+    # was torch's 'The expanded size of the tensor (261) must match the existing size (256) ...'
+    assert main(["inspect", "--model", str(folder), "--text", _text(POSITIONS + 5), "--long"]) == 2
+    err = capsys.readouterr().err
+    assert f"--text has {POSITIONS + 5} tokens but" in err and "at most 256 positions" in err, err
