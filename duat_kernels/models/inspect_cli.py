@@ -157,13 +157,12 @@ def _check_long_options(args) -> None:
                            f"and the spectral norm only; leave out {', '.join(given)}")
 
 
-def _tokenize(model, tokenizer, text: str, model_name: str) -> dict:
+def _tokenize(model, tokenizer, text: str) -> dict:
     """The tokenizer's inputs (batch of one), refused past the model's positions."""
+    from duat_kernels.models.zoo import check_positions
+
     inputs = dict(tokenizer([text], return_tensors="pt"))
-    n = inputs["input_ids"].shape[1]
-    limit = _positions(model)
-    if limit is not None and n > limit:
-        raise InspectError(f"--text has {n} tokens but {model_name} takes at most {limit} positions")
+    check_positions(model, inputs["input_ids"].shape[1], "--text")
     return inputs
 
 
@@ -175,12 +174,6 @@ def _load(name: str, log):
     model, tokenizer = load(name)
     log(f"loaded {name} ({type(model).__name__}) in {time.perf_counter() - start:.1f} s")
     return model, tokenizer
-
-
-def _positions(model) -> int | None:
-    config = model.config
-    return next((getattr(config, k) for k in ("max_position_embeddings", "n_positions", "n_ctx")
-                 if isinstance(getattr(config, k, None), int)), None)
 
 
 def run(args) -> int:
@@ -203,7 +196,7 @@ def _run(args) -> int:
     if args.long or long_context.is_long(text):  # q/k capture: A never stored, norms on a grid, spectral norm
         model, tokenizer = _load(args.model, lambda msg: print(msg, file=sys.stderr))
         _check_layers(args.layer, len(attention_blocks(model)))
-        return long_context.run_inspect_long(args, model, _tokenize(model, tokenizer, text, args.model))
+        return long_context.run_inspect_long(args, model, _tokenize(model, tokenizer, text))
     heads, per_head_wanted = _heads(args.heads)
     quiet = args.json == "-"
     log = (lambda msg: print(msg, file=sys.stderr)) if quiet else print
@@ -211,7 +204,7 @@ def _run(args) -> int:
 
     model, tokenizer = _load(args.model, progress)
     _check_layers(args.layer, len(attention_blocks(model)))
-    inputs = _tokenize(model, tokenizer, text, args.model)
+    inputs = _tokenize(model, tokenizer, text)
     tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
     dtype = getattr(torch, args.dtype)
     per_head = None

@@ -68,3 +68,14 @@ def load(name_or_path: str = "minilm", *, causal_lm: bool = False):
     auto_class = tf.AutoModelForCausalLM if causal_lm else tf.AutoModel
     model = auto_class.from_pretrained(folder, dtype="float32", **kwargs).eval()
     return model, tokenizer
+
+
+def check_positions(model, tokens: int, what: str = "the input") -> None:
+    """Refuse `tokens` past the model's position table (config max_position_embeddings, n_positions or
+    n_ctx; models without one, e.g. rotary ones past their trained length, are not limited): a ValueError
+    naming `what`, instead of torch's size mismatch inside the embeddings."""
+    config = getattr(model, "config", None)
+    limit = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions", "n_ctx")
+                  if isinstance(getattr(config, k, None), int)), None)
+    if limit is not None and tokens > limit:
+        raise ValueError(f"{what} has {tokens} tokens but the model takes at most {limit} positions")

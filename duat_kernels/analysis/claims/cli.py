@@ -30,10 +30,12 @@ def run(args) -> int:
 
     if args.lora_rank < 1:  # user errors are ValueErrors: one line, exit status 2 (cli.main)
         raise ValueError(f"--lora-rank must be >= 1, got {args.lora_rank}")
+    if args.text is not None and not args.text.strip():
+        raise ValueError("--text is empty; give some text, or leave --text out for the built-in sentence")
     check_output_folder("--out", args.out)
     model, tokenizer = load(args.model)
     family_of(model)
-    text = args.text or DEFAULT_TEXT
+    text = DEFAULT_TEXT if args.text is None else args.text
     results, facts = measure_all(model, tokenizer, text, args.sections, args.lora_rank)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,14 @@ def measure_all(model, tokenizer, text: str, sections=SECTIONS, lora_rank: int =
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         raise ValueError(f"sections must be among {', '.join(SECTIONS)}, got {', '.join(unknown)}")
+    from duat_kernels.models.zoo import check_positions
+
     inputs, _ = dynamic.prompted_inputs(tokenizer, text, "")
+    check_positions(model, inputs["input_ids"].shape[1], "the text")
+    if "dynamic" in sections:  # the passage behind each task prompt is longer
+        for prompt in dynamic.PROMPTS:
+            longer = dynamic.prompted_inputs(tokenizer, text, prompt)[0]["input_ids"].shape[1]
+            check_positions(model, longer, f"the text behind the prompt {prompt!r}")
     terms = layer_terms.collect(model, inputs)
     att = terms[0].attention
     facts = {"tokens": int(inputs["input_ids"].shape[1]),

@@ -68,3 +68,32 @@ def test_claims_out_that_is_a_file_is_refused_before_loading(tmp_path, capsys, m
     blocker.write_text("")
     assert main(["claims", "--model", "any", "--out", str(blocker)]) == 2  # was refused after every measurement
     assert capsys.readouterr().err == f"duat claims: --out {blocker}: {blocker} is a file, not a folder\n"
+
+
+@pytest.mark.parametrize("text", ["", "  \n"])
+def test_claims_refuses_an_empty_text_before_loading(tmp_path, capsys, monkeypatch, text):
+    # '' was replaced by the built-in sentence (exit 0, a report on another text); blank text failed after
+    # loading with 'input_ids of shape (1, 0) holds no tokens'
+    import duat_kernels.models
+
+    monkeypatch.setattr(duat_kernels.models, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["claims", "--model", "any", "--text", text, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("duat claims: --text is empty") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("sections,words", [(["density"], 70), (["dynamic"], 60)])
+def test_claims_checks_the_model_positions(tmp_path, tokenizer, capsys, sections, words):
+    # past max_position_embeddings (64) torch failed with 'The expanded size of the tensor (72) must match the
+    # existing size (64)'; with the dynamic section the prompted passage (the prompt adds 4 tokens) is longer
+    folder = tmp_path / "tiny-bert"
+    tiny_model("bert", torch.float32).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    text = " ".join(["fox"] * words)
+    assert main(["claims", "--model", str(folder), "--text", text, "--sections", *sections, "--no-plots",
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # after the loading progress bars
+    assert last.startswith("duat claims: the text") and "tokens but the model takes at most 64 positions" in last
+    assert ("behind the prompt" in last) == (sections == ["dynamic"]) and "Traceback" not in err, err
+    assert not (tmp_path / "out" / "claims.json").exists()
