@@ -166,6 +166,9 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
     from duat_kernels.models import lens
 
     if lens.is_bridge(model):  # TransformerLens 4.x: hook_pattern, W_V, W_O, b_V, b_O
+        if capture != "attn":
+            raise ValueError("capture='qk' is not available for a TransformerLens bridge (its hook_pattern gives A); "
+                             "use capture='attn', or capture='qk' on the Hugging Face model itself")
         return lens.bridge_attention_layers(model, *args, layers=layers, **inputs)
     if type(model).__module__.startswith("nnsight.") and isinstance(getattr(model, "_module", None), torch.nn.Module):
         model = model._module  # an nnsight NNsight / LanguageModel wraps the torch module it runs

@@ -58,6 +58,11 @@ def bridge_attention_layers(bridge, tokens, layers: list[int] | None = None,
     """
     selected = select_layers(layers, len(bridge.blocks))
     ids = _tokens(bridge, tokens)
+    if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor)
+                                           and tuple(attention_mask.shape) == tuple(ids.shape)):
+        got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise ValueError(f"attention_mask must be a (B, N) = {tuple(ids.shape)} tensor, the shape of the tokens, "
+                         f"got {got}")
     hooks = ("attn.hook_pattern", "attn.v.hook_in", "hook_attn_out")
     wanted = {f"blocks.{i}.{hook}" for i in selected for hook in hooks}
     kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}

@@ -73,3 +73,15 @@ def test_bridge_bad_arguments(bridge):
         dk.models.attention_layers(bridge, torch.tensor([[5, 6]]), layers=[2])
     with pytest.raises(TypeError, match="tokens must be a"):
         dk.models.attention_layers(bridge, torch.randn(2, 3))
+
+
+def test_bridge_refuses_what_it_cannot_honour(bridge):
+    tokens = torch.randint(4, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
+    # capture='qk' was ignored: A of every layer was captured and stored, the memory the caller meant to save
+    with pytest.raises(ValueError, match=r"capture='qk' is not available for a TransformerLens bridge"):
+        dk.models.attention_layers(bridge, tokens, capture="qk")
+    # a mask of another length was applied by the model and then failed after the forward pass in
+    # relative_error's indexing ('The shape of the mask [2, 5] at index 1 does not match ...'), an IndexError
+    for mask in (torch.ones(2, 5, dtype=torch.long), torch.ones(7, dtype=torch.long), [[1] * 7] * 2):
+        with pytest.raises(ValueError, match=r"attention_mask must be a \(B, N\) = \(2, 7\) tensor"):
+            dk.models.attention_layers(bridge, tokens, attention_mask=mask)
