@@ -196,6 +196,7 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
         if "attn" not in rec:
             raise RuntimeError(f"attention layer {i} ({blocks[i][0]}) was not called by the forward pass; "
                                "select only the layers the model runs (layers=[...])")
+        _check_self_attention(blocks[i][0], rec["attn"], rec["x"])
         rec.setdefault("num_kv_heads", _kv_heads(blocks[i][0], rec))
         rec.setdefault("num_heads", rec["attn"].shape[1])
         token_mask = _token_mask(model, blocks[i][0], rec["attn"].shape[0], rec["attn"].shape[-1], named)
@@ -268,6 +269,17 @@ def _token_mask(model, name: str, batch: int, tokens: int, inputs: dict, strict:
                          "keys, past_key_values?); capture='qk' would lose it: pass the layer's key mask or use "
                          "capture='attn'")
     return None
+
+
+def _check_self_attention(name: str, attn: torch.Tensor, x: torch.Tensor) -> None:
+    """W' maps the tokens x to the outputs through A (N x N over those tokens): A over other keys (a memory
+    of another length, an extra bias or zero key) has no such W'."""
+    tokens = x.shape[-2]
+    if attn.shape[-2:] != (tokens, tokens):
+        raise ValueError(f"{name}: attention probabilities of shape {tuple(attn.shape)} are not N x N over the "
+                         f"{tokens} tokens its value projection reads (cross-attention over a memory, or extra keys "
+                         "such as add_bias_kv / add_zero_attn): W' covers self-attention only; leave this layer out "
+                         "with layers=[...]")
 
 
 def _kv_heads(name: str, rec: dict) -> int:

@@ -323,3 +323,32 @@ def test_cached_keys_are_refused_by_name(capture, key):
     empty = transformers.DynamicCache(config=model.config)  # an empty cache is no cached key
     layers = dk.models.attention_layers(model, input_ids=ids, capture=capture, use_cache=True, **{key: empty})
     assert all(layer.relative_error() <= TOLERANCE for layer in layers)
+
+
+class DecoderLayer(torch.nn.Module):
+    """torch.nn.TransformerDecoderLayer: self-attention (layer 0), then cross-attention over memory (layer 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.TransformerDecoderLayer(16, 4, 32, batch_first=True, dropout=0.0)
+
+    def forward(self, x, memory):
+        return self.layer(x, memory)
+
+
+@pytest.mark.parametrize("extra", [dict(add_bias_kv=True), dict(add_zero_attn=True)])
+def test_attention_over_other_keys_is_refused_at_capture(extra):
+    # A over keys that are not the tokens x (an extra bias/zero key, or cross-attention over a memory of another
+    # length) was returned, and failed only at use: operator()/relative_error() raised 'attn must have shape
+    # (h, N, N) or (B, h, N, N) with h, N >= 1, got (2, 4, 5, 6)'
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(16, 4, batch_first=True, **extra).eval()
+    x = torch.randn(2, 5, 16)
+    with pytest.raises(ValueError, match=r"attention probabilities of shape \(2, 4, 5, 6\) are not N x N over the 5 "
+                                         r"tokens.*layers="):
+        dk.models.attention_layers(mha, x, x, x)
+    model = DecoderLayer().eval()
+    memory = torch.randn(2, 7, 16)
+    with pytest.raises(ValueError, match=r"layer.multihead_attn: attention probabilities of shape \(2, 4, 5, 7\)"):
+        dk.models.attention_layers(model, x, memory)
+    _assert_exact(dk.models.attention_layers(model, x, memory, layers=[0]), 1)  # the self-attention
