@@ -393,7 +393,10 @@ def as_path(name: str, path):
 
 
 def check_output_folder(option: str, path) -> None:
-    """Refuse, before any work, an output folder that cannot be created or written: a file on its path."""
+    """Refuse, before any work, an output folder that cannot be created or written: a file on its path,
+    or an empty name (Path('') is '.': the working directory would take the outputs)."""
+    if not os.fspath(path).strip():
+        raise ValueError(f"{option} is empty; give a folder")
     folder = os.path.abspath(os.fspath(path))
     existing = folder
     while not os.path.exists(existing):

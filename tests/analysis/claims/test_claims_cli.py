@@ -97,3 +97,16 @@ def test_claims_checks_the_model_positions(tmp_path, tokenizer, capsys, sections
     assert last.startswith("duat claims: the text") and "tokens but the model takes at most 64 positions" in last
     assert ("behind the prompt" in last) == (sections == ["dynamic"]) and "Traceback" not in err, err
     assert not (tmp_path / "out" / "claims.json").exists()
+
+
+@pytest.mark.parametrize("out", ["", " "])
+def test_claims_refuses_an_empty_out_before_loading(tmp_path, capsys, monkeypatch, out):
+    # --out '' was Path('') = '.', the working directory: claims.md, claims.json and the PNGs were written
+    # there ('written to ./'); ' ' made a folder named ' '
+    import duat_kernels.models
+
+    monkeypatch.setattr(duat_kernels.models, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["claims", "--model", "any", "--out", out]) == 2
+    assert capsys.readouterr().err == "duat claims: --out is empty; give a folder\n"
+    assert not any(tmp_path.iterdir())
