@@ -257,9 +257,7 @@ def _token_mask(model, name: str, batch: int, tokens: int, inputs: dict, strict:
     """(B, N) True at real tokens: attention_mask, or decoder_attention_mask for the decoder of an
     encoder-decoder model; None when no mask of the layer's shape was given (strict: when none was given,
     and a mask of another shape is refused)."""
-    config = getattr(model, "config", None)
-    decoder = getattr(config, "is_encoder_decoder", False) and "decoder" in name.split(".")
-    key = "decoder_attention_mask" if decoder else "attention_mask"
+    key = "decoder_attention_mask" if _in_decoder(model, name) else "attention_mask"
     mask = inputs.get(key)
     if isinstance(mask, torch.Tensor) and mask.shape == (batch, tokens):
         return mask.bool()
@@ -280,6 +278,20 @@ def _check_self_attention(name: str, attn: torch.Tensor, x: torch.Tensor) -> Non
                          f"{tokens} tokens its value projection reads (cross-attention over a memory, or extra keys "
                          "such as add_bias_kv / add_zero_attn): W' covers self-attention only; leave this layer out "
                          "with layers=[...]")
+
+
+def _in_decoder(model, name: str) -> bool:
+    """True for a layer of the decoder of an encoder-decoder model (its own mask and head count)."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False)) and "decoder" in name.split(".")
+
+
+def config_heads(model, name: str) -> int | None:
+    """h of the layer from the model's config (the decoder's own count in an encoder-decoder model: BART's
+    decoder_attention_heads); None when the config has none."""
+    config = getattr(model, "config", None)
+    heads = getattr(config, "decoder_attention_heads", None) if _in_decoder(model, name) else None
+    heads = heads if isinstance(heads, int) else getattr(config, "num_attention_heads", None)
+    return heads if isinstance(heads, int) else None
 
 
 def _kv_heads(name: str, rec: dict) -> int:
@@ -306,8 +318,8 @@ def _hooks(model, block: tuple[str, torch.nn.Module, Architecture | None], rec: 
         return _mha_hooks(module, rec)
     config = model.config
     value, out_proj = resolve(model, name, arch.value), resolve(model, name, arch.out_proj)
-    if isinstance(getattr(config, "num_attention_heads", None), int):  # checked against A's head axis later
-        rec["num_heads"] = config.num_attention_heads
+    if config_heads(model, name) is not None:  # checked against A's head axis later
+        rec["num_heads"] = config_heads(model, name)
     rec["w_v"], rec["b_v"] = arch.value_weights(value, config)
     rec["w_o"], rec["b_o"] = arch.out_weights(out_proj, config)
 

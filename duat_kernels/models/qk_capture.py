@@ -154,9 +154,7 @@ def attention_layers_qk(model: torch.nn.Module, *args, layers: list[int] | None 
             raise ValueError(f"capture='qk' takes {key} as a (B, N) mask of the real tokens, got {shape}; "
                              "HVOOperator.from_qk cannot model another mask: use capture='attn'")
     config = model.config
-    records = {i: {"num_heads": config.num_attention_heads,
-                   "num_kv_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
-               for i in selected}
+    records: dict[int, dict] = {i: {} for i in selected}
     handles = []
     for i in selected:
         name, module, arch = blocks[i]
@@ -181,6 +179,7 @@ def attention_layers_qk(model: torch.nn.Module, *args, layers: list[int] | None 
         if "q" not in rec or "output" not in rec:
             raise RuntimeError(f"attention layer {i} ({blocks[i][0]}) was not called through transformers' "
                                "attention functions; capture='qk' cannot record it (use capture='attn')")
+        rec["num_heads"], rec["num_kv_heads"] = rec["q"].shape[1], rec["k"].shape[1]  # as the layer ran
         batch, _, tokens, _ = rec["q"].shape  # the decoder of an encoder-decoder model has its own mask
         token_mask = _token_mask(model, blocks[i][0], batch, tokens, named, strict=True)
         result.append(QKAttentionLayer(index=i, name=blocks[i][0], attn=None, token_mask=token_mask, **rec))

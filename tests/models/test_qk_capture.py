@@ -201,3 +201,23 @@ def test_a_mask_of_another_length_is_refused():
     with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 12\), not the layer's \(B, N\) = \(2, 8\)"):
         _token_mask(model, "model.layers.0.self_attn", 2, 8, inputs, strict=True)
     assert torch.equal(_token_mask(model, "x", 2, 12, inputs, strict=True), torch.ones(2, 12, dtype=torch.bool))
+
+
+def test_decoder_with_its_own_head_count():
+    # BART with 4 encoder and 2 decoder heads: the head count came from config.num_attention_heads (the
+    # encoder's) for every layer: capture='attn' failed at use ('num_heads=4 but attn of shape (2, 2, 6, 6) has
+    # 2 heads') and capture='qk' labelled the decoder layers 4 heads on 4 kv heads
+    torch.manual_seed(0)
+    config = transformers.BartConfig(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                                     decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100)
+    model = transformers.AutoModel.from_config(config, attn_implementation="eager").eval()
+    enc, dec = _ids(), _ids(tokens=6, side="left")
+    inputs = dict(enc, decoder_input_ids=dec["input_ids"], decoder_attention_mask=dec["attention_mask"])
+    with_attn = dk.models.attention_layers(model, **inputs)
+    with_qk = dk.models.attention_layers(model, capture="qk", **inputs)
+    for layers in (with_attn, with_qk):
+        assert [(layer.num_heads, layer.num_kv_heads) for layer in layers] == [(4, 4), (2, 2)]
+        for layer in layers:
+            assert layer.relative_error(layer.hvo_matrix(dtype=torch.float64)) <= TOLERANCE, layer.name
+    real = dec["attention_mask"].bool()[:, None, :, None]
+    torch.testing.assert_close(with_qk[1].attention() * real, with_attn[1].attn * real, rtol=0, atol=TOLERANCE)
