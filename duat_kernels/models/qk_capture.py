@@ -108,6 +108,11 @@ def _attention_recorder(model: torch.nn.Module, records: dict[int, dict]):
             if isinstance(bias, torch.Tensor) and bool(bias.any()):  # T5: learned relative position bias
                 raise RuntimeError(f"{type(module).__name__} adds a position bias to the attention logits "
                                    "(position_bias), which HVOOperator.from_qk does not model; use capture='attn'")
+            dropout = kwargs.get("dropout", args[0] if args else 0.0)
+            if isinstance(dropout, (int, float)) and dropout > 0:  # training mode: A is dropped out at random
+                raise RuntimeError(f"{type(module).__name__} applies attention dropout (p={dropout}) in training "
+                                   "mode, which HVOOperator.from_qk does not model; call model.eval(), or use "
+                                   "capture='attn' (A as dropped out)")
             if target == "sdpa" and kwargs.get("softcap") is not None:
                 raise RuntimeError(f"{type(module).__name__} passes softcap={kwargs['softcap']} to sdpa, which has no "
                                    "soft-capping; capture='qk' cannot reproduce the layer (use capture='attn')")

@@ -221,3 +221,15 @@ def test_decoder_with_its_own_head_count():
             assert layer.relative_error(layer.hvo_matrix(dtype=torch.float64)) <= TOLERANCE, layer.name
     real = dec["attention_mask"].bool()[:, None, :, None]
     torch.testing.assert_close(with_qk[1].attention() * real, with_attn[1].attn * real, rtol=0, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("family,extra", [("llama", {"attention_dropout": 0.5}), ("bert", {})])
+def test_attention_dropout_in_training_mode_is_refused(family, extra):
+    # a model in training mode drops attention weights at random in sdpa; from_qk's A has none of that, so W'
+    # x' + b' was off by 14-61% of the layer's output (relative_error 0.61 for the Llama), silently
+    model = _tiny(family, **extra).train()
+    with pytest.raises(RuntimeError, match=r"attention dropout \(p=0\.[15]\).*model\.eval\(\).*capture='attn'"):
+        dk.models.attention_layers(model, capture="qk", **_ids())
+    assert model.training and model.config._attn_implementation == "eager"  # left as it was
+    layers = dk.models.attention_layers(model.eval(), capture="qk", **_ids())
+    assert all(layer.relative_error() <= TOLERANCE for layer in layers)
