@@ -167,14 +167,27 @@ def _weighted(root: torch.nn.Module, block_name: str, relative: str) -> bool:
     return isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2
 
 
+def owning_config(root: torch.nn.Module, name: str):
+    """The config of the innermost module on the path to `name` that has one (a sub-model's own config inside a
+    composite model: the GPT-2 decoder of an EncoderDecoderModel), else root's (None if it has none)."""
+    config, module = getattr(root, "config", None), root
+    for part in name.split(".") if name else []:
+        module = module._modules[part]
+        own = getattr(module, "config", None)
+        if isinstance(getattr(own, "model_type", None), str):
+            config = own
+    return config
+
+
 def find_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, Architecture]]:
-    """Every self-attention block of a model with its Architecture, in module order; [] if none fits."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    candidates = (ARCHITECTURES[model_type],) if model_type in ARCHITECTURES else SHAPES
+    """Every self-attention block of a model with its Architecture, in module order; [] if none fits. Fused
+    families are looked up by the model_type of the (sub-)model that holds the block."""
     blocks = []
     for name, module in model.named_modules():
         if any(part in name.rsplit(".", 1)[-1].lower() for part in CROSS_ATTENTION_NAMES):
             continue
+        model_type = getattr(owning_config(model, name), "model_type", None)
+        candidates = (ARCHITECTURES[model_type],) if model_type in ARCHITECTURES else SHAPES
         arch = next((a for a in candidates if _weighted(model, name, a.value) and _weighted(model, name, a.out_proj)),
                     None)
         if arch is not None:

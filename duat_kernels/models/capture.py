@@ -18,7 +18,7 @@ from duat_kernels._validation import integer
 from duat_kernels.hvo import hvo_bias, hvo_matrix
 from duat_kernels.hvo_operator import HVOOperator
 from duat_kernels.models.architectures import (ARCHITECTURES, SHAPES, Architecture, describe_attention_modules,
-                                               find_blocks, resolve)
+                                               find_blocks, owning_config, resolve)
 
 
 @dataclass
@@ -288,7 +288,7 @@ def _in_decoder(model, name: str) -> bool:
 def config_heads(model, name: str) -> int | None:
     """h of the layer from the model's config (the decoder's own count in an encoder-decoder model: BART's
     decoder_attention_heads); None when the config has none."""
-    config = getattr(model, "config", None)
+    config = owning_config(model, name)
     heads = getattr(config, "decoder_attention_heads", None) if _in_decoder(model, name) else None
     heads = heads if isinstance(heads, int) else getattr(config, "num_attention_heads", None)
     return heads if isinstance(heads, int) else None
@@ -316,7 +316,7 @@ def _hooks(model, block: tuple[str, torch.nn.Module, Architecture | None], rec: 
     name, module, arch = block
     if arch is None:
         return _mha_hooks(module, rec)
-    config = model.config
+    config = owning_config(model, name)
     value, out_proj = resolve(model, name, arch.value), resolve(model, name, arch.out_proj)
     if config_heads(model, name) is not None:  # checked against A's head axis later
         rec["num_heads"] = config_heads(model, name)

@@ -22,7 +22,7 @@ import torch
 
 from duat_kernels.heads import head_indices, select_heads
 from duat_kernels.hvo_operator import HVOOperator
-from duat_kernels.models.architectures import resolve
+from duat_kernels.models.architectures import owning_config, resolve
 from duat_kernels.models.capture import (AttentionLayer, _token_mask, attention_blocks, named_inputs,
                                          select_layers)
 
@@ -158,15 +158,14 @@ def attention_layers_qk(model: torch.nn.Module, *args, layers: list[int] | None 
             shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise ValueError(f"capture='qk' takes {key} as a (B, N) mask of the real tokens, got {shape}; "
                              "HVOOperator.from_qk cannot model another mask: use capture='attn'")
-    config = model.config
     records: dict[int, dict] = {i: {} for i in selected}
     handles = []
     for i in selected:
         name, module, arch = blocks[i]
         rec = records[i]
         value, out_proj = resolve(model, name, arch.value), resolve(model, name, arch.out_proj)
-        rec["w_v"], rec["b_v"] = arch.value_weights(value, config)
-        rec["w_o"], rec["b_o"] = arch.out_weights(out_proj, config)
+        rec["w_v"], rec["b_v"] = arch.value_weights(value, owning_config(model, name))
+        rec["w_o"], rec["b_o"] = arch.out_weights(out_proj, owning_config(model, name))
         handles.append(value.register_forward_pre_hook(_store_input(rec), with_kwargs=True))
         handles.append(out_proj.register_forward_hook(_store_output(rec, stop=i == selected[-1])))
     by_module = {id(blocks[i][1]): records[i] for i in selected}

@@ -352,3 +352,28 @@ def test_attention_over_other_keys_is_refused_at_capture(extra):
     with pytest.raises(ValueError, match=r"layer.multihead_attn: attention probabilities of shape \(2, 4, 5, 7\)"):
         dk.models.attention_layers(model, x, memory)
     _assert_exact(dk.models.attention_layers(model, x, memory, layers=[0]), 1)  # the self-attention
+
+
+def _bert_to_gpt2():
+    """EncoderDecoderModel: a BERT encoder and a GPT-2 decoder (fused c_attn, cross-attention)."""
+    encoder = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                      intermediate_size=64, vocab_size=100)
+    decoder = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, add_cross_attention=True,
+                                      is_decoder=True, bos_token_id=1, eos_token_id=1)
+    torch.manual_seed(0)
+    config = transformers.EncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    return transformers.EncoderDecoderModel(config).eval()
+
+
+@pytest.mark.parametrize("capture", ["attn", "qk"])
+def test_sub_models_of_a_composite_model_keep_their_own_family(capture):
+    # the fused families (ARCHITECTURES) were looked up by the top model_type ('encoder-decoder') only, so the
+    # GPT-2 decoder's self-attention layers were silently missing: one layer (the BERT encoder's) instead of 3
+    model = _bert_to_gpt2()
+    enc = _ids(100)
+    layers = dk.models.attention_layers(model, capture=capture, input_ids=enc["input_ids"],
+                                        attention_mask=enc["attention_mask"], decoder_input_ids=enc["input_ids"][:, :5])
+    assert [layer.name for layer in layers] == ["encoder.encoder.layer.0.attention.self", "decoder.transformer.h.0.attn",
+                                                "decoder.transformer.h.1.attn"]
+    for layer in layers:
+        assert layer.relative_error() <= TOLERANCE, layer.name
