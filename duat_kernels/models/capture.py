@@ -109,20 +109,39 @@ def attention_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module,
 def eager_attention(model: torch.nn.Module, switch: bool):
     """Make the model return attention probabilities (eager attention) for the duration."""
     config = getattr(model, "config", None)
-    impl = getattr(config, "_attn_implementation", None)
-    if impl in (None, "eager"):
+    others = sorted({impl for _, impl in _implementations(model) if impl != "eager"})
+    if not others:
         with _output_attentions(config):
             yield
         return
     if not switch:
-        raise RuntimeError(f"the model uses attn_implementation={impl!r}, which does not return attention "
+        raise RuntimeError(f"the model uses attn_implementation={others[0]!r}, which does not return attention "
                            "probabilities; load it with attn_implementation='eager' or pass switch_to_eager=True")
-    model.set_attn_implementation("eager")
+    with attn_implementation(model, "eager"), _output_attentions(config):
+        yield
+
+
+def _implementations(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
+    """(sub-model, its attn_implementation) for the model and every Hugging Face model inside it."""
+    return [(m, m.config._attn_implementation) for m in model.modules() if hasattr(m, "set_attn_implementation")
+            and isinstance(getattr(getattr(m, "config", None), "_attn_implementation", None), str)]
+
+
+@contextmanager
+def attn_implementation(model: torch.nn.Module, impl: str):
+    """Run the model with attn_implementation=impl; afterwards, exception or not, every (sub-)model has its own
+    implementation back (a composite model's encoder and decoder may differ)."""
+    saved = _implementations(model)
+    if all(before == impl for _, before in saved):
+        yield
+        return
+    model.set_attn_implementation(impl)
     try:
-        with _output_attentions(config):
-            yield
+        yield
     finally:
-        model.set_attn_implementation(impl)
+        for module, before in saved:  # outer models first: each inner one then takes its own back
+            if module.config._attn_implementation != before:
+                module.set_attn_implementation(before)
 
 
 @contextmanager

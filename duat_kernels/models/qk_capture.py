@@ -23,8 +23,8 @@ import torch
 from duat_kernels.heads import head_indices, select_heads
 from duat_kernels.hvo_operator import HVOOperator
 from duat_kernels.models.architectures import owning_config, resolve
-from duat_kernels.models.capture import (AttentionLayer, _token_mask, attention_blocks, named_inputs,
-                                         select_layers)
+from duat_kernels.models.capture import (AttentionLayer, _token_mask, attention_blocks, attn_implementation,
+                                         named_inputs, select_layers)
 
 
 @dataclass
@@ -126,19 +126,15 @@ def _attention_recorder(model: torch.nn.Module, records: dict[int, dict]):
             return (wrapped or _eager_function(module))(module, query, key, value, attention_mask, *args, **kwargs)
         return wrapped(module, query, key, value, attention_mask, *args, **kwargs)
 
-    impl = model.config._attn_implementation
     mapping[target] = recording
     try:
-        if impl != target:
-            model.set_attn_implementation(target)
-        yield
+        with attn_implementation(model, target):
+            yield
     finally:
         if wrapped is None:
             del mapping[target]
         else:
             mapping[target] = wrapped
-        if impl != target:
-            model.set_attn_implementation(impl)
 
 
 def attention_layers_qk(model: torch.nn.Module, *args, layers: list[int] | None = None,

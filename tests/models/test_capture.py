@@ -377,3 +377,17 @@ def test_sub_models_of_a_composite_model_keep_their_own_family(capture):
                                                 "decoder.transformer.h.1.attn"]
     for layer in layers:
         assert layer.relative_error() <= TOLERANCE, layer.name
+
+
+@pytest.mark.parametrize("capture", ["attn", "qk"])
+def test_each_sub_model_gets_its_own_attention_implementation_back(capture):
+    # the capture switched the model to eager (attn) or sdpa (qk) and back with the top config's one string:
+    # an encoder set to eager beside an sdpa decoder came back as sdpa
+    model = _bert_to_gpt2()
+    model.set_attn_implementation({"encoder": "eager", "decoder": "sdpa"})
+    before = [(m.config._attn_implementation, m.config.output_attentions) for m in (model, model.encoder, model.decoder)]
+    assert [b[0] for b in before] == ["sdpa", "eager", "sdpa"]
+    enc = _ids(100)
+    dk.models.attention_layers(model, capture=capture, input_ids=enc["input_ids"], decoder_input_ids=enc["input_ids"])
+    assert [(m.config._attn_implementation, m.config.output_attentions)
+            for m in (model, model.encoder, model.decoder)] == before
