@@ -224,10 +224,12 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
 
 
 def _check_has_tokens(named: dict) -> None:
-    """A sequence of no tokens has no attention to capture: transformers failed inside the forward pass
-    with a raw reshape error ("cannot reshape tensor of 0 elements")."""
+    """An empty batch or a sequence of no tokens has no attention to capture: transformers failed inside the
+    forward pass with a raw reshape error ("cannot reshape tensor of 0 elements")."""
     for key in ("input_ids", "inputs_embeds"):
         t = named.get(key)
+        if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[0] == 0:
+            raise ValueError(f"{key} of shape {tuple(t.shape)} holds no sequences: pass a batch of at least one")
         if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[1] == 0:
             raise ValueError(f"{key} of shape {tuple(t.shape)} holds no tokens: pass at least one token per sequence")
 

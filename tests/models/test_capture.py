@@ -295,6 +295,11 @@ def test_sequences_without_tokens_are_refused_by_name(capture, positional):
     args, kwargs = ((ids,), {}) if positional else ((), {"input_ids": ids})
     with pytest.raises(ValueError, match=r"input_ids of shape \(1, 0\) holds no tokens"):
         dk.models.attention_layers(model, *args, capture=capture, **kwargs)
+    # an empty batch failed the same way ('cannot reshape tensor of 0 elements into shape [0, 9, -1, 8]')
+    ids = torch.zeros(0, 9, dtype=torch.long)
+    args, kwargs = ((ids,), {}) if positional else ((), {"input_ids": ids})
+    with pytest.raises(ValueError, match=r"input_ids of shape \(0, 9\) holds no sequences"):
+        dk.models.attention_layers(model, *args, capture=capture, **kwargs)
 
 
 def test_relative_error_of_an_all_padding_batch_is_refused():
