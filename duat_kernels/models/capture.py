@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from duat_kernels._validation import integer
+from duat_kernels._validation import check_layout, integer
 from duat_kernels.hvo import hvo_bias, hvo_matrix
 from duat_kernels.hvo_operator import HVOOperator
 from duat_kernels.models.architectures import (ARCHITECTURES, SHAPES, Architecture, describe_attention_modules,
@@ -61,23 +61,28 @@ class AttentionLayer:
         return hvo_bias(self.attn, self.w_o, self.b_v, self.b_o, num_kv_heads=self.num_kv_heads, layout=layout,
                         num_heads=self.num_heads)
 
-    def reconstruct(self, w: torch.Tensor | None = None) -> torch.Tensor:
-        """W' x' + b' as (B, N, M_out): with the given dense token-layout W', else matrix-free."""
+    def reconstruct(self, w: torch.Tensor | None = None, layout: str = "token") -> torch.Tensor:
+        """W' x' + b' as (B, N, M_out): with the given dense W' of this layout, else matrix-free."""
+        check_layout(layout)
+        (batch, tokens, m_out), m_in = self.output.shape, self.x.shape[-1]
+        x = (self.x if layout == "token" else self.x.transpose(1, 2)).reshape(batch, -1)  # x' in the layout's order
         if w is None:
-            flat = self.operator().matvec(self.x.reshape(self.x.shape[0], -1))
+            flat = self.operator(layout).matvec(x)
         else:
-            (batch, tokens, m_out), m_in = self.output.shape, self.x.shape[-1]
             expected = (batch, tokens * m_out, tokens * m_in)
             if not isinstance(w, torch.Tensor) or tuple(w.shape) != expected:
                 got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
-                raise ValueError(f"w must be this layer's dense token-layout W' of shape (B, N·M_out, N·M_in) = "
+                raise ValueError(f"w must be this layer's dense {layout}-layout W' of shape (B, N·M_out, N·M_in) = "
                                  f"{expected} (layer.hvo_matrix()), got {got}")
-            flat = torch.einsum("brc,bc->br", w, self.x.reshape(self.x.shape[0], -1).to(w.dtype))
-        return (flat + self.hvo_bias().to(flat.dtype)).reshape(self.output.shape)
+            flat = torch.einsum("brc,bc->br", w, x.to(w.dtype))
+        flat = flat + self.hvo_bias(layout).to(flat.dtype)
+        return flat.reshape(batch, tokens, m_out) if layout == "token" else \
+            flat.reshape(batch, m_out, tokens).transpose(1, 2)
 
-    def relative_error(self, w: torch.Tensor | None = None) -> float:
-        """||W' x' + b' - output|| / ||output|| over the real (unpadded) query tokens."""
-        diff = self.reconstruct(w).double() - self.output.double()
+    def relative_error(self, w: torch.Tensor | None = None, layout: str = "token") -> float:
+        """||W' x' + b' - output|| / ||output|| over the real (unpadded) query tokens; w (optional) is the dense
+        W' in the given layout."""
+        diff = self.reconstruct(w, layout).double() - self.output.double()
         ref = self.output.double()
         if self.token_mask is not None:
             diff, ref = diff[self.token_mask], ref[self.token_mask]

@@ -61,9 +61,10 @@ class QKAttentionLayer(AttentionLayer):
         """A (B, h, N, N), computed (refused when it would not fit)."""
         return self.operator().attn
 
-    def hvo_matrix(self, heads: int | list[int] | None = None, **kwargs) -> torch.Tensor:
-        """Dense W' (B, N·M_out, N·M_in), of the given heads only if any; kwargs go to HVOOperator.to_dense."""
-        return self.operator(heads=heads).to_dense(**kwargs)
+    def hvo_matrix(self, heads: int | list[int] | None = None, layout: str = "token", **kwargs) -> torch.Tensor:
+        """Dense W' (B, N·M_out, N·M_in) in the layout, of the given heads only if any; kwargs (dtype=, backend=,
+        ...) go to HVOOperator.to_dense."""
+        return self.operator(layout, heads=heads).to_dense(**kwargs)
 
     def hvo_bias(self, layout: str = "token") -> torch.Tensor:
         return self.operator(layout).bias()

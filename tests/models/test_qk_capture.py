@@ -233,3 +233,21 @@ def test_attention_dropout_in_training_mode_is_refused(family, extra):
     assert model.training and model.config._attn_implementation == "eager"  # left as it was
     layers = dk.models.attention_layers(model.eval(), capture="qk", **_ids())
     assert all(layer.relative_error() <= TOLERANCE for layer in layers)
+
+
+def test_feature_layout_w_is_checked_in_its_own_layout():
+    # QKAttentionLayer.hvo_matrix(layout='feature') raised "hvo_matrix() got multiple values for keyword argument
+    # 'layout'", and relative_error(w) read any W' as token layout: a feature-layout W' of the same shape gave 1.26
+    model = _tiny("llama")
+    enc = _ids(side="left")
+    (a,), (b,) = (dk.models.attention_layers(model, layers=[1], capture=c, **enc) for c in ("attn", "qk"))
+    for layer in (a, b):
+        w = layer.hvo_matrix(layout="feature", dtype=torch.float64)
+        want = a.hvo_matrix(layout="feature", dtype=torch.float64)  # sequence 0 (unpadded: padded rows differ)
+        torch.testing.assert_close(w[0], want[0], rtol=1e-5, atol=1e-6)
+        assert layer.relative_error(w, layout="feature") <= TOLERANCE
+        assert layer.relative_error(layout="feature") <= TOLERANCE  # matrix-free
+        torch.testing.assert_close(layer.reconstruct(w, layout="feature")[0], layer.reconstruct()[0].double(),
+                                   rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="layout"):
+        a.relative_error(layout="Feature")
