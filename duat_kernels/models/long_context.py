@@ -51,6 +51,10 @@ def read_text(text: str) -> str:
 def inspect_long(model, inputs: dict, layers: list[int] | None = None, spectral: bool = True, grid: int = GRID,
                  spectral_tol: float = 1e-3) -> list[LongLayerReport]:
     """Capture the selected layers as q/k on inputs (batch of one) and analyse each matrix-free."""
+    key = next((k for k in ("input_ids", "inputs_embeds") if isinstance(inputs.get(k), torch.Tensor)), None)
+    if key is not None and (inputs[key].dim() < 2 or inputs[key].shape[0] != 1):
+        raise ValueError(f"inspect_long analyses one sequence (batch of one), got {key} of shape "
+                         f"{tuple(inputs[key].shape)}")
     start = time.perf_counter()
     captured = attention_layers(model, layers=layers, capture="qk", **inputs)
     capture_s = time.perf_counter() - start

@@ -30,3 +30,18 @@ def test_long_mode_is_automatic_past_a_size(tmp_path):
     assert not long_context.wants_long(argparse.Namespace(text="a short text", long=False))
     assert long_context.read_text(f"@{long_text}") == long_text.read_text()
     assert long_context.wants_long(argparse.Namespace(text=None, long=True))
+
+
+def test_inspect_long_takes_one_sequence():
+    # a batch of two was analysed as its first sequence only (norms, spectral norm) with the exactness check
+    # over both, silently
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers", reason="needs transformers (pip install '.[models]')")
+    torch.manual_seed(0)
+    model = transformers.LlamaModel(transformers.LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                                             intermediate_size=64, vocab_size=50)).eval()
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"one sequence \(batch of one\), got input_ids of shape \(2, 6\)"):
+        long_context.inspect_long(model, {"input_ids": ids})
+    (report,) = long_context.inspect_long(model, {"input_ids": ids[:1]}, spectral=False)
+    assert report.tokens == 6 and report.rel_error <= 1e-5
