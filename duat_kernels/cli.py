@@ -125,10 +125,12 @@ def check_scale_args(args) -> None:
     check_output_file("--plot", args.plot)
     if args.plot is not None:
         check_plot_format("--plot", args.plot)
-    # attn (h, N, N) float32, the causal mask and block_norms' (N, N) result, and a few (N, N) temporaries
-    n = max(args.n)
-    _check_memory(f"--n {n} needs about {{needed}} of memory ((h + 4) N² float32: the attention probabilities and "
-                  "N x N work space) but {free} is available; use a smaller --n", (args.heads + 4) * n * n * 4)
+    # attn (h, N, N) float32, the causal mask and block_norms' (N, N) result, and a few (N, N) temporaries; w_v,
+    # w_o and the OV circuits (h + 2) M x M; x and the products, a few N x M
+    n, m, h = max(args.n), args.m, args.heads
+    _check_memory(f"--n {n} --m {m} needs about {{needed}} of memory ((h + 4) N² + (h + 2) M² + 8 N M float32: the "
+                  "attention probabilities, N x N work space, weights and OV circuits) but {free} is available; use a "
+                  "smaller --n or --m", ((h + 4) * n * n + (h + 2) * m * m + 8 * n * m) * 4)
 
 
 def check_demo_args(args) -> None:

@@ -39,7 +39,7 @@ CLI_ERRORS = {
     "demo-embed-dim-0": (["demo", "--embed-dim", "0"], "argument --embed-dim: must be a positive integer"),
     "demo-repeats-0": (["demo", "--repeats", "0"], "argument --repeats: must be a positive integer"),
     "demo-threads-negative": (["demo", "--threads", "-1"], "argument --threads: must be a positive integer"),
-    "scale-n-huge": (["scale", "--n", "1000000"], "--n 1000000 needs about"),
+    "scale-n-huge": (["scale", "--n", "1000000"], "--n 1000000 --m 256 needs about"),
     # torch.set_num_threads(100000) then crashed the process in libgomp (exit status 139, no message)
     "demo-threads-huge": (["demo", "--threads", "100000"], "argument --threads: must be at most"),
     "markov-threads-huge": (["markov", "--threads", "100000"], "--threads must be at most"),
@@ -50,6 +50,9 @@ IN_PROCESS_ERRORS = {
     "demo-too-large": (["demo", "--tokens", "100000"], "W' is 19200000 x 19200000 float32 and the demo needs"),
     "scale-n-1": (["scale", "--n", "1"], "every --n must be >= 2"),
     "scale-indivisible": (["scale", "--m", "10", "--heads", "3"], "--m 10 must be divisible by --heads 3"),
+    # the estimate counted N² only: the (M, M) weights reached the allocator ("DefaultCPUAllocator: can't allocate
+    # memory: you tried to allocate 4000000000000000000 bytes")
+    "scale-m-huge": (["scale", "--n", "2", "--m", str(10 ** 9), "--heads", "1"], "--n 2 --m 1000000000 needs about"),
     "scale-plot-missing-folder": (["scale", "--n", "8", "--plot", "/nonexistent/x.png"],
                                   "--plot /nonexistent/x.png: the folder /nonexistent does not exist"),
     "scale-plot-is-folder": (["scale", "--n", "8", "--plot", "/"], "--plot / is a directory"),
