@@ -136,15 +136,14 @@ def _implementations(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str]
 def attn_implementation(model: torch.nn.Module, impl: str):
     """Run the model with attn_implementation=impl; afterwards, exception or not, every (sub-)model has its own
     implementation back (a composite model's encoder and decoder may differ)."""
-    saved = _implementations(model)
-    if all(before == impl for _, before in saved):
-        yield
-        return
-    model.set_attn_implementation(impl)
+    saved = _implementations(model)  # outer models first: setting one sets the models inside it
     try:
+        for module, _ in saved:
+            if module.config._attn_implementation != impl:
+                module.set_attn_implementation(impl)
         yield
     finally:
-        for module, before in saved:  # outer models first: each inner one then takes its own back
+        for module, before in saved:  # each inner model then takes its own back
             if module.config._attn_implementation != before:
                 module.set_attn_implementation(before)
 

@@ -396,3 +396,23 @@ def test_each_sub_model_gets_its_own_attention_implementation_back(capture):
     dk.models.attention_layers(model, capture=capture, input_ids=enc["input_ids"], decoder_input_ids=enc["input_ids"])
     assert [(m.config._attn_implementation, m.config.output_attentions)
             for m in (model, model.encoder, model.decoder)] == before
+
+
+class Wrapper(torch.nn.Module):
+    """A plain module holding a Hugging Face model (no config, no set_attn_implementation of its own)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, **inputs):
+        return self.inner(**inputs)
+
+
+def test_a_model_inside_a_plain_module_is_captured_and_restored():
+    # failed with "'Wrapper' object has no attribute 'config'" (the weights' split read the top config) and,
+    # once that was found, "'Wrapper' object has no attribute 'set_attn_implementation'"
+    torch.manual_seed(0)
+    wrapper = Wrapper(transformers.AutoModel.from_config(CONFIGS["llama"](), attn_implementation="sdpa")).eval()
+    _assert_exact(dk.models.attention_layers(wrapper, **_ids(100)), 2)
+    assert wrapper.inner.config._attn_implementation == "sdpa"
