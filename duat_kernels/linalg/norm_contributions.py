@@ -47,6 +47,8 @@ def contributions(attn, x: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, n
     check_fits(f"contributions of shape {(batch, h, n, n) if per_head else (batch, n, n)}",
                (batch * h * n * m_out + result) * size, source.device,
                "Analyse fewer tokens (or one batch element) at a time.")
+    if m_out == 0 or w_v.shape[1] == 0:  # W'_nm x_m is an empty vector or an empty sum: norm 0, whatever A holds
+        return torch.zeros(batch, *((h,) if per_head else ()), n, n, dtype=ct, device=source.device)
     u = projected_values(x.to(ct), w_v, w_o, h, num_kv_heads)  # (B, h, N, M_out)
     if per_head:
         return source.dense().to(ct).abs() * u.norm(dim=-1).unsqueeze(2)  # |A_i[n, m]| · ||u_i[m]||

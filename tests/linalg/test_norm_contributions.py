@@ -89,3 +89,24 @@ def test_contributions_called_directly_checks_x(x, exc, message):
     lay = random_layer(1, 2, tokens=3, m_in=4, m_out=2)
     with pytest.raises(exc, match=message):
         contrib.contributions(lay["attn"], x(), lay["w_v"], lay["w_o"], 2)
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("empty", ["m_in", "m_out"])
+def test_contributions_of_empty_blocks_are_zero_with_non_finite_factors(empty, per_head):
+    """W'_nm x_m is an empty vector (M_out = 0) or an empty sum (M_in = 0): its norm is 0, as the
+    dense W' (which has no entries to hold the NaN) says. The Gram form gave NaN: α NaN times a
+    zero G_m, or Wo (NaN) times the empty sum Wv x_m."""
+    lay = random_layer(1, 2, tokens=3, m_in=0 if empty == "m_in" else 2, m_out=0 if empty == "m_out" else 2,
+                       batched=False, dtype=torch.float64)
+    attn, w_o = lay["attn"].clone(), lay["w_o"].clone()
+    attn[0, 1, 0] = float("nan")
+    if w_o.numel():
+        w_o[0, 0] = float("inf")
+    op = dk.HVOOperator(attn, lay["w_v"], w_o)
+    x = torch.randn(3 * lay["w_v"].shape[1], dtype=torch.float64)
+    w = op.to_dense()
+    blocks = w.reshape(3, w.shape[0] // 3, 3, w.shape[1] // 3).transpose(1, 2)
+    expected = (blocks @ x.reshape(3, -1).unsqueeze(-1)).squeeze(-1).norm(dim=-1)  # zeros: no entries
+    got = op.contributions(x, per_head=per_head)
+    assert torch.equal(got, expected.expand(2, 3, 3) if per_head else expected)
