@@ -63,11 +63,21 @@ def singular_values(op, k: int = 1, tol: float = 1e-6, seed: int = 0) -> np.ndar
     v0 = np.random.default_rng(seed).standard_normal(side).astype(lin.dtype)
     # ARPACK iterates on W'ᵀW', whose entries are squares: a zero W' (fully masked attention, zero
     # weights) stops it ("starting vector is zero"), and so do tiny entries, whose squares underflow.
-    # It runs on W' scaled by max|W' x| / max|x| for a random x (no squares; 0 only for a zero W') instead.
+    # It runs on W' scaled by max|W' x| / max|x| for a random x (no squares; 0 only for a zero W') instead,
+    # divided by it (its reciprocal overflows for a subnormal W': 1 / 1e-39 is Inf in float32).
     x = np.random.default_rng(seed).standard_normal(lin.shape[1]).astype(lin.dtype)
     gain = float(np.abs(lin.matvec(x)).max()) / float(np.abs(x).max())
     if gain == 0:
         return np.zeros(k, dtype=lin.dtype)
     scale = gain if np.isfinite(gain) else 1.0
-    s = svds(lin * lin.dtype.type(1 / scale), k=k, tol=tol, v0=v0, return_singular_vectors=False)
+    s = svds(_divided(lin, lin.dtype.type(scale)), k=k, tol=tol, v0=v0, return_singular_vectors=False)
     return (np.sort(s)[::-1] * scale).astype(lin.dtype)
+
+
+def _divided(lin, scale):
+    """The LinearOperator lin / scale, dividing each product (scipy's lin * (1 / scale) overflows)."""
+    from scipy.sparse.linalg import LinearOperator
+
+    return LinearOperator(lin.shape, dtype=lin.dtype, matvec=lambda x: lin.matvec(x) / scale,
+                          rmatvec=lambda y: lin.rmatvec(y) / scale, matmat=lambda xs: lin.matmat(xs) / scale,
+                          rmatmat=lambda ys: lin.rmatmat(ys) / scale)

@@ -72,6 +72,19 @@ def test_zero_tiny_and_large_operators(scale):
     assert op.spectral_norm() == pytest.approx(torch.linalg.matrix_norm(dense, 2).item(), rel=1e-4)
 
 
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e-39), (torch.float64, 1e-309)])
+def test_subnormal_operators(dtype, scale):
+    """W' whose entries are subnormal: ARPACK ran on W' times 1 / max|W' x|, which overflows to Inf
+    (1e39 in float32), and raised ArpackError ("could not build an Arnoldi factorization")."""
+    lay = random_layer(1, 2, tokens=3, m_in=2, m_out=2, batched=False, dtype=torch.float64)
+    attn = (lay["attn"] * scale).to(dtype)
+    op = dk.HVOOperator(attn, lay["w_v"].to(dtype), lay["w_o"].to(dtype))
+    dense = dk.HVOOperator(attn.double(), lay["w_v"].to(dtype).double(), lay["w_o"].to(dtype).double()).to_dense()
+    # entries of about scale hold log2(scale / smallest subnormal) significant bits: 1e-39 in float32 has 20
+    rel = 2.0 ** -20 if dtype == torch.float32 else 2.0 ** -24
+    assert op.spectral_norm() == pytest.approx(torch.linalg.matrix_norm(dense, 2).item(), rel=8 * rel)
+
+
 def test_meta_operator_is_refused():
     # spectral_norm failed inside with NotImplementedError "Cannot copy out of meta tensor; no data!",
     # fraction_above with RuntimeError "Tensor.item() cannot be called on meta tensors"
