@@ -219,7 +219,7 @@ class QKAttention(AttentionSource):
         self.key_mask = key_mask_4d(attention_mask, self.batch, self.tokens, self.device)
         self._qk_finite: bool | None = None
         self._wide: bool | None = None
-        self._lse: torch.Tensor | None = None
+        self._normalisers: tuple[torch.Tensor, torch.Tensor] | None = None
         self.empty_rows = self._rows_without_keys()  # (B, N) bool or None
 
     # --- masks ------------------------------------------------------------------------------
@@ -314,16 +314,20 @@ class QKAttention(AttentionSource):
             p.masked_fill_(self.empty_rows[:, None, r0:r1, None], 0.0)
         return p
 
-    def log_sum_exp(self) -> torch.Tensor:
-        """log Σ_m exp(logits[n, m]) per row (B, h, N), computed once (-inf for rows without keys)."""
-        if self._lse is None:
-            lse = torch.empty(self.batch, self.heads, self.tokens, device=self.device,
-                              dtype=torch.float64 if self.wide_logits() else self.dtype)
+    def softmax_normalisers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(max_m logits[n, m], Σ_m exp(logits[n, m] - max)) per row, each (B, h, N), computed once (max -inf
+        for rows without keys). Kept apart, not as log Σ exp = max + log Σ: that sum rounds away its log Σ
+        once ulp(max) > log N (logits of 1e17 in float64, 1e8 in float32), and exp(s - lse) gave 1, not 1/N."""
+        if self._normalisers is None:
+            shape, dtype = (self.batch, self.heads, self.tokens), torch.float64 if self.wide_logits() else self.dtype
+            top, total = (torch.empty(shape, device=self.device, dtype=dtype) for _ in range(2))
             for r0 in range(0, self.tokens, self.rows_per_step()):
                 r1 = min(self.tokens, r0 + self.rows_per_step())
-                lse[:, :, r0:r1] = self.logits(r0, r1, *self.column_range(r0, r1)).logsumexp(-1)
-            self._lse = lse
-        return self._lse
+                s = self.logits(r0, r1, *self.column_range(r0, r1))
+                top[:, :, r0:r1] = s.amax(-1)
+                total[:, :, r0:r1] = (s - top[:, :, r0:r1, None]).exp().sum(-1)
+            self._normalisers = top, total
+        return self._normalisers
 
     # --- products through scaled_dot_product_attention ---------------------------------------
 
@@ -397,7 +401,7 @@ class QKAttention(AttentionSource):
 
     def entries(self, batch, rows, cols):
         out = torch.empty(self.heads, rows.shape[0], dtype=self.dtype, device=self.device)
-        lse = self.log_sum_exp()[batch]
+        top, total = (t[batch] for t in self.softmax_normalisers())
         g = self.heads // self.kv_heads
         for s0 in range(0, rows.shape[0], 8192):
             n, m = rows[s0:s0 + 8192], cols[s0:s0 + 8192]
@@ -407,11 +411,11 @@ class QKAttention(AttentionSource):
             s = (q * k).sum(-1).reshape(self.heads, -1) * self.scale
             if self.softcap:
                 s = torch.tanh(s / self.softcap) * self.softcap
-            row_lse = lse[:, n]
-            p = (s - row_lse).exp()
-            # a row with a +Inf or NaN logit has a log-sum-exp of Inf or NaN, and softmax makes every
-            # entry of it NaN (its sum is NaN); exp(s - lse) alone would give 0 beside the NaN
-            p = torch.where(row_lse.isfinite() | (row_lse == float("-inf")), p, float("nan"))
+            row_max = top[:, n]
+            p = (s - row_max).exp() / total[:, n]
+            # a row with a +Inf or NaN logit has a maximum of Inf or NaN, and softmax makes every
+            # entry of it NaN (its sum is NaN); exp(s - max) alone would give 0 beside the NaN
+            p = torch.where(row_max.isfinite() | (row_max == float("-inf")), p, float("nan"))
             ok = self._pair_allowed(batch, n, m)
             out[:, s0:s0 + 8192] = torch.where(ok, p, 0.0)
         return out

@@ -394,3 +394,17 @@ def test_from_qk_products_keep_autograd(tracked, causal, softcap):
                                    msg=name)
     with torch.no_grad():  # without autograd the C++ passes serve as before
         torch.testing.assert_close(op.rmatvec(vector), explicit.rmatvec(vector))
+
+
+@pytest.mark.parametrize("dtype,size", [(torch.float64, 1e30), (torch.float64, 1e17), (torch.float32, 1e8)])
+def test_entries_of_huge_equal_logits_are_the_softmax(dtype, size):
+    """Two keys with the same huge logit s: A = 1/2 each. entries() (block, trace, fraction_above) formed
+    exp(s - logsumexp), and logsumexp = s + log 2 rounds to s once ulp(s) > log 2: it gave 1, so
+    block(n, m) was twice the dense W''s block."""
+    q = torch.tensor([[[1.5], [-0.25]]], dtype=dtype)
+    k = torch.full((1, 2, 1), size, dtype=dtype)
+    op = dk.HVOOperator.from_qk(q, k, torch.ones(1, 1, dtype=dtype), torch.ones(1, 1, dtype=dtype))
+    assert torch.equal(op.attn, torch.full((1, 2, 2), 0.5, dtype=dtype))
+    for n, m in ((0, 0), (0, 1), (1, 0)):
+        assert op.block(n, m).item() == 0.5
+    assert op.trace().item() == 1.0
