@@ -1,9 +1,10 @@
 """Triton kernels: Gram-weighted block norms of W' straight from q and k, A never written.
 
 Two launches, as flash attention's forward and its statistics:
-  1. row statistics: lse[b, i, n] = log Σ_m exp(s_i[n, m]) with an online max over key blocks,
-     s_i = scale · q_i k_{i//g}ᵀ (soft-capped), -inf where masked (causal, window, key mask);
-  2. one program per (row block, key block): for every head i, α_i = exp(s_i - lse_i) (BM x
+  1. row statistics: the maximum m[b, i, n] of s_i[n, :] and l[b, i, n] = Σ_m exp(s_i[n, m] - m) (an online
+     max over key blocks), s_i = scale · q_i k_{i//g}ᵀ (soft-capped), -inf where masked (causal, window, key
+     mask); kept apart, since m + log l rounds log l away once ulp(m) > log N (logits of 1e8);
+  2. one program per (row block, key block): for every head i, α_i = exp(s_i - m_i) / l_i (BM x
      BN, recomputed), y = C α accumulated as (H_PAD, BM, BN), and ||y||² summed
      into the super-block of each entry (summed per super-block in the tile, then atomic adds into
      the (R, C) grid, float32).
@@ -95,7 +96,7 @@ def _logits(q_ptr, k_ptr, mask_ptr, b, i, kv, rows, cols, N, D, scale, softcap, 
 @triton.autotune(configs=_LSE_CONFIGS, key=["D_PAD", "SIZE_CLASS", "CAUSAL", "PRECISION"],
                  prune_configs_by={"early_config_prune": _prune_lse_configs})
 @triton.jit
-def row_lse_kernel(q_ptr, k_ptr, mask_ptr, lse_ptr, H, G, N, D, scale, softcap, window,
+def row_lse_kernel(q_ptr, k_ptr, mask_ptr, max_ptr, sum_ptr, H, G, N, D, scale, softcap, window,
                    sqb, sqh, sqn, skb, skh, skn, SIZE_CLASS,
                    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr):
@@ -116,14 +117,14 @@ def row_lse_kernel(q_ptr, k_ptr, mask_ptr, lse_ptr, H, G, N, D, scale, softcap, 
         run_sum = run_sum * tl.exp(tl.where(run_max > float("-inf"), run_max - safe, float("-inf"))) + \
             tl.sum(tl.exp(s - safe[:, None]), 1)
         run_max = new_max
-    lse = tl.where(run_sum > 0, run_max + tl.log(run_sum), float("-inf"))
-    tl.store(lse_ptr + bh.to(tl.int64) * N + rows, lse, mask=rows < N)
+    tl.store(max_ptr + bh.to(tl.int64) * N + rows, run_max, mask=rows < N)
+    tl.store(sum_ptr + bh.to(tl.int64) * N + rows, run_sum, mask=rows < N)
 
 
 @triton.autotune(configs=_GRID_CONFIGS, key=["D_PAD", "H_PAD", "SIZE_CLASS", "CAUSAL", "PRECISION"], reset_to_zero=["out_ptr"],
                  prune_configs_by={"early_config_prune": _prune_grid_configs})
 @triton.jit
-def gram_grid_kernel(q_ptr, k_ptr, mask_ptr, lse_ptr, c_ptr, rbin_ptr, cbin_ptr, out_ptr,
+def gram_grid_kernel(q_ptr, k_ptr, mask_ptr, max_ptr, sum_ptr, c_ptr, rbin_ptr, cbin_ptr, out_ptr,
                      H, G, N, D, OUT_R, OUT_C, scale, softcap, window,
                      sqb, sqh, sqn, skb, skh, skn, SIZE_CLASS,
                      CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, D_PAD: tl.constexpr, H_PAD: tl.constexpr,
@@ -140,9 +141,11 @@ def gram_grid_kernel(q_ptr, k_ptr, mask_ptr, lse_ptr, c_ptr, rbin_ptr, cbin_ptr,
         for i in range(H):
             s = _logits(q_ptr, k_ptr, mask_ptr, b, i, i // G, rows, cols, N, D, scale, softcap, window,
                         sqb, sqh, sqn, skb, skh, skn, CAUSAL, HAS_MASK, D_PAD, PRECISION)
-            lse = tl.load(lse_ptr + (b * H + i).to(tl.int64) * N + rows, mask=rows < N, other=float("-inf"))
-            lse = tl.where(lse > float("-inf"), lse, float("inf"))  # rows without keys: α = exp(-inf) = 0
-            alpha = tl.exp(s - lse[:, None])
+            row = (b * H + i).to(tl.int64) * N + rows
+            top = tl.load(max_ptr + row, mask=rows < N, other=float("-inf"))
+            total = tl.load(sum_ptr + row, mask=rows < N, other=0.0)
+            top = tl.where(top > float("-inf"), top, float("inf"))  # rows without keys: α = exp(-inf) = 0
+            alpha = tl.exp(s - top[:, None]) * (1.0 / tl.where(total > 0, total, 1.0))[:, None]
             c_col = tl.load(c_ptr + j * H + i, mask=j < H, other=0.0)  # C[:, i]
             y += c_col[:, None, None] * alpha[None, :, :]
         sq = tl.sum(y * y, 0)
@@ -179,15 +182,15 @@ def block_norms_qk(q: torch.Tensor, k: torch.Tensor, c: torch.Tensor, row_bins: 
     q, k, c = q.contiguous().float(), k.contiguous().float(), c.contiguous().float()
     mask = key_mask.to(torch.int8).contiguous() if key_mask is not None else torch.ones(1, dtype=torch.int8,
                                                                                          device=q.device)
-    lse = torch.empty(batch, h, n, dtype=torch.float32, device=q.device)
+    top, total = (torch.empty(batch, h, n, dtype=torch.float32, device=q.device) for _ in range(2))
     meta = dict(CAUSAL=bool(causal), HAS_MASK=key_mask is not None, D_PAD=max(16, triton.next_power_of_2(d)),
                 PRECISION=LOGIT_PRECISION)
     strides = (*q.stride()[:3], *k.stride()[:3], n.bit_length())  # the last: the autotuners' size class
     masking = (float(scale), float(softcap or 0.0), int(window or 0))
     row_lse_kernel[lambda cfg: (batch * h, triton.cdiv(n, cfg["BM"]))](
-        q, k, mask, lse, h, h // k.shape[1], n, d, *masking, *strides, **meta)
+        q, k, mask, top, total, h, h // k.shape[1], n, d, *masking, *strides, **meta)
     out = torch.zeros(batch, *grid, dtype=torch.float32, device=q.device)
     gram_grid_kernel[lambda cfg: (batch, triton.cdiv(n, cfg["BM"]), triton.cdiv(n, cfg["BN"]))](
-        q, k, mask, lse, c, row_bins.contiguous(), col_bins.contiguous(), out, h, h // k.shape[1], n, d, *grid,
+        q, k, mask, top, total, c, row_bins.contiguous(), col_bins.contiguous(), out, h, h // k.shape[1], n, d, *grid,
         *masking, *strides, H_PAD=max(2, triton.next_power_of_2(h)), **meta)
     return out.clamp_min_(0).sqrt_()

@@ -60,3 +60,20 @@ def test_tile_shapes_respect_cuda_grid_limits():
     with pytest.raises(ValueError, match=f"launches at most {limit} tokens, got N = {limit + 1}"):
         an.block_norms_qk(q, q, torch.ones(1, 1, device=DEVICE), bins, bins, (1, 1), causal=True, key_mask=None,
                           scale=1.0, softcap=None, window=None)
+
+
+def test_huge_equal_logits_share_the_row():
+    """Two keys with the same logit 1.5e8: α = 1/2 each, as from_qk's torch/C++ passes give. The row
+    statistics were stored as lse = max + log Σ exp(s - max), which rounds log 2 away in float32 once
+    ulp(max) > log 2: α = exp(s - lse) = 1, and every norm came out twice the dense one."""
+    from duat_kernels.triton.attention_norms import block_norms_qk
+
+    q, k = torch.tensor([[[[1.5], [-0.25]]]]), torch.full((1, 1, 2, 1), 1e8)
+    w_v, w_o = torch.ones(1, 1), torch.ones(1, 1)
+    op = dk.HVOOperator.from_qk(q, k, w_v, w_o)
+    c = norms.gram_factor(w_v, w_o, 1, 1).float().to(DEVICE)
+    bins = norms._bins(2, 2, DEVICE)
+    got = block_norms_qk(q.to(DEVICE), k.to(DEVICE), c, bins, bins, (2, 2), causal=False, key_mask=None, scale=1.0,
+                         softcap=None, window=None)
+    torch.testing.assert_close(got.cpu(), op.block_norms(grid=(2, 2)), rtol=0, atol=0)
+    torch.testing.assert_close(got.cpu(), torch.full((1, 2, 2), 0.5), rtol=0, atol=0)
