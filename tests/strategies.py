@@ -120,3 +120,55 @@ def materialise_bound(exact: torch.Tensor, magnitude: torch.Tensor, heads: int, 
     acc = torch.float64 if out_dtype == torch.float64 else torch.float32
     bound = 2 * heads * ROUNDOFF[acc] * magnitude.double() + OUT_ULP[out_dtype] * exact.double().abs()
     return bound + torch.finfo(out_dtype).tiny
+
+
+@st.composite
+def qk_layers(draw, max_batch=2, max_heads=2, max_tokens=4, dtypes=(torch.float32, torch.float64)):
+    """dict(q, k, w_v, w_o, options) for HVOOperator.from_qk: q/k with NaN, ±Inf, huge and zero entries,
+    causal, soft-cap, sliding window, key masks with rows (or batch elements) attending no key."""
+    batch, heads = draw(st.integers(1, max_batch)), draw(st.integers(1, max_heads))
+    kv = draw(st.sampled_from([k for k in range(1, heads + 1) if heads % k == 0]))
+    n, hd, d = draw(st.integers(1, max_tokens)), draw(st.integers(1, 3)), draw(st.integers(1, 2))
+    m_in, m_out = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    dtype = draw(st.sampled_from(dtypes))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 31)))
+    q = torch.randn(batch, heads, n, hd, generator=g, dtype=torch.float64)
+    k = torch.randn(batch, kv, n, hd, generator=g, dtype=torch.float64)
+    for t in draw(st.lists(st.sampled_from([q, k]), max_size=2)):
+        t.view(-1)[draw(st.integers(0, t.numel() - 1))] = draw(st.sampled_from([*SPECIALS, 1e30, -1e30, 0.0]))
+    options = dict(causal=draw(st.booleans()), softcap=draw(st.sampled_from([None, 0.5, 5.0])),
+                   sliding_window=draw(st.sampled_from([None, 1, 2, 10])))
+    if draw(st.booleans()):
+        mask = torch.rand(batch, n, generator=g) > 0.4
+        if draw(st.booleans()):
+            mask[0] = False  # a batch element that attends no key
+        options["attention_mask"] = mask
+    batched = batch != 1 or draw(st.booleans())
+    unbatch = (lambda t: t) if batched else (lambda t: t[0])  # noqa: E731
+    if "attention_mask" in options:
+        options["attention_mask"] = unbatch(options["attention_mask"])
+    w_v = torch.randn(kv * d, m_in, generator=g, dtype=torch.float64).to(dtype)
+    w_o = torch.randn(m_out, heads * d, generator=g, dtype=torch.float64).to(dtype)
+    return dict(q=unbatch(q).to(dtype), k=unbatch(k).to(dtype), w_v=w_v, w_o=w_o, num_kv_heads=kv, options=options)
+
+
+def softmax_attention(q, k, *, causal=False, softcap=None, sliding_window=None, attention_mask=None):
+    """A = softmax(q kᵀ / sqrt(d) soft-capped, masked) in float64 for q (B, h, N, d), k (B, h_kv, N, d):
+    (B, h, N, N); rows that attend no key are zero (as HVOOperator.from_qk documents)."""
+    q, k = q.double(), k.double().repeat_interleave(q.shape[1] // k.shape[1], 1)
+    logits = q @ k.mT * q.shape[-1] ** -0.5
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    n = q.shape[2]
+    i = torch.arange(n)
+    allowed = torch.ones(q.shape[0], 1, n, n, dtype=torch.bool)
+    if causal:
+        allowed = allowed & (i[None, :] <= i[:, None])
+    if sliding_window is not None:
+        allowed = allowed & (i[:, None] - sliding_window < i[None, :])
+        if not causal:
+            allowed = allowed & (i[None, :] < i[:, None] + sliding_window)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.reshape(q.shape[0], 1, 1, n)
+    attn = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
+    return torch.where(allowed, attn, 0.0)  # also zero for rows with no key (softmax of all -Inf is NaN)

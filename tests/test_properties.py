@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 import duat_kernels as dk
 from duat_kernels import reference
 
-from strategies import ROUNDOFF, SPECIALS, assert_ieee_close, dense_reference, layers, materialise_bound
+from strategies import (ROUNDOFF, SPECIALS, assert_ieee_close, dense_reference, layers, materialise_bound, qk_layers,
+                        softmax_attention)
 
 BACKEND_DTYPES = {"reference": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
                   "cpp": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
@@ -292,3 +293,132 @@ def test_operator_bad_arguments_name_the_argument(name, call):
     with pytest.raises((ValueError, TypeError)) as info:
         call(op)
     assert f"{name}" in str(info.value), str(info.value)
+
+
+# Extreme magnitudes: one factor scaled to tiny (1e-30), subnormal in float32 (2**-130) or huge (1e30)
+# values, whole rows of A zero, on top of the NaN/Inf of `layers`. Huge float32 factors are left to the
+# documented overflow-order caveat (docs/input-handling.md), as are float32 norms whose squares under- or
+# overflow float32 (below ~1e-19, above ~1.8e19).
+SCALES = (1.0, 1e-30, 2.0 ** -130, 1e30)
+
+
+@settings(max_examples=150, deadline=None)
+@given(lay=layers(max_batch=2, max_tokens=3, max_width=3), layout=st.sampled_from(["token", "feature"]),
+       scale=st.sampled_from(SCALES), factor=st.sampled_from(["attn", "w_v", "w_o"]), zero_row=st.booleans(),
+       data=st.data())
+def test_operator_methods_equal_dense_at_extremes(lay, layout, scale, factor, zero_row, data):
+    dtype = lay["attn"].dtype
+    if dtype == torch.float32 and scale > 1:
+        scale = 1e15  # products stay within float32's range
+    lay = dict(lay, **{factor: lay[factor] * scale})
+    if zero_row and lay["attn"].shape[-1]:
+        lay["attn"] = lay["attn"].clone()
+        lay["attn"][..., -1, :] = 0  # a query that attends nothing
+    kv, h = lay["num_kv_heads"], lay["heads"]
+    op = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"], num_kv_heads=kv, layout=layout)
+    d = op.dims
+    exact, magnitude = dense_reference(lay["attn"], lay["w_v"], lay["w_o"], kv, layout, reference.compute_dtype(dtype))
+    bound = materialise_bound(exact, magnitude, h, dtype)
+    for cap in dk.cpp.supported_capabilities() if "cpp" in dk.available_backends("cpu") else []:
+        with dk.cpp.using_capability(cap):
+            got = dk.hvo_matrix(lay["attn"], lay["w_v"], lay["w_o"], num_kv_heads=kv, layout=layout, backend="cpp")
+        assert_ieee_close(got, exact.to(dtype), bound, what=f"hvo_matrix(cpp, {cap})")
+    assert_ieee_close(op.to_dense(), exact.to(dtype), bound, what="to_dense")
+    if not (d.batch and d.tokens and d.m_in and d.m_out):
+        return
+    rows, cols = op.shape[-2:]
+    r0, c0 = data.draw(st.integers(0, rows - 1)), data.draw(st.integers(0, cols - 1))
+    assert_ieee_close(op.tile(slice(r0, rows), slice(c0, cols)), exact[..., r0:, c0:].to(dtype),
+                      bound[..., r0:, c0:], what="tile")
+    dense64, _ = dense_reference(lay["attn"], lay["w_v"], lay["w_o"], kv, "token", torch.float64)
+    blocks = (dense64 if d.batched else dense64[None]).reshape(d.batch, d.tokens, d.m_out, d.tokens, d.m_in)
+    unbatch = (lambda t: t) if d.batched else (lambda t: t[0])  # noqa: E731
+    x = torch.randn(d.batch, d.tokens, d.m_in, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = x.to(dtype).double()
+    expected = torch.linalg.vector_norm(torch.einsum("bncma,bma->bnmc", blocks, x), dim=-1)
+    norms = torch.linalg.vector_norm(blocks, dim=(2, 4))
+    # the Gram forms sum h² products of the heads' own terms: their error is on the squares, relative to
+    # (Σ_i |A_i[n, m]| ||OV_i x_m||)² and (Σ_i |A_i[n, m]| ||OV_i||_F)², however much the heads cancel
+    # |Wo_i| |Wv_i|: OV_i's own entries are sums of d products that may cancel
+    ov = reference.ov_circuits(lay["w_v"].double().abs(), lay["w_o"].double().abs(), h, kv)  # (h, M_out, M_in)
+    alpha = (lay["attn"] if d.batched else lay["attn"][None]).double().abs()  # (B, h, N, N)
+    head_terms = torch.einsum("ica,bma->bimc", ov.abs(), x.abs()).norm(dim=-1)  # (B, h, N)
+    terms = torch.einsum("binm,bim->bnm", alpha, head_terms)
+    block_terms = torch.einsum("binm,i->bnm", alpha, ov.square().sum((1, 2)).sqrt())
+    u = ROUNDOFF[dtype]
+    if dtype == torch.float64 or 1e-19 < scale < 1e19:  # float32 squares in range (see above)
+        k = d.heads * (d.heads + 2 + d.head_dim + d.m_in * d.m_out + d.tokens)
+        got = op.contributions(unbatch(x).to(dtype)).double()
+        assert_ieee_close(got.square(), unbatch(expected.square()), unbatch(4 * k * u * terms.square()) + 1e-300,
+                          exact_nan=False, what="contributions")
+        got = op.block_norms().double()
+        assert_ieee_close(got.square(), unbatch(norms.square()), unbatch(4 * k * u * block_terms.square()) + 1e-300,
+                          what="block_norms")
+    if not d.batched and not op.to_dense().isfinite().all():
+        assert math.isnan(op.spectral_norm())
+    elif not d.batched:
+        norm2 = torch.linalg.matrix_norm(dense64, 2).item()
+        # each of the matrix-free products' operations rounds a subnormal result by up to u · tiny
+        subnormal_ulps = 4 * (d.heads * d.head_dim + d.tokens + d.m_in + d.m_out) * torch.finfo(dtype).tiny * u
+        assert op.spectral_norm() == pytest.approx(norm2, rel=1e-3 if dtype == torch.float32 else 1e-6,
+                                                   abs=subnormal_ulps)
+
+
+@settings(max_examples=150, deadline=None)
+@given(lay=qk_layers(), layout=st.sampled_from(["token", "feature"]))
+def test_from_qk_methods_equal_dense_of_softmax(lay, layout):
+    """from_qk: A against the float64 softmax of the same q and k, and every method against the dense W'
+    of that A, NaN and Inf included (masked pairs stay exact zeros; rows with no key are zero)."""
+    q, k, opts = lay["q"], lay["k"], lay["options"]
+    op = dk.HVOOperator.from_qk(q, k, lay["w_v"], lay["w_o"], num_kv_heads=lay["num_kv_heads"], layout=layout, **opts)
+    d, dtype = op.dims, q.dtype
+    batch4 = (lambda t: t) if d.batched else (lambda t: t[None])  # noqa: E731
+    mask = opts.get("attention_mask")
+    attn64 = softmax_attention(batch4(q), batch4(k), **dict(opts, attention_mask=None if mask is None
+                                                              else mask.reshape(d.batch, d.tokens)))
+    u = ROUNDOFF[dtype]
+    # exp and the row sum of N terms, on logits of up to hd products: a few ulps of each probability
+    assert_ieee_close(batch4(op.attn), attn64, 8 * (d.tokens + d.head_dim + 4) * u * attn64.abs()
+                      + torch.finfo(dtype).tiny, what="A")
+    attn = batch4(op.attn)
+    exact, magnitude = dense_reference(attn, lay["w_v"], lay["w_o"], d.kv_heads, layout, reference.compute_dtype(dtype))
+    bound = materialise_bound(exact, magnitude, d.heads, dtype)
+    unbatch = (lambda t: t) if d.batched else (lambda t: t[0])  # noqa: E731
+    assert_ieee_close(op.to_dense(), unbatch(exact.to(dtype)), unbatch(bound), what="to_dense")
+    rows, cols = op.shape[-2:]
+    assert_ieee_close(op.tile(slice(rows // 2, rows), slice(0, cols)), unbatch(exact[:, rows // 2:].to(dtype)),
+                      unbatch(bound[:, rows // 2:]), what="tile")
+    # the methods recompute A from q and k (the fused C++ passes in their own order): within the rounding of A
+    # (c·u of each probability) and of the Gram form, on the squares of the norms
+    c = 8 * (d.tokens + d.head_dim + 4) + 4 * d.heads * (d.heads + 2 + d.head_dim + d.m_in * d.m_out)
+    token, token_mag = dense_reference(attn, lay["w_v"], lay["w_o"], d.kv_heads, "token", torch.float64)
+    blocks = token.reshape(d.batch, d.tokens, d.m_out, d.tokens, d.m_in)
+    ov = reference.ov_circuits(lay["w_v"].double().abs(), lay["w_o"].double().abs(), d.heads, d.kv_heads)  # |Wo||Wv|
+    terms_sq = torch.einsum("binm,i->bnm", attn.double().abs(), ov.square().sum((1, 2)).sqrt()).square()
+    norms_sq = blocks.square().sum((2, 4))
+    for name, got, expected, scale in (
+            ("block_norms", op.block_norms(), norms_sq, terms_sq),
+            ("block_norms(grid=(1, N))", op.block_norms(grid=(1, d.tokens)), norms_sq.sum(1, keepdim=True),
+             terms_sq.sum(1, keepdim=True)),
+            ("frobenius_norm", op.frobenius_norm(), norms_sq.sum((1, 2)), terms_sq.sum((1, 2)))):
+        assert_ieee_close(got.double().square(), unbatch(expected), unbatch(c * u * scale) + 1e-300, what=name)
+    block_mag = token_mag.reshape(blocks.shape)[:, -1, :, 0, :]
+    assert_ieee_close(op.block(-1, 0), unbatch(blocks[:, -1, :, 0, :]), unbatch(c * u * block_mag) + 1e-300,
+                      what="block")
+    if d.m_in == d.m_out:
+        tr = token.diagonal(dim1=-2, dim2=-1).sum(-1)
+        assert_ieee_close(op.trace(), unbatch(tr), unbatch(c * u * token_mag.diagonal(dim1=-2, dim2=-1).sum(-1))
+                          + 1e-300, what="trace")
+    x = torch.randn(d.batch, d.tokens, d.m_in, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x = x.to(dtype).double()
+    flat = x.reshape(d.batch, -1)
+    k_sum = d.head_dim * d.heads + d.tokens + d.m_in + d.m_out  # the products' chains of sums
+    expected = torch.einsum("brc,bc->br", token, flat).reshape(x.shape[0], d.tokens, -1)
+    bound = (c + 2 * k_sum) * u * torch.einsum("brc,bc->br", token_mag, flat.abs()).reshape(x.shape[0], d.tokens, -1)
+    assert_ieee_close(op.matvec(unbatch(x).to(dtype)), unbatch(expected), unbatch(bound) + torch.finfo(dtype).tiny,
+                      exact_nan=False, what="matvec")
+    y = torch.einsum("bncma,bma->bnmc", blocks, x)
+    head_terms = torch.einsum("ica,bma->bimc", ov.abs(), x.abs()).norm(dim=-1)  # ||OV_i x_m|| bounds, (B, h, N)
+    terms = torch.einsum("binm,bim->bnm", attn.double().abs(), head_terms)
+    assert_ieee_close(op.contributions(unbatch(x).to(dtype)).double().square(), unbatch(y.square().sum(-1)),
+                      unbatch(c * u * terms.square()) + 1e-300, exact_nan=False, what="contributions")
