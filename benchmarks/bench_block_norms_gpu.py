@@ -109,7 +109,7 @@ def test_block_norms_gpu(benchmark, n, contestant):
     if contestant.startswith("triton"):
         from duat_kernels.triton import attention_norms
 
-        info["config"] = f"lse {attention_norms.row_lse_kernel.best_config}; grid {attention_norms.gram_grid_kernel.best_config}"
+        info["config"] = f"rows {attention_norms.row_stats_kernel.best_config}; grid {attention_norms.gram_grid_kernel.best_config}"
     if "norms" in result:
         info["max_rel_err"] = max(
             ((result["norms"][..., row, :].reshape(-1).double() - want).abs().max() / want.max()).item()

@@ -11,7 +11,9 @@ Two launches, as flash attention's forward and its statistics:
 Cost: twice the q kᵀ products of one attention forward plus h² FMAs per entry; memory O(grid).
 Tile shapes are autotuned (the grid kernel's atomic sums are zeroed before each trial). The CPU
 tests run it in Triton's interpreter; the same tests passed compiled on an NVIDIA H200
-(TRITON_INTERPRET=0 pytest tests/triton); benchmarks/bench_block_norms_gpu.py times it.
+(TRITON_INTERPRET=0 pytest tests/triton) before the row statistics were split into maximum and sum
+and the tile shapes pruned to CUDA's grid limits (interpreter only since);
+benchmarks/bench_block_norms_gpu.py times it.
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ def _logits(q_ptr, k_ptr, mask_ptr, b, i, kv, rows, cols, N, D, scale, softcap, 
 @triton.autotune(configs=_LSE_CONFIGS, key=["D_PAD", "SIZE_CLASS", "CAUSAL", "PRECISION"],
                  prune_configs_by={"early_config_prune": _prune_lse_configs})
 @triton.jit
-def row_lse_kernel(q_ptr, k_ptr, mask_ptr, max_ptr, sum_ptr, H, G, N, D, scale, softcap, window,
+def row_stats_kernel(q_ptr, k_ptr, mask_ptr, max_ptr, sum_ptr, H, G, N, D, scale, softcap, window,
                    sqb, sqh, sqn, skb, skh, skn, SIZE_CLASS,
                    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr):
@@ -187,7 +189,7 @@ def block_norms_qk(q: torch.Tensor, k: torch.Tensor, c: torch.Tensor, row_bins: 
                 PRECISION=LOGIT_PRECISION)
     strides = (*q.stride()[:3], *k.stride()[:3], n.bit_length())  # the last: the autotuners' size class
     masking = (float(scale), float(softcap or 0.0), int(window or 0))
-    row_lse_kernel[lambda cfg: (batch * h, triton.cdiv(n, cfg["BM"]))](
+    row_stats_kernel[lambda cfg: (batch * h, triton.cdiv(n, cfg["BM"]))](
         q, k, mask, top, total, h, h // k.shape[1], n, d, *masking, *strides, **meta)
     out = torch.zeros(batch, *grid, dtype=torch.float32, device=q.device)
     gram_grid_kernel[lambda cfg: (batch, triton.cdiv(n, cfg["BM"]), triton.cdiv(n, cfg["BN"]))](
