@@ -28,6 +28,15 @@ namespace {
 
 [[noreturn]] void fail(const std::string& msg) { throw std::invalid_argument("duat_kernels._C: " + msg); }
 
+// The most threads a kernel call takes: libgomp fails to start tens of thousands (num_threads=100000
+// segfaulted the process), and far fewer than that only contend for the CPUs.
+constexpr int kMaxThreads = 4096;
+
+void check_threads(int num_threads) {
+  if (num_threads < 1 || num_threads > kMaxThreads)
+    fail("num_threads must be in [1, " + std::to_string(kMaxThreads) + "], got " + std::to_string(num_threads));
+}
+
 int64_t checked_mul(int64_t a, int64_t b, const char* what) {
   int64_t r;
   if (__builtin_mul_overflow(a, b, &r)) fail(std::string(what) + " overflows int64");
@@ -175,6 +184,7 @@ void set_tile(duat::KronSumProblem& pb, const py::buffer_info& o, int64_t row0, 
 
 void kron_sum(py::buffer lt, py::buffer rt, py::buffer out, const std::string& out_dtype,
               int64_t row0, int64_t col0, int num_threads) {
+  check_threads(num_threads);
   py::buffer_info l = lt.request(), r = rt.request(), o = out.request(/*writable=*/true);
   duat::KronSumProblem pb;
   set_left(pb, l);
@@ -228,6 +238,7 @@ duat::OvProblem check_weights(const py::buffer_info& wo, const py::buffer_info& 
 // rows and columns of the weights the tile touches), out (rows, cols) at [row0, col0) of W.
 void kron_sum_factored(py::buffer lt, py::buffer wo_buf, py::buffer wv_buf, py::buffer out, const std::string& out_dtype,
                        int64_t kv_heads, int64_t row0, int64_t col0, int num_threads) {
+  check_threads(num_threads);
   py::buffer_info l = lt.request(), wo = wo_buf.request(), wv = wv_buf.request(), o = out.request(/*writable=*/true);
   duat::KronSumProblem pb;
   set_left(pb, l);
@@ -253,6 +264,7 @@ void kron_sum_factored(py::buffer lt, py::buffer wo_buf, py::buffer wv_buf, py::
 // OV (M_out, h, M_in) of wo (M_out, h·d) and wv (h_kv·d, M_in), all C-contiguous, one dtype.
 void ov_slabs(py::buffer wo_buf, py::buffer wv_buf, py::buffer out_buf, int64_t heads, int64_t kv_heads,
               int num_threads) {
+  check_threads(num_threads);
   py::buffer_info wo = wo_buf.request(), wv = wv_buf.request(), o = out_buf.request(/*writable=*/true);
   if (o.ndim != 3) fail("out must be 3-D (M_out, h, M_in), got shape " + shape_str(o));
   require_c_contiguous(o, "out");
@@ -318,6 +330,7 @@ void require_shape(const py::buffer_info& b, const char* name, const char* fmt, 
 }
 
 void gram_squared_norms(py::buffer a_buf, py::buffer c_buf, py::buffer out_buf, int num_threads, bool root) {
+  check_threads(num_threads);
   py::buffer_info a = a_buf.request(), c = c_buf.request(), o = out_buf.request(/*writable=*/true);
   const duat::GramNormsProblem pb = check_gram_inputs(a, c);
   require_shape(o, "out", py::format_descriptor<float>::format().c_str(), {pb.rows, pb.cols});
@@ -330,6 +343,7 @@ void gram_squared_norms(py::buffer a_buf, py::buffer c_buf, py::buffer out_buf, 
 
 void gram_grid_norms(py::buffer a_buf, py::buffer c_buf, py::buffer row_bin_buf, py::buffer col_bin_buf,
                      py::buffer out_buf, int num_threads) {
+  check_threads(num_threads);
   py::buffer_info a = a_buf.request(), c = c_buf.request(), rb = row_bin_buf.request(), cb = col_bin_buf.request(),
                   o = out_buf.request(/*writable=*/true);
   const duat::GramNormsProblem pb = check_gram_inputs(a, c);
@@ -415,6 +429,7 @@ QkInputs check_qk_inputs(const py::buffer_info& q, const py::buffer_info& k, con
 
 void qk_gram_squared_norms(py::buffer q_buf, py::buffer k_buf, py::object key_mask, py::buffer c_buf, py::buffer out_buf,
                            double scale, double softcap, bool causal, int64_t window, int num_threads) {
+  check_threads(num_threads);
   py::buffer_info q = q_buf.request(), k = k_buf.request(), c = c_buf.request(), o = out_buf.request(true), mi;
   const QkInputs in = check_qk_inputs(q, k, key_mask, mi, &c, scale, softcap, causal, window);
   if (o.format != py::format_descriptor<float>::format() || o.ndim != 3 || o.shape[0] != in.pb.batch ||
@@ -431,6 +446,7 @@ void qk_gram_squared_norms(py::buffer q_buf, py::buffer k_buf, py::object key_ma
 void qk_gram_grid_norms(py::buffer q_buf, py::buffer k_buf, py::object key_mask, py::buffer c_buf, py::buffer row_bin_buf,
                         py::buffer col_bin_buf, py::buffer out_buf, double scale, double softcap, bool causal,
                         int64_t window, int num_threads) {
+  check_threads(num_threads);
   py::buffer_info q = q_buf.request(), k = k_buf.request(), c = c_buf.request(), rb = row_bin_buf.request(),
                   cb = col_bin_buf.request(), o = out_buf.request(true), mi;
   const QkInputs in = check_qk_inputs(q, k, key_mask, mi, &c, scale, softcap, causal, window);
@@ -465,6 +481,7 @@ void qk_gram_grid_norms(py::buffer q_buf, py::buffer k_buf, py::object key_mask,
 
 void qk_mix_transposed(py::buffer q_buf, py::buffer k_buf, py::object key_mask, py::buffer u_buf, py::buffer out_buf,
                        double scale, double softcap, bool causal, int64_t window, int num_threads) {
+  check_threads(num_threads);
   py::buffer_info q = q_buf.request(), k = k_buf.request(), u = u_buf.request(), o = out_buf.request(true), mi;
   require_f32_c(u, "u", 4);
   require_f32_c(o, "out", 4);
@@ -483,6 +500,7 @@ void qk_mix_transposed(py::buffer q_buf, py::buffer k_buf, py::object key_mask, 
 
 void qk_mix(py::buffer q_buf, py::buffer k_buf, py::object key_mask, py::buffer v_buf, py::buffer out_buf, double scale,
             double softcap, bool causal, int64_t window, int num_threads) {
+  check_threads(num_threads);
   py::buffer_info q = q_buf.request(), k = k_buf.request(), v = v_buf.request(), o = out_buf.request(true), mi;
   require_f32_c(v, "values", 4);
   require_f32_c(o, "out", 4);
@@ -566,6 +584,7 @@ PYBIND11_MODULE(_C, m) {
       "fma_peak_gflops",
       [](int64_t iterations, int num_threads) {
         if (iterations <= 0) throw std::invalid_argument("fma_peak_gflops: iterations must be positive");
+        check_threads(num_threads);
         const duat::IsaKernels& kernels = duat::active();
         py::gil_scoped_release release;
         return kernels.fma_peak_gflops(iterations, num_threads);
@@ -579,7 +598,7 @@ PYBIND11_MODULE(_C, m) {
         if (!out.writeable()) throw std::invalid_argument("stream_fill: out must be writable");
         if (!(out.flags() & py::array::c_style)) throw std::invalid_argument("stream_fill: out must be C-contiguous");
         if (value < 0 || value > 255) throw std::invalid_argument("stream_fill: value must be a byte, 0 to 255");
-        if (num_threads < 1) throw std::invalid_argument("stream_fill: num_threads must be at least 1");
+        check_threads(num_threads);
         void* data = out.mutable_data();
         const int64_t nbytes = static_cast<int64_t>(out.nbytes());
         const duat::IsaKernels& kernels = duat::active();

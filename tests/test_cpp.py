@@ -536,3 +536,29 @@ def test_ov_boundary_rejects_bad_buffers():
     for args, message in cases:
         with pytest.raises(ValueError, match=message):
             _C.ov_slabs(*args)
+
+_THREAD_CALLS = {  # every kernel entry point with a num_threads argument, on tiny valid buffers
+    "kron_sum": "_C.kron_sum(np.ones((1, 2, 2)), np.ones((1, 2, 2)), np.zeros((4, 4)), 'float64', 0, 0, T)",
+    "kron_sum_factored": "_C.kron_sum_factored(np.ones((2, 2, 2)), np.ones((3, 4)), np.ones((4, 5)), np.zeros((6, 10)),"
+                         " 'float64', 2, 0, 0, T)",
+    "ov_slabs": "_C.ov_slabs(np.ones((3, 4)), np.ones((4, 5)), np.zeros((3, 2, 5)), 2, 2, T)",
+    "fma_peak_gflops": "_C.fma_peak_gflops(10, T)",
+    "stream_fill": "_C.stream_fill(np.zeros(1000), 1, T)",
+    "gram_squared_norms": "_C.gram_squared_norms(np.ones((2, 3, 3), np.float32), np.ones((2, 2), np.float32),"
+                          " np.zeros((3, 3), np.float32), T)",
+    "qk_mix": "q = np.ones((1, 1, 3, 2), np.float32); _C.qk_mix(q, q, None, np.ones((1, 1, 3, 4), np.float32),"
+              " np.zeros((1, 1, 3, 4), np.float32), 1.0, num_threads=T)",
+}
+
+
+@pytest.mark.parametrize("threads", [0, -3, 100_000])
+def test_boundary_refuses_thread_counts_out_of_range(threads):
+    """num_threads = 100000 made kron_sum and fma_peak_gflops segfault in libgomp (exit -11), and 0 or a
+    negative count was taken as 1 silently (stream_fill alone refused it); every entry point now raises
+    ValueError naming num_threads. Each call runs in a child process, so that a crash shows as its exit status."""
+    script = "import numpy as np\nfrom duat_kernels import _C\nT = %d\nfor call in %r:\n" % (threads, list(_THREAD_CALLS.values()))
+    script += ("    try:\n        exec(call)\n    except ValueError as exc:\n        assert 'num_threads' in str(exc), exc\n"
+               "    else:\n        raise SystemExit('accepted: ' + call)\n")
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=CHILD_CWD, timeout=120,
+                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert child.returncode == 0, (child.returncode, child.stdout, child.stderr[-2000:])
