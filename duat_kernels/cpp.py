@@ -147,12 +147,30 @@ def _tile_ranges(row0: int, col0: int, shape: tuple[int, int], inner_rows: int, 
     return _factor_range(row0, shape[0], inner_rows), _factor_range(col0, shape[1], inner_cols)
 
 
+def _check_tile(name: str, out, row0, col0, total: tuple[int, int]) -> None:
+    """out a 2-D tensor of a kernel output dtype whose tile at (row0, col0) lies inside W (total rows, cols).
+    A negative row0 was read as a Python slice from the end: kron_sum_tile_(row0=-4) of a 4-row W wrote
+    W[0:2] silently, and a tile past the end was refused with the rows and shape of a sliced problem."""
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise ValueError(f"{name}: out must be a 2-D (rows, cols) tensor, got {getattr(out, 'shape', type(out).__name__)}")
+    if out.dtype not in _DTYPE_NAMES:
+        raise TypeError(f"{name}: out must be {', '.join(_DTYPE_NAMES.values())}, got {out.dtype}")
+    for arg, start, size, limit in (("row0", row0, out.shape[0], total[0]), ("col0", col0, out.shape[1], total[1])):
+        if isinstance(start, bool) or not hasattr(start, "__index__"):
+            raise TypeError(f"{name}: {arg} must be an int, got {start!r}")
+        if start < 0 or start + size > limit:
+            raise ValueError(f"{name}: the tile [{start}, {start + size}) along {arg} lies outside W's {limit} "
+                             f"{'rows' if arg == 'row0' else 'columns'} (W of shape {tuple(total)}, out {tuple(out.shape)})")
+
+
 def kron_sum_tile_(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor, row0: int = 0,
                    col0: int = 0) -> torch.Tensor:
     """Write W[row0:row0+rows, col0:col0+cols] of W = sum_i left_i (x) right_i into out (rows, cols).
 
     left (h, P, S), right (h, Q, T) in the compute dtype of out, on the CPU; out contiguous.
     """
+    _check_tile("kron_sum_tile_", out, row0, col0,
+                (left.shape[1] * right.shape[1], left.shape[2] * right.shape[2]))
     if out.numel() == 0:
         return out
     # Only the factor entries the tile touches are passed (views, no copies), so a small tile of a
@@ -174,6 +192,8 @@ def kron_sum_factored_(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor,
     dtype on the CPU. Only the parts of A and the weights the tile touches are passed, and OV is
     computed by the kernel a few rows q at a time, in cache, never written: the same bits as
     kron_sum_tile_ with ov_circuits, in O(tile + threads·h·M_in) memory."""
+    _check_tile("kron_sum_factored_", out, row0, col0,
+                (attn.shape[1] * w_o.shape[0], attn.shape[2] * w_v.shape[1]))
     if out.numel() == 0:
         return out
     if w_o.shape[1] == 0:  # head size d = 0: every OV_i is an empty sum, zero (the kernel's OV needs d >= 1)

@@ -562,3 +562,32 @@ def test_boundary_refuses_thread_counts_out_of_range(threads):
     child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=CHILD_CWD, timeout=120,
                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert child.returncode == 0, (child.returncode, child.stdout, child.stderr[-2000:])
+
+
+@pytest.mark.parametrize("row0, col0, message", [
+    (-4, 0, "row0 lies outside"),  # was a slice from the end: W[0:2] written silently
+    (-1, 0, "row0 lies outside"),
+    (3, 0, r"\[3, 5\) along row0 lies outside W's 4 rows"),  # was 'rows [1, 3) ... W of shape (2, 4)'
+    (0, -2, "col0 lies outside"),
+    (0, 1, r"\[1, 5\) along col0"),
+    (1.0, 0, "row0 must be an int"),
+])
+def test_kron_sum_tile_refuses_tiles_outside_w(row0, col0, message):
+    left, right = torch.arange(1.0, 5.0).reshape(1, 2, 2), torch.arange(4.0).reshape(1, 2, 2)
+    out = torch.full((2, 4), 7.0)
+    with pytest.raises((ValueError, TypeError), match=message):
+        cpp.kron_sum_tile_(left, right, out, row0, col0)
+    assert (out == 7).all()
+    w_v, w_o = torch.ones(2, 2), torch.ones(2, 2)  # one head, d = 2: OV (2, 2), W' (4, 4)
+    with pytest.raises((ValueError, TypeError), match=message):
+        cpp.kron_sum_factored_(left, w_v, w_o, 1, out, row0, col0)
+    cpp.kron_sum_tile_(left, right, out, 2, 0)  # a tile inside W still works: rows 2..3 of kron(left, right)
+    assert torch.equal(out, reference.kron(left[0], right[0])[2:4])
+
+
+@pytest.mark.parametrize("out, message", [(torch.zeros(16), "out must be a 2-D"), (None, "out must be a 2-D"),
+                                          (torch.zeros(4, 4, dtype=torch.int32), "out must be float32")])
+def test_kron_sum_tile_names_a_bad_out(out, message):
+    """A 1-D out raised IndexError ('tuple index out of range'), an int32 one KeyError: torch.int32."""
+    with pytest.raises((ValueError, TypeError), match=message):
+        cpp.kron_sum_tile_(torch.ones(1, 2, 2), torch.ones(1, 2, 2), out)
