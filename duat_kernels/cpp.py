@@ -236,6 +236,11 @@ def stream_fill_(out: torch.Tensor, byte: int = 0x3F) -> torch.Tensor:
     store path of a W' above 16 MiB written into out=): the memory-write floor of that path, next to
     fill_'s. The default 0x3F gives 0.75 in float32 and bfloat16: data, not zeros, which some
     machines write twice as fast (a VM measured here). For benchmarks."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"stream_fill_: out must be a torch.Tensor, got {type(out).__name__}")
+    if out.is_neg() or out.is_conj():  # a lazy view: the bytes would go into the resolved copy, not into out
+        raise ValueError("stream_fill_ needs a tensor without the negative or conjugate bit; pass "
+                         "out.resolve_neg().resolve_conj() (a copy) or the tensor it views")
     if out.device.type != "cpu" or not out.is_contiguous():
         raise ValueError(f"stream_fill_ needs a contiguous CPU tensor, got {out.device} tensor of strides {out.stride()}")
     if isinstance(byte, bool) or not isinstance(byte, int) or not 0 <= byte <= 255:

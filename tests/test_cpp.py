@@ -591,3 +591,16 @@ def test_kron_sum_tile_names_a_bad_out(out, message):
     """A 1-D out raised IndexError ('tuple index out of range'), an int32 one KeyError: torch.int32."""
     with pytest.raises((ValueError, TypeError), match=message):
         cpp.kron_sum_tile_(torch.ones(1, 2, 2), torch.ones(1, 2, 2), out)
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda t: t._neg_view(), ValueError, "negative or conjugate bit"),  # was a silent no-op: a copy was filled
+    (lambda t: t.to(torch.complex64).conj(), ValueError, "negative or conjugate bit"),  # was numpy()'s RuntimeError
+    (lambda t: t.numpy(), TypeError, "out must be a torch.Tensor"),  # was AttributeError: 'str' ... 'type'
+    (lambda t: None, TypeError, "out must be a torch.Tensor"),
+])
+def test_stream_fill_refuses_views_it_cannot_write(make, error, message):
+    base = torch.zeros(8)
+    with pytest.raises(error, match=message):
+        cpp.stream_fill_(make(base))
+    assert not base.any()
