@@ -392,6 +392,15 @@ def as_path(name: str, path):
     return Path(path)
 
 
+def as_target_path(name: str, path):
+    """as_path for a file or store to write or read: an empty or blank name is refused (Path('') is '.', so
+    save_zarr(op, '') said '. exists' and save_dense(op, '') '. is a directory'; ' ' made a store named ' ')."""
+    path_ = as_path(name, path)
+    if not os.fspath(path).strip():
+        raise ValueError(f"{name} is empty ({path!r}); give a file path such as 'w.npy' or 'w.zarr'")
+    return path_
+
+
 def check_output_folder(option: str, path) -> None:
     """Refuse, before any work, an output folder that cannot be created or written: a file on its path,
     or an empty name (Path('') is '.': the working directory would take the outputs)."""

@@ -73,7 +73,7 @@ def save_dense(op, path: str | os.PathLike, *, rows_per_tile: int | None = None,
     if v.positive_int(rows_per_tile) is None:
         raise ValueError(f"rows_per_tile must be a positive int, got {rows_per_tile!r}")
     rows_per_tile = v.positive_int(rows_per_tile)
-    path = v.as_path("path", path)
+    path = v.as_target_path("path", path)
     partial, progress_file = Path(f"{path}.partial"), Path(f"{path}.progress.json")
     _check_target(path, partial, rows * row_bytes)
     fingerprint = _fingerprint(op, dtype, rows_per_tile)

@@ -95,7 +95,7 @@ def save_zarr(op, path: str | os.PathLike, chunks: tuple[int, int] | None = None
     dask, zarr = _dask(), _zarr()
     dtype = stored_dtype(op, dtype)
     chunk_rows, chunk_cols = check_chunks(op, chunks, dtype)
-    path = v.as_path("path", path)
+    path = v.as_target_path("path", path)
     if path.exists():
         raise FileExistsError(f"{path} exists; save_zarr writes a new store (delete it or choose another path)")
     partial, progress_dir = Path(f"{path}.partial"), Path(f"{path}.progress")
@@ -183,7 +183,7 @@ def verify_zarr(path: str | os.PathLike) -> list[str]:
     """Names "i.j" of the chunks of a store written by save_zarr whose bytes no longer match their
     recorded sha256 (an empty list: the store is intact)."""
     zarr = _zarr()
-    path = v.as_path("path", path)
+    path = v.as_target_path("path", path)
     if not path.exists():
         raise FileNotFoundError(f"verify_zarr: {path} does not exist")
     try:

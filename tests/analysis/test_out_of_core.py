@@ -188,3 +188,12 @@ def test_negated_views_are_written_and_fingerprinted_by_value(tmp_path):
     path = save_dense(negated, tmp_path / "w.npy", rows_per_tile=5, progress=False)
     np.testing.assert_array_equal(np.load(path), plain.to_dense().numpy())
     assert _fingerprint(negated, torch.float32, 5) == _fingerprint(plain, torch.float32, 5)
+
+
+@pytest.mark.parametrize("name", ["", "  "])
+def test_empty_path_is_refused_by_name(op, tmp_path, monkeypatch, name):
+    """save_dense(op, '') said '. is a directory'; '  ' wrote the files '  .partial' and then '  '."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="path is empty"):
+        save_dense(op, name, progress=False)
+    assert not list(tmp_path.iterdir())

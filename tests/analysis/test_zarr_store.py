@@ -178,3 +178,13 @@ def test_verify_names_damaged_checksum_attributes(op, tmp_path, damage):
     stored.attrs["duat"] = damage if isinstance(damage, int) else {**stored.attrs["duat"], **damage}
     with pytest.raises(ValueError, match=r"w\.zarr has damaged checksum attributes \(\"duat\"\)"):
         dk.analysis.verify_zarr(path)
+
+
+@pytest.mark.parametrize("name", ["", "  "])
+def test_empty_path_is_refused_by_name(op, tmp_path, monkeypatch, name):
+    """save_zarr(op, '') said '. exists' (Path('') is the working directory); '  ' wrote a store named '  '."""
+    monkeypatch.chdir(tmp_path)
+    for call in (lambda: zarr_store.save_zarr(op, name, progress=False), lambda: zarr_store.verify_zarr(name)):
+        with pytest.raises(ValueError, match="path is empty"):
+            call()
+    assert not list(tmp_path.iterdir())
