@@ -103,7 +103,12 @@ def save_zarr(op, path: str | os.PathLike, chunks: tuple[int, int] | None = None
                    "dtype": str(dtype), "layout": op.layout}
     fingerprint_file = progress_dir / "fingerprint.json"
     if partial.exists() and fingerprint_file.exists():
-        if json.loads(fingerprint_file.read_text()) != fingerprint:
+        try:
+            recorded = json.loads(fingerprint_file.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:  # raw JSONDecodeError named no file
+            raise ValueError(f"save_zarr: {fingerprint_file} is not a valid progress record ({type(exc).__name__}: "
+                             f"{exc}); delete it and {partial} to start again") from None
+        if recorded != fingerprint:
             raise ValueError(f"{partial} holds an interrupted run for other inputs or settings; "
                              f"delete it (and {progress_dir}) to start again")
     else:

@@ -188,3 +188,16 @@ def test_empty_path_is_refused_by_name(op, tmp_path, monkeypatch, name):
         with pytest.raises(ValueError, match="path is empty"):
             call()
     assert not list(tmp_path.iterdir())
+
+
+def test_damaged_progress_record_is_named(op, tmp_path, monkeypatch):
+    """A damaged <path>.progress/fingerprint.json raised json's raw JSONDecodeError ('Expecting property
+    name ...'), naming no file; now a ValueError naming it and what to delete."""
+    path = tmp_path / "w.zarr"
+    _count_tiles(monkeypatch, fail_after=2)
+    with pytest.raises(Interrupted):
+        dk.analysis.save_zarr(op, path, chunks=CHUNKS, scheduler="sync", progress=False)
+    record = tmp_path / "w.zarr.progress" / "fingerprint.json"
+    record.write_text("{torn")
+    with pytest.raises(ValueError, match="fingerprint.json is not a valid progress record.*delete it"):
+        dk.analysis.save_zarr(op, path, chunks=CHUNKS, scheduler="sync", progress=False)
