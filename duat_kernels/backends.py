@@ -100,6 +100,12 @@ def direct_kernel_call(*tensors: torch.Tensor) -> bool:
             and all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors) and not functorch_wrapped(*tensors))
 
 
+def direct_call(*tensors: torch.Tensor) -> bool:
+    """direct_kernel_call, and autograd records nothing through the tensors: a kernel may then replace the
+    registered op (whose backward the kernel has not)."""
+    return direct_kernel_call(*tensors) and not tracks_grad(*tensors)
+
+
 def ov_circuits(backend: str, w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
     """OV (h, M_out, M_in) for materialising W' (or a tile of it) with a backend.
 
@@ -107,7 +113,7 @@ def ov_circuits(backend: str, w_v: torch.Tensor, w_o: torch.Tensor, num_heads: i
     token-layout row of W' then reads its slab OV[:, q, :] in place. Every other case (and any OV
     a gradient has to flow through) is reference.ov_circuits. hvo_matrix and the tiles of
     HVOOperator both take OV from here, so a tile equals the same slice of W' bit for bit."""
-    if (backend != "cpp" or tracks_grad(w_v, w_o) or not direct_kernel_call(w_v, w_o) or w_v.device.type != "cpu"
+    if (backend != "cpp" or not direct_call(w_v, w_o) or w_v.device.type != "cpu"
             or w_v.dtype not in (torch.float32, torch.float64)):
         return reference.ov_circuits(w_v, w_o, num_heads, num_kv_heads)
     return cpp.ov_circuits(w_v, w_o, num_heads, num_kv_heads)
@@ -155,7 +161,7 @@ def fuses_ov(backend: str, layout: str, batch: int, *tensors: torch.Tensor) -> b
     batch shares one OV), eager and without autograd through any of the tensors (the registered op,
     which takes OV, serves the other cases)."""
     return (backend == "cpp" and layout == "token" and batch == 1 and all(t.device.type == "cpu" for t in tensors)
-            and direct_kernel_call(*tensors) and not tracks_grad(*tensors))
+            and direct_call(*tensors))
 
 
 def materialise_fused(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,

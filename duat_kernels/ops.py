@@ -15,6 +15,11 @@ from duat_kernels import backends, reference
 KERNEL_BACKENDS = ("reference", "cpp", "triton")
 
 
+def output_shape(attn: torch.Tensor, ov: torch.Tensor) -> tuple[int, int, int]:
+    """(B, N·M_out, N·M_in): the shape of W' for attn (B, h, N, N) and ov (h, M_out, M_in)."""
+    return attn.shape[0], attn.shape[-1] * ov.shape[1], attn.shape[-1] * ov.shape[2]
+
+
 def check_op_arguments(attn: torch.Tensor, ov: torch.Tensor, layout: str, backend: str, dtype: torch.dtype,
                        out: torch.Tensor | None = None) -> tuple[int, int, int]:
     """The arguments of the ops when called directly (torch.ops.duat.*; duat_kernels.hvo_matrix checked them
@@ -29,7 +34,7 @@ def check_op_arguments(attn: torch.Tensor, ov: torch.Tensor, layout: str, backen
                          f"got {backend!r}")
     if dtype not in v.OUTPUT_DTYPES:
         raise TypeError(f"dtype must be one of float32, float64, float16, bfloat16, got {dtype}")
-    shape = (attn.shape[0], attn.shape[-1] * ov.shape[1], attn.shape[-1] * ov.shape[2])
+    shape = output_shape(attn, ov)
     if out is not None:
         v.check_out(out, shape, attn.device, attn, ov)
     return shape
@@ -37,20 +42,18 @@ def check_op_arguments(attn: torch.Tensor, ov: torch.Tensor, layout: str, backen
 
 @torch.library.custom_op("duat::hvo_matrix", mutates_args=())
 def hvo_matrix(attn: torch.Tensor, ov: torch.Tensor, layout: str, backend: str, dtype: torch.dtype) -> torch.Tensor:
-    shape = check_op_arguments(attn, ov, layout, backend, dtype)
-    return _materialise_new(attn, ov, layout, backend, dtype, shape)
+    check_op_arguments(attn, ov, layout, backend, dtype)
+    return _materialise_new(attn, ov, layout, backend, dtype)
 
 
-def _materialise_new(attn: torch.Tensor, ov: torch.Tensor, layout: str, backend: str, dtype: torch.dtype,
-                     shape: tuple[int, int, int]) -> torch.Tensor:
-    out = backends.empty_output(backend, shape, dtype, attn.device)
+def _materialise_new(attn: torch.Tensor, ov: torch.Tensor, layout: str, backend: str, dtype: torch.dtype) -> torch.Tensor:
+    out = backends.empty_output(backend, output_shape(attn, ov), dtype, attn.device)
     return backends.materialise(backend, attn, ov, layout, out)
 
 
 @hvo_matrix.register_fake
 def _(attn, ov, layout, backend, dtype):
-    batch, _, n, _ = attn.shape
-    return attn.new_empty(batch, n * ov.shape[1], n * ov.shape[2], dtype=dtype)
+    return attn.new_empty(output_shape(attn, ov), dtype=dtype)
 
 
 @torch.library.custom_op("duat::hvo_matrix_out", mutates_args=("out",))
@@ -64,26 +67,19 @@ def _(attn, ov, layout, backend, out):
     return None
 
 
-def direct_call(*tensors: torch.Tensor) -> bool:
-    """Whether a call of duat_kernels.hvo_matrix (arguments already checked) may run its kernel without the
-    registered op's dispatch, which costs 20-40 µs a call (a third of a small Triton call): no autograd
-    through the tensors, and backends.direct_kernel_call (eager, plain tensors, no dispatch mode)."""
-    return backends.direct_kernel_call(*tensors) and not backends.tracks_grad(*tensors)
-
-
 def materialise(attn: torch.Tensor, ov: torch.Tensor, layout: str, backend: str, dtype: torch.dtype) -> torch.Tensor:
     """W' (B, N·M_out, N·M_in) for checked attn (B, h, N, N) and ov (h, M_out, M_in): duat::hvo_matrix, or
-    its kernel directly where direct_call allows."""
-    if direct_call(attn, ov):
-        batch, _, n, _ = attn.shape
-        return _materialise_new(attn, ov, layout, backend, dtype, (batch, n * ov.shape[1], n * ov.shape[2]))
+    its kernel directly where backends.direct_call allows (the op's dispatch costs 20-40 µs a call, a
+    third of a small Triton call)."""
+    if backends.direct_call(attn, ov):
+        return _materialise_new(attn, ov, layout, backend, dtype)
     return hvo_matrix(attn, ov, layout, backend, dtype)
 
 
 def materialise_into(attn: torch.Tensor, ov: torch.Tensor, layout: str, backend: str, out: torch.Tensor) -> None:
     """Write W' into a checked out (B, N·M_out, N·M_in): duat::hvo_matrix_out, or its kernel directly where
-    direct_call allows."""
-    if direct_call(attn, ov, out):
+    backends.direct_call allows."""
+    if backends.direct_call(attn, ov, out):
         backends.materialise(backend, attn, ov, layout, out)
     else:
         hvo_matrix_out(attn, ov, layout, backend, out)
