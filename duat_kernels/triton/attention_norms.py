@@ -36,8 +36,8 @@ def _configs(shapes):
 
 
 # Tile shapes, autotuned per (D_PAD, H_PAD, log2 N, causal, precision); the interpreter (CPU tests) takes one small tile.
-_LSE_CONFIGS = _configs([(16, 16, 4)] if _INTERPRET else [(32, 32, 4), (64, 32, 4), (64, 64, 4), (128, 32, 8),
-                                                          (128, 64, 8)])
+_ROW_STATS_CONFIGS = _configs([(16, 16, 4)] if _INTERPRET else [(32, 32, 4), (64, 32, 4), (64, 64, 4),
+                                                                (128, 32, 8), (128, 64, 8)])
 _GRID_CONFIGS = _configs([(16, 16, 4)] if _INTERPRET else [(32, 32, 4), (16, 32, 4), (16, 64, 4), (32, 64, 8),
                                                            (64, 32, 8), (16, 16, 4)])
 # y holds H_PAD x BM x BN floats per program: tiles of more than 128 of them per thread spill registers.
@@ -45,7 +45,7 @@ _Y_PER_THREAD = 128
 # CUDA launches at most 65535 programs along a grid's second and third axes: the row blocks (both kernels)
 # and the key blocks (the grid kernel). The longest sequence some tile shape of each kernel launches:
 MAX_GRID_AXIS = 65535
-MAX_TOKENS = min(MAX_GRID_AXIS * max(c.kwargs["BM"] for c in _LSE_CONFIGS),
+MAX_TOKENS = min(MAX_GRID_AXIS * max(c.kwargs["BM"] for c in _ROW_STATS_CONFIGS),
                  MAX_GRID_AXIS * max(min(c.kwargs["BM"], c.kwargs["BN"]) for c in _GRID_CONFIGS))
 
 
@@ -58,7 +58,7 @@ def _launchable(configs, named_args: dict, kwargs: dict, axes=("BM", "BN")):
     return [c for c in configs if all(triton.cdiv(n, c.kwargs[a]) <= MAX_GRID_AXIS for a in axes)]
 
 
-def _prune_lse_configs(configs, named_args, **kwargs):
+def _prune_row_stats_configs(configs, named_args, **kwargs):
     return _launchable(configs, named_args, kwargs, ("BM",))
 
 
@@ -95,8 +95,8 @@ def _logits(q_ptr, k_ptr, mask_ptr, b, i, kv, rows, cols, N, D, scale, softcap, 
     return tl.where(ok, s, float("-inf"))
 
 
-@triton.autotune(configs=_LSE_CONFIGS, key=["D_PAD", "SIZE_CLASS", "CAUSAL", "PRECISION"],
-                 prune_configs_by={"early_config_prune": _prune_lse_configs})
+@triton.autotune(configs=_ROW_STATS_CONFIGS, key=["D_PAD", "SIZE_CLASS", "CAUSAL", "PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune_row_stats_configs})
 @triton.jit
 def row_stats_kernel(q_ptr, k_ptr, mask_ptr, max_ptr, sum_ptr, H, G, N, D, scale, softcap, window,
                    sqb, sqh, sqn, skb, skh, skn, SIZE_CLASS,

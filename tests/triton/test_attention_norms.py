@@ -53,7 +53,7 @@ def test_tile_shapes_respect_cuda_grid_limits():
     assert shapes(an._prune_grid_configs(configs, {"N": 65535 * 16}, H_PAD=16)) == [(16, 64), (32, 64)]
     assert shapes(an._prune_grid_configs(configs, {"N": 65535 * 16 + 1}, H_PAD=16)) == [(32, 64)]
     assert shapes(an._prune_grid_configs(configs, {"N": 65535 * 32 + 1}, H_PAD=16)) == [(64, 128)]  # spills, launches
-    assert shapes(an._prune_lse_configs(configs, {"N": 65535 * 32 + 1})) == [(64, 128)]  # only row blocks count
+    assert shapes(an._prune_row_stats_configs(configs, {"N": 65535 * 32 + 1})) == [(64, 128)]  # only row blocks count
     limit = an.MAX_TOKENS
     assert norms._triton_launches(limit) and not norms._triton_launches(limit + 1)
     q, bins = torch.zeros(1, 1, limit + 1, 1, device=DEVICE), torch.zeros(limit + 1, dtype=torch.long, device=DEVICE)
