@@ -25,7 +25,7 @@ from duat_kernels import qk_cpu
 from duat_kernels.linalg import gram_norms, norms
 from duat_kernels.analysis.scaling import PeakMemory, synthetic_qk
 
-from conftest import QUICK
+from conftest import QUICK, explicit_grid_row
 
 N, M, H = (256, 64, 4) if QUICK else (32768, 768, 12)
 GRID = (16, 16) if QUICK else (256, 256)
@@ -36,18 +36,6 @@ CHECKED_GRID_ROWS = (0, GRID[0] - 1)
 def _inputs():
     q, k, w_v, w_o = synthetic_qk(N, M, H)
     return q, k, w_v, w_o, torch.randn(N * M, generator=torch.Generator().manual_seed(1))
-
-
-def _explicit_grid_row(q, k, w_v, w_o, row):
-    """Super-block norms of one grid row from its rows of A, computed whole in float64."""
-    r0, r1 = (row * N + GRID[0] - 1) // GRID[0], ((row + 1) * N + GRID[0] - 1) // GRID[0]
-    s = q[:, r0:r1].double() @ k.double().transpose(-1, -2) * (M // H) ** -0.5
-    s.masked_fill_(torch.arange(N)[None, :] > torch.arange(r0, r1)[:, None], float("-inf"))
-    alpha = s.softmax(-1)  # (h, rows, N)
-    c = norms.gram_factor(w_v, w_o, H, H)
-    sq = (c @ alpha.reshape(H, -1)).square().sum(0).reshape(r1 - r0, N).sum(0)
-    bins = torch.arange(N) * GRID[1] // N
-    return torch.zeros(GRID[1], dtype=torch.float64).index_add_(0, bins, sq).sqrt()
 
 
 def _unfused_block_norms(op):
@@ -85,7 +73,7 @@ def test_from_qk(benchmark, operation):
     benchmark.extra_info["peak_bytes"] = mem.peak
     if operation.startswith("block_norms"):
         for row in CHECKED_GRID_ROWS:
-            want = _explicit_grid_row(q, k, w_v, w_o, row)
+            want = explicit_grid_row(q, k, norms.gram_factor(w_v, w_o, H, H), row, GRID)
             err = ((result["norms"][row].double() - want).abs().max() / want.max()).item()
             benchmark.extra_info[f"grid_row_{row}_rel_err"] = err
             assert err <= 1e-4, (row, err)
