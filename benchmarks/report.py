@@ -3,8 +3,8 @@
     pytest benchmarks/ --benchmark-json=run.json && python benchmarks/report.py run.json
 
 Writes into its own folder, by default benchmarks/results/<machine> (e.g. amd-epyc-2c-avx512, named
-after the CPU that ran it, so a run on another machine never overwrites this one; the folder's old
-report and plots are removed first): <name>.md (the machine, its CPU and SIMD flags, one table per
+after the CPU that ran it, so a run on another machine never overwrites this one; an older report
+of the same name and its plots are removed first, other reports in the folder are kept): <name>.md (the machine, its CPU and SIMD flags, one table per
 group: best time, GB/s written, ratios to the memory-write floor `fill` (for cpp rows, fill_ timed
 interleaved with their own rounds), to the FMA floor and to each
 peer; then one table per ISA variant of the C++ kernels), the run's JSON and, when the run has them,
@@ -179,6 +179,16 @@ def gpu_norms_table(rows: dict[str, dict]) -> list[str]:
     return out
 
 
+def bf16_vs_fp32_table(rows: dict[str, dict]) -> list[str]:
+    """bf16 against fp32 output per configuration and ISA variant, from interleaved rounds."""
+    out = ["| configuration | ISA variant | fp32 best | bf16 best | bf16 / fp32 |", "|---|---|---:|---:|---:|"]
+    for name, b in rows.items():
+        fp32, bf16 = b["extra_info"]["fp32_interleaved_s"], b["stats"]["min"]
+        config, _, isa = name.partition(" @")
+        out.append(f"| {config} | {isa} | {_time(fp32)} | {_time(bf16)} | {bf16 / fp32:.2f} |")
+    return out
+
+
 def generic_table(rows: dict[str, dict]) -> list[str]:
     out = ["| case | best time | peak memory above inputs |", "|---|---:|---:|"]
     for name, b in rows.items():
@@ -283,8 +293,8 @@ def report(run: dict, out: Path, name: str) -> str:
     for group, rows in groups.items():
         kind = next(iter(rows.values()))["extra_info"].get("kind")
         lines += [f"### {group}", ""]
-        table = materialise_table if kind == "materialise" else matrix_free_table if kind == "matrix_free" \
-            else gpu_table if kind == "gpu" else gpu_norms_table if kind == "gpu_norms" else generic_table
+        table = {"materialise": materialise_table, "matrix_free": matrix_free_table, "gpu": gpu_table,
+                 "gpu_norms": gpu_norms_table, "bf16_vs_fp32": bf16_vs_fp32_table}.get(kind, generic_table)
         lines += table(rows) + [""]
     lines += isa_tables(groups)
     for png in plots(groups, out, name):
@@ -296,14 +306,14 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", help="pytest-benchmark JSON (--benchmark-json)")
     parser.add_argument("--out", default=None,
-                        help="output folder (default: benchmarks/results/<machine>, emptied of an older report first)")
+                        help="output folder (default: benchmarks/results/<machine>; an older report of the same name and its plots are removed first)")
     parser.add_argument("--name", default="cpu", help="report name (default: cpu)")
     args = parser.parse_args(argv)
     with open(args.run) as f:
         run = json.load(f)
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / machine_slug(run)
     if out.exists():  # a report is the files of one run: no stale plots beside new tables
-        for old in [*out.glob("*.png"), out / f"{args.name}.md", out / f"{args.name}.json"]:
+        for old in [*out.glob(f"{args.name}_*.png"), out / f"{args.name}.md", out / f"{args.name}.json"]:
             if old.resolve() != Path(args.run).resolve():  # never the run being reported
                 old.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)

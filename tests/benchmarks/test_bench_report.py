@@ -1,0 +1,47 @@
+"""benchmarks/report.py: the tables it writes and the files it replaces."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPORT = Path(__file__).resolve().parents[2] / "benchmarks" / "report.py"
+
+
+@pytest.fixture(scope="module")
+def report():
+    spec = importlib.util.spec_from_file_location("bench_report", REPORT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(rows: list[tuple[str, float, float]]) -> dict:
+    return {"datetime": "2026-11-26T10:00:00", "machine_info": {"cpu": {"brand_raw": "Test CPU", "count": 2, "flags": ["avx2", "fma"]}},
+            "benchmarks": [{"group": "bf16 against fp32 (interleaved rounds)", "name": name, "stats": {"min": bf16},
+                            "extra_info": {"kind": "bf16_vs_fp32", "contestant": name, "fp32_interleaved_s": fp32}}
+                           for name, fp32, bf16 in rows]}
+
+
+def test_bf16_vs_fp32_table(report):
+    lines = report.bf16_vs_fp32_table(report._rows_by_group(_run([("N=32 M=256 h=8 @avx2", 0.0080, 0.0060),
+                                                                   ("N=32 M=256 h=32 @baseline", 0.0500, 0.0550)]))
+                                      ["bf16 against fp32 (interleaved rounds)"])
+    assert lines[2] == "| N=32 M=256 h=8 | avx2 | 8.0 ms | 6.0 ms | 0.75 |"
+    assert lines[3] == "| N=32 M=256 h=32 | baseline | 50.0 ms | 55.0 ms | 1.10 |"
+
+
+def test_named_report_keeps_other_reports(report, tmp_path):
+    """A second report in a machine's folder replaces its own files only, not another report's plots."""
+    folder = tmp_path / "machine"
+    folder.mkdir()
+    for kept in ("cpu.md", "cpu.json", "cpu_time_vs_bytes.png"):
+        (folder / kept).write_text("earlier run")
+    (folder / "bf16_vs_fp32_stale.png").write_text("stale plot of an older run of this report")
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps(_run([("N=4 M=16 h=2 @avx2", 0.002, 0.001)])))
+    report.main([str(run), "--out", str(folder), "--name", "bf16_vs_fp32"])
+    assert all((folder / kept).read_text() == "earlier run" for kept in ("cpu.md", "cpu.json", "cpu_time_vs_bytes.png"))
+    assert not (folder / "bf16_vs_fp32_stale.png").exists()
+    assert "| N=4 M=16 h=2 | avx2 | 2.0 ms | 1.0 ms | 0.50 |" in (folder / "bf16_vs_fp32.md").read_text()
