@@ -237,6 +237,24 @@ def test_a_layer_out_of_range_is_one_error_before_any_text(model_dir, texts_file
     assert "duat corpus: layer 99 is out of range: the model has" in err and "FAILED" not in err
 
 
+def test_the_layer_check_does_not_fail_on_a_worker(model_dir, texts_file, tmp_path, dask_client, monkeypatch):
+    # the check raised on the worker, which logged "Compute Failed" and its traceback before our one-line error
+    from duat_kernels.corpus import runner
+
+    tasks = []
+    submit = dask_client.submit
+
+    def recording_submit(*args, **kwargs):
+        tasks.append(submit(*args, **kwargs))
+        return tasks[-1]
+
+    monkeypatch.setattr(dask_client, "submit", recording_submit)
+    settings = runner.CorpusSettings(model=model_dir, layers=(99,))
+    with pytest.raises(IndexError, match="layer 99 is out of range"):
+        runner.run_corpus([("a", "some text")], tmp_path / "run", settings, client=dask_client, progress=False)
+    assert len(tasks) == 1 and tasks[0].status == "finished"
+
+
 @pytest.mark.parametrize("cluster", [False, True])
 def test_a_model_that_does_not_exist_is_one_error_before_any_text(texts_file, tmp_path, cluster, dask_client,
                                                                   monkeypatch, capsys):

@@ -88,6 +88,16 @@ def _check_settings(out: Path, settings: CorpusSettings) -> None:
         record.write_text(json.dumps(settings.to_json()))
 
 
+def _layer_check(settings: CorpusSettings) -> Exception | None:
+    """check_layers' error, returned rather than raised: as a Dask task a raised error would also be logged
+    with its traceback by the worker ("Compute Failed") before the client's one-line message."""
+    try:
+        check_layers(settings)
+    except Exception as exc:
+        return exc
+    return None
+
+
 def run_corpus(texts: list[tuple[str, str]], out: str | os.PathLike, settings: CorpusSettings, client=None,
                progress: bool = True) -> tuple[Path, list[str]]:
     """Analyse every text (skipping those already in out/parts), then merge into out/results.parquet.
@@ -112,10 +122,9 @@ def run_corpus(texts: list[tuple[str, str]], out: str | os.PathLike, settings: C
     # the model (a path that does not exist) and the layers, checked once where the texts run (the model is loaded
     # there anyway), not once per text
     if todo:
-        if client is None:
-            check_layers(settings)
-        else:
-            client.submit(check_layers, settings, pure=False).result()
+        error = _layer_check(settings) if client is None else client.submit(_layer_check, settings, pure=False).result()
+        if error is not None:
+            raise error
     failures = []
     with tqdm(total=len(texts), initial=len(texts) - len(todo), unit="text", desc="corpus",
               disable=not progress) as bar:
