@@ -125,12 +125,12 @@ def check_scale_args(args) -> None:
     check_output_file("--plot", args.plot)
     if args.plot is not None:
         check_plot_format("--plot", args.plot)
-    # attn (h, N, N) float32, the causal mask and block_norms' (N, N) result, and a few (N, N) temporaries; w_v,
-    # w_o and the OV circuits (h + 2) M x M; x and the products, a few N x M
-    n, m, h = max(args.n), args.m, args.heads
+    from duat_kernels.analysis.scaling import sweep_bytes
+
+    n, m = max(args.n), args.m
     _check_memory(f"--n {n} --m {m} needs about {{needed}} of memory ((h + 4) N² + (h + 2) M² + 8 N M float32: the "
                   "attention probabilities, N x N work space, weights and OV circuits) but {free} is available; use a "
-                  "smaller --n or --m", ((h + 4) * n * n + (h + 2) * m * m + 8 * n * m) * 4)
+                  "smaller --n or --m", sweep_bytes(n, m, args.heads))
 
 
 def check_demo_args(args) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from duat_kernels import reference
-from duat_kernels._validation import format_bytes, integer, positive_int
+from duat_kernels._validation import check_fits, format_bytes, integer, positive_int
 from duat_kernels.hvo_operator import HVOOperator
 
 OPERATIONS = ("attention", "matvec", "block_norms", "spectral_norm", "tile")
@@ -126,6 +126,13 @@ def measure(fn, min_seconds: float = 0.2, max_repeats: int = 5) -> tuple[float, 
     return min(times), mem.peak
 
 
+def sweep_bytes(n: int, m: int, heads: int) -> int:
+    """About the memory the sweep needs at N = n: attn (h, N, N) float32, the causal mask, block_norms' (N, N)
+    result and a few (N, N) temporaries; w_v, w_o and the OV circuits, (h + 2) M x M; x and the products, a few
+    N x M: ((h + 4) N² + (h + 2) M² + 8 N M) float32."""
+    return ((heads + 4) * n * n + (heads + 2) * m * m + 8 * n * m) * 4
+
+
 def scaling_sweep(ns: list[int], m: int = 256, heads: int = 4, spectral_max_n: int | None = None, seed: int = 0,
                   progress: bool = True, from_qk: bool = False, grid: int = 256) -> list[ScaleRow]:
     """Measure every operation of OPERATIONS for each N in ns (spectral_norm only up to spectral_max_n,
@@ -149,6 +156,8 @@ def scaling_sweep(ns: list[int], m: int = 256, heads: int = 4, spectral_max_n: i
     if spectral_max_n is not None and (integer(spectral_max_n, tensors=False) is None or spectral_max_n < 0):
         raise ValueError(f"spectral_max_n must be None or an int >= 0, got {spectral_max_n!r}")
     m, heads, grid = positive_int(m), positive_int(heads), positive_int(grid)
+    check_fits(f"scaling_sweep at N={max(ns)}, M={m}, h={heads}", sweep_bytes(max(ns), m, heads), torch.device("cpu"),
+               hint="Use a smaller largest N or a smaller m.")
     warm, _ = _operations(min(ns), m, heads, seed, from_qk, grid)
     with torch.no_grad():
         for fn in warm.values():

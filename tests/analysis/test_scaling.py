@@ -43,3 +43,15 @@ def test_sweep_refuses_no_or_bad_sizes():
     import numpy as np
 
     assert [r.n for r in scaling.scaling_sweep(np.array([4, 5]), m=4, heads=1, progress=False)] == [4, 5]
+
+
+def test_sweep_refuses_sizes_that_do_not_fit_before_allocating():
+    # with a huge m it reached the allocator (torch.randn of an m x m weight: "DefaultCPUAllocator: can't allocate")
+    import pytest
+
+    from duat_kernels import DenseTooLargeError
+
+    with pytest.raises(DenseTooLargeError, match=r"scaling_sweep at N=4, M=1000000000, h=1 needs .* Use a smaller"):
+        scaling.scaling_sweep([2, 4], m=10 ** 9, heads=1, progress=False)
+    with pytest.raises(DenseTooLargeError, match=r"scaling_sweep at N=10000000, M=8, h=2 needs"):
+        scaling.scaling_sweep([10 ** 7], m=8, heads=2, progress=False)
