@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from duat_kernels import _validation as v
+from duat_kernels import strict_json
 from duat_kernels.analysis.dask_tiles import tile_block
 
 DEFAULT_TILE_BYTES = 256 << 20
@@ -135,7 +136,7 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 
 def _write_progress(progress_file: Path, fingerprint: str, done: dict[int, int], file_size: int) -> None:
     tmp = progress_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"fingerprint": fingerprint, "file_size": file_size,
+    tmp.write_text(strict_json.dumps({"fingerprint": fingerprint, "file_size": file_size,
                                "tiles": {str(t): crc for t, crc in sorted(done.items())}}))
     os.replace(tmp, progress_file)
 

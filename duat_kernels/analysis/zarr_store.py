@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from duat_kernels import _validation as v
+from duat_kernels import strict_json
 from duat_kernels.analysis.dask_tiles import (NUMPY_DTYPES, _dask, check_chunks, chunk_bounds, factors_token,
                                               operator_delayed, stored_dtype, tile_block)
 
@@ -118,7 +119,7 @@ def save_zarr(op, path: str | os.PathLike, chunks: tuple[int, int] | None = None
         zarr.create_array(partial, shape=tuple(op.shape), chunks=(*lead, chunk_rows, chunk_cols),
                           dtype=NUMPY_DTYPES[dtype], fill_value=0)
         progress_dir.mkdir(parents=True)
-        _write_text(fingerprint_file, json.dumps(fingerprint))
+        _write_text(fingerprint_file, strict_json.dumps(fingerprint))
 
     rows, cols = op.shape[-2:]
     lead = (slice(None),) if op.dims.batched else ()
