@@ -7,7 +7,8 @@ every recorded chunk by reading it back and hashing it: a chunk with no record, 
 bytes no longer match it (a torn write, a corrupted file), is written again; the others are kept.
 When every chunk is valid the checksums go into the array's attributes ("duat" -> "chunk_sha256")
 and the store is renamed to `path`, so a store at `path` is always complete; `verify_zarr`
-re-checks it.
+re-checks it. An existing store at `path` is replaced only with overwrite=True, when the new one is
+complete.
 """
 
 from __future__ import annotations
@@ -76,18 +77,21 @@ def write_chunk(op, store: str, record: str, region: tuple[slice, ...], dtype: t
 
 
 def save_zarr(op, path: str | os.PathLike, chunks: tuple[int, int] | None = None, *, dtype: torch.dtype | None = None,
-              scheduler=None, progress: bool = True) -> Path:
+              scheduler=None, progress: bool = True, overwrite: bool = False) -> Path:
     """Write the dense W' of an HVOOperator into the zarr array `path`, one Dask task per chunk.
 
     Args:
         op: HVOOperator, attn (h, N, N) or (B, h, N, N); the array is (N·M_out, N·M_in) (or with
             a leading B, one chunk along B), token or feature layout as the operator's.
-        path: the zarr store (a directory) to create; must not exist yet.
+        path: the zarr store (a directory) to create; must not exist yet, unless overwrite.
         chunks: (rows, cols) of one chunk (default: square-ish chunks of ~32 MiB).
         dtype: float32, float64 or float16 (default: the inputs' promoted dtype).
         scheduler: passed to dask.compute ("sync", "threads", "processes" or a distributed
             Client); None uses Dask's default, i.e. the current distributed Client if there is one.
         progress: show a tqdm progress bar over chunks.
+        overwrite: replace an existing zarr array at `path` (a FileExistsError otherwise, as save_dense
+            refuses an existing file); the old store stays until the new one is complete. Anything
+            else at `path` (a folder, a file) is never deleted: a FileExistsError.
 
     Returns:
         The path of the complete store. A rerun after an interruption rewrites only the chunks
@@ -96,9 +100,14 @@ def save_zarr(op, path: str | os.PathLike, chunks: tuple[int, int] | None = None
     dask, zarr = _dask(), _zarr()
     dtype = stored_dtype(op, dtype)
     chunk_rows, chunk_cols = check_chunks(op, chunks, dtype)
+    overwrite = v.check_flag("overwrite", overwrite)
     path = v.as_target_path("path", path)
-    if path.exists():
-        raise FileExistsError(f"{path} exists; save_zarr writes a new store (delete it or choose another path)")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; save_zarr writes a new store (pass overwrite=True to replace it, "
+                              "delete it or choose another path)")
+    if path.exists() and not _is_zarr_array(path):
+        raise FileExistsError(f"{path} exists and is not a zarr array; overwrite=True replaces only a zarr array "
+                              "(choose another path)")
     partial, progress_dir = Path(f"{path}.partial"), Path(f"{path}.progress")
     fingerprint = {"factors_sha256": factors_token(op), "shape": list(op.shape), "chunks": [chunk_rows, chunk_cols],
                    "dtype": str(dtype), "layout": op.layout}
@@ -136,9 +145,23 @@ def save_zarr(op, path: str | os.PathLike, chunks: tuple[int, int] | None = None
     checksums = {name: (progress_dir / name).read_text().strip() for name in names}
     arr = zarr.open_array(partial, mode="r+")
     arr.attrs["duat"] = {**fingerprint, "chunk_sha256": checksums}
+    if path.exists():  # overwrite=True, checked above
+        shutil.rmtree(path)
     os.replace(partial, path)
     shutil.rmtree(progress_dir)
     return path
+
+
+def _is_zarr_array(path: Path) -> bool:
+    """Whether path is the folder of a zarr array (v3 metadata of node_type "array", or v2 .zarray)."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    if (path / ".zarray").is_file():
+        return True
+    try:
+        return json.loads((path / "zarr.json").read_text()).get("node_type") == "array"
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False
 
 
 def _compute_with_progress(dask, tasks: list, scheduler, progress: bool, desc: str) -> None:
