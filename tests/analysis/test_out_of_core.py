@@ -34,11 +34,9 @@ def test_file_equals_dense(op, tmp_path, dtype):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.npy"]
 
 
-def test_resumes_after_interruption(op, tmp_path, monkeypatch):
-    path = tmp_path / "w.npy"
-    calls = []
-    fail_on_call = [4]
-    real_tile = type(op).tile
+def _interrupt_tiles(op, monkeypatch, fail_on_call: list) -> list:
+    """Record the first row of every tile computed, and interrupt the run at call fail_on_call[0] (None: never)."""
+    calls, real_tile = [], type(op).tile
 
     def flaky_tile(self, rows, cols, dtype=None):
         calls.append(rows.start)
@@ -47,6 +45,13 @@ def test_resumes_after_interruption(op, tmp_path, monkeypatch):
         return real_tile(self, rows, cols, dtype)
 
     monkeypatch.setattr(type(op), "tile", flaky_tile)
+    return calls
+
+
+def test_resumes_after_interruption(op, tmp_path, monkeypatch):
+    path = tmp_path / "w.npy"
+    fail_on_call = [4]
+    calls = _interrupt_tiles(op, monkeypatch, fail_on_call)
     with pytest.raises(Interrupted):
         save_dense(op, path, rows_per_tile=5, progress=False)
     assert not path.exists()  # nothing that looks complete
@@ -217,15 +222,8 @@ def test_overwrite_keeps_the_old_file_until_the_new_one_is_complete_and_resumes(
     path = tmp_path / "w.npy"
     old = save_dense(dk.HVOOperator(op.attn, op.w_v * 2, op.w_o, num_kv_heads=2), path, progress=False)
     old_bytes = old.read_bytes()
-    calls, fail_on_call, real_tile = [], [3], type(op).tile
-
-    def flaky_tile(self, rows, cols, dtype=None):
-        calls.append(rows.start)
-        if len(calls) == fail_on_call[0]:
-            raise Interrupted("simulated interruption")
-        return real_tile(self, rows, cols, dtype)
-
-    monkeypatch.setattr(type(op), "tile", flaky_tile)
+    fail_on_call = [3]
+    calls = _interrupt_tiles(op, monkeypatch, fail_on_call)
     with pytest.raises(Interrupted):
         save_dense(op, path, rows_per_tile=5, overwrite=True, progress=False)
     assert path.read_bytes() == old_bytes  # the complete old file is untouched by the interrupted run
