@@ -50,10 +50,12 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _read_region(store: Path, region: tuple[slice, ...]) -> np.ndarray | None:
-    """The stored chunk, or None when it cannot be decoded (a torn or corrupted chunk file)."""
+def _read_region(store, region: tuple[slice, ...]) -> np.ndarray | None:
+    """The stored chunk of `store` (a path, opened here, or an array opened once by the caller), or None when
+    it cannot be decoded (a torn or corrupted chunk file)."""
     try:
-        return _zarr().open_array(store, mode="r")[region]
+        array = _zarr().open_array(store, mode="r") if isinstance(store, (str, os.PathLike)) else store
+        return array[region]
     except Exception:  # any decoding failure means: write the chunk again
         return None
 
@@ -227,7 +229,7 @@ def verify_zarr(path: str | os.PathLike) -> list[str]:
     bad = []
     for (i, j), (name, expected) in sums.items():
         region = (*lead, slice(i * chunk_rows, (i + 1) * chunk_rows), slice(j * chunk_cols, (j + 1) * chunk_cols))
-        stored = _read_region(path, region)
+        stored = _read_region(arr, region)  # the array opened once, above: each read still goes to the chunk file
         if stored is None or chunk_sha256(stored) != expected:
             bad.append(name)
     return bad

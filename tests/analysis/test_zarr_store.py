@@ -74,6 +74,17 @@ def test_verify_finds_a_corrupted_chunk(op, tmp_path):
     assert meta["chunks"] == list(CHUNKS) and len(meta["chunk_sha256"]) == 36
 
 
+def test_verify_opens_the_store_once_and_reads_every_chunk_from_disk(op, tmp_path, monkeypatch):
+    # verify_zarr opened the store again for each of its chunks (36 opens here; 1024 for 1024 chunks)
+    path = dk.analysis.save_zarr(op, tmp_path / "w.zarr", chunks=CHUNKS, scheduler="sync", progress=False)
+    opens, real_open = [], zarr.open_array
+    monkeypatch.setattr(zarr, "open_array", lambda *a, **k: opens.append(a) or real_open(*a, **k))
+    assert dk.analysis.verify_zarr(path) == [] and len(opens) == 1
+    _chunk_file(path, 2, 3).write_bytes(b"\x00" * 16)  # undecodable
+    _chunk_file(path, 5, 0).unlink()  # missing: read as the fill value
+    assert sorted(dk.analysis.verify_zarr(path)) == ["2.3", "5.0"] and len(opens) == 2
+
+
 def test_verify_names_a_path_that_is_no_store(tmp_path):
     # zarr's own errors came out: "No array found in store file://... at path", a JSONDecodeError
     (tmp_path / "empty").mkdir()
