@@ -392,20 +392,25 @@ def as_path(name: str, path):
     return Path(path)
 
 
-def as_target_path(name: str, path):
-    """as_path for a file or store to write or read: an empty or blank name is refused (Path('') is '.', so
-    save_zarr(op, '') said '. exists' and save_dense(op, '') '. is a directory'; ' ' made a store named ' ')."""
-    path_ = as_path(name, path)
+def check_nonempty_path(name: str, path, fix: str) -> None:
+    """Refuse an empty or blank path (a str or os.PathLike) with a ValueError "<name> is empty; <fix>": Path('')
+    is '.', so the working directory was taken for the file, store, folder or model ('' gave save_zarr '. exists',
+    save_dense '. is a directory'), and ' ' made a store named ' '."""
     if not os.fspath(path).strip():
-        raise ValueError(f"{name} is empty ({path!r}); give a file path such as 'w.npy' or 'w.zarr'")
+        raise ValueError(f"{name} is empty; {fix}")
+
+
+def as_target_path(name: str, path):
+    """as_path for a file or store to write or read; an empty or blank name is refused (check_nonempty_path)."""
+    path_ = as_path(name, path)
+    check_nonempty_path(name, path, f"give a file path such as 'w.npy' or 'w.zarr' (got {path!r})")
     return path_
 
 
 def check_output_folder(option: str, path) -> None:
     """Refuse, before any work, an output folder that cannot be created or written: a file on its path,
-    or an empty name (Path('') is '.': the working directory would take the outputs)."""
-    if not os.fspath(path).strip():
-        raise ValueError(f"{option} is empty; give a folder")
+    or an empty name (check_nonempty_path: the working directory would take the outputs)."""
+    check_nonempty_path(option, path, "give a folder")
     folder = os.path.abspath(os.fspath(path))
     existing = folder
     while not os.path.exists(existing):

@@ -6,7 +6,8 @@ its bytes are recorded in `<path>.progress.json` (replaced atomically) with the 
 when every tile is written is the file renamed to `path`, so an interrupted run never leaves a file
 at `path` that looks complete, and a rerun with the same inputs resumes where it stopped; a resume
 first reads back every recorded tile and redoes those whose bytes changed (a truncated or damaged
-.partial). The target, its folder and the free disk space are checked before anything is written.
+.partial). The target, its folder and the free disk space are checked before anything is written; an existing
+file at `path` is replaced only with overwrite=True (and only when the new one is complete).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from duat_kernels import _validation as v
+from duat_kernels import strict_json
 from duat_kernels.analysis.dask_tiles import tile_block
 
 DEFAULT_TILE_BYTES = 256 << 20
@@ -40,7 +42,7 @@ def _fingerprint(op, dtype: torch.dtype, rows_per_tile: int) -> str:
 
 
 def save_dense(op, path: str | os.PathLike, *, rows_per_tile: int | None = None, max_tile_bytes: int = DEFAULT_TILE_BYTES,
-               dtype: torch.dtype | None = None, progress: bool = True) -> Path:
+               dtype: torch.dtype | None = None, progress: bool = True, overwrite: bool = False) -> Path:
     """Write the dense W' of an unbatched HVOOperator to the .npy file `path`, tile by tile.
 
     Args:
@@ -50,13 +52,17 @@ def save_dense(op, path: str | os.PathLike, *, rows_per_tile: int | None = None,
         max_tile_bytes: memory budget of one tile, the peak memory beyond the inputs.
         dtype: stored dtype (default: the inputs' promoted dtype, float32 for bfloat16).
         progress: show a tqdm progress bar.
+        overwrite: replace an existing file at `path` (a FileExistsError otherwise, as save_zarr
+            refuses an existing store); the old file stays until the new one is complete.
 
     Returns:
-        The path of the complete file. Reruns after an interruption resume from the last tile.
+        The path of the complete file. Reruns after an interruption resume from the last tile
+        (an interrupted run leaves `path` as it was: `<path>.partial` holds its tiles).
     """
     if op.dims.batched:
         raise ValueError("save_dense needs an unbatched HVOOperator (attn of shape (h, N, N))")
     v.check_has_data("save_dense", op.device)
+    overwrite = v.check_flag("overwrite", overwrite)
     if v.positive_int(max_tile_bytes) is None:
         raise ValueError(f"max_tile_bytes must be a positive int, got {max_tile_bytes!r}")
     dtype = v.storage_dtype(dtype, op.dtype, "for a .npy file")
@@ -75,7 +81,7 @@ def save_dense(op, path: str | os.PathLike, *, rows_per_tile: int | None = None,
     rows_per_tile = v.positive_int(rows_per_tile)
     path = v.as_target_path("path", path)
     partial, progress_file = Path(f"{path}.partial"), Path(f"{path}.progress.json")
-    _check_target(path, partial, rows * row_bytes)
+    _check_target(path, partial, rows * row_bytes, overwrite)
     fingerprint = _fingerprint(op, dtype, rows_per_tile)
     n_tiles = -(-rows // rows_per_tile) if rows else 0
 
@@ -135,17 +141,20 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 
 def _write_progress(progress_file: Path, fingerprint: str, done: dict[int, int], file_size: int) -> None:
     tmp = progress_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"fingerprint": fingerprint, "file_size": file_size,
+    tmp.write_text(strict_json.dumps({"fingerprint": fingerprint, "file_size": file_size,
                                "tiles": {str(t): crc for t, crc in sorted(done.items())}}))
     os.replace(tmp, progress_file)
 
 
-def _check_target(path: Path, partial: Path, data_bytes: int) -> None:
-    """Refuse, before writing anything, a target that is a folder, a missing folder, or a disk
-    without room for the file (a fresh .partial is sparse: the space is taken as tiles arrive)."""
+def _check_target(path: Path, partial: Path, data_bytes: int, overwrite: bool) -> None:
+    """Refuse, before writing anything, a target that is a folder, an existing file (unless overwrite), a
+    missing folder, or a disk without room for the file (a fresh .partial is sparse: the space is taken as
+    tiles arrive; the file it replaces is counted as taken)."""
     for p in (path, partial):
         if p.is_dir():
             raise ValueError(f"save_dense: {p} is a directory; pass a file path such as {p / 'w.npy'}")
+    if not overwrite and (path.exists() or path.is_symlink()):
+        raise FileExistsError(f"save_dense: {path} exists; pass overwrite=True to replace it, or choose another path")
     folder = path.parent
     if not folder.is_dir():
         raise FileNotFoundError(f"save_dense: the folder {folder} of {path} does not exist; create it first")

@@ -7,7 +7,8 @@ every recorded chunk by reading it back and hashing it: a chunk with no record, 
 bytes no longer match it (a torn write, a corrupted file), is written again; the others are kept.
 When every chunk is valid the checksums go into the array's attributes ("duat" -> "chunk_sha256")
 and the store is renamed to `path`, so a store at `path` is always complete; `verify_zarr`
-re-checks it.
+re-checks it. An existing store at `path` is replaced only with overwrite=True, when the new one is
+complete.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from duat_kernels import _validation as v
+from duat_kernels import strict_json
 from duat_kernels.analysis.dask_tiles import (NUMPY_DTYPES, _dask, check_chunks, chunk_bounds, factors_token,
                                               operator_delayed, stored_dtype, tile_block)
 
@@ -48,10 +50,12 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _read_region(store: Path, region: tuple[slice, ...]) -> np.ndarray | None:
-    """The stored chunk, or None when it cannot be decoded (a torn or corrupted chunk file)."""
+def _read_region(store, region: tuple[slice, ...]) -> np.ndarray | None:
+    """The stored chunk of `store` (a path, opened here, or an array opened once by the caller), or None when
+    it cannot be decoded (a torn or corrupted chunk file)."""
     try:
-        return _zarr().open_array(store, mode="r")[region]
+        array = _zarr().open_array(store, mode="r") if isinstance(store, (str, os.PathLike)) else store
+        return array[region]
     except Exception:  # any decoding failure means: write the chunk again
         return None
 
@@ -75,18 +79,21 @@ def write_chunk(op, store: str, record: str, region: tuple[slice, ...], dtype: t
 
 
 def save_zarr(op, path: str | os.PathLike, chunks: tuple[int, int] | None = None, *, dtype: torch.dtype | None = None,
-              scheduler=None, progress: bool = True) -> Path:
+              scheduler=None, progress: bool = True, overwrite: bool = False) -> Path:
     """Write the dense W' of an HVOOperator into the zarr array `path`, one Dask task per chunk.
 
     Args:
         op: HVOOperator, attn (h, N, N) or (B, h, N, N); the array is (N·M_out, N·M_in) (or with
             a leading B, one chunk along B), token or feature layout as the operator's.
-        path: the zarr store (a directory) to create; must not exist yet.
+        path: the zarr store (a directory) to create; must not exist yet, unless overwrite.
         chunks: (rows, cols) of one chunk (default: square-ish chunks of ~32 MiB).
         dtype: float32, float64 or float16 (default: the inputs' promoted dtype).
         scheduler: passed to dask.compute ("sync", "threads", "processes" or a distributed
             Client); None uses Dask's default, i.e. the current distributed Client if there is one.
         progress: show a tqdm progress bar over chunks.
+        overwrite: replace an existing zarr array at `path` (a FileExistsError otherwise, as save_dense
+            refuses an existing file); the old store stays until the new one is complete. Anything
+            else at `path` (a folder, a file) is never deleted: a FileExistsError.
 
     Returns:
         The path of the complete store. A rerun after an interruption rewrites only the chunks
@@ -95,9 +102,14 @@ def save_zarr(op, path: str | os.PathLike, chunks: tuple[int, int] | None = None
     dask, zarr = _dask(), _zarr()
     dtype = stored_dtype(op, dtype)
     chunk_rows, chunk_cols = check_chunks(op, chunks, dtype)
+    overwrite = v.check_flag("overwrite", overwrite)
     path = v.as_target_path("path", path)
-    if path.exists():
-        raise FileExistsError(f"{path} exists; save_zarr writes a new store (delete it or choose another path)")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; save_zarr writes a new store (pass overwrite=True to replace it, "
+                              "delete it or choose another path)")
+    if path.exists() and not _is_zarr_array(path):
+        raise FileExistsError(f"{path} exists and is not a zarr array; overwrite=True replaces only a zarr array "
+                              "(choose another path)")
     partial, progress_dir = Path(f"{path}.partial"), Path(f"{path}.progress")
     fingerprint = {"factors_sha256": factors_token(op), "shape": list(op.shape), "chunks": [chunk_rows, chunk_cols],
                    "dtype": str(dtype), "layout": op.layout}
@@ -118,7 +130,7 @@ def save_zarr(op, path: str | os.PathLike, chunks: tuple[int, int] | None = None
         zarr.create_array(partial, shape=tuple(op.shape), chunks=(*lead, chunk_rows, chunk_cols),
                           dtype=NUMPY_DTYPES[dtype], fill_value=0)
         progress_dir.mkdir(parents=True)
-        _write_text(fingerprint_file, json.dumps(fingerprint))
+        _write_text(fingerprint_file, strict_json.dumps(fingerprint))
 
     rows, cols = op.shape[-2:]
     lead = (slice(None),) if op.dims.batched else ()
@@ -135,9 +147,23 @@ def save_zarr(op, path: str | os.PathLike, chunks: tuple[int, int] | None = None
     checksums = {name: (progress_dir / name).read_text().strip() for name in names}
     arr = zarr.open_array(partial, mode="r+")
     arr.attrs["duat"] = {**fingerprint, "chunk_sha256": checksums}
+    if path.exists():  # overwrite=True, checked above
+        shutil.rmtree(path)
     os.replace(partial, path)
     shutil.rmtree(progress_dir)
     return path
+
+
+def _is_zarr_array(path: Path) -> bool:
+    """Whether path is the folder of a zarr array (v3 metadata of node_type "array", or v2 .zarray)."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    if (path / ".zarray").is_file():
+        return True
+    try:
+        return json.loads((path / "zarr.json").read_text()).get("node_type") == "array"
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False
 
 
 def _compute_with_progress(dask, tasks: list, scheduler, progress: bool, desc: str) -> None:
@@ -203,7 +229,7 @@ def verify_zarr(path: str | os.PathLike) -> list[str]:
     bad = []
     for (i, j), (name, expected) in sums.items():
         region = (*lead, slice(i * chunk_rows, (i + 1) * chunk_rows), slice(j * chunk_cols, (j + 1) * chunk_cols))
-        stored = _read_region(path, region)
+        stored = _read_region(arr, region)  # the array opened once, above: each read still goes to the chunk file
         if stored is None or chunk_sha256(stored) != expected:
             bad.append(name)
     return bad

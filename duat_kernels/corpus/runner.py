@@ -16,6 +16,7 @@ import os
 import statistics
 from pathlib import Path
 
+from duat_kernels import strict_json
 from duat_kernels.corpus.analysis import CorpusSettings, analyse_text, check_layers, text_sha256
 
 
@@ -85,7 +86,7 @@ def _check_settings(out: Path, settings: CorpusSettings) -> None:
             raise ValueError(f"{out} holds a run with other settings ({previous}); use another --out "
                              "or the same --model, --layer, --grid and --threads")
     else:
-        record.write_text(json.dumps(settings.to_json()))
+        record.write_text(strict_json.dumps(settings.to_json()))
 
 
 def _layer_check(settings: CorpusSettings) -> Exception | None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from duat_kernels import strict_json
 from duat_kernels._validation import positive_int
 from duat_kernels.markov.operator import state_count
 
@@ -137,7 +138,7 @@ def _cache_folder(cache_dir: Path, meta: dict) -> Path:
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
     folder = Path(cache_dir) / f"logits_{key}"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+    (folder / "meta.json").write_text(strict_json.dumps(meta, indent=1, sort_keys=True))
     return folder
 
 

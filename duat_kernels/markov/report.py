@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 
 import numpy as np
 
+from duat_kernels import strict_json
 from duat_kernels.markov import analysis
 from duat_kernels.markov.chain import LanguageModelChain, temperature_label
 
@@ -170,7 +170,7 @@ def write_report(chain: LanguageModelChain, results: list[dict], out_dir: str | 
                 state_order="base-T index, x_1 most significant, symbols in the order given")
     json_path, md_path = out / "markov.json", out / "markov.md"
     per_tau = {temperature_label(r["temperature"]): r for r in results}
-    json_path.write_text(json.dumps({"meta": meta, "temperatures": per_tau}, indent=1))
+    json_path.write_text(strict_json.dumps({"meta": meta, "temperatures": per_tau}, indent=1))
     write_markdown(results, meta, md_path)
     paths = [json_path, md_path, *chain.save(out)]
     if plots:

@@ -4,11 +4,11 @@ layer's and each head's block-norm heatmap, tokens on hover, and the exactness t
 from __future__ import annotations
 
 import html
-import json
 import math
 
 import torch
 
+from duat_kernels import strict_json
 from duat_kernels.models.inspect_plot import cell_labels, grid_size, reduced_norms
 from duat_kernels.reference import ov_circuits
 
@@ -47,7 +47,7 @@ def page_data(reports, tokens: list[str], title: str, tolerance: float, heads: l
 
 def write_html(path: str, reports, tokens: list[str], title: str, tolerance: float, heads: list[int] | None) -> int:
     """Write the page; returns its size in bytes."""
-    data = json.dumps(page_data(reports, tokens, title, tolerance, heads), separators=(",", ":"))
+    data = strict_json.dumps(page_data(reports, tokens, title, tolerance, heads), separators=(",", ":"))
     page = PAGE.replace("__TITLE__", html.escape(title)).replace("__DATA__", data.replace("</", "<\\/"))
     with open(path, "w", encoding="utf-8") as f:
         f.write(page)
@@ -89,6 +89,9 @@ function colour(t) {
   const i = Math.min(RAMP.length - 2, Math.floor(t)), f = t - i, a = RAMP[i], b = RAMP[i + 1];
   return [0, 1, 2].map(k => Math.round(a[k] + f * (b[k] - a[k])));
 }
+function shown(v, format) {  // null: a NaN or infinite number (JSON has none)
+  return v === null ? "not finite" : format(v);
+}
 function logRange(maps) {  // one log scale shared by all maps of a kind: [max * 1e-4, max]
   let top = 0;
   for (const m of maps) for (const row of m) for (const v of row) if (v > top) top = v;
@@ -113,7 +116,8 @@ function describe(canvas, m, what, ev) {
   const px = +canvas.dataset.px, rect = canvas.getBoundingClientRect();
   const k = Math.floor((ev.clientX - rect.left) / px), n = Math.floor((ev.clientY - rect.top) / px);
   if (n < 0 || k < 0 || n >= C || k >= C) return null;
-  return `${what}\\noutput n=${n}: ${D.labels[n]}\\ninput m=${k}: ${D.labels[k]}\\nnorm: ${m[n][k].toPrecision(3)}`;
+  const norm = shown(m[n][k], v => v.toPrecision(3));
+  return `${what}\\noutput n=${n}: ${D.labels[n]}\\ninput m=${k}: ${D.labels[k]}\\nnorm: ${norm}`;
 }
 function heatmap(parent, m, range, caption) {
   const box = document.createElement("div"), canvas = document.createElement("canvas");
@@ -148,8 +152,9 @@ const body = document.querySelector("#exactness tbody");
 D.layers.forEach((L, j) => {
   const tr = document.createElement("tr");
   if (!L.passed) tr.className = "fail";
-  const cells = [L.index, L.name, `${L.heads}/${L.kv_heads}`, L.rel_error.toExponential(2), L.passed ? "yes" : "NO",
-    L.frobenius.toFixed(2), (100 * L.dense_blocks).toFixed(1) + "%",
+  const cells = [L.index, L.name, `${L.heads}/${L.kv_heads}`, shown(L.rel_error, v => v.toExponential(2)),
+    L.passed ? "yes" : "NO", shown(L.frobenius, v => v.toFixed(2)),
+    shown(L.dense_blocks, v => (100 * v).toFixed(1) + "%"),
     L.w_ms === null ? "matrix-free" : L.w_ms.toFixed(1) + " ms"];
   for (const c of cells) { const td = document.createElement("td"); td.textContent = c; tr.appendChild(td); }
   tr.addEventListener("click", () => showLayer(j));

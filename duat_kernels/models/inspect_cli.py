@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from duat_kernels import strict_json
 from duat_kernels._validation import check_plot_format
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -222,8 +223,8 @@ def _run(args) -> int:
     if not quiet:
         print(inspection.format_reports(reports, name, tokens, heads))
     if args.json:
-        text = json.dumps(inspection.as_json(reports, args.model, model.config.model_type, tokens, dtype, tolerance,
-                                             heads), indent=1)
+        text = strict_json.dumps(inspection.as_json(reports, args.model, model.config.model_type, tokens, dtype,
+                                                    tolerance, heads), indent=1)
         if quiet:
             print(text)
         else:

@@ -6,7 +6,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from duat_kernels._validation import as_path
+from duat_kernels._validation import as_path, check_nonempty_path
 
 MODELS_EXTRA = "pip install 'duat-kernels[models]'"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -33,8 +33,7 @@ def local_model(name_or_path: str) -> Path:
     """The path of a local model, checked: a folder with config.json or an existing .gguf file."""
     path = as_path("name_or_path", name_or_path)
     expected = "expected 'minilm', 'smollm2', a local folder with config.json and weights, or a .gguf file"
-    if not str(name_or_path).strip():  # Path('') is '.': the working directory taken for a model folder
-        raise ValueError(f"the model name or path is empty ({expected})")
+    check_nonempty_path("the model name or path", name_or_path, expected)
     if not path.exists():
         raise FileNotFoundError(f"model {name_or_path!r} does not exist ({expected}); there is no model hub here")
     if path.is_dir() and not (path / "config.json").is_file():

@@ -34,11 +34,9 @@ def test_file_equals_dense(op, tmp_path, dtype):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.npy"]
 
 
-def test_resumes_after_interruption(op, tmp_path, monkeypatch):
-    path = tmp_path / "w.npy"
-    calls = []
-    fail_on_call = [4]
-    real_tile = type(op).tile
+def _interrupt_tiles(op, monkeypatch, fail_on_call: list) -> list:
+    """Record the first row of every tile computed, and interrupt the run at call fail_on_call[0] (None: never)."""
+    calls, real_tile = [], type(op).tile
 
     def flaky_tile(self, rows, cols, dtype=None):
         calls.append(rows.start)
@@ -47,6 +45,13 @@ def test_resumes_after_interruption(op, tmp_path, monkeypatch):
         return real_tile(self, rows, cols, dtype)
 
     monkeypatch.setattr(type(op), "tile", flaky_tile)
+    return calls
+
+
+def test_resumes_after_interruption(op, tmp_path, monkeypatch):
+    path = tmp_path / "w.npy"
+    fail_on_call = [4]
+    calls = _interrupt_tiles(op, monkeypatch, fail_on_call)
     with pytest.raises(Interrupted):
         save_dense(op, path, rows_per_tile=5, progress=False)
     assert not path.exists()  # nothing that looks complete
@@ -197,3 +202,36 @@ def test_empty_path_is_refused_by_name(op, tmp_path, monkeypatch, name):
     with pytest.raises(ValueError, match="path is empty"):
         save_dense(op, name, progress=False)
     assert not list(tmp_path.iterdir())
+
+
+def test_existing_file_is_refused_unless_overwrite(op, tmp_path):
+    # save_dense replaced an existing file silently, while save_zarr refused an existing store
+    path = tmp_path / "w.npy"
+    path.write_bytes(b"not W'")
+    with pytest.raises(FileExistsError, match=f"{path} exists.*overwrite=True"):
+        save_dense(op, path, progress=False)
+    assert path.read_bytes() == b"not W'" and sorted(p.name for p in tmp_path.iterdir()) == ["w.npy"]
+    assert save_dense(op, path, rows_per_tile=7, overwrite=True, progress=False) == path
+    np.testing.assert_array_equal(np.load(path), op.to_dense().numpy())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.npy"]
+    with pytest.raises(TypeError, match="overwrite must be True or False"):
+        save_dense(op, path, overwrite="yes", progress=False)
+
+
+def test_overwrite_keeps_the_old_file_until_the_new_one_is_complete_and_resumes(op, tmp_path, monkeypatch):
+    path = tmp_path / "w.npy"
+    old = save_dense(dk.HVOOperator(op.attn, op.w_v * 2, op.w_o, num_kv_heads=2), path, progress=False)
+    old_bytes = old.read_bytes()
+    fail_on_call = [3]
+    calls = _interrupt_tiles(op, monkeypatch, fail_on_call)
+    with pytest.raises(Interrupted):
+        save_dense(op, path, rows_per_tile=5, overwrite=True, progress=False)
+    assert path.read_bytes() == old_bytes  # the complete old file is untouched by the interrupted run
+    with pytest.raises(FileExistsError, match="exists"):  # resuming does not drop the refusal
+        save_dense(op, path, rows_per_tile=5, progress=False)
+    calls.clear()
+    fail_on_call[0] = None
+    save_dense(op, path, rows_per_tile=5, overwrite=True, progress=False)
+    assert calls == [10, 15, 20, 25, 30, 35, 40]  # resumed: tiles 0 and 1 were not recomputed
+    np.testing.assert_array_equal(np.load(path), op.to_dense().numpy())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.npy"]

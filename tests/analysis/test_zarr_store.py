@@ -74,6 +74,17 @@ def test_verify_finds_a_corrupted_chunk(op, tmp_path):
     assert meta["chunks"] == list(CHUNKS) and len(meta["chunk_sha256"]) == 36
 
 
+def test_verify_opens_the_store_once_and_reads_every_chunk_from_disk(op, tmp_path, monkeypatch):
+    # verify_zarr opened the store again for each of its chunks (36 opens here; 1024 for 1024 chunks)
+    path = dk.analysis.save_zarr(op, tmp_path / "w.zarr", chunks=CHUNKS, scheduler="sync", progress=False)
+    opens, real_open = [], zarr.open_array
+    monkeypatch.setattr(zarr, "open_array", lambda *a, **k: opens.append(a) or real_open(*a, **k))
+    assert dk.analysis.verify_zarr(path) == [] and len(opens) == 1
+    _chunk_file(path, 2, 3).write_bytes(b"\x00" * 16)  # undecodable
+    _chunk_file(path, 5, 0).unlink()  # missing: read as the fill value
+    assert sorted(dk.analysis.verify_zarr(path)) == ["2.3", "5.0"] and len(opens) == 2
+
+
 def test_verify_names_a_path_that_is_no_store(tmp_path):
     # zarr's own errors came out: "No array found in store file://... at path", a JSONDecodeError
     (tmp_path / "empty").mkdir()
@@ -121,8 +132,25 @@ def test_resume_with_other_inputs_is_refused(op, layer, tmp_path, monkeypatch):
 
 def test_existing_store_is_not_overwritten(op, tmp_path):
     path = dk.analysis.save_zarr(op, tmp_path / "w.zarr", chunks=CHUNKS, scheduler="sync", progress=False)
-    with pytest.raises(FileExistsError, match="exists"):
+    with pytest.raises(FileExistsError, match="exists.*overwrite=True"):
         dk.analysis.save_zarr(op, path, chunks=CHUNKS, scheduler="sync", progress=False)
+
+
+def test_overwrite_replaces_a_store_and_nothing_else(op, tmp_path):
+    old = dk.HVOOperator(op.attn, op.w_v * 2, op.w_o, num_kv_heads=op.dims.kv_heads)
+    path = dk.analysis.save_zarr(old, tmp_path / "w.zarr", chunks=CHUNKS, scheduler="sync", progress=False)
+    assert dk.analysis.save_zarr(op, path, chunks=(10, 10), scheduler="sync", progress=False, overwrite=True) == path
+    np.testing.assert_array_equal(zarr.open_array(path, mode="r")[:], op.to_dense().numpy())
+    assert dk.analysis.verify_zarr(path) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["w.zarr"]
+    folder, file = tmp_path / "folder", tmp_path / "file.txt"
+    (folder / "keep").mkdir(parents=True)  # overwrite=True must never delete what is not a zarr array
+    file.write_text("keep")
+    for target in (folder, file):
+        with pytest.raises(FileExistsError, match=f"{target} exists and is not a zarr array"):
+            dk.analysis.save_zarr(op, target, chunks=CHUNKS, scheduler="sync", progress=False, overwrite=True)
+    assert (folder / "keep").is_dir() and file.read_text() == "keep" and not list(tmp_path.glob("*.partial"))
+    with pytest.raises(TypeError, match="overwrite must be True or False"):
+        dk.analysis.save_zarr(op, tmp_path / "new.zarr", progress=False, overwrite="no")
 
 
 @pytest.mark.parametrize("empty,batched", [("m_in", False), ("m_in", True), ("m_out", False), ("m_out", True),

@@ -113,16 +113,21 @@ def test_plot_of_a_long_input_stays_small(folder, tmp_path, capsys):
 chromium = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+def _rendered(page, tmp_path) -> str:
+    """The page's DOM after its scripts ran in headless Chromium (#selftest hovers the first heatmap)."""
+    done = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                           "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+                           "--dump-dom", f"file://{page}#selftest"], capture_output=True, text=True, timeout=120)
+    return done.stdout
+
+
 @pytest.mark.skipif(chromium is None, reason="needs headless Chromium (apt-get install chromium)")
 def test_html_report_renders_in_chromium(folder, tmp_path):
     page = tmp_path / "report.html"
     assert main(["inspect", "--model", str(folder), "--text", _text(7), "--html", str(page)]) == 0
     text = page.read_text()
     assert "http://" not in text and "https://" not in text and "<script src" not in text  # self-contained
-    done = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                           "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-                           "--dump-dom", f"file://{page}#selftest"], capture_output=True, text=True, timeout=120)
-    dom = done.stdout
+    dom = _rendered(page, tmp_path)
     assert "rendered layer 0: 5 heatmaps of 7x7" in dom  # all heads + 4 heads
     assert dom.count("<canvas") == 5 and dom.count("<tr") == 3  # header + 2 layers in the exactness table
     hover = dom.split("hover: ")[1]
@@ -216,3 +221,46 @@ def test_long_mode_checks_the_model_positions(folder, capsys):
     assert main(["inspect", "--model", str(folder), "--text", _text(POSITIONS + 5), "--long"]) == 2
     err = capsys.readouterr().err
     assert f"--text has {POSITIONS + 5} tokens but" in err and "at most 256 positions" in err, err
+
+
+def _strict(constant):
+    raise ValueError(f"not JSON: bare {constant}")
+
+
+@pytest.fixture(scope="module")
+def nan_folder(folder, tmp_path_factory):
+    """The tiny BERT with one NaN in layer 0's value weights: its W', norms and errors are NaN."""
+    path = tmp_path_factory.mktemp("nan_bert")
+    model = transformers.BertModel.from_pretrained(folder)
+    with torch.no_grad():
+        model.encoder.layer[0].attention.self.value.weight[0, 0] = float("nan")
+    model.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (folder / name).exists():
+            shutil.copy(folder / name, path / name)
+    return path
+
+
+def test_non_finite_numbers_are_null_in_json_and_html(nan_folder, tmp_path, capsys):
+    # Python's bare NaN/Infinity made --json and the --html page's data invalid JSON (JSON.parse and jq refuse it)
+    out, page = tmp_path / "r.json", tmp_path / "r.html"
+    assert main(["inspect", "--model", str(nan_folder), "--text", _text(5), "--heads", "all", "--json", str(out),
+                 "--html", str(page)]) == 1  # FAILED: a NaN error is no pass
+    capsys.readouterr()
+    result = json.loads(out.read_text(), parse_constant=_strict)
+    first = result["layers"][0]
+    assert first["rel_error"] is None and first["frobenius"] is None and not first["passed"] and not result["passed"]
+    data = page.read_text().split('<script id="data" type="application/json">')[1].split("</script>")[0]
+    layers = json.loads(data, parse_constant=_strict)["layers"]
+    assert layers[0]["rel_error"] is None and layers[0]["frobenius"] is None
+    assert any(v is None for row in layers[0]["total"] for v in row)
+
+
+@pytest.mark.skipif(chromium is None, reason="needs headless Chromium (apt-get install chromium)")
+def test_html_report_of_non_finite_numbers_renders_in_chromium(nan_folder, tmp_path, capsys):
+    # the page's null numbers (NaN in the model) must not stop its script (null.toExponential is a TypeError)
+    page = tmp_path / "r.html"
+    assert main(["inspect", "--model", str(nan_folder), "--text", _text(7), "--html", str(page)]) == 1
+    dom = _rendered(page, tmp_path)
+    assert "rendered layer 0: 5 heatmaps of 7x7" in dom and dom.count("<tr") == 3
+    assert "not finite" in dom.split("<tbody>")[1].split("</tbody>")[0]  # layer 0's error and norm

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from statistics import mean
+
+from duat_kernels import strict_json
 
 
 def _pct(x: float) -> str:
@@ -145,7 +146,7 @@ def contributions_md(d: dict, tokens: list[str]) -> list[str]:
 def write(out: Path, results: dict, meta: dict) -> list[Path]:
     """claims.md, claims.json and the plots into out; returns the paths written."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "claims.json").write_text(json.dumps({"meta": meta, **results}, indent=1))
+    (out / "claims.json").write_text(strict_json.dumps({"meta": meta, **results}, indent=1))
     md = [f"# The DUAT paper's claims, measured on {meta['model']} ({meta['model_type']})", "",
           f"Command: `{meta['command']}`. Text: \"{meta['text']}\" ({meta['tokens']} tokens). "
           f"{meta['layers']} layers, {meta['heads']} heads ({meta['kv_heads']} kv), width {meta['width']}. "

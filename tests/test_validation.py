@@ -1,0 +1,36 @@
+"""_validation's shared checks: one empty-path refusal, "<argument> is empty; <what to give>", for files
+and stores (as_target_path), output folders (check_output_folder) and models (zoo.local_model)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from duat_kernels import _validation as v
+from duat_kernels.models import zoo
+
+REFUSALS = {
+    "target": (lambda p: v.as_target_path("store", p),
+               "store is empty; give a file path such as 'w.npy' or 'w.zarr' (got {p!r})"),
+    "folder": (lambda p: v.check_output_folder("--out", p), "--out is empty; give a folder"),
+    "model": (lambda p: zoo.local_model(p), "the model name or path is empty; expected 'minilm', 'smollm2', a local "
+                                            "folder with config.json and weights, or a .gguf file"),
+}
+
+
+@pytest.mark.parametrize("empty", ["", "  ", "\t\n"], ids=["empty", "spaces", "whitespace"])
+@pytest.mark.parametrize("where", REFUSALS)
+def test_empty_paths_are_refused_alike_by_name(where, empty, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    call, message = REFUSALS[where]
+    with pytest.raises(ValueError, match=f"^{re.escape(message.format(p=empty))}$"):
+        call(empty)
+    assert not list(tmp_path.iterdir())  # the working directory was not taken for the path
+
+
+@pytest.mark.parametrize("path", ["w.npy", " w.npy", Path("a") / "b", "."],
+                         ids=["name", "leading-space", "path", "dot"])
+def test_a_given_path_passes(path):
+    v.check_nonempty_path("path", path, "give a path")
