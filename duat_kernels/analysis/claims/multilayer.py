@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from duat_kernels.analysis.claims.layer_terms import LayerTerms, replay
+from duat_kernels.analysis.claims.layer_terms import LayerTerms, replay, worst
 
 # fp32 models must be rebuilt to this relative error (the bound).
 TOLERANCE = 1e-4
@@ -35,5 +35,5 @@ def rebuild(terms: list[LayerTerms]) -> list[dict]:
 
 
 def summarise(rows: list[dict], tolerance: float = TOLERANCE) -> dict:
-    worst = max(r["relative_error"] for r in rows)
-    return {"tolerance": tolerance, "max_relative_error": worst, "held": worst <= tolerance, "layers": rows}
+    largest = worst(r["relative_error"] for r in rows)
+    return {"tolerance": tolerance, "max_relative_error": largest, "held": largest <= tolerance, "layers": rows}

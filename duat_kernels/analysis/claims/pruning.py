@@ -46,7 +46,7 @@ def prune_heads(layer: AttentionLayer) -> dict:
         if actual > bound * (1 + SLACK):
             raise AssertionError(f"triangle bound violated: actual {actual} > bound {bound}")
         rows.append({"pruned": k, "heads": removed, "actual": actual / total, "bound": bound / total,
-                     "tightness": actual / bound if bound > 0 else 1.0})
+                     "tightness": 1.0 if bound == 0 else actual / bound})  # NaN stays NaN
     return {"head_norms": (norms / total).tolist(), "budgets": rows}
 
 
@@ -72,7 +72,7 @@ def prune_blocks(layer: AttentionLayer, budgets=BLOCK_BUDGETS) -> dict:
         if actual > bound * (1 + SLACK):
             raise AssertionError(f"triangle bound violated: actual {actual} > bound {bound}")
         rows.append({"fraction": budget, "pruned": k, "actual": actual / total, "bound": bound / total,
-                     "tightness": actual / bound if bound > 0 else 1.0})
+                     "tightness": 1.0 if bound == 0 else actual / bound})  # NaN stays NaN
     return {"nonzero_blocks": int(nonzero.sum()), "budgets": rows}
 
 

@@ -51,3 +51,17 @@ def test_unsupported_model_type_is_named(tokenizer):
                                                            attn_implementation="eager"))
     with pytest.raises(ValueError, match="model_type='gpt2'.*supported: bert"):
         layer_terms.collect(model, encode(tokenizer))
+
+
+@pytest.mark.parametrize("errors", [[1e-9, float("nan")], [float("nan"), 1e-9], [1e-9, float("nan"), 1e-10]])
+def test_a_nan_layer_error_fails_the_claim(errors):
+    # Python's max skipped a NaN after a finite error: with a NaN weight in layer 1 the claim "held" at 1.96e-7
+    rows = [{"layer": i, "relative_error": e} for i, e in enumerate(errors)]
+    summary = multilayer.summarise(rows)
+    assert summary["held"] is False and summary["max_relative_error"] != summary["max_relative_error"]
+
+
+def test_worst_is_the_largest_error_or_nan():
+    assert layer_terms.worst([1e-9, 3e-7, 2e-8]) == 3e-7
+    assert layer_terms.worst([float("inf"), 1.0]) == float("inf")
+    assert all(layer_terms.worst(v) != layer_terms.worst(v) for v in ([1.0, float("nan")], [float("nan")]))

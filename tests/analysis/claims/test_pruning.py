@@ -45,3 +45,14 @@ def test_block_pruning_against_the_pair_vectors(family, tokenizer):
             assert abs(row["actual"] - (removed.norm() / total).item()) < 1e-10
             assert row["actual"] <= row["bound"] * (1 + 1e-12)
         assert abs(result["budgets"][-1]["actual"] - 1.0) < 1e-10  # everything pruned: the whole output
+
+
+def test_a_nan_bound_gives_nan_tightness(family, tokenizer):
+    # "tightness" was `actual / bound if bound > 0 else 1.0`: a NaN bound (a NaN weight) read as a tight 1.0
+    import dataclasses
+    import math
+
+    layer = layer_terms.collect(tiny_model(family), encode(tokenizer))[0].attention
+    broken = dataclasses.replace(layer, w_v=layer.w_v.clone().fill_(float("nan")))
+    budgets = pruning.prune_blocks(broken)["budgets"]
+    assert budgets and all(math.isnan(b["bound"]) and math.isnan(b["tightness"]) for b in budgets)
