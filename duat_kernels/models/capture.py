@@ -19,6 +19,7 @@ from duat_kernels.hvo import hvo_bias, hvo_matrix
 from duat_kernels.hvo_operator import HVOOperator
 from duat_kernels.models.architectures import (ARCHITECTURES, SHAPES, Architecture, describe_attention_modules,
                                                find_blocks, owning_config, resolve)
+from duat_kernels.models.encoder_decoder import with_decoder_inputs
 
 
 @dataclass
@@ -94,7 +95,8 @@ class AttentionLayer:
 
 def attention_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, Architecture | None]]:
     """(name, block, Architecture) of every self-attention layer in module order; Architecture is None
-    for torch.nn.MultiheadAttention. Raises ValueError naming what was found when nothing fits."""
+    for torch.nn.MultiheadAttention. Cross-attention blocks are left out (encoder_decoder.cross_attention_blocks).
+    Raises ValueError naming what was found when nothing fits."""
     blocks = find_blocks(model)
     if not blocks:
         blocks = [(name, m, None) for name, m in model.named_modules() if isinstance(m, torch.nn.MultiheadAttention)]
@@ -182,7 +184,10 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
         capture: "attn" records A (eager attention); "qk" records q and k after rotary embeddings
             with sdpa attention (A is never stored; the pass stops after the last selected layer;
             see duat_kernels.models.qk_capture).
-        *args, **inputs: the model's inputs (e.g. input_ids, attention_mask).
+        *args, **inputs: the model's inputs (e.g. input_ids, attention_mask). An encoder-decoder model
+            given no decoder inputs gets decoder_input_ids = input_ids shifted right by its own function
+            (and decoder_attention_mask = attention_mask shifted the same way): see
+            duat_kernels.models.encoder_decoder. Its cross-attention layers are not captured (A is not N x N).
     """
     if capture not in ("attn", "qk"):
         raise ValueError(f"capture must be 'attn' or 'qk', got {capture!r}")
@@ -195,6 +200,7 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
         return lens.bridge_attention_layers(model, *args, layers=layers, **inputs)
     if type(model).__module__.startswith("nnsight.") and isinstance(getattr(model, "_module", None), torch.nn.Module):
         model = model._module  # an nnsight NNsight / LanguageModel wraps the torch module it runs
+    inputs = with_decoder_inputs(model, named_inputs(model, args, inputs), inputs)
     _check_has_tokens(named_inputs(model, args, inputs))
     _check_no_cached_keys(named_inputs(model, args, inputs))
     if capture == "qk":

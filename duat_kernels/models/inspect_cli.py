@@ -84,6 +84,8 @@ def _declared_layers(model: str) -> int | None:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return None
+    if config.get("is_encoder_decoder"):  # encoder and decoder layers: counted once the model is loaded
+        return None
     count = next((config[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if k in config), None)
     return count if isinstance(count, int) and count > 0 else None
 
@@ -190,6 +192,7 @@ def _run(args) -> int:
     from duat_kernels.heads import head_indices
     from duat_kernels.models import inspection
     from duat_kernels.models.capture import attention_blocks
+    from duat_kernels.models.encoder_decoder import cross_attention_blocks, is_encoder_decoder
 
     text = _check_before_loading(args)
     from duat_kernels.models import long_context
@@ -219,11 +222,12 @@ def _run(args) -> int:
                                         dtype=dtype, heads=heads, per_head=per_head)
     tolerance = inspection.TOLERANCES[dtype]
     name = f"{args.model} ({model.config.model_type})"
+    encoder_decoder = dict(encoder_decoder=is_encoder_decoder(model), skipped=cross_attention_blocks(model))
     if not quiet:
-        print(inspection.format_reports(reports, name, tokens, heads))
+        print(inspection.format_reports(reports, name, tokens, heads, **encoder_decoder))
     if args.json:
         text = json.dumps(inspection.as_json(reports, args.model, model.config.model_type, tokens, dtype, tolerance,
-                                             heads), indent=1)
+                                             heads, skipped=encoder_decoder["skipped"]), indent=1)
         if quiet:
             print(text)
         else:

@@ -92,8 +92,10 @@ def inspect_layers(model, inputs: dict, layers: list[int] | None = None, backend
     return reports
 
 
-def format_reports(reports: list[LayerReport], model_name: str, tokens: list[str],
-                   heads: list[int] | None = None) -> str:
+def format_reports(reports: list[LayerReport], model_name: str, tokens: list[str], heads: list[int] | None = None,
+                   encoder_decoder: bool = False, skipped: list[str] = ()) -> str:
+    """The table `duat inspect` prints; encoder_decoder: say what the decoder read; skipped: names of the
+    cross-attention layers left out."""
     shown = tokens if len(tokens) <= 64 else [*tokens[:30], f"... ({len(tokens) - 60} more) ...", *tokens[-30:]]
     lines = [f"{model_name}: {len(tokens)} tokens: {' '.join(shown)}", "",
              f"{'layer':>5} {'N':>4} {'M_in':>5} {'M_out':>5} {'heads':>7} {'rel. error':>11} {'W time':>11} "
@@ -108,6 +110,12 @@ def format_reports(reports: list[LayerReport], model_name: str, tokens: list[str
               "blocks>1%: fraction of the N x N blocks whose norm exceeds 1% of the largest."]
     if heads is not None:
         lines.append(f"W' time, ||W||_F and blocks>1% are of heads {', '.join(map(str, heads))} only.")
+    if encoder_decoder:
+        lines.append("encoder-decoder model: the decoder layers read the text shifted right (decoder token 0 is the "
+                     "decoder start token, token n the text's token n-1: teacher forcing with the text as labels).")
+    if skipped:
+        lines.append(f"cross-attention layers not inspected ({len(skipped)}: {', '.join(skipped)}): their A is "
+                     "N_dec x N_enc over the encoder's tokens, and W' covers N x N self-attention only.")
     if any(r.heads for r in reports):
         lines += ["", f"{'layer':>5} {'head':>5} {'||A_i (x) OV_i||_F':>19} {'output share':>13}"]
         for r in reports:
@@ -117,8 +125,9 @@ def format_reports(reports: list[LayerReport], model_name: str, tokens: list[str
 
 
 def as_json(reports: list[LayerReport], model_name: str, model_type: str, tokens: list[str], dtype: torch.dtype,
-            tolerance: float, heads: list[int] | None) -> dict:
-    """Machine-readable per-layer results (what format_reports prints)."""
+            tolerance: float, heads: list[int] | None, skipped: list[str] = ()) -> dict:
+    """Machine-readable per-layer results (what format_reports prints); skipped: the cross-attention layers
+    left out ("skipped_cross_attention")."""
     layers = []
     for r in reports:
         lay = r.layer
@@ -129,7 +138,8 @@ def as_json(reports: list[LayerReport], model_name: str, model_type: str, tokens
             frobenius=r.frobenius, dense_blocks=r.dense_blocks, passed=r.rel_error <= tolerance,
             per_head=[dict(head=h.head, frobenius=h.frobenius, output_share=h.output_share) for h in r.heads]))
     return dict(model=model_name, model_type=model_type, tokens=tokens, dtype=str(dtype).removeprefix("torch."),
-                tolerance=tolerance, selected_heads=heads, passed=all(item["passed"] for item in layers), layers=layers)
+                tolerance=tolerance, selected_heads=heads, skipped_cross_attention=list(skipped),
+                passed=all(item["passed"] for item in layers), layers=layers)
 
 
 def saved_tensors(reports: list[LayerReport]) -> dict[str, torch.Tensor]:
