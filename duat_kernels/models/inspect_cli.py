@@ -87,6 +87,8 @@ def _declared_layers(model: str) -> int | None:
     if config.get("is_encoder_decoder"):  # encoder and decoder layers: counted once the model is loaded
         return None
     count = next((config[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if k in config), None)
+    if config.get("model_type") == "albert" and isinstance(count, int):  # each application of a group's layers
+        count *= config.get("inner_group_num", 1)
     return count if isinstance(count, int) and count > 0 else None
 
 
@@ -191,14 +193,14 @@ def _run(args) -> int:
 
     from duat_kernels.heads import head_indices
     from duat_kernels.models import inspection
-    from duat_kernels.models.capture import attention_blocks
+    from duat_kernels.models.capture import attention_layer_count
     from duat_kernels.models.encoder_decoder import cross_attention_blocks, is_encoder_decoder
 
     text = _check_before_loading(args)
     from duat_kernels.models import long_context
     if args.long or long_context.is_long(text):  # q/k capture: A never stored, norms on a grid, spectral norm
         model, tokenizer = _load(args.model, lambda msg: print(msg, file=sys.stderr))
-        _check_layers(args.layer, len(attention_blocks(model)))
+        _check_layers(args.layer, attention_layer_count(model))
         return long_context.run_inspect_long(args, model, _tokenize(model, tokenizer, text))
     heads, per_head_wanted = _heads(args.heads)
     quiet = args.json == "-"
@@ -206,7 +208,7 @@ def _run(args) -> int:
     progress = (lambda msg: print(msg, file=sys.stderr))
 
     model, tokenizer = _load(args.model, progress)
-    _check_layers(args.layer, len(attention_blocks(model)))
+    _check_layers(args.layer, attention_layer_count(model))
     inputs = _tokenize(model, tokenizer, text)
     tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
     dtype = getattr(torch, args.dtype)

@@ -132,7 +132,8 @@ def as_json(reports: list[LayerReport], model_name: str, model_type: str, tokens
     for r in reports:
         lay = r.layer
         layers.append(dict(
-            index=lay.index, name=lay.name, tokens=lay.attn.shape[-1], m_in=lay.w_v.shape[1], m_out=lay.w_o.shape[0],
+            index=lay.index, name=lay.name, application=lay.application, tokens=lay.attn.shape[-1],
+            m_in=lay.w_v.shape[1], m_out=lay.w_o.shape[0],
             heads=lay.attn.shape[1], kv_heads=lay.num_kv_heads, rel_error=r.rel_error,
             w_seconds=None if math.isnan(r.seconds) else r.seconds, materialised=not math.isnan(r.seconds),
             frobenius=r.frobenius, dense_blocks=r.dense_blocks, passed=r.rel_error <= tolerance,

@@ -165,15 +165,30 @@ def test_bad_model_paths_are_one_line(tmp_path, capsys):
 
 
 def test_unsupported_model_is_one_line(tmp_path, capsys):
-    vocab = _save_tokenizer(tmp_path)
-    transformers.AlbertModel(transformers.AlbertConfig(
-        embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+    vocab = _save_tokenizer(tmp_path)  # DeBERTa v1: its value bias lies outside its fused in_proj
+    transformers.DebertaModel(transformers.DebertaConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
         vocab_size=vocab)).save_pretrained(tmp_path)
     assert main(["inspect", "--model", str(tmp_path), "--text", _text(3)]) == 2
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("duat inspect: ") and "called more than once" in last and "not supported" in last
+    assert last.startswith("duat inspect: no adapter for model_type='deberta'")
     assert "Traceback" not in err
+
+
+def test_albert_layers_are_its_applications(tmp_path, capsys):
+    # was refused ("called more than once in one forward pass"); --layer counts ALBERT's depth (3 here), not its
+    # one shared module
+    vocab = _save_tokenizer(tmp_path)
+    torch.manual_seed(0)
+    transformers.AlbertModel(transformers.AlbertConfig(
+        embedding_size=16, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+        vocab_size=vocab)).save_pretrained(tmp_path)
+    assert main(["inspect", "--model", str(tmp_path), "--text", _text(5), "--json", "-", "--layer", "0", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["passed"] and [(e["index"], e["application"]) for e in result["layers"]] == [(0, 0), (2, 2)]
+    assert main(["inspect", "--model", str(tmp_path), "--text", _text(5), "--layer", "3"]) == 2
+    assert "--layer 3: out of range, the model has 3 attention layers" in capsys.readouterr().err
 
 
 def test_backend_choices_are_checked(capsys):
