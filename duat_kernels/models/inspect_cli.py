@@ -193,7 +193,7 @@ def _run(args) -> int:
 
     from duat_kernels.heads import head_indices
     from duat_kernels.models import inspection
-    from duat_kernels.models.capture import attention_layer_count
+    from duat_kernels.models.capture import attention_blocks, attention_layer_count, config_heads
     from duat_kernels.models.encoder_decoder import cross_attention_blocks, is_encoder_decoder
 
     text = _check_before_loading(args)
@@ -214,12 +214,13 @@ def _run(args) -> int:
     dtype = getattr(torch, args.dtype)
     per_head = None
     if heads is not None or per_head_wanted:
-        h = model.config.num_attention_heads
+        # each layer's own count (BART's decoder has its own): head indices must exist in every layer
+        h = min(config_heads(model, name) or model.config.num_attention_heads for name, _, _ in attention_blocks(model))
         try:
             heads = None if heads is None else head_indices(heads, h)
         except ValueError as exc:
             raise InspectError(f"--heads: {exc}") from None
-        per_head = list(range(h)) if heads is None else heads
+        per_head = "all" if heads is None else heads
     reports = inspection.inspect_layers(model, dict(inputs), args.layer, args.backend, keep=bool(args.save_file),
                                         dtype=dtype, heads=heads, per_head=per_head)
     tolerance = inspection.TOLERANCES[dtype]

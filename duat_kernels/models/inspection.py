@@ -62,11 +62,12 @@ def head_reports(layer: AttentionLayer, heads: list[int]) -> list[HeadReport]:
 
 def inspect_layers(model, inputs: dict, layers: list[int] | None = None, backend: str = "auto", keep: bool = False,
                    progress: bool = True, dtype: torch.dtype = torch.float32, heads: list[int] | None = None,
-                   per_head: list[int] | None = None) -> list[LayerReport]:
+                   per_head: list[int] | str | None = None) -> list[LayerReport]:
     """Capture the selected layers on inputs (batch of one) and report on each.
 
     heads: W' (saved, norms, plots) of these heads only; the exactness check always uses all heads.
-    per_head: heads whose own W' and output share are reported (HeadReport).
+    per_head: heads whose own W' and output share are reported (HeadReport); "all": every head of each layer
+        (a decoder may have a head count of its own, BART's decoder_attention_heads).
     """
     from tqdm.auto import tqdm
 
@@ -88,7 +89,8 @@ def inspect_layers(model, inputs: dict, layers: list[int] | None = None, backend
             frobenius=norms.double().square().sum().sqrt().item(),
             dense_blocks=(norms > BLOCK_FRACTION_OF_MAX * norms.max()).double().mean().item(),
             block_norms=norms, matrix=w[0] if keep and w is not None else None,
-            heads=head_reports(layer, per_head) if per_head else []))
+            heads=head_reports(layer, list(range(layer.num_heads)) if per_head == "all" else per_head)
+            if per_head else []))
     return reports
 
 

@@ -269,7 +269,8 @@ def test_encoder_decoder_models_are_inspected(tmp_path, capsys, family):
     assert "the decoder layers read the text shifted right" in printed
     result = json.loads(out.read_text())
     assert result["passed"] and result["skipped_cross_attention"] == [CROSS_ATTENTION[family]]
-    assert main(["inspect", "--model", str(folder), "--text", _text(6), "--json", "-", "--dtype", "float64"]) == 0
+    assert main(["inspect", "--model", str(folder), "--text", _text(6), "--json", "-", "--dtype", "float64",
+                 "--heads", "all"]) == 0
     result = json.loads(capsys.readouterr().out)
     # independently: the decoder fed the text shifted right by hand, each layer's dense W' (reference backend) on x'
     model, tok = dk.models.load(str(folder))
@@ -286,3 +287,8 @@ def test_encoder_decoder_models_are_inspected(tmp_path, capsys, family):
         torch.testing.assert_close(reconstructed, expected, rtol=1e-5, atol=1e-5)
         assert entry["heads"] == h and entry["tokens"] == 6 and entry["rel_error"] <= 1e-5
         assert entry["frobenius"] == pytest.approx(w.norm().item(), rel=1e-6)
+        # every head of each layer (BART's decoder: 4, its encoder: 2; the decoder's heads 2, 3 were missing)
+        assert [head["head"] for head in entry["per_head"]] == list(range(h))
+        for head in entry["per_head"]:
+            dense = layer.hvo_matrix(dtype=torch.float64, heads=[head["head"]], backend="reference")
+            assert head["frobenius"] == pytest.approx(dense.norm().item(), rel=1e-6)
