@@ -36,6 +36,12 @@ def cross_attention_blocks(model: torch.nn.Module) -> list[str]:
     return found
 
 
+def cross_attention_note(skipped: list[str]) -> str:
+    """The line duat inspect prints under its table about the cross-attention layers it left out."""
+    return (f"cross-attention layers not inspected ({len(skipped)}: {', '.join(skipped)}): their A is N_dec x N_enc "
+            "over the encoder's tokens, and W' covers N x N self-attention only.")
+
+
 def shifted_decoder_ids(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """decoder_input_ids (B, N) = input_ids (B, N) shifted right by the model's own function (T5's _shift_right,
     the shift_tokens_right of BART, mBART, Pegasus, Marian, EncoderDecoderModel), as for labels = input_ids."""

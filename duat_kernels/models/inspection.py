@@ -11,6 +11,7 @@ import torch
 from duat_kernels._validation import DenseTooLargeError, format_bytes
 from duat_kernels.hvo import hvo_bias
 from duat_kernels.models.capture import AttentionLayer, attention_layers
+from duat_kernels.models.encoder_decoder import cross_attention_note
 from duat_kernels.reference import ov_circuits
 
 BLOCK_FRACTION_OF_MAX = 0.01  # "dense" blocks: Frobenius norm above 1% of the largest block's
@@ -116,8 +117,7 @@ def format_reports(reports: list[LayerReport], model_name: str, tokens: list[str
         lines.append("encoder-decoder model: the decoder layers read the text shifted right (decoder token 0 is the "
                      "decoder start token, token n the text's token n-1: teacher forcing with the text as labels).")
     if skipped:
-        lines.append(f"cross-attention layers not inspected ({len(skipped)}: {', '.join(skipped)}): their A is "
-                     "N_dec x N_enc over the encoder's tokens, and W' covers N x N self-attention only.")
+        lines.append(cross_attention_note(skipped))
     if any(r.heads for r in reports):
         lines += ["", f"{'layer':>5} {'head':>5} {'||A_i (x) OV_i||_F':>19} {'output share':>13}"]
         for r in reports:
