@@ -24,6 +24,8 @@ def _bert2bert():
     return transformers.EncoderDecoderModel(config)
 
 
+_BART_LIKE = dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64,
+                  decoder_ffn_dim=64, vocab_size=100, max_position_embeddings=64, pad_token_id=PAD)
 MODELS = {
     "t5": lambda: transformers.T5Model(transformers.T5Config(
         d_model=32, num_heads=2, d_kv=16, num_layers=1, d_ff=64, vocab_size=100, decoder_start_token_id=START,
@@ -33,9 +35,13 @@ MODELS = {
         encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100, max_position_embeddings=64,
         decoder_start_token_id=START, pad_token_id=PAD)),
     "bert2bert": _bert2bert,
+    "marian": lambda: transformers.MarianModel(transformers.MarianConfig(
+        **_BART_LIKE, decoder_attention_heads=2, decoder_start_token_id=START)),
+    "mbart": lambda: transformers.MBartModel(transformers.MBartConfig(**_BART_LIKE, decoder_attention_heads=2)),
 }
 CROSS = {"t5": ["decoder.block.0.layer.1.EncDecAttention"], "bart": ["decoder.layers.0.encoder_attn"],
-         "bert2bert": ["decoder.bert.encoder.layer.0.crossattention.self"]}
+         "bert2bert": ["decoder.bert.encoder.layer.0.crossattention.self"], "marian": ["decoder.layers.0.encoder_attn"],
+         "mbart": ["decoder.layers.0.encoder_attn"]}
 
 
 def _model(family):
@@ -55,10 +61,14 @@ def _padded_ids(tokens=7):
 @pytest.mark.parametrize("family", sorted(MODELS))
 def test_the_decoder_reads_the_text_shifted_right(family):
     # without decoder inputs T5 and BERT2BERT failed inside the forward pass ("You must specify exactly one of
-    # input_ids or inputs_embeds"); BERT2BERT's crossattention.self was taken for a self-attention block
+    # input_ids or inputs_embeds"), Marian (and Pegasus) with "You cannot specify both decoder_input_ids and
+    # decoder_inputs_embeds"; BART and mBART shifted by themselves but without a decoder mask; BERT2BERT's
+    # crossattention.self was taken for a self-attention block
     model = _model(family)
     ids, mask = _padded_ids()
-    by_hand = dict(decoder_input_ids=torch.cat([torch.full_like(ids[:, :1], START), ids[:, :-1]], dim=1),
+    # mBART has no start token: its last real token (the language code) goes first
+    first = ids.gather(1, mask.sum(1, keepdim=True) - 1) if family == "mbart" else torch.full_like(ids[:, :1], START)
+    by_hand = dict(decoder_input_ids=torch.cat([first, ids[:, :-1]], dim=1),
                    decoder_attention_mask=torch.cat([torch.ones_like(mask[:, :1]), mask[:, :-1]], dim=1))
     layers = dk.models.attention_layers(model, input_ids=ids, attention_mask=mask)
     expected = dk.models.attention_layers(model, input_ids=ids, attention_mask=mask, **by_hand)
