@@ -70,10 +70,10 @@ def cached_model(name: str):
 def check_layers(settings: CorpusSettings) -> list[int]:
     """The selected layer indices of settings.model, checked once before any text: an index out of range
     is one IndexError naming the model's layer count, not one failure per text."""
-    from duat_kernels.models.capture import attention_blocks, select_layers
+    from duat_kernels.models.capture import attention_layer_count, select_layers
 
     model, _ = cached_model(settings.model)
-    return select_layers(None if settings.layers is None else list(settings.layers), len(attention_blocks(model)))
+    return select_layers(None if settings.layers is None else list(settings.layers), attention_layer_count(model))
 
 
 def text_sha256(text: str) -> str:

@@ -122,6 +122,12 @@ ARCHITECTURES: dict[str, Architecture] = {
 CROSS_ATTENTION_NAMES = ("encoder_attn", "crossattention", "cross_attn", "encdecattention")  # A is not N x N there
 
 
+def is_cross_attention(name: str) -> bool:
+    """True for a module at or inside a cross-attention module: BART's encoder_attn, T5's EncDecAttention, and the
+    block of a BERT decoder's crossattention, crossattention.self (whose own name says nothing)."""
+    return any(key in part.lower() for part in name.split(".") for key in CROSS_ATTENTION_NAMES)
+
+
 def register_architecture(model_type: str, value: str, out_proj: str, value_weights: Callable[..., Weights] = linear,
                           out_weights: Callable[..., Weights] = linear) -> Architecture:
     """Tell `attention_layers` where a family's value and output projections are.
@@ -184,7 +190,7 @@ def find_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, Arch
     families are looked up by the model_type of the (sub-)model that holds the block."""
     blocks = []
     for name, module in model.named_modules():
-        if any(part in name.rsplit(".", 1)[-1].lower() for part in CROSS_ATTENTION_NAMES):
+        if is_cross_attention(name):
             continue
         model_type = getattr(owning_config(model, name), "model_type", None)
         candidates = (ARCHITECTURES[model_type],) if model_type in ARCHITECTURES else SHAPES

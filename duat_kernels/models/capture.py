@@ -19,6 +19,8 @@ from duat_kernels.hvo import hvo_bias, hvo_matrix
 from duat_kernels.hvo_operator import HVOOperator
 from duat_kernels.models.architectures import (ARCHITECTURES, SHAPES, Architecture, describe_attention_modules,
                                                find_blocks, owning_config, resolve)
+from duat_kernels.models.encoder_decoder import with_decoder_inputs
+from duat_kernels.models.shared_layers import ApplicationRecords, layer_plan
 
 
 @dataclass
@@ -38,10 +40,12 @@ class AttentionLayer:
     x: torch.Tensor
     output: torch.Tensor
     token_mask: torch.Tensor | None = field(default=None, repr=False)  # True where a real (unpadded) token
+    application: int | None = None  # which call of a module shared across depth (ALBERT), else None
 
     def __repr__(self) -> str:
         batch, heads, tokens = self.attn.shape[:3]
-        return (f"AttentionLayer(index={self.index}, name={self.name!r}, batch={batch}, tokens={tokens}, "
+        shared = "" if self.application is None else f", application={self.application}"
+        return (f"AttentionLayer(index={self.index}, name={self.name!r}{shared}, batch={batch}, tokens={tokens}, "
                 f"heads={heads}, kv_heads={self.num_kv_heads}, head_dim={self.w_o.shape[1] // heads}, M_in={self.w_v.shape[1]}, "
                 f"M_out={self.w_o.shape[0]}, biases={'b_v' if self.b_v is not None else ''}"
                 f"{'+' if self.b_v is not None and self.b_o is not None else ''}{'b_o' if self.b_o is not None else ''}"
@@ -94,7 +98,8 @@ class AttentionLayer:
 
 def attention_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, Architecture | None]]:
     """(name, block, Architecture) of every self-attention layer in module order; Architecture is None
-    for torch.nn.MultiheadAttention. Raises ValueError naming what was found when nothing fits."""
+    for torch.nn.MultiheadAttention. Cross-attention blocks are left out (encoder_decoder.cross_attention_blocks).
+    Raises ValueError naming what was found when nothing fits."""
     blocks = find_blocks(model)
     if not blocks:
         blocks = [(name, m, None) for name, m in model.named_modules() if isinstance(m, torch.nn.MultiheadAttention)]
@@ -176,13 +181,17 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
             TransformerLens TransformerBridge (then pass tokens: see duat_kernels.models.lens), or an
             nnsight NNsight / LanguageModel (its wrapped module is run).
         layers: indices of the layers to keep (negative counts from the end); default all. Only
-            these are hooked and kept in memory.
+            these are kept in memory. A module applied at several depths (ALBERT) gives one layer per
+            application, in the order the model runs them (`AttentionLayer.application`).
         switch_to_eager: if the model uses sdpa/flash attention, switch it to eager attention for
             the capture (and back); if False, raise an error instead.
         capture: "attn" records A (eager attention); "qk" records q and k after rotary embeddings
             with sdpa attention (A is never stored; the pass stops after the last selected layer;
             see duat_kernels.models.qk_capture).
-        *args, **inputs: the model's inputs (e.g. input_ids, attention_mask).
+        *args, **inputs: the model's inputs (e.g. input_ids, attention_mask). An encoder-decoder model
+            given no decoder inputs gets decoder_input_ids = input_ids shifted right by its own function
+            (and decoder_attention_mask = attention_mask shifted the same way): see
+            duat_kernels.models.encoder_decoder. Its cross-attention layers are not captured (A is not N x N).
     """
     if capture not in ("attn", "qk"):
         raise ValueError(f"capture must be 'attn' or 'qk', got {capture!r}")
@@ -195,36 +204,49 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
         return lens.bridge_attention_layers(model, *args, layers=layers, **inputs)
     if type(model).__module__.startswith("nnsight.") and isinstance(getattr(model, "_module", None), torch.nn.Module):
         model = model._module  # an nnsight NNsight / LanguageModel wraps the torch module it runs
+    inputs = with_decoder_inputs(model, named_inputs(model, args, inputs), inputs)
     _check_has_tokens(named_inputs(model, args, inputs))
     _check_no_cached_keys(named_inputs(model, args, inputs))
     if capture == "qk":
         from duat_kernels.models.qk_capture import attention_layers_qk
         return attention_layers_qk(model, *args, layers=layers, **inputs)
     blocks = attention_blocks(model)
-    selected = select_layers(layers, len(blocks))
-    records: dict[int, dict] = {i: {} for i in selected}
-    handles = []
+    plan = layer_plan(model, blocks)
+    selected = select_layers(layers, len(plan))
+    applications = ApplicationRecords(blocks, plan, selected)
+    handles = applications.count_hooks()  # first: the other hooks read the call count
+    weights: dict[int, dict] = {}
     try:
-        for i in selected:
-            handles += _hooks(model, blocks[i], records[i])
+        for i in applications.selected_blocks():
+            weights[i] = {}
+            handles += _hooks(model, blocks[i], weights[i], lambda i=i: applications.current(i))
         with eager_attention(model, switch_to_eager), torch.no_grad():
             model(*args, **inputs)
     finally:
         for h in handles:
             h.remove()
+    applications.check_calls()
     named = named_inputs(model, args, inputs)
     result = []
-    for i in selected:
-        rec = records[i]
+    for index, rec in applications.records.items():
+        i, call = applications.application(index)
+        name = blocks[i][0]
         if "attn" not in rec:
-            raise RuntimeError(f"attention layer {i} ({blocks[i][0]}) was not called by the forward pass; "
+            raise RuntimeError(f"attention layer {index} ({name}) was not called by the forward pass; "
                                "select only the layers the model runs (layers=[...])")
-        _check_self_attention(blocks[i][0], rec["attn"], rec["x"])
-        rec.setdefault("num_kv_heads", _kv_heads(blocks[i][0], rec))
+        rec = {**weights[i], **rec}
+        _check_self_attention(name, rec["attn"], rec["x"])
+        rec.setdefault("num_kv_heads", _kv_heads(name, rec))
         rec.setdefault("num_heads", rec["attn"].shape[1])
-        token_mask = _token_mask(model, blocks[i][0], rec["attn"].shape[0], rec["attn"].shape[-1], named)
-        result.append(AttentionLayer(index=i, name=blocks[i][0], token_mask=token_mask, **rec))
+        token_mask = _token_mask(model, name, rec["attn"].shape[0], rec["attn"].shape[-1], named)
+        result.append(AttentionLayer(index=index, name=name, token_mask=token_mask, application=call, **rec))
     return result
+
+
+def attention_layer_count(model: torch.nn.Module) -> int:
+    """How many attention layers attention_layers(model, ...) can select: one per block, one per application of a
+    block shared across depth (ALBERT)."""
+    return len(layer_plan(model, attention_blocks(model)))
 
 
 def _check_has_tokens(named: dict) -> None:
@@ -337,21 +359,23 @@ def _probabilities(out) -> torch.Tensor | None:
                  and o.shape[-1] == o.shape[-2]), None)
 
 
-def _hooks(model, block: tuple[str, torch.nn.Module, Architecture | None], rec: dict) -> list:
+def _hooks(model, block: tuple[str, torch.nn.Module, Architecture | None], static: dict, current) -> list:
+    """Hooks that put the block's weights into `static` and each selected application's A, x and output into
+    current() (the dict of the application under way, None when it is not selected)."""
     name, module, arch = block
     if arch is None:
-        return _mha_hooks(module, rec)
+        return _mha_hooks(module, static, current)
     config = owning_config(model, name)
     value, out_proj = resolve(model, name, arch.value), resolve(model, name, arch.out_proj)
     if config_heads(model, name) is not None:  # checked against A's head axis later
-        rec["num_heads"] = config_heads(model, name)
-    rec["w_v"], rec["b_v"] = arch.value_weights(value, config)
-    rec["w_o"], rec["b_o"] = arch.out_weights(out_proj, config)
+        static["num_heads"] = config_heads(model, name)
+    static["w_v"], static["b_v"] = arch.value_weights(value, config)
+    static["w_o"], static["b_o"] = arch.out_weights(out_proj, config)
 
     def on_block(_m, _args, out):
-        if "attn" in rec:
-            raise ValueError(f"{name} was called more than once in one forward pass (weights shared across "
-                             "layers, as in ALBERT): its layers cannot be told apart; this model is not supported")
+        rec = current()
+        if rec is None:
+            return
         attn = _probabilities(out)
         if attn is None:
             raise RuntimeError(f"{name} returned no attention probabilities (attn_implementation="
@@ -359,31 +383,37 @@ def _hooks(model, block: tuple[str, torch.nn.Module, Architecture | None], rec: 
         rec["attn"] = attn.detach()
 
     def on_value(_m, args, kwargs):
-        rec["x"] = (args[0] if args else kwargs["input"]).detach()
+        if (rec := current()) is not None:
+            rec["x"] = (args[0] if args else kwargs["input"]).detach()
 
     def on_out(_m, _args, out):
-        rec["output"] = out.detach()
+        if (rec := current()) is not None:
+            rec["output"] = out.detach()
 
     return [module.register_forward_hook(on_block), value.register_forward_pre_hook(on_value, with_kwargs=True),
             out_proj.register_forward_hook(on_out)]
 
 
-def _mha_hooks(mha: torch.nn.MultiheadAttention, rec: dict) -> list:
+def _mha_hooks(mha: torch.nn.MultiheadAttention, static: dict, current) -> list:
     """nn.MultiheadAttention: ask for per-head probabilities, take the value input and the output."""
     e = mha.embed_dim
-    rec["num_heads"] = rec["num_kv_heads"] = mha.num_heads
-    rec["w_v"] = (mha.in_proj_weight[2 * e:] if mha._qkv_same_embed_dim else mha.v_proj_weight).detach()
-    rec["b_v"] = None if mha.in_proj_bias is None else mha.in_proj_bias[2 * e:].detach()
-    rec["w_o"] = mha.out_proj.weight.detach()
-    rec["b_o"] = None if mha.out_proj.bias is None else mha.out_proj.bias.detach()
+    static["num_heads"] = static["num_kv_heads"] = mha.num_heads
+    static["w_v"] = (mha.in_proj_weight[2 * e:] if mha._qkv_same_embed_dim else mha.v_proj_weight).detach()
+    static["b_v"] = None if mha.in_proj_bias is None else mha.in_proj_bias[2 * e:].detach()
+    static["w_o"] = mha.out_proj.weight.detach()
+    static["b_o"] = None if mha.out_proj.bias is None else mha.out_proj.bias.detach()
     batch_major = (lambda t: t) if mha.batch_first else (lambda t: t.transpose(0, 1))
 
     def before(_m, args, kwargs):
+        if (rec := current()) is None:
+            return None
         value = args[2] if len(args) > 2 else kwargs["value"]
         rec["x"] = batch_major(value if value.dim() == 3 else value.unsqueeze(1 - int(mha.batch_first))).detach()
         return args, {**kwargs, "need_weights": True, "average_attn_weights": False}
 
     def after(_m, _args, out):
+        if (rec := current()) is None:
+            return
         attn_out, weights = out
         rec["output"] = batch_major(attn_out if attn_out.dim() == 3 else attn_out.unsqueeze(1 - int(mha.batch_first)))
         rec["attn"] = weights if weights.dim() == 4 else weights.unsqueeze(0)

@@ -85,7 +85,11 @@ def _declared_layers(model: str) -> int | None:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return None
+    if config.get("is_encoder_decoder"):  # encoder and decoder layers: counted once the model is loaded
+        return None
     count = next((config[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if k in config), None)
+    if config.get("model_type") == "albert" and isinstance(count, int):  # each application of a group's layers
+        count *= config.get("inner_group_num", 1)
     return count if isinstance(count, int) and count > 0 else None
 
 
@@ -190,13 +194,14 @@ def _run(args) -> int:
 
     from duat_kernels.heads import head_indices
     from duat_kernels.models import inspection
-    from duat_kernels.models.capture import attention_blocks
+    from duat_kernels.models.capture import attention_blocks, attention_layer_count, config_heads
+    from duat_kernels.models.encoder_decoder import cross_attention_blocks, is_encoder_decoder
 
     text = _check_before_loading(args)
     from duat_kernels.models import long_context
     if args.long or long_context.is_long(text):  # q/k capture: A never stored, norms on a grid, spectral norm
         model, tokenizer = _load(args.model, lambda msg: print(msg, file=sys.stderr))
-        _check_layers(args.layer, len(attention_blocks(model)))
+        _check_layers(args.layer, attention_layer_count(model))
         return long_context.run_inspect_long(args, model, _tokenize(model, tokenizer, text))
     heads, per_head_wanted = _heads(args.heads)
     quiet = args.json == "-"
@@ -204,27 +209,29 @@ def _run(args) -> int:
     progress = (lambda msg: print(msg, file=sys.stderr))
 
     model, tokenizer = _load(args.model, progress)
-    _check_layers(args.layer, len(attention_blocks(model)))
+    _check_layers(args.layer, attention_layer_count(model))
     inputs = _tokenize(model, tokenizer, text)
     tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
     dtype = getattr(torch, args.dtype)
     per_head = None
     if heads is not None or per_head_wanted:
-        h = model.config.num_attention_heads
+        # each layer's own count (BART's decoder has its own): head indices must exist in every layer
+        h = min(config_heads(model, name) or model.config.num_attention_heads for name, _, _ in attention_blocks(model))
         try:
             heads = None if heads is None else head_indices(heads, h)
         except ValueError as exc:
             raise InspectError(f"--heads: {exc}") from None
-        per_head = list(range(h)) if heads is None else heads
+        per_head = "all" if heads is None else heads
     reports = inspection.inspect_layers(model, dict(inputs), args.layer, args.backend, keep=bool(args.save_file),
                                         dtype=dtype, heads=heads, per_head=per_head)
     tolerance = inspection.TOLERANCES[dtype]
     name = f"{args.model} ({model.config.model_type})"
+    encoder_decoder = dict(encoder_decoder=is_encoder_decoder(model), skipped=cross_attention_blocks(model))
     if not quiet:
-        print(inspection.format_reports(reports, name, tokens, heads))
+        print(inspection.format_reports(reports, name, tokens, heads, **encoder_decoder))
     if args.json:
         text = strict_json.dumps(inspection.as_json(reports, args.model, model.config.model_type, tokens, dtype,
-                                                    tolerance, heads), indent=1)
+                                                    tolerance, heads, skipped=encoder_decoder["skipped"]), indent=1)
         if quiet:
             print(text)
         else:

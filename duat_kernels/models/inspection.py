@@ -11,6 +11,7 @@ import torch
 from duat_kernels._validation import DenseTooLargeError, format_bytes
 from duat_kernels.hvo import hvo_bias
 from duat_kernels.models.capture import AttentionLayer, attention_layers
+from duat_kernels.models.encoder_decoder import cross_attention_note
 from duat_kernels.reference import ov_circuits
 
 BLOCK_FRACTION_OF_MAX = 0.01  # "dense" blocks: Frobenius norm above 1% of the largest block's
@@ -62,11 +63,12 @@ def head_reports(layer: AttentionLayer, heads: list[int]) -> list[HeadReport]:
 
 def inspect_layers(model, inputs: dict, layers: list[int] | None = None, backend: str = "auto", keep: bool = False,
                    progress: bool = True, dtype: torch.dtype = torch.float32, heads: list[int] | None = None,
-                   per_head: list[int] | None = None) -> list[LayerReport]:
+                   per_head: list[int] | str | None = None) -> list[LayerReport]:
     """Capture the selected layers on inputs (batch of one) and report on each.
 
     heads: W' (saved, norms, plots) of these heads only; the exactness check always uses all heads.
-    per_head: heads whose own W' and output share are reported (HeadReport).
+    per_head: heads whose own W' and output share are reported (HeadReport); "all": every head of each layer
+        (a decoder may have a head count of its own, BART's decoder_attention_heads).
     """
     from tqdm.auto import tqdm
 
@@ -88,12 +90,15 @@ def inspect_layers(model, inputs: dict, layers: list[int] | None = None, backend
             frobenius=norms.double().square().sum().sqrt().item(),
             dense_blocks=(norms > BLOCK_FRACTION_OF_MAX * norms.max()).double().mean().item(),
             block_norms=norms, matrix=w[0] if keep and w is not None else None,
-            heads=head_reports(layer, per_head) if per_head else []))
+            heads=head_reports(layer, list(range(layer.num_heads)) if per_head == "all" else per_head)
+            if per_head else []))
     return reports
 
 
-def format_reports(reports: list[LayerReport], model_name: str, tokens: list[str],
-                   heads: list[int] | None = None) -> str:
+def format_reports(reports: list[LayerReport], model_name: str, tokens: list[str], heads: list[int] | None = None,
+                   encoder_decoder: bool = False, skipped: list[str] = ()) -> str:
+    """The table `duat inspect` prints; encoder_decoder: say what the decoder read; skipped: names of the
+    cross-attention layers left out."""
     shown = tokens if len(tokens) <= 64 else [*tokens[:30], f"... ({len(tokens) - 60} more) ...", *tokens[-30:]]
     lines = [f"{model_name}: {len(tokens)} tokens: {' '.join(shown)}", "",
              f"{'layer':>5} {'N':>4} {'M_in':>5} {'M_out':>5} {'heads':>7} {'rel. error':>11} {'W time':>11} "
@@ -108,6 +113,11 @@ def format_reports(reports: list[LayerReport], model_name: str, tokens: list[str
               "blocks>1%: fraction of the N x N blocks whose norm exceeds 1% of the largest."]
     if heads is not None:
         lines.append(f"W' time, ||W||_F and blocks>1% are of heads {', '.join(map(str, heads))} only.")
+    if encoder_decoder:
+        lines.append("encoder-decoder model: the decoder layers read the text shifted right (decoder token 0 is the "
+                     "decoder start token, token n the text's token n-1: teacher forcing with the text as labels).")
+    if skipped:
+        lines.append(cross_attention_note(skipped))
     if any(r.heads for r in reports):
         lines += ["", f"{'layer':>5} {'head':>5} {'||A_i (x) OV_i||_F':>19} {'output share':>13}"]
         for r in reports:
@@ -117,19 +127,22 @@ def format_reports(reports: list[LayerReport], model_name: str, tokens: list[str
 
 
 def as_json(reports: list[LayerReport], model_name: str, model_type: str, tokens: list[str], dtype: torch.dtype,
-            tolerance: float, heads: list[int] | None) -> dict:
-    """Machine-readable per-layer results (what format_reports prints)."""
+            tolerance: float, heads: list[int] | None, skipped: list[str] = ()) -> dict:
+    """Machine-readable per-layer results (what format_reports prints); skipped: the cross-attention layers
+    left out ("skipped_cross_attention")."""
     layers = []
     for r in reports:
         lay = r.layer
         layers.append(dict(
-            index=lay.index, name=lay.name, tokens=lay.attn.shape[-1], m_in=lay.w_v.shape[1], m_out=lay.w_o.shape[0],
+            index=lay.index, name=lay.name, application=lay.application, tokens=lay.attn.shape[-1],
+            m_in=lay.w_v.shape[1], m_out=lay.w_o.shape[0],
             heads=lay.attn.shape[1], kv_heads=lay.num_kv_heads, rel_error=r.rel_error,
             w_seconds=None if math.isnan(r.seconds) else r.seconds, materialised=not math.isnan(r.seconds),
             frobenius=r.frobenius, dense_blocks=r.dense_blocks, passed=r.rel_error <= tolerance,
             per_head=[dict(head=h.head, frobenius=h.frobenius, output_share=h.output_share) for h in r.heads]))
     return dict(model=model_name, model_type=model_type, tokens=tokens, dtype=str(dtype).removeprefix("torch."),
-                tolerance=tolerance, selected_heads=heads, passed=all(item["passed"] for item in layers), layers=layers)
+                tolerance=tolerance, selected_heads=heads, skipped_cross_attention=list(skipped),
+                passed=all(item["passed"] for item in layers), layers=layers)
 
 
 def saved_tensors(reports: list[LayerReport]) -> dict[str, torch.Tensor]:

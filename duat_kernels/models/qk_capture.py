@@ -25,6 +25,7 @@ from duat_kernels.hvo_operator import HVOOperator
 from duat_kernels.models.architectures import owning_config, resolve
 from duat_kernels.models.capture import (AttentionLayer, _token_mask, attention_blocks, attn_implementation,
                                          named_inputs, select_layers)
+from duat_kernels.models.shared_layers import ApplicationRecords, layer_plan
 
 
 @dataclass
@@ -40,7 +41,9 @@ class QKAttentionLayer(AttentionLayer):
 
     def __repr__(self) -> str:
         batch, heads, tokens, d = self.q.shape
-        return (f"QKAttentionLayer(index={self.index}, name={self.name!r}, batch={batch}, tokens={tokens}, heads={heads}, "
+        shared = "" if self.application is None else f", application={self.application}"
+        return (f"QKAttentionLayer(index={self.index}, name={self.name!r}{shared}, batch={batch}, tokens={tokens}, "
+                f"heads={heads}, "
                 f"kv_heads={self.num_kv_heads}, head_dim={d}, M_in={self.w_v.shape[1]}, M_out={self.w_o.shape[0]}, "
                 f"causal={self.causal}, padded={self.token_mask is not None})")
 
@@ -90,9 +93,10 @@ def _eager_function(module: torch.nn.Module):
 
 
 @contextmanager
-def _attention_recorder(model: torch.nn.Module, records: dict[int, dict]):
+def _attention_recorder(model: torch.nn.Module, records: dict):
     """Run the model with sdpa attention (its own eager attention where sdpa cannot run it), recording
-    q, k and options of the modules in `records` (by id)."""
+    q, k and options of the modules in `records` (by id: a function giving the record of the module's ongoing
+    application, None when it is not selected)."""
     from transformers.modeling_utils import AttentionInterface
 
     mapping = AttentionInterface._global_mapping
@@ -100,7 +104,7 @@ def _attention_recorder(model: torch.nn.Module, records: dict[int, dict]):
     wrapped = mapping.get(target)  # "eager" is normally no entry: modules fall back to their own function
 
     def recording(module, query, key, value, attention_mask, *args, **kwargs):
-        rec = records.get(id(module))
+        rec = records[id(module)]() if id(module) in records else None
         if rec is not None:
             if kwargs.get("s_aux") is not None:  # GPT-OSS: a sink logit per head takes part of each row's mass
                 raise RuntimeError(f"{type(module).__name__} has attention sinks (s_aux), which HVOOperator.from_qk "
@@ -147,7 +151,8 @@ def attention_layers_qk(model: torch.nn.Module, *args, layers: list[int] | None 
     if any(arch is None for _, _, arch in blocks) or not hasattr(model, "config"):
         raise ValueError("capture='qk' needs a Hugging Face model (transformers' attention functions); "
                          "modules built from torch.nn.MultiheadAttention give A: use capture='attn'")
-    selected = select_layers(layers, len(blocks))
+    plan = layer_plan(model, blocks)
+    selected = select_layers(layers, len(plan))
     named = named_inputs(model, args, inputs)
     for key in ("attention_mask", "decoder_attention_mask"):
         mask = named.get(key)
@@ -155,17 +160,20 @@ def attention_layers_qk(model: torch.nn.Module, *args, layers: list[int] | None 
             shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise ValueError(f"capture='qk' takes {key} as a (B, N) mask of the real tokens, got {shape}; "
                              "HVOOperator.from_qk cannot model another mask: use capture='attn'")
-    records: dict[int, dict] = {i: {} for i in selected}
-    handles = []
-    for i in selected:
+    applications = ApplicationRecords(blocks, plan, selected)
+    handles = applications.count_hooks()  # first: the other hooks read the call count
+    weights: dict[int, dict] = {}
+    for i in applications.selected_blocks():
         name, module, arch = blocks[i]
-        rec = records[i]
         value, out_proj = resolve(model, name, arch.value), resolve(model, name, arch.out_proj)
-        rec["w_v"], rec["b_v"] = arch.value_weights(value, owning_config(model, name))
-        rec["w_o"], rec["b_o"] = arch.out_weights(out_proj, owning_config(model, name))
-        handles.append(value.register_forward_pre_hook(_store_input(rec), with_kwargs=True))
-        handles.append(out_proj.register_forward_hook(_store_output(rec, stop=i == selected[-1])))
-    by_module = {id(blocks[i][1]): records[i] for i in selected}
+        weights[i] = {}
+        weights[i]["w_v"], weights[i]["b_v"] = arch.value_weights(value, owning_config(model, name))
+        weights[i]["w_o"], weights[i]["b_o"] = arch.out_weights(out_proj, owning_config(model, name))
+        current = (lambda i=i: applications.current(i))
+        handles.append(value.register_forward_pre_hook(_store_input(current), with_kwargs=True))
+        last = (lambda i=i: applications.is_last(i, selected[-1]))  # the pass stops after the last selected layer
+        handles.append(out_proj.register_forward_hook(_store_output(current, last)))
+    by_module = {id(blocks[i][1]): (lambda i=i: applications.current(i)) for i in applications.selected_blocks()}
     try:
         with _attention_recorder(model, by_module), torch.no_grad():
             model(*args, **inputs)
@@ -174,28 +182,33 @@ def attention_layers_qk(model: torch.nn.Module, *args, layers: list[int] | None 
     finally:
         for h in handles:
             h.remove()
+    applications.check_calls()
     result = []
-    for i in selected:
-        rec = records[i]
+    for index, rec in applications.records.items():
+        i, call = applications.application(index)
         if "q" not in rec or "output" not in rec:
-            raise RuntimeError(f"attention layer {i} ({blocks[i][0]}) was not called through transformers' "
+            raise RuntimeError(f"attention layer {index} ({blocks[i][0]}) was not called through transformers' "
                                "attention functions; capture='qk' cannot record it (use capture='attn')")
+        rec = {**weights[i], **rec}
         rec["num_heads"], rec["num_kv_heads"] = rec["q"].shape[1], rec["k"].shape[1]  # as the layer ran
         batch, _, tokens, _ = rec["q"].shape  # the decoder of an encoder-decoder model has its own mask
         token_mask = _token_mask(model, blocks[i][0], batch, tokens, named, strict=True)
-        result.append(QKAttentionLayer(index=i, name=blocks[i][0], attn=None, token_mask=token_mask, **rec))
+        result.append(QKAttentionLayer(index=index, name=blocks[i][0], attn=None, token_mask=token_mask,
+                                       application=call, **rec))
     return result
 
 
-def _store_input(rec: dict):
+def _store_input(current):
     def hook(_m, args, kwargs):
-        rec["x"] = (args[0] if args else kwargs["input"]).detach()
+        if (rec := current()) is not None:
+            rec["x"] = (args[0] if args else kwargs["input"]).detach()
     return hook
 
 
-def _store_output(rec: dict, stop: bool):
+def _store_output(current, last):
     def hook(_m, _args, out):
-        rec["output"] = out.detach()
-        if stop:
+        if (rec := current()) is not None:
+            rec["output"] = out.detach()
+        if last():
             raise _StopForward
     return hook

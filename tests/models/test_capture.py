@@ -263,12 +263,37 @@ def test_unknown_family_names_what_was_found_and_can_be_registered():
         dk.models.register_architecture("odd", "wv", "wo", value_weights=3)
 
 
-def test_layers_shared_across_depth_are_refused():
+def test_albert_gives_one_layer_per_application_of_its_shared_layer():
+    # was refused ("called more than once in one forward pass"): ALBERT runs one layer num_hidden_layers times
+    torch.manual_seed(0)
     model = transformers.AutoModel.from_config(transformers.AlbertConfig(
-        embedding_size=16, hidden_size=32, num_attention_heads=4, intermediate_size=64, **_SMALL),
-        attn_implementation="eager").eval()
-    with pytest.raises(ValueError, match="called more than once in one forward pass .*ALBERT"):
-        dk.models.attention_layers(model, **_ids(100))
+        embedding_size=16, hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=3,
+        vocab_size=100), attn_implementation="eager").eval()
+    layers = dk.models.attention_layers(model, **_ids(100))
+    _assert_exact(layers, 3)
+    assert [(layer.index, layer.application) for layer in layers] == [(0, 0), (1, 1), (2, 2)]
+    assert "application=1, batch=2" in repr(layers[1])
+    selected = dk.models.attention_layers(model, layers=[-1, 1], **_ids(100))
+    assert [(layer.index, layer.application) for layer in selected] == [(1, 1), (2, 2)]
+    for layer, ref in zip(selected, layers[1:]):
+        torch.testing.assert_close(layer.attn, ref.attn, rtol=0, atol=0)
+
+
+class SharedTwice(torch.nn.Module):
+    """One nn.MultiheadAttention applied at two depths, in a model the capture knows nothing about."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x):
+        x = x + self.attn(x, x, x)[0]
+        return x + self.attn(x, x, x)[0]
+
+
+def test_unknown_layers_shared_across_depth_are_refused():
+    with pytest.raises(ValueError, match="attn was called more than once in one forward pass .2 times"):
+        dk.models.attention_layers(SharedTwice().eval(), torch.randn(1, 5, 16))
 
 
 def test_attention_layer_repr_shows_shapes():

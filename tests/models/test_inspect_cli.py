@@ -170,15 +170,30 @@ def test_bad_model_paths_are_one_line(tmp_path, capsys):
 
 
 def test_unsupported_model_is_one_line(tmp_path, capsys):
-    vocab = _save_tokenizer(tmp_path)
-    transformers.AlbertModel(transformers.AlbertConfig(
-        embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+    vocab = _save_tokenizer(tmp_path)  # DeBERTa v1: its value bias lies outside its fused in_proj
+    transformers.DebertaModel(transformers.DebertaConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
         vocab_size=vocab)).save_pretrained(tmp_path)
     assert main(["inspect", "--model", str(tmp_path), "--text", _text(3)]) == 2
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("duat inspect: ") and "called more than once" in last and "not supported" in last
+    assert last.startswith("duat inspect: no adapter for model_type='deberta'")
     assert "Traceback" not in err
+
+
+def test_albert_layers_are_its_applications(tmp_path, capsys):
+    # was refused ("called more than once in one forward pass"); --layer counts ALBERT's depth (3 here), not its
+    # one shared module
+    vocab = _save_tokenizer(tmp_path)
+    torch.manual_seed(0)
+    transformers.AlbertModel(transformers.AlbertConfig(
+        embedding_size=16, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+        vocab_size=vocab)).save_pretrained(tmp_path)
+    assert main(["inspect", "--model", str(tmp_path), "--text", _text(5), "--json", "-", "--layer", "0", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["passed"] and [(e["index"], e["application"]) for e in result["layers"]] == [(0, 0), (2, 2)]
+    assert main(["inspect", "--model", str(tmp_path), "--text", _text(5), "--layer", "3"]) == 2
+    assert "--layer 3: out of range, the model has 3 attention layers" in capsys.readouterr().err
 
 
 def test_backend_choices_are_checked(capsys):
@@ -264,3 +279,67 @@ def test_html_report_of_non_finite_numbers_renders_in_chromium(nan_folder, tmp_p
     dom = _rendered(page, tmp_path)
     assert "rendered layer 0: 5 heatmaps of 7x7" in dom and dom.count("<tr") == 3
     assert "not finite" in dom.split("<tbody>")[1].split("</tbody>")[0]  # layer 0's error and norm
+
+
+ENCODER_DECODER = {  # one layer each, its own head count in BART's decoder; cross-attention in every decoder layer
+    "t5": lambda vocab: transformers.T5Config(d_model=32, num_heads=2, d_kv=16, num_layers=1, d_ff=64,
+                                              vocab_size=vocab, decoder_start_token_id=0, pad_token_id=0),
+    "bart": lambda vocab: transformers.BartConfig(d_model=32, encoder_layers=1, decoder_layers=1,
+                                                  encoder_attention_heads=2, decoder_attention_heads=4,
+                                                  encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=vocab,
+                                                  max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                                                  eos_token_id=1, decoder_start_token_id=1),
+}
+CROSS_ATTENTION = {"t5": "decoder.block.0.layer.1.EncDecAttention", "bart": "decoder.layers.0.encoder_attn"}
+
+
+def _encoder_decoder_folder(path, family):
+    vocab = _save_tokenizer(path)
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(ENCODER_DECODER[family](vocab))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(std=0.5)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("family", sorted(ENCODER_DECODER))
+def test_encoder_decoder_models_are_inspected(tmp_path, capsys, family):
+    # failed: T5 with "You must specify exactly one of input_ids or inputs_embeds" (its decoder had no inputs), and
+    # the layers of BART's decoder came without a word on the cross-attention left out
+    folder = _encoder_decoder_folder(tmp_path / family, family)
+    out = tmp_path / "r.json"
+    assert main(["inspect", "--model", str(folder), "--text", _text(6), "--json", str(out), "--layer", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert f"cross-attention layers not inspected (1: {CROSS_ATTENTION[family]})" in printed
+    assert "the decoder layers read the text shifted right" in printed
+    if family == "bart":  # --long (q/k capture; T5's position bias is refused there) says it too
+        assert main(["inspect", "--model", str(folder), "--text", _text(6), "--long"]) == 0
+        assert f"cross-attention layers not inspected (1: {CROSS_ATTENTION[family]})" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["passed"] and result["skipped_cross_attention"] == [CROSS_ATTENTION[family]]
+    assert main(["inspect", "--model", str(folder), "--text", _text(6), "--json", "-", "--dtype", "float64",
+                 "--heads", "all"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    # independently: the decoder fed the text shifted right by hand, each layer's dense W' (reference backend) on x'
+    model, tok = dk.models.load(str(folder))
+    ids = tok([_text(6)], return_tensors="pt")["input_ids"]
+    decoder_ids = torch.cat([torch.full_like(ids[:, :1], model.config.decoder_start_token_id), ids[:, :-1]], dim=1)
+    layers = dk.models.attention_layers(model, input_ids=ids, decoder_input_ids=decoder_ids)
+    assert [entry["name"] for entry in result["layers"]] == [layer.name for layer in layers]
+    assert [layer.name.split(".")[0] for layer in layers] == ["encoder", "decoder"]
+    heads = (2, 4) if family == "bart" else (2, 2)
+    for entry, layer, h in zip(result["layers"], layers, heads):
+        w = layer.hvo_matrix(dtype=torch.float64, backend="reference")
+        x, expected = layer.x.double().reshape(1, -1), layer.output.double().reshape(1, -1)
+        reconstructed = torch.einsum("brc,bc->br", w, x) + layer.hvo_bias().double()
+        torch.testing.assert_close(reconstructed, expected, rtol=1e-5, atol=1e-5)
+        assert entry["heads"] == h and entry["tokens"] == 6 and entry["rel_error"] <= 1e-5
+        assert entry["frobenius"] == pytest.approx(w.norm().item(), rel=1e-6)
+        # every head of each layer (BART's decoder: 4, its encoder: 2; the decoder's heads 2, 3 were missing)
+        assert [head["head"] for head in entry["per_head"]] == list(range(h))
+        for head in entry["per_head"]:
+            dense = layer.hvo_matrix(dtype=torch.float64, heads=[head["head"]], backend="reference")
+            assert head["frobenius"] == pytest.approx(dense.norm().item(), rel=1e-6)

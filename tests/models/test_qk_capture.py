@@ -251,3 +251,42 @@ def test_feature_layout_w_is_checked_in_its_own_layout():
                                    rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="layout"):
         a.relative_error(layout="Feature")
+
+
+def _albert(layers, groups, inner):
+    torch.manual_seed(0)
+    model = transformers.AlbertModel(transformers.AlbertConfig(
+        embedding_size=16, hidden_size=32, num_hidden_layers=layers, num_hidden_groups=groups, inner_group_num=inner,
+        num_attention_heads=2, intermediate_size=64, vocab_size=100))
+    model.set_attn_implementation("eager")
+    with torch.no_grad():  # random-init biases are zero: make them count
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(std=0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("layers,groups,inner", [(3, 1, 1), (4, 2, 2)], ids=["3x1-layer", "2-groups-of-2"])
+def test_albert_gives_each_application_of_its_shared_layers(layers, groups, inner):
+    # capture="qk" returned the first application of ALBERT's shared layer only (one layer for 3), while
+    # capture="attn" refused the model; now both give one layer per application, the same W'
+    model = _albert(layers, groups, inner)
+    enc = _ids()
+    with_qk = compare_captures(model, enc, None)
+    count = layers * inner
+    assert [layer.index for layer in with_qk] == list(range(count))
+    depth_group = [int(depth / (layers / groups)) for depth in range(layers)]  # as ALBERT picks a group
+    assert [layer.name for layer in with_qk] == [f"encoder.albert_layer_groups.{g}.albert_layers.{k}.attention"
+                                                 for g in depth_group for k in range(inner)]
+    assert [layer.application for layer in with_qk] == [depth_group[:d].count(g)
+                                                       for d, g in enumerate(depth_group) for _ in range(inner)]
+    with_attn = dk.models.attention_layers(model, **enc)
+    for a, b in zip(with_attn, with_qk, strict=True):
+        assert a.application == b.application
+        torch.testing.assert_close(b.hvo_matrix(dtype=torch.float64), a.hvo_matrix(dtype=torch.float64),
+                                   rtol=TOLERANCE, atol=TOLERANCE)
+        assert a.relative_error() <= TOLERANCE and b.relative_error() <= TOLERANCE
+    inputs = [layer.x for layer in with_attn]
+    assert all(not torch.equal(x, inputs[0]) for x in inputs[1:])  # each application reads its own input
+    last = compare_captures(model, enc, [-1])  # selected by depth; the pass stops after it
+    assert (last[0].index, last[0].application) == (count - 1, with_qk[-1].application)

@@ -1,0 +1,80 @@
+"""Encoder-decoder models (T5, BART, mBART, Pegasus, Marian, EncoderDecoderModel): the decoder's inputs when
+none are given, and the cross-attention layers that W' does not cover.
+
+Without decoder inputs the decoder reads the text itself, shifted right by the model's own function
+(teacher forcing with the text as labels, what BART does by itself): decoder token 0 is the decoder
+start token and decoder token n is input token n - 1, so encoder and decoder layers both have N tokens.
+Cross-attention multiplies values of the encoder's tokens by the decoder's queries: its A is
+N_dec x N_enc over keys that are not the tokens of the layer's own input, and W' = Σ_i A_i ⊗ OV_i (an
+N x N grid over the tokens the value projection reads, DESIGN.md §1) is defined for self-attention only;
+those layers are left out and named by `cross_attention_blocks`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+
+import torch
+
+from duat_kernels.models.architectures import SHAPES, _weighted, is_cross_attention
+
+
+def is_encoder_decoder(model: torch.nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def cross_attention_blocks(model: torch.nn.Module) -> list[str]:
+    """Names of the cross-attention blocks (value and output projections found by SHAPES) that the capture leaves
+    out, outermost first; [] for a model without any."""
+    found = []
+    for name, _ in model.named_modules():
+        if not is_cross_attention(name) or any(name.startswith(outer + ".") for outer in found):
+            continue
+        if any(_weighted(model, name, a.value) and _weighted(model, name, a.out_proj) for a in SHAPES):
+            found.append(name)
+    return found
+
+
+def cross_attention_note(skipped: list[str]) -> str:
+    """The line duat inspect prints under its table about the cross-attention layers it left out."""
+    return (f"cross-attention layers not inspected ({len(skipped)}: {', '.join(skipped)}): their A is N_dec x N_enc "
+            "over the encoder's tokens, and W' covers N x N self-attention only.")
+
+
+def shifted_decoder_ids(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """decoder_input_ids (B, N) = input_ids (B, N) shifted right by the model's own function (T5's _shift_right,
+    the shift_tokens_right of BART, mBART, Pegasus, Marian, EncoderDecoderModel), as for labels = input_ids."""
+    if callable(getattr(model, "_shift_right", None)):
+        return model._shift_right(input_ids)
+    shift = getattr(sys.modules.get(type(model).__module__), "shift_tokens_right", None)
+    if shift is None:
+        raise ValueError(f"{type(model).__name__} is an encoder-decoder model without a shift_tokens_right of its "
+                         "own: pass decoder_input_ids (B, N_dec) for its decoder")
+    config = model.config
+    values = dict(input_ids=input_ids, pad_token_id=config.pad_token_id,
+                  decoder_start_token_id=getattr(config, "decoder_start_token_id", None))
+    params = inspect.signature(shift).parameters
+    missing = [key for key in params if key in values and values[key] is None]
+    if missing:
+        raise ValueError(f"{type(model).__name__} has no {' or '.join(missing)} in its config, which the decoder "
+                         f"inputs (the text shifted right) need: set model.config.{missing[0]}, or pass "
+                         "decoder_input_ids (B, N_dec)")
+    return shift(**{key: values[key] for key in params if key in values})
+
+
+def with_decoder_inputs(model: torch.nn.Module, named: dict, inputs: dict) -> dict:
+    """inputs plus decoder_input_ids (the input ids shifted right) and, with an attention_mask (B, N),
+    decoder_attention_mask (the mask shifted the same way, the start token real) when the model is an
+    encoder-decoder model and `named` (all its inputs by name) has no decoder inputs; else inputs unchanged."""
+    if not is_encoder_decoder(model) or any(named.get(k) is not None for k in ("decoder_input_ids",
+                                                                                "decoder_inputs_embeds")):
+        return inputs
+    ids = named.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] == 0:
+        return inputs  # the model's own error (inputs_embeds only, empty input: refused by the capture)
+    added = {"decoder_input_ids": shifted_decoder_ids(model, ids)}
+    mask = named.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.shape == ids.shape and named.get("decoder_attention_mask") is None:
+        added["decoder_attention_mask"] = torch.cat([torch.ones_like(mask[:, :1]), mask[:, :-1]], dim=1)
+    return {**inputs, **added}

@@ -1,0 +1,96 @@
+"""Encoder-decoder models without decoder inputs: the decoder reads the text shifted right by the model's own
+function (as given by hand, also with padding), and the cross-attention layers are named and left out."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import duat_kernels as dk
+from duat_kernels.models.encoder_decoder import cross_attention_blocks
+
+transformers = pytest.importorskip("transformers", reason="the model tests need transformers: pip install '.[models]'")
+
+TOLERANCE = 1e-5  # relative error of W' x' + b' against the module's own float32 output
+START, PAD = 1, 0
+
+
+def _bert2bert():
+    """EncoderDecoderModel of two BERTs: the decoder's cross-attention is crossattention.self."""
+    bert = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100)
+    config = transformers.EncoderDecoderConfig.from_encoder_decoder_configs(
+        transformers.BertConfig(**bert), transformers.BertConfig(**bert, is_decoder=True, add_cross_attention=True))
+    config.decoder_start_token_id, config.pad_token_id = START, PAD
+    return transformers.EncoderDecoderModel(config)
+
+
+_BART_LIKE = dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64,
+                  decoder_ffn_dim=64, vocab_size=100, max_position_embeddings=64, pad_token_id=PAD)
+MODELS = {
+    "t5": lambda: transformers.T5Model(transformers.T5Config(
+        d_model=32, num_heads=2, d_kv=16, num_layers=1, d_ff=64, vocab_size=100, decoder_start_token_id=START,
+        pad_token_id=PAD)),
+    "bart": lambda: transformers.BartModel(transformers.BartConfig(
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=4,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100, max_position_embeddings=64,
+        decoder_start_token_id=START, pad_token_id=PAD)),
+    "bert2bert": _bert2bert,
+    "marian": lambda: transformers.MarianModel(transformers.MarianConfig(
+        **_BART_LIKE, decoder_attention_heads=2, decoder_start_token_id=START)),
+    "mbart": lambda: transformers.MBartModel(transformers.MBartConfig(**_BART_LIKE, decoder_attention_heads=2)),
+}
+CROSS = {"t5": ["decoder.block.0.layer.1.EncDecAttention"], "bart": ["decoder.layers.0.encoder_attn"],
+         "bert2bert": ["decoder.bert.encoder.layer.0.crossattention.self"], "marian": ["decoder.layers.0.encoder_attn"],
+         "mbart": ["decoder.layers.0.encoder_attn"]}
+
+
+def _model(family):
+    torch.manual_seed(0)
+    model = MODELS[family]()
+    model.set_attn_implementation("eager")
+    return model.eval()
+
+
+def _padded_ids(tokens=7):
+    ids = torch.randint(2, 100, (2, tokens), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, tokens, dtype=torch.long)
+    mask[1, -2:] = 0  # right padding in the second sequence
+    return ids.masked_fill(mask == 0, PAD), mask
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_the_decoder_reads_the_text_shifted_right(family):
+    # without decoder inputs T5 and BERT2BERT failed inside the forward pass ("You must specify exactly one of
+    # input_ids or inputs_embeds"), Marian (and Pegasus) with "You cannot specify both decoder_input_ids and
+    # decoder_inputs_embeds"; BART and mBART shifted by themselves but without a decoder mask; BERT2BERT's
+    # crossattention.self was taken for a self-attention block
+    model = _model(family)
+    ids, mask = _padded_ids()
+    # mBART has no start token: its last real token (the language code) goes first
+    first = ids.gather(1, mask.sum(1, keepdim=True) - 1) if family == "mbart" else torch.full_like(ids[:, :1], START)
+    by_hand = dict(decoder_input_ids=torch.cat([first, ids[:, :-1]], dim=1),
+                   decoder_attention_mask=torch.cat([torch.ones_like(mask[:, :1]), mask[:, :-1]], dim=1))
+    layers = dk.models.attention_layers(model, input_ids=ids, attention_mask=mask)
+    expected = dk.models.attention_layers(model, input_ids=ids, attention_mask=mask, **by_hand)
+    assert [layer.name.split(".")[0] for layer in layers] == ["encoder", "decoder"]
+    for layer, ref in zip(layers, expected, strict=True):
+        assert layer.name == ref.name and layer.attn.shape == ref.attn.shape == (2, layer.num_heads, 7, 7)
+        torch.testing.assert_close(layer.attn, ref.attn, rtol=0, atol=0)
+        torch.testing.assert_close(layer.token_mask, ref.token_mask, rtol=0, atol=0)
+        assert layer.relative_error(layer.hvo_matrix(dtype=torch.float64)) <= TOLERANCE, layer.name
+    assert layers[1].num_heads == (4 if family == "bart" else 2)  # BART's decoder has its own head count
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_cross_attention_blocks_are_named_and_left_out(family):
+    model = _model(family)
+    assert cross_attention_blocks(model) == CROSS[family]
+    captured = {layer.name for layer in dk.models.attention_layers(model, input_ids=_padded_ids()[0])}
+    assert not captured & set(CROSS[family])
+
+
+def test_missing_start_token_is_one_clear_error():
+    model = _bert2bert().eval()
+    model.config.decoder_start_token_id = None
+    with pytest.raises(ValueError, match="no decoder_start_token_id in its config.*pass decoder_input_ids"):
+        dk.models.attention_layers(model, input_ids=_padded_ids()[0])
