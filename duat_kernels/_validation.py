@@ -345,6 +345,15 @@ def _meminfo_available() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def nan_max(values, default: float | None = None) -> float:
+    """The largest of some numbers (errors, norms), NaN if any is NaN: Python's max skips a NaN that comes
+    after a number (NaN > x is false), so one NaN layer would pass a tolerance check. default: for no values."""
+    values = [float(v) for v in values]
+    if not values and default is not None:
+        return float(default)
+    return float("nan") if any(v != v for v in values) else max(values)
+
+
 def format_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if n < 1024 or unit == "PiB":

@@ -34,3 +34,14 @@ def test_empty_paths_are_refused_alike_by_name(where, empty, tmp_path, monkeypat
                          ids=["name", "leading-space", "path", "dot"])
 def test_a_given_path_passes(path):
     v.check_nonempty_path("path", path, "give a path")
+
+
+def test_nan_max_keeps_a_nan_wherever_it_is():
+    # Python's max skips a NaN after a number (NaN > x is false): a NaN layer error passed a tolerance check
+    assert v.nan_max([1e-9, 3e-7, 2e-8]) == 3e-7
+    assert v.nan_max([float("inf"), 1.0]) == float("inf")
+    for values in ([1.0, float("nan")], [float("nan"), 1.0], [1.0, float("nan"), 2.0], [float("nan")]):
+        assert v.nan_max(values) != v.nan_max(values)
+    assert v.nan_max([], default=0.0) == 0.0
+    with pytest.raises(ValueError):
+        v.nan_max([])

@@ -17,6 +17,7 @@ import statistics
 from pathlib import Path
 
 from duat_kernels import strict_json
+from duat_kernels._validation import nan_max
 from duat_kernels.corpus.analysis import CorpusSettings, analyse_text, check_layers, text_sha256
 
 
@@ -164,7 +165,7 @@ def run_corpus(texts: list[tuple[str, str]], out: str | os.PathLike, settings: C
 def max_rel_error(results: str | os.PathLike) -> float:
     """The worst exactness check in a results.parquet (0 when it has no rows)."""
     errors = _pyarrow().parquet.read_table(results, columns=["rel_error"]).column("rel_error").to_pylist()
-    return max(errors, default=0.0)
+    return nan_max(errors, default=0.0)
 
 
 def summary_table(results: str | os.PathLike, title: str) -> str:
@@ -179,7 +180,7 @@ def summary_table(results: str | os.PathLike, title: str) -> str:
         group = [r for r in rows if r["layer"] == layer]
         mean = lambda key: statistics.fmean(r[key] for r in group)  # noqa: E731
         ratio = statistics.fmean(r["spectral_norm"] / r["frobenius"] if r["frobenius"] else math.nan for r in group)
-        lines.append(f"| {layer} | {len(group)} | {mean('n_tokens'):.1f} | {max(r['rel_error'] for r in group):.2e} "
+        lines.append(f"| {layer} | {len(group)} | {mean('n_tokens'):.1f} | {nan_max(r['rel_error'] for r in group):.2e} "
                      f"| {mean('frobenius'):.3g} | {mean('spectral_norm'):.3g} | {ratio:.3f} "
                      f"| {mean('self_contribution'):.1%} | {mean('mean_distance'):.2f} |")
     lines += ["", "rel. error: ‖W' x' + b' − output‖ / ‖output‖ (matrix-free); self share: mean over output tokens "

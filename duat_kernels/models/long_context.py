@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from duat_kernels._validation import nan_max
 from duat_kernels.models.capture import attention_layers
 
 AUTO_WORDS = 1500  # texts longer than this (whitespace-separated words) are inspected with --long
@@ -110,7 +111,7 @@ def run_inspect_long(args, model, inputs: dict) -> int:
     skipped = cross_attention_blocks(model)
     if skipped:
         print(cross_attention_note(skipped))
-    worst = max(r.rel_error for r in reports)
+    worst = nan_max(r.rel_error for r in reports)
     if not worst <= 1e-5:
         print(f"FAILED: W' x' + b' differs from a layer's output by {worst:.2e} > 1e-05", file=sys.stderr)
         return 1

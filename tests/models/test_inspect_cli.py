@@ -242,18 +242,30 @@ def _strict(constant):
     raise ValueError(f"not JSON: bare {constant}")
 
 
-@pytest.fixture(scope="module")
-def nan_folder(folder, tmp_path_factory):
-    """The tiny BERT with one NaN in layer 0's value weights: its W', norms and errors are NaN."""
-    path = tmp_path_factory.mktemp("nan_bert")
+def _with_nan_value_weight(folder, path, layer: int):
+    """The tiny BERT of `folder` saved to `path` with one NaN in layer `layer`'s value weights."""
     model = transformers.BertModel.from_pretrained(folder)
     with torch.no_grad():
-        model.encoder.layer[0].attention.self.value.weight[0, 0] = float("nan")
+        model.encoder.layer[layer].attention.self.value.weight[0, 0] = float("nan")
     model.save_pretrained(path)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (folder / name).exists():
             shutil.copy(folder / name, path / name)
     return path
+
+
+@pytest.fixture(scope="module")
+def nan_folder(folder, tmp_path_factory):
+    """The tiny BERT with one NaN in layer 0's value weights: its W', norms and errors are NaN."""
+    return _with_nan_value_weight(folder, tmp_path_factory.mktemp("nan_bert"), 0)
+
+
+@pytest.mark.parametrize("long", [False, True], ids=["dense", "long"])
+def test_a_nan_error_in_the_last_layer_fails(folder, tmp_path, capsys, long):
+    # the worst error was Python's max over the layers, which skips a NaN after a finite error: exit status 0
+    path = _with_nan_value_weight(folder, tmp_path / "nan_last", 1)
+    assert main(["inspect", "--model", str(path), "--text", _text(5), *(["--long"] if long else [])]) == 1
+    assert "FAILED: W' x' + b' differs from a layer's output by nan" in capsys.readouterr().err
 
 
 def test_non_finite_numbers_are_null_in_json_and_html(nan_folder, tmp_path, capsys):

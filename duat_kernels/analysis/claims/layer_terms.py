@@ -46,13 +46,6 @@ _LLAMA = Family(r"(?:^|\.)layers\.(\d+)$", "pre_rms", "input_layernorm", "post_a
 FAMILIES: dict[str, Family] = {"bert": _BERT, "roberta": _BERT, "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA}
 
 
-def worst(values) -> float:
-    """The largest of some errors, NaN if any is NaN (Python's max skips a NaN after a finite value, so a
-    layer whose error is NaN would pass a tolerance check)."""
-    values = [float(v) for v in values]
-    return float("nan") if any(v != v for v in values) else max(values)
-
-
 def family_of(model: torch.nn.Module) -> Family:
     """The Family of a Hugging Face model; ValueError naming the supported model types otherwise."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)

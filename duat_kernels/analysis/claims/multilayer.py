@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from duat_kernels.analysis.claims.layer_terms import LayerTerms, replay, worst
+from duat_kernels._validation import nan_max
+from duat_kernels.analysis.claims.layer_terms import LayerTerms, replay
 
 # fp32 models must be rebuilt to this relative error (the bound).
 TOLERANCE = 1e-4
@@ -35,5 +36,5 @@ def rebuild(terms: list[LayerTerms]) -> list[dict]:
 
 
 def summarise(rows: list[dict], tolerance: float = TOLERANCE) -> dict:
-    largest = worst(r["relative_error"] for r in rows)
+    largest = nan_max(r["relative_error"] for r in rows)
     return {"tolerance": tolerance, "max_relative_error": largest, "held": largest <= tolerance, "layers": rows}

@@ -59,9 +59,3 @@ def test_a_nan_layer_error_fails_the_claim(errors):
     rows = [{"layer": i, "relative_error": e} for i, e in enumerate(errors)]
     summary = multilayer.summarise(rows)
     assert summary["held"] is False and summary["max_relative_error"] != summary["max_relative_error"]
-
-
-def test_worst_is_the_largest_error_or_nan():
-    assert layer_terms.worst([1e-9, 3e-7, 2e-8]) == 3e-7
-    assert layer_terms.worst([float("inf"), 1.0]) == float("inf")
-    assert all(layer_terms.worst(v) != layer_terms.worst(v) for v in ([1.0, float("nan")], [float("nan")]))
