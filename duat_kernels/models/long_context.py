@@ -106,7 +106,13 @@ def run_inspect_long(args, model, inputs: dict) -> int:
     tokenized text, a batch of one)."""
     from duat_kernels.models.encoder_decoder import cross_attention_blocks, cross_attention_note
 
-    reports = inspect_long(model, inputs, args.layer)
+    from duat_kernels.models.qk_capture import QkCaptureUnsupported
+
+    try:
+        reports = inspect_long(model, inputs, args.layer)
+    except QkCaptureUnsupported as exc:  # "use capture='attn'": in duat inspect that is the dense inspection
+        raise ValueError(f"{exc}. duat inspect without --long captures A itself (texts of more than {AUTO_WORDS} "
+                         "words take --long by themselves: give a shorter text)") from None
     print(format_long_reports(reports, f"{args.model} ({model.config.model_type})"))
     skipped = cross_attention_blocks(model)
     if skipped:

@@ -77,6 +77,10 @@ class _StopForward(Exception):
     """Raised after the last selected layer: the rest of the model is not run."""
 
 
+class QkCaptureUnsupported(RuntimeError):
+    """A layer that capture='qk' (HVOOperator.from_qk) cannot reproduce; capture='attn' can."""
+
+
 def _runs_eager(model: torch.nn.Module) -> bool:
     """True for models whose attention sdpa cannot compute (transformers' _supports_sdpa is False:
     Gemma 2 and its kin, whose logit soft-capping sdpa lacks; GPT-OSS, whose attention sinks it lacks)."""
@@ -87,8 +91,9 @@ def _eager_function(module: torch.nn.Module):
     """The eager attention function of the module's own modeling file (soft-capping, sinks, ... included)."""
     fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     if fn is None:
-        raise RuntimeError(f"{type(module).__name__} cannot run with sdpa and its module {type(module).__module__} "
-                           "has no eager_attention_forward; capture='qk' cannot record it (use capture='attn')")
+        raise QkCaptureUnsupported(f"{type(module).__name__} cannot run with sdpa and its module "
+                                   f"{type(module).__module__} has no eager_attention_forward; capture='qk' cannot "
+                                   "record it (use capture='attn')")
     return fn
 
 
@@ -107,20 +112,22 @@ def _attention_recorder(model: torch.nn.Module, records: dict):
         rec = records[id(module)]() if id(module) in records else None
         if rec is not None:
             if kwargs.get("s_aux") is not None:  # GPT-OSS: a sink logit per head takes part of each row's mass
-                raise RuntimeError(f"{type(module).__name__} has attention sinks (s_aux), which HVOOperator.from_qk "
-                                   "does not model; use capture='attn'")
+                raise QkCaptureUnsupported(f"{type(module).__name__} has attention sinks (s_aux), which "
+                                           "HVOOperator.from_qk does not model; use capture='attn'")
             bias = kwargs.get("position_bias")
             if isinstance(bias, torch.Tensor) and bool(bias.any()):  # T5: learned relative position bias
-                raise RuntimeError(f"{type(module).__name__} adds a position bias to the attention logits "
-                                   "(position_bias), which HVOOperator.from_qk does not model; use capture='attn'")
+                raise QkCaptureUnsupported(f"{type(module).__name__} adds a position bias to the attention logits "
+                                           "(position_bias), which HVOOperator.from_qk does not model; use "
+                                           "capture='attn'")
             dropout = kwargs.get("dropout", args[0] if args else 0.0)
             if isinstance(dropout, (int, float)) and dropout > 0:  # training mode: A is dropped out at random
-                raise RuntimeError(f"{type(module).__name__} applies attention dropout (p={dropout}) in training "
-                                   "mode, which HVOOperator.from_qk does not model; call model.eval(), or use "
-                                   "capture='attn' (A as dropped out)")
+                raise QkCaptureUnsupported(f"{type(module).__name__} applies attention dropout (p={dropout}) in "
+                                           "training mode, which HVOOperator.from_qk does not model; call "
+                                           "model.eval(), or use capture='attn' (A as dropped out)")
             if target == "sdpa" and kwargs.get("softcap") is not None:
-                raise RuntimeError(f"{type(module).__name__} passes softcap={kwargs['softcap']} to sdpa, which has no "
-                                   "soft-capping; capture='qk' cannot reproduce the layer (use capture='attn')")
+                raise QkCaptureUnsupported(f"{type(module).__name__} passes softcap={kwargs['softcap']} to sdpa, "
+                                           "which has no soft-capping; capture='qk' cannot reproduce the layer (use "
+                                           "capture='attn')")
             rec["q"], rec["k"] = query.detach(), key.detach()
             rec["scale"] = kwargs.get("scaling", args[1] if len(args) > 1 else None)
             rec["softcap"] = kwargs.get("softcap", args[2] if len(args) > 2 else None)
@@ -187,8 +194,9 @@ def attention_layers_qk(model: torch.nn.Module, *args, layers: list[int] | None 
     for index, rec in applications.records.items():
         i, call = applications.application(index)
         if "q" not in rec or "output" not in rec:
-            raise RuntimeError(f"attention layer {index} ({blocks[i][0]}) was not called through transformers' "
-                               "attention functions; capture='qk' cannot record it (use capture='attn')")
+            raise QkCaptureUnsupported(f"attention layer {index} ({blocks[i][0]}) was not called through "
+                                       "transformers' attention functions; capture='qk' cannot record it (use "
+                                       "capture='attn')")
         rec = {**weights[i], **rec}
         rec["num_heads"], rec["num_kv_heads"] = rec["q"].shape[1], rec["k"].shape[1]  # as the layer ran
         batch, _, tokens, _ = rec["q"].shape  # the decoder of an encoder-decoder model has its own mask

@@ -330,6 +330,10 @@ def test_encoder_decoder_models_are_inspected(tmp_path, capsys, family):
     if family == "bart":  # --long (q/k capture; T5's position bias is refused there) says it too
         assert main(["inspect", "--model", str(folder), "--text", _text(6), "--long"]) == 0
         assert f"cross-attention layers not inspected (1: {CROSS_ATTENTION[family]})" in capsys.readouterr().out
+    else:  # the refusal pointed to capture='attn', an API option a command-line user cannot give
+        assert main(["inspect", "--model", str(folder), "--text", _text(6), "--long"]) == 2
+        err = capsys.readouterr().err
+        assert "position bias" in err and "duat inspect without --long captures A itself" in err
     result = json.loads(out.read_text())
     assert result["passed"] and result["skipped_cross_attention"] == [CROSS_ATTENTION[family]]
     assert main(["inspect", "--model", str(folder), "--text", _text(6), "--json", "-", "--dtype", "float64",
