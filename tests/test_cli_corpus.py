@@ -237,6 +237,19 @@ def test_a_layer_out_of_range_is_one_error_before_any_text(model_dir, texts_file
     assert "duat corpus: layer 99 is out of range: the model has" in err and "FAILED" not in err
 
 
+def test_a_refused_run_does_not_lock_its_folder(model_dir, texts_file, tmp_path, capsys):
+    # a --layer typo left run.json behind, and the corrected rerun into the same folder was refused
+    # ("holds a run with other settings") although no text had been analysed
+    out = tmp_path / "run"
+    args = ["corpus", "--model", model_dir, "--texts", texts_file, "--out", str(out), "--sync", "--no-progress"]
+    assert main([*args, "--layer", "99"]) == 2
+    assert main([*args, "--layer", "0"]) == 0
+    assert "other settings" not in capsys.readouterr().err
+    assert set(_table(out).column("layer").to_pylist()) == {0} and _table(out).num_rows == len(TEXTS)
+    assert main([*args, "--layer", "1"]) == 2  # once texts are done, other settings are still refused
+    assert "holds a run with other settings" in capsys.readouterr().err
+
+
 def test_the_layer_check_does_not_fail_on_a_worker(model_dir, texts_file, tmp_path, dask_client, monkeypatch):
     # the check raised on the worker, which logged "Compute Failed" and its traceback before our one-line error
     from duat_kernels.corpus import runner

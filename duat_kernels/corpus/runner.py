@@ -79,9 +79,11 @@ def _write_table(rows: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _check_settings(out: Path, settings: CorpusSettings) -> None:
+def _check_settings(out: Path, parts: Path, settings: CorpusSettings) -> None:
+    """Refuse other settings than those of the results already in out; a run that finished no text (refused,
+    interrupted) leaves nothing to protect, so its record is replaced."""
     record = out / "run.json"
-    if record.exists():
+    if record.exists() and any(parts.glob("*.parquet")):
         previous = json.loads(record.read_text())
         if previous != settings.to_json():
             raise ValueError(f"{out} holds a run with other settings ({previous}); use another --out "
@@ -119,7 +121,7 @@ def run_corpus(texts: list[tuple[str, str]], out: str | os.PathLike, settings: C
     out = Path(out)
     parts = out / "parts"
     parts.mkdir(parents=True, exist_ok=True)
-    _check_settings(out, settings)
+    _check_settings(out, parts, settings)
     todo = [(i, tid, text) for i, (tid, text) in enumerate(texts) if not _part_path(parts, i, text).exists()]
     # the model (a path that does not exist) and the layers, checked once where the texts run (the model is loaded
     # there anyway), not once per text
