@@ -2,9 +2,11 @@
 
     pytest benchmarks/ --benchmark-json=run.json && python benchmarks/report.py run.json
 
-Writes into its own folder, by default benchmarks/results/<machine> (e.g. amd-epyc-2c-avx512, named
-after the CPU that ran it, so a run on another machine never overwrites this one; an older report
-of the same name and its plots are removed first, other reports in the folder are kept): <name>.md (the machine, its CPU and SIMD flags, one table per
+Writes into its own folder, by default benchmarks/results/<machine>/run-<date>T<hhmm> (e.g.
+amd-epyc-2c-avx512/run-2026-11-26T1030: named after the CPU that ran it and the time the run started,
+so a new run never overwrites another or the committed reports in benchmarks/results/<machine>/; in a
+folder given with --out an older report of the same name and its plots are removed first, other reports
+are kept): <name>.md (the machine, its CPU and SIMD flags, one table per
 group: best time, GB/s written, ratios to the memory-write floor `fill` (for cpp rows, fill_ timed
 interleaved with their own rounds), to the FMA floor and to each
 peer; then one table per ISA variant of the C++ kernels), the run's JSON and, when the run has them,
@@ -55,6 +57,13 @@ def machine_slug(run: dict) -> str:
     brand = re.sub(r"[^a-z0-9]+", "-", brand).strip("-") or "cpu"
     simd = {"AVX-512": "avx512", "AVX2": "avx2"}.get(_simd(set(cpu.get("flags", []))), "baseline")
     return f"{brand}-{cpu.get('count', 0)}c-{simd}"
+
+
+def default_folder(run: dict) -> Path:
+    """benchmarks/results/<machine>/run-<date>T<hhmm>: named after the machine and the time the run started, so
+    that a new run never overwrites another, the committed reports in benchmarks/results/<machine>/ included."""
+    stamp = re.sub(r"[^0-9T-]", "", run.get("datetime", "")[:16]) or "undated"
+    return Path(__file__).parent / "results" / machine_slug(run) / f"run-{stamp}"
 
 
 def _rows_by_group(run: dict) -> dict[str, dict[str, dict]]:
@@ -306,12 +315,13 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", help="pytest-benchmark JSON (--benchmark-json)")
     parser.add_argument("--out", default=None,
-                        help="output folder (default: benchmarks/results/<machine>; an older report of the same name and its plots are removed first)")
+                        help="output folder (default: benchmarks/results/<machine>/run-<start time>; an older report of the same name "
+                             "and its plots are removed first)")
     parser.add_argument("--name", default="cpu", help="report name (default: cpu)")
     args = parser.parse_args(argv)
     with open(args.run) as f:
         run = json.load(f)
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / machine_slug(run)
+    out = Path(args.out) if args.out else default_folder(run)
     if out.exists():  # a report is the files of one run: no stale plots beside new tables
         for old in [*out.glob(f"{args.name}_*.png"), out / f"{args.name}.md", out / f"{args.name}.json"]:
             if old.resolve() != Path(args.run).resolve():  # never the run being reported

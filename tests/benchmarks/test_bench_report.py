@@ -45,3 +45,10 @@ def test_named_report_keeps_other_reports(report, tmp_path):
     assert all((folder / kept).read_text() == "earlier run" for kept in ("cpu.md", "cpu.json", "cpu_time_vs_bytes.png"))
     assert not (folder / "bf16_vs_fp32_stale.png").exists()
     assert "| N=4 M=16 h=2 | avx2 | 2.0 ms | 1.0 ms | 0.50 |" in (folder / "bf16_vs_fp32.md").read_text()
+
+
+def test_default_folder_is_the_machine_and_the_start_time(report):
+    # it was benchmarks/results/<machine>: a new run on the machine of a committed one overwrote that report
+    folder = report.default_folder(_run([]))
+    assert folder.parent.name == "test-2c-avx2" and folder.name == "run-2026-11-26T1000"
+    assert folder.parent.parent == REPORT.parent / "results"
