@@ -130,6 +130,26 @@ inline __m256i bf16_bits_avx2(VF v) {  // rounded bfloat16 bits in the low half 
 }
 #endif
 
+#if defined(__SSE2__) && !defined(__AVX__)
+// a's then b's 4 values as 8 bfloat16, rounded to nearest even (NaN -> 0x7FC0 with kNaN). SSE2 has no
+// unsigned pack: the biased values are shifted arithmetically, so that each high half is a signed 16-bit
+// number, which packs_epi32 keeps exactly. (A finite float plus the bias never wraps around.)
+template <bool kNaN>
+inline __m128i bf16_bits_sse2(VF a, VF b) {
+  auto high = [](VF v) {
+    const __m128i u = _mm_castps_si128((__m128)v);
+    const __m128i lsb = _mm_and_si128(_mm_srli_epi32(u, 16), _mm_set1_epi32(1));
+    __m128i r = _mm_srai_epi32(_mm_add_epi32(u, _mm_add_epi32(lsb, _mm_set1_epi32(0x7FFF))), 16);
+    if (kNaN) {
+      const __m128i nan = _mm_cmpgt_epi32(_mm_and_si128(u, _mm_set1_epi32(0x7FFFFFFF)), _mm_set1_epi32(0x7F800000));
+      r = _mm_or_si128(_mm_andnot_si128(nan, r), _mm_and_si128(nan, _mm_set1_epi32(0x7FC0)));
+    }
+    return r;
+  };
+  return _mm_packs_epi32(high(a), high(b));
+}
+#endif
+
 // bfloat16: add the rounding bias (0x7FFF + lowest kept bit), keep the high halves, NaN -> 0x7FC0.
 template <bool kNaN, bool kStream, typename Out>
 inline void store_bf16_vec(Out* dst, VF v) {
@@ -139,6 +159,9 @@ inline void store_bf16_vec(Out* dst, VF v) {
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
   const __m128i half = _mm256_castsi256_si128(packed);
   put<16, kStream>(dst, &half);
+#elif defined(__SSE2__) && !defined(__AVX__)
+  const __m128i packed = bf16_bits_sse2<kNaN>(v, v);
+  put<8, kStream>(dst, &packed);
 #else
   typedef uint32_t VU32 __attribute__((vector_size(kVecBytes)));
   typedef int32_t VI32 __attribute__((vector_size(kVecBytes)));
@@ -250,6 +273,18 @@ inline void store_pair(FP16* dst, VF a, VF b) {
   const __m256i out = _mm256_set_m128i(_mm256_cvtps_ph((__m256)b, _MM_FROUND_TO_NEAREST_INT),
                                        _mm256_cvtps_ph((__m256)a, _MM_FROUND_TO_NEAREST_INT));
   put<32, kStream>(dst, &out);
+}
+#endif
+#if defined(__SSE2__) && !defined(__AVX__)
+template <bool kStream>
+inline void store_pair(BF16* dst, VF a, VF b) {
+  const __m128i out = bf16_bits_sse2<true>(a, b);
+  put<16, kStream>(dst, &out);
+}
+template <bool kStream>
+inline void store_pair(BF16Finite* dst, VF a, VF b) {
+  const __m128i out = bf16_bits_sse2<false>(a, b);
+  put<16, kStream>(dst, &out);
 }
 #endif
 #if defined(__AVX2__)
