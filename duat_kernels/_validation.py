@@ -275,9 +275,12 @@ def check_out(out: torch.Tensor, shape: tuple[int, ...], device: torch.device, *
                          "pass a fresh torch.empty buffer or out=None")
     if out.requires_grad and torch.is_grad_enabled():
         raise RuntimeError("out requires grad; hvo_matrix writes it in place, so pass a buffer without grad")
-    if torch.compiler.is_compiling() or any(t is not None and type(t) not in (torch.Tensor, torch.nn.Parameter)
+    if torch.compiler.is_compiling() or any(t is not None and (type(t) not in (torch.Tensor, torch.nn.Parameter)
+                                                               or torch._C._functorch.is_functorch_wrapped_tensor(t))
                                             for t in (out, *inputs)):
-        return  # fake tensors (compile, export, FakeTensorMode) have no addresses; the eager call checks overlap
+        # fake tensors (compile, export, FakeTensorMode) and torch.func's wrappers (vmap, grad) have no
+        # addresses ("Cannot access data pointer of Tensor that doesn't have storage"); the eager call checks overlap
+        return
     if out.is_inference() and not torch.is_inference_mode_enabled():  # as torch's own out= ops refuse it
         raise ValueError("out is an inference tensor (made under torch.inference_mode) and cannot be written "
                          "outside it; call hvo_matrix under torch.inference_mode too, or pass a buffer made outside")

@@ -155,6 +155,17 @@ def functorch_grad(*tensors: torch.Tensor) -> bool:
     return False
 
 
+def functorch_batched(*tensors: torch.Tensor) -> bool:
+    """Whether a tensor is batched by torch.func.vmap, at any level of its wrappers."""
+    f = torch._C._functorch
+    for t in tensors:
+        while f.is_functorch_wrapped_tensor(t):
+            if f.is_batchedtensor(t):
+                return True
+            t = f.get_unwrapped(t)
+    return False
+
+
 def fuses_ov(backend: str, layout: str, batch: int, *tensors: torch.Tensor) -> bool:
     """Whether W' (or a tile of it) for a batch of attention maps is written by the C++ kernel straight
     from the weights, OV computed in cache (materialise_fused): token layout, one batch element (a

@@ -197,3 +197,34 @@ def test_fake_tensor_mode_gives_shapes_without_running_a_kernel(backend, layout,
         ov = dk.ov_circuits(w_v, w_o, 2)
     assert isinstance(w, FakeTensor) and (w.shape, w.dtype) == ((20, 24), torch.bfloat16)
     assert (bias.shape, ov.shape) == ((20,), (2, 5, 6))
+
+
+@pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
+@pytest.mark.parametrize("layout", ["token", "feature"])
+def test_torch_func_with_out(backend, layout):
+    # out= under torch.func failed in the overlap check with "Cannot access data pointer of Tensor that
+    # doesn't have storage" (vmap's and grad's wrappers have no addresses); under vmap, once past it, with
+    # "Batching rule not implemented for duat::hvo_matrix_out"
+    import warnings
+
+    lay = random_layer(3, 4, 2, tokens=3, head_dim=2, m_in=3, m_out=2)
+    attn, w_v, w_o = lay["attn"], lay["w_v"], lay["w_o"]
+    want = reference.hvo_matrix(attn, reference.ov_circuits(w_v, w_o, 4, 2), layout)
+    out = torch.full_like(want, float("nan"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's "no batching rule for duat::hvo_matrix" performance note
+        got = torch.func.vmap(lambda a, o: dk.hvo_matrix(a, w_v, w_o, num_kv_heads=2, layout=layout, backend=backend,
+                                                         out=o))(attn, out)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(got, want)
+    # under grad, a captured out= of W' built from constants is written; one that would need a gradient is refused
+    captured = torch.empty_like(want[0])
+
+    def loss(wo):
+        dk.hvo_matrix(attn[0], w_v, w_o, num_kv_heads=2, layout=layout, backend=backend, out=captured)
+        return (captured * wo).sum()
+
+    torch.testing.assert_close(torch.func.grad(loss)(torch.ones(())), want[0].sum())
+    with pytest.raises(RuntimeError, match="out= writes W' in place and records no gradient"):
+        torch.func.grad(lambda wo: dk.hvo_matrix(attn[0], w_v, wo, num_kv_heads=2, backend=backend,
+                                                 out=captured).sum())(w_o)
