@@ -104,7 +104,7 @@ def hvo_matrix(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, *, num_
         backends.materialise_fused(attn4, w_v, w_o, dims.kv_heads, result if dims.batched else result.unsqueeze(0))
         return result
     ov = backends.ov_circuits(backend, w_v.to(ct), w_o.to(ct), dims.heads, dims.kv_heads)
-    if out is not None and backends.functorch_batched(attn4, w_v, w_o, out):
+    if out is not None and not torch.compiler.is_compiling() and backends.functorch_batched(attn4, w_v, w_o, out):
         # torch.func.vmap has no batching rule for the op that writes into out (mutating ops get no fallback):
         # W' is formed out of place and copied, which vmap batches (out batched like the inputs)
         result = ops.materialise(attn4, ov, layout, backend, dtype)

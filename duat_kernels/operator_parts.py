@@ -75,9 +75,17 @@ def weighted_ov(alpha: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, num_h
         v.check_fits(f"a block of W' of shape ({batch}, {m_out}, {m_in})",
                      batch * m_out * m_in * alpha.dtype.itemsize, alpha.device,
                      "Ask for a tile of the block instead: tile(rows, cols).")
+    parts = (torch.einsum("bi,ica->bca", alpha, ov)
+             for _, ov in reference.ov_row_blocks(w_v, w_o, num_heads, num_kv_heads, OV_ENTRIES_PER_STEP))
+    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(alpha):
+        # vmap cannot write batched rows into a plain buffer
+        parts = list(parts)
+        return torch.cat(parts, 1) if parts else alpha.new_zeros(batch, 0, m_in)
     out = torch.empty(batch, m_out, m_in, dtype=alpha.dtype, device=alpha.device)
-    for c0, ov in reference.ov_row_blocks(w_v, w_o, num_heads, num_kv_heads, OV_ENTRIES_PER_STEP):
-        out[:, c0:c0 + ov.shape[1]] = torch.einsum("bi,ica->bca", alpha, ov)
+    c0 = 0
+    for part in parts:
+        out[:, c0:c0 + part.shape[1]] = part
+        c0 += part.shape[1]
     return out
 
 

@@ -209,3 +209,21 @@ def test_tile_composes_with_torch_compile_fullgraph(layout):
     tile = lambda a, wv, wo: dk.HVOOperator(a, wv, wo, layout=layout).tile(slice(1, 6), slice(2, 11))  # noqa: E731
     torch.testing.assert_close(torch.compile(tile, fullgraph=True)(lay["attn"], lay["w_v"], lay["w_o"]),
                                tile(lay["attn"], lay["w_v"], lay["w_o"]))
+
+
+@pytest.mark.parametrize("layout", ["token", "feature"])
+def test_tile_and_block_under_torch_func_vmap(layout):
+    # vmap over attention maps: tile handed vmap's batched A (no storage) to the fused C++ kernel ("Cannot
+    # access data pointer of Tensor that doesn't have storage"; only w_v was checked), and block wrote batched
+    # rows into a plain buffer ("vmap: inplace arithmetic(self, *extra_args) is not possible")
+    lay = random_layer(3, 4, 2, tokens=4, head_dim=2, m_in=3, m_out=2, dtype=torch.float64)
+    dense = dk.hvo_matrix(lay["attn"], lay["w_v"], lay["w_o"], num_kv_heads=2, layout=layout, backend="reference")
+    token_dense = dk.hvo_matrix(lay["attn"], lay["w_v"], lay["w_o"], num_kv_heads=2, backend="reference")
+
+    def op(a):
+        return dk.HVOOperator(a, lay["w_v"], lay["w_o"], num_kv_heads=2, layout=layout)
+
+    tiles = torch.func.vmap(lambda a: op(a).tile(slice(1, 6), slice(2, 11)))(lay["attn"])
+    torch.testing.assert_close(tiles, dense[:, 1:6, 2:11])
+    blocks = torch.func.vmap(lambda a: op(a).block(1, 2))(lay["attn"])
+    torch.testing.assert_close(blocks, token_dense[:, 2:4, 6:9])
