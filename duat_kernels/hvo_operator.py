@@ -251,22 +251,22 @@ class HVOOperator:
     def block_norms(self, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """Frobenius norms of all N x N blocks (token-layout blocks B_nm = Σ_i A_i[n, m] OV_i):
         (N, N) or (B, N, N), exactly, via the h x h Gram matrix of the OV circuits: O(N²h²) time,
-        O(N²) memory. grid=(R, C) reduces them to the norms of an R x C grid of super-blocks."""
+        O(N²) memory. grid=(R, C) reduces them to the norms of an R x C grid of super-blocks.
+        Differentiable: where autograd records (grad mode on and an input requires grad, e.g. an
+        nn.Parameter) or a torch.func transform runs, they are torch operations on the whole A
+        (O(B·h·N²) memory); call under torch.no_grad() for the fused pass."""
         grid = args.grid_argument(grid, self.dims.tokens)
-        with torch.no_grad():
-            norms = linalg.block_norms(self.source, self.w_v, self.w_o, self.dims.kv_heads, grid)
+        norms = linalg.block_norms(self.source, self.w_v, self.w_o, self.dims.kv_heads, grid)  # differentiable
         return norms if self.dims.batched else norms[0]
 
     def frobenius_norm(self) -> torch.Tensor:
-        """||W'||_F exactly (float64), () or (B,)."""
-        with torch.no_grad():
-            norm = linalg.frobenius_norm(self.source, self.w_v, self.w_o, self.dims.kv_heads)
+        """||W'||_F exactly (float64), () or (B,); differentiable as block_norms is."""
+        norm = linalg.frobenius_norm(self.source, self.w_v, self.w_o, self.dims.kv_heads)  # differentiable
         return norm if self.dims.batched else norm[0]
 
     def trace(self) -> torch.Tensor:
         """tr W' exactly (float64), () or (B,); W' must be square (M_in = M_out)."""
-        with torch.no_grad():
-            tr = linalg.trace(self.source, self.w_v, self.w_o, self.dims.kv_heads)
+        tr = linalg.trace(self.source, self.w_v, self.w_o, self.dims.kv_heads)  # torch operations: differentiable
         return tr if self.dims.batched else tr[0]
 
     def fraction_above(self, threshold: float, samples: int = 100_000, confidence: float = 0.95, seed: int = 0,
@@ -297,15 +297,14 @@ class HVOOperator:
         x: the layer input X as (N, M_in) (or (B, N, M_in) when batched), or flattened x' in this
         operator's layout. Returns (N, N) (or (B, N, N)); per_head=True gives each head's own
         ||A_i[n, m] OV_i x_m|| as (h, N, N) (or (B, h, N, N)). Biases are not included (b' is
-        separate: see bias()).
+        separate: see bias()). Differentiable in A (or q, k), the weights and x, as block_norms is.
         """
         d = self.dims
         xs, _ = self._unflatten(x, d.m_in, "x")
         if xs.shape[1] != 1:
             raise ValueError(f"x must be one input per batch element, got shape {tuple(x.shape)}")
         xs = xs[:, 0]
-        with torch.no_grad():
-            out = linalg.contributions(self.source, xs, self.w_v, self.w_o, d.kv_heads, per_head)
+        out = linalg.contributions(self.source, xs, self.w_v, self.w_o, d.kv_heads, per_head)  # differentiable
         return out if d.batched else out[0]
 
     def to_dask(self, chunks: tuple[int, int] | None = None, dtype: torch.dtype | None = None):

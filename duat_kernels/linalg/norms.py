@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from duat_kernels import cpp, reference
+from duat_kernels import backends, cpp, reference
 from duat_kernels._validation import all_finite, check_fits, check_heads, check_tensor
 from duat_kernels.linalg import gram_norms
 from duat_kernels.operator_args import grid_argument
@@ -28,13 +28,26 @@ def gram_factor(w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int, num_kv_hea
     check_tensor("w_v", w_v, (2,))
     check_tensor("w_o", w_o, (2,))
     num_kv_heads, _ = check_heads(num_heads, num_kv_heads, w_v, w_o)
-    wo, wv = head_factors(w_v.double(), w_o.double(), num_heads, num_kv_heads)  # (h, M_out, d), (h, d, M_in)
-    oo = torch.einsum("icd,jce->ijde", wo, wo)  # Wo_iᵀ Wo_j
-    vv = torch.einsum("ida,jea->ijde", wv, wv)  # Wv_i Wv_jᵀ
-    gram = (oo * vv).sum((-1, -2))
+    gram = gram_matrix(w_v, w_o, num_heads, num_kv_heads, torch.float64)
     evals, evecs = torch.linalg.eigh((gram + gram.T) / 2)  # G may be singular: no Cholesky
     root = evals.clamp_min(0).sqrt()[:, None] * evecs.T  # rootᵀ root = G
     return torch.linalg.qr(root, mode="r").R.contiguous()  # root = QR, so RᵀR = G
+
+
+def gram_matrix(w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int, num_kv_heads: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    """G (h, h), G_ij = ⟨OV_i, OV_j⟩_F, in `dtype` from checked w_v (h_kv·d, M_in), w_o (M_out, h·d)."""
+    wo, wv = head_factors(w_v.to(dtype), w_o.to(dtype), num_heads, num_kv_heads)  # (h, M_out, d), (h, d, M_in)
+    oo = torch.einsum("icd,jce->ijde", wo, wo)  # Wo_iᵀ Wo_j
+    vv = torch.einsum("ida,jea->ijde", wv, wv)  # Wv_i Wv_jᵀ
+    return (oo * vv).sum((-1, -2))
+
+
+def tracks_gradient(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records operations on these tensors, or a torch.func transform (grad, jacrev, vmap)
+    wraps one of them: the analysis then takes torch operations throughout (the fused passes run under
+    no_grad, write into plain buffers and branch on the data)."""
+    return backends.tracks_grad(*tensors) or (not torch.compiler.is_compiling() and backends.functorch_wrapped(*tensors))
 
 
 def block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
@@ -43,10 +56,13 @@ def block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
     grid=(R, C), the Frobenius norms of an R x C grid of super-blocks (rows and columns of blocks
     split as evenly as possible; R for an R x R grid) -> (B, R, C). Float32 A on the CPU goes through the fused
     C++ pass. Computed and returned in float64 when A or a weight is float64 (as contributions and to_dense),
-    else in float32."""
+    else in float32. Where autograd or a torch.func transform tracks an input (tracks_gradient), torch
+    operations on the whole A instead (differentiable; O(B·h·N²) memory)."""
     source = as_source(source, num_kv_heads, w_v, w_o)
     batch, h, n, num_kv_heads = source.batch, source.heads, source.tokens, source.kv_heads
     grid = grid_argument(grid, None)  # HVOOperator.block_norms takes at most N per side
+    if tracks_gradient(w_v, w_o, *source.inputs()):
+        return _block_norms_autograd(source, w_v, w_o, num_kv_heads, grid)
     wide = _wide(source, w_v, w_o)
     fused = not wide and gram_norms.available(source)
     whole = fused and isinstance(source, ExplicitAttention)  # one pass over the stored A, every entry written
@@ -93,6 +109,27 @@ def block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
     if not rooted:
         out = out.clamp_min_(0).sqrt_()
     return out if wide or grid is None else out.float()
+
+
+def _block_norms_autograd(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
+                          grid: tuple[int, int] | None) -> torch.Tensor:
+    """block_norms through autograd and torch.func: ||B_nm||² = αᵀ G α from the whole A (B, h, N, N) and
+    G, in torch operations. A zero norm gets gradient 0 (the subgradient torch.linalg.vector_norm takes)."""
+    dtype = torch.float64 if _wide(source, w_v, w_o) else torch.float32
+    gram = gram_matrix(w_v, w_o, source.heads, num_kv_heads, dtype).to(source.device)
+    attn = source.dense().to(dtype)
+    sq = torch.einsum("binm,ij,bjnm->bnm", attn, gram, attn)
+    if grid is not None:  # squared norms summed into super-blocks
+        n, (rows, cols) = source.tokens, grid
+        sq = sq.new_zeros(sq.shape[0], n, cols).index_add(2, _bins(n, cols, sq.device), sq)
+        sq = sq.new_zeros(sq.shape[0], rows, cols).index_add(1, _bins(n, rows, sq.device), sq)
+    return root_with_zero_subgradient(sq)
+
+
+def root_with_zero_subgradient(sq: torch.Tensor) -> torch.Tensor:
+    """sqrt of squared norms (0 where sq <= 0) whose gradient at 0 is 0, not Inf (then NaN through 0 · Inf)."""
+    positive = sq > 0
+    return torch.where(positive, torch.where(positive, sq, 1).sqrt(), 0)
 
 
 def _wide(source, w_v: torch.Tensor, w_o: torch.Tensor) -> bool:

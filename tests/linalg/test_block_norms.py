@@ -295,3 +295,47 @@ def test_direct_calls_take_grid_r_and_default_kv_heads():
     torch.testing.assert_close(linalg.contributions(a, x, w_v, w_o, None), linalg.contributions(a, x, w_v, w_o, 4))
     assert str(linalg.fraction_above(a, w_v, w_o, None, 0.1, samples=50)) == str(
         linalg.fraction_above(a, w_v, w_o, 4, 0.1, samples=50))
+
+
+@pytest.mark.parametrize("source", ["attn", "qk"])
+@pytest.mark.parametrize("grid", [None, (2, 3)])
+def test_block_norms_frobenius_norm_and_trace_are_differentiable(source, grid):
+    # block_norms, frobenius_norm and trace ran under torch.no_grad: their results had no grad_fn, so a loss
+    # that added them to differentiable terms silently lost their gradient, and torch.func.jacrev gave zeros
+    lay = random_layer(2, 4, 2, tokens=4, head_dim=2, m_in=3, m_out=3, dtype=torch.float64)
+    q, k = torch.randn(2, 4, 4, 2, dtype=torch.float64), torch.randn(2, 2, 4, 2, dtype=torch.float64)
+    a_inputs = (lay["attn"],) if source == "attn" else (q, k)
+
+    def operator(a_in, w_v, w_o):
+        return dk.HVOOperator(a_in[0], w_v, w_o, num_kv_heads=2) if source == "attn" else \
+            dk.HVOOperator.from_qk(*a_in, w_v, w_o, causal=True)
+
+    def dense_statistics(op):  # through the dense W' (reference backend) and its blocks
+        w = op.to_dense(backend="reference")
+        blocks = torch.linalg.matrix_norm(w.reshape(2, 4, 3, 4, 3).transpose(-3, -2))
+        if grid is not None:
+            rows, cols = bn._bins(4, grid[0], "cpu"), bn._bins(4, grid[1], "cpu")
+            blocks = torch.stack([torch.stack([torch.linalg.vector_norm(blocks[:, rows == r][:, :, cols == c],
+                                                                        dim=(1, 2)) for c in range(grid[1])], -1)
+                                  for r in range(grid[0])], -2)
+        return blocks, torch.linalg.matrix_norm(w), w.diagonal(dim1=-2, dim2=-1).sum(-1)
+
+    leaves = [t.clone().requires_grad_() for t in (*a_inputs, lay["w_v"], lay["w_o"])]
+    op = operator(leaves[:-2], *leaves[-2:])
+    weights = [torch.rand(2, *(grid or (4, 4)), dtype=torch.float64), torch.rand(2, dtype=torch.float64),
+               torch.rand(2, dtype=torch.float64)]
+    got_all = (op.block_norms(grid), op.frobenius_norm(), op.trace())
+    for got, want, weight in zip(got_all, dense_statistics(op), weights):
+        assert got.requires_grad
+        torch.testing.assert_close(got.double(), want)
+        grads = torch.autograd.grad((got * weight).sum(), leaves, retain_graph=True)
+        for g, w in zip(grads, torch.autograd.grad((want * weight).sum(), leaves, retain_graph=True)):
+            torch.testing.assert_close(g, w)
+    jac = torch.func.jacrev(lambda wo: operator(a_inputs, lay["w_v"], wo).block_norms(grid))(lay["w_o"])
+    want_jac = torch.autograd.functional.jacobian(
+        lambda wo: dense_statistics(operator(a_inputs, lay["w_v"], wo))[0], lay["w_o"])
+    torch.testing.assert_close(jac, want_jac)
+    if source == "attn":  # vmap over attention maps: the fused pass branched on the data
+        per_map = torch.func.vmap(lambda a: operator((a,), lay["w_v"], lay["w_o"]).block_norms(grid))(lay["attn"])
+        torch.testing.assert_close(per_map, operator(a_inputs, lay["w_v"], lay["w_o"]).block_norms(grid))
+

@@ -110,3 +110,27 @@ def test_contributions_of_empty_blocks_are_zero_with_non_finite_factors(empty, p
     expected = (blocks @ x.reshape(3, -1).unsqueeze(-1)).squeeze(-1).norm(dim=-1)  # zeros: no entries
     got = op.contributions(x, per_head=per_head)
     assert torch.equal(got, expected.expand(2, 3, 3) if per_head else expected)
+
+
+def test_contributions_are_differentiable():
+    # contributions ran under torch.no_grad (no grad_fn, zeros under torch.func.jacrev); causal zeros of A
+    # give zero contributions, whose gradient is 0 (the subgradient), not NaN
+    lay = random_layer(1, 4, 2, tokens=4, head_dim=2, m_in=3, m_out=3, causal=True, batched=False,
+                       dtype=torch.float64)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    inputs = tuple(t.clone().requires_grad_() for t in (lay["attn"], lay["w_v"], lay["w_o"], x))
+
+    def contributions(a, wv, wo, xx):
+        return dk.HVOOperator(a, wv, wo, num_kv_heads=2).contributions(xx)
+
+    def dense(a, wv, wo, xx):  # ||W'_nm x_m|| from the dense blocks
+        blocks = dk.hvo_matrix(a, wv, wo, num_kv_heads=2, backend="reference").reshape(4, 3, 4, 3)
+        return torch.linalg.vector_norm(torch.einsum("ncma,ma->nmc", blocks, xx), dim=-1)
+
+    weight = torch.rand(4, 4, dtype=torch.float64)
+    got, want = contributions(*inputs), dense(*inputs)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(torch.autograd.grad((got * weight).sum(), inputs), torch.autograd.grad((want * weight).sum(),
+                                                                                               inputs)):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, w)
