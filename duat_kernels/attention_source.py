@@ -279,6 +279,8 @@ class QKAttention(AttentionSource):
 
     def block(self, r0, r1, c0, c1):
         p = self.logits(r0, r1, c0, c1).softmax(-1)
+        if p.requires_grad:  # softmax's backward reads its output: the zeroing below must not write into it
+            p = p.clone()
         if not self._finite_qk():
             # masked pairs are exact zeros, as entries() and the fused passes have them, also in a row
             # whose logits hold a NaN (softmax would spread it over the masked keys of the row block,

@@ -408,3 +408,28 @@ def test_entries_of_huge_equal_logits_are_the_softmax(dtype, size):
     for n, m in ((0, 0), (0, 1), (1, 0)):
         assert op.block(n, m).item() == 0.5
     assert op.trace().item() == 1.0
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_from_qk_gradients_with_rows_that_attend_no_key(causal):
+    """A key mask that leaves a row without keys: its zeros were written into softmax's output in place, so
+    every backward through a row block of A from q or k (tile, to_dense, attn) failed with "one of the
+    variables needed for gradient computation has been modified by an inplace operation"."""
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(2, 4, 4, 2, generator=g, dtype=torch.float64), torch.randn(2, 2, 4, 2, generator=g,
+                                                                                   dtype=torch.float64)
+    w_v, w_o = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(3, 8, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 0, 1]])  # batch 0: query 0 attends no key under a causal mask
+    leaves = (q.requires_grad_(), k.requires_grad_())
+    op = dk.HVOOperator.from_qk(q, k, w_v, w_o, causal=causal, attention_mask=mask)
+    keep = mask.bool()[:, None, None, :] & (torch.ones(4, 4, dtype=torch.bool).tril() if causal else True)
+    scores = (q.reshape(2, 2, 2, 4, 2) @ k[:, :, None].transpose(-1, -2)).reshape(2, 4, 4, 4) * 2 ** -0.5
+    attn = scores.masked_fill(~keep, float("-inf")).softmax(-1).nan_to_num(0.0)  # rows without keys: zeros
+    weight = torch.randn(2, 6, 11, generator=g, dtype=torch.float64)
+    got = op.tile(slice(3, 9), slice(1, 12))
+    want = dk.hvo_matrix(attn, w_v, w_o, num_kv_heads=2, backend="reference")[:, 3:9, 1:12]
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad((got * weight).sum(), leaves), torch.autograd.grad((want * weight).sum(),
+                                                                                           leaves)):
+        torch.testing.assert_close(a, b)
+
