@@ -362,8 +362,8 @@ class QKAttention(AttentionSource):
     def _mix(self, values):
         if self.softcap:
             return qk_cpu.mix(self, values) if self._cpp_products(values) else super().mix(values)
-        if not self._finite_qk() or self.wide_logits():  # sdpa writes zeros for a row of NaN logits
-            return super().mix(values)
+        if not self._finite_qk() or self.wide_logits() or backends.has_tangent(self.q, self.k, values):
+            return super().mix(values)  # sdpa writes zeros for a row of NaN logits, and has no forward-mode AD
         sdpa = self._sdpa
         vals = values.to(self.dtype)
         if self.key_mask is None and not self.window:

@@ -11,6 +11,7 @@ import importlib.util
 import os
 
 import torch
+from torch.autograd import forward_ad
 
 from duat_kernels import cpp, reference
 from duat_kernels._validation import OUTPUT_DTYPES
@@ -130,8 +131,17 @@ def ov_part(backend: str, w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int, 
 
 
 def tracks_grad(*tensors: torch.Tensor | None) -> bool:
-    """Whether autograd records an operation on these tensors: grad mode on and one of them requires grad."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    """Whether autograd records an operation on these tensors: grad mode on and one of them requires grad,
+    or one of them carries a forward-mode tangent (has_tangent)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors) or has_tangent(*tensors)
+
+
+def has_tangent(*tensors: torch.Tensor | None) -> bool:
+    """Whether a tensor is a dual tensor of forward-mode AD (torch.autograd.forward_ad.make_dual): the C++ and
+    Triton kernels drop its tangent (W' came back without one), and the registered op has no forward formula."""
+    if getattr(forward_ad, "_current_level", 0) < 0 or torch.compiler.is_compiling():  # no dual_level entered
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def functorch_wrapped(*tensors: torch.Tensor) -> bool:

@@ -112,7 +112,8 @@ def hvo_matrix(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, *, num_
     if out is not None:
         ops.materialise_into(attn4, ov, layout, backend, out if dims.batched else out.unsqueeze(0))
         return out
-    if not torch.compiler.is_compiling() and backends.functorch_grad(attn4, w_v, w_o):  # torch.func.grad, jacrev, jvp
+    if not torch.compiler.is_compiling() and (backends.functorch_grad(attn4, w_v, w_o)  # torch.func.grad, jacrev, jvp
+                                              or backends.has_tangent(attn4, w_v, w_o)):  # forward-mode AD
         result = reference.hvo_matrix(attn4.to(ct), ov, layout).to(dtype)
     else:
         result = ops.materialise(attn4, ov, layout, backend, dtype)

@@ -433,3 +433,22 @@ def test_from_qk_gradients_with_rows_that_attend_no_key(causal):
                                                                                            leaves)):
         torch.testing.assert_close(a, b)
 
+
+@pytest.mark.parametrize("opts", [dict(causal=True), dict(attention_mask=torch.tensor([1, 1, 0, 1]))])
+def test_from_qk_matvec_takes_forward_mode_ad(opts):
+    """matvec (torch's sdpa) under forward-mode AD failed with "Trying to use forward AD with
+    _scaled_dot_product_flash_attention_for_cpu that does not support it"; the tangent now equals that of
+    W' x' formed from the dense W' (torch row blocks)."""
+    import torch.autograd.forward_ad as fwAD
+
+    g = torch.Generator().manual_seed(2)
+    q, k, tangent = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((4, 4, 2), (2, 4, 2), (4, 4, 2)))
+    w_v, w_o = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(3, 8, generator=g, dtype=torch.float64)
+    x = torch.randn(12, generator=g, dtype=torch.float64)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(q, tangent)
+        got = fwAD.unpack_dual(dk.HVOOperator.from_qk(dual, k, w_v, w_o, **opts).matvec(x)).tangent
+        dense = dk.HVOOperator.from_qk(dual, k, w_v, w_o, **opts).to_dense(backend="reference")
+        want = fwAD.unpack_dual(dense @ x).tangent
+    assert want is not None and want.abs().max() > 0
+    torch.testing.assert_close(got, want)

@@ -227,3 +227,29 @@ def test_tile_and_block_under_torch_func_vmap(layout):
     torch.testing.assert_close(tiles, dense[:, 1:6, 2:11])
     blocks = torch.func.vmap(lambda a: op(a).block(1, 2))(lay["attn"])
     torch.testing.assert_close(blocks, token_dense[:, 2:4, 6:9])
+
+
+@pytest.mark.parametrize("layout", ["token", "feature"])
+def test_tile_and_block_norms_take_forward_mode_ad(layout):
+    # torch.autograd.forward_ad: tile ran the C++ kernel on the dual tensors (they require no grad) and came
+    # back without a tangent, silently; block_norms ran under no_grad
+    import torch.autograd.forward_ad as fwAD
+
+    lay = random_layer(2, 4, 2, tokens=4, head_dim=2, m_in=3, m_out=2, dtype=torch.float64)
+    tangent = torch.randn_like(lay["attn"])
+
+    def parts(a):
+        op = dk.HVOOperator(a, lay["w_v"], lay["w_o"], num_kv_heads=2, layout=layout)
+        return op.tile(slice(1, 6), slice(2, 11)), op.block_norms()
+
+    def dense_parts(a):
+        w = dk.hvo_matrix(a, lay["w_v"], lay["w_o"], num_kv_heads=2, layout=layout, backend="reference")
+        token = dk.hvo_matrix(a, lay["w_v"], lay["w_o"], num_kv_heads=2, backend="reference")
+        return w[:, 1:6, 2:11], torch.linalg.matrix_norm(token.reshape(2, 4, 2, 4, 3).transpose(-3, -2))
+
+    _, want = torch.autograd.functional.jvp(dense_parts, lay["attn"], tangent)
+    with fwAD.dual_level():
+        got = [fwAD.unpack_dual(p).tangent for p in parts(fwAD.make_dual(lay["attn"], tangent))]
+    for g, w in zip(got, want):
+        assert g is not None
+        torch.testing.assert_close(g, w)

@@ -228,3 +228,25 @@ def test_torch_func_with_out(backend, layout):
     with pytest.raises(RuntimeError, match="out= writes W' in place and records no gradient"):
         torch.func.grad(lambda wo: dk.hvo_matrix(attn[0], w_v, wo, num_kv_heads=2, backend=backend,
                                                  out=captured).sum())(w_o)
+
+
+@pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
+@pytest.mark.parametrize("layout", ["token", "feature"])
+def test_forward_mode_ad(backend, layout):
+    # torch.autograd.forward_ad: the cpp kernel ran on dual tensors (they require no grad) and W' came back
+    # without a tangent, silently; the tangent is the directional derivative of the formula
+    import torch.autograd.forward_ad as fwAD
+
+    lay, _ = _inputs(torch.float64)
+    g = torch.Generator().manual_seed(3)
+    tangents = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (lay["attn"], lay["w_v"], lay["w_o"])]
+
+    def formula(a, wv, wo):
+        return reference.hvo_matrix(a, reference.ov_circuits(wv, wo, 4, 2), layout)
+
+    _, want = torch.autograd.functional.jvp(formula, (lay["attn"], lay["w_v"], lay["w_o"]), tuple(tangents))
+    with fwAD.dual_level():
+        duals = [fwAD.make_dual(t, d) for t, d in zip((lay["attn"], lay["w_v"], lay["w_o"]), tangents)]
+        got = fwAD.unpack_dual(dk.hvo_matrix(*duals, num_kv_heads=2, layout=layout, backend=backend)).tangent
+    assert got is not None
+    torch.testing.assert_close(got, want)
