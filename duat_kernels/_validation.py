@@ -311,12 +311,18 @@ def value_bytes(t: torch.Tensor) -> bytes:
     return t.detach().resolve_neg().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
+def has_values(*tensors: torch.Tensor) -> bool:
+    """Whether the tensors hold values to read: not meta tensors, nor FakeTensorMode's or another subclass."""
+    return all(t.device.type != "meta" and type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
+
+
 def all_finite(*tensors: torch.Tensor | None) -> bool:
     """Whether every entry of the given tensors is finite. NaN and Inf survive any sum, so a finite
     sum proves the entries finite (no bool tensor: ~25x faster than isfinite().all() on the CPU); only
-    a sum that is not finite (a non-finite entry, or finite entries that overflow) is checked entry by entry."""
+    a sum that is not finite (a non-finite entry, or finite entries that overflow) is checked entry by entry.
+    Tensors without values (meta, FakeTensorMode's and other subclasses) count as finite."""
     for t in tensors:
-        if t is None or t.numel() == 0 or t.device.type == "meta":
+        if t is None or t.numel() == 0 or not has_values(t):
             continue
         total = t.sum(dtype=torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None)
         if not bool(torch.isfinite(total)) and not bool(torch.isfinite(t).all()):

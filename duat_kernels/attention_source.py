@@ -188,7 +188,7 @@ def key_mask_4d(mask: torch.Tensor | None, batch: int, tokens: int, device: torc
     v.check_strided("attention_mask", mask)
     if mask.device.type == "meta" and device.type != "meta":  # a meta mask has no values to move to q's device
         raise ValueError(f"attention_mask is on {mask.device} but q and k are on {device}; put them on one device")
-    if mask.dtype != torch.bool:
+    if mask.dtype != torch.bool and v.has_values(mask):
         # 1/0 keep masks (tokenizers give int64) only: an additive mask (0 = attend, -inf or a large
         # negative = masked) read as one would be silently inverted
         if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
@@ -245,8 +245,8 @@ class QKAttention(AttentionSource):
         return ok
 
     def _rows_without_keys(self) -> torch.Tensor | None:
-        if self.key_mask is None and not self.window or self.device.type == "meta":
-            return None  # causal rows see themselves; full rows see every key; meta tensors have shapes only
+        if self.key_mask is None and not self.window or not v.has_values(self.q, self.k):
+            return None  # causal rows see themselves; full rows see every key; meta and fake tensors have shapes only
         keys = self.key_mask[:, 0, 0] if self.key_mask is not None else \
             torch.ones(1, self.tokens, dtype=torch.bool, device=self.device)
         count = torch.nn.functional.pad(keys.long().cumsum(-1), (1, 0))  # count[j] = keys before j
@@ -300,7 +300,7 @@ class QKAttention(AttentionSource):
         if self._wide is None:
             self._wide = False
             if self.dtype == torch.float32 and self.device.type != "meta" and self.q.numel() and self.k.numel() \
-                    and self._finite_qk():
+                    and v.has_values(self.q, self.k) and self._finite_qk():
                 q_max, k_max = (max(-float(lo), float(hi)) for lo, hi in
                                 (torch.aminmax(self.q.detach()), torch.aminmax(self.k.detach())))
                 self._wide = abs(self.scale) * self.q.shape[-1] * q_max * k_max > torch.finfo(torch.float32).max

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from duat_kernels import cpp
+from duat_kernels import backends, cpp
 from duat_kernels._validation import all_finite
 
 
 def handles(source) -> bool:
     """Whether the C++ pass computes this source's products: float32 q/k on the CPU, finite, logits that
-    cannot overflow float32 (QKAttention.wide_logits), extension built."""
+    cannot overflow float32 (QKAttention.wide_logits), extension built; plain eager tensors (not FakeTensorMode's,
+    torch.func's or traced ones: the kernels read NumPy views)."""
     return (cpp.is_available() and hasattr(cpp._C, "qk_mix") and source.device.type == "cpu"
+            and backends.direct_kernel_call(source.q, source.k)
             and source.dtype == torch.float32 and source.q.shape[-1] > 0 and all_finite(source.q, source.k)
             and not source.wide_logits())
 

@@ -253,3 +253,41 @@ def test_tile_and_block_norms_take_forward_mode_ad(layout):
     for g, w in zip(got, want):
         assert g is not None
         torch.testing.assert_close(g, w)
+
+
+METHODS = {"matvec": lambda op, x: op.matvec(x), "rmatvec": lambda op, x: op.rmatvec(x),
+           "block_norms": lambda op, x: op.block_norms(), "grid_norms": lambda op, x: op.block_norms((2, 2)),
+           "block": lambda op, x: op.block(1, 2), "tile": lambda op, x: op.tile(slice(1, 4), slice(0, 5)),
+           "bias": lambda op, x: op.bias(), "to_dense": lambda op, x: op.to_dense(),
+           "frobenius_norm": lambda op, x: op.frobenius_norm(), "trace": lambda op, x: op.trace(),
+           "contributions": lambda op, x: op.contributions(x), "attn": lambda op, x: op.attn}
+
+
+@pytest.mark.parametrize("source", ["attn", "qk", "qk_mask", "qk_softcap_window"])
+def test_methods_under_fake_tensor_mode_give_eager_shapes(source):
+    """Shape propagation (FakeTensorMode) through every method: block_norms (both sources) and from_qk's
+    products failed with torch's DataDependentOutputException (finiteness checks, the rows without keys,
+    the logits' range read values) and rmatvec with '.numpy() is not supported for tensor subclasses'
+    (the C++ q/k pass); the fake results have the shapes and dtypes of the eager ones."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    def build():
+        g = torch.Generator().manual_seed(4)
+        attn = torch.rand(2, 4, 3, 3, generator=g).softmax(-1)
+        q, k = torch.randn(2, 4, 3, 2, generator=g), torch.randn(2, 2, 3, 2, generator=g)
+        w_v, w_o, b_v = torch.randn(4, 3, generator=g), torch.randn(3, 8, generator=g), torch.randn(4, generator=g)
+        mask = torch.tensor([[1, 1, 0], [0, 1, 1]])  # int64 0/1, as tokenizers give it
+        op = {"attn": lambda: dk.HVOOperator(attn, w_v, w_o, num_kv_heads=2, b_v=b_v),
+              "qk": lambda: dk.HVOOperator.from_qk(q, k, w_v, w_o, causal=True, b_v=b_v),
+              "qk_mask": lambda: dk.HVOOperator.from_qk(q, k, w_v, w_o, causal=True, b_v=b_v, attention_mask=mask),
+              "qk_softcap_window": lambda: dk.HVOOperator.from_qk(q, k, w_v, w_o, softcap=2.0, sliding_window=2,
+                                                                  b_v=b_v)}[source]()
+        return op, torch.randn(2, 9, generator=g)
+
+    eager = {name: call(*build()) for name, call in METHODS.items()}
+    with FakeTensorMode():
+        op, x = build()
+        fake = {name: call(op, x) for name, call in METHODS.items()}
+    for name, result in fake.items():
+        assert isinstance(result, FakeTensor), name
+        assert (result.shape, result.dtype) == (eager[name].shape, eager[name].dtype), name

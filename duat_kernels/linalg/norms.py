@@ -56,13 +56,13 @@ def block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
     grid=(R, C), the Frobenius norms of an R x C grid of super-blocks (rows and columns of blocks
     split as evenly as possible; R for an R x R grid) -> (B, R, C). Float32 A on the CPU goes through the fused
     C++ pass. Computed and returned in float64 when A or a weight is float64 (as contributions and to_dense),
-    else in float32. Where autograd or a torch.func transform tracks an input (tracks_gradient), torch
-    operations on the whole A instead (differentiable; O(B·h·N²) memory)."""
+    else in float32. Where autograd or a torch.func transform tracks an input (tracks_gradient), or the
+    tensors are traced or fake, torch operations on the whole A instead (differentiable; O(B·h·N²) memory)."""
     source = as_source(source, num_kv_heads, w_v, w_o)
     batch, h, n, num_kv_heads = source.batch, source.heads, source.tokens, source.kv_heads
     grid = grid_argument(grid, None)  # HVOOperator.block_norms takes at most N per side
-    if tracks_gradient(w_v, w_o, *source.inputs()):
-        return _block_norms_autograd(source, w_v, w_o, num_kv_heads, grid)
+    if tracks_gradient(w_v, w_o, *source.inputs()) or not backends.direct_kernel_call(w_v, w_o, *source.inputs()):
+        return _block_norms_torch(source, w_v, w_o, num_kv_heads, grid)  # autograd, torch.func, compile, fake
     wide = _wide(source, w_v, w_o)
     fused = not wide and gram_norms.available(source)
     whole = fused and isinstance(source, ExplicitAttention)  # one pass over the stored A, every entry written
@@ -111,10 +111,11 @@ def block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
     return out if wide or grid is None else out.float()
 
 
-def _block_norms_autograd(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
+def _block_norms_torch(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
                           grid: tuple[int, int] | None) -> torch.Tensor:
-    """block_norms through autograd and torch.func: ||B_nm||² = αᵀ G α from the whole A (B, h, N, N) and
-    G, in torch operations. A zero norm gets gradient 0 (the subgradient torch.linalg.vector_norm takes)."""
+    """block_norms in torch operations, for autograd, torch.func, torch.compile and FakeTensorMode (the fused
+    passes read NumPy views and branch on the data): ||B_nm||² = αᵀ G α from the whole A (B, h, N, N) and G.
+    A zero norm gets gradient 0 (the subgradient torch.linalg.vector_norm takes)."""
     dtype = torch.float64 if _wide(source, w_v, w_o) else torch.float32
     gram = gram_matrix(w_v, w_o, source.heads, num_kv_heads, dtype).to(source.device)
     attn = source.dense().to(dtype)

@@ -339,3 +339,16 @@ def test_block_norms_frobenius_norm_and_trace_are_differentiable(source, grid):
         per_map = torch.func.vmap(lambda a: operator((a,), lay["w_v"], lay["w_o"]).block_norms(grid))(lay["attn"])
         torch.testing.assert_close(per_map, operator(a_inputs, lay["w_v"], lay["w_o"]).block_norms(grid))
 
+
+
+@pytest.mark.parametrize("grid", [None, (2, 2)])
+def test_block_norms_compile_with_fullgraph(grid):
+    # the fused pass branches on the data (its NaN check) and reads NumPy views: under torch.compile(fullgraph=True)
+    # "Could not guard on data-dependent expression"; traced, the norms are torch operations
+    lay = random_layer(2, 4, 2, tokens=4, head_dim=2, m_in=3, m_out=3)
+
+    def norms(a, wv, wo):
+        return dk.HVOOperator(a, wv, wo, num_kv_heads=2).block_norms(grid)
+
+    compiled = torch.compile(norms, fullgraph=True, backend="eager")  # TorchDynamo's trace is what is tested
+    torch.testing.assert_close(compiled(lay["attn"], lay["w_v"], lay["w_o"]), norms(lay["attn"], lay["w_v"], lay["w_o"]))
