@@ -312,8 +312,19 @@ def value_bytes(t: torch.Tensor) -> bytes:
 
 
 def has_values(*tensors: torch.Tensor) -> bool:
-    """Whether the tensors hold values to read: not meta tensors, nor FakeTensorMode's or another subclass."""
-    return all(t.device.type != "meta" and type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
+    """Whether the tensors hold values that Python may read: not meta tensors, nor FakeTensorMode's or another
+    subclass, nor batched by torch.func.vmap (which cannot branch on them)."""
+    return all(t.device.type != "meta" and type(t) in (torch.Tensor, torch.nn.Parameter) and not _vmapped(t)
+               for t in tensors)
+
+
+def _vmapped(t: torch.Tensor) -> bool:
+    f = torch._C._functorch
+    while f.is_functorch_wrapped_tensor(t):
+        if f.is_batchedtensor(t):
+            return True
+        t = f.get_unwrapped(t)
+    return False
 
 
 def all_finite(*tensors: torch.Tensor | None) -> bool:

@@ -54,16 +54,16 @@ class AttentionSource:
 
     def rows(self, r0: int, r1: int) -> torch.Tensor:
         """A[:, :, r0:r1, :] (B, h, rows, N)."""
-        c0, c1 = self.column_range(r0, r1)
-        out = torch.zeros(self.batch, self.heads, r1 - r0, self.tokens, dtype=self.dtype, device=self.device)
-        out[..., c0:c1] = self.block(r0, r1, c0, c1)
-        return out
+        c0, c1 = self.column_range(r0, r1)  # zeros around the block, out of place (vmap cannot write into a buffer)
+        return torch.nn.functional.pad(self.block(r0, r1, c0, c1), (c0, self.tokens - c1))
 
     def part(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
         """A[:, :, r0:r1, c0:c1] (B, h, rows, cols) for any columns, formed a row block at a time, so
         that a tall narrow part (one column of W' over every row) never forms whole rows of A."""
-        out = torch.empty(self.batch, self.heads, r1 - r0, c1 - c0, dtype=self.dtype, device=self.device)
         step = self.rows_per_step()
+        if r1 - r0 <= step:  # one row block (under vmap too, which cannot write into a plain buffer)
+            return self.rows(r0, r1)[..., c0:c1]
+        out = torch.empty(self.batch, self.heads, r1 - r0, c1 - c0, dtype=self.dtype, device=self.device)
         for s in range(r0, r1, step):
             e = min(r1, s + step)
             out[:, :, s - r0:e - r0] = self.rows(s, e)[..., c0:c1]
@@ -79,8 +79,10 @@ class AttentionSource:
     def mix(self, values: torch.Tensor) -> torch.Tensor:
         """A_i V_{i//g}: values (B, h_kv, N, e) -> (B, h, N, e)."""
         g = self.heads // self.kv_heads
-        out = values.new_empty(self.batch, self.heads, self.tokens, values.shape[-1])
         vals = values.to(self.dtype).repeat_interleave(g, dim=1)
+        if not v.has_values(*self.inputs(), values):  # vmap cannot write batched rows into a plain buffer
+            return torch.cat([(a @ vals[:, :, c0:c1]) for _, _, c0, c1, a in self.row_blocks()], 2).to(values.dtype)
+        out = values.new_empty(self.batch, self.heads, self.tokens, values.shape[-1])
         for r0, r1, c0, c1, a in self.row_blocks():
             out[:, :, r0:r1] = (a @ vals[:, :, c0:c1]).to(out.dtype)
         return out
@@ -89,8 +91,13 @@ class AttentionSource:
         """A_iᵀ U_i: u (B, h, N, e) -> (B, h, N, e)."""
         out = torch.zeros(self.batch, self.heads, self.tokens, u.shape[-1], dtype=self.dtype, device=self.device)
         uc = u.to(self.dtype)
+        in_place = v.has_values(*self.inputs(), u)  # vmap cannot add batched terms into a plain buffer
         for r0, r1, c0, c1, a in self.row_blocks():
-            out[:, :, c0:c1] += a.transpose(-1, -2) @ uc[:, :, r0:r1]
+            term = a.transpose(-1, -2) @ uc[:, :, r0:r1]
+            if in_place:
+                out[:, :, c0:c1] += term
+            else:
+                out = out + torch.nn.functional.pad(term, (0, 0, c0, self.tokens - c1))
         return out.to(u.dtype)
 
     def diagonal(self) -> torch.Tensor:
@@ -321,14 +328,16 @@ class QKAttention(AttentionSource):
         for rows without keys). Kept apart, not as log Σ exp = max + log Σ: that sum rounds away its log Σ
         once ulp(max) > log N (logits of 1e17 in float64, 1e8 in float32), and exp(s - lse) gave 1, not 1/N."""
         if self._normalisers is None:
-            shape, dtype = (self.batch, self.heads, self.tokens), torch.float64 if self.wide_logits() else self.dtype
-            top, total = (torch.empty(shape, device=self.device, dtype=dtype) for _ in range(2))
+            tops, totals = [], []  # per row block, concatenated (vmap cannot write batched rows into a buffer)
             for r0 in range(0, self.tokens, self.rows_per_step()):
                 r1 = min(self.tokens, r0 + self.rows_per_step())
                 s = self.logits(r0, r1, *self.column_range(r0, r1))
-                top[:, :, r0:r1] = s.amax(-1)
-                total[:, :, r0:r1] = (s - top[:, :, r0:r1, None]).exp().sum(-1)
-            self._normalisers = top, total
+                tops.append(s.amax(-1))
+                totals.append((s - tops[-1][..., None]).exp().sum(-1))
+            shape, dtype = (self.batch, self.heads, 0), torch.float64 if self.wide_logits() else self.dtype
+            self._normalisers = tuple(torch.cat(parts, -1) if parts else torch.empty(shape, device=self.device,
+                                                                                     dtype=dtype)
+                                      for parts in (tops, totals))
         return self._normalisers
 
     # --- products through scaled_dot_product_attention ---------------------------------------
@@ -369,6 +378,8 @@ class QKAttention(AttentionSource):
         if self.key_mask is None and not self.window:
             out = sdpa(self.q, self.k, vals, is_causal=self.causal, scale=self.scale, enable_gqa=True)
             return out.to(values.dtype)
+        if not v.has_values(self.q, self.k, values):  # vmap cannot write batched row blocks into the buffer below
+            return super().mix(values)
         out = torch.empty(self.batch, self.heads, self.tokens, vals.shape[-1], dtype=self.dtype, device=self.device)
         step = self.rows_per_step()
         for r0 in range(0, self.tokens, step):
@@ -402,7 +413,7 @@ class QKAttention(AttentionSource):
     # --- derived quantities -------------------------------------------------------------------
 
     def entries(self, batch, rows, cols):
-        out = torch.empty(self.heads, rows.shape[0], dtype=self.dtype, device=self.device)
+        out = []  # per step of 8192 pairs, concatenated (vmap cannot write batched entries into a buffer)
         top, total = (t[batch] for t in self.softmax_normalisers())
         g = self.heads // self.kv_heads
         for s0 in range(0, rows.shape[0], 8192):
@@ -419,8 +430,8 @@ class QKAttention(AttentionSource):
             # entry of it NaN (its sum is NaN); exp(s - max) alone would give 0 beside the NaN
             p = torch.where(row_max.isfinite() | (row_max == float("-inf")), p, float("nan"))
             ok = self._pair_allowed(batch, n, m)
-            out[:, s0:s0 + 8192] = torch.where(ok, p, 0.0)
-        return out
+            out.append(torch.where(ok, p, 0.0).to(self.dtype))
+        return torch.cat(out, 1) if out else torch.empty(self.heads, 0, dtype=self.dtype, device=self.device)
 
     def _pair_allowed(self, batch: int, n: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         ok = torch.ones_like(n, dtype=torch.bool)

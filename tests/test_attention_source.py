@@ -452,3 +452,25 @@ def test_from_qk_matvec_takes_forward_mode_ad(opts):
         want = fwAD.unpack_dual(dense @ x).tangent
     assert want is not None and want.abs().max() > 0
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("opts", [dict(causal=True), dict(attention_mask=torch.tensor([1, 1, 0, 1])),
+                                  dict(softcap=2.0, sliding_window=2)])
+def test_from_qk_methods_under_torch_func_vmap(opts):
+    """vmap over q: the finiteness checks, the rows without keys and the logits' range branched on batched
+    values ("vmap: It looks like you're attempting to use a Tensor in some data-dependent control flow"),
+    and rows() / part() wrote batched blocks into plain buffers. Each result equals the per-q one."""
+    import warnings
+
+    g = torch.Generator().manual_seed(5)
+    qs, k = torch.randn(3, 4, 4, 2, generator=g), torch.randn(2, 4, 2, generator=g)
+    w_v, w_o, x = torch.randn(4, 3, generator=g), torch.randn(3, 8, generator=g), torch.randn(12, generator=g)
+    methods = dict(matvec=lambda op: op.matvec(x), rmatvec=lambda op: op.rmatvec(x),
+                   tile=lambda op: op.tile(slice(1, 7), slice(2, 11)), block_norms=lambda op: op.block_norms(),
+                   block=lambda op: op.block(2, 1))
+    for name, call in methods.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's "no batching rule" performance notes
+            got = torch.func.vmap(lambda q: call(dk.HVOOperator.from_qk(q, k, w_v, w_o, **opts)))(qs)
+        want = torch.stack([call(dk.HVOOperator.from_qk(q, k, w_v, w_o, **opts)) for q in qs])
+        torch.testing.assert_close(got, want, msg=name)
