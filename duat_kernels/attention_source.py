@@ -69,11 +69,11 @@ class AttentionSource:
             out[:, :, s - r0:e - r0] = self.rows(s, e)[..., c0:c1]
         return out
 
-    def dense(self) -> torch.Tensor:
-        """The whole A (B, h, N, N) (refused with DenseTooLargeError when it would not fit)."""
+    def dense(self, hint: str = v.DENSE_HINT) -> torch.Tensor:
+        """The whole A (B, h, N, N) (refused with DenseTooLargeError, ending with `hint`, when it would not fit)."""
         n = self.tokens
         v.check_fits(f"attention probabilities of shape ({self.batch}, {self.heads}, {n}, {n})",
-                     self.batch * self.heads * n * n * self.dtype.itemsize, self.device)
+                     self.batch * self.heads * n * n * self.dtype.itemsize, self.device, hint)
         return self.rows(0, n)
 
     def mix(self, values: torch.Tensor) -> torch.Tensor:
@@ -142,7 +142,7 @@ class ExplicitAttention(AttentionSource):
     def part(self, r0, r1, c0, c1):
         return self.attn[:, :, r0:r1, c0:c1]
 
-    def dense(self):
+    def dense(self, hint: str = v.DENSE_HINT):
         return self.attn
 
     def mix(self, values):

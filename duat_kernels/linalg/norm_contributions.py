@@ -12,7 +12,7 @@ import torch
 
 from duat_kernels._validation import check_fits, check_flag, check_real_dtype
 from duat_kernels.attention_source import as_source
-from duat_kernels.linalg.norms import root_with_zero_subgradient, tracks_gradient
+from duat_kernels.linalg.norms import TORCH_PATH_HINT, root_with_zero_subgradient, tracks_gradient
 from duat_kernels.reference import head_factors
 
 # Rows of A per step: the (B, h, rows, N) chunk and its Gram product stay ~64 MiB (fp32).
@@ -55,7 +55,7 @@ def contributions(attn, x: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, n
         return source.dense().to(ct).abs() * u.norm(dim=-1).unsqueeze(2)  # |A_i[n, m]| · ||u_i[m]||
     gram = torch.einsum("bimc,bjmc->bmij", u, u)  # G_m, (B, N, h, h)
     if tracks_gradient(x, w_v, w_o, *source.inputs()):  # autograd, torch.func: the whole A, no in-place writes
-        alpha = source.dense().to(ct)
+        alpha = source.dense(TORCH_PATH_HINT).to(ct)
         return root_with_zero_subgradient((alpha * torch.einsum("bmij,bjnm->binm", gram, alpha)).sum(1))
     out = torch.zeros(batch, n, n, dtype=ct, device=source.device)
     for r0, r1, c0, c1, alpha in source.row_blocks(max(1, CHUNK_ENTRIES // (h * n))):

@@ -43,6 +43,12 @@ def gram_matrix(w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int, num_kv_hea
     return (oo * vv).sum((-1, -2))
 
 
+# The torch path of an analysis forms the whole A; where it would not fit, what takes the fused pass instead.
+TORCH_PATH_HINT = ("The analysis takes torch operations on the whole A here, because autograd or a torch.func "
+                   "transform tracks an input (or the tensors are traced or fake); on plain tensors, under "
+                   "torch.no_grad() or with detached inputs, the fused pass never forms A.")
+
+
 def tracks_gradient(*tensors: torch.Tensor) -> bool:
     """Whether autograd records operations on these tensors, or a torch.func transform (grad, jacrev, vmap)
     wraps one of them: the analysis then takes torch operations throughout (the fused passes run under
@@ -118,7 +124,7 @@ def _block_norms_torch(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_head
     A zero norm gets gradient 0 (the subgradient torch.linalg.vector_norm takes)."""
     dtype = torch.float64 if _wide(source, w_v, w_o) else torch.float32
     gram = gram_matrix(w_v, w_o, source.heads, num_kv_heads, dtype).to(source.device)
-    attn = source.dense().to(dtype)
+    attn = source.dense(TORCH_PATH_HINT).to(dtype)
     sq = torch.einsum("binm,ij,bjnm->bnm", attn, gram, attn)
     if grid is not None:  # squared norms summed into super-blocks
         n, (rows, cols) = source.tokens, grid

@@ -352,3 +352,21 @@ def test_block_norms_compile_with_fullgraph(grid):
 
     compiled = torch.compile(norms, fullgraph=True, backend="eager")  # TorchDynamo's trace is what is tested
     torch.testing.assert_close(compiled(lay["attn"], lay["w_v"], lay["w_o"]), norms(lay["attn"], lay["w_v"], lay["w_o"]))
+
+
+@pytest.mark.parametrize("method", ["block_norms", "contributions"])
+def test_the_torch_path_says_how_to_get_the_fused_pass(method, monkeypatch):
+    # with weights that require grad the analysis forms the whole A; where it did not fit, the error told the
+    # user of HVOOperator to "use the matrix-free duat_kernels.HVOOperator instead"
+    from duat_kernels import _validation
+
+    n, h = 256, 4  # A: 1 MiB; the outputs and the projected values: under 0.4 MiB
+    op = dk.HVOOperator.from_qk(torch.randn(h, n, 4), torch.randn(h, n, 4), torch.randn(8, 8, requires_grad=True),
+                                torch.randn(8, 8), causal=True)
+    x = torch.randn(n, 8)
+    call = (lambda: op.block_norms(grid=(4, 4))) if method == "block_norms" else (lambda: op.contributions(x))
+    monkeypatch.setattr(_validation, "available_memory", lambda device: 600 << 10)
+    with pytest.raises(dk.DenseTooLargeError, match=r"attention probabilities .* torch\.no_grad\(\) or with detached"):
+        call()
+    with torch.no_grad():  # the fused pass: no A
+        assert call().shape == ((4, 4) if method == "block_norms" else (n, n))
