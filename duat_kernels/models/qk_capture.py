@@ -133,7 +133,8 @@ def _attention_recorder(model: torch.nn.Module, records: dict):
             rec["softcap"] = kwargs.get("softcap", args[2] if len(args) > 2 else None)
             rec["sliding_window"] = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
             is_causal = kwargs.get("is_causal")
-            rec["causal"] = bool(getattr(module, "is_causal", False) if is_causal is None else is_causal)
+            rec["causal"] = bool(getattr(module, "is_causal", False) if is_causal is None else is_causal) \
+                or _masks_later_keys(attention_mask)
         if target == "eager":
             return (wrapped or _eager_function(module))(module, query, key, value, attention_mask, *args, **kwargs)
         return wrapped(module, query, key, value, attention_mask, *args, **kwargs)
@@ -147,6 +148,20 @@ def _attention_recorder(model: torch.nn.Module, records: dict):
             del mapping[target]
         else:
             mapping[target] = wrapped
+
+
+def _masks_later_keys(mask) -> bool:
+    """True when a 4-D mask (B, 1 or h, N_q, N_k; bool, True = attend, or additive) forbids every query the keys
+    after it, in each row that allows some key but not all: a causal mask built by the model for a module
+    whose is_causal is False (BigBirdPegasus's decoder, which runs eager: its causality is in the mask only).
+    Rows that allow no key or every key (padding, or rows sdpa's mask unmasks) say nothing."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-2] < 2:
+        return False
+    blocked = ~mask if mask.dtype == torch.bool else mask <= torch.finfo(mask.dtype).min / 2
+    queries, keys = mask.shape[-2:]
+    later = torch.ones(queries, keys, dtype=torch.bool, device=mask.device).triu(keys - queries + 1)
+    informative = blocked.any(-1, keepdim=True) & ~blocked.all(-1, keepdim=True)
+    return bool(informative.any()) and bool((blocked | ~later | ~informative).all())
 
 
 def attention_layers_qk(model: torch.nn.Module, *args, layers: list[int] | None = None,
