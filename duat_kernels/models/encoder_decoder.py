@@ -66,13 +66,19 @@ def shifted_decoder_ids(model: torch.nn.Module, input_ids: torch.Tensor) -> torc
 def with_decoder_inputs(model: torch.nn.Module, named: dict, inputs: dict) -> dict:
     """inputs plus decoder_input_ids (the input ids shifted right) and, with an attention_mask (B, N),
     decoder_attention_mask (the mask shifted the same way, the start token real) when the model is an
-    encoder-decoder model and `named` (all its inputs by name) has no decoder inputs; else inputs unchanged."""
+    encoder-decoder model and `named` (all its inputs by name) has no decoder inputs; else inputs unchanged.
+    Such a model given no input_ids either (Whisper's input_features, inputs_embeds) is a ValueError: pass
+    decoder_input_ids."""
     if not is_encoder_decoder(model) or any(named.get(k) is not None for k in ("decoder_input_ids",
                                                                                 "decoder_inputs_embeds")):
         return inputs
     ids = named.get("input_ids")
+    if ids is None:  # Whisper's input_features, inputs_embeds: no text to shift; the models' own errors misled
+        given = ", ".join(sorted(k for k, t in named.items() if isinstance(t, torch.Tensor))) or "no tensors"
+        raise ValueError(f"{type(model).__name__} is an encoder-decoder model given no input_ids to shift right into "
+                         f"its decoder's inputs (got {given}): pass decoder_input_ids (B, N_dec) for its decoder")
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] == 0:
-        return inputs  # the model's own error (inputs_embeds only, empty input: refused by the capture)
+        return inputs  # the model's own error (empty input: refused by the capture)
     added = {"decoder_input_ids": shifted_decoder_ids(model, ids)}
     mask = named.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.shape == ids.shape and named.get("decoder_attention_mask") is None:

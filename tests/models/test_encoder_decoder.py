@@ -94,3 +94,29 @@ def test_missing_start_token_is_one_clear_error():
     model.config.decoder_start_token_id = None
     with pytest.raises(ValueError, match="no decoder_start_token_id in its config.*pass decoder_input_ids"):
         dk.models.attention_layers(model, input_ids=_padded_ids()[0])
+
+
+def _whisper():
+    """A speech encoder-decoder: the encoder reads input_features (B, mel bins, 2·N_enc), there are no input_ids."""
+    return transformers.WhisperModel(transformers.WhisperConfig(
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100, num_mel_bins=8, max_source_positions=8,
+        max_target_positions=16, pad_token_id=PAD, decoder_start_token_id=START, bos_token_id=START,
+        eos_token_id=2))
+
+
+@pytest.mark.parametrize("capture", ["attn", "qk"])
+def test_no_input_ids_to_shift_is_one_clear_error(capture):
+    # Whisper given input_features only failed inside its decoder with "You cannot specify both decoder_input_ids
+    # and decoder_inputs_embeds at the same time" (neither was given)
+    torch.manual_seed(0)
+    model = _whisper().eval()
+    features = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"WhisperModel .*no input_ids.*\(got input_features\).*pass decoder_input_ids"):
+        dk.models.attention_layers(model, input_features=features, capture=capture)
+    decoder_ids = torch.tensor([[START, 5, 6], [START, 7, 8]])
+    layers = dk.models.attention_layers(model, input_features=features, decoder_input_ids=decoder_ids, capture=capture)
+    assert [(layer.name, layer.x.shape[1]) for layer in layers] == [("encoder.layers.0.self_attn", 8),
+                                                                      ("decoder.layers.0.self_attn", 3)]
+    for layer in layers:
+        assert layer.relative_error() <= TOLERANCE, layer.name
