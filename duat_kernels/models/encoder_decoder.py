@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from duat_kernels.models.architectures import SHAPES, _weighted, is_cross_attention
+from duat_kernels.models.architectures import SHAPES, _weighted, find_blocks, is_cross_attention
 
 
 def is_encoder_decoder(model: torch.nn.Module) -> bool:
@@ -40,6 +40,30 @@ def cross_attention_note(skipped: list[str]) -> str:
     """The line duat inspect prints under its table about the cross-attention layers it left out."""
     return (f"cross-attention layers not inspected ({len(skipped)}: {', '.join(skipped)}): their A is N_dec x N_enc "
             "over the encoder's tokens, and W' covers N x N self-attention only.")
+
+
+def uncovered_attention_modules(model: torch.nn.Module) -> list[str]:
+    """Names (outermost first) of the self-attention modules of an encoder-decoder model that the capture cannot
+    read: modules whose class name says Attention, neither inside nor around a captured block or a cross-attention
+    block (LED's Longformer encoder attention, BigBirdPegasus's encoder attention: their value and output
+    projections are in other places); [] for other models."""
+    if not is_encoder_decoder(model):
+        return []
+    known = [name for name, _, _ in find_blocks(model)] + cross_attention_blocks(model)
+    found: list[str] = []
+    for name, module in model.named_modules():
+        if "attention" not in type(module).__name__.lower() or any(name.startswith(f + ".") for f in found):
+            continue
+        if not any(name == k or name.startswith(k + ".") or k.startswith(name + ".") for k in known):
+            found.append(name)
+    return found
+
+
+def uncovered_note(uncovered: list[str]) -> str:
+    """The line duat inspect prints about the self-attention modules it cannot read."""
+    return (f"self-attention modules not inspected ({len(uncovered)}: {', '.join(uncovered)}): no value and output "
+            "projections found where this package looks for them (register the family's with "
+            "duat_kernels.models.register_architecture).")
 
 
 def shifted_decoder_ids(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:

@@ -194,7 +194,8 @@ def _run(args) -> int:
     from duat_kernels.heads import head_indices
     from duat_kernels.models import inspection
     from duat_kernels.models.capture import attention_blocks, attention_layer_count, config_heads
-    from duat_kernels.models.encoder_decoder import cross_attention_blocks, is_encoder_decoder
+    from duat_kernels.models.encoder_decoder import (cross_attention_blocks, is_encoder_decoder,
+                                                     uncovered_attention_modules)
 
     text = _check_before_loading(args)
     from duat_kernels.models import long_context
@@ -225,12 +226,14 @@ def _run(args) -> int:
                                         dtype=dtype, heads=heads, per_head=per_head)
     tolerance = inspection.TOLERANCES[dtype]
     name = f"{args.model} ({model.config.model_type})"
-    encoder_decoder = dict(encoder_decoder=is_encoder_decoder(model), skipped=cross_attention_blocks(model))
+    encoder_decoder = dict(encoder_decoder=is_encoder_decoder(model), skipped=cross_attention_blocks(model),
+                           uncovered=uncovered_attention_modules(model))
     if not quiet:
         print(inspection.format_reports(reports, name, tokens, heads, **encoder_decoder))
     if args.json:
         text = strict_json.dumps(inspection.as_json(reports, args.model, model.config.model_type, tokens, dtype,
-                                                    tolerance, heads, skipped=encoder_decoder["skipped"]), indent=1)
+                                                    tolerance, heads, skipped=encoder_decoder["skipped"],
+                                                    uncovered=encoder_decoder["uncovered"]), indent=1)
         if quiet:
             print(text)
         else:

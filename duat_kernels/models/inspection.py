@@ -11,7 +11,7 @@ import torch
 from duat_kernels._validation import DenseTooLargeError, format_bytes
 from duat_kernels.hvo import hvo_bias
 from duat_kernels.models.capture import AttentionLayer, attention_layers
-from duat_kernels.models.encoder_decoder import cross_attention_note
+from duat_kernels.models.encoder_decoder import cross_attention_note, uncovered_note
 from duat_kernels.reference import ov_circuits
 
 BLOCK_FRACTION_OF_MAX = 0.01  # "dense" blocks: Frobenius norm above 1% of the largest block's
@@ -96,9 +96,9 @@ def inspect_layers(model, inputs: dict, layers: list[int] | None = None, backend
 
 
 def format_reports(reports: list[LayerReport], model_name: str, tokens: list[str], heads: list[int] | None = None,
-                   encoder_decoder: bool = False, skipped: list[str] = ()) -> str:
+                   encoder_decoder: bool = False, skipped: list[str] = (), uncovered: list[str] = ()) -> str:
     """The table `duat inspect` prints; encoder_decoder: say what the decoder read; skipped: names of the
-    cross-attention layers left out."""
+    cross-attention layers left out; uncovered: self-attention modules the capture cannot read."""
     shown = tokens if len(tokens) <= 64 else [*tokens[:30], f"... ({len(tokens) - 60} more) ...", *tokens[-30:]]
     lines = [f"{model_name}: {len(tokens)} tokens: {' '.join(shown)}", "",
              f"{'layer':>5} {'N':>4} {'M_in':>5} {'M_out':>5} {'heads':>7} {'rel. error':>11} {'W time':>11} "
@@ -118,6 +118,8 @@ def format_reports(reports: list[LayerReport], model_name: str, tokens: list[str
                      "decoder start token, token n the text's token n-1: teacher forcing with the text as labels).")
     if skipped:
         lines.append(cross_attention_note(skipped))
+    if uncovered:
+        lines.append(uncovered_note(uncovered))
     if any(r.heads for r in reports):
         lines += ["", f"{'layer':>5} {'head':>5} {'||A_i (x) OV_i||_F':>19} {'output share':>13}"]
         for r in reports:
@@ -127,9 +129,9 @@ def format_reports(reports: list[LayerReport], model_name: str, tokens: list[str
 
 
 def as_json(reports: list[LayerReport], model_name: str, model_type: str, tokens: list[str], dtype: torch.dtype,
-            tolerance: float, heads: list[int] | None, skipped: list[str] = ()) -> dict:
+            tolerance: float, heads: list[int] | None, skipped: list[str] = (), uncovered: list[str] = ()) -> dict:
     """Machine-readable per-layer results (what format_reports prints); skipped: the cross-attention layers
-    left out ("skipped_cross_attention")."""
+    left out ("skipped_cross_attention"); uncovered: the self-attention modules not read ("uncovered_attention")."""
     layers = []
     for r in reports:
         lay = r.layer
@@ -142,6 +144,7 @@ def as_json(reports: list[LayerReport], model_name: str, model_type: str, tokens
             per_head=[dict(head=h.head, frobenius=h.frobenius, output_share=h.output_share) for h in r.heads]))
     return dict(model=model_name, model_type=model_type, tokens=tokens, dtype=str(dtype).removeprefix("torch."),
                 tolerance=tolerance, selected_heads=heads, skipped_cross_attention=list(skipped),
+                uncovered_attention=list(uncovered),
                 passed=all(item["passed"] for item in layers), layers=layers)
 
 
