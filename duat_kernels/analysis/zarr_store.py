@@ -110,6 +110,10 @@ def save_zarr(op, path: str | os.PathLike, chunks: tuple[int, int] | None = None
     if path.exists() and not _is_zarr_array(path):
         raise FileExistsError(f"{path} exists and is not a zarr array; overwrite=True replaces only a zarr array "
                               "(choose another path)")
+    folder = path.absolute().parent
+    while not folder.exists():  # zarr creates the missing folders: the nearest existing one must take them
+        folder = folder.parent
+    v.check_writable_folder("save_zarr", folder)  # zarr failed with 'No such file or directory: <path>.partial'
     partial, progress_dir = Path(f"{path}.partial"), Path(f"{path}.progress")
     fingerprint = {"factors_sha256": factors_token(op), "shape": list(op.shape), "chunks": [chunk_rows, chunk_cols],
                    "dtype": str(dtype), "layout": op.layout}

@@ -3,6 +3,8 @@ fail their sha256, are written again; verify_zarr finds corrupted chunks (sync s
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -106,6 +108,14 @@ def test_verify_names_a_path_that_is_no_store(tmp_path):
 def test_save_zarr_names_a_path_that_is_not_one(op):
     with pytest.raises(TypeError, match="path must be a file path \\(a str or os.PathLike\\), got NoneType"):
         dk.analysis.save_zarr(op, None)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, where no file can be created")
+@pytest.mark.parametrize("path", ["/proc/w.zarr", "/proc/missing/w.zarr"])
+def test_read_only_folder_is_refused_as_such(op, path):
+    # zarr failed with "No such file or directory: '/proc/w.zarr.partial'"
+    with pytest.raises(PermissionError, match=r"save_zarr: cannot write in /proc \("):
+        dk.analysis.save_zarr(op, path, progress=False)
 
 
 def test_threads_scheduler_and_float64(layer, tmp_path):
