@@ -87,14 +87,19 @@ def shifted_decoder_ids(model: torch.nn.Module, input_ids: torch.Tensor) -> torc
     return shift(**{key: values[key] for key in params if key in values})
 
 
+# inputs the decoder's own inputs come from: labels are shifted right into decoder_input_ids by the model itself
+# (T5ForConditionalGeneration, BartForConditionalGeneration, EncoderDecoderModel, ...)
+DECODER_SOURCES = ("decoder_input_ids", "decoder_inputs_embeds", "labels")
+
+
 def with_decoder_inputs(model: torch.nn.Module, named: dict, inputs: dict) -> dict:
     """inputs plus decoder_input_ids (the input ids shifted right) and, with an attention_mask (B, N),
     decoder_attention_mask (the mask shifted the same way, the start token real) when the model is an
-    encoder-decoder model and `named` (all its inputs by name) has no decoder inputs; else inputs unchanged.
+    encoder-decoder model and `named` (all its inputs by name) has no decoder inputs (nor labels, which the model
+    shifts into them); else inputs unchanged.
     Such a model given no input_ids either (Whisper's input_features, inputs_embeds) is a ValueError: pass
     decoder_input_ids."""
-    if not is_encoder_decoder(model) or any(named.get(k) is not None for k in ("decoder_input_ids",
-                                                                                "decoder_inputs_embeds")):
+    if not is_encoder_decoder(model) or any(named.get(k) is not None for k in DECODER_SOURCES):
         return inputs
     ids = named.get("input_ids")
     if ids is None:  # Whisper's input_features, inputs_embeds: no text to shift; the models' own errors misled

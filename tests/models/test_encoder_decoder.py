@@ -120,3 +120,25 @@ def test_no_input_ids_to_shift_is_one_clear_error(capture):
                                                                       ("decoder.layers.0.self_attn", 3)]
     for layer in layers:
         assert layer.relative_error() <= TOLERANCE, layer.name
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_labels_are_the_decoder_inputs(family):
+    # given labels (a target text), the models shift them into decoder_input_ids themselves; the capture added the
+    # input text shifted right instead, so the decoder layers were captured on the wrong text (labels of another
+    # length failed in the loss)
+    torch.manual_seed(0)
+    model = {"t5": transformers.T5ForConditionalGeneration, "bart": transformers.BartForConditionalGeneration}[family](
+        MODELS[family]().config).eval()
+    model.set_attn_implementation("eager")
+    ids, mask = _padded_ids()
+    for tokens in (7, 5):
+        labels = torch.randint(2, 100, (2, tokens), generator=torch.Generator().manual_seed(1))
+        by_hand = torch.cat([torch.full_like(labels[:, :1], START), labels[:, :-1]], dim=1)
+        layers = dk.models.attention_layers(model, input_ids=ids, attention_mask=mask, labels=labels)
+        expected = dk.models.attention_layers(model, input_ids=ids, attention_mask=mask, decoder_input_ids=by_hand)
+        assert "decoder" in layers[1].name.split(".") and layers[1].x.shape[1] == tokens
+        for layer, ref in zip(layers, expected, strict=True):
+            assert layer.name == ref.name
+            torch.testing.assert_close(layer.x, ref.x, rtol=0, atol=0)
+            assert layer.relative_error() <= TOLERANCE, layer.name
