@@ -92,6 +92,14 @@ def shifted_decoder_ids(model: torch.nn.Module, input_ids: torch.Tensor) -> torc
 DECODER_SOURCES = ("decoder_input_ids", "decoder_inputs_embeds", "labels")
 
 
+def decoder_tokens(model: torch.nn.Module, tokenizer, input_ids: torch.Tensor) -> list[str] | None:
+    """The tokens (strings) the decoder of an encoder-decoder model reads when given no decoder inputs: those of
+    the first sequence of input_ids (B, N) shifted right (decoder token 0 the start token); None for other models."""
+    if not is_encoder_decoder(model):
+        return None
+    return tokenizer.convert_ids_to_tokens(shifted_decoder_ids(model, input_ids)[0])
+
+
 def with_decoder_inputs(model: torch.nn.Module, named: dict, inputs: dict) -> dict:
     """inputs plus decoder_input_ids (the input ids shifted right) and, with an attention_mask (B, N),
     decoder_attention_mask (the mask shifted the same way, the start token real) when the model is an

@@ -129,20 +129,25 @@ def format_reports(reports: list[LayerReport], model_name: str, tokens: list[str
 
 
 def as_json(reports: list[LayerReport], model_name: str, model_type: str, tokens: list[str], dtype: torch.dtype,
-            tolerance: float, heads: list[int] | None, skipped: list[str] = (), uncovered: list[str] = ()) -> dict:
+            tolerance: float, heads: list[int] | None, skipped: list[str] = (), uncovered: list[str] = (),
+            decoder_tokens: list[str] | None = None, decoder_layers=frozenset()) -> dict:
     """Machine-readable per-layer results (what format_reports prints); skipped: the cross-attention layers
-    left out ("skipped_cross_attention"); uncovered: the self-attention modules not read ("uncovered_attention")."""
+    left out ("skipped_cross_attention"); uncovered: the self-attention modules not read ("uncovered_attention");
+    decoder_tokens: what the layers of index in decoder_layers read (each layer's "reads": "tokens" or
+    "decoder_tokens")."""
     layers = []
     for r in reports:
         lay = r.layer
         layers.append(dict(
             index=lay.index, name=lay.name, application=lay.application, tokens=lay.attn.shape[-1],
+            reads="decoder_tokens" if lay.index in decoder_layers else "tokens",
             m_in=lay.w_v.shape[1], m_out=lay.w_o.shape[0],
             heads=lay.attn.shape[1], kv_heads=lay.num_kv_heads, rel_error=r.rel_error,
             w_seconds=None if math.isnan(r.seconds) else r.seconds, materialised=not math.isnan(r.seconds),
             frobenius=r.frobenius, dense_blocks=r.dense_blocks, passed=r.rel_error <= tolerance,
             per_head=[dict(head=h.head, frobenius=h.frobenius, output_share=h.output_share) for h in r.heads]))
-    return dict(model=model_name, model_type=model_type, tokens=tokens, dtype=str(dtype).removeprefix("torch."),
+    return dict(model=model_name, model_type=model_type, tokens=tokens, decoder_tokens=decoder_tokens,
+                dtype=str(dtype).removeprefix("torch."),
                 tolerance=tolerance, selected_heads=heads, skipped_cross_attention=list(skipped),
                 uncovered_attention=list(uncovered),
                 passed=all(item["passed"] for item in layers), layers=layers)

@@ -389,3 +389,24 @@ def test_self_attention_the_capture_cannot_read_is_named(tmp_path, capsys, famil
     if family == "bigbird_pegasus":  # LED's decoder attention is not run through transformers' functions: no --long
         assert main(["inspect", "--model", str(tmp_path), "--text", _text(6), "--long"]) == 0
         assert note in capsys.readouterr().out
+
+
+def test_decoder_layers_are_labelled_with_the_tokens_they_read(tmp_path, capsys):
+    # the heatmaps' hover labels (--html) of BART's decoder layer named the input tokens, one position off what the
+    # decoder reads (the text shifted right: token n is the text's token n - 1), and --json did not say which
+    folder = _encoder_decoder_folder(tmp_path / "bart", "bart")
+    out, page = tmp_path / "r.json", tmp_path / "r.html"
+    assert main(["inspect", "--model", str(folder), "--text", _text(6), "--json", str(out), "--html", str(page)]) == 0
+    capsys.readouterr()
+    model, tok = dk.models.load(str(folder))
+    ids = tok([_text(6)], return_tensors="pt")["input_ids"][0].tolist()
+    tokens = tok.convert_ids_to_tokens(ids)
+    shifted = tok.convert_ids_to_tokens([model.config.decoder_start_token_id, *ids[:-1]])
+    result = json.loads(out.read_text())
+    assert result["tokens"] == tokens and result["decoder_tokens"] == shifted
+    assert [(entry["name"].split(".")[0], entry["reads"]) for entry in result["layers"]] == [
+        ("encoder", "tokens"), ("decoder", "decoder_tokens")]
+    text = page.read_text()
+    start = text.index('<script id="data" type="application/json">') + len('<script id="data" type="application/json">')
+    data = json.loads(text[start:text.index("</script>", start)].replace("<\\/", "</"))
+    assert data["labels"] == tokens and [layer["labels"] for layer in data["layers"]] == [None, shifted]
