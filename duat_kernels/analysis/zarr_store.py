@@ -104,10 +104,11 @@ def save_zarr(op, path: str | os.PathLike, chunks: tuple[int, int] | None = None
     chunk_rows, chunk_cols = check_chunks(op, chunks, dtype)
     overwrite = v.check_flag("overwrite", overwrite)
     path = v.as_target_path("path", path)
-    if path.exists() and not overwrite:
+    exists = path.exists() or path.is_symlink()  # a dangling link too: the final rename failed on it, after the work
+    if exists and not overwrite:
         raise FileExistsError(f"{path} exists; save_zarr writes a new store (pass overwrite=True to replace it, "
                               "delete it or choose another path)")
-    if path.exists() and not _is_zarr_array(path):
+    if exists and not _is_zarr_array(path):
         raise FileExistsError(f"{path} exists and is not a zarr array; overwrite=True replaces only a zarr array "
                               "(choose another path)")
     folder = path.absolute().parent

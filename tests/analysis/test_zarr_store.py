@@ -146,6 +146,18 @@ def test_existing_store_is_not_overwritten(op, tmp_path):
         dk.analysis.save_zarr(op, path, chunks=CHUNKS, scheduler="sync", progress=False)
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_dangling_link_is_refused_before_the_work(op, tmp_path, monkeypatch, overwrite):
+    # it was taken for a free path: every chunk was computed, then the final rename failed with a raw
+    # "NotADirectoryError: [Errno 20] Not a directory", leaving w.zarr.partial and w.zarr.progress behind
+    (tmp_path / "w.zarr").symlink_to(tmp_path / "nowhere")
+    calls = _count_tiles(monkeypatch)
+    with pytest.raises(FileExistsError, match="w.zarr exists"):
+        dk.analysis.save_zarr(op, tmp_path / "w.zarr", chunks=CHUNKS, scheduler="sync", progress=False,
+                              overwrite=overwrite)
+    assert calls == [] and sorted(p.name for p in tmp_path.iterdir()) == ["w.zarr"]
+
+
 def test_overwrite_replaces_a_store_and_nothing_else(op, tmp_path):
     old = dk.HVOOperator(op.attn, op.w_v * 2, op.w_o, num_kv_heads=op.dims.kv_heads)
     path = dk.analysis.save_zarr(old, tmp_path / "w.zarr", chunks=CHUNKS, scheduler="sync", progress=False)
