@@ -152,9 +152,14 @@ def save_zarr(op, path: str | os.PathLike, chunks: tuple[int, int] | None = None
     checksums = {name: (progress_dir / name).read_text().strip() for name in names}
     arr = zarr.open_array(partial, mode="r+")
     arr.attrs["duat"] = {**fingerprint, "chunk_sha256": checksums}
-    if path.exists():  # overwrite=True, checked above
-        shutil.rmtree(path)
+    # overwrite=True (checked above): the old store is renamed away, not deleted in place, so that an interruption
+    # leaves path either the old or the new complete store, never a half-deleted one that a rerun refuses
+    replaced = Path(f"{path}.replaced")
+    shutil.rmtree(replaced, ignore_errors=True)
+    if path.exists():
+        os.replace(path, replaced)
     os.replace(partial, path)
+    shutil.rmtree(replaced, ignore_errors=True)
     shutil.rmtree(progress_dir)
     return path
 

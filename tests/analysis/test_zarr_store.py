@@ -4,6 +4,7 @@ fail their sha256, are written again; verify_zarr finds corrupted chunks (sync s
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -144,6 +145,31 @@ def test_existing_store_is_not_overwritten(op, tmp_path):
     path = dk.analysis.save_zarr(op, tmp_path / "w.zarr", chunks=CHUNKS, scheduler="sync", progress=False)
     with pytest.raises(FileExistsError, match="exists.*overwrite=True"):
         dk.analysis.save_zarr(op, path, chunks=CHUNKS, scheduler="sync", progress=False)
+
+
+def test_overwrite_interrupted_while_removing_the_old_store_resumes(op, tmp_path, monkeypatch):
+    # the old store was deleted in place: interrupted part-way (its zarr.json gone), w.zarr was neither store, and
+    # the rerun with overwrite=True was refused ("exists and is not a zarr array")
+    old = dk.HVOOperator(op.attn, op.w_v * 2, op.w_o, num_kv_heads=op.dims.kv_heads)
+    path = dk.analysis.save_zarr(old, tmp_path / "w.zarr", chunks=CHUNKS, scheduler="sync", progress=False)
+    real_rmtree = zarr_store.shutil.rmtree
+
+    def interrupted_rmtree(target, *args, **kwargs):
+        if (Path(target) / "zarr.json").exists() and not str(target).endswith(".partial"):
+            (Path(target) / "zarr.json").unlink()  # the first file removed, then Ctrl-C
+            raise Interrupted
+        real_rmtree(target, *args, **kwargs)
+
+    monkeypatch.setattr(zarr_store.shutil, "rmtree", interrupted_rmtree)
+    with pytest.raises(Interrupted):
+        dk.analysis.save_zarr(op, path, chunks=CHUNKS, scheduler="sync", progress=False, overwrite=True)
+    monkeypatch.setattr(zarr_store.shutil, "rmtree", real_rmtree)
+    stored = zarr.open_array(path, mode="r")[:]  # a complete store: the old one or the new one
+    assert dk.analysis.verify_zarr(path) == []
+    assert np.array_equal(stored, op.to_dense().numpy()) or np.array_equal(stored, old.to_dense().numpy())
+    assert dk.analysis.save_zarr(op, path, chunks=CHUNKS, scheduler="sync", progress=False, overwrite=True) == path
+    np.testing.assert_array_equal(zarr.open_array(path, mode="r")[:], op.to_dense().numpy())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.zarr"]
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
