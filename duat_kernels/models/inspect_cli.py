@@ -248,7 +248,8 @@ def _run(args) -> int:
     if args.plot:
         from duat_kernels.models.inspect_plot import plot_block_norms
 
-        width, height = plot_block_norms(reports, args.plot, tokens, f"{args.model}: block norms of W'", heads)
+        width, height = plot_block_norms(reports, args.plot, tokens, f"{args.model}: block norms of W'", heads,
+                                         **decoder)
         log(f"heatmap ({width}x{height} px) written to {args.plot}")
     if args.html:
         from duat_kernels._validation import format_bytes

@@ -391,12 +391,18 @@ def test_self_attention_the_capture_cannot_read_is_named(tmp_path, capsys, famil
         assert note in capsys.readouterr().out
 
 
-def test_decoder_layers_are_labelled_with_the_tokens_they_read(tmp_path, capsys):
-    # the heatmaps' hover labels (--html) of BART's decoder layer named the input tokens, one position off what the
+def test_decoder_layers_are_labelled_with_the_tokens_they_read(tmp_path, capsys, monkeypatch):
+    # the heatmaps' hover labels (--html) and tick labels (--plot) of BART's decoder layer named the input tokens, one position off what the
     # decoder reads (the text shifted right: token n is the text's token n - 1), and --json did not say which
     folder = _encoder_decoder_folder(tmp_path / "bart", "bart")
     out, page = tmp_path / "r.json", tmp_path / "r.html"
-    assert main(["inspect", "--model", str(folder), "--text", _text(6), "--json", str(out), "--html", str(page)]) == 0
+    import matplotlib.axes
+
+    ticks, set_yticks = [], matplotlib.axes.Axes.set_yticks  # --plot: each panel's output-token labels
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_yticks",
+                        lambda ax, where, labels=None, **kw: (ticks.append(list(labels)), set_yticks(ax, where, labels, **kw)))
+    assert main(["inspect", "--model", str(folder), "--text", _text(6), "--json", str(out), "--html", str(page),
+                 "--plot", str(tmp_path / "r.png")]) == 0
     capsys.readouterr()
     model, tok = dk.models.load(str(folder))
     ids = tok([_text(6)], return_tensors="pt")["input_ids"][0].tolist()
@@ -410,3 +416,4 @@ def test_decoder_layers_are_labelled_with_the_tokens_they_read(tmp_path, capsys)
     start = text.index('<script id="data" type="application/json">') + len('<script id="data" type="application/json">')
     data = json.loads(text[start:text.index("</script>", start)].replace("<\\/", "</"))
     assert data["labels"] == tokens and [layer["labels"] for layer in data["layers"]] == [None, shifted]
+    assert ticks == [tokens, shifted]
