@@ -244,7 +244,7 @@ def _run(args) -> int:
             Path(args.json).write_text(text + "\n")
             log(f"per-layer results (JSON) written to {args.json}")
     if args.save_file:
-        inspection.save(reports, args.save_file, tokens, log=log, heads=heads)
+        inspection.save(reports, args.save_file, tokens, log=log, heads=heads, **decoder)
     if args.plot:
         from duat_kernels.models.inspect_plot import plot_block_norms
 

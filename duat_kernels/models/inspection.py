@@ -165,9 +165,11 @@ def saved_tensors(reports: list[LayerReport]) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save(reports: list[LayerReport], path: str, tokens: list[str], log=print, heads: list[int] | None = None) -> None:
+def save(reports: list[LayerReport], path: str, tokens: list[str], log=print, heads: list[int] | None = None,
+         decoder_tokens: list[str] | None = None, decoder_layers=frozenset()) -> None:
     """W', b' and the block norms of each layer into one safetensors file, saying what and how much first.
-    With heads, W' and the block norms are of those heads (metadata "heads"), b' of the whole layer."""
+    With heads, W' and the block norms are of those heads (metadata "heads"), b' of the whole layer. An
+    encoder-decoder's decoder layers (metadata "decoder_layers") read decoder_tokens (metadata "decoder_tokens")."""
     from safetensors.torch import save_file
 
     tensors = saved_tensors(reports)
@@ -175,6 +177,9 @@ def save(reports: list[LayerReport], path: str, tokens: list[str], log=print, he
     log(f"writing {format_bytes(size)} to {path} ...")
     metadata = {"tokens": "\t".join(tokens), "layout": "token",
                 "heads": "all" if heads is None else ",".join(map(str, heads))}
+    if decoder_tokens is not None:
+        metadata["decoder_tokens"] = "\t".join(decoder_tokens)
+        metadata["decoder_layers"] = ",".join(str(r.layer.index) for r in reports if r.layer.index in decoder_layers)
     save_file(tensors, path, metadata=metadata)
     with_w = [r.layer.index for r in reports if r.matrix is not None]
     without = [r.layer.index for r in reports if r.matrix is None]

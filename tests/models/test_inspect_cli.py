@@ -402,7 +402,7 @@ def test_decoder_layers_are_labelled_with_the_tokens_they_read(tmp_path, capsys,
     monkeypatch.setattr(matplotlib.axes.Axes, "set_yticks",
                         lambda ax, where, labels=None, **kw: (ticks.append(list(labels)), set_yticks(ax, where, labels, **kw)))
     assert main(["inspect", "--model", str(folder), "--text", _text(6), "--json", str(out), "--html", str(page),
-                 "--plot", str(tmp_path / "r.png")]) == 0
+                 "--plot", str(tmp_path / "r.png"), "--save", str(tmp_path / "w.safetensors")]) == 0
     capsys.readouterr()
     model, tok = dk.models.load(str(folder))
     ids = tok([_text(6)], return_tensors="pt")["input_ids"][0].tolist()
@@ -417,3 +417,9 @@ def test_decoder_layers_are_labelled_with_the_tokens_they_read(tmp_path, capsys,
     data = json.loads(text[start:text.index("</script>", start)].replace("<\\/", "</"))
     assert data["labels"] == tokens and [layer["labels"] for layer in data["layers"]] == [None, shifted]
     assert ticks == [tokens, shifted]
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "w.safetensors"), "pt") as saved:  # --save
+        meta = saved.metadata()
+    assert meta["tokens"].split("\t") == tokens and meta["decoder_tokens"].split("\t") == shifted
+    assert meta["decoder_layers"] == "1"
