@@ -157,11 +157,18 @@ def _masks_later_keys(mask) -> bool:
     Rows that allow no key or every key (padding, or rows sdpa's mask unmasks) say nothing."""
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-2] < 2:
         return False
-    blocked = ~mask if mask.dtype == torch.bool else mask <= torch.finfo(mask.dtype).min / 2
     queries, keys = mask.shape[-2:]
-    later = torch.ones(queries, keys, dtype=torch.bool, device=mask.device).triu(keys - queries + 1)
-    informative = blocked.any(-1, keepdim=True) & ~blocked.all(-1, keepdim=True)
-    return bool(informative.any()) and bool((blocked | ~later | ~informative).all())
+    rows = max(1, (1 << 24) // max(1, mask.shape[0] * mask.shape[1] * keys))  # ~16 M entries at a time
+    seen = False
+    for start in range(0, queries, rows):  # row blocks: a long padded batch's mask is large already
+        part = mask[..., start:start + rows, :]
+        blocked = ~part if part.dtype == torch.bool else part <= torch.finfo(part.dtype).min / 2
+        later = torch.ones(part.shape[-2], keys, dtype=torch.bool, device=mask.device).triu(keys - queries + 1 + start)
+        informative = blocked.any(-1, keepdim=True) & ~blocked.all(-1, keepdim=True)
+        if not bool((blocked | ~later | ~informative).all()):
+            return False
+        seen = seen or bool(informative.any())
+    return seen
 
 
 def attention_layers_qk(model: torch.nn.Module, *args, layers: list[int] | None = None,
