@@ -320,6 +320,10 @@ def _check_self_attention(name: str, attn: torch.Tensor, x: torch.Tensor) -> Non
     """W' maps the tokens x to the outputs through A (N x N over those tokens): A over other keys (a memory
     of another length, an extra bias or zero key) has no such W'."""
     tokens = x.shape[-2]
+    if attn.shape[-2:] != (tokens, tokens) and x.dim() == 3 and tuple(x.shape[:2]) == (attn.shape[-1], attn.shape[0]):
+        raise ValueError(f"{name}: its value projection reads x of shape {tuple(x.shape)}, tokens first (N, B, M: "
+                         f"fairseq's time-major layout, as FSMT's attention), for attention probabilities of shape "
+                         f"{tuple(attn.shape)}; only batch-first (B, N, M) layers are supported")
     if attn.shape[-2:] != (tokens, tokens):
         raise ValueError(f"{name}: attention probabilities of shape {tuple(attn.shape)} are not N x N over the "
                          f"{tokens} tokens its value projection reads (cross-attention over a memory, or extra keys "
