@@ -381,6 +381,12 @@ def _hooks(model, block: tuple[str, torch.nn.Module, Architecture | None], stati
         if rec is None:
             return
         attn = _probabilities(out)
+        if attn is None and getattr(config, "_attn_implementation", None) == "eager":
+            shapes = [tuple(o.shape) for o in (out if isinstance(out, (tuple, list)) else (out,))
+                      if isinstance(o, torch.Tensor)]
+            raise ValueError(f"{name} runs eager attention but returned no (B, h, N, N) attention probabilities "
+                             f"(its outputs: {shapes}): attention over local blocks or a sparse pattern (LongT5, "
+                             "BigBird), not over all N tokens, has no W' here; leave the layer out with layers=[...]")
         if attn is None:
             raise RuntimeError(f"{name} returned no attention probabilities (attn_implementation="
                                f"{config._attn_implementation!r}); load the model with attn_implementation='eager'")

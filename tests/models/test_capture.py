@@ -398,6 +398,22 @@ def test_time_major_attention_is_named_as_such():
         dk.models.attention_layers(model, input_ids=ids)
 
 
+def test_local_attention_is_named_as_such():
+    # LongT5's encoder attends over local blocks ((B, 1, blocks, block, 3 block) probabilities): the error was a
+    # RuntimeError (a traceback in duat inspect) telling to load the eager attention the model already ran
+    torch.manual_seed(0)
+    model = transformers.LongT5Model(transformers.LongT5Config(
+        d_model=16, num_heads=2, d_kv=8, num_layers=1, d_ff=32, vocab_size=100, decoder_start_token_id=0,
+        pad_token_id=0, local_radius=2)).eval()
+    model.set_attn_implementation("eager")
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"encoder.block.0.layer.0.LocalSelfAttention runs eager attention but "
+                                         r"returned no \(B, h, N, N\) attention probabilities.*local blocks"):
+        dk.models.attention_layers(model, input_ids=ids)
+    (layer,) = dk.models.attention_layers(model, input_ids=ids, layers=[-1])  # the decoder's full self-attention
+    assert layer.name == "decoder.block.0.layer.0.SelfAttention" and layer.relative_error() <= 1e-5
+
+
 def _bert_to_gpt2():
     """EncoderDecoderModel: a BERT encoder and a GPT-2 decoder (fused c_attn, cross-attention)."""
     encoder = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
