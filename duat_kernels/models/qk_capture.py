@@ -24,7 +24,8 @@ from duat_kernels.heads import head_indices, select_heads
 from duat_kernels.hvo_operator import HVOOperator
 from duat_kernels.models.architectures import owning_config, resolve
 from duat_kernels.models.capture import (AttentionLayer, _token_mask, attention_blocks, attn_implementation,
-                                         named_inputs, select_layers)
+                                         check_not_called_with_encoder_states, encoder_states_hook, named_inputs,
+                                         select_layers)
 from duat_kernels.models.shared_layers import ApplicationRecords, layer_plan
 
 
@@ -200,6 +201,7 @@ def attention_layers_qk(model: torch.nn.Module, *args, layers: list[int] | None 
         weights[i]["w_o"], weights[i]["b_o"] = arch.out_weights(out_proj, owning_config(model, name))
         current = (lambda i=i: applications.current(i))
         handles.append(value.register_forward_pre_hook(_store_input(current), with_kwargs=True))
+        handles.append(module.register_forward_pre_hook(encoder_states_hook(current), with_kwargs=True))
         last = (lambda i=i: applications.is_last(i, selected[-1]))  # the pass stops after the last selected layer
         handles.append(out_proj.register_forward_hook(_store_output(current, last)))
     by_module = {id(blocks[i][1]): (lambda i=i: applications.current(i)) for i in applications.selected_blocks()}
@@ -220,6 +222,7 @@ def attention_layers_qk(model: torch.nn.Module, *args, layers: list[int] | None 
                                        "transformers' attention functions; capture='qk' cannot record it (use "
                                        "capture='attn')")
         rec = {**weights[i], **rec}
+        check_not_called_with_encoder_states(blocks[i][0], rec)
         rec["num_heads"], rec["num_kv_heads"] = rec["q"].shape[1], rec["k"].shape[1]  # as the layer ran
         batch, _, tokens, _ = rec["q"].shape  # the decoder of an encoder-decoder model has its own mask
         token_mask = _token_mask(model, blocks[i][0], batch, tokens, named, strict=True)

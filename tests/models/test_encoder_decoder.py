@@ -147,3 +147,20 @@ def test_labels_are_the_decoder_inputs(family):
             assert layer.name == ref.name
             torch.testing.assert_close(layer.x, ref.x, rtol=0, atol=0)
             assert layer.relative_error() <= TOLERANCE, layer.name
+
+
+@pytest.mark.parametrize("capture", ["attn", "qk"])
+def test_cross_attention_under_an_unknown_name_is_refused(monkeypatch, capture):
+    # a cross-attention block whose name the capture did not know (NLLB-MoE's cross_attention, before it was named)
+    # passed for a self-attention layer whenever decoder and encoder had the same number of tokens
+    from duat_kernels.models import architectures
+
+    names = tuple(n for n in architectures.CROSS_ATTENTION_NAMES if n != "cross_attention")
+    monkeypatch.setattr(architectures, "CROSS_ATTENTION_NAMES", names)
+    model = _model("nllb_moe")
+    ids, mask = _padded_ids()
+    with pytest.raises(ValueError, match=r"decoder.layers.0.cross_attention was given the encoder's states.*"
+                                         r"cross-attention.*layers="):
+        dk.models.attention_layers(model, input_ids=ids, attention_mask=mask, capture=capture)
+    layers = dk.models.attention_layers(model, input_ids=ids, attention_mask=mask, capture=capture, layers=[0, 1])
+    assert [layer.name for layer in layers] == ["encoder.layers.0.self_attn", "decoder.layers.0.self_attn"]
