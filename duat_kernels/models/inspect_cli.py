@@ -193,8 +193,7 @@ def _run(args) -> int:
 
     from duat_kernels.heads import head_indices
     from duat_kernels.models import inspection
-    from duat_kernels.models.capture import attention_blocks, attention_layer_count, config_heads
-    from duat_kernels.models.capture import _in_decoder
+    from duat_kernels.models.capture import _in_decoder, attention_blocks, attention_layer_count, config_heads
     from duat_kernels.models.encoder_decoder import (cross_attention_blocks, decoder_tokens, is_encoder_decoder,
                                                      uncovered_attention_modules)
 

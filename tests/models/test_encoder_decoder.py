@@ -117,7 +117,8 @@ def test_no_input_ids_to_shift_is_one_clear_error(capture):
     torch.manual_seed(0)
     model = _whisper().eval()
     features = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match=r"WhisperModel .*no input_ids.*\(got input_features\).*pass decoder_input_ids"):
+    with pytest.raises(ValueError,
+                       match=r"WhisperModel .*no input_ids.*\(got input_features\).*pass decoder_input_ids"):
         dk.models.attention_layers(model, input_features=features, capture=capture)
     decoder_ids = torch.tensor([[START, 5, 6], [START, 7, 8]])
     layers = dk.models.attention_layers(model, input_features=features, decoder_input_ids=decoder_ids, capture=capture)

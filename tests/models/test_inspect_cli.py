@@ -392,15 +392,19 @@ def test_self_attention_the_capture_cannot_read_is_named(tmp_path, capsys, famil
 
 
 def test_decoder_layers_are_labelled_with_the_tokens_they_read(tmp_path, capsys, monkeypatch):
-    # the heatmaps' hover labels (--html) and tick labels (--plot) of BART's decoder layer named the input tokens, one position off what the
-    # decoder reads (the text shifted right: token n is the text's token n - 1), and --json did not say which
+    # the heatmaps' hover labels (--html) and tick labels (--plot) of BART's decoder layer named the input tokens,
+    # one position off what the decoder reads (the text shifted right: token n is the text's token n - 1), and
+    # --json did not say which
     folder = _encoder_decoder_folder(tmp_path / "bart", "bart")
     out, page = tmp_path / "r.json", tmp_path / "r.html"
     import matplotlib.axes
 
     ticks, set_yticks = [], matplotlib.axes.Axes.set_yticks  # --plot: each panel's output-token labels
-    monkeypatch.setattr(matplotlib.axes.Axes, "set_yticks",
-                        lambda ax, where, labels=None, **kw: (ticks.append(list(labels)), set_yticks(ax, where, labels, **kw)))
+    def recording(ax, where, labels=None, **kw):
+        ticks.append(list(labels))
+        return set_yticks(ax, where, labels, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_yticks", recording)
     assert main(["inspect", "--model", str(folder), "--text", _text(6), "--json", str(out), "--html", str(page),
                  "--plot", str(tmp_path / "r.png"), "--save", str(tmp_path / "w.safetensors")]) == 0
     capsys.readouterr()
