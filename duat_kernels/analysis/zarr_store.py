@@ -92,8 +92,9 @@ def save_zarr(op, path: str | os.PathLike, chunks: tuple[int, int] | None = None
             Client); None uses Dask's default, i.e. the current distributed Client if there is one.
         progress: show a tqdm progress bar over chunks.
         overwrite: replace an existing zarr array at `path` (a FileExistsError otherwise, as save_dense
-            refuses an existing file); the old store stays until the new one is complete. Anything
-            else at `path` (a folder, a file) is never deleted: a FileExistsError.
+            refuses an existing file); the old store stays until the new one is complete, then is
+            renamed to `<path>.replaced` and removed. Anything else at `path` (a folder, a file, a
+            link) is never deleted: a FileExistsError.
 
     Returns:
         The path of the complete store. A rerun after an interruption rewrites only the chunks
