@@ -311,6 +311,15 @@ def report(run: dict, out: Path, name: str) -> str:
     return "\n".join(lines)
 
 
+def own_plots(folder: Path, name: str) -> list[Path]:
+    """The plots <name>_*.png in the folder that belong to report `name`: not those of another report whose
+    name starts with it (gpu_norms_*.png beside the gpu report), which is the longest report name <X>.md a
+    plot's name starts with (<X>_)."""
+    reports = [md.stem for md in folder.glob("*.md")] + [name]
+    return [png for png in folder.glob(f"{name}_*.png")
+            if max((r for r in reports if png.name.startswith(f"{r}_")), key=len) == name]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", help="pytest-benchmark JSON (--benchmark-json)")
@@ -323,7 +332,7 @@ def main(argv=None) -> None:
         run = json.load(f)
     out = Path(args.out) if args.out else default_folder(run)
     if out.exists():  # a report is the files of one run: no stale plots beside new tables
-        for old in [*out.glob(f"{args.name}_*.png"), out / f"{args.name}.md", out / f"{args.name}.json"]:
+        for old in [*own_plots(out, args.name), out / f"{args.name}.md", out / f"{args.name}.json"]:
             if old.resolve() != Path(args.run).resolve():  # never the run being reported
                 old.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)

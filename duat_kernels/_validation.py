@@ -436,6 +436,18 @@ def as_target_path(name: str, path):
     return path_
 
 
+def check_writable_folder(what: str, folder) -> None:
+    """Refuse, before any work, an existing folder in which no file can be created (a read-only file system,
+    no write permission, /proc): a PermissionError "<what>: cannot write in <folder> (<reason>)". Tried with a
+    temporary file: os.access says yes to root on read-only or virtual file systems."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise PermissionError(f"{what}: cannot write in {folder} ({exc.strerror or exc}); choose a writable "
+                              "folder") from None
+
+
 def check_output_folder(option: str, path) -> None:
     """Refuse, before any work, an output folder that cannot be created or written: a file on its path,
     or an empty name (check_nonempty_path: the working directory would take the outputs)."""

@@ -125,12 +125,11 @@ def check_scale_args(args) -> None:
     check_output_file("--plot", args.plot)
     if args.plot is not None:
         check_plot_format("--plot", args.plot)
-    from duat_kernels.analysis.scaling import sweep_bytes
+    from duat_kernels.analysis.scaling import sweep_bytes, sweep_memory_formula
 
-    n, m = max(args.n), args.m
-    _check_memory(f"--n {n} --m {m} needs about {{needed}} of memory ((h + 4) N² + (h + 2) M² + 8 N M float32: the "
-                  "attention probabilities, N x N work space, weights and OV circuits) but {free} is available; use a "
-                  "smaller --n or --m", sweep_bytes(n, m, args.heads))
+    n, m, from_qk = max(args.n), args.m, bool(getattr(args, "from_qk", False))
+    _check_memory(f"--n {n} --m {m} needs about {{needed}} of memory ({sweep_memory_formula(from_qk)}) but {{free}} "
+                  "is available; use a smaller --n or --m", sweep_bytes(n, m, args.heads, from_qk))
 
 
 def check_demo_args(args) -> None:

@@ -148,7 +148,7 @@ def _write_progress(progress_file: Path, fingerprint: str, done: dict[int, int],
 
 def _check_target(path: Path, partial: Path, data_bytes: int, overwrite: bool) -> None:
     """Refuse, before writing anything, a target that is a folder, an existing file (unless overwrite), a
-    missing folder, or a disk without room for the file (a fresh .partial is sparse: the space is taken as
+    missing or read-only folder, or a disk without room for the file (a fresh .partial is sparse: the space is taken as
     tiles arrive; the file it replaces is counted as taken)."""
     for p in (path, partial):
         if p.is_dir():
@@ -158,6 +158,7 @@ def _check_target(path: Path, partial: Path, data_bytes: int, overwrite: bool) -
     folder = path.parent
     if not folder.is_dir():
         raise FileNotFoundError(f"save_dense: the folder {folder} of {path} does not exist; create it first")
+    v.check_writable_folder("save_dense", folder)  # else 'needs 3.5 KiB but only 0 B is free' (read-only)
     have = partial.stat().st_blocks * 512 if partial.exists() else 0
     stat = os.statvfs(folder)
     free = stat.f_bavail * stat.f_frsize

@@ -126,11 +126,22 @@ def measure(fn, min_seconds: float = 0.2, max_repeats: int = 5) -> tuple[float, 
     return min(times), mem.peak
 
 
-def sweep_bytes(n: int, m: int, heads: int) -> int:
+def sweep_bytes(n: int, m: int, heads: int, from_qk: bool = False) -> int:
     """About the memory the sweep needs at N = n: attn (h, N, N) float32, the causal mask, block_norms' (N, N)
     result and a few (N, N) temporaries; w_v, w_o and the OV circuits, (h + 2) M x M; x and the products, a few
-    N x M: ((h + 4) N² + (h + 2) M² + 8 N M) float32."""
+    N x M: ((h + 4) N² + (h + 2) M² + 8 N M) float32. from_qk stores no N x N: q and k (2 N M), x, the products
+    and the tiles A is recomputed in (measured 385 MiB above the inputs at N = 32768, M = 768: about 4 N M),
+    ((h + 2) M² + 16 N M) float32."""
+    if from_qk:
+        return ((heads + 2) * m * m + 16 * n * m) * 4
     return ((heads + 4) * n * n + (heads + 2) * m * m + 8 * n * m) * 4
+
+
+def sweep_memory_formula(from_qk: bool) -> str:
+    """sweep_bytes' formula in words, for the messages that refuse a sweep."""
+    return ("(h + 2) M² + 16 N M float32: q, k, weights, OV circuits and the tiles A is recomputed in" if from_qk
+            else "(h + 4) N² + (h + 2) M² + 8 N M float32: the attention probabilities, N x N work space, weights "
+            "and OV circuits")
 
 
 def scaling_sweep(ns: list[int], m: int = 256, heads: int = 4, spectral_max_n: int | None = None, seed: int = 0,
@@ -156,7 +167,8 @@ def scaling_sweep(ns: list[int], m: int = 256, heads: int = 4, spectral_max_n: i
     if spectral_max_n is not None and (integer(spectral_max_n, tensors=False) is None or spectral_max_n < 0):
         raise ValueError(f"spectral_max_n must be None or an int >= 0, got {spectral_max_n!r}")
     m, heads, grid = positive_int(m), positive_int(heads), positive_int(grid)
-    check_fits(f"scaling_sweep at N={max(ns)}, M={m}, h={heads}", sweep_bytes(max(ns), m, heads), torch.device("cpu"),
+    check_fits(f"scaling_sweep at N={max(ns)}, M={m}, h={heads}{', from_qk' if from_qk else ''}",
+               sweep_bytes(max(ns), m, heads, bool(from_qk)), torch.device("cpu"),
                hint="Use a smaller largest N or a smaller m.")
     warm, _ = _operations(min(ns), m, heads, seed, from_qk, grid)
     with torch.no_grad():

@@ -92,8 +92,9 @@ def save_zarr(op, path: str | os.PathLike, chunks: tuple[int, int] | None = None
             Client); None uses Dask's default, i.e. the current distributed Client if there is one.
         progress: show a tqdm progress bar over chunks.
         overwrite: replace an existing zarr array at `path` (a FileExistsError otherwise, as save_dense
-            refuses an existing file); the old store stays until the new one is complete. Anything
-            else at `path` (a folder, a file) is never deleted: a FileExistsError.
+            refuses an existing file); the old store stays until the new one is complete, then is
+            renamed to `<path>.replaced` and removed. Anything else at `path` (a folder, a file, a
+            link) is never deleted: a FileExistsError.
 
     Returns:
         The path of the complete store. A rerun after an interruption rewrites only the chunks
@@ -104,12 +105,17 @@ def save_zarr(op, path: str | os.PathLike, chunks: tuple[int, int] | None = None
     chunk_rows, chunk_cols = check_chunks(op, chunks, dtype)
     overwrite = v.check_flag("overwrite", overwrite)
     path = v.as_target_path("path", path)
-    if path.exists() and not overwrite:
+    exists = path.exists() or path.is_symlink()  # a dangling link too: the final rename failed on it, after the work
+    if exists and not overwrite:
         raise FileExistsError(f"{path} exists; save_zarr writes a new store (pass overwrite=True to replace it, "
                               "delete it or choose another path)")
-    if path.exists() and not _is_zarr_array(path):
+    if exists and not _is_zarr_array(path):
         raise FileExistsError(f"{path} exists and is not a zarr array; overwrite=True replaces only a zarr array "
                               "(choose another path)")
+    folder = path.absolute().parent
+    while not folder.exists():  # zarr creates the missing folders: the nearest existing one must take them
+        folder = folder.parent
+    v.check_writable_folder("save_zarr", folder)  # zarr failed with 'No such file or directory: <path>.partial'
     partial, progress_dir = Path(f"{path}.partial"), Path(f"{path}.progress")
     fingerprint = {"factors_sha256": factors_token(op), "shape": list(op.shape), "chunks": [chunk_rows, chunk_cols],
                    "dtype": str(dtype), "layout": op.layout}
@@ -147,9 +153,14 @@ def save_zarr(op, path: str | os.PathLike, chunks: tuple[int, int] | None = None
     checksums = {name: (progress_dir / name).read_text().strip() for name in names}
     arr = zarr.open_array(partial, mode="r+")
     arr.attrs["duat"] = {**fingerprint, "chunk_sha256": checksums}
-    if path.exists():  # overwrite=True, checked above
-        shutil.rmtree(path)
+    # overwrite=True (checked above): the old store is renamed away, not deleted in place, so that an interruption
+    # leaves path either the old or the new complete store, never a half-deleted one that a rerun refuses
+    replaced = Path(f"{path}.replaced")
+    shutil.rmtree(replaced, ignore_errors=True)
+    if path.exists():
+        os.replace(path, replaced)
     os.replace(partial, path)
+    shutil.rmtree(replaced, ignore_errors=True)
     shutil.rmtree(progress_dir)
     return path
 

@@ -103,7 +103,8 @@ def torch_threads(threads: int):
 def analyse_text(settings: CorpusSettings, index: int, text_id: str, text: str) -> list[dict]:
     """Rows (one per selected layer) for one text; matrices are flattened row-major.
 
-    Each row: text_index, text_id, text_sha256, tokens, n_tokens, layer, heads, kv_heads, m_in,
+    Each row: text_index, text_id, text_sha256, tokens (those the layer reads: an encoder-decoder's decoder reads
+    the text shifted right), n_tokens, layer, heads, kv_heads, m_in,
     m_out, rel_error (||W' x' + b' - output|| / ||output||, matrix-free), frobenius (||W'||_F),
     spectral_norm (||W'||_2), grid (R: block_norms and contributions are R x R; R = N up to
     settings.grid tokens), block_norms (Frobenius norms of the blocks or super-blocks),
@@ -112,12 +113,15 @@ def analyse_text(settings: CorpusSettings, index: int, text_id: str, text: str) 
     """
     from duat_kernels.hvo_operator import HVOOperator
     from duat_kernels.models import attention_layers
+    from duat_kernels.models.capture import _in_decoder
+    from duat_kernels.models.encoder_decoder import decoder_tokens
 
     model, tokenizer = cached_model(settings.model)
     rows = []
     with torch_threads(settings.threads), torch.no_grad():
         inputs = tokenizer([text], return_tensors="pt", truncation=True)
         tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
+        shifted = decoder_tokens(model, tokenizer, inputs["input_ids"])  # what an encoder-decoder's decoder reads
         layers = None if settings.layers is None else list(settings.layers)
         for layer in attention_layers(model, layers=layers, **dict(inputs)):
             n = layer.attn.shape[-1]
@@ -127,7 +131,8 @@ def analyse_text(settings: CorpusSettings, index: int, text_id: str, text: str) 
             share = contrib / contrib.sum(1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
             steps = torch.arange(n, dtype=torch.float64)
             rows.append(dict(
-                text_index=index, text_id=text_id, text_sha256=text_sha256(text), tokens=list(tokens), n_tokens=n,
+                text_index=index, text_id=text_id, text_sha256=text_sha256(text),
+                tokens=list(shifted if shifted is not None and _in_decoder(model, layer.name) else tokens), n_tokens=n,
                 layer=layer.index, heads=layer.attn.shape[1], kv_heads=layer.num_kv_heads,
                 m_in=layer.w_v.shape[1], m_out=layer.w_o.shape[0], rel_error=layer.relative_error(),
                 frobenius=op.frobenius_norm().item(), spectral_norm=op.spectral_norm(), grid=grid,

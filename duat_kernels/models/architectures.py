@@ -119,7 +119,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "modernbert": Architecture("Wqkv", "Wo", packed_value),
 }
 
-CROSS_ATTENTION_NAMES = ("encoder_attn", "crossattention", "cross_attn", "encdecattention")  # A is not N x N there
+# A is not N x N there; cross_attention: NLLB-MoE, SeamlessM4T, Dia, Perceiver
+CROSS_ATTENTION_NAMES = ("encoder_attn", "crossattention", "cross_attn", "cross_attention", "encdecattention")
 
 
 def is_cross_attention(name: str) -> bool:

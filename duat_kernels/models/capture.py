@@ -235,6 +235,7 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
             raise RuntimeError(f"attention layer {index} ({name}) was not called by the forward pass; "
                                "select only the layers the model runs (layers=[...])")
         rec = {**weights[i], **rec}
+        check_not_called_with_encoder_states(name, rec)
         _check_self_attention(name, rec["attn"], rec["x"])
         rec.setdefault("num_kv_heads", _kv_heads(name, rec))
         rec.setdefault("num_heads", rec["attn"].shape[1])
@@ -316,10 +317,36 @@ def _token_mask(model, name: str, batch: int, tokens: int, inputs: dict, strict:
     return None
 
 
+ENCODER_STATES = ("key_value_states", "encoder_hidden_states")  # what a Hugging Face cross-attention block is given
+
+
+def encoder_states_hook(current):
+    """A forward pre-hook (with_kwargs) marking the ongoing application's record (current(), None when not
+    selected) when the block is given the encoder's states: cross-attention under a name CROSS_ATTENTION_NAMES
+    does not know."""
+    def hook(_m, _args, kwargs):
+        if (rec := current()) is not None and any(kwargs.get(k) is not None for k in ENCODER_STATES):
+            rec["given_encoder_states"] = True
+    return hook
+
+
+def check_not_called_with_encoder_states(name: str, rec: dict) -> None:
+    """Refuse (and drop the mark of) a layer that ran as cross-attention: when N_dec = N_enc its A is square and
+    W' x' + b' over the encoder's x reproduces the output, so it would pass for a self-attention layer."""
+    if rec.pop("given_encoder_states", False):
+        raise ValueError(f"{name} was given the encoder's states ({' or '.join(ENCODER_STATES)}): it is "
+                         "cross-attention, whose A is N_dec x N_enc over the encoder's tokens, not a self-attention "
+                         "layer; leave it out with layers=[...]")
+
+
 def _check_self_attention(name: str, attn: torch.Tensor, x: torch.Tensor) -> None:
     """W' maps the tokens x to the outputs through A (N x N over those tokens): A over other keys (a memory
     of another length, an extra bias or zero key) has no such W'."""
     tokens = x.shape[-2]
+    if attn.shape[-2:] != (tokens, tokens) and x.dim() == 3 and tuple(x.shape[:2]) == (attn.shape[-1], attn.shape[0]):
+        raise ValueError(f"{name}: its value projection reads x of shape {tuple(x.shape)}, tokens first (N, B, M: "
+                         f"fairseq's time-major layout, as FSMT's attention), for attention probabilities of shape "
+                         f"{tuple(attn.shape)}; only batch-first (B, N, M) layers are supported")
     if attn.shape[-2:] != (tokens, tokens):
         raise ValueError(f"{name}: attention probabilities of shape {tuple(attn.shape)} are not N x N over the "
                          f"{tokens} tokens its value projection reads (cross-attention over a memory, or extra keys "
@@ -377,6 +404,12 @@ def _hooks(model, block: tuple[str, torch.nn.Module, Architecture | None], stati
         if rec is None:
             return
         attn = _probabilities(out)
+        if attn is None and getattr(config, "_attn_implementation", None) == "eager":
+            shapes = [tuple(o.shape) for o in (out if isinstance(out, (tuple, list)) else (out,))
+                      if isinstance(o, torch.Tensor)]
+            raise ValueError(f"{name} runs eager attention but returned no (B, h, N, N) attention probabilities "
+                             f"(its outputs: {shapes}): attention over local blocks or a sparse pattern (LongT5, "
+                             "BigBird), not over all N tokens, has no W' here; leave the layer out with layers=[...]")
         if attn is None:
             raise RuntimeError(f"{name} returned no attention probabilities (attn_implementation="
                                f"{config._attn_implementation!r}); load the model with attn_implementation='eager'")
@@ -391,7 +424,8 @@ def _hooks(model, block: tuple[str, torch.nn.Module, Architecture | None], stati
             rec["output"] = out.detach()
 
     return [module.register_forward_hook(on_block), value.register_forward_pre_hook(on_value, with_kwargs=True),
-            out_proj.register_forward_hook(on_out)]
+            out_proj.register_forward_hook(on_out),
+            module.register_forward_pre_hook(encoder_states_hook(current), with_kwargs=True)]
 
 
 def _mha_hooks(mha: torch.nn.MultiheadAttention, static: dict, current) -> list:

@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from duat_kernels.models.architectures import SHAPES, _weighted, is_cross_attention
+from duat_kernels.models.architectures import SHAPES, _weighted, find_blocks, is_cross_attention
 
 
 def is_encoder_decoder(model: torch.nn.Module) -> bool:
@@ -42,6 +42,30 @@ def cross_attention_note(skipped: list[str]) -> str:
             "over the encoder's tokens, and W' covers N x N self-attention only.")
 
 
+def uncovered_attention_modules(model: torch.nn.Module) -> list[str]:
+    """Names (outermost first) of the self-attention modules of an encoder-decoder model that the capture cannot
+    read: modules whose class name says Attention, neither inside nor around a captured block or a cross-attention
+    block (LED's Longformer encoder attention, BigBirdPegasus's encoder attention: their value and output
+    projections are in other places); [] for other models."""
+    if not is_encoder_decoder(model):
+        return []
+    known = [name for name, _, _ in find_blocks(model)] + cross_attention_blocks(model)
+    found: list[str] = []
+    for name, module in model.named_modules():
+        if "attention" not in type(module).__name__.lower() or any(name.startswith(f + ".") for f in found):
+            continue
+        if not any(name == k or name.startswith(k + ".") or k.startswith(name + ".") for k in known):
+            found.append(name)
+    return found
+
+
+def uncovered_note(uncovered: list[str]) -> str:
+    """The line duat inspect prints about the self-attention modules it cannot read."""
+    return (f"self-attention modules not inspected ({len(uncovered)}: {', '.join(uncovered)}): no value and output "
+            "projections found where this package looks for them (register the family's with "
+            "duat_kernels.models.register_architecture).")
+
+
 def shifted_decoder_ids(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """decoder_input_ids (B, N) = input_ids (B, N) shifted right by the model's own function (T5's _shift_right,
     the shift_tokens_right of BART, mBART, Pegasus, Marian, EncoderDecoderModel), as for labels = input_ids."""
@@ -63,16 +87,35 @@ def shifted_decoder_ids(model: torch.nn.Module, input_ids: torch.Tensor) -> torc
     return shift(**{key: values[key] for key in params if key in values})
 
 
+# inputs the decoder's own inputs come from: labels are shifted right into decoder_input_ids by the model itself
+# (T5ForConditionalGeneration, BartForConditionalGeneration, EncoderDecoderModel, ...)
+DECODER_SOURCES = ("decoder_input_ids", "decoder_inputs_embeds", "labels")
+
+
+def decoder_tokens(model: torch.nn.Module, tokenizer, input_ids: torch.Tensor) -> list[str] | None:
+    """The tokens (strings) the decoder of an encoder-decoder model reads when given no decoder inputs: those of
+    the first sequence of input_ids (B, N) shifted right (decoder token 0 the start token); None for other models."""
+    if not is_encoder_decoder(model):
+        return None
+    return tokenizer.convert_ids_to_tokens(shifted_decoder_ids(model, input_ids)[0])
+
+
 def with_decoder_inputs(model: torch.nn.Module, named: dict, inputs: dict) -> dict:
     """inputs plus decoder_input_ids (the input ids shifted right) and, with an attention_mask (B, N),
     decoder_attention_mask (the mask shifted the same way, the start token real) when the model is an
-    encoder-decoder model and `named` (all its inputs by name) has no decoder inputs; else inputs unchanged."""
-    if not is_encoder_decoder(model) or any(named.get(k) is not None for k in ("decoder_input_ids",
-                                                                                "decoder_inputs_embeds")):
+    encoder-decoder model and `named` (all its inputs by name) has no decoder inputs (nor labels, which the model
+    shifts into them); else inputs unchanged.
+    Such a model given no input_ids either (Whisper's input_features, inputs_embeds) is a ValueError: pass
+    decoder_input_ids."""
+    if not is_encoder_decoder(model) or any(named.get(k) is not None for k in DECODER_SOURCES):
         return inputs
     ids = named.get("input_ids")
+    if ids is None:  # Whisper's input_features, inputs_embeds: no text to shift; the models' own errors misled
+        given = ", ".join(sorted(k for k, t in named.items() if isinstance(t, torch.Tensor))) or "no tensors"
+        raise ValueError(f"{type(model).__name__} is an encoder-decoder model given no input_ids to shift right into "
+                         f"its decoder's inputs (got {given}): pass decoder_input_ids (B, N_dec) for its decoder")
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] == 0:
-        return inputs  # the model's own error (inputs_embeds only, empty input: refused by the capture)
+        return inputs  # the model's own error (empty input: refused by the capture)
     added = {"decoder_input_ids": shifted_decoder_ids(model, ids)}
     mask = named.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.shape == ids.shape and named.get("decoder_attention_mask") is None:

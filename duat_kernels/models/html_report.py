@@ -30,7 +30,9 @@ def head_block_norms(layer, cells: int) -> torch.Tensor:
     return sq.sqrt() * ov[:, None, None]
 
 
-def page_data(reports, tokens: list[str], title: str, tolerance: float, heads: list[int] | None) -> dict:
+def page_data(reports, tokens: list[str], title: str, tolerance: float, heads: list[int] | None,
+              decoder_tokens: list[str] | None = None, decoder_layers=frozenset()) -> dict:
+    """The page's data; the layers of index in decoder_layers read decoder_tokens (their own cell labels)."""
     cells = grid_size(len(tokens), HTML_MAX_CELLS)
     layers = []
     for r in reports:
@@ -40,14 +42,17 @@ def page_data(reports, tokens: list[str], title: str, tolerance: float, heads: l
             rel_error=r.rel_error, passed=r.rel_error <= tolerance, frobenius=r.frobenius,
             dense_blocks=r.dense_blocks, w_ms=None if math.isnan(r.seconds) else r.seconds * 1e3,
             total=_rounded(reduced_norms(r, cells, heads)),
-            per_head=[_rounded(m) for m in head_block_norms(lay, cells)]))
+            per_head=[_rounded(m) for m in head_block_norms(lay, cells)],
+            labels=cell_labels(decoder_tokens, cells) if lay.index in decoder_layers else None))
     return dict(title=title, tokens=tokens, labels=cell_labels(tokens, cells), cells=cells, tolerance=tolerance,
                 selected_heads=heads, layers=layers)
 
 
-def write_html(path: str, reports, tokens: list[str], title: str, tolerance: float, heads: list[int] | None) -> int:
+def write_html(path: str, reports, tokens: list[str], title: str, tolerance: float, heads: list[int] | None,
+               decoder_tokens: list[str] | None = None, decoder_layers=frozenset()) -> int:
     """Write the page; returns its size in bytes."""
-    data = strict_json.dumps(page_data(reports, tokens, title, tolerance, heads), separators=(",", ":"))
+    data = strict_json.dumps(page_data(reports, tokens, title, tolerance, heads, decoder_tokens, decoder_layers),
+                             separators=(",", ":"))
     page = PAGE.replace("__TITLE__", html.escape(title)).replace("__DATA__", data.replace("</", "<\\/"))
     with open(path, "w", encoding="utf-8") as f:
         f.write(page)
@@ -112,19 +117,19 @@ function draw(canvas, m, range) {
   }
   canvas.dataset.px = px;
 }
-function describe(canvas, m, what, ev) {
+function describe(canvas, m, what, labels, ev) {
   const px = +canvas.dataset.px, rect = canvas.getBoundingClientRect();
   const k = Math.floor((ev.clientX - rect.left) / px), n = Math.floor((ev.clientY - rect.top) / px);
   if (n < 0 || k < 0 || n >= C || k >= C) return null;
   const norm = shown(m[n][k], v => v.toPrecision(3));
-  return `${what}\\noutput n=${n}: ${D.labels[n]}\\ninput m=${k}: ${D.labels[k]}\\nnorm: ${norm}`;
+  return `${what}\\noutput n=${n}: ${labels[n]}\\ninput m=${k}: ${labels[k]}\\nnorm: ${norm}`;
 }
-function heatmap(parent, m, range, caption) {
+function heatmap(parent, m, range, caption, labels) {
   const box = document.createElement("div"), canvas = document.createElement("canvas");
   box.className = "map";
   draw(canvas, m, range);
   const show = ev => {
-    const text = describe(canvas, m, caption, ev);
+    const text = describe(canvas, m, caption, labels, ev);
     if (text === null) { tip.style.display = "none"; return; }
     tip.textContent = text; tip.style.display = "block";
     tip.style.left = (ev.clientX + 14) + "px"; tip.style.top = (ev.clientY + 14) + "px";
@@ -143,8 +148,9 @@ function showLayer(j) {
   const heads = D.selected_heads ? `heads ${D.selected_heads.join(", ")}` : "all heads";
   document.getElementById("maptitle").textContent =
     `Layer ${L.index} (${L.name}): block norms ||W'_nm||_F, ${heads}, then each head's ||A_i[n,m] OV_i||_F`;
-  heatmap(maps, L.total, totalRange, `layer ${L.index}: ${heads}`);
-  L.per_head.forEach((m, i) => heatmap(maps, m, headRange, `head ${i}`));
+  const labels = L.labels || D.labels;  // a decoder layer reads the text shifted right
+  heatmap(maps, L.total, totalRange, `layer ${L.index}: ${heads}`, labels);
+  L.per_head.forEach((m, i) => heatmap(maps, m, headRange, `head ${i}`, labels));
   document.getElementById("status").textContent =
     `rendered layer ${L.index}: ${1 + L.per_head.length} heatmaps of ${C}x${C}`;
 }

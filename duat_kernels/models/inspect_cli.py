@@ -193,8 +193,9 @@ def _run(args) -> int:
 
     from duat_kernels.heads import head_indices
     from duat_kernels.models import inspection
-    from duat_kernels.models.capture import attention_blocks, attention_layer_count, config_heads
-    from duat_kernels.models.encoder_decoder import cross_attention_blocks, is_encoder_decoder
+    from duat_kernels.models.capture import _in_decoder, attention_blocks, attention_layer_count, config_heads
+    from duat_kernels.models.encoder_decoder import (cross_attention_blocks, decoder_tokens, is_encoder_decoder,
+                                                     uncovered_attention_modules)
 
     text = _check_before_loading(args)
     from duat_kernels.models import long_context
@@ -225,29 +226,36 @@ def _run(args) -> int:
                                         dtype=dtype, heads=heads, per_head=per_head)
     tolerance = inspection.TOLERANCES[dtype]
     name = f"{args.model} ({model.config.model_type})"
-    encoder_decoder = dict(encoder_decoder=is_encoder_decoder(model), skipped=cross_attention_blocks(model))
+    encoder_decoder = dict(encoder_decoder=is_encoder_decoder(model), skipped=cross_attention_blocks(model),
+                           uncovered=uncovered_attention_modules(model))
+    # the tokens each decoder layer reads: the text shifted right (labels of its heatmaps, named in the JSON)
+    decoder = dict(decoder_tokens=decoder_tokens(model, tokenizer, inputs["input_ids"]),
+                   decoder_layers={r.layer.index for r in reports if _in_decoder(model, r.layer.name)})
     if not quiet:
         print(inspection.format_reports(reports, name, tokens, heads, **encoder_decoder))
     if args.json:
         text = strict_json.dumps(inspection.as_json(reports, args.model, model.config.model_type, tokens, dtype,
-                                                    tolerance, heads, skipped=encoder_decoder["skipped"]), indent=1)
+                                                    tolerance, heads, skipped=encoder_decoder["skipped"],
+                                                    uncovered=encoder_decoder["uncovered"], **decoder), indent=1)
         if quiet:
             print(text)
         else:
             Path(args.json).write_text(text + "\n")
             log(f"per-layer results (JSON) written to {args.json}")
     if args.save_file:
-        inspection.save(reports, args.save_file, tokens, log=log, heads=heads)
+        inspection.save(reports, args.save_file, tokens, log=log, heads=heads, **decoder)
     if args.plot:
         from duat_kernels.models.inspect_plot import plot_block_norms
 
-        width, height = plot_block_norms(reports, args.plot, tokens, f"{args.model}: block norms of W'", heads)
+        width, height = plot_block_norms(reports, args.plot, tokens, f"{args.model}: block norms of W'", heads,
+                                         **decoder)
         log(f"heatmap ({width}x{height} px) written to {args.plot}")
     if args.html:
         from duat_kernels._validation import format_bytes
         from duat_kernels.models.html_report import write_html
 
-        size = write_html(args.html, reports, tokens, f"duat inspect: {name}, {len(tokens)} tokens", tolerance, heads)
+        size = write_html(args.html, reports, tokens, f"duat inspect: {name}, {len(tokens)} tokens", tolerance, heads,
+                          **decoder)
         log(f"interactive report ({format_bytes(size)}, self-contained) written to {args.html}")
     worst = nan_max(r.rel_error for r in reports)
     if not worst <= tolerance:

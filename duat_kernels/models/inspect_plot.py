@@ -36,9 +36,10 @@ def reduced_norms(report, cells: int, heads: list[int] | None = None) -> torch.T
     return report.layer.operator(heads=heads).block_norms(grid=(cells, cells))[0]
 
 
-def plot_block_norms(reports, path: str, tokens: list[str], title: str,
-                     heads: list[int] | None = None) -> tuple[int, int]:
-    """Heatmaps of the block norms ||W'_nm||_F, one panel per layer, on one log colour scale.
+def plot_block_norms(reports, path: str, tokens: list[str], title: str, heads: list[int] | None = None,
+                     decoder_tokens: list[str] | None = None, decoder_layers=frozenset()) -> tuple[int, int]:
+    """Heatmaps of the block norms ||W'_nm||_F, one panel per layer, on one log colour scale; the panels of the
+    layers of index in decoder_layers are labelled with decoder_tokens (what an encoder-decoder's decoder reads).
 
     Long inputs are reduced to at most MAX_CELLS x MAX_CELLS super-blocks (exact super-block norms)
     and the figure is kept under MAX_FIGURE_INCHES a side. Returns the PNG size in pixels.
@@ -63,12 +64,13 @@ def plot_block_norms(reports, path: str, tokens: list[str], title: str,
     fig, axes = plt.subplots(rows, cols, figsize=(cols * side + 1.2, rows * side + 0.6), squeeze=False)
     for ax in axes.flat[len(reports):]:
         ax.axis("off")
-    labels = cell_labels(tokens, cells) if cells <= 40 and side >= 3 else None
+    labelled = cells <= 40 and side >= 3
     image = None
     for ax, r, m in zip(axes.flat, reports, maps):
         image = ax.imshow(m.clamp_min(norm.vmin).numpy(), cmap="magma", norm=norm, interpolation="nearest")
         ax.set_title(f"layer {r.layer.index}", fontsize=9)
-        if labels is not None:
+        if labelled:
+            labels = cell_labels(decoder_tokens if r.layer.index in decoder_layers else tokens, cells)
             ax.set_xticks(range(cells), labels, rotation=90, fontsize=6)
             ax.set_yticks(range(cells), labels, fontsize=6)
         else:

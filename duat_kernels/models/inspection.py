@@ -11,7 +11,7 @@ import torch
 from duat_kernels._validation import DenseTooLargeError, format_bytes
 from duat_kernels.hvo import hvo_bias
 from duat_kernels.models.capture import AttentionLayer, attention_layers
-from duat_kernels.models.encoder_decoder import cross_attention_note
+from duat_kernels.models.encoder_decoder import cross_attention_note, uncovered_note
 from duat_kernels.reference import ov_circuits
 
 BLOCK_FRACTION_OF_MAX = 0.01  # "dense" blocks: Frobenius norm above 1% of the largest block's
@@ -96,9 +96,9 @@ def inspect_layers(model, inputs: dict, layers: list[int] | None = None, backend
 
 
 def format_reports(reports: list[LayerReport], model_name: str, tokens: list[str], heads: list[int] | None = None,
-                   encoder_decoder: bool = False, skipped: list[str] = ()) -> str:
+                   encoder_decoder: bool = False, skipped: list[str] = (), uncovered: list[str] = ()) -> str:
     """The table `duat inspect` prints; encoder_decoder: say what the decoder read; skipped: names of the
-    cross-attention layers left out."""
+    cross-attention layers left out; uncovered: self-attention modules the capture cannot read."""
     shown = tokens if len(tokens) <= 64 else [*tokens[:30], f"... ({len(tokens) - 60} more) ...", *tokens[-30:]]
     lines = [f"{model_name}: {len(tokens)} tokens: {' '.join(shown)}", "",
              f"{'layer':>5} {'N':>4} {'M_in':>5} {'M_out':>5} {'heads':>7} {'rel. error':>11} {'W time':>11} "
@@ -118,6 +118,8 @@ def format_reports(reports: list[LayerReport], model_name: str, tokens: list[str
                      "decoder start token, token n the text's token n-1: teacher forcing with the text as labels).")
     if skipped:
         lines.append(cross_attention_note(skipped))
+    if uncovered:
+        lines.append(uncovered_note(uncovered))
     if any(r.heads for r in reports):
         lines += ["", f"{'layer':>5} {'head':>5} {'||A_i (x) OV_i||_F':>19} {'output share':>13}"]
         for r in reports:
@@ -127,21 +129,27 @@ def format_reports(reports: list[LayerReport], model_name: str, tokens: list[str
 
 
 def as_json(reports: list[LayerReport], model_name: str, model_type: str, tokens: list[str], dtype: torch.dtype,
-            tolerance: float, heads: list[int] | None, skipped: list[str] = ()) -> dict:
+            tolerance: float, heads: list[int] | None, skipped: list[str] = (), uncovered: list[str] = (),
+            decoder_tokens: list[str] | None = None, decoder_layers=frozenset()) -> dict:
     """Machine-readable per-layer results (what format_reports prints); skipped: the cross-attention layers
-    left out ("skipped_cross_attention")."""
+    left out ("skipped_cross_attention"); uncovered: the self-attention modules not read ("uncovered_attention");
+    decoder_tokens: what the layers of index in decoder_layers read (each layer's "reads": "tokens" or
+    "decoder_tokens")."""
     layers = []
     for r in reports:
         lay = r.layer
         layers.append(dict(
             index=lay.index, name=lay.name, application=lay.application, tokens=lay.attn.shape[-1],
+            reads="decoder_tokens" if lay.index in decoder_layers else "tokens",
             m_in=lay.w_v.shape[1], m_out=lay.w_o.shape[0],
             heads=lay.attn.shape[1], kv_heads=lay.num_kv_heads, rel_error=r.rel_error,
             w_seconds=None if math.isnan(r.seconds) else r.seconds, materialised=not math.isnan(r.seconds),
             frobenius=r.frobenius, dense_blocks=r.dense_blocks, passed=r.rel_error <= tolerance,
             per_head=[dict(head=h.head, frobenius=h.frobenius, output_share=h.output_share) for h in r.heads]))
-    return dict(model=model_name, model_type=model_type, tokens=tokens, dtype=str(dtype).removeprefix("torch."),
+    return dict(model=model_name, model_type=model_type, tokens=tokens, decoder_tokens=decoder_tokens,
+                dtype=str(dtype).removeprefix("torch."),
                 tolerance=tolerance, selected_heads=heads, skipped_cross_attention=list(skipped),
+                uncovered_attention=list(uncovered),
                 passed=all(item["passed"] for item in layers), layers=layers)
 
 
@@ -157,9 +165,11 @@ def saved_tensors(reports: list[LayerReport]) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save(reports: list[LayerReport], path: str, tokens: list[str], log=print, heads: list[int] | None = None) -> None:
+def save(reports: list[LayerReport], path: str, tokens: list[str], log=print, heads: list[int] | None = None,
+         decoder_tokens: list[str] | None = None, decoder_layers=frozenset()) -> None:
     """W', b' and the block norms of each layer into one safetensors file, saying what and how much first.
-    With heads, W' and the block norms are of those heads (metadata "heads"), b' of the whole layer."""
+    With heads, W' and the block norms are of those heads (metadata "heads"), b' of the whole layer. An
+    encoder-decoder's decoder layers (metadata "decoder_layers") read decoder_tokens (metadata "decoder_tokens")."""
     from safetensors.torch import save_file
 
     tensors = saved_tensors(reports)
@@ -167,6 +177,9 @@ def save(reports: list[LayerReport], path: str, tokens: list[str], log=print, he
     log(f"writing {format_bytes(size)} to {path} ...")
     metadata = {"tokens": "\t".join(tokens), "layout": "token",
                 "heads": "all" if heads is None else ",".join(map(str, heads))}
+    if decoder_tokens is not None:
+        metadata["decoder_tokens"] = "\t".join(decoder_tokens)
+        metadata["decoder_layers"] = ",".join(str(r.layer.index) for r in reports if r.layer.index in decoder_layers)
     save_file(tensors, path, metadata=metadata)
     with_w = [r.layer.index for r in reports if r.matrix is not None]
     without = [r.layer.index for r in reports if r.matrix is None]

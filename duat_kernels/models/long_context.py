@@ -104,7 +104,8 @@ def format_long_reports(reports: list[LongLayerReport], model_name: str) -> str:
 def run_inspect_long(args, model, inputs: dict) -> int:
     """The CLI path of `duat inspect --long` (args from duat inspect's parser; the loaded model and its
     tokenized text, a batch of one)."""
-    from duat_kernels.models.encoder_decoder import cross_attention_blocks, cross_attention_note
+    from duat_kernels.models.encoder_decoder import (cross_attention_blocks, cross_attention_note,
+                                                     uncovered_attention_modules, uncovered_note)
 
     from duat_kernels.models.qk_capture import QkCaptureUnsupported
 
@@ -117,6 +118,8 @@ def run_inspect_long(args, model, inputs: dict) -> int:
     skipped = cross_attention_blocks(model)
     if skipped:
         print(cross_attention_note(skipped))
+    if uncovered := uncovered_attention_modules(model):
+        print(uncovered_note(uncovered))
     worst = nan_max(r.rel_error for r in reports)
     if not worst <= 1e-5:
         print(f"FAILED: W' x' + b' differs from a layer's output by {worst:.2e} > 1e-05", file=sys.stderr)

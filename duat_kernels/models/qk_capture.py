@@ -24,7 +24,8 @@ from duat_kernels.heads import head_indices, select_heads
 from duat_kernels.hvo_operator import HVOOperator
 from duat_kernels.models.architectures import owning_config, resolve
 from duat_kernels.models.capture import (AttentionLayer, _token_mask, attention_blocks, attn_implementation,
-                                         named_inputs, select_layers)
+                                         check_not_called_with_encoder_states, encoder_states_hook, named_inputs,
+                                         select_layers)
 from duat_kernels.models.shared_layers import ApplicationRecords, layer_plan
 
 
@@ -133,7 +134,8 @@ def _attention_recorder(model: torch.nn.Module, records: dict):
             rec["softcap"] = kwargs.get("softcap", args[2] if len(args) > 2 else None)
             rec["sliding_window"] = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
             is_causal = kwargs.get("is_causal")
-            rec["causal"] = bool(getattr(module, "is_causal", False) if is_causal is None else is_causal)
+            rec["causal"] = bool(getattr(module, "is_causal", False) if is_causal is None else is_causal) \
+                or _masks_later_keys(attention_mask)
         if target == "eager":
             return (wrapped or _eager_function(module))(module, query, key, value, attention_mask, *args, **kwargs)
         return wrapped(module, query, key, value, attention_mask, *args, **kwargs)
@@ -147,6 +149,27 @@ def _attention_recorder(model: torch.nn.Module, records: dict):
             del mapping[target]
         else:
             mapping[target] = wrapped
+
+
+def _masks_later_keys(mask) -> bool:
+    """True when a 4-D mask (B, 1 or h, N_q, N_k; bool, True = attend, or additive) forbids every query the keys
+    after it, in each row that allows some key but not all: a causal mask built by the model for a module
+    whose is_causal is False (BigBirdPegasus's decoder, which runs eager: its causality is in the mask only).
+    Rows that allow no key or every key (padding, or rows sdpa's mask unmasks) say nothing."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-2] < 2:
+        return False
+    queries, keys = mask.shape[-2:]
+    rows = max(1, (1 << 24) // max(1, mask.shape[0] * mask.shape[1] * keys))  # ~16 M entries at a time
+    seen = False
+    for start in range(0, queries, rows):  # row blocks: a long padded batch's mask is large already
+        part = mask[..., start:start + rows, :]
+        blocked = ~part if part.dtype == torch.bool else part <= torch.finfo(part.dtype).min / 2
+        later = torch.ones(part.shape[-2], keys, dtype=torch.bool, device=mask.device).triu(keys - queries + 1 + start)
+        informative = blocked.any(-1, keepdim=True) & ~blocked.all(-1, keepdim=True)
+        if not bool((blocked | ~later | ~informative).all()):
+            return False
+        seen = seen or bool(informative.any())
+    return seen
 
 
 def attention_layers_qk(model: torch.nn.Module, *args, layers: list[int] | None = None,
@@ -178,6 +201,7 @@ def attention_layers_qk(model: torch.nn.Module, *args, layers: list[int] | None 
         weights[i]["w_o"], weights[i]["b_o"] = arch.out_weights(out_proj, owning_config(model, name))
         current = (lambda i=i: applications.current(i))
         handles.append(value.register_forward_pre_hook(_store_input(current), with_kwargs=True))
+        handles.append(module.register_forward_pre_hook(encoder_states_hook(current), with_kwargs=True))
         last = (lambda i=i: applications.is_last(i, selected[-1]))  # the pass stops after the last selected layer
         handles.append(out_proj.register_forward_hook(_store_output(current, last)))
     by_module = {id(blocks[i][1]): (lambda i=i: applications.current(i)) for i in applications.selected_blocks()}
@@ -198,6 +222,7 @@ def attention_layers_qk(model: torch.nn.Module, *args, layers: list[int] | None 
                                        "transformers' attention functions; capture='qk' cannot record it (use "
                                        "capture='attn')")
         rec = {**weights[i], **rec}
+        check_not_called_with_encoder_states(blocks[i][0], rec)
         rec["num_heads"], rec["num_kv_heads"] = rec["q"].shape[1], rec["k"].shape[1]  # as the layer ran
         batch, _, tokens, _ = rec["q"].shape  # the decoder of an encoder-decoder model has its own mask
         token_mask = _token_mask(model, blocks[i][0], batch, tokens, named, strict=True)

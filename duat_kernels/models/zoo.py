@@ -29,6 +29,11 @@ def _package_folder(package: str, install: str) -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
+# model_type -> the class of a composite model that AutoModel does not load (BERT2BERT: "Unrecognized configuration
+# class EncoderDecoderConfig for this kind of AutoModel", and a list of every config class)
+COMPOSITE_MODELS = {"encoder-decoder": lambda tf: tf.EncoderDecoderModel}
+
+
 def local_model(name_or_path: str) -> Path:
     """The path of a local model, checked: a folder with config.json or an existing .gguf file."""
     path = as_path("name_or_path", name_or_path)
@@ -65,6 +70,9 @@ def load(name_or_path: str = "minilm", *, causal_lm: bool = False):
         raise ImportError("loading a GGUF file needs the gguf package: pip install gguf accelerate")
     tokenizer = tf.AutoTokenizer.from_pretrained(folder, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
     auto_class = tf.AutoModelForCausalLM if causal_lm else tf.AutoModel
+    if not causal_lm and "gguf_file" not in kwargs:  # AutoModel has no class for a composite EncoderDecoderModel
+        model_type = getattr(tf.AutoConfig.from_pretrained(folder), "model_type", None)
+        auto_class = COMPOSITE_MODELS.get(model_type, lambda tf: auto_class)(tf)
     model = auto_class.from_pretrained(folder, dtype="float32", **kwargs).eval()
     return model, tokenizer
 

@@ -148,6 +148,13 @@ def test_directory_target_is_refused_before_writing(op, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, where no file can be created")
+def test_read_only_folder_is_refused_as_such():
+    # it was 'needs 11.1 KiB but only 0 B is free on its disk' (a DenseTooLargeError), root or not
+    with pytest.raises(PermissionError, match=r"save_dense: cannot write in /proc \("):
+        save_dense(dk.HVOOperator(torch.ones(1, 2, 2) / 2, torch.eye(3), torch.eye(3)), "/proc/w.npy", progress=False)
+
+
 def test_free_disk_space_is_checked_before_writing(op, tmp_path, monkeypatch):
     real = os.statvfs(tmp_path)
     small = type("statvfs", (), {"f_bavail": 1, "f_frsize": real.f_frsize})

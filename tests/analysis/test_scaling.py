@@ -55,3 +55,28 @@ def test_sweep_refuses_sizes_that_do_not_fit_before_allocating():
         scaling.scaling_sweep([2, 4], m=10 ** 9, heads=1, progress=False)
     with pytest.raises(DenseTooLargeError, match=r"scaling_sweep at N=10000000, M=8, h=2 needs"):
         scaling.scaling_sweep([10 ** 7], m=8, heads=2, progress=False)
+
+
+def test_from_qk_sweep_is_checked_for_what_it_stores(monkeypatch, capsys):
+    # the check counted A (h, N, N) for from_qk too: docs/long-context.md's `duat scale --from-qk --m 768 --heads 12
+    # --n ... 65536` was refused ("needs about 257.5 GiB"), and so was scaling_sweep(from_qk=True) at N = 65536
+    import pytest
+
+    from duat_kernels import DenseTooLargeError, _validation
+
+    class Reached(Exception):
+        pass
+
+    def stop(*_args):
+        raise Reached("the memory check passed")
+
+    monkeypatch.setattr(_validation, "available_memory", lambda _device: 8 << 30)
+    monkeypatch.setattr(scaling, "_operations", stop)  # the check passed: stop before any work
+    with pytest.raises(Reached):
+        scaling.scaling_sweep([1024, 65536], m=768, heads=12, from_qk=True, progress=False)
+    main(["scale", "--from-qk", "--m", "768", "--heads", "12", "--n", "1024", "65536", "--spectral-max-n", "0"])
+    assert "the memory check passed" in capsys.readouterr().err  # the CLI makes every error one line
+    with pytest.raises(DenseTooLargeError, match=r"scaling_sweep at N=65536, M=768, h=12 needs"):
+        scaling.scaling_sweep([1024, 65536], m=768, heads=12, progress=False)
+    assert main(["scale", "--m", "768", "--heads", "12", "--n", "1024", "65536"]) == 2
+    assert "(h + 4) N² + (h + 2) M² + 8 N M float32" in capsys.readouterr().err

@@ -3,6 +3,9 @@ fail their sha256, are written again; verify_zarr finds corrupted chunks (sync s
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -108,6 +111,14 @@ def test_save_zarr_names_a_path_that_is_not_one(op):
         dk.analysis.save_zarr(op, None)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, where no file can be created")
+@pytest.mark.parametrize("path", ["/proc/w.zarr", "/proc/missing/w.zarr"])
+def test_read_only_folder_is_refused_as_such(op, path):
+    # zarr failed with "No such file or directory: '/proc/w.zarr.partial'"
+    with pytest.raises(PermissionError, match=r"save_zarr: cannot write in /proc \("):
+        dk.analysis.save_zarr(op, path, progress=False)
+
+
 def test_threads_scheduler_and_float64(layer, tmp_path):
     p = layer(batched=False, dtype=torch.float64, heads=6, kv_heads=3)
     op = dk.HVOOperator(p["attn"], p["w_v"], p["w_o"], num_kv_heads=3, layout="feature")
@@ -134,6 +145,43 @@ def test_existing_store_is_not_overwritten(op, tmp_path):
     path = dk.analysis.save_zarr(op, tmp_path / "w.zarr", chunks=CHUNKS, scheduler="sync", progress=False)
     with pytest.raises(FileExistsError, match="exists.*overwrite=True"):
         dk.analysis.save_zarr(op, path, chunks=CHUNKS, scheduler="sync", progress=False)
+
+
+def test_overwrite_interrupted_while_removing_the_old_store_resumes(op, tmp_path, monkeypatch):
+    # the old store was deleted in place: interrupted part-way (its zarr.json gone), w.zarr was neither store, and
+    # the rerun with overwrite=True was refused ("exists and is not a zarr array")
+    old = dk.HVOOperator(op.attn, op.w_v * 2, op.w_o, num_kv_heads=op.dims.kv_heads)
+    path = dk.analysis.save_zarr(old, tmp_path / "w.zarr", chunks=CHUNKS, scheduler="sync", progress=False)
+    real_rmtree = zarr_store.shutil.rmtree
+
+    def interrupted_rmtree(target, *args, **kwargs):
+        if (Path(target) / "zarr.json").exists() and not str(target).endswith(".partial"):
+            (Path(target) / "zarr.json").unlink()  # the first file removed, then Ctrl-C
+            raise Interrupted
+        real_rmtree(target, *args, **kwargs)
+
+    monkeypatch.setattr(zarr_store.shutil, "rmtree", interrupted_rmtree)
+    with pytest.raises(Interrupted):
+        dk.analysis.save_zarr(op, path, chunks=CHUNKS, scheduler="sync", progress=False, overwrite=True)
+    monkeypatch.setattr(zarr_store.shutil, "rmtree", real_rmtree)
+    stored = zarr.open_array(path, mode="r")[:]  # a complete store: the old one or the new one
+    assert dk.analysis.verify_zarr(path) == []
+    assert np.array_equal(stored, op.to_dense().numpy()) or np.array_equal(stored, old.to_dense().numpy())
+    assert dk.analysis.save_zarr(op, path, chunks=CHUNKS, scheduler="sync", progress=False, overwrite=True) == path
+    np.testing.assert_array_equal(zarr.open_array(path, mode="r")[:], op.to_dense().numpy())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.zarr"]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_dangling_link_is_refused_before_the_work(op, tmp_path, monkeypatch, overwrite):
+    # it was taken for a free path: every chunk was computed, then the final rename failed with a raw
+    # "NotADirectoryError: [Errno 20] Not a directory", leaving w.zarr.partial and w.zarr.progress behind
+    (tmp_path / "w.zarr").symlink_to(tmp_path / "nowhere")
+    calls = _count_tiles(monkeypatch)
+    with pytest.raises(FileExistsError, match="w.zarr exists"):
+        dk.analysis.save_zarr(op, tmp_path / "w.zarr", chunks=CHUNKS, scheduler="sync", progress=False,
+                              overwrite=overwrite)
+    assert calls == [] and sorted(p.name for p in tmp_path.iterdir()) == ["w.zarr"]
 
 
 def test_overwrite_replaces_a_store_and_nothing_else(op, tmp_path):

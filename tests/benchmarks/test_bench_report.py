@@ -52,3 +52,18 @@ def test_default_folder_is_the_machine_and_the_start_time(report):
     folder = report.default_folder(_run([]))
     assert folder.parent.name == "test-2c-avx2" and folder.name == "run-2026-11-26T1000"
     assert folder.parent.parent == REPORT.parent / "results"
+
+
+def test_report_keeps_the_plots_of_a_report_whose_name_starts_with_its_own(report, tmp_path):
+    # benchmarks/results/nvidia-h200 holds the reports gpu and gpu_norms: `--name gpu` removed gpu_*.png, so
+    # gpu_norms_*.png too
+    folder = tmp_path / "machine"
+    folder.mkdir()
+    for kept in ("gpu_norms.md", "gpu_norms_matrix_free.png"):
+        (folder / kept).write_text("the gpu_norms report")
+    (folder / "gpu_matrix_free.png").write_text("stale plot of the gpu report")
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps(_run([("N=4 M=16 h=2 @avx2", 0.002, 0.001)])))
+    report.main([str(run), "--out", str(folder), "--name", "gpu"])
+    assert (folder / "gpu_norms_matrix_free.png").read_text() == "the gpu_norms report"
+    assert not (folder / "gpu_matrix_free.png").exists() and (folder / "gpu.md").exists()

@@ -384,6 +384,36 @@ def test_attention_over_other_keys_is_refused_at_capture(extra):
     _assert_exact(dk.models.attention_layers(model, x, memory, layers=[0]), 1)  # the self-attention
 
 
+def test_time_major_attention_is_named_as_such():
+    # FSMT's (fairseq's) attention reads x as (N, B, M): the refusal spoke of cross-attention or extra keys and of
+    # "the 2 tokens its value projection reads" (the batch size)
+    torch.manual_seed(0)
+    model = transformers.FSMTModel(transformers.FSMTConfig(
+        langs=["en", "de"], src_vocab_size=100, tgt_vocab_size=100, d_model=16, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        max_position_embeddings=32, pad_token_id=0, decoder_start_token_id=1)).eval()
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"encoder.layers.0.self_attn: its value projection reads x of shape "
+                                         r"\(7, 2, 16\), tokens first.*FSMT"):
+        dk.models.attention_layers(model, input_ids=ids)
+
+
+def test_local_attention_is_named_as_such():
+    # LongT5's encoder attends over local blocks ((B, 1, blocks, block, 3 block) probabilities): the error was a
+    # RuntimeError (a traceback in duat inspect) telling to load the eager attention the model already ran
+    torch.manual_seed(0)
+    model = transformers.LongT5Model(transformers.LongT5Config(
+        d_model=16, num_heads=2, d_kv=8, num_layers=1, d_ff=32, vocab_size=100, decoder_start_token_id=0,
+        pad_token_id=0, local_radius=2)).eval()
+    model.set_attn_implementation("eager")
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"encoder.block.0.layer.0.LocalSelfAttention runs eager attention but "
+                                         r"returned no \(B, h, N, N\) attention probabilities.*local blocks"):
+        dk.models.attention_layers(model, input_ids=ids)
+    (layer,) = dk.models.attention_layers(model, input_ids=ids, layers=[-1])  # the decoder's full self-attention
+    assert layer.name == "decoder.block.0.layer.0.SelfAttention" and layer.relative_error() <= 1e-5
+
+
 def _bert_to_gpt2():
     """EncoderDecoderModel: a BERT encoder and a GPT-2 decoder (fused c_attn, cross-attention)."""
     encoder = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,

@@ -38,10 +38,15 @@ MODELS = {
     "marian": lambda: transformers.MarianModel(transformers.MarianConfig(
         **_BART_LIKE, decoder_attention_heads=2, decoder_start_token_id=START)),
     "mbart": lambda: transformers.MBartModel(transformers.MBartConfig(**_BART_LIKE, decoder_attention_heads=2)),
+    "nllb_moe": lambda: transformers.NllbMoeModel(transformers.NllbMoeConfig(
+        **_BART_LIKE, decoder_attention_heads=2, decoder_start_token_id=START, num_experts=2, expert_capacity=8)),
 }
 CROSS = {"t5": ["decoder.block.0.layer.1.EncDecAttention"], "bart": ["decoder.layers.0.encoder_attn"],
          "bert2bert": ["decoder.bert.encoder.layer.0.crossattention.self"], "marian": ["decoder.layers.0.encoder_attn"],
-         "mbart": ["decoder.layers.0.encoder_attn"]}
+         "mbart": ["decoder.layers.0.encoder_attn"],
+         # its cross_attention was captured as a self-attention layer: exact only because decoder and encoder had N
+         # tokens each, with capture='qk' off by 8% (taken for causal self-attention)
+         "nllb_moe": ["decoder.layers.0.cross_attention"]}
 
 
 def _model(family):
@@ -94,3 +99,69 @@ def test_missing_start_token_is_one_clear_error():
     model.config.decoder_start_token_id = None
     with pytest.raises(ValueError, match="no decoder_start_token_id in its config.*pass decoder_input_ids"):
         dk.models.attention_layers(model, input_ids=_padded_ids()[0])
+
+
+def _whisper():
+    """A speech encoder-decoder: the encoder reads input_features (B, mel bins, 2·N_enc), there are no input_ids."""
+    return transformers.WhisperModel(transformers.WhisperConfig(
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100, num_mel_bins=8, max_source_positions=8,
+        max_target_positions=16, pad_token_id=PAD, decoder_start_token_id=START, bos_token_id=START,
+        eos_token_id=2))
+
+
+@pytest.mark.parametrize("capture", ["attn", "qk"])
+def test_no_input_ids_to_shift_is_one_clear_error(capture):
+    # Whisper given input_features only failed inside its decoder with "You cannot specify both decoder_input_ids
+    # and decoder_inputs_embeds at the same time" (neither was given)
+    torch.manual_seed(0)
+    model = _whisper().eval()
+    features = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError,
+                       match=r"WhisperModel .*no input_ids.*\(got input_features\).*pass decoder_input_ids"):
+        dk.models.attention_layers(model, input_features=features, capture=capture)
+    decoder_ids = torch.tensor([[START, 5, 6], [START, 7, 8]])
+    layers = dk.models.attention_layers(model, input_features=features, decoder_input_ids=decoder_ids, capture=capture)
+    assert [(layer.name, layer.x.shape[1]) for layer in layers] == [("encoder.layers.0.self_attn", 8),
+                                                                      ("decoder.layers.0.self_attn", 3)]
+    for layer in layers:
+        assert layer.relative_error() <= TOLERANCE, layer.name
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_labels_are_the_decoder_inputs(family):
+    # given labels (a target text), the models shift them into decoder_input_ids themselves; the capture added the
+    # input text shifted right instead, so the decoder layers were captured on the wrong text (labels of another
+    # length failed in the loss)
+    torch.manual_seed(0)
+    model = {"t5": transformers.T5ForConditionalGeneration, "bart": transformers.BartForConditionalGeneration}[family](
+        MODELS[family]().config).eval()
+    model.set_attn_implementation("eager")
+    ids, mask = _padded_ids()
+    for tokens in (7, 5):
+        labels = torch.randint(2, 100, (2, tokens), generator=torch.Generator().manual_seed(1))
+        by_hand = torch.cat([torch.full_like(labels[:, :1], START), labels[:, :-1]], dim=1)
+        layers = dk.models.attention_layers(model, input_ids=ids, attention_mask=mask, labels=labels)
+        expected = dk.models.attention_layers(model, input_ids=ids, attention_mask=mask, decoder_input_ids=by_hand)
+        assert "decoder" in layers[1].name.split(".") and layers[1].x.shape[1] == tokens
+        for layer, ref in zip(layers, expected, strict=True):
+            assert layer.name == ref.name
+            torch.testing.assert_close(layer.x, ref.x, rtol=0, atol=0)
+            assert layer.relative_error() <= TOLERANCE, layer.name
+
+
+@pytest.mark.parametrize("capture", ["attn", "qk"])
+def test_cross_attention_under_an_unknown_name_is_refused(monkeypatch, capture):
+    # a cross-attention block whose name the capture did not know (NLLB-MoE's cross_attention, before it was named)
+    # passed for a self-attention layer whenever decoder and encoder had the same number of tokens
+    from duat_kernels.models import architectures
+
+    names = tuple(n for n in architectures.CROSS_ATTENTION_NAMES if n != "cross_attention")
+    monkeypatch.setattr(architectures, "CROSS_ATTENTION_NAMES", names)
+    model = _model("nllb_moe")
+    ids, mask = _padded_ids()
+    with pytest.raises(ValueError, match=r"decoder.layers.0.cross_attention was given the encoder's states.*"
+                                         r"cross-attention.*layers="):
+        dk.models.attention_layers(model, input_ids=ids, attention_mask=mask, capture=capture)
+    layers = dk.models.attention_layers(model, input_ids=ids, attention_mask=mask, capture=capture, layers=[0, 1])
+    assert [layer.name for layer in layers] == ["encoder.layers.0.self_attn", "decoder.layers.0.self_attn"]

@@ -359,3 +359,71 @@ def test_encoder_decoder_models_are_inspected(tmp_path, capsys, family):
         for head in entry["per_head"]:
             dense = layer.hvo_matrix(dtype=torch.float64, heads=[head["head"]], backend="reference")
             assert head["frobenius"] == pytest.approx(dense.norm().item(), rel=1e-6)
+
+
+
+UNREADABLE_ENCODER = {  # encoder self-attention whose value and output projections are not where the capture looks
+    "led": lambda vocab: transformers.LEDConfig(  # Longformer attention
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=vocab, max_encoder_position_embeddings=64,
+        max_decoder_position_embeddings=64, attention_window=4, pad_token_id=0, decoder_start_token_id=1),
+    "bigbird_pegasus": lambda vocab: transformers.BigBirdPegasusConfig(
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=vocab, max_position_embeddings=64,
+        attention_type="original_full", pad_token_id=0, decoder_start_token_id=1),
+}
+
+
+@pytest.mark.parametrize("family", sorted(UNREADABLE_ENCODER))
+def test_self_attention_the_capture_cannot_read_is_named(tmp_path, capsys, family):
+    # duat inspect reported the decoder's layer alone, without a word on the encoder's attention it left out
+    vocab = _save_tokenizer(tmp_path)
+    torch.manual_seed(0)
+    transformers.AutoModel.from_config(UNREADABLE_ENCODER[family](vocab)).save_pretrained(tmp_path)
+    note = "self-attention modules not inspected (1: encoder.layers.0.self_attn)"
+    assert main(["inspect", "--model", str(tmp_path), "--text", _text(6), "--json", str(tmp_path / "r.json")]) == 0
+    assert note in capsys.readouterr().out
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert [entry["name"] for entry in result["layers"]] == ["decoder.layers.0.self_attn"]
+    assert result["uncovered_attention"] == ["encoder.layers.0.self_attn"] and result["passed"]
+    if family == "bigbird_pegasus":  # LED's decoder attention is not run through transformers' functions: no --long
+        assert main(["inspect", "--model", str(tmp_path), "--text", _text(6), "--long"]) == 0
+        assert note in capsys.readouterr().out
+
+
+def test_decoder_layers_are_labelled_with_the_tokens_they_read(tmp_path, capsys, monkeypatch):
+    # the heatmaps' hover labels (--html) and tick labels (--plot) of BART's decoder layer named the input tokens,
+    # one position off what the decoder reads (the text shifted right: token n is the text's token n - 1), and
+    # --json did not say which
+    folder = _encoder_decoder_folder(tmp_path / "bart", "bart")
+    out, page = tmp_path / "r.json", tmp_path / "r.html"
+    import matplotlib.axes
+
+    ticks, set_yticks = [], matplotlib.axes.Axes.set_yticks  # --plot: each panel's output-token labels
+    def recording(ax, where, labels=None, **kw):
+        ticks.append(list(labels))
+        return set_yticks(ax, where, labels, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_yticks", recording)
+    assert main(["inspect", "--model", str(folder), "--text", _text(6), "--json", str(out), "--html", str(page),
+                 "--plot", str(tmp_path / "r.png"), "--save", str(tmp_path / "w.safetensors")]) == 0
+    capsys.readouterr()
+    model, tok = dk.models.load(str(folder))
+    ids = tok([_text(6)], return_tensors="pt")["input_ids"][0].tolist()
+    tokens = tok.convert_ids_to_tokens(ids)
+    shifted = tok.convert_ids_to_tokens([model.config.decoder_start_token_id, *ids[:-1]])
+    result = json.loads(out.read_text())
+    assert result["tokens"] == tokens and result["decoder_tokens"] == shifted
+    assert [(entry["name"].split(".")[0], entry["reads"]) for entry in result["layers"]] == [
+        ("encoder", "tokens"), ("decoder", "decoder_tokens")]
+    text = page.read_text()
+    start = text.index('<script id="data" type="application/json">') + len('<script id="data" type="application/json">')
+    data = json.loads(text[start:text.index("</script>", start)].replace("<\\/", "</"))
+    assert data["labels"] == tokens and [layer["labels"] for layer in data["layers"]] == [None, shifted]
+    assert ticks == [tokens, shifted]
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "w.safetensors"), "pt") as saved:  # --save
+        meta = saved.metadata()
+    assert meta["tokens"].split("\t") == tokens and meta["decoder_tokens"].split("\t") == shifted
+    assert meta["decoder_layers"] == "1"

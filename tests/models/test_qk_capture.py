@@ -290,3 +290,22 @@ def test_albert_gives_each_application_of_its_shared_layers(layers, groups, inne
     assert all(not torch.equal(x, inputs[0]) for x in inputs[1:])  # each application reads its own input
     last = compare_captures(model, enc, [-1])  # selected by depth; the pass stops after it
     assert (last[0].index, last[0].application) == (count - 1, with_qk[-1].application)
+
+
+@pytest.mark.parametrize("padding", ["left", "right", None], ids=["left-padded", "right-padded", "unpadded"])
+def test_causal_mask_of_a_module_not_marked_causal(padding):
+    # BigBirdPegasus's decoder self-attention has is_causal=False and runs eager (no sdpa): its causality is only
+    # in the 4-D mask the model builds; the q/k capture took the layer for bidirectional (relative error 0.8-0.9)
+    torch.manual_seed(0)
+    config = transformers.BigBirdPegasusConfig(
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100, max_position_embeddings=64,
+        attention_type="original_full")
+    model = transformers.AutoModel.from_config(config, attn_implementation="eager").eval()
+    enc = _ids(tokens=7, padded=padding is not None, side=padding or "right")
+    dec = dict(decoder_input_ids=enc["input_ids"], decoder_attention_mask=enc["attention_mask"])
+    (a,), (b,) = (dk.models.attention_layers(model, **enc, **dec, capture=c, layers=[-1]) for c in ("attn", "qk"))
+    assert b.name == "decoder.layers.0.self_attn" and b.causal
+    assert b.relative_error() <= TOLERANCE
+    real = enc["attention_mask"].bool()[:, None, :, None]
+    torch.testing.assert_close(b.attention() * real, a.attn * real, rtol=0, atol=TOLERANCE)
