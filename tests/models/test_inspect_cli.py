@@ -41,7 +41,11 @@ def folder(tmp_path_factory):
     torch.manual_seed(0)
     config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                                      vocab_size=vocab, max_position_embeddings=POSITIONS)
-    model = transformers.BertModel(config)
+    return _save_with_random_biases(transformers.BertModel(config), path)
+
+
+def _save_with_random_biases(model, path):
+    """model saved to path with every bias drawn at random (zero biases would hide a missing b')."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -308,13 +312,7 @@ CROSS_ATTENTION = {"t5": "decoder.block.0.layer.1.EncDecAttention", "bart": "dec
 def _encoder_decoder_folder(path, family):
     vocab = _save_tokenizer(path)
     torch.manual_seed(0)
-    model = transformers.AutoModel.from_config(ENCODER_DECODER[family](vocab))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(std=0.5)
-    model.save_pretrained(path)
-    return path
+    return _save_with_random_biases(transformers.AutoModel.from_config(ENCODER_DECODER[family](vocab)), path)
 
 
 @pytest.mark.parametrize("family", sorted(ENCODER_DECODER))
