@@ -2,8 +2,8 @@
 
     pytest benchmarks/ --benchmark-json=run.json && python benchmarks/report.py run.json
 
-Writes into its own folder, by default benchmarks/results/<machine>/run-<date>T<hhmm> (e.g.
-amd-epyc-2c-avx512/run-2026-11-26T1030: named after the CPU that ran it and the time the run started,
+Writes into its own folder, by default benchmarks/results/<machine>/run-<date>T<hhmmss> (e.g.
+amd-epyc-2c-avx512/run-2026-11-26T102705: named after the CPU that ran it and the time of the run,
 so a new run never overwrites another or the committed reports in benchmarks/results/<machine>/; in a
 folder given with --out an older report of the same name and its plots are removed first, other reports
 are kept): <name>.md (the machine, its CPU and SIMD flags, one table per
@@ -60,9 +60,10 @@ def machine_slug(run: dict) -> str:
 
 
 def default_folder(run: dict) -> Path:
-    """benchmarks/results/<machine>/run-<date>T<hhmm>: named after the machine and the time the run started, so
-    that a new run never overwrites another, the committed reports in benchmarks/results/<machine>/ included."""
-    stamp = re.sub(r"[^0-9T-]", "", run.get("datetime", "")[:16]) or "undated"
+    """benchmarks/results/<machine>/run-<date>T<hhmmss>: named after the machine and the time of the run (its
+    JSON's datetime, written when it ended), so that a new run never overwrites another, the committed reports
+    in benchmarks/results/<machine>/ included."""
+    stamp = re.sub(r"[^0-9T-]", "", run.get("datetime", "")[:19]) or "undated"
     return Path(__file__).parent / "results" / machine_slug(run) / f"run-{stamp}"
 
 
@@ -324,13 +325,15 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", help="pytest-benchmark JSON (--benchmark-json)")
     parser.add_argument("--out", default=None,
-                        help="output folder (default: benchmarks/results/<machine>/run-<start time>; an older report of the same name "
+                        help="output folder (default: benchmarks/results/<machine>/run-<time of the run>; an older report of the same name "
                              "and its plots are removed first)")
     parser.add_argument("--name", default="cpu", help="report name (default: cpu)")
     args = parser.parse_args(argv)
     with open(args.run) as f:
         run = json.load(f)
     out = Path(args.out) if args.out else default_folder(run)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is a file; give a folder")
     if out.exists():  # a report is the files of one run: no stale plots beside new tables
         for old in [*own_plots(out, args.name), out / f"{args.name}.md", out / f"{args.name}.json"]:
             if old.resolve() != Path(args.run).resolve():  # never the run being reported

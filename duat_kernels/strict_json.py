@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 
 
 def finite_or_null(value):
-    """value with every non-finite float (NaN, inf, -inf; NumPy float64 too) inside its dicts, lists and
-    tuples replaced by None; tuples become lists, as json writes them anyway."""
-    if isinstance(value, float):
+    """value with every non-finite float (NaN, inf, -inf; NumPy floats of any width too) inside its dicts,
+    lists and tuples replaced by None; NumPy numbers become Python ones and tuples lists, as json writes them."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, int):  # NumPy integers: json refuses them
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, int):  # float, NumPy float16/32/64
+        value = float(value)
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
         return {key: finite_or_null(item) for key, item in value.items()}

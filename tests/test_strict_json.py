@@ -35,3 +35,11 @@ def test_a_non_finite_number_it_cannot_see_raises():
     # what json's default= hook returns is not walked: allow_nan=False refuses it instead of writing NaN
     with pytest.raises(ValueError, match="not JSON compliant"):
         strict_json.dumps({"x": object()}, default=lambda o: float("nan"))
+
+
+def test_numpy_numbers_of_any_width():
+    # NumPy float32/float16 and integers failed in json.dumps ("Object of type float32 is not JSON serializable")
+    import numpy as np
+
+    value = {"a": np.float32(1.5), "b": np.float32("nan"), "c": np.float16("inf"), "d": np.int64(3), "e": [np.int32(-1)]}
+    assert strict_json.dumps(value) == '{"a": 1.5, "b": null, "c": null, "d": 3, "e": [-1]}'

@@ -50,7 +50,7 @@ def test_named_report_keeps_other_reports(report, tmp_path):
 def test_default_folder_is_the_machine_and_the_start_time(report):
     # it was benchmarks/results/<machine>: a new run on the machine of a committed one overwrote that report
     folder = report.default_folder(_run([]))
-    assert folder.parent.name == "test-2c-avx2" and folder.name == "run-2026-11-26T1000"
+    assert folder.parent.name == "test-2c-avx2" and folder.name == "run-2026-11-26T100000"
     assert folder.parent.parent == REPORT.parent / "results"
 
 
@@ -67,3 +67,12 @@ def test_report_keeps_the_plots_of_a_report_whose_name_starts_with_its_own(repor
     report.main([str(run), "--out", str(folder), "--name", "gpu"])
     assert (folder / "gpu_norms_matrix_free.png").read_text() == "the gpu_norms report"
     assert not (folder / "gpu_matrix_free.png").exists() and (folder / "gpu.md").exists()
+
+
+def test_out_that_is_a_file_is_refused(report, tmp_path, capsys):
+    # it gave a raw NotADirectoryError from mkdir
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps(_run([("N=4 M=16 h=2 @avx2", 0.002, 0.001)])))
+    with pytest.raises(SystemExit) as exit_info:
+        report.main([str(run), "--out", str(run)])
+    assert exit_info.value.code == 2 and "is a file; give a folder" in capsys.readouterr().err
