@@ -162,7 +162,8 @@ def plot(results: list[dict], out_dir: Path, title: str) -> list[Path]:
 def write_report(chain: LanguageModelChain, results: list[dict], out_dir: str | os.PathLike, meta: dict,
                  plots: bool = True) -> list[Path]:
     """Write out_dir/markov.json ({"meta": ..., "temperatures": {"τ": analyse_temperature}}), markov.md, the npz
-    files and (plots=True) the PNGs; return the paths written."""
+    files and (plots=True) the PNGs; return the paths written. The npz and PNGs of an earlier report in
+    out_dir that this one does not write (other temperatures, plots=False) are deleted."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(meta, symbols=list(chain.symbols), token_ids=list(chain.token_ids or ()), context=chain.context,
@@ -175,4 +176,15 @@ def write_report(chain: LanguageModelChain, results: list[dict], out_dir: str | 
     paths = [json_path, md_path, *chain.save(out)]
     if plots:
         paths += plot(results, out, f"{meta['model']}, K={chain.context}, T={chain.num_symbols}")
+    _remove_earlier_outputs(out, paths)
     return paths
+
+
+def _remove_earlier_outputs(out: Path, written: list[Path]) -> None:
+    """Delete the files an earlier report wrote into out that this one did not (the npz of other temperatures,
+    the PNGs after --no-plot): they sat next to a markov.json that no longer described them. Only names this
+    command writes are touched; the cache and other files stay."""
+    keep = {p.name for p in written}
+    for path in [*out.glob("transition_tau*.npz"), out / "tv_vs_t.png", out / "mixing_time_vs_tau.png"]:
+        if path.name not in keep and path.is_file() and not path.is_symlink():
+            path.unlink()
