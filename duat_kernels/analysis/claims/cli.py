@@ -40,9 +40,8 @@ def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"model": args.model, "model_type": model.config.model_type, "text": text, "command": _command(args), **facts}
-    if not args.no_plots:
-        plots.write_all(out, results, facts["token_strings"], args.model)
-    report.write(out, results, meta)
+    written = [] if args.no_plots else plots.write_all(out, results, facts["token_strings"], args.model)
+    report.write(out, results, meta, written)
     print((out / "claims.md").read_text())
     print(f"written to {out}/ (claims.md, claims.json{'' if args.no_plots else ', PNGs'})")
     ml = results.get("multilayer")

@@ -143,9 +143,19 @@ def contributions_md(d: dict, tokens: list[str]) -> list[str]:
     return lines
 
 
-def write(out: Path, results: dict, meta: dict) -> list[Path]:
-    """claims.md, claims.json and the plots into out; returns the paths written."""
+def write(out: Path, results: dict, meta: dict, plots: list[Path] = ()) -> list[Path]:
+    """claims.md and claims.json into out, claims.md linking the PNGs in plots (those this run wrote:
+    `plots.write_all`); returns the paths written. The <section>.png of an earlier run that this one
+    did not write are deleted (claims.md linked whatever PNG it found, so a rerun with --no-plots or
+    fewer sections showed the earlier run's plots as its own)."""
+    from duat_kernels.analysis.claims.plots import PLOTTED_SECTIONS
+
     out.mkdir(parents=True, exist_ok=True)
+    plotted = {Path(p).name for p in plots}
+    for key in PLOTTED_SECTIONS:
+        stale = out / f"{key}.png"
+        if stale.name not in plotted and stale.is_file() and not stale.is_symlink():
+            stale.unlink()
     (out / "claims.json").write_text(strict_json.dumps({"meta": meta, **results}, indent=1))
     md = [f"# The DUAT paper's claims, measured on {meta['model']} ({meta['model_type']})", "",
           f"Command: `{meta['command']}`. Text: \"{meta['text']}\" ({meta['tokens']} tokens). "
@@ -157,10 +167,10 @@ def write(out: Path, results: dict, meta: dict) -> list[Path]:
     for key, title, fn in sections:
         if key in results:
             md += [f"## {title}", "", *fn(results[key]), ""]
-            if (out / f"{key}.png").exists():
+            if f"{key}.png" in plotted:
                 md += [f"![{key}]({key}.png)", ""]
     if "contributions" in results:
         md += ["## Token-to-token contributions", "", *contributions_md(results["contributions"], meta["token_strings"]), "",
-               "![contributions](contributions.png)" if (out / "contributions.png").exists() else "", ""]
+               "![contributions](contributions.png)" if "contributions.png" in plotted else "", ""]
     (out / "claims.md").write_text("\n".join(md))
     return [out / "claims.md", out / "claims.json"]
