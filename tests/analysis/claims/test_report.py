@@ -33,3 +33,32 @@ def test_non_finite_measurements_are_null(tmp_path, tokenizer, capsys, value):
     assert result["multilayer"]["layers"][1]["relative_error"] is None  # the layer of the non-finite weight
     assert result["multilayer"]["layers"][0]["relative_error"] < 1e-4  # the finite layer before it is kept
     assert None in result["pruning"]["layers"][2]["heads"]["head_norms"]
+
+
+def _pruning(head_tightness: float, block_tightness: float, heads: int = 4) -> dict:
+    """A pruning result of two layers with the given tightness everywhere (actual = tightness · bound)."""
+    def budget(pruned, tightness):
+        return {"pruned": pruned, "actual": tightness * 0.5, "bound": 0.5, "tightness": tightness}
+    layer = {"heads": {"budgets": [budget(k, head_tightness) for k in range(1, heads + 1)]},
+             "blocks": {"budgets": [budget(None, block_tightness) for _ in (0.1, 0.5)]}}
+    return {"block_budgets": [0.1, 0.5], "bound_held": True, "layers": [dict(layer, layer=i) for i in range(2)]}
+
+
+@pytest.mark.parametrize("heads,blocks", [(0.5, 1.0), (0.95, 0.4), (0.5, 0.5), (0.95, 0.99)])
+def test_pruning_verdict_names_each_part_loose_or_tight(heads, blocks):
+    """With heads at 0.50 of the bound and blocks at 1.00 (one token: one block a row) the report said "It is close
+    to tight: ... 0.50 of the bound ... because the pruned outputs partly cancel": one verdict from the larger."""
+    from duat_kernels.analysis.claims.report import pruning_md
+
+    verdict = pruning_md(_pruning(heads, blocks))[-1]
+    for name, value in (("heads", heads), ("blocks", blocks)):
+        word = "loose" if value < 0.9 else "close to tight"
+        assert f"{name}: {value:.2f} of the bound on average ({word})" in verdict
+    assert ("partly cancel" in verdict) == (min(heads, blocks) < 0.9)
+
+
+def test_pruning_verdict_of_a_one_head_model():
+    from duat_kernels.analysis.claims.report import pruning_md
+
+    verdict = pruning_md(_pruning(1.0, 0.5, heads=1))[-1]  # statistics.mean of no budget raised StatisticsError
+    assert "heads: no budget prunes two or more heads" in verdict and "blocks: 0.50 of the bound" in verdict
