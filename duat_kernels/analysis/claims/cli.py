@@ -53,14 +53,16 @@ def run(args) -> int:
 
 
 def _command(args) -> str:
-    """The command line that reproduces this report."""
+    """The command line that reproduces this report, each argument quoted for a POSIX shell (shlex)."""
+    import shlex
+
     from duat_kernels.analysis.claims.run import SECTIONS
 
-    parts = ["duat claims", f"--model {args.model}"]
+    words = ["duat", "claims", "--model", args.model]
     if args.text:
-        parts.append(f"--text {args.text!r}")
+        words += ["--text", args.text]
     if list(args.sections) != list(SECTIONS):
-        parts.append("--sections " + " ".join(args.sections))
+        words += ["--sections", *args.sections]
     if args.lora_rank != 4:
-        parts.append(f"--lora-rank {args.lora_rank}")
-    return " ".join(parts + [f"--out {args.out}"])
+        words += ["--lora-rank", str(args.lora_rank)]
+    return shlex.join(words + ["--out", args.out])

@@ -128,3 +128,19 @@ def test_claims_rerun_into_the_same_out_links_no_plot_of_the_earlier_run(tmp_pat
     assert sorted(p.name for p in out.glob("*.png")) == ["notes.png"]
     assert main(["claims", "--model", str(folder), "--sections", "multilayer", "--out", str(out)]) == 0
     assert sorted(p.name for p in out.glob("*.png")) == ["multilayer.png", "notes.png"]
+
+
+@pytest.mark.parametrize("text,out", [("it's \"quoted\"", "my report"), ("two\nlines 🙂", "out"), ("plain", "a;b")])
+def test_claims_command_line_reproduces_the_arguments(text, out):
+    """claims.md's "Command:" wrote the text with Python's repr ('it\\'s ...', '\\n') and the folder unquoted:
+    pasted into a shell it failed or measured another text."""
+    import shlex
+
+    from duat_kernels.analysis.claims.cli import _command
+    from duat_kernels.cli import build_parser
+
+    argv = ["claims", "--model", "my model", "--text", text, "--sections", "pruning", "--lora-rank", "2", "--out", out]
+    args = build_parser().parse_args(argv)
+    words = shlex.split(_command(args))
+    assert words[:2] == ["duat", "claims"]
+    assert vars(build_parser().parse_args(words[1:])) == vars(args)
