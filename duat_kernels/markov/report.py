@@ -29,7 +29,7 @@ def analyse_temperature(chain: LanguageModelChain, tau: float) -> dict:
     try:
         stationary = analysis.stationary_distribution(op)
     except ValueError as exc:
-        raise ValueError(f"at temperature τ={tau:g}: {exc}") from None
+        raise ValueError(f"at temperature τ={temperature_label(tau)}: {exc}") from None
     pi = stationary.pi
     gap = analysis.spectral_gap(op)
     dense = op.num_states <= analysis.DENSE_MAX_STATES
@@ -91,7 +91,7 @@ def format_table(results: list[dict]) -> str:
         tokens = ", ".join(f"`{k}` {v:.3f}" for k, v in top)
         states = ", ".join(f"`{k}` {v:.3f}" for k, v in r["top_states"].items())
         slowest = "" if r["slowest_state"] is None else f"`{r['slowest_state']}`"
-        lines.append(f"| {r['temperature']:g} | {r['spectral_gap']:.4g} | {lam2:.4g} | {t_rel} | {t_mix} | {slowest} | "
+        lines.append(f"| {temperature_label(r['temperature'])} | {r['spectral_gap']:.4g} | {lam2:.4g} | {t_rel} | {t_mix} | {slowest} | "
                      f"{r['residual']:.1e} | {tokens} | {states} |")
     return "\n".join(lines)
 
@@ -108,7 +108,7 @@ def write_markdown(results: list[dict], meta: dict, path: Path) -> None:
             f"(over {results[0]['mixing_time_over'] if results else 'all states'}).", "",
             f"Logits of the {meta['num_states']} contexts (or reading them from the cache): "
             f"{meta['logits_seconds']:.1f} s; analysis: "
-            + ", ".join(f"τ={r['temperature']:g} {r['analysis_seconds']:.1f} s" for r in results) + ".", ""]
+            + ", ".join(f"τ={temperature_label(r['temperature'])} {r['analysis_seconds']:.1f} s" for r in results) + ".", ""]
     path.write_text("\n".join(text))
 
 
@@ -129,7 +129,7 @@ def plot(results: list[dict], out_dir: Path, title: str) -> list[Path]:
             ax.semilogy(np.arange(len(curve)), np.maximum(curve, 1e-16), label=label,
                         color="black" if worst else None, lw=1.6 if worst else 0.9, ls="--" if worst else "-")
         ax.axhline(analysis.MIXING_EPSILON, color="gray", ls="--", lw=0.8)
-        ax.set_title(f"τ = {r['temperature']:g}, t_mix = {r['mixing_time']}")
+        ax.set_title(f"τ = {temperature_label(r['temperature'])}, t_mix = {r['mixing_time']}")
         ax.set_xlabel("t (steps)")
     axes[0][0].set_ylabel("‖δ_s P^t − π‖_TV")
     axes[0][-1].legend(fontsize=6, ncol=2)
@@ -146,7 +146,7 @@ def plot(results: list[dict], out_dir: Path, title: str) -> list[Path]:
             label="t_rel = 1 / spectral gap")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xticks(taus, [f"{t:g}" for t in taus])
+    ax.set_xticks(taus, [temperature_label(t) for t in taus])
     ax.minorticks_off()
     ax.set_xlabel("temperature τ")
     ax.set_ylabel("steps")

@@ -57,3 +57,10 @@ def test_rewriting_a_report_folder_leaves_no_files_of_the_earlier_run(tmp_path):
     second = report.write_report(again, report.analyse(again, progress=False), tmp_path, meta, plots=False)
     assert {p.name for p in tmp_path.iterdir()} == {p.name for p in second} | {"notes.txt"}
     assert {p.name for p in second} == {"markov.json", "markov.md", "transition_tau2.npz"}
+
+
+def test_table_tells_close_temperatures_apart():
+    """τ = 0.5 and 0.5000001 have their own files and markov.json keys, but the table printed both rows as 0.5."""
+    chain = LanguageModelChain(_chain().logits, ("a", "b", "c"), 4, (0.5, 0.5000001))
+    rows = report.format_table(report.analyse(chain, progress=False)).splitlines()[2:]
+    assert [r.split(" |")[0] for r in rows] == ["| 0.5", "| 0.5000001"]
