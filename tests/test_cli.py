@@ -128,7 +128,8 @@ def test_scale_writes_table_and_plot(tmp_path, capsys):
 def test_scale_measures_a_repeated_n_once(capsys):
     """--n 16 8 16 measured N=16 twice: two table rows, and the fit counted the point twice."""
     assert main(["scale", "--n", "16", "8", "16", "--m", "8", "--heads", "2", "--spectral-max-n", "0"]) == 0
-    rows = [line.split(" |")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]  # after the header
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    rows = [line.split(" |")[0] for line in table[1:]]  # after the header
     assert rows == ["| 8", "| 16"]
 
 

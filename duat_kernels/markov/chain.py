@@ -108,7 +108,8 @@ class LanguageModelChain:
         """Evaluate model (a Hugging Face causal LM or a callable input_ids (B, L) -> next-token logits)
         on all T^K contexts. With a tokenizer, symbols are strings, each a single token; without one,
         symbols are token ids. bos_id "auto": the tokenizer's or the model config's BOS id, if any;
-        None: no BOS. A torch module whose logits read later tokens (a masked LM) is refused (`check_causal`). batch_size, cache_dir, model_id, share_prefix: see `context_logits`."""
+        None: no BOS. A torch module whose logits read later tokens (a masked LM) is refused (`check_causal`).
+        batch_size, cache_dir, model_id, share_prefix: see `context_logits`."""
         context = check_context(context)
         taus = check_temperatures(temperatures)
         if tokenizer is not None:

@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
         for tau in args.temperature:
             check_temperature(tau)
         if len(set(args.temperature)) != len(args.temperature):  # the report keys results by temperature
-            raise ValueError(f"--temperature lists a temperature twice: {' '.join(temperature_label(t) for t in args.temperature)}")
+            given = " ".join(temperature_label(t) for t in args.temperature)
+            raise ValueError(f"--temperature lists a temperature twice: {given}")
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.threads is not None:
@@ -79,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     print(report.format_table(results))
     for r in results:
         if not r["residual"] <= RESIDUAL_WARNING:
-            print(f"duat markov: warning: at τ={temperature_label(r['temperature'])} ||πP − π||₁ = {r['residual']:.1e} > "
+            tau = temperature_label(r["temperature"])
+            print(f"duat markov: warning: at τ={tau} ||πP − π||₁ = {r['residual']:.1e} > "
                   f"{RESIDUAL_WARNING:g}", file=sys.stderr)
     print(f"\n{len(paths)} files written to {out}: {', '.join(p.name for p in paths)}")
     return 0

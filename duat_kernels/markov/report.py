@@ -91,7 +91,8 @@ def format_table(results: list[dict]) -> str:
         tokens = ", ".join(f"`{k}` {v:.3f}" for k, v in top)
         states = ", ".join(f"`{k}` {v:.3f}" for k, v in r["top_states"].items())
         slowest = "" if r["slowest_state"] is None else f"`{r['slowest_state']}`"
-        lines.append(f"| {temperature_label(r['temperature'])} | {r['spectral_gap']:.4g} | {lam2:.4g} | {t_rel} | {t_mix} | {slowest} | "
+        tau = temperature_label(r["temperature"])
+        lines.append(f"| {tau} | {r['spectral_gap']:.4g} | {lam2:.4g} | {t_rel} | {t_mix} | {slowest} | "
                      f"{r['residual']:.1e} | {tokens} | {states} |")
     return "\n".join(lines)
 
@@ -108,7 +109,8 @@ def write_markdown(results: list[dict], meta: dict, path: Path) -> None:
             f"(over {results[0]['mixing_time_over'] if results else 'all states'}).", "",
             f"Logits of the {meta['num_states']} contexts (or reading them from the cache): "
             f"{meta['logits_seconds']:.1f} s; analysis: "
-            + ", ".join(f"τ={temperature_label(r['temperature'])} {r['analysis_seconds']:.1f} s" for r in results) + ".", ""]
+            + ", ".join(f"τ={temperature_label(r['temperature'])} {r['analysis_seconds']:.1f} s" for r in results)
+            + ".", ""]
     path.write_text("\n".join(text))
 
 

@@ -164,7 +164,8 @@ def test_temperatures_equal_to_six_digits_keep_their_own_files(tmp_path):
 def test_a_model_that_reads_later_tokens_is_refused(is_decoder):
     """`duat markov --model minilm` ran: BERT (bidirectional, and all-MiniLM-L6-v2 has no trained LM head)
     loaded as a "causal LM", and its logits at x_K, which read x_K itself, made a chain of no meaning."""
-    transformers = pytest.importorskip("transformers", reason="the tiny BERT needs transformers: pip install '.[models]'")
+    transformers = pytest.importorskip("transformers", reason="the tiny BERT needs transformers: "
+                                                              "pip install '.[models]'")
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=9, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                      intermediate_size=16, max_position_embeddings=16, is_decoder=is_decoder)

@@ -85,7 +85,8 @@ def pruning_md(d: dict) -> list[str]:
     loose = ("Where it is loose, the pruned outputs partly cancel, so a budget chosen from the bound prunes less than "
              "it could." if any(" (loose)" in p for p in parts) else "")
     lines += ["", f"**What held:** the bound holds for every budget of every layer (checked: {d['bound_held']}). "
-              f"Actual error against the bound, for two or more heads pruned and for blocks: {'; '.join(parts)}. {loose}"]
+              "Actual error against the bound, for two or more heads pruned and for blocks: "
+              f"{'; '.join(parts)}. {loose}"]
     return lines
 
 
