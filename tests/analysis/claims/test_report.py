@@ -62,3 +62,23 @@ def test_pruning_verdict_of_a_one_head_model():
 
     verdict = pruning_md(_pruning(1.0, 0.5, heads=1))[-1]  # statistics.mean of no budget raised StatisticsError
     assert "heads: no budget prunes two or more heads" in verdict and "blocks: 0.50 of the bound" in verdict
+
+
+def _density(tokens: int, attention_blocks: float, conv_blocks: float) -> dict:
+    ts = ["0.001", "0.01", "0.1"]
+    attention = {"entries": {t: {"fraction": 0.5} for t in ts}, "blocks": {t: attention_blocks for t in ts},
+                 "nonzero_blocks": attention_blocks, "method": "exact"}
+    layer = {"layer": 0, "attention": attention, "ffn_in": {"entries": {t: 0.3 for t in ts}}}
+    return {"thresholds": [0.001, 0.01, 0.1], "tokens": tokens, "layers": [layer],
+            "conv1d": {"entries": {t: 0.9 for t in ts}, "blocks": {t: conv_blocks for t in ts}}}
+
+
+@pytest.mark.parametrize("tokens,attention,conv,verdict", [
+    (1, 1.0, 1.0, "could not be judged at the block level"), (2, 0.75, 1.0, "could not be judged at the block level"),
+    (8, 0.9, 0.34, "held at the block level"), (8, 0.2, 0.34, "did not hold at the block level")])
+def test_density_verdict_when_the_convolution_reaches_every_block(tokens, attention, conv, verdict):
+    """With one or two tokens the kernel-3 convolution reaches every block: attention at 100% of its blocks was
+    reported as "did not hold" (100% is not more than 100%)."""
+    from duat_kernels.analysis.claims.report import density_md
+
+    assert verdict in density_md(_density(tokens, attention, conv))[-1]
