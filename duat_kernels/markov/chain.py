@@ -23,7 +23,8 @@ import numpy as np
 import scipy.sparse
 
 from duat_kernels._validation import numeric_array
-from duat_kernels.markov.logits import BOS_AUTO, check_context, context_logits, default_bos_id, symbol_token_ids
+from duat_kernels.markov.logits import (BOS_AUTO, check_causal, check_context, context_logits, default_bos_id,
+                                        symbol_token_ids)
 from duat_kernels.markov.operator import TransitionOperator, state_count
 
 
@@ -107,7 +108,8 @@ class LanguageModelChain:
         """Evaluate model (a Hugging Face causal LM or a callable input_ids (B, L) -> next-token logits)
         on all T^K contexts. With a tokenizer, symbols are strings, each a single token; without one,
         symbols are token ids. bos_id "auto": the tokenizer's or the model config's BOS id, if any;
-        None: no BOS. batch_size, cache_dir, model_id, share_prefix: see `context_logits`."""
+        None: no BOS. A torch module whose logits read later tokens (a masked LM) is refused (`check_causal`).
+        batch_size, cache_dir, model_id, share_prefix: see `context_logits`."""
         context = check_context(context)
         taus = check_temperatures(temperatures)
         if tokenizer is not None:
@@ -120,6 +122,7 @@ class LanguageModelChain:
                 raise ValueError(f"symbols must be distinct token ids, got {ids}")
         if bos_id == BOS_AUTO:
             bos_id = default_bos_id(model, tokenizer)
+        check_causal(model, ids, bos_id)
         logits = context_logits(model, ids, context, bos_id=bos_id, batch_size=batch_size, cache_dir=cache_dir,
                                 model_id=model_id, share_prefix=share_prefix, progress=progress)
         return cls(logits, tuple(str(s) for s in symbols), context, taus, tuple(ids), bos_id)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from duat_kernels._validation import check_output_folder, check_threads
-from duat_kernels.markov.chain import LanguageModelChain, check_temperature
+from duat_kernels.markov.chain import LanguageModelChain, check_temperature, temperature_label
 from duat_kernels.markov.logits import check_context
 from duat_kernels.markov.operator import state_count
 
@@ -24,8 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "several arguments = one symbol each; each must be a single token")
     parser.add_argument("--context", type=int, default=3, help="context length K: T^K states (default 3)")
     parser.add_argument("--temperature", type=float, nargs="+", default=[1.0], help="temperatures τ (default 1)")
-    parser.add_argument("--out", default="markov", help="output folder (default ./markov)")
-    parser.add_argument("--batch-size", type=int, default=100, help="contexts per forward pass, rounded down to a multiple of T (default 100)")
+    parser.add_argument("--out", default="markov", help="output folder (default ./markov); a rerun into it replaces "
+                                                        "the report, the npz files and the PNGs of the earlier one")
+    parser.add_argument("--batch-size", type=int, default=100, help="contexts per forward pass, rounded down to a "
+                                                                    "multiple of T, at least T (default 100)")
     parser.add_argument("--cache", default=None, help="logits cache folder (default OUT/cache); reruns and other "
                                                       "temperatures reuse it, an interrupted run resumes")
     parser.add_argument("--no-bos", action="store_true", help="do not prepend the model's BOS token")
@@ -47,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
         for tau in args.temperature:
             check_temperature(tau)
         if len(set(args.temperature)) != len(args.temperature):  # the report keys results by temperature
-            raise ValueError(f"--temperature lists a temperature twice: {' '.join(f'{t:g}' for t in args.temperature)}")
+            given = " ".join(temperature_label(t) for t in args.temperature)
+            raise ValueError(f"--temperature lists a temperature twice: {given}")
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.threads is not None:
@@ -77,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     print(report.format_table(results))
     for r in results:
         if not r["residual"] <= RESIDUAL_WARNING:
-            print(f"duat markov: warning: at τ={r['temperature']:g} ||πP − π||₁ = {r['residual']:.1e} > "
+            tau = temperature_label(r["temperature"])
+            print(f"duat markov: warning: at τ={tau} ||πP − π||₁ = {r['residual']:.1e} > "
                   f"{RESIDUAL_WARNING:g}", file=sys.stderr)
     print(f"\n{len(paths)} files written to {out}: {', '.join(p.name for p in paths)}")
     return 0

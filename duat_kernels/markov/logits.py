@@ -91,6 +91,31 @@ def next_token_function(model) -> Callable[[torch.Tensor], torch.Tensor]:
     return call
 
 
+def check_causal(model, token_ids: Sequence[int], bos_id: int | None = None) -> None:
+    """ValueError unless a torch module's logits at each position ignore the tokens after it: two contexts that
+    differ only in their last token must give the same logits before it. A masked LM (BERT, loaded as a
+    causal LM with its head) reads x_K itself, so its "next-token" logits would make a chain of no meaning.
+    Plain callables and models returning only the last position's logits (B, vocab) are not checked."""
+    if not isinstance(model, torch.nn.Module) or len(token_ids) < 2:
+        return
+    first, second = int(token_ids[0]), int(token_ids[1])
+    rows = torch.tensor([[first, second, first], [first, second, second]], dtype=torch.int64)
+    if bos_id is not None:
+        rows = torch.cat([torch.full((2, 1), int(bos_id), dtype=torch.int64), rows], dim=1)
+    kwargs = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    with torch.inference_mode():
+        logits = getattr(model(input_ids=rows, **kwargs), "logits", None)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[1] != rows.shape[1]:
+        return
+    before = logits[:, :-1].double()
+    change = (before[0] - before[1]).abs().max().item()
+    if not change <= 1e-4 * max(before.abs().max().item(), 1.0):
+        name = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+        raise ValueError(f"the model ({name}) is not a causal language model: its logits at a position change by "
+                         f"{change:.2g} when a later token changes, so they are no next-token distribution; "
+                         "use a decoder-only model such as smollm2")
+
+
 def shared_prefix_function(model, group: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """Like next_token_function, for a Hugging Face causal LM with a KV cache, for input_ids (B, L) whose
     rows come in groups of `group` consecutive rows sharing input_ids[:, :-1] (the T contexts that differ

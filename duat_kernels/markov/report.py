@@ -29,7 +29,7 @@ def analyse_temperature(chain: LanguageModelChain, tau: float) -> dict:
     try:
         stationary = analysis.stationary_distribution(op)
     except ValueError as exc:
-        raise ValueError(f"at temperature τ={tau:g}: {exc}") from None
+        raise ValueError(f"at temperature τ={temperature_label(tau)}: {exc}") from None
     pi = stationary.pi
     gap = analysis.spectral_gap(op)
     dense = op.num_states <= analysis.DENSE_MAX_STATES
@@ -91,7 +91,8 @@ def format_table(results: list[dict]) -> str:
         tokens = ", ".join(f"`{k}` {v:.3f}" for k, v in top)
         states = ", ".join(f"`{k}` {v:.3f}" for k, v in r["top_states"].items())
         slowest = "" if r["slowest_state"] is None else f"`{r['slowest_state']}`"
-        lines.append(f"| {r['temperature']:g} | {r['spectral_gap']:.4g} | {lam2:.4g} | {t_rel} | {t_mix} | {slowest} | "
+        tau = temperature_label(r["temperature"])
+        lines.append(f"| {tau} | {r['spectral_gap']:.4g} | {lam2:.4g} | {t_rel} | {t_mix} | {slowest} | "
                      f"{r['residual']:.1e} | {tokens} | {states} |")
     return "\n".join(lines)
 
@@ -108,7 +109,8 @@ def write_markdown(results: list[dict], meta: dict, path: Path) -> None:
             f"(over {results[0]['mixing_time_over'] if results else 'all states'}).", "",
             f"Logits of the {meta['num_states']} contexts (or reading them from the cache): "
             f"{meta['logits_seconds']:.1f} s; analysis: "
-            + ", ".join(f"τ={r['temperature']:g} {r['analysis_seconds']:.1f} s" for r in results) + ".", ""]
+            + ", ".join(f"τ={temperature_label(r['temperature'])} {r['analysis_seconds']:.1f} s" for r in results)
+            + ".", ""]
     path.write_text("\n".join(text))
 
 
@@ -129,7 +131,7 @@ def plot(results: list[dict], out_dir: Path, title: str) -> list[Path]:
             ax.semilogy(np.arange(len(curve)), np.maximum(curve, 1e-16), label=label,
                         color="black" if worst else None, lw=1.6 if worst else 0.9, ls="--" if worst else "-")
         ax.axhline(analysis.MIXING_EPSILON, color="gray", ls="--", lw=0.8)
-        ax.set_title(f"τ = {r['temperature']:g}, t_mix = {r['mixing_time']}")
+        ax.set_title(f"τ = {temperature_label(r['temperature'])}, t_mix = {r['mixing_time']}")
         ax.set_xlabel("t (steps)")
     axes[0][0].set_ylabel("‖δ_s P^t − π‖_TV")
     axes[0][-1].legend(fontsize=6, ncol=2)
@@ -146,7 +148,7 @@ def plot(results: list[dict], out_dir: Path, title: str) -> list[Path]:
             label="t_rel = 1 / spectral gap")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xticks(taus, [f"{t:g}" for t in taus])
+    ax.set_xticks(taus, [temperature_label(t) for t in taus])
     ax.minorticks_off()
     ax.set_xlabel("temperature τ")
     ax.set_ylabel("steps")
@@ -162,7 +164,8 @@ def plot(results: list[dict], out_dir: Path, title: str) -> list[Path]:
 def write_report(chain: LanguageModelChain, results: list[dict], out_dir: str | os.PathLike, meta: dict,
                  plots: bool = True) -> list[Path]:
     """Write out_dir/markov.json ({"meta": ..., "temperatures": {"τ": analyse_temperature}}), markov.md, the npz
-    files and (plots=True) the PNGs; return the paths written."""
+    files and (plots=True) the PNGs; return the paths written. The npz and PNGs of an earlier report in
+    out_dir that this one does not write (other temperatures, plots=False) are deleted."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(meta, symbols=list(chain.symbols), token_ids=list(chain.token_ids or ()), context=chain.context,
@@ -175,4 +178,15 @@ def write_report(chain: LanguageModelChain, results: list[dict], out_dir: str | 
     paths = [json_path, md_path, *chain.save(out)]
     if plots:
         paths += plot(results, out, f"{meta['model']}, K={chain.context}, T={chain.num_symbols}")
+    _remove_earlier_outputs(out, paths)
     return paths
+
+
+def _remove_earlier_outputs(out: Path, written: list[Path]) -> None:
+    """Delete the files an earlier report wrote into out that this one did not (the npz of other temperatures,
+    the PNGs after --no-plot): they sat next to a markov.json that no longer described them. Only names this
+    command writes are touched; the cache and other files stay."""
+    keep = {p.name for p in written}
+    for path in [*out.glob("transition_tau*.npz"), out / "tv_vs_t.png", out / "mixing_time_vs_tau.png"]:
+        if path.name not in keep and path.is_file() and not path.is_symlink():
+            path.unlink()

@@ -105,6 +105,19 @@ def test_random_chain_against_brute_force(t, k, seed):
     assert analysis.spectral_gap(op).gap == pytest.approx(1 - vals[-2], abs=1e-12)
 
 
+@pytest.mark.parametrize("n,p", [(5, 0.3), (6, 0.5)])
+def test_mixing_time_at_every_max_steps(n, p):
+    """t_mix when t_mix <= max_steps, else None, for every max_steps around t_mix: with max_steps = 3 and
+    t_mix = 3 (any max_steps that is no power of two) it returned None, as it stopped squaring at P^4 > 3."""
+    q = (1 - p) * np.eye(n) + p * np.roll(np.eye(n), 1, axis=1)
+    op = TransitionOperator(q, n, 1)
+    pi = analysis.stationary_distribution(op).pi
+    expected = brute_force_mixing_time(q, pi)
+    assert expected >= 5  # several max_steps that are no power of two lie below and at t_mix
+    for max_steps in range(2 * expected + 2):
+        assert analysis.mixing_time(op, pi, max_steps=max_steps) == (expected if expected <= max_steps else None)
+
+
 def test_sparse_paths_match_dense(monkeypatch):
     """Above the dense limits: ARPACK (+ power steps) for π and λ₂ give the dense answers."""
     q = random_probabilities(3, 5, seed=3) ** 4

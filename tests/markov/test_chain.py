@@ -158,3 +158,21 @@ def test_temperatures_equal_to_six_digits_keep_their_own_files(tmp_path):
         np.testing.assert_array_equal(scipy.sparse.load_npz(tmp_path / name).toarray(), chain.csr(tau).toarray())
     saved = json.loads((tmp_path / "markov.json").read_text())["temperatures"]
     assert {key: r["temperature"] for key, r in saved.items()} == {"0.5": 0.5, "0.5000001": 0.5000001, "2": 2.0}
+
+
+@pytest.mark.parametrize("is_decoder", [False, True])
+def test_a_model_that_reads_later_tokens_is_refused(is_decoder):
+    """`duat markov --model minilm` ran: BERT (bidirectional, and all-MiniLM-L6-v2 has no trained LM head)
+    loaded as a "causal LM", and its logits at x_K, which read x_K itself, made a chain of no meaning."""
+    transformers = pytest.importorskip("transformers", reason="the tiny BERT needs transformers: "
+                                                              "pip install '.[models]'")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=9, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=16, max_position_embeddings=16, is_decoder=is_decoder)
+    model = transformers.BertLMHeadModel(config).eval()
+    if is_decoder:  # with causal self-attention it is a language model
+        chain = LanguageModelChain.from_model(model, [2, 3, 4], 2, bos_id=None, progress=False)
+        assert chain.num_states == 9
+    else:
+        with pytest.raises(ValueError, match="not a causal language model"):
+            LanguageModelChain.from_model(model, [2, 3, 4], 2, bos_id=None, progress=False)

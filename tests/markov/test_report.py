@@ -43,3 +43,24 @@ def test_table_has_one_row_per_temperature():
     lines = table.splitlines()
     assert len(lines) == 2 + len(chain.temperatures)
     assert lines[2].startswith("| 0.5 |") and lines[3].startswith("| 2 |")
+
+
+def test_rewriting_a_report_folder_leaves_no_files_of_the_earlier_run(tmp_path):
+    """A rerun into the same --out with fewer temperatures and --no-plot left transition_tau0.5.npz and the
+    PNGs of the earlier run next to a markov.json that no longer has τ = 0.5."""
+    chain = _chain()
+    meta = dict(model="random", logits_seconds=0.0)
+    first = report.write_report(chain, report.analyse(chain, progress=False), tmp_path, meta, plots=True)
+    assert {p.name for p in first} <= {p.name for p in tmp_path.iterdir()}
+    (tmp_path / "notes.txt").write_text("the user's own file")
+    again = LanguageModelChain(chain.logits, chain.symbols, chain.context, (2.0,))
+    second = report.write_report(again, report.analyse(again, progress=False), tmp_path, meta, plots=False)
+    assert {p.name for p in tmp_path.iterdir()} == {p.name for p in second} | {"notes.txt"}
+    assert {p.name for p in second} == {"markov.json", "markov.md", "transition_tau2.npz"}
+
+
+def test_table_tells_close_temperatures_apart():
+    """τ = 0.5 and 0.5000001 have their own files and markov.json keys, but the table printed both rows as 0.5."""
+    chain = LanguageModelChain(_chain().logits, ("a", "b", "c"), 4, (0.5, 0.5000001))
+    rows = report.format_table(report.analyse(chain, progress=False)).splitlines()[2:]
+    assert [r.split(" |")[0] for r in rows] == ["| 0.5", "| 0.5000001"]

@@ -14,7 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--model", default="minilm", help="minilm (default), smollm2, or a local folder / .gguf file")
     parser.add_argument("--text", default=None, help="the passage (default: a built-in sentence)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="writes DIR/claims.md, DIR/claims.json and PNGs")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="writes DIR/claims.md, DIR/claims.json and DIR/<section>.png; a rerun replaces them "
+                             "(and deletes the <section>.png it does not write)")
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
                         help="which sections to measure (default: all)")
     parser.add_argument("--lora-rank", type=int, default=4, help="rank r of the LoRA adapters (default 4)")
@@ -40,9 +42,8 @@ def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"model": args.model, "model_type": model.config.model_type, "text": text, "command": _command(args), **facts}
-    if not args.no_plots:
-        plots.write_all(out, results, facts["token_strings"], args.model)
-    report.write(out, results, meta)
+    written = [] if args.no_plots else plots.write_all(out, results, facts["token_strings"], args.model)
+    report.write(out, results, meta, written)
     print((out / "claims.md").read_text())
     print(f"written to {out}/ (claims.md, claims.json{'' if args.no_plots else ', PNGs'})")
     ml = results.get("multilayer")
@@ -54,14 +55,16 @@ def run(args) -> int:
 
 
 def _command(args) -> str:
-    """The command line that reproduces this report."""
+    """The command line that reproduces this report, each argument quoted for a POSIX shell (shlex)."""
+    import shlex
+
     from duat_kernels.analysis.claims.run import SECTIONS
 
-    parts = ["duat claims", f"--model {args.model}"]
+    words = ["duat", "claims", "--model", args.model]
     if args.text:
-        parts.append(f"--text {args.text!r}")
+        words += ["--text", args.text]
     if list(args.sections) != list(SECTIONS):
-        parts.append("--sections " + " ".join(args.sections))
+        words += ["--sections", *args.sections]
     if args.lora_rank != 4:
-        parts.append(f"--lora-rank {args.lora_rank}")
-    return " ".join(parts + [f"--out {args.out}"])
+        words += ["--lora-rank", str(args.lora_rank)]
+    return shlex.join(words + ["--out", args.out])

@@ -92,9 +92,17 @@ def contributions(d: dict, tokens: list[str], path: Path, title: str) -> None:
     _save(fig, path)
 
 
-def write_all(out: Path, results: dict, tokens: list[str], model: str) -> None:
+PLOTTED_SECTIONS = ("density", "dynamic", "pruning", "multilayer", "contributions")  # each writes <section>.png
+
+
+def write_all(out: Path, results: dict, tokens: list[str], model: str) -> list[Path]:
+    """<section>.png for each section of PLOTTED_SECTIONS in results; returns the paths written."""
+    paths = []
     for key, fn in (("density", density), ("dynamic", dynamic), ("pruning", pruning), ("multilayer", multilayer)):
         if key in results:
             fn(results[key], out / f"{key}.png", f"{model}: {key}")
+            paths.append(out / f"{key}.png")
     if "contributions" in results:
         contributions(results["contributions"], tokens, out / "contributions.png", f"{model}: contributions")
+        paths.append(out / "contributions.png")
+    return paths

@@ -110,3 +110,37 @@ def test_claims_refuses_an_empty_out_before_loading(tmp_path, capsys, monkeypatc
     assert main(["claims", "--model", "any", "--out", out]) == 2
     assert capsys.readouterr().err == "duat claims: --out is empty; give a folder\n"
     assert not any(tmp_path.iterdir())
+
+
+def test_claims_rerun_into_the_same_out_links_no_plot_of_the_earlier_run(tmp_path, tokenizer):
+    """claims.md linked every <section>.png it found in --out: after a run with plots, a rerun with --no-plots
+    (or another model) showed the earlier run's plots as its own. The rerun removes them."""
+    folder = tmp_path / "tiny-bert"
+    tiny_model("bert", torch.float32).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out = tmp_path / "report"
+    argv = ["claims", "--model", str(folder), "--sections", "multilayer", "pruning", "--out", str(out)]
+    assert main(argv) == 0
+    assert {"multilayer.png", "pruning.png"} <= {p.name for p in out.iterdir()}
+    (out / "notes.png").write_bytes(b"the user's own file")
+    assert main(argv + ["--no-plots"]) == 0
+    assert ".png" not in (out / "claims.md").read_text()
+    assert sorted(p.name for p in out.glob("*.png")) == ["notes.png"]
+    assert main(["claims", "--model", str(folder), "--sections", "multilayer", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["multilayer.png", "notes.png"]
+
+
+@pytest.mark.parametrize("text,out", [("it's \"quoted\"", "my report"), ("two\nlines 🙂", "out"), ("plain", "a;b")])
+def test_claims_command_line_reproduces_the_arguments(text, out):
+    """claims.md's "Command:" wrote the text with Python's repr ('it\\'s ...', '\\n') and the folder unquoted:
+    pasted into a shell it failed or measured another text."""
+    import shlex
+
+    from duat_kernels.analysis.claims.cli import _command
+    from duat_kernels.cli import build_parser
+
+    argv = ["claims", "--model", "my model", "--text", text, "--sections", "pruning", "--lora-rank", "2", "--out", out]
+    args = build_parser().parse_args(argv)
+    words = shlex.split(_command(args))
+    assert words[:2] == ["duat", "claims"]
+    assert vars(build_parser().parse_args(words[1:])) == vars(args)
