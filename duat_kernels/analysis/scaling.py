@@ -204,8 +204,8 @@ def growth_exponents(rows: list[ScaleRow], min_n: int = 256) -> dict[str, float]
 
 
 def format_table(rows: list[ScaleRow], m: int, heads: int, from_qk: bool = False, grid: int = 256) -> str:
-    what = (f"A recomputed from random causal q/k (from_qk), block_norms on a {grid}x{grid} grid" if from_qk
-            else "causal synthetic attention stored")
+    what = (f"A recomputed from random causal q/k (from_qk), block_norms on a {grid}x{grid} grid (N x N below "
+            f"N = {grid})" if from_qk else "causal synthetic attention stored")
     lines = [f"M={m}, h={heads}, {what}, float32; time (peak memory above the inputs)", "",
              "| N | dense W' | " + " | ".join(OPERATIONS) + " |", "|---:|---:|" + "---:|" * len(OPERATIONS)]
     for r in rows:

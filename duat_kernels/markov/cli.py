@@ -32,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                       "temperatures reuse it, an interrupted run resumes")
     parser.add_argument("--no-bos", action="store_true", help="do not prepend the model's BOS token")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (logits, temperatures)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for the model (default: torch's setting; 1 is faster on a busy machine)")
 
@@ -68,9 +69,9 @@ def run(args: argparse.Namespace) -> int:
         chain = LanguageModelChain.from_model(
             model, symbols, args.context, tokenizer=tokenizer, temperatures=args.temperature,
             bos_id=None if args.no_bos else "auto", batch_size=args.batch_size,
-            cache_dir=Path(args.cache) if args.cache else out / "cache")
+            cache_dir=Path(args.cache) if args.cache else out / "cache", progress=not args.no_progress)
         logits_seconds = time.perf_counter() - start
-        results = report.analyse(chain)
+        results = report.analyse(chain, progress=not args.no_progress)
         meta = dict(model=args.model, model_type=getattr(model.config, "model_type", None),
                     logits_seconds=logits_seconds)
         paths = report.write_report(chain, results, out, meta, plots=not args.no_plot)

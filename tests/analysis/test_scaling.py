@@ -12,6 +12,7 @@ def test_scale_from_qk_table(capsys):
     assert main(["scale", "--from-qk", "--n", "16", "32", "64", "--m", "8", "--heads", "2"]) == 0
     out = capsys.readouterr().out
     assert "from_qk" in out and "| 64 |" in out and "fitted growth exponents" in out
+    assert "256x256 grid (N x N below N = 256)" in out  # it said "a 256x256 grid" where N < 256 took N x N
 
 
 def test_no_exponent_from_fewer_than_three_points():

@@ -93,3 +93,14 @@ def test_markov_context_too_long_is_refused_before_loading(tmp_path, capsys, mon
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("duat markov: ") and message in err and err.count("\n") == 1
+
+
+def test_markov_no_progress_hides_the_bars(tiny_lm_folder, tmp_path, capsys):
+    # duat markov had no --no-progress (duat corpus has): its two bars always went to stderr
+    argv = ["markov", "--model", str(tiny_lm_folder), "--tokens", "ab", "--context", "1", "--out", str(tmp_path / "o"),
+            "--no-plot"]
+    assert main(argv) == 0
+    assert "temperatures" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "p"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "temperatures" not in err and "contexts" not in err
