@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ from duat_kernels.hvo import hvo_bias, hvo_matrix
 from duat_kernels.hvo_operator import HVOOperator
 from duat_kernels.models.architectures import (ARCHITECTURES, SHAPES, Architecture, describe_attention_modules,
                                                find_blocks, owning_config, resolve)
-from duat_kernels.models.encoder_decoder import with_decoder_inputs
+from duat_kernels.models.encoder_decoder import uncovered_attention_modules, with_decoder_inputs
 from duat_kernels.models.shared_layers import ApplicationRecords, layer_plan
 
 
@@ -168,6 +169,15 @@ def _output_attentions(config):
         config.output_attentions = before
 
 
+def _warn_uncovered(model: torch.nn.Module) -> None:
+    """A UserWarning naming the self-attention modules of model that attention_layers leaves out, if any."""
+    if uncovered := uncovered_attention_modules(model):
+        warnings.warn(f"attention_layers: {type(model).__name__} has self-attention modules the capture cannot read "
+                      f"({len(uncovered)}: {', '.join(uncovered)}); only the other attention layers are returned "
+                      "(register the family's value and output projections with "
+                      "duat_kernels.models.register_architecture)", UserWarning, stacklevel=3)
+
+
 def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = None, switch_to_eager: bool = True,
                      capture: str = "attn", **inputs) -> list[AttentionLayer]:
     """Run model(*args, **inputs) once and return the selected attention layers, in order.
@@ -192,6 +202,10 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
             given no decoder inputs gets decoder_input_ids = input_ids shifted right by its own function
             (and decoder_attention_mask = attention_mask shifted the same way): see
             duat_kernels.models.encoder_decoder. Its cross-attention layers are not captured (A is not N x N).
+
+    Warns (UserWarning) when an encoder-decoder model has self-attention modules the capture cannot read (LED's
+    and BigBirdPegasus's encoder attention: see encoder_decoder.uncovered_attention_modules), naming them: the
+    layers returned are then the others only.
     """
     if capture not in ("attn", "qk"):
         raise ValueError(f"capture must be 'attn' or 'qk', got {capture!r}")
@@ -207,6 +221,7 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
     inputs = with_decoder_inputs(model, named_inputs(model, args, inputs), inputs)
     _check_has_tokens(named_inputs(model, args, inputs))
     _check_no_cached_keys(named_inputs(model, args, inputs))
+    _warn_uncovered(model)
     if capture == "qk":
         from duat_kernels.models.qk_capture import attention_layers_qk
         return attention_layers_qk(model, *args, layers=layers, **inputs)

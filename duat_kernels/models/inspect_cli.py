@@ -7,6 +7,8 @@ import json
 import os
 import sys
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from duat_kernels import strict_json
@@ -180,6 +182,15 @@ def _load(name: str, log):
     return model, tokenizer
 
 
+@contextmanager
+def _uncovered_warning_silenced():
+    """attention_layers' warning about the modules it cannot read: duat inspect names them in its own note."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="attention_layers: .* self-attention modules the capture cannot read",
+                                category=UserWarning)
+        yield
+
+
 def run(args) -> int:
     try:
         return _run(args)
@@ -202,7 +213,8 @@ def _run(args) -> int:
     if args.long or long_context.is_long(text):  # q/k capture: A never stored, norms on a grid, spectral norm
         model, tokenizer = _load(args.model, lambda msg: print(msg, file=sys.stderr))
         _check_layers(args.layer, attention_layer_count(model))
-        return long_context.run_inspect_long(args, model, _tokenize(model, tokenizer, text))
+        with _uncovered_warning_silenced():
+            return long_context.run_inspect_long(args, model, _tokenize(model, tokenizer, text))
     heads, per_head_wanted = _heads(args.heads)
     quiet = args.json == "-"
     log = (lambda msg: print(msg, file=sys.stderr)) if quiet else print
@@ -222,8 +234,9 @@ def _run(args) -> int:
         except ValueError as exc:
             raise InspectError(f"--heads: {exc}") from None
         per_head = "all" if heads is None else heads
-    reports = inspection.inspect_layers(model, dict(inputs), args.layer, args.backend, keep=bool(args.save_file),
-                                        dtype=dtype, heads=heads, per_head=per_head)
+    with _uncovered_warning_silenced():
+        reports = inspection.inspect_layers(model, dict(inputs), args.layer, args.backend, keep=bool(args.save_file),
+                                            dtype=dtype, heads=heads, per_head=per_head)
     tolerance = inspection.TOLERANCES[dtype]
     name = f"{args.model} ({model.config.model_type})"
     encoder_decoder = dict(encoder_decoder=is_encoder_decoder(model), skipped=cross_attention_blocks(model),

@@ -4,6 +4,8 @@ transformers module code, torch.nn.MultiheadAttention, and sdpa/eager handling."
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -471,3 +473,35 @@ def test_a_model_inside_a_plain_module_is_captured_and_restored():
     wrapper = Wrapper(transformers.AutoModel.from_config(CONFIGS["llama"](), attn_implementation="sdpa")).eval()
     _assert_exact(dk.models.attention_layers(wrapper, **_ids(100)), 2)
     assert wrapper.inner.config._attn_implementation == "sdpa"
+
+
+UNREADABLE_ENCODER = {  # encoder self-attention whose value and output projections are not where the capture looks
+    "led": lambda: transformers.LEDConfig(  # Longformer attention
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100, max_encoder_position_embeddings=64,
+        max_decoder_position_embeddings=64, attention_window=4, pad_token_id=0, decoder_start_token_id=1),
+    "bigbird_pegasus": lambda: transformers.BigBirdPegasusConfig(
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100, max_position_embeddings=64,
+        attention_type="original_full", pad_token_id=0, decoder_start_token_id=1),
+}
+
+
+@pytest.mark.parametrize("family", sorted(UNREADABLE_ENCODER))
+def test_self_attention_the_capture_cannot_read_is_warned_about(family):
+    # LED's and BigBirdPegasus's encoder attention was left out without a word: only the decoder's layer came back
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(UNREADABLE_ENCODER[family]()).eval()
+    with pytest.warns(UserWarning, match=r"cannot read \(1: encoder\.layers\.0\.self_attn\)"):
+        layers = dk.models.attention_layers(model, input_ids=_ids(100, tokens=6)["input_ids"][:1])
+    _assert_exact(layers, 1)
+    assert [layer.name for layer in layers] == ["decoder.layers.0.self_attn"]
+
+
+def test_an_encoder_decoder_read_in_full_is_not_warned_about():
+    _, model = _random_model("bart")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layers = dk.models.attention_layers(model, input_ids=_ids(100, tokens=6)["input_ids"][:1])
+    assert [layer.name.split(".")[0] for layer in layers] == ["encoder"] * 2 + ["decoder"] * 2
+    assert not [w for w in caught if "cannot read" in str(w.message)]
