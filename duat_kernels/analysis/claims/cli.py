@@ -21,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which sections to measure (default: all)")
     parser.add_argument("--lora-rank", type=int, default=4, help="rank r of the LoRA adapters (default 4)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (density, dynamic)")
 
 
 def run(args) -> int:
@@ -38,7 +39,8 @@ def run(args) -> int:
     model, tokenizer = load(args.model)
     family_of(model)
     text = DEFAULT_TEXT if args.text is None else args.text
-    results, facts = measure_all(model, tokenizer, text, args.sections, args.lora_rank)
+    results, facts = measure_all(model, tokenizer, text, args.sections, args.lora_rank,
+                                   progress=not args.no_progress)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"model": args.model, "model_type": model.config.model_type, "text": text, "command": _command(args), **facts}

@@ -101,8 +101,8 @@ def block_diagonal_density(weight: torch.Tensor, tokens: int, thresholds=THRESHO
     return {"entries": entries, "blocks": {str(t): 1.0 / tokens for t in thresholds}}
 
 
-def measure(terms, conv_seed: int = 0, thresholds=THRESHOLDS) -> dict:
-    """The density section for a list of LayerTerms (one per layer)."""
+def measure(terms, conv_seed: int = 0, thresholds=THRESHOLDS, progress: bool = True) -> dict:
+    """The density section for a list of LayerTerms (one per layer); progress: a tqdm bar over the layers."""
     from tqdm import tqdm
 
     width = terms[0].h_in.shape[-1]
@@ -110,7 +110,7 @@ def measure(terms, conv_seed: int = 0, thresholds=THRESHOLDS) -> dict:
     torch.manual_seed(conv_seed)
     conv = torch.nn.Conv1d(width, width, 3, padding=1)
     rows = []
-    for t in tqdm(terms, desc="density", leave=False):
+    for t in tqdm(terms, desc="density", leave=False, disable=not progress):
         w_in, w_out = t.ffn_matrices()
         rows.append({"layer": t.attention.index, "attention": attention_density(t.operator(), thresholds),
                      "ffn_in": block_diagonal_density(w_in, tokens, thresholds),

@@ -61,9 +61,11 @@ def linearised_ffn_distance(base: LayerTerms, other: LayerTerms, p_base: list[in
     return (sq(d_other - d_base).clamp_min(0).sqrt() / sq(d_base).sqrt()).item()
 
 
-def measure(model, tokenizer, passage: str, prompts=PROMPTS, base: list[LayerTerms] | None = None) -> dict:
+def measure(model, tokenizer, passage: str, prompts=PROMPTS, base: list[LayerTerms] | None = None,
+            progress: bool = True) -> dict:
     """The dynamic section: per layer and prompt, the distances of W' (and of the FFN) to the bare passage.
-    base: the passage's own LayerTerms when already collected (from prompted_inputs(tokenizer, passage, ""))."""
+    base: the passage's own LayerTerms when already collected (from prompted_inputs(tokenizer, passage, ""));
+    progress: a tqdm bar over the prompts."""
     from tqdm import tqdm
 
     base_inputs, p_base = prompted_inputs(tokenizer, passage, "")
@@ -73,7 +75,7 @@ def measure(model, tokenizer, passage: str, prompts=PROMPTS, base: list[LayerTer
                                 "first_token_attention": {"alone": first_token_attention(t, p_base), "prompted": {}}}
             for t in base}
     grams = [ffn_gram(t) for t in base]
-    for prompt in tqdm(prompts, desc="dynamic", leave=False):
+    for prompt in tqdm(prompts, desc="dynamic", leave=False, disable=not progress):
         inputs, p_other = prompted_inputs(tokenizer, passage, prompt)
         for b, o, gram in zip(base, collect(model, inputs), grams):
             row = rows[b.attention.index]

@@ -7,8 +7,10 @@ from duat_kernels.analysis.claims import contributions, density, dynamic, layer_
 SECTIONS = ("density", "dynamic", "pruning", "lora", "multilayer", "contributions")
 
 
-def measure_all(model, tokenizer, text: str, sections=SECTIONS, lora_rank: int = lora.RANK) -> tuple[dict, dict]:
-    """(results keyed by section, facts about the run: tokens, sizes). The text is encoded as one sequence."""
+def measure_all(model, tokenizer, text: str, sections=SECTIONS, lora_rank: int = lora.RANK,
+                progress: bool = True) -> tuple[dict, dict]:
+    """(results keyed by section, facts about the run: tokens, sizes). The text is encoded as one sequence.
+    progress: the tqdm bars of the density and dynamic sections."""
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         raise ValueError(f"sections must be among {', '.join(SECTIONS)}, got {', '.join(unknown)}")
@@ -28,9 +30,9 @@ def measure_all(model, tokenizer, text: str, sections=SECTIONS, lora_rank: int =
              "width": int(att.x.shape[-1])}
     results = {}
     if "density" in sections:
-        results["density"] = density.measure(terms)
+        results["density"] = density.measure(terms, progress=progress)
     if "dynamic" in sections:
-        results["dynamic"] = dynamic.measure(model, tokenizer, text, base=terms)
+        results["dynamic"] = dynamic.measure(model, tokenizer, text, base=terms, progress=progress)
     if "pruning" in sections:
         results["pruning"] = pruning.measure(terms)
     if "lora" in sections:

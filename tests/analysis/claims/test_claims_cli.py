@@ -82,6 +82,19 @@ def test_claims_refuses_an_empty_text_before_loading(tmp_path, capsys, monkeypat
     assert err.startswith("duat claims: --text is empty") and err.count("\n") == 1, err
 
 
+def test_claims_no_progress_hides_the_bars(tmp_path, tokenizer, capsys):
+    # duat claims had no --no-progress (duat corpus and duat markov have): its density and dynamic bars always went
+    # to stderr
+    folder = tmp_path / "tiny-bert"
+    tiny_model("bert", torch.float32).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    argv = ["claims", "--model", str(folder), "--text", "the fox", "--sections", "density", "--no-plots"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert "density: " in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    assert "density: " not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("sections,words", [(["density"], 70), (["dynamic"], 60)])
 def test_claims_checks_the_model_positions(tmp_path, tokenizer, capsys, sections, words):
     # past max_position_embeddings (64) torch failed with 'The expanded size of the tensor (72) must match the
