@@ -53,11 +53,14 @@ def save_dense(op, path: str | os.PathLike, *, rows_per_tile: int | None = None,
         dtype: stored dtype (default: the inputs' promoted dtype, float32 for bfloat16).
         progress: show a tqdm progress bar.
         overwrite: replace an existing file at `path` (a FileExistsError otherwise, as save_zarr
-            refuses an existing store); the old file stays until the new one is complete.
+            refuses an existing store); the old file stays until the new one is complete. A `path` that is
+            a symbolic link is written through, as open(path, "w") does: the file it points to is replaced
+            (and created if missing) and the link stays; a link is an existing file, refused without overwrite.
 
     Returns:
-        The path of the complete file. Reruns after an interruption resume from the last tile
-        (an interrupted run leaves `path` as it was: `<path>.partial` holds its tiles).
+        The path of the complete file (`path` itself, a link included). Reruns after an interruption resume
+        from the last tile (an interrupted run leaves `path` as it was: `<file>.partial` next to the file written,
+        the link's target for a link, holds its tiles).
     """
     if op.dims.batched:
         raise ValueError("save_dense needs an unbatched HVOOperator (attn of shape (h, N, N))")
@@ -80,8 +83,9 @@ def save_dense(op, path: str | os.PathLike, *, rows_per_tile: int | None = None,
         raise ValueError(f"rows_per_tile must be a positive int, got {rows_per_tile!r}")
     rows_per_tile = v.positive_int(rows_per_tile)
     path = v.as_target_path("path", path)
-    partial, progress_file = Path(f"{path}.partial"), Path(f"{path}.progress.json")
-    _check_target(path, partial, rows * row_bytes, overwrite)
+    target = _link_target(path)  # the file written: path itself, or the file a link at path points to
+    partial, progress_file = Path(f"{target}.partial"), Path(f"{target}.progress.json")
+    _check_target(path, target, partial, rows * row_bytes, overwrite)
     fingerprint = _fingerprint(op, dtype, rows_per_tile)
     n_tiles = -(-rows // rows_per_tile) if rows else 0
 
@@ -119,7 +123,7 @@ def save_dense(op, path: str | os.PathLike, *, rows_per_tile: int | None = None,
             done[t] = zlib.crc32(data)
             _write_progress(progress_file, fingerprint, done, size)
             bar.update(1)
-    os.replace(partial, path)
+    os.replace(partial, target)
     progress_file.unlink()
     return path
 
@@ -146,18 +150,29 @@ def _write_progress(progress_file: Path, fingerprint: str, done: dict[int, int],
     os.replace(tmp, progress_file)
 
 
-def _check_target(path: Path, partial: Path, data_bytes: int, overwrite: bool) -> None:
-    """Refuse, before writing anything, a target that is a folder, an existing file (unless overwrite), a
-    missing or read-only folder, or a disk without room for the file (a fresh .partial is sparse: the space is taken as
-    tiles arrive; the file it replaces is counted as taken)."""
-    for p in (path, partial):
+def _link_target(path: Path) -> Path:
+    """path, or for a symbolic link (through any number of links) the file it points to, existing or not."""
+    if not path.is_symlink():
+        return path
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:  # a loop of links
+        raise ValueError(f"save_dense: {path} is a symbolic link that leads to no file ({exc})") from None
+
+
+def _check_target(path: Path, target: Path, partial: Path, data_bytes: int, overwrite: bool) -> None:
+    """Refuse, before writing anything, a target that is a folder, an existing file or link at path (unless
+    overwrite), a missing or read-only folder, or a disk without room for the file (a fresh .partial is sparse: the
+    space is taken as tiles arrive; the file it replaces is counted as taken). target: the file written, path or the
+    file a link at path points to."""
+    for p in (target, partial):
         if p.is_dir():
             raise ValueError(f"save_dense: {p} is a directory; pass a file path such as {p / 'w.npy'}")
     if not overwrite and (path.exists() or path.is_symlink()):
         raise FileExistsError(f"save_dense: {path} exists; pass overwrite=True to replace it, or choose another path")
-    folder = path.parent
+    folder = target.parent
     if not folder.is_dir():
-        raise FileNotFoundError(f"save_dense: the folder {folder} of {path} does not exist; create it first")
+        raise FileNotFoundError(f"save_dense: the folder {folder} of {target} does not exist; create it first")
     v.check_writable_folder("save_dense", folder)  # else 'needs 3.5 KiB but only 0 B is free' (read-only)
     have = partial.stat().st_blocks * 512 if partial.exists() else 0
     stat = os.statvfs(folder)

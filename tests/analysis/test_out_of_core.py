@@ -225,6 +225,34 @@ def test_existing_file_is_refused_unless_overwrite(op, tmp_path):
         save_dense(op, path, overwrite="yes", progress=False)
 
 
+@pytest.mark.parametrize("target_exists", [True, False])
+def test_overwrite_of_a_link_writes_through_to_its_target(op, tmp_path, target_exists):
+    # the link at path was replaced by a regular file and the .npy it pointed to was left as it was
+    (tmp_path / "data").mkdir()
+    (tmp_path / "links").mkdir()
+    target, link = tmp_path / "data" / "real.npy", tmp_path / "links" / "w.npy"
+    if target_exists:
+        target.write_bytes(b"not W'")
+    link.symlink_to(os.path.join("..", "data", "real.npy"))  # relative, as `ln -s ../data/real.npy w.npy` makes
+    with pytest.raises(FileExistsError, match=f"{link} exists.*overwrite=True"):  # a dangling link is a file too
+        save_dense(op, link, progress=False)
+    assert save_dense(op, link, rows_per_tile=7, overwrite=True, progress=False) == link
+    assert link.is_symlink() and os.readlink(link) == os.path.join("..", "data", "real.npy")
+    assert not target.is_symlink()
+    np.testing.assert_array_equal(np.load(target), op.to_dense().numpy())
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["real.npy"]
+    assert [p.name for p in (tmp_path / "links").iterdir()] == ["w.npy"]
+
+
+def test_a_loop_of_links_is_refused(op, tmp_path):
+    a, b = tmp_path / "a.npy", tmp_path / "b.npy"
+    a.symlink_to(b)
+    b.symlink_to(a)
+    with pytest.raises(ValueError, match=f"save_dense: {a} is a symbolic link that leads to no file"):
+        save_dense(op, a, overwrite=True, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "b.npy"]
+
+
 def test_overwrite_keeps_the_old_file_until_the_new_one_is_complete_and_resumes(op, tmp_path, monkeypatch):
     path = tmp_path / "w.npy"
     old = save_dense(dk.HVOOperator(op.attn, op.w_v * 2, op.w_o, num_kv_heads=2), path, progress=False)
