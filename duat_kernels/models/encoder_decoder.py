@@ -25,15 +25,22 @@ def is_encoder_decoder(model: torch.nn.Module) -> bool:
 
 
 def cross_attention_blocks(model: torch.nn.Module) -> list[str]:
-    """Names of the cross-attention blocks (value and output projections found by SHAPES) that the capture leaves
-    out, outermost first; [] for a model without any."""
+    """Names of the cross-attention blocks that the capture leaves out, in the model's order: those with value and
+    output projections found by SHAPES, outermost first, then any other module under a cross-attention name whose
+    class name says Attention, neither inside nor around one of those (GPT-2's crossattention, fused c_attn and
+    q_attn); [] for a model without any."""
     found = []
     for name, _ in model.named_modules():
         if not is_cross_attention(name) or any(name.startswith(outer + ".") for outer in found):
             continue
         if any(_weighted(model, name, a.value) and _weighted(model, name, a.out_proj) for a in SHAPES):
             found.append(name)
-    return found
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    for name, module in model.named_modules():
+        if (is_cross_attention(name) and "attention" in type(module).__name__.lower()
+                and not any(name == f or name.startswith(f + ".") or f.startswith(name + ".") for f in found)):
+            found.append(name)
+    return sorted(found, key=order.__getitem__)
 
 
 def cross_attention_note(skipped: list[str]) -> str:

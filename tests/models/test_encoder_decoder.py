@@ -3,6 +3,8 @@ function (as given by hand, also with padding), and the cross-attention layers a
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -165,3 +167,26 @@ def test_cross_attention_under_an_unknown_name_is_refused(monkeypatch, capture):
         dk.models.attention_layers(model, input_ids=ids, attention_mask=mask, capture=capture)
     layers = dk.models.attention_layers(model, input_ids=ids, attention_mask=mask, capture=capture, layers=[0, 1])
     assert [layer.name for layer in layers] == ["encoder.layers.0.self_attn", "decoder.layers.0.self_attn"]
+
+
+def test_cross_attention_without_known_projections_is_named_as_cross_attention():
+    # GPT-2's crossattention (fused c_attn, q_attn: no projections SHAPES knows) was named by
+    # uncovered_attention_modules as self-attention the capture could not read, and attention_layers warned so
+    from duat_kernels.models.encoder_decoder import uncovered_attention_modules
+
+    encoder = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=64, vocab_size=100)
+    decoder = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, add_cross_attention=True,
+                                      is_decoder=True)
+    torch.manual_seed(0)
+    model = transformers.EncoderDecoderModel(transformers.EncoderDecoderConfig.from_encoder_decoder_configs(
+        encoder, decoder)).eval()
+    assert cross_attention_blocks(model) == [f"decoder.transformer.h.{i}.crossattention" for i in (0, 1)]
+    assert uncovered_attention_modules(model) == []
+    ids = _padded_ids()[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layers = dk.models.attention_layers(model, input_ids=ids, decoder_input_ids=ids)
+    assert [layer.name for layer in layers] == ["encoder.encoder.layer.0.attention.self", "decoder.transformer.h.0.attn",
+                                                "decoder.transformer.h.1.attn"]
+    assert not [w for w in caught if "cannot read" in str(w.message)]
