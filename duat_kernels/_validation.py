@@ -314,16 +314,19 @@ def value_bytes(t: torch.Tensor) -> bytes:
 def has_values(*tensors: torch.Tensor) -> bool:
     """Whether the tensors hold values that Python may read: not meta tensors, nor FakeTensorMode's or another
     subclass, nor batched by torch.func.vmap (which cannot branch on them)."""
-    return all(t.device.type != "meta" and type(t) in (torch.Tensor, torch.nn.Parameter) and not _vmapped(t)
-               for t in tensors)
+    return all(t.device.type != "meta" and type(t) in (torch.Tensor, torch.nn.Parameter)
+               and not functorch_level_is(torch._C._functorch.is_batchedtensor, t) for t in tensors)
 
 
-def _vmapped(t: torch.Tensor) -> bool:
+def functorch_level_is(kind, *tensors: torch.Tensor) -> bool:
+    """Whether some level of some tensor's torch.func wrappers satisfies kind (a torch._C._functorch test such
+    as is_batchedtensor or is_gradtrackingtensor)."""
     f = torch._C._functorch
-    while f.is_functorch_wrapped_tensor(t):
-        if f.is_batchedtensor(t):
-            return True
-        t = f.get_unwrapped(t)
+    for t in tensors:
+        while f.is_functorch_wrapped_tensor(t):
+            if kind(t):
+                return True
+            t = f.get_unwrapped(t)
     return False
 
 

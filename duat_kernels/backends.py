@@ -14,7 +14,7 @@ import torch
 from torch.autograd import forward_ad
 
 from duat_kernels import cpp, reference
-from duat_kernels._validation import OUTPUT_DTYPES
+from duat_kernels._validation import OUTPUT_DTYPES, functorch_level_is
 
 BACKENDS = ("auto", "reference", "cpp", "triton")
 
@@ -156,23 +156,12 @@ def functorch_grad(*tensors: torch.Tensor) -> bool:
     of its wrappers: the registered op's autograd formula cannot run there (torch.library generates an
     autograd.Function without setup_context, which those transforms require; pytorch issues 168393,
     179652), so such calls take the reference ops, which compose with every transform."""
-    return _functorch_wrapper_is(torch._C._functorch.is_gradtrackingtensor, tensors)
+    return functorch_level_is(torch._C._functorch.is_gradtrackingtensor, *tensors)
 
 
 def functorch_batched(*tensors: torch.Tensor) -> bool:
     """Whether a tensor is batched by torch.func.vmap, at any level of its wrappers."""
-    return _functorch_wrapper_is(torch._C._functorch.is_batchedtensor, tensors)
-
-
-def _functorch_wrapper_is(kind, tensors) -> bool:
-    """Whether some level of some tensor's torch.func wrappers satisfies kind (a torch._C._functorch test)."""
-    f = torch._C._functorch
-    for t in tensors:
-        while f.is_functorch_wrapped_tensor(t):
-            if kind(t):
-                return True
-            t = f.get_unwrapped(t)
-    return False
+    return functorch_level_is(torch._C._functorch.is_batchedtensor, *tensors)
 
 
 def fuses_ov(backend: str, layout: str, batch: int, *tensors: torch.Tensor) -> bool:

@@ -20,7 +20,7 @@ from duat_kernels.hvo import hvo_bias, hvo_matrix
 from duat_kernels.hvo_operator import HVOOperator
 from duat_kernels.models.architectures import (ARCHITECTURES, SHAPES, Architecture, describe_attention_modules,
                                                find_blocks, owning_config, resolve)
-from duat_kernels.models.encoder_decoder import uncovered_attention_modules, with_decoder_inputs
+from duat_kernels.models.encoder_decoder import is_encoder_decoder, uncovered_attention_modules, with_decoder_inputs
 from duat_kernels.models.shared_layers import ApplicationRecords, layer_plan
 
 
@@ -219,8 +219,9 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
     if type(model).__module__.startswith("nnsight.") and isinstance(getattr(model, "_module", None), torch.nn.Module):
         model = model._module  # an nnsight NNsight / LanguageModel wraps the torch module it runs
     inputs = with_decoder_inputs(model, named_inputs(model, args, inputs), inputs)
-    _check_has_tokens(named_inputs(model, args, inputs))
-    _check_no_cached_keys(named_inputs(model, args, inputs))
+    named = named_inputs(model, args, inputs)
+    _check_has_tokens(named)
+    _check_no_cached_keys(named)
     _warn_uncovered(model)
     if capture == "qk":
         from duat_kernels.models.qk_capture import attention_layers_qk
@@ -241,7 +242,6 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
         for h in handles:
             h.remove()
     applications.check_calls()
-    named = named_inputs(model, args, inputs)
     result = []
     for index, rec in applications.records.items():
         i, call = applications.application(index)
@@ -371,7 +371,7 @@ def _check_self_attention(name: str, attn: torch.Tensor, x: torch.Tensor) -> Non
 
 def _in_decoder(model, name: str) -> bool:
     """True for a layer of the decoder of an encoder-decoder model (its own mask and head count)."""
-    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False)) and "decoder" in name.split(".")
+    return is_encoder_decoder(model) and "decoder" in name.split(".")
 
 
 def config_heads(model, name: str) -> int | None:

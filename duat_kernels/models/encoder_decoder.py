@@ -37,8 +37,7 @@ def cross_attention_blocks(model: torch.nn.Module) -> list[str]:
             found.append(name)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     for name, module in model.named_modules():
-        if (is_cross_attention(name) and "attention" in type(module).__name__.lower()
-                and not any(name == f or name.startswith(f + ".") or f.startswith(name + ".") for f in found)):
+        if is_cross_attention(name) and "attention" in type(module).__name__.lower() and not _nested(name, found):
             found.append(name)
     return sorted(found, key=order.__getitem__)
 
@@ -61,9 +60,14 @@ def uncovered_attention_modules(model: torch.nn.Module) -> list[str]:
     for name, module in model.named_modules():
         if "attention" not in type(module).__name__.lower() or any(name.startswith(f + ".") for f in found):
             continue
-        if not any(name == k or name.startswith(k + ".") or k.startswith(name + ".") for k in known):
+        if not _nested(name, known):
             found.append(name)
     return found
+
+
+def _nested(name: str, others: list[str]) -> bool:
+    """Whether module `name` is one of `others`, inside one, or around one."""
+    return any(name == o or name.startswith(o + ".") or o.startswith(name + ".") for o in others)
 
 
 def uncovered_note(uncovered: list[str]) -> str:

@@ -193,18 +193,19 @@ def attention_layers_qk(model: torch.nn.Module, *args, layers: list[int] | None 
     applications = ApplicationRecords(blocks, plan, selected)
     handles = applications.count_hooks()  # first: the other hooks read the call count
     weights: dict[int, dict] = {}
-    for i in applications.selected_blocks():
+    # per selected block: the record of its ongoing application (None when that application is not selected)
+    currents = {i: (lambda i=i: applications.current(i)) for i in applications.selected_blocks()}
+    for i, current in currents.items():
         name, module, arch = blocks[i]
         value, out_proj = resolve(model, name, arch.value), resolve(model, name, arch.out_proj)
-        weights[i] = {}
-        weights[i]["w_v"], weights[i]["b_v"] = arch.value_weights(value, owning_config(model, name))
-        weights[i]["w_o"], weights[i]["b_o"] = arch.out_weights(out_proj, owning_config(model, name))
-        current = (lambda i=i: applications.current(i))
+        config = owning_config(model, name)
+        (w_v, b_v), (w_o, b_o) = arch.value_weights(value, config), arch.out_weights(out_proj, config)
+        weights[i] = dict(w_v=w_v, b_v=b_v, w_o=w_o, b_o=b_o)
         handles.append(value.register_forward_pre_hook(_store_input(current), with_kwargs=True))
         handles.append(module.register_forward_pre_hook(encoder_states_hook(current), with_kwargs=True))
         last = (lambda i=i: applications.is_last(i, selected[-1]))  # the pass stops after the last selected layer
         handles.append(out_proj.register_forward_hook(_store_output(current, last)))
-    by_module = {id(blocks[i][1]): (lambda i=i: applications.current(i)) for i in applications.selected_blocks()}
+    by_module = {id(blocks[i][1]): current for i, current in currents.items()}
     try:
         with _attention_recorder(model, by_module), torch.no_grad():
             model(*args, **inputs)
