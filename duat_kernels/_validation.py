@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -417,8 +418,6 @@ def check_plot_format(option: str, path) -> None:
 def as_path(name: str, path):
     """path (a str or os.PathLike) as a pathlib.Path; anything else is a TypeError that names it (pathlib's own
     "expected str, bytes or os.PathLike object, not int" named nothing)."""
-    from pathlib import Path
-
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"{name} must be a file path (a str or os.PathLike), got {type(path).__name__} {path!r}")
     return Path(path)
@@ -449,6 +448,17 @@ def check_writable_folder(what: str, folder) -> None:
     except OSError as exc:
         raise PermissionError(f"{what}: cannot write in {folder} ({exc.strerror or exc}); choose a writable "
                               "folder") from None
+
+
+def remove_stale_outputs(candidates, written) -> None:
+    """Delete the files among candidates (paths a command writes into its output folder) that this run did not
+    write (written: paths or names): an earlier run's outputs would otherwise sit beside reports that no longer
+    describe them. Only regular files are removed, never links or folders."""
+    keep = {Path(p).name for p in written}
+    for path in candidates:
+        path = Path(path)
+        if path.name not in keep and path.is_file() and not path.is_symlink():
+            path.unlink()
 
 
 def check_output_folder(option: str, path) -> None:

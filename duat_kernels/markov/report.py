@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from duat_kernels import strict_json
+from duat_kernels._validation import remove_stale_outputs
 from duat_kernels.markov import analysis
 from duat_kernels.markov.chain import LanguageModelChain, temperature_label
 
@@ -178,15 +179,8 @@ def write_report(chain: LanguageModelChain, results: list[dict], out_dir: str | 
     paths = [json_path, md_path, *chain.save(out)]
     if plots:
         paths += plot(results, out, f"{meta['model']}, K={chain.context}, T={chain.num_symbols}")
-    _remove_earlier_outputs(out, paths)
+    # an earlier report's npz of other temperatures and PNGs (after --no-plot) sat next to a markov.json that no
+    # longer described them; only names this command writes are touched, the cache and other files stay
+    remove_stale_outputs([*out.glob("transition_tau*.npz"), out / "tv_vs_t.png", out / "mixing_time_vs_tau.png"],
+                         paths)
     return paths
-
-
-def _remove_earlier_outputs(out: Path, written: list[Path]) -> None:
-    """Delete the files an earlier report wrote into out that this one did not (the npz of other temperatures,
-    the PNGs after --no-plot): they sat next to a markov.json that no longer described them. Only names this
-    command writes are touched; the cache and other files stay."""
-    keep = {p.name for p in written}
-    for path in [*out.glob("transition_tau*.npz"), out / "tv_vs_t.png", out / "mixing_time_vs_tau.png"]:
-        if path.name not in keep and path.is_file() and not path.is_symlink():
-            path.unlink()

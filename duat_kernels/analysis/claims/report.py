@@ -6,6 +6,7 @@ from pathlib import Path
 from statistics import mean
 
 from duat_kernels import strict_json
+from duat_kernels._validation import remove_stale_outputs
 
 
 def _pct(x: float) -> str:
@@ -168,10 +169,7 @@ def write(out: Path, results: dict, meta: dict, plots: list[Path] = ()) -> list[
 
     out.mkdir(parents=True, exist_ok=True)
     plotted = {Path(p).name for p in plots}
-    for key in PLOTTED_SECTIONS:
-        stale = out / f"{key}.png"
-        if stale.name not in plotted and stale.is_file() and not stale.is_symlink():
-            stale.unlink()
+    remove_stale_outputs([out / f"{key}.png" for key in PLOTTED_SECTIONS], plotted)
     (out / "claims.json").write_text(strict_json.dumps({"meta": meta, **results}, indent=1))
     md = [f"# The DUAT paper's claims, measured on {meta['model']} ({meta['model_type']})", "",
           f"Command: `{meta['command']}`. Text: \"{meta['text']}\" ({meta['tokens']} tokens). "
