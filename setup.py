@@ -78,7 +78,7 @@ setup(
             include_dirs=["csrc"],
             depends=["csrc/isa.h", "csrc/isa/variant.h", "csrc/kron_sum.h", "csrc/attention_norms.h", "csrc/qk_attention_norms.h",
                      "csrc/output_cache.h", "csrc/kernels/simd.h", "csrc/kernels/kron_sum.cpp", "csrc/kernels/fma_peak.cpp",
-                     "csrc/kernels/gram_rows.cpp", "csrc/kernels/qk_rows.cpp"],
+                     "csrc/kernels/gram_rows.cpp", "csrc/kernels/qk_rows.cpp", "csrc/kernels/micro_rate.cpp"],
             cxx_std=17,
         )
     ],

@@ -199,6 +199,25 @@ def bf16_vs_fp32_table(rows: dict[str, dict]) -> list[str]:
     return out
 
 
+def micro_kernel_table(rows: dict[str, dict]) -> list[str]:
+    """The micro-kernels' GFLOP/s in L1 per ISA variant and h, each dtype with its share of the variant's
+    one-thread FMA probe, and the time of bf16 and fp16 relative to fp32."""
+    by_case: dict[tuple[str, int], dict[str, dict]] = defaultdict(dict)
+    for b in rows.values():
+        info = b["extra_info"]
+        by_case[info["isa"], info["h"]][info["dtype"]] = info
+    dtypes = ["float32", "bfloat16", "float16"]
+    out = ["| ISA variant | h | FMA probe, 1 thread | " + " | ".join(dtypes) + " | bf16 / fp32 time | fp16 / fp32 time |",
+           "|---|---:|---:|" + "---:|" * (len(dtypes) + 2)]
+    for (isa, h), cases in by_case.items():
+        peak = next(iter(cases.values()))["fma_peak_1thread_gflops"]
+        cells = [f"{cases[d]['gflops']:.0f} ({cases[d]['gflops'] / peak:.0%})" if d in cases else "-" for d in dtypes]
+        fp32 = cases.get("float32", {}).get("gflops")
+        slower = ["-" if fp32 is None or d not in cases else f"{fp32 / cases[d]['gflops']:.2f}" for d in dtypes[1:]]
+        out.append(f"| {isa} | {h} | {peak:.0f} | " + " | ".join(cells + slower) + " |")
+    return out
+
+
 def generic_table(rows: dict[str, dict]) -> list[str]:
     out = ["| case | best time | peak memory above inputs |", "|---|---:|---:|"]
     for name, b in rows.items():
@@ -304,7 +323,8 @@ def report(run: dict, out: Path, name: str) -> str:
         kind = next(iter(rows.values()))["extra_info"].get("kind")
         lines += [f"### {group}", ""]
         table = {"materialise": materialise_table, "matrix_free": matrix_free_table, "gpu": gpu_table,
-                 "gpu_norms": gpu_norms_table, "bf16_vs_fp32": bf16_vs_fp32_table}.get(kind, generic_table)
+                 "gpu_norms": gpu_norms_table, "bf16_vs_fp32": bf16_vs_fp32_table,
+                 "micro_kernel": micro_kernel_table}.get(kind, generic_table)
         lines += table(rows) + [""]
     lines += isa_tables(groups)
     for png in plots(groups, out, name):

@@ -593,6 +593,24 @@ PYBIND11_MODULE(_C, m) {
       "Float32 FMA throughput in GFLOP/s of register-only vector FMA chains of the active ISA variant:\n"
       "the arithmetic floor of kron_sum.");
   m.def(
+      "micro_kernel_gflops",
+      [](const std::string& out_dtype, int64_t h, int64_t cols, int segments, int64_t reps) {
+        const duat::OutType ot = parse_out_type(out_dtype);
+        if (ot == duat::OutType::kFloat64) fail("micro_kernel_gflops: out_dtype must be float32, float16 or bfloat16, got 'float64'");
+        if (h < 1 || h > 256) fail("micro_kernel_gflops: h must be in [1, 256], got " + std::to_string(h));
+        if (cols < 64 || cols > 1024 || cols % 64 != 0)
+          fail("micro_kernel_gflops: cols must be a multiple of 64 in [64, 1024], got " + std::to_string(cols));
+        if (segments < 1 || segments > 48) fail("micro_kernel_gflops: segments must be in [1, 48], got " + std::to_string(segments));
+        if (reps < 1) fail("micro_kernel_gflops: reps must be positive, got " + std::to_string(reps));
+        const duat::IsaKernels& kernels = duat::active();
+        py::gil_scoped_release release;
+        return kernels.micro_kernel_gflops(ot, h, cols, segments, reps);
+      },
+      py::arg("out_dtype"), py::arg("h"), py::arg("cols") = 128, py::arg("segments") = 12, py::arg("reps") = 20000,
+      "GFLOP/s (2h flops per entry) of one thread running the kron_sum micro-kernels of the active ISA\n"
+      "variant with every operand in L1: `segments` whole segments of `cols` columns from one h x cols\n"
+      "slab, `reps` times, stored as out_dtype. Compare with fma_peak_gflops(num_threads=1).");
+  m.def(
       "stream_fill",
       [](py::array out, int value, int num_threads) {
         if (!out.writeable()) throw std::invalid_argument("stream_fill: out must be writable");

@@ -27,6 +27,9 @@ using PtUAccumulate = void (*)(const float* p, int64_t ldp, int64_t rows, const 
                                int64_t keys);
 // y = exp(x) elementwise with the vectorised exponential of the variant.
 using ExpF32 = void (*)(const float* x, int64_t n, float* y);
+// GFLOP/s of one thread writing `segments` whole segments of T columns from an h x T slab, reps times,
+// all in L1 (csrc/kernels/micro_rate.cpp): the micro-kernels' own rate for one output dtype.
+using MicroRate = double (*)(OutType out_type, int64_t h, int64_t T, int segments, int64_t reps);
 
 struct IsaKernels {
   const char* name;
@@ -42,6 +45,7 @@ struct IsaKernels {
   SoftmaxNumerator softmax_numerator;
   ExpF32 exp_f32;
   PtUAccumulate pt_u_accumulate;
+  MicroRate micro_kernel_gflops;
 };
 
 // The variants compiled into this build, lowest first (each defined by its csrc/isa/<name>.cpp).

@@ -252,9 +252,14 @@ def test_half_conversion_rounds_like_torch(dtype, capability):
                                       255.5, 256.5 * 2.0 ** -100])
     # float32 denormals (bf16 keeps them; avx512_bf16's conversion instruction would flush them)
     right[0, 0, 40:46] = torch.tensor([1e-39, -3e-40, 1.4e-45, 1.1754942e-38, 2.0 ** -127 * 1.00390625, -7e-41])
+    right[0, 0, 50:54] = torch.tensor([float("nan"), float("inf"), -float("inf"), -float("nan")])  # in a vector
+    right[0, 0, 69] = float("nan")  # in the scalar tail
     left = torch.tensor([[[1.0, -1.0, 0.5, 3.0]]]).float()  # (h=1, P=1, S=4)
     tile = cpp.kron_sum_tile_(left, right, torch.empty(1, 4 * 70, dtype=dtype))
     expected = torch.kron(left[0], right[0]).to(dtype)
+    if dtype == torch.bfloat16:  # NaN is 0x7FC0 here, as c10's scalar conversion writes it; torch's vector one writes 0xFFFF
+        assert torch.equal(tile.isnan(), expected.isnan())
+        tile, expected = tile[~tile.isnan()], expected[~expected.isnan()]
     assert torch.equal(tile.view(torch.int16), expected.view(torch.int16))
 
 
@@ -359,6 +364,38 @@ def test_fma_probe_is_not_below_half_of_sgemm(isa):
         probe = max(cpp._C.fma_peak_gflops(2_000_000, 1) for _ in range(3))
     sgemm = _sgemm_gflops()
     assert probe >= 0.5 * sgemm, f"{isa}: FMA probe {probe:.0f} GFLOP/s < half of torch sgemm {sgemm:.0f} GFLOP/s"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_conversion_of_random_bit_patterns(dtype, capability):
+    # Every class of float32 at once (random bits: all exponents, subnormals, Inf, NaN payloads), each
+    # entry times 1.0, so W' holds the inputs themselves and its 16-bit conversion must be torch's.
+    g = torch.Generator().manual_seed(2)
+    right = torch.randint(-2 ** 31, 2 ** 31, (1, 1, 1 << 18), generator=g, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    tile = cpp.kron_sum_tile_(torch.ones(1, 1, 1), right, torch.empty(1, 1 << 18, dtype=dtype))
+    expected = right[0].to(dtype)
+    assert torch.equal(tile.isnan(), expected.isnan())
+    if dtype == torch.float16:  # NaN bits too: quieted, sign and top payload bits kept, as F16C (and torch) writes them
+        assert torch.equal(tile.view(torch.int16), expected.view(torch.int16))
+    else:
+        assert torch.equal(tile[~tile.isnan()].view(torch.int16), expected[~expected.isnan()].view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_micro_kernel_rate(dtype, capability):
+    # The micro-kernel benchmark's entry point (benchmarks/bench_micro_kernel.py): a rate for every
+    # variant and dtype, and its arguments checked at the boundary.
+    assert cpp._C.micro_kernel_gflops(dtype, 5, 64, 7, 3) > 0
+
+
+@pytest.mark.parametrize("args,message", [
+    (("float64", 8), "out_dtype must be float32, float16 or bfloat16"), (("int8", 8), "out_dtype must be one of"),
+    (("float32", 0), r"h must be in \[1, 256\], got 0"), (("float32", 8, 100), "cols must be a multiple of 64"),
+    (("float32", 8, 128, 0), r"segments must be in \[1, 48\]"), (("float32", 8, 128, 12, 0), "reps must be positive"),
+])
+def test_micro_kernel_rate_refuses_bad_arguments(args, message):
+    with pytest.raises(ValueError, match=message):
+        cpp._C.micro_kernel_gflops(*args)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -8,6 +8,7 @@
 #include "../kernels/fma_peak.cpp"
 #include "../kernels/gram_rows.cpp"
 #include "../kernels/qk_rows.cpp"
+#include "../kernels/micro_rate.cpp"
 
 #define DUAT_ISA_NAME_(x) #x
 #define DUAT_ISA_NAME(x) DUAT_ISA_NAME_(x)
@@ -17,6 +18,7 @@ namespace DUAT_ISA {
 extern const IsaKernels kKernels = {DUAT_ISA_NAME(DUAT_ISA), &cpu_supports, &kron_sum_f32, &kron_sum_f64,
                                     &ov_slabs_f32, &ov_slabs_f64, &fma_peak_gflops, &stream_fill,
                                     &gram_row_squared_norms,
-                                    &qk_logits, &softmax_numerator, &exp_f32, &pt_u_accumulate};
+                                    &qk_logits, &softmax_numerator, &exp_f32, &pt_u_accumulate,
+                                    &micro_kernel_gflops};
 }  // namespace DUAT_ISA
 }  // namespace duat

@@ -57,7 +57,8 @@ inline uint16_t to_bf16(float f) {
   return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
-// float -> IEEE half, round to nearest even, handling subnormals, overflow to inf and NaN.
+// float -> IEEE half, round to nearest even, handling subnormals, overflow to inf and NaN (quieted,
+// payload kept: the bits F16C's conversion gives).
 inline uint16_t to_fp16(float f) {
 #if defined(__F16C__)
   return static_cast<uint16_t>(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT));
@@ -72,7 +73,8 @@ inline uint16_t to_fp16(float f) {
   base = float_of((bias >> 1) + 0x07800000u) + base;
   const uint32_t b = bits_of(base);
   const uint32_t nonsign = ((b >> 13) & 0x00007C00u) + (b & 0x00000FFFu);
-  return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+  // NaN: quiet, with the top 9 bits of the payload, as F16C's vcvtps2ph (and so torch there) keeps them
+  return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u | ((w >> 13) & 0x3FFu) : nonsign));
 #endif
 }
 
@@ -150,6 +152,32 @@ inline __m128i bf16_bits_sse2(VF a, VF b) {
 }
 #endif
 
+#if defined(__SSE2__) && !defined(__F16C__)
+// a's then b's 4 values as 8 IEEE halves: to_fp16's arithmetic on 4 lanes at once, the same bits for
+// every float. The signed pack keeps each lane exactly: sign | magnitude is 0xFFFF8000 | m or m, m <= 0x7FFF.
+inline __m128i fp16_bits_sse2(VF a, VF b) {
+  auto half = [](VF v) {
+    const __m128 f = (__m128)v;
+    const __m128i w = _mm_castps_si128(f);
+    __m128 base = _mm_and_ps(f, _mm_castsi128_ps(_mm_set1_epi32(0x7FFFFFFF)));
+    base = _mm_mul_ps(_mm_mul_ps(base, _mm_set1_ps(0x1.0p+112f)), _mm_set1_ps(0x1.0p-110f));
+    // to_fp16's bias >> 1 is w's exponent field, at least 0x38800000: an unsigned max, here the float max of
+    // two positive powers of two (or zero, or inf) given by their exponent bits.
+    const __m128 exponent = _mm_castsi128_ps(_mm_and_si128(w, _mm_set1_epi32(0x7F800000)));
+    const __m128i bias = _mm_castps_si128(_mm_max_ps(exponent, _mm_castsi128_ps(_mm_set1_epi32(0x38800000))));
+    base = _mm_add_ps(_mm_castsi128_ps(_mm_add_epi32(bias, _mm_set1_epi32(0x07800000))), base);
+    const __m128i bits = _mm_castps_si128(base);
+    const __m128i nonsign = _mm_add_epi32(_mm_and_si128(_mm_srli_epi32(bits, 13), _mm_set1_epi32(0x7C00)),
+                                          _mm_and_si128(bits, _mm_set1_epi32(0x0FFF)));
+    const __m128i nan = _mm_castps_si128(_mm_cmpunord_ps(f, f));
+    const __m128i quiet = _mm_or_si128(_mm_and_si128(_mm_srli_epi32(w, 13), _mm_set1_epi32(0x3FF)), _mm_set1_epi32(0x7E00));
+    const __m128i magnitude = _mm_or_si128(_mm_andnot_si128(nan, nonsign), _mm_and_si128(nan, quiet));
+    return _mm_or_si128(magnitude, _mm_srai_epi32(_mm_and_si128(w, _mm_set1_epi32(int(0x80000000u))), 16));
+  };
+  return _mm_packs_epi32(half(a), half(b));
+}
+#endif
+
 // bfloat16: add the rounding bias (0x7FFF + lowest kept bit), keep the high halves, NaN -> 0x7FC0.
 template <bool kNaN, bool kStream, typename Out>
 inline void store_bf16_vec(Out* dst, VF v) {
@@ -200,6 +228,9 @@ inline void store_vec(FP16* dst, VF v) {
 #elif defined(__F16C__) && defined(__AVX__)
   const __m128i half = _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT);
   put<16, kStream>(dst, &half);
+#elif defined(__SSE2__) && !defined(__AVX__)
+  const __m128i half = fp16_bits_sse2(v, v);
+  put<8, kStream>(dst, &half);
 #else
   uint16_t half[Vec<float>::kLanes];
   for (int j = 0; j < Vec<float>::kLanes; ++j) half[j] = to_fp16(v[j]);
@@ -286,6 +317,11 @@ inline void store_pair(BF16Finite* dst, VF a, VF b) {
   const __m128i out = bf16_bits_sse2<false>(a, b);
   put<16, kStream>(dst, &out);
 }
+template <bool kStream>
+inline void store_pair(FP16* dst, VF a, VF b) {
+  const __m128i out = fp16_bits_sse2(a, b);
+  put<16, kStream>(dst, &out);
+}
 #endif
 #if defined(__AVX2__)
 template <bool kStream>
@@ -334,7 +370,9 @@ inline void zero(Out* dst, int64_t n, bool stream) {
 // dst[k][t - t0] = sum_i coef[k][i] * slab[i * T + t] for t in [t, t + NV * L) and k < K: the
 // micro-kernel, all K * NV accumulators in registers.
 // kStream: non-temporal stores, every dst[k] + offset aligned to the vector width (see micro_at).
-template <typename A, typename Out, int K, int NV, bool kStream>
+// CS: coef[k] holds each coefficient once (CS = 1, read with a broadcast load) or as a whole vector
+// of CS = L copies (expanded_coefficients).
+template <typename A, typename Out, int K, int NV, bool kStream, int CS>
 void micro(const A* const* coef, const A* slab, int64_t h, int64_t T, int64_t t, Out* const* dst, int64_t offset) {
   using V = typename Vec<A>::type;
   constexpr int L = Vec<A>::kLanes;
@@ -352,7 +390,9 @@ void micro(const A* const* coef, const A* slab, int64_t h, int64_t T, int64_t t,
     for (int j = 0; j < NV; ++j) std::memcpy(&r[j], row + j * L, sizeof(V));
 #pragma GCC unroll 16
     for (int k = 0; k < K; ++k) {
-      const V c = splat(coef[k] + i);
+      V c;
+      if constexpr (CS == 1) c = splat(coef[k] + i);
+      else std::memcpy(&c, coef[k] + i * CS, sizeof(V));
 #pragma GCC unroll 4
       for (int j = 0; j < NV; ++j) acc[k][j] = madd(c, r[j], acc[k][j]);
     }
@@ -368,36 +408,36 @@ void micro(const A* const* coef, const A* slab, int64_t h, int64_t T, int64_t t,
 // One micro-kernel, streaming its stores when asked and every destination is aligned to the vector
 // width. The choice is made here, once per call, and not among the stores: with both store paths in
 // one body GCC computes their common part for every accumulator before the branch and spills it.
-template <typename A, typename Out, int K, int NV>
+template <typename A, typename Out, int K, int NV, int CS>
 inline void micro_at(const A* const* coef, const A* slab, int64_t h, int64_t T, int64_t t, Out* const* dst,
                      int64_t offset, bool stream) {
   uintptr_t addresses = 0;
   for (int k = 0; k < K; ++k) addresses |= reinterpret_cast<uintptr_t>(dst[k] + offset);
   if (stream && (addresses & (kVecBytes - 1)) == 0)
-    micro<A, Out, K, NV, true>(coef, slab, h, T, t, dst, offset);
+    micro<A, Out, K, NV, true, CS>(coef, slab, h, T, t, dst, offset);
   else
-    micro<A, Out, K, NV, false>(coef, slab, h, T, t, dst, offset);
+    micro<A, Out, K, NV, false, CS>(coef, slab, h, T, t, dst, offset);
 }
 
 // Vectors of t per micro-kernel for K segments: as many as the accumulator budget allows.
 constexpr int nv_for(int k) { return kAccumulators / k >= kNV ? kNV : (kAccumulators / k >= 2 ? 2 : 1); }
 
-// K segments over columns [t0, t1) of the slab: full-width micro-kernels, then narrower ones, then
-// a scalar tail (same rounding per term).
-template <typename A, typename Out, int K>
-void combine(const A* const* coef, const A* slab, int64_t h, int64_t T, int64_t t0, int64_t t1, Out* const* dst,
-             bool stream) {
+// K segments over columns [t0, t1) of the slab: full-width micro-kernels (their coefficients
+// vcoef, CS copies each), then narrower ones, then a scalar tail (same rounding per term).
+template <typename A, typename Out, int K, int CS>
+void combine_columns(const A* const* vcoef, const A* const* coef, const A* slab, int64_t h, int64_t T, int64_t t0,
+                     int64_t t1, Out* const* dst, bool stream) {
   constexpr int L = Vec<A>::kLanes, NV = nv_for(K);
   int64_t t = t0;
-  for (; t + NV * L <= t1; t += NV * L) micro_at<A, Out, K, NV>(coef, slab, h, T, t, dst, t - t0, stream);
+  for (; t + NV * L <= t1; t += NV * L) micro_at<A, Out, K, NV, CS>(vcoef, slab, h, T, t, dst, t - t0, stream);
   if constexpr (NV > 2) {
     if (t + 2 * L <= t1) {
-      micro_at<A, Out, K, 2>(coef, slab, h, T, t, dst, t - t0, stream);
+      micro_at<A, Out, K, 2, CS>(vcoef, slab, h, T, t, dst, t - t0, stream);
       t += 2 * L;
     }
   }
   if constexpr (NV > 1) {
-    for (; t + L <= t1; t += L) micro_at<A, Out, K, 1>(coef, slab, h, T, t, dst, t - t0, stream);
+    for (; t + L <= t1; t += L) micro_at<A, Out, K, 1, CS>(vcoef, slab, h, T, t, dst, t - t0, stream);
   }
   for (; t < t1; ++t) {
     for (int k = 0; k < K; ++k) {
@@ -406,6 +446,35 @@ void combine(const A* const* coef, const A* slab, int64_t h, int64_t T, int64_t 
       store(dst[k] + (t - t0), sum);
     }
   }
+}
+
+// SSE2 has no broadcast load: splat is a load and a shuffle, which takes an FP pipe from the adds and
+// multiplies (the micro-kernel ran at about 60% of the variant's probe in L1). There each
+// coefficient is copied once into a whole vector, which the micro-kernels then read with plain loads.
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(__AVX__)
+constexpr int64_t kExpandedHeads = 128;  // expanded copies on the stack: K * h * 16 bytes, at most 24 KiB
+#else
+constexpr int64_t kExpandedHeads = 0;
+#endif
+
+template <typename A, typename Out, int K>
+void combine(const A* const* coef, const A* slab, int64_t h, int64_t T, int64_t t0, int64_t t1, Out* const* dst,
+             bool stream) {
+  constexpr int L = Vec<A>::kLanes;
+  if constexpr (kExpandedHeads > 0) {
+    if (h <= kExpandedHeads && t1 - t0 >= 2 * nv_for(K) * L) {  // two or more micro-kernel calls share them
+      alignas(64) A expanded[K * kExpandedHeads * L];
+      const A* vcoef[K];
+      for (int k = 0; k < K; ++k) {
+        A* e = expanded + k * h * L;
+        for (int64_t i = 0; i < h; ++i)
+          for (int l = 0; l < L; ++l) e[i * L + l] = coef[k][i];
+        vcoef[k] = e;
+      }
+      return combine_columns<A, Out, K, L>(vcoef, coef, slab, h, T, t0, t1, dst, stream);
+    }
+  }
+  combine_columns<A, Out, K, 1>(coef, coef, slab, h, T, t0, t1, dst, stream);
 }
 
 // Segments per micro-kernel call for segments of `width` columns: short segments (feature layout,
