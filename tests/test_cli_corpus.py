@@ -235,6 +235,7 @@ def test_a_layer_out_of_range_is_one_error_before_any_text(model_dir, texts_file
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "duat corpus: layer 99 is out of range: the model has" in err and "FAILED" not in err
+    assert not (tmp_path / "run").exists()  # was left with an empty parts/ and a run.json
 
 
 def test_a_refused_run_does_not_lock_its_folder(model_dir, texts_file, tmp_path, capsys):
@@ -285,3 +286,4 @@ def test_a_model_that_does_not_exist_is_one_error_before_any_text(texts_file, tm
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"duat corpus: model '{missing}' does not exist" in err and "FAILED" not in err
+    assert not (tmp_path / "run").exists()

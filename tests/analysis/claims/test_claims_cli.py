@@ -45,6 +45,7 @@ def test_claims_refuses_an_unsupported_model(tmp_path, tokenizer, capsys):
     assert capsys.readouterr().err == "duat claims: --lora-rank must be >= 1, got 0\n"
     assert main(["claims", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
     assert "duat claims: model" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # the refused runs left their --out behind, empty
 
 
 def test_claims_sections_subset_without_plots(tmp_path, tokenizer):
