@@ -106,7 +106,12 @@ def test_markov_no_progress_hides_the_bars(tiny_lm_folder, tmp_path, capsys):
     argv = ["markov", "--model", str(tiny_lm_folder), "--tokens", "ab", "--context", "1", "--out", str(tmp_path / "o"),
             "--no-plot"]
     assert main(argv) == 0
-    assert "temperatures" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "temperatures" in err and "Loading weights" in err
     assert main([*argv, "--out", str(tmp_path / "p"), "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "temperatures" not in err and "contexts" not in err
+    assert "Loading weights" not in err  # transformers' bar too
+    from transformers.utils import logging
+
+    assert logging.is_progress_bar_enabled()  # as before the run
