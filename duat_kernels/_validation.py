@@ -463,11 +463,14 @@ def remove_stale_outputs(candidates, written) -> None:
 
 def check_output_folder(option: str, path) -> None:
     """Refuse, before any work, an output folder that cannot be created or written: a file on its path,
-    or an empty name (check_nonempty_path: the working directory would take the outputs)."""
+    or an empty name (check_nonempty_path: the working directory would take the outputs). The folders it creates
+    to find out are removed again (the command creates them when it writes): a run refused later, a model that
+    does not load, leaves no empty folder behind."""
     check_nonempty_path(option, path, "give a folder")
     folder = os.path.abspath(os.fspath(path))
-    existing = folder
+    existing, missing = folder, []
     while not os.path.exists(existing):
+        missing.append(existing)  # innermost first
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise ValueError(f"{option} {path}: {existing} is a file, not a folder")
@@ -479,3 +482,9 @@ def check_output_folder(option: str, path) -> None:
             pass
     except OSError as exc:
         raise ValueError(f"{option} {path}: the folder cannot be created or written ({exc.strerror or exc})") from None
+    finally:
+        for created in missing:
+            try:
+                os.rmdir(created)
+            except OSError:  # not created, or no longer empty
+                pass

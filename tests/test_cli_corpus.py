@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,6 +16,8 @@ import torch
 import duat_kernels as dk
 from duat_kernels.cli import main
 from duat_kernels.corpus import CorpusSettings, analysis, read_texts, run_corpus, runner
+
+from conftest import CHILD_CWD
 
 transformers = pytest.importorskip("transformers", reason="needs transformers: pip install '.[models]'")
 pq = pytest.importorskip("pyarrow.parquet", reason="needs pyarrow: pip install '.[dask]'")
@@ -235,6 +239,7 @@ def test_a_layer_out_of_range_is_one_error_before_any_text(model_dir, texts_file
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "duat corpus: layer 99 is out of range: the model has" in err and "FAILED" not in err
+    assert not (tmp_path / "run").exists()  # was left with an empty parts/ and a run.json
 
 
 def test_a_refused_run_does_not_lock_its_folder(model_dir, texts_file, tmp_path, capsys):
@@ -285,3 +290,37 @@ def test_a_model_that_does_not_exist_is_one_error_before_any_text(texts_file, tm
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"duat corpus: model '{missing}' does not exist" in err and "FAILED" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_no_progress_hides_the_bars_of_transformers_too(model_dir, texts_file, tmp_path, monkeypatch, capsys):
+    # --no-progress hid duat's bar, not transformers' "Loading weights" bar of the model loaded in this process
+    from transformers.utils import logging
+
+    args = ["corpus", "--model", model_dir, "--texts", texts_file, "--sync"]
+    for out, extra, shown in (("a", [], True), ("b", ["--no-progress"], False)):
+        monkeypatch.setattr(analysis, "_MODELS", {})  # loaded again by this run
+        assert main([*args, "--out", str(tmp_path / out), *extra]) == 0
+        err = capsys.readouterr().err
+        assert ("Loading weights" in err) == shown and ("corpus: " in err) == shown, err
+        assert logging.is_progress_bar_enabled()  # as before the run
+
+
+def test_no_progress_reaches_the_workers_of_a_local_cluster(model_dir, texts_file, tmp_path, monkeypatch, capsys):
+    # each worker of --workers printed its own "Loading weights" bar: they get huggingface_hub's setting, which
+    # transformers reads when it is imported there (a fresh process here)
+    envs = []
+
+    def local_cluster(**kwargs):
+        envs.append(kwargs["env"])
+        raise RuntimeError("no cluster started in this test")
+
+    monkeypatch.setattr(distributed, "LocalCluster", local_cluster)
+    args = ["corpus", "--model", model_dir, "--texts", texts_file, "--out", str(tmp_path / "run"), "--workers", "1"]
+    assert main(args) == 2 and main([*args, "--no-progress"]) == 2
+    capsys.readouterr()
+    assert envs[0] == {} and envs[1] == {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    done = subprocess.run([sys.executable, "-c", "from transformers.utils import logging; "
+                           "print(logging.is_progress_bar_enabled())"], env={**os.environ, **envs[1]},
+                          capture_output=True, text=True, cwd=CHILD_CWD, timeout=120)
+    assert done.stdout == "False\n", done.stderr

@@ -321,7 +321,10 @@ def test_output_folders_that_cannot_be_created_are_refused_in_one_line(tmp_path,
     from duat_kernels._validation import check_output_folder
 
     check_output_folder("--out", tmp_path / "new" / "run")
-    assert (tmp_path / "new" / "run").is_dir() and not any((tmp_path / "new" / "run").iterdir())
+    assert not any(tmp_path.iterdir())  # tried, and removed again: a refused run leaves no empty folder behind
+    (tmp_path / "old").mkdir()
+    check_output_folder("--out", tmp_path / "old")
+    assert (tmp_path / "old").is_dir()  # a folder that was there stays
 
     def refuse(*args, **kwargs):
         raise OSError(30, "Read-only file system")

@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--workers", type=int, default=None,
                        help="start a local Dask cluster of K worker processes (default: one per CPU core)")
     where.add_argument("--sync", action="store_true", help="no Dask: analyse the texts one by one in this process")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (texts, and transformers' "
+                                                                   "while a model loads here or in --workers)")
 
 
 @contextmanager
@@ -47,8 +48,11 @@ def dask_client(args):
             yield client
         return
     workers = args.workers or os.cpu_count() or 1
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+    # --no-progress: transformers' "Loading weights" bar of each worker (huggingface_hub's setting, read when
+    # transformers is imported there); a --scheduler's workers write elsewhere and are left as they are
+    env = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"} if args.no_progress else {}
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                      env=env) as cluster, Client(cluster) as client:
         yield client
 
 
@@ -56,6 +60,7 @@ def run(args) -> int:
     from duat_kernels.corpus.analysis import CorpusSettings
     from duat_kernels.corpus.runner import max_rel_error, read_texts, run_corpus, summary_table
     from duat_kernels._validation import check_output_folder
+    from duat_kernels.models.zoo import transformers_progress_bars
 
     if args.workers is not None and args.workers < 1 or args.grid < 1 or args.threads < 1:
         raise ValueError(f"--workers, --grid and --threads must be positive, got "
@@ -67,7 +72,7 @@ def run(args) -> int:
     texts = read_texts(args.texts)
     settings = CorpusSettings(model=args.model, layers=None if args.layer is None else tuple(args.layer),
                               grid=args.grid, threads=args.threads)
-    with dask_client(args) as client:
+    with dask_client(args) as client, transformers_progress_bars(not args.no_progress):
         results, failures = run_corpus(texts, args.out, settings, client, progress=not args.no_progress)
     summary = summary_table(results, f"{args.model}: {len(texts)} texts")
     (Path(args.out) / "summary.md").write_text(summary + "\n")

@@ -81,15 +81,13 @@ def _write_table(rows: list[dict], path: Path) -> None:
 
 def _check_settings(out: Path, parts: Path, settings: CorpusSettings) -> None:
     """Refuse other settings than those of the results already in out; a run that finished no text (refused,
-    interrupted) leaves nothing to protect, so its record is replaced."""
+    interrupted) leaves nothing to protect, so its record (out/run.json, written by run_corpus) is replaced."""
     record = out / "run.json"
     if record.exists() and any(parts.glob("*.parquet")):
         previous = json.loads(record.read_text())
         if previous != settings.to_json():
             raise ValueError(f"{out} holds a run with other settings ({previous}); use another --out "
                              "or the same --model, --layer, --grid and --threads")
-    else:
-        record.write_text(strict_json.dumps(settings.to_json()))
 
 
 def _layer_check(settings: CorpusSettings) -> Exception | None:
@@ -120,15 +118,16 @@ def run_corpus(texts: list[tuple[str, str]], out: str | os.PathLike, settings: C
 
     out = Path(out)
     parts = out / "parts"
-    parts.mkdir(parents=True, exist_ok=True)
     _check_settings(out, parts, settings)
     todo = [(i, tid, text) for i, (tid, text) in enumerate(texts) if not _part_path(parts, i, text).exists()]
     # the model (a path that does not exist) and the layers, checked once where the texts run (the model is loaded
-    # there anyway), not once per text
+    # there anyway), not once per text; before out is written to: a refused run leaves no folder behind
     if todo:
         error = _layer_check(settings) if client is None else client.submit(_layer_check, settings, pure=False).result()
         if error is not None:
             raise error
+    parts.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").write_text(strict_json.dumps(settings.to_json()))
     failures = []
     with tqdm(total=len(texts), initial=len(texts) - len(todo), unit="text", desc="corpus",
               disable=not progress) as bar:

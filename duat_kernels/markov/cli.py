@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                       "temperatures reuse it, an interrupted run resumes")
     parser.add_argument("--no-bos", action="store_true", help="do not prepend the model's BOS token")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars (logits, temperatures)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (logits, temperatures, and "
+                                                                   "transformers' while the model loads)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for the model (default: torch's setting; 1 is faster on a busy machine)")
 
@@ -44,6 +45,7 @@ def _symbols(tokens: list[str]) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from duat_kernels.markov import report
     from duat_kernels.models import load
+    from duat_kernels.models.zoo import transformers_progress_bars
 
     try:
         check_context(args.context)
@@ -63,18 +65,19 @@ def run(args: argparse.Namespace) -> int:
         check_output_folder("--out", args.out)
         if args.cache:
             check_output_folder("--cache", args.cache)
-        model, tokenizer = load(args.model, causal_lm=True)
-        out = Path(args.out)
-        start = time.perf_counter()
-        chain = LanguageModelChain.from_model(
-            model, symbols, args.context, tokenizer=tokenizer, temperatures=args.temperature,
-            bos_id=None if args.no_bos else "auto", batch_size=args.batch_size,
-            cache_dir=Path(args.cache) if args.cache else out / "cache", progress=not args.no_progress)
-        logits_seconds = time.perf_counter() - start
-        results = report.analyse(chain, progress=not args.no_progress)
-        meta = dict(model=args.model, model_type=getattr(model.config, "model_type", None),
-                    logits_seconds=logits_seconds)
-        paths = report.write_report(chain, results, out, meta, plots=not args.no_plot)
+        with transformers_progress_bars(not args.no_progress):
+            model, tokenizer = load(args.model, causal_lm=True)
+            out = Path(args.out)
+            start = time.perf_counter()
+            chain = LanguageModelChain.from_model(
+                model, symbols, args.context, tokenizer=tokenizer, temperatures=args.temperature,
+                bos_id=None if args.no_bos else "auto", batch_size=args.batch_size,
+                cache_dir=Path(args.cache) if args.cache else out / "cache", progress=not args.no_progress)
+            logits_seconds = time.perf_counter() - start
+            results = report.analyse(chain, progress=not args.no_progress)
+            meta = dict(model=args.model, model_type=getattr(model.config, "model_type", None),
+                        logits_seconds=logits_seconds)
+            paths = report.write_report(chain, results, out, meta, plots=not args.no_plot)
     except ValueError as exc:
         print(f"duat markov: {exc}", file=sys.stderr)
         return 2

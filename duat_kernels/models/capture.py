@@ -87,14 +87,20 @@ class AttentionLayer:
     def relative_error(self, w: torch.Tensor | None = None, layout: str = "token") -> float:
         """||W' x' + b' - output|| / ||output|| over the real (unpadded) query tokens; w (optional) is the dense
         W' in the given layout."""
-        diff = self.reconstruct(w, layout).double() - self.output.double()
-        ref = self.output.double()
-        if self.token_mask is not None:
-            diff, ref = diff[self.token_mask], ref[self.token_mask]
-            if not bool(self.token_mask.any()):  # 0 / 0 was NaN
-                raise ValueError("relative_error: every query token of this batch is padding (token_mask is all "
-                                 "False), so there is no output to compare")
-        return (diff.norm() / ref.norm()).item()
+        return masked_relative_error(self.reconstruct(w, layout), self.output, self.token_mask)
+
+
+def masked_relative_error(actual: torch.Tensor, expected: torch.Tensor, token_mask: torch.Tensor | None) -> float:
+    """||actual - expected|| / ||expected|| in float64 over the real query tokens: actual, expected (B, N, M);
+    token_mask (B, N) True at real tokens, or None for all."""
+    diff = actual.double() - expected.double()
+    ref = expected.double()
+    if token_mask is not None:
+        diff, ref = diff[token_mask], ref[token_mask]
+        if not bool(token_mask.any()):  # 0 / 0 was NaN
+            raise ValueError("relative_error: every query token of this batch is padding (token_mask is all "
+                             "False), so there is no output to compare")
+    return (diff.norm() / ref.norm()).item()
 
 
 def attention_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, Architecture | None]]:
@@ -262,7 +268,14 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
 def attention_layer_count(model: torch.nn.Module) -> int:
     """How many attention layers attention_layers(model, ...) can select: one per block, one per application of a
     block shared across depth (ALBERT)."""
-    return len(layer_plan(model, attention_blocks(model)))
+    return len(attention_layer_names(model))
+
+
+def attention_layer_names(model: torch.nn.Module) -> list[str]:
+    """The module name of each attention layer attention_layers(model, ...) can select, by layer index (a block
+    shared across depth, ALBERT's, once per application)."""
+    blocks = attention_blocks(model)
+    return [blocks[i][0] for i, _ in layer_plan(model, blocks)]
 
 
 def _check_has_tokens(named: dict) -> None:

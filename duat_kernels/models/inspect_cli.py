@@ -69,6 +69,38 @@ def _heads(values: list[str] | None) -> tuple[list[int] | None, bool]:
         raise InspectError(f"--heads takes 'all' or head indices, got {' '.join(values)}") from None
 
 
+def _selected_heads(model, layers: list[int] | None, heads: list[int]) -> list[int]:
+    """--heads as indices in [0, h), checked against each selected layer's own head count h (an encoder-decoder's
+    decoder may have its own: BART's decoder_attention_heads); negative indices only where those counts agree."""
+    from duat_kernels.heads import head_indices
+    from duat_kernels.models.capture import attention_layer_names, config_heads, select_layers
+
+    names = attention_layer_names(model)
+    counts = {i: config_heads(model, names[i]) or model.config.num_attention_heads
+              for i in select_layers(layers, len(names))}
+    given = " ".join(map(str, heads))
+    for i, h in counts.items():
+        bad = [j for j in heads if not -h <= j < h]
+        if bad:
+            what = f"head {bad[0]} is not a head" if len(bad) == 1 else f"heads {' '.join(map(str, bad))} are not heads"
+            raise InspectError(f"--heads {given}: {what} of layer {i} ({names[i]}), which has {h} heads "
+                               f"(valid: {-h} ... {h - 1})")
+    if any(j < 0 for j in heads) and len(set(counts.values())) > 1:
+        runs: list[list[int]] = []  # [first layer, last layer, head count] of consecutive layers alike
+        for i, h in counts.items():
+            if runs and runs[-1][2] == h and runs[-1][1] == i - 1:
+                runs[-1][1] = i
+            else:
+                runs.append([i, i, h])
+        listed = ", ".join(f"layer {a}: {h}" if a == b else f"layers {a}-{b}: {h}" for a, b, h in runs)
+        raise InspectError(f"--heads {given}: negative head indices count from each layer's last head, and the layers "
+                           f"have different head counts ({listed}); give indices >= 0")
+    try:
+        return head_indices(heads, next(iter(counts.values())))
+    except ValueError as exc:  # the same head twice
+        raise InspectError(f"--heads: {exc}") from None
+
+
 def _declared_layers(model: str) -> int | None:
     """The layer count from a local folder's config.json, before loading the weights (None if unknown)."""
     if model == "minilm":
@@ -202,38 +234,27 @@ def run(args) -> int:
 def _run(args) -> int:
     import torch
 
-    from duat_kernels.heads import head_indices
-    from duat_kernels.models import inspection
-    from duat_kernels.models.capture import _in_decoder, attention_blocks, attention_layer_count, config_heads
+    from duat_kernels.models import inspection, long_context
+    from duat_kernels.models.capture import _in_decoder, attention_layer_count
     from duat_kernels.models.encoder_decoder import (cross_attention_blocks, decoder_tokens, is_encoder_decoder,
                                                      uncovered_attention_modules)
 
     text = _check_before_loading(args)
-    from duat_kernels.models import long_context
-    if args.long or long_context.is_long(text):  # q/k capture: A never stored, norms on a grid, spectral norm
-        model, tokenizer = _load(args.model, lambda msg: print(msg, file=sys.stderr))
-        _check_layers(args.layer, attention_layer_count(model))
-        with _uncovered_warning_silenced():
-            return long_context.run_inspect_long(args, model, _tokenize(model, tokenizer, text))
     heads, per_head_wanted = _heads(args.heads)
     quiet = args.json == "-"
     log = (lambda msg: print(msg, file=sys.stderr)) if quiet else print
-    progress = (lambda msg: print(msg, file=sys.stderr))
 
-    model, tokenizer = _load(args.model, progress)
+    model, tokenizer = _load(args.model, lambda msg: print(msg, file=sys.stderr))
     _check_layers(args.layer, attention_layer_count(model))
+    if args.long or long_context.is_long(text):  # q/k capture: A never stored, norms on a grid, spectral norm
+        with _uncovered_warning_silenced():
+            return long_context.run_inspect_long(args, model, _tokenize(model, tokenizer, text))
     inputs = _tokenize(model, tokenizer, text)
     tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
     dtype = getattr(torch, args.dtype)
-    per_head = None
-    if heads is not None or per_head_wanted:
-        # each layer's own count (BART's decoder has its own): head indices must exist in every layer
-        h = min(config_heads(model, name) or model.config.num_attention_heads for name, _, _ in attention_blocks(model))
-        try:
-            heads = None if heads is None else head_indices(heads, h)
-        except ValueError as exc:
-            raise InspectError(f"--heads: {exc}") from None
-        per_head = "all" if heads is None else heads
+    if heads is not None:
+        heads = _selected_heads(model, args.layer, heads)
+    per_head = ("all" if heads is None else heads) if per_head_wanted else None
     with _uncovered_warning_silenced():
         reports = inspection.inspect_layers(model, dict(inputs), args.layer, args.backend, keep=bool(args.save_file),
                                             dtype=dtype, heads=heads, per_head=per_head)

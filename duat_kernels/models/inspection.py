@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from duat_kernels._validation import DenseTooLargeError, format_bytes
+from duat_kernels import reference
+from duat_kernels._validation import DenseTooLargeError, format_bytes, nan_max
+from duat_kernels.heads import select_heads
 from duat_kernels.hvo import hvo_bias
-from duat_kernels.models.capture import AttentionLayer, attention_layers
+from duat_kernels.models.capture import AttentionLayer, attention_layers, masked_relative_error
 from duat_kernels.models.encoder_decoder import cross_attention_note, uncovered_note
-from duat_kernels.reference import ov_circuits
 
 BLOCK_FRACTION_OF_MAX = 0.01  # "dense" blocks: Frobenius norm above 1% of the largest block's
 # W' x' + b' must reproduce the module's float32 output to this relative error; W' stored in a
@@ -30,7 +31,7 @@ class HeadReport:
 @dataclass
 class LayerReport:
     layer: AttentionLayer
-    rel_error: float  # ||W' x' + b' - module output|| / ||module output|| (all heads)
+    rel_error: float  # ||W' x' + b' - module output|| / ||module output|| (with heads: see inspect_layers)
     seconds: float  # time to materialise W' (nan when it would not fit: checked matrix-free instead)
     frobenius: float  # ||W'||_F (of the selected heads)
     dense_blocks: float  # fraction of the N² blocks above BLOCK_FRACTION_OF_MAX of the largest
@@ -39,17 +40,39 @@ class LayerReport:
     heads: list[HeadReport] = field(default_factory=list)
 
 
+def heads_reconstruction(layer: AttentionLayer, heads: list[int], w: torch.Tensor | None = None) -> torch.Tensor:
+    """W'_S x' + b'_S of the heads S (b'_S without b_o, which belongs to no head), as (B, N, M_out): with w, their
+    dense token-layout W' (B, N·M_out, N·M_in) in any dtype (a 16-bit one is applied in float32), else matrix-free."""
+    x = layer.x.reshape(layer.x.shape[0], -1)
+    if w is None:
+        flat = layer.operator(heads=heads).matvec(x.to(layer.w_v.dtype))
+    else:
+        w = w if w.dtype in (torch.float32, torch.float64) else w.float()
+        flat = torch.einsum("brc,bc->br", w, x.to(w.dtype))
+    flat = flat + hvo_bias(layer.attn, layer.w_o, layer.b_v, None, num_kv_heads=layer.num_kv_heads,
+                           heads=heads).to(flat.dtype)
+    return flat.reshape(layer.output.shape)
+
+
 def head_contribution(layer: AttentionLayer, head: int) -> torch.Tensor:
     """Head i's part of the attention output, Σ_m A_i[n, m] OV_i (x_m + b_v), as (B, N, M_out)."""
-    x = layer.x.reshape(layer.x.shape[0], -1)
-    flat = layer.operator(heads=[head]).matvec(x.to(layer.w_v.dtype))
-    flat = flat + hvo_bias(layer.attn, layer.w_o, layer.b_v, None, num_kv_heads=layer.num_kv_heads, heads=[head])
-    return flat.reshape(layer.output.shape)
+    return heads_reconstruction(layer, [head])
+
+
+def heads_relative_error(layer: AttentionLayer, heads: list[int], w: torch.Tensor | None = None) -> float:
+    """||W'_S x' + b'_S - y_S|| / ||y_S|| over the real query tokens, for the heads S: y_S is their part of the
+    attention output by the reference (reference.attention_output of the layer restricted to S, in float64, without
+    b_o); W'_S is w (see heads_reconstruction) or matrix-free."""
+    attn, w_v, w_o, b_v, kv_heads = select_heads(layer.attn, layer.w_v, layer.w_o, layer.b_v, heads,
+                                                 layer.num_kv_heads)
+    expected = reference.attention_output(attn.double(), layer.x.double(), w_v.double(), w_o.double(),
+                                          None if b_v is None else b_v.double(), None, kv_heads)
+    return masked_relative_error(heads_reconstruction(layer, heads, w), expected, layer.token_mask)
 
 
 def head_reports(layer: AttentionLayer, heads: list[int]) -> list[HeadReport]:
     """Size of each head's W' and of its part of the output (batch element 0 and real tokens)."""
-    ov = ov_circuits(layer.w_v.double(), layer.w_o.double(), layer.attn.shape[1], layer.num_kv_heads)
+    ov = reference.ov_circuits(layer.w_v.double(), layer.w_o.double(), layer.attn.shape[1], layer.num_kv_heads)
     ov_norms = ov.flatten(1).norm(dim=1)
     out = layer.output.double() if layer.token_mask is None else layer.output.double()[layer.token_mask]
     result = []
@@ -66,7 +89,9 @@ def inspect_layers(model, inputs: dict, layers: list[int] | None = None, backend
                    per_head: list[int] | str | None = None) -> list[LayerReport]:
     """Capture the selected layers on inputs (batch of one) and report on each.
 
-    heads: W' (saved, norms, plots) of these heads only; the exactness check always uses all heads.
+    heads: W' (saved, norms, plots) of these heads only. The exactness check (rel_error) is of the W' built: without
+        heads, W' x' + b' against the module's own output; with heads, the larger of the capture's check (all heads,
+        matrix-free, against the module) and heads_relative_error of the W' built (its dtype, these heads).
     per_head: heads whose own W' and output share are reported (HeadReport); "all": every head of each layer
         (a decoder may have a head count of its own, BART's decoder_attention_heads).
     """
@@ -81,12 +106,13 @@ def inspect_layers(model, inputs: dict, layers: list[int] | None = None, backend
             seconds = time.perf_counter() - start
         except DenseTooLargeError:  # long inputs: check matrix-free instead
             w, seconds = None, math.nan
-        check = w if heads is None and w is not None else None
-        if check is not None and check.dtype in (torch.float16, torch.bfloat16):
-            check = check.float()
+        if heads is None:  # the W' built (a 16-bit one applied in float32) against the module's own output
+            rel_error = layer.relative_error(w if w is None or w.dtype in (torch.float32, torch.float64) else w.float())
+        else:  # the capture against the module (all heads, matrix-free), the W' built against its heads' reference
+            rel_error = nan_max([layer.relative_error(), heads_relative_error(layer, heads, w)])
         norms = layer.operator(heads=heads).block_norms()[0]
         reports.append(LayerReport(
-            layer=layer, rel_error=layer.relative_error(check), seconds=seconds,
+            layer=layer, rel_error=rel_error, seconds=seconds,
             frobenius=norms.double().square().sum().sqrt().item(),
             dense_blocks=(norms > BLOCK_FRACTION_OF_MAX * norms.max()).double().mean().item(),
             block_norms=norms, matrix=w[0] if keep and w is not None else None,
@@ -109,7 +135,10 @@ def format_reports(reports: list[LayerReport], model_name: str, tokens: list[str
         t = "matrix-free" if math.isnan(r.seconds) else f"{r.seconds * 1e3:.1f}ms"
         lines.append(f"{lay.index:>5} {lay.attn.shape[-1]:>4} {lay.w_v.shape[1]:>5} {lay.w_o.shape[0]:>5} {count:>7} "
                      f"{r.rel_error:>11.2e} {t:>11} {r.frobenius:>9.2f} {r.dense_blocks:>9.1%}")
-    lines += ["", "rel. error: W' x' + b' (all heads) against the attention module's own output; heads: query/kv; "
+    checked = "(all heads) against the attention module's own output" if heads is None else \
+        "of the selected heads against their part of the output (reference, float64), or the capture's own check " \
+        "(all heads, against the module) if larger"
+    lines += ["", f"rel. error: W' x' + b' {checked}; heads: query/kv; "
               "blocks>1%: fraction of the N x N blocks whose norm exceeds 1% of the largest."]
     if heads is not None:
         lines.append(f"W' time, ||W||_F and blocks>1% are of heads {', '.join(map(str, heads))} only.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from duat_kernels._validation import as_path, check_nonempty_path
@@ -20,6 +21,31 @@ def _transformers():
     except ImportError as exc:
         raise ImportError(f"loading models needs transformers: {MODELS_EXTRA}") from exc
     return transformers
+
+
+@contextmanager
+def transformers_progress_bars(enabled: bool):
+    """transformers' progress bars ("Loading weights"; huggingface_hub's with them) off inside the block when not
+    enabled, and as they were after it (the commands also run in-process: tests, notebooks); enabled: no change.
+    Without transformers there are none."""
+    if enabled:
+        yield
+        return
+    try:
+        logging = _transformers().utils.logging  # first: it sets HF_HUB_OFFLINE before huggingface_hub loads
+    except ImportError:
+        yield
+        return
+    from huggingface_hub import utils as hub
+    was_on, hub_was_off = logging.is_progress_bar_enabled(), hub.are_progress_bars_disabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            logging.enable_progress_bar()  # huggingface_hub's on too
+            if hub_was_off:
+                hub.disable_progress_bars()
 
 
 def _package_folder(package: str, install: str) -> Path:

@@ -57,15 +57,21 @@ def test_markov_end_to_end(tiny_lm_folder, tmp_path, capsys):
     (["--temperature", "1", "0.5", "1.0"], "--temperature lists a temperature twice: 1 0.5 1"),
 ], ids=["unknown-symbol", "two-token-symbol", "K0", "tau0", "tau-negative", "repeated", "tau-twice"])
 def test_markov_errors_are_one_line(tiny_lm_folder, tmp_path, capsys, args, message):
-    assert main(["markov", "--model", str(tiny_lm_folder), "--out", str(tmp_path), "--tokens", "abc", *args]) == 2
+    out = tmp_path / "out"
+    assert main(["markov", "--model", str(tiny_lm_folder), "--out", str(out), "--tokens", "abc", *args]) == 2
     err = capsys.readouterr().err
     last = err.strip().split("\n")[-1]  # after transformers' own progress bars
     assert last.startswith("duat markov: ") and message in last and "Traceback" not in err
+    assert not out.exists()  # a refused run leaves no folder behind
 
 
-def test_markov_missing_model(capsys):
+def test_markov_missing_model(tmp_path, monkeypatch, capsys):
+    # the default --out (./markov) was created before the model was refused, and left behind, empty (run from the
+    # repository root, the test left it there)
+    monkeypatch.chdir(tmp_path)
     assert main(["markov", "--model", "/nonexistent/model"]) == 2
     assert "there is no model hub here" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("option", ["--out", "--cache"])
@@ -100,7 +106,12 @@ def test_markov_no_progress_hides_the_bars(tiny_lm_folder, tmp_path, capsys):
     argv = ["markov", "--model", str(tiny_lm_folder), "--tokens", "ab", "--context", "1", "--out", str(tmp_path / "o"),
             "--no-plot"]
     assert main(argv) == 0
-    assert "temperatures" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "temperatures" in err and "Loading weights" in err
     assert main([*argv, "--out", str(tmp_path / "p"), "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "temperatures" not in err and "contexts" not in err
+    assert "Loading weights" not in err  # transformers' bar too
+    from transformers.utils import logging
+
+    assert logging.is_progress_bar_enabled()  # as before the run

@@ -146,7 +146,9 @@ def test_html_report_renders_in_chromium(folder, tmp_path):
     (["--html", "{tmp}/nowhere/r.html"], "does not exist"),
     (["--text", ""], "--text is empty"),
     (["--text", _text(POSITIONS + 5)], f"--text has {POSITIONS + 5} tokens but"),
-    (["--heads", "4"], "--heads: heads must be in [-4, 4)"),
+    (["--heads", "4"], "--heads 4: head 4 is not a head of layer 0 (encoder.layer.0.attention.self), which has 4 "
+                       "heads (valid: -4 ... 3)"),
+    (["--heads", "1", "-3"], "--heads: heads must be distinct, got [1, -3]"),
     (["--heads", "x"], "--heads takes 'all' or head indices"),
     (["--plot", "{tmp}/w.jgp"], "matplotlib cannot write .jgp files"),  # was savefig's error after every layer
 ])
@@ -427,3 +429,79 @@ def test_decoder_layers_are_labelled_with_the_tokens_they_read(tmp_path, capsys,
         meta = saved.metadata()
     assert meta["tokens"].split("\t") == tokens and meta["decoder_tokens"].split("\t") == shifted
     assert meta["decoder_layers"] == "1"
+
+
+def _heads_output(layer, heads, w=None):
+    """By hand, in float64, over the real tokens: the given heads' part of the attention output, Σ_{i in heads}
+    A_i (x W_v,i^T + b_v,i) W_o,i^T (b_o belongs to no head); with w (their dense token-layout W'), W' x' plus
+    their part of b' instead."""
+    h, kv = layer.num_heads, layer.num_kv_heads
+    d = layer.w_o.shape[1] // h
+    x = layer.x.double()
+    b_v = torch.zeros(layer.w_v.shape[0], dtype=torch.float64) if layer.b_v is None else layer.b_v.double()
+    total = torch.zeros(layer.output.shape, dtype=torch.float64)
+    for i in heads:
+        rows = slice((i // (h // kv)) * d, (i // (h // kv) + 1) * d)
+        values = x @ layer.w_v.double()[rows].T if w is None else torch.zeros(*x.shape[:2], d, dtype=torch.float64)
+        total += layer.attn.double()[:, i] @ (values + b_v[rows]) @ layer.w_o.double()[:, i * d:(i + 1) * d].T
+    if w is not None:
+        total += torch.einsum("brc,bc->br", w.double(), x.reshape(x.shape[0], -1)).reshape(total.shape)
+    return total if layer.token_mask is None else total[layer.token_mask]
+
+
+def test_bfloat16_w_of_a_head_subset_is_what_is_checked(folder, capsys):
+    # the check was W' x' + b' of all heads in float32 (matrix-free): the bfloat16 W' of heads 0 and 2 that
+    # --save writes was never compared with anything (its rel. error was ~1e-7, float32's, not bfloat16's)
+    assert main(["inspect", "--model", str(folder), "--text", _text(6), "--json", "-", "--dtype", "bfloat16",
+                 "--heads", "0", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tolerance"] == 1.6e-2 and result["passed"]
+    for entry, layer in zip(result["layers"], _layers(folder, _text(6))):
+        expected = _heads_output(layer, [0, 2])
+        built = _heads_output(layer, [0, 2], layer.hvo_matrix(dtype=torch.bfloat16, heads=[0, 2]))
+        error = ((built - expected).norm() / expected.norm()).item()
+        assert 1e-5 < error <= 1.6e-2  # bfloat16's rounding, visible above float32's tolerance
+        assert entry["rel_error"] == pytest.approx(error, rel=1e-3)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_a_wrong_w_of_a_head_subset_fails(folder, capsys, monkeypatch, dtype):
+    from duat_kernels.models import capture
+
+    def doubled(*args, heads=None, **kwargs):
+        w = hvo_matrix(*args, heads=heads, **kwargs)
+        return w if heads is None else 2 * w
+
+    hvo_matrix = capture.hvo_matrix
+    monkeypatch.setattr(capture, "hvo_matrix", doubled)
+    assert main(["inspect", "--model", str(folder), "--text", _text(6), "--dtype", dtype, "--heads", "1", "3"]) == 1
+    assert "FAILED: W' x' + b' differs from a layer's output by " in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def bart_folder(tmp_path_factory):
+    """BART with 2 heads in its encoder layer (layer 0) and 4 in its decoder layer (layer 1)."""
+    return _encoder_decoder_folder(tmp_path_factory.mktemp("bart"), "bart")
+
+
+def test_heads_are_checked_per_layer(bart_folder, capsys):
+    # --heads was limited to the smallest head count of all layers: --heads 3 --layer 1 was refused although
+    # layer 1 has 4 heads, and the refusal ("heads must be in [-2, 2)") named no layer
+    assert main(["inspect", "--model", str(bart_folder), "--text", _text(5), "--layer", "1", "--heads", "3",
+                 "--json", "-", "--dtype", "float64"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    [entry] = result["layers"]
+    assert result["selected_heads"] == [3] and entry["heads"] == 4 and [h["head"] for h in entry["per_head"]] == [3]
+    model, tok = dk.models.load(str(bart_folder))
+    [layer] = dk.models.attention_layers(model, layers=[1], **tok([_text(5)], return_tensors="pt"))
+    assert entry["frobenius"] == pytest.approx(layer.hvo_matrix(dtype=torch.float64, heads=[3]).norm().item(),
+                                               rel=1e-6)
+    for argv, message in ((["--heads", "1", "3"], "--heads 1 3: head 3 is not a head of layer 0 "
+                                                   "(encoder.layers.0.self_attn), which has 2 heads (valid: -2 ... 1)"),
+                          (["--heads", "-1"], "--heads -1: negative head indices count from each layer's last "
+                                              "head, and the layers have different head counts (layer 0: 2, "
+                                              "layer 1: 4); give indices >= 0")):
+        assert main(["inspect", "--model", str(bart_folder), "--text", _text(5), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.strip().splitlines()[-1] == f"duat inspect: {message}", err
+        assert "layers:" not in err  # refused before any W'

@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which sections to measure (default: all)")
     parser.add_argument("--lora-rank", type=int, default=4, help="rank r of the LoRA adapters (default 4)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars (density, dynamic)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (density, dynamic, and "
+                                                                   "transformers' while the model loads)")
 
 
 def run(args) -> int:
@@ -30,17 +31,19 @@ def run(args) -> int:
     from duat_kernels.analysis.claims.multilayer import TOLERANCE
     from duat_kernels.analysis.claims.run import measure_all
     from duat_kernels.models import DEFAULT_TEXT, load
+    from duat_kernels.models.zoo import transformers_progress_bars
 
     if args.lora_rank < 1:  # user errors are ValueErrors: one line, exit status 2 (cli.main)
         raise ValueError(f"--lora-rank must be >= 1, got {args.lora_rank}")
     if args.text is not None and not args.text.strip():
         raise ValueError("--text is empty; give some text, or leave --text out for the built-in sentence")
     check_output_folder("--out", args.out)
-    model, tokenizer = load(args.model)
-    family_of(model)
-    text = DEFAULT_TEXT if args.text is None else args.text
-    results, facts = measure_all(model, tokenizer, text, args.sections, args.lora_rank,
-                                   progress=not args.no_progress)
+    with transformers_progress_bars(not args.no_progress):
+        model, tokenizer = load(args.model)
+        family_of(model)
+        text = DEFAULT_TEXT if args.text is None else args.text
+        results, facts = measure_all(model, tokenizer, text, args.sections, args.lora_rank,
+                                     progress=not args.no_progress)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"model": args.model, "model_type": model.config.model_type, "text": text, "command": _command(args), **facts}

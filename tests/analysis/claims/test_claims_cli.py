@@ -45,6 +45,7 @@ def test_claims_refuses_an_unsupported_model(tmp_path, tokenizer, capsys):
     assert capsys.readouterr().err == "duat claims: --lora-rank must be >= 1, got 0\n"
     assert main(["claims", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
     assert "duat claims: model" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # the refused runs left their --out behind, empty
 
 
 def test_claims_sections_subset_without_plots(tmp_path, tokenizer):
@@ -90,9 +91,14 @@ def test_claims_no_progress_hides_the_bars(tmp_path, tokenizer, capsys):
     tokenizer.save_pretrained(folder)
     argv = ["claims", "--model", str(folder), "--text", "the fox", "--sections", "density", "--no-plots"]
     assert main([*argv, "--out", str(tmp_path / "a")]) == 0
-    assert "density: " in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "density: " in err and "Loading weights" in err
     assert main([*argv, "--out", str(tmp_path / "b"), "--no-progress"]) == 0
-    assert "density: " not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "density: " not in err and "Loading weights" not in err  # transformers' bar too
+    from transformers.utils import logging
+
+    assert logging.is_progress_bar_enabled()  # as before the run
 
 
 @pytest.mark.parametrize("sections,words", [(["density"], 70), (["dynamic"], 60)])
