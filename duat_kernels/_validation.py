@@ -276,9 +276,8 @@ def check_out(out: torch.Tensor, shape: tuple[int, ...], device: torch.device, *
                          "pass a fresh torch.empty buffer or out=None")
     if out.requires_grad and torch.is_grad_enabled():
         raise RuntimeError("out requires grad; hvo_matrix writes it in place, so pass a buffer without grad")
-    if torch.compiler.is_compiling() or any(t is not None and (type(t) not in (torch.Tensor, torch.nn.Parameter)
-                                                               or torch._C._functorch.is_functorch_wrapped_tensor(t))
-                                            for t in (out, *inputs)):
+    if torch.compiler.is_compiling() or functorch_wrapped(out, *inputs) or any(
+            t is not None and type(t) not in (torch.Tensor, torch.nn.Parameter) for t in (out, *inputs)):
         # fake tensors (compile, export, FakeTensorMode) and torch.func's wrappers (vmap, grad) have no
         # addresses ("Cannot access data pointer of Tensor that doesn't have storage"); the eager call checks overlap
         return
@@ -317,6 +316,14 @@ def has_values(*tensors: torch.Tensor) -> bool:
     subclass, nor batched by torch.func.vmap (which cannot branch on them)."""
     return all(t.device.type != "meta" and type(t) in (torch.Tensor, torch.nn.Parameter)
                and not functorch_level_is(torch._C._functorch.is_batchedtensor, t) for t in tensors)
+
+
+def functorch_wrapped(*tensors: torch.Tensor | None) -> bool:
+    """Whether a tensor is a torch.func transform's wrapper (vmap's batched tensor, grad's), which has no
+    storage: no data pointer for a C++ kernel ("Cannot access data pointer of Tensor that doesn't have storage")
+    or an overlap check. False in a torch.compile trace, which cannot ask and sees through the wrappers."""
+    return not torch.compiler.is_compiling() and any(
+        t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
 def functorch_level_is(kind, *tensors: torch.Tensor) -> bool:

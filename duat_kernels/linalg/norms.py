@@ -53,7 +53,7 @@ def tracks_gradient(*tensors: torch.Tensor) -> bool:
     """Whether autograd records operations on these tensors, or a torch.func transform (grad, jacrev, vmap)
     wraps one of them: the analysis then takes torch operations throughout (the fused passes run under
     no_grad, write into plain buffers and branch on the data)."""
-    return backends.tracks_grad(*tensors) or (not torch.compiler.is_compiling() and backends.functorch_wrapped(*tensors))
+    return backends.tracks_grad(*tensors) or backends.functorch_wrapped(*tensors)
 
 
 def block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
