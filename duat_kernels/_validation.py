@@ -276,9 +276,8 @@ def check_out(out: torch.Tensor, shape: tuple[int, ...], device: torch.device, *
                          "pass a fresh torch.empty buffer or out=None")
     if out.requires_grad and torch.is_grad_enabled():
         raise RuntimeError("out requires grad; hvo_matrix writes it in place, so pass a buffer without grad")
-    if torch.compiler.is_compiling() or any(t is not None and (type(t) not in (torch.Tensor, torch.nn.Parameter)
-                                                               or torch._C._functorch.is_functorch_wrapped_tensor(t))
-                                            for t in (out, *inputs)):
+    if torch.compiler.is_compiling() or functorch_wrapped(out, *inputs) or any(
+            t is not None and type(t) not in (torch.Tensor, torch.nn.Parameter) for t in (out, *inputs)):
         # fake tensors (compile, export, FakeTensorMode) and torch.func's wrappers (vmap, grad) have no
         # addresses ("Cannot access data pointer of Tensor that doesn't have storage"); the eager call checks overlap
         return
@@ -314,9 +313,19 @@ def value_bytes(t: torch.Tensor) -> bytes:
 
 def has_values(*tensors: torch.Tensor) -> bool:
     """Whether the tensors hold values that Python may read: not meta tensors, nor FakeTensorMode's or another
-    subclass, nor batched by torch.func.vmap (which cannot branch on them)."""
-    return all(t.device.type != "meta" and type(t) in (torch.Tensor, torch.nn.Parameter)
-               and not functorch_level_is(torch._C._functorch.is_batchedtensor, t) for t in tensors)
+    subclass, nor batched by torch.func.vmap (which cannot branch on them), nor traced by torch.compile (a branch
+    on them breaks the graph)."""
+    return not torch.compiler.is_compiling() and all(
+        t.device.type != "meta" and type(t) in (torch.Tensor, torch.nn.Parameter)
+        and not functorch_level_is(torch._C._functorch.is_batchedtensor, t) for t in tensors)
+
+
+def functorch_wrapped(*tensors: torch.Tensor | None) -> bool:
+    """Whether a tensor is a torch.func transform's wrapper (vmap's batched tensor, grad's), which has no
+    storage: no data pointer for a C++ kernel ("Cannot access data pointer of Tensor that doesn't have storage")
+    or an overlap check. False in a torch.compile trace, which cannot ask and sees through the wrappers."""
+    return not torch.compiler.is_compiling() and any(
+        t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
 def functorch_level_is(kind, *tensors: torch.Tensor) -> bool:
@@ -332,13 +341,16 @@ def functorch_level_is(kind, *tensors: torch.Tensor) -> bool:
 
 
 def all_finite(*tensors: torch.Tensor | None) -> bool:
-    """Whether every entry of the given tensors is finite. NaN and Inf survive any sum, so a finite
+    """Whether every entry of the given tensors is known to be finite. NaN and Inf survive any sum, so a finite
     sum proves the entries finite (no bool tensor: ~25x faster than isfinite().all() on the CPU); only
     a sum that is not finite (a non-finite entry, or finite entries that overflow) is checked entry by entry.
-    Tensors without values (meta, FakeTensorMode's and other subclasses) count as finite."""
+    Tensors whose values cannot be read (has_values: meta, FakeTensorMode's, vmap's, a torch.compile trace) are
+    not known finite: False, so that callers take the path that is exact for NaN and Inf as well."""
     for t in tensors:
-        if t is None or t.numel() == 0 or not has_values(t):
+        if t is None or t.numel() == 0:
             continue
+        if not has_values(t):
+            return False
         total = t.sum(dtype=torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None)
         if not bool(torch.isfinite(total)) and not bool(torch.isfinite(t).all()):
             return False

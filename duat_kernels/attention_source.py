@@ -195,7 +195,7 @@ def key_mask_4d(mask: torch.Tensor | None, batch: int, tokens: int, device: torc
     v.check_strided("attention_mask", mask)
     if mask.device.type == "meta" and device.type != "meta":  # a meta mask has no values to move to q's device
         raise ValueError(f"attention_mask is on {mask.device} but q and k are on {device}; put them on one device")
-    if mask.dtype != torch.bool and v.has_values(mask):
+    if mask.dtype != torch.bool and (torch.compiler.is_compiling() or v.has_values(mask)):  # traced: a graph break
         # 1/0 keep masks (tokenizers give int64) only: an additive mask (0 = attend, -inf or a large
         # negative = masked) read as one would be silently inverted
         if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
@@ -252,8 +252,8 @@ class QKAttention(AttentionSource):
         return ok
 
     def _rows_without_keys(self) -> torch.Tensor | None:
-        if self.key_mask is None and not self.window or not v.has_values(self.q, self.k):
-            return None  # causal rows see themselves; full rows see every key; meta and fake tensors have shapes only
+        if self.key_mask is None and not self.window:
+            return None  # causal rows see themselves; full rows see every key
         keys = self.key_mask[:, 0, 0] if self.key_mask is not None else \
             torch.ones(1, self.tokens, dtype=torch.bool, device=self.device)
         count = torch.nn.functional.pad(keys.long().cumsum(-1), (1, 0))  # count[j] = keys before j
@@ -262,7 +262,8 @@ class QKAttention(AttentionSource):
         hi = n + 1 if self.causal else ((n + self.window).clamp_max(self.tokens) if self.window else
                                         torch.full_like(n, self.tokens))
         empty = (count[:, hi] - count[:, lo]) == 0
-        return empty.expand(self.batch, -1) if empty.any() else None
+        # None (no row to zero) only where Python can read the mask: a meta, fake, vmap's or traced one is kept
+        return empty.expand(self.batch, -1) if not v.has_values(empty) or empty.any() else None
 
     # --- blocks -----------------------------------------------------------------------------
 
@@ -314,6 +315,8 @@ class QKAttention(AttentionSource):
         return self._wide
 
     def _finite_qk(self) -> bool:
+        """Whether q and k are known to be finite (v.all_finite): False under vmap, torch.compile and for meta or fake
+        tensors too, whose A then takes the path that is exact for NaN and Inf."""
         if self._qk_finite is None:
             self._qk_finite = v.all_finite(self.q, self.k)
         return self._qk_finite
@@ -356,7 +359,7 @@ class QKAttention(AttentionSource):
         """Whether the C++ pass computes A V or Aᵀ U: it reads NumPy views, which autograd cannot follow
         (q or k lost their gradient silently, vectors that require grad failed in numpy()); under autograd
         the torch row blocks serve."""
-        return qk_cpu.handles(self) and not backends.tracks_grad(self.q, self.k, vectors)
+        return qk_cpu.handles(self) and backends.direct_call(self.q, self.k, vectors)  # vmap's vectors: no storage
 
     def _masked_terms(self, out: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         """out (B, h, N, e) plus what the pairs every path skips (masked, outside the causal or sliding window,

@@ -14,7 +14,7 @@ import torch
 from torch.autograd import forward_ad
 
 from duat_kernels import cpp, reference
-from duat_kernels._validation import OUTPUT_DTYPES, functorch_level_is
+from duat_kernels._validation import OUTPUT_DTYPES, functorch_level_is, functorch_wrapped
 
 BACKENDS = ("auto", "reference", "cpp", "triton")
 
@@ -142,13 +142,6 @@ def has_tangent(*tensors: torch.Tensor | None) -> bool:
     if getattr(forward_ad, "_current_level", 0) < 0 or torch.compiler.is_compiling():  # no dual_level entered
         return False
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
-
-
-def functorch_wrapped(*tensors: torch.Tensor) -> bool:
-    """Whether a tensor is a torch.func transform's wrapper (vmap's batched tensor, grad's), which has no
-    storage for the C++ kernel: those go through the registered op, which torch.func unwraps (under vmap
-    the cpp backend failed with "Cannot access data pointer of Tensor that doesn't have storage")."""
-    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
 def functorch_grad(*tensors: torch.Tensor) -> bool:

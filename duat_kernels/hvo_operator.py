@@ -197,7 +197,7 @@ class HVOOperator:
             v.check_fits(f"a tile of W' of shape ({r1 - r0}, {c1 - c0})",
                          (r1 - r0) * (c1 - c0) * self.dims.batch * dtype.itemsize, self.device)
         factors = (self.w_v, self.w_o, *self.source.inputs())
-        wrapped = not torch.compiler.is_compiling() and backends.functorch_wrapped(*factors)  # vmap's: no storage
+        wrapped = backends.functorch_wrapped(*factors)  # vmap's: no storage
         if backends.tracks_grad(*factors) or wrapped:
             return self._tile_differentiable(r0, r1, c0, c1, dtype)
         ct = reference.compute_dtype(dtype)

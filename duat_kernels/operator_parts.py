@@ -77,7 +77,7 @@ def weighted_ov(alpha: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, num_h
                      "Ask for a tile of the block instead: tile(rows, cols).")
     parts = (torch.einsum("bi,ica->bca", alpha, ov)
              for _, ov in reference.ov_row_blocks(w_v, w_o, num_heads, num_kv_heads, OV_ENTRIES_PER_STEP))
-    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(alpha):
+    if v.functorch_wrapped(alpha):
         # vmap cannot write batched rows into a plain buffer
         parts = list(parts)
         return torch.cat(parts, 1) if parts else alpha.new_zeros(batch, 0, m_in)

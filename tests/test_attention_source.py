@@ -454,23 +454,86 @@ def test_from_qk_matvec_takes_forward_mode_ad(opts):
     torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("opts", [dict(causal=True), dict(attention_mask=torch.tensor([1, 1, 0, 1])),
-                                  dict(softcap=2.0, sliding_window=2)])
-def test_from_qk_methods_under_torch_func_vmap(opts):
-    """vmap over q: the finiteness checks, the rows without keys and the logits' range branched on batched
+# Options of the q/k operators under torch.func and torch.compile: causal; a key mask; soft-capping with a
+# sliding window; and a causal mask whose first query attends no key (a zero row of A).
+TRANSFORM_OPTS = [dict(causal=True), dict(attention_mask=torch.tensor([1, 1, 0, 1])),
+                  dict(softcap=2.0, sliding_window=2), dict(causal=True, attention_mask=torch.tensor([0, 1, 1, 1]))]
+TRANSFORM_IDS = ["causal", "key_mask", "softcap_window", "row_without_keys"]
+# A NaN or Inf in one batch element's q or k: (tensor, index in the batch of 3, value).
+NON_FINITE = {"finite": None, "q_nan": ("q", (1, 0, 2, 1), float("nan")), "q_inf": ("q", (1, 3, 1, 0), float("inf")),
+              "k_nan": ("k", (1, 1, 1, 0), float("nan")), "k_-inf": ("k", (1, 0, 3, 1), float("-inf"))}
+
+
+def _batched_qk(corrupt: str, seed: int = 5):
+    """q (3, 4, 4, 2), k (3, 2, 4, 2), w_v (4, 3), w_o (3, 8), b_v (4,), x (12,) with NON_FINITE[corrupt] set."""
+    g = torch.Generator().manual_seed(seed)
+    qk = dict(q=torch.randn(3, 4, 4, 2, generator=g), k=torch.randn(3, 2, 4, 2, generator=g))
+    if NON_FINITE[corrupt] is not None:
+        name, index, value = NON_FINITE[corrupt]
+        qk[name][index] = value
+    w_v, w_o, b_v, x = (torch.randn(*s, generator=g) for s in ((4, 3), (3, 8), (4,), (12,)))
+    return qk["q"], qk["k"], w_v, w_o, b_v, x
+
+
+@pytest.mark.parametrize("corrupt", list(NON_FINITE))
+@pytest.mark.parametrize("opts", TRANSFORM_OPTS, ids=TRANSFORM_IDS)
+def test_from_qk_methods_under_torch_func_vmap(opts, corrupt):
+    """vmap over q and k: the finiteness checks, the rows without keys and the logits' range branched on batched
     values ("vmap: It looks like you're attempting to use a Tensor in some data-dependent control flow"),
-    and rows() / part() wrote batched blocks into plain buffers. Each result equals the per-q one."""
+    and rows() / part() wrote batched blocks into plain buffers. Then the finiteness check, skipped under vmap,
+    took q and k for finite: a NaN or Inf in one element's q or k spread over masked pairs (attn, tile, norms),
+    sdpa gave zeros for its NaN rows (matvec) and row sums of 1 (bias), and block_norms' torch path took the
+    root of a NaN squared norm for 0; a row without keys came out NaN, not zero (the rows without keys were not
+    looked for). Each result equals the per-element one, NaN where it is NaN."""
     import warnings
 
-    g = torch.Generator().manual_seed(5)
-    qs, k = torch.randn(3, 4, 4, 2, generator=g), torch.randn(2, 4, 2, generator=g)
-    w_v, w_o, x = torch.randn(4, 3, generator=g), torch.randn(3, 8, generator=g), torch.randn(12, generator=g)
+    qs, ks, w_v, w_o, b_v, x = _batched_qk(corrupt)
     methods = dict(matvec=lambda op: op.matvec(x), rmatvec=lambda op: op.rmatvec(x),
                    tile=lambda op: op.tile(slice(1, 7), slice(2, 11)), block_norms=lambda op: op.block_norms(),
-                   block=lambda op: op.block(2, 1))
+                   block=lambda op: op.block(2, 1), bias=lambda op: op.bias(), attn=lambda op: op.attn,
+                   frobenius_norm=lambda op: op.frobenius_norm(), trace=lambda op: op.trace(),
+                   contributions=lambda op: op.contributions(x.reshape(4, 3)))
     for name, call in methods.items():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's "no batching rule" performance notes
-            got = torch.func.vmap(lambda q: call(dk.HVOOperator.from_qk(q, k, w_v, w_o, **opts)))(qs)
-        want = torch.stack([call(dk.HVOOperator.from_qk(q, k, w_v, w_o, **opts)) for q in qs])
-        torch.testing.assert_close(got, want, msg=name)
+            got = torch.func.vmap(lambda q, k: call(dk.HVOOperator.from_qk(q, k, w_v, w_o, b_v=b_v, **opts)))(qs, ks)
+        want = torch.stack([call(dk.HVOOperator.from_qk(q, k, w_v, w_o, b_v=b_v, **opts)) for q, k in zip(qs, ks)])
+        torch.testing.assert_close(got, want, equal_nan=True, msg=name)
+
+
+@pytest.mark.parametrize("opts", TRANSFORM_OPTS, ids=TRANSFORM_IDS)
+def test_from_qk_products_under_vmap_over_vectors(opts):
+    """vmap over x' and y of one q/k operator: rmatvec (and matvec with soft-capping) handed vmap's batched
+    vectors to the C++ q/k pass ("Cannot access data pointer of Tensor that doesn't have storage"). An Inf
+    in one vector gives what that vector gives without vmap (NaN through 0 · Inf over masked pairs)."""
+    q, k, w_v, w_o, _, x = _batched_qk("finite")
+    xs = torch.stack([x, x.flip(0), -x])
+    xs[1, 4] = float("inf")
+    op = dk.HVOOperator.from_qk(q[0], k[0], w_v, w_o, **opts)
+    for name in ("matvec", "rmatvec"):
+        got = torch.func.vmap(getattr(op, name))(xs)
+        want = torch.stack([getattr(op, name)(v) for v in xs])
+        assert not want[1].isfinite().all()
+        torch.testing.assert_close(got, want, equal_nan=True, msg=name)
+
+
+@pytest.mark.parametrize("opts", TRANSFORM_OPTS, ids=TRANSFORM_IDS)
+def test_from_qk_products_compile_with_fullgraph(opts):
+    """torch.compile(fullgraph=True) of a q/k operator's matvec broke the graph on the finiteness check of q and k
+    (a data-dependent branch: "Dynamo does not know how to trace ... is_functorch_wrapped_tensor"). Compiled
+    (TorchDynamo's trace is what is tested: backend="eager"), matvec, rmatvec and bias give the eager results on
+    finite q and k and on q or k with a NaN or Inf."""
+    _, _, w_v, w_o, b_v, x = _batched_qk("finite")
+    # an integer mask is checked to hold only 0 and 1, which breaks the graph: fullgraph takes a bool mask
+    opts = {name: value.bool() if name == "attention_mask" else value for name, value in opts.items()}
+
+    def products(q, k, x):
+        op = dk.HVOOperator.from_qk(q, k, w_v, w_o, b_v=b_v, **opts)
+        return op.matvec(x), op.rmatvec(x), op.bias()
+
+    compiled = torch.compile(products, fullgraph=True, backend="eager")
+    for corrupt in ("finite", "q_nan", "k_nan", "q_inf", "k_-inf"):
+        q, k = (t[1] for t in _batched_qk(corrupt)[:2])
+        want = products(q, k, x)
+        assert "nan" not in corrupt or want[0].isnan().any()  # a NaN logit reaches W' x' (an Inf one may be capped)
+        torch.testing.assert_close(compiled(q, k, x), want, equal_nan=True, msg=corrupt)

@@ -53,7 +53,7 @@ def tracks_gradient(*tensors: torch.Tensor) -> bool:
     """Whether autograd records operations on these tensors, or a torch.func transform (grad, jacrev, vmap)
     wraps one of them: the analysis then takes torch operations throughout (the fused passes run under
     no_grad, write into plain buffers and branch on the data)."""
-    return backends.tracks_grad(*tensors) or (not torch.compiler.is_compiling() and backends.functorch_wrapped(*tensors))
+    return backends.tracks_grad(*tensors) or backends.functorch_wrapped(*tensors)
 
 
 def block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
@@ -134,9 +134,10 @@ def _block_norms_torch(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_head
 
 
 def root_with_zero_subgradient(sq: torch.Tensor) -> torch.Tensor:
-    """sqrt of squared norms (0 where sq <= 0) whose gradient at 0 is 0, not Inf (then NaN through 0 · Inf)."""
-    positive = sq > 0
-    return torch.where(positive, torch.where(positive, sq, 1).sqrt(), 0)
+    """sqrt of squared norms (0 where sq <= 0, NaN where sq is NaN) whose gradient at 0 is 0, not Inf (then NaN
+    through 0 · Inf). A NaN is kept: NaN > 0 is false, and the norms of a NaN block came out 0."""
+    rooted = (sq > 0) | sq.isnan()
+    return torch.where(rooted, torch.where(rooted, sq, 1).sqrt(), 0)
 
 
 def _wide(source, w_v: torch.Tensor, w_o: torch.Tensor) -> bool:
