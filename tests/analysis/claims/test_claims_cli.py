@@ -157,3 +157,18 @@ def test_claims_command_line_reproduces_the_arguments(text, out):
     words = shlex.split(_command(args))
     assert words[:2] == ["duat", "claims"]
     assert vars(build_parser().parse_args(words[1:])) == vars(args)
+
+
+@pytest.mark.parametrize("sections", [["lora"], ["pruning"]])
+def test_claims_refuses_a_lora_rank_above_the_width_before_measuring(tmp_path, tokenizer, capsys, monkeypatch, sections):
+    """--lora-rank 25 on a width-24 model was accepted: rank ΔOV_i <= 2r then holds whatever the adapters do."""
+    from duat_kernels.analysis.claims import run
+
+    folder = tmp_path / "tiny-bert"
+    tiny_model("bert", torch.float32).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    monkeypatch.setattr(run, "measure_all", lambda *a, **k: pytest.fail("the claims were measured"))
+    argv = ["claims", "--model", str(folder), "--sections", *sections, "--out", str(tmp_path / "out")]
+    assert main(argv + ["--lora-rank", "25"]) == 2
+    err = capsys.readouterr().err  # after the progress bars of loading the model
+    assert err.endswith("\nduat claims: --lora-rank 25 is above the model width 24: give a rank from 1 to 24\n")
