@@ -450,15 +450,44 @@ def check_writable_folder(what: str, folder) -> None:
                               "folder") from None
 
 
-def remove_stale_outputs(candidates, written) -> None:
-    """Delete the files among candidates (paths a command writes into its output folder) that this run did not
-    write (written: paths or names): an earlier run's outputs would otherwise sit beside reports that no longer
-    describe them. Only regular files are removed, never links or folders."""
-    keep = {Path(p).name for p in written}
-    for path in candidates:
-        path = Path(path)
-        if path.name not in keep and path.is_file() and not path.is_symlink():
+OUTPUTS_MANIFEST = ".duat-outputs.json"  # {command: [names of the files its last run wrote into the folder]}
+
+
+def _recorded_outputs(manifest: Path) -> dict[str, list[str]]:
+    """The manifest's {command: [file names]}; {} when there is none or it is damaged (then nothing is deleted)."""
+    import json
+
+    try:
+        recorded = json.loads(manifest.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    if not isinstance(recorded, dict):
+        return {}
+    return {command: [n for n in names if isinstance(n, str)] for command, names in recorded.items()
+            if isinstance(command, str) and isinstance(names, list)}
+
+
+def remove_stale_outputs(folder, command: str, written) -> None:
+    """Delete the files of folder that the previous run of `command` ("duat markov") wrote there and this one
+    did not write again (written: paths in folder), then record this run's files in folder/.duat-outputs.json
+    (OUTPUTS_MANIFEST, one list per command). An earlier run's outputs would otherwise sit beside reports that no
+    longer describe them; files no duat run recorded (a user's own density.png), other commands' outputs, links
+    and folders are never removed."""
+    import json
+
+    folder = Path(folder)
+    manifest = folder / OUTPUTS_MANIFEST
+    recorded = _recorded_outputs(manifest)
+    names = sorted({Path(p).name for p in written})
+    for name in set(recorded.get(command, ())) - set(names):
+        path = folder / name
+        bare = name == Path(name).name and name not in ("", ".", "..", OUTPUTS_MANIFEST)  # nothing outside folder
+        if bare and path.is_file() and not path.is_symlink():
             path.unlink()
+    recorded[command] = names
+    tmp = manifest.with_name(manifest.name + ".tmp")
+    tmp.write_text(json.dumps(recorded, indent=1, sort_keys=True))
+    os.replace(tmp, manifest)
 
 
 def check_output_folder(option: str, path) -> None:

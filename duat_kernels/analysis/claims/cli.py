@@ -15,8 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="minilm", help="minilm (default), smollm2, or a local folder / .gguf file")
     parser.add_argument("--text", default=None, help="the passage (default: a built-in sentence)")
     parser.add_argument("--out", required=True, metavar="DIR",
-                        help="writes DIR/claims.md, DIR/claims.json and DIR/<section>.png; a rerun replaces them "
-                             "(and deletes the <section>.png it does not write)")
+                        help="writes DIR/claims.md, DIR/claims.json and DIR/<section>.png; a rerun replaces them and deletes "
+                             "the files an earlier duat claims run wrote there (listed in DIR/.duat-outputs.json) "
+                             "that it does not write again; other files stay")
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
                         help="which sections to measure (default: all)")
     parser.add_argument("--lora-rank", type=int, default=4, help="rank r of the LoRA adapters, 1 to the model width (default 4)")

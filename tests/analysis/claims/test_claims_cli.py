@@ -143,6 +143,18 @@ def test_claims_rerun_into_the_same_out_links_no_plot_of_the_earlier_run(tmp_pat
     assert sorted(p.name for p in out.glob("*.png")) == ["multilayer.png", "notes.png"]
 
 
+def test_claims_rerun_keeps_a_png_no_duat_run_wrote(tmp_path, tokenizer):
+    """The user's own density.png in --out was deleted by a run that did not plot the density section."""
+    folder = tmp_path / "tiny-bert"
+    tiny_model("bert", torch.float32).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "density.png").write_bytes(b"the user's own plot")
+    assert main(["claims", "--model", str(folder), "--sections", "pruning", "--out", str(out)]) == 0
+    assert (out / "density.png").read_bytes() == b"the user's own plot" and (out / "pruning.png").exists()
+
+
 @pytest.mark.parametrize("text,out", [("it's \"quoted\"", "my report"), ("two\nlines 🙂", "out"), ("plain", "a;b")])
 def test_claims_command_line_reproduces_the_arguments(text, out):
     """claims.md's "Command:" wrote the text with Python's repr ('it\\'s ...', '\\n') and the folder unquoted:
