@@ -438,6 +438,26 @@ def as_target_path(name: str, path):
     return path_
 
 
+def link_target(what: str, path: Path) -> Path:
+    """path, or for a symbolic link (through any number of links) what it points to, existing or not: the file or
+    store a writer replaces, as open(path, 'w') writes through a link. A loop of links is a ValueError."""
+    if not path.is_symlink():
+        return path
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:  # a loop of links
+        raise ValueError(f"{what}: {path} is a symbolic link that leads to no file ({exc})") from None
+
+
+def nearest_existing_folder(path) -> str:
+    """The nearest of path (made absolute) and its parents that exists: where os.makedirs(path) would create the
+    missing folders (a file, if one is in the way)."""
+    existing = os.path.abspath(os.fspath(path))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    return existing
+
+
 def check_writable_folder(what: str, folder) -> None:
     """Refuse, before any work, an existing folder in which no file can be created (a read-only file system,
     no write permission, /proc): a PermissionError "<what>: cannot write in <folder> (<reason>)". Tried with a
@@ -495,9 +515,7 @@ def check_output_folder(option: str, path) -> None:
     or an empty name (check_nonempty_path: the working directory would take the outputs)."""
     check_nonempty_path(option, path, "give a folder")
     folder = os.path.abspath(os.fspath(path))
-    existing = folder
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
+    existing = nearest_existing_folder(folder)
     if not os.path.isdir(existing):
         raise ValueError(f"{option} {path}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):

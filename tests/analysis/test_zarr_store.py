@@ -172,16 +172,49 @@ def test_overwrite_interrupted_while_removing_the_old_store_resumes(op, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.zarr"]
 
 
-@pytest.mark.parametrize("overwrite", [False, True])
-def test_dangling_link_is_refused_before_the_work(op, tmp_path, monkeypatch, overwrite):
+def test_dangling_link_is_refused_before_the_work(op, tmp_path, monkeypatch):
     # it was taken for a free path: every chunk was computed, then the final rename failed with a raw
     # "NotADirectoryError: [Errno 20] Not a directory", leaving w.zarr.partial and w.zarr.progress behind
     (tmp_path / "w.zarr").symlink_to(tmp_path / "nowhere")
     calls = _count_tiles(monkeypatch)
     with pytest.raises(FileExistsError, match="w.zarr exists"):
-        dk.analysis.save_zarr(op, tmp_path / "w.zarr", chunks=CHUNKS, scheduler="sync", progress=False,
-                              overwrite=overwrite)
+        dk.analysis.save_zarr(op, tmp_path / "w.zarr", chunks=CHUNKS, scheduler="sync", progress=False)
     assert calls == [] and sorted(p.name for p in tmp_path.iterdir()) == ["w.zarr"]
+
+
+@pytest.mark.parametrize("target_exists", [True, False])
+def test_overwrite_of_a_link_writes_through_to_its_target(op, tmp_path, target_exists):
+    # as save_dense (and open(path, 'w')): a link to a store was refused with overwrite=True ("exists and is not
+    # a zarr array"), a dangling one too; the store the link points to is replaced, the link stays
+    (tmp_path / "data").mkdir()
+    (tmp_path / "links").mkdir()
+    target, link = tmp_path / "data" / "real.zarr", tmp_path / "links" / "w.zarr"
+    old = dk.HVOOperator(op.attn, op.w_v * 2, op.w_o, num_kv_heads=op.dims.kv_heads)
+    if target_exists:
+        dk.analysis.save_zarr(old, target, chunks=CHUNKS, scheduler="sync", progress=False)
+    link.symlink_to(os.path.join("..", "data", "real.zarr"))  # relative, as `ln -s ../data/real.zarr w.zarr` makes
+    with pytest.raises(FileExistsError, match=f"{link} exists.*overwrite=True"):
+        dk.analysis.save_zarr(op, link, chunks=CHUNKS, scheduler="sync", progress=False)
+    assert dk.analysis.save_zarr(op, link, chunks=CHUNKS, scheduler="sync", progress=False, overwrite=True) == link
+    assert link.is_symlink() and os.readlink(link) == os.path.join("..", "data", "real.zarr")
+    assert not target.is_symlink() and dk.analysis.verify_zarr(target) == []
+    np.testing.assert_array_equal(zarr.open_array(target, mode="r")[:], op.to_dense().numpy())
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["real.zarr"]
+    assert [p.name for p in (tmp_path / "links").iterdir()] == ["w.zarr"]
+
+
+def test_a_link_to_what_is_no_store_or_a_loop_of_links_is_refused(op, tmp_path):
+    (tmp_path / "file.txt").write_text("keep")
+    (tmp_path / "w.zarr").symlink_to(tmp_path / "file.txt")
+    with pytest.raises(FileExistsError, match="file.txt exists and is not a zarr array"):
+        dk.analysis.save_zarr(op, tmp_path / "w.zarr", chunks=CHUNKS, scheduler="sync", progress=False, overwrite=True)
+    a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    a.symlink_to(b)
+    b.symlink_to(a)
+    with pytest.raises(ValueError, match=f"save_zarr: {a} is a symbolic link that leads to no file"):
+        dk.analysis.save_zarr(op, a, chunks=CHUNKS, scheduler="sync", progress=False, overwrite=True)
+    assert (tmp_path / "file.txt").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zarr", "b.zarr", "file.txt", "w.zarr"]
 
 
 def test_overwrite_replaces_a_store_and_nothing_else(op, tmp_path):
