@@ -50,11 +50,10 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _read_region(store, region: tuple[slice, ...]) -> np.ndarray | None:
-    """The stored chunk of `store` (a path, opened here, or an array opened once by the caller), or None when
-    it cannot be decoded (a torn or corrupted chunk file)."""
+def _read_region(array, region: tuple[slice, ...]) -> np.ndarray | None:
+    """The stored chunk of an opened zarr array (each read goes to the chunk file), or None when it cannot be
+    decoded (a torn or corrupted chunk file)."""
     try:
-        array = _zarr().open_array(store, mode="r") if isinstance(store, (str, os.PathLike)) else store
         return array[region]
     except Exception:  # any decoding failure means: write the chunk again
         return None
@@ -63,17 +62,19 @@ def _read_region(store, region: tuple[slice, ...]) -> np.ndarray | None:
 def write_chunk(op, store: str, record: str, region: tuple[slice, ...], dtype: torch.dtype) -> bool:
     """Write one chunk unless a valid copy is already stored; True if it was written.
 
-    region: (rows, cols) slices, with a leading slice(None) for a batched operator.
+    region: (rows, cols) slices, with a leading slice(None) for a batched operator. The store is opened once
+    (its metadata read once), for the check and the write; each task opens it in its own process or thread,
+    so that any Dask scheduler can run it.
     """
-    store_path, record_path = Path(store), Path(record)
+    array, record_path = _zarr().open_array(Path(store), mode="r+"), Path(record)
     if record_path.exists():
-        stored = _read_region(store_path, region)
+        stored = _read_region(array, region)
         if stored is not None and chunk_sha256(stored) == record_path.read_text().strip():
             return False
         record_path.unlink()  # invalid: forget it before rewriting
     r, c = region[-2:]
     data = tile_block(op, r.start, r.stop, c.start, c.stop, dtype)
-    _zarr().open_array(store_path, mode="r+")[region] = data
+    array[region] = data
     _write_text(record_path, chunk_sha256(data))
     return True
 

@@ -68,6 +68,33 @@ def test_interrupted_run_redoes_only_missing_and_invalid_chunks(op, tmp_path, mo
     assert dk.analysis.verify_zarr(path) == []
 
 
+def test_each_chunk_task_opens_the_store_once(op, tmp_path, monkeypatch):
+    # a chunk whose record failed its check opened the store twice: to read it back, then to write it
+    path = tmp_path / "w.zarr"
+    with pytest.raises(Interrupted):
+        _count_tiles(monkeypatch, fail_after=20)
+        dk.analysis.save_zarr(op, path, chunks=CHUNKS, scheduler="sync", progress=False)
+    partial = tmp_path / "w.zarr.partial"
+    _chunk_file(partial, 0, 0).write_bytes(b"\x00" * 16)  # recorded, no longer valid
+    _chunk_file(partial, 0, 1).unlink()
+    opens, real_open, real_write = [], zarr.open_array, zarr_store.write_chunk
+    monkeypatch.setattr(zarr, "open_array", lambda *a, **k: opens.append(a) or real_open(*a, **k))
+    per_task = []
+
+    def counting_write(*args):
+        before = len(opens)
+        written = real_write(*args)
+        per_task.append(len(opens) - before)
+        return written
+
+    monkeypatch.setattr(zarr_store, "write_chunk", counting_write)
+    _count_tiles(monkeypatch)
+    dk.analysis.save_zarr(op, path, chunks=CHUNKS, scheduler="sync", progress=False)
+    assert len(per_task) == 36 and max(per_task) == 1
+    np.testing.assert_array_equal(zarr.open_array(path, mode="r")[:], op.to_dense().numpy())
+    assert dk.analysis.verify_zarr(path) == []
+
+
 def test_verify_finds_a_corrupted_chunk(op, tmp_path):
     path = dk.analysis.save_zarr(op, tmp_path / "w.zarr", chunks=CHUNKS, scheduler="sync", progress=False)
     stored = zarr.open_array(path, mode="r+")
