@@ -438,6 +438,29 @@ def as_target_path(name: str, path):
     return path_
 
 
+def _umask() -> int:
+    """The process's umask: from /proc (Linux), else by setting and restoring it (os.umask has no getter)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def open_mode(path) -> int:
+    """The permission bits open(path, 'w') leaves a file with: an existing file's own (through links), 0o666 &
+    ~umask for a new one. For writers that create a temporary file (mode 0600) and rename it over path."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
 def link_target(what: str, path: Path) -> Path:
     """path, or for a symbolic link (through any number of links) what it points to, existing or not: the file or
     store a writer replaces, as open(path, 'w') writes through a link. A loop of links is a ValueError."""
