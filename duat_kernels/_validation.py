@@ -450,6 +450,51 @@ def as_target_path(name: str, path):
     return path_
 
 
+def _umask() -> int:
+    """The process's umask: from /proc (Linux), else by setting and restoring it (os.umask has no getter)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def open_mode(path) -> int:
+    """The permission bits open(path, 'w') leaves a file with: an existing file's own (through links), 0o666 &
+    ~umask for a new one. For writers that create a temporary file (mode 0600) and rename it over path."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
+def link_target(what: str, path: Path) -> Path:
+    """path, or for a symbolic link (through any number of links) what it points to, existing or not: the file or
+    store a writer replaces, as open(path, 'w') writes through a link. A loop of links is a ValueError."""
+    if not path.is_symlink():
+        return path
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:  # a loop of links
+        raise ValueError(f"{what}: {path} is a symbolic link that leads to no file ({exc})") from None
+
+
+def nearest_existing_folder(path, missing: list | None = None) -> str:
+    """The nearest of path (made absolute) and its parents that exists: where os.makedirs(path) would create the
+    missing folders (a file, if one is in the way). `missing`, if given, receives those folders, innermost first."""
+    existing = os.path.abspath(os.fspath(path))
+    while not os.path.exists(existing):
+        if missing is not None:
+            missing.append(existing)
+        existing = os.path.dirname(existing)
+    return existing
+
+
 def check_writable_folder(what: str, folder) -> None:
     """Refuse, before any work, an existing folder in which no file can be created (a read-only file system,
     no write permission, /proc): a PermissionError "<what>: cannot write in <folder> (<reason>)". Tried with a
@@ -462,15 +507,44 @@ def check_writable_folder(what: str, folder) -> None:
                               "folder") from None
 
 
-def remove_stale_outputs(candidates, written) -> None:
-    """Delete the files among candidates (paths a command writes into its output folder) that this run did not
-    write (written: paths or names): an earlier run's outputs would otherwise sit beside reports that no longer
-    describe them. Only regular files are removed, never links or folders."""
-    keep = {Path(p).name for p in written}
-    for path in candidates:
-        path = Path(path)
-        if path.name not in keep and path.is_file() and not path.is_symlink():
+OUTPUTS_MANIFEST = ".duat-outputs.json"  # {command: [names of the files its last run wrote into the folder]}
+
+
+def _recorded_outputs(manifest: Path) -> dict[str, list[str]]:
+    """The manifest's {command: [file names]}; {} when there is none or it is damaged (then nothing is deleted)."""
+    import json
+
+    try:
+        recorded = json.loads(manifest.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    if not isinstance(recorded, dict):
+        return {}
+    return {command: [n for n in names if isinstance(n, str)] for command, names in recorded.items()
+            if isinstance(command, str) and isinstance(names, list)}
+
+
+def remove_stale_outputs(folder, command: str, written) -> None:
+    """Delete the files of folder that the previous run of `command` ("duat markov") wrote there and this one
+    did not write again (written: paths in folder), then record this run's files in folder/.duat-outputs.json
+    (OUTPUTS_MANIFEST, one list per command). An earlier run's outputs would otherwise sit beside reports that no
+    longer describe them; files no duat run recorded (a user's own density.png), other commands' outputs, links
+    and folders are never removed."""
+    import json
+
+    folder = Path(folder)
+    manifest = folder / OUTPUTS_MANIFEST
+    recorded = _recorded_outputs(manifest)
+    names = sorted({Path(p).name for p in written})
+    for name in set(recorded.get(command, ())) - set(names):
+        path = folder / name
+        bare = name == Path(name).name and name not in ("", ".", "..", OUTPUTS_MANIFEST)  # nothing outside folder
+        if bare and path.is_file() and not path.is_symlink():
             path.unlink()
+    recorded[command] = names
+    tmp = manifest.with_name(manifest.name + ".tmp")
+    tmp.write_text(json.dumps(recorded, indent=1, sort_keys=True))
+    os.replace(tmp, manifest)
 
 
 def check_output_folder(option: str, path) -> None:
@@ -480,10 +554,8 @@ def check_output_folder(option: str, path) -> None:
     does not load, leaves no empty folder behind."""
     check_nonempty_path(option, path, "give a folder")
     folder = os.path.abspath(os.fspath(path))
-    existing, missing = folder, []
-    while not os.path.exists(existing):
-        missing.append(existing)  # innermost first
-        existing = os.path.dirname(existing)
+    missing: list[str] = []
+    existing = nearest_existing_folder(folder, missing)
     if not os.path.isdir(existing):
         raise ValueError(f"{option} {path}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):

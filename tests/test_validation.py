@@ -45,3 +45,30 @@ def test_nan_max_keeps_a_nan_wherever_it_is():
     assert v.nan_max([], default=0.0) == 0.0
     with pytest.raises(ValueError):
         v.nan_max([])
+
+
+def test_remove_stale_outputs_deletes_only_what_the_same_command_recorded(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("a.png", "b.png", "c.json", "mine.png"):
+        (out / name).write_text(name)
+    v.remove_stale_outputs(out, "duat markov", [out / "a.png", out / "b.png"])
+    v.remove_stale_outputs(out, "duat claims", [out / "c.json"])  # another command into the same folder
+    v.remove_stale_outputs(out, "duat markov", [out / "a.png"])
+    assert sorted(p.name for p in out.iterdir()) == [".duat-outputs.json", "a.png", "c.json", "mine.png"]
+    v.remove_stale_outputs(out, "duat claims", [])
+    assert sorted(p.name for p in out.iterdir()) == [".duat-outputs.json", "a.png", "mine.png"]
+
+
+@pytest.mark.parametrize("manifest", ['{"duat markov": ["../outside.txt", "link.png", "sub", ".duat-outputs.json"]}',
+                                      "not json", '["a.png"]', '{"duat markov": "a.png"}'])
+def test_remove_stale_outputs_never_leaves_the_folder_or_trusts_a_damaged_manifest(tmp_path, manifest):
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (tmp_path / "outside.txt").write_text("keep")
+    (out / "a.png").write_text("keep")
+    (out / "link.png").symlink_to(out / "a.png")
+    (out / v.OUTPUTS_MANIFEST).write_text(manifest)
+    v.remove_stale_outputs(out, "duat markov", [])
+    assert (tmp_path / "outside.txt").exists() and (out / "a.png").exists() and (out / "link.png").is_symlink()
+    assert (out / "sub").is_dir() and not list(out.glob("*.tmp"))

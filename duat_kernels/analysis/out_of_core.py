@@ -83,7 +83,7 @@ def save_dense(op, path: str | os.PathLike, *, rows_per_tile: int | None = None,
         raise ValueError(f"rows_per_tile must be a positive int, got {rows_per_tile!r}")
     rows_per_tile = v.positive_int(rows_per_tile)
     path = v.as_target_path("path", path)
-    target = _link_target(path)  # the file written: path itself, or the file a link at path points to
+    target = v.link_target("save_dense", path)  # the file written: path itself, or the file a link at path points to
     partial, progress_file = Path(f"{target}.partial"), Path(f"{target}.progress.json")
     _check_target(path, target, partial, rows * row_bytes, overwrite)
     fingerprint = _fingerprint(op, dtype, rows_per_tile)
@@ -148,16 +148,6 @@ def _write_progress(progress_file: Path, fingerprint: str, done: dict[int, int],
     tmp.write_text(strict_json.dumps({"fingerprint": fingerprint, "file_size": file_size,
                                "tiles": {str(t): crc for t, crc in sorted(done.items())}}))
     os.replace(tmp, progress_file)
-
-
-def _link_target(path: Path) -> Path:
-    """path, or for a symbolic link (through any number of links) the file it points to, existing or not."""
-    if not path.is_symlink():
-        return path
-    try:
-        return path.resolve()
-    except (RuntimeError, OSError) as exc:  # a loop of links
-        raise ValueError(f"save_dense: {path} is a symbolic link that leads to no file ({exc})") from None
 
 
 def _check_target(path: Path, target: Path, partial: Path, data_bytes: int, overwrite: bool) -> None:

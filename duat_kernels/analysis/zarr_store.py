@@ -50,11 +50,10 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _read_region(store, region: tuple[slice, ...]) -> np.ndarray | None:
-    """The stored chunk of `store` (a path, opened here, or an array opened once by the caller), or None when
-    it cannot be decoded (a torn or corrupted chunk file)."""
+def _read_region(array, region: tuple[slice, ...]) -> np.ndarray | None:
+    """The stored chunk of an opened zarr array (each read goes to the chunk file), or None when it cannot be
+    decoded (a torn or corrupted chunk file)."""
     try:
-        array = _zarr().open_array(store, mode="r") if isinstance(store, (str, os.PathLike)) else store
         return array[region]
     except Exception:  # any decoding failure means: write the chunk again
         return None
@@ -63,17 +62,19 @@ def _read_region(store, region: tuple[slice, ...]) -> np.ndarray | None:
 def write_chunk(op, store: str, record: str, region: tuple[slice, ...], dtype: torch.dtype) -> bool:
     """Write one chunk unless a valid copy is already stored; True if it was written.
 
-    region: (rows, cols) slices, with a leading slice(None) for a batched operator.
+    region: (rows, cols) slices, with a leading slice(None) for a batched operator. The store is opened once
+    (its metadata read once), for the check and the write; each task opens it in its own process or thread,
+    so that any Dask scheduler can run it.
     """
-    store_path, record_path = Path(store), Path(record)
+    array, record_path = _zarr().open_array(Path(store), mode="r+"), Path(record)
     if record_path.exists():
-        stored = _read_region(store_path, region)
+        stored = _read_region(array, region)
         if stored is not None and chunk_sha256(stored) == record_path.read_text().strip():
             return False
         record_path.unlink()  # invalid: forget it before rewriting
     r, c = region[-2:]
     data = tile_block(op, r.start, r.stop, c.start, c.stop, dtype)
-    _zarr().open_array(store_path, mode="r+")[region] = data
+    array[region] = data
     _write_text(record_path, chunk_sha256(data))
     return True
 
@@ -92,31 +93,33 @@ def save_zarr(op, path: str | os.PathLike, chunks: tuple[int, int] | None = None
             Client); None uses Dask's default, i.e. the current distributed Client if there is one.
         progress: show a tqdm progress bar over chunks.
         overwrite: replace an existing zarr array at `path` (a FileExistsError otherwise, as save_dense
-            refuses an existing file); the old store stays until the new one is complete, then is
-            renamed to `<path>.replaced` and removed. Anything else at `path` (a folder, a file, a
-            link) is never deleted: a FileExistsError.
+            refuses an existing file or link); the old store stays until the new one is complete, then is
+            renamed to `<path>.replaced` and removed. A symbolic link at `path` is written through, as
+            save_dense and open(path, 'w') do: the store it points to (existing or not) is the one written
+            and replaced, the link stays. Anything else (a folder, a file) is never deleted: a
+            FileExistsError.
 
     Returns:
-        The path of the complete store. A rerun after an interruption rewrites only the chunks
-        that are missing or fail their checksum.
+        The path of the complete store (`path` itself, a link included). A rerun after an interruption
+        rewrites only the chunks that are missing or fail their checksum (`<store>.partial` and
+        `<store>.progress` sit next to the store written, the link's target for a link).
     """
     dask, zarr = _dask(), _zarr()
     dtype = stored_dtype(op, dtype)
     chunk_rows, chunk_cols = check_chunks(op, chunks, dtype)
     overwrite = v.check_flag("overwrite", overwrite)
     path = v.as_target_path("path", path)
-    exists = path.exists() or path.is_symlink()  # a dangling link too: the final rename failed on it, after the work
-    if exists and not overwrite:
+    target = v.link_target("save_zarr", path)  # the store written: path itself, or the one a link at path points to
+    if not overwrite and (path.exists() or path.is_symlink()):  # a dangling link too, as save_dense
         raise FileExistsError(f"{path} exists; save_zarr writes a new store (pass overwrite=True to replace it, "
                               "delete it or choose another path)")
-    if exists and not _is_zarr_array(path):
-        raise FileExistsError(f"{path} exists and is not a zarr array; overwrite=True replaces only a zarr array "
+    if target.exists() and not _is_zarr_array(target):
+        raise FileExistsError(f"{target} exists and is not a zarr array; overwrite=True replaces only a zarr array "
                               "(choose another path)")
-    folder = path.absolute().parent
-    while not folder.exists():  # zarr creates the missing folders: the nearest existing one must take them
-        folder = folder.parent
+    # zarr creates the missing folders: the nearest existing one must take them
+    folder = v.nearest_existing_folder(target.parent)
     v.check_writable_folder("save_zarr", folder)  # zarr failed with 'No such file or directory: <path>.partial'
-    partial, progress_dir = Path(f"{path}.partial"), Path(f"{path}.progress")
+    partial, progress_dir = Path(f"{target}.partial"), Path(f"{target}.progress")
     fingerprint = {"factors_sha256": factors_token(op), "shape": list(op.shape), "chunks": [chunk_rows, chunk_cols],
                    "dtype": str(dtype), "layout": op.layout}
     fingerprint_file = progress_dir / "fingerprint.json"
@@ -155,11 +158,11 @@ def save_zarr(op, path: str | os.PathLike, chunks: tuple[int, int] | None = None
     arr.attrs["duat"] = {**fingerprint, "chunk_sha256": checksums}
     # overwrite=True (checked above): the old store is renamed away, not deleted in place, so that an interruption
     # leaves path either the old or the new complete store, never a half-deleted one that a rerun refuses
-    replaced = Path(f"{path}.replaced")
+    replaced = Path(f"{target}.replaced")
     shutil.rmtree(replaced, ignore_errors=True)
-    if path.exists():
-        os.replace(path, replaced)
-    os.replace(partial, path)
+    if target.exists():
+        os.replace(target, replaced)
+    os.replace(partial, target)
     shutil.rmtree(replaced, ignore_errors=True)
     shutil.rmtree(progress_dir)
     return path

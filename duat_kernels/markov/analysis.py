@@ -55,10 +55,24 @@ def residual(op: TransitionOperator, pi: np.ndarray) -> float:
     return float(np.abs(op.rmatvec(pi) - pi).sum())
 
 
+def closed_class_count(op: TransitionOperator) -> int:
+    """The number of closed communicating classes of P: strongly connected components of the graph s -> s'
+    (P[s, s'] > 0) that no edge leaves. π is unique exactly when there is one (the multiplicity of the
+    eigenvalue 1); transient states around it do not matter."""
+    from scipy.sparse.csgraph import connected_components
+
+    graph = op.to_csr().copy()  # to_csr's entries are a view of op.probabilities, which eliminate_zeros compacts
+    graph.eliminate_zeros()  # csgraph takes stored zeros for edges
+    count, labels = connected_components(graph, directed=True, connection="strong")
+    rows = np.repeat(np.arange(op.num_states), np.diff(graph.indptr))
+    leaving = labels[rows] != labels[graph.indices]
+    return count - np.unique(labels[rows[leaving]]).size
+
+
 def stationary_distribution(op: TransitionOperator, *, power_steps: int = 1000, tol: float = 1e-13) -> Stationary:
-    """π of P (S,). Dense: solve (Pᵀ − I) π = 0 with Σπ = 1 replacing one equation (exact for an
-    irreducible chain; ValueError if singular). Larger: ARPACK's leading eigenvector of Pᵀ, then power steps π <- πP
-    until ||πP − π||₁ <= tol or power_steps is reached."""
+    """π of P (S,). ValueError when π is not unique (more than one closed class: closed_class_count), on
+    both paths. Dense: solve (Pᵀ − I) π = 0 with Σπ = 1 replacing one equation. Larger: ARPACK's leading
+    eigenvector of Pᵀ, then power steps π <- πP until ||πP − π||₁ <= tol or power_steps is reached."""
     if integer(power_steps, tensors=False) is None:
         raise TypeError(f"power_steps must be an int, got {type(power_steps).__name__} {power_steps!r}")
     if power_steps < 0:
@@ -66,6 +80,10 @@ def stationary_distribution(op: TransitionOperator, *, power_steps: int = 1000, 
     power_steps = integer(power_steps)
     positive_tolerance(tol)
     s = op.num_states
+    not_unique = ValueError("P is not irreducible (π is not unique): some transition probabilities are exactly 0, "
+                            "as when a small temperature underflows them; use a larger temperature")
+    if closed_class_count(op) > 1:  # ARPACK returned one of the stationary distributions without a word
+        raise not_unique
     if s <= DENSE_MAX_STATES:
         a = op.to_dense().T - np.eye(s)
         a[-1] = 1.0  # normalisation row: Σπ = 1
@@ -74,8 +92,7 @@ def stationary_distribution(op: TransitionOperator, *, power_steps: int = 1000, 
         try:
             pi = np.linalg.solve(a, b)
         except np.linalg.LinAlgError:
-            raise ValueError("P is not irreducible (π is not unique): some transition probabilities are exactly 0, "
-                             "as when a small temperature underflows them; use a larger temperature") from None
+            raise not_unique from None
         method = "dense solve"
     else:
         from scipy.sparse.linalg import eigs

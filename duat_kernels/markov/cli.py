@@ -24,8 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "several arguments = one symbol each; each must be a single token")
     parser.add_argument("--context", type=int, default=3, help="context length K: T^K states (default 3)")
     parser.add_argument("--temperature", type=float, nargs="+", default=[1.0], help="temperatures τ (default 1)")
-    parser.add_argument("--out", default="markov", help="output folder (default ./markov); a rerun into it replaces "
-                                                        "the report, the npz files and the PNGs of the earlier one")
+    parser.add_argument("--out", default="markov",
+                        help="output folder (default ./markov); a rerun into it replaces the files an earlier duat "
+                             "markov run wrote there (listed in OUT/.duat-outputs.json) and deletes those it does "
+                             "not write again (other temperatures, PNGs); other files stay")
     parser.add_argument("--batch-size", type=int, default=100, help="contexts per forward pass, rounded down to a "
                                                                     "multiple of T, at least T (default 100)")
     parser.add_argument("--cache", default=None, help="logits cache folder (default OUT/cache); reruns and other "

@@ -165,8 +165,9 @@ def plot(results: list[dict], out_dir: Path, title: str) -> list[Path]:
 def write_report(chain: LanguageModelChain, results: list[dict], out_dir: str | os.PathLike, meta: dict,
                  plots: bool = True) -> list[Path]:
     """Write out_dir/markov.json ({"meta": ..., "temperatures": {"τ": analyse_temperature}}), markov.md, the npz
-    files and (plots=True) the PNGs; return the paths written. The npz and PNGs of an earlier report in
-    out_dir that this one does not write (other temperatures, plots=False) are deleted."""
+    files and (plots=True) the PNGs; return the paths written. The files an earlier report wrote in out_dir that this
+    one does not write (npz of other temperatures, PNGs after plots=False) are deleted; the names of the files
+    written are recorded in out_dir/.duat-outputs.json (_validation.remove_stale_outputs), other files stay."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(meta, symbols=list(chain.symbols), token_ids=list(chain.token_ids or ()), context=chain.context,
@@ -180,7 +181,6 @@ def write_report(chain: LanguageModelChain, results: list[dict], out_dir: str | 
     if plots:
         paths += plot(results, out, f"{meta['model']}, K={chain.context}, T={chain.num_symbols}")
     # an earlier report's npz of other temperatures and PNGs (after --no-plot) sat next to a markov.json that no
-    # longer described them; only names this command writes are touched, the cache and other files stay
-    remove_stale_outputs([*out.glob("transition_tau*.npz"), out / "tv_vs_t.png", out / "mixing_time_vs_tau.png"],
-                         paths)
+    # longer described them; only files an earlier duat markov recorded are touched, the cache and other files stay
+    remove_stale_outputs(out, "duat markov", paths)
     return paths

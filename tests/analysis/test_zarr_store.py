@@ -68,6 +68,34 @@ def test_interrupted_run_redoes_only_missing_and_invalid_chunks(op, tmp_path, mo
     assert dk.analysis.verify_zarr(path) == []
 
 
+def test_each_chunk_task_opens_the_store_once(op, tmp_path, monkeypatch):
+    # a chunk whose record failed its check opened the store twice: to read it back, then to write it
+    path = tmp_path / "w.zarr"
+    first = _count_tiles(monkeypatch, fail_after=20)
+    with pytest.raises(Interrupted):
+        dk.analysis.save_zarr(op, path, chunks=CHUNKS, scheduler="sync", progress=False)
+    partial = tmp_path / "w.zarr.partial"
+    done = sorted((r0 // CHUNKS[0], c0 // CHUNKS[1]) for r0, _, c0, _ in first)
+    _chunk_file(partial, *done[0]).write_bytes(b"\x00" * 16)  # recorded, no longer valid
+    _chunk_file(partial, *done[1]).unlink()
+    opens, real_open, real_write = [], zarr.open_array, zarr_store.write_chunk
+    monkeypatch.setattr(zarr, "open_array", lambda *a, **k: opens.append(a) or real_open(*a, **k))
+    per_task = []
+
+    def counting_write(*args):
+        before = len(opens)
+        written = real_write(*args)
+        per_task.append(len(opens) - before)
+        return written
+
+    monkeypatch.setattr(zarr_store, "write_chunk", counting_write)
+    _count_tiles(monkeypatch)
+    dk.analysis.save_zarr(op, path, chunks=CHUNKS, scheduler="sync", progress=False)
+    assert len(per_task) == 36 and max(per_task) == 1
+    np.testing.assert_array_equal(zarr.open_array(path, mode="r")[:], op.to_dense().numpy())
+    assert dk.analysis.verify_zarr(path) == []
+
+
 def test_verify_finds_a_corrupted_chunk(op, tmp_path):
     path = dk.analysis.save_zarr(op, tmp_path / "w.zarr", chunks=CHUNKS, scheduler="sync", progress=False)
     stored = zarr.open_array(path, mode="r+")
@@ -172,16 +200,49 @@ def test_overwrite_interrupted_while_removing_the_old_store_resumes(op, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.zarr"]
 
 
-@pytest.mark.parametrize("overwrite", [False, True])
-def test_dangling_link_is_refused_before_the_work(op, tmp_path, monkeypatch, overwrite):
+def test_dangling_link_is_refused_before_the_work(op, tmp_path, monkeypatch):
     # it was taken for a free path: every chunk was computed, then the final rename failed with a raw
     # "NotADirectoryError: [Errno 20] Not a directory", leaving w.zarr.partial and w.zarr.progress behind
     (tmp_path / "w.zarr").symlink_to(tmp_path / "nowhere")
     calls = _count_tiles(monkeypatch)
     with pytest.raises(FileExistsError, match="w.zarr exists"):
-        dk.analysis.save_zarr(op, tmp_path / "w.zarr", chunks=CHUNKS, scheduler="sync", progress=False,
-                              overwrite=overwrite)
+        dk.analysis.save_zarr(op, tmp_path / "w.zarr", chunks=CHUNKS, scheduler="sync", progress=False)
     assert calls == [] and sorted(p.name for p in tmp_path.iterdir()) == ["w.zarr"]
+
+
+@pytest.mark.parametrize("target_exists", [True, False])
+def test_overwrite_of_a_link_writes_through_to_its_target(op, tmp_path, target_exists):
+    # as save_dense (and open(path, 'w')): a link to a store was refused with overwrite=True ("exists and is not
+    # a zarr array"), a dangling one too; the store the link points to is replaced, the link stays
+    (tmp_path / "data").mkdir()
+    (tmp_path / "links").mkdir()
+    target, link = tmp_path / "data" / "real.zarr", tmp_path / "links" / "w.zarr"
+    old = dk.HVOOperator(op.attn, op.w_v * 2, op.w_o, num_kv_heads=op.dims.kv_heads)
+    if target_exists:
+        dk.analysis.save_zarr(old, target, chunks=CHUNKS, scheduler="sync", progress=False)
+    link.symlink_to(os.path.join("..", "data", "real.zarr"))  # relative, as `ln -s ../data/real.zarr w.zarr` makes
+    with pytest.raises(FileExistsError, match=f"{link} exists.*overwrite=True"):
+        dk.analysis.save_zarr(op, link, chunks=CHUNKS, scheduler="sync", progress=False)
+    assert dk.analysis.save_zarr(op, link, chunks=CHUNKS, scheduler="sync", progress=False, overwrite=True) == link
+    assert link.is_symlink() and os.readlink(link) == os.path.join("..", "data", "real.zarr")
+    assert not target.is_symlink() and dk.analysis.verify_zarr(target) == []
+    np.testing.assert_array_equal(zarr.open_array(target, mode="r")[:], op.to_dense().numpy())
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["real.zarr"]
+    assert [p.name for p in (tmp_path / "links").iterdir()] == ["w.zarr"]
+
+
+def test_a_link_to_what_is_no_store_or_a_loop_of_links_is_refused(op, tmp_path):
+    (tmp_path / "file.txt").write_text("keep")
+    (tmp_path / "w.zarr").symlink_to(tmp_path / "file.txt")
+    with pytest.raises(FileExistsError, match="file.txt exists and is not a zarr array"):
+        dk.analysis.save_zarr(op, tmp_path / "w.zarr", chunks=CHUNKS, scheduler="sync", progress=False, overwrite=True)
+    a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    a.symlink_to(b)
+    b.symlink_to(a)
+    with pytest.raises(ValueError, match=f"save_zarr: {a} is a symbolic link that leads to no file"):
+        dk.analysis.save_zarr(op, a, chunks=CHUNKS, scheduler="sync", progress=False, overwrite=True)
+    assert (tmp_path / "file.txt").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zarr", "b.zarr", "file.txt", "w.zarr"]
 
 
 def test_overwrite_replaces_a_store_and_nothing_else(op, tmp_path):

@@ -134,10 +134,41 @@ def test_sparse_paths_match_dense(monkeypatch):
         analysis.mixing_time(op, sparse_pi.pi)
 
 
-def test_reducible_chain_is_refused():
-    """Identity P (every state absorbing): π is not unique, and the dense solve says so."""
+def _two_absorbing_states() -> TransitionOperator:
+    """T = 2, K = 3 (8 states): (0, 0, 0) and (1, 1, 1) repeat their symbol for ever, two closed classes."""
+    q = random_probabilities(2, 3, seed=1)
+    q[[0, 7]] = [[1.0, 0.0], [0.0, 1.0]]
+    return TransitionOperator(q, 2, 3)
+
+
+def _one_closed_class() -> TransitionOperator:
+    """T = 2, K = 3: symbol 0 is never followed by 1, so the chain ends in (0, 0, 0); the other 7 states are
+    transient (reducible, yet π = δ_(0,0,0) is unique)."""
+    q = random_probabilities(2, 3, seed=2)
+    q[:, 1] *= np.arange(8) % 2  # states ending in 0 emit 0
+    return TransitionOperator(q / q.sum(axis=1, keepdims=True), 2, 3)
+
+
+@pytest.mark.parametrize("dense_limit", [analysis.DENSE_MAX_STATES, 2], ids=["dense", "arpack"])
+@pytest.mark.parametrize("op", [TransitionOperator(np.eye(3), 3, 1), _two_absorbing_states()],
+                         ids=["identity", "two-absorbing"])
+def test_reducible_chain_is_refused(op, dense_limit, monkeypatch):
+    """Identity P (every state absorbing), or two absorbing states: π is not unique. The dense solve said so;
+    the ARPACK path (above DENSE_MAX_STATES) returned one of the stationary distributions."""
+    monkeypatch.setattr(analysis, "DENSE_MAX_STATES", dense_limit)
     with pytest.raises(ValueError, match=r"P is not irreducible \(π is not unique\)"):
-        analysis.stationary_distribution(TransitionOperator(np.eye(3), 3, 1))
+        analysis.stationary_distribution(op)
+
+
+def test_one_closed_class_has_the_same_pi_on_both_paths(monkeypatch):
+    """Transient states do not make π ambiguous: both paths give δ on the one closed class."""
+    op = _one_closed_class()
+    dense = analysis.stationary_distribution(op)
+    monkeypatch.setattr(analysis, "DENSE_MAX_STATES", 4)
+    sparse = analysis.stationary_distribution(op)
+    assert (dense.method, sparse.method) == ("dense solve", "eigs + power")
+    np.testing.assert_allclose(sparse.pi, np.eye(8)[0], atol=1e-12)
+    np.testing.assert_allclose(dense.pi, np.eye(8)[0], atol=1e-12)
 
 
 def test_pi_starts_and_state_labels_are_checked():

@@ -55,7 +55,7 @@ def test_rewriting_a_report_folder_leaves_no_files_of_the_earlier_run(tmp_path):
     (tmp_path / "notes.txt").write_text("the user's own file")
     again = LanguageModelChain(chain.logits, chain.symbols, chain.context, (2.0,))
     second = report.write_report(again, report.analyse(again, progress=False), tmp_path, meta, plots=False)
-    assert {p.name for p in tmp_path.iterdir()} == {p.name for p in second} | {"notes.txt"}
+    assert {p.name for p in tmp_path.iterdir()} == {p.name for p in second} | {"notes.txt", ".duat-outputs.json"}
     assert {p.name for p in second} == {"markov.json", "markov.md", "transition_tau2.npz"}
 
 
@@ -64,3 +64,16 @@ def test_table_tells_close_temperatures_apart():
     chain = LanguageModelChain(_chain().logits, ("a", "b", "c"), 4, (0.5, 0.5000001))
     rows = report.format_table(report.analyse(chain, progress=False)).splitlines()[2:]
     assert [r.split(" |")[0] for r in rows] == ["| 0.5", "| 0.5000001"]
+
+
+def test_rewriting_a_report_folder_keeps_files_no_duat_run_wrote(tmp_path):
+    """Every file named like an output (tv_vs_t.png, transition_tau*.npz) was deleted, the user's own too; only
+    the files the earlier run recorded in .duat-outputs.json are."""
+    chain = _chain()
+    meta = dict(model="random", logits_seconds=0.0)
+    own = {"tv_vs_t.png": b"the user's plot", "transition_tau9.npz": b"the user's chain"}
+    for name, data in own.items():
+        (tmp_path / name).write_bytes(data)
+    first = report.write_report(chain, report.analyse(chain, progress=False), tmp_path, meta, plots=False)
+    assert all((tmp_path / name).read_bytes() == data for name, data in own.items())
+    assert {p.name for p in tmp_path.iterdir()} == {p.name for p in first} | set(own) | {".duat-outputs.json"}

@@ -100,6 +100,26 @@ def test_save_heads_subset_and_its_size_first(folder, tmp_path, capsys):
     torch.testing.assert_close(saved["layer1.W"], _layers(folder, _text(5))[1].hvo_matrix(heads=[0, 2])[0])
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077], ids=["umask022", "umask002", "umask077"])
+def test_save_gives_the_file_the_mode_open_would(folder, tmp_path, umask):
+    """safetensors wrote --save files with mode 0600 (a temporary file renamed over the path), whatever the umask:
+    a new file gets 0666 & ~umask, a file it replaces keeps its mode, as open(path, 'w') does."""
+    import os
+    import stat
+
+    new, existing = tmp_path / "new.safetensors", tmp_path / "existing.safetensors"
+    existing.write_bytes(b"old")
+    existing.chmod(0o640)
+    old_umask = os.umask(umask)
+    try:
+        for path in (new, existing):
+            assert main(["inspect", "--model", str(folder), "--text", _text(3), "--layer", "0", "--save", str(path)]) == 0
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(new.stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE(existing.stat().st_mode) == 0o640
+
+
 def _png_size(path):
     head = path.read_bytes()[:24]
     assert head[:4] == b"\x89PNG"

@@ -15,18 +15,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="minilm", help="minilm (default), smollm2, or a local folder / .gguf file")
     parser.add_argument("--text", default=None, help="the passage (default: a built-in sentence)")
     parser.add_argument("--out", required=True, metavar="DIR",
-                        help="writes DIR/claims.md, DIR/claims.json and DIR/<section>.png; a rerun replaces them "
-                             "(and deletes the <section>.png it does not write)")
+                        help="writes DIR/claims.md, DIR/claims.json and DIR/<section>.png; a rerun replaces them and deletes "
+                             "the files an earlier duat claims run wrote there (listed in DIR/.duat-outputs.json) "
+                             "that it does not write again; other files stay")
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
                         help="which sections to measure (default: all)")
-    parser.add_argument("--lora-rank", type=int, default=4, help="rank r of the LoRA adapters (default 4)")
+    parser.add_argument("--lora-rank", type=int, default=4, help="rank r of the LoRA adapters, 1 to the model width (default 4)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (density, dynamic, and "
                                                                    "transformers' while the model loads)")
 
 
 def run(args) -> int:
-    from duat_kernels.analysis.claims import plots, report
+    from duat_kernels.analysis.claims import lora, plots, report
     from duat_kernels.analysis.claims.layer_terms import family_of
     from duat_kernels.analysis.claims.multilayer import TOLERANCE
     from duat_kernels.analysis.claims.run import measure_all
@@ -41,6 +42,7 @@ def run(args) -> int:
     with transformers_progress_bars(not args.no_progress):
         model, tokenizer = load(args.model)
         family_of(model)
+        lora.check_rank("--lora-rank", args.lora_rank, model.config.hidden_size)  # the width of every supported family
         text = DEFAULT_TEXT if args.text is None else args.text
         results, facts = measure_all(model, tokenizer, text, args.sections, args.lora_rank,
                                      progress=not args.no_progress)

@@ -27,6 +27,13 @@ RELATIVE_SIZE = 0.1  # each adapter's ||B A·s||_F is scaled to this fraction of
 PROBES = 3
 
 
+def check_rank(name: str, rank: int, width: int) -> None:
+    """Refuse a rank above the model width M: each ΔOV_i is M x M, so rank ΔOV_i <= 2r would hold whatever
+    the adapters are, and the section would check nothing. ValueError naming name, the rank and the width."""
+    if rank > width:
+        raise ValueError(f"{name} {rank} is above the model width {width}: give a rank from 1 to {width}")
+
+
 def ov_stack(w_v: torch.Tensor, w_o: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
     """OV_i = Wo_i Wv_{i//g}, (h, M_out, M_in), float64."""
     wo, wv = head_factors(w_v.double(), w_o.double(), heads, kv_heads)
@@ -127,6 +134,7 @@ def measure(model, inputs: dict, rank: int = RANK, seed: int = 0) -> dict:
     """The lora section: a value/output adapter and a query/key/value/output adapter of the same rank."""
     fam = family_of(model)
     base = attention_layers(model, **inputs)
+    check_rank("rank", rank, base[0].x.shape[-1])
     result = {"rank": rank, "relative_size": RELATIVE_SIZE, "probes": PROBES}
     for key, modules in (("value_output", fam.value_out), ("query_key_value_output", fam.query_key + fam.value_out)):
         merged_model, deltas = adapt(model, modules, rank, seed)

@@ -162,14 +162,12 @@ def contributions_md(d: dict, tokens: list[str]) -> list[str]:
 
 def write(out: Path, results: dict, meta: dict, plots: list[Path] = ()) -> list[Path]:
     """claims.md and claims.json into out, claims.md linking the PNGs in plots (those this run wrote:
-    `plots.write_all`); returns the paths written. The <section>.png of an earlier run that this one
-    did not write are deleted (claims.md linked whatever PNG it found, so a rerun with --no-plots or
-    fewer sections showed the earlier run's plots as its own)."""
-    from duat_kernels.analysis.claims.plots import PLOTTED_SECTIONS
-
+    `plots.write_all`); returns the paths written. The files an earlier duat claims run wrote in out that
+    this one did not write are deleted (claims.md linked whatever PNG it found, so a rerun with --no-plots or
+    fewer sections showed the earlier run's plots as its own); the files written are recorded in
+    out/.duat-outputs.json (_validation.remove_stale_outputs), other files stay."""
     out.mkdir(parents=True, exist_ok=True)
     plotted = {Path(p).name for p in plots}
-    remove_stale_outputs([out / f"{key}.png" for key in PLOTTED_SECTIONS], plotted)
     (out / "claims.json").write_text(strict_json.dumps({"meta": meta, **results}, indent=1))
     md = [f"# The DUAT paper's claims, measured on {meta['model']} ({meta['model_type']})", "",
           f"Command: `{meta['command']}`. Text: \"{meta['text']}\" ({meta['tokens']} tokens). "
@@ -187,4 +185,5 @@ def write(out: Path, results: dict, meta: dict, plots: list[Path] = ()) -> list[
         md += ["## Token-to-token contributions", "", *contributions_md(results["contributions"], meta["token_strings"]), "",
                "![contributions](contributions.png)" if "contributions.png" in plotted else "", ""]
     (out / "claims.md").write_text("\n".join(md))
+    remove_stale_outputs(out, "duat claims", [out / "claims.md", out / "claims.json", *plots])
     return [out / "claims.md", out / "claims.json"]

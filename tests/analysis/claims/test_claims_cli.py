@@ -149,6 +149,18 @@ def test_claims_rerun_into_the_same_out_links_no_plot_of_the_earlier_run(tmp_pat
     assert sorted(p.name for p in out.glob("*.png")) == ["multilayer.png", "notes.png"]
 
 
+def test_claims_rerun_keeps_a_png_no_duat_run_wrote(tmp_path, tokenizer):
+    """The user's own density.png in --out was deleted by a run that did not plot the density section."""
+    folder = tmp_path / "tiny-bert"
+    tiny_model("bert", torch.float32).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "density.png").write_bytes(b"the user's own plot")
+    assert main(["claims", "--model", str(folder), "--sections", "pruning", "--out", str(out)]) == 0
+    assert (out / "density.png").read_bytes() == b"the user's own plot" and (out / "pruning.png").exists()
+
+
 @pytest.mark.parametrize("text,out", [("it's \"quoted\"", "my report"), ("two\nlines 🙂", "out"), ("plain", "a;b")])
 def test_claims_command_line_reproduces_the_arguments(text, out):
     """claims.md's "Command:" wrote the text with Python's repr ('it\\'s ...', '\\n') and the folder unquoted:
@@ -163,3 +175,18 @@ def test_claims_command_line_reproduces_the_arguments(text, out):
     words = shlex.split(_command(args))
     assert words[:2] == ["duat", "claims"]
     assert vars(build_parser().parse_args(words[1:])) == vars(args)
+
+
+@pytest.mark.parametrize("sections", [["lora"], ["pruning"]])
+def test_claims_refuses_a_lora_rank_above_the_width_before_measuring(tmp_path, tokenizer, capsys, monkeypatch, sections):
+    """--lora-rank 25 on a width-24 model was accepted: rank ΔOV_i <= 2r then holds whatever the adapters do."""
+    from duat_kernels.analysis.claims import run
+
+    folder = tmp_path / "tiny-bert"
+    tiny_model("bert", torch.float32).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    monkeypatch.setattr(run, "measure_all", lambda *a, **k: pytest.fail("the claims were measured"))
+    argv = ["claims", "--model", str(folder), "--sections", *sections, "--out", str(tmp_path / "out")]
+    assert main(argv + ["--lora-rank", "25"]) == 2
+    err = capsys.readouterr().err  # after the progress bars of loading the model
+    assert err.endswith("\nduat claims: --lora-rank 25 is above the model width 24: give a rank from 1 to 24\n")

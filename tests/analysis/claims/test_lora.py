@@ -70,3 +70,10 @@ def test_kron_sum_inner_is_the_frobenius_inner_product():
     left = sum(torch.kron(x[i], y[i]) for i in range(3))
     right = sum(torch.kron(x2[i], y2[i]) for i in range(3))
     assert lora.kron_sum_inner(x, y, x2, y2) == pytest.approx((left * right).sum().item(), rel=1e-12)
+
+
+def test_measure_refuses_a_rank_above_the_width(family, tokenizer, monkeypatch):
+    model = tiny_model(family)  # width 24
+    monkeypatch.setattr(lora, "adapt", lambda *a, **k: pytest.fail("an adapter was built"))
+    with pytest.raises(ValueError, match="^rank 25 is above the model width 24: give a rank from 1 to 24$"):
+        lora.measure(model, encode(tokenizer), rank=25)
