@@ -99,7 +99,8 @@ def shifted_decoder_ids(model: torch.nn.Module, input_ids: torch.Tensor) -> torc
 
 
 # inputs the decoder's own inputs come from: labels are shifted right into decoder_input_ids by the model itself
-# (T5ForConditionalGeneration, BartForConditionalGeneration, EncoderDecoderModel, ...)
+# (T5ForConditionalGeneration, BartForConditionalGeneration, EncoderDecoderModel, ...; for FSMT, whose decoder
+# reads the input ids shifted whatever the labels, the capture shifts them: see with_decoder_inputs)
 DECODER_SOURCES = ("decoder_input_ids", "decoder_inputs_embeds", "labels")
 
 
@@ -114,13 +115,18 @@ def decoder_tokens(model: torch.nn.Module, tokenizer, input_ids: torch.Tensor) -
 def with_decoder_inputs(model: torch.nn.Module, named: dict, inputs: dict) -> dict:
     """inputs plus decoder_input_ids (the input ids shifted right) and, with an attention_mask (B, N),
     decoder_attention_mask (the mask shifted the same way, the start token real) when the model is an
-    encoder-decoder model and `named` (all its inputs by name) has no decoder inputs (nor labels, which the model
-    shifts into them); and use_cache=False for such a model (see without_cache); other models' inputs unchanged.
+    encoder-decoder model and `named` (all its inputs by name) has no decoder inputs (nor labels: then
+    decoder_input_ids = the labels shifted by the model's prepare_decoder_input_ids_from_labels, what the models do
+    themselves except FSMT, whose decoder read the input ids); and use_cache=False for such a model (see
+    without_cache); other models' inputs unchanged.
     Such a model given no input_ids either (Whisper's input_features, inputs_embeds) is a ValueError: pass
     decoder_input_ids."""
     if not is_encoder_decoder(model):
         return inputs
     inputs = without_cache(model, named, inputs)
+    labels, from_labels = named.get("labels"), getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if all(named.get(k) is None for k in DECODER_SOURCES[:2]) and labels is not None and callable(from_labels):
+        return {**inputs, "decoder_input_ids": from_labels(labels=labels.clone())}  # FSMT's shift writes into it
     if any(named.get(k) is not None for k in DECODER_SOURCES):
         return inputs
     ids = named.get("input_ids")

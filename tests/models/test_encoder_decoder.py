@@ -138,19 +138,20 @@ def test_no_input_ids_to_shift_is_one_clear_error(capture):
         assert layer.relative_error() <= TOLERANCE, layer.name
 
 
-@pytest.mark.parametrize("family", ["t5", "bart"])
+@pytest.mark.parametrize("family", ["t5", "bart", "fsmt"])
 def test_labels_are_the_decoder_inputs(family):
     # given labels (a target text), the models shift them into decoder_input_ids themselves; the capture added the
     # input text shifted right instead, so the decoder layers were captured on the wrong text (labels of another
-    # length failed in the loss)
+    # length failed in the loss); FSMT shifts the input ids whatever the labels, and the capture left it so
     torch.manual_seed(0)
-    model = {"t5": transformers.T5ForConditionalGeneration, "bart": transformers.BartForConditionalGeneration}[family](
-        MODELS[family]().config).eval()
+    model = {"t5": transformers.T5ForConditionalGeneration, "bart": transformers.BartForConditionalGeneration,
+             "fsmt": transformers.FSMTForConditionalGeneration}[family](MODELS[family]().config).eval()
     model.set_attn_implementation("eager")
     ids, mask = _padded_ids()
     for tokens in (7, 5):
         labels = torch.randint(2, 100, (2, tokens), generator=torch.Generator().manual_seed(1))
-        by_hand = torch.cat([torch.full_like(labels[:, :1], START), labels[:, :-1]], dim=1)
+        first = labels[:, -1:] if family == "fsmt" else torch.full_like(labels[:, :1], START)  # FSMT: the last first
+        by_hand = torch.cat([first, labels[:, :-1]], dim=1)
         layers = dk.models.attention_layers(model, input_ids=ids, attention_mask=mask, labels=labels)
         expected = dk.models.attention_layers(model, input_ids=ids, attention_mask=mask, decoder_input_ids=by_hand)
         assert "decoder" in layers[1].name.split(".") and layers[1].x.shape[1] == tokens
