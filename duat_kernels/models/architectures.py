@@ -5,7 +5,8 @@ An attention block is the module that returns (output, probabilities). Paths are
 projection (its output is the attention output before the residual, biases included); "../"
 steps up to the block's parent. Families with separate value and output projections are found
 from their module names (SHAPES); fused query/key/value projections need a declared split of
-the value rows, so they are registered per model_type (ARCHITECTURES, `register_architecture`).
+the value rows, so they are registered per model_type (ARCHITECTURES, `register_architecture`), as are
+attention layers that read x tokens first, (N, B, M) (fairseq's layout: FSMT).
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ class Architecture:
     out_proj: str  # path of the output projection
     value_weights: Callable[..., Weights] = linear  # (module, config) -> value rows (h_kv·d, M_in) and bias
     out_weights: Callable[..., Weights] = linear  # (module, config) -> (M_out, h·d) and bias
+    tokens_first: bool = False  # x and the output are (N, B, M), fairseq's time-major layout (FSMT)
 
 
 # Separate value and output projections: found by name in any model, whatever its model_type.
@@ -105,7 +107,7 @@ SHAPES: tuple[Architecture, ...] = (
     Architecture("v", "o"),  # T5, mT5, UMT5
 )
 
-# Fused query/key/value projections: the split of the value rows is declared per model_type.
+# Fused query/key/value projections (the split of the value rows) and tokens-first layouts, declared per model_type.
 ARCHITECTURES: dict[str, Architecture] = {
     "gpt2": Architecture("c_attn", "c_proj", conv1d_packed_value, conv1d),
     "gpt_bigcode": Architecture("c_attn", "c_proj", packed_value),
@@ -117,6 +119,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "mpt": Architecture("Wqkv", "out_proj", packed_value),
     "codegen": Architecture("qkv_proj", "out_proj", codegen_value),
     "modernbert": Architecture("Wqkv", "Wo", packed_value),
+    "fsmt": Architecture("v_proj", "out_proj", tokens_first=True),  # fairseq's (N, B, M) attention
 }
 
 # A is not N x N there; cross_attention: NLLB-MoE, SeamlessM4T, Dia, Perceiver
@@ -130,7 +133,7 @@ def is_cross_attention(name: str) -> bool:
 
 
 def register_architecture(model_type: str, value: str, out_proj: str, value_weights: Callable[..., Weights] = linear,
-                          out_weights: Callable[..., Weights] = linear) -> Architecture:
+                          out_weights: Callable[..., Weights] = linear, tokens_first: bool = False) -> Architecture:
     """Tell `attention_layers` where a family's value and output projections are.
 
     Args:
@@ -141,6 +144,8 @@ def register_architecture(model_type: str, value: str, out_proj: str, value_weig
         value_weights: (module, config) -> (weight (h_kv·d, M_in), bias (h_kv·d,) or None), the value
             rows in nn.Linear convention; e.g. `packed_value` or `interleaved_value` for fused layers.
         out_weights: (module, config) -> (weight (M_out, h·d), bias (M_out,) or None).
+        tokens_first: True when the value projection reads x and the output projection gives the output as
+            (N, B, M), tokens first (fairseq's time-major layout, as FSMT's); the capture makes them (B, N, M).
 
     Returns:
         The Architecture now used for every model with this model_type.
@@ -151,7 +156,9 @@ def register_architecture(model_type: str, value: str, out_proj: str, value_weig
     for name, fn in (("value_weights", value_weights), ("out_weights", out_weights)):
         if not callable(fn):
             raise TypeError(f"{name} must be a callable (module, config) -> (weight, bias), got {fn!r}")
-    ARCHITECTURES[model_type] = Architecture(value, out_proj, value_weights, out_weights)
+    if not isinstance(tokens_first, bool):
+        raise TypeError(f"tokens_first must be a bool, got {tokens_first!r}")
+    ARCHITECTURES[model_type] = Architecture(value, out_proj, value_weights, out_weights, tokens_first)
     return ARCHITECTURES[model_type]
 
 

@@ -193,9 +193,9 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
             projections (found by name: Llama, Mistral, Qwen, Gemma, OLMo, Phi, OPT, GPT-J, BERT,
             RoBERTa, ELECTRA, DistilBERT, DeBERTa-v2, ViT, ...), a fused family registered in
             ARCHITECTURES (GPT-2, GPT-NeoX/Pythia, BLOOM, Falcon, Phi-3, GPT-BigCode) or with
-            `register_architecture`, any module containing torch.nn.MultiheadAttention, or a
-            TransformerLens TransformerBridge (then pass tokens: see duat_kernels.models.lens), or an
-            nnsight NNsight / LanguageModel (its wrapped module is run).
+            `register_architecture`, FSMT (fairseq's tokens-first layout, declared there too), any module
+            containing torch.nn.MultiheadAttention, or a TransformerLens TransformerBridge (then pass tokens:
+            see duat_kernels.models.lens), or an nnsight NNsight / LanguageModel (its wrapped module is run).
         layers: indices of the layers to keep (negative counts from the end); default all. Only
             these are kept in memory. A module applied at several depths (ALBERT) gives one layer per
             application, in the order the model runs them (`AttentionLayer.application`).
@@ -203,11 +203,12 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
             the capture (and back); if False, raise an error instead.
         capture: "attn" records A (eager attention); "qk" records q and k after rotary embeddings
             with sdpa attention (A is never stored; the pass stops after the last selected layer;
-            see duat_kernels.models.qk_capture).
+            see duat_kernels.models.qk_capture; refused for FSMT, whose attention runs its own code).
         *args, **inputs: the model's inputs (e.g. input_ids, attention_mask). An encoder-decoder model
             given no decoder inputs gets decoder_input_ids = input_ids shifted right by its own function
             (and decoder_attention_mask = attention_mask shifted the same way): see
-            duat_kernels.models.encoder_decoder. Its cross-attention layers are not captured (A is not N x N).
+            duat_kernels.models.encoder_decoder; it runs with use_cache=False unless use_cache is given. Its
+            cross-attention layers are not captured (A is not N x N).
 
     Warns (UserWarning) when an encoder-decoder model has self-attention modules the capture cannot read (LED's
     and BigBirdPegasus's encoder attention: see encoder_decoder.uncovered_attention_modules), naming them: the
@@ -373,8 +374,9 @@ def _check_self_attention(name: str, attn: torch.Tensor, x: torch.Tensor) -> Non
     tokens = x.shape[-2]
     if attn.shape[-2:] != (tokens, tokens) and x.dim() == 3 and tuple(x.shape[:2]) == (attn.shape[-1], attn.shape[0]):
         raise ValueError(f"{name}: its value projection reads x of shape {tuple(x.shape)}, tokens first (N, B, M: "
-                         f"fairseq's time-major layout, as FSMT's attention), for attention probabilities of shape "
-                         f"{tuple(attn.shape)}; only batch-first (B, N, M) layers are supported")
+                         f"fairseq's time-major layout), for attention probabilities of shape {tuple(attn.shape)}; "
+                         "declare the layout with duat_kernels.models.register_architecture(model_type, value=..., "
+                         "out_proj=..., tokens_first=True)")
     if attn.shape[-2:] != (tokens, tokens):
         raise ValueError(f"{name}: attention probabilities of shape {tuple(attn.shape)} are not N x N over the "
                          f"{tokens} tokens its value projection reads (cross-attention over a memory, or extra keys "
@@ -426,6 +428,7 @@ def _hooks(model, block: tuple[str, torch.nn.Module, Architecture | None], stati
         static["num_heads"] = config_heads(model, name)
     static["w_v"], static["b_v"] = arch.value_weights(value, config)
     static["w_o"], static["b_o"] = arch.out_weights(out_proj, config)
+    batch_major = batch_major_view(not arch.tokens_first)
 
     def on_block(_m, _args, out):
         rec = current()
@@ -445,15 +448,21 @@ def _hooks(model, block: tuple[str, torch.nn.Module, Architecture | None], stati
 
     def on_value(_m, args, kwargs):
         if (rec := current()) is not None:
-            rec["x"] = (args[0] if args else kwargs["input"]).detach()
+            rec["x"] = batch_major(args[0] if args else kwargs["input"]).detach()
 
     def on_out(_m, _args, out):
         if (rec := current()) is not None:
-            rec["output"] = out.detach()
+            rec["output"] = batch_major(out).detach()
 
     return [module.register_forward_hook(on_block), value.register_forward_pre_hook(on_value, with_kwargs=True),
             out_proj.register_forward_hook(on_out),
             module.register_forward_pre_hook(encoder_states_hook(current), with_kwargs=True)]
+
+
+def batch_major_view(batch_first: bool):
+    """t -> t (batch_first) or t (N, B, ...) -> (B, N, ...), a view (tokens first: fairseq's layout, FSMT's, and
+    nn.MultiheadAttention's default)."""
+    return (lambda t: t) if batch_first else (lambda t: t.transpose(0, 1))
 
 
 def _mha_hooks(mha: torch.nn.MultiheadAttention, static: dict, current) -> list:
@@ -464,7 +473,7 @@ def _mha_hooks(mha: torch.nn.MultiheadAttention, static: dict, current) -> list:
     static["b_v"] = None if mha.in_proj_bias is None else mha.in_proj_bias[2 * e:].detach()
     static["w_o"] = mha.out_proj.weight.detach()
     static["b_o"] = None if mha.out_proj.bias is None else mha.out_proj.bias.detach()
-    batch_major = (lambda t: t) if mha.batch_first else (lambda t: t.transpose(0, 1))
+    batch_major = batch_major_view(mha.batch_first)
 
     def before(_m, args, kwargs):
         if (rec := current()) is None:

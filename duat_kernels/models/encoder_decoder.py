@@ -1,4 +1,4 @@
-"""Encoder-decoder models (T5, BART, mBART, Pegasus, Marian, EncoderDecoderModel): the decoder's inputs when
+"""Encoder-decoder models (T5, BART, mBART, Pegasus, Marian, FSMT, EncoderDecoderModel): the decoder's inputs when
 none are given, and the cross-attention layers that W' does not cover.
 
 Without decoder inputs the decoder reads the text itself, shifted right by the model's own function
@@ -79,7 +79,7 @@ def uncovered_note(uncovered: list[str]) -> str:
 
 def shifted_decoder_ids(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """decoder_input_ids (B, N) = input_ids (B, N) shifted right by the model's own function (T5's _shift_right,
-    the shift_tokens_right of BART, mBART, Pegasus, Marian, EncoderDecoderModel), as for labels = input_ids."""
+    the shift_tokens_right of BART, mBART, Pegasus, Marian, FSMT, EncoderDecoderModel), as for labels = input_ids."""
     if callable(getattr(model, "_shift_right", None)):
         return model._shift_right(input_ids)
     shift = getattr(sys.modules.get(type(model).__module__), "shift_tokens_right", None)
@@ -99,7 +99,8 @@ def shifted_decoder_ids(model: torch.nn.Module, input_ids: torch.Tensor) -> torc
 
 
 # inputs the decoder's own inputs come from: labels are shifted right into decoder_input_ids by the model itself
-# (T5ForConditionalGeneration, BartForConditionalGeneration, EncoderDecoderModel, ...)
+# (T5ForConditionalGeneration, BartForConditionalGeneration, EncoderDecoderModel, ...; for FSMT, whose decoder
+# reads the input ids shifted whatever the labels, the capture shifts them: see with_decoder_inputs)
 DECODER_SOURCES = ("decoder_input_ids", "decoder_inputs_embeds", "labels")
 
 
@@ -114,11 +115,19 @@ def decoder_tokens(model: torch.nn.Module, tokenizer, input_ids: torch.Tensor) -
 def with_decoder_inputs(model: torch.nn.Module, named: dict, inputs: dict) -> dict:
     """inputs plus decoder_input_ids (the input ids shifted right) and, with an attention_mask (B, N),
     decoder_attention_mask (the mask shifted the same way, the start token real) when the model is an
-    encoder-decoder model and `named` (all its inputs by name) has no decoder inputs (nor labels, which the model
-    shifts into them); else inputs unchanged.
+    encoder-decoder model and `named` (all its inputs by name) has no decoder inputs (nor labels: then
+    decoder_input_ids = the labels shifted by the model's prepare_decoder_input_ids_from_labels, what the models do
+    themselves except FSMT, whose decoder read the input ids); and use_cache=False for such a model (see
+    without_cache); other models' inputs unchanged.
     Such a model given no input_ids either (Whisper's input_features, inputs_embeds) is a ValueError: pass
     decoder_input_ids."""
-    if not is_encoder_decoder(model) or any(named.get(k) is not None for k in DECODER_SOURCES):
+    if not is_encoder_decoder(model):
+        return inputs
+    inputs = without_cache(model, named, inputs)
+    labels, from_labels = named.get("labels"), getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if all(named.get(k) is None for k in DECODER_SOURCES[:2]) and labels is not None and callable(from_labels):
+        return {**inputs, "decoder_input_ids": from_labels(labels=labels.clone())}  # FSMT's shift writes into it
+    if any(named.get(k) is not None for k in DECODER_SOURCES):
         return inputs
     ids = named.get("input_ids")
     if ids is None:  # Whisper's input_features, inputs_embeds: no text to shift; the models' own errors misled
@@ -132,3 +141,15 @@ def with_decoder_inputs(model: torch.nn.Module, named: dict, inputs: dict) -> di
     if isinstance(mask, torch.Tensor) and mask.shape == ids.shape and named.get("decoder_attention_mask") is None:
         added["decoder_attention_mask"] = torch.cat([torch.ones_like(mask[:, :1]), mask[:, :-1]], dim=1)
     return {**inputs, **added}
+
+
+def without_cache(model: torch.nn.Module, named: dict, inputs: dict) -> dict:
+    """inputs plus use_cache=False when the model's forward takes use_cache and `named` (all its inputs by name)
+    does not set it: the capture runs one whole teacher-forced pass, which reads no cache, and FSMT's decoder
+    applies its causal and padding masks only without one (given decoder_input_ids and use_cache, its config's
+    default, every decoder token attends to every other)."""
+    try:
+        takes = "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        takes = False
+    return {**inputs, "use_cache": False} if takes and named.get("use_cache") is None else inputs

@@ -9,7 +9,8 @@ HVOOperator.from_qk, which never stores A (h, N, N).
 
 Models that sdpa cannot run (transformers' _supports_sdpa is False: Gemma 2, whose logit soft-capping
 sdpa lacks) keep their own eager attention, recorded through the "eager" entry instead; their
-forward pass forms one layer's A at a time, as the model itself does, and nothing keeps it.
+forward pass forms one layer's A at a time, as the model itself does, and nothing keeps it. Layers that
+read x tokens first (FSMT's fairseq attention) compute A in their own code and are refused.
 """
 
 from __future__ import annotations
@@ -183,6 +184,7 @@ def attention_layers_qk(model: torch.nn.Module, *args, layers: list[int] | None 
                          "modules built from torch.nn.MultiheadAttention give A: use capture='attn'")
     plan = layer_plan(model, blocks)
     selected = select_layers(layers, len(plan))
+    _check_batch_first(model, [blocks[plan[a][0]] for a in selected])
     named = named_inputs(model, args, inputs)
     for key in ("attention_mask", "decoder_attention_mask"):
         mask = named.get(key)
@@ -230,6 +232,16 @@ def attention_layers_qk(model: torch.nn.Module, *args, layers: list[int] | None 
         result.append(QKAttentionLayer(index=index, name=blocks[i][0], attn=None, token_mask=token_mask,
                                        application=call, **rec))
     return result
+
+
+def _check_batch_first(model: torch.nn.Module, blocks: list) -> None:
+    """Refuse tokens-first layers (fairseq's (N, B, M) layout, FSMT's): they compute A in their own code, not
+    through transformers' attention functions, which is where capture='qk' records q and k."""
+    if names := [name for name, _, arch in blocks if arch.tokens_first]:
+        raise QkCaptureUnsupported(f"capture='qk' cannot record {type(model).__name__}: its attention layers ("
+                                   f"{names[0]}{', ...' if len(names) > 1 else ''}) read x tokens first (N, B, M: "
+                                   "fairseq's layout) and compute A in their own code, not through transformers' "
+                                   "attention functions, where capture='qk' records q and k; use capture='attn'")
 
 
 def _store_input(current):

@@ -91,6 +91,10 @@ CONFIGS = {
                                             decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
                                             vocab_size=100),
     "t5": lambda: transformers.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=100),
+    "fsmt": lambda: transformers.FSMTConfig(  # fairseq's tokens-first (N, B, M) attention; vocab_size is the target's
+        langs=["en", "de"], src_vocab_size=100, tgt_vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        max_position_embeddings=32),
     "gpt_neo": lambda: transformers.GPTNeoConfig(hidden_size=32, num_heads=4, num_layers=2, vocab_size=100,
                                                  attention_types=[[["global", "local"], 1]], window_size=4),
     "cohere": lambda: transformers.CohereConfig(**_GQA),
@@ -386,18 +390,26 @@ def test_attention_over_other_keys_is_refused_at_capture(extra):
     _assert_exact(dk.models.attention_layers(model, x, memory, layers=[0]), 1)  # the self-attention
 
 
-def test_time_major_attention_is_named_as_such():
-    # FSMT's (fairseq's) attention reads x as (N, B, M): the refusal spoke of cross-attention or extra keys and of
-    # "the 2 tokens its value projection reads" (the batch size)
-    torch.manual_seed(0)
-    model = transformers.FSMTModel(transformers.FSMTConfig(
-        langs=["en", "de"], src_vocab_size=100, tgt_vocab_size=100, d_model=16, encoder_layers=1, decoder_layers=1,
-        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
-        max_position_embeddings=32, pad_token_id=0, decoder_start_token_id=1)).eval()
-    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+def test_tokens_first_layout_is_declared(monkeypatch):
+    # FSMT's (fairseq's) attention reads x as (N, B, M): it was refused ("only batch-first (B, N, M) layers are
+    # supported"); its layout is now declared, and an undeclared one is refused with the way to declare it
+    config, model = _random_model("fsmt")
+    inputs = _ids(config.vocab_size, tokens=7)
+    layers = dk.models.attention_layers(model, **inputs)
+    _assert_exact(layers, 4)
+    x = layers[0].x
+    with torch.no_grad():
+        embeddings = model.encoder.embed_tokens(inputs["input_ids"]) * model.encoder.embed_scale
+        positions = model.encoder.embed_positions(inputs["input_ids"])
+    torch.testing.assert_close(x, embeddings + positions, rtol=0, atol=0)  # (B, N, M): the first layer's input
+    monkeypatch.delitem(dk.models.ARCHITECTURES, "fsmt")
     with pytest.raises(ValueError, match=r"encoder.layers.0.self_attn: its value projection reads x of shape "
-                                         r"\(7, 2, 16\), tokens first.*FSMT"):
-        dk.models.attention_layers(model, input_ids=ids)
+                                         r"\(7, 2, 32\), tokens first.*register_architecture\(.*tokens_first=True"):
+        dk.models.attention_layers(model, **inputs)
+    dk.models.register_architecture("fsmt", "v_proj", "out_proj", tokens_first=True)
+    _assert_exact(dk.models.attention_layers(model, **inputs), 4)
+    with pytest.raises(TypeError, match="tokens_first must be a bool, got 'yes'"):
+        dk.models.register_architecture("fsmt", "v_proj", "out_proj", tokens_first="yes")
 
 
 def test_local_attention_is_named_as_such():

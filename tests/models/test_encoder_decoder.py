@@ -42,10 +42,14 @@ MODELS = {
     "mbart": lambda: transformers.MBartModel(transformers.MBartConfig(**_BART_LIKE, decoder_attention_heads=2)),
     "nllb_moe": lambda: transformers.NllbMoeModel(transformers.NllbMoeConfig(
         **_BART_LIKE, decoder_attention_heads=2, decoder_start_token_id=START, num_experts=2, expert_capacity=8)),
+    "fsmt": lambda: transformers.FSMTModel(transformers.FSMTConfig(  # fairseq's tokens-first (N, B, M) attention
+        langs=["en", "de"], src_vocab_size=100, tgt_vocab_size=100, d_model=32, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        max_position_embeddings=64, pad_token_id=PAD, decoder_start_token_id=START)),
 }
 CROSS = {"t5": ["decoder.block.0.layer.1.EncDecAttention"], "bart": ["decoder.layers.0.encoder_attn"],
          "bert2bert": ["decoder.bert.encoder.layer.0.crossattention.self"], "marian": ["decoder.layers.0.encoder_attn"],
-         "mbart": ["decoder.layers.0.encoder_attn"],
+         "mbart": ["decoder.layers.0.encoder_attn"], "fsmt": ["decoder.layers.0.encoder_attn"],
          # its cross_attention was captured as a self-attention layer: exact only because decoder and encoder had N
          # tokens each, with capture='qk' off by 8% (taken for causal self-attention)
          "nllb_moe": ["decoder.layers.0.cross_attention"]}
@@ -70,11 +74,13 @@ def test_the_decoder_reads_the_text_shifted_right(family):
     # without decoder inputs T5 and BERT2BERT failed inside the forward pass ("You must specify exactly one of
     # input_ids or inputs_embeds"), Marian (and Pegasus) with "You cannot specify both decoder_input_ids and
     # decoder_inputs_embeds"; BART and mBART shifted by themselves but without a decoder mask; BERT2BERT's
-    # crossattention.self was taken for a self-attention block
+    # crossattention.self was taken for a self-attention block; FSMT's decoder, given decoder_input_ids with its
+    # config's use_cache=True, ran without its causal and padding masks
     model = _model(family)
     ids, mask = _padded_ids()
-    # mBART has no start token: its last real token (the language code) goes first
-    first = ids.gather(1, mask.sum(1, keepdim=True) - 1) if family == "mbart" else torch.full_like(ids[:, :1], START)
+    # mBART has no start token: its last real token (the language code) goes first; FSMT's shift does the same
+    last_first = family in ("mbart", "fsmt")
+    first = ids.gather(1, mask.sum(1, keepdim=True) - 1) if last_first else torch.full_like(ids[:, :1], START)
     by_hand = dict(decoder_input_ids=torch.cat([first, ids[:, :-1]], dim=1),
                    decoder_attention_mask=torch.cat([torch.ones_like(mask[:, :1]), mask[:, :-1]], dim=1))
     layers = dk.models.attention_layers(model, input_ids=ids, attention_mask=mask)
@@ -85,7 +91,9 @@ def test_the_decoder_reads_the_text_shifted_right(family):
         torch.testing.assert_close(layer.attn, ref.attn, rtol=0, atol=0)
         torch.testing.assert_close(layer.token_mask, ref.token_mask, rtol=0, atol=0)
         assert layer.relative_error(layer.hvo_matrix(dtype=torch.float64)) <= TOLERANCE, layer.name
-    assert layers[1].num_heads == (4 if family == "bart" else 2)  # BART's decoder has its own head count
+    assert layers[1].num_heads == (4 if family in ("bart", "fsmt") else 2)  # the decoder's own head count
+    assert bool((layers[1].attn.triu(1) == 0).all()), "the decoder's self-attention is causal"
+    assert not bool((layers[0].attn[0].triu(1) == 0).all())  # the encoder's is not
 
 
 @pytest.mark.parametrize("family", sorted(MODELS))
@@ -130,19 +138,20 @@ def test_no_input_ids_to_shift_is_one_clear_error(capture):
         assert layer.relative_error() <= TOLERANCE, layer.name
 
 
-@pytest.mark.parametrize("family", ["t5", "bart"])
+@pytest.mark.parametrize("family", ["t5", "bart", "fsmt"])
 def test_labels_are_the_decoder_inputs(family):
     # given labels (a target text), the models shift them into decoder_input_ids themselves; the capture added the
     # input text shifted right instead, so the decoder layers were captured on the wrong text (labels of another
-    # length failed in the loss)
+    # length failed in the loss); FSMT shifts the input ids whatever the labels, and the capture left it so
     torch.manual_seed(0)
-    model = {"t5": transformers.T5ForConditionalGeneration, "bart": transformers.BartForConditionalGeneration}[family](
-        MODELS[family]().config).eval()
+    model = {"t5": transformers.T5ForConditionalGeneration, "bart": transformers.BartForConditionalGeneration,
+             "fsmt": transformers.FSMTForConditionalGeneration}[family](MODELS[family]().config).eval()
     model.set_attn_implementation("eager")
     ids, mask = _padded_ids()
     for tokens in (7, 5):
         labels = torch.randint(2, 100, (2, tokens), generator=torch.Generator().manual_seed(1))
-        by_hand = torch.cat([torch.full_like(labels[:, :1], START), labels[:, :-1]], dim=1)
+        first = labels[:, -1:] if family == "fsmt" else torch.full_like(labels[:, :1], START)  # FSMT: the last first
+        by_hand = torch.cat([first, labels[:, :-1]], dim=1)
         layers = dk.models.attention_layers(model, input_ids=ids, attention_mask=mask, labels=labels)
         expected = dk.models.attention_layers(model, input_ids=ids, attention_mask=mask, decoder_input_ids=by_hand)
         assert "decoder" in layers[1].name.split(".") and layers[1].x.shape[1] == tokens

@@ -39,6 +39,10 @@ def _tiny(family, **extra):
         "mistral": lambda: transformers.MistralConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
                                                       num_key_value_heads=1, intermediate_size=64, vocab_size=100,
                                                       **extra),
+        "fsmt": lambda: transformers.FSMTConfig(langs=["en", "de"], src_vocab_size=100, tgt_vocab_size=100, d_model=32,
+                                                encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                                                decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                                max_position_embeddings=32, **extra),
     }[family]()
     return transformers.AutoModel.from_config(config, attn_implementation="eager").eval()
 
@@ -49,6 +53,21 @@ def _ids(batch=2, tokens=12, padded=True, side="right"):
     if padded:  # the second sequence's first (left) or last (right) 4 tokens are padding
         mask[1, slice(0, 4) if side == "left" else slice(tokens - 4, tokens)] = 0
     return dict(input_ids=ids, attention_mask=mask)
+
+
+def test_tokens_first_attention_is_refused_by_name():
+    # FSMT's attention (fairseq's (N, B, M) layout) computes A in its own code: the capture ran the model, found no
+    # q and k and said only that layer 0 "was not called through transformers' attention functions"
+    from duat_kernels.models.qk_capture import QkCaptureUnsupported
+
+    model = _tiny("fsmt")
+    with pytest.raises(QkCaptureUnsupported, match=r"capture='qk' cannot record FSMTModel: its attention layers "
+                                                   r"\(encoder.layers.0.self_attn, \.\.\.\) read x tokens first.*"
+                                                   r"use capture='attn'$"):
+        dk.models.attention_layers(model, capture="qk", **_ids())
+    with pytest.raises(QkCaptureUnsupported, match=r"\(decoder.layers.0.self_attn\) read x tokens first"):
+        dk.models.attention_layers(model, capture="qk", layers=[-1], **_ids())
+    assert all(layer.relative_error() <= TOLERANCE for layer in dk.models.attention_layers(model, **_ids()))
 
 
 @pytest.mark.parametrize("family,extra", [("bert", {}), ("llama", {}), ("mistral", {"sliding_window": 4})])
