@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from duat_kernels._validation import check_fits, check_flag, check_real_dtype
+from duat_kernels._validation import all_finite, check_fits, check_flag, check_real_dtype, has_values
 from duat_kernels.attention_source import as_source
+from duat_kernels.linalg import norm_scaling
 from duat_kernels.linalg.norms import TORCH_PATH_HINT, root_with_zero_subgradient, tracks_gradient
 from duat_kernels.reference import head_factors
 
@@ -50,16 +51,35 @@ def contributions(attn, x: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, n
                "Analyse fewer tokens (or one batch element) at a time.")
     if m_out == 0 or w_v.shape[1] == 0:  # W'_nm x_m is an empty vector or an empty sum: norm 0, whatever A holds
         return torch.zeros(batch, *((h,) if per_head else ()), n, n, dtype=ct, device=source.device)
-    u = projected_values(x.to(ct), w_v, w_o, h, num_kv_heads)  # (B, h, N, M_out)
-    if per_head:
-        return source.dense().to(ct).abs() * u.norm(dim=-1).unsqueeze(2)  # |A_i[n, m]| · ||u_i[m]||
+    out = _contributions(source, x.to(ct), w_v, w_o, per_head)
+    if ct == torch.float32 and has_values(out) and not all_finite(out) and all_finite(x, w_v, w_o, *source.inputs()):
+        # finite factors whose float32 squares overflowed (a stored A or an x far from 1): in float64
+        out = _contributions(source, x.double(), w_v, w_o, per_head).float()
+    return out
+
+
+# Projected values with max|u| in [2^-VALUE_LIMIT, 2^VALUE_LIMIT] are taken as they are (norm_scaling): G_m <=
+# M_out·2^64.
+VALUE_LIMIT = 32
+
+
+def _contributions(source, x: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, per_head: bool) -> torch.Tensor:
+    """contributions for checked arguments with M_in, M_out >= 1, computed in x's dtype from the projected values
+    scaled by a power of two (norm_scaling)."""
+    batch, h, n, ct = source.batch, source.heads, source.tokens, x.dtype
+    u = projected_values(x, w_v, w_o, h, source.kv_heads)  # (B, h, N, M_out)
+    e = norm_scaling.exponent_of(u, VALUE_LIMIT)
+    u = norm_scaling.scaled(u, e)
+    if per_head:  # |A_i[n, m]| · ||u_i[m]||
+        return norm_scaling.unscaled(source.dense().to(ct).abs() * u.norm(dim=-1).unsqueeze(2), e)
     gram = torch.einsum("bimc,bjmc->bmij", u, u)  # G_m, (B, N, h, h)
     if tracks_gradient(x, w_v, w_o, *source.inputs()):  # autograd, torch.func: the whole A, no in-place writes
         alpha = source.dense(TORCH_PATH_HINT).to(ct)
-        return root_with_zero_subgradient((alpha * torch.einsum("bmij,bjnm->binm", gram, alpha)).sum(1))
+        sq = (alpha * torch.einsum("bmij,bjnm->binm", gram, alpha)).sum(1)
+        return norm_scaling.unscaled(root_with_zero_subgradient(sq), e)
     out = torch.zeros(batch, n, n, dtype=ct, device=source.device)
     for r0, r1, c0, c1, alpha in source.row_blocks(max(1, CHUNK_ENTRIES // (h * n))):
         alpha = alpha.to(ct)  # (B, h, rows, cols)
         g_alpha = torch.einsum("bmij,bjrm->birm", gram[:, c0:c1], alpha)  # G_m α per (row, m)
         out[:, r0:r1, c0:c1] = (alpha * g_alpha).sum(1)
-    return out.clamp_min_(0).sqrt_()
+    return norm_scaling.unscaled(out.clamp_min_(0).sqrt_(), e)

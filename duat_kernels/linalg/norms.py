@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from duat_kernels import backends, cpp, reference
-from duat_kernels._validation import all_finite, check_fits, check_heads, check_tensor
-from duat_kernels.linalg import gram_norms
+from duat_kernels._validation import all_finite, check_fits, check_heads, check_tensor, has_values
+from duat_kernels.linalg import gram_norms, norm_scaling
 from duat_kernels.operator_args import grid_argument
 from duat_kernels.attention_source import ExplicitAttention, QKAttention, as_source
 from duat_kernels.reference import head_factors
@@ -62,31 +62,70 @@ def block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
     grid=(R, C), the Frobenius norms of an R x C grid of super-blocks (rows and columns of blocks
     split as evenly as possible; R for an R x R grid) -> (B, R, C). Float32 A on the CPU goes through the fused
     C++ pass. Computed and returned in float64 when A or a weight is float64 (as contributions and to_dense),
-    else in float32. Where autograd or a torch.func transform tracks an input (tracks_gradient), or the
-    tensors are traced or fake, torch operations on the whole A instead (differentiable; O(B·h·N²) memory)."""
+    else in float32 (squares formed from power-of-two-scaled factors: linalg.norm_scaling). Where autograd or a
+    torch.func transform tracks an input (tracks_gradient), or the tensors are traced or fake, torch operations on
+    the whole A instead (differentiable; O(B·h·N²) memory)."""
+    return _block_norms(source, w_v, w_o, num_kv_heads, grid, float64=False)
+
+
+def grid_norms64(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
+                 grid: tuple[int, int]) -> torch.Tensor:
+    """block_norms(grid=grid) (B, R, C) returned in float64 whatever the inputs: the root of the float64 sums,
+    not rounded to float32 (finite where the norms of float32 factors exceed float32's range)."""
+    return _block_norms(source, w_v, w_o, num_kv_heads, grid, float64=True)
+
+
+def _block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int, grid: tuple[int, int] | None,
+                 float64: bool) -> torch.Tensor:
     source = as_source(source, num_kv_heads, w_v, w_o)
-    batch, h, n, num_kv_heads = source.batch, source.heads, source.tokens, source.kv_heads
+    h, num_kv_heads = source.heads, source.kv_heads
     grid = grid_argument(grid, None)  # HVOOperator.block_norms takes at most N per side
     if tracks_gradient(w_v, w_o, *source.inputs()) or not backends.direct_kernel_call(w_v, w_o, *source.inputs()):
-        return _block_norms_torch(source, w_v, w_o, num_kv_heads, grid)  # autograd, torch.func, compile, fake
+        return _block_norms_torch(source, w_v, w_o, num_kv_heads, grid, float64)  # autograd, torch.func, compile, fake
     wide = _wide(source, w_v, w_o)
-    fused = not wide and gram_norms.available(source)
-    whole = fused and isinstance(source, ExplicitAttention)  # one pass over the stored A, every entry written
-    rooted = whole and grid is None  # that pass writes the norms themselves (roots taken per row, in cache)
+    whole = not wide and gram_norms.available(source) and isinstance(source, ExplicitAttention)
     # A stored A is checked for NaN/Inf after the fused pass, not before it (a second read of A, 25% of the
     # time): a non-finite α makes its ||C α||² non-finite, so only a non-finite result needs the check.
     finite = all_finite(w_v, w_o) and (whole or all_finite(*source.inputs()))
     _check_output_fits(source, grid, finite, wide)
+    dtype = torch.float64 if wide or float64 else torch.float32
     if not finite:
-        return _block_norms_direct(source, w_v, w_o, num_kv_heads, grid)
+        return _block_norms_direct(source, w_v, w_o, num_kv_heads, grid).to(dtype)
+    c = gram_factor(w_v, w_o, h, num_kv_heads).to(source.device)
+    # ||C α||² of C scaled to max|C| in [1, 2) where it could leave float32 (for |α| <= 1 and h < 2^20,
+    # h³ max|C|² < 2^124), the norms scaled back in float64 (norm_scaling)
+    shift = norm_scaling.exponent(float(c.abs().max()) if c.numel() else 0.0, GRAM_FACTOR_LIMIT, most=1000)
+    c = c * 2.0 ** -shift if shift else c
+    out = _scaled_norms(source, c, grid, wide)
+    if not all_finite(out):
+        if whole and not source.finite():
+            _check_output_fits(source, grid, False, wide)
+            return _block_norms_direct(source, w_v, w_o, num_kv_heads, grid).to(dtype)
+        if not wide:  # finite factors whose float32 squares overflowed (a stored A with entries far above 1)
+            _check_output_fits(source, grid, True, True)
+            out = _scaled_norms(source, c, grid, True)
+    return (out.double() * 2.0 ** shift).to(dtype) if shift else out.to(dtype)
+
+
+# Gram factors with max|C| in [2^-GRAM_FACTOR_LIMIT, 2^GRAM_FACTOR_LIMIT] are taken as they are (norm_scaling).
+GRAM_FACTOR_LIMIT = 32
+
+
+def _scaled_norms(source, c: torch.Tensor, grid: tuple[int, int] | None, wide: bool) -> torch.Tensor:
+    """||C α|| for every block (B, N, N), or the roots of their grid sums (B, R, C), for finite factors: float32
+    for grid=None (float64 A aside), else float64; in float64 throughout when wide. c (h, h) float64."""
+    batch, h, n = source.batch, source.heads, source.tokens
+    fused = not wide and gram_norms.available(source)
+    whole = fused and isinstance(source, ExplicitAttention)  # one pass over the stored A, every entry written
+    rooted = whole and grid is None  # that pass writes the norms themselves (roots taken per row, in cache)
     if (grid is not None and isinstance(source, QKAttention) and source.device.type == "cuda" and not wide
             and not source.wide_logits() and _triton_launches(n)):  # the q/k Triton pass forms float32 logits
-        return _block_norms_triton(source, w_v, w_o, num_kv_heads, grid)
-    c = gram_factor(w_v, w_o, h, num_kv_heads).to(source.device, torch.float64 if wide else torch.float32)
+        return _block_norms_triton(source, c, grid).double()
+    c = c.to(torch.float64 if wide else torch.float32)
     out_rows, out_cols = grid if grid is not None else (n, n)
     if not wide and gram_norms.qk_available(source):  # logits, softmax and ||C α||² fused in C++: A never written
         bins = _bins(n, out_rows, source.device), _bins(n, out_cols, source.device)
-        return gram_norms.qk_squared_norms(source, c, grid, *bins).clamp_min_(0).sqrt_().float()
+        return gram_norms.qk_squared_norms(source, c, grid, *bins).clamp_min_(0).sqrt_()
     if rooted:  # from the output cache: huge pages, no page zeroing on repeated calls
         out = cpp.empty_output((batch, out_rows, out_cols), torch.float32)
     else:
@@ -109,20 +148,34 @@ def block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
                 per_row = torch.zeros(r1 - r0, out_cols, dtype=out.dtype, device=sq.device).index_add_(
                     1, col_bins[c0:c1], sq.to(out.dtype))
                 out[b].index_add_(0, row_bins[r0:r1], per_row)
-    if whole and not all_finite(out) and not source.finite():
-        _check_output_fits(source, grid, False, wide)
-        return _block_norms_direct(source, w_v, w_o, num_kv_heads, grid)
-    if not rooted:
-        out = out.clamp_min_(0).sqrt_()
-    return out if wide or grid is None else out.float()
+    return out if rooted else out.clamp_min_(0).sqrt_()
 
 
 def _block_norms_torch(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
-                          grid: tuple[int, int] | None) -> torch.Tensor:
+                       grid: tuple[int, int] | None, float64: bool = False) -> torch.Tensor:
     """block_norms in torch operations, for autograd, torch.func, torch.compile and FakeTensorMode (the fused
     passes read NumPy views and branch on the data): ||B_nm||² = αᵀ G α from the whole A (B, h, N, N) and G.
-    A zero norm gets gradient 0 (the subgradient torch.linalg.vector_norm takes)."""
-    dtype = torch.float64 if _wide(source, w_v, w_o) else torch.float32
+    A zero norm gets gradient 0 (the subgradient torch.linalg.vector_norm takes). float64: the grid's root
+    taken in float64 (grid_norms64)."""
+    wide = _wide(source, w_v, w_o)
+    norms = _block_norms_torch_in(source, w_v, w_o, num_kv_heads, grid, torch.float64 if wide else torch.float32,
+                                  float64)
+    if not wide and has_values(norms) and not all_finite(norms) and all_finite(w_v, w_o, *source.inputs()):
+        # finite factors whose float32 squares overflowed (a stored A with entries far above 1): in float64
+        norms = _block_norms_torch_in(source, w_v, w_o, num_kv_heads, grid, torch.float64, float64)
+        norms = norms if float64 else norms.float()
+    return norms
+
+
+# Weights with max|w| in [2^-WEIGHT_LIMIT, 2^WEIGHT_LIMIT] are taken as they are (norm_scaling): G <= d²·M²·2^32.
+WEIGHT_LIMIT = 8
+
+
+def _block_norms_torch_in(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
+                          grid: tuple[int, int] | None, dtype: torch.dtype, float64: bool) -> torch.Tensor:
+    """_block_norms_torch computed in dtype from the weights scaled by powers of two (norm_scaling)."""
+    e_v, e_o = norm_scaling.exponent_of(w_v, WEIGHT_LIMIT), norm_scaling.exponent_of(w_o, WEIGHT_LIMIT)
+    w_v, w_o = norm_scaling.scaled(w_v.to(dtype), e_v), norm_scaling.scaled(w_o.to(dtype), e_o)
     gram = gram_matrix(w_v, w_o, source.heads, num_kv_heads, dtype).to(source.device)
     attn = source.dense(TORCH_PATH_HINT).to(dtype)
     sq = torch.einsum("binm,ij,bjnm->bnm", attn, gram, attn)
@@ -130,7 +183,8 @@ def _block_norms_torch(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_head
         n, (rows, cols) = source.tokens, grid
         sq = sq.new_zeros(sq.shape[0], n, cols).index_add(2, _bins(n, cols, sq.device), sq)
         sq = sq.new_zeros(sq.shape[0], rows, cols).index_add(1, _bins(n, rows, sq.device), sq)
-    return root_with_zero_subgradient(sq)
+    norms = root_with_zero_subgradient(sq.double() if float64 else sq)
+    return norm_scaling.unscaled(norms, (e_v + e_o).to(norms.device))
 
 
 def root_with_zero_subgradient(sq: torch.Tensor) -> torch.Tensor:
@@ -167,11 +221,12 @@ def _triton_launches(n: int) -> bool:
     return n <= MAX_TOKENS
 
 
-def _block_norms_triton(source: QKAttention, w_v, w_o, num_kv_heads: int, grid: tuple[int, int]) -> torch.Tensor:
-    """The fused q/k pass on the GPU (duat_kernels.triton.attention_norms): A is never written."""
+def _block_norms_triton(source: QKAttention, c: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The fused q/k pass on the GPU (duat_kernels.triton.attention_norms) for the Gram factor c (h, h): A is never
+    written."""
     from duat_kernels.triton.attention_norms import block_norms_qk
 
-    c = gram_factor(w_v, w_o, source.heads, num_kv_heads).to(source.device, torch.float32)
+    c = c.to(source.device, torch.float32)
     key_mask = None if source.key_mask is None else source.key_mask[:, 0, 0]
     return block_norms_qk(source.q, source.k, c, _bins(source.tokens, grid[0], source.device),
                           _bins(source.tokens, grid[1], source.device), grid, causal=source.causal, key_mask=key_mask,
@@ -186,7 +241,9 @@ def _block_norms_direct(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_hea
     (whole, an (h, M_out, M_in) OV of h = 2, M = 100000 failed to allocate 80 GB)."""
     batch, h, n = source.batch, source.heads, source.tokens
     dtype = torch.float64 if _wide(source, w_v, w_o) else torch.float32
-    w_v, w_o = w_v.to(dtype), w_o.to(dtype)
+    # the weights scaled by powers of two from their largest finite entries (norm_scaling; NaN and Inf stay)
+    e_v, e_o = (norm_scaling.exponent(norm_scaling.finite_max(w), WEIGHT_LIMIT) for w in (w_v, w_o))
+    w_v, w_o = (w.to(dtype) * 2.0 ** -e if e else w.to(dtype) for w, e in ((w_v, e_v), (w_o, e_o)))
     sq = torch.zeros(batch, n, n, dtype=dtype, device=source.device)
     # the squared entries of a few rows of every block at a time, summed; ov (h, rows, M_in)
     for _, ov in reference.ov_row_blocks(w_v, w_o, h, num_kv_heads, CHUNK_ENTRIES):
@@ -206,7 +263,7 @@ def _block_norms_direct(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_hea
         rows, cols = grid
         per_row = sq.new_zeros(batch, n, cols).index_add_(2, _bins(n, cols, sq.device), sq)
         sq = sq.new_zeros(batch, rows, cols).index_add_(1, _bins(n, rows, sq.device), per_row)
-    return sq.sqrt_()
+    return (sq.sqrt_().double() * 2.0 ** (e_v + e_o)).to(dtype) if e_v + e_o else sq.sqrt_()
 
 
 def _bins(n: int, parts: int, device) -> torch.Tensor:

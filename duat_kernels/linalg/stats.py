@@ -11,7 +11,7 @@ import torch
 from duat_kernels import reference
 from duat_kernels._validation import check_fits, check_has_data, check_index
 from duat_kernels.operator_args import sampling_arguments
-from duat_kernels.linalg.norms import block_norms
+from duat_kernels.linalg.norms import grid_norms64
 from duat_kernels.attention_source import as_source
 
 
@@ -23,8 +23,9 @@ WHOLE_OV_BYTES = 64 << 20
 
 def frobenius_norm(attn, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """||W'||_F for attn (B, h, N, N) or an AttentionSource -> (B,): the root of the summed squared
-    block norms (exact), reduced to one super-block as they are formed."""
-    return block_norms(attn, w_v, w_o, num_kv_heads, grid=(1, 1)).double()[:, 0, 0]
+    block norms (exact), reduced to one super-block as they are formed; the float64 root of the float64 sum (finite
+    where the norm of float32 factors exceeds float32's range)."""
+    return grid_norms64(attn, w_v, w_o, num_kv_heads, (1, 1))[:, 0, 0]
 
 
 def trace(attn, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int) -> torch.Tensor:

@@ -1,0 +1,72 @@
+"""Power-of-two scaling of the squares that the norm analyses form in float32.
+
+A squared norm ||v||² overflows float32 once ||v|| > 2^64 (~1.8e19), loses precision below 2^-63 and vanishes
+below 2^-75, far inside the range of the norm itself (2^-126 to 3.4e38). The factors whose squares are taken
+(the Gram factor C of block_norms, the weights of its torch path, the projected values u of contributions) are
+multiplied by 2^-e, 2^e the power of two just above their largest entry, and the roots by 2^e afterwards.
+Multiplying by a power of two is exact (outside the subnormal range), so the norms are those of the unscaled
+factors, rounded alike.
+
+Factors whose largest entry lies in [2^-limit, 2^limit] are taken as they are (e = 0): the norms of ordinary
+inputs are bitwise what they were. Each caller's limit keeps its squares inside float32 for such factors. A
+factor with NaN or Inf is never rescaled (e = 0), so non-finite inputs propagate as before. Entries of A far
+from 1 (a stored A that is not probabilities) are not scaled: a float32 result that is not finite from finite
+factors is computed again in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from duat_kernels._validation import has_values
+
+# |e| <= MAX_EXPONENT: 2^±e is a normal float32, and a float32 factor (max 2^128) comes to at most 4.
+MAX_EXPONENT = 126
+
+
+def exponent(magnitude: float, limit: int, most: int = MAX_EXPONENT) -> int:
+    """e with 2^(e-1) <= magnitude < 2^e for a finite magnitude > 0 outside [2^-limit, 2^limit], else 0
+    (clamped to ±most: ±MAX_EXPONENT for factors scaled in float32)."""
+    if not 0 < magnitude < math.inf or 2.0 ** -limit <= magnitude <= 2.0 ** limit:
+        return 0
+    return max(-most, min(most, math.frexp(magnitude)[1]))
+
+
+def finite_max(t: torch.Tensor) -> float:
+    """max |t| over the finite entries of t (0 for none)."""
+    return float(torch.where(t.isfinite(), t.abs(), 0).amax()) if t.numel() else 0.0
+
+
+def exponent_of(t: torch.Tensor, limit: int) -> torch.Tensor:
+    """`exponent` of max|t| as a float64 tensor () from torch operations: no Python branch on the values, so it
+    runs under autograd, torch.func and torch.compile; not differentiated (the scale is a constant)."""
+    if t.numel() == 0:
+        return torch.zeros((), dtype=torch.float64, device=t.device)
+    mag = t.detach().abs().amax().double()
+    outside = mag.isfinite() & (mag > 0) & ((mag > 2.0 ** limit) | (mag < 2.0 ** -limit))
+    e = (mag.log2().floor() + 1).clamp(-MAX_EXPONENT, MAX_EXPONENT)
+    return torch.where(outside, e, torch.zeros_like(e))
+
+
+def scaled(t: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """t · 2^-e (|e| <= MAX_EXPONENT) in t's dtype (t itself for e = 0 where e can be read)."""
+    if _zero(e):
+        return t
+    return t * torch.exp2(-e).to(t.dtype)
+
+
+def unscaled(t: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """t · 2^e in t's dtype for |e| <= 2·MAX_EXPONENT, as two same-signed power-of-two factors that float32 holds
+    (an intermediate overflows only where the result does); t itself for e = 0 where e can be read."""
+    if _zero(e):
+        return t
+    half = torch.trunc(e / 2)
+    return t * torch.exp2(half).to(t.dtype) * torch.exp2(e - half).to(t.dtype)
+
+
+def _zero(e: torch.Tensor) -> bool:
+    """Whether e is known to be 0 (its value read: not under torch.compile or vmap), so that the common case
+    costs no pass over the tensor scaled."""
+    return has_values(e) and not bool(e.any())
