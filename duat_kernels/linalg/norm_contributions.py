@@ -58,21 +58,25 @@ def contributions(attn, x: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, n
     return out
 
 
-# Projected values with max|u| in [2^-VALUE_LIMIT, 2^VALUE_LIMIT] are taken as they are (norm_scaling): G_m <=
-# M_out·2^64.
+# Projected values whose norms ||u_i[m]|| are at most 2^VALUE_LIMIT, the largest at least 2^-VALUE_LIMIT, are
+# taken as they are (norm_scaling): G_m <= 2^64.
 VALUE_LIMIT = 32
 
 
 def _contributions(source, x: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, per_head: bool) -> torch.Tensor:
-    """contributions for checked arguments with M_in, M_out >= 1, computed in x's dtype from the projected values
-    scaled by a power of two (norm_scaling)."""
+    """contributions for checked arguments with M_in, M_out >= 1, computed in x's dtype from the projected values,
+    scaled by a power of two where their norms leave float32's safe range (norm_scaling)."""
     batch, h, n, ct = source.batch, source.heads, source.tokens, x.dtype
     u = projected_values(x, w_v, w_o, h, source.kv_heads)  # (B, h, N, M_out)
-    e = norm_scaling.exponent_of(u, VALUE_LIMIT)
-    u = norm_scaling.scaled(u, e)
+    e = torch.zeros((), dtype=torch.float64, device=u.device)
+    norms_or_gram = _norms_or_gram(u, per_head) if has_values(u) else None
+    if norms_or_gram is None or not _ordinary(norms_or_gram):  # traced: always, scaled by 2^0 where ordinary
+        e = norm_scaling.exponent_of(u, VALUE_LIMIT)
+        u = norm_scaling.scaled(u, e)
+        norms_or_gram = _norms_or_gram(u, per_head)
     if per_head:  # |A_i[n, m]| · ||u_i[m]||
-        return norm_scaling.unscaled(source.dense().to(ct).abs() * u.norm(dim=-1).unsqueeze(2), e)
-    gram = torch.einsum("bimc,bjmc->bmij", u, u)  # G_m, (B, N, h, h)
+        return norm_scaling.unscaled(source.dense().to(ct).abs() * norms_or_gram.unsqueeze(2), e)
+    gram = norms_or_gram
     if tracks_gradient(x, w_v, w_o, *source.inputs()):  # autograd, torch.func: the whole A, no in-place writes
         alpha = source.dense(TORCH_PATH_HINT).to(ct)
         sq = (alpha * torch.einsum("bmij,bjnm->binm", gram, alpha)).sum(1)
@@ -83,3 +87,19 @@ def _contributions(source, x: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor
         g_alpha = torch.einsum("bmij,bjrm->birm", gram[:, c0:c1], alpha)  # G_m α per (row, m)
         out[:, r0:r1, c0:c1] = (alpha * g_alpha).sum(1)
     return norm_scaling.unscaled(out.clamp_min_(0).sqrt_(), e)
+
+
+def _norms_or_gram(u: torch.Tensor, per_head: bool) -> torch.Tensor:
+    """||u_i[m]|| (B, h, N) for per_head, else G_m = (⟨u_i[m], u_j[m]⟩)_ij (B, N, h, h)."""
+    return u.norm(dim=-1) if per_head else torch.einsum("bimc,bjmc->bmij", u, u)
+
+
+def _ordinary(norms_or_gram: torch.Tensor) -> bool:
+    """Whether the largest ||u_i[m]|| (from _norms_or_gram: the norms, or the squares on G_m's diagonal) lies in
+    [2^-VALUE_LIMIT, 2^VALUE_LIMIT] (none at all counts as ordinary)."""
+    if norms_or_gram.numel() == 0:
+        return True
+    squares = norms_or_gram.dim() == 4
+    largest = float((norms_or_gram.diagonal(dim1=-2, dim2=-1) if squares else norms_or_gram).detach().amax())
+    limit = 2.0 ** (2 * VALUE_LIMIT if squares else VALUE_LIMIT)
+    return 1 / limit <= largest <= limit
