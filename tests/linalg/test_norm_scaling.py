@@ -159,3 +159,19 @@ def test_unscaled_keeps_intermediates_in_float32():
     for e in (200.0, -100.0, 0.0):
         got = norm_scaling.unscaled(t, torch.tensor(e, dtype=torch.float64))
         assert torch.equal(got, (t.double() * 2.0 ** e).float())
+
+
+@pytest.mark.parametrize("grid", [None, (2, 3)], ids=["blocks", "grid"])
+@pytest.mark.parametrize("transform", ["compile", "vmap"])
+def test_traced_block_norms_scale_too(grid, transform):
+    # under torch.compile and vmap the scale is chosen by torch operations, not by reading the weights
+    op, op64 = _operators("fused", 1e10)
+
+    def norms(a, w_v, w_o):
+        return dk.HVOOperator(a, w_v, w_o, num_kv_heads=2).block_norms(grid)
+
+    if transform == "compile":
+        got = torch.compile(norms, fullgraph=True, backend="eager")(op.source.attn, op.w_v, op.w_o)
+    else:
+        got = torch.func.vmap(norms, in_dims=(0, None, None))(op.source.attn[:, None], op.w_v, op.w_o)[:, 0]
+    _assert_float32_close(got, op64.block_norms(grid))
