@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 import torch
 
 from duat_kernels import reference
-from duat_kernels._validation import DenseTooLargeError, format_bytes, nan_max, open_mode
+from duat_kernels._files import open_mode
+from duat_kernels._memory import DenseTooLargeError, format_bytes
+from duat_kernels._validation import nan_max
 from duat_kernels.heads import select_heads
 from duat_kernels.hvo import hvo_bias
 from duat_kernels.models.capture import AttentionLayer, attention_layers, masked_relative_error
