@@ -4,6 +4,7 @@ file it replaces (its permission bits, a symbolic link at its path, the stale ou
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -67,6 +68,28 @@ def open_mode(path) -> int:
         return os.stat(path).st_mode & 0o7777
     except FileNotFoundError:
         return 0o666 & ~_umask()
+
+
+def keep_modes(replaced: Path, new: Path) -> None:
+    """Give `new`, a folder that has just replaced the folder `replaced` (a zarr store), the permission bits of what
+    it replaced, as open(path, 'w') keeps an existing file's: the folder's, and those of each file or folder in it
+    that has a counterpart at the same place in `replaced` (links are left alone); the others keep theirs.
+    Innermost first, so that a folder made unsearchable does not hide its entries."""
+    for folder, dirs, files in os.walk(new, topdown=False):
+        inner = Path(folder).relative_to(new)
+        for name in (*dirs, *files):
+            _copy_mode(replaced / inner / name, Path(folder) / name)
+    _copy_mode(replaced, new)
+
+
+def _copy_mode(source: Path, destination: Path) -> None:
+    """source's permission bits onto destination, unless either is a link or source is missing."""
+    try:
+        mode = os.lstat(source).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    if not stat.S_ISLNK(mode) and not destination.is_symlink():
+        os.chmod(destination, stat.S_IMODE(mode))
 
 
 def link_target(what: str, path: Path) -> Path:

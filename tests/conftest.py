@@ -111,6 +111,14 @@ def layer():
     return random_layer
 
 
+@pytest.fixture
+def umask_022():
+    """The process's umask set to 0o022 for one test (new files 0o644, new folders 0o755), restored after it."""
+    old = os.umask(0o022)
+    yield 0o022
+    os.umask(old)
+
+
 @pytest.fixture(scope="session")
 def dask_client():
     """A Client of a LocalCluster with 2 worker processes (one thread each), shared by the test modules

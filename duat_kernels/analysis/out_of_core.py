@@ -24,7 +24,7 @@ import torch
 
 from duat_kernels import _validation as v
 from duat_kernels import strict_json
-from duat_kernels._files import as_target_path, check_writable_folder, link_target
+from duat_kernels._files import as_target_path, check_writable_folder, link_target, open_mode
 from duat_kernels._memory import DenseTooLargeError, format_bytes
 from duat_kernels.analysis.dask_tiles import tile_block
 
@@ -55,7 +55,8 @@ def save_dense(op, path: str | os.PathLike, *, rows_per_tile: int | None = None,
         dtype: stored dtype (default: the inputs' promoted dtype, float32 for bfloat16).
         progress: show a tqdm progress bar.
         overwrite: replace an existing file at `path` (a FileExistsError otherwise, as save_zarr
-            refuses an existing store); the old file stays until the new one is complete. A `path` that is
+            refuses an existing store); the old file stays until the new one is complete, whose permission bits
+            it takes, as open(path, "w") keeps them (0666 & ~umask for a new file). A `path` that is
             a symbolic link is written through, as open(path, "w") does: the file it points to is replaced
             (and created if missing) and the link stays; a link is an existing file, refused without overwrite.
 
@@ -125,7 +126,9 @@ def save_dense(op, path: str | os.PathLike, *, rows_per_tile: int | None = None,
             done[t] = zlib.crc32(data)
             _write_progress(progress_file, fingerprint, done, size)
             bar.update(1)
+    mode = open_mode(target)  # the replaced file's, as open(path, 'w') keeps it; 0666 & ~umask for a new one
     os.replace(partial, target)
+    os.chmod(target, mode)
     progress_file.unlink()
     return path
 

@@ -24,7 +24,8 @@ import torch
 
 from duat_kernels import _validation as v
 from duat_kernels import strict_json
-from duat_kernels._files import as_target_path, check_writable_folder, link_target, nearest_existing_folder
+from duat_kernels._files import (as_target_path, check_writable_folder, keep_modes, link_target,
+                                 nearest_existing_folder)
 from duat_kernels.analysis.dask_tiles import (NUMPY_DTYPES, _dask, check_chunks, chunk_bounds, factors_token,
                                               operator_delayed, stored_dtype, tile_block)
 
@@ -95,10 +96,11 @@ def save_zarr(op, path: str | os.PathLike, chunks: tuple[int, int] | None = None
         progress: show a tqdm progress bar over chunks.
         overwrite: replace an existing zarr array at `path` (a FileExistsError otherwise, as save_dense
             refuses an existing file or link); the old store stays until the new one is complete, then is
-            renamed to `<path>.replaced` and removed. A symbolic link at `path` is written through, as
-            save_dense and open(path, 'w') do: the store it points to (existing or not) is the one written
-            and replaced, the link stays. Anything else (a folder, a file) is never deleted: a
-            FileExistsError.
+            renamed to `<path>.replaced` and removed; the new store takes its permission bits, as open(path, 'w')
+            keeps a file's (_files.keep_modes: the store's folder, and each file or folder at the same place in
+            both). A symbolic link at `path` is written through, as save_dense and open(path, 'w') do: the store
+            it points to (existing or not) is the one written and replaced, the link stays. Anything else (a
+            folder, a file) is never deleted: a FileExistsError.
 
     Returns:
         The path of the complete store (`path` itself, a link included). A rerun after an interruption
@@ -164,6 +166,8 @@ def save_zarr(op, path: str | os.PathLike, chunks: tuple[int, int] | None = None
     if target.exists():
         os.replace(target, replaced)
     os.replace(partial, target)
+    if replaced.exists():  # the modes of the store replaced, as open(path, 'w') keeps a file's
+        keep_modes(replaced, target)
     shutil.rmtree(replaced, ignore_errors=True)
     shutil.rmtree(progress_dir)
     return path
