@@ -12,7 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from duat_kernels import strict_json
-from duat_kernels._validation import check_plot_format, nan_max
+from duat_kernels._files import check_plot_format
+from duat_kernels._validation import nan_max
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 BACKEND_CHOICES = ("auto", "reference", "cpp", "triton")
@@ -285,7 +286,7 @@ def _run(args) -> int:
                                          **decoder)
         log(f"heatmap ({width}x{height} px) written to {args.plot}")
     if args.html:
-        from duat_kernels._validation import format_bytes
+        from duat_kernels._memory import format_bytes
         from duat_kernels.models.html_report import write_html
 
         size = write_html(args.html, reports, tokens, f"duat inspect: {name}, {len(tokens)} tokens", tolerance, heads,

@@ -6,11 +6,14 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from duat_kernels import reference
-from duat_kernels._validation import DenseTooLargeError, format_bytes, nan_max, open_mode
+from duat_kernels._files import link_target, open_mode
+from duat_kernels._memory import DenseTooLargeError, format_bytes
+from duat_kernels._validation import nan_max
 from duat_kernels.heads import select_heads
 from duat_kernels.hvo import hvo_bias
 from duat_kernels.models.capture import AttentionLayer, attention_layers, masked_relative_error
@@ -210,9 +213,12 @@ def save(reports: list[LayerReport], path: str, tokens: list[str], log=print, he
     if decoder_tokens is not None:
         metadata["decoder_tokens"] = "\t".join(decoder_tokens)
         metadata["decoder_layers"] = ",".join(str(r.layer.index) for r in reports if r.layer.index in decoder_layers)
-    mode = open_mode(path)
-    save_file(tensors, path, metadata=metadata)
-    os.chmod(path, mode)  # safetensors renames a temporary file (mode 0600) over path, whatever the umask
+    # safetensors renames a temporary file (mode 0600) over the path it is given: given the file a link at path
+    # points to, the link stays, and the file keeps its mode (0666 & ~umask for a new one), as with open(path, 'w')
+    target = link_target("--save", Path(path))
+    mode = open_mode(target)
+    save_file(tensors, str(target), metadata=metadata)
+    os.chmod(target, mode)
     with_w = [r.layer.index for r in reports if r.matrix is not None]
     without = [r.layer.index for r in reports if r.matrix is None]
     what = f"W' of layer(s) {', '.join(map(str, with_w))}, " if with_w else ""

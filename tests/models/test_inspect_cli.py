@@ -120,6 +120,28 @@ def test_save_gives_the_file_the_mode_open_would(folder, tmp_path, umask):
     assert stat.S_IMODE(existing.stat().st_mode) == 0o640
 
 
+@pytest.mark.parametrize("target_exists", [True, False], ids=["existing-target", "dangling-link"])
+def test_save_writes_through_a_symbolic_link(folder, tmp_path, target_exists, umask_022):
+    """safetensors renamed its temporary file over the --save path: a symbolic link there became a regular file and
+    the file it pointed to kept its old bytes. Now the link stays and its target is written (created for a dangling
+    link), in the target's mode (an existing one keeps it), as open(path, 'w'), save_dense and save_zarr do."""
+    import os
+    import stat
+
+    from safetensors.torch import load_file
+
+    target, link = tmp_path / "data" / "w.safetensors", tmp_path / "link.safetensors"
+    target.parent.mkdir()
+    if target_exists:
+        target.write_bytes(b"old")
+        target.chmod(0o640)
+    link.symlink_to(os.path.relpath(target, link.parent))
+    assert main(["inspect", "--model", str(folder), "--text", _text(3), "--layer", "0", "--save", str(link)]) == 0
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert sorted(load_file(target)) == ["layer0.W", "layer0.b", "layer0.block_norms"]
+    assert stat.S_IMODE(target.stat().st_mode) == (0o640 if target_exists else 0o644)
+
+
 def _png_size(path):
     head = path.read_bytes()[:24]
     assert head[:4] == b"\x89PNG"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import duat_kernels as dk
-from duat_kernels import attention_source
+from duat_kernels import attention_source, qk_attention
 from duat_kernels.linalg import stats
 
 CASES = {  # name: (causal, padded, softcap, sliding_window)
@@ -297,8 +297,8 @@ def test_tall_narrow_tile_forms_row_blocks_only(layout, causal, monkeypatch):
     dense = op.to_dense()
     monkeypatch.setattr(attention_source, "BLOCK_ENTRIES", 2 * 4 * 11 * 3)  # 3 rows of A per step
     widths = []
-    real_rows = attention_source.QKAttention.rows
-    monkeypatch.setattr(attention_source.QKAttention, "rows",
+    real_rows = qk_attention.QKAttention.rows
+    monkeypatch.setattr(qk_attention.QKAttention, "rows",
                         lambda self, r0, r1: widths.append(r1 - r0) or real_rows(self, r0, r1))
     for cols in (slice(0, 1), slice(40, 43), slice(65, 66)):
         torch.testing.assert_close(op.tile(slice(0, 66), cols), dense[:, :, cols], rtol=1e-12, atol=1e-12)
