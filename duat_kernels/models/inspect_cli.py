@@ -237,7 +237,7 @@ def _run(args) -> int:
 
     from duat_kernels.models import inspection, long_context
     from duat_kernels.models.capture import _in_decoder, attention_layer_count
-    from duat_kernels.models.encoder_decoder import (cross_attention_blocks, decoder_tokens, is_encoder_decoder,
+    from duat_kernels.models.encoder_decoder import (cross_attention_blocks, decoder_inputs_note, decoder_tokens,
                                                      uncovered_attention_modules)
 
     text = _check_before_loading(args)
@@ -247,10 +247,12 @@ def _run(args) -> int:
 
     model, tokenizer = _load(args.model, lambda msg: print(msg, file=sys.stderr))
     _check_layers(args.layer, attention_layer_count(model))
+    inputs = _tokenize(model, tokenizer, text)
+    # what an encoder-decoder's decoder reads: the text shifted right, decoder token 0 named
+    decoder_note = decoder_inputs_note(model, tokenizer, inputs["input_ids"])
     if args.long or long_context.is_long(text):  # q/k capture: A never stored, norms on a grid, spectral norm
         with _uncovered_warning_silenced():
-            return long_context.run_inspect_long(args, model, _tokenize(model, tokenizer, text))
-    inputs = _tokenize(model, tokenizer, text)
+            return long_context.run_inspect_long(args, model, inputs, decoder_note)
     tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
     dtype = getattr(torch, args.dtype)
     if heads is not None:
@@ -261,7 +263,7 @@ def _run(args) -> int:
                                             dtype=dtype, heads=heads, per_head=per_head)
     tolerance = inspection.TOLERANCES[dtype]
     name = f"{args.model} ({model.config.model_type})"
-    encoder_decoder = dict(encoder_decoder=is_encoder_decoder(model), skipped=cross_attention_blocks(model),
+    encoder_decoder = dict(decoder_note=decoder_note, skipped=cross_attention_blocks(model),
                            uncovered=uncovered_attention_modules(model))
     # the tokens each decoder layer reads: the text shifted right (labels of its heatmaps, named in the JSON)
     decoder = dict(decoder_tokens=decoder_tokens(model, tokenizer, inputs["input_ids"]),

@@ -126,9 +126,10 @@ def inspect_layers(model, inputs: dict, layers: list[int] | None = None, backend
 
 
 def format_reports(reports: list[LayerReport], model_name: str, tokens: list[str], heads: list[int] | None = None,
-                   encoder_decoder: bool = False, skipped: list[str] = (), uncovered: list[str] = ()) -> str:
-    """The table `duat inspect` prints; encoder_decoder: say what the decoder read; skipped: names of the
-    cross-attention layers left out; uncovered: self-attention modules the capture cannot read."""
+                   decoder_note: str | None = None, skipped: list[str] = (), uncovered: list[str] = ()) -> str:
+    """The table `duat inspect` prints; decoder_note: what an encoder-decoder's decoder read
+    (encoder_decoder.decoder_inputs_note); skipped: names of the cross-attention layers left out; uncovered:
+    self-attention modules the capture cannot read."""
     shown = tokens if len(tokens) <= 64 else [*tokens[:30], f"... ({len(tokens) - 60} more) ...", *tokens[-30:]]
     lines = [f"{model_name}: {len(tokens)} tokens: {' '.join(shown)}", "",
              f"{'layer':>5} {'N':>4} {'M_in':>5} {'M_out':>5} {'heads':>7} {'rel. error':>11} {'W time':>11} "
@@ -146,9 +147,8 @@ def format_reports(reports: list[LayerReport], model_name: str, tokens: list[str
               "blocks>1%: fraction of the N x N blocks whose norm exceeds 1% of the largest."]
     if heads is not None:
         lines.append(f"W' time, ||W||_F and blocks>1% are of heads {', '.join(map(str, heads))} only.")
-    if encoder_decoder:
-        lines.append("encoder-decoder model: the decoder layers read the text shifted right (decoder token 0 is the "
-                     "decoder start token, token n the text's token n-1: teacher forcing with the text as labels).")
+    if decoder_note:
+        lines.append(decoder_note)
     if skipped:
         lines.append(cross_attention_note(skipped))
     if uncovered:

@@ -375,10 +375,19 @@ def test_encoder_decoder_models_are_inspected(tmp_path, capsys, family):
     assert main(["inspect", "--model", str(folder), "--text", _text(6), "--json", str(out), "--layer", "1"]) == 0
     printed = capsys.readouterr().out
     assert f"cross-attention layers not inspected (1: {CROSS_ATTENTION[family]})" in printed
-    assert "the decoder layers read the text shifted right" in printed
+    # decoder token 0, named: FSMT's shift puts the text's last token first (the note called it the start token)
+    model, tok = dk.models.load(str(folder))
+    ids = tok([_text(6)], return_tensors="pt")["input_ids"]
+    first = f"{tok.convert_ids_to_tokens(ids[0])[-1]!r}, the text's last token, which FSMTModel's shift puts first" \
+        if family == "fsmt" else \
+        f"the decoder start token {tok.convert_ids_to_tokens([model.config.decoder_start_token_id])[0]!r}"
+    note = f"the decoder layers read the text shifted right (decoder token 0 is {first}"
+    assert note in printed
     if family == "bart":  # --long (q/k capture; T5's position bias is refused there) says it too
         assert main(["inspect", "--model", str(folder), "--text", _text(6), "--long"]) == 0
-        assert f"cross-attention layers not inspected (1: {CROSS_ATTENTION[family]})" in capsys.readouterr().out
+        printed = capsys.readouterr().out
+        assert f"cross-attention layers not inspected (1: {CROSS_ATTENTION[family]})" in printed
+        assert note in printed  # --long said nothing of what the decoder layers read
     else:  # the refusal pointed to capture='attn', an API option a command-line user cannot give
         assert main(["inspect", "--model", str(folder), "--text", _text(6), "--long"]) == 2
         err = capsys.readouterr().err
@@ -390,8 +399,6 @@ def test_encoder_decoder_models_are_inspected(tmp_path, capsys, family):
                  "--heads", "all"]) == 0
     result = json.loads(capsys.readouterr().out)
     # independently: the decoder fed the text shifted right by hand, each layer's dense W' (reference backend) on x'
-    model, tok = dk.models.load(str(folder))
-    ids = tok([_text(6)], return_tensors="pt")["input_ids"]
     start = ids[:, -1:] if family == "fsmt" else torch.full_like(ids[:, :1], model.config.decoder_start_token_id)
     decoder_ids = torch.cat([start, ids[:, :-1]], dim=1)  # FSMT's shift puts the last token first
     layers = dk.models.attention_layers(model, input_ids=ids, decoder_input_ids=decoder_ids)
@@ -444,11 +451,12 @@ def test_self_attention_the_capture_cannot_read_is_named(tmp_path, capsys, recwa
     assert not [w for w in recwarn if "cannot read" in str(w.message)]
 
 
-def test_decoder_layers_are_labelled_with_the_tokens_they_read(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("family", ["bart", "fsmt"])
+def test_decoder_layers_are_labelled_with_the_tokens_they_read(tmp_path, capsys, monkeypatch, family):
     # the heatmaps' hover labels (--html) and tick labels (--plot) of BART's decoder layer named the input tokens,
     # one position off what the decoder reads (the text shifted right: token n is the text's token n - 1), and
-    # --json did not say which
-    folder = _encoder_decoder_folder(tmp_path / "bart", "bart")
+    # --json did not say which; FSMT: decoder token 0 is the text's last token (its shift puts it first)
+    folder = _encoder_decoder_folder(tmp_path / family, family)
     out, page = tmp_path / "r.json", tmp_path / "r.html"
     import matplotlib.axes
 
@@ -464,7 +472,8 @@ def test_decoder_layers_are_labelled_with_the_tokens_they_read(tmp_path, capsys,
     model, tok = dk.models.load(str(folder))
     ids = tok([_text(6)], return_tensors="pt")["input_ids"][0].tolist()
     tokens = tok.convert_ids_to_tokens(ids)
-    shifted = tok.convert_ids_to_tokens([model.config.decoder_start_token_id, *ids[:-1]])
+    first = ids[-1] if family == "fsmt" else model.config.decoder_start_token_id
+    shifted = tok.convert_ids_to_tokens([first, *ids[:-1]])
     result = json.loads(out.read_text())
     assert result["tokens"] == tokens and result["decoder_tokens"] == shifted
     assert [(entry["name"].split(".")[0], entry["reads"]) for entry in result["layers"]] == [
