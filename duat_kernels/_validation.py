@@ -282,12 +282,17 @@ def check_out(out: torch.Tensor, shape: tuple[int, ...], device: torch.device, *
         return  # meta tensors have no memory (every address is 0): nothing to overlap
     if out.is_neg():  # a lazy negation (torch._neg_view): what is written would be read back negated
         raise ValueError("out has its negative bit set (a lazily negated view); pass a plain buffer (torch.empty)")
-    lo, hi = _byte_range(out)
-    for t in inputs:
-        if t is not None and t.device == out.device and t.numel():
-            t_lo, t_hi = _byte_range(t)
-            if lo < t_hi and t_lo < hi:
-                raise ValueError("out overlaps the memory of an input tensor; pass a separate buffer")
+    if any(overlaps(out, t) for t in inputs):
+        raise ValueError("out overlaps the memory of an input tensor; pass a separate buffer")
+
+
+def overlaps(a: torch.Tensor, b: torch.Tensor | None) -> bool:
+    """Whether the byte ranges a and b span on one device intersect (b None or either empty: False)."""
+    if b is None or b.device != a.device or not a.numel() or not b.numel():
+        return False
+    lo, hi = _byte_range(a)
+    b_lo, b_hi = _byte_range(b)
+    return lo < b_hi and b_lo < hi
 
 
 def _byte_range(t: torch.Tensor) -> tuple[int, int]:
