@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from duat_kernels import strict_json
-from duat_kernels._files import check_plot_format
+from duat_kernels._files import check_plot_format, link_target
 from duat_kernels._validation import nan_max
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -48,7 +48,10 @@ def _output_path(option: str, path: str | None) -> None:
     """Refuse, before any work, an output that cannot be written."""
     if path is None or path == "-" and option == "--json":
         return
-    target = Path(path)
+    try:  # a symbolic link is written through: its target's folder must exist
+        target = link_target(option, Path(path))
+    except ValueError as exc:  # a loop of links
+        raise InspectError(str(exc)) from None
     if target.is_dir():
         raise InspectError(f"{option} {path}: is a directory; give a file name")
     parent = target.parent if str(target.parent) else Path(".")

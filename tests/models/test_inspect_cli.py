@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,6 +142,17 @@ def test_save_writes_through_a_symbolic_link(folder, tmp_path, target_exists, um
     assert link.is_symlink() and link.resolve() == target.resolve()
     assert sorted(load_file(target)) == ["layer0.W", "layer0.b", "layer0.block_norms"]
     assert stat.S_IMODE(target.stat().st_mode) == (0o640 if target_exists else 0o644)
+
+
+def test_save_refuses_a_link_into_a_missing_folder_before_loading(folder, tmp_path, capsys):
+    """A link whose target's folder does not exist passed the check (the link's own folder exists): the
+    command loaded the model and computed every layer, then failed writing."""
+    link = tmp_path / "w.safetensors"
+    link.symlink_to(tmp_path / "missing" / "w.safetensors")
+    assert main(["inspect", "--model", str(folder), "--text", _text(3), "--save", str(link)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("duat inspect: --save ") and "does not exist" in err, err
+    assert "loading" not in err and link.is_symlink() and not (tmp_path / "missing").exists()
 
 
 def _png_size(path):
