@@ -153,6 +153,9 @@ def remove_stale_outputs(folder, command: str, written) -> None:
 
     folder = Path(folder)
     manifest = folder / OUTPUTS_MANIFEST
+    if manifest.exists() and not manifest.is_file():  # os.replace cannot put the record there
+        raise ValueError(f"{manifest} is not a file (duat's record of the files it wrote in {folder} goes there); "
+                         "move it away and run again")
     recorded = _recorded_outputs(manifest)
     names = sorted({Path(p).name for p in written})
     for name in set(recorded.get(command, ())) - set(names):
@@ -162,8 +165,11 @@ def remove_stale_outputs(folder, command: str, written) -> None:
             path.unlink()
     recorded[command] = names
     tmp = manifest.with_name(manifest.name + ".tmp")
-    tmp.write_text(json.dumps(recorded, indent=1, sort_keys=True))
-    os.replace(tmp, manifest)
+    try:
+        tmp.write_text(json.dumps(recorded, indent=1, sort_keys=True))
+        os.replace(tmp, manifest)
+    finally:
+        tmp.unlink(missing_ok=True)  # left only by a failed write or replace
 
 
 def check_output_folder(option: str, path) -> None:
@@ -175,6 +181,9 @@ def check_output_folder(option: str, path) -> None:
     folder = os.path.abspath(os.fspath(path))
     missing: list[str] = []
     existing = nearest_existing_folder(folder, missing)
+    if missing and os.path.islink(missing[-1]):  # a dangling link on the path: os.makedirs fails with 'File exists'
+        raise ValueError(f"{option} {path}: {missing[-1]} is a symbolic link to {os.path.realpath(missing[-1])}, "
+                         "which does not exist; create that folder or give another")
     if not os.path.isdir(existing):
         raise ValueError(f"{option} {path}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):

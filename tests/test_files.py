@@ -62,3 +62,24 @@ def test_remove_stale_outputs_never_leaves_the_folder_or_trusts_a_damaged_manife
     _files.remove_stale_outputs(out, "duat markov", [])
     assert (tmp_path / "outside.txt").exists() and (out / "a.png").exists() and (out / "link.png").is_symlink()
     assert (out / "sub").is_dir() and not list(out.glob("*.tmp"))
+
+
+def test_remove_stale_outputs_leaves_no_temporary_file_when_the_manifest_cannot_be_replaced(tmp_path):
+    """A folder named .duat-outputs.json: os.replace failed with '[Errno 21] Is a directory', after
+    .duat-outputs.json.tmp had been written, and the temporary file stayed in the output folder."""
+    out = tmp_path / "out"
+    (out / _files.OUTPUTS_MANIFEST).mkdir(parents=True)
+    (out / "a.png").write_text("a")
+    with pytest.raises(ValueError, match=f"{_files.OUTPUTS_MANIFEST} is not a file"):
+        _files.remove_stale_outputs(out, "duat markov", [out / "a.png"])
+    assert sorted(p.name for p in out.iterdir()) == [_files.OUTPUTS_MANIFEST, "a.png"]
+
+
+def test_check_output_folder_names_a_link_to_a_missing_folder(tmp_path):
+    """A dangling link as the output folder was refused as 'the folder cannot be created or written (File exists)'."""
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "missing" / "folder")
+    message = r"--out .*out: .*out is a symbolic link to .*missing/folder, which does not exist"
+    with pytest.raises(ValueError, match=message):
+        _files.check_output_folder("--out", link)
+    assert link.is_symlink() and not (tmp_path / "missing").exists()
