@@ -24,6 +24,8 @@ from contextlib import contextmanager
 
 import torch
 
+from duat_kernels.reference import compute_dtype
+
 try:
     from duat_kernels import _C
 except ImportError as exc:  # a source tree without a build, or a failed build
@@ -166,8 +168,9 @@ def _check_tile(name: str, out, row0, col0, total: tuple[int, int] | None) -> No
 
 
 def _check_factors(name: str, out: torch.Tensor, **factors: tuple[torch.Tensor, int, str]) -> None:
-    """Each factor (tensor, dims, shape in words) a tensor of that many dims on the CPU whose memory out does not
-    share: the kernel reads the factors while it writes out (an overlap gave a wrong W' without a word)."""
+    """Each factor (tensor, dims, shape in words) a tensor of that many dims in out's compute dtype on the CPU,
+    whose memory out does not share: the kernel reads the factors while it writes out (an overlap gave a wrong
+    W' without a word)."""
     from duat_kernels._validation import overlaps  # _validation imports this module
 
     for arg, (t, dims, shape) in factors.items():
@@ -176,6 +179,9 @@ def _check_factors(name: str, out: torch.Tensor, **factors: tuple[torch.Tensor, 
             raise ValueError(f"{name}: {arg} must be a {dims}-D {shape} tensor, got {got}")
         if t.device.type != "cpu":
             raise ValueError(f"{name}: {arg} must be on the CPU, got {t.device}")
+        if t.dtype != compute_dtype(out.dtype):
+            raise TypeError(f"{name}: {arg} must be {compute_dtype(out.dtype)} (the compute dtype of a {out.dtype} "
+                            f"out), got {t.dtype}")
     if out.device.type != "cpu":
         raise ValueError(f"{name}: out must be on the CPU, got {out.device}")
     for arg, (t, _, _) in factors.items():

@@ -667,6 +667,10 @@ def test_kron_sum_tile_refuses_an_out_that_overlaps_a_factor(inside, factored):
     (torch.ones(1, 2, 2), torch.ones(2, 2), r"right must be a 3-D \(h, Q, T\) tensor, got shape \(2, 2\)"),
     ([[[1.0]]], torch.ones(1, 2, 2), "left must be a 3-D .* tensor, got list"),
     (torch.ones(1, 2, 2, device="meta"), torch.ones(1, 2, 2), "left must be on the CPU, got meta"),
+    (torch.ones(1, 2, 2, dtype=torch.float16), torch.ones(1, 2, 2),  # was "lt must hold float32 or float64, got format 'e'"
+     r"left must be torch.float32 \(the compute dtype of a torch.float32 out\), got torch.float16"),
+    (torch.ones(1, 2, 2), torch.ones(1, 2, 2, dtype=torch.float64),  # was "lt and rt must have the same dtype"
+     r"right must be torch.float32 \(the compute dtype of a torch.float32 out\), got torch.float64"),
 ])
 def test_kron_sum_tile_names_a_bad_factor(left, right, message):
     """A 2-D left raised IndexError ('tuple index out of range'), a list AttributeError, a meta tensor NumPy's
