@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from duat_kernels import strict_json
-from duat_kernels._files import check_plot_format, link_target
+from duat_kernels._files import check_plot_format, check_writable_folder, link_target
 from duat_kernels._validation import nan_max
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -57,7 +57,11 @@ def _output_path(option: str, path: str | None) -> None:
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
         raise InspectError(f"{option} {path}: the directory {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK) or target.exists() and not os.access(target, os.W_OK):
+    try:  # a file created and removed: os.access says yes to root on read-only or virtual file systems (/proc)
+        check_writable_folder(f"{option} {path}", parent)
+    except PermissionError as exc:
+        raise InspectError(str(exc)) from None
+    if target.exists() and not os.access(target, os.W_OK):
         raise InspectError(f"{option} {path}: not writable")
 
 

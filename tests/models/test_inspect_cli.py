@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import stat
 import subprocess
@@ -153,6 +154,18 @@ def test_save_refuses_a_link_into_a_missing_folder_before_loading(folder, tmp_pa
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1].startswith("duat inspect: --save ") and "does not exist" in err, err
     assert "loading" not in err and link.is_symlink() and not (tmp_path / "missing").exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, where no file can be created")
+@pytest.mark.parametrize("option", ["--save", "--json", "--plot", "--html"])
+def test_an_output_in_a_folder_where_no_file_can_be_created_is_refused_before_loading(folder, capsys, option):
+    """os.access says yes to root in /proc (and on read-only file systems): every layer was computed, then
+    --save failed as 'internal error: SafetensorError ... please report it' (exit 1), --json with a bare errno."""
+    path = "/proc/w" + {"--save": ".safetensors", "--json": ".json", "--plot": ".png", "--html": ".html"}[option]
+    assert main(["inspect", "--model", str(folder), "--text", _text(3), option, path]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith(f"duat inspect: {option} {path}: cannot write in /proc"), err
+    assert "loading" not in err
 
 
 def _png_size(path):
