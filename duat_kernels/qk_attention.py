@@ -27,6 +27,12 @@ def key_mask_4d(mask: torch.Tensor | None, batch: int, tokens: int, device: torc
     v.check_strided("attention_mask", mask)
     if mask.device.type == "meta" and device.type != "meta":  # a meta mask has no values to move to q's device
         raise ValueError(f"attention_mask is on {mask.device} but q and k are on {device}; put them on one device")
+    if (mask.is_floating_point() or mask.is_complex()) and not torch.compiler.is_compiling() and \
+            v.functorch_level_is(torch._C._functorch.is_batchedtensor, mask):
+        # the check below cannot read vmap's batched values; a floating mask is the one an additive mask would be
+        raise ValueError(f"attention_mask must hold True/1 (attend) and False/0 (masked) only, which a {mask.dtype} "
+                         "mask batched under torch.func.vmap cannot be checked for: pass a bool mask "
+                         "(attention_mask.bool() for a 1/0 keep mask, attention_mask == 0 for an additive one)")
     if mask.dtype != torch.bool and (torch.compiler.is_compiling() or v.has_values(mask)):  # traced: a graph break
         # 1/0 keep masks (tokenizers give int64) only: an additive mask (0 = attend, -inf or a large
         # negative = masked) read as one would be silently inverted
