@@ -241,6 +241,11 @@ def ov_circuits(w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int, num_kv_hea
     the kernel reads a token-layout row from. w_v (h_kv·d, M_in), w_o (M_out, h·d), float32 or float64
     on the CPU, without autograd. Computed by the kernel's micro-kernel (about 2.4x torch.bmm at
     d = 64, benchmarks/bench_ov_circuits.py); every entry is one chain of d multiply-adds, so the result does not depend on threads."""
+    for name, w in (("w_v", w_v), ("w_o", w_o)):
+        if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.device.type != "cpu" or \
+                w.dtype not in (torch.float32, torch.float64):
+            got = f"{w.dim()}-D {w.dtype} on {w.device}" if isinstance(w, torch.Tensor) else type(w).__name__
+            raise ValueError(f"ov_circuits: {name} must be a 2-D float32 or float64 CPU tensor, got {got}")
     dtype = torch.promote_types(w_v.dtype, w_o.dtype)
     wo, wv = w_o.detach().to(dtype).contiguous(), w_v.detach().to(dtype).contiguous()
     slabs = torch.empty(wo.shape[0], num_heads, wv.shape[1], dtype=dtype)
@@ -255,7 +260,12 @@ OUTPUT_CACHE_MIN_BYTES = 8 << 20
 def empty_output(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised contiguous CPU tensor for a kernel output: from the output cache when it is
     large (its storage cannot be resized), else torch.empty."""
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        raise ValueError(f"empty_output: shape must be ints >= 0, got {tuple(shape)!r}")
     nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes >= 1 << 63:
+        raise ValueError(f"empty_output: shape {tuple(shape)} of {dtype} needs {nbytes} bytes, more than any "
+                         "address space holds")
     if _C is None or nbytes < OUTPUT_CACHE_MIN_BYTES:
         return torch.empty(shape, dtype=dtype)
     return torch.from_numpy(_C.alloc_output(nbytes)).view(dtype).view(shape)

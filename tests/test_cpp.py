@@ -679,3 +679,16 @@ def test_kron_sum_tile_names_a_bad_factor(left, right, message):
     with pytest.raises((ValueError, TypeError), match=message):
         cpp.kron_sum_tile_(left, right, out)
     assert (out == 7).all()
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: cpp.ov_circuits(torch.randn(8), torch.randn(8, 8), 2, 2), "w_v must be a 2-D float32 or float64 CPU"),
+    (lambda: cpp.ov_circuits(torch.randn(8, 8), torch.randn(8, 8).half(), 2, 2), "w_o must be a 2-D float32"),
+    (lambda: cpp.empty_output((-1, 4), torch.float32), r"shape must be ints >= 0"),
+    (lambda: cpp.empty_output((2 ** 40, 2 ** 40), torch.float32), "more than any address space holds"),
+])
+def test_internal_helpers_name_bad_arguments(call, message):
+    # An IndexError (1-D w_v), a message about an `out` ov_circuits has not, torch's negative-dimension error and
+    # pybind's "incompatible function arguments" before.
+    with pytest.raises(ValueError, match=message):
+        call()
