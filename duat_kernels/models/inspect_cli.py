@@ -158,9 +158,16 @@ def _check_before_loading(args) -> str:
     if args.backend not in backends.available_backends("cpu") + ["auto"]:
         raise InspectError(f"--backend {args.backend} is not available here (available: "
                            f"{', '.join(backends.available_backends('cpu'))})")
-    for option, path in (("--save", args.save_file), ("--plot", args.plot), ("--html", args.html),
-                         ("--json", args.json)):
+    outputs = [(option, path) for option, path in (("--save", args.save_file), ("--plot", args.plot),
+                                                     ("--html", args.html), ("--json", args.json))
+               if path is not None and not (option == "--json" and path == "-")]
+    seen: dict[str, str] = {}
+    for option, path in outputs:
         _output_path(option, path)
+        where = os.path.realpath(path)  # one file through links and relative paths
+        if where in seen:  # the last write won: one output silently lost
+            raise InspectError(f"{option} {path}: is the file {seen[where]} writes too; give each output its own file")
+        seen[where] = option
     if args.plot is not None:
         try:
             check_plot_format("--plot", args.plot)

@@ -219,6 +219,7 @@ def test_html_report_renders_in_chromium(folder, tmp_path):
     (["--heads", "1", "-3"], "--heads: heads must be distinct, got [1, -3]"),
     (["--heads", "x"], "--heads takes 'all' or head indices"),
     (["--plot", "{tmp}/w.jgp"], "matplotlib cannot write .jgp files"),  # was savefig's error after every layer
+    (["--plot", "{tmp}/out.png", "--html", "{tmp}/./out.png"], "is the file --plot writes too"),  # the last write won
 ])
 def test_bad_input_is_one_line(folder, tmp_path, capsys, argv, message):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
