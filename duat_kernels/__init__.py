@@ -7,7 +7,7 @@ operator for long sequences (its math in duat_kernels.linalg, tools on it in dua
 and model adapters (duat_kernels.models).
 """
 
-from duat_kernels._validation import DenseTooLargeError
+from duat_kernels._memory import DenseTooLargeError
 from duat_kernels.backends import available_backends
 from duat_kernels.cpp import cpu_capability
 from duat_kernels.hvo import hvo_bias, hvo_matrix, ov_circuits

@@ -6,9 +6,7 @@ Every error names the argument and what was expected. Kernels trust what passes 
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,10 +15,6 @@ from duat_kernels import cpp
 
 OUTPUT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 LAYOUTS = ("token", "feature")
-
-
-class DenseTooLargeError(MemoryError, ValueError):
-    """A dense result that would not fit in memory (or on disk), refused before anything is allocated."""
 
 
 class IndexOutOfRangeError(IndexError, ValueError):
@@ -288,12 +282,17 @@ def check_out(out: torch.Tensor, shape: tuple[int, ...], device: torch.device, *
         return  # meta tensors have no memory (every address is 0): nothing to overlap
     if out.is_neg():  # a lazy negation (torch._neg_view): what is written would be read back negated
         raise ValueError("out has its negative bit set (a lazily negated view); pass a plain buffer (torch.empty)")
-    lo, hi = _byte_range(out)
-    for t in inputs:
-        if t is not None and t.device == out.device and t.numel():
-            t_lo, t_hi = _byte_range(t)
-            if lo < t_hi and t_lo < hi:
-                raise ValueError("out overlaps the memory of an input tensor; pass a separate buffer")
+    if any(overlaps(out, t) for t in inputs):
+        raise ValueError("out overlaps the memory of an input tensor; pass a separate buffer")
+
+
+def overlaps(a: torch.Tensor, b: torch.Tensor | None) -> bool:
+    """Whether the byte ranges a and b span on one device intersect (b None or either empty: False)."""
+    if b is None or b.device != a.device or not a.numel() or not b.numel():
+        return False
+    lo, hi = _byte_range(a)
+    b_lo, b_hi = _byte_range(b)
+    return lo < b_hi and b_lo < hi
 
 
 def _byte_range(t: torch.Tensor) -> tuple[int, int]:
@@ -357,30 +356,6 @@ def all_finite(*tensors: torch.Tensor | None) -> bool:
     return True
 
 
-def available_memory(device: torch.device) -> int:
-    """Bytes that can still be allocated on the device (MemAvailable on the CPU, plus the C++
-    backend's cached output blocks, which a new allocation of another size releases)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free
-    return _meminfo_available() + _cached_output_bytes()
-
-
-def _cached_output_bytes() -> int:
-    return cpp.output_cache_info().get("cached_bytes", 0)
-
-
-def _meminfo_available() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def nan_max(values, default: float | None = None) -> float:
     """The largest of some numbers (errors, norms), NaN if any is NaN: Python's max skips a NaN that comes
     after a number (NaN > x is false), so one NaN layer would pass a tolerance check. default: for no values."""
@@ -388,187 +363,3 @@ def nan_max(values, default: float | None = None) -> float:
     if not values and default is not None:
         return float(default)
     return float("nan") if any(v != v for v in values) else max(values)
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if n < 1024 or unit == "PiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-DENSE_HINT = ("Use the matrix-free duat_kernels.HVOOperator instead (matvec/rmatvec/matmat for products, "
-              "block() and tile() for parts of W').")
-
-
-def check_fits(what: str, needed: int, device: torch.device, hint: str = DENSE_HINT) -> None:
-    """Refuse, before allocating, an allocation that cannot fit in memory; `hint` says what to do instead."""
-    if needed <= 0:  # nothing to allocate (out= given): no need to ask the system
-        return
-    free = available_memory(device)
-    if needed > free:
-        raise DenseTooLargeError(
-            f"{what} needs {format_bytes(needed)} but only {format_bytes(free)} is available on {device}. {hint}")
-
-
-def check_plot_format(option: str, path) -> None:
-    """A plot file whose extension matplotlib writes (none: PNG), checked before the work: .jgp or .bogus
-    failed in savefig after the whole sweep or every layer had been computed."""
-    suffix = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:  # the plotting code says what to install
-        return
-    formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
-    if suffix and suffix not in formats:
-        raise ValueError(f"{option} {path}: matplotlib cannot write .{suffix} files; use one of "
-                         f"{', '.join('.' + f for f in sorted(formats))}")
-
-
-def as_path(name: str, path):
-    """path (a str or os.PathLike) as a pathlib.Path; anything else is a TypeError that names it (pathlib's own
-    "expected str, bytes or os.PathLike object, not int" named nothing)."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"{name} must be a file path (a str or os.PathLike), got {type(path).__name__} {path!r}")
-    return Path(path)
-
-
-def check_nonempty_path(name: str, path, fix: str) -> None:
-    """Refuse an empty or blank path (a str or os.PathLike) with a ValueError "<name> is empty; <fix>": Path('')
-    is '.', so the working directory was taken for the file, store, folder or model ('' gave save_zarr '. exists',
-    save_dense '. is a directory'), and ' ' made a store named ' '."""
-    if not os.fspath(path).strip():
-        raise ValueError(f"{name} is empty; {fix}")
-
-
-def as_target_path(name: str, path):
-    """as_path for a file or store to write or read; an empty or blank name is refused (check_nonempty_path)."""
-    path_ = as_path(name, path)
-    check_nonempty_path(name, path, f"give a file path such as 'w.npy' or 'w.zarr' (got {path!r})")
-    return path_
-
-
-def _umask() -> int:
-    """The process's umask: from /proc (Linux), else by setting and restoring it (os.umask has no getter)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def open_mode(path) -> int:
-    """The permission bits open(path, 'w') leaves a file with: an existing file's own (through links), 0o666 &
-    ~umask for a new one. For writers that create a temporary file (mode 0600) and rename it over path."""
-    try:
-        return os.stat(path).st_mode & 0o7777
-    except FileNotFoundError:
-        return 0o666 & ~_umask()
-
-
-def link_target(what: str, path: Path) -> Path:
-    """path, or for a symbolic link (through any number of links) what it points to, existing or not: the file or
-    store a writer replaces, as open(path, 'w') writes through a link. A loop of links is a ValueError."""
-    if not path.is_symlink():
-        return path
-    try:
-        return path.resolve()
-    except (RuntimeError, OSError) as exc:  # a loop of links
-        raise ValueError(f"{what}: {path} is a symbolic link that leads to no file ({exc})") from None
-
-
-def nearest_existing_folder(path, missing: list | None = None) -> str:
-    """The nearest of path (made absolute) and its parents that exists: where os.makedirs(path) would create the
-    missing folders (a file, if one is in the way). `missing`, if given, receives those folders, innermost first."""
-    existing = os.path.abspath(os.fspath(path))
-    while not os.path.exists(existing):
-        if missing is not None:
-            missing.append(existing)
-        existing = os.path.dirname(existing)
-    return existing
-
-
-def check_writable_folder(what: str, folder) -> None:
-    """Refuse, before any work, an existing folder in which no file can be created (a read-only file system,
-    no write permission, /proc): a PermissionError "<what>: cannot write in <folder> (<reason>)". Tried with a
-    temporary file: os.access says yes to root on read-only or virtual file systems."""
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
-        raise PermissionError(f"{what}: cannot write in {folder} ({exc.strerror or exc}); choose a writable "
-                              "folder") from None
-
-
-OUTPUTS_MANIFEST = ".duat-outputs.json"  # {command: [names of the files its last run wrote into the folder]}
-
-
-def _recorded_outputs(manifest: Path) -> dict[str, list[str]]:
-    """The manifest's {command: [file names]}; {} when there is none or it is damaged (then nothing is deleted)."""
-    import json
-
-    try:
-        recorded = json.loads(manifest.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        return {}
-    if not isinstance(recorded, dict):
-        return {}
-    return {command: [n for n in names if isinstance(n, str)] for command, names in recorded.items()
-            if isinstance(command, str) and isinstance(names, list)}
-
-
-def remove_stale_outputs(folder, command: str, written) -> None:
-    """Delete the files of folder that the previous run of `command` ("duat markov") wrote there and this one
-    did not write again (written: paths in folder), then record this run's files in folder/.duat-outputs.json
-    (OUTPUTS_MANIFEST, one list per command). An earlier run's outputs would otherwise sit beside reports that no
-    longer describe them; files no duat run recorded (a user's own density.png), other commands' outputs, links
-    and folders are never removed."""
-    import json
-
-    folder = Path(folder)
-    manifest = folder / OUTPUTS_MANIFEST
-    recorded = _recorded_outputs(manifest)
-    names = sorted({Path(p).name for p in written})
-    for name in set(recorded.get(command, ())) - set(names):
-        path = folder / name
-        bare = name == Path(name).name and name not in ("", ".", "..", OUTPUTS_MANIFEST)  # nothing outside folder
-        if bare and path.is_file() and not path.is_symlink():
-            path.unlink()
-    recorded[command] = names
-    tmp = manifest.with_name(manifest.name + ".tmp")
-    tmp.write_text(json.dumps(recorded, indent=1, sort_keys=True))
-    os.replace(tmp, manifest)
-
-
-def check_output_folder(option: str, path) -> None:
-    """Refuse, before any work, an output folder that cannot be created or written: a file on its path,
-    or an empty name (check_nonempty_path: the working directory would take the outputs). The folders it creates
-    to find out are removed again (the command creates them when it writes): a run refused later, a model that
-    does not load, leaves no empty folder behind."""
-    check_nonempty_path(option, path, "give a folder")
-    folder = os.path.abspath(os.fspath(path))
-    missing: list[str] = []
-    existing = nearest_existing_folder(folder, missing)
-    if not os.path.isdir(existing):
-        raise ValueError(f"{option} {path}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{option} {path}: {existing} is not writable")
-    try:  # os.access says yes to root on read-only or virtual file systems (/proc): create and write to see
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
-        raise ValueError(f"{option} {path}: the folder cannot be created or written ({exc.strerror or exc})") from None
-    finally:
-        for created in missing:
-            try:
-                os.rmdir(created)
-            except OSError:  # not created, or no longer empty
-                pass

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from duat_kernels._validation import check_plot_format, check_threads
+from duat_kernels._files import check_plot_format
+from duat_kernels._validation import check_threads
 from duat_kernels.analysis.claims import cli as claims_cli
 from duat_kernels.corpus import cli as corpus_cli
 from duat_kernels.demo import format_report, run_demo
@@ -145,7 +146,7 @@ def check_demo_args(args) -> None:
 
 def _check_memory(message: str, needed: int) -> None:
     """A ValueError with message (its {needed} and {free} filled in) when needed bytes exceed free memory."""
-    from duat_kernels._validation import available_memory, format_bytes
+    from duat_kernels._memory import available_memory, format_bytes
 
     free = available_memory(torch.device("cpu"))
     if needed > free:

@@ -24,6 +24,8 @@ from contextlib import contextmanager
 
 import torch
 
+from duat_kernels.reference import compute_dtype
+
 try:
     from duat_kernels import _C
 except ImportError as exc:  # a source tree without a build, or a failed build
@@ -147,7 +149,7 @@ def _tile_ranges(row0: int, col0: int, shape: tuple[int, int], inner_rows: int, 
     return _factor_range(row0, shape[0], inner_rows), _factor_range(col0, shape[1], inner_cols)
 
 
-def _check_tile(name: str, out, row0, col0, total: tuple[int, int]) -> None:
+def _check_tile(name: str, out, row0, col0, total: tuple[int, int] | None) -> None:
     """out a 2-D tensor of a kernel output dtype whose tile at (row0, col0) lies inside W (total rows, cols).
     A negative row0 was read as a Python slice from the end: kron_sum_tile_(row0=-4) of a 4-row W wrote
     W[0:2] silently, and a tile past the end was refused with the rows and shape of a sliced problem."""
@@ -155,6 +157,8 @@ def _check_tile(name: str, out, row0, col0, total: tuple[int, int]) -> None:
         raise ValueError(f"{name}: out must be a 2-D (rows, cols) tensor, got {getattr(out, 'shape', type(out).__name__)}")
     if out.dtype not in _DTYPE_NAMES:
         raise TypeError(f"{name}: out must be {', '.join(_DTYPE_NAMES.values())}, got {out.dtype}")
+    if total is None:  # out alone: checked before the factors, whose shapes give W's
+        return
     for arg, start, size, limit in (("row0", row0, out.shape[0], total[0]), ("col0", col0, out.shape[1], total[1])):
         if isinstance(start, bool) or not hasattr(start, "__index__"):
             raise TypeError(f"{name}: {arg} must be an int, got {start!r}")
@@ -163,14 +167,38 @@ def _check_tile(name: str, out, row0, col0, total: tuple[int, int]) -> None:
                              f"{'rows' if arg == 'row0' else 'columns'} (W of shape {tuple(total)}, out {tuple(out.shape)})")
 
 
+def _check_factors(name: str, out: torch.Tensor, **factors: tuple[torch.Tensor, int, str]) -> None:
+    """Each factor (tensor, dims, shape in words) a tensor of that many dims in out's compute dtype on the CPU,
+    whose memory out does not share: the kernel reads the factors while it writes out (an overlap gave a wrong
+    W' without a word)."""
+    from duat_kernels._validation import overlaps  # _validation imports this module
+
+    for arg, (t, dims, shape) in factors.items():
+        if not isinstance(t, torch.Tensor) or t.dim() != dims:
+            got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name}: {arg} must be a {dims}-D {shape} tensor, got {got}")
+        if t.device.type != "cpu":
+            raise ValueError(f"{name}: {arg} must be on the CPU, got {t.device}")
+        if t.dtype != compute_dtype(out.dtype):
+            raise TypeError(f"{name}: {arg} must be {compute_dtype(out.dtype)} (the compute dtype of a {out.dtype} "
+                            f"out), got {t.dtype}")
+    if out.device.type != "cpu":
+        raise ValueError(f"{name}: out must be on the CPU, got {out.device}")
+    for arg, (t, _, _) in factors.items():
+        if overlaps(out, t):
+            raise ValueError(f"{name}: out overlaps the memory of {arg}, which the kernel reads while it writes out; "
+                             "pass a separate buffer")
+
+
 def kron_sum_tile_(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor, row0: int = 0,
                    col0: int = 0) -> torch.Tensor:
     """Write W[row0:row0+rows, col0:col0+cols] of W = sum_i left_i (x) right_i into out (rows, cols).
 
     left (h, P, S), right (h, Q, T) in the compute dtype of out, on the CPU; out contiguous.
     """
-    _check_tile("kron_sum_tile_", out, row0, col0,
-                (left.shape[1] * right.shape[1], left.shape[2] * right.shape[2]))
+    _check_tile("kron_sum_tile_", out, row0, col0, None)
+    _check_factors("kron_sum_tile_", out, left=(left, 3, "(h, P, S)"), right=(right, 3, "(h, Q, T)"))
+    _check_tile("kron_sum_tile_", out, row0, col0, (left.shape[1] * right.shape[1], left.shape[2] * right.shape[2]))
     if out.numel() == 0:
         return out
     # Only the factor entries the tile touches are passed (views, no copies), so a small tile of a
@@ -192,8 +220,10 @@ def kron_sum_factored_(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor,
     dtype on the CPU. Only the parts of A and the weights the tile touches are passed, and OV is
     computed by the kernel a few rows q at a time, in cache, never written: the same bits as
     kron_sum_tile_ with ov_circuits, in O(tile + threads·h·M_in) memory."""
-    _check_tile("kron_sum_factored_", out, row0, col0,
-                (attn.shape[1] * w_o.shape[0], attn.shape[2] * w_v.shape[1]))
+    _check_tile("kron_sum_factored_", out, row0, col0, None)
+    _check_factors("kron_sum_factored_", out, attn=(attn, 3, "(h, N, N)"), w_v=(w_v, 2, "(h_kv·d, M_in)"),
+                   w_o=(w_o, 2, "(M_out, h·d)"))
+    _check_tile("kron_sum_factored_", out, row0, col0, (attn.shape[1] * w_o.shape[0], attn.shape[2] * w_v.shape[1]))
     if out.numel() == 0:
         return out
     if w_o.shape[1] == 0:  # head size d = 0: every OV_i is an empty sum, zero (the kernel's OV needs d >= 1)
@@ -211,6 +241,11 @@ def ov_circuits(w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int, num_kv_hea
     the kernel reads a token-layout row from. w_v (h_kv·d, M_in), w_o (M_out, h·d), float32 or float64
     on the CPU, without autograd. Computed by the kernel's micro-kernel (about 2.4x torch.bmm at
     d = 64, benchmarks/bench_ov_circuits.py); every entry is one chain of d multiply-adds, so the result does not depend on threads."""
+    for name, w in (("w_v", w_v), ("w_o", w_o)):
+        if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.device.type != "cpu" or \
+                w.dtype not in (torch.float32, torch.float64):
+            got = f"{w.dim()}-D {w.dtype} on {w.device}" if isinstance(w, torch.Tensor) else type(w).__name__
+            raise ValueError(f"ov_circuits: {name} must be a 2-D float32 or float64 CPU tensor, got {got}")
     dtype = torch.promote_types(w_v.dtype, w_o.dtype)
     wo, wv = w_o.detach().to(dtype).contiguous(), w_v.detach().to(dtype).contiguous()
     slabs = torch.empty(wo.shape[0], num_heads, wv.shape[1], dtype=dtype)
@@ -225,7 +260,12 @@ OUTPUT_CACHE_MIN_BYTES = 8 << 20
 def empty_output(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised contiguous CPU tensor for a kernel output: from the output cache when it is
     large (its storage cannot be resized), else torch.empty."""
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        raise ValueError(f"empty_output: shape must be ints >= 0, got {tuple(shape)!r}")
     nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes >= 1 << 63:
+        raise ValueError(f"empty_output: shape {tuple(shape)} of {dtype} needs {nbytes} bytes, more than any "
+                         "address space holds")
     if _C is None or nbytes < OUTPUT_CACHE_MIN_BYTES:
         return torch.empty(shape, dtype=dtype)
     return torch.from_numpy(_C.alloc_output(nbytes)).view(dtype).view(shape)

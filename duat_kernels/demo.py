@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from duat_kernels import backends
-from duat_kernels._validation import format_bytes
+from duat_kernels._memory import format_bytes
 from duat_kernels.hvo import hvo_bias, hvo_matrix
 
 

@@ -11,6 +11,7 @@ import torch
 
 from duat_kernels import _validation as v
 from duat_kernels import backends, ops, reference
+from duat_kernels._memory import check_fits
 from duat_kernels.heads import select_heads
 
 __all__ = ["hvo_matrix", "hvo_bias", "ov_circuits"]
@@ -35,9 +36,9 @@ def ov_circuits(w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int, num_kv_hea
     dtype = torch.promote_types(w_v.dtype, w_o.dtype)
     h = v.positive_int(num_heads)
     if w_v.device.type != "meta" and not torch.compiler.is_compiling():
-        v.check_fits(f"OV circuits of shape ({h}, {w_o.shape[0]}, {w_v.shape[1]})",
-                     h * w_o.shape[0] * w_v.shape[1] * dtype.itemsize, w_v.device,
-                     "Use the matrix-free duat_kernels.HVOOperator (block(n, m) forms one Σ_i A_i[n, m] OV_i).")
+        check_fits(f"OV circuits of shape ({h}, {w_o.shape[0]}, {w_v.shape[1]})",
+                   h * w_o.shape[0] * w_v.shape[1] * dtype.itemsize, w_v.device,
+                   "Use the matrix-free duat_kernels.HVOOperator (block(n, m) forms one Σ_i A_i[n, m] OV_i).")
     return reference.ov_circuits(w_v.to(dtype), w_o.to(dtype), h, h_kv)
 
 
@@ -95,7 +96,7 @@ def hvo_matrix(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, *, num_
         needed = 0 if out is not None else entries * dtype.itemsize
         if backend == "reference":  # the Kronecker products and their running sum, in the compute dtype
             needed += (dims.batch + 2) * rows * cols * reference.compute_dtype(dtype).itemsize
-        v.check_fits(f"W' of shape {shape} ({entries:,} entries of {dtype}) with backend={backend!r}", needed, device)
+        check_fits(f"W' of shape {shape} ({entries:,} entries of {dtype}) with backend={backend!r}", needed, device)
 
     ct = reference.compute_dtype(dtype)
     attn4 = attn if dims.batched else attn.unsqueeze(0)

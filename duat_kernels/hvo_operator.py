@@ -15,10 +15,12 @@ import torch
 from duat_kernels import _validation as v
 from duat_kernels import backends, linalg, reference
 from duat_kernels import operator_args as args
-from duat_kernels.attention_source import AttentionSource, ExplicitAttention, QKAttention
+from duat_kernels._memory import check_fits
+from duat_kernels.attention_source import AttentionSource, ExplicitAttention
 from duat_kernels.heads import select_heads
 from duat_kernels.hvo import hvo_bias, hvo_matrix
 from duat_kernels.operator_parts import check_qk, operator_bias, tile_factors, weighted_ov
+from duat_kernels.qk_attention import QKAttention
 
 
 class HVOOperator:
@@ -194,8 +196,8 @@ class HVOOperator:
                               ((rows, total[0], "rows"), (cols, total[1], "cols")))
         dtype = v.resolve_dtype(self.dtype if dtype is None else dtype, None)
         if not torch.compiler.is_compiling():  # a compiled graph allocates nothing here (and cannot read /proc)
-            v.check_fits(f"a tile of W' of shape ({r1 - r0}, {c1 - c0})",
-                         (r1 - r0) * (c1 - c0) * self.dims.batch * dtype.itemsize, self.device)
+            check_fits(f"a tile of W' of shape ({r1 - r0}, {c1 - c0})",
+                       (r1 - r0) * (c1 - c0) * self.dims.batch * dtype.itemsize, self.device)
         factors = (self.w_v, self.w_o, *self.source.inputs())
         wrapped = backends.functorch_wrapped(*factors)  # vmap's: no storage
         if backends.tracks_grad(*factors) or wrapped:

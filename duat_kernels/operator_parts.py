@@ -10,6 +10,7 @@ import torch
 
 from duat_kernels import _validation as v
 from duat_kernels import reference
+from duat_kernels._memory import check_fits
 from duat_kernels.attention_source import AttentionSource
 from duat_kernels.cpp import _factor_range
 
@@ -72,9 +73,9 @@ def weighted_ov(alpha: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, num_h
     blocks: h = 2, M = 100000 failed to allocate 80 GB), and a block that cannot fit is DenseTooLargeError."""
     batch, m_out, m_in = alpha.shape[0], w_o.shape[0], w_v.shape[1]
     if not torch.compiler.is_compiling():  # a compiled graph allocates nothing here (and cannot read /proc)
-        v.check_fits(f"a block of W' of shape ({batch}, {m_out}, {m_in})",
-                     batch * m_out * m_in * alpha.dtype.itemsize, alpha.device,
-                     "Ask for a tile of the block instead: tile(rows, cols).")
+        check_fits(f"a block of W' of shape ({batch}, {m_out}, {m_in})",
+                   batch * m_out * m_in * alpha.dtype.itemsize, alpha.device,
+                   "Ask for a tile of the block instead: tile(rows, cols).")
     parts = (torch.einsum("bi,ica->bca", alpha, ov)
              for _, ov in reference.ov_row_blocks(w_v, w_o, num_heads, num_kv_heads, OV_ENTRIES_PER_STEP))
     if v.functorch_wrapped(alpha):

@@ -53,7 +53,7 @@ def qk_sources(batch: int, heads: int, kv_heads: int, tokens: int, head_dim: int
     float32 and in float64 (the same numbers). opts: QKAttention's options, plus mask=True (left padding
     in batch 0, so rows without keys under a causal mask; right padding in the others) or mask="none"
     (batch 1 attends no key at all)."""
-    from duat_kernels.attention_source import QKAttention
+    from duat_kernels.qk_attention import QKAttention
 
     q = torch.randn(batch, heads, tokens, head_dim, generator=generator)
     k = torch.randn(batch, kv_heads, tokens, head_dim, generator=generator)
@@ -109,6 +109,14 @@ def assert_close_to_reference(got: torch.Tensor, attn: torch.Tensor, w_v: torch.
 @pytest.fixture
 def layer():
     return random_layer
+
+
+@pytest.fixture
+def umask_022():
+    """The process's umask set to 0o022 for one test (new files 0o644, new folders 0o755), restored after it."""
+    old = os.umask(0o022)
+    yield 0o022
+    os.umask(old)
 
 
 @pytest.fixture(scope="session")

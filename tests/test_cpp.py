@@ -641,3 +641,54 @@ def test_stream_fill_refuses_views_it_cannot_write(make, error, message):
     with pytest.raises(error, match=message):
         cpp.stream_fill_(make(base))
     assert not base.any()
+
+
+@pytest.mark.parametrize("inside", ["left", "right"])
+@pytest.mark.parametrize("factored", [False, True], ids=["tile", "factored"])
+def test_kron_sum_tile_refuses_an_out_that_overlaps_a_factor(inside, factored):
+    """out sharing memory with left or right (or attn, w_v, w_o) was written while the kernel read it: W' came
+    back wrong by O(1) without a word; hvo_matrix refuses such an out, and so do the kernels' own wrappers."""
+    torch.manual_seed(0)
+    left, right = torch.softmax(torch.randn(2, 3, 3), -1), torch.randn(2, 6, 5)
+    w_v, w_o = torch.randn(2, 5), torch.randn(6, 2)  # one head of d = 1 per A_i: OV_i (6, 5)
+    buffer = torch.zeros(400)
+    factor = left if inside == "left" else (w_o if factored else right)
+    shared = buffer[:factor.numel()].view(factor.shape).copy_(factor)
+    out = buffer[5:5 + 18 * 15].view(18, 15)
+    with pytest.raises(ValueError, match="out overlaps the memory of"):
+        if factored:
+            cpp.kron_sum_factored_(shared if inside == "left" else left, w_v, shared if inside == "right" else w_o, 2, out)
+        else:
+            cpp.kron_sum_tile_(shared if inside == "left" else left, shared if inside == "right" else right, out)
+
+
+@pytest.mark.parametrize("left, right, message", [
+    (torch.ones(2, 2), torch.ones(1, 2, 2), r"left must be a 3-D \(h, P, S\) tensor, got shape \(2, 2\)"),
+    (torch.ones(1, 2, 2), torch.ones(2, 2), r"right must be a 3-D \(h, Q, T\) tensor, got shape \(2, 2\)"),
+    ([[[1.0]]], torch.ones(1, 2, 2), "left must be a 3-D .* tensor, got list"),
+    (torch.ones(1, 2, 2, device="meta"), torch.ones(1, 2, 2), "left must be on the CPU, got meta"),
+    (torch.ones(1, 2, 2, dtype=torch.float16), torch.ones(1, 2, 2),  # was "lt must hold float32 or float64, got format 'e'"
+     r"left must be torch.float32 \(the compute dtype of a torch.float32 out\), got torch.float16"),
+    (torch.ones(1, 2, 2), torch.ones(1, 2, 2, dtype=torch.float64),  # was "lt and rt must have the same dtype"
+     r"right must be torch.float32 \(the compute dtype of a torch.float32 out\), got torch.float64"),
+])
+def test_kron_sum_tile_names_a_bad_factor(left, right, message):
+    """A 2-D left raised IndexError ('tuple index out of range'), a list AttributeError, a meta tensor NumPy's
+    'can't convert meta device type tensor to numpy'."""
+    out = torch.full((4, 4), 7.0)
+    with pytest.raises((ValueError, TypeError), match=message):
+        cpp.kron_sum_tile_(left, right, out)
+    assert (out == 7).all()
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: cpp.ov_circuits(torch.randn(8), torch.randn(8, 8), 2, 2), "w_v must be a 2-D float32 or float64 CPU"),
+    (lambda: cpp.ov_circuits(torch.randn(8, 8), torch.randn(8, 8).half(), 2, 2), "w_o must be a 2-D float32"),
+    (lambda: cpp.empty_output((-1, 4), torch.float32), r"shape must be ints >= 0"),
+    (lambda: cpp.empty_output((2 ** 40, 2 ** 40), torch.float32), "more than any address space holds"),
+])
+def test_internal_helpers_name_bad_arguments(call, message):
+    # An IndexError (1-D w_v), a message about an `out` ov_circuits has not, torch's negative-dimension error and
+    # pybind's "incompatible function arguments" before.
+    with pytest.raises(ValueError, match=message):
+        call()

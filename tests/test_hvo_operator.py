@@ -157,7 +157,7 @@ def test_tile_slices_of_floats_are_named():
 def test_block_forms_ov_a_few_rows_at_a_time(case, monkeypatch):
     # block(n, m) formed the whole (h, M_out, M_in) OV, h times the block: h = 2, M = 100000 failed with
     # the allocator's raw RuntimeError for 80 GB (a block that itself does not fit is DenseTooLargeError)
-    from duat_kernels import _validation, operator_parts
+    from duat_kernels import _memory, operator_parts
 
     monkeypatch.setattr(operator_parts, "OV_ENTRIES_PER_STEP", 20)  # OV in chunks of 2 of its 5 rows
     lay = random_layer(2, 4, 2, tokens=3, head_dim=2, m_in=5, m_out=5, causal=True, seed=3)
@@ -170,7 +170,7 @@ def test_block_forms_ov_a_few_rows_at_a_time(case, monkeypatch):
     dense = op.to_dense(dtype=torch.float64).reshape(2, 3, 5, 3, 5)
     for n, m in ((0, 2), (2, 1)):
         torch.testing.assert_close(op.block(n, m).double(), dense[:, n, :, m], equal_nan=True)
-    monkeypatch.setattr(_validation, "available_memory", lambda device: 100)
+    monkeypatch.setattr(_memory, "available_memory", lambda device: 100)
     with pytest.raises(dk.DenseTooLargeError, match=r"a block of W' of shape \(2, 5, 5\) needs 200 B"):
         op.block(0, 0)
     with pytest.raises(dk.DenseTooLargeError, match=r"OV circuits of shape \(4, 5, 5\) needs 400 B"):

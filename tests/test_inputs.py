@@ -318,7 +318,7 @@ def test_output_folders_that_cannot_be_created_are_refused_in_one_line(tmp_path,
     to, so `--cache /proc/x` is refused up front, not as a raw "[Errno 2]" after the model has loaded."""
     import os
 
-    from duat_kernels._validation import check_output_folder
+    from duat_kernels._files import check_output_folder
 
     check_output_folder("--out", tmp_path / "new" / "run")
     assert not any(tmp_path.iterdir())  # tried, and removed again: a refused run leaves no empty folder behind

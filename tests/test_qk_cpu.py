@@ -10,7 +10,8 @@ import torch
 
 import duat_kernels as dk
 from duat_kernels import cpp, qk_cpu
-from duat_kernels.attention_source import ExplicitAttention, QKAttention
+from duat_kernels.attention_source import ExplicitAttention
+from duat_kernels.qk_attention import QKAttention
 
 from conftest import qk_sources
 

@@ -1,39 +1,10 @@
-"""_validation's shared checks: one empty-path refusal, "<argument> is empty; <what to give>", for files
-and stores (as_target_path), output folders (check_output_folder) and models (zoo.local_model)."""
+"""_validation's shared helpers for numbers: nan_max."""
 
 from __future__ import annotations
-
-import re
-from pathlib import Path
 
 import pytest
 
 from duat_kernels import _validation as v
-from duat_kernels.models import zoo
-
-REFUSALS = {
-    "target": (lambda p: v.as_target_path("store", p),
-               "store is empty; give a file path such as 'w.npy' or 'w.zarr' (got {p!r})"),
-    "folder": (lambda p: v.check_output_folder("--out", p), "--out is empty; give a folder"),
-    "model": (lambda p: zoo.local_model(p), "the model name or path is empty; expected 'minilm', 'smollm2', a local "
-                                            "folder with config.json and weights, or a .gguf file"),
-}
-
-
-@pytest.mark.parametrize("empty", ["", "  ", "\t\n"], ids=["empty", "spaces", "whitespace"])
-@pytest.mark.parametrize("where", REFUSALS)
-def test_empty_paths_are_refused_alike_by_name(where, empty, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    call, message = REFUSALS[where]
-    with pytest.raises(ValueError, match=f"^{re.escape(message.format(p=empty))}$"):
-        call(empty)
-    assert not list(tmp_path.iterdir())  # the working directory was not taken for the path
-
-
-@pytest.mark.parametrize("path", ["w.npy", " w.npy", Path("a") / "b", "."],
-                         ids=["name", "leading-space", "path", "dot"])
-def test_a_given_path_passes(path):
-    v.check_nonempty_path("path", path, "give a path")
 
 
 def test_nan_max_keeps_a_nan_wherever_it_is():
@@ -45,30 +16,3 @@ def test_nan_max_keeps_a_nan_wherever_it_is():
     assert v.nan_max([], default=0.0) == 0.0
     with pytest.raises(ValueError):
         v.nan_max([])
-
-
-def test_remove_stale_outputs_deletes_only_what_the_same_command_recorded(tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    for name in ("a.png", "b.png", "c.json", "mine.png"):
-        (out / name).write_text(name)
-    v.remove_stale_outputs(out, "duat markov", [out / "a.png", out / "b.png"])
-    v.remove_stale_outputs(out, "duat claims", [out / "c.json"])  # another command into the same folder
-    v.remove_stale_outputs(out, "duat markov", [out / "a.png"])
-    assert sorted(p.name for p in out.iterdir()) == [".duat-outputs.json", "a.png", "c.json", "mine.png"]
-    v.remove_stale_outputs(out, "duat claims", [])
-    assert sorted(p.name for p in out.iterdir()) == [".duat-outputs.json", "a.png", "mine.png"]
-
-
-@pytest.mark.parametrize("manifest", ['{"duat markov": ["../outside.txt", "link.png", "sub", ".duat-outputs.json"]}',
-                                      "not json", '["a.png"]', '{"duat markov": "a.png"}'])
-def test_remove_stale_outputs_never_leaves_the_folder_or_trusts_a_damaged_manifest(tmp_path, manifest):
-    out = tmp_path / "out"
-    (out / "sub").mkdir(parents=True)
-    (tmp_path / "outside.txt").write_text("keep")
-    (out / "a.png").write_text("keep")
-    (out / "link.png").symlink_to(out / "a.png")
-    (out / v.OUTPUTS_MANIFEST).write_text(manifest)
-    v.remove_stale_outputs(out, "duat markov", [])
-    assert (tmp_path / "outside.txt").exists() and (out / "a.png").exists() and (out / "link.png").is_symlink()
-    assert (out / "sub").is_dir() and not list(out.glob("*.tmp"))

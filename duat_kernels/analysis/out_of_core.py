@@ -24,6 +24,8 @@ import torch
 
 from duat_kernels import _validation as v
 from duat_kernels import strict_json
+from duat_kernels._files import as_target_path, check_writable_folder, link_target, open_mode
+from duat_kernels._memory import DenseTooLargeError, format_bytes
 from duat_kernels.analysis.dask_tiles import tile_block
 
 DEFAULT_TILE_BYTES = 256 << 20
@@ -53,7 +55,8 @@ def save_dense(op, path: str | os.PathLike, *, rows_per_tile: int | None = None,
         dtype: stored dtype (default: the inputs' promoted dtype, float32 for bfloat16).
         progress: show a tqdm progress bar.
         overwrite: replace an existing file at `path` (a FileExistsError otherwise, as save_zarr
-            refuses an existing store); the old file stays until the new one is complete. A `path` that is
+            refuses an existing store); the old file stays until the new one is complete, whose permission bits
+            it takes, as open(path, "w") keeps them (0666 & ~umask for a new file). A `path` that is
             a symbolic link is written through, as open(path, "w") does: the file it points to is replaced
             (and created if missing) and the link stays; a link is an existing file, refused without overwrite.
 
@@ -75,15 +78,15 @@ def save_dense(op, path: str | os.PathLike, *, rows_per_tile: int | None = None,
         if row_bytes == 0:  # W' without columns (M_in = 0): the file is its header
             rows_per_tile = max(1, rows)
         elif row_bytes > max_tile_bytes:
-            raise ValueError(f"one row of W' takes {v.format_bytes(row_bytes)}, more than max_tile_bytes="
-                             f"{v.format_bytes(max_tile_bytes)}; raise max_tile_bytes")
+            raise ValueError(f"one row of W' takes {format_bytes(row_bytes)}, more than max_tile_bytes="
+                             f"{format_bytes(max_tile_bytes)}; raise max_tile_bytes")
         else:
             rows_per_tile = max(1, min(rows, max_tile_bytes // row_bytes))
     if v.positive_int(rows_per_tile) is None:
         raise ValueError(f"rows_per_tile must be a positive int, got {rows_per_tile!r}")
     rows_per_tile = v.positive_int(rows_per_tile)
-    path = v.as_target_path("path", path)
-    target = v.link_target("save_dense", path)  # the file written: path itself, or the file a link at path points to
+    path = as_target_path("path", path)
+    target = link_target("save_dense", path)  # the file written: path itself, or the file a link at path points to
     partial, progress_file = Path(f"{target}.partial"), Path(f"{target}.progress.json")
     _check_target(path, target, partial, rows * row_bytes, overwrite)
     fingerprint = _fingerprint(op, dtype, rows_per_tile)
@@ -102,8 +105,8 @@ def save_dense(op, path: str | os.PathLike, *, rows_per_tile: int | None = None,
         try:
             arr = np.lib.format.open_memmap(partial, mode="w+", dtype=_NUMPY_DTYPES[dtype], shape=(rows, cols))
         except (OSError, ValueError, OverflowError) as exc:
-            raise v.DenseTooLargeError(f"cannot create {partial} for W' of shape ({rows}, {cols}) "
-                                       f"({v.format_bytes(rows * row_bytes)}): {exc}") from None
+            raise DenseTooLargeError(f"cannot create {partial} for W' of shape ({rows}, {cols}) "
+                                     f"({format_bytes(rows * row_bytes)}): {exc}") from None
         del arr  # only the header and the file size are needed
         offset = _data_offset(partial)
         _write_progress(progress_file, fingerprint, done, offset + rows * row_bytes)
@@ -123,7 +126,9 @@ def save_dense(op, path: str | os.PathLike, *, rows_per_tile: int | None = None,
             done[t] = zlib.crc32(data)
             _write_progress(progress_file, fingerprint, done, size)
             bar.update(1)
+    mode = open_mode(target)  # the replaced file's, as open(path, 'w') keeps it; 0666 & ~umask for a new one
     os.replace(partial, target)
+    os.chmod(target, mode)
     progress_file.unlink()
     return path
 
@@ -163,14 +168,14 @@ def _check_target(path: Path, target: Path, partial: Path, data_bytes: int, over
     folder = target.parent
     if not folder.is_dir():
         raise FileNotFoundError(f"save_dense: the folder {folder} of {target} does not exist; create it first")
-    v.check_writable_folder("save_dense", folder)  # else 'needs 3.5 KiB but only 0 B is free' (read-only)
+    check_writable_folder("save_dense", folder)  # else 'needs 3.5 KiB but only 0 B is free' (read-only)
     have = partial.stat().st_blocks * 512 if partial.exists() else 0
     stat = os.statvfs(folder)
     free = stat.f_bavail * stat.f_frsize
     if data_bytes - have > free:
-        raise v.DenseTooLargeError(f"save_dense: {path} needs {v.format_bytes(data_bytes)} but only "
-                                   f"{v.format_bytes(free + have)} is free on its disk; write to a larger disk or "
-                                   "save parts of W' with HVOOperator.tile")
+        raise DenseTooLargeError(f"save_dense: {path} needs {format_bytes(data_bytes)} but only "
+                                 f"{format_bytes(free + have)} is free on its disk; write to a larger disk or "
+                                 "save parts of W' with HVOOperator.tile")
 
 
 def _crc_range(fd: int, offset: int, length: int, chunk: int = 64 << 20) -> int:

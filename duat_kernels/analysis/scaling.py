@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from duat_kernels import reference
-from duat_kernels._validation import check_fits, format_bytes, integer, positive_int
+from duat_kernels._memory import check_fits, format_bytes
+from duat_kernels._validation import integer, positive_int
 from duat_kernels.hvo_operator import HVOOperator
 
 OPERATIONS = ("attention", "matvec", "block_norms", "spectral_norm", "tile")

@@ -24,6 +24,8 @@ import torch
 
 from duat_kernels import _validation as v
 from duat_kernels import strict_json
+from duat_kernels._files import (as_target_path, check_writable_folder, keep_modes, link_target,
+                                 nearest_existing_folder)
 from duat_kernels.analysis.dask_tiles import (NUMPY_DTYPES, _dask, check_chunks, chunk_bounds, factors_token,
                                               operator_delayed, stored_dtype, tile_block)
 
@@ -94,10 +96,11 @@ def save_zarr(op, path: str | os.PathLike, chunks: tuple[int, int] | None = None
         progress: show a tqdm progress bar over chunks.
         overwrite: replace an existing zarr array at `path` (a FileExistsError otherwise, as save_dense
             refuses an existing file or link); the old store stays until the new one is complete, then is
-            renamed to `<path>.replaced` and removed. A symbolic link at `path` is written through, as
-            save_dense and open(path, 'w') do: the store it points to (existing or not) is the one written
-            and replaced, the link stays. Anything else (a folder, a file) is never deleted: a
-            FileExistsError.
+            renamed to `<path>.replaced` and removed; the new store takes its permission bits, as open(path, 'w')
+            keeps a file's (_files.keep_modes: the store's folder, and each file or folder at the same place in
+            both). A symbolic link at `path` is written through, as save_dense and open(path, 'w') do: the store
+            it points to (existing or not) is the one written and replaced, the link stays. Anything else (a
+            folder, a file) is never deleted: a FileExistsError.
 
     Returns:
         The path of the complete store (`path` itself, a link included). A rerun after an interruption
@@ -108,8 +111,8 @@ def save_zarr(op, path: str | os.PathLike, chunks: tuple[int, int] | None = None
     dtype = stored_dtype(op, dtype)
     chunk_rows, chunk_cols = check_chunks(op, chunks, dtype)
     overwrite = v.check_flag("overwrite", overwrite)
-    path = v.as_target_path("path", path)
-    target = v.link_target("save_zarr", path)  # the store written: path itself, or the one a link at path points to
+    path = as_target_path("path", path)
+    target = link_target("save_zarr", path)  # the store written: path itself, or the one a link at path points to
     if not overwrite and (path.exists() or path.is_symlink()):  # a dangling link too, as save_dense
         raise FileExistsError(f"{path} exists; save_zarr writes a new store (pass overwrite=True to replace it, "
                               "delete it or choose another path)")
@@ -117,8 +120,8 @@ def save_zarr(op, path: str | os.PathLike, chunks: tuple[int, int] | None = None
         raise FileExistsError(f"{target} exists and is not a zarr array; overwrite=True replaces only a zarr array "
                               "(choose another path)")
     # zarr creates the missing folders: the nearest existing one must take them
-    folder = v.nearest_existing_folder(target.parent)
-    v.check_writable_folder("save_zarr", folder)  # zarr failed with 'No such file or directory: <path>.partial'
+    folder = nearest_existing_folder(target.parent)
+    check_writable_folder("save_zarr", folder)  # zarr failed with 'No such file or directory: <path>.partial'
     partial, progress_dir = Path(f"{target}.partial"), Path(f"{target}.progress")
     fingerprint = {"factors_sha256": factors_token(op), "shape": list(op.shape), "chunks": [chunk_rows, chunk_cols],
                    "dtype": str(dtype), "layout": op.layout}
@@ -163,6 +166,8 @@ def save_zarr(op, path: str | os.PathLike, chunks: tuple[int, int] | None = None
     if target.exists():
         os.replace(target, replaced)
     os.replace(partial, target)
+    if replaced.exists():  # the modes of the store replaced, as open(path, 'w') keeps a file's
+        keep_modes(replaced, target)
     shutil.rmtree(replaced, ignore_errors=True)
     shutil.rmtree(progress_dir)
     return path
@@ -228,7 +233,7 @@ def verify_zarr(path: str | os.PathLike) -> list[str]:
     """Names "i.j" of the chunks of a store written by save_zarr whose bytes no longer match their
     recorded sha256 (an empty list: the store is intact)."""
     zarr = _zarr()
-    path = v.as_target_path("path", path)
+    path = as_target_path("path", path)
     if not path.exists():
         raise FileNotFoundError(f"verify_zarr: {path} does not exist")
     try:

@@ -59,7 +59,7 @@ def dask_client(args):
 def run(args) -> int:
     from duat_kernels.corpus.analysis import CorpusSettings
     from duat_kernels.corpus.runner import max_rel_error, read_texts, run_corpus, summary_table
-    from duat_kernels._validation import check_output_folder
+    from duat_kernels._files import check_output_folder
     from duat_kernels.models.zoo import transformers_progress_bars
 
     if args.workers is not None and args.workers < 1 or args.grid < 1 or args.threads < 1:

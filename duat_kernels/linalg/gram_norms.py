@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from duat_kernels import cpp, qk_cpu
-from duat_kernels.attention_source import QKAttention
+from duat_kernels.qk_attention import QKAttention
 
 
 def available(source) -> bool:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from duat_kernels._validation import all_finite, check_fits, check_flag, check_real_dtype, has_values
+from duat_kernels._memory import check_fits
+from duat_kernels._validation import all_finite, check_flag, check_real_dtype, has_values
 from duat_kernels.attention_source import as_source
 from duat_kernels.linalg import norm_scaling
 from duat_kernels.linalg.norms import TORCH_PATH_HINT, root_with_zero_subgradient, tracks_gradient

@@ -12,10 +12,12 @@ from __future__ import annotations
 import torch
 
 from duat_kernels import backends, cpp, reference
-from duat_kernels._validation import all_finite, check_fits, check_heads, check_tensor, has_values
+from duat_kernels._memory import check_fits
+from duat_kernels._validation import all_finite, check_heads, check_tensor, has_values
 from duat_kernels.linalg import gram_norms, norm_scaling
 from duat_kernels.operator_args import grid_argument
-from duat_kernels.attention_source import ExplicitAttention, QKAttention, as_source
+from duat_kernels.attention_source import ExplicitAttention, as_source
+from duat_kernels.qk_attention import QKAttention
 from duat_kernels.reference import head_factors
 
 # Rows of A per step (torch path): the (h, rows, N) product stays ~64 MiB at N = 8192, h = 12 (fp32).

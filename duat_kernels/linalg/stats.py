@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from duat_kernels import reference
-from duat_kernels._validation import check_fits, check_has_data, check_index
+from duat_kernels._memory import check_fits
+from duat_kernels._validation import check_has_data, check_index
 from duat_kernels.operator_args import sampling_arguments
 from duat_kernels.linalg.norms import grid_norms64
 from duat_kernels.attention_source import as_source

@@ -69,6 +69,17 @@ def closed_class_count(op: TransitionOperator) -> int:
     return count - np.unique(labels[rows[leaving]]).size
 
 
+NOT_UNIQUE = ("P is not irreducible (π is not unique): some transition probabilities are exactly 0, as when a small "
+              "temperature underflows them; use a larger temperature")
+
+
+def _check_one_closed_class(op: TransitionOperator) -> None:
+    """Refuse P with more than one closed class (closed_class_count): π is not unique, and the eigenvalue 1 is
+    repeated (λ_2 = 1, a spectral gap of 0 that says nothing about mixing)."""
+    if closed_class_count(op) > 1:
+        raise ValueError(NOT_UNIQUE)
+
+
 def stationary_distribution(op: TransitionOperator, *, power_steps: int = 1000, tol: float = 1e-13) -> Stationary:
     """π of P (S,). ValueError when π is not unique (more than one closed class: closed_class_count), on
     both paths. Dense: solve (Pᵀ − I) π = 0 with Σπ = 1 replacing one equation. Larger: ARPACK's leading
@@ -80,10 +91,7 @@ def stationary_distribution(op: TransitionOperator, *, power_steps: int = 1000, 
     power_steps = integer(power_steps)
     positive_tolerance(tol)
     s = op.num_states
-    not_unique = ValueError("P is not irreducible (π is not unique): some transition probabilities are exactly 0, "
-                            "as when a small temperature underflows them; use a larger temperature")
-    if closed_class_count(op) > 1:  # ARPACK returned one of the stationary distributions without a word
-        raise not_unique
+    _check_one_closed_class(op)  # ARPACK returned one of the stationary distributions without a word
     if s <= DENSE_MAX_STATES:
         a = op.to_dense().T - np.eye(s)
         a[-1] = 1.0  # normalisation row: Σπ = 1
@@ -92,7 +100,7 @@ def stationary_distribution(op: TransitionOperator, *, power_steps: int = 1000, 
         try:
             pi = np.linalg.solve(a, b)
         except np.linalg.LinAlgError:
-            raise not_unique from None
+            raise ValueError(NOT_UNIQUE) from None
         method = "dense solve"
     else:
         from scipy.sparse.linalg import eigs
@@ -126,7 +134,9 @@ def token_marginal(pi: np.ndarray, num_symbols: int, context: int, position: int
 
 
 def spectral_gap(op: TransitionOperator) -> SpectralGap:
-    """1 − |λ_2| of P; all eigenvalues for small S, the 6 largest in modulus (ARPACK) otherwise."""
+    """1 − |λ_2| of P; all eigenvalues for small S, the 6 largest in modulus (ARPACK) otherwise. ValueError, as
+    in stationary_distribution, when P has more than one closed class (closed_class_count)."""
+    _check_one_closed_class(op)  # the gap was 0 (λ_2 = 1) where stationary_distribution refused the chain
     if op.num_states <= EIGVALS_MAX_STATES:
         vals, method = np.linalg.eigvals(op.to_dense()), "dense eigvals"
     else:

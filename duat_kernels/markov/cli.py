@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from duat_kernels._validation import check_output_folder, check_threads
+from duat_kernels._files import check_output_folder
+from duat_kernels._validation import check_threads
 from duat_kernels.markov.chain import LanguageModelChain, check_temperature, temperature_label
 from duat_kernels.markov.logits import check_context
 from duat_kernels.markov.operator import state_count

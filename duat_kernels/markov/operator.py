@@ -21,7 +21,8 @@ import numpy as np
 import scipy.sparse
 import torch
 
-from duat_kernels._validation import DenseTooLargeError, check_fits, numeric_array
+from duat_kernels._memory import DenseTooLargeError, check_fits
+from duat_kernels._validation import numeric_array
 
 ROW_SUM_TOLERANCE = 1e-6  # |Σ_y Q[s, y] − 1| allowed (float32 probabilities, rounding)
 

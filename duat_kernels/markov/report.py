@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from duat_kernels import strict_json
-from duat_kernels._validation import remove_stale_outputs
+from duat_kernels._files import remove_stale_outputs
 from duat_kernels.markov import analysis
 from duat_kernels.markov.chain import LanguageModelChain, temperature_label
 
@@ -167,7 +167,7 @@ def write_report(chain: LanguageModelChain, results: list[dict], out_dir: str | 
     """Write out_dir/markov.json ({"meta": ..., "temperatures": {"τ": analyse_temperature}}), markov.md, the npz
     files and (plots=True) the PNGs; return the paths written. The files an earlier report wrote in out_dir that this
     one does not write (npz of other temperatures, PNGs after plots=False) are deleted; the names of the files
-    written are recorded in out_dir/.duat-outputs.json (_validation.remove_stale_outputs), other files stay."""
+    written are recorded in out_dir/.duat-outputs.json (_files.remove_stale_outputs), other files stay."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(meta, symbols=list(chain.symbols), token_ids=list(chain.token_ids or ()), context=chain.context,

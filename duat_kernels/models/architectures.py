@@ -193,6 +193,16 @@ def owning_config(root: torch.nn.Module, name: str):
     return config
 
 
+def outermost_submodules(root: torch.nn.Module, keep) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of every module of root (root included, as "") for which keep(module) is true and that is
+    inside no other such module, in module order."""
+    found: list[tuple[str, torch.nn.Module]] = []
+    for name, module in root.named_modules():
+        if keep(module) and not any(outer == "" or name.startswith(outer + ".") for outer, _ in found):
+            found.append((name, module))
+    return found
+
+
 def find_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, Architecture]]:
     """Every self-attention block of a model with its Architecture, in module order; [] if none fits. Fused
     families are looked up by the model_type of the (sub-)model that holds the block."""

@@ -19,8 +19,9 @@ from duat_kernels._validation import check_layout, integer
 from duat_kernels.hvo import hvo_bias, hvo_matrix
 from duat_kernels.hvo_operator import HVOOperator
 from duat_kernels.models.architectures import (ARCHITECTURES, SHAPES, Architecture, describe_attention_modules,
-                                               find_blocks, owning_config, resolve)
-from duat_kernels.models.encoder_decoder import is_encoder_decoder, uncovered_attention_modules, with_decoder_inputs
+                                               find_blocks, outermost_submodules, owning_config, resolve)
+from duat_kernels.models.encoder_decoder import (decoder_inputs_inside, holds_encoder_decoder,
+                                                 uncovered_attention_modules, with_decoder_inputs)
 from duat_kernels.models.shared_layers import ApplicationRecords, layer_plan
 
 
@@ -100,7 +101,10 @@ def masked_relative_error(actual: torch.Tensor, expected: torch.Tensor, token_ma
         if not bool(token_mask.any()):  # 0 / 0 was NaN
             raise ValueError("relative_error: every query token of this batch is padding (token_mask is all "
                              "False), so there is no output to compare")
-    return (diff.norm() / ref.norm()).item()
+    error, size = diff.norm(), ref.norm()
+    if error == 0 and size == 0:  # an output of exact zeros (every token a zero embedding), reproduced exactly
+        return 0.0
+    return (error / size).item()
 
 
 def attention_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, Architecture | None]]:
@@ -125,17 +129,25 @@ def attention_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module,
 @contextmanager
 def eager_attention(model: torch.nn.Module, switch: bool):
     """Make the model return attention probabilities (eager attention) for the duration."""
-    config = getattr(model, "config", None)
+    configs = _outer_configs(model)
     others = sorted({impl for _, impl in _implementations(model) if impl != "eager"})
     if not others:
-        with _output_attentions(config):
+        with _output_attentions(configs):
             yield
         return
     if not switch:
         raise RuntimeError(f"the model uses attn_implementation={others[0]!r}, which does not return attention "
                            "probabilities; load it with attn_implementation='eager' or pass switch_to_eager=True")
-    with attn_implementation(model, "eager"), _output_attentions(config):
+    with attn_implementation(model, "eager"), _output_attentions(configs):
         yield
+
+
+def _outer_configs(model: torch.nn.Module) -> list:
+    """[model.config], or for a plain module without a config (a wrapper) the configs of its outermost sub-modules
+    that have one."""
+    if getattr(model, "config", None) is not None:
+        return [model.config]
+    return [m.config for _, m in outermost_submodules(model, lambda m: getattr(m, "config", None) is not None)]
 
 
 def _implementations(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
@@ -161,18 +173,18 @@ def attn_implementation(model: torch.nn.Module, impl: str):
 
 
 @contextmanager
-def _output_attentions(config):
-    """config.output_attentions = True for the duration (some blocks, e.g. DeBERTa's, return
-    probabilities only then)."""
-    if config is None or not hasattr(config, "output_attentions"):
-        yield
-        return
-    before = config.output_attentions
-    config.output_attentions = True
+def _output_attentions(configs: list):
+    """config.output_attentions = True in each of configs for the duration (some blocks, e.g. DeBERTa's and
+    FSMT's, return probabilities only then)."""
+    configs = [config for config in configs if hasattr(config, "output_attentions")]
+    before = [config.output_attentions for config in configs]
+    for config in configs:
+        config.output_attentions = True
     try:
         yield
     finally:
-        config.output_attentions = before
+        for config, value in zip(configs, before):
+            config.output_attentions = value
 
 
 def _warn_uncovered(model: torch.nn.Module) -> None:
@@ -208,7 +220,9 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
             given no decoder inputs gets decoder_input_ids = input_ids shifted right by its own function
             (and decoder_attention_mask = attention_mask shifted the same way): see
             duat_kernels.models.encoder_decoder; it runs with use_cache=False unless use_cache is given. Its
-            cross-attention layers are not captured (A is not N x N).
+            cross-attention layers are not captured (A is not N x N). Inside a plain module (a wrapper without
+            a config), such a model gets the same from the arguments the wrapper passes it
+            (encoder_decoder.decoder_inputs_inside).
 
     Warns (UserWarning) when an encoder-decoder model has self-attention modules the capture cannot read (LED's
     and BigBirdPegasus's encoder attention: see encoder_decoder.uncovered_attention_modules), naming them: the
@@ -243,12 +257,13 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
         for i in applications.selected_blocks():
             weights[i] = {}
             handles += _hooks(model, blocks[i], weights[i], lambda i=i: applications.current(i))
-        with eager_attention(model, switch_to_eager), torch.no_grad():
+        with eager_attention(model, switch_to_eager), decoder_inputs_inside(model) as inner_inputs, torch.no_grad():
             model(*args, **inputs)
     finally:
         for h in handles:
             h.remove()
     applications.check_calls()
+    named = inner_inputs or named  # a wrapped encoder-decoder model's own inputs: its masks
     result = []
     for index, rec in applications.records.items():
         i, call = applications.application(index)
@@ -386,7 +401,7 @@ def _check_self_attention(name: str, attn: torch.Tensor, x: torch.Tensor) -> Non
 
 def _in_decoder(model, name: str) -> bool:
     """True for a layer of the decoder of an encoder-decoder model (its own mask and head count)."""
-    return is_encoder_decoder(model) and "decoder" in name.split(".")
+    return holds_encoder_decoder(model) and "decoder" in name.split(".")
 
 
 def config_heads(model, name: str) -> int | None:

@@ -3,7 +3,10 @@ none are given, and the cross-attention layers that W' does not cover.
 
 Without decoder inputs the decoder reads the text itself, shifted right by the model's own function
 (teacher forcing with the text as labels, what BART does by itself): decoder token 0 is the decoder
-start token and decoder token n is input token n - 1, so encoder and decoder layers both have N tokens.
+start token (T5, BART, ...) or the text's last real token (mBART's language code, FSMT's end of sentence:
+their shift puts it first) and decoder token n is input token n - 1, so encoder and decoder layers both have
+N tokens. A plain module holding such a model (a wrapper with no config of its own) gets the same, from the
+arguments its forward passes on (decoder_inputs_inside).
 Cross-attention multiplies values of the encoder's tokens by the decoder's queries: its A is
 N_dec x N_enc over keys that are not the tokens of the layer's own input, and W' = Σ_i A_i ⊗ OV_i (an
 N x N grid over the tokens the value projection reads, DESIGN.md §1) is defined for self-attention only;
@@ -14,14 +17,32 @@ from __future__ import annotations
 
 import inspect
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
-from duat_kernels.models.architectures import SHAPES, _weighted, find_blocks, is_cross_attention
+from duat_kernels.models.architectures import (SHAPES, _weighted, find_blocks, is_cross_attention,
+                                               outermost_submodules)
 
 
 def is_encoder_decoder(model: torch.nn.Module) -> bool:
     return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def wrapped_encoder_decoder(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The encoder-decoder model inside a plain module with no config of its own (a wrapper): its one outermost
+    sub-module whose config says is_encoder_decoder; None for a model with a config, or with no such sub-module,
+    or with several."""
+    if getattr(model, "config", None) is not None:
+        return None
+    found = outermost_submodules(model, is_encoder_decoder)
+    return found[0][1] if len(found) == 1 else None
+
+
+def holds_encoder_decoder(model: torch.nn.Module) -> bool:
+    """Whether model is an encoder-decoder model or a plain module wrapping one (wrapped_encoder_decoder)."""
+    return is_encoder_decoder(model) or wrapped_encoder_decoder(model) is not None
 
 
 def cross_attention_blocks(model: torch.nn.Module) -> list[str]:
@@ -53,7 +74,7 @@ def uncovered_attention_modules(model: torch.nn.Module) -> list[str]:
     read: modules whose class name says Attention, neither inside nor around a captured block or a cross-attention
     block (LED's Longformer encoder attention, BigBirdPegasus's encoder attention: their value and output
     projections are in other places); [] for other models."""
-    if not is_encoder_decoder(model):
+    if not holds_encoder_decoder(model):
         return []
     known = [name for name, _, _ in find_blocks(model)] + cross_attention_blocks(model)
     found: list[str] = []
@@ -77,12 +98,18 @@ def uncovered_note(uncovered: list[str]) -> str:
             "duat_kernels.models.register_architecture).")
 
 
+def _shift_function(model: torch.nn.Module) -> Callable | None:
+    """The shift_tokens_right of the model's own module (BART, mBART, Pegasus, Marian, FSMT, EncoderDecoderModel);
+    None when it has none."""
+    return getattr(sys.modules.get(type(model).__module__), "shift_tokens_right", None)
+
+
 def shifted_decoder_ids(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """decoder_input_ids (B, N) = input_ids (B, N) shifted right by the model's own function (T5's _shift_right,
     the shift_tokens_right of BART, mBART, Pegasus, Marian, FSMT, EncoderDecoderModel), as for labels = input_ids."""
     if callable(getattr(model, "_shift_right", None)):
         return model._shift_right(input_ids)
-    shift = getattr(sys.modules.get(type(model).__module__), "shift_tokens_right", None)
+    shift = _shift_function(model)
     if shift is None:
         raise ValueError(f"{type(model).__name__} is an encoder-decoder model without a shift_tokens_right of its "
                          "own: pass decoder_input_ids (B, N_dec) for its decoder")
@@ -98,6 +125,30 @@ def shifted_decoder_ids(model: torch.nn.Module, input_ids: torch.Tensor) -> torc
     return shift(**{key: values[key] for key in params if key in values})
 
 
+def shift_starts_with_start_token(model: torch.nn.Module) -> bool:
+    """Whether the model's shift writes its decoder start token at position 0 (T5's _shift_right, BART's,
+    Pegasus's, Marian's, EncoderDecoderModel's shift_tokens_right), rather than moving the text's last real token
+    there (mBART's and FSMT's shift_tokens_right, which take no decoder_start_token_id)."""
+    if callable(getattr(model, "_shift_right", None)):
+        return True
+    shift = _shift_function(model)
+    return shift is not None and "decoder_start_token_id" in inspect.signature(shift).parameters
+
+
+def decoder_inputs_note(model: torch.nn.Module, tokenizer, input_ids: torch.Tensor) -> str | None:
+    """The line duat inspect prints about what the decoder layers of an encoder-decoder model read when given no
+    decoder inputs (None for other models): the text input_ids (B, N) shifted right, naming decoder token 0 of the
+    first sequence as the decoder input ids hold it, and saying where it comes from (the decoder start token, or
+    the text's last real token that mBART's and FSMT's shift puts first)."""
+    if not is_encoder_decoder(model):
+        return None
+    token = repr(tokenizer.convert_ids_to_tokens(shifted_decoder_ids(model, input_ids)[0, :1])[0])
+    first = f"the decoder start token {token}" if shift_starts_with_start_token(model) else \
+        f"{token}, the text's last token, which {type(model).__name__}'s shift puts first instead of a start token"
+    return (f"encoder-decoder model: the decoder layers read the text shifted right (decoder token 0 is {first}; "
+            "token n the text's token n-1: teacher forcing with the text as labels).")
+
+
 # inputs the decoder's own inputs come from: labels are shifted right into decoder_input_ids by the model itself
 # (T5ForConditionalGeneration, BartForConditionalGeneration, EncoderDecoderModel, ...; for FSMT, whose decoder
 # reads the input ids shifted whatever the labels, the capture shifts them: see with_decoder_inputs)
@@ -106,7 +157,8 @@ DECODER_SOURCES = ("decoder_input_ids", "decoder_inputs_embeds", "labels")
 
 def decoder_tokens(model: torch.nn.Module, tokenizer, input_ids: torch.Tensor) -> list[str] | None:
     """The tokens (strings) the decoder of an encoder-decoder model reads when given no decoder inputs: those of
-    the first sequence of input_ids (B, N) shifted right (decoder token 0 the start token); None for other models."""
+    the first sequence of input_ids (B, N) shifted right (decoder token 0: the start token, or the text's last
+    real token for mBART and FSMT); None for other models."""
     if not is_encoder_decoder(model):
         return None
     return tokenizer.convert_ids_to_tokens(shifted_decoder_ids(model, input_ids)[0])
@@ -114,7 +166,7 @@ def decoder_tokens(model: torch.nn.Module, tokenizer, input_ids: torch.Tensor) -
 
 def with_decoder_inputs(model: torch.nn.Module, named: dict, inputs: dict) -> dict:
     """inputs plus decoder_input_ids (the input ids shifted right) and, with an attention_mask (B, N),
-    decoder_attention_mask (the mask shifted the same way, the start token real) when the model is an
+    decoder_attention_mask (the mask shifted the same way, decoder token 0 real) when the model is an
     encoder-decoder model and `named` (all its inputs by name) has no decoder inputs (nor labels: then
     decoder_input_ids = the labels shifted by the model's prepare_decoder_input_ids_from_labels, what the models do
     themselves except FSMT, whose decoder read the input ids); and use_cache=False for such a model (see
@@ -153,3 +205,39 @@ def without_cache(model: torch.nn.Module, named: dict, inputs: dict) -> dict:
     except (TypeError, ValueError):
         takes = False
     return {**inputs, "use_cache": False} if takes and named.get("use_cache") is None else inputs
+
+
+@contextmanager
+def decoder_inputs_inside(model: torch.nn.Module) -> Iterator[dict]:
+    """For a plain module holding an encoder-decoder model (wrapped_encoder_decoder): while active, each call of
+    that inner model gets what with_decoder_inputs gives the model itself (decoder_input_ids = its input_ids
+    shifted right, decoder_attention_mask, use_cache=False), from the arguments the wrapper's forward actually
+    passes it, under whatever names the wrapper takes them; the dict yielded then holds the inner model's inputs by
+    name, additions included (for the layers' token masks). Yields an empty dict, and changes nothing, for other
+    models. An inner model given no input_ids and no decoder inputs is a ValueError naming the wrapper."""
+    inner, seen = wrapped_encoder_decoder(model), {}
+    if inner is None:
+        yield seen
+        return
+
+    def add_decoder_inputs(_module, args, kwargs):
+        positional = inspect.signature(inner.forward).bind_partial(*args).arguments if args else {}
+        named = {**positional, **kwargs}
+        try:
+            added = with_decoder_inputs(inner, named, {})
+        except ValueError as exc:
+            raise ValueError(f"{exc}; {type(inner).__name__} is inside {type(model).__name__}: give them to "
+                             f"{type(model).__name__}, whose forward must pass them on as decoder_input_ids") from None
+        seen.clear()
+        seen.update(named, **added)
+        if not added:
+            return None
+        if any(key in positional for key in added):  # a decoder input given positionally as None
+            return (), {**named, **added}
+        return args, {**kwargs, **added}
+
+    handle = inner.register_forward_pre_hook(add_decoder_inputs, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()

@@ -12,7 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from duat_kernels import strict_json
-from duat_kernels._validation import check_plot_format, nan_max
+from duat_kernels._files import check_plot_format, check_writable_folder, link_target
+from duat_kernels._validation import nan_max
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 BACKEND_CHOICES = ("auto", "reference", "cpp", "triton")
@@ -47,13 +48,20 @@ def _output_path(option: str, path: str | None) -> None:
     """Refuse, before any work, an output that cannot be written."""
     if path is None or path == "-" and option == "--json":
         return
-    target = Path(path)
+    try:  # a symbolic link is written through: its target's folder must exist
+        target = link_target(option, Path(path))
+    except ValueError as exc:  # a loop of links
+        raise InspectError(str(exc)) from None
     if target.is_dir():
         raise InspectError(f"{option} {path}: is a directory; give a file name")
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
         raise InspectError(f"{option} {path}: the directory {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK) or target.exists() and not os.access(target, os.W_OK):
+    try:  # a file created and removed: os.access says yes to root on read-only or virtual file systems (/proc)
+        check_writable_folder(f"{option} {path}", parent)
+    except PermissionError as exc:
+        raise InspectError(str(exc)) from None
+    if target.exists() and not os.access(target, os.W_OK):
         raise InspectError(f"{option} {path}: not writable")
 
 
@@ -150,9 +158,16 @@ def _check_before_loading(args) -> str:
     if args.backend not in backends.available_backends("cpu") + ["auto"]:
         raise InspectError(f"--backend {args.backend} is not available here (available: "
                            f"{', '.join(backends.available_backends('cpu'))})")
-    for option, path in (("--save", args.save_file), ("--plot", args.plot), ("--html", args.html),
-                         ("--json", args.json)):
+    outputs = [(option, path) for option, path in (("--save", args.save_file), ("--plot", args.plot),
+                                                     ("--html", args.html), ("--json", args.json))
+               if path is not None and not (option == "--json" and path == "-")]
+    seen: dict[str, str] = {}
+    for option, path in outputs:
         _output_path(option, path)
+        where = os.path.realpath(path)  # one file through links and relative paths
+        if where in seen:  # the last write won: one output silently lost
+            raise InspectError(f"{option} {path}: is the file {seen[where]} writes too; give each output its own file")
+        seen[where] = option
     if args.plot is not None:
         try:
             check_plot_format("--plot", args.plot)
@@ -236,7 +251,7 @@ def _run(args) -> int:
 
     from duat_kernels.models import inspection, long_context
     from duat_kernels.models.capture import _in_decoder, attention_layer_count
-    from duat_kernels.models.encoder_decoder import (cross_attention_blocks, decoder_tokens, is_encoder_decoder,
+    from duat_kernels.models.encoder_decoder import (cross_attention_blocks, decoder_inputs_note, decoder_tokens,
                                                      uncovered_attention_modules)
 
     text = _check_before_loading(args)
@@ -246,10 +261,12 @@ def _run(args) -> int:
 
     model, tokenizer = _load(args.model, lambda msg: print(msg, file=sys.stderr))
     _check_layers(args.layer, attention_layer_count(model))
+    inputs = _tokenize(model, tokenizer, text)
+    # what an encoder-decoder's decoder reads: the text shifted right, decoder token 0 named
+    decoder_note = decoder_inputs_note(model, tokenizer, inputs["input_ids"])
     if args.long or long_context.is_long(text):  # q/k capture: A never stored, norms on a grid, spectral norm
         with _uncovered_warning_silenced():
-            return long_context.run_inspect_long(args, model, _tokenize(model, tokenizer, text))
-    inputs = _tokenize(model, tokenizer, text)
+            return long_context.run_inspect_long(args, model, inputs, decoder_note)
     tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
     dtype = getattr(torch, args.dtype)
     if heads is not None:
@@ -260,7 +277,7 @@ def _run(args) -> int:
                                             dtype=dtype, heads=heads, per_head=per_head)
     tolerance = inspection.TOLERANCES[dtype]
     name = f"{args.model} ({model.config.model_type})"
-    encoder_decoder = dict(encoder_decoder=is_encoder_decoder(model), skipped=cross_attention_blocks(model),
+    encoder_decoder = dict(decoder_note=decoder_note, skipped=cross_attention_blocks(model),
                            uncovered=uncovered_attention_modules(model))
     # the tokens each decoder layer reads: the text shifted right (labels of its heatmaps, named in the JSON)
     decoder = dict(decoder_tokens=decoder_tokens(model, tokenizer, inputs["input_ids"]),
@@ -285,7 +302,7 @@ def _run(args) -> int:
                                          **decoder)
         log(f"heatmap ({width}x{height} px) written to {args.plot}")
     if args.html:
-        from duat_kernels._validation import format_bytes
+        from duat_kernels._memory import format_bytes
         from duat_kernels.models.html_report import write_html
 
         size = write_html(args.html, reports, tokens, f"duat inspect: {name}, {len(tokens)} tokens", tolerance, heads,

@@ -6,11 +6,14 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from duat_kernels import reference
-from duat_kernels._validation import DenseTooLargeError, format_bytes, nan_max, open_mode
+from duat_kernels._files import link_target, open_mode
+from duat_kernels._memory import DenseTooLargeError, format_bytes
+from duat_kernels._validation import nan_max
 from duat_kernels.heads import select_heads
 from duat_kernels.hvo import hvo_bias
 from duat_kernels.models.capture import AttentionLayer, attention_layers, masked_relative_error
@@ -123,9 +126,10 @@ def inspect_layers(model, inputs: dict, layers: list[int] | None = None, backend
 
 
 def format_reports(reports: list[LayerReport], model_name: str, tokens: list[str], heads: list[int] | None = None,
-                   encoder_decoder: bool = False, skipped: list[str] = (), uncovered: list[str] = ()) -> str:
-    """The table `duat inspect` prints; encoder_decoder: say what the decoder read; skipped: names of the
-    cross-attention layers left out; uncovered: self-attention modules the capture cannot read."""
+                   decoder_note: str | None = None, skipped: list[str] = (), uncovered: list[str] = ()) -> str:
+    """The table `duat inspect` prints; decoder_note: what an encoder-decoder's decoder read
+    (encoder_decoder.decoder_inputs_note); skipped: names of the cross-attention layers left out; uncovered:
+    self-attention modules the capture cannot read."""
     shown = tokens if len(tokens) <= 64 else [*tokens[:30], f"... ({len(tokens) - 60} more) ...", *tokens[-30:]]
     lines = [f"{model_name}: {len(tokens)} tokens: {' '.join(shown)}", "",
              f"{'layer':>5} {'N':>4} {'M_in':>5} {'M_out':>5} {'heads':>7} {'rel. error':>11} {'W time':>11} "
@@ -143,9 +147,8 @@ def format_reports(reports: list[LayerReport], model_name: str, tokens: list[str
               "blocks>1%: fraction of the N x N blocks whose norm exceeds 1% of the largest."]
     if heads is not None:
         lines.append(f"W' time, ||W||_F and blocks>1% are of heads {', '.join(map(str, heads))} only.")
-    if encoder_decoder:
-        lines.append("encoder-decoder model: the decoder layers read the text shifted right (decoder token 0 is the "
-                     "decoder start token, token n the text's token n-1: teacher forcing with the text as labels).")
+    if decoder_note:
+        lines.append(decoder_note)
     if skipped:
         lines.append(cross_attention_note(skipped))
     if uncovered:
@@ -210,9 +213,12 @@ def save(reports: list[LayerReport], path: str, tokens: list[str], log=print, he
     if decoder_tokens is not None:
         metadata["decoder_tokens"] = "\t".join(decoder_tokens)
         metadata["decoder_layers"] = ",".join(str(r.layer.index) for r in reports if r.layer.index in decoder_layers)
-    mode = open_mode(path)
-    save_file(tensors, path, metadata=metadata)
-    os.chmod(path, mode)  # safetensors renames a temporary file (mode 0600) over path, whatever the umask
+    # safetensors renames a temporary file (mode 0600) over the path it is given: given the file a link at path
+    # points to, the link stays, and the file keeps its mode (0666 & ~umask for a new one), as with open(path, 'w')
+    target = link_target("--save", Path(path))
+    mode = open_mode(target)
+    save_file(tensors, str(target), metadata=metadata)
+    os.chmod(target, mode)
     with_w = [r.layer.index for r in reports if r.matrix is not None]
     without = [r.layer.index for r in reports if r.matrix is None]
     what = f"W' of layer(s) {', '.join(map(str, with_w))}, " if with_w else ""

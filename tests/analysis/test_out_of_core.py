@@ -244,6 +244,26 @@ def test_overwrite_of_a_link_writes_through_to_its_target(op, tmp_path, target_e
     assert [p.name for p in (tmp_path / "links").iterdir()] == ["w.npy"]
 
 
+@pytest.mark.parametrize("through_link", [False, True], ids=["file", "link"])
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o600], ids=["0640", "0604", "0600"])
+def test_overwrite_keeps_the_mode_of_the_file_it_replaces(op, tmp_path, mode, through_link, umask_022):
+    # the new file took the mode of its .partial (0666 & ~umask), not the mode of the file it replaced, which
+    # open(path, 'w') keeps; a new file still gets 0666 & ~umask
+    import stat
+
+    target, new = tmp_path / "real.npy", tmp_path / "new.npy"
+    target.write_bytes(b"not W'")
+    target.chmod(mode)
+    path = tmp_path / "w.npy" if through_link else target
+    if through_link:
+        path.symlink_to(target.name)
+    save_dense(op, path, rows_per_tile=7, overwrite=True, progress=False)
+    save_dense(op, new, rows_per_tile=7, progress=False)
+    np.testing.assert_array_equal(np.load(target), op.to_dense().numpy())
+    assert stat.S_IMODE(target.stat().st_mode) == mode
+    assert stat.S_IMODE(new.stat().st_mode) == 0o644
+
+
 def test_a_loop_of_links_is_refused(op, tmp_path):
     a, b = tmp_path / "a.npy", tmp_path / "b.npy"
     a.symlink_to(b)

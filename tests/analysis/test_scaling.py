@@ -63,7 +63,7 @@ def test_from_qk_sweep_is_checked_for_what_it_stores(monkeypatch, capsys):
     # --n ... 65536` was refused ("needs about 257.5 GiB"), and so was scaling_sweep(from_qk=True) at N = 65536
     import pytest
 
-    from duat_kernels import DenseTooLargeError, _validation
+    from duat_kernels import DenseTooLargeError, _memory
 
     class Reached(Exception):
         pass
@@ -71,7 +71,7 @@ def test_from_qk_sweep_is_checked_for_what_it_stores(monkeypatch, capsys):
     def stop(*_args):
         raise Reached("the memory check passed")
 
-    monkeypatch.setattr(_validation, "available_memory", lambda _device: 8 << 30)
+    monkeypatch.setattr(_memory, "available_memory", lambda _device: 8 << 30)
     monkeypatch.setattr(scaling, "_operations", stop)  # the check passed: stop before any work
     with pytest.raises(Reached):
         scaling.scaling_sweep([1024, 65536], m=768, heads=12, from_qk=True, progress=False)

@@ -231,6 +231,30 @@ def test_overwrite_of_a_link_writes_through_to_its_target(op, tmp_path, target_e
     assert [p.name for p in (tmp_path / "links").iterdir()] == ["w.zarr"]
 
 
+@pytest.mark.parametrize("through_link", [False, True], ids=["store", "link"])
+def test_overwrite_keeps_the_modes_of_the_store_it_replaces(op, tmp_path, through_link, umask_022):
+    # the new store took the default modes (0777 / 0666 & ~umask), not those of the store it replaced, as
+    # open(path, 'w') keeps a file's: its folder, and each file or folder that the new store has at the same place
+    import stat
+
+    def mode(p):
+        return stat.S_IMODE(p.lstat().st_mode)
+
+    target = tmp_path / "real.zarr"
+    old = dk.HVOOperator(op.attn, op.w_v * 2, op.w_o, num_kv_heads=op.dims.kv_heads)
+    dk.analysis.save_zarr(old, target, chunks=CHUNKS, scheduler="sync", progress=False)
+    kept = {target: 0o750, target / "zarr.json": 0o640, _chunk_file(target, 0, 0): 0o600, target / "c" / "1": 0o700}
+    for p, m in sorted(kept.items(), key=lambda item: -len(item[0].parts)):  # the files before their folders
+        p.chmod(m)
+    path = tmp_path / "w.zarr" if through_link else target
+    if through_link:
+        path.symlink_to(target.name)
+    dk.analysis.save_zarr(op, path, chunks=CHUNKS, scheduler="sync", progress=False, overwrite=True)
+    np.testing.assert_array_equal(zarr.open_array(target, mode="r")[:], op.to_dense().numpy())
+    assert {p: mode(p) for p in kept} == kept
+    assert (mode(_chunk_file(target, 0, 1)), mode(target / "c" / "2")) == (0o644, 0o755)  # default modes as before
+
+
 def test_a_link_to_what_is_no_store_or_a_loop_of_links_is_refused(op, tmp_path):
     (tmp_path / "file.txt").write_text("keep")
     (tmp_path / "w.zarr").symlink_to(tmp_path / "file.txt")

@@ -32,6 +32,16 @@ def test_bf16_vs_fp32_table(report):
     assert lines[3] == "| N=32 M=256 h=32 | baseline | 50.0 ms | 55.0 ms | 1.10 |"
 
 
+def test_micro_kernel_table(report):
+    rows = {f"{isa}-{h}-{dt}": {"extra_info": {"kind": "micro_kernel", "isa": isa, "h": h, "dtype": dt, "gflops": g,
+                                              "fma_peak_1thread_gflops": peak}}
+            for isa, h, dt, g, peak in [("avx2", 8, "float32", 120.0, 130.0), ("avx2", 8, "bfloat16", 100.0, 130.0),
+                                        ("avx2", 8, "float16", 115.0, 130.0), ("baseline", 32, "float32", 50.0, 60.0)]}
+    lines = report.micro_kernel_table(rows)
+    assert lines[2] == "| avx2 | 8 | 130 | 120 (92%) | 100 (77%) | 115 (88%) | 1.20 | 1.04 |"
+    assert lines[3] == "| baseline | 32 | 60 | 50 (83%) | - | - | - | - |"  # a dtype not run is a dash
+
+
 def test_named_report_keeps_other_reports(report, tmp_path):
     """A second report in a machine's folder replaces its own files only, not another report's plots."""
     folder = tmp_path / "machine"

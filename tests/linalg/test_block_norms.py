@@ -93,9 +93,9 @@ def test_bad_grid():
 def test_outputs_that_cannot_fit_are_refused_before_allocating(call, what, finite, monkeypatch):
     # They allocated (B, N, N) norms or (h, samples) samples unchecked: the allocator's raw
     # RuntimeError, or with overcommit a process killed later; now DenseTooLargeError, before any work.
-    from duat_kernels import _validation
+    from duat_kernels import _memory
 
-    monkeypatch.setattr(_validation, "available_memory", lambda device: 1 << 20)
+    monkeypatch.setattr(_memory, "available_memory", lambda device: 1 << 20)
     q = torch.randn(1, 1024, 1)
     if not finite:
         q[0, 3, 0] = float("nan")
@@ -358,14 +358,14 @@ def test_block_norms_compile_with_fullgraph(grid):
 def test_the_torch_path_says_how_to_get_the_fused_pass(method, monkeypatch):
     # with weights that require grad the analysis forms the whole A; where it did not fit, the error told the
     # user of HVOOperator to "use the matrix-free duat_kernels.HVOOperator instead"
-    from duat_kernels import _validation
+    from duat_kernels import _memory
 
     n, h = 256, 4  # A: 1 MiB; the outputs and the projected values: under 0.4 MiB
     op = dk.HVOOperator.from_qk(torch.randn(h, n, 4), torch.randn(h, n, 4), torch.randn(8, 8, requires_grad=True),
                                 torch.randn(8, 8), causal=True)
     x = torch.randn(n, 8)
     call = (lambda: op.block_norms(grid=(4, 4))) if method == "block_norms" else (lambda: op.contributions(x))
-    monkeypatch.setattr(_validation, "available_memory", lambda device: 600 << 10)
+    monkeypatch.setattr(_memory, "available_memory", lambda device: 600 << 10)
     with pytest.raises(dk.DenseTooLargeError, match=r"attention probabilities .* torch\.no_grad\(\) or with detached"):
         call()
     with torch.no_grad():  # the fused pass: no A

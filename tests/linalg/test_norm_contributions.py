@@ -58,9 +58,9 @@ def test_contributions_rejects_wrong_shape():
 def test_contributions_that_cannot_fit_are_refused_before_allocating(per_head, shape, monkeypatch):
     # The (B, N, N) result was allocated unchecked (from q and k, A itself is never stored): the
     # allocator's raw RuntimeError for long sequences; now DenseTooLargeError naming the size.
-    from duat_kernels import _validation
+    from duat_kernels import _memory
 
-    monkeypatch.setattr(_validation, "available_memory", lambda device: 1 << 20)
+    monkeypatch.setattr(_memory, "available_memory", lambda device: 1 << 20)
     q, k = torch.randn(2, 1024, 1), torch.randn(2, 1024, 1)
     op = dk.HVOOperator.from_qk(q, k, torch.randn(2, 3), torch.randn(3, 2), causal=True)
     with pytest.raises(dk.DenseTooLargeError, match=f"contributions of shape {shape} needs .* but only 1.0 MiB"):

@@ -14,7 +14,7 @@ import torch
 
 from duat_kernels import cpp
 from duat_kernels.linalg import gram_norms, norms
-from duat_kernels.attention_source import QKAttention
+from duat_kernels.qk_attention import QKAttention
 
 from conftest import qk_sources
 

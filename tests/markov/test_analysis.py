@@ -149,15 +149,29 @@ def _one_closed_class() -> TransitionOperator:
     return TransitionOperator(q / q.sum(axis=1, keepdims=True), 2, 3)
 
 
+@pytest.mark.parametrize("what", ["stationary_distribution", "spectral_gap"])
 @pytest.mark.parametrize("dense_limit", [analysis.DENSE_MAX_STATES, 2], ids=["dense", "arpack"])
 @pytest.mark.parametrize("op", [TransitionOperator(np.eye(3), 3, 1), _two_absorbing_states()],
                          ids=["identity", "two-absorbing"])
-def test_reducible_chain_is_refused(op, dense_limit, monkeypatch):
+def test_reducible_chain_is_refused(op, dense_limit, what, monkeypatch):
     """Identity P (every state absorbing), or two absorbing states: π is not unique. The dense solve said so;
-    the ARPACK path (above DENSE_MAX_STATES) returned one of the stationary distributions."""
+    the ARPACK path (above DENSE_MAX_STATES) returned one of the stationary distributions, and spectral_gap
+    reported a gap of 0 (the eigenvalue 1 repeated) where stationary_distribution refused the chain."""
     monkeypatch.setattr(analysis, "DENSE_MAX_STATES", dense_limit)
+    monkeypatch.setattr(analysis, "EIGVALS_MAX_STATES", dense_limit)
     with pytest.raises(ValueError, match=r"P is not irreducible \(π is not unique\)"):
-        analysis.stationary_distribution(op)
+        getattr(analysis, what)(op)
+
+
+@pytest.mark.parametrize("dense_limit", [analysis.EIGVALS_MAX_STATES, 4], ids=["dense", "arpack"])
+def test_one_closed_class_has_a_gap(dense_limit, monkeypatch):
+    """Transient states do not make the chain refused: λ_2 of P is that of its transient part (the closed class
+    is one state), its largest eigenvalue in modulus after the 1."""
+    op = _one_closed_class()
+    monkeypatch.setattr(analysis, "EIGVALS_MAX_STATES", dense_limit)
+    vals = np.linalg.eigvals(op.to_dense())
+    lam2 = sorted(vals, key=abs)[-2]
+    assert analysis.spectral_gap(op).gap == pytest.approx(1 - abs(lam2), abs=1e-10)
 
 
 def test_one_closed_class_has_the_same_pi_on_both_paths(monkeypatch):

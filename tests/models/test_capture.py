@@ -4,6 +4,7 @@ transformers module code, torch.nn.MultiheadAttention, and sdpa/eager handling."
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -517,3 +518,14 @@ def test_an_encoder_decoder_read_in_full_is_not_warned_about():
         layers = dk.models.attention_layers(model, input_ids=_ids(100, tokens=6)["input_ids"][:1])
     assert [layer.name.split(".")[0] for layer in layers] == ["encoder"] * 2 + ["decoder"] * 2
     assert not [w for w in caught if "cannot read" in str(w.message)]
+
+
+def test_relative_error_of_an_exactly_zero_output():
+    # An output of exact zeros (a text of zero-embedding tokens) reproduced exactly was 0 / 0 = NaN, and
+    # duat inspect reported the layer FAILED; a nonzero reconstruction of it is infinitely wrong, NaN stays NaN.
+    from duat_kernels.models.capture import masked_relative_error
+
+    zeros = torch.zeros(1, 3, 4)
+    assert masked_relative_error(zeros, zeros, None) == 0.0
+    assert masked_relative_error(zeros + 1e-30, zeros, None) == float("inf")
+    assert math.isnan(masked_relative_error(zeros + float("nan"), zeros, torch.ones(1, 3, dtype=torch.bool)))

@@ -10,6 +10,7 @@ import torch
 
 import duat_kernels as dk
 from duat_kernels.models.encoder_decoder import cross_attention_blocks
+from test_capture import Wrapper  # a plain module passing its keyword arguments on to the model it holds
 
 transformers = pytest.importorskip("transformers", reason="the model tests need transformers: pip install '.[models]'")
 
@@ -199,3 +200,67 @@ def test_cross_attention_without_known_projections_is_named_as_cross_attention()
     assert [layer.name for layer in layers] == ["encoder.encoder.layer.0.attention.self", "decoder.transformer.h.0.attn",
                                                 "decoder.transformer.h.1.attn"]
     assert not [w for w in caught if "cannot read" in str(w.message)]
+
+
+class _Names:
+    """A stand-in tokenizer: token id i is called 't<i>'."""
+
+    @staticmethod
+    def convert_ids_to_tokens(ids):
+        return [f"t{int(i)}" for i in ids]
+
+
+@pytest.mark.parametrize("family", ["t5", "bart", "mbart", "fsmt"])
+def test_the_note_names_what_decoder_token_0_is(family):
+    # duat inspect's note said "decoder token 0 is the decoder start token" for every model; mBART's and FSMT's
+    # shift_tokens_right put the text's last real token first (the language code, the end-of-sentence token)
+    from duat_kernels.models.encoder_decoder import decoder_inputs_note
+
+    model = _model(family)
+    ids = _padded_ids()[0][:1]  # duat inspect: one sequence, no padding
+    note = decoder_inputs_note(model, _Names, ids)
+    if family in ("mbart", "fsmt"):
+        assert f"decoder token 0 is 't{int(ids[0, -1])}', the text's last token" in note
+        assert "decoder start token 't" not in note
+    else:
+        assert f"decoder token 0 is the decoder start token 't{START}'" in note
+    assert note.startswith("encoder-decoder model: the decoder layers read the text shifted right")
+    assert "token n the text's token n-1" in note
+    assert decoder_inputs_note(transformers.BertModel(transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)), _Names, ids) is None
+
+
+class _Renaming(Wrapper):
+    """A plain module whose forward calls the model it holds with arguments of other names, positionally (and
+    decoder_input_ids as None)."""
+
+    def forward(self, tokens, mask=None):
+        return self.inner(tokens, mask, None)
+
+
+@pytest.mark.parametrize("family,wrapper", [("t5", Wrapper), ("bart", Wrapper), ("fsmt", Wrapper),
+                                            ("t5", _Renaming)])
+def test_a_wrapped_encoder_decoder_model_gets_the_same_decoder_inputs(family, wrapper):
+    # inside a plain module, T5 failed with "You must specify exactly one of input_ids or inputs_embeds", FSMT with
+    # "returned no (B, h, N, N) attention probabilities", and BART's decoder ran without the shifted decoder mask
+    # (its layer's token mask was the encoder's, one token off)
+    model = _model(family)
+    ids, mask = _padded_ids()
+    expected = dk.models.attention_layers(model, input_ids=ids, attention_mask=mask)
+    given = dict(tokens=ids, mask=mask) if wrapper is _Renaming else dict(input_ids=ids, attention_mask=mask)
+    layers = dk.models.attention_layers(wrapper(model), **given)
+    assert [layer.name for layer in layers] == [f"inner.{ref.name}" for ref in expected]
+    for layer, ref in zip(layers, expected, strict=True):
+        assert layer.num_heads == ref.num_heads
+        torch.testing.assert_close(layer.attn, ref.attn, rtol=0, atol=0)
+        torch.testing.assert_close(layer.token_mask, ref.token_mask, rtol=0, atol=0)
+        assert layer.relative_error() <= TOLERANCE, layer.name
+
+
+def test_a_wrapped_encoder_decoder_model_without_input_ids_is_one_clear_error():
+    model = _model("t5")
+    embeds = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"T5Model .*no input_ids.*pass decoder_input_ids.*inside Wrapper"):
+        dk.models.attention_layers(Wrapper(model), inputs_embeds=embeds)
+    layers = dk.models.attention_layers(Wrapper(model), inputs_embeds=embeds, decoder_input_ids=_padded_ids()[0])
+    assert all(layer.relative_error() <= TOLERANCE for layer in layers)

@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,6 +123,51 @@ def test_save_gives_the_file_the_mode_open_would(folder, tmp_path, umask):
     assert stat.S_IMODE(existing.stat().st_mode) == 0o640
 
 
+@pytest.mark.parametrize("target_exists", [True, False], ids=["existing-target", "dangling-link"])
+def test_save_writes_through_a_symbolic_link(folder, tmp_path, target_exists, umask_022):
+    """safetensors renamed its temporary file over the --save path: a symbolic link there became a regular file and
+    the file it pointed to kept its old bytes. Now the link stays and its target is written (created for a dangling
+    link), in the target's mode (an existing one keeps it), as open(path, 'w'), save_dense and save_zarr do."""
+    import os
+    import stat
+
+    from safetensors.torch import load_file
+
+    target, link = tmp_path / "data" / "w.safetensors", tmp_path / "link.safetensors"
+    target.parent.mkdir()
+    if target_exists:
+        target.write_bytes(b"old")
+        target.chmod(0o640)
+    link.symlink_to(os.path.relpath(target, link.parent))
+    assert main(["inspect", "--model", str(folder), "--text", _text(3), "--layer", "0", "--save", str(link)]) == 0
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert sorted(load_file(target)) == ["layer0.W", "layer0.b", "layer0.block_norms"]
+    assert stat.S_IMODE(target.stat().st_mode) == (0o640 if target_exists else 0o644)
+
+
+def test_save_refuses_a_link_into_a_missing_folder_before_loading(folder, tmp_path, capsys):
+    """A link whose target's folder does not exist passed the check (the link's own folder exists): the
+    command loaded the model and computed every layer, then failed writing."""
+    link = tmp_path / "w.safetensors"
+    link.symlink_to(tmp_path / "missing" / "w.safetensors")
+    assert main(["inspect", "--model", str(folder), "--text", _text(3), "--save", str(link)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("duat inspect: --save ") and "does not exist" in err, err
+    assert "loading" not in err and link.is_symlink() and not (tmp_path / "missing").exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, where no file can be created")
+@pytest.mark.parametrize("option", ["--save", "--json", "--plot", "--html"])
+def test_an_output_in_a_folder_where_no_file_can_be_created_is_refused_before_loading(folder, capsys, option):
+    """os.access says yes to root in /proc (and on read-only file systems): every layer was computed, then
+    --save failed as 'internal error: SafetensorError ... please report it' (exit 1), --json with a bare errno."""
+    path = "/proc/w" + {"--save": ".safetensors", "--json": ".json", "--plot": ".png", "--html": ".html"}[option]
+    assert main(["inspect", "--model", str(folder), "--text", _text(3), option, path]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith(f"duat inspect: {option} {path}: cannot write in /proc"), err
+    assert "loading" not in err
+
+
 def _png_size(path):
     head = path.read_bytes()[:24]
     assert head[:4] == b"\x89PNG"
@@ -171,6 +219,7 @@ def test_html_report_renders_in_chromium(folder, tmp_path):
     (["--heads", "1", "-3"], "--heads: heads must be distinct, got [1, -3]"),
     (["--heads", "x"], "--heads takes 'all' or head indices"),
     (["--plot", "{tmp}/w.jgp"], "matplotlib cannot write .jgp files"),  # was savefig's error after every layer
+    (["--plot", "{tmp}/out.png", "--html", "{tmp}/./out.png"], "is the file --plot writes too"),  # the last write won
 ])
 def test_bad_input_is_one_line(folder, tmp_path, capsys, argv, message):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
@@ -353,10 +402,19 @@ def test_encoder_decoder_models_are_inspected(tmp_path, capsys, family):
     assert main(["inspect", "--model", str(folder), "--text", _text(6), "--json", str(out), "--layer", "1"]) == 0
     printed = capsys.readouterr().out
     assert f"cross-attention layers not inspected (1: {CROSS_ATTENTION[family]})" in printed
-    assert "the decoder layers read the text shifted right" in printed
+    # decoder token 0, named: FSMT's shift puts the text's last token first (the note called it the start token)
+    model, tok = dk.models.load(str(folder))
+    ids = tok([_text(6)], return_tensors="pt")["input_ids"]
+    first = f"{tok.convert_ids_to_tokens(ids[0])[-1]!r}, the text's last token, which FSMTModel's shift puts first" \
+        if family == "fsmt" else \
+        f"the decoder start token {tok.convert_ids_to_tokens([model.config.decoder_start_token_id])[0]!r}"
+    note = f"the decoder layers read the text shifted right (decoder token 0 is {first}"
+    assert note in printed
     if family == "bart":  # --long (q/k capture; T5's position bias is refused there) says it too
         assert main(["inspect", "--model", str(folder), "--text", _text(6), "--long"]) == 0
-        assert f"cross-attention layers not inspected (1: {CROSS_ATTENTION[family]})" in capsys.readouterr().out
+        printed = capsys.readouterr().out
+        assert f"cross-attention layers not inspected (1: {CROSS_ATTENTION[family]})" in printed
+        assert note in printed  # --long said nothing of what the decoder layers read
     else:  # the refusal pointed to capture='attn', an API option a command-line user cannot give
         assert main(["inspect", "--model", str(folder), "--text", _text(6), "--long"]) == 2
         err = capsys.readouterr().err
@@ -368,8 +426,6 @@ def test_encoder_decoder_models_are_inspected(tmp_path, capsys, family):
                  "--heads", "all"]) == 0
     result = json.loads(capsys.readouterr().out)
     # independently: the decoder fed the text shifted right by hand, each layer's dense W' (reference backend) on x'
-    model, tok = dk.models.load(str(folder))
-    ids = tok([_text(6)], return_tensors="pt")["input_ids"]
     start = ids[:, -1:] if family == "fsmt" else torch.full_like(ids[:, :1], model.config.decoder_start_token_id)
     decoder_ids = torch.cat([start, ids[:, :-1]], dim=1)  # FSMT's shift puts the last token first
     layers = dk.models.attention_layers(model, input_ids=ids, decoder_input_ids=decoder_ids)
@@ -422,11 +478,12 @@ def test_self_attention_the_capture_cannot_read_is_named(tmp_path, capsys, recwa
     assert not [w for w in recwarn if "cannot read" in str(w.message)]
 
 
-def test_decoder_layers_are_labelled_with_the_tokens_they_read(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("family", ["bart", "fsmt"])
+def test_decoder_layers_are_labelled_with_the_tokens_they_read(tmp_path, capsys, monkeypatch, family):
     # the heatmaps' hover labels (--html) and tick labels (--plot) of BART's decoder layer named the input tokens,
     # one position off what the decoder reads (the text shifted right: token n is the text's token n - 1), and
-    # --json did not say which
-    folder = _encoder_decoder_folder(tmp_path / "bart", "bart")
+    # --json did not say which; FSMT: decoder token 0 is the text's last token (its shift puts it first)
+    folder = _encoder_decoder_folder(tmp_path / family, family)
     out, page = tmp_path / "r.json", tmp_path / "r.html"
     import matplotlib.axes
 
@@ -442,7 +499,8 @@ def test_decoder_layers_are_labelled_with_the_tokens_they_read(tmp_path, capsys,
     model, tok = dk.models.load(str(folder))
     ids = tok([_text(6)], return_tensors="pt")["input_ids"][0].tolist()
     tokens = tok.convert_ids_to_tokens(ids)
-    shifted = tok.convert_ids_to_tokens([model.config.decoder_start_token_id, *ids[:-1]])
+    first = ids[-1] if family == "fsmt" else model.config.decoder_start_token_id
+    shifted = tok.convert_ids_to_tokens([first, *ids[:-1]])
     result = json.loads(out.read_text())
     assert result["tokens"] == tokens and result["decoder_tokens"] == shifted
     assert [(entry["name"].split(".")[0], entry["reads"]) for entry in result["layers"]] == [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from duat_kernels.models import load
@@ -45,3 +47,27 @@ def test_an_encoder_decoder_model_folder_loads_and_is_inspected(tmp_path, capsys
     assert main(["inspect", "--model", str(tmp_path), "--text", "the cat sat on the mat"]) == 0
     assert "cross-attention layers not inspected (1: decoder.bert.encoder.layer.0.crossattention.self)" in \
         capsys.readouterr().out
+
+
+@pytest.mark.parametrize("transformers_on, hub_on", [(True, True), (True, False), (False, True), (False, False)])
+def test_progress_bars_are_as_they_were_after_the_block(transformers_on, hub_on):
+    """With transformers' bars off and huggingface_hub's on, the block (--no-progress) left huggingface_hub's off:
+    transformers' disable_progress_bar turns both off, and only transformers' state was restored."""
+    pytest.importorskip("transformers", reason="needs transformers: pip install '.[models]'")
+    if hub_on and os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+        pytest.skip("HF_HUB_DISABLE_PROGRESS_BARS is set: huggingface_hub's bars cannot be turned on here")
+    from huggingface_hub import utils as hub
+    from transformers.utils import logging
+
+    from duat_kernels.models.zoo import transformers_progress_bars
+
+    was = logging.is_progress_bar_enabled(), hub.are_progress_bars_disabled()
+    try:
+        (logging.enable_progress_bar if transformers_on else logging.disable_progress_bar)()
+        (hub.enable_progress_bars if hub_on else hub.disable_progress_bars)()
+        with transformers_progress_bars(False):
+            assert not logging.is_progress_bar_enabled() and hub.are_progress_bars_disabled()
+        assert (logging.is_progress_bar_enabled(), hub.are_progress_bars_disabled()) == (transformers_on, not hub_on)
+    finally:
+        (logging.enable_progress_bar if was[0] else logging.disable_progress_bar)()
+        (hub.disable_progress_bars if was[1] else hub.enable_progress_bars)()

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from duat_kernels._validation import check_output_folder
+from duat_kernels._files import check_output_folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 from statistics import mean
 
 from duat_kernels import strict_json
-from duat_kernels._validation import remove_stale_outputs
+from duat_kernels._files import remove_stale_outputs
 
 
 def _pct(x: float) -> str:
@@ -165,7 +165,7 @@ def write(out: Path, results: dict, meta: dict, plots: list[Path] = ()) -> list[
     `plots.write_all`); returns the paths written. The files an earlier duat claims run wrote in out that
     this one did not write are deleted (claims.md linked whatever PNG it found, so a rerun with --no-plots or
     fewer sections showed the earlier run's plots as its own); the files written are recorded in
-    out/.duat-outputs.json (_validation.remove_stale_outputs), other files stay."""
+    out/.duat-outputs.json (_files.remove_stale_outputs), other files stay."""
     out.mkdir(parents=True, exist_ok=True)
     plotted = {Path(p).name for p in plots}
     (out / "claims.json").write_text(strict_json.dumps({"meta": meta, **results}, indent=1))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import duat_kernels as dk
-from duat_kernels import attention_source
+from duat_kernels import attention_source, qk_attention
 from duat_kernels.linalg import stats
 
 CASES = {  # name: (causal, padded, softcap, sliding_window)
@@ -297,8 +297,8 @@ def test_tall_narrow_tile_forms_row_blocks_only(layout, causal, monkeypatch):
     dense = op.to_dense()
     monkeypatch.setattr(attention_source, "BLOCK_ENTRIES", 2 * 4 * 11 * 3)  # 3 rows of A per step
     widths = []
-    real_rows = attention_source.QKAttention.rows
-    monkeypatch.setattr(attention_source.QKAttention, "rows",
+    real_rows = qk_attention.QKAttention.rows
+    monkeypatch.setattr(qk_attention.QKAttention, "rows",
                         lambda self, r0, r1: widths.append(r1 - r0) or real_rows(self, r0, r1))
     for cols in (slice(0, 1), slice(40, 43), slice(65, 66)):
         torch.testing.assert_close(op.tile(slice(0, 66), cols), dense[:, :, cols], rtol=1e-12, atol=1e-12)
@@ -537,3 +537,23 @@ def test_from_qk_products_compile_with_fullgraph(opts):
         want = products(q, k, x)
         assert "nan" not in corrupt or want[0].isnan().any()  # a NaN logit reaches W' x' (an Inf one may be capped)
         torch.testing.assert_close(compiled(q, k, x), want, equal_nan=True, msg=corrupt)
+
+
+@pytest.mark.parametrize("mask", [[0.0, float("-inf"), 0.0, 0.0], [0.0, -1e9, -1e9, 0.0], [1.0, 0.5, 1.0, 1.0]],
+                         ids=["additive-inf", "additive-large", "fraction"])
+def test_from_qk_refuses_a_float_mask_batched_by_vmap(mask):
+    """A floating mask batched by vmap skipped the check that it holds only 0 and 1 (Python cannot read it): an
+    additive mask (0 = attend) was read as a keep mask, inverted without a word, where eager refuses it."""
+    q, k, w_v, w_o, _, x = _batched_qk("finite")
+    masks = torch.tensor([mask] * q.shape[0])
+    with pytest.raises(ValueError, match="attention_mask must hold True/1 .* under torch.func.vmap .* bool"):
+        torch.func.vmap(lambda q, k, m: dk.HVOOperator.from_qk(q, k, w_v, w_o, attention_mask=m).matvec(x))(q, k, masks)
+
+
+def test_from_qk_takes_an_integer_mask_batched_by_vmap():
+    """Tokenizers' int64 1/0 masks batched by vmap still work: each element as without vmap."""
+    q, k, w_v, w_o, _, x = _batched_qk("finite")
+    masks = torch.tensor([[1, 1, 0, 1], [1, 0, 0, 1], [0, 1, 1, 1]])
+    got = torch.func.vmap(lambda q, k, m: dk.HVOOperator.from_qk(q, k, w_v, w_o, attention_mask=m).matvec(x))(q, k, masks)
+    want = torch.stack([dk.HVOOperator.from_qk(a, b, w_v, w_o, attention_mask=m).matvec(x) for a, b, m in zip(q, k, masks)])
+    torch.testing.assert_close(got, want)
