@@ -115,12 +115,13 @@ def analyse_text(settings: CorpusSettings, index: int, text_id: str, text: str) 
     from duat_kernels.models import attention_layers
     from duat_kernels.models.capture import _in_decoder
     from duat_kernels.models.encoder_decoder import decoder_tokens
+    from duat_kernels.models.token_labels import input_tokens
 
     model, tokenizer = cached_model(settings.model)
     rows = []
     with torch_threads(settings.threads), torch.no_grad():
         inputs = tokenizer([text], return_tensors="pt", truncation=True)
-        tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
+        tokens = input_tokens(tokenizer, inputs["input_ids"][0])  # FSMT: its source vocabulary
         shifted = decoder_tokens(model, tokenizer, inputs["input_ids"])  # what an encoder-decoder's decoder reads
         layers = None if settings.layers is None else list(settings.layers)
         for layer in attention_layers(model, layers=layers, **dict(inputs)):

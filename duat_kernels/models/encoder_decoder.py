@@ -24,6 +24,7 @@ import torch
 
 from duat_kernels.models.architectures import (SHAPES, _weighted, find_blocks, is_cross_attention,
                                                outermost_submodules)
+from duat_kernels.models.token_labels import input_tokens, target_reading_note
 
 
 def is_encoder_decoder(model: torch.nn.Module) -> bool:
@@ -142,11 +143,14 @@ def decoder_inputs_note(model: torch.nn.Module, tokenizer, input_ids: torch.Tens
     the text's last real token that mBART's and FSMT's shift puts first)."""
     if not is_encoder_decoder(model):
         return None
-    token = repr(tokenizer.convert_ids_to_tokens(shifted_decoder_ids(model, input_ids)[0, :1])[0])
+    shifted = shifted_decoder_ids(model, input_ids)[0]
+    token = repr(input_tokens(tokenizer, shifted[:1])[0])
     first = f"the decoder start token {token}" if shift_starts_with_start_token(model) else \
         f"{token}, the text's last token, which {type(model).__name__}'s shift puts first instead of a start token"
-    return (f"encoder-decoder model: the decoder layers read the text shifted right (decoder token 0 is {first}; "
+    note = (f"encoder-decoder model: the decoder layers read the text shifted right (decoder token 0 is {first}; "
             "token n the text's token n-1: teacher forcing with the text as labels).")
+    target = target_reading_note(type(model).__name__, tokenizer, shifted)  # FSMT: source ids, target embedding
+    return note if target is None else f"{note} {target}"
 
 
 # inputs the decoder's own inputs come from: labels are shifted right into decoder_input_ids by the model itself
@@ -158,10 +162,11 @@ DECODER_SOURCES = ("decoder_input_ids", "decoder_inputs_embeds", "labels")
 def decoder_tokens(model: torch.nn.Module, tokenizer, input_ids: torch.Tensor) -> list[str] | None:
     """The tokens (strings) the decoder of an encoder-decoder model reads when given no decoder inputs: those of
     the first sequence of input_ids (B, N) shifted right (decoder token 0: the start token, or the text's last
-    real token for mBART and FSMT); None for other models."""
+    real token for mBART and FSMT), named as the text's tokens (token_labels.input_tokens: FSMT's decoder looks these
+    source-vocabulary ids up in its target embedding, which decoder_inputs_note says); None for other models."""
     if not is_encoder_decoder(model):
         return None
-    return tokenizer.convert_ids_to_tokens(shifted_decoder_ids(model, input_ids)[0])
+    return input_tokens(tokenizer, shifted_decoder_ids(model, input_ids)[0])
 
 
 def with_decoder_inputs(model: torch.nn.Module, named: dict, inputs: dict) -> dict:

@@ -253,6 +253,7 @@ def _run(args) -> int:
     from duat_kernels.models.capture import _in_decoder, attention_layer_count
     from duat_kernels.models.encoder_decoder import (cross_attention_blocks, decoder_inputs_note, decoder_tokens,
                                                      uncovered_attention_modules)
+    from duat_kernels.models.token_labels import input_tokens
 
     text = _check_before_loading(args)
     heads, per_head_wanted = _heads(args.heads)
@@ -267,7 +268,7 @@ def _run(args) -> int:
     if args.long or long_context.is_long(text):  # q/k capture: A never stored, norms on a grid, spectral norm
         with _uncovered_warning_silenced():
             return long_context.run_inspect_long(args, model, inputs, decoder_note)
-    tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
+    tokens = input_tokens(tokenizer, inputs["input_ids"][0])  # FSMT: its source vocabulary
     dtype = getattr(torch, args.dtype)
     if heads is not None:
         heads = _selected_heads(model, args.layer, heads)

@@ -1,0 +1,47 @@
+"""The strings that label a model's tokens (duat inspect's table, JSON, --save metadata, heatmaps; duat corpus).
+
+A translation tokenizer with a source and a target vocabulary (FSMTTokenizer; MarianTokenizer with
+separate_vocabs) encodes text with the source one, but its convert_ids_to_tokens reads the target one (what
+decoding generated ids needs): the input ids of an English text came back as the German tokens of the same ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def source_vocabulary(tokenizer) -> dict[int, str] | None:
+    """id -> token of the vocabulary the tokenizer encodes text with, for a tokenizer with a source vocabulary of
+    its own (get_src_vocab: FSMTTokenizer, MarianTokenizer); None for others, whose convert_ids_to_tokens reads the
+    one vocabulary they have."""
+    get = getattr(tokenizer, "get_src_vocab", None)
+    if not callable(get):
+        return None
+    return {int(i): token for token, i in get().items()}
+
+
+def input_tokens(tokenizer, ids: Sequence[int]) -> list[str]:
+    """The token strings of ids (N,) as the tokenizer encoded them: from its source vocabulary where it has one
+    (an id missing from it: the tokenizer's own convert_ids_to_tokens), else convert_ids_to_tokens."""
+    ids = [int(i) for i in ids]
+    own = tokenizer.convert_ids_to_tokens(ids)
+    source = source_vocabulary(tokenizer)
+    return own if source is None else [source.get(i, token) for i, token in zip(ids, own)]
+
+
+def target_reading_note(model_name: str, tokenizer, decoder_ids: Sequence[int]) -> str | None:
+    """For a decoder fed source-vocabulary ids (the text shifted right) through its target-vocabulary embedding
+    (FSMT, Marian with two vocabularies): a sentence saying so, and how many of decoder_ids (N_dec,) the target
+    vocabulary names otherwise, with the first such token; None when the tokenizer has one vocabulary or both name
+    every id alike."""
+    if source_vocabulary(tokenizer) is None:
+        return None
+    ids = [int(i) for i in decoder_ids]
+    source, target = input_tokens(tokenizer, ids), tokenizer.convert_ids_to_tokens(ids)
+    differ = [n for n, (s, t) in enumerate(zip(source, target)) if s != t]
+    if not differ:
+        return None
+    n = differ[0]
+    return (f"{model_name}'s decoder looks these source-vocabulary ids up in its target-vocabulary embedding, which "
+            f"names {len(differ)} of the {len(source)} otherwise (decoder token {n}, the text's {source[n]!r}, is the "
+            f"target's {target[n]!r}): the decoder layers are labelled with the source tokens the ids came from.")
