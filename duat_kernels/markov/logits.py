@@ -20,6 +20,7 @@ import torch
 
 from duat_kernels import strict_json
 from duat_kernels._validation import positive_int
+from duat_kernels.forward_signature import forward_takes
 from duat_kernels.markov.operator import state_count
 
 BOS_AUTO = "auto"
@@ -102,7 +103,7 @@ def check_causal(model, token_ids: Sequence[int], bos_id: int | None = None) -> 
     rows = torch.tensor([[first, second, first], [first, second, second]], dtype=torch.int64)
     if bos_id is not None:
         rows = torch.cat([torch.full((2, 1), int(bos_id), dtype=torch.int64), rows], dim=1)
-    kwargs = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    kwargs = {"use_cache": False} if forward_takes(model, "use_cache") else {}
     with torch.inference_mode():
         logits = getattr(model(input_ids=rows, **kwargs), "logits", None)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[1] != rows.shape[1]:

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 
 import torch
 
+from duat_kernels.forward_signature import forward_takes
 from duat_kernels.models.architectures import (SHAPES, _weighted, find_blocks, is_cross_attention,
                                                outermost_submodules)
 from duat_kernels.models.token_labels import input_tokens, target_reading_note
@@ -205,10 +206,7 @@ def without_cache(model: torch.nn.Module, named: dict, inputs: dict) -> dict:
     does not set it: the capture runs one whole teacher-forced pass, which reads no cache, and FSMT's decoder
     applies its causal and padding masks only without one (given decoder_input_ids and use_cache, its config's
     default, every decoder token attends to every other)."""
-    try:
-        takes = "use_cache" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        takes = False
+    takes = forward_takes(model, "use_cache")
     return {**inputs, "use_cache": False} if takes and named.get("use_cache") is None else inputs
 
 

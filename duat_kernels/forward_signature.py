@@ -1,0 +1,15 @@
+"""What a model's forward takes, read from its signature (the capture's encoder-decoder pass and duat markov's
+causality check both pass use_cache=False only to a forward that takes it)."""
+
+from __future__ import annotations
+
+import inspect
+
+
+def forward_takes(model, name: str) -> bool:
+    """Whether model.forward has a parameter called `name` (a catch-all **kwargs does not count); False when the
+    forward's signature cannot be read (a builtin)."""
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
