@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--html", metavar="FILE.html", help="a self-contained interactive page: per-layer and "
                         "per-head heatmaps, tokens on hover, the exactness table")
     parser.add_argument("--json", metavar="FILE", help="per-layer results as JSON ('-' for stdout, then no table)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (layers, and transformers' "
+                                                                   "while the model loads)")
 
 
 def _output_path(option: str, path: str | None) -> None:
@@ -219,12 +221,14 @@ def _tokenize(model, tokenizer, text: str) -> dict:
     return inputs
 
 
-def _load(name: str, log):
+def _load(name: str, log, progress: bool = True):
     from duat_kernels.models import load
+    from duat_kernels.models.zoo import transformers_progress_bars
 
     log(f"loading {name} ...")
     start = time.perf_counter()
-    model, tokenizer = load(name)
+    with transformers_progress_bars(progress):  # "Loading weights"
+        model, tokenizer = load(name)
     log(f"loaded {name} ({type(model).__name__}) in {time.perf_counter() - start:.1f} s")
     return model, tokenizer
 
@@ -260,7 +264,7 @@ def _run(args) -> int:
     quiet = args.json == "-"
     log = (lambda msg: print(msg, file=sys.stderr)) if quiet else print
 
-    model, tokenizer = _load(args.model, lambda msg: print(msg, file=sys.stderr))
+    model, tokenizer = _load(args.model, lambda msg: print(msg, file=sys.stderr), progress=not args.no_progress)
     _check_layers(args.layer, attention_layer_count(model))
     inputs = _tokenize(model, tokenizer, text)
     # what an encoder-decoder's decoder reads: the text shifted right, decoder token 0 named
@@ -275,7 +279,8 @@ def _run(args) -> int:
     per_head = ("all" if heads is None else heads) if per_head_wanted else None
     with _uncovered_warning_silenced():
         reports = inspection.inspect_layers(model, dict(inputs), args.layer, args.backend, keep=bool(args.save_file),
-                                            dtype=dtype, heads=heads, per_head=per_head)
+                                            progress=not args.no_progress, dtype=dtype, heads=heads,
+                                            per_head=per_head)
     tolerance = inspection.TOLERANCES[dtype]
     name = f"{args.model} ({model.config.model_type})"
     encoder_decoder = dict(decoder_note=decoder_note, skipped=cross_attention_blocks(model),

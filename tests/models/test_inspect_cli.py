@@ -592,3 +592,17 @@ def test_heads_are_checked_per_layer(bart_folder, capsys):
         err = capsys.readouterr().err
         assert err.strip().splitlines()[-1] == f"duat inspect: {message}", err
         assert "layers:" not in err  # refused before any W'
+
+
+def test_no_progress_hides_the_bars(folder, capsys):
+    # duat inspect had no --no-progress (duat markov, claims and corpus have): its layers bar and transformers'
+    # "Loading weights" bar always went to stderr
+    from transformers.utils import logging
+
+    argv = ["inspect", "--model", str(folder), "--text", _text(6)]
+    for extra, shown in (([], True), (["--no-progress"], False)):
+        assert main([*argv, *extra]) == 0
+        captured = capsys.readouterr()
+        assert ("layers: " in captured.err) == shown and ("Loading weights" in captured.err) == shown, captured.err
+        assert "loaded " in captured.err and "rel. error" in captured.out  # the rest as before
+        assert logging.is_progress_bar_enabled()  # as before the run
