@@ -45,18 +45,25 @@ def contributions(attn, x: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, n
     if tuple(x.shape) != (batch, n, w_v.shape[1]):
         raise ValueError(f"x must have shape (B, N, M_in) = ({batch}, {n}, {w_v.shape[1]}), got {tuple(x.shape)}")
     ct = torch.float64 if torch.float64 in (source.dtype, x.dtype, w_v.dtype, w_o.dtype) else torch.float32
-    m_out, size = w_o.shape[0], ct.itemsize
+    m_out = w_o.shape[0]
     result = batch * h * n * n * 2 if per_head else batch * n * n + batch * n * h * h  # with |A| or G_m
-    check_fits(f"contributions of shape {(batch, h, n, n) if per_head else (batch, n, n)}",
-               (batch * h * n * m_out + result) * size, source.device,
-               "Analyse fewer tokens (or one batch element) at a time.")
+    shape = (batch, h, n, n) if per_head else (batch, n, n)
+    check_fits(f"contributions of shape {shape}", (batch * h * n * m_out + result) * ct.itemsize, source.device,
+               CONTRIBUTIONS_HINT)
     if m_out == 0 or w_v.shape[1] == 0:  # W'_nm x_m is an empty vector or an empty sum: norm 0, whatever A holds
         return torch.zeros(batch, *((h,) if per_head else ()), n, n, dtype=ct, device=source.device)
     out = _contributions(source, x.to(ct), w_v, w_o, per_head)
     if ct == torch.float32 and has_values(out) and not all_finite(out) and all_finite(x, w_v, w_o, *source.inputs()):
-        # finite factors whose float32 squares overflowed (a stored A or an x far from 1): in float64
+        # finite factors whose float32 squares overflowed (a stored A or an x far from 1): in float64, beside the
+        # float32 result, with x in float64
+        check_fits(f"contributions of shape {shape} recomputed in float64 (their float32 squares overflowed)",
+                   (batch * h * n * m_out + result + x.numel()) * 8 + out.numel() * 4, source.device,
+                   CONTRIBUTIONS_HINT)
         out = _contributions(source, x.double(), w_v, w_o, per_head).float()
     return out
+
+
+CONTRIBUTIONS_HINT = "Analyse fewer tokens (or one batch element) at a time."
 
 
 # Projected values whose norms ||u_i[m]|| are at most 2^VALUE_LIMIT, the largest at least 2^-VALUE_LIMIT, are

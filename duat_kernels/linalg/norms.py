@@ -163,7 +163,12 @@ def _block_norms_torch(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_head
     norms = _block_norms_torch_in(source, w_v, w_o, num_kv_heads, grid, torch.float64 if wide else torch.float32,
                                   float64)
     if not wide and has_values(norms) and not all_finite(norms) and all_finite(w_v, w_o, *source.inputs()):
-        # finite factors whose float32 squares overflowed (a stored A with entries far above 1): in float64
+        # finite factors whose float32 squares overflowed (a stored A with entries far above 1): in float64, A
+        # and the squared norms in float64 beside A
+        batch, h, n = source.batch, source.heads, source.tokens
+        check_fits(f"attention probabilities of shape ({batch}, {h}, {n}, {n}) in float64 (block norms recomputed: "
+                   "their float32 squares overflowed)", batch * n * n * (h * (8 + source.dtype.itemsize) + 8),
+                   source.device, TORCH_PATH_HINT)
         norms = _block_norms_torch_in(source, w_v, w_o, num_kv_heads, grid, torch.float64, float64)
         norms = norms if float64 else norms.float()
     return norms

@@ -370,3 +370,20 @@ def test_the_torch_path_says_how_to_get_the_fused_pass(method, monkeypatch):
         call()
     with torch.no_grad():  # the fused pass: no A
         assert call().shape == ((4, 4) if method == "block_norms" else (n, n))
+
+
+def test_float64_recompute_of_the_torch_path_is_refused_before_allocating(monkeypatch):
+    # Autograd's torch path computes the norms of a stored A far above 1 again in float64 (its float32 squares
+    # overflow): a float64 copy of the whole A, allocated unchecked where the float32 A had just fitted.
+    from duat_kernels import _memory
+
+    lay = random_layer(1, 2, tokens=6, m_in=4, m_out=3)
+    attn, w_v = lay["attn"] * 1e25, lay["w_v"].requires_grad_()
+    want = dk.HVOOperator(attn.double(), w_v.detach().double(), lay["w_o"].double()).block_norms()
+    assert bool(want.isfinite().all())
+    monkeypatch.setattr(_memory, "available_memory", lambda device: attn.numel() * 4)  # the float32 A fits
+    op = dk.HVOOperator(attn, w_v, lay["w_o"])
+    with pytest.raises(dk.DenseTooLargeError, match=r"\(1, 2, 6, 6\) in float64 \(block norms recomputed"):
+        op.block_norms()
+    monkeypatch.setattr(_memory, "available_memory", lambda device: 1 << 30)
+    torch.testing.assert_close(op.block_norms().detach().double(), want, rtol=2e-5, atol=0)
