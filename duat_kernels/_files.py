@@ -114,6 +114,16 @@ def nearest_existing_folder(path, missing: list | None = None) -> str:
     return existing
 
 
+def check_no_file_on_path(what: str, path) -> None:
+    """Refuse a path to write whose folders run through a file ('afile/w.npy', afile a file): a NotADirectoryError
+    "<what>: <file> is a file, not a folder". Writers said that the folder afile did not exist, or that they could
+    not write in afile (Not a directory)."""
+    existing = nearest_existing_folder(Path(path).parent)
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(f"{what}: {existing} is a file, not a folder, on the path {path}; give a path "
+                                 "through folders")
+
+
 def check_writable_folder(what: str, folder) -> None:
     """Refuse, before any work, an existing folder in which no file can be created (a read-only file system,
     no write permission, /proc): a PermissionError "<what>: cannot write in <folder> (<reason>)". Tried with a
