@@ -174,12 +174,16 @@ def remove_stale_outputs(folder, command: str, written) -> None:
         if bare and path.is_file() and not path.is_symlink():
             path.unlink()
     recorded[command] = names
-    tmp = manifest.with_name(manifest.name + ".tmp")
+    # a temporary file of its own (runs into the same folder at once renamed one another's), in the mode that
+    # writing the manifest in place gives
+    fd, tmp = tempfile.mkstemp(prefix=OUTPUTS_MANIFEST + ".", suffix=".tmp", dir=folder)
     try:
-        tmp.write_text(json.dumps(recorded, indent=1, sort_keys=True))
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), open_mode(manifest))
+            f.write(json.dumps(recorded, indent=1, sort_keys=True))
         os.replace(tmp, manifest)
     finally:
-        tmp.unlink(missing_ok=True)  # left only by a failed write or replace
+        Path(tmp).unlink(missing_ok=True)  # left only by a failed write or replace
 
 
 def check_output_folder(option: str, path) -> None:
