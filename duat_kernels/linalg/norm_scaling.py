@@ -36,7 +36,7 @@ def exponent(magnitude: float, limit: int, most: int = MAX_EXPONENT) -> int:
 
 def finite_max(t: torch.Tensor) -> float:
     """max |t| over the finite entries of t (0 for none)."""
-    return float(torch.where(t.isfinite(), t.abs(), 0).amax()) if t.numel() else 0.0
+    return float(torch.where(t.isfinite(), t.detach().abs(), 0).amax()) if t.numel() else 0.0
 
 
 def exponent_of(t: torch.Tensor, limit: int) -> torch.Tensor:
