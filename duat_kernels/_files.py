@@ -114,6 +114,16 @@ def nearest_existing_folder(path, missing: list | None = None) -> str:
     return existing
 
 
+def check_no_file_on_path(what: str, path) -> None:
+    """Refuse a path to write whose folders run through a file ('afile/w.npy', afile a file): a NotADirectoryError
+    "<what>: <file> is a file, not a folder". Writers said that the folder afile did not exist, or that they could
+    not write in afile (Not a directory)."""
+    existing = nearest_existing_folder(Path(path).parent)
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(f"{what}: {existing} is a file, not a folder, on the path {path}; give a path "
+                                 "through folders")
+
+
 def check_writable_folder(what: str, folder) -> None:
     """Refuse, before any work, an existing folder in which no file can be created (a read-only file system,
     no write permission, /proc): a PermissionError "<what>: cannot write in <folder> (<reason>)". Tried with a
@@ -164,12 +174,16 @@ def remove_stale_outputs(folder, command: str, written) -> None:
         if bare and path.is_file() and not path.is_symlink():
             path.unlink()
     recorded[command] = names
-    tmp = manifest.with_name(manifest.name + ".tmp")
+    # a temporary file of its own (runs into the same folder at once renamed one another's), in the mode that
+    # writing the manifest in place gives
+    fd, tmp = tempfile.mkstemp(prefix=OUTPUTS_MANIFEST + ".", suffix=".tmp", dir=folder)
     try:
-        tmp.write_text(json.dumps(recorded, indent=1, sort_keys=True))
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), open_mode(manifest))
+            f.write(json.dumps(recorded, indent=1, sort_keys=True))
         os.replace(tmp, manifest)
     finally:
-        tmp.unlink(missing_ok=True)  # left only by a failed write or replace
+        Path(tmp).unlink(missing_ok=True)  # left only by a failed write or replace
 
 
 def check_output_folder(option: str, path) -> None:

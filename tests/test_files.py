@@ -4,7 +4,10 @@ earlier run (remove_stale_outputs)."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import stat
 from pathlib import Path
 
 import pytest
@@ -73,6 +76,31 @@ def test_remove_stale_outputs_leaves_no_temporary_file_when_the_manifest_cannot_
     with pytest.raises(ValueError, match=f"{_files.OUTPUTS_MANIFEST} is not a file"):
         _files.remove_stale_outputs(out, "duat markov", [out / "a.png"])
     assert sorted(p.name for p in out.iterdir()) == [_files.OUTPUTS_MANIFEST, "a.png"]
+
+
+def test_concurrent_runs_into_one_folder_do_not_share_a_temporary_manifest(tmp_path, monkeypatch):
+    """Two runs recording their outputs at once: both wrote .duat-outputs.json.tmp, the first rename moved the second
+    run's file, and the second rename failed with FileNotFoundError. Here another run records while this one renames."""
+    out = tmp_path / "out"
+    out.mkdir()
+    real_replace, interleaved = os.replace, []
+
+    def replace_after_another_run(src, dst):
+        if not interleaved:
+            interleaved.append(src)
+            _files.remove_stale_outputs(out, "duat claims", [out / "c.json"])
+        real_replace(src, dst)
+
+    monkeypatch.setattr(_files.os, "replace", replace_after_another_run)
+    _files.remove_stale_outputs(out, "duat markov", [out / "a.png"])
+    assert interleaved and sorted(p.name for p in out.iterdir()) == [_files.OUTPUTS_MANIFEST]
+    assert json.loads((out / _files.OUTPUTS_MANIFEST).read_text()) == {"duat markov": ["a.png"]}  # the last rename
+
+
+def test_the_manifest_gets_the_mode_of_a_file_written_in_place(tmp_path, umask_022):
+    # written as .duat-outputs.json.tmp by write_text (0o666 & ~umask); a temporary file from tempfile is 0o600
+    _files.remove_stale_outputs(tmp_path, "duat markov", [])
+    assert stat.S_IMODE((tmp_path / _files.OUTPUTS_MANIFEST).stat().st_mode) == 0o644
 
 
 def test_check_output_folder_names_a_link_to_a_missing_folder(tmp_path):

@@ -24,7 +24,8 @@ import torch
 
 from duat_kernels import _validation as v
 from duat_kernels import strict_json
-from duat_kernels._files import as_target_path, check_writable_folder, link_target, open_mode
+from duat_kernels._files import (as_target_path, check_no_file_on_path, check_writable_folder, link_target,
+                                 open_mode)
 from duat_kernels._memory import DenseTooLargeError, format_bytes
 from duat_kernels.analysis.dask_tiles import tile_block
 
@@ -166,6 +167,7 @@ def _check_target(path: Path, target: Path, partial: Path, data_bytes: int, over
     if not overwrite and (path.exists() or path.is_symlink()):
         raise FileExistsError(f"save_dense: {path} exists; pass overwrite=True to replace it, or choose another path")
     folder = target.parent
+    check_no_file_on_path("save_dense", target)
     if not folder.is_dir():
         raise FileNotFoundError(f"save_dense: the folder {folder} of {target} does not exist; create it first")
     check_writable_folder("save_dense", folder)  # else 'needs 3.5 KiB but only 0 B is free' (read-only)

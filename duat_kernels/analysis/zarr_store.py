@@ -24,8 +24,8 @@ import torch
 
 from duat_kernels import _validation as v
 from duat_kernels import strict_json
-from duat_kernels._files import (as_target_path, check_writable_folder, keep_modes, link_target,
-                                 nearest_existing_folder)
+from duat_kernels._files import (as_target_path, check_no_file_on_path, check_writable_folder, keep_modes,
+                                 link_target, nearest_existing_folder)
 from duat_kernels.analysis.dask_tiles import (NUMPY_DTYPES, _dask, check_chunks, chunk_bounds, factors_token,
                                               operator_delayed, stored_dtype, tile_block)
 
@@ -120,6 +120,7 @@ def save_zarr(op, path: str | os.PathLike, chunks: tuple[int, int] | None = None
         raise FileExistsError(f"{target} exists and is not a zarr array; overwrite=True replaces only a zarr array "
                               "(choose another path)")
     # zarr creates the missing folders: the nearest existing one must take them
+    check_no_file_on_path("save_zarr", target)
     folder = nearest_existing_folder(target.parent)
     check_writable_folder("save_zarr", folder)  # zarr failed with 'No such file or directory: <path>.partial'
     partial, progress_dir = Path(f"{target}.partial"), Path(f"{target}.progress")

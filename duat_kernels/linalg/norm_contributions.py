@@ -45,38 +45,47 @@ def contributions(attn, x: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, n
     if tuple(x.shape) != (batch, n, w_v.shape[1]):
         raise ValueError(f"x must have shape (B, N, M_in) = ({batch}, {n}, {w_v.shape[1]}), got {tuple(x.shape)}")
     ct = torch.float64 if torch.float64 in (source.dtype, x.dtype, w_v.dtype, w_o.dtype) else torch.float32
-    m_out, size = w_o.shape[0], ct.itemsize
+    m_out = w_o.shape[0]
     result = batch * h * n * n * 2 if per_head else batch * n * n + batch * n * h * h  # with |A| or G_m
-    check_fits(f"contributions of shape {(batch, h, n, n) if per_head else (batch, n, n)}",
-               (batch * h * n * m_out + result) * size, source.device,
-               "Analyse fewer tokens (or one batch element) at a time.")
+    shape = (batch, h, n, n) if per_head else (batch, n, n)
+    check_fits(f"contributions of shape {shape}", (batch * h * n * m_out + result) * ct.itemsize, source.device,
+               CONTRIBUTIONS_HINT)
     if m_out == 0 or w_v.shape[1] == 0:  # W'_nm x_m is an empty vector or an empty sum: norm 0, whatever A holds
         return torch.zeros(batch, *((h,) if per_head else ()), n, n, dtype=ct, device=source.device)
     out = _contributions(source, x.to(ct), w_v, w_o, per_head)
     if ct == torch.float32 and has_values(out) and not all_finite(out) and all_finite(x, w_v, w_o, *source.inputs()):
-        # finite factors whose float32 squares overflowed (a stored A or an x far from 1): in float64
+        # finite factors whose float32 squares overflowed (a stored A or an x far from 1): in float64, beside the
+        # float32 result, with x in float64
+        check_fits(f"contributions of shape {shape} recomputed in float64 (their float32 squares overflowed)",
+                   (batch * h * n * m_out + result + x.numel()) * 8 + out.numel() * 4, source.device,
+                   CONTRIBUTIONS_HINT)
         out = _contributions(source, x.double(), w_v, w_o, per_head).float()
     return out
 
 
-# Projected values whose norms ||u_i[m]|| are at most 2^VALUE_LIMIT, the largest at least 2^-VALUE_LIMIT, are
-# taken as they are (norm_scaling): G_m <= 2^64.
+CONTRIBUTIONS_HINT = "Analyse fewer tokens (or one batch element) at a time."
+
+
+# Input tokens whose projected values have norms ||u_i[m]|| of at most 2^VALUE_LIMIT, the largest at least
+# 2^-VALUE_LIMIT, are taken as they are (norm_scaling): G_m <= 2^64.
 VALUE_LIMIT = 32
 
 
 def _contributions(source, x: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, per_head: bool) -> torch.Tensor:
     """contributions for checked arguments with M_in, M_out >= 1, computed in x's dtype from the projected values,
-    scaled by a power of two where their norms leave float32's safe range (norm_scaling)."""
+    scaled by a power of two per input token where their norms leave float32's safe range (norm_scaling): one
+    scale for all tokens made the ordinary tokens' squares vanish beside a huge one."""
     batch, h, n, ct = source.batch, source.heads, source.tokens, x.dtype
     u = projected_values(x, w_v, w_o, h, source.kv_heads)  # (B, h, N, M_out)
-    e = torch.zeros((), dtype=torch.float64, device=u.device)
+    e = torch.zeros((batch, 1, n, 1), dtype=torch.float64, device=u.device)  # per (batch element, input token m)
     norms_or_gram = _norms_or_gram(u, per_head) if has_values(u) else None
     if norms_or_gram is None or not _ordinary(norms_or_gram):  # traced: always, scaled by 2^0 where ordinary
-        e = norm_scaling.exponent_of(u, VALUE_LIMIT)
+        e = norm_scaling.exponent_of(u, VALUE_LIMIT, dims=(1, 3))
         u = norm_scaling.scaled(u, e)
         norms_or_gram = _norms_or_gram(u, per_head)
+    e = e.reshape(batch, 1, n)  # the scale of column m of the result
     if per_head:  # |A_i[n, m]| · ||u_i[m]||
-        return norm_scaling.unscaled(source.dense().to(ct).abs() * norms_or_gram.unsqueeze(2), e)
+        return norm_scaling.unscaled(source.dense().to(ct).abs() * norms_or_gram.unsqueeze(2), e.unsqueeze(1))
     gram = norms_or_gram
     if tracks_gradient(x, w_v, w_o, *source.inputs()):  # autograd, torch.func: the whole A, no in-place writes
         alpha = source.dense(TORCH_PATH_HINT).to(ct)
@@ -96,11 +105,12 @@ def _norms_or_gram(u: torch.Tensor, per_head: bool) -> torch.Tensor:
 
 
 def _ordinary(norms_or_gram: torch.Tensor) -> bool:
-    """Whether the largest ||u_i[m]|| (from _norms_or_gram: the norms, or the squares on G_m's diagonal) lies in
-    [2^-VALUE_LIMIT, 2^VALUE_LIMIT] (none at all counts as ordinary)."""
+    """Whether, for every input token m, the largest ||u_i[m]|| (from _norms_or_gram: the norms, or the squares on
+    G_m's diagonal) lies in [2^-VALUE_LIMIT, 2^VALUE_LIMIT] (none at all counts as ordinary)."""
     if norms_or_gram.numel() == 0:
         return True
     squares = norms_or_gram.dim() == 4
-    largest = float((norms_or_gram.diagonal(dim1=-2, dim2=-1) if squares else norms_or_gram).detach().amax())
+    # (B, N): per token, the largest over the heads
+    largest = (norms_or_gram.diagonal(dim1=-2, dim2=-1).amax(-1) if squares else norms_or_gram.amax(1)).detach()
     limit = 2.0 ** (2 * VALUE_LIMIT if squares else VALUE_LIMIT)
-    return 1 / limit <= largest <= limit
+    return bool(((largest >= 1 / limit) & (largest <= limit)).all())

@@ -36,15 +36,17 @@ def exponent(magnitude: float, limit: int, most: int = MAX_EXPONENT) -> int:
 
 def finite_max(t: torch.Tensor) -> float:
     """max |t| over the finite entries of t (0 for none)."""
-    return float(torch.where(t.isfinite(), t.abs(), 0).amax()) if t.numel() else 0.0
+    return float(torch.where(t.isfinite(), t.detach().abs(), 0).amax()) if t.numel() else 0.0
 
 
-def exponent_of(t: torch.Tensor, limit: int) -> torch.Tensor:
+def exponent_of(t: torch.Tensor, limit: int, dims: tuple[int, ...] | None = None) -> torch.Tensor:
     """`exponent` of max|t| as a float64 tensor () from torch operations: no Python branch on the values, so it
-    runs under autograd, torch.func and torch.compile; not differentiated (the scale is a constant)."""
+    runs under autograd, torch.func and torch.compile; not differentiated (the scale is a constant). With dims,
+    one exponent per slice: max|t| over dims, kept as dimensions of size 1."""
     if t.numel() == 0:
-        return torch.zeros((), dtype=torch.float64, device=t.device)
-    mag = t.detach().abs().amax().double()
+        shape = () if dims is None else [1 if i in dims or i - t.dim() in dims else n for i, n in enumerate(t.shape)]
+        return torch.zeros(shape, dtype=torch.float64, device=t.device)
+    mag = (t.detach().abs().amax() if dims is None else t.detach().abs().amax(dim=dims, keepdim=True)).double()
     outside = mag.isfinite() & (mag > 0) & ((mag > 2.0 ** limit) | (mag < 2.0 ** -limit))
     e = (mag.log2().floor() + 1).clamp(-MAX_EXPONENT, MAX_EXPONENT)
     return torch.where(outside, e, torch.zeros_like(e))
@@ -67,6 +69,6 @@ def unscaled(t: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
 
 
 def _zero(e: torch.Tensor) -> bool:
-    """Whether e is known to be 0 (its value read: not under torch.compile or vmap), so that the common case
+    """Whether e is known to be 0 everywhere (its value read: not under torch.compile or vmap), so that the common case
     costs no pass over the tensor scaled."""
     return has_values(e) and not bool(e.any())

@@ -158,12 +158,22 @@ def _block_norms_torch(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_head
     """block_norms in torch operations, for autograd, torch.func, torch.compile and FakeTensorMode (the fused
     passes read NumPy views and branch on the data): ||B_nm||² = αᵀ G α from the whole A (B, h, N, N) and G.
     A zero norm gets gradient 0 (the subgradient torch.linalg.vector_norm takes). float64: the grid's root
-    taken in float64 (grid_norms64)."""
+    taken in float64 (grid_norms64). Factors with NaN or Inf take _block_norms_direct, as on plain tensors (αᵀGα
+    gave NaN for Inf, Inf · G_ii · Inf + Inf · G_ij · (-Inf), where the dense W' has Inf)."""
     wide = _wide(source, w_v, w_o)
+    if has_values(w_v, w_o, *source.inputs()) and not all_finite(w_v, w_o, *source.inputs()):
+        _check_output_fits(source, grid, False, wide)
+        return _block_norms_direct(source, w_v, w_o, num_kv_heads, grid).to(torch.float64 if wide or float64
+                                                                              else torch.float32)
     norms = _block_norms_torch_in(source, w_v, w_o, num_kv_heads, grid, torch.float64 if wide else torch.float32,
                                   float64)
     if not wide and has_values(norms) and not all_finite(norms) and all_finite(w_v, w_o, *source.inputs()):
-        # finite factors whose float32 squares overflowed (a stored A with entries far above 1): in float64
+        # finite factors whose float32 squares overflowed (a stored A with entries far above 1): in float64, A
+        # and the squared norms in float64 beside A
+        batch, h, n = source.batch, source.heads, source.tokens
+        check_fits(f"attention probabilities of shape ({batch}, {h}, {n}, {n}) in float64 (block norms recomputed: "
+                   "their float32 squares overflowed)", batch * n * n * (h * (8 + source.dtype.itemsize) + 8),
+                   source.device, TORCH_PATH_HINT)
         norms = _block_norms_torch_in(source, w_v, w_o, num_kv_heads, grid, torch.float64, float64)
         norms = norms if float64 else norms.float()
     return norms

@@ -59,6 +59,8 @@ def singular_values(op, k: int = 1, tol: float = 1e-6, seed: int = 0) -> np.ndar
     if k == side:
         with torch.no_grad():
             dense = op.to_dense(dtype=torch.float64 if lin.dtype == np.float64 else torch.float32)
+        if not all_finite(dense):
+            raise _overflow_error(lin.dtype)
         return torch.linalg.svdvals(dense).cpu().numpy()[:k].astype(lin.dtype)
     v0 = np.random.default_rng(seed).standard_normal(side).astype(lin.dtype)
     # ARPACK iterates on W'ᵀW', whose entries are squares: a zero W' (fully masked attention, zero
@@ -69,9 +71,21 @@ def singular_values(op, k: int = 1, tol: float = 1e-6, seed: int = 0) -> np.ndar
     gain = float(np.abs(lin.matvec(x)).max()) / float(np.abs(x).max())
     if gain == 0:
         return np.zeros(k, dtype=lin.dtype)
-    scale = gain if np.isfinite(gain) else 1.0
-    s = svds(_divided(lin, lin.dtype.type(scale)), k=k, tol=tol, v0=v0, return_singular_vectors=False)
-    return (np.sort(s)[::-1] * scale).astype(lin.dtype)
+    if not np.isfinite(gain):  # finite factors: W' x left the dtype's range (ARPACK then failed with error -9999)
+        raise _overflow_error(lin.dtype)
+    s = svds(_divided(lin, lin.dtype.type(gain)), k=k, tol=tol, v0=v0, return_singular_vectors=False)
+    return (np.sort(s)[::-1] * gain).astype(lin.dtype)
+
+
+def _overflow_error(dtype) -> ValueError:
+    """The refusal of W' whose products overflow `dtype` although its factors are finite."""
+    if dtype == np.float32:
+        fix = ("build the HVOOperator from float64 copies (attn.double(), w_v.double(), w_o.double()), whose "
+               "singular values are returned in float64")
+    else:
+        fix = "scale the weights down by a power of two and the singular values back up by it"
+    return ValueError(f"singular_values: the entries of W' (or W' x) overflow {np.dtype(dtype).name} although "
+                      f"attn, w_v and w_o are finite (singular values beyond {float(np.finfo(dtype).max):.3g}); {fix}")
 
 
 def _divided(lin, scale):

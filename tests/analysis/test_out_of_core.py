@@ -290,3 +290,12 @@ def test_overwrite_keeps_the_old_file_until_the_new_one_is_complete_and_resumes(
     assert calls == [10, 15, 20, 25, 30, 35, 40]  # resumed: tiles 0 and 1 were not recomputed
     np.testing.assert_array_equal(np.load(path), op.to_dense().numpy())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.npy"]
+
+
+@pytest.mark.parametrize("under", ["w.npy", "sub/w.npy"], ids=["in_file", "below_file"])
+def test_a_file_on_the_path_is_named_as_a_file(op, tmp_path, under):
+    # 'afile/w.npy' with afile a file: "the folder afile of afile/w.npy does not exist; create it first"
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(NotADirectoryError, match=rf"save_dense: {tmp_path / 'afile'} is a file, not a folder"):
+        save_dense(op, tmp_path / "afile" / under, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

@@ -362,3 +362,12 @@ def test_damaged_progress_record_is_named(op, tmp_path, monkeypatch):
     record.write_text("{torn")
     with pytest.raises(ValueError, match="fingerprint.json is not a valid progress record.*delete it"):
         dk.analysis.save_zarr(op, path, chunks=CHUNKS, scheduler="sync", progress=False)
+
+
+@pytest.mark.parametrize("under", ["w.zarr", "sub/w.zarr"], ids=["in_file", "below_file"])
+def test_a_file_on_the_path_is_named_as_a_file(op, tmp_path, under):
+    # 'afile/w.zarr' with afile a file: "save_zarr: cannot write in afile (Not a directory); choose a writable folder"
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(NotADirectoryError, match=rf"save_zarr: {tmp_path / 'afile'} is a file, not a folder"):
+        dk.analysis.save_zarr(op, tmp_path / "afile" / under, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

@@ -370,3 +370,41 @@ def test_the_torch_path_says_how_to_get_the_fused_pass(method, monkeypatch):
         call()
     with torch.no_grad():  # the fused pass: no A
         assert call().shape == ((4, 4) if method == "block_norms" else (n, n))
+
+
+def test_float64_recompute_of_the_torch_path_is_refused_before_allocating(monkeypatch):
+    # Autograd's torch path computes the norms of a stored A far above 1 again in float64 (its float32 squares
+    # overflow): a float64 copy of the whole A, allocated unchecked where the float32 A had just fitted.
+    from duat_kernels import _memory
+
+    lay = random_layer(1, 2, tokens=6, m_in=4, m_out=3)
+    attn, w_v = lay["attn"] * 1e25, lay["w_v"].requires_grad_()
+    want = dk.HVOOperator(attn.double(), w_v.detach().double(), lay["w_o"].double()).block_norms()
+    assert bool(want.isfinite().all())
+    monkeypatch.setattr(_memory, "available_memory", lambda device: attn.numel() * 4)  # the float32 A fits
+    op = dk.HVOOperator(attn, w_v, lay["w_o"])
+    with pytest.raises(dk.DenseTooLargeError, match=r"\(1, 2, 6, 6\) in float64 \(block norms recomputed"):
+        op.block_norms()
+    monkeypatch.setattr(_memory, "available_memory", lambda device: 1 << 30)
+    torch.testing.assert_close(op.block_norms().detach().double(), want, rtol=2e-5, atol=0)
+
+
+@pytest.mark.parametrize("grid", [None, (2, 3)], ids=["blocks", "grid"])
+@pytest.mark.parametrize("where", ["attn", "w_o"])
+def test_autograd_path_gives_the_dense_inf_and_nan(where, grid):
+    # The autograd path formed αᵀGα from a non-finite factor: NaN (Inf · G_ij · -Inf) where the dense W' has an
+    # Inf block, and a finite norm beside it; the plain path forms the blocks (docs/input-handling.md)
+    lay = random_layer(2, 4, 2, tokens=7, head_dim=3, m_in=5, m_out=6, causal=True, dtype=torch.float64)
+    attn, w_v, w_o = lay["attn"].float(), lay["w_v"].float(), lay["w_o"].float()
+    (attn if where == "attn" else w_o)[(1, 0, 5, 1) if where == "attn" else (3, 4)] = math.inf
+    dense = dk.HVOOperator(attn.double(), w_v.double(), w_o.double(), num_kv_heads=2).to_dense()
+    sq = dense.reshape(2, 7, 6, 7, 5).square().sum((2, 4))
+    if grid is not None:
+        sq = sq.reshape(2, 7, 7)[:, None].new_zeros(2, 2, 3).index_put_(
+            (torch.arange(2)[:, None, None], (torch.arange(7) * 2 // 7)[None, :, None],
+             (torch.arange(7) * 3 // 7)[None, None, :]), sq, accumulate=True)
+    want = sq.sqrt()
+    assert bool(want.isinf().any())
+    got = dk.HVOOperator(attn, w_v.requires_grad_(), w_o, num_kv_heads=2).block_norms(grid)
+    assert got.requires_grad
+    torch.testing.assert_close(got.detach().double(), want, rtol=2e-5, atol=0, equal_nan=True)

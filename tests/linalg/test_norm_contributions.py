@@ -134,3 +134,21 @@ def test_contributions_are_differentiable():
                                                                                                inputs)):
         assert torch.isfinite(g).all()
         torch.testing.assert_close(g, w)
+
+
+def test_float64_recompute_of_contributions_is_refused_before_allocating(monkeypatch):
+    # A stored A far above 1 overflows the float32 squares of finite factors, and contributions computes them
+    # again in float64: twice the memory of the float32 pass, which check_fits had admitted, allocated unchecked.
+    from duat_kernels import _memory
+
+    lay = random_layer(1, 2, tokens=6, m_in=4, m_out=3)
+    attn, x = lay["attn"] * 1e25, torch.randn(1, 6, 4)
+    op = dk.HVOOperator(attn, lay["w_v"], lay["w_o"])
+    want = dk.HVOOperator(attn.double(), lay["w_v"].double(), lay["w_o"].double()).contributions(x.double())
+    assert bool(want.isfinite().all())
+    float32_bytes = 4 * (2 * 6 * 3 + 6 * 6 + 6 * 2 * 2)  # u (B, h, N, M_out), the result and G_m
+    monkeypatch.setattr(_memory, "available_memory", lambda device: float32_bytes)
+    with pytest.raises(dk.DenseTooLargeError, match="recomputed in float64 .* but only"):
+        op.contributions(x)
+    monkeypatch.setattr(_memory, "available_memory", lambda device: 1 << 30)
+    torch.testing.assert_close(op.contributions(x).double(), want, rtol=2e-5, atol=0)

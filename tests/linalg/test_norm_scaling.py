@@ -98,6 +98,25 @@ def test_contributions_of_huge_and_tiny_factors(path, per_head, case, monkeypatc
     _assert_float32_close(op.contributions(x, per_head), op64.contributions(x.double(), per_head))
 
 
+@pytest.mark.parametrize("per_head", [False, True], ids=["total", "per_head"])
+@pytest.mark.parametrize("path", ["fused", "qk", "autograd", "vmap"])
+@pytest.mark.parametrize("token_scale", [1e22, 1e-25], ids=["huge_token", "tiny_token"])
+def test_contributions_of_one_huge_or_tiny_token_beside_ordinary_ones(path, per_head, token_scale, monkeypatch):
+    # One scale for all projected values: scaled down for a token of 1e22, the ordinary tokens' squares vanished
+    # (contributions 0 or off by several percent where float64 has 0.098); a token of 1e-25 gave 0, not 1e-26
+    op, op64 = _operators("fused" if path == "vmap" else path, 1.0, monkeypatch=monkeypatch)
+    x = torch.randn(2, 9, 6, generator=torch.Generator().manual_seed(2))
+    x[1, 4] *= token_scale
+    want = op64.contributions(x.double(), per_head)
+    if path == "vmap":
+        got = torch.func.vmap(lambda a, x: dk.HVOOperator(a, op.w_v, op.w_o, num_kv_heads=2).contributions(
+            x, per_head), in_dims=(0, 0))(op.source.attn[:, None], x[:, None])[:, 0]
+    else:
+        got = op.contributions(x, per_head)
+    assert float(want[want > 0].min()) < 1e-20 if token_scale < 1 else float(want.max()) > 1e20
+    _assert_float32_close(got, want)
+
+
 @pytest.mark.parametrize("grid", [None, (2, 3)], ids=["blocks", "grid"])
 @pytest.mark.parametrize("path,e_v,e_o", [(path, *e) for path in PATHS for e in [(40, 10), (-30, -20)]]
                          + [("autograd", 40, -45)])  # ordinary OV: only the torch path's weights are scaled

@@ -156,3 +156,16 @@ def test_singular_values_seed_is_named(seed, exc, message):
     with pytest.raises(exc, match=message):
         linalg.singular_values(op, 2, seed=seed)
     np.testing.assert_allclose(linalg.singular_values(op, 2, seed=np.int64(3)), op.singular_values(2), rtol=1e-4)
+
+
+@pytest.mark.parametrize("k", [1, 4, 9], ids=["spectral_norm", "some", "all"])
+def test_float32_operator_whose_products_overflow_is_refused_by_name(k):
+    # float32 weights of 1e20 make W' entries of ~1e40, beyond float32: ARPACK failed with a raw ArpackError
+    # ("error -9999: Could not build an Arnoldi factorization"), the dense SVD (k = min(shape)) with LinAlgError.
+    lay = random_layer(1, 2, tokens=3, m_in=3, m_out=4, batched=False)
+    w_v, w_o = lay["w_v"] * 1e20, lay["w_o"] * 1e20
+    op = dk.HVOOperator(lay["attn"], w_v, w_o)
+    with pytest.raises(ValueError, match=r"overflow float32 although attn, w_v and w_o are finite .*float64 copies"):
+        op.singular_values(k) if k > 1 else op.spectral_norm()
+    op64 = dk.HVOOperator(lay["attn"].double(), w_v.double(), w_o.double())  # what the message says to do
+    np.testing.assert_allclose(op64.singular_values(k), torch.linalg.svdvals(op64.to_dense())[:k].numpy(), rtol=1e-8)
