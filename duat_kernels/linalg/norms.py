@@ -191,10 +191,8 @@ def _block_norms_torch_in(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_h
     gram = gram_matrix(w_v, w_o, source.heads, num_kv_heads, dtype).to(source.device)
     attn = source.dense(TORCH_PATH_HINT).to(dtype)
     sq = torch.einsum("binm,ij,bjnm->bnm", attn, gram, attn)
-    if grid is not None:  # squared norms summed into super-blocks
-        n, (rows, cols) = source.tokens, grid
-        sq = sq.new_zeros(sq.shape[0], n, cols).index_add(2, _bins(n, cols, sq.device), sq)
-        sq = sq.new_zeros(sq.shape[0], rows, cols).index_add(1, _bins(n, rows, sq.device), sq)
+    if grid is not None:
+        sq = grid_sums(sq, grid)
     norms = root_with_zero_subgradient(sq.double() if float64 else sq)
     return norm_scaling.unscaled(norms, (e_v + e_o).to(norms.device))
 
@@ -271,11 +269,23 @@ def _block_norms_direct(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_hea
                     m1 = min(c1, m0 + cols_per_step)
                     alpha = alpha_rows[b, :, 0, m0 - c0:m1 - c0].to(dtype)  # (h, cols)
                     sq[b, r0, m0:m1] += torch.einsum("im,ica->mca", alpha, ov).square().sum((-1, -2))
-    if grid is not None:  # squared norms summed into super-blocks
-        rows, cols = grid
-        per_row = sq.new_zeros(batch, n, cols).index_add_(2, _bins(n, cols, sq.device), sq)
-        sq = sq.new_zeros(batch, rows, cols).index_add_(1, _bins(n, rows, sq.device), per_row)
+    if grid is not None:
+        sq = grid_sums(sq, grid)
     return (sq.sqrt_().double() * 2.0 ** (e_v + e_o)).to(dtype) if e_v + e_o else sq.sqrt_()
+
+
+def grid_sums(sq: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Squared block norms sq (B, N, N) summed into an R x C grid of super-blocks -> (B, R, C) (rows and columns
+    split as _bins does). A side of 1 is a plain sum: inductor failed on index_add into a dimension of size 1
+    (InductorError under torch.compile, for grid=(1, 1), (R, 1) and frobenius_norm)."""
+    n, (rows, cols) = sq.shape[-1], grid
+    for dim, parts in ((2, cols), (1, rows)):
+        if parts == 1:
+            sq = sq.sum(dim, keepdim=True)
+        else:
+            shape = (sq.shape[0], parts, sq.shape[2]) if dim == 1 else (sq.shape[0], sq.shape[1], parts)
+            sq = sq.new_zeros(shape).index_add(dim, _bins(n, parts, sq.device), sq)
+    return sq
 
 
 def _bins(n: int, parts: int, device) -> torch.Tensor:
