@@ -81,7 +81,7 @@ def _contributions(source, x: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor
     e = torch.zeros((batch, 1, n, 1), dtype=torch.float64, device=u.device)  # per (batch element, input token m)
     norms_or_gram = _norms_or_gram(u, per_head) if has_values(u) else None
     if norms_or_gram is None or not _ordinary(norms_or_gram):  # traced: always, scaled by 2^0 where ordinary
-        e = norm_scaling.exponent_of(u, VALUE_LIMIT, dims=(1, 3))
+        e = norm_scaling.exponent_of(u, VALUE_LIMIT, dims=(1, 3), most=norm_scaling.max_exponent(ct))
         u = norm_scaling.scaled(u, e)
         norms_or_gram = _norms_or_gram(u, per_head)
     e = e.reshape(batch, 1, n)  # the scale of column m of the result
