@@ -48,8 +48,9 @@ def contributions(attn, x: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, n
     m_out = w_o.shape[0]
     result = batch * h * n * n * 2 if per_head else batch * n * n + batch * n * h * h  # with |A| or G_m
     shape = (batch, h, n, n) if per_head else (batch, n, n)
-    check_fits(f"contributions of shape {shape}", (batch * h * n * m_out + result) * ct.itemsize, source.device,
-               CONTRIBUTIONS_HINT)
+    if not torch.compiler.is_compiling():  # a compiled graph allocates nothing here (and cannot read /proc)
+        check_fits(f"contributions of shape {shape}", (batch * h * n * m_out + result) * ct.itemsize, source.device,
+                   CONTRIBUTIONS_HINT)
     if m_out == 0 or w_v.shape[1] == 0:  # W'_nm x_m is an empty vector or an empty sum: norm 0, whatever A holds
         return torch.zeros(batch, *((h,) if per_head else ()), n, n, dtype=ct, device=source.device)
     out = _contributions(source, x.to(ct), w_v, w_o, per_head)
@@ -80,7 +81,7 @@ def _contributions(source, x: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor
     e = torch.zeros((batch, 1, n, 1), dtype=torch.float64, device=u.device)  # per (batch element, input token m)
     norms_or_gram = _norms_or_gram(u, per_head) if has_values(u) else None
     if norms_or_gram is None or not _ordinary(norms_or_gram):  # traced: always, scaled by 2^0 where ordinary
-        e = norm_scaling.exponent_of(u, VALUE_LIMIT, dims=(1, 3))
+        e = norm_scaling.exponent_of(u, VALUE_LIMIT, dims=(1, 3), most=norm_scaling.max_exponent(ct))
         u = norm_scaling.scaled(u, e)
         norms_or_gram = _norms_or_gram(u, per_head)
     e = e.reshape(batch, 1, n)  # the scale of column m of the result

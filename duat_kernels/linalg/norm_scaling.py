@@ -12,6 +12,10 @@ inputs are bitwise what they were. Each caller's limit keeps its squares inside 
 factor with NaN or Inf is never rescaled (e = 0), so non-finite inputs propagate as before. Entries of A far
 from 1 (a stored A that is not probabilities) are not scaled: a float32 result that is not finite from finite
 factors is computed again in float64.
+
+The same holds in float64 at its own range: squares overflow once ||v|| > 2^512 and vanish below 2^-537, so
+factors computed in float64 (float64 inputs) are scaled with exponents up to ±MAX_EXPONENT_FLOAT64 (max_exponent),
+and the weights of the float64 Gram matrix of block_norms likewise (norms.scaled_gram_factor).
 """
 
 from __future__ import annotations
@@ -24,6 +28,14 @@ from duat_kernels._validation import has_values
 
 # |e| <= MAX_EXPONENT: 2^±e is a normal float32, and a float32 factor (max 2^128) comes to at most 4.
 MAX_EXPONENT = 126
+# The same for factors scaled in float64 (max 2^1024): scaled, their largest entry lies in [2^-52, 4] (subnormals
+# included), so no square overflows or vanishes. Capped at ±126, float64 factors of 1e200 still overflowed.
+MAX_EXPONENT_FLOAT64 = 1022
+
+
+def max_exponent(dtype: torch.dtype) -> int:
+    """The largest |e| for factors scaled in `dtype`: MAX_EXPONENT_FLOAT64 for float64, else MAX_EXPONENT."""
+    return MAX_EXPONENT_FLOAT64 if dtype == torch.float64 else MAX_EXPONENT
 
 
 def exponent(magnitude: float, limit: int, most: int = MAX_EXPONENT) -> int:
@@ -39,29 +51,31 @@ def finite_max(t: torch.Tensor) -> float:
     return float(torch.where(t.isfinite(), t.detach().abs(), 0).amax()) if t.numel() else 0.0
 
 
-def exponent_of(t: torch.Tensor, limit: int, dims: tuple[int, ...] | None = None) -> torch.Tensor:
+def exponent_of(t: torch.Tensor, limit: int, dims: tuple[int, ...] | None = None,
+                most: int = MAX_EXPONENT) -> torch.Tensor:
     """`exponent` of max|t| as a float64 tensor () from torch operations: no Python branch on the values, so it
     runs under autograd, torch.func and torch.compile; not differentiated (the scale is a constant). With dims,
-    one exponent per slice: max|t| over dims, kept as dimensions of size 1."""
+    one exponent per slice: max|t| over dims, kept as dimensions of size 1. Clamped to ±most (max_exponent of
+    the dtype t is scaled in)."""
     if t.numel() == 0:
         shape = () if dims is None else [1 if i in dims or i - t.dim() in dims else n for i, n in enumerate(t.shape)]
         return torch.zeros(shape, dtype=torch.float64, device=t.device)
     mag = (t.detach().abs().amax() if dims is None else t.detach().abs().amax(dim=dims, keepdim=True)).double()
     outside = mag.isfinite() & (mag > 0) & ((mag > 2.0 ** limit) | (mag < 2.0 ** -limit))
-    e = (mag.log2().floor() + 1).clamp(-MAX_EXPONENT, MAX_EXPONENT)
+    e = (mag.log2().floor() + 1).clamp(-most, most)
     return torch.where(outside, e, torch.zeros_like(e))
 
 
 def scaled(t: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-    """t · 2^-e (|e| <= MAX_EXPONENT) in t's dtype (t itself for e = 0 where e can be read)."""
+    """t · 2^-e (|e| <= max_exponent(t.dtype)) in t's dtype (t itself for e = 0 where e can be read)."""
     if _zero(e):
         return t
     return t * torch.exp2(-e).to(t.dtype)
 
 
 def unscaled(t: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-    """t · 2^e in t's dtype for |e| <= 2·MAX_EXPONENT, as two same-signed power-of-two factors that float32 holds
-    (an intermediate overflows only where the result does); t itself for e = 0 where e can be read."""
+    """t · 2^e in t's dtype for |e| <= 2·max_exponent(t.dtype), as two same-signed power-of-two factors that the
+    dtype holds (an intermediate overflows only where the result does); t itself for e = 0 where e can be read."""
     if _zero(e):
         return t
     half = torch.trunc(e / 2)

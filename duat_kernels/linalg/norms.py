@@ -27,13 +27,31 @@ CHUNK_ENTRIES = 1 << 24
 def gram_factor(w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
     """C (h, h) in float64, upper triangular, with CᵀC = G, G_ij = ⟨OV_i, OV_j⟩_F, from w_v (h_kv·d, M_in),
     w_o (M_out, h·d). Triangular, ||C α|| costs the C++ pass h(h+1)/2 multiply-adds instead of h²."""
+    c, e = scaled_gram_factor(w_v, w_o, num_heads, num_kv_heads)
+    return norm_scaling.unscaled(c, torch.tensor(float(e), dtype=torch.float64))
+
+
+# Weights with max|w| in [2^-GRAM_WEIGHT_LIMIT, 2^GRAM_WEIGHT_LIMIT] form the float64 Gram matrix as they are: its
+# entries stay inside float64 (d²·M_out·M_in·2^640 < 2^1023), and float32, bfloat16 or float16 weights are never
+# scaled (their C, and the norms of ordinary float64 weights, bitwise what they were).
+GRAM_WEIGHT_LIMIT = 160
+
+
+def scaled_gram_factor(w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int,
+                       num_kv_heads: int) -> tuple[torch.Tensor, int]:
+    """gram_factor as (C', e) with C = C'·2^e: C' from the weights scaled by powers of two (norm_scaling, in
+    float64's range) where the products of the float64 Gram matrix could overflow or vanish (weights of 1e200 and
+    1e-210: G overflowed, and eigh failed or the norms were NaN), e = e_v + e_o (|e| <= 2044)."""
     check_tensor("w_v", w_v, (2,))
     check_tensor("w_o", w_o, (2,))
     num_kv_heads, _ = check_heads(num_heads, num_kv_heads, w_v, w_o)
+    most = norm_scaling.MAX_EXPONENT_FLOAT64
+    e_v, e_o = (norm_scaling.exponent(norm_scaling.finite_max(w), GRAM_WEIGHT_LIMIT, most) for w in (w_v, w_o))
+    w_v, w_o = (w.double() * 2.0 ** -e if e else w for w, e in ((w_v, e_v), (w_o, e_o)))
     gram = gram_matrix(w_v, w_o, num_heads, num_kv_heads, torch.float64)
     evals, evecs = torch.linalg.eigh((gram + gram.T) / 2)  # G may be singular: no Cholesky
     root = evals.clamp_min(0).sqrt()[:, None] * evecs.T  # rootᵀ root = G
-    return torch.linalg.qr(root, mode="r").R.contiguous()  # root = QR, so RᵀR = G
+    return torch.linalg.qr(root, mode="r").R.contiguous(), e_v + e_o  # root = QR, so RᵀR = G
 
 
 def gram_matrix(w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int, num_kv_heads: int,
@@ -93,11 +111,13 @@ def _block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int
     dtype = torch.float64 if wide or float64 else torch.float32
     if not finite:
         return _block_norms_direct(source, w_v, w_o, num_kv_heads, grid).to(dtype)
-    c = gram_factor(w_v, w_o, h, num_kv_heads).to(source.device)
+    c, weight_shift = scaled_gram_factor(w_v, w_o, h, num_kv_heads)
+    c = c.to(source.device)
     # ||C α||² of C scaled to max|C| in [1, 2) where it could leave float32 (for |α| <= 1 and h < 2^20,
-    # h³ max|C|² < 2^124), the norms scaled back in float64 (norm_scaling)
+    # h³ max|C|² < 2^124), the norms scaled back in float64 (norm_scaling), with the weights' scale
     shift = norm_scaling.exponent(float(c.abs().max()) if c.numel() else 0.0, GRAM_FACTOR_LIMIT, most=1000)
     c = c * 2.0 ** -shift if shift else c
+    shift += weight_shift
     out = _scaled_norms(source, c, grid, wide)
     if not all_finite(out):
         if whole and not source.finite():
@@ -106,7 +126,12 @@ def _block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int
         if not wide:  # finite factors whose float32 squares overflowed (a stored A with entries far above 1)
             _check_output_fits(source, grid, True, True)
             out = _scaled_norms(source, c, grid, True)
-    return (out.double() * 2.0 ** shift).to(dtype) if shift else out.to(dtype)
+    return _unscaled64(out, shift).to(dtype)
+
+
+def _unscaled64(norms: torch.Tensor, e: int) -> torch.Tensor:
+    """norms · 2^e in float64 (|e| <= 2·MAX_EXPONENT_FLOAT64; 2.0 ** e overflows past 1023); norms for e = 0."""
+    return norm_scaling.unscaled(norms.double(), torch.tensor(float(e), dtype=torch.float64)) if e else norms
 
 
 # Gram factors with max|C| in [2^-GRAM_FACTOR_LIMIT, 2^GRAM_FACTOR_LIMIT] are taken as they are (norm_scaling).
@@ -186,15 +211,14 @@ WEIGHT_LIMIT = 8
 def _block_norms_torch_in(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
                           grid: tuple[int, int] | None, dtype: torch.dtype, float64: bool) -> torch.Tensor:
     """_block_norms_torch computed in dtype from the weights scaled by powers of two (norm_scaling)."""
-    e_v, e_o = norm_scaling.exponent_of(w_v, WEIGHT_LIMIT), norm_scaling.exponent_of(w_o, WEIGHT_LIMIT)
+    most = norm_scaling.max_exponent(dtype)
+    e_v, e_o = (norm_scaling.exponent_of(w, WEIGHT_LIMIT, most=most) for w in (w_v, w_o))
     w_v, w_o = norm_scaling.scaled(w_v.to(dtype), e_v), norm_scaling.scaled(w_o.to(dtype), e_o)
     gram = gram_matrix(w_v, w_o, source.heads, num_kv_heads, dtype).to(source.device)
     attn = source.dense(TORCH_PATH_HINT).to(dtype)
     sq = torch.einsum("binm,ij,bjnm->bnm", attn, gram, attn)
-    if grid is not None:  # squared norms summed into super-blocks
-        n, (rows, cols) = source.tokens, grid
-        sq = sq.new_zeros(sq.shape[0], n, cols).index_add(2, _bins(n, cols, sq.device), sq)
-        sq = sq.new_zeros(sq.shape[0], rows, cols).index_add(1, _bins(n, rows, sq.device), sq)
+    if grid is not None:
+        sq = grid_sums(sq, grid)
     norms = root_with_zero_subgradient(sq.double() if float64 else sq)
     return norm_scaling.unscaled(norms, (e_v + e_o).to(norms.device))
 
@@ -254,7 +278,8 @@ def _block_norms_direct(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_hea
     batch, h, n = source.batch, source.heads, source.tokens
     dtype = torch.float64 if _wide(source, w_v, w_o) else torch.float32
     # the weights scaled by powers of two from their largest finite entries (norm_scaling; NaN and Inf stay)
-    e_v, e_o = (norm_scaling.exponent(norm_scaling.finite_max(w), WEIGHT_LIMIT) for w in (w_v, w_o))
+    most = norm_scaling.max_exponent(dtype)
+    e_v, e_o = (norm_scaling.exponent(norm_scaling.finite_max(w), WEIGHT_LIMIT, most) for w in (w_v, w_o))
     w_v, w_o = (w.to(dtype) * 2.0 ** -e if e else w.to(dtype) for w, e in ((w_v, e_v), (w_o, e_o)))
     sq = torch.zeros(batch, n, n, dtype=dtype, device=source.device)
     # the squared entries of a few rows of every block at a time, summed; ov (h, rows, M_in)
@@ -271,11 +296,23 @@ def _block_norms_direct(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_hea
                     m1 = min(c1, m0 + cols_per_step)
                     alpha = alpha_rows[b, :, 0, m0 - c0:m1 - c0].to(dtype)  # (h, cols)
                     sq[b, r0, m0:m1] += torch.einsum("im,ica->mca", alpha, ov).square().sum((-1, -2))
-    if grid is not None:  # squared norms summed into super-blocks
-        rows, cols = grid
-        per_row = sq.new_zeros(batch, n, cols).index_add_(2, _bins(n, cols, sq.device), sq)
-        sq = sq.new_zeros(batch, rows, cols).index_add_(1, _bins(n, rows, sq.device), per_row)
-    return (sq.sqrt_().double() * 2.0 ** (e_v + e_o)).to(dtype) if e_v + e_o else sq.sqrt_()
+    if grid is not None:
+        sq = grid_sums(sq, grid)
+    return _unscaled64(sq.sqrt_(), e_v + e_o).to(dtype)
+
+
+def grid_sums(sq: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Squared block norms sq (B, N, N) summed into an R x C grid of super-blocks -> (B, R, C) (rows and columns
+    split as _bins does). A side of 1 is a plain sum: inductor failed on index_add into a dimension of size 1
+    (InductorError under torch.compile, for grid=(1, 1), (R, 1) and frobenius_norm)."""
+    n, (rows, cols) = sq.shape[-1], grid
+    for dim, parts in ((2, cols), (1, rows)):
+        if parts == 1:
+            sq = sq.sum(dim, keepdim=True)
+        else:
+            shape = (sq.shape[0], parts, sq.shape[2]) if dim == 1 else (sq.shape[0], sq.shape[1], parts)
+            sq = sq.new_zeros(shape).index_add(dim, _bins(n, parts, sq.device), sq)
+    return sq
 
 
 def _bins(n: int, parts: int, device) -> torch.Tensor:

@@ -152,3 +152,23 @@ def test_float64_recompute_of_contributions_is_refused_before_allocating(monkeyp
         op.contributions(x)
     monkeypatch.setattr(_memory, "available_memory", lambda device: 1 << 30)
     torch.testing.assert_close(op.contributions(x).double(), want, rtol=2e-5, atol=0)
+
+
+@pytest.mark.parametrize("per_head", [False, True], ids=["total", "per_head"])
+@pytest.mark.parametrize("source", ["attn", "qk"])
+def test_contributions_compile_with_fullgraph(source, per_head):
+    # the memory check read /proc/meminfo inside the trace: "Dynamo does not know how to trace builtin operator
+    # `open`"; traced, it is skipped (a compiled graph allocates at run time), as block_norms' and tile's are
+    lay = random_layer(2, 4, 2, tokens=5, head_dim=2, m_in=3, m_out=3)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 3, generator=g)
+    q, k = torch.randn(2, 4, 5, 2, generator=g), torch.randn(2, 2, 5, 2, generator=g)
+
+    def contributions(a, b, wv, wo, x):
+        op = (dk.HVOOperator(a, wv, wo, num_kv_heads=2) if source == "attn"
+              else dk.HVOOperator.from_qk(a, b, wv, wo, causal=True))
+        return op.contributions(x, per_head)
+
+    args = (lay["attn"], None) if source == "attn" else (q, k)
+    compiled = torch.compile(contributions, fullgraph=True, backend="eager")  # TorchDynamo's trace is what is tested
+    torch.testing.assert_close(compiled(*args, lay["w_v"], lay["w_o"], x), contributions(*args, lay["w_v"], lay["w_o"], x))

@@ -194,3 +194,74 @@ def test_traced_block_norms_scale_too(grid, transform):
     else:
         got = torch.func.vmap(norms, in_dims=(0, None, None))(op.source.attn[:, None], op.w_v, op.w_o)[:, 0]
     _assert_float32_close(got, op64.block_norms(grid))
+
+
+# float64 weights w_v · 2^e_v and w_o · 2^e_o, the exponents far outside float32's range, and the power of two e_x
+# applied to x: the Gram matrix of the weights (or the projected values' squares) overflowed or vanished in float64
+FLOAT64_EXTREMES = [(0, 0, 0), (664, -698, 0), (-332, -366, 0), (500, 500, 0), (-500, -500, 0), (0, 0, -700)]
+
+
+def _float64_layer(source: str, e_v: int, e_o: int, grad: bool = False):
+    """The float64 layer of _operators with its weights times 2^e_v and 2^e_o (exact), and the ordinary one."""
+    lay = random_layer(2, 4, 2, tokens=9, head_dim=3, m_in=6, m_out=6, causal=True, dtype=torch.float64)
+    w_v, w_o = lay["w_v"] * 2.0 ** e_v, lay["w_o"] * 2.0 ** e_o
+    if source == "qk":
+        g = torch.Generator().manual_seed(1)
+        q, k = torch.randn(2, 4, 9, 3, generator=g, dtype=torch.float64), torch.randn(2, 2, 9, 3, generator=g,
+                                                                                       dtype=torch.float64)
+        make = lambda wv, wo: dk.HVOOperator.from_qk(q, k, wv, wo, causal=True)  # noqa: E731
+    else:
+        make = lambda wv, wo: dk.HVOOperator(lay["attn"], wv, wo, num_kv_heads=2)  # noqa: E731
+    return make(w_v.requires_grad_(grad), w_o), make(lay["w_v"], lay["w_o"])
+
+
+def _dense_block_norms(op: dk.HVOOperator) -> torch.Tensor:
+    """||B_nm||_F (B, N, N) from the dense W' (reference backend)."""
+    w = op.to_dense()
+    b, n = w.shape[0], op.source.tokens
+    return torch.linalg.matrix_norm(w.reshape(b, n, w.shape[1] // n, n, w.shape[2] // n).transpose(2, 3))
+
+
+@pytest.mark.parametrize("path", ["plain", "qk", "autograd"])
+@pytest.mark.parametrize("e_v,e_o,e_x", FLOAT64_EXTREMES)
+def test_float64_norms_of_weights_beyond_float32s_range(path, e_v, e_o, e_x):
+    # w_v · 1e200 with w_o · 1e-210 (W' ~ 6e-11): the float64 Gram overflowed (eigh failed to converge, or NaN),
+    # as the scale was capped at 2^±126. Reference: the dense W' of the ordinary weights, times 2^(e_v + e_o)
+    op, ordinary = _float64_layer(path, e_v, e_o, grad=path == "autograd")
+    scale = 2.0 ** (e_v + e_o)
+    want = _dense_block_norms(ordinary)
+    assert float(want.max()) > 0
+    if e_x == 0:
+        torch.testing.assert_close(op.block_norms().detach(), want * scale, rtol=1e-12, atol=0)
+        sq = want.square()  # grid (2, 3): rows of blocks 0-4, 5-8; columns 0-2, 3-5, 6-8
+        grid = torch.stack([torch.stack([sq[:, r0:r1, c0:c1].sum((1, 2)) for c0, c1 in ((0, 3), (3, 6), (6, 9))], -1)
+                            for r0, r1 in ((0, 5), (5, 9))], -2).sqrt()
+        torch.testing.assert_close(op.block_norms((2, 3)).detach(), grid * scale, rtol=1e-12, atol=0)
+        torch.testing.assert_close(op.frobenius_norm().detach(), sq.sum((1, 2)).sqrt() * scale, rtol=1e-12, atol=0)
+    x = torch.randn(2, 9, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    want = ordinary.contributions(x)  # against the dense blocks in test_norm_contributions
+    torch.testing.assert_close(op.contributions(x * 2.0 ** e_x).detach(), want * 2.0 ** (e_v + e_o + e_x),
+                               rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("grid", [None, (2, 3)], ids=["blocks", "grid"])
+@pytest.mark.parametrize("e_v,e_o", [(664, -698), (-500, -500)])
+def test_float64_norms_with_nan_of_weights_beyond_float32s_range(grid, e_v, e_o):
+    # a NaN in A takes the path that forms the blocks, from weights scaled by at most 2^±126: for weights of 2^-500
+    # the OV of ~2^-748 squared vanished (norms 0); weights of 2^664 and 2^-698 give an ordinary OV (a control)
+    op, ordinary = _float64_layer("plain", e_v, e_o)
+    for o in (op, ordinary):
+        o.source.attn[0, 1, 5, 2] = math.nan
+    want = ordinary.block_norms(grid) * 2.0 ** (e_v + e_o)
+    assert bool(want.isnan().any()) and bool(want.isfinite().any())
+    torch.testing.assert_close(op.block_norms(grid), want, rtol=1e-12, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype,most", [(torch.float32, 126), (torch.bfloat16, 126), (torch.float64, 1022)])
+def test_exponent_range_of_the_computation_dtype(dtype, most):
+    assert norm_scaling.max_exponent(dtype) == most
+    for magnitude in (1e300, 1e-300, 2.0 ** -1070):
+        want = max(-most, min(most, math.frexp(magnitude)[1]))
+        assert norm_scaling.exponent(magnitude, 32, most) == want
+        t = torch.tensor([magnitude], dtype=torch.float64)
+        assert float(norm_scaling.exponent_of(t, 32, most=most)) == want
