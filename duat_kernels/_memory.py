@@ -51,8 +51,9 @@ DENSE_HINT = ("Use the matrix-free duat_kernels.HVOOperator instead (matvec/rmat
 
 
 def check_fits(what: str, needed: int, device: torch.device, hint: str = DENSE_HINT) -> None:
-    """Refuse, before allocating, an allocation that cannot fit in memory; `hint` says what to do instead."""
-    if needed <= 0:  # nothing to allocate (out= given): no need to ask the system
+    """Refuse, before allocating, an allocation that cannot fit in memory; `hint` says what to do instead. While
+    torch.compile traces, nothing is checked: a traced graph cannot read /proc, and sizes are checked eagerly."""
+    if needed <= 0 or torch.compiler.is_compiling():  # nothing to allocate (out= given), or a trace
         return
     free = available_memory(device)
     if needed > free:

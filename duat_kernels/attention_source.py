@@ -69,9 +69,8 @@ class AttentionSource:
     def dense(self, hint: str = DENSE_HINT) -> torch.Tensor:
         """The whole A (B, h, N, N) (refused with DenseTooLargeError, ending with `hint`, when it would not fit)."""
         n = self.tokens
-        if not torch.compiler.is_compiling():  # a compiled graph allocates nothing here (and cannot read /proc)
-            check_fits(f"attention probabilities of shape ({self.batch}, {self.heads}, {n}, {n})",
-                       self.batch * self.heads * n * n * self.dtype.itemsize, self.device, hint)
+        check_fits(f"attention probabilities of shape ({self.batch}, {self.heads}, {n}, {n})",
+                   self.batch * self.heads * n * n * self.dtype.itemsize, self.device, hint)
         return self.rows(0, n)
 
     def mix(self, values: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ def ov_circuits(w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int, num_kv_hea
     h_kv, _ = v.check_heads(num_heads, num_kv_heads, w_v, w_o)
     dtype = torch.promote_types(w_v.dtype, w_o.dtype)
     h = v.positive_int(num_heads)
-    if w_v.device.type != "meta" and not torch.compiler.is_compiling():
+    if w_v.device.type != "meta":
         check_fits(f"OV circuits of shape ({h}, {w_o.shape[0]}, {w_v.shape[1]})",
                    h * w_o.shape[0] * w_v.shape[1] * dtype.itemsize, w_v.device,
                    "Use the matrix-free duat_kernels.HVOOperator (block(n, m) forms one Σ_i A_i[n, m] OV_i).")

@@ -195,9 +195,8 @@ class HVOOperator:
         (r0, r1), (c0, c1) = (self._range(s, size, name) for s, size, name in
                               ((rows, total[0], "rows"), (cols, total[1], "cols")))
         dtype = v.resolve_dtype(self.dtype if dtype is None else dtype, None)
-        if not torch.compiler.is_compiling():  # a compiled graph allocates nothing here (and cannot read /proc)
-            check_fits(f"a tile of W' of shape ({r1 - r0}, {c1 - c0})",
-                       (r1 - r0) * (c1 - c0) * self.dims.batch * dtype.itemsize, self.device)
+        check_fits(f"a tile of W' of shape ({r1 - r0}, {c1 - c0})",
+                   (r1 - r0) * (c1 - c0) * self.dims.batch * dtype.itemsize, self.device)
         factors = (self.w_v, self.w_o, *self.source.inputs())
         wrapped = backends.functorch_wrapped(*factors)  # vmap's: no storage
         if backends.tracks_grad(*factors) or wrapped:

@@ -72,10 +72,9 @@ def weighted_ov(alpha: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, num_h
     dtype: one block of W' per batch element. OV is formed a few of its rows at a time (as a whole it is h
     blocks: h = 2, M = 100000 failed to allocate 80 GB), and a block that cannot fit is DenseTooLargeError."""
     batch, m_out, m_in = alpha.shape[0], w_o.shape[0], w_v.shape[1]
-    if not torch.compiler.is_compiling():  # a compiled graph allocates nothing here (and cannot read /proc)
-        check_fits(f"a block of W' of shape ({batch}, {m_out}, {m_in})",
-                   batch * m_out * m_in * alpha.dtype.itemsize, alpha.device,
-                   "Ask for a tile of the block instead: tile(rows, cols).")
+    check_fits(f"a block of W' of shape ({batch}, {m_out}, {m_in})",
+               batch * m_out * m_in * alpha.dtype.itemsize, alpha.device,
+               "Ask for a tile of the block instead: tile(rows, cols).")
     parts = (torch.einsum("bi,ica->bca", alpha, ov)
              for _, ov in reference.ov_row_blocks(w_v, w_o, num_heads, num_kv_heads, OV_ENTRIES_PER_STEP))
     if v.functorch_wrapped(alpha):

@@ -48,9 +48,8 @@ def contributions(attn, x: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, n
     m_out = w_o.shape[0]
     result = batch * h * n * n * 2 if per_head else batch * n * n + batch * n * h * h  # with |A| or G_m
     shape = (batch, h, n, n) if per_head else (batch, n, n)
-    if not torch.compiler.is_compiling():  # a compiled graph allocates nothing here (and cannot read /proc)
-        check_fits(f"contributions of shape {shape}", (batch * h * n * m_out + result) * ct.itemsize, source.device,
-                   CONTRIBUTIONS_HINT)
+    check_fits(f"contributions of shape {shape}", (batch * h * n * m_out + result) * ct.itemsize, source.device,
+               CONTRIBUTIONS_HINT)
     if m_out == 0 or w_v.shape[1] == 0:  # W'_nm x_m is an empty vector or an empty sum: norm 0, whatever A holds
         return torch.zeros(batch, *((h,) if per_head else ()), n, n, dtype=ct, device=source.device)
     out = _contributions(source, x.to(ct), w_v, w_o, per_head)
