@@ -31,7 +31,7 @@ EIGVALS_MAX_STATES = 256
 class Stationary:
     pi: np.ndarray  # (S,) float64, sums to one
     residual: float  # ||πP − π||₁
-    method: str  # "dense solve" or "eigs + power"
+    method: str  # "dense solve", "eigs + power" or "eigs + sparse solve" (a periodic P)
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,9 @@ def _check_one_closed_class(op: TransitionOperator) -> None:
 def stationary_distribution(op: TransitionOperator, *, power_steps: int = 1000, tol: float = 1e-13) -> Stationary:
     """π of P (S,). ValueError when π is not unique (more than one closed class: closed_class_count), on
     both paths. Dense: solve (Pᵀ − I) π = 0 with Σπ = 1 replacing one equation. Larger: ARPACK's leading
-    eigenvector of Pᵀ, then power steps π <- πP until ||πP − π||₁ <= tol or power_steps is reached."""
+    eigenvector of Pᵀ, then power steps π <- πP until ||πP − π||₁ <= tol or power_steps is reached; if that
+    leaves the residual above tol (a periodic P, whose other unit-modulus eigenvalues can take ARPACK's pick),
+    the dense path's equations solved by a sparse LU instead."""
     if integer(power_steps, tensors=False) is None:
         raise TypeError(f"power_steps must be an int, got {type(power_steps).__name__} {power_steps!r}")
     if power_steps < 0:
@@ -117,7 +119,29 @@ def stationary_distribution(op: TransitionOperator, *, power_steps: int = 1000, 
         pi = op.rmatvec(pi)
         pi /= pi.sum()
         res = residual(op, pi)
+    if method != "dense solve" and res > tol:
+        # a periodic P has other eigenvalues of modulus 1 (roots of unity): ARPACK may return one of their
+        # eigenvectors, and πP^t cycles instead of converging; solve for π as the dense path does
+        solved = _sparse_solve(op)
+        solved_res = residual(op, solved)
+        if solved_res < res:
+            pi, res, method = solved, solved_res, "eigs + sparse solve"
     return Stationary(pi, res, method)
+
+
+def _sparse_solve(op: TransitionOperator) -> np.ndarray:
+    """π (S,) from (Pᵀ − I) π = 0 with Σπ = 1 replacing the last equation, by a sparse LU (SuperLU): the rows of
+    Pᵀ − I sum to zero, so with one closed class the other S − 1 have rank S − 1 and the system is regular."""
+    import scipy.sparse
+    from scipy.sparse.linalg import spsolve
+
+    s = op.num_states
+    a = (op.to_csr().T - scipy.sparse.identity(s, format="csr")).tolil()
+    a[s - 1] = np.ones(s)  # normalisation row: Σπ = 1
+    b = np.zeros(s)
+    b[-1] = 1.0
+    pi = np.clip(spsolve(a.tocsc(), b), 0.0, None)
+    return pi / pi.sum()
 
 
 def token_marginal(pi: np.ndarray, num_symbols: int, context: int, position: int = -1) -> np.ndarray:

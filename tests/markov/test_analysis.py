@@ -185,6 +185,30 @@ def test_one_closed_class_has_the_same_pi_on_both_paths(monkeypatch):
     np.testing.assert_allclose(dense.pi, np.eye(8)[0], atol=1e-12)
 
 
+def _period_three_chain() -> TransitionOperator:
+    """T = 6, K = 2 (36 states): after a symbol v comes a symbol w with w = v + 1 (mod 3), random otherwise.
+    One closed class (the states whose two symbols follow that rule), period 3, a non-uniform π."""
+    q = random_probabilities(6, 2, seed=0)
+    last = np.arange(36) % 6
+    q[(last[:, None] + 1) % 3 != np.arange(6)[None] % 3] = 0.0
+    return TransitionOperator(q / q.sum(axis=1, keepdims=True), 6, 2)
+
+
+@pytest.mark.parametrize("op", [TransitionOperator(np.roll(np.eye(7), 1, axis=1), 7, 1), _period_three_chain()],
+                         ids=["cycle-7", "period-3"])
+def test_periodic_chain_has_the_dense_pi_on_the_arpack_path(op, monkeypatch):
+    """A periodic chain has other eigenvalues of modulus 1 (the p-th roots of unity): ARPACK returned the
+    eigenvector of one of them, with a residual ||πP − π||₁ near 0.5 that power steps cannot lower (πP^t
+    cycles), and no error. Both paths now give the dense solve's π."""
+    dense = analysis.stationary_distribution(op)
+    monkeypatch.setattr(analysis, "DENSE_MAX_STATES", 4)
+    sparse = analysis.stationary_distribution(op)
+    assert dense.method == "dense solve" and sparse.method.startswith("eigs")
+    assert sparse.residual <= 1e-13
+    assert sparse.residual == analysis.residual(op, sparse.pi)
+    np.testing.assert_allclose(sparse.pi, dense.pi, rtol=1e-10, atol=ABS_PI)
+
+
 def test_pi_starts_and_state_labels_are_checked():
     op = TransitionOperator(np.full((9, 3), 1 / 3), 3, 2)
     pi = np.full(9, 1 / 9)
