@@ -3,10 +3,16 @@ file it replaces (its permission bits, a symbolic link at its path, the stale ou
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import tempfile
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: the manifest is then edited without a lock
+    fcntl = None
 
 
 def check_plot_format(option: str, path) -> None:
@@ -153,15 +159,57 @@ def _recorded_outputs(manifest: Path) -> dict[str, list[str]]:
             if isinstance(command, str) and isinstance(names, list)}
 
 
+def _locked_file(path: Path) -> int | None:
+    """A descriptor of the file at path (created if missing) holding an exclusive flock, or None where it cannot be
+    opened or the file system has no flock (some network mounts). A lock taken on a file that another run has
+    meanwhile deleted (see _manifest_lock) is dropped and taken again on the file now at path."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd
+        except FileNotFoundError:  # deleted by the run that held it
+            pass
+        except OSError:
+            os.close(fd)
+            return None
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def _manifest_lock(folder: Path):
+    """Hold an exclusive advisory lock (flock) on folder/.duat-outputs.json.lock for the manifest's read-edit-write,
+    then delete the lock file, so none stays in the folder. Without fcntl (Windows), or where the lock cannot be
+    taken, the manifest is edited without one."""
+    path = folder / (OUTPUTS_MANIFEST + ".lock")
+    fd = _locked_file(path) if fcntl is not None else None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            path.unlink(missing_ok=True)  # while still locked: a run waiting on this file finds it gone, locks anew
+            os.close(fd)
+
+
 def remove_stale_outputs(folder, command: str, written) -> None:
     """Delete the files of folder that the previous run of `command` ("duat markov") wrote there and this one
     did not write again (written: paths in folder), then record this run's files in folder/.duat-outputs.json
     (OUTPUTS_MANIFEST, one list per command). An earlier run's outputs would otherwise sit beside reports that no
     longer describe them; files no duat run recorded (a user's own density.png), other commands' outputs, links
     and folders are never removed."""
+    folder = Path(folder)
+    with _manifest_lock(folder):  # runs into the same folder at once: each reads what the other wrote
+        _update_outputs(folder, command, written)
+
+
+def _update_outputs(folder: Path, command: str, written) -> None:
+    """remove_stale_outputs's read-edit-write of the manifest, under its lock."""
     import json
 
-    folder = Path(folder)
     manifest = folder / OUTPUTS_MANIFEST
     if manifest.exists() and not manifest.is_file():  # os.replace cannot put the record there
         raise ValueError(f"{manifest} is not a file (duat's record of the files it wrote in {folder} goes there); "

@@ -92,9 +92,46 @@ def test_concurrent_runs_into_one_folder_do_not_share_a_temporary_manifest(tmp_p
         real_replace(src, dst)
 
     monkeypatch.setattr(_files.os, "replace", replace_after_another_run)
+    monkeypatch.setattr(_files, "fcntl", None)  # no lock (a platform without fcntl): the runs can interleave
     _files.remove_stale_outputs(out, "duat markov", [out / "a.png"])
     assert interleaved and sorted(p.name for p in out.iterdir()) == [_files.OUTPUTS_MANIFEST]
     assert json.loads((out / _files.OUTPUTS_MANIFEST).read_text()) == {"duat markov": ["a.png"]}  # the last rename
+
+
+def test_concurrent_runs_into_one_folder_both_record_their_outputs(tmp_path, monkeypatch):
+    """Two runs read, edited and wrote .duat-outputs.json without a lock: both read it before either wrote, and the
+    later rename dropped the other run's entry. Here each run pauses between reading and writing; both entries stay,
+    and the lock file is gone afterwards."""
+    import threading
+    import time
+
+    out = tmp_path / "out"
+    out.mkdir()
+    real_read = _files._recorded_outputs
+
+    def slow_read(manifest):
+        recorded = real_read(manifest)
+        time.sleep(0.2)  # the other run reads now, unless a lock keeps it waiting
+        return recorded
+
+    monkeypatch.setattr(_files, "_recorded_outputs", slow_read)
+    errors = []
+
+    def record(command, name):
+        try:
+            _files.remove_stale_outputs(out, command, [out / name])
+        except BaseException as exc:  # shown by the assertion below, not lost in the thread
+            errors.append(exc)
+
+    runs = [threading.Thread(target=record, args=args) for args in (("duat markov", "a.png"), ("duat claims", "c.json"))]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join()
+    assert errors == []
+    assert json.loads((out / _files.OUTPUTS_MANIFEST).read_text()) == {"duat claims": ["c.json"],
+                                                                       "duat markov": ["a.png"]}
+    assert sorted(p.name for p in out.iterdir()) == [_files.OUTPUTS_MANIFEST]
 
 
 def test_the_manifest_gets_the_mode_of_a_file_written_in_place(tmp_path, umask_022):
