@@ -9,7 +9,6 @@ written to a temporary name and renamed, so a file present is a file complete).
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -75,10 +74,8 @@ def next_token_function(model) -> Callable[[torch.Tensor], torch.Tensor]:
         raise TypeError("model must be a causal LM or a callable returning next-token logits, "
                         f"got {type(model).__name__}")
     kwargs = {}
-    forward = getattr(model, "forward", None)
-    if isinstance(model, torch.nn.Module) and forward is not None:
-        params = inspect.signature(forward).parameters
-        kwargs = {k: v for k, v in (("use_cache", False), ("logits_to_keep", 1)) if k in params}
+    if isinstance(model, torch.nn.Module) and getattr(model, "forward", None) is not None:
+        kwargs = {k: v for k, v in (("use_cache", False), ("logits_to_keep", 1)) if forward_takes(model, k)}
 
     def call(input_ids: torch.Tensor) -> torch.Tensor:
         out = model(input_ids=input_ids, **kwargs) if kwargs else model(input_ids)
@@ -123,12 +120,10 @@ def shared_prefix_function(model, group: int) -> Callable[[torch.Tensor], torch.
     only in x_K): each prefix runs once, then the B last tokens read its cached keys and values, so
     B/group·(L−1) + B tokens go through the model instead of B·L. None if the model has no such cache;
     other input_ids take the full forward."""
-    forward = getattr(model, "forward", None)
-    if not isinstance(model, torch.nn.Module) or forward is None:
+    if not isinstance(model, torch.nn.Module) or getattr(model, "forward", None) is None:
         return None
-    params = set(inspect.signature(forward).parameters)
-    cache_arg = "cache" if "cache" in params else "past_key_values"  # the name before transformers 5.x
-    if not {cache_arg, "use_cache", "logits_to_keep"} <= params:
+    cache_arg = "cache" if forward_takes(model, "cache") else "past_key_values"  # the name before transformers 5.x
+    if not all(forward_takes(model, name) for name in (cache_arg, "use_cache", "logits_to_keep")):
         return None
     full = next_token_function(model)
 
