@@ -51,6 +51,15 @@ def finite_max(t: torch.Tensor) -> float:
     return float(torch.where(t.isfinite(), t.detach().abs(), 0).amax()) if t.numel() else 0.0
 
 
+def scaled_down(t: torch.Tensor, limit: int, most: int = MAX_EXPONENT,
+                dtype: torch.dtype | None = None) -> tuple[torch.Tensor, int]:
+    """(t · 2^-e in `dtype` (t's if None), e) with e the `exponent` of t's largest finite entry: t's values as they
+    are for e = 0. Reads the values (eager only; exponent_of and scaled are the traceable forms)."""
+    e = exponent(finite_max(t), limit, most)
+    t = t if dtype is None else t.to(dtype)
+    return (t * 2.0 ** -e if e else t), e
+
+
 def exponent_of(t: torch.Tensor, limit: int, dims: tuple[int, ...] | None = None,
                 most: int = MAX_EXPONENT) -> torch.Tensor:
     """`exponent` of max|t| as a float64 tensor () from torch operations: no Python branch on the values, so it

@@ -46,8 +46,8 @@ def scaled_gram_factor(w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int,
     check_tensor("w_o", w_o, (2,))
     num_kv_heads, _ = check_heads(num_heads, num_kv_heads, w_v, w_o)
     most = norm_scaling.MAX_EXPONENT_FLOAT64
-    e_v, e_o = (norm_scaling.exponent(norm_scaling.finite_max(w), GRAM_WEIGHT_LIMIT, most) for w in (w_v, w_o))
-    w_v, w_o = (w.double() * 2.0 ** -e if e else w for w, e in ((w_v, e_v), (w_o, e_o)))
+    (w_v, e_v), (w_o, e_o) = (norm_scaling.scaled_down(w, GRAM_WEIGHT_LIMIT, most, torch.float64)
+                              for w in (w_v, w_o))
     gram = gram_matrix(w_v, w_o, num_heads, num_kv_heads, torch.float64)
     evals, evecs = torch.linalg.eigh((gram + gram.T) / 2)  # G may be singular: no Cholesky
     root = evals.clamp_min(0).sqrt()[:, None] * evecs.T  # rootᵀ root = G
@@ -115,8 +115,7 @@ def _block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int
     c = c.to(source.device)
     # ||C α||² of C scaled to max|C| in [1, 2) where it could leave float32 (for |α| <= 1 and h < 2^20,
     # h³ max|C|² < 2^124), the norms scaled back in float64 (norm_scaling), with the weights' scale
-    shift = norm_scaling.exponent(float(c.abs().max()) if c.numel() else 0.0, GRAM_FACTOR_LIMIT, most=1000)
-    c = c * 2.0 ** -shift if shift else c
+    c, shift = norm_scaling.scaled_down(c, GRAM_FACTOR_LIMIT, most=1000)
     shift += weight_shift
     out = _scaled_norms(source, c, grid, wide)
     if not all_finite(out):
@@ -279,8 +278,7 @@ def _block_norms_direct(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_hea
     dtype = torch.float64 if _wide(source, w_v, w_o) else torch.float32
     # the weights scaled by powers of two from their largest finite entries (norm_scaling; NaN and Inf stay)
     most = norm_scaling.max_exponent(dtype)
-    e_v, e_o = (norm_scaling.exponent(norm_scaling.finite_max(w), WEIGHT_LIMIT, most) for w in (w_v, w_o))
-    w_v, w_o = (w.to(dtype) * 2.0 ** -e if e else w.to(dtype) for w, e in ((w_v, e_v), (w_o, e_o)))
+    (w_v, e_v), (w_o, e_o) = (norm_scaling.scaled_down(w, WEIGHT_LIMIT, most, dtype) for w in (w_v, w_o))
     sq = torch.zeros(batch, n, n, dtype=dtype, device=source.device)
     # the squared entries of a few rows of every block at a time, summed; ov (h, rows, M_in)
     for _, ov in reference.ov_row_blocks(w_v, w_o, h, num_kv_heads, CHUNK_ENTRIES):
