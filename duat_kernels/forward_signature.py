@@ -1,5 +1,5 @@
 """What a model's forward takes, read from its signature (the capture's encoder-decoder pass and duat markov's
-causality check both pass use_cache=False only to a forward that takes it)."""
+causality check both pass use_cache=False only to a forward that takes it), and a call's arguments by name."""
 
 from __future__ import annotations
 
@@ -13,3 +13,15 @@ def forward_takes(model, name: str) -> bool:
         return name in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def named_inputs(model, args: tuple, inputs: dict) -> dict:
+    """The model's inputs by name, those passed positionally (model(ids, mask)) included; `inputs` alone when the
+    arguments do not bind to the forward's signature (the call then fails by itself)."""
+    if not args:
+        return inputs
+    try:
+        bound = inspect.signature(model.forward).bind_partial(*args, **inputs)
+    except (TypeError, ValueError):
+        return inputs
+    return {**bound.arguments, **inputs}

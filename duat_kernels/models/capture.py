@@ -7,7 +7,6 @@ W' x' + b' can be checked against the model itself.
 
 from __future__ import annotations
 
-import inspect
 import re
 import warnings
 from contextlib import contextmanager
@@ -16,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from duat_kernels._validation import check_layout, integer
+from duat_kernels.forward_signature import named_inputs
 from duat_kernels.hvo import hvo_bias, hvo_matrix
 from duat_kernels.hvo_operator import HVOOperator
 from duat_kernels.models.architectures import (ARCHITECTURES, SHAPES, Architecture, describe_attention_modules,
@@ -317,17 +317,6 @@ def _check_no_cached_keys(named: dict) -> None:
             raise ValueError(f"{key} holds {int(cached)} cached tokens, whose keys and values the layers attend to "
                              "but whose x W' x' + b' needs is not in this pass: pass the whole sequence without a "
                              "filled cache")
-
-
-def named_inputs(model: torch.nn.Module, args: tuple, inputs: dict) -> dict:
-    """The model's inputs by name, those passed positionally (model(ids, mask)) included."""
-    if not args:
-        return inputs
-    try:
-        bound = inspect.signature(model.forward).bind_partial(*args, **inputs)
-    except (TypeError, ValueError):
-        return inputs
-    return {**bound.arguments, **inputs}
 
 
 def select_layers(layers, count: int) -> list[int]:

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 import torch
 
-from duat_kernels.forward_signature import forward_takes
+from duat_kernels.forward_signature import forward_takes, named_inputs
 from duat_kernels.models.architectures import (SHAPES, _weighted, find_blocks, is_cross_attention,
                                                outermost_submodules)
 from duat_kernels.models.token_labels import input_tokens, target_reading_note
@@ -224,8 +224,8 @@ def decoder_inputs_inside(model: torch.nn.Module) -> Iterator[dict]:
         return
 
     def add_decoder_inputs(_module, args, kwargs):
-        positional = inspect.signature(inner.forward).bind_partial(*args).arguments if args else {}
-        named = {**positional, **kwargs}
+        named = named_inputs(inner, args, kwargs)
+        positional = named.keys() - kwargs.keys()
         try:
             added = with_decoder_inputs(inner, named, {})
         except ValueError as exc:

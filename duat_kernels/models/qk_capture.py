@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from duat_kernels.forward_signature import named_inputs
 from duat_kernels.heads import head_indices, select_heads
 from duat_kernels.hvo_operator import HVOOperator
 from duat_kernels.models.architectures import owning_config, resolve
 from duat_kernels.models.capture import (AttentionLayer, _token_mask, attention_blocks, attn_implementation,
-                                         check_not_called_with_encoder_states, encoder_states_hook, named_inputs,
-                                         select_layers)
+                                         check_not_called_with_encoder_states, encoder_states_hook, select_layers)
 from duat_kernels.models.shared_layers import ApplicationRecords, layer_plan
 
 
