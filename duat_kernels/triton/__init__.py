@@ -32,14 +32,19 @@ def kron_sum_tile_(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor, r
     rows, cols = out.shape
     s_first = col0 // t_size
     s_count = (col0 + cols - 1) // t_size + 1 - s_first
+    p_first = row0 // q_size
+    p_count = (row0 + rows - 1) // q_size + 1 - p_first
+    # rows p·Q + q: within one p only the tile's q; across several p every q (the kernel masks the rest)
+    q_first, q_count = (row0 % q_size, rows) if p_count == 1 else (0, q_size)
     h_pad = max(16, triton.next_power_of_2(h))
 
-    def grid(meta):  # row blocks x column patches, flattened (the kernel's n_patches: the last two factors)
+    def grid(meta):  # (p block, q) x column patches, flattened (the kernel's n_patches: the last two factors)
         n_t = triton.cdiv(t_size, meta["BLOCK_T"])
-        return (triton.cdiv(rows, meta["ROWS"]) * triton.cdiv(s_count, meta["BLOCK_S"]) * n_t,)
+        return (triton.cdiv(p_count, meta["BLOCK_P"]) * q_count * triton.cdiv(s_count, meta["BLOCK_S"]) * n_t,)
 
     kron_sum_kernel[grid](
-        left, right, out, h, q_size, s_size, t_size, row0, col0, rows, cols, s_first, s_count,
+        left, right, out, h, q_size, s_size, t_size, row0, col0, rows, cols, p_first, p_count, q_first, q_count,
+        s_first, s_count,
         *left.stride(), *right.stride(), H_PAD=h_pad, PRECISION=_PRECISION[out.dtype],
     )
     return out

@@ -10,9 +10,9 @@ Two launches, as flash attention's forward and its statistics:
      the (R, C) grid, float32).
 Cost: twice the q kᵀ products of one attention forward plus h² FMAs per entry; memory O(grid).
 Tile shapes are autotuned (the grid kernel's atomic sums are zeroed before each trial). The CPU
-tests run it in Triton's interpreter; the same tests passed compiled on an NVIDIA H200
-(TRITON_INTERPRET=0 pytest tests/triton) before the row statistics were split into maximum and sum
-and the tile shapes pruned to CUDA's grid limits (interpreter only since);
+tests run it in Triton's interpreter; the same tests passed compiled on an NVIDIA H200 and, as the
+kernel is now (row statistics as maximum and sum, tile shapes pruned to CUDA's grid limits), on an
+NVIDIA H100 (TRITON_INTERPRET=0 pytest tests/triton);
 benchmarks/bench_block_norms_gpu.py times it.
 """
 

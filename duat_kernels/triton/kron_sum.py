@@ -1,10 +1,10 @@
 """Triton kernel: any tile of W = Σ_i L_i ⊗ R_i, straight from the factors.
 
 W[p·Q + q, s·T + t] = Σ_i L[i, p, s] · R[i, q, t]; token layout is (L, R) = (A, OV), feature
-layout (OV, A). One program writes a BLOCK_S x BLOCK_T patch of ROWS output rows: for a row
-(p, q) the patch is the small-K matrix product
+layout (OV, A). One program writes, for one q and BLOCK_P consecutive p, a patch of BLOCK_S x BLOCK_T
+entries in each of the rows p·Q + q: the small-K matrix product
 
-    patch[s, t] = Σ_i L[i, p, s] · R[i, q, t]        (s in an s-block, t in a t-block)
+    patch[(p, s), t] = Σ_i L[i, p, s] · R[i, q, t]   (p in a p-block, s in an s-block, t in a t-block)
 
 stored at columns s·T + t with int64 offsets and masks for ragged edges, as one tl.dot on the
 tensor cores with K = h padded to H_PAD >= 16. Every patch takes its dot, zero slices (causal
@@ -14,10 +14,17 @@ its synchronisation, an in-kernel one 20-35% of the kernel's time on dense maps,
 takes the time of a dense one (H200): the writes bound the kernel, not the dots. h outer products on
 the CUDA cores instead of the dot were never faster.
 
-Roofline. Each entry is written once (4 bytes fp32, 2 bytes fp16/bf16) and costs 2h flops; the
-reads are small and cached. Measured on an NVIDIA H200 (benchmarks/bench_materialise_gpu.py,
-benchmarks/results/nvidia-h200/gpu.md), the kernel alone takes 1.06-1.98x fill_'s time for bf16
-output (TF32 dots) and 1.5-2.4x for float32 output (IEEE fp32 dots; 3xTF32 was 5-13% slower).
+Roofline. Each entry is written once (4 bytes fp32, 2 bytes fp16/bf16) and costs 2h flops. The reads
+are of the factors, through the L2 cache: a program reads h·BLOCK_T entries of R for BLOCK_P·BLOCK_S·BLOCK_T
+entries written: with one p per program, R is read h/BLOCK_S times per entry written (BLOCK_S <= N). Where R
+(OV: h·M² floats, 28 MB at h = 12, M = 768) outgrows the L2 cache, those reads come from HBM and can cost
+more than the writes (the reason inferred from the measurements, not profiled). Blocking p (BLOCK_P > 1)
+divides them by BLOCK_P; measured side by side on an NVIDIA H100
+(benchmarks/results/nvidia-h100-80gb-hbm3/, bench_materialise_gpu.py) it took the kernel at N = 16,
+M = 768, h = 12 from 1.95x to 1.28x fill_'s time for fp32 and from 2.69x to 1.93x for bf16 (at
+N = 64, M = 768: 1.34x to 1.14x and 1.55x to 1.34x), and changed nothing at M = 256, where the autotuner
+keeps BLOCK_P = 1 or 2. Over the four benchmark shapes the kernel takes 1.07-1.96x fill_'s time for bf16
+output (TF32 dots) and 1.10-1.71x for fp32 (IEEE fp32 dots; 3xTF32 was slower).
 """
 
 from __future__ import annotations
@@ -29,11 +36,13 @@ import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Patch shapes, chosen per (S, T, H_PAD, dtypes) by autotuning among the fastest of a sweep on an
-# H200 (one row per program beat 2 to 8 rows). The interpreter (CPU tests) takes one small config.
-_CONFIGS = [triton.Config({"BLOCK_S": 16, "BLOCK_T": 32, "ROWS": 2}, num_warps=4)] if _INTERPRET else [
-    triton.Config({"BLOCK_S": bs, "BLOCK_T": bt, "ROWS": 1}, num_warps=4)
-    for bs, bt in [(32, 128), (32, 256), (64, 64), (16, 256)]
+# Patch shapes (BLOCK_P rows of L, BLOCK_S, BLOCK_T), chosen per (S, T, H_PAD, dtypes) by autotuning. BLOCK_P = 1
+# are the four fastest of a sweep on an H200; BLOCK_P > 1 reuse each loaded slice of R for BLOCK_P rows p, which
+# matters where R (OV) outgrows the L2 cache and h / N is large. The interpreter (CPU tests) takes one small config.
+_CONFIGS = [triton.Config({"BLOCK_P": 2, "BLOCK_S": 8, "BLOCK_T": 32}, num_warps=4)] if _INTERPRET else [
+    triton.Config({"BLOCK_P": bp, "BLOCK_S": bs, "BLOCK_T": bt}, num_warps=w)
+    for bp, bs, bt, w in [(1, 32, 128, 4), (1, 32, 256, 4), (1, 64, 64, 4), (1, 16, 256, 4), (2, 32, 128, 4),
+                          (4, 16, 128, 4), (2, 16, 256, 4), (4, 16, 256, 8), (8, 16, 64, 4)]
 ]
 
 
@@ -43,33 +52,34 @@ def kron_sum_kernel(
     l_ptr, r_ptr, out_ptr,
     h, Q, S, T,  # heads, and the factor sizes the index arithmetic needs
     row0, col0, rows, cols,  # the tile: global offset and extent (out is rows x cols)
+    p_first, p_count, q_first, q_count,  # the rows p·Q + q that the tile touches: p and q ranges
     s_first, s_count,  # the segments (s) that the tile touches
     stride_lh, stride_lp, stride_ls, stride_rh, stride_rq, stride_rt,
     H_PAD: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    # one grid dimension (up to 2^31 - 1 programs; the second and third stop at 65535): row blocks
-    # outer, column patches inner
+    # one grid dimension (up to 2^31 - 1 programs; the second and third stop at 65535): (p block, q) outer,
+    # column patches inner. A program writes the rows p·Q + q of BLOCK_P consecutive p and one q: one slice
+    # of R, loaded once, against BLOCK_P·BLOCK_S rows of L, in one dot.
     n_t_blocks = tl.cdiv(T, BLOCK_T)
     n_patches = tl.cdiv(s_count, BLOCK_S) * n_t_blocks
     pid = tl.program_id(0)
     pid_r = pid // n_patches
     pid_c = pid % n_patches
-    s = s_first + (pid_c // n_t_blocks) * BLOCK_S + tl.arange(0, BLOCK_S)
+    q = q_first + pid_r % q_count
+    ps = tl.arange(0, BLOCK_P * BLOCK_S)  # dot rows: (p, s) pairs, s fastest
+    p = p_first + (pid_r // q_count) * BLOCK_P + ps // BLOCK_S
+    s = s_first + (pid_c // n_t_blocks) * BLOCK_S + ps % BLOCK_S
     t = (pid_c % n_t_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+    r_local = p.to(tl.int64) * Q + q - row0  # (BLOCK_P·BLOCK_S,) rows of out
     col = s[:, None].to(tl.int64) * T + t[None, :]  # global columns of the patch
-    col_ok = (s[:, None] < S) & (t[None, :] < T) & (col >= col0) & (col < col0 + cols)
-    for j in range(ROWS):
-        r_local = pid_r * ROWS + j
-        if r_local < rows:
-            r = row0 + r_local.to(tl.int64)
-            p = r // Q
-            q = r % Q
-            offs = r_local.to(tl.int64) * cols + (col - col0)
-            i = tl.arange(0, H_PAD)
-            lp = tl.load(l_ptr + i[None, :] * stride_lh + p * stride_lp + s[:, None] * stride_ls,
-                         mask=(i[None, :] < h) & (s[:, None] < S), other=0.0)  # (BLOCK_S, H_PAD)
-            rq = tl.load(r_ptr + i[:, None] * stride_rh + q * stride_rq + t[None, :] * stride_rt,
-                         mask=(i[:, None] < h) & (t[None, :] < T), other=0.0)  # (H_PAD, BLOCK_T)
-            patch = tl.dot(lp, rq, input_precision=PRECISION)
-            tl.store(out_ptr + offs, patch.to(out_ptr.dtype.element_ty), mask=col_ok)
+    ps_ok = (p < p_first + p_count) & (s < S) & (r_local >= 0) & (r_local < rows)
+    ok = ps_ok[:, None] & (t[None, :] < T) & (col >= col0) & (col < col0 + cols)
+    i = tl.arange(0, H_PAD).to(tl.int64)
+    lp = tl.load(l_ptr + i[None, :] * stride_lh + p[:, None].to(tl.int64) * stride_lp + s[:, None] * stride_ls,
+                 mask=(i[None, :] < h) & (p[:, None] < p_first + p_count) & (s[:, None] < S),
+                 other=0.0)  # (BLOCK_P·BLOCK_S, H_PAD)
+    rq = tl.load(r_ptr + i[:, None] * stride_rh + q.to(tl.int64) * stride_rq + t[None, :] * stride_rt,
+                 mask=(i[:, None] < h) & (t[None, :] < T), other=0.0)  # (H_PAD, BLOCK_T)
+    patch = tl.dot(lp, rq, input_precision=PRECISION)
+    tl.store(out_ptr + r_local[:, None] * cols + (col - col0), patch.to(out_ptr.dtype.element_ty), mask=ok)

@@ -77,3 +77,19 @@ def test_huge_equal_logits_share_the_row():
                          softcap=None, window=None)
     torch.testing.assert_close(got.cpu(), op.block_norms(grid=(2, 2)), rtol=0, atol=0)
     torch.testing.assert_close(got.cpu(), torch.full((1, 2, 2), 0.5), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shift", [30, -30])
+def test_scaled_gram_factor_reaches_the_kernel(shift):
+    """Weights scaled by 2^±30 scale W' by 2^±60, so every block norm exactly by 2^±60 (still a float32), while
+    the Gram factor C, quadratic in W', scales by 2^±120 and the squared norms by 2^±120 more: past float32.
+    C is scaled to max|C| in [1, 2) before the pass and the norms scaled back in float64. On CUDA tensors HVOOperator.block_norms(grid) takes the Triton pass; in the
+    interpreter (CPU tensors) the C++ one."""
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(1, 4, 19, 8, generator=g), torch.randn(1, 2, 19, 8, generator=g)
+    w_v, w_o = torch.randn(2 * 8, 10, generator=g), torch.randn(10, 4 * 8, generator=g)
+    q, k, w_v, w_o = (t.to(DEVICE) for t in (q, k, w_v, w_o))
+    plain = dk.HVOOperator.from_qk(q, k, w_v, w_o, causal=True).block_norms(grid=(3, 5))
+    scaled = dk.HVOOperator.from_qk(q, k, w_v * 2.0 ** shift, w_o * 2.0 ** shift, causal=True).block_norms(grid=(3, 5))
+    assert scaled.dtype == torch.float32 and int(plain.count_nonzero()) == 11  # causal: 4 super-blocks lie above it
+    torch.testing.assert_close(scaled, plain * 2.0 ** (2 * shift), rtol=1e-6, atol=0)
