@@ -1,7 +1,8 @@
 """Where HVOOperator gets the attention probabilities A from: a stored tensor, or q and k.
 
 Every analysis reads A row block by row block, so a source only has to hand out row blocks
-A[:, :, r0:r1, c0:c1] (B, h, rows, cols) of A (B, h, N, N_k) (N_k keys: N but for a stored cross-attention A) (columns outside [c0, c1) are zero, e.g. above a causal
+A[:, :, r0:r1, c0:c1] (B, h, rows, cols) of A (B, h, N, N_k) (N_k keys: N but for a stored cross-attention A)
+(columns outside [c0, c1) are zero, e.g. above a causal
 diagonal) plus a few derived quantities. `ExplicitAttention` slices a stored (B, h, N, N) tensor;
 `duat_kernels.qk_attention.QKAttention` recomputes A = softmax(scale·q kᵀ + masks) tile by tile,
 as flash attention does, so memory stays O(h · rows · N) and A is never stored whole.

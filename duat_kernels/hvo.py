@@ -54,7 +54,8 @@ def hvo_matrix(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, *, num_
     Args:
         attn: (h, N, N_k) or (B, h, N, N_k) per-head attention probabilities (after softmax, masks, dropout):
             N_k = N for self-attention; for cross-attention N queries (decoder) attend N_k keys (encoder) and
-            x' is the encoder states that the value projection reads. A 3-D attn is one sequence's h heads, never a batch of head-averaged (B, N, N) maps
+            x' is the encoder states that the value projection reads. A 3-D attn is one sequence's h heads, never
+            a batch of head-averaged (B, N, N) maps
             (nn.MultiheadAttention's default output): ask the module for average_attn_weights=False.
         w_v: (h_kv·d, M_in) value projection weight. w_o: (M_out, h·d) output projection weight.
         num_kv_heads: h_kv for grouped-query attention; defaults to h.
@@ -131,7 +132,8 @@ def hvo_bias(attn: torch.Tensor, w_o: torch.Tensor, b_v: torch.Tensor | None = N
     assumed to sum to one (padding, attention sinks, dropout).
 
     Args:
-        attn: (h, N, N_k) or (B, h, N, N_k) (cross-attention: N_k != N). w_o: (M_out, h·d). b_v: (h_kv·d,) or None. b_o: (M_out,) or None.
+        attn: (h, N, N_k) or (B, h, N, N_k) (cross-attention: N_k != N). w_o: (M_out, h·d).
+            b_v: (h_kv·d,) or None. b_o: (M_out,) or None.
         num_kv_heads: h_kv for grouped-query attention; defaults to h.
         layout: "token" (index n·M_out + c) or "feature" (index c·N + n).
         num_heads: h; when given, attn must have h heads on axis -3 (see hvo_matrix).

@@ -337,6 +337,7 @@ class HVOOperator:
     def __repr__(self) -> str:
         d = self.dims
         keys = "" if d.square else f", keys={d.keys}"
-        return (f"HVOOperator(shape={tuple(self.shape)}, tokens={d.tokens}{keys}, heads={d.heads}, kv_heads={d.kv_heads}, "
+        return (f"HVOOperator(shape={tuple(self.shape)}, tokens={d.tokens}{keys}, heads={d.heads}, "
+                f"kv_heads={d.kv_heads}, "
                 f"head_dim={d.head_dim}, M_in={d.m_in}, M_out={d.m_out}, layout={self.layout!r}, "
                 f"source={type(self.source).__name__}, dtype={self.source.dtype}, device={self.device})")

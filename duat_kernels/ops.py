@@ -1,7 +1,8 @@
 """torch.library registration of the materialisation, so that it composes with torch.compile and
 autograd: duat::hvo_matrix (returns W') and duat::hvo_matrix_out (writes W' into out).
 
-Both take attn (B, h, N, N_k) (N_k = N but for cross-attention), ov (h, M_out, M_in) (the OV circuits, computed with ordinary torch
+Both take attn (B, h, N, N_k) (N_k = N but for cross-attention),
+ov (h, M_out, M_in) (the OV circuits, computed with ordinary torch
 ops so that gradients reach w_v and w_o through them), the layout and a concrete backend.
 """
 

@@ -1,6 +1,7 @@
 """Reference backend: the formulas of DESIGN.md §1 in plain PyTorch, the oracle of every test.
 
-Notation: attention probabilities A_i (N x N_k; N_k = N but for cross-attention) for query heads i < h, per-head OV circuits
+Notation: attention probabilities A_i (N x N_k; N_k = N but for cross-attention) for query heads i < h,
+per-head OV circuits
 OV_i = Wo_i Wv_{i//g} (M_out x M_in), where g = h / h_kv is the GQA group size.
 
     token layout:   W' = sum_i A_i (x) OV_i      W'[(n, c), (m, a)] = sum_i A_i[n, m] OV_i[c, a]

@@ -15,8 +15,8 @@ from duat_kernels import backends, cpp, reference
 from conftest import DTYPES, assert_close_to_reference, random_layer
 
 needs_cpp = pytest.mark.skipif(not cpp.is_available(), reason="C++ extension not built")
-needs_triton = pytest.mark.skipif(not backends.triton_interpreter() or backends._TRITON_FOUND is False,
-                                  reason="the Triton backend runs on the CPU only in its interpreter (TRITON_INTERPRET=1)")
+needs_triton = pytest.mark.skipif(not backends.triton_interpreter() or not backends._TRITON_FOUND,
+                                  reason="Triton runs on CPU tensors only in its interpreter (TRITON_INTERPRET=1)")
 BACKENDS = ["reference", pytest.param("cpp", marks=needs_cpp), pytest.param("triton", marks=needs_triton)]
 SHAPES = [  # (batch, heads, kv_heads, N, N_k, m_in, m_out)
     (1, 1, 1, 1, 4, 3, 2),  # one decoder token

@@ -44,7 +44,8 @@ def contributions(attn, x: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, n
     check_real_dtype("x", x)
     if tuple(x.shape) != (batch, n_k, w_v.shape[1]):
         keys = "N" if n_k == n else "N_k"  # the encoder's states for cross-attention
-        raise ValueError(f"x must have shape (B, {keys}, M_in) = ({batch}, {n_k}, {w_v.shape[1]}), got {tuple(x.shape)}")
+        raise ValueError(f"x must have shape (B, {keys}, M_in) = ({batch}, {n_k}, {w_v.shape[1]}), "
+                         f"got {tuple(x.shape)}")
     ct = torch.float64 if torch.float64 in (source.dtype, x.dtype, w_v.dtype, w_o.dtype) else torch.float32
     m_out = w_o.shape[0]
     result = batch * h * n * n_k * 2 if per_head else batch * n * n_k + batch * n_k * h * h  # with |A| or G_m

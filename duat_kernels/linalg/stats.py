@@ -78,7 +78,8 @@ def sample_entries(attn, ov: torch.Tensor | tuple[torch.Tensor, torch.Tensor], s
     # four int64 indices, then α, the gathered OV entries and their product (h, samples) each
     check_fits(f"{samples:,} sampled entries of W'", samples * (4 * 8 + 3 * h * wo.dtype.itemsize),
                source.device, "Draw fewer samples (the interval shrinks as 1/sqrt(samples)).")
-    idx = [torch.randint(0, size, (samples,), generator=generator) for size in (source.tokens, m_out, source.keys, m_in)]
+    sizes = (source.tokens, m_out, source.keys, m_in)
+    idx = [torch.randint(0, size, (samples,), generator=generator) for size in sizes]
     rows, c, cols, a = (i.to(source.device) for i in idx)
     alpha = source.entries(batch, rows, cols).to(wo.dtype)  # (h, samples)
     return (alpha * _ov_entries(ov, c, a)).sum(0)

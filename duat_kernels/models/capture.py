@@ -65,7 +65,8 @@ class AttentionLayer:
                            layout=layout, num_heads=self.num_heads, heads=heads)
 
     def hvo_matrix(self, **kwargs) -> torch.Tensor:
-        """Dense W' (B, N·M_out, N_k·M_in) (N_k = N but for cross-attention); kwargs (heads=, dtype=, backend=, ...) go to duat_kernels.hvo_matrix."""
+        """Dense W' (B, N·M_out, N_k·M_in) (N_k = N but for cross-attention); kwargs (heads=, dtype=, backend=,
+        ...) go to duat_kernels.hvo_matrix."""
         return hvo_matrix(self.attn, self.w_v, self.w_o, num_kv_heads=self.num_kv_heads, num_heads=self.num_heads,
                           **kwargs)
 

@@ -209,7 +209,8 @@ def _input_text(option: str | None) -> str:
 def _check_long_options(args) -> None:
     """--long (q/k capture, also automatic for long texts) writes only its table: no dense W', no per-head rows."""
     given = [option for option, value, default in (
-        ("--cross", args.cross, False), ("--heads", args.heads, None), ("--save", args.save_file, None), ("--plot", args.plot, None),
+        ("--cross", args.cross, False), ("--heads", args.heads, None),
+        ("--save", args.save_file, None), ("--plot", args.plot, None),
         ("--html", args.html, None), ("--json", args.json, None), ("--dtype", args.dtype, "float32"),
         ("--backend", args.backend, "auto")) if value != default]
     if given:

@@ -48,7 +48,8 @@ def test_cross_attention_reproduces_the_layer_over_a_padded_encoder(family):
     self_only = dk.models.attention_layers(model, **inputs)
     layers = dk.models.attention_layers(model, **inputs, include_cross=True)
     # the self-attention layers first, as without the option (names, indices, values); then the cross-attention
-    assert [(l.index, l.name, l.kind) for l in layers[:len(self_only)]] == [(l.index, l.name, "self") for l in self_only]
+    head = layers[:len(self_only)]
+    assert [(l.index, l.name, l.kind) for l in head] == [(l.index, l.name, "self") for l in self_only]
     for mine, theirs in zip(layers, self_only):
         torch.testing.assert_close(mine.attn, theirs.attn, rtol=0, atol=0)
     cross = layers[len(self_only):]
