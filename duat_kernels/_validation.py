@@ -24,7 +24,8 @@ class IndexOutOfRangeError(IndexError, ValueError):
 
 @dataclass(frozen=True)
 class HeadDims:
-    """Sizes of one attention layer: B batch, h query heads, h_kv kv heads, N tokens, d head size."""
+    """Sizes of one attention layer: B batch, h query heads, h_kv kv heads, N tokens (queries: rows of A), d head
+    size, and N_k keys (columns of A): N_k = N for self-attention, the encoder's length for cross-attention."""
 
     batch: int
     heads: int
@@ -34,6 +35,12 @@ class HeadDims:
     m_in: int
     m_out: int
     batched: bool  # whether attn came with a batch axis
+    keys: int
+
+    @property
+    def square(self) -> bool:
+        """Whether A is N x N (self-attention), so that W' maps the layer's own tokens to themselves."""
+        return self.keys == self.tokens
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -216,9 +223,10 @@ def check_attention(attn: torch.Tensor, w_v: torch.Tensor | None, w_o: torch.Ten
     check_tensor("w_o", w_o, (2,))
     if w_v is not None:
         check_tensor("w_v", w_v, (2,))
-    n = attn.shape[-1]
-    if attn.shape[-2] != n or n == 0 or attn.shape[-3] == 0:
-        raise ValueError(f"attn must have shape (h, N, N) or (B, h, N, N) with h, N >= 1, got {_shape(attn)}")
+    n, n_k = attn.shape[-2], attn.shape[-1]
+    if n == 0 or n_k == 0 or attn.shape[-3] == 0:
+        raise ValueError(f"attn must have shape (h, N, N_k) or (B, h, N, N_k) (N_k = N for self-attention, the "
+                         f"encoder's length for cross-attention) with h, N, N_k >= 1, got {_shape(attn)}")
     h = attn.shape[-3]
     if num_heads is not None:
         if positive_int(num_heads) is None:
@@ -234,7 +242,7 @@ def check_attention(attn: torch.Tensor, w_v: torch.Tensor | None, w_o: torch.Ten
         raise
     batched = attn.dim() == 4
     return HeadDims(batch=attn.shape[0] if batched else 1, heads=h, kv_heads=h_kv, tokens=n, head_dim=d,
-                    m_in=w_v.shape[1] if w_v is not None else 0, m_out=w_o.shape[0], batched=batched)
+                    m_in=w_v.shape[1] if w_v is not None else 0, m_out=w_o.shape[0], batched=batched, keys=n_k)
 
 
 def check_bias(name: str, b: torch.Tensor | None, size: int) -> None:

@@ -1,7 +1,8 @@
 """Where HVOOperator gets the attention probabilities A from: a stored tensor, or q and k.
 
 Every analysis reads A row block by row block, so a source only has to hand out row blocks
-A[:, :, r0:r1, c0:c1] (B, h, rows, cols) (columns outside [c0, c1) are zero, e.g. above a causal
+A[:, :, r0:r1, c0:c1] (B, h, rows, cols) of A (B, h, N, N_k) (N_k keys: N but for a stored cross-attention A)
+(columns outside [c0, c1) are zero, e.g. above a causal
 diagonal) plus a few derived quantities. `ExplicitAttention` slices a stored (B, h, N, N) tensor;
 `duat_kernels.qk_attention.QKAttention` recomputes A = softmax(scale·q kᵀ + masks) tile by tile,
 as flash attention does, so memory stays O(h · rows · N) and A is never stored whole.
@@ -28,12 +29,17 @@ class AttentionSource:
     dtype: torch.dtype  # dtype of the blocks
     device: torch.device
 
+    @property
+    def keys(self) -> int:
+        """N_k, the columns of A: the N tokens themselves (self-attention) but for a stored cross-attention A."""
+        return self.tokens
+
     def rows_per_step(self, entries: int | None = None) -> int:
-        return max(1, (entries or BLOCK_ENTRIES) // max(1, self.batch * self.heads * self.tokens))
+        return max(1, (entries or BLOCK_ENTRIES) // max(1, self.batch * self.heads * self.keys))
 
     def column_range(self, r0: int, r1: int) -> tuple[int, int]:
         """[c0, c1): the columns that can be non-zero in rows [r0, r1)."""
-        return 0, self.tokens
+        return 0, self.keys
 
     def block(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
         """A[:, :, r0:r1, c0:c1] (B, h, rows, cols) for columns [c0, c1) that contain
@@ -50,9 +56,9 @@ class AttentionSource:
             yield r0, r1, c0, c1, self.block(r0, r1, c0, c1)
 
     def rows(self, r0: int, r1: int) -> torch.Tensor:
-        """A[:, :, r0:r1, :] (B, h, rows, N)."""
+        """A[:, :, r0:r1, :] (B, h, rows, N_k)."""
         c0, c1 = self.column_range(r0, r1)  # zeros around the block, out of place (vmap cannot write into a buffer)
-        return torch.nn.functional.pad(self.block(r0, r1, c0, c1), (c0, self.tokens - c1))
+        return torch.nn.functional.pad(self.block(r0, r1, c0, c1), (c0, self.keys - c1))
 
     def part(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
         """A[:, :, r0:r1, c0:c1] (B, h, rows, cols) for any columns, formed a row block at a time, so
@@ -67,14 +73,14 @@ class AttentionSource:
         return out
 
     def dense(self, hint: str = DENSE_HINT) -> torch.Tensor:
-        """The whole A (B, h, N, N) (refused with DenseTooLargeError, ending with `hint`, when it would not fit)."""
+        """The whole A (B, h, N, N_k) (refused with DenseTooLargeError, ending with `hint`, when it would not fit)."""
         n = self.tokens
-        check_fits(f"attention probabilities of shape ({self.batch}, {self.heads}, {n}, {n})",
-                   self.batch * self.heads * n * n * self.dtype.itemsize, self.device, hint)
+        check_fits(f"attention probabilities of shape ({self.batch}, {self.heads}, {n}, {self.keys})",
+                   self.batch * self.heads * n * self.keys * self.dtype.itemsize, self.device, hint)
         return self.rows(0, n)
 
     def mix(self, values: torch.Tensor) -> torch.Tensor:
-        """A_i V_{i//g}: values (B, h_kv, N, e) -> (B, h, N, e)."""
+        """A_i V_{i//g}: values (B, h_kv, N_k, e) -> (B, h, N, e)."""
         g = self.heads // self.kv_heads
         vals = values.to(self.dtype).repeat_interleave(g, dim=1)
         if not v.has_values(*self.inputs(), values):  # vmap cannot write batched rows into a plain buffer
@@ -85,8 +91,8 @@ class AttentionSource:
         return out
 
     def mix_transposed(self, u: torch.Tensor) -> torch.Tensor:
-        """A_iᵀ U_i: u (B, h, N, e) -> (B, h, N, e)."""
-        out = torch.zeros(self.batch, self.heads, self.tokens, u.shape[-1], dtype=self.dtype, device=self.device)
+        """A_iᵀ U_i: u (B, h, N, e) -> (B, h, N_k, e)."""
+        out = torch.zeros(self.batch, self.heads, self.keys, u.shape[-1], dtype=self.dtype, device=self.device)
         uc = u.to(self.dtype)
         in_place = v.has_values(*self.inputs(), u)  # vmap cannot add batched terms into a plain buffer
         for r0, r1, c0, c1, a in self.row_blocks():
@@ -94,7 +100,7 @@ class AttentionSource:
             if in_place:
                 out[:, :, c0:c1] += term
             else:
-                out = out + torch.nn.functional.pad(term, (0, 0, c0, self.tokens - c1))
+                out = out + torch.nn.functional.pad(term, (0, 0, c0, self.keys - c1))
         return out.to(u.dtype)
 
     def diagonal(self) -> torch.Tensor:
@@ -123,12 +129,16 @@ class AttentionSource:
 
 
 class ExplicitAttention(AttentionSource):
-    """A stored attn (B, h, N, N)."""
+    """A stored attn (B, h, N, N_k) (N_k != N: cross-attention)."""
 
     def __init__(self, attn4: torch.Tensor, kv_heads: int):
         self.attn = attn4
-        self.batch, self.heads, self.tokens = attn4.shape[0], attn4.shape[1], attn4.shape[-1]
+        self.batch, self.heads, self.tokens = attn4.shape[0], attn4.shape[1], attn4.shape[-2]
         self.kv_heads, self.dtype, self.device = kv_heads, attn4.dtype, attn4.device
+
+    @property
+    def keys(self) -> int:
+        return self.attn.shape[-1]
 
     def block(self, r0, r1, c0, c1):
         return self.attn[:, :, r0:r1, c0:c1]
@@ -169,7 +179,7 @@ class ExplicitAttention(AttentionSource):
 
 def as_source(attn, num_kv_heads: int, w_v: torch.Tensor | None = None,
               w_o: torch.Tensor | None = None) -> AttentionSource:
-    """attn as an AttentionSource: a source as it is; a tensor (B, h, N, N), checked against the weights
+    """attn as an AttentionSource: a source as it is; a tensor (B, h, N, N_k), checked against the weights
     when they are given, as ExplicitAttention. The duat_kernels.linalg functions take either; called
     directly with a wrong shape they failed deep inside torch ("shape '[2, 1, 3]' is invalid")."""
     if not isinstance(attn, torch.Tensor):

@@ -168,7 +168,7 @@ def fuses_ov(backend: str, layout: str, batch: int, *tensors: torch.Tensor) -> b
 
 def materialise_fused(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
                       out: torch.Tensor, row0: int = 0, col0: int = 0) -> torch.Tensor:
-    """Write W'[row0:, col0:] (out's shape) for attn (1, h, N, N) into out (1, rows, cols) (see fuses_ov)."""
+    """Write W'[row0:, col0:] (out's shape) for attn (1, h, N, N_k) into out (1, rows, cols) (see fuses_ov)."""
     ct = reference.compute_dtype(out.dtype)
     cpp.kron_sum_factored_(attn[0].to(ct), w_v.to(ct), w_o.to(ct), num_kv_heads, out[0], row0, col0)
     return out
@@ -182,12 +182,12 @@ def empty_output(backend: str, shape: tuple[int, ...], dtype: torch.dtype, devic
 
 
 def kron_factors(attn: torch.Tensor, ov: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L, R) of W = Σ_i L_i ⊗ R_i for attn (h, N, N) and ov (h, M_out, M_in)."""
+    """(L, R) of W = Σ_i L_i ⊗ R_i for attn (h, N, N_k) and ov (h, M_out, M_in)."""
     return (attn, ov) if layout == "token" else (ov, attn)
 
 
 def materialise(backend: str, attn: torch.Tensor, ov: torch.Tensor, layout: str, out: torch.Tensor) -> torch.Tensor:
-    """Write W' for attn (B, h, N, N), ov (h, M_out, M_in) into out (B, N·M_out, N·M_in)."""
+    """Write W' for attn (B, h, N, N_k), ov (h, M_out, M_in) into out (B, N·M_out, N_k·M_in)."""
     ct = reference.compute_dtype(out.dtype)
     ov = ov.to(ct)
     if backend == "reference":

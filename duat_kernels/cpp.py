@@ -216,12 +216,12 @@ def kron_sum_tile_(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor, r
 def kron_sum_factored_(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
                        out: torch.Tensor, row0: int = 0, col0: int = 0) -> torch.Tensor:
     """Write W'[row0:row0+rows, col0:col0+cols] of the token-layout W' = Σ_i A_i ⊗ OV_i into out
-    (rows, cols) for attn (h, N, N), w_v (h_kv·d, M_in) and w_o (M_out, h·d), all in out's compute
+    (rows, cols) for attn (h, N, N_k), w_v (h_kv·d, M_in) and w_o (M_out, h·d), all in out's compute
     dtype on the CPU. Only the parts of A and the weights the tile touches are passed, and OV is
     computed by the kernel a few rows q at a time, in cache, never written: the same bits as
     kron_sum_tile_ with ov_circuits, in O(tile + threads·h·M_in) memory."""
     _check_tile("kron_sum_factored_", out, row0, col0, None)
-    _check_factors("kron_sum_factored_", out, attn=(attn, 3, "(h, N, N)"), w_v=(w_v, 2, "(h_kv·d, M_in)"),
+    _check_factors("kron_sum_factored_", out, attn=(attn, 3, "(h, N, N_k)"), w_v=(w_v, 2, "(h_kv·d, M_in)"),
                    w_o=(w_o, 2, "(M_out, h·d)"))
     _check_tile("kron_sum_factored_", out, row0, col0, (attn.shape[1] * w_o.shape[0], attn.shape[2] * w_v.shape[1]))
     if out.numel() == 0:

@@ -52,8 +52,10 @@ def hvo_matrix(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, *, num_
     feature layout: W' = Σ_i OV_i ⊗ A_i (the same entries, permuted). See DESIGN.md §1.
 
     Args:
-        attn: (h, N, N) or (B, h, N, N) per-head attention probabilities (after softmax, masks, dropout).
-            A 3-D attn is one sequence's h heads, never a batch of head-averaged (B, N, N) maps
+        attn: (h, N, N_k) or (B, h, N, N_k) per-head attention probabilities (after softmax, masks, dropout):
+            N_k = N for self-attention; for cross-attention N queries (decoder) attend N_k keys (encoder) and
+            x' is the encoder states that the value projection reads. A 3-D attn is one sequence's h heads, never
+            a batch of head-averaged (B, N, N) maps
             (nn.MultiheadAttention's default output): ask the module for average_attn_weights=False.
         w_v: (h_kv·d, M_in) value projection weight. w_o: (M_out, h·d) output projection weight.
         num_kv_heads: h_kv for grouped-query attention; defaults to h.
@@ -68,7 +70,7 @@ def hvo_matrix(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, *, num_
             (one head's own contribution with heads=i); default all heads.
 
     Returns:
-        (N·M_out, N·M_in), or (B, N·M_out, N·M_in) for batched attn (B, M_in and M_out may be 0).
+        (N·M_out, N_k·M_in), or (B, N·M_out, N_k·M_in) for batched attn (B, M_in and M_out may be 0).
         Non-finite inputs propagate as IEEE arithmetic says (0 · NaN = NaN) with every backend.
     """
     dims = v.check_attention(attn, w_v, w_o, num_kv_heads, num_heads)
@@ -80,7 +82,7 @@ def hvo_matrix(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, *, num_
     if out is not None:
         v.check_tensor("out", out, (3,) if dims.batched else (2,))
     dtype = v.resolve_dtype(dtype, out, attn, w_v, w_o)
-    rows, cols = dims.tokens * dims.m_out, dims.tokens * dims.m_in
+    rows, cols = dims.tokens * dims.m_out, dims.keys * dims.m_in
     shape = (dims.batch, rows, cols) if dims.batched else (rows, cols)
     backend = backends.resolve(backend, device)
     if dtype not in backends.output_dtypes(backend):
@@ -130,7 +132,8 @@ def hvo_bias(attn: torch.Tensor, w_o: torch.Tensor, b_v: torch.Tensor | None = N
     assumed to sum to one (padding, attention sinks, dropout).
 
     Args:
-        attn: (h, N, N) or (B, h, N, N). w_o: (M_out, h·d). b_v: (h_kv·d,) or None. b_o: (M_out,) or None.
+        attn: (h, N, N_k) or (B, h, N, N_k) (cross-attention: N_k != N). w_o: (M_out, h·d).
+            b_v: (h_kv·d,) or None. b_o: (M_out,) or None.
         num_kv_heads: h_kv for grouped-query attention; defaults to h.
         layout: "token" (index n·M_out + c) or "feature" (index c·N + n).
         num_heads: h; when given, attn must have h heads on axis -3 (see hvo_matrix).

@@ -24,12 +24,16 @@ from duat_kernels.qk_attention import QKAttention
 
 
 class HVOOperator:
-    """Matrix-free W'_HVO for attn (h, N, N) or (B, h, N, N), w_v (h_kv·d, M_in), w_o (M_out, h·d).
+    """Matrix-free W'_HVO for attn (h, N, N_k) or (B, h, N, N_k), w_v (h_kv·d, M_in), w_o (M_out, h·d).
+
+    N_k = N for self-attention; a cross-attention A (N decoder queries over N_k encoder keys) gives a
+    rectangular W' of shape (N·M_out, N_k·M_in) whose x' is the encoder states (methods that need a
+    square W', such as trace, refuse it).
 
     The attention probabilities come from `source` (duat_kernels.attention_source): the stored attn
     given here, or q and k (HVOOperator.from_qk), recomputed row block by row block.
 
-    `shape` is (N·M_out, N·M_in), with a leading B for batched attn; vectors follow `layout`
+    `shape` is (N·M_out, N_k·M_in), with a leading B for batched attn; vectors follow `layout`
     ("token": x'[n·M_in + a], "feature": x'[a·N + n]) or are (N, M) matrices X[n, a]. A 3-D attn is
     one sequence's h heads; num_heads=h, when given, is checked against it (see hvo_matrix).
     Results are in the promoted dtype of the inputs (and of x); NaN and Inf propagate as in the
@@ -89,12 +93,12 @@ class HVOOperator:
     @property
     def shape(self) -> tuple[int, ...]:
         d = self.dims
-        mat = (d.tokens * d.m_out, d.tokens * d.m_in)
+        mat = (d.tokens * d.m_out, d.keys * d.m_in)
         return (d.batch, *mat) if d.batched else mat
 
-    def _unflatten(self, x: torch.Tensor, width: int, name: str) -> torch.Tensor:
-        """x' (..., N·width) in this layout, or X (..., N, width) -> X (B, K, N, width), checking it."""
-        n = self.dims.tokens
+    def _unflatten(self, x: torch.Tensor, width: int, name: str, n: int) -> torch.Tensor:
+        """x' (..., n·width) in this layout, or X (..., n, width) -> X (B, K, n, width), checking it (n: N_k for an
+        input of W', N for an output)."""
         x, matrix = args.vector_operand(x, name, tokens=n, width=width, batch=self.dims.batch,
                                         batched=self.dims.batched, device=self.device, layout=self.layout)
         x = x if self.dims.batched else x.unsqueeze(0)
@@ -123,42 +127,43 @@ class HVOOperator:
         return dtype, self.w_v.to(dtype), self.w_o.to(dtype)
 
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, K, N, M_in) -> (B, K, N, M_out): the attention of each of the K inputs, no biases.
+        """(B, K, N_k, M_in) -> (B, K, N, M_out): the attention of each of the K inputs, no biases.
         The K inputs ride along the value dimension: A_i (V_1 | ... | V_K) in one product."""
         d = self.dims
         b, k, n, m = x.shape
         dtype, w_v, w_o = self._factors(x)
         if m == 0:  # W' has no columns: W' x' is an empty sum, whatever A holds
-            return x.new_zeros(b, k, n, d.m_out, dtype=dtype)
+            return x.new_zeros(b, k, d.tokens, d.m_out, dtype=dtype)
         vals = (x.to(dtype) @ w_v.T).reshape(b, k, n, d.kv_heads, d.head_dim).permute(0, 3, 2, 1, 4)
         z = self.source.mix(vals.reshape(b, d.kv_heads, n, k * d.head_dim).contiguous())  # (B, h, N, K·d)
-        z = z.to(dtype).reshape(b, d.heads, n, k, d.head_dim).permute(0, 3, 2, 1, 4).reshape(b, k, n, d.heads * d.head_dim)
+        z = z.to(dtype).reshape(b, d.heads, d.tokens, k, d.head_dim).permute(0, 3, 2, 1, 4)
+        z = z.reshape(b, k, d.tokens, d.heads * d.head_dim)
         return z @ w_o.T
 
     def matvec(self, x: torch.Tensor) -> torch.Tensor:
-        """W' x' for x' (N·M_in,) or batched (B, N·M_in) (more leading dims are treated as columns)."""
-        xs, lead = self._unflatten(x, self.dims.m_in, "x")
+        """W' x' for x' (N_k·M_in,) or batched (B, N_k·M_in) (more leading dims are treated as columns)."""
+        xs, lead = self._unflatten(x, self.dims.m_in, "x", self.dims.keys)
         return self._flatten(self._attention(xs), lead)
 
     def rmatvec(self, y: torch.Tensor) -> torch.Tensor:
         """W'ᵀ y for y (N·M_out,) or (B, N·M_out): the attention with Aᵀ, w_oᵀ and w_vᵀ swapped in."""
-        ys, lead = self._unflatten(y, self.dims.m_out, "y")
+        ys, lead = self._unflatten(y, self.dims.m_out, "y", self.dims.tokens)
         d = self.dims
         b, k, n, _ = ys.shape
         g = d.heads // d.kv_heads
         dtype, w_v, w_o = self._factors(ys)
         if d.m_out == 0:  # W' has no rows: W'ᵀ y is an empty sum
-            return self._flatten(ys.new_zeros(b, k, n, d.m_in, dtype=dtype), lead)
+            return self._flatten(ys.new_zeros(b, k, d.keys, d.m_in, dtype=dtype), lead)
         u = (ys.to(dtype) @ w_o).reshape(b, k, n, d.heads, d.head_dim).permute(0, 3, 2, 1, 4)  # Y Wo_i: (B, h, N, K, d)
         z = self.source.mix_transposed(u.reshape(b, d.heads, n, k * d.head_dim)).to(dtype)  # A_iᵀ Y Wo_i
-        z = z.reshape(b, d.kv_heads, g, n, k, d.head_dim).sum(2)  # query heads of a group share Wv_j
-        x = z.permute(0, 3, 2, 1, 4).reshape(b, k, n, d.kv_heads * d.head_dim) @ w_v
+        z = z.reshape(b, d.kv_heads, g, d.keys, k, d.head_dim).sum(2)  # query heads of a group share Wv_j
+        x = z.permute(0, 3, 2, 1, 4).reshape(b, k, d.keys, d.kv_heads * d.head_dim) @ w_v
         return self._flatten(x, lead)
 
     def matmat(self, x: torch.Tensor) -> torch.Tensor:
-        """W' X for X (N·M_in, K) or (B, N·M_in, K)."""
+        """W' X for X (N_k·M_in, K) or (B, N_k·M_in, K)."""
         args.matrix_operand(x, "X", self.shape[-1], self.dims.batch, self.dims.batched)
-        xs, lead = self._unflatten(x.transpose(-1, -2), self.dims.m_in, "X")  # columns of X as vectors
+        xs, lead = self._unflatten(x.transpose(-1, -2), self.dims.m_in, "X", self.dims.keys)  # columns of X as vectors
         return self._flatten(self._attention(xs), lead).transpose(-1, -2)
 
     def bias(self) -> torch.Tensor:
@@ -175,8 +180,10 @@ class HVOOperator:
     def block(self, n: int, m: int) -> torch.Tensor:
         """Block (n, m) = Σ_i A_i[n, m] OV_i: (M_out, M_in), or (B, M_out, M_in); token-layout block.
         Negative n, m count from the end, as in Python."""
-        n, m = (v.check_index(name, idx, self.dims.tokens, f"N={self.dims.tokens} tokens")
-                for name, idx in (("n", n), ("m", m)))
+        n, m = (v.check_index(name, idx, size, axis) for name, idx, size, axis in
+                (("n", n, self.dims.tokens, f"N={self.dims.tokens} tokens"),
+                 ("m", m, self.dims.keys, f"N_k={self.dims.keys} keys" if not self.dims.square
+                  else f"N={self.dims.tokens} tokens")))
         dtype = self.dtype
         idx = torch.tensor([n], device=self.device), torch.tensor([m], device=self.device)
         alpha = torch.stack([self.source.entries(b, *idx)[:, 0] for b in range(self.dims.batch)]) if self.dims.batch \
@@ -250,13 +257,13 @@ class HVOOperator:
     # --- analysis without the dense matrix (duat_kernels.linalg) -------------------------------
 
     def block_norms(self, grid: tuple[int, int] | None = None) -> torch.Tensor:
-        """Frobenius norms of all N x N blocks (token-layout blocks B_nm = Σ_i A_i[n, m] OV_i):
-        (N, N) or (B, N, N), exactly, via the h x h Gram matrix of the OV circuits: O(N²h²) time,
+        """Frobenius norms of all N x N_k blocks (token-layout blocks B_nm = Σ_i A_i[n, m] OV_i):
+        (N, N_k) or (B, N, N_k), exactly, via the h x h Gram matrix of the OV circuits: O(N²h²) time,
         O(N²) memory. grid=(R, C) reduces them to the norms of an R x C grid of super-blocks.
         Differentiable: where autograd records (grad mode on and an input requires grad, e.g. an
         nn.Parameter) or a torch.func transform runs, they are torch operations on the whole A
         (O(B·h·N²) memory); call under torch.no_grad() for the fused pass."""
-        grid = args.grid_argument(grid, self.dims.tokens)
+        grid = args.grid_argument(grid, (self.dims.tokens, self.dims.keys))
         norms = linalg.block_norms(self.source, self.w_v, self.w_o, self.dims.kv_heads, grid)  # differentiable
         return norms if self.dims.batched else norms[0]
 
@@ -295,13 +302,13 @@ class HVOOperator:
     def contributions(self, x: torch.Tensor, per_head: bool = False) -> torch.Tensor:
         """Token-to-token contributions ||W'_nm x_m||₂ of input token m to output token n, without W'.
 
-        x: the layer input X as (N, M_in) (or (B, N, M_in) when batched), or flattened x' in this
-        operator's layout. Returns (N, N) (or (B, N, N)); per_head=True gives each head's own
+        x: the layer input X as (N_k, M_in) (or (B, N_k, M_in) when batched), or flattened x' in this
+        operator's layout. Returns (N, N_k) (or (B, N, N_k)); per_head=True gives each head's own
         ||A_i[n, m] OV_i x_m|| as (h, N, N) (or (B, h, N, N)). Biases are not included (b' is
         separate: see bias()). Differentiable in A (or q, k), the weights and x, as block_norms is.
         """
         d = self.dims
-        xs, _ = self._unflatten(x, d.m_in, "x")
+        xs, _ = self._unflatten(x, d.m_in, "x", d.keys)
         if xs.shape[1] != 1:
             raise ValueError(f"x must be one input per batch element, got shape {tuple(x.shape)}")
         xs = xs[:, 0]
@@ -329,6 +336,8 @@ class HVOOperator:
 
     def __repr__(self) -> str:
         d = self.dims
-        return (f"HVOOperator(shape={tuple(self.shape)}, tokens={d.tokens}, heads={d.heads}, kv_heads={d.kv_heads}, "
+        keys = "" if d.square else f", keys={d.keys}"
+        return (f"HVOOperator(shape={tuple(self.shape)}, tokens={d.tokens}{keys}, heads={d.heads}, "
+                f"kv_heads={d.kv_heads}, "
                 f"head_dim={d.head_dim}, M_in={d.m_in}, M_out={d.m_out}, layout={self.layout!r}, "
                 f"source={type(self.source).__name__}, dtype={self.source.dtype}, device={self.device})")

@@ -55,9 +55,11 @@ def matrix_operand(x, name: str, rows: int, batch: int, batched: bool) -> None:
         raise ValueError(f"{name} must have shape {shape} = {expected}, got {tuple(x.shape)}")
 
 
-def grid_argument(grid, tokens: int | None) -> tuple[int, int] | None:
-    """grid=None, R (an R x R grid) or (R, C), each in [1, N] (each >= 1 for tokens=None: linalg.block_norms
-    takes more super-blocks than tokens, the empty ones of norm 0)."""
+def grid_argument(grid, tokens: int | tuple[int, int] | None) -> tuple[int, int] | None:
+    """grid=None, R (an R x R grid) or (R, C), each in [1, N] (R in [1, N], C in [1, N_k] for tokens=(N, N_k), the
+    blocks of a cross-attention W'; each >= 1 for tokens=None: linalg.block_norms takes more super-blocks than
+    tokens, the empty ones of norm 0)."""
+    limits = tokens if isinstance(tokens, tuple) else (tokens, tokens)
     if grid is None:
         return None
     parts = (grid, grid) if v.integer(grid) is not None else grid
@@ -65,13 +67,16 @@ def grid_argument(grid, tokens: int | None) -> tuple[int, int] | None:
         rows, cols = parts
     except (TypeError, ValueError):
         raise TypeError(f"grid must be None, an int R or a pair (R, C), got {grid!r}") from None
-    for g in (rows, cols):
+    for g, limit in zip((rows, cols), limits):
         if v.integer(g) is None:
             raise TypeError(f"grid must be None, an int R or a pair (R, C) of ints, got {grid!r}")
         if tokens is None and v.integer(g) < 1:
             raise ValueError(f"grid must be two ints >= 1 (or one for a square grid), got {grid!r}")
-        if tokens is not None and not 1 <= v.integer(g) <= tokens:
-            raise ValueError(f"grid must be two ints in [1, N={tokens}] (or one for a square grid), got {grid!r}")
+        if limit is not None and limits[0] == limits[1] and not 1 <= v.integer(g) <= limit:
+            raise ValueError(f"grid must be two ints in [1, N={limit}] (or one for a square grid), got {grid!r}")
+        if limit is not None and not 1 <= v.integer(g) <= limit:
+            raise ValueError(f"grid must be (R, C) with R in [1, N={limits[0]}] and C in [1, N_k={limits[1]}] "
+                             f"(or one int for a square grid), got {grid!r}")
     return v.integer(rows), v.integer(cols)
 
 

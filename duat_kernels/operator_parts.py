@@ -23,8 +23,12 @@ def check_qk(q: torch.Tensor, k: torch.Tensor, w_v: torch.Tensor, w_o: torch.Ten
     v.check_tensor("w_v", w_v, (2,))
     v.check_tensor("w_o", w_o, (2,))
     if k.dim() != q.dim() or k.shape[-2:] != q.shape[-2:] or (q.dim() == 4 and k.shape[0] != q.shape[0]):
+        cross = "" if k.dim() != q.dim() or k.shape[-2] == q.shape[-2] else (
+            f": {k.shape[-2]} keys for {q.shape[-2]} queries. from_qk is self-attention only (causal masks, sliding "
+            "windows and the fused q/k passes index keys by query position); for cross-attention (N_k != N) pass the "
+            "probabilities: HVOOperator(attn of shape (B, h, N, N_k), w_v, w_o)")
         raise ValueError(f"k must have shape (h_kv, N, d) or (B, h_kv, N, d) matching q {tuple(q.shape)} in B, N and d, "
-                         f"got {tuple(k.shape)}")
+                         f"got {tuple(k.shape)}{cross}")
     h, n, h_kv = q.shape[-3], q.shape[-2], k.shape[-3]
     if n == 0 or h == 0 or h_kv == 0 or h % h_kv:
         raise ValueError(f"need N >= 1 and h = {h} a positive multiple of h_kv = {h_kv} (q {tuple(q.shape)}, "
@@ -46,12 +50,12 @@ def check_qk(q: torch.Tensor, k: torch.Tensor, w_v: torch.Tensor, w_o: torch.Ten
     kv, d = v.check_heads(h, h_kv, w_v, w_o)
     batched = q.dim() == 4
     return v.HeadDims(batch=q.shape[0] if batched else 1, heads=h, kv_heads=kv, tokens=n, head_dim=d,
-                      m_in=w_v.shape[1], m_out=w_o.shape[0], batched=batched)
+                      m_in=w_v.shape[1], m_out=w_o.shape[0], batched=batched, keys=n)
 
 
 def operator_bias(source: AttentionSource, w_o: torch.Tensor, b_v: torch.Tensor | None, b_o: torch.Tensor | None,
                   layout: str) -> torch.Tensor:
-    """b' (B, N·M_out) from the row sums of A (reference.hvo_bias with Σ_m A_i[n, m] given)."""
+    """b' (B, N·M_out) from the row sums of A (B, h, N, N_k) (reference.hvo_bias with Σ_m A_i[n, m] given)."""
     dtype = v.resolve_dtype(None, None, torch.empty(0, dtype=source.dtype),
                             *(t for t in (w_o, b_v, b_o) if t is not None))
     ct = reference.compute_dtype(dtype)
@@ -94,11 +98,10 @@ def tile_factors(source: AttentionSource, ov_shape: tuple[int, int], layout: str
     """The part of A (B, h, n', m') that W'[r0:r1, c0:c1] reads, the rows and columns of OV
     (M_out, M_in) = ov_shape it reads, and the tile's (row0, col0) inside the W' of those parts.
     Rows of W' are p·Q + q with (P, Q) = (N, M_out) in token layout and (M_out, N) in feature layout
-    (columns alike)."""
-    n = source.tokens
+    (columns alike, with N_k keys for N)."""
     token = layout == "token"
-    po0, po1, pi0, pi1, row0 = _factor_range(r0, r1 - r0, ov_shape[0] if token else n)
-    so0, so1, si0, si1, col0 = _factor_range(c0, c1 - c0, ov_shape[1] if token else n)
+    po0, po1, pi0, pi1, row0 = _factor_range(r0, r1 - r0, ov_shape[0] if token else source.tokens)
+    so0, so1, si0, si1, col0 = _factor_range(c0, c1 - c0, ov_shape[1] if token else source.keys)
     (ar0, ar1, ac0, ac1), (ov_rows, ov_cols) = ((po0, po1, so0, so1), (slice(pi0, pi1), slice(si0, si1))) if token \
         else ((pi0, pi1, si0, si1), (slice(po0, po1), slice(so0, so1)))
     return source.part(ar0, ar1, ac0, ac1), ov_rows, ov_cols, row0, col0

@@ -1,7 +1,8 @@
 """torch.library registration of the materialisation, so that it composes with torch.compile and
 autograd: duat::hvo_matrix (returns W') and duat::hvo_matrix_out (writes W' into out).
 
-Both take attn (B, h, N, N), ov (h, M_out, M_in) (the OV circuits, computed with ordinary torch
+Both take attn (B, h, N, N_k) (N_k = N but for cross-attention),
+ov (h, M_out, M_in) (the OV circuits, computed with ordinary torch
 ops so that gradients reach w_v and w_o through them), the layout and a concrete backend.
 """
 
@@ -16,17 +17,17 @@ KERNEL_BACKENDS = ("reference", "cpp", "triton")
 
 
 def output_shape(attn: torch.Tensor, ov: torch.Tensor) -> tuple[int, int, int]:
-    """(B, N·M_out, N·M_in): the shape of W' for attn (B, h, N, N) and ov (h, M_out, M_in)."""
-    return attn.shape[0], attn.shape[-1] * ov.shape[1], attn.shape[-1] * ov.shape[2]
+    """(B, N·M_out, N_k·M_in): the shape of W' for attn (B, h, N, N_k) and ov (h, M_out, M_in)."""
+    return attn.shape[0], attn.shape[-2] * ov.shape[1], attn.shape[-1] * ov.shape[2]
 
 
 def check_op_arguments(attn: torch.Tensor, ov: torch.Tensor, layout: str, backend: str, dtype: torch.dtype,
                        out: torch.Tensor | None = None) -> tuple[int, int, int]:
     """The arguments of the ops when called directly (torch.ops.duat.*; duat_kernels.hvo_matrix checked them
     already): a misspelt layout was read as "feature", an out= of a narrower shape got a tile of W', both
-    silently. Returns the output shape (B, N·M_out, N·M_in)."""
-    if attn.dim() != 4 or attn.shape[-1] != attn.shape[-2] or ov.dim() != 3 or ov.shape[0] != attn.shape[1]:
-        raise ValueError(f"duat::hvo_matrix needs attn (B, h, N, N) and ov (h, M_out, M_in) with the same h, got "
+    silently. Returns the output shape (B, N·M_out, N_k·M_in)."""
+    if attn.dim() != 4 or ov.dim() != 3 or ov.shape[0] != attn.shape[1]:
+        raise ValueError(f"duat::hvo_matrix needs attn (B, h, N, N_k) and ov (h, M_out, M_in) with the same h, got "
                          f"{tuple(attn.shape)} and {tuple(ov.shape)}")
     v.check_layout(layout)
     if backend not in KERNEL_BACKENDS:
@@ -68,7 +69,7 @@ def _(attn, ov, layout, backend, out):
 
 
 def materialise(attn: torch.Tensor, ov: torch.Tensor, layout: str, backend: str, dtype: torch.dtype) -> torch.Tensor:
-    """W' (B, N·M_out, N·M_in) for checked attn (B, h, N, N) and ov (h, M_out, M_in): duat::hvo_matrix, or
+    """W' (B, N·M_out, N_k·M_in) for checked attn (B, h, N, N_k) and ov (h, M_out, M_in): duat::hvo_matrix, or
     its kernel directly where backends.direct_call allows (the op's dispatch costs 20-40 µs a call, a
     third of a small Triton call)."""
     if backends.direct_call(attn, ov):
@@ -77,7 +78,7 @@ def materialise(attn: torch.Tensor, ov: torch.Tensor, layout: str, backend: str,
 
 
 def materialise_into(attn: torch.Tensor, ov: torch.Tensor, layout: str, backend: str, out: torch.Tensor) -> None:
-    """Write W' into a checked out (B, N·M_out, N·M_in): duat::hvo_matrix_out, or its kernel directly where
+    """Write W' into a checked out (B, N·M_out, N_k·M_in): duat::hvo_matrix_out, or its kernel directly where
     backends.direct_call allows."""
     if backends.direct_call(attn, ov, out):
         backends.materialise(backend, attn, ov, layout, out)
@@ -94,16 +95,16 @@ def hvo_matrix_vjp(grad: torch.Tensor, attn: torch.Tensor, ov: torch.Tensor, lay
     computed per output token n as small batched products over c, so that nothing larger than
     (M_out, h, N) is formed besides the incoming gradient itself.
     """
-    batch, h, n, _ = attn.shape
+    batch, h, n, n_k = attn.shape
     m_out, m_in = ov.shape[1:]
     ct = reference.compute_dtype(grad.dtype)
     if layout == "token":
-        g5 = grad.reshape(batch, n, m_out, n, m_in)  # (b, n, c, m, a)
+        g5 = grad.reshape(batch, n, m_out, n_k, m_in)  # (b, n, c, m, a)
     else:
-        g5 = grad.reshape(batch, m_out, n, m_in, n).permute(0, 2, 1, 4, 3)  # (b, c, n, a, m) -> (b, n, c, m, a)
+        g5 = grad.reshape(batch, m_out, n, m_in, n_k).permute(0, 2, 1, 4, 3)  # (b, c, n, a, m) -> (b, n, c, m, a)
     ov_c = ov.to(ct).transpose(0, 1)  # (c, h, a)
     a_ct = attn.to(ct)
-    grad_attn = torch.empty(batch, h, n, n, dtype=ct, device=attn.device)
+    grad_attn = torch.empty(batch, h, n, n_k, dtype=ct, device=attn.device)
     grad_ov = torch.zeros(m_out, h, m_in, dtype=ct, device=attn.device)
     for b in range(batch):
         for row in range(n):

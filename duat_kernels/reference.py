@@ -1,6 +1,7 @@
 """Reference backend: the formulas of DESIGN.md §1 in plain PyTorch, the oracle of every test.
 
-Notation: attention probabilities A_i (N x N) for query heads i < h, per-head OV circuits
+Notation: attention probabilities A_i (N x N_k; N_k = N but for cross-attention) for query heads i < h,
+per-head OV circuits
 OV_i = Wo_i Wv_{i//g} (M_out x M_in), where g = h / h_kv is the GQA group size.
 
     token layout:   W' = sum_i A_i (x) OV_i      W'[(n, c), (m, a)] = sum_i A_i[n, m] OV_i[c, a]
@@ -54,8 +55,8 @@ def kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def hvo_matrix(attn: torch.Tensor, ov: torch.Tensor, layout: str = "token") -> torch.Tensor:
-    """W' as a sum of Kronecker products: attn (B, h, N, N), ov (h, M_out, M_in) -> (B, N*M_out, N*M_in)."""
-    batch, h, n, _ = attn.shape
+    """W' as a sum of Kronecker products: attn (B, h, N, N_k), ov (h, M_out, M_in) -> (B, N*M_out, N_k*M_in)."""
+    batch, h, n, n_k = attn.shape
     mats = []
     for a in attn:  # batch
         if layout == "token":
@@ -63,13 +64,13 @@ def hvo_matrix(attn: torch.Tensor, ov: torch.Tensor, layout: str = "token") -> t
         else:
             mats.append(sum(kron(ov[i], a[i]) for i in range(h)))
     if not mats:  # empty batch
-        return attn.new_empty(0, n * ov.shape[1], n * ov.shape[2], dtype=torch.promote_types(attn.dtype, ov.dtype))
+        return attn.new_empty(0, n * ov.shape[1], n_k * ov.shape[2], dtype=torch.promote_types(attn.dtype, ov.dtype))
     return torch.stack(mats)
 
 
 def hvo_bias(attn: torch.Tensor, w_o: torch.Tensor, b_v: torch.Tensor | None, b_o: torch.Tensor | None,
              num_kv_heads: int, layout: str = "token") -> torch.Tensor:
-    """b' for attn (B, h, N, N), w_o (M_out, h*d), b_v (h_kv*d,), b_o (M_out,) -> (B, N*M_out)."""
+    """b' for attn (B, h, N, N_k), w_o (M_out, h*d), b_v (h_kv*d,), b_o (M_out,) -> (B, N*M_out)."""
     batch, h, n, _ = attn.shape
     m_out = w_o.shape[0]
     bias = attn.new_zeros(batch, n, m_out)
@@ -90,14 +91,14 @@ def attention_output(attn: torch.Tensor, x: torch.Tensor, w_v: torch.Tensor, w_o
                      num_kv_heads: int | None = None) -> torch.Tensor:
     """Multi-head attention with given probabilities, the way attention modules compute it.
 
-    attn (B, h, N, N), x (B, N, M_in) -> (B, N, M_out): V = x w_vᵀ + b_v split into heads,
+    attn (B, h, N, N_k), x (B, N_k, M_in) -> (B, N, M_out): V = x w_vᵀ + b_v split into heads,
     repeated for GQA, mixed by A, concatenated and projected by w_o. The independent route to
     W' x' + b' that tests compare against (and whose Jacobian in x is W').
     """
     batch, h, n, _ = attn.shape
     h_kv = num_kv_heads or h
     d = w_o.shape[1] // h
-    v = torch.nn.functional.linear(x, w_v, b_v).reshape(batch, n, h_kv, d).transpose(1, 2)
+    v = torch.nn.functional.linear(x, w_v, b_v).reshape(batch, x.shape[1], h_kv, d).transpose(1, 2)
     v = v.repeat_interleave(h // h_kv, dim=1)  # (B, h, N, d)
     heads = (attn @ v).transpose(1, 2).reshape(batch, n, h * d)
     return torch.nn.functional.linear(heads, w_o, b_o)

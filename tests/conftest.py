@@ -32,11 +32,12 @@ _OUT_ULP = {torch.float64: 2.0 ** -52, torch.float32: 2.0 ** -23, torch.float16:
 
 
 def random_layer(batch=1, heads=4, kv_heads=None, tokens=7, head_dim=3, m_in=11, m_out=9, *, causal=False,
-                 batched=True, dtype=torch.float32, seed=0) -> dict:
-    """A random attention layer: softmax probabilities (causal if asked) and nn.Linear-style weights."""
+                 batched=True, dtype=torch.float32, seed=0, keys=None) -> dict:
+    """A random attention layer: softmax probabilities (causal if asked) and nn.Linear-style weights;
+    keys=N_k gives a cross-attention A of `tokens` queries over N_k keys."""
     g = torch.Generator().manual_seed(seed)
     kv_heads = kv_heads or heads
-    scores = torch.randn(batch, heads, tokens, tokens, generator=g, dtype=torch.float64)
+    scores = torch.randn(batch, heads, tokens, keys or tokens, generator=g, dtype=torch.float64)
     if causal:
         scores = scores.masked_fill(torch.ones(tokens, tokens, dtype=torch.bool).triu(1), float("-inf"))
     attn = scores.softmax(-1).to(dtype)

@@ -48,7 +48,8 @@ def test_bias_shapes(lay):
 
 @pytest.mark.parametrize("kwargs,exc,message", [
     (dict(attn=torch.rand(5, 5)), ValueError, r"attn must be 3-D or 4-D, got shape \(5, 5\)"),
-    (dict(attn=torch.rand(2, 4, 5, 6)), ValueError, r"attn must have shape \(h, N, N\) or \(B, h, N, N\)"),
+    (dict(attn=torch.rand(2, 4, 5, 0)), ValueError, r"attn must have shape \(h, N, N_k\) or \(B, h, N, N_k\) "
+     r"\(N_k = N for self-attention, .* with h, N, N_k >= 1, got \(2, 4, 5, 0\)"),
     (dict(attn=torch.ones(2, 4, 5, 5, dtype=torch.int64)), TypeError, "attn must have a floating-point dtype"),
     (dict(attn=[[1.0]]), TypeError, "attn must be a torch.Tensor, got list"),
     (dict(w_v=torch.rand(7, 7)), ValueError, r"w_v must have shape \(h_kv\*d, M_in\) = \(2\*3, M_in\)"),

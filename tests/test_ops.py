@@ -94,7 +94,7 @@ def test_direct_op_calls_check_their_arguments():
         torch.ops.duat.hvo_matrix_out(attn, ov, "token", "cpp", torch.empty(1, 12, 14))
     with pytest.raises(ValueError, match="backend must be one of 'reference', 'cpp', 'triton'"):
         torch.ops.duat.hvo_matrix(attn, ov, "token", "auto", torch.float32)
-    with pytest.raises(ValueError, match="needs attn \\(B, h, N, N\\) and ov \\(h, M_out, M_in\\) with the same h"):
+    with pytest.raises(ValueError, match="needs attn \\(B, h, N, N_k\\) and ov \\(h, M_out, M_in\\) with the same h"):
         torch.ops.duat.hvo_matrix(attn[0], ov, "token", "cpp", torch.float32)
     with pytest.raises(TypeError, match="dtype must be one of float32"):
         torch.ops.duat.hvo_matrix(attn, ov, "token", "cpp", torch.int32)

@@ -232,7 +232,7 @@ def test_operator_tile_equals_dense(lay, layout, data):
 
 # Bad arguments: every one a ValueError/TypeError that names it.
 BAD_ARGUMENTS = {
-    "attn": [torch.rand(3, 3), torch.rand(2, 3, 4), torch.ones(2, 3, 3, dtype=torch.int32), [[1.0]],
+    "attn": [torch.rand(3, 3), torch.rand(2, 3, 0), torch.ones(2, 3, 3, dtype=torch.int32), [[1.0]],
              torch.rand(2, 3, 3, dtype=torch.complex64), torch.rand(2, 3, 3).to(torch.float8_e4m3fn),
              torch.rand(0, 3, 3)],
     "w_v": [torch.rand(5), torch.rand(5, 2), torch.ones(4, 2, dtype=torch.int64), "w"],

@@ -31,33 +31,35 @@ def projected_values(x: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, num_
 
 def contributions(attn, x: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
                   per_head: bool = False) -> torch.Tensor:
-    """||W'_nm x_m||₂ for attn (B, h, N, N) (or an AttentionSource: row blocks of A are read as
-    they are needed), x (B, N, M_in) -> (B, N, N).
+    """||W'_nm x_m||₂ for attn (B, h, N, N_k) (or an AttentionSource: row blocks of A are read as
+    they are needed), x (B, N_k, M_in) -> (B, N, N_k) (N_k = N but for cross-attention).
 
-    per_head=True gives each head's own contribution ||A_i[n, m] u_i[m]|| as (B, h, N, N).
+    per_head=True gives each head's own contribution ||A_i[n, m] u_i[m]|| as (B, h, N, N_k).
     """
     per_head = check_flag("per_head", per_head)
     source = as_source(attn, num_kv_heads, w_v, w_o)
-    batch, h, n, num_kv_heads = source.batch, source.heads, source.tokens, source.kv_heads
+    batch, h, n, n_k, num_kv_heads = source.batch, source.heads, source.tokens, source.keys, source.kv_heads
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     check_real_dtype("x", x)
-    if tuple(x.shape) != (batch, n, w_v.shape[1]):
-        raise ValueError(f"x must have shape (B, N, M_in) = ({batch}, {n}, {w_v.shape[1]}), got {tuple(x.shape)}")
+    if tuple(x.shape) != (batch, n_k, w_v.shape[1]):
+        keys = "N" if n_k == n else "N_k"  # the encoder's states for cross-attention
+        raise ValueError(f"x must have shape (B, {keys}, M_in) = ({batch}, {n_k}, {w_v.shape[1]}), "
+                         f"got {tuple(x.shape)}")
     ct = torch.float64 if torch.float64 in (source.dtype, x.dtype, w_v.dtype, w_o.dtype) else torch.float32
     m_out = w_o.shape[0]
-    result = batch * h * n * n * 2 if per_head else batch * n * n + batch * n * h * h  # with |A| or G_m
-    shape = (batch, h, n, n) if per_head else (batch, n, n)
-    check_fits(f"contributions of shape {shape}", (batch * h * n * m_out + result) * ct.itemsize, source.device,
+    result = batch * h * n * n_k * 2 if per_head else batch * n * n_k + batch * n_k * h * h  # with |A| or G_m
+    shape = (batch, h, n, n_k) if per_head else (batch, n, n_k)
+    check_fits(f"contributions of shape {shape}", (batch * h * n_k * m_out + result) * ct.itemsize, source.device,
                CONTRIBUTIONS_HINT)
     if m_out == 0 or w_v.shape[1] == 0:  # W'_nm x_m is an empty vector or an empty sum: norm 0, whatever A holds
-        return torch.zeros(batch, *((h,) if per_head else ()), n, n, dtype=ct, device=source.device)
+        return torch.zeros(shape, dtype=ct, device=source.device)
     out = _contributions(source, x.to(ct), w_v, w_o, per_head)
     if ct == torch.float32 and has_values(out) and not all_finite(out) and all_finite(x, w_v, w_o, *source.inputs()):
         # finite factors whose float32 squares overflowed (a stored A or an x far from 1): in float64, beside the
         # float32 result, with x in float64
         check_fits(f"contributions of shape {shape} recomputed in float64 (their float32 squares overflowed)",
-                   (batch * h * n * m_out + result + x.numel()) * 8 + out.numel() * 4, source.device,
+                   (batch * h * n_k * m_out + result + x.numel()) * 8 + out.numel() * 4, source.device,
                    CONTRIBUTIONS_HINT)
         out = _contributions(source, x.double(), w_v, w_o, per_head).float()
     return out
@@ -75,15 +77,15 @@ def _contributions(source, x: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor
     """contributions for checked arguments with M_in, M_out >= 1, computed in x's dtype from the projected values,
     scaled by a power of two per input token where their norms leave float32's safe range (norm_scaling): one
     scale for all tokens made the ordinary tokens' squares vanish beside a huge one."""
-    batch, h, n, ct = source.batch, source.heads, source.tokens, x.dtype
-    u = projected_values(x, w_v, w_o, h, source.kv_heads)  # (B, h, N, M_out)
-    e = torch.zeros((batch, 1, n, 1), dtype=torch.float64, device=u.device)  # per (batch element, input token m)
+    batch, h, n, n_k, ct = source.batch, source.heads, source.tokens, source.keys, x.dtype
+    u = projected_values(x, w_v, w_o, h, source.kv_heads)  # (B, h, N_k, M_out)
+    e = torch.zeros((batch, 1, n_k, 1), dtype=torch.float64, device=u.device)  # per (batch element, input token m)
     norms_or_gram = _norms_or_gram(u, per_head) if has_values(u) else None
     if norms_or_gram is None or not _ordinary(norms_or_gram):  # traced: always, scaled by 2^0 where ordinary
         e = norm_scaling.exponent_of(u, VALUE_LIMIT, dims=(1, 3), most=norm_scaling.max_exponent(ct))
         u = norm_scaling.scaled(u, e)
         norms_or_gram = _norms_or_gram(u, per_head)
-    e = e.reshape(batch, 1, n)  # the scale of column m of the result
+    e = e.reshape(batch, 1, n_k)  # the scale of column m of the result
     if per_head:  # |A_i[n, m]| · ||u_i[m]||
         return norm_scaling.unscaled(source.dense().to(ct).abs() * norms_or_gram.unsqueeze(2), e.unsqueeze(1))
     gram = norms_or_gram
@@ -91,8 +93,8 @@ def _contributions(source, x: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor
         alpha = source.dense(TORCH_PATH_HINT).to(ct)
         sq = (alpha * torch.einsum("bmij,bjnm->binm", gram, alpha)).sum(1)
         return norm_scaling.unscaled(root_with_zero_subgradient(sq), e)
-    out = torch.zeros(batch, n, n, dtype=ct, device=source.device)
-    for r0, r1, c0, c1, alpha in source.row_blocks(max(1, CHUNK_ENTRIES // (h * n))):
+    out = torch.zeros(batch, n, n_k, dtype=ct, device=source.device)
+    for r0, r1, c0, c1, alpha in source.row_blocks(max(1, CHUNK_ENTRIES // (h * n_k))):
         alpha = alpha.to(ct)  # (B, h, rows, cols)
         g_alpha = torch.einsum("bmij,bjrm->birm", gram[:, c0:c1], alpha)  # G_m α per (row, m)
         out[:, r0:r1, c0:c1] = (alpha * g_alpha).sum(1)

@@ -78,7 +78,7 @@ def tracks_gradient(*tensors: torch.Tensor) -> bool:
 
 def block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
                 grid: tuple[int, int] | None = None) -> torch.Tensor:
-    """||B_nm||_F for the A of `source` (an AttentionSource, or attn (B, h, N, N)) -> (B, N, N); with
+    """||B_nm||_F for the A of `source` (an AttentionSource, or attn (B, h, N, N_k)) -> (B, N, N_k); with
     grid=(R, C), the Frobenius norms of an R x C grid of super-blocks (rows and columns of blocks
     split as evenly as possible; R for an R x R grid) -> (B, R, C). Float32 A on the CPU goes through the fused
     C++ pass. Computed and returned in float64 when A or a weight is float64 (as contributions and to_dense),
@@ -138,9 +138,9 @@ GRAM_FACTOR_LIMIT = 32
 
 
 def _scaled_norms(source, c: torch.Tensor, grid: tuple[int, int] | None, wide: bool) -> torch.Tensor:
-    """||C α|| for every block (B, N, N), or the roots of their grid sums (B, R, C), for finite factors: float32
+    """||C α|| for every block (B, N, N_k), or the roots of their grid sums (B, R, C), for finite factors: float32
     for grid=None (float64 A aside), else float64; in float64 throughout when wide. c (h, h) float64."""
-    batch, h, n = source.batch, source.heads, source.tokens
+    batch, h, n, n_k = source.batch, source.heads, source.tokens, source.keys
     fused = not wide and gram_norms.available(source)
     whole = fused and isinstance(source, ExplicitAttention)  # one pass over the stored A, every entry written
     rooted = whole and grid is None  # that pass writes the norms themselves (roots taken per row, in cache)
@@ -148,7 +148,7 @@ def _scaled_norms(source, c: torch.Tensor, grid: tuple[int, int] | None, wide: b
             and not source.wide_logits() and _triton_launches(n)):  # the q/k Triton pass forms float32 logits
         return _block_norms_triton(source, c, grid).double()
     c = c.to(torch.float64 if wide else torch.float32)
-    out_rows, out_cols = grid if grid is not None else (n, n)
+    out_rows, out_cols = grid if grid is not None else (n, n_k)
     if not wide and gram_norms.qk_available(source):  # logits, softmax and ||C α||² fused in C++: A never written
         bins = _bins(n, out_rows, source.device), _bins(n, out_cols, source.device)
         return gram_norms.qk_squared_norms(source, c, grid, *bins).clamp_min_(0).sqrt_()
@@ -157,8 +157,8 @@ def _scaled_norms(source, c: torch.Tensor, grid: tuple[int, int] | None, wide: b
     else:
         out = torch.zeros(batch, out_rows, out_cols, device=source.device,
                           dtype=torch.float64 if wide or grid is not None else torch.float32)  # grid sums in float64
-    col_bins, row_bins = _bins(n, out_cols, source.device), _bins(n, out_rows, source.device)
-    rows = n if whole else max(1, CHUNK_ENTRIES // max(1, batch * h * n))
+    col_bins, row_bins = _bins(n_k, out_cols, source.device), _bins(n, out_rows, source.device)
+    rows = n if whole else max(1, CHUNK_ENTRIES // max(1, batch * h * n_k))
     for r0, r1, c0, c1, alpha in source.row_blocks(rows):
         for b in range(batch):
             if fused:  # one multithreaded pass: ||C α||² and the grid sums, nothing else written
@@ -194,9 +194,9 @@ def _block_norms_torch(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_head
     if not wide and has_values(norms) and not all_finite(norms) and all_finite(w_v, w_o, *source.inputs()):
         # finite factors whose float32 squares overflowed (a stored A with entries far above 1): in float64, A
         # and the squared norms in float64 beside A
-        batch, h, n = source.batch, source.heads, source.tokens
-        check_fits(f"attention probabilities of shape ({batch}, {h}, {n}, {n}) in float64 (block norms recomputed: "
-                   "their float32 squares overflowed)", batch * n * n * (h * (8 + source.dtype.itemsize) + 8),
+        batch, h, n, n_k = source.batch, source.heads, source.tokens, source.keys
+        check_fits(f"attention probabilities of shape ({batch}, {h}, {n}, {n_k}) in float64 (block norms recomputed: "
+                   "their float32 squares overflowed)", batch * n * n_k * (h * (8 + source.dtype.itemsize) + 8),
                    source.device, TORCH_PATH_HINT)
         norms = _block_norms_torch_in(source, w_v, w_o, num_kv_heads, grid, torch.float64, float64)
         norms = norms if float64 else norms.float()
@@ -238,13 +238,13 @@ def _wide(source, w_v: torch.Tensor, w_o: torch.Tensor) -> bool:
 def _check_output_fits(source, grid: tuple[int, int] | None, finite: bool, wide: bool) -> None:
     """Refuse, before allocating, norms that cannot fit: (B, R, C) sums in float64 (float32 for
     grid=None, float64 A aside), plus the float32 result of a grid; non-finite factors form all
-    (B, N, N) squared norms first, whatever the grid."""
-    batch, n = source.batch, source.tokens
-    rows, cols = grid if grid is not None else (n, n)
+    (B, N, N_k) squared norms first, whatever the grid."""
+    batch, n, n_k = source.batch, source.tokens, source.keys
+    rows, cols = grid if grid is not None else (n, n_k)
     per_entry = 8 if wide or grid is not None else 4
     needed = batch * rows * cols * (per_entry + (4 if grid is not None and not wide else 0))
     if not finite:
-        needed += batch * n * n * (8 if wide else 4)
+        needed += batch * n * n_k * (8 if wide else 4)
     check_fits(f"block norms of shape ({batch}, {rows}, {cols})", needed, source.device,
                "Ask for the norms of a coarser grid of super-blocks: block_norms(grid=(R, C)).")
 
@@ -274,15 +274,15 @@ def _block_norms_direct(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_hea
     so each block Σ_i α_i OV_i is formed (a chunk at a time) and its entries summed, as in the
     dense W': O(N² h M_out M_in) time, the cost of materialising. OV is formed a few of its rows at a time
     (whole, an (h, M_out, M_in) OV of h = 2, M = 100000 failed to allocate 80 GB)."""
-    batch, h, n = source.batch, source.heads, source.tokens
+    batch, h, n, n_k = source.batch, source.heads, source.tokens, source.keys
     dtype = torch.float64 if _wide(source, w_v, w_o) else torch.float32
     # the weights scaled by powers of two from their largest finite entries (norm_scaling; NaN and Inf stay)
     most = norm_scaling.max_exponent(dtype)
     (w_v, e_v), (w_o, e_o) = (norm_scaling.scaled_down(w, WEIGHT_LIMIT, most, dtype) for w in (w_v, w_o))
-    sq = torch.zeros(batch, n, n, dtype=dtype, device=source.device)
+    sq = torch.zeros(batch, n, n_k, dtype=dtype, device=source.device)
     # the squared entries of a few rows of every block at a time, summed; ov (h, rows, M_in)
     for _, ov in reference.ov_row_blocks(w_v, w_o, h, num_kv_heads, CHUNK_ENTRIES):
-        cols_per_step = max(1, min(n, CHUNK_ENTRIES // max(1, ov[0].numel())))
+        cols_per_step = max(1, min(n_k, CHUNK_ENTRIES // max(1, ov[0].numel())))
         # the blocks of the columns a row block skips (A = 0: causal, sliding window) are Σ_i 0 · OV_i: their
         # squared entries sum to 0, or to NaN where OV is not finite (they were left at 0)
         skipped = (0 * ov).square().sum()
@@ -300,16 +300,16 @@ def _block_norms_direct(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_hea
 
 
 def grid_sums(sq: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Squared block norms sq (B, N, N) summed into an R x C grid of super-blocks -> (B, R, C) (rows and columns
+    """Squared block norms sq (B, N, N_k) summed into an R x C grid of super-blocks -> (B, R, C) (rows and columns
     split as _bins does). A side of 1 is a plain sum: inductor failed on index_add into a dimension of size 1
     (InductorError under torch.compile, for grid=(1, 1), (R, 1) and frobenius_norm)."""
-    n, (rows, cols) = sq.shape[-1], grid
+    rows, cols = grid
     for dim, parts in ((2, cols), (1, rows)):
         if parts == 1:
             sq = sq.sum(dim, keepdim=True)
         else:
             shape = (sq.shape[0], parts, sq.shape[2]) if dim == 1 else (sq.shape[0], sq.shape[1], parts)
-            sq = sq.new_zeros(shape).index_add(dim, _bins(n, parts, sq.device), sq)
+            sq = sq.new_zeros(shape).index_add(dim, _bins(sq.shape[dim], parts, sq.device), sq)
     return sq
 
 

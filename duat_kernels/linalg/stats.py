@@ -23,7 +23,7 @@ WHOLE_OV_BYTES = 64 << 20
 
 
 def frobenius_norm(attn, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """||W'||_F for attn (B, h, N, N) or an AttentionSource -> (B,): the root of the summed squared
+    """||W'||_F for attn (B, h, N, N_k) or an AttentionSource -> (B,): the root of the summed squared
     block norms (exact), reduced to one super-block as they are formed; the float64 root of the float64 sum (finite
     where the norm of float32 factors exceeds float32's range)."""
     return grid_norms64(attn, w_v, w_o, num_kv_heads, (1, 1))[:, 0, 0]
@@ -36,6 +36,10 @@ def trace(attn, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int) -> torc
     and summed, so NaN and Inf come out as in the dense W' (Inf - Inf between entries)."""
     source = as_source(attn, num_kv_heads, w_v, w_o)
     num_kv_heads = source.kv_heads
+    if source.keys != source.tokens:
+        raise ValueError(f"trace needs a square W', but A is {source.tokens} x {source.keys} (cross-attention: N "
+                         f"queries over N_k keys of another sequence, W' maps the encoder's states to the decoder's; "
+                         f"it has no diagonal of a token to itself)")
     if w_v.shape[1] != w_o.shape[0]:
         raise ValueError(f"trace needs a square W' (M_in = M_out), got M_in={w_v.shape[1]}, M_out={w_o.shape[0]}")
     if w_v.shape[1] == 0:  # an empty W' has trace 0, whatever A holds
@@ -70,12 +74,12 @@ def sample_entries(attn, ov: torch.Tensor | tuple[torch.Tensor, torch.Tensor], s
     (reference.head_factors), from which only the sampled entries of OV are formed."""
     wo = ov[0] if isinstance(ov, tuple) else ov
     h, m_out, m_in = wo.shape[0], wo.shape[1], ov[1].shape[2] if isinstance(ov, tuple) else ov.shape[2]
-    source = as_source(attn, h)  # attn (B, h, N, N) or an AttentionSource
-    n = source.tokens
+    source = as_source(attn, h)  # attn (B, h, N, N_k) or an AttentionSource
     # four int64 indices, then α, the gathered OV entries and their product (h, samples) each
     check_fits(f"{samples:,} sampled entries of W'", samples * (4 * 8 + 3 * h * wo.dtype.itemsize),
                source.device, "Draw fewer samples (the interval shrinks as 1/sqrt(samples)).")
-    idx = [torch.randint(0, size, (samples,), generator=generator) for size in (n, m_out, n, m_in)]
+    sizes = (source.tokens, m_out, source.keys, m_in)
+    idx = [torch.randint(0, size, (samples,), generator=generator) for size in sizes]
     rows, c, cols, a = (i.to(source.device) for i in idx)
     alpha = source.entries(batch, rows, cols).to(wo.dtype)  # (h, samples)
     return (alpha * _ov_entries(ov, c, a)).sum(0)
@@ -103,7 +107,7 @@ def fraction_above(attn, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int
     source = as_source(attn, num_kv_heads, w_v, w_o)
     num_kv_heads = source.kv_heads
     if w_v.shape[1] == 0 or w_o.shape[0] == 0:
-        raise ValueError(f"W' of shape ({source.tokens * w_o.shape[0]}, {source.tokens * w_v.shape[1]}) has no entries "
+        raise ValueError(f"W' of shape ({source.tokens * w_o.shape[0]}, {source.keys * w_v.shape[1]}) has no entries "
                          f"to sample (M_in={w_v.shape[1]}, M_out={w_o.shape[0]})")
     batch = check_index("batch", batch, source.batch, f"B={source.batch} batch elements")
     check_has_data("fraction_above", source.device)

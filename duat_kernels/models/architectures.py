@@ -203,15 +203,21 @@ def outermost_submodules(root: torch.nn.Module, keep) -> list[tuple[str, torch.n
     return found
 
 
-def find_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, Architecture]]:
+def find_blocks(model: torch.nn.Module, cross: bool = False) -> list[tuple[str, torch.nn.Module, Architecture]]:
     """Every self-attention block of a model with its Architecture, in module order; [] if none fits. Fused
-    families are looked up by the model_type of the (sub-)model that holds the block."""
+    families are looked up by the model_type of the (sub-)model that holds the block. cross=True: the
+    cross-attention blocks instead, with separate value and output projections only (a registered fused split
+    describes the family's self-attention: GPT-2's cross-attention c_attn holds keys and values, not
+    [query | key | value])."""
     blocks = []
     for name, module in model.named_modules():
-        if is_cross_attention(name):
+        if is_cross_attention(name) != cross:
             continue
         model_type = getattr(owning_config(model, name), "model_type", None)
-        candidates = (ARCHITECTURES[model_type],) if model_type in ARCHITECTURES else SHAPES
+        registered = ARCHITECTURES.get(model_type)
+        if cross and registered is not None and registered.value_weights is not linear:
+            registered = None
+        candidates = (registered,) if registered is not None else SHAPES
         arch = next((a for a in candidates if _weighted(model, name, a.value) and _weighted(model, name, a.out_proj)),
                     None)
         if arch is not None:

@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from duat_kernels._validation import check_layout, integer
+from duat_kernels._validation import check_flag, check_layout, integer
 from duat_kernels.forward_signature import named_inputs
 from duat_kernels.hvo import hvo_bias, hvo_matrix
 from duat_kernels.hvo_operator import HVOOperator
 from duat_kernels.models.architectures import (ARCHITECTURES, SHAPES, Architecture, describe_attention_modules,
+                                               is_cross_attention,
                                                find_blocks, outermost_submodules, owning_config, resolve)
-from duat_kernels.models.encoder_decoder import (decoder_inputs_inside, holds_encoder_decoder,
+from duat_kernels.models.encoder_decoder import (check_cross_attention, decoder_inputs_inside, holds_encoder_decoder,
                                                  uncovered_attention_modules, with_decoder_inputs)
 from duat_kernels.models.shared_layers import ApplicationRecords, layer_plan
 
@@ -28,7 +29,10 @@ from duat_kernels.models.shared_layers import ApplicationRecords, layer_plan
 @dataclass
 class AttentionLayer:
     """One attention layer on given inputs. Shapes: attn (B, h, N, N); x (B, N, M_in);
-    output (B, N, M_out); w_v (h_kv·d, M_in), w_o (M_out, h·d); token_mask (B, N) or None."""
+    output (B, N, M_out); w_v (h_kv·d, M_in), w_o (M_out, h·d); token_mask (B, N) or None (the query tokens).
+    A cross-attention layer (kind "cross", attention_layers(include_cross=True)) has attn (B, h, N, N_k) of the
+    N decoder tokens over the N_k encoder tokens, and x (B, N_k, M_in) the encoder states its value projection
+    reads: W' is (N·M_out, N_k·M_in)."""
 
     index: int
     name: str
@@ -43,10 +47,12 @@ class AttentionLayer:
     output: torch.Tensor
     token_mask: torch.Tensor | None = field(default=None, repr=False)  # True where a real (unpadded) token
     application: int | None = None  # which call of a module shared across depth (ALBERT), else None
+    kind: str = "self"  # "self", or "cross": the decoder's attention over the encoder's states
 
     def __repr__(self) -> str:
-        batch, heads, tokens = self.attn.shape[:3]
+        batch, heads, tokens, keys = self.attn.shape
         shared = "" if self.application is None else f", application={self.application}"
+        shared += "" if self.kind == "self" else f", kind={self.kind!r}, keys={keys}"
         return (f"AttentionLayer(index={self.index}, name={self.name!r}{shared}, batch={batch}, tokens={tokens}, "
                 f"heads={heads}, kv_heads={self.num_kv_heads}, head_dim={self.w_o.shape[1] // heads}, M_in={self.w_v.shape[1]}, "
                 f"M_out={self.w_o.shape[0]}, biases={'b_v' if self.b_v is not None else ''}"
@@ -59,7 +65,8 @@ class AttentionLayer:
                            layout=layout, num_heads=self.num_heads, heads=heads)
 
     def hvo_matrix(self, **kwargs) -> torch.Tensor:
-        """Dense W' (B, N·M_out, N·M_in); kwargs (heads=, dtype=, backend=, ...) go to duat_kernels.hvo_matrix."""
+        """Dense W' (B, N·M_out, N_k·M_in) (N_k = N but for cross-attention); kwargs (heads=, dtype=, backend=,
+        ...) go to duat_kernels.hvo_matrix."""
         return hvo_matrix(self.attn, self.w_v, self.w_o, num_kv_heads=self.num_kv_heads, num_heads=self.num_heads,
                           **kwargs)
 
@@ -70,15 +77,16 @@ class AttentionLayer:
     def reconstruct(self, w: torch.Tensor | None = None, layout: str = "token") -> torch.Tensor:
         """W' x' + b' as (B, N, M_out): with the given dense W' of this layout, else matrix-free."""
         check_layout(layout)
-        (batch, tokens, m_out), m_in = self.output.shape, self.x.shape[-1]
+        (batch, tokens, m_out), (keys, m_in) = self.output.shape, self.x.shape[-2:]
         x = (self.x if layout == "token" else self.x.transpose(1, 2)).reshape(batch, -1)  # x' in the layout's order
         if w is None:
             flat = self.operator(layout).matvec(x)
         else:
-            expected = (batch, tokens * m_out, tokens * m_in)
+            expected = (batch, tokens * m_out, keys * m_in)
             if not isinstance(w, torch.Tensor) or tuple(w.shape) != expected:
                 got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
-                raise ValueError(f"w must be this layer's dense {layout}-layout W' of shape (B, N·M_out, N·M_in) = "
+                cols = "N·M_in" if keys == tokens else "N_k·M_in"
+                raise ValueError(f"w must be this layer's dense {layout}-layout W' of shape (B, N·M_out, {cols}) = "
                                  f"{expected} (layer.hvo_matrix()), got {got}")
             flat = torch.einsum("brc,bc->br", w, x.to(w.dtype))
         flat = flat + self.hvo_bias(layout).to(flat.dtype)
@@ -107,15 +115,17 @@ def masked_relative_error(actual: torch.Tensor, expected: torch.Tensor, token_ma
     return (error / size).item()
 
 
-def attention_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, Architecture | None]]:
+def attention_blocks(model: torch.nn.Module,
+                     include_cross: bool = False) -> list[tuple[str, torch.nn.Module, Architecture | None]]:
     """(name, block, Architecture) of every self-attention layer in module order; Architecture is None
-    for torch.nn.MultiheadAttention. Cross-attention blocks are left out (encoder_decoder.cross_attention_blocks).
-    Raises ValueError naming what was found when nothing fits."""
+    for torch.nn.MultiheadAttention. Cross-attention blocks are left out (encoder_decoder.cross_attention_blocks),
+    or with include_cross=True listed after all of them, in module order (those with separate value and output
+    projections: find_blocks(cross=True)). Raises ValueError naming what was found when nothing fits."""
     blocks = find_blocks(model)
     if not blocks:
         blocks = [(name, m, None) for name, m in model.named_modules() if isinstance(m, torch.nn.MultiheadAttention)]
     if blocks:
-        return blocks
+        return blocks + (find_blocks(model, cross=True) if include_cross else [])
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     shapes = ", ".join(f"{a.value}+{a.out_proj}" for a in SHAPES)
     raise ValueError(
@@ -197,7 +207,7 @@ def _warn_uncovered(model: torch.nn.Module) -> None:
 
 
 def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = None, switch_to_eager: bool = True,
-                     capture: str = "attn", **inputs) -> list[AttentionLayer]:
+                     capture: str = "attn", include_cross: bool = False, **inputs) -> list[AttentionLayer]:
     """Run model(*args, **inputs) once and return the selected attention layers, in order.
 
     Args:
@@ -216,11 +226,16 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
         capture: "attn" records A (eager attention); "qk" records q and k after rotary embeddings
             with sdpa attention (A is never stored; the pass stops after the last selected layer;
             see duat_kernels.models.qk_capture; refused for FSMT, whose attention runs its own code).
+        include_cross: also capture the cross-attention layers of an encoder-decoder model (kind "cross": A is
+            (B, h, N_dec, N_enc), x the encoder states their value projection reads), numbered after all the
+            self-attention layers, in module order; those keep their indices whichever the option. Off by
+            default: the list of a model is then what it was before cross-attention was supported. capture="attn"
+            only.
         *args, **inputs: the model's inputs (e.g. input_ids, attention_mask). An encoder-decoder model
             given no decoder inputs gets decoder_input_ids = input_ids shifted right by its own function
             (and decoder_attention_mask = attention_mask shifted the same way): see
             duat_kernels.models.encoder_decoder; it runs with use_cache=False unless use_cache is given. Its
-            cross-attention layers are not captured (A is not N x N). Inside a plain module (a wrapper without
+            cross-attention layers are captured with include_cross=True only. Inside a plain module (a wrapper without
             a config), such a model gets the same from the arguments the wrapper passes it
             (encoder_decoder.decoder_inputs_inside).
 
@@ -230,9 +245,15 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
     """
     if capture not in ("attn", "qk"):
         raise ValueError(f"capture must be 'attn' or 'qk', got {capture!r}")
+    if check_flag("include_cross", include_cross) and capture != "attn":
+        raise ValueError("include_cross=True needs capture='attn': capture='qk' recomputes A from q and k of one "
+                         "sequence (HVOOperator.from_qk is self-attention only)")
     from duat_kernels.models import lens
 
     if lens.is_bridge(model):  # TransformerLens 4.x: hook_pattern, W_V, W_O, b_V, b_O
+        if include_cross:
+            raise ValueError("include_cross=True is not available for a TransformerLens bridge; use the Hugging Face "
+                             "model itself")
         if capture != "attn":
             raise ValueError("capture='qk' is not available for a TransformerLens bridge (its hook_pattern gives A); "
                              "use capture='attn', or capture='qk' on the Hugging Face model itself")
@@ -247,7 +268,8 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
     if capture == "qk":
         from duat_kernels.models.qk_capture import attention_layers_qk
         return attention_layers_qk(model, *args, layers=layers, **inputs)
-    blocks = attention_blocks(model)
+    blocks = attention_blocks(model, include_cross)
+    cross = {name for name, _, _ in blocks if is_cross_attention(name)} if include_cross else set()
     plan = layer_plan(model, blocks)
     selected = select_layers(layers, len(plan))
     applications = ApplicationRecords(blocks, plan, selected)
@@ -256,7 +278,7 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
     try:
         for i in applications.selected_blocks():
             weights[i] = {}
-            handles += _hooks(model, blocks[i], weights[i], lambda i=i: applications.current(i))
+            handles += _hooks(model, blocks[i], weights[i], lambda i=i: applications.current(i), blocks[i][0] in cross)
         with eager_attention(model, switch_to_eager), decoder_inputs_inside(model) as inner_inputs, torch.no_grad():
             model(*args, **inputs)
     finally:
@@ -272,25 +294,30 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
             raise RuntimeError(f"attention layer {index} ({name}) was not called by the forward pass; "
                                "select only the layers the model runs (layers=[...])")
         rec = {**weights[i], **rec}
-        check_not_called_with_encoder_states(name, rec)
-        _check_self_attention(name, rec["attn"], rec["x"])
+        if name in cross:
+            rec.pop("given_encoder_states", None)
+            check_cross_attention(name, rec["attn"], rec["x"], rec["output"])
+        else:
+            check_not_called_with_encoder_states(name, rec)
+            _check_self_attention(name, rec["attn"], rec["x"])
         rec.setdefault("num_kv_heads", _kv_heads(name, rec))
         rec.setdefault("num_heads", rec["attn"].shape[1])
-        token_mask = _token_mask(model, name, rec["attn"].shape[0], rec["attn"].shape[-1], named)
-        result.append(AttentionLayer(index=index, name=name, token_mask=token_mask, application=call, **rec))
+        token_mask = _token_mask(model, name, rec["attn"].shape[0], rec["attn"].shape[-2], named)  # query tokens
+        result.append(AttentionLayer(index=index, name=name, token_mask=token_mask, application=call,
+                                     kind="cross" if name in cross else "self", **rec))
     return result
 
 
-def attention_layer_count(model: torch.nn.Module) -> int:
-    """How many attention layers attention_layers(model, ...) can select: one per block, one per application of a
-    block shared across depth (ALBERT)."""
-    return len(attention_layer_names(model))
+def attention_layer_count(model: torch.nn.Module, include_cross: bool = False) -> int:
+    """How many attention layers attention_layers(model, ..., include_cross=include_cross) can select: one per block,
+    one per application of a block shared across depth (ALBERT)."""
+    return len(attention_layer_names(model, include_cross))
 
 
-def attention_layer_names(model: torch.nn.Module) -> list[str]:
-    """The module name of each attention layer attention_layers(model, ...) can select, by layer index (a block
-    shared across depth, ALBERT's, once per application)."""
-    blocks = attention_blocks(model)
+def attention_layer_names(model: torch.nn.Module, include_cross: bool = False) -> list[str]:
+    """The module name of each attention layer attention_layers(model, ..., include_cross=include_cross) can select,
+    by layer index (a block shared across depth, ALBERT's, once per application)."""
+    blocks = attention_blocks(model, include_cross)
     return [blocks[i][0] for i, _ in layer_plan(model, blocks)]
 
 
@@ -412,17 +439,20 @@ def _kv_heads(name: str, rec: dict) -> int:
     return kv_rows // (inner // heads)
 
 
-def _probabilities(out) -> torch.Tensor | None:
+def _probabilities(out, square: bool = True) -> torch.Tensor | None:
     """The (B, h, N, N) probabilities among a block's outputs: the last 4-D square tensor after the
-    output ((output, weights) for most HF blocks; T5 returns (output, position_bias, weights))."""
+    output ((output, weights) for most HF blocks; T5 returns (output, position_bias, weights)); square=False
+    (cross-attention): the last 4-D tensor, (B, h, N_dec, N_enc)."""
     outs = out if isinstance(out, (tuple, list)) else (out,)
     return next((o for o in reversed(outs[1:]) if isinstance(o, torch.Tensor) and o.dim() == 4
-                 and o.shape[-1] == o.shape[-2]), None)
+                 and (o.shape[-1] == o.shape[-2] or not square)), None)
 
 
-def _hooks(model, block: tuple[str, torch.nn.Module, Architecture | None], static: dict, current) -> list:
+def _hooks(model, block: tuple[str, torch.nn.Module, Architecture | None], static: dict, current,
+           cross: bool = False) -> list:
     """Hooks that put the block's weights into `static` and each selected application's A, x and output into
-    current() (the dict of the application under way, None when it is not selected)."""
+    current() (the dict of the application under way, None when it is not selected); cross: the block is
+    cross-attention (its A is not square)."""
     name, module, arch = block
     if arch is None:
         return _mha_hooks(module, static, current)
@@ -438,7 +468,7 @@ def _hooks(model, block: tuple[str, torch.nn.Module, Architecture | None], stati
         rec = current()
         if rec is None:
             return
-        attn = _probabilities(out)
+        attn = _probabilities(out, square=not cross)
         if attn is None and getattr(config, "_attn_implementation", None) == "eager":
             shapes = [tuple(o.shape) for o in (out if isinstance(out, (tuple, list)) else (out,))
                       if isinstance(o, torch.Tensor)]

@@ -8,9 +8,10 @@ their shift puts it first) and decoder token n is input token n - 1, so encoder 
 N tokens. A plain module holding such a model (a wrapper with no config of its own) gets the same, from the
 arguments its forward passes on (decoder_inputs_inside).
 Cross-attention multiplies values of the encoder's tokens by the decoder's queries: its A is
-N_dec x N_enc over keys that are not the tokens of the layer's own input, and W' = Σ_i A_i ⊗ OV_i (an
-N x N grid over the tokens the value projection reads, DESIGN.md §1) is defined for self-attention only;
-those layers are left out and named by `cross_attention_blocks`.
+N_dec x N_enc, and W' = Σ_i A_i ⊗ OV_i is an N_dec x N_enc grid of blocks, (N_dec·M_out) x (N_enc·M_in), whose
+x' is the encoder states the value projection reads. Those layers are named by `cross_attention_blocks` and
+captured only when asked (attention_layers(include_cross=True), `duat inspect --cross`): by default they are
+left out, so that the layer lists and indices of the self-attention layers are what they always were.
 """
 
 from __future__ import annotations
@@ -68,7 +69,19 @@ def cross_attention_blocks(model: torch.nn.Module) -> list[str]:
 def cross_attention_note(skipped: list[str]) -> str:
     """The line duat inspect prints under its table about the cross-attention layers it left out."""
     return (f"cross-attention layers not inspected ({len(skipped)}: {', '.join(skipped)}): their A is N_dec x N_enc "
-            "over the encoder's tokens, and W' covers N x N self-attention only.")
+            "over the encoder's tokens; inspect them with --cross (not with --long).")
+
+
+def check_cross_attention(name: str, attn: torch.Tensor, x: torch.Tensor, output: torch.Tensor) -> None:
+    """A captured cross-attention layer must have A (B, h, N_dec, N_enc) over the N_enc tokens x (B, N_enc, M_in)
+    that its value projection read, for the N_dec outputs (B, N_dec, M_out): then W' x' + b' is the layer's output.
+    Anything else (extra keys, a cache of keys whose x was not in this pass) is refused, naming the shapes."""
+    if x.dim() != 3 or output.dim() != 3 or attn.shape[0] != x.shape[0] or attn.shape[-1] != x.shape[-2] \
+            or attn.shape[-2] != output.shape[-2]:
+        raise ValueError(f"{name}: cross-attention probabilities of shape {tuple(attn.shape)} are not "
+                         f"(B, h, N_dec, N_enc) over the encoder states of shape {tuple(x.shape)} (B, N_enc, M) that "
+                         f"its value projection read, for outputs of shape {tuple(output.shape)} (B, N_dec, M); "
+                         "leave this layer out with layers=[...] or include_cross=False")
 
 
 def uncovered_attention_modules(model: torch.nn.Module) -> list[str]:

@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--html", metavar="FILE.html", help="a self-contained interactive page: per-layer and "
                         "per-head heatmaps, tokens on hover, the exactness table")
     parser.add_argument("--json", metavar="FILE", help="per-layer results as JSON ('-' for stdout, then no table)")
+    parser.add_argument("--cross", action="store_true", help="also inspect the cross-attention layers of an "
+                        "encoder-decoder model (numbered after the self-attention layers; W' maps the encoder's "
+                        "output to the decoder's tokens)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (layers, and transformers' "
                                                                    "while the model loads)")
 
@@ -79,13 +82,13 @@ def _heads(values: list[str] | None) -> tuple[list[int] | None, bool]:
         raise InspectError(f"--heads takes 'all' or head indices, got {' '.join(values)}") from None
 
 
-def _selected_heads(model, layers: list[int] | None, heads: list[int]) -> list[int]:
+def _selected_heads(model, layers: list[int] | None, heads: list[int], include_cross: bool = False) -> list[int]:
     """--heads as indices in [0, h), checked against each selected layer's own head count h (an encoder-decoder's
     decoder may have its own: BART's decoder_attention_heads); negative indices only where those counts agree."""
     from duat_kernels.heads import head_indices
     from duat_kernels.models.capture import attention_layer_names, config_heads, select_layers
 
-    names = attention_layer_names(model)
+    names = attention_layer_names(model, include_cross)
     counts = {i: config_heads(model, names[i]) or model.config.num_attention_heads
               for i in select_layers(layers, len(names))}
     given = " ".join(map(str, heads))
@@ -157,6 +160,11 @@ def _check_before_loading(args) -> str:
         raise InspectError(f"{name} is empty; give some text, or leave --text out for the built-in sentence")
     if args.long or long_context.is_long(text):
         _check_long_options(args)
+    cross_refused = [option for option, value in (("--plot", args.plot), ("--html", args.html)) if value is not None]
+    if args.cross and cross_refused:  # their heatmaps label both axes with one sequence's tokens
+        raise InspectError(f"{cross_refused[0]} is not available with --cross yet (a cross-attention heatmap has the "
+                           "decoder's tokens as rows and the encoder's as columns); leave out "
+                           f"{' and '.join(cross_refused)}, or --cross")
     if args.backend not in backends.available_backends("cpu") + ["auto"]:
         raise InspectError(f"--backend {args.backend} is not available here (available: "
                            f"{', '.join(backends.available_backends('cpu'))})")
@@ -201,7 +209,8 @@ def _input_text(option: str | None) -> str:
 def _check_long_options(args) -> None:
     """--long (q/k capture, also automatic for long texts) writes only its table: no dense W', no per-head rows."""
     given = [option for option, value, default in (
-        ("--heads", args.heads, None), ("--save", args.save_file, None), ("--plot", args.plot, None),
+        ("--cross", args.cross, False), ("--heads", args.heads, None),
+        ("--save", args.save_file, None), ("--plot", args.plot, None),
         ("--html", args.html, None), ("--json", args.json, None), ("--dtype", args.dtype, "float32"),
         ("--backend", args.backend, "auto")) if value != default]
     if given:
@@ -265,7 +274,7 @@ def _run(args) -> int:
     log = (lambda msg: print(msg, file=sys.stderr)) if quiet else print
 
     model, tokenizer = _load(args.model, lambda msg: print(msg, file=sys.stderr), progress=not args.no_progress)
-    _check_layers(args.layer, attention_layer_count(model))
+    _check_layers(args.layer, attention_layer_count(model, args.cross))
     inputs = _tokenize(model, tokenizer, text)
     # what an encoder-decoder's decoder reads: the text shifted right, decoder token 0 named
     decoder_note = decoder_inputs_note(model, tokenizer, inputs["input_ids"])
@@ -275,15 +284,17 @@ def _run(args) -> int:
     tokens = input_tokens(tokenizer, inputs["input_ids"][0])  # FSMT: its source vocabulary
     dtype = getattr(torch, args.dtype)
     if heads is not None:
-        heads = _selected_heads(model, args.layer, heads)
+        heads = _selected_heads(model, args.layer, heads, args.cross)
     per_head = ("all" if heads is None else heads) if per_head_wanted else None
     with _uncovered_warning_silenced():
         reports = inspection.inspect_layers(model, dict(inputs), args.layer, args.backend, keep=bool(args.save_file),
                                             progress=not args.no_progress, dtype=dtype, heads=heads,
-                                            per_head=per_head)
+                                            per_head=per_head, include_cross=args.cross)
     tolerance = inspection.TOLERANCES[dtype]
     name = f"{args.model} ({model.config.model_type})"
-    encoder_decoder = dict(decoder_note=decoder_note, skipped=cross_attention_blocks(model),
+    captured = {r.layer.name for r in reports} if args.cross else set()  # --cross: only the ones it cannot read
+    encoder_decoder = dict(decoder_note=decoder_note,
+                           skipped=[n for n in cross_attention_blocks(model) if n not in captured],
                            uncovered=uncovered_attention_modules(model))
     # the tokens each decoder layer reads: the text shifted right (labels of its heatmaps, named in the JSON)
     decoder = dict(decoder_tokens=decoder_tokens(model, tokenizer, inputs["input_ids"]),

@@ -39,8 +39,8 @@ class LayerReport:
     seconds: float  # time to materialise W' (nan when it would not fit: checked matrix-free instead)
     frobenius: float  # ||W'||_F (of the selected heads)
     dense_blocks: float  # fraction of the N² blocks above BLOCK_FRACTION_OF_MAX of the largest
-    block_norms: torch.Tensor  # (N, N) (of the selected heads)
-    matrix: torch.Tensor | None  # (N·M_out, N·M_in) token layout, kept only when saving
+    block_norms: torch.Tensor  # (N, N_k) (of the selected heads; N_k = N but for cross-attention)
+    matrix: torch.Tensor | None  # (N·M_out, N_k·M_in) token layout, kept only when saving
     heads: list[HeadReport] = field(default_factory=list)
 
 
@@ -90,7 +90,7 @@ def head_reports(layer: AttentionLayer, heads: list[int]) -> list[HeadReport]:
 
 def inspect_layers(model, inputs: dict, layers: list[int] | None = None, backend: str = "auto", keep: bool = False,
                    progress: bool = True, dtype: torch.dtype = torch.float32, heads: list[int] | None = None,
-                   per_head: list[int] | str | None = None) -> list[LayerReport]:
+                   per_head: list[int] | str | None = None, include_cross: bool = False) -> list[LayerReport]:
     """Capture the selected layers on inputs (batch of one) and report on each.
 
     heads: W' (saved, norms, plots) of these heads only. The exactness check (rel_error) is of the W' built: without
@@ -98,10 +98,11 @@ def inspect_layers(model, inputs: dict, layers: list[int] | None = None, backend
         matrix-free, against the module) and heads_relative_error of the W' built (its dtype, these heads).
     per_head: heads whose own W' and output share are reported (HeadReport); "all": every head of each layer
         (a decoder may have a head count of its own, BART's decoder_attention_heads).
+    include_cross: also the cross-attention layers of an encoder-decoder model (attention_layers(include_cross=True)).
     """
     from tqdm.auto import tqdm
 
-    captured = attention_layers(model, layers=layers, **inputs)
+    captured = attention_layers(model, layers=layers, include_cross=include_cross, **inputs)
     reports = []
     for layer in tqdm(captured, desc="layers", unit="layer", disable=not progress):
         try:
@@ -138,7 +139,8 @@ def format_reports(reports: list[LayerReport], model_name: str, tokens: list[str
         lay = r.layer
         count = f"{lay.attn.shape[1]}/{lay.num_kv_heads}"
         t = "matrix-free" if math.isnan(r.seconds) else f"{r.seconds * 1e3:.1f}ms"
-        lines.append(f"{lay.index:>5} {lay.attn.shape[-1]:>4} {lay.w_v.shape[1]:>5} {lay.w_o.shape[0]:>5} {count:>7} "
+        n = lay.attn.shape[-1] if lay.kind == "self" else "{}x{}".format(*lay.attn.shape[-2:])  # N_dec x N_enc
+        lines.append(f"{lay.index:>5} {n:>4} {lay.w_v.shape[1]:>5} {lay.w_o.shape[0]:>5} {count:>7} "
                      f"{r.rel_error:>11.2e} {t:>11} {r.frobenius:>9.2f} {r.dense_blocks:>9.1%}")
     checked = "(all heads) against the attention module's own output" if heads is None else \
         "of the selected heads against their part of the output (reference, float64), or the capture's own check " \
@@ -149,6 +151,9 @@ def format_reports(reports: list[LayerReport], model_name: str, tokens: list[str
         lines.append(f"W' time, ||W||_F and blocks>1% are of heads {', '.join(map(str, heads))} only.")
     if decoder_note:
         lines.append(decoder_note)
+    if any(r.layer.kind == "cross" for r in reports):
+        lines.append("cross-attention layers: N is N_dec x N_enc, x' the encoder's output (what their value "
+                     "projection reads), W' (N_dec·M_out) x (N_enc·M_in).")
     if skipped:
         lines.append(cross_attention_note(skipped))
     if uncovered:
@@ -172,13 +177,14 @@ def as_json(reports: list[LayerReport], model_name: str, model_type: str, tokens
     for r in reports:
         lay = r.layer
         layers.append(dict(
-            index=lay.index, name=lay.name, application=lay.application, tokens=lay.attn.shape[-1],
+            index=lay.index, name=lay.name, application=lay.application, tokens=lay.attn.shape[-2],
             reads="decoder_tokens" if lay.index in decoder_layers else "tokens",
             m_in=lay.w_v.shape[1], m_out=lay.w_o.shape[0],
             heads=lay.attn.shape[1], kv_heads=lay.num_kv_heads, rel_error=r.rel_error,
             w_seconds=None if math.isnan(r.seconds) else r.seconds, materialised=not math.isnan(r.seconds),
             frobenius=r.frobenius, dense_blocks=r.dense_blocks, passed=r.rel_error <= tolerance,
-            per_head=[dict(head=h.head, frobenius=h.frobenius, output_share=h.output_share) for h in r.heads]))
+            per_head=[dict(head=h.head, frobenius=h.frobenius, output_share=h.output_share) for h in r.heads],
+            **({} if lay.kind == "self" else dict(kind=lay.kind, keys=lay.attn.shape[-1]))))
     return dict(model=model_name, model_type=model_type, tokens=tokens, decoder_tokens=decoder_tokens,
                 dtype=str(dtype).removeprefix("torch."),
                 tolerance=tolerance, selected_heads=heads, skipped_cross_attention=list(skipped),

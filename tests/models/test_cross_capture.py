@@ -1,0 +1,112 @@
+"""Cross-attention layers of encoder-decoder models captured with include_cross=True: A (B, h, N_dec, N_enc) over a
+padded encoder, x' the encoder's output that feeds the value projection, and W' x' + b' reproducing the layer's own
+output; the self-attention layers unchanged, and `duat inspect --cross`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import duat_kernels as dk
+from duat_kernels.cli import main
+from test_encoder_decoder import _BART_LIKE, CROSS, MODELS, PAD, START
+from test_inspect_cli import _encoder_decoder_folder, _text
+
+transformers = pytest.importorskip("transformers", reason="the model tests need transformers: pip install '.[models]'")
+
+TOLERANCE = 1e-5  # relative error of W' x' + b' against the module's own float32 output
+FAMILIES = {**{k: MODELS[k] for k in ("t5", "bart", "marian", "mbart", "fsmt", "bert2bert")},
+            "pegasus": lambda: transformers.PegasusModel(transformers.PegasusConfig(
+                **_BART_LIKE, decoder_attention_heads=2, decoder_start_token_id=START))}
+CROSS = {**CROSS, "pegasus": ["decoder.layers.0.encoder_attn"]}
+N_ENC, N_DEC = 9, 4
+
+
+def _model(family):
+    torch.manual_seed(0)
+    model = FAMILIES[family]()
+    model.set_attn_implementation("eager")
+    return model.eval()
+
+
+def _inputs():
+    """A padded batch of 2: the second text ends in 4 padding tokens, the first decoder sequence in 1."""
+    g = torch.Generator().manual_seed(0)
+    ids, dec = torch.randint(2, 100, (2, N_ENC), generator=g), torch.randint(2, 100, (2, N_DEC), generator=g)
+    mask, dec_mask = torch.ones(2, N_ENC, dtype=torch.long), torch.ones(2, N_DEC, dtype=torch.long)
+    mask[1, -4:] = 0
+    dec_mask[0, -1] = 0
+    return dict(input_ids=ids.masked_fill(mask == 0, PAD), attention_mask=mask, decoder_input_ids=dec,
+                decoder_attention_mask=dec_mask)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_cross_attention_reproduces_the_layer_over_a_padded_encoder(family):
+    model, inputs = _model(family), _inputs()
+    self_only = dk.models.attention_layers(model, **inputs)
+    layers = dk.models.attention_layers(model, **inputs, include_cross=True)
+    # the self-attention layers first, as without the option (names, indices, values); then the cross-attention
+    head = layers[:len(self_only)]
+    assert [(l.index, l.name, l.kind) for l in head] == [(l.index, l.name, "self") for l in self_only]
+    for mine, theirs in zip(layers, self_only):
+        torch.testing.assert_close(mine.attn, theirs.attn, rtol=0, atol=0)
+    cross = layers[len(self_only):]
+    assert [l.name for l in cross] == CROSS[family] and {l.kind for l in cross} == {"cross"}
+    assert [l.index for l in cross] == list(range(len(self_only), len(layers)))
+    assert dk.models.capture.attention_layer_names(model, include_cross=True) == [l.name for l in layers]
+    encoder = model.get_encoder() if hasattr(model, "get_encoder") else model.encoder
+    with torch.no_grad():
+        states = encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
+    for layer in cross:
+        h, m = layer.num_heads, layer.w_v.shape[1]
+        assert layer.attn.shape == (2, h, N_DEC, N_ENC)
+        assert bool((layer.attn[1, :, :, -4:] == 0).all()), "the padded encoder tokens are attended by no one"
+        torch.testing.assert_close(layer.x, states, rtol=0, atol=0)  # T5: after the encoder's final layer norm
+        torch.testing.assert_close(layer.token_mask, inputs["decoder_attention_mask"].bool())
+        w = layer.hvo_matrix(dtype=torch.float64)
+        assert w.shape == (2, N_DEC * layer.w_o.shape[0], N_ENC * m)
+        assert layer.relative_error(w) <= TOLERANCE, (layer.name, layer.relative_error(w))
+        assert layer.relative_error() <= TOLERANCE  # matrix-free
+        feature = layer.hvo_matrix(dtype=torch.float64, layout="feature")
+        assert layer.relative_error(feature, layout="feature") <= TOLERANCE
+        assert "kind='cross', keys=9" in repr(layer)
+    picked = dk.models.attention_layers(model, **inputs, include_cross=True, layers=[-1])
+    assert [l.name for l in picked] == CROSS[family][-1:]
+    torch.testing.assert_close(picked[0].attn, cross[-1].attn, rtol=0, atol=0)
+
+
+def test_a_wrong_dense_w_and_the_options_are_refused_clearly():
+    model, inputs = _model("bart"), _inputs()
+    layer = dk.models.attention_layers(model, **inputs, include_cross=True, layers=[-1])[0]
+    with pytest.raises(ValueError, match=r"W' of shape \(B, N·M_out, N_k·M_in\) = \(2, 128, 288\)"):
+        layer.relative_error(torch.zeros(2, 128, 128))
+    with pytest.raises(ValueError, match="include_cross=True needs capture='attn'"):
+        dk.models.attention_layers(model, **inputs, include_cross=True, capture="qk")
+    with pytest.raises(TypeError, match="include_cross must be True or False, got str 'yes'"):
+        dk.models.attention_layers(model, **inputs, include_cross="yes")
+
+
+def test_duat_inspect_cross(tmp_path, capsys):
+    folder = _encoder_decoder_folder(tmp_path / "bart", "bart")
+    out = tmp_path / "r.json"
+    assert main(["inspect", "--model", str(folder), "--text", _text(6), "--cross", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "cross-attention layers not inspected" not in printed
+    assert "cross-attention layers: N is N_dec x N_enc" in printed
+    result = json.loads(out.read_text())
+    assert result["passed"] and result["skipped_cross_attention"] == []
+    assert [(e["name"], e.get("kind")) for e in result["layers"]] == [
+        ("encoder.layers.0.self_attn", None), ("decoder.layers.0.self_attn", None),
+        ("decoder.layers.0.encoder_attn", "cross")]
+    entry = result["layers"][2]
+    assert entry["keys"] == entry["tokens"] and entry["rel_error"] <= TOLERANCE and entry["heads"] == 4
+    assert main(["inspect", "--model", str(folder), "--text", _text(6), "--cross", "--layer", "2", "--heads", "3",
+                 "--json", "-"]) == 0
+    assert [e["name"] for e in json.loads(capsys.readouterr().out)["layers"]] == ["decoder.layers.0.encoder_attn"]
+    assert main(["inspect", "--model", str(folder), "--text", _text(6), "--layer", "2"]) == 2  # 2 layers without it
+    for extra, message in ((["--plot", str(tmp_path / "p.png")], "--plot is not available with --cross"),
+                           (["--long"], "--cross is not available with --long")):
+        assert main(["inspect", "--model", str(folder), "--text", _text(6), "--cross", *extra]) == 2
+        assert message in capsys.readouterr().err
