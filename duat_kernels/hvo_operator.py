@@ -99,8 +99,9 @@ class HVOOperator:
     def _unflatten(self, x: torch.Tensor, width: int, name: str, n: int) -> torch.Tensor:
         """x' (..., n·width) in this layout, or X (..., n, width) -> X (B, K, n, width), checking it (n: N_k for an
         input of W', N for an output)."""
+        axis = "N_k" if n == self.dims.keys and not self.dims.square else "N"
         x, matrix = args.vector_operand(x, name, tokens=n, width=width, batch=self.dims.batch,
-                                        batched=self.dims.batched, device=self.device, layout=self.layout)
+                                        batched=self.dims.batched, device=self.device, layout=self.layout, axis=axis)
         x = x if self.dims.batched else x.unsqueeze(0)
         lead, k = x.shape[1:-1], math.prod(x.shape[1:-1])
         x = x.reshape(x.shape[0], k, n, width) if self.layout == "token" else \

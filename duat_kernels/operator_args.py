@@ -13,8 +13,9 @@ from duat_kernels import _validation as v
 
 
 def vector_operand(x, name: str, *, tokens: int, width: int, batch: int, batched: bool, device: torch.device,
-                   layout: str) -> tuple[torch.Tensor, bool]:
-    """x' (..., N·width) flattened in `layout`, or X (..., N, width) with tokens as rows.
+                   layout: str, axis: str = "N") -> tuple[torch.Tensor, bool]:
+    """x' (..., N·width) flattened in `layout`, or X (..., N, width) with tokens as rows (`axis` names N in
+    errors: "N_k" for the encoder keys of a cross-attention input).
 
     Returns x' (..., N·width) and whether X was given as a matrix (the result is then reshaped to
     (..., N, width_out) too). A batched operator needs the batch B as the leading dimension.
@@ -26,8 +27,8 @@ def vector_operand(x, name: str, *, tokens: int, width: int, batch: int, batched
         raise ValueError(f"{name} is on {x.device} but the operator's tensors are on {device}; move {name} there")
     flat = tokens * width
     lead = "(B, ..., " if batched else "(..., "
-    want = f"last dimension N*M = {tokens}*{width} = {flat}"
-    matrix_hint = f" (or pass X of shape {lead}N, M) = {lead}{tokens}, {width}))"
+    want = f"last dimension {axis}*M = {tokens}*{width} = {flat}"
+    matrix_hint = f" (or pass X of shape {lead}{axis}, M) = {lead}{tokens}, {width}))"
     if x.dim() == 0:
         raise ValueError(f"{name} must have {want}, got a 0-d tensor{matrix_hint}")
     matrix = x.dim() >= 2 and tuple(x.shape[-2:]) == (tokens, width) and x.shape[-1] != flat

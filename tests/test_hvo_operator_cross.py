@@ -97,13 +97,13 @@ def test_square_only_methods_and_from_qk_refuse_rectangular_attention():
 
 
 @pytest.mark.parametrize("call,message", [
-    (lambda op: op.matvec(torch.randn(2, N * M_IN)), r"x must have last dimension N\*M = 5\*4 = 20"),
+    (lambda op: op.matvec(torch.randn(2, N * M_IN)), r"x must have last dimension N_k\*M = 5\*4 = 20"),
     (lambda op: op.rmatvec(torch.randn(2, N_K * M_OUT)), r"y must have last dimension N\*M = 3\*6 = 18"),
     (lambda op: op.block(3, 0), r"n=3 is out of range for N=3 tokens"),
     (lambda op: op.block(0, 5), r"m=5 is out of range for N_k=5 keys"),
     (lambda op: op.block_norms(grid=(4, 2)), r"grid must be \(R, C\) with R in \[1, N=3\] and C in \[1, N_k=5\]"),
     (lambda op: op.block_norms(grid=(1, 6)), r"grid must be \(R, C\) with R in \[1, N=3\] and C in \[1, N_k=5\]"),
-    (lambda op: op.contributions(torch.randn(2, N, M_IN)), r"x must have last dimension N\*M = 5\*4 = 20"),
+    (lambda op: op.contributions(torch.randn(2, N, M_IN)), r"x must have last dimension N_k\*M = 5\*4 = 20"),
 ])
 def test_bad_arguments_name_the_side(call, message):
     op, _, _ = _operator("token", True)
