@@ -110,3 +110,34 @@ def test_duat_inspect_cross(tmp_path, capsys):
                            (["--long"], "--cross is not available with --long")):
         assert main(["inspect", "--model", str(folder), "--text", _text(6), "--cross", *extra]) == 2
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "tokens_first"])
+@pytest.mark.parametrize("n_dec", [6, 4], ids=["N_dec>N_enc", "N_dec=N_enc"])
+def test_torch_transformer_decoder_cross_attention(batch_first, n_dec):
+    # nn.TransformerDecoderLayer's multihead_attn (cross-attention over the memory) was listed as a self-attention
+    # layer: with N_dec = N_enc it was captured as kind 'self' over the memory (also without include_cross), with
+    # N_dec != N_enc every capture of the model was refused, include_cross=True or not
+    torch.manual_seed(0)
+    model = torch.nn.Transformer(d_model=16, nhead=4, num_encoder_layers=1, num_decoder_layers=2, dim_feedforward=32,
+                                 dropout=0.0, batch_first=batch_first).eval()
+    src, tgt = torch.randn(2, 4, 16), torch.randn(2, n_dec, 16)
+    pad = torch.tensor([[False] * 4, [False, False, True, True]])  # the decoder reads 2 tokens less of the second memory
+    major = (lambda t: t) if batch_first else (lambda t: t.transpose(0, 1))
+    inputs = dict(memory_key_padding_mask=pad)
+    selves = ["encoder.layers.0.self_attn", "decoder.layers.0.self_attn", "decoder.layers.1.self_attn"]
+    crosses = ["decoder.layers.0.multihead_attn", "decoder.layers.1.multihead_attn"]
+    assert [l.name for l in dk.models.attention_layers(model, major(src), major(tgt), **inputs)] == selves
+    layers = dk.models.attention_layers(model, major(src), major(tgt), include_cross=True, **inputs)
+    assert [(l.index, l.name, l.kind) for l in layers] == [
+        (i, name, "self" if i < 3 else "cross") for i, name in enumerate(selves + crosses)]
+    with torch.no_grad():
+        memory = model.encoder(major(src))
+    for layer in layers[3:]:
+        assert layer.attn.shape == (2, 4, n_dec, 4)
+        assert bool((layer.attn[1, :, :, 2:] == 0).all()), "the padded memory tokens are attended by no one"
+        torch.testing.assert_close(layer.x, major(memory))  # W' maps the memory to the decoder (float32 rounding)
+        assert layer.relative_error(layer.hvo_matrix(dtype=torch.float64)) <= TOLERANCE  # the module's own output
+        assert layer.relative_error() <= TOLERANCE
+    picked = dk.models.attention_layers(model, major(src), major(tgt), include_cross=True, layers=[-1], **inputs)
+    assert [l.name for l in picked] == crosses[-1:]
