@@ -155,6 +155,18 @@ def eager_attention(model: torch.nn.Module, switch: bool):
         yield
 
 
+@contextmanager
+def without_mha_fast_path():
+    """torch.backends.mha's fast path off for the duration: under no_grad, nn.TransformerEncoder given a
+    src_key_padding_mask hands its layers nested tensors (its padded tokens dropped), which the hooks cannot read."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
 def _outer_configs(model: torch.nn.Module) -> list:
     """[model.config], or for a plain module without a config (a wrapper) the configs of its outermost sub-modules
     that have one."""
@@ -282,7 +294,8 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
         for i in applications.selected_blocks():
             weights[i] = {}
             handles += _hooks(model, blocks[i], weights[i], lambda i=i: applications.current(i), blocks[i][0] in cross)
-        with eager_attention(model, switch_to_eager), decoder_inputs_inside(model) as inner_inputs, torch.no_grad():
+        with eager_attention(model, switch_to_eager), decoder_inputs_inside(model) as inner_inputs, torch.no_grad(), \
+                without_mha_fast_path():
             model(*args, **inputs)
     finally:
         for h in handles:
