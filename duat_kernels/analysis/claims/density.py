@@ -25,14 +25,15 @@ SAMPLES = 200_000
 
 def attention_density(op: HVOOperator, thresholds=THRESHOLDS, exact_entries: int = EXACT_ENTRIES,
                       samples: int = SAMPLES) -> dict:
-    """Entry and block fractions above t·max for an unbatched operator of N x N blocks (M_out x M_in)."""
-    n, m_out, m_in = op.dims.tokens, op.dims.m_out, op.dims.m_in
+    """Entry and block fractions above t·max for an unbatched operator of N x N_k blocks (M_out x M_in; N_k = N
+    but for cross-attention)."""
+    n = op.dims.tokens
     norms = op.block_norms().double()
     # a NaN or Inf entry of W' makes its block's norm non-finite: "above t·max" then means nothing, and
     # comparisons with NaN are false (the max over tiles below would even depend on their order)
     finite = bool(norms.isfinite().all())
     blocks = {str(t): (norms > t * norms.max()).double().mean().item() if finite else math.nan for t in thresholds}
-    total = n * m_out * n * m_in
+    total = op.shape[-2] * op.shape[-1]
     if not finite:
         entries = {str(t): {"fraction": math.nan, "low": math.nan, "high": math.nan} for t in thresholds}
         method = "non-finite (W' has NaN or Inf entries: no fractions)"

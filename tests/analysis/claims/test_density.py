@@ -15,10 +15,10 @@ from conftest import random_layer  # noqa: F401  (tests/conftest.py)
 THRESHOLDS = (1e-3, 1e-2, 1e-1, 0.5)
 
 
-def fractions(w: torch.Tensor, tokens: int, m_out: int, m_in: int) -> tuple[dict, dict]:
-    """Entry and block fractions of a dense token-layout matrix."""
+def fractions(w: torch.Tensor, tokens: int, m_out: int, m_in: int, keys: int | None = None) -> tuple[dict, dict]:
+    """Entry and block fractions of a dense token-layout matrix of tokens x keys blocks (keys = tokens by default)."""
     w = w.double().abs()
-    blocks = w.reshape(tokens, m_out, tokens, m_in).transpose(1, 2).square().sum((-1, -2)).sqrt()
+    blocks = w.reshape(tokens, m_out, keys or tokens, m_in).transpose(1, 2).square().sum((-1, -2)).sqrt()
     return ({str(t): (w > t * w.max()).double().mean().item() for t in THRESHOLDS},
             {str(t): (blocks > t * blocks.max()).double().mean().item() for t in THRESHOLDS})
 
@@ -31,6 +31,19 @@ def test_attention_fractions_are_exact(causal, monkeypatch):
     entries, blocks = fractions(op.to_dense(), 6, 4, 5)
     result = density.attention_density(op, THRESHOLDS)
     assert result["method"] == "exact"
+    for t in map(str, THRESHOLDS):
+        assert result["entries"][t]["fraction"] == pytest.approx(entries[t], abs=1e-12)
+        assert result["blocks"][t] == pytest.approx(blocks[t], abs=1e-12)
+
+
+def test_cross_attention_fractions_are_exact_up_to_exact_entries():
+    # W' of 7 decoder tokens over 2 encoder tokens has 7·4 x 2·5 = 280 entries: counted as 7·4 x 7·5 = 980, so
+    # exact_entries=280 sampled them (with Wilson intervals) instead of counting them exactly
+    lay = random_layer(1, 4, 2, tokens=7, head_dim=3, m_in=5, m_out=4, batched=False, keys=2)
+    op = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"], num_kv_heads=2)
+    entries, blocks = fractions(op.to_dense(), 7, 4, 5, keys=2)
+    result = density.attention_density(op, THRESHOLDS, exact_entries=7 * 4 * 2 * 5)
+    assert result["method"] == "exact" and result["shape"] == [28, 10]
     for t in map(str, THRESHOLDS):
         assert result["entries"][t]["fraction"] == pytest.approx(entries[t], abs=1e-12)
         assert result["blocks"][t] == pytest.approx(blocks[t], abs=1e-12)
