@@ -190,8 +190,20 @@ def _check_before_loading(args) -> str:
             local_model(args.model)
         except FileNotFoundError as exc:
             raise InspectError(str(exc)) from None
-    _check_layers(args.layer, _declared_layers(args.model))
+    if not args.cross:  # with --cross: counted once the model is loaded (_check_cross first)
+        _check_layers(args.layer, _declared_layers(args.model))
     return text
+
+
+def _check_cross(args, model) -> None:
+    """--cross needs an encoder-decoder model: the text goes to its encoder, whose output its decoder's
+    cross-attention reads (a decoder with cross-attention and no encoder of its own gets no encoder states here)."""
+    from duat_kernels.models.encoder_decoder import holds_encoder_decoder
+
+    if args.cross and not holds_encoder_decoder(model):
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        raise InspectError(f"--cross needs an encoder-decoder model, whose decoder's cross-attention reads the "
+                           f"encoder's output of the text; {args.model} ({model_type}) is not one: leave out --cross")
 
 
 def _input_text(option: str | None) -> str:
@@ -274,6 +286,7 @@ def _run(args) -> int:
     log = (lambda msg: print(msg, file=sys.stderr)) if quiet else print
 
     model, tokenizer = _load(args.model, lambda msg: print(msg, file=sys.stderr), progress=not args.no_progress)
+    _check_cross(args, model)
     _check_layers(args.layer, attention_layer_count(model, args.cross))
     inputs = _tokenize(model, tokenizer, text)
     # what an encoder-decoder's decoder reads: the text shifted right, decoder token 0 named

@@ -12,7 +12,7 @@ import torch
 import duat_kernels as dk
 from duat_kernels.cli import main
 from test_encoder_decoder import _BART_LIKE, CROSS, MODELS, PAD, START
-from test_inspect_cli import _encoder_decoder_folder, _text
+from test_inspect_cli import _encoder_decoder_folder, _save_tokenizer, _text
 
 transformers = pytest.importorskip("transformers", reason="the model tests need transformers: pip install '.[models]'")
 
@@ -144,3 +144,19 @@ def test_torch_transformer_decoder_cross_attention(batch_first, n_dec):
         assert layer.relative_error() <= TOLERANCE
     picked = dk.models.attention_layers(model, major(src), major(tgt), include_cross=True, layers=[-1], **inputs)
     assert [l.name for l in picked] == crosses[-1:]
+
+
+@pytest.mark.parametrize("extra", [[], ["--layer", "1"]], ids=["all", "layer-1"])
+def test_duat_inspect_cross_needs_an_encoder_decoder_model(tmp_path, capsys, extra):
+    # a BERT decoder with cross-attention (add_cross_attention, no encoder of its own): --cross failed with "attention
+    # layer 1 (...crossattention.self) was not called by the forward pass; select only the layers the model runs
+    # (layers=[...])", and --cross --layer 1 with "--layer 1: out of range, the model has 1 attention layers" (the
+    # count read from config.json before loading, without the cross-attention layer); on MiniLM --cross did nothing
+    folder = tmp_path / "bert_decoder"
+    vocab = _save_tokenizer(folder)
+    bert = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=vocab)
+    transformers.BertModel(transformers.BertConfig(**bert, is_decoder=True, add_cross_attention=True)).save_pretrained(
+        folder)
+    assert main(["inspect", "--model", str(folder), "--text", _text(4), "--no-progress", "--cross", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("duat inspect: --cross needs an encoder-decoder model") and "(bert)" in err, err
