@@ -21,7 +21,8 @@ from duat_kernels.hvo_operator import HVOOperator
 from duat_kernels.models.architectures import (ARCHITECTURES, SHAPES, Architecture, describe_attention_modules,
                                                is_cross_attention, is_torch_cross_attention,
                                                find_blocks, outermost_submodules, owning_config, resolve)
-from duat_kernels.models.encoder_decoder import (check_cross_attention, decoder_inputs_inside, holds_encoder_decoder,
+from duat_kernels.models.encoder_decoder import (_nested, check_cross_attention, cross_attention_blocks,
+                                                 decoder_inputs_inside, holds_encoder_decoder,
                                                  uncovered_attention_modules, with_decoder_inputs)
 from duat_kernels.models.shared_layers import ApplicationRecords, layer_plan
 
@@ -221,6 +222,23 @@ def _warn_uncovered(model: torch.nn.Module) -> None:
                       "duat_kernels.models.register_architecture)", UserWarning, stacklevel=3)
 
 
+def unread_cross_attention(model: torch.nn.Module, blocks: list | None = None) -> list[str]:
+    """The cross-attention modules (encoder_decoder.cross_attention_blocks) that attention_layers(include_cross=True)
+    cannot read: none of its blocks (attention_blocks(model, True) unless given), nor inside or around one (GPT-2's
+    crossattention: keys and values from one c_attn)."""
+    read = [name for name, _, _ in (attention_blocks(model, True) if blocks is None else blocks)]
+    return [name for name in cross_attention_blocks(model) if not _nested(name, read)]
+
+
+def _warn_unread_cross_attention(model: torch.nn.Module, blocks: list) -> None:
+    """include_cross=True: a UserWarning naming the cross-attention modules it cannot read (unread_cross_attention)."""
+    if unread := unread_cross_attention(model, blocks):
+        warnings.warn(f"attention_layers: include_cross=True: {type(model).__name__} has cross-attention modules the "
+                      f"capture cannot read ({len(unread)}: {', '.join(unread)}): no separate value and output "
+                      "projections (GPT-2's c_attn computes keys and values in one projection); only the other "
+                      "attention layers are returned", UserWarning, stacklevel=3)
+
+
 def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = None, switch_to_eager: bool = True,
                      capture: str = "attn", include_cross: bool = False, **inputs) -> list[AttentionLayer]:
     """Run model(*args, **inputs) once and return the selected attention layers, in order.
@@ -256,7 +274,8 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
 
     Warns (UserWarning) when an encoder-decoder model has self-attention modules the capture cannot read (LED's
     and BigBirdPegasus's encoder attention: see encoder_decoder.uncovered_attention_modules), naming them: the
-    layers returned are then the others only.
+    layers returned are then the others only; and with include_cross=True, when it has cross-attention modules the
+    capture cannot read (GPT-2's: unread_cross_attention).
     """
     if capture not in ("attn", "qk"):
         raise ValueError(f"capture must be 'attn' or 'qk', got {capture!r}")
@@ -284,6 +303,8 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
         from duat_kernels.models.qk_capture import attention_layers_qk
         return attention_layers_qk(model, *args, layers=layers, **inputs)
     blocks = attention_blocks(model, include_cross)
+    if include_cross:
+        _warn_unread_cross_attention(model, blocks)
     cross = {name for name, _, _ in blocks if is_cross_attention(name) or is_torch_cross_attention(model, name)}
     plan = layer_plan(model, blocks)
     selected = select_layers(layers, len(plan))

@@ -66,10 +66,17 @@ def cross_attention_blocks(model: torch.nn.Module) -> list[str]:
     return sorted(found, key=order.__getitem__)
 
 
-def cross_attention_note(skipped: list[str]) -> str:
-    """The line duat inspect prints under its table about the cross-attention layers it left out."""
-    return (f"cross-attention layers not inspected ({len(skipped)}: {', '.join(skipped)}): their A is N_dec x N_enc "
-            "over the encoder's tokens; inspect them with --cross (not with --long).")
+def cross_attention_note(skipped: list[str], unreadable: list[str] = ()) -> str:
+    """The line(s) duat inspect prints under its table about the cross-attention layers it left out: skipped, of which
+    unreadable are those that --cross cannot read either (capture.unread_cross_attention: GPT-2's)."""
+    lines = []
+    if readable := [name for name in skipped if name not in unreadable]:
+        lines.append(f"cross-attention layers not inspected ({len(readable)}: {', '.join(readable)}): their A is "
+                     "N_dec x N_enc over the encoder's tokens; inspect them with --cross (not with --long).")
+    if unread := [name for name in skipped if name in unreadable]:
+        lines.append(f"cross-attention layers not inspected ({len(unread)}: {', '.join(unread)}): no separate value "
+                     "and output projections found (GPT-2's c_attn computes keys and values in one projection).")
+    return "\n".join(lines)
 
 
 def check_cross_attention(name: str, attn: torch.Tensor, x: torch.Tensor, output: torch.Tensor) -> None:

@@ -258,7 +258,7 @@ def _load(name: str, log, progress: bool = True):
 def _uncovered_warning_silenced():
     """attention_layers' warning about the modules it cannot read: duat inspect names them in its own note."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="attention_layers: .* self-attention modules the capture cannot read",
+        warnings.filterwarnings("ignore", message="attention_layers: .*attention modules the capture cannot read",
                                 category=UserWarning)
         yield
 
@@ -275,7 +275,7 @@ def _run(args) -> int:
     import torch
 
     from duat_kernels.models import inspection, long_context
-    from duat_kernels.models.capture import _in_decoder, attention_layer_count
+    from duat_kernels.models.capture import _in_decoder, attention_layer_count, unread_cross_attention
     from duat_kernels.models.encoder_decoder import (cross_attention_blocks, decoder_inputs_note, decoder_tokens,
                                                      uncovered_attention_modules)
     from duat_kernels.models.token_labels import input_tokens
@@ -305,15 +305,15 @@ def _run(args) -> int:
                                             per_head=per_head, include_cross=args.cross)
     tolerance = inspection.TOLERANCES[dtype]
     name = f"{args.model} ({model.config.model_type})"
-    captured = {r.layer.name for r in reports} if args.cross else set()  # --cross: only the ones it cannot read
+    unreadable = unread_cross_attention(model)  # by --cross either
     encoder_decoder = dict(decoder_note=decoder_note,
-                           skipped=[n for n in cross_attention_blocks(model) if n not in captured],
+                           skipped=unreadable if args.cross else cross_attention_blocks(model),
                            uncovered=uncovered_attention_modules(model))
     # the tokens each decoder layer reads: the text shifted right (labels of its heatmaps, named in the JSON)
     decoder = dict(decoder_tokens=decoder_tokens(model, tokenizer, inputs["input_ids"]),
                    decoder_layers={r.layer.index for r in reports if _in_decoder(model, r.layer.name)})
     if not quiet:
-        print(inspection.format_reports(reports, name, tokens, heads, **encoder_decoder))
+        print(inspection.format_reports(reports, name, tokens, heads, **encoder_decoder, unreadable=unreadable))
     if args.json:
         text = strict_json.dumps(inspection.as_json(reports, args.model, model.config.model_type, tokens, dtype,
                                                     tolerance, heads, skipped=encoder_decoder["skipped"],

@@ -127,10 +127,11 @@ def inspect_layers(model, inputs: dict, layers: list[int] | None = None, backend
 
 
 def format_reports(reports: list[LayerReport], model_name: str, tokens: list[str], heads: list[int] | None = None,
-                   decoder_note: str | None = None, skipped: list[str] = (), uncovered: list[str] = ()) -> str:
+                   decoder_note: str | None = None, skipped: list[str] = (), uncovered: list[str] = (),
+                   unreadable: list[str] = ()) -> str:
     """The table `duat inspect` prints; decoder_note: what an encoder-decoder's decoder read
-    (encoder_decoder.decoder_inputs_note); skipped: names of the cross-attention layers left out; uncovered:
-    self-attention modules the capture cannot read."""
+    (encoder_decoder.decoder_inputs_note); skipped: names of the cross-attention layers left out, of which unreadable
+    are those --cross cannot read either; uncovered: self-attention modules the capture cannot read."""
     shown = tokens if len(tokens) <= 64 else [*tokens[:30], f"... ({len(tokens) - 60} more) ...", *tokens[-30:]]
     lines = [f"{model_name}: {len(tokens)} tokens: {' '.join(shown)}", "",
              f"{'layer':>5} {'N':>4} {'M_in':>5} {'M_out':>5} {'heads':>7} {'rel. error':>11} {'W time':>11} "
@@ -155,7 +156,7 @@ def format_reports(reports: list[LayerReport], model_name: str, tokens: list[str
         lines.append("cross-attention layers: N is N_dec x N_enc, x' the encoder's output (what their value "
                      "projection reads), W' (N_dec·M_out) x (N_enc·M_in).")
     if skipped:
-        lines.append(cross_attention_note(skipped))
+        lines.append(cross_attention_note(skipped, unreadable))
     if uncovered:
         lines.append(uncovered_note(uncovered))
     if any(r.heads for r in reports):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from duat_kernels._validation import nan_max
-from duat_kernels.models.capture import attention_layers
+from duat_kernels.models.capture import attention_layers, unread_cross_attention
 
 AUTO_WORDS = 1500  # texts longer than this (whitespace-separated words) are inspected with --long
 GRID = 64  # block norms are reported on a GRID x GRID grid of super-blocks
@@ -119,7 +119,7 @@ def run_inspect_long(args, model, inputs: dict, decoder_note: str | None = None)
         print(decoder_note)
     skipped = cross_attention_blocks(model)
     if skipped:
-        print(cross_attention_note(skipped))
+        print(cross_attention_note(skipped, unread_cross_attention(model)))
     if uncovered := uncovered_attention_modules(model):
         print(uncovered_note(uncovered))
     worst = nan_max(r.rel_error for r in reports)

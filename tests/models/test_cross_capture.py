@@ -160,3 +160,42 @@ def test_duat_inspect_cross_needs_an_encoder_decoder_model(tmp_path, capsys, ext
     assert main(["inspect", "--model", str(folder), "--text", _text(4), "--no-progress", "--cross", *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("duat inspect: --cross needs an encoder-decoder model") and "(bert)" in err, err
+
+
+def test_cross_attention_the_capture_cannot_read_is_named():
+    # GPT-2's cross-attention (c_attn computes keys and values in one projection, c_proj is shared with nothing) was
+    # left out of include_cross=True without a word: the caller asked for cross-attention layers and got none
+    torch.manual_seed(0)
+    model = transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100,
+                                                           n_positions=32, add_cross_attention=True)).eval()
+    ids, states = torch.randint(0, 100, (2, 5)), torch.randn(2, 7, 32)
+    with pytest.warns(UserWarning, match=r"include_cross=True: .*cross-attention modules the capture cannot read "
+                                         r"\(1: h\.0\.crossattention\)"):
+        layers = dk.models.attention_layers(model, input_ids=ids, encoder_hidden_states=states, include_cross=True)
+    assert [l.name for l in layers] == ["h.0.attn"]
+
+
+def test_duat_inspect_cross_names_only_the_layers_it_cannot_read(tmp_path, capsys):
+    # --cross --layer 0 listed BART's encoder_attn as "cross-attention layers not inspected ...: inspect them with
+    # --cross" (and in the JSON's skipped_cross_attention): the layers left out were taken as those not reported, not
+    # those --cross cannot read; GPT-2's cross-attention, which --cross cannot read, was also told to use --cross
+    bart = _encoder_decoder_folder(tmp_path / "bart", "bart")
+    out = tmp_path / "r.json"
+    assert main(["inspect", "--model", str(bart), "--text", _text(5), "--cross", "--layer", "0", "--json", str(out)]) == 0
+    assert "cross-attention layers not inspected" not in capsys.readouterr().out
+    assert json.loads(out.read_text())["skipped_cross_attention"] == []
+    folder = tmp_path / "bert_gpt2"
+    vocab = _save_tokenizer(folder)
+    torch.manual_seed(0)
+    config = transformers.EncoderDecoderConfig.from_encoder_decoder_configs(
+        transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                vocab_size=vocab),
+        transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=vocab, n_positions=32, is_decoder=True,
+                                add_cross_attention=True))
+    config.decoder_start_token_id, config.pad_token_id = START, PAD
+    transformers.EncoderDecoderModel(config).save_pretrained(folder)
+    assert main(["inspect", "--model", str(folder), "--text", _text(5), "--cross", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    note = next(line for line in captured.out.splitlines() if line.startswith("cross-attention layers not inspected"))
+    assert "(1: decoder.transformer.h.0.crossattention)" in note and "--cross" not in note, note
+    assert "UserWarning" not in captured.err  # the note names them, as for the self-attention modules
