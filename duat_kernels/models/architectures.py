@@ -132,12 +132,13 @@ def is_cross_attention(name: str) -> bool:
     return any(key in part.lower() for part in name.split(".") for key in CROSS_ATTENTION_NAMES)
 
 
-def is_torch_cross_attention(model: torch.nn.Module, name: str) -> bool:
-    """True for module `name` of model being the multihead_attn of a torch.nn.TransformerDecoderLayer: its
-    cross-attention over the memory (queries from the decoder, keys and values from the memory), whose name says
-    nothing."""
+def is_cross_attention_module(model: torch.nn.Module, name: str) -> bool:
+    """True for module `name` of model under a cross-attention name (is_cross_attention) or being the multihead_attn
+    of a torch.nn.TransformerDecoderLayer: its cross-attention over the memory (queries from the decoder, keys and
+    values from the memory), whose name says nothing."""
     parent, _, attribute = name.rpartition(".")
-    return attribute == "multihead_attn" and isinstance(model.get_submodule(parent), torch.nn.TransformerDecoderLayer)
+    return is_cross_attention(name) or (attribute == "multihead_attn"
+                                        and isinstance(model.get_submodule(parent), torch.nn.TransformerDecoderLayer))
 
 
 def register_architecture(model_type: str, value: str, out_proj: str, value_weights: Callable[..., Weights] = linear,

@@ -19,7 +19,7 @@ from duat_kernels.forward_signature import named_inputs
 from duat_kernels.hvo import hvo_bias, hvo_matrix
 from duat_kernels.hvo_operator import HVOOperator
 from duat_kernels.models.architectures import (ARCHITECTURES, SHAPES, Architecture, describe_attention_modules,
-                                               is_cross_attention, is_torch_cross_attention,
+                                               is_cross_attention_module,
                                                find_blocks, outermost_submodules, owning_config, resolve)
 from duat_kernels.models.encoder_decoder import (_nested, check_cross_attention, cross_attention_blocks,
                                                  decoder_inputs_inside, holds_encoder_decoder,
@@ -121,15 +121,15 @@ def attention_blocks(model: torch.nn.Module,
     """(name, block, Architecture) of every self-attention layer in module order; Architecture is None
     for torch.nn.MultiheadAttention. Cross-attention blocks are left out (encoder_decoder.cross_attention_blocks),
     or with include_cross=True listed after all of them, in module order (those with separate value and output
-    projections: find_blocks(cross=True); the multihead_attn of each torch.nn.TransformerDecoderLayer:
-    is_torch_cross_attention). Raises ValueError naming what was found when nothing fits."""
+    projections: find_blocks(cross=True); the nn.MultiheadAttention of a cross-attention: is_cross_attention_module).
+    Raises ValueError naming what was found when nothing fits."""
     blocks = find_blocks(model)
     if blocks:
         return blocks + (find_blocks(model, cross=True) if include_cross else [])
     mha = [(name, m, None) for name, m in model.named_modules() if isinstance(m, torch.nn.MultiheadAttention)]
-    blocks = [block for block in mha if not is_torch_cross_attention(model, block[0])]
+    blocks = [block for block in mha if not is_cross_attention_module(model, block[0])]
     if blocks:
-        return blocks + ([block for block in mha if is_torch_cross_attention(model, block[0])] if include_cross else [])
+        return blocks + ([block for block in mha if is_cross_attention_module(model, block[0])] if include_cross else [])
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     shapes = ", ".join(f"{a.value}+{a.out_proj}" for a in SHAPES)
     raise ValueError(
@@ -305,7 +305,7 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
     blocks = attention_blocks(model, include_cross)
     if include_cross:
         _warn_unread_cross_attention(model, blocks)
-    cross = {name for name, _, _ in blocks if is_cross_attention(name) or is_torch_cross_attention(model, name)}
+    cross = {name for name, _, _ in blocks if is_cross_attention_module(model, name)}
     plan = layer_plan(model, blocks)
     selected = select_layers(layers, len(plan))
     applications = ApplicationRecords(blocks, plan, selected)

@@ -199,3 +199,30 @@ def test_duat_inspect_cross_names_only_the_layers_it_cannot_read(tmp_path, capsy
     note = next(line for line in captured.out.splitlines() if line.startswith("cross-attention layers not inspected"))
     assert "(1: decoder.transformer.h.0.crossattention)" in note and "--cross" not in note, note
     assert "UserWarning" not in captured.err  # the note names them, as for the self-attention modules
+
+
+class MemoryDecoder(torch.nn.Module):
+    """A decoder block of nn.MultiheadAttention: self-attention, then cross_attn over a memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.self_attn = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+        self.cross_attn = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+
+    def forward(self, x, memory):
+        x = x + self.self_attn(x, x, x)[0]
+        return x + self.cross_attn(x, memory, memory)[0]
+
+
+def test_multihead_attention_named_cross_attention_is_cross_attention():
+    # an nn.MultiheadAttention under a cross-attention name (cross_attn) was listed as self-attention: over a memory
+    # of the decoder's length it was captured as kind 'self' (with or without include_cross), over another length
+    # every capture of the model was refused
+    torch.manual_seed(0)
+    model = MemoryDecoder().eval()
+    x, memory = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    assert [l.name for l in dk.models.attention_layers(model, x, memory)] == ["self_attn"]
+    layers = dk.models.attention_layers(model, x, memory, include_cross=True)
+    assert [(l.name, l.kind) for l in layers] == [("self_attn", "self"), ("cross_attn", "cross")]
+    torch.testing.assert_close(layers[1].x, memory, rtol=0, atol=0)
+    assert layers[1].relative_error(layers[1].hvo_matrix(dtype=torch.float64)) <= TOLERANCE
