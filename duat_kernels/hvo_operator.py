@@ -85,7 +85,7 @@ class HVOOperator:
 
     @property
     def attn(self) -> torch.Tensor:
-        """The attention probabilities (h, N, N) or (B, h, N, N); from q/k they are computed here
+        """The attention probabilities (h, N, N_k) or (B, h, N, N_k); from q/k they are computed here
         (refused with DenseTooLargeError when they would not fit)."""
         a = self.source.dense()
         return a if self.dims.batched else a[0]
@@ -305,7 +305,7 @@ class HVOOperator:
 
         x: the layer input X as (N_k, M_in) (or (B, N_k, M_in) when batched), or flattened x' in this
         operator's layout. Returns (N, N_k) (or (B, N, N_k)); per_head=True gives each head's own
-        ||A_i[n, m] OV_i x_m|| as (h, N, N) (or (B, h, N, N)). Biases are not included (b' is
+        ||A_i[n, m] OV_i x_m|| as (h, N, N_k) (or (B, h, N, N_k)). Biases are not included (b' is
         separate: see bias()). Differentiable in A (or q, k), the weights and x, as block_norms is.
         """
         d = self.dims

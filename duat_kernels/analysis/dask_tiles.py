@@ -93,14 +93,14 @@ def to_dask(op, chunks: tuple[int, int] | None = None, dtype: torch.dtype | None
     """W' of an HVOOperator as a lazy dask.array.
 
     Args:
-        op: HVOOperator, attn (h, N, N) or (B, h, N, N). Its factors go into the graph as CPU
+        op: HVOOperator, attn (h, N, N_k) or (B, h, N, N_k). Its factors go into the graph as CPU
             tensors: the workers write tiles with their CPU kernels; blocks are NumPy arrays.
         chunks: (rows, cols) of one block of W' (default: square-ish blocks of ~32 MiB). Blocks
             need not align with the M_out x M_in blocks of W'.
         dtype: entry dtype, float32, float64 or float16 (default: the inputs' promoted dtype).
 
     Returns:
-        dask.array of shape (N·M_out, N·M_in) (or (B, N·M_out, N·M_in), one chunk along B); block
+        dask.array of shape (N·M_out, N_k·M_in) (or (B, N·M_out, N_k·M_in), one chunk along B); block
         (i, j) is op.tile(rows_i, cols_j). Nothing is computed until .compute()/.store().
     """
     dask = _dask()

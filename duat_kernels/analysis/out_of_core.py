@@ -49,7 +49,7 @@ def save_dense(op, path: str | os.PathLike, *, rows_per_tile: int | None = None,
     """Write the dense W' of an unbatched HVOOperator to the .npy file `path`, tile by tile.
 
     Args:
-        op: HVOOperator with attn (h, N, N).
+        op: HVOOperator with attn (h, N, N_k) (N_k = N but for cross-attention).
         path: destination .npy; bfloat16 is not a NumPy dtype, so float32, float64 and float16 only.
         rows_per_tile: rows of W' per tile (default: as many as fit in max_tile_bytes).
         max_tile_bytes: memory budget of one tile, the peak memory beyond the inputs.
@@ -67,7 +67,7 @@ def save_dense(op, path: str | os.PathLike, *, rows_per_tile: int | None = None,
         the link's target for a link, holds its tiles).
     """
     if op.dims.batched:
-        raise ValueError("save_dense needs an unbatched HVOOperator (attn of shape (h, N, N))")
+        raise ValueError("save_dense needs an unbatched HVOOperator (attn of shape (h, N, N_k))")
     v.check_has_data("save_dense", op.device)
     overwrite = v.check_flag("overwrite", overwrite)
     if v.positive_int(max_tile_bytes) is None:

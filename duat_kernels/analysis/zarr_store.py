@@ -86,7 +86,7 @@ def save_zarr(op, path: str | os.PathLike, chunks: tuple[int, int] | None = None
     """Write the dense W' of an HVOOperator into the zarr array `path`, one Dask task per chunk.
 
     Args:
-        op: HVOOperator, attn (h, N, N) or (B, h, N, N); the array is (N·M_out, N·M_in) (or with
+        op: HVOOperator, attn (h, N, N_k) or (B, h, N, N_k); the array is (N·M_out, N_k·M_in) (or with
             a leading B, one chunk along B), token or feature layout as the operator's.
         path: the zarr store (a directory) to create; must not exist yet, unless overwrite.
         chunks: (rows, cols) of one chunk (default: square-ish chunks of ~32 MiB).

@@ -14,7 +14,7 @@ def as_linear_operator(op):
     from scipy.sparse.linalg import LinearOperator
 
     if op.dims.batched:
-        raise ValueError("as_linear_operator needs an unbatched HVOOperator (attn of shape (h, N, N)); "
+        raise ValueError("as_linear_operator needs an unbatched HVOOperator (attn of shape (h, N, N_k)); "
                          "build one per batch element")
     dtype = torch.promote_types(op.source.dtype, torch.promote_types(op.w_v.dtype, op.w_o.dtype))
     np_dtype = np.float64 if dtype == torch.float64 else np.float32

@@ -128,8 +128,9 @@ def attention_blocks(model: torch.nn.Module,
         return blocks + (find_blocks(model, cross=True) if include_cross else [])
     mha = [(name, m, None) for name, m in model.named_modules() if isinstance(m, torch.nn.MultiheadAttention)]
     blocks = [block for block in mha if not is_cross_attention_module(model, block[0])]
+    cross = [block for block in mha if is_cross_attention_module(model, block[0])]
     if blocks:
-        return blocks + ([block for block in mha if is_cross_attention_module(model, block[0])] if include_cross else [])
+        return blocks + (cross if include_cross else [])
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     shapes = ", ".join(f"{a.value}+{a.out_proj}" for a in SHAPES)
     raise ValueError(
