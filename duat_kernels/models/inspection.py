@@ -209,7 +209,9 @@ def save(reports: list[LayerReport], path: str, tokens: list[str], log=print, he
          decoder_tokens: list[str] | None = None, decoder_layers=frozenset()) -> None:
     """W', b' and the block norms of each layer into one safetensors file, saying what and how much first.
     With heads, W' and the block norms are of those heads (metadata "heads"), b' of the whole layer. An
-    encoder-decoder's decoder layers (metadata "decoder_layers") read decoder_tokens (metadata "decoder_tokens")."""
+    encoder-decoder's decoder layers (metadata "decoder_layers") read decoder_tokens (metadata "decoder_tokens");
+    of those, the cross-attention layers (metadata "cross_layers") map the tokens to them: their rows (and b') are
+    the decoder_tokens, their columns the tokens."""
     from safetensors.torch import save_file
 
     tensors = saved_tensors(reports)
@@ -220,6 +222,8 @@ def save(reports: list[LayerReport], path: str, tokens: list[str], log=print, he
     if decoder_tokens is not None:
         metadata["decoder_tokens"] = "\t".join(decoder_tokens)
         metadata["decoder_layers"] = ",".join(str(r.layer.index) for r in reports if r.layer.index in decoder_layers)
+    if cross := [str(r.layer.index) for r in reports if r.layer.kind == "cross"]:
+        metadata["cross_layers"] = ",".join(cross)
     # safetensors renames a temporary file (mode 0600) over the path it is given: given the file a link at path
     # points to, the link stays, and the file keeps its mode (0666 & ~umask for a new one), as with open(path, 'w')
     target = link_target("--save", Path(path))

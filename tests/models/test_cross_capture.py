@@ -226,3 +226,18 @@ def test_multihead_attention_named_cross_attention_is_cross_attention():
     assert [(l.name, l.kind) for l in layers] == [("self_attn", "self"), ("cross_attn", "cross")]
     torch.testing.assert_close(layers[1].x, memory, rtol=0, atol=0)
     assert layers[1].relative_error(layers[1].hvo_matrix(dtype=torch.float64)) <= TOLERANCE
+
+
+def test_duat_inspect_cross_save_says_which_layers_are_cross_attention(tmp_path, capsys):
+    # --cross --save wrote layer 2's W' (N_dec·M x N_enc·M) and block norms (N_dec, N_enc) with the metadata saying only
+    # that layers 1 and 2 read decoder_tokens: nothing said that layer 2's columns are the text's tokens
+    from safetensors import safe_open
+
+    folder = _encoder_decoder_folder(tmp_path / "bart", "bart")
+    path = tmp_path / "w.safetensors"
+    assert main(["inspect", "--model", str(folder), "--text", _text(5), "--cross", "--save", str(path)]) == 0
+    capsys.readouterr()
+    with safe_open(str(path), "pt") as saved:
+        meta, norms = saved.metadata(), saved.get_tensor("layer2.block_norms")
+    assert meta["decoder_layers"] == "1,2" and meta["cross_layers"] == "2"
+    assert norms.shape == (len(meta["decoder_tokens"].split("\t")), len(meta["tokens"].split("\t")))
