@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="FILE", help="per-layer results as JSON ('-' for stdout, then no table)")
     parser.add_argument("--cross", action="store_true", help="also inspect the cross-attention layers of an "
                         "encoder-decoder model (numbered after the self-attention layers; W' maps the encoder's "
-                        "output to the decoder's tokens)")
+                        "output to the decoder's tokens: --plot and --html show them as N_dec x N_enc heatmaps, rows "
+                        "the decoder's tokens, columns the text's)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (layers, and transformers' "
                                                                    "while the model loads)")
 
