@@ -179,16 +179,16 @@ def as_json(reports: list[LayerReport], model_name: str, model_type: str, tokens
     layers = []
     for r in reports:
         lay = r.layer
+        rows, columns = axis_names(lay, decoder_layers)
         layers.append(dict(
             index=lay.index, name=lay.name, application=lay.application, tokens=lay.attn.shape[-2],
-            reads="decoder_tokens" if lay.index in decoder_layers else "tokens",
+            reads=rows,  # what the layer's queries (and its own tokens' output) are
             m_in=lay.w_v.shape[1], m_out=lay.w_o.shape[0],
             heads=lay.attn.shape[1], kv_heads=lay.num_kv_heads, rel_error=r.rel_error,
             w_seconds=None if math.isnan(r.seconds) else r.seconds, materialised=not math.isnan(r.seconds),
             frobenius=r.frobenius, dense_blocks=r.dense_blocks, passed=r.rel_error <= tolerance,
             per_head=[dict(head=h.head, frobenius=h.frobenius, output_share=h.output_share) for h in r.heads],
-            **({} if lay.kind == "self" else dict(kind=lay.kind, keys=lay.attn.shape[-1],
-                                                  **dict(zip(("rows", "columns"), axis_names(lay, decoder_layers)))))))
+            **({} if lay.kind == "self" else dict(kind=lay.kind, keys=lay.attn.shape[-1], rows=rows, columns=columns))))
     return dict(model=model_name, model_type=model_type, tokens=tokens, decoder_tokens=decoder_tokens,
                 dtype=str(dtype).removeprefix("torch."),
                 tolerance=tolerance, selected_heads=heads, skipped_cross_attention=list(skipped),

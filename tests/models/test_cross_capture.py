@@ -115,6 +115,7 @@ def test_duat_inspect_cross_plots_decoder_tokens_by_encoder_tokens(tmp_path, cap
     # --plot and --html were refused with --cross (their heatmaps had one token list on both axes), and the JSON's
     # cross-attention entry said only that it "reads" the decoder_tokens, though its columns are the text's tokens
     from duat_kernels.models import inspect_plot
+    from test_inspect_plot import panels, tick_labels  # not at the top: it imports this module
 
     folder = _encoder_decoder_folder(tmp_path / family, family)
     figures, figure = [], inspect_plot.block_norm_figure
@@ -144,11 +145,10 @@ def test_duat_inspect_cross_plots_decoder_tokens_by_encoder_tokens(tmp_path, cap
     assert [set(e) for e in result["layers"][:-1]] == [set(e) for e in without_cross["layers"]]
     assert not {"rows", "columns"} & set(without_cross["layers"][0])
     # --plot: the cross-attention panel's rows are the decoder's tokens, its columns the text's
-    panel = [ax for ax in figures[0].axes if ax.get_images()][-1]
+    panel = panels(figures[0])[-1]
     assert "cross" in panel.get_title()
     assert panel.get_images()[0].get_array().shape == (len(shifted), len(tokens))
-    assert [t.get_text() for t in panel.get_yticklabels()] == shifted
-    assert [t.get_text() for t in panel.get_xticklabels()] == tokens
+    assert tick_labels(panel) == (tokens, shifted)
     # --html: both token lists, and the layer's block norms (to the page's 3 significant digits)
     data = _html_data(page)
     assert (data["tokens"], data["decoder_tokens"]) == (tokens, shifted)

@@ -41,20 +41,28 @@ def expected_axes(layer, decoder_layers) -> tuple[list[str], list[str]]:
     return rows, ENCODER_TOKENS if layer.kind == "cross" else rows
 
 
+def panels(fig) -> list:
+    """The figure's heatmap panels (axes with an image: not the colour bar, not the unused axes)."""
+    return [ax for ax in fig.axes if ax.get_images()]
+
+
+def tick_labels(ax) -> tuple[list[str], list[str]]:
+    """(column labels, row labels) of a panel."""
+    return [t.get_text() for t in ax.get_xticklabels()], [t.get_text() for t in ax.get_yticklabels()]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_cross_attention_panel_is_decoder_tokens_by_encoder_tokens(family):
     reports, decoder_layers = cross_reports(family)
     assert [r.layer.kind for r in reports] == ["self", "self", "cross"]
     fig = block_norm_figure(reports, ENCODER_TOKENS, "t", decoder_tokens=DECODER_TOKENS, decoder_layers=decoder_layers)
     try:
-        panels = [ax for ax in fig.axes if ax.get_images()]
-        assert len(panels) == len(reports)
-        for ax, r in zip(panels, reports):
+        assert len(panels(fig)) == len(reports)
+        for ax, r in zip(panels(fig), reports):
             rows, columns = expected_axes(r.layer, decoder_layers)
             image = ax.get_images()[0]
             assert image.get_array().shape == (len(rows), len(columns)), r.layer.name
-            assert [t.get_text() for t in ax.get_xticklabels()] == columns
-            assert [t.get_text() for t in ax.get_yticklabels()] == rows
+            assert tick_labels(ax) == (columns, rows)
             # the block norms of the layer's W', clamped to the bottom of the shared log scale
             norms = r.layer.operator().block_norms()[0].clamp_min(image.norm.vmin)
             np.testing.assert_array_equal(image.get_array(), norms.numpy())
@@ -69,12 +77,11 @@ def test_self_attention_panels_are_the_same_with_a_cross_attention_panel(family)
     figures = [block_norm_figure(chosen, ENCODER_TOKENS, "t", decoder_tokens=DECODER_TOKENS,
                                  decoder_layers=decoder_layers) for chosen in (reports, reports[:-1])]
     try:
-        with_cross, self_only = ([ax for ax in fig.axes if ax.get_images()] for fig in figures)
+        with_cross, self_only = map(panels, figures)
         assert len(with_cross) == len(self_only) + 1
         for a, b in zip(with_cross, self_only):
             assert a.get_title() == b.get_title() and "cross" not in a.get_title()
-            assert [t.get_text() for t in a.get_xticklabels()] == [t.get_text() for t in b.get_xticklabels()]
-            assert [t.get_text() for t in a.get_yticklabels()] == [t.get_text() for t in b.get_yticklabels()]
+            assert tick_labels(a) == tick_labels(b)
             assert a.get_images()[0].get_array().shape == b.get_images()[0].get_array().shape
     finally:
         for fig in figures:
