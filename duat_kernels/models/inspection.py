@@ -182,7 +182,7 @@ def as_json(reports: list[LayerReport], model_name: str, model_type: str, tokens
         rows, columns = axis_names(lay, decoder_layers)
         layers.append(dict(
             index=lay.index, name=lay.name, application=lay.application, tokens=lay.attn.shape[-2],
-            reads=rows,  # what the layer's queries (and its own tokens' output) are
+            reads=rows,  # the tokens of the layer's queries: its rows
             m_in=lay.w_v.shape[1], m_out=lay.w_o.shape[0],
             heads=lay.attn.shape[1], kv_heads=lay.num_kv_heads, rel_error=r.rel_error,
             w_seconds=None if math.isnan(r.seconds) else r.seconds, materialised=not math.isnan(r.seconds),
