@@ -9,7 +9,7 @@ import math
 import torch
 
 from duat_kernels import strict_json
-from duat_kernels.models.inspect_plot import cell_labels, grid_size, reduced_norms
+from duat_kernels.models.inspect_plot import axis_names, axis_tokens, cell_labels, grid_size, reduced_norms
 from duat_kernels.reference import ov_circuits
 
 HTML_MAX_CELLS = 64  # heatmaps of longer inputs show super-blocks (exact norms of groups of tokens)
@@ -19,33 +19,38 @@ def _rounded(t: torch.Tensor) -> list:
     return [[float(f"{v:.3g}") for v in row] for row in t.double().tolist()]
 
 
-def head_block_norms(layer, cells: int) -> torch.Tensor:
-    """(h, cells, cells): ||A_i ⊗ OV_i|| on each super-block = ||OV_i||_F · sqrt(Σ_cell A_i[n, m]²)."""
+def head_block_norms(layer, grid: tuple[int, int]) -> torch.Tensor:
+    """(h, R, C) = grid: ||A_i ⊗ OV_i|| on each super-block = ||OV_i||_F · sqrt(Σ_cell A_i[n, m]²)."""
     attn = layer.attn[0].double()
-    h, n, _ = attn.shape
+    h, n, n_k = attn.shape
+    rows, columns = grid
     ov = ov_circuits(layer.w_v.double(), layer.w_o.double(), h, layer.num_kv_heads).flatten(1).norm(dim=1)
-    bins = torch.arange(n) * cells // n
-    sq = torch.zeros(h, cells, n, dtype=torch.float64).index_add_(1, bins, attn.square())
-    sq = torch.zeros(h, cells, cells, dtype=torch.float64).index_add_(2, bins, sq)
+    sq = torch.zeros(h, rows, n_k, dtype=torch.float64).index_add_(1, torch.arange(n) * rows // n, attn.square())
+    sq = torch.zeros(h, rows, columns, dtype=torch.float64).index_add_(2, torch.arange(n_k) * columns // n_k, sq)
     return sq.sqrt() * ov[:, None, None]
 
 
 def page_data(reports, tokens: list[str], title: str, tolerance: float, heads: list[int] | None,
               decoder_tokens: list[str] | None = None, decoder_layers=frozenset()) -> dict:
-    """The page's data; the layers of index in decoder_layers read decoder_tokens (their own cell labels)."""
+    """The page's data; the layers of index in decoder_layers read decoder_tokens (their own row labels,
+    "labels"), a cross-attention layer's columns are the tokens ("column_labels"); "grid": a layer's rows x columns."""
     cells = grid_size(len(tokens), HTML_MAX_CELLS)
     layers = []
     for r in reports:
         lay = r.layer
+        rows, columns = axis_names(lay, decoder_layers)
+        row_tokens, column_tokens = axis_tokens(lay, tokens, decoder_tokens, decoder_layers)
+        grid = (grid_size(len(row_tokens), HTML_MAX_CELLS), grid_size(len(column_tokens), HTML_MAX_CELLS))
         layers.append(dict(
-            index=lay.index, name=lay.name, heads=lay.attn.shape[1], kv_heads=lay.num_kv_heads,
+            index=lay.index, name=lay.name, kind=lay.kind, heads=lay.attn.shape[1], kv_heads=lay.num_kv_heads,
             rel_error=r.rel_error, passed=r.rel_error <= tolerance, frobenius=r.frobenius,
             dense_blocks=r.dense_blocks, w_ms=None if math.isnan(r.seconds) else r.seconds * 1e3,
-            total=_rounded(reduced_norms(r, cells, heads)),
-            per_head=[_rounded(m) for m in head_block_norms(lay, cells)],
-            labels=cell_labels(decoder_tokens, cells) if lay.index in decoder_layers else None))
+            total=_rounded(reduced_norms(r, grid, heads)),
+            per_head=[_rounded(m) for m in head_block_norms(lay, grid)], grid=grid,
+            labels=cell_labels(row_tokens, grid[0]) if rows == "decoder_tokens" else None,
+            column_labels=cell_labels(column_tokens, grid[1]) if columns != rows else None))
     return dict(title=title, tokens=tokens, labels=cell_labels(tokens, cells), cells=cells, tolerance=tolerance,
-                selected_heads=heads, layers=layers)
+                decoder_tokens=decoder_tokens if decoder_layers else None, selected_heads=heads, layers=layers)
 
 
 def write_html(path: str, reports, tokens: list[str], title: str, tolerance: float, heads: list[int] | None,
@@ -70,7 +75,8 @@ tr.fail td{background:#fdd}tr.sel td{background:#def}tr{cursor:pointer}
 canvas{image-rendering:pixelated;border:1px solid #999;display:block}
 #tip{position:fixed;pointer-events:none;background:#222;color:#fff;font-size:12px;padding:4px 6px;
 border-radius:3px;display:none;max-width:420px;white-space:pre-wrap}
-#legend{font-size:12px;margin:6px 0}.tokens{font-size:12px;color:#555;max-height:60px;overflow:auto}
+#legend{font-size:12px;margin:6px 0}.tokens{font-size:12px;color:#555;max-height:60px;overflow:auto;
+white-space:pre-wrap}
 </style></head><body>
 <h1>__TITLE__</h1>
 <div class="tokens" id="tokens"></div>
@@ -105,11 +111,12 @@ function logRange(maps) {  // one log scale shared by all maps of a kind: [max *
 }
 const totalRange = logRange(D.layers.map(l => l.total));
 const headRange = logRange(D.layers.flatMap(l => l.per_head));
-function draw(canvas, m, range) {
-  const px = Math.max(2, Math.floor(Math.min(320, Math.max(160, 4 * C)) / C));
-  canvas.width = canvas.height = px * C;
+function draw(canvas, m, range, grid) {  // grid: [rows, columns] of m
+  const side = Math.max(grid[0], grid[1]), px = Math.max(2, Math.floor(Math.min(320, Math.max(160, 4 * side)) / side));
+  canvas.width = px * grid[1];
+  canvas.height = px * grid[0];
   const ctx = canvas.getContext("2d");
-  for (let n = 0; n < C; n++) for (let k = 0; k < C; k++) {
+  for (let n = 0; n < grid[0]; n++) for (let k = 0; k < grid[1]; k++) {
     const v = m[n][k], t = v > 0 ? (Math.log10(v) - range[0]) / (range[1] - range[0]) : 0;
     const [r, g, b] = colour(t);
     ctx.fillStyle = `rgb(${r},${g},${b})`;
@@ -117,17 +124,17 @@ function draw(canvas, m, range) {
   }
   canvas.dataset.px = px;
 }
-function describe(canvas, m, what, labels, ev) {
+function describe(canvas, m, what, labels, ev) {  // labels: [row labels, column labels]
   const px = +canvas.dataset.px, rect = canvas.getBoundingClientRect();
   const k = Math.floor((ev.clientX - rect.left) / px), n = Math.floor((ev.clientY - rect.top) / px);
-  if (n < 0 || k < 0 || n >= C || k >= C) return null;
+  if (n < 0 || k < 0 || n >= labels[0].length || k >= labels[1].length) return null;
   const norm = shown(m[n][k], v => v.toPrecision(3));
-  return `${what}\\noutput n=${n}: ${labels[n]}\\ninput m=${k}: ${labels[k]}\\nnorm: ${norm}`;
+  return `${what}\\noutput n=${n}: ${labels[0][n]}\\ninput m=${k}: ${labels[1][k]}\\nnorm: ${norm}`;
 }
 function heatmap(parent, m, range, caption, labels) {
   const box = document.createElement("div"), canvas = document.createElement("canvas");
   box.className = "map";
-  draw(canvas, m, range);
+  draw(canvas, m, range, [labels[0].length, labels[1].length]);
   const show = ev => {
     const text = describe(canvas, m, caption, labels, ev);
     if (text === null) { tip.style.display = "none"; return; }
@@ -146,13 +153,15 @@ function showLayer(j) {
   maps.innerHTML = "";
   document.querySelectorAll("#exactness tbody tr").forEach((tr, i) => tr.classList.toggle("sel", i === j));
   const heads = D.selected_heads ? `heads ${D.selected_heads.join(", ")}` : "all heads";
+  const cross = L.kind === "cross" ? " (cross-attention: rows n the decoder's tokens, columns m the encoder's)" : "";
   document.getElementById("maptitle").textContent =
-    `Layer ${L.index} (${L.name}): block norms ||W'_nm||_F, ${heads}, then each head's ||A_i[n,m] OV_i||_F`;
-  const labels = L.labels || D.labels;  // a decoder layer reads the text shifted right
+    `Layer ${L.index} (${L.name})${cross}: block norms ||W'_nm||_F, ${heads}, then each head's ||A_i[n,m] OV_i||_F`;
+  const rows = L.labels || D.labels;  // a decoder layer reads the text shifted right
+  const labels = [rows, L.column_labels || rows];  // a cross-attention layer's columns: the encoder's tokens
   heatmap(maps, L.total, totalRange, `layer ${L.index}: ${heads}`, labels);
   L.per_head.forEach((m, i) => heatmap(maps, m, headRange, `head ${i}`, labels));
   document.getElementById("status").textContent =
-    `rendered layer ${L.index}: ${1 + L.per_head.length} heatmaps of ${C}x${C}`;
+    `rendered layer ${L.index}: ${1 + L.per_head.length} heatmaps of ${L.grid[0]}x${L.grid[1]}`;
 }
 const body = document.querySelector("#exactness tbody");
 D.layers.forEach((L, j) => {
@@ -166,13 +175,16 @@ D.layers.forEach((L, j) => {
   tr.addEventListener("click", () => showLayer(j));
   body.appendChild(tr);
 });
-document.getElementById("tokens").textContent = `${D.tokens.length} tokens: ${D.tokens.join(" ")}`;
+document.getElementById("tokens").textContent = `${D.tokens.length} tokens: ${D.tokens.join(" ")}` +
+  (D.decoder_tokens ? `\\n${D.decoder_tokens.length} decoder tokens: ${D.decoder_tokens.join(" ")}` : "");
 document.getElementById("legend").textContent =
   `Colour: log scale over 4 decades, shared by all layers (and by all heads);` +
   (C < D.tokens.length ? ` ${D.tokens.length} tokens shown as ${C}x${C} super-blocks (exact norms).` : "") +
   ` Click a row of the table to show its layer; hover a cell for its tokens.`;
 showLayer(0);
-if (location.hash === "#selftest") {  // for the headless test: hover the first heatmap's centre
+const selftest = location.hash.match(/^#selftest(?:-(\\d+))?$/);
+if (selftest) {  // for the headless test: hover the first heatmap's centre (#selftest-j: of row j's layer)
+  if (selftest[1] !== undefined) showLayer(+selftest[1]);
   const canvas = document.querySelector("canvas"), rect = canvas.getBoundingClientRect();
   const centre = {clientX: rect.left + rect.width / 2, clientY: rect.top + rect.height / 2};
   canvas.dispatchEvent(new MouseEvent("mousemove", centre));

@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="FILE", help="per-layer results as JSON ('-' for stdout, then no table)")
     parser.add_argument("--cross", action="store_true", help="also inspect the cross-attention layers of an "
                         "encoder-decoder model (numbered after the self-attention layers; W' maps the encoder's "
-                        "output to the decoder's tokens)")
+                        "output to the decoder's tokens: --plot and --html show them as N_dec x N_enc heatmaps, rows "
+                        "the decoder's tokens, columns the text's)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (layers, and transformers' "
                                                                    "while the model loads)")
 
@@ -160,11 +161,6 @@ def _check_before_loading(args) -> str:
         raise InspectError(f"{name} is empty; give some text, or leave --text out for the built-in sentence")
     if args.long or long_context.is_long(text):
         _check_long_options(args)
-    cross_refused = [option for option, value in (("--plot", args.plot), ("--html", args.html)) if value is not None]
-    if args.cross and cross_refused:  # their heatmaps label both axes with one sequence's tokens
-        raise InspectError(f"{cross_refused[0]} is not available with --cross yet (a cross-attention heatmap has the "
-                           "decoder's tokens as rows and the encoder's as columns); leave out "
-                           f"{' and '.join(cross_refused)}, or --cross")
     if args.backend not in backends.available_backends("cpu") + ["auto"]:
         raise InspectError(f"--backend {args.backend} is not available here (available: "
                            f"{', '.join(backends.available_backends('cpu'))})")

@@ -29,21 +29,33 @@ def cell_labels(tokens: list[str], cells: int) -> list[str]:
     return [f"{a}-{b - 1}: {tokens[a]} ... {tokens[b - 1]}" for a, b in zip(edges, edges[1:])]
 
 
-def reduced_norms(report, cells: int, heads: list[int] | None = None) -> torch.Tensor:
-    """(cells, cells) Frobenius norms of the super-blocks of the report's W' (of `heads`), exactly."""
-    if cells == report.layer.attn.shape[-1]:
+def axis_names(layer, decoder_layers=frozenset()) -> tuple[str, str]:
+    """Which token list names the rows (output tokens n) and the columns (input tokens m) of the layer's block
+    norms: "tokens" (the text) or "decoder_tokens" (what an encoder-decoder's decoder reads, for the layers of index
+    in decoder_layers); a cross-attention layer's columns are the encoder's tokens, the text's."""
+    rows = "decoder_tokens" if layer.index in decoder_layers else "tokens"
+    return rows, "tokens" if layer.kind == "cross" else rows
+
+
+def axis_tokens(layer, tokens: list[str], decoder_tokens: list[str] | None = None,
+                decoder_layers=frozenset()) -> tuple[list[str], list[str]]:
+    """The token strings of the layer's rows (N) and columns (N_k): see axis_names."""
+    named = {"tokens": tokens, "decoder_tokens": decoder_tokens}
+    rows, columns = axis_names(layer, decoder_layers)
+    return named[rows], named[columns]
+
+
+def reduced_norms(report, grid: tuple[int, int], heads: list[int] | None = None) -> torch.Tensor:
+    """(R, C) = grid Frobenius norms of the super-blocks of the report's W' (of `heads`), exactly."""
+    if tuple(grid) == tuple(report.layer.attn.shape[-2:]):
         return report.block_norms
-    return report.layer.operator(heads=heads).block_norms(grid=(cells, cells))[0]
+    return report.layer.operator(heads=heads).block_norms(grid=tuple(grid))[0]
 
 
-def plot_block_norms(reports, path: str, tokens: list[str], title: str, heads: list[int] | None = None,
-                     decoder_tokens: list[str] | None = None, decoder_layers=frozenset()) -> tuple[int, int]:
-    """Heatmaps of the block norms ||W'_nm||_F, one panel per layer, on one log colour scale; the panels of the
-    layers of index in decoder_layers are labelled with decoder_tokens (what an encoder-decoder's decoder reads).
-
-    Long inputs are reduced to at most MAX_CELLS x MAX_CELLS super-blocks (exact super-block norms)
-    and the figure is kept under MAX_FIGURE_INCHES a side. Returns the PNG size in pixels.
-    """
+def block_norm_figure(reports, tokens: list[str], title: str, heads: list[int] | None = None,
+                      decoder_tokens: list[str] | None = None, decoder_layers=frozenset()):
+    """The matplotlib figure of plot_block_norms: one panel per layer, rows the output tokens n, columns the input
+    tokens m (axis_tokens: a cross-attention layer's panel is N_dec x N_enc, the decoder's tokens by the text's)."""
     try:
         import matplotlib
     except ImportError as exc:
@@ -52,9 +64,10 @@ def plot_block_norms(reports, path: str, tokens: list[str], title: str, heads: l
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
 
-    n = len(tokens)
-    cells = grid_size(n)
-    maps = [reduced_norms(r, cells, heads) for r in reports]
+    axes_tokens = [axis_tokens(r.layer, tokens, decoder_tokens, decoder_layers) for r in reports]
+    grids = [(grid_size(len(rows)), grid_size(len(columns))) for rows, columns in axes_tokens]
+    cells = max(max(grid) for grid in grids)
+    maps = [reduced_norms(r, grid, heads) for r, grid in zip(reports, grids)]
     top = max(m.max().item() for m in maps)
     norm = LogNorm(vmin=max(top * DYNAMIC_RANGE, 1e-30), vmax=max(top, 1e-30), clip=True)
     cols = min(4, len(reports))
@@ -66,20 +79,36 @@ def plot_block_norms(reports, path: str, tokens: list[str], title: str, heads: l
         ax.axis("off")
     labelled = cells <= 40 and side >= 3
     image = None
-    for ax, r, m in zip(axes.flat, reports, maps):
+    for ax, r, m, (row_tokens, column_tokens), grid in zip(axes.flat, reports, maps, axes_tokens, grids):
         image = ax.imshow(m.clamp_min(norm.vmin).numpy(), cmap="magma", norm=norm, interpolation="nearest")
-        ax.set_title(f"layer {r.layer.index}", fontsize=9)
+        cross = " (cross: decoder x encoder)" if r.layer.kind == "cross" else ""
+        ax.set_title(f"layer {r.layer.index}{cross}", fontsize=9)
         if labelled:
-            labels = cell_labels(decoder_tokens if r.layer.index in decoder_layers else tokens, cells)
-            ax.set_xticks(range(cells), labels, rotation=90, fontsize=6)
-            ax.set_yticks(range(cells), labels, fontsize=6)
+            ax.set_xticks(range(grid[1]), cell_labels(column_tokens, grid[1]), rotation=90, fontsize=6)
+            ax.set_yticks(range(grid[0]), cell_labels(row_tokens, grid[0]), fontsize=6)
         else:
             ax.tick_params(labelsize=6)
-    what = "token" if cells == n else f"super-block (~{n / cells:.1f} tokens)"
+    longest = max(len(t) for pair in axes_tokens for t in pair)
+    what = "token" if cells == longest else f"super-block (~{longest / cells:.1f} tokens)"
     fig.supxlabel(f"input {what} m", fontsize=9)
     fig.supylabel(f"output {what} n", fontsize=9)
     fig.colorbar(image, ax=axes, fraction=0.03, pad=0.02, label="||W'_nm||_F (log, shared by all layers)")
     fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def plot_block_norms(reports, path: str, tokens: list[str], title: str, heads: list[int] | None = None,
+                     decoder_tokens: list[str] | None = None, decoder_layers=frozenset()) -> tuple[int, int]:
+    """Heatmaps of the block norms ||W'_nm||_F, one panel per layer, on one log colour scale; the panels of the
+    layers of index in decoder_layers are labelled with decoder_tokens (what an encoder-decoder's decoder reads), a
+    cross-attention layer's columns with the tokens (the encoder's): block_norm_figure.
+
+    Long inputs are reduced to at most MAX_CELLS super-blocks a side (exact super-block norms)
+    and the figure is kept under MAX_FIGURE_INCHES a side. Returns the PNG size in pixels.
+    """
+    fig = block_norm_figure(reports, tokens, title, heads, decoder_tokens, decoder_layers)  # imports matplotlib
+    import matplotlib.pyplot as plt
+
     dpi = 100
     fig.savefig(path, dpi=dpi)
     size = fig.get_size_inches() * dpi

@@ -18,6 +18,7 @@ from duat_kernels.heads import select_heads
 from duat_kernels.hvo import hvo_bias
 from duat_kernels.models.capture import AttentionLayer, attention_layers, masked_relative_error
 from duat_kernels.models.encoder_decoder import cross_attention_note, uncovered_note
+from duat_kernels.models.inspect_plot import axis_names
 
 BLOCK_FRACTION_OF_MAX = 0.01  # "dense" blocks: Frobenius norm above 1% of the largest block's
 # W' x' + b' must reproduce the module's float32 output to this relative error; W' stored in a
@@ -173,19 +174,21 @@ def as_json(reports: list[LayerReport], model_name: str, model_type: str, tokens
     """Machine-readable per-layer results (what format_reports prints); skipped: the cross-attention layers
     left out ("skipped_cross_attention"); uncovered: the self-attention modules not read ("uncovered_attention");
     decoder_tokens: what the layers of index in decoder_layers read (each layer's "reads": "tokens" or
-    "decoder_tokens")."""
+    "decoder_tokens"); a cross-attention layer's entry also names its "rows" ("decoder_tokens") and "columns"
+    ("tokens": the encoder's)."""
     layers = []
     for r in reports:
         lay = r.layer
+        rows, columns = axis_names(lay, decoder_layers)
         layers.append(dict(
             index=lay.index, name=lay.name, application=lay.application, tokens=lay.attn.shape[-2],
-            reads="decoder_tokens" if lay.index in decoder_layers else "tokens",
+            reads=rows,  # the tokens of the layer's queries: its rows
             m_in=lay.w_v.shape[1], m_out=lay.w_o.shape[0],
             heads=lay.attn.shape[1], kv_heads=lay.num_kv_heads, rel_error=r.rel_error,
             w_seconds=None if math.isnan(r.seconds) else r.seconds, materialised=not math.isnan(r.seconds),
             frobenius=r.frobenius, dense_blocks=r.dense_blocks, passed=r.rel_error <= tolerance,
             per_head=[dict(head=h.head, frobenius=h.frobenius, output_share=h.output_share) for h in r.heads],
-            **({} if lay.kind == "self" else dict(kind=lay.kind, keys=lay.attn.shape[-1]))))
+            **({} if lay.kind == "self" else dict(kind=lay.kind, keys=lay.attn.shape[-1], rows=rows, columns=columns))))
     return dict(model=model_name, model_type=model_type, tokens=tokens, decoder_tokens=decoder_tokens,
                 dtype=str(dtype).removeprefix("torch."),
                 tolerance=tolerance, selected_heads=heads, skipped_cross_attention=list(skipped),

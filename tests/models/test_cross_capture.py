@@ -12,7 +12,7 @@ import torch
 import duat_kernels as dk
 from duat_kernels.cli import main
 from test_encoder_decoder import _BART_LIKE, CROSS, MODELS, PAD, START
-from test_inspect_cli import _encoder_decoder_folder, _save_tokenizer, _text
+from test_inspect_cli import _encoder_decoder_folder, _html_data, _save_tokenizer, _text
 
 transformers = pytest.importorskip("transformers", reason="the model tests need transformers: pip install '.[models]'")
 
@@ -106,10 +106,56 @@ def test_duat_inspect_cross(tmp_path, capsys):
                  "--json", "-"]) == 0
     assert [e["name"] for e in json.loads(capsys.readouterr().out)["layers"]] == ["decoder.layers.0.encoder_attn"]
     assert main(["inspect", "--model", str(folder), "--text", _text(6), "--layer", "2"]) == 2  # 2 layers without it
-    for extra, message in ((["--plot", str(tmp_path / "p.png")], "--plot is not available with --cross"),
-                           (["--long"], "--cross is not available with --long")):
-        assert main(["inspect", "--model", str(folder), "--text", _text(6), "--cross", *extra]) == 2
-        assert message in capsys.readouterr().err
+    assert main(["inspect", "--model", str(folder), "--text", _text(6), "--cross", "--long"]) == 2
+    assert "--cross is not available with --long" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["bart", "t5"])
+def test_duat_inspect_cross_plots_decoder_tokens_by_encoder_tokens(tmp_path, capsys, monkeypatch, family):
+    # --plot and --html were refused with --cross (their heatmaps had one token list on both axes), and the JSON's
+    # cross-attention entry said only that it "reads" the decoder_tokens, though its columns are the text's tokens
+    from duat_kernels.models import inspect_plot
+    from test_inspect_plot import panels, tick_labels  # not at the top: it imports this module
+
+    folder = _encoder_decoder_folder(tmp_path / family, family)
+    figures, figure = [], inspect_plot.block_norm_figure
+
+    def recorded(*args, **kwargs):  # --plot's figure, kept for its axes
+        figures.append(figure(*args, **kwargs))
+        return figures[-1]
+
+    monkeypatch.setattr(inspect_plot, "block_norm_figure", recorded)
+    out, page = tmp_path / "r.json", tmp_path / "r.html"
+    argv = ["inspect", "--model", str(folder), "--text", _text(6)]
+    assert main([*argv, "--cross", "--json", str(out), "--plot", str(tmp_path / "r.png"), "--html", str(page)]) == 0
+    assert "heatmap (" in capsys.readouterr().out
+    model, tok = dk.models.load(str(folder))
+    ids = tok([_text(6)], return_tensors="pt")["input_ids"]
+    decoder_ids = torch.cat([torch.full_like(ids[:, :1], model.config.decoder_start_token_id), ids[:, :-1]], dim=1)
+    tokens, shifted = tok.convert_ids_to_tokens(ids[0]), tok.convert_ids_to_tokens(decoder_ids[0])
+    cross = dk.models.attention_layers(model, input_ids=ids, decoder_input_ids=decoder_ids, include_cross=True)[-1]
+    assert cross.kind == "cross"
+    # --json: the cross-attention entry names its rows and columns; the self-attention entries keep their keys
+    result = json.loads(out.read_text())
+    entry = result["layers"][-1]
+    assert (entry["kind"], entry["rows"], entry["columns"]) == ("cross", "decoder_tokens", "tokens")
+    assert (result["decoder_tokens"], result["tokens"]) == (shifted, tokens)
+    assert main([*argv, "--json", "-"]) == 0
+    without_cross = json.loads(capsys.readouterr().out)
+    assert [set(e) for e in result["layers"][:-1]] == [set(e) for e in without_cross["layers"]]
+    assert not {"rows", "columns"} & set(without_cross["layers"][0])
+    # --plot: the cross-attention panel's rows are the decoder's tokens, its columns the text's
+    panel = panels(figures[0])[-1]
+    assert "cross" in panel.get_title()
+    assert panel.get_images()[0].get_array().shape == (len(shifted), len(tokens))
+    assert tick_labels(panel) == (tokens, shifted)
+    # --html: both token lists, and the layer's block norms (to the page's 3 significant digits)
+    data = _html_data(page)
+    assert (data["tokens"], data["decoder_tokens"]) == (tokens, shifted)
+    layer = data["layers"][-1]
+    assert (layer["kind"], layer["labels"], layer["column_labels"]) == ("cross", shifted, tokens)
+    norms = cross.operator().block_norms()[0]
+    assert layer["total"] == [[float(f"{v:.3g}") for v in row] for row in norms.tolist()]
 
 
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "tokens_first"])

@@ -185,12 +185,20 @@ def test_plot_of_a_long_input_stays_small(folder, tmp_path, capsys):
 chromium = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def _rendered(page, tmp_path) -> str:
-    """The page's DOM after its scripts ran in headless Chromium (#selftest hovers the first heatmap)."""
+def _rendered(page, tmp_path, fragment: str = "selftest") -> str:
+    """The page's DOM after its scripts ran in headless Chromium (#selftest hovers the first heatmap; #selftest-j
+    that of the layer in row j of the exactness table)."""
     done = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                            "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-                           "--dump-dom", f"file://{page}#selftest"], capture_output=True, text=True, timeout=120)
+                           "--dump-dom", f"file://{page}#{fragment}"], capture_output=True, text=True, timeout=120)
     return done.stdout
+
+
+def _html_data(page) -> dict:
+    """The data (JSON) inlined in an --html page."""
+    text, tag = page.read_text(), '<script id="data" type="application/json">'
+    start = text.index(tag) + len(tag)
+    return json.loads(text[start:text.index("</script>", start)].replace("<\\/", "</"))
 
 
 @pytest.mark.skipif(chromium is None, reason="needs headless Chromium (apt-get install chromium)")
@@ -505,9 +513,7 @@ def test_decoder_layers_are_labelled_with_the_tokens_they_read(tmp_path, capsys,
     assert result["tokens"] == tokens and result["decoder_tokens"] == shifted
     assert [(entry["name"].split(".")[0], entry["reads"]) for entry in result["layers"]] == [
         ("encoder", "tokens"), ("decoder", "decoder_tokens")]
-    text = page.read_text()
-    start = text.index('<script id="data" type="application/json">') + len('<script id="data" type="application/json">')
-    data = json.loads(text[start:text.index("</script>", start)].replace("<\\/", "</"))
+    data = _html_data(page)
     assert data["labels"] == tokens and [layer["labels"] for layer in data["layers"]] == [None, shifted]
     assert ticks == [tokens, shifted]
     from safetensors import safe_open
