@@ -26,7 +26,8 @@ import torch
 from duat_kernels.forward_signature import forward_takes, named_inputs
 from duat_kernels.models.architectures import (SHAPES, _weighted, find_blocks, is_cross_attention,
                                                outermost_submodules)
-from duat_kernels.models.token_labels import input_tokens, target_reading_note
+from duat_kernels.models.token_labels import (encodes_targets_apart, input_tokens, target_reading_note,
+                                              target_tokens)
 
 
 def is_encoder_decoder(model: torch.nn.Module) -> bool:
@@ -157,21 +158,39 @@ def shift_starts_with_start_token(model: torch.nn.Module) -> bool:
     return shift is not None and "decoder_start_token_id" in inspect.signature(shift).parameters
 
 
-def decoder_inputs_note(model: torch.nn.Module, tokenizer, input_ids: torch.Tensor) -> str | None:
-    """The line duat inspect prints about what the decoder layers of an encoder-decoder model read when given no
-    decoder inputs (None for other models): the text input_ids (B, N) shifted right, naming decoder token 0 of the
-    first sequence as the decoder input ids hold it, and saying where it comes from (the decoder start token, or
-    the text's last real token that mBART's and FSMT's shift puts first)."""
+def decoder_inputs_note(model: torch.nn.Module, tokenizer, input_ids: torch.Tensor,
+                        target_ids: torch.Tensor | None = None) -> str | None:
+    """The line duat inspect prints about what the decoder layers of an encoder-decoder model read (None for other
+    models): the text input_ids (B, N) shifted right when given no decoder inputs, or, given target_ids (B, N_dec)
+    (target_decoder_ids: a target text shifted right), the target; naming decoder token 0 of the first sequence as
+    the decoder input ids hold it, and saying where it comes from (the decoder start token, or the last real token
+    that mBART's and FSMT's shift puts first)."""
     if not is_encoder_decoder(model):
         return None
-    shifted = shifted_decoder_ids(model, input_ids)[0]
-    token = repr(input_tokens(tokenizer, shifted[:1])[0])
+    what = "the text" if target_ids is None else "--target"
+    shifted = shifted_decoder_ids(model, input_ids)[0] if target_ids is None else target_ids[0]
+    token = repr(decoder_tokens(model, tokenizer, input_ids, target_ids)[0])
     first = f"the decoder start token {token}" if shift_starts_with_start_token(model) else \
-        f"{token}, the text's last token, which {type(model).__name__}'s shift puts first instead of a start token"
-    note = (f"encoder-decoder model: the decoder layers read the text shifted right (decoder token 0 is {first}; "
-            "token n the text's token n-1: teacher forcing with the text as labels).")
+        f"{token}, {what}'s last token, which {type(model).__name__}'s shift puts first instead of a start token"
+    note = (f"encoder-decoder model: the decoder layers read {what} shifted right (decoder token 0 is {first}; "
+            f"token n {what}'s token n-1: teacher forcing with {what} as labels).")
+    if target_ids is not None and encodes_targets_apart(tokenizer):  # ids and labels of the target vocabulary
+        return note
     target = target_reading_note(type(model).__name__, tokenizer, shifted)  # FSMT: source ids, target embedding
     return note if target is None else f"{note} {target}"
+
+
+def target_decoder_ids(model: torch.nn.Module, tokenizer, target: str) -> torch.Tensor:
+    """decoder_input_ids (1, N_dec) of an encoder-decoder model for the target text (teacher forcing): the target
+    encoded as labels (tokenizer(text_target=...): its target side) and shifted right by the model's
+    prepare_decoder_input_ids_from_labels, else by its own shift function (shifted_decoder_ids)."""
+    labels = tokenizer(text_target=[target], return_tensors="pt")["input_ids"]
+    if labels.shape[1] == 0:
+        raise ValueError(f"the target {target!r} has no tokens: give a target text the tokenizer encodes")
+    from_labels = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if callable(from_labels):
+        return from_labels(labels=labels.clone())  # FSMT's shift writes into its argument
+    return shifted_decoder_ids(model, labels)
 
 
 # inputs the decoder's own inputs come from: labels are shifted right into decoder_input_ids by the model itself
@@ -180,13 +199,18 @@ def decoder_inputs_note(model: torch.nn.Module, tokenizer, input_ids: torch.Tens
 DECODER_SOURCES = ("decoder_input_ids", "decoder_inputs_embeds", "labels")
 
 
-def decoder_tokens(model: torch.nn.Module, tokenizer, input_ids: torch.Tensor) -> list[str] | None:
-    """The tokens (strings) the decoder of an encoder-decoder model reads when given no decoder inputs: those of
-    the first sequence of input_ids (B, N) shifted right (decoder token 0: the start token, or the text's last
-    real token for mBART and FSMT), named as the text's tokens (token_labels.input_tokens: FSMT's decoder looks these
-    source-vocabulary ids up in its target embedding, which decoder_inputs_note says); None for other models."""
+def decoder_tokens(model: torch.nn.Module, tokenizer, input_ids: torch.Tensor,
+                   target_ids: torch.Tensor | None = None) -> list[str] | None:
+    """The tokens (strings) the decoder of an encoder-decoder model reads (None for other models): given
+    target_ids (B, N_dec) (target_decoder_ids), those of their first sequence, named from the vocabulary that
+    encoded the target (token_labels.target_tokens); else, given no decoder inputs, those of the first sequence of
+    input_ids (B, N) shifted right (decoder token 0: the start token, or the text's last real token for mBART and
+    FSMT), named as the text's tokens (token_labels.input_tokens: FSMT's decoder looks these source-vocabulary ids
+    up in its target embedding, which decoder_inputs_note says)."""
     if not is_encoder_decoder(model):
         return None
+    if target_ids is not None:
+        return target_tokens(tokenizer, target_ids[0])
     return input_tokens(tokenizer, shifted_decoder_ids(model, input_ids)[0])
 
 

@@ -26,6 +26,9 @@ class InspectError(Exception):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="minilm", help="minilm (default), smollm2, or a local folder / .gguf file")
     parser.add_argument("--text", default=None, help="input text (default: a built-in sentence)")
+    parser.add_argument("--target", default=None, help="encoder-decoder models: the text the decoder reads (teacher "
+                        "forcing: tokenised as the target, shifted right), while the encoder reads --text; default: "
+                        "--text itself shifted right. @path reads a file, as --text")
     parser.add_argument("--layer", type=int, nargs="+", default=None, help="layer indices, negative from the end "
                         "(default: all)")
     parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="kernel for W' (default auto)")
@@ -115,8 +118,8 @@ def _selected_heads(model, layers: list[int] | None, heads: list[int], include_c
         raise InspectError(f"--heads: {exc}") from None
 
 
-def _declared_layers(model: str) -> int | None:
-    """The layer count from a local folder's config.json, before loading the weights (None if unknown)."""
+def _config_folder(model: str) -> Path | None:
+    """The folder holding the config.json of --model (minilm's, or a local folder's); None if there is none."""
     if model == "minilm":
         from duat_kernels.models.zoo import _package_folder
 
@@ -126,7 +129,13 @@ def _declared_layers(model: str) -> int | None:
             return None
     else:
         path = Path(model)
-    if not (path / "config.json").is_file():
+    return path if (path / "config.json").is_file() else None
+
+
+def _declared_layers(model: str) -> int | None:
+    """The layer count from a local folder's config.json, before loading the weights (None if unknown)."""
+    path = _config_folder(model)
+    if path is None:
         return None
     try:
         config = json.loads((path / "config.json").read_text())
@@ -149,16 +158,19 @@ def _check_layers(layers: list[int] | None, count: int | None) -> None:
                            f"(valid: {-count} ... {count - 1})")
 
 
-def _check_before_loading(args) -> str:
+def _check_before_loading(args) -> tuple[str, str | None]:
     """Everything that can be refused before the model loads; returns the text to inspect (--text, or the
-    contents of the file given as --text @path, or the built-in sentence)."""
+    contents of the file given as --text @path, or the built-in sentence) and the decoder's (--target, read
+    alike; None without it)."""
     from duat_kernels import backends
     from duat_kernels.models import long_context
 
     text = _input_text(args.text)
-    if not text.strip():
-        name = f"--text {args.text}" if args.text.startswith("@") else "--text"
-        raise InspectError(f"{name} is empty; give some text, or leave --text out for the built-in sentence")
+    _check_not_empty("--text", args.text, text, "leave --text out for the built-in sentence")
+    target = None if args.target is None else _input_text(args.target, "--target")
+    if target is not None:
+        _check_not_empty("--target", args.target, target, "leave --target out and the decoder reads --text shifted "
+                         "right")
     if args.long or long_context.is_long(text):
         _check_long_options(args)
     if args.backend not in backends.available_backends("cpu") + ["auto"]:
@@ -186,9 +198,39 @@ def _check_before_loading(args) -> str:
             local_model(args.model)
         except FileNotFoundError as exc:
             raise InspectError(str(exc)) from None
+    if target is not None:
+        _check_target(args, _declared_encoder_decoder(args.model))
     if not args.cross:  # with --cross: counted once the model is loaded (_check_cross first)
         _check_layers(args.layer, _declared_layers(args.model))
-    return text
+    return text, target
+
+
+def _check_not_empty(option: str, value: str | None, text: str, otherwise: str) -> None:
+    if not text.strip():
+        name = f"{option} {value}" if value.startswith("@") else option
+        raise InspectError(f"{name} is empty; give some text, or {otherwise}")
+
+
+def _declared_encoder_decoder(model: str) -> bool | None:
+    """Whether --model is an encoder-decoder model, from its config alone (no weights loaded); None if unknown."""
+    path = _config_folder(model)
+    if path is None:
+        return None
+    try:
+        from transformers import AutoConfig
+
+        return bool(AutoConfig.from_pretrained(path).is_encoder_decoder)
+    except (ImportError, OSError, ValueError, KeyError):  # refused, if at all, when the model loads
+        return None
+
+
+def _check_target(args, encoder_decoder: bool | None, model_type: str | None = None) -> None:
+    """--target needs an encoder-decoder model (is_encoder_decoder: a plain module wrapping one passes on no decoder
+    inputs); encoder_decoder None: not known yet."""
+    if args.target is not None and encoder_decoder is False:
+        what = f" ({model_type})" if model_type else ""
+        raise InspectError(f"--target needs an encoder-decoder model, whose decoder reads the target while its "
+                           f"encoder reads --text; {args.model}{what} is not one: leave out --target")
 
 
 def _check_cross(args, model) -> None:
@@ -202,22 +244,24 @@ def _check_cross(args, model) -> None:
                            f"encoder's output of the text; {args.model} ({model_type}) is not one: leave out --cross")
 
 
-def _input_text(option: str | None) -> str:
+def _input_text(value: str | None, option: str = "--text") -> str:
+    """The text of --text (or of option): the value, or the contents of the file given as @path; None: the
+    built-in sentence."""
     from duat_kernels.models import DEFAULT_TEXT, long_context
 
-    if option is None:
+    if value is None:
         return DEFAULT_TEXT
     try:
-        return long_context.read_text(option)
+        return long_context.read_text(value)
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise InspectError(f"--text {option}: cannot read {option[1:]!r} ({reason})") from None
+        raise InspectError(f"{option} {value}: cannot read {value[1:]!r} ({reason})") from None
 
 
 def _check_long_options(args) -> None:
     """--long (q/k capture, also automatic for long texts) writes only its table: no dense W', no per-head rows."""
     given = [option for option, value, default in (
-        ("--cross", args.cross, False), ("--heads", args.heads, None),
+        ("--cross", args.cross, False), ("--target", args.target, None), ("--heads", args.heads, None),
         ("--save", args.save_file, None), ("--plot", args.plot, None),
         ("--html", args.html, None), ("--json", args.json, None), ("--dtype", args.dtype, "float32"),
         ("--backend", args.backend, "auto")) if value != default]
@@ -273,20 +317,27 @@ def _run(args) -> int:
     from duat_kernels.models import inspection, long_context
     from duat_kernels.models.capture import _in_decoder, attention_layer_count, unread_cross_attention
     from duat_kernels.models.encoder_decoder import (cross_attention_blocks, decoder_inputs_note, decoder_tokens,
+                                                     is_encoder_decoder, target_decoder_ids,
                                                      uncovered_attention_modules)
+    from duat_kernels.models.zoo import check_positions
     from duat_kernels.models.token_labels import input_tokens
 
-    text = _check_before_loading(args)
+    text, target = _check_before_loading(args)
     heads, per_head_wanted = _heads(args.heads)
     quiet = args.json == "-"
     log = (lambda msg: print(msg, file=sys.stderr)) if quiet else print
 
     model, tokenizer = _load(args.model, lambda msg: print(msg, file=sys.stderr), progress=not args.no_progress)
+    _check_target(args, is_encoder_decoder(model), model.config.model_type)
     _check_cross(args, model)
     _check_layers(args.layer, attention_layer_count(model, args.cross))
     inputs = _tokenize(model, tokenizer, text)
-    # what an encoder-decoder's decoder reads: the text shifted right, decoder token 0 named
-    decoder_note = decoder_inputs_note(model, tokenizer, inputs["input_ids"])
+    target_ids = None  # the decoder's inputs: --target shifted right, or (None) the text shifted right
+    if target is not None:
+        target_ids = target_decoder_ids(model, tokenizer, target)
+        check_positions(model, target_ids.shape[1], "--target")
+    # what an encoder-decoder's decoder reads, decoder token 0 named
+    decoder_note = decoder_inputs_note(model, tokenizer, inputs["input_ids"], target_ids)
     if args.long or long_context.is_long(text):  # q/k capture: A never stored, norms on a grid, spectral norm
         with _uncovered_warning_silenced():
             return long_context.run_inspect_long(args, model, inputs, decoder_note)
@@ -296,7 +347,8 @@ def _run(args) -> int:
         heads = _selected_heads(model, args.layer, heads, args.cross)
     per_head = ("all" if heads is None else heads) if per_head_wanted else None
     with _uncovered_warning_silenced():
-        reports = inspection.inspect_layers(model, dict(inputs), args.layer, args.backend, keep=bool(args.save_file),
+        given = dict(inputs) if target_ids is None else {**inputs, "decoder_input_ids": target_ids}
+        reports = inspection.inspect_layers(model, given, args.layer, args.backend, keep=bool(args.save_file),
                                             progress=not args.no_progress, dtype=dtype, heads=heads,
                                             per_head=per_head, include_cross=args.cross)
     tolerance = inspection.TOLERANCES[dtype]
@@ -305,15 +357,16 @@ def _run(args) -> int:
     encoder_decoder = dict(decoder_note=decoder_note,
                            skipped=unreadable if args.cross else cross_attention_blocks(model),
                            uncovered=uncovered_attention_modules(model))
-    # the tokens each decoder layer reads: the text shifted right (labels of its heatmaps, named in the JSON)
-    decoder = dict(decoder_tokens=decoder_tokens(model, tokenizer, inputs["input_ids"]),
+    # the tokens each decoder layer reads: --target or the text shifted right (labels of its heatmaps, in the JSON)
+    decoder = dict(decoder_tokens=decoder_tokens(model, tokenizer, inputs["input_ids"], target_ids),
                    decoder_layers={r.layer.index for r in reports if _in_decoder(model, r.layer.name)})
     if not quiet:
         print(inspection.format_reports(reports, name, tokens, heads, **encoder_decoder, unreadable=unreadable))
     if args.json:
         text = strict_json.dumps(inspection.as_json(reports, args.model, model.config.model_type, tokens, dtype,
                                                     tolerance, heads, skipped=encoder_decoder["skipped"],
-                                                    uncovered=encoder_decoder["uncovered"], **decoder), indent=1)
+                                                    uncovered=encoder_decoder["uncovered"], target=target,
+                                                    **decoder), indent=1)
         if quiet:
             print(text)
         else:

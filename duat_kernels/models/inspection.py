@@ -170,8 +170,9 @@ def format_reports(reports: list[LayerReport], model_name: str, tokens: list[str
 
 def as_json(reports: list[LayerReport], model_name: str, model_type: str, tokens: list[str], dtype: torch.dtype,
             tolerance: float, heads: list[int] | None, skipped: list[str] = (), uncovered: list[str] = (),
-            decoder_tokens: list[str] | None = None, decoder_layers=frozenset()) -> dict:
-    """Machine-readable per-layer results (what format_reports prints); skipped: the cross-attention layers
+            decoder_tokens: list[str] | None = None, decoder_layers=frozenset(), target: str | None = None) -> dict:
+    """Machine-readable per-layer results (what format_reports prints); target: the text an encoder-decoder's
+    decoder read (duat inspect --target; "target", only when given); skipped: the cross-attention layers
     left out ("skipped_cross_attention"); uncovered: the self-attention modules not read ("uncovered_attention");
     decoder_tokens: what the layers of index in decoder_layers read (each layer's "reads": "tokens" or
     "decoder_tokens"); a cross-attention layer's entry also names its "rows" ("decoder_tokens") and "columns"
@@ -189,7 +190,8 @@ def as_json(reports: list[LayerReport], model_name: str, model_type: str, tokens
             frobenius=r.frobenius, dense_blocks=r.dense_blocks, passed=r.rel_error <= tolerance,
             per_head=[dict(head=h.head, frobenius=h.frobenius, output_share=h.output_share) for h in r.heads],
             **({} if lay.kind == "self" else dict(kind=lay.kind, keys=lay.attn.shape[-1], rows=rows, columns=columns))))
-    return dict(model=model_name, model_type=model_type, tokens=tokens, decoder_tokens=decoder_tokens,
+    given = {} if target is None else dict(target=target)
+    return dict(model=model_name, model_type=model_type, tokens=tokens, **given, decoder_tokens=decoder_tokens,
                 dtype=str(dtype).removeprefix("torch."),
                 tolerance=tolerance, selected_heads=heads, skipped_cross_attention=list(skipped),
                 uncovered_attention=list(uncovered),

@@ -3,6 +3,9 @@
 A translation tokenizer with a source and a target vocabulary (FSMTTokenizer; MarianTokenizer with
 separate_vocabs) encodes text with the source one, but its convert_ids_to_tokens reads the target one (what
 decoding generated ids needs): the input ids of an English text came back as the German tokens of the same ids.
+A target text (tokenizer(text_target=...), what a decoder reads under teacher forcing) is encoded with the target
+vocabulary by a tokenizer that switches vocabularies for targets (MarianTokenizer), with the source one by others
+(FSMTTokenizer): target_tokens names its ids from the vocabulary that encoded them.
 """
 
 from __future__ import annotations
@@ -27,6 +30,25 @@ def input_tokens(tokenizer, ids: Sequence[int]) -> list[str]:
     own = tokenizer.convert_ids_to_tokens(ids)
     source = source_vocabulary(tokenizer)
     return own if source is None else [source.get(i, token) for i, token in zip(ids, own)]
+
+
+def encodes_targets_apart(tokenizer) -> bool:
+    """Whether the tokenizer encodes text_target with a vocabulary of its own, which its convert_ids_to_tokens
+    reads (MarianTokenizer with separate_vocabs): a tokenizer with a source vocabulary (source_vocabulary) that
+    switches modes for targets; False for FSMTTokenizer, which encodes targets with its source vocabulary."""
+    from transformers import PreTrainedTokenizerBase
+
+    switch = getattr(type(tokenizer), "_switch_to_target_mode", None)
+    return source_vocabulary(tokenizer) is not None and switch is not PreTrainedTokenizerBase._switch_to_target_mode
+
+
+def target_tokens(tokenizer, ids: Sequence[int]) -> list[str]:
+    """The token strings of ids (N,) encoded from a target text (tokenizer(text_target=...)), from the vocabulary
+    that encoded them: the target one where the tokenizer encodes targets apart (encodes_targets_apart), else as
+    input_tokens."""
+    if encodes_targets_apart(tokenizer):
+        return tokenizer.convert_ids_to_tokens([int(i) for i in ids])
+    return input_tokens(tokenizer, ids)
 
 
 def target_reading_note(model_name: str, tokenizer, decoder_ids: Sequence[int]) -> str | None:
