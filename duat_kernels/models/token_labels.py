@@ -35,11 +35,9 @@ def input_tokens(tokenizer, ids: Sequence[int]) -> list[str]:
 def encodes_targets_apart(tokenizer) -> bool:
     """Whether the tokenizer encodes text_target with a vocabulary of its own, which its convert_ids_to_tokens
     reads (MarianTokenizer with separate_vocabs): a tokenizer with a source vocabulary (source_vocabulary) that
-    switches modes for targets; False for FSMTTokenizer, which encodes targets with its source vocabulary."""
-    from transformers import PreTrainedTokenizerBase
-
-    switch = getattr(type(tokenizer), "_switch_to_target_mode", None)
-    return source_vocabulary(tokenizer) is not None and switch is not PreTrainedTokenizerBase._switch_to_target_mode
+    switches modes for targets (_switch_to_target_mode, which transformers calls for text_target); False for
+    FSMTTokenizer, which has none: it encodes targets with its source vocabulary."""
+    return source_vocabulary(tokenizer) is not None and callable(getattr(tokenizer, "_switch_to_target_mode", None))
 
 
 def target_tokens(tokenizer, ids: Sequence[int]) -> list[str]:
