@@ -72,24 +72,29 @@ def test_input_tokens_come_from_the_source_vocabulary(fsmt_folder):
     assert input_tokens(_OneVocabulary(), [4, 2]) == ["t4", "t2"]
 
 
-def test_marian_with_separate_vocabularies_is_named_from_its_source_vocabulary(tmp_path):
-    # MarianTokenizer(separate_vocabs=True) reads its target vocabulary in convert_ids_to_tokens, as FSMT's does
+def marian_tokenizer(path):
+    """A MarianTokenizer (en -> de) with separate word-level source and target vocabularies that name the same ids
+    with different words, its files written to path."""
     spm = pytest.importorskip("sentencepiece", reason="MarianTokenizer needs sentencepiece")
     import io
 
-    vocabularies = {}
     for side, words, vocab_file in (("source", SOURCE_WORDS, "vocab.json"),
                                     ("target", TARGET_WORDS, "target_vocab.json")):
         model = io.BytesIO()  # a word-level SentencePiece model of the side's words
         spm.SentencePieceTrainer.train(sentence_iterator=iter([" ".join(words)] * 5), model_writer=model,
                                        vocab_size=len(words) + 3, model_type="word", minloglevel=2)
-        (tmp_path / f"{side}.spm").write_bytes(model.getvalue())
-        vocabularies[side] = {t: i for i, t in enumerate(["</s>", "<unk>", "<pad>", *("\u2581" + w for w in words)])}
-        (tmp_path / vocab_file).write_text(json.dumps(vocabularies[side]))
-    tok = transformers.MarianTokenizer(
-        source_spm=str(tmp_path / "source.spm"), target_spm=str(tmp_path / "target.spm"),
-        vocab=str(tmp_path / "vocab.json"), target_vocab_file=str(tmp_path / "target_vocab.json"),
+        (path / f"{side}.spm").write_bytes(model.getvalue())
+        vocabulary = {t: i for i, t in enumerate(["</s>", "<unk>", "<pad>", *("\u2581" + w for w in words)])}
+        (path / vocab_file).write_text(json.dumps(vocabulary))
+    return transformers.MarianTokenizer(
+        source_spm=str(path / "source.spm"), target_spm=str(path / "target.spm"),
+        vocab=str(path / "vocab.json"), target_vocab_file=str(path / "target_vocab.json"),
         separate_vocabs=True, source_lang="en", target_lang="de")
+
+
+def test_marian_with_separate_vocabularies_is_named_from_its_source_vocabulary(tmp_path):
+    # MarianTokenizer(separate_vocabs=True) reads its target vocabulary in convert_ids_to_tokens, as FSMT's does
+    tok = marian_tokenizer(tmp_path)
     ids = tok([TEXT])["input_ids"][0]
     assert tok.convert_ids_to_tokens(ids)[0] == "\u2581der"
     assert input_tokens(tok, ids) == [*("\u2581" + w for w in SOURCE_WORDS), "</s>"]
