@@ -233,15 +233,20 @@ def _check_target(args, encoder_decoder: bool | None, model_type: str | None = N
                            f"encoder reads --text; {args.model}{what} is not one: leave out --target")
 
 
+def _model_type(model) -> str | None:
+    """config.model_type, None for a module without a config (a wrapper)."""
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
 def _check_cross(args, model) -> None:
     """--cross needs an encoder-decoder model: the text goes to its encoder, whose output its decoder's
     cross-attention reads (a decoder with cross-attention and no encoder of its own gets no encoder states here)."""
     from duat_kernels.models.encoder_decoder import holds_encoder_decoder
 
     if args.cross and not holds_encoder_decoder(model):
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
         raise InspectError(f"--cross needs an encoder-decoder model, whose decoder's cross-attention reads the "
-                           f"encoder's output of the text; {args.model} ({model_type}) is not one: leave out --cross")
+                           f"encoder's output of the text; {args.model} ({_model_type(model)}) is not one: leave out "
+                           "--cross")
 
 
 def _input_text(value: str | None, option: str = "--text") -> str:
@@ -328,7 +333,7 @@ def _run(args) -> int:
     log = (lambda msg: print(msg, file=sys.stderr)) if quiet else print
 
     model, tokenizer = _load(args.model, lambda msg: print(msg, file=sys.stderr), progress=not args.no_progress)
-    _check_target(args, is_encoder_decoder(model), model.config.model_type)
+    _check_target(args, is_encoder_decoder(model), _model_type(model))
     _check_cross(args, model)
     _check_layers(args.layer, attention_layer_count(model, args.cross))
     inputs = _tokenize(model, tokenizer, text)
