@@ -114,17 +114,10 @@ def test_duat_inspect_cross(tmp_path, capsys):
 def test_duat_inspect_cross_plots_decoder_tokens_by_encoder_tokens(tmp_path, capsys, monkeypatch, family):
     # --plot and --html were refused with --cross (their heatmaps had one token list on both axes), and the JSON's
     # cross-attention entry said only that it "reads" the decoder_tokens, though its columns are the text's tokens
-    from duat_kernels.models import inspect_plot
-    from test_inspect_plot import panels, tick_labels  # not at the top: it imports this module
+    from test_inspect_plot import panels, recorded_figures, tick_labels  # not at the top: it imports this module
 
     folder = _encoder_decoder_folder(tmp_path / family, family)
-    figures, figure = [], inspect_plot.block_norm_figure
-
-    def recorded(*args, **kwargs):  # --plot's figure, kept for its axes
-        figures.append(figure(*args, **kwargs))
-        return figures[-1]
-
-    monkeypatch.setattr(inspect_plot, "block_norm_figure", recorded)
+    figures = recorded_figures(monkeypatch)
     out, page = tmp_path / "r.json", tmp_path / "r.html"
     argv = ["inspect", "--model", str(folder), "--text", _text(6)]
     assert main([*argv, "--cross", "--json", str(out), "--plot", str(tmp_path / "r.png"), "--html", str(page)]) == 0

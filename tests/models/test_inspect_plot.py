@@ -46,6 +46,20 @@ def panels(fig) -> list:
     return [ax for ax in fig.axes if ax.get_images()]
 
 
+def recorded_figures(monkeypatch) -> list:
+    """The figures duat inspect --plot draws (inspect_plot.block_norm_figure) from now on, kept for their axes."""
+    from duat_kernels.models import inspect_plot
+
+    figures, figure = [], inspect_plot.block_norm_figure
+
+    def recorded(*args, **kwargs):
+        figures.append(figure(*args, **kwargs))
+        return figures[-1]
+
+    monkeypatch.setattr(inspect_plot, "block_norm_figure", recorded)
+    return figures
+
+
 def tick_labels(ax) -> tuple[list[str], list[str]]:
     """(column labels, row labels) of a panel."""
     return [t.get_text() for t in ax.get_xticklabels()], [t.get_text() for t in ax.get_yticklabels()]

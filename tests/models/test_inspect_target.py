@@ -47,17 +47,10 @@ def _refusal(capsys, starts: str) -> list[str]:
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_the_decoder_reads_the_target(tmp_path, capsys, monkeypatch, family):
-    from duat_kernels.models import inspect_plot
-    from test_inspect_plot import panels, tick_labels  # not at the top: it imports test_cross_capture
+    from test_inspect_plot import panels, recorded_figures, tick_labels  # not at the top: imports test_cross_capture
 
     folder = _folder(tmp_path / family, family)
-    figures, figure = [], inspect_plot.block_norm_figure
-
-    def recorded(*args, **kwargs):  # --plot's figure, kept for its axes
-        figures.append(figure(*args, **kwargs))
-        return figures[-1]
-
-    monkeypatch.setattr(inspect_plot, "block_norm_figure", recorded)
+    figures = recorded_figures(monkeypatch)
     out, page = tmp_path / "r.json", tmp_path / "r.html"
     argv = ["inspect", "--model", str(folder), "--text", TEXT, "--no-progress"]
     assert main([*argv, "--target", TARGET, "--cross", "--dtype", "float64", "--json", str(out),
