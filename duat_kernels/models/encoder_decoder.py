@@ -167,7 +167,7 @@ def decoder_inputs_note(model: torch.nn.Module, tokenizer, input_ids: torch.Tens
     that mBART's and FSMT's shift puts first)."""
     if not is_encoder_decoder(model):
         return None
-    what = "the text" if target_ids is None else "--target"
+    what = "the text" if target_ids is None else "the target"
     shifted = shifted_decoder_ids(model, input_ids)[0] if target_ids is None else target_ids[0]
     token = repr(decoder_tokens(model, tokenizer, input_ids, target_ids)[0])
     first = f"the decoder start token {token}" if shift_starts_with_start_token(model) else \

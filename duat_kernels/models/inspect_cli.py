@@ -324,8 +324,8 @@ def _run(args) -> int:
     from duat_kernels.models.encoder_decoder import (cross_attention_blocks, decoder_inputs_note, decoder_tokens,
                                                      is_encoder_decoder, target_decoder_ids,
                                                      uncovered_attention_modules)
-    from duat_kernels.models.zoo import check_positions
     from duat_kernels.models.token_labels import input_tokens
+    from duat_kernels.models.zoo import check_positions
 
     text, target = _check_before_loading(args)
     heads, per_head_wanted = _heads(args.heads)

@@ -12,7 +12,7 @@ import torch
 import duat_kernels as dk
 from duat_kernels.cli import main
 from test_inspect_cli import ENCODER_DECODER, _html_data, _save_tokenizer, _save_with_random_biases, _text
-from test_token_labels import SOURCE_WORDS, TARGET_WORDS, marian_tokenizer
+from test_token_labels import SOURCE_WORDS, TARGET_WORDS, fsmt_folder, marian_tokenizer  # noqa: F401 (fixture)
 
 transformers = pytest.importorskip("transformers", reason="needs transformers: pip install '.[models]'")
 
@@ -55,7 +55,7 @@ def test_the_decoder_reads_the_target(tmp_path, capsys, monkeypatch, family):
     argv = ["inspect", "--model", str(folder), "--text", TEXT, "--no-progress"]
     assert main([*argv, "--target", TARGET, "--cross", "--dtype", "float64", "--json", str(out),
                  "--plot", str(tmp_path / "r.png"), "--html", str(page)]) == 0
-    assert "the decoder layers read --target shifted right" in capsys.readouterr().out
+    assert "the decoder layers read the target shifted right (decoder token 0 is " in capsys.readouterr().out
     # independently: the target as labels, shifted right by hand (decoder start token first, last token dropped)
     model, tok = dk.models.load(str(folder))
     ids, labels = tok([TEXT], return_tensors="pt")["input_ids"], tok(text_target=[TARGET], return_tensors="pt")[
@@ -112,6 +112,20 @@ def test_a_marian_target_is_named_from_the_target_vocabulary(tmp_path, capsys):
     assert result["decoder_tokens"] == ["<pad>", *("\u2581" + w for w in target.split())]
     assert [e["tokens"] for e in result["layers"]] == [5, 4, 4] and result["layers"][-1]["keys"] == 5
     assert result["passed"] and max(e["rel_error"] for e in result["layers"]) <= TOLERANCE
+
+
+def test_an_fsmt_target_is_named_from_the_source_vocabulary_that_encoded_it(fsmt_folder, tmp_path, capsys):
+    # transformers' FSMTTokenizer has no target mode: text_target is encoded with the source vocabulary, whose
+    # words then name the decoder tokens; the note says the decoder looks these ids up in its target embedding
+    capsys.readouterr()
+    assert main(["inspect", "--model", str(fsmt_folder), "--text", " ".join(SOURCE_WORDS), "--target", "home fox",
+                 "--no-progress", "--cross", "--json", str(tmp_path / "r.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "decoder token 0 is '</s>', the target's last token, which FSMTModel's shift puts first" in printed
+    assert "FSMTModel's decoder looks these source-vocabulary ids up in its target-vocabulary embedding" in printed
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["decoder_tokens"] == ["</s>", "home</w>", "fox</w>"] and result["target"] == "home fox"
+    assert [e["tokens"] for e in result["layers"]] == [5, 3, 3] and result["passed"]
 
 
 def test_target_needs_an_encoder_decoder_model(tmp_path, capsys, monkeypatch):
