@@ -319,6 +319,8 @@ class HVOOperator:
     def _range(s: slice, size: int, name: str) -> tuple[int, int]:
         if not isinstance(s, slice) or s.step not in (None, 1):
             raise ValueError(f"{name} must be a slice with step 1, got {s!r}")
+        if any(bound is not None and v.integer(bound) is None for bound in (s.start, s.stop)):  # slice(True, 3) was 1:3
+            raise TypeError(f"{name} must be a slice of ints (or None), got {s!r}")
         try:
             start, stop, _ = s.indices(size)
         except TypeError:  # Python's "slice indices must be integers or None or have an __index__ method"
