@@ -32,6 +32,8 @@ def check_qk(q: torch.Tensor, k: torch.Tensor, w_v: torch.Tensor, w_o: torch.Ten
     if q.shape[-1] == 0:
         raise ValueError(f"q and k must have a head size d >= 1 (the logits are d-term dot products), got q "
                          f"{tuple(q.shape)}")
+    if num_kv_heads is not None and v.positive_int(num_kv_heads) is None:  # True and 2.0 passed as 1 and 2
+        raise ValueError(f"num_kv_heads must be a positive int or None, got {num_kv_heads!r}")
     if num_kv_heads is not None and num_kv_heads != h_kv:
         raise ValueError(f"num_kv_heads={num_kv_heads} but k has {h_kv} heads")
     for name, value in (("scale", scale), ("softcap", softcap)):
