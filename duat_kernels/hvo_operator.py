@@ -19,7 +19,7 @@ from duat_kernels._memory import check_fits
 from duat_kernels.attention_source import AttentionSource, ExplicitAttention
 from duat_kernels.heads import select_heads
 from duat_kernels.hvo import hvo_bias, hvo_matrix
-from duat_kernels.operator_parts import check_qk, operator_bias, tile_factors, weighted_ov
+from duat_kernels.operator_parts import check_products_fit, check_qk, operator_bias, tile_factors, weighted_ov
 from duat_kernels.qk_attention import QKAttention
 
 
@@ -128,6 +128,7 @@ class HVOOperator:
         d = self.dims
         b, k, n, m = x.shape
         dtype, w_v, w_o = self._factors(x)
+        check_products_fit("W' x'", d, k, m, d.m_out, dtype, self.device)
         if m == 0:  # W' has no columns: W' x' is an empty sum, whatever A holds
             return x.new_zeros(b, k, n, d.m_out, dtype=dtype)
         vals = (x.to(dtype) @ w_v.T).reshape(b, k, n, d.kv_heads, d.head_dim).permute(0, 3, 2, 1, 4)
@@ -147,6 +148,7 @@ class HVOOperator:
         b, k, n, _ = ys.shape
         g = d.heads // d.kv_heads
         dtype, w_v, w_o = self._factors(ys)
+        check_products_fit("W'ᵀ y", d, k, d.m_out, d.m_in, dtype, self.device)
         if d.m_out == 0:  # W' has no rows: W'ᵀ y is an empty sum
             return self._flatten(ys.new_zeros(b, k, n, d.m_in, dtype=dtype), lead)
         u = (ys.to(dtype) @ w_o).reshape(b, k, n, d.heads, d.head_dim).permute(0, 3, 2, 1, 4)  # Y Wo_i: (B, h, N, K, d)

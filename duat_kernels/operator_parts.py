@@ -64,6 +64,26 @@ def operator_bias(source: AttentionSource, w_o: torch.Tensor, b_v: torch.Tensor 
     return bias.to(dtype)
 
 
+# Products needing less than this are not checked: reading the free memory costs ~15 µs, a third of a small matvec
+# (ARPACK calls it hundreds of times).
+PRODUCTS_CHECKED_FROM_BYTES = 64 << 20
+
+
+def check_products_fit(what: str, dims: v.HeadDims, columns: int, width_in: int, width_out: int,
+                       dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse, before allocating, the products of W' (or W'ᵀ) with `columns` vectors per batch element whose
+    vectors and per-head values would not fit: B·K·N·(width_in + 3·h·d + width_out) entries of dtype (the input
+    in the compute dtype, the values, the mixed values and their copy, the result). matvec of 10^6 expanded
+    (stride-0) vectors failed with the allocator's "can't allocate memory: you tried to allocate 800000000000
+    bytes". Meta tensors allocate nothing."""
+    entries = dims.batch * columns * dims.tokens * (width_in + 3 * dims.heads * dims.head_dim + width_out)
+    if device.type == "meta" or entries * dtype.itemsize < PRODUCTS_CHECKED_FROM_BYTES:
+        return
+    check_fits(f"{what} of {columns:,} vector(s) per batch element (B={dims.batch}, N={dims.tokens}, h={dims.heads}, "
+               f"d={dims.head_dim}, {dtype})", entries * dtype.itemsize, device,
+               "Pass fewer vectors (columns of X) at a time.")
+
+
 # Entries of OV (h·rows·M_in) formed per step by weighted_ov.
 OV_ENTRIES_PER_STEP = 1 << 24
 

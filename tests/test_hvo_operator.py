@@ -319,3 +319,15 @@ def test_methods_under_fake_tensor_mode_give_eager_shapes(source):
     for name, result in fake.items():
         assert isinstance(result, FakeTensor), name
         assert (result.shape, result.dtype) == (eager[name].shape, eager[name].dtype), name
+
+
+@pytest.mark.parametrize("method", ["matvec", "rmatvec", "matmat"])
+def test_products_that_cannot_fit_are_refused_before_allocating(method):
+    # 10^6 expanded (stride-0) vectors of N = 200000: the allocator's "can't allocate memory: you tried to allocate
+    # 800000000000 bytes" (a raw RuntimeError)
+    n = 200_000
+    op = dk.HVOOperator(torch.ones(1, 1, 1).expand(1, n, n), torch.ones(1, 1), torch.ones(1, 1))
+    x = torch.ones(1, 1).expand(n, 10 ** 6) if method == "matmat" else torch.ones(1, 1).expand(10 ** 6, n)
+    with pytest.raises(dk.DenseTooLargeError, match=r"of 1,000,000 vector\(s\) per batch element .* needs 3.6 TiB .* "
+                                                     r"Pass fewer vectors"):
+        getattr(op, method)(x)
