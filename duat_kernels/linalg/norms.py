@@ -100,7 +100,8 @@ def _block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int
     source = as_source(source, num_kv_heads, w_v, w_o)
     h, num_kv_heads = source.heads, source.kv_heads
     grid = grid_argument(grid, None)  # HVOOperator.block_norms takes at most N per side
-    if tracks_gradient(w_v, w_o, *source.inputs()) or not backends.direct_kernel_call(w_v, w_o, *source.inputs()):
+    if tracks_gradient(w_v, w_o, *source.inputs()) or not backends.direct_kernel_call(w_v, w_o, *source.inputs()) \
+            or not has_values(w_v, w_o, *source.inputs()):  # meta tensors: the scaling read their values (.item())
         return _block_norms_torch(source, w_v, w_o, num_kv_heads, grid, float64)  # autograd, torch.func, compile, fake
     wide = _wide(source, w_v, w_o)
     whole = not wide and gram_norms.available(source) and isinstance(source, ExplicitAttention)

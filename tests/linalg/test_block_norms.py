@@ -439,3 +439,24 @@ def test_block_norms_of_qk_compile_with_fullgraph(grid):
 
     compiled = torch.compile(norms, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(q, k, w_v, w_o), norms(q, k, w_v, w_o))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("from_qk", [False, True])
+def test_norms_of_meta_tensors_have_the_shapes_and_dtypes_of_real_ones(dtype, from_qk):
+    # block_norms and frobenius_norm read the weights' largest entry for their scaling: on meta tensors (every
+    # other method gives meta results) they failed with "Tensor.item() cannot be called on meta tensors"
+    lay = random_layer(1, 4, 2, tokens=5, head_dim=3, m_in=6, m_out=6, batched=False, dtype=dtype)
+    q, k = torch.randn(4, 5, 3, dtype=dtype), torch.randn(2, 5, 3, dtype=dtype)
+
+    def operator(device):
+        w_v, w_o = lay["w_v"].to(device), lay["w_o"].to(device)
+        if from_qk:
+            return dk.HVOOperator.from_qk(q.to(device), k.to(device), w_v, w_o, causal=True)
+        return dk.HVOOperator(lay["attn"].to(device), w_v, w_o, num_kv_heads=2)
+
+    real, meta = operator("cpu"), operator("meta")
+    for name, call in (("block_norms", lambda op: op.block_norms()), ("grid", lambda op: op.block_norms(grid=(2, 3))),
+                       ("frobenius_norm", lambda op: op.frobenius_norm())):
+        want, got = call(real), call(meta)
+        assert got.device.type == "meta" and (got.shape, got.dtype) == (want.shape, want.dtype), name
