@@ -59,6 +59,9 @@ IN_PROCESS_ERRORS = {
     # a folder where no file can be created: the sweep ran first, then "[Errno 2] No such file or directory"
     "scale-plot-unwritable": (["scale", "--n", "8", "--plot", "/proc/x.png"], "--plot /proc/x.png: cannot write in /proc"),
     "unknown-command": (["bogus"], "invalid choice: 'bogus'"),
+    # "threads must be at most ...", CorpusSettings' name, once the texts had been read
+    "corpus-threads-huge": (["corpus", "--texts", "/nonexistent.jsonl", "--out", "/nonexistent/out", "--threads", "100000"],
+                            "duat corpus: --threads must be at most"),
     # matplotlib's "Format 'bogus' is not supported" came after the sweep
     "scale-plot-format": (["scale", "--n", "8", "--plot", "/tmp/w.bogus"], "--plot /tmp/w.bogus: matplotlib cannot write"),
     # torch.manual_seed's "Overflow when unpacking long long"
