@@ -69,7 +69,7 @@ def save_dense(op, path: str | os.PathLike, *, rows_per_tile: int | None = None,
     v.check_operator("save_dense", op)
     if op.dims.batched:
         raise ValueError("save_dense needs an unbatched HVOOperator (attn of shape (h, N, N))")
-    overwrite = v.check_flag("overwrite", overwrite)
+    overwrite, progress = v.check_flag("overwrite", overwrite), v.check_flag("progress", progress)
     if v.positive_int(max_tile_bytes) is None:
         raise ValueError(f"max_tile_bytes must be a positive int, got {max_tile_bytes!r}")
     dtype = v.storage_dtype(dtype, op.dtype, "for a .npy file")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from duat_kernels._validation import check_layout, integer
+from duat_kernels._validation import check_flag, check_layout, integer
 from duat_kernels.forward_signature import named_inputs
 from duat_kernels.hvo import hvo_bias, hvo_matrix
 from duat_kernels.hvo_operator import HVOOperator
@@ -230,6 +230,7 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
     """
     if capture not in ("attn", "qk"):
         raise ValueError(f"capture must be 'attn' or 'qk', got {capture!r}")
+    check_flag("switch_to_eager", switch_to_eager)  # "no" was truthy: sdpa was switched to eager
     from duat_kernels.models import lens
 
     if lens.is_bridge(model):  # TransformerLens 4.x: hook_pattern, W_V, W_O, b_V, b_O

@@ -191,6 +191,8 @@ def test_sdpa_models_are_switched_or_refused():
     layers = dk.models.attention_layers(model, **_ids(100))
     _assert_exact(layers, 2)
     assert model.config._attn_implementation == "sdpa"  # restored
+    with pytest.raises(TypeError, match="switch_to_eager must be True or False, got str 'no'"):  # was truthy
+        dk.models.attention_layers(model, switch_to_eager="no", **_ids(100))
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
