@@ -147,7 +147,9 @@ def check_output_file(option: str, path) -> None:
     check_writable_folder): a folder, a path whose folder does not exist, a folder in which no file can be created
     (/proc, a read-only file system), an existing file without write permission. A symbolic link is written
     through: its target's folder must exist. `duat scale --plot /proc/x.png` ran the whole sweep first, then
-    failed on the plot."""
+    failed on the plot. An empty or blank name is refused as such (it was '--plot : is a directory', Path('') being
+    the working directory)."""
+    check_nonempty_path(option, path, "give a file name")
     target = link_target(option, Path(path))
     if target.is_dir():
         raise ValueError(f"{option} {path}: is a directory; give a file name")

@@ -56,6 +56,8 @@ IN_PROCESS_ERRORS = {
     "scale-plot-missing-folder": (["scale", "--n", "8", "--plot", "/nonexistent/x.png"],
                                   "--plot /nonexistent/x.png: the directory '/nonexistent' does not exist"),
     "scale-plot-is-folder": (["scale", "--n", "8", "--plot", "/"], "--plot /: is a directory"),
+    "scale-plot-empty": (["scale", "--n", "8", "--plot", ""], "--plot is empty; give a file name"),  # 'is a directory'
+
     # a folder where no file can be created: the sweep ran first, then "[Errno 2] No such file or directory"
     "scale-plot-unwritable": (["scale", "--n", "8", "--plot", "/proc/x.png"], "--plot /proc/x.png: cannot write in /proc"),
     "unknown-command": (["bogus"], "invalid choice: 'bogus'"),
