@@ -115,10 +115,16 @@ void require_c_contiguous(const py::buffer_info& b, const char* name) {
 }
 
 // What a buffer format that is not the native one means: NumPy gives a view that is not aligned to its item size
-// (a float32 view at an odd byte offset) the format '=f' or '<f', which read as "got format '=f'" for a float32.
+// (a float32 view at an odd byte offset) the format '=f', and one in the other byte order '>f'; both read as
+// "got format '=f'" for what is a float32.
 std::string format_str(const py::buffer_info& b) {
-  const bool unaligned = b.format.size() == 2 && std::strchr("=<>!", b.format[0]) != nullptr;
-  return "'" + b.format + "'" + (unaligned ? " (an array not aligned to its item size: pass an aligned copy)" : "");
+  std::string hint;
+  if (b.format.size() == 2 && b.format[0] == '=')
+    hint = " (an array not aligned to its item size: pass a copy, a.copy())";
+  else if (b.format.size() == 2 && std::strchr("<>!", b.format[0]) != nullptr)
+    hint = " (an array in a byte order that is not this machine's: pass a copy in native order, "
+           "a.astype(a.dtype.newbyteorder('=')))";
+  return "'" + b.format + "'" + hint;
 }
 
 char scalar_format(const py::buffer_info& b, const char* name) {
