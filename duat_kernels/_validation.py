@@ -166,15 +166,16 @@ def check_has_data(what: str, device: torch.device) -> None:
                          "(they have shapes only)")
 
 
-def check_operator(what: str, op) -> None:
-    """op must be an HVOOperator on tensors with data (check_has_data): save_dense('op', path) failed with "'str'
-    object has no attribute 'dims'", to_dask(attn) with "'Tensor' object has no attribute 'device'"."""
+def check_operator(what: str, op, data: bool = True) -> None:
+    """op must be an HVOOperator, on tensors with data for data=True (check_has_data): save_dense('op', path) failed
+    with "'str' object has no attribute 'dims'", to_dask(attn) with "'Tensor' object has no attribute 'device'"."""
     from duat_kernels.hvo_operator import HVOOperator  # it imports this module
 
     if not isinstance(op, HVOOperator):
         raise TypeError(f"{what} needs an HVOOperator (duat_kernels.HVOOperator(attn, w_v, w_o)), got "
                         f"{type(op).__name__}")
-    check_has_data(what, op.device)
+    if data:
+        check_has_data(what, op.device)
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> torch.device:

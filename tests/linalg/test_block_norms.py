@@ -460,3 +460,11 @@ def test_norms_of_meta_tensors_have_the_shapes_and_dtypes_of_real_ones(dtype, fr
                        ("frobenius_norm", lambda op: op.frobenius_norm())):
         want, got = call(real), call(meta)
         assert got.device.type == "meta" and (got.shape, got.dtype) == (want.shape, want.dtype), name
+
+
+@pytest.mark.parametrize("attn", [[[1.0]], None, "attn"])
+@pytest.mark.parametrize("call", ["block_norms", "frobenius_norm", "trace"])
+def test_linalg_functions_name_an_attn_that_is_no_tensor(attn, call):
+    # "'list' object has no attribute 'heads'" (an AttentionSource or a tensor is taken)
+    with pytest.raises(TypeError, match=f"attn must be a torch.Tensor, got {type(attn).__name__}"):
+        getattr(linalg, call)(attn, torch.randn(4, 5), torch.randn(5, 4), 2)
