@@ -176,6 +176,6 @@ def as_source(attn, num_kv_heads: int, w_v: torch.Tensor | None = None,
     if isinstance(attn, AttentionSource):
         return attn
     v.check_tensor("attn", attn, (4,))  # a list or None failed later: "'list' object has no attribute 'heads'"
-    if w_o is not None:  # num_kv_heads=None is h, as in hvo_matrix: callers read source.kv_heads
+    if w_o is not None or w_v is not None:  # num_kv_heads=None is h, as in hvo_matrix: callers read source.kv_heads
         num_kv_heads = v.check_attention(attn, w_v, w_o, num_kv_heads).kv_heads
     return ExplicitAttention(attn, num_kv_heads)

@@ -468,3 +468,18 @@ def test_linalg_functions_name_an_attn_that_is_no_tensor(attn, call):
     # "'list' object has no attribute 'heads'" (an AttentionSource or a tensor is taken)
     with pytest.raises(TypeError, match=f"attn must be a torch.Tensor, got {type(attn).__name__}"):
         getattr(linalg, call)(attn, torch.randn(4, 5), torch.randn(5, 4), 2)
+    with pytest.raises(TypeError, match="w_o must be a torch.Tensor, got NoneType"):  # 'NoneType' has no 'dtype'
+        getattr(linalg, call)(torch.rand(1, 2, 3, 3), torch.randn(4, 5), None, 2)
+
+
+@pytest.mark.parametrize("ov, samples, message", [
+    (torch.randn(4, 5), 5, r"ov must be 3-D, got shape \(4, 5\)"),  # was IndexError 'tuple index out of range'
+    ((torch.randn(2, 5, 2), torch.randn(2, 3, 5)), 5, r"ov must be the pair .* got shapes \(2, 5, 2\) and \(2, 3, 5\)"),
+    (torch.randn(2, 5, 5), -1, "samples must be an int >= 0, got -1"),
+    (torch.randn(2, 5, 5), 2.5, "samples must be an int >= 0, got 2.5"),
+])
+def test_sample_entries_names_a_bad_ov_or_count(ov, samples, message):
+    from duat_kernels.linalg import stats
+
+    with pytest.raises(ValueError, match=message):
+        stats.sample_entries(torch.rand(1, 2, 3, 3), ov, samples)
