@@ -644,7 +644,15 @@ PYBIND11_MODULE(_C, m) {
       [](py::handle nbytes_arg) {
         const int64_t nbytes = int_arg(nbytes_arg, "alloc_output: nbytes");
         if (nbytes < 0) throw std::invalid_argument("alloc_output: nbytes must be non-negative");
-        auto* block = new duat::OutputBlock(duat::take_output_block(static_cast<size_t>(nbytes)));
+        duat::OutputBlock taken;
+        try {
+          taken = duat::take_output_block(static_cast<size_t>(nbytes));
+        } catch (const std::bad_alloc&) {  // was MemoryError "std::bad_alloc", naming no size
+          PyErr_SetString(PyExc_MemoryError, ("duat_kernels._C.alloc_output: cannot map " + std::to_string(nbytes) +
+                                              " bytes for an output").c_str());
+          throw py::error_already_set();
+        }
+        auto* block = new duat::OutputBlock(taken);
         py::capsule owner(block, [](void* p) {
           auto* b = static_cast<duat::OutputBlock*>(p);
           duat::give_output_block(*b);

@@ -785,3 +785,11 @@ def test_boundary_names_read_only_and_odd_buffers(call, message):
 def test_kernel_wrappers_name_bad_head_counts(call, message):
     with pytest.raises((ValueError, TypeError), match=message):
         call(torch.randn(4, 5), torch.randn(6, 4))
+
+
+def test_alloc_output_names_the_size_it_cannot_map():
+    # MemoryError 'std::bad_alloc', naming no size
+    from duat_kernels import _C
+
+    with pytest.raises(MemoryError, match="alloc_output: cannot map 4611686018427387904 bytes"):
+        _C.alloc_output(1 << 62)
