@@ -483,3 +483,13 @@ def test_sample_entries_names_a_bad_ov_or_count(ov, samples, message):
 
     with pytest.raises(ValueError, match=message):
         stats.sample_entries(torch.rand(1, 2, 3, 3), ov, samples)
+
+
+@pytest.mark.parametrize("grid", [None, (2, 3)])
+def test_float64_attention_far_above_one_gives_finite_norms(grid):
+    # a stored float64 A times 1e160: block_norms and frobenius_norm were Inf (float64 squares) where W' is finite
+    lay = random_layer(1, 4, 2, tokens=5, head_dim=3, m_in=6, m_out=6, batched=False, dtype=torch.float64)
+    big = dk.HVOOperator(lay["attn"] * 1e160, lay["w_v"], lay["w_o"], num_kv_heads=2)
+    unit = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"], num_kv_heads=2)
+    torch.testing.assert_close(big.block_norms(grid=grid) / 1e160, unit.block_norms(grid=grid), rtol=1e-14, atol=0)
+    torch.testing.assert_close(big.frobenius_norm() / 1e160, unit.frobenius_norm(), rtol=1e-14, atol=0)
