@@ -128,12 +128,19 @@ def _block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int
             out = _scaled_norms(source, c, grid, True)
         if not all_finite(out) and isinstance(source, ExplicitAttention):
             # finite factors whose float64 squares overflowed too: a stored float64 A with entries far above 1
-            # (1e160 gave Inf norms where W' is finite), taken as a copy scaled by a power of two (norm_scaling)
-            check_fits(f"a copy of attn of shape {tuple(source.attn.shape)} in float64, scaled (its block norms "
-                       "overflowed float64)", source.attn.numel() * 8, source.device, TORCH_PATH_HINT)
-            attn, attn_shift = norm_scaling.scaled_down(source.attn, 1, norm_scaling.MAX_EXPONENT_FLOAT64, torch.float64)
-            out, shift = _scaled_norms(ExplicitAttention(attn, source.kv_heads), c, grid, True), shift + attn_shift
+            # (1e160 gave Inf norms where W' is finite)
+            scaled, attn_shift = scaled_attention(source, "block norms")
+            out, shift = _scaled_norms(scaled, c, grid, True), shift + attn_shift
     return _unscaled64(out, shift).to(dtype)
+
+
+def scaled_attention(source: ExplicitAttention, what: str) -> tuple[ExplicitAttention, int]:
+    """(a float64 copy of the stored A scaled by 2^-e to max|A| in [1, 2), e) (norm_scaling): for `what` (norms,
+    contributions) whose float64 squares overflowed on an A with entries far above 1; the copy is checked to fit."""
+    check_fits(f"a scaled float64 copy of attn of shape {tuple(source.attn.shape)} ({what} overflowed float64)",
+               source.attn.numel() * 8, source.device, TORCH_PATH_HINT)
+    attn, e = norm_scaling.scaled_down(source.attn, 1, norm_scaling.MAX_EXPONENT_FLOAT64, torch.float64)
+    return ExplicitAttention(attn, source.kv_heads), e
 
 
 def _unscaled64(norms: torch.Tensor, e: int) -> torch.Tensor:
