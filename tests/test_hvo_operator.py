@@ -331,3 +331,12 @@ def test_products_that_cannot_fit_are_refused_before_allocating(method):
     with pytest.raises(dk.DenseTooLargeError, match=r"of 1,000,000 vector\(s\) per batch element .* needs 3.6 TiB .* "
                                                      r"Pass fewer vectors"):
         getattr(op, method)(x)
+
+
+@pytest.mark.parametrize("kwargs", [dict(layout="feature"), dict(num_kv_heads=1)])
+def test_to_dense_names_the_arguments_the_operator_fixes(kwargs):
+    # "hvo_matrix() got multiple values for keyword argument 'layout'"
+    lay = random_layer(1, 2, tokens=3, batched=False)
+    op = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"])
+    with pytest.raises(TypeError, match=f"to_dense takes the operator's own {next(iter(kwargs))} .*layout='token'"):
+        op.to_dense(**kwargs)
