@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
 import os
 from contextlib import contextmanager
@@ -40,13 +42,27 @@ def transformers_progress_bars(enabled: bool):
     from huggingface_hub import utils as hub
     was_on, hub_was_off = logging.is_progress_bar_enabled(), hub.are_progress_bars_disabled()
     logging.disable_progress_bar()
+    gguf = _gguf_loader()
+    gguf_tqdm = getattr(gguf, "tqdm", None)
+    if gguf_tqdm is not None:  # its plain tqdm ("Converting and de-quantizing GGUF tensors...") ignores the switch
+        gguf.tqdm = functools.partial(gguf_tqdm, disable=True)
     try:
         yield
     finally:
+        if gguf_tqdm is not None:
+            gguf.tqdm = gguf_tqdm
         if was_on:
             logging.enable_progress_bar()  # huggingface_hub's on too
         # huggingface_hub's as it was on its own: transformers' disable_progress_bar turned it off with transformers'
         (hub.disable_progress_bars if hub_was_off else hub.enable_progress_bars)()
+
+
+def _gguf_loader():
+    """transformers' GGUF loading module, or None where it cannot be imported."""
+    try:
+        return importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    except ImportError:
+        return None
 
 
 def _package_folder(package: str, install: str) -> Path:

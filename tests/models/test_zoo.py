@@ -78,3 +78,17 @@ def test_progress_bars_are_as_they_were_after_the_block(transformers_on, hub_on)
     finally:
         (logging.enable_progress_bar if was[0] else logging.disable_progress_bar)()
         (hub.disable_progress_bars if was[1] else hub.enable_progress_bars)()
+
+
+def test_no_progress_hides_the_gguf_conversion_bar_too():
+    # transformers' GGUF loader runs a plain tqdm ("Converting and de-quantizing GGUF tensors..."): duat markov
+    # --no-progress --model smollm2 showed it
+    gguf = pytest.importorskip("transformers.modeling_gguf_pytorch_utils", reason="needs transformers with GGUF")
+    from duat_kernels.models.zoo import transformers_progress_bars
+
+    before = gguf.tqdm
+    with transformers_progress_bars(False):
+        assert gguf.tqdm(range(3), desc="x").disable
+    assert gguf.tqdm is before
+    with transformers_progress_bars(True):
+        assert gguf.tqdm is before
