@@ -73,6 +73,14 @@ bool flag_arg(const py::handle& obj, const std::string& name) {
   return PyObject_IsTrue(obj.ptr()) == 1;
 }
 
+// A str (out_dtype): True or None got pybind11's "incompatible function arguments" list.
+std::string str_arg(const py::handle& obj, const std::string& name) {
+  if (!PyUnicode_Check(obj.ptr()))
+    throw py::type_error("duat_kernels._C: " + name + " must be a str (float32, float64, float16 or bfloat16), got " +
+                         describe(obj));
+  return obj.cast<std::string>();
+}
+
 // A real number (int, float, NumPy's), not a bool.
 double real_arg(const py::handle& obj, const std::string& name) {
   PyNumberMethods* number = Py_TYPE(obj.ptr())->tp_as_number;
@@ -251,8 +259,9 @@ void set_tile(duat::KronSumProblem& pb, const py::buffer_info& o, int64_t row0, 
          std::to_string(total_rows) + ", " + std::to_string(total_cols) + ")");
 }
 
-void kron_sum(py::buffer lt, py::buffer rt, py::buffer out, const std::string& out_dtype,
+void kron_sum(py::buffer lt, py::buffer rt, py::buffer out, py::handle out_dtype_arg,
               py::handle row0_arg, py::handle col0_arg, py::handle threads) {
+  const std::string out_dtype = str_arg(out_dtype_arg, "kron_sum: out_dtype");
   const int num_threads = threads_arg(threads, "kron_sum");
   const int64_t row0 = int_arg(row0_arg, "kron_sum: row0"), col0 = int_arg(col0_arg, "kron_sum: col0");
   py::buffer_info l = lt.request(), r = rt.request(), o = writable(out, "out");
@@ -306,8 +315,9 @@ duat::OvProblem check_weights(const py::buffer_info& wo, const py::buffer_info& 
 // A tile of W = sum_i L_i (x) OV_i with OV given by its factors (token layout; never written):
 // lt = L (h, P, S) through its strides (a part of A), wo (Q, h*d) and wv (h_kv*d, T) C-contiguous (the
 // rows and columns of the weights the tile touches), out (rows, cols) at [row0, col0) of W.
-void kron_sum_factored(py::buffer lt, py::buffer wo_buf, py::buffer wv_buf, py::buffer out, const std::string& out_dtype,
+void kron_sum_factored(py::buffer lt, py::buffer wo_buf, py::buffer wv_buf, py::buffer out, py::handle out_dtype_arg,
                        py::handle kv_heads_arg, py::handle row0_arg, py::handle col0_arg, py::handle threads) {
+  const std::string out_dtype = str_arg(out_dtype_arg, "kron_sum_factored: out_dtype");
   const int num_threads = threads_arg(threads, "kron_sum_factored");
   const int64_t kv_heads = int_arg(kv_heads_arg, "kron_sum_factored: kv_heads");
   const int64_t row0 = int_arg(row0_arg, "kron_sum_factored: row0"), col0 = int_arg(col0_arg, "kron_sum_factored: col0");
@@ -699,8 +709,9 @@ PYBIND11_MODULE(_C, m) {
       "the arithmetic floor of kron_sum.");
   m.def(
       "micro_kernel_gflops",
-      [](const std::string& out_dtype, py::handle h_arg, py::handle cols_arg, py::handle segments_arg,
+      [](py::handle out_dtype_arg, py::handle h_arg, py::handle cols_arg, py::handle segments_arg,
          py::handle reps_arg) {
+        const std::string out_dtype = str_arg(out_dtype_arg, "micro_kernel_gflops: out_dtype");
         const int64_t h = int_arg(h_arg, "micro_kernel_gflops: h"), cols = int_arg(cols_arg, "micro_kernel_gflops: cols");
         const int64_t segments = int_arg(segments_arg, "micro_kernel_gflops: segments");
         const int64_t reps = int_arg(reps_arg, "micro_kernel_gflops: reps");

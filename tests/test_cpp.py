@@ -748,6 +748,10 @@ def test_boundary_refuses_bools_for_numbers_and_numbers_for_flags(name):
     # "lt must hold float32 or float64, got format '=f'" for a float32 view at an odd byte offset
     ("_C.kron_sum(np.zeros(17, np.uint8)[1:].view(F).reshape(1, 2, 2), np.ones((1, 2, 2), F), np.zeros((4, 4), F),"
      " 'float32')", "not aligned to its item size"),
+    # pybind11's "incompatible function arguments" list for a bool or None out_dtype
+    ("_C.micro_kernel_gflops(True, 1)", "micro_kernel_gflops: out_dtype must be a str .*, got bool True"),
+    ("_C.kron_sum(np.ones((1, 2, 2), F), np.ones((1, 2, 2), F), np.zeros((4, 4), F), None)",
+     "kron_sum: out_dtype must be a str .*, got NoneType None"),
     # a big-endian float32 array: "got format '>f'" (it held float32)
     ("_C.kron_sum(np.ones((1, 2, 2), '>f4'), np.ones((1, 2, 2), F), np.zeros((4, 4), F), 'float32')",
      "in a byte order that is not this machine's"),
