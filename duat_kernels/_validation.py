@@ -178,6 +178,15 @@ def check_operator(what: str, op, data: bool = True) -> None:
         check_has_data(what, op.device)
 
 
+def check_not_given(what: str, kwargs: dict, **fixed) -> None:
+    """Refuse keyword arguments that `what` fixes itself (their fixed values given as `fixed`), which Python refused
+    as "hvo_matrix() got multiple values for keyword argument 'layout'"."""
+    given = [name for name in fixed if name in kwargs]
+    if given:
+        own = ", ".join(f"{name}={fixed[name]!r}" for name in given)
+        raise TypeError(f"{what} takes its own {', '.join(given)} ({own}); build another one for other values")
+
+
 def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     first_name, first = next(iter(devices.items()))

@@ -172,10 +172,7 @@ class HVOOperator:
 
     def to_dense(self, **kwargs) -> torch.Tensor:
         """The dense W' (refused with DenseTooLargeError when it would not fit); kwargs go to hvo_matrix."""
-        fixed = sorted({"layout", "num_kv_heads", "num_heads"} & kwargs.keys())
-        if fixed:  # was "hvo_matrix() got multiple values for keyword argument 'layout'"
-            raise TypeError(f"to_dense takes the operator's own {', '.join(fixed)} (layout={self.layout!r}, "
-                            f"num_kv_heads={self.dims.kv_heads}); build an HVOOperator with other ones instead")
+        v.check_not_given("HVOOperator.to_dense", kwargs, layout=self.layout, num_kv_heads=self.dims.kv_heads)
         return hvo_matrix(self.attn, self.w_v, self.w_o, num_kv_heads=self.dims.kv_heads, layout=self.layout, **kwargs)
 
     def block(self, n: int, m: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from duat_kernels._validation import check_flag, check_layout, integer
+from duat_kernels._validation import check_flag, check_layout, check_not_given, integer
 from duat_kernels.forward_signature import named_inputs
 from duat_kernels.hvo import hvo_bias, hvo_matrix
 from duat_kernels.hvo_operator import HVOOperator
@@ -60,6 +60,7 @@ class AttentionLayer:
 
     def hvo_matrix(self, **kwargs) -> torch.Tensor:
         """Dense W' (B, N·M_out, N·M_in); kwargs (heads=, dtype=, backend=, ...) go to duat_kernels.hvo_matrix."""
+        check_not_given("AttentionLayer.hvo_matrix", kwargs, num_kv_heads=self.num_kv_heads, num_heads=self.num_heads)
         return hvo_matrix(self.attn, self.w_v, self.w_o, num_kv_heads=self.num_kv_heads, num_heads=self.num_heads,
                           **kwargs)
 

@@ -336,6 +336,14 @@ def test_sequences_without_tokens_are_refused_by_name(capture, positional):
         dk.models.attention_layers(model, *args, capture=capture, **kwargs)
 
 
+def test_layer_hvo_matrix_names_the_arguments_the_layer_fixes():
+    # "hvo_matrix() got multiple values for keyword argument 'num_kv_heads'"
+    config, model = _random_model("llama")
+    layer = dk.models.attention_layers(model, layers=[0], **_ids(100))[0]
+    with pytest.raises(TypeError, match=r"AttentionLayer.hvo_matrix takes its own num_kv_heads \(num_kv_heads="):
+        layer.hvo_matrix(num_kv_heads=1)
+
+
 def test_relative_error_of_an_all_padding_batch_is_refused():
     # every query row padded: 0 / 0 gave NaN
     config, model = _random_model("llama")
