@@ -63,9 +63,12 @@ def _heads(values: list[str] | None) -> tuple[list[int] | None, bool]:
     if values == ["all"]:
         return None, True
     try:
-        return [int(v) for v in values], True
+        heads = [int(v) for v in values]
     except ValueError:
         raise InspectError(f"--heads takes 'all' or head indices, got {' '.join(values)}") from None
+    if len(set(heads)) != len(heads):  # was refused once the model had loaded (-1 and h-1 are found only then)
+        raise InspectError(f"--heads: heads must be distinct, got {heads}")
+    return heads, True
 
 
 def _selected_heads(model, layers: list[int] | None, heads: list[int]) -> list[int]:
