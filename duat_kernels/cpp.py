@@ -282,8 +282,13 @@ OUTPUT_CACHE_MIN_BYTES = 8 << 20
 def empty_output(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised contiguous CPU tensor for a kernel output: from the output cache when it is
     large (its storage cannot be resized), else torch.empty."""
-    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+    from duat_kernels._validation import integer  # _validation imports this module
+
+    if not all(integer(n, tensors=False) is not None and n >= 0 for n in shape):
         raise ValueError(f"empty_output: shape must be ints >= 0, got {tuple(shape)!r}")
+    if dtype not in _DTYPE_NAMES:  # a dtype's name failed with "'str' object has no attribute 'itemsize'"
+        raise TypeError(f"empty_output: dtype must be one of {', '.join(map(str, _DTYPE_NAMES))}, got {dtype!r}")
+    shape = tuple(integer(n, tensors=False) for n in shape)  # NumPy integers as ints
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes >= 1 << 63:
         raise ValueError(f"empty_output: shape {tuple(shape)} of {dtype} needs {nbytes} bytes, more than any "
@@ -305,9 +310,11 @@ def stream_fill_(out: torch.Tensor, byte: int = 0x3F) -> torch.Tensor:
                          "out.resolve_neg().resolve_conj() (a copy) or the tensor it views")
     if out.device.type != "cpu" or not out.is_contiguous():
         raise ValueError(f"stream_fill_ needs a contiguous CPU tensor, got {out.device} tensor of strides {out.stride()}")
-    if isinstance(byte, bool) or not isinstance(byte, int) or not 0 <= byte <= 255:
+    from duat_kernels._validation import integer  # _validation imports this module
+
+    if integer(byte, tensors=False) is None or not 0 <= byte <= 255:  # a NumPy integer was refused
         raise ValueError(f"byte must be an int in [0, 255], got {byte!r}")
-    _C.stream_fill(_numpy_view(out), byte, kernel_threads())
+    _C.stream_fill(_numpy_view(out), integer(byte), kernel_threads())
     return out
 
 

@@ -686,12 +686,23 @@ def test_kron_sum_tile_names_a_bad_factor(left, right, message):
     (lambda: cpp.ov_circuits(torch.randn(8, 8), torch.randn(8, 8).half(), 2, 2), "w_o must be a 2-D float32"),
     (lambda: cpp.empty_output((-1, 4), torch.float32), r"shape must be ints >= 0"),
     (lambda: cpp.empty_output((2 ** 40, 2 ** 40), torch.float32), "more than any address space holds"),
+    (lambda: cpp.empty_output((2,), "float32"), "empty_output: dtype must be one of"),  # "'str' ... 'itemsize'"
 ])
 def test_internal_helpers_name_bad_arguments(call, message):
     # An IndexError (1-D w_v), a message about an `out` ov_circuits has not, torch's negative-dimension error and
     # pybind's "incompatible function arguments" before.
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ValueError, TypeError), match=message):
         call()
+
+
+def test_internal_helpers_take_numpy_integers():
+    # empty_output((np.int64(2),)) and stream_fill_(out, np.int64(3)) were refused as "must be ints"
+    import numpy as np
+
+    out = cpp.empty_output((np.int64(2), 3), torch.float32)
+    assert out.shape == (2, 3)
+    cpp.stream_fill_(out, np.uint8(0x3F))
+    assert (out.view(torch.uint8) == 0x3F).all()
 
 
 _BOOL_ARGUMENTS = {  # pybind11 took True as the int 1, the float 1.0 and 2 as the bool True: each ran silently
