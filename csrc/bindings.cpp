@@ -32,9 +32,73 @@ namespace {
 // segfaulted the process), and far fewer than that only contend for the CPUs.
 constexpr int kMaxThreads = 4096;
 
-void check_threads(int num_threads) {
+void check_threads(int64_t num_threads) {
   if (num_threads < 1 || num_threads > kMaxThreads)
     fail("num_threads must be in [1, " + std::to_string(kMaxThreads) + "], got " + std::to_string(num_threads));
+}
+
+// Numbers and flags as Python passes them, each checked by name. pybind11's own casters took True as the int 1
+// (micro_kernel_gflops(h=True), kron_sum(row0=True) ran), True as the float 1.0 (scale=True) and any number as
+// a bool (causal=2), silently; a float or an int past int64 got its "incompatible function arguments" list.
+bool is_bool(const py::handle& obj) {
+  const char* type = Py_TYPE(obj.ptr())->tp_name;
+  return PyBool_Check(obj.ptr()) || std::strcmp(type, "numpy.bool") == 0 || std::strcmp(type, "numpy.bool_") == 0;
+}
+
+std::string describe(const py::handle& obj) {
+  return std::string(Py_TYPE(obj.ptr())->tp_name) + " " + py::repr(obj).cast<std::string>();
+}
+
+// An int (or an integer with __index__, such as NumPy's), not a bool, within int64.
+int64_t int_arg(const py::handle& obj, const std::string& name) {
+  if (is_bool(obj) || !PyIndex_Check(obj.ptr()))
+    throw py::type_error("duat_kernels._C: " + name + " must be an int, got " + describe(obj));
+  const py::object index = py::reinterpret_steal<py::object>(PyNumber_Index(obj.ptr()));
+  if (!index) throw py::error_already_set();
+  int overflow = 0;
+  const long long value = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
+  if (overflow) fail(name + " is outside the int64 range, got " + describe(obj));
+  return value;
+}
+
+int threads_arg(const py::handle& obj, const std::string& function) {
+  const int64_t n = int_arg(obj, function + ": num_threads");
+  check_threads(n);
+  return static_cast<int>(n);
+}
+
+// True or False (NumPy's bools too), not a number or another object with a truth value.
+bool flag_arg(const py::handle& obj, const std::string& name) {
+  if (!is_bool(obj)) throw py::type_error("duat_kernels._C: " + name + " must be True or False, got " + describe(obj));
+  return PyObject_IsTrue(obj.ptr()) == 1;
+}
+
+// A str (out_dtype): True or None got pybind11's "incompatible function arguments" list.
+std::string str_arg(const py::handle& obj, const std::string& name) {
+  if (!PyUnicode_Check(obj.ptr()))
+    throw py::type_error("duat_kernels._C: " + name + " must be a str (float32, float64, float16 or bfloat16), got " +
+                         describe(obj));
+  return obj.cast<std::string>();
+}
+
+// A real number (int, float, NumPy's), not a bool.
+double real_arg(const py::handle& obj, const std::string& name) {
+  PyNumberMethods* number = Py_TYPE(obj.ptr())->tp_as_number;
+  if (is_bool(obj) || !(PyIndex_Check(obj.ptr()) || (number && number->nb_float)) || PyComplex_Check(obj.ptr()))
+    throw py::type_error("duat_kernels._C: " + name + " must be a real number, got " + describe(obj));
+  const double value = PyFloat_AsDouble(obj.ptr());
+  if (value == -1.0 && PyErr_Occurred()) throw py::error_already_set();
+  return value;
+}
+
+// A buffer the kernel writes: a read-only one was refused with NumPy's "buffer source array is read-only",
+// which named no argument.
+py::buffer_info writable(const py::buffer& buf, const std::string& name) {
+  try {
+    return buf.request(/*writable=*/true);
+  } catch (py::error_already_set& exc) {
+    fail(name + " must be a writable array (the kernel writes it): " + exc.what());
+  }
 }
 
 int64_t checked_mul(int64_t a, int64_t b, const char* what) {
@@ -58,10 +122,23 @@ void require_c_contiguous(const py::buffer_info& b, const char* name) {
   }
 }
 
+// What a buffer format that is not the native one means: NumPy gives a view that is not aligned to its item size
+// (a float32 view at an odd byte offset) the format '=f', and one in the other byte order '>f'; both read as
+// "got format '=f'" for what is a float32.
+std::string format_str(const py::buffer_info& b) {
+  std::string hint;
+  if (b.format.size() == 2 && b.format[0] == '=')
+    hint = " (an array not aligned to its item size: pass a copy, a.copy())";
+  else if (b.format.size() == 2 && std::strchr("<>!", b.format[0]) != nullptr)
+    hint = " (an array in a byte order that is not this machine's: pass a copy in native order, "
+           "a.astype(a.dtype.newbyteorder('=')))";
+  return "'" + b.format + "'" + hint;
+}
+
 char scalar_format(const py::buffer_info& b, const char* name) {
   if (b.format == py::format_descriptor<float>::format()) return 'f';
   if (b.format == py::format_descriptor<double>::format()) return 'd';
-  fail(std::string(name) + " must hold float32 or float64, got format '" + b.format + "'");
+  fail(std::string(name) + " must hold float32 or float64, got format " + format_str(b));
 }
 
 duat::OutType parse_out_type(const std::string& s) {
@@ -182,10 +259,12 @@ void set_tile(duat::KronSumProblem& pb, const py::buffer_info& o, int64_t row0, 
          std::to_string(total_rows) + ", " + std::to_string(total_cols) + ")");
 }
 
-void kron_sum(py::buffer lt, py::buffer rt, py::buffer out, const std::string& out_dtype,
-              int64_t row0, int64_t col0, int num_threads) {
-  check_threads(num_threads);
-  py::buffer_info l = lt.request(), r = rt.request(), o = out.request(/*writable=*/true);
+void kron_sum(py::buffer lt, py::buffer rt, py::buffer out, py::handle out_dtype_arg,
+              py::handle row0_arg, py::handle col0_arg, py::handle threads) {
+  const std::string out_dtype = str_arg(out_dtype_arg, "kron_sum: out_dtype");
+  const int num_threads = threads_arg(threads, "kron_sum");
+  const int64_t row0 = int_arg(row0_arg, "kron_sum: row0"), col0 = int_arg(col0_arg, "kron_sum: col0");
+  py::buffer_info l = lt.request(), r = rt.request(), o = writable(out, "out");
   duat::KronSumProblem pb;
   set_left(pb, l);
   if (r.ndim != 3) fail("rt must be 3-D (h, Q, T), got shape " + shape_str(r));
@@ -236,10 +315,13 @@ duat::OvProblem check_weights(const py::buffer_info& wo, const py::buffer_info& 
 // A tile of W = sum_i L_i (x) OV_i with OV given by its factors (token layout; never written):
 // lt = L (h, P, S) through its strides (a part of A), wo (Q, h*d) and wv (h_kv*d, T) C-contiguous (the
 // rows and columns of the weights the tile touches), out (rows, cols) at [row0, col0) of W.
-void kron_sum_factored(py::buffer lt, py::buffer wo_buf, py::buffer wv_buf, py::buffer out, const std::string& out_dtype,
-                       int64_t kv_heads, int64_t row0, int64_t col0, int num_threads) {
-  check_threads(num_threads);
-  py::buffer_info l = lt.request(), wo = wo_buf.request(), wv = wv_buf.request(), o = out.request(/*writable=*/true);
+void kron_sum_factored(py::buffer lt, py::buffer wo_buf, py::buffer wv_buf, py::buffer out, py::handle out_dtype_arg,
+                       py::handle kv_heads_arg, py::handle row0_arg, py::handle col0_arg, py::handle threads) {
+  const std::string out_dtype = str_arg(out_dtype_arg, "kron_sum_factored: out_dtype");
+  const int num_threads = threads_arg(threads, "kron_sum_factored");
+  const int64_t kv_heads = int_arg(kv_heads_arg, "kron_sum_factored: kv_heads");
+  const int64_t row0 = int_arg(row0_arg, "kron_sum_factored: row0"), col0 = int_arg(col0_arg, "kron_sum_factored: col0");
+  py::buffer_info l = lt.request(), wo = wo_buf.request(), wv = wv_buf.request(), o = writable(out, "out");
   duat::KronSumProblem pb;
   set_left(pb, l);
   const char f = scalar_format(l, "lt");
@@ -262,10 +344,11 @@ void kron_sum_factored(py::buffer lt, py::buffer wo_buf, py::buffer wv_buf, py::
 }
 
 // OV (M_out, h, M_in) of wo (M_out, h·d) and wv (h_kv·d, M_in), all C-contiguous, one dtype.
-void ov_slabs(py::buffer wo_buf, py::buffer wv_buf, py::buffer out_buf, int64_t heads, int64_t kv_heads,
-              int num_threads) {
-  check_threads(num_threads);
-  py::buffer_info wo = wo_buf.request(), wv = wv_buf.request(), o = out_buf.request(/*writable=*/true);
+void ov_slabs(py::buffer wo_buf, py::buffer wv_buf, py::buffer out_buf, py::handle heads_arg, py::handle kv_heads_arg,
+              py::handle threads) {
+  const int num_threads = threads_arg(threads, "ov_slabs");
+  const int64_t heads = int_arg(heads_arg, "ov_slabs: heads"), kv_heads = int_arg(kv_heads_arg, "ov_slabs: kv_heads");
+  py::buffer_info wo = wo_buf.request(), wv = wv_buf.request(), o = writable(out_buf, "out");
   if (o.ndim != 3) fail("out must be 3-D (M_out, h, M_in), got shape " + shape_str(o));
   require_c_contiguous(o, "out");
   const char f = scalar_format(o, "out");
@@ -304,7 +387,7 @@ duat::GramNormsProblem check_gram_inputs(const py::buffer_info& a, const py::buf
   for (const auto* b : {&a, &c}) {
     const char* name = b == &a ? "a" : "c";
     if (b->format != py::format_descriptor<float>::format())
-      fail_norms(std::string(name) + " must hold float32, got format '" + b->format + "'");
+      fail_norms(std::string(name) + " must hold float32, got format " + format_str(*b));
     int64_t expected = b->itemsize;
     for (int64_t d = b->ndim - 1; d >= 0; --d) {
       if (b->shape[d] != 1 && b->strides[d] != expected) fail_norms(std::string(name) + " must be C-contiguous");
@@ -329,9 +412,10 @@ void require_shape(const py::buffer_info& b, const char* name, const char* fmt, 
   }
 }
 
-void gram_squared_norms(py::buffer a_buf, py::buffer c_buf, py::buffer out_buf, int num_threads, bool root) {
-  check_threads(num_threads);
-  py::buffer_info a = a_buf.request(), c = c_buf.request(), o = out_buf.request(/*writable=*/true);
+void gram_squared_norms(py::buffer a_buf, py::buffer c_buf, py::buffer out_buf, py::handle threads, py::handle root_arg) {
+  const int num_threads = threads_arg(threads, "gram_squared_norms");
+  const bool root = flag_arg(root_arg, "gram_squared_norms: root");
+  py::buffer_info a = a_buf.request(), c = c_buf.request(), o = writable(out_buf, "out");
   const duat::GramNormsProblem pb = check_gram_inputs(a, c);
   require_shape(o, "out", py::format_descriptor<float>::format().c_str(), {pb.rows, pb.cols});
   if (pb.rows == 0 || pb.cols == 0) return;
@@ -342,10 +426,10 @@ void gram_squared_norms(py::buffer a_buf, py::buffer c_buf, py::buffer out_buf, 
 }
 
 void gram_grid_norms(py::buffer a_buf, py::buffer c_buf, py::buffer row_bin_buf, py::buffer col_bin_buf,
-                     py::buffer out_buf, int num_threads) {
-  check_threads(num_threads);
+                     py::buffer out_buf, py::handle threads) {
+  const int num_threads = threads_arg(threads, "gram_grid_norms");
   py::buffer_info a = a_buf.request(), c = c_buf.request(), rb = row_bin_buf.request(), cb = col_bin_buf.request(),
-                  o = out_buf.request(/*writable=*/true);
+                  o = writable(out_buf, "out");
   const duat::GramNormsProblem pb = check_gram_inputs(a, c);
   const std::string i64 = py::format_descriptor<int64_t>::format();
   if (rb.format != i64 && !(rb.format == "l" && rb.itemsize == 8)) fail_norms("row_bin must hold int64");
@@ -371,7 +455,7 @@ void gram_grid_norms(py::buffer a_buf, py::buffer c_buf, py::buffer row_bin_buf,
 
 void require_f32_c(const py::buffer_info& b, const char* name, int64_t ndim) {
   if (b.format != py::format_descriptor<float>::format())
-    fail_qk(std::string(name) + " must hold float32, got format '" + b.format + "'");
+    fail_qk(std::string(name) + " must hold float32, got format " + format_str(b));
   if (b.ndim != ndim) fail_qk(std::string(name) + " must be " + std::to_string(ndim) + "-D, got shape " + shape_str(b));
   int64_t expected = b.itemsize;
   for (int64_t d = b.ndim - 1; d >= 0; --d) {
@@ -387,9 +471,26 @@ struct QkInputs {
   const uint8_t* key_mask;
 };
 
+// The options of the q/k kernels, converted by name (real_arg, flag_arg, int_arg).
+struct QkOptions {
+  double scale, softcap;
+  bool causal;
+  int64_t window;
+  int num_threads;
+};
+
+QkOptions qk_options(const std::string& function, const py::handle& scale, const py::handle& softcap,
+                     const py::handle& causal, const py::handle& window, const py::handle& threads) {
+  return {real_arg(scale, function + ": scale"), real_arg(softcap, function + ": softcap"),
+          flag_arg(causal, function + ": causal"), int_arg(window, function + ": window"),
+          threads_arg(threads, function)};
+}
+
 QkInputs check_qk_inputs(const py::buffer_info& q, const py::buffer_info& k, const py::object& key_mask_obj,
-                         py::buffer_info& mask_info, const py::buffer_info* c, double scale, double softcap,
-                         bool causal, int64_t window) {
+                         py::buffer_info& mask_info, const py::buffer_info* c, const QkOptions& opt) {
+  const double scale = opt.scale, softcap = opt.softcap;
+  const bool causal = opt.causal;
+  const int64_t window = opt.window;
   require_f32_c(q, "q", 4);
   require_f32_c(k, "k", 4);
   if (c) require_f32_c(*c, "c", 2);
@@ -412,6 +513,9 @@ QkInputs check_qk_inputs(const py::buffer_info& q, const py::buffer_info& k, con
   checked_mul(checked_mul(pb.batch, pb.n, "B*N"), pb.n, "B*N*N");
   const uint8_t* mask = nullptr;
   if (!key_mask_obj.is_none()) {
+    if (!py::isinstance<py::buffer>(key_mask_obj))  // pybind11's "Object of type 'list' is not an instance of 'buffer'"
+      throw py::type_error("duat_kernels._C.qk_gram_norms: key_mask must be None or a (B, N) bool or uint8 array, got " +
+                           describe(key_mask_obj));
     mask_info = py::cast<py::buffer>(key_mask_obj).request();
     if (mask_info.itemsize != 1 || (mask_info.format != "?" && mask_info.format != "B" && mask_info.format != "b"))
       fail_qk("key_mask must hold bool or uint8, got format '" + mask_info.format + "'");
@@ -428,10 +532,10 @@ QkInputs check_qk_inputs(const py::buffer_info& q, const py::buffer_info& k, con
 }
 
 void qk_gram_squared_norms(py::buffer q_buf, py::buffer k_buf, py::object key_mask, py::buffer c_buf, py::buffer out_buf,
-                           double scale, double softcap, bool causal, int64_t window, int num_threads) {
-  check_threads(num_threads);
-  py::buffer_info q = q_buf.request(), k = k_buf.request(), c = c_buf.request(), o = out_buf.request(true), mi;
-  const QkInputs in = check_qk_inputs(q, k, key_mask, mi, &c, scale, softcap, causal, window);
+                           py::handle scale, py::handle softcap, py::handle causal, py::handle window, py::handle threads) {
+  const QkOptions opt = qk_options("qk_gram_squared_norms", scale, softcap, causal, window, threads);
+  py::buffer_info q = q_buf.request(), k = k_buf.request(), c = c_buf.request(), o = writable(out_buf, "out"), mi;
+  const QkInputs in = check_qk_inputs(q, k, key_mask, mi, &c, opt);
   if (o.format != py::format_descriptor<float>::format() || o.ndim != 3 || o.shape[0] != in.pb.batch ||
       o.shape[1] != in.pb.n || o.shape[2] != in.pb.n)
     fail_qk("out must be float32 (B, N, N) = (" + std::to_string(in.pb.batch) + ", " + std::to_string(in.pb.n) + ", " +
@@ -440,16 +544,16 @@ void qk_gram_squared_norms(py::buffer q_buf, py::buffer k_buf, py::object key_ma
   if (in.pb.batch == 0 || in.pb.n == 0) return;
   float* op = static_cast<float*>(o.ptr);
   py::gil_scoped_release release;
-  duat::qk_gram_squared_norms(in.q, in.k, in.key_mask, in.c, op, in.pb, num_threads);
+  duat::qk_gram_squared_norms(in.q, in.k, in.key_mask, in.c, op, in.pb, opt.num_threads);
 }
 
 void qk_gram_grid_norms(py::buffer q_buf, py::buffer k_buf, py::object key_mask, py::buffer c_buf, py::buffer row_bin_buf,
-                        py::buffer col_bin_buf, py::buffer out_buf, double scale, double softcap, bool causal,
-                        int64_t window, int num_threads) {
-  check_threads(num_threads);
+                        py::buffer col_bin_buf, py::buffer out_buf, py::handle scale, py::handle softcap,
+                        py::handle causal, py::handle window, py::handle threads) {
+  const QkOptions opt = qk_options("qk_gram_grid_norms", scale, softcap, causal, window, threads);
   py::buffer_info q = q_buf.request(), k = k_buf.request(), c = c_buf.request(), rb = row_bin_buf.request(),
-                  cb = col_bin_buf.request(), o = out_buf.request(true), mi;
-  const QkInputs in = check_qk_inputs(q, k, key_mask, mi, &c, scale, softcap, causal, window);
+                  cb = col_bin_buf.request(), o = writable(out_buf, "out"), mi;
+  const QkInputs in = check_qk_inputs(q, k, key_mask, mi, &c, opt);
   const std::string i64 = py::format_descriptor<int64_t>::format();
   for (const auto* b : {&rb, &cb}) {
     const char* name = b == &rb ? "row_bin" : "col_bin";
@@ -476,16 +580,16 @@ void qk_gram_grid_norms(py::buffer q_buf, py::buffer k_buf, py::object key_mask,
   if (in.pb.batch == 0 || in.pb.n == 0) return;
   double* op = static_cast<double*>(o.ptr);
   py::gil_scoped_release release;
-  duat::qk_gram_grid_norms(in.q, in.k, in.key_mask, in.c, rp, cp, op, out_rows, out_cols, in.pb, num_threads);
+  duat::qk_gram_grid_norms(in.q, in.k, in.key_mask, in.c, rp, cp, op, out_rows, out_cols, in.pb, opt.num_threads);
 }
 
 void qk_mix_transposed(py::buffer q_buf, py::buffer k_buf, py::object key_mask, py::buffer u_buf, py::buffer out_buf,
-                       double scale, double softcap, bool causal, int64_t window, int num_threads) {
-  check_threads(num_threads);
-  py::buffer_info q = q_buf.request(), k = k_buf.request(), u = u_buf.request(), o = out_buf.request(true), mi;
+                       py::handle scale, py::handle softcap, py::handle causal, py::handle window, py::handle threads) {
+  const QkOptions opt = qk_options("qk_mix_transposed", scale, softcap, causal, window, threads);
+  py::buffer_info q = q_buf.request(), k = k_buf.request(), u = u_buf.request(), o = writable(out_buf, "out"), mi;
   require_f32_c(u, "u", 4);
   require_f32_c(o, "out", 4);
-  const QkInputs in = check_qk_inputs(q, k, key_mask, mi, nullptr, scale, softcap, causal, window);
+  const QkInputs in = check_qk_inputs(q, k, key_mask, mi, nullptr, opt);
   if (u.shape[0] != in.pb.batch || u.shape[1] != in.pb.h || u.shape[2] != in.pb.n)
     fail_qk("u must be (B, h, N, e) with (B, h, N) = (" + std::to_string(in.pb.batch) + ", " + std::to_string(in.pb.h) +
             ", " + std::to_string(in.pb.n) + "), got shape " + shape_str(u));
@@ -495,16 +599,16 @@ void qk_mix_transposed(py::buffer q_buf, py::buffer k_buf, py::object key_mask, 
   const float* up = static_cast<const float*>(u.ptr);
   float* op = static_cast<float*>(o.ptr);
   py::gil_scoped_release release;
-  duat::qk_mix_transposed(in.q, in.k, in.key_mask, up, op, e, in.pb, num_threads);
+  duat::qk_mix_transposed(in.q, in.k, in.key_mask, up, op, e, in.pb, opt.num_threads);
 }
 
-void qk_mix(py::buffer q_buf, py::buffer k_buf, py::object key_mask, py::buffer v_buf, py::buffer out_buf, double scale,
-            double softcap, bool causal, int64_t window, int num_threads) {
-  check_threads(num_threads);
-  py::buffer_info q = q_buf.request(), k = k_buf.request(), v = v_buf.request(), o = out_buf.request(true), mi;
+void qk_mix(py::buffer q_buf, py::buffer k_buf, py::object key_mask, py::buffer v_buf, py::buffer out_buf,
+            py::handle scale, py::handle softcap, py::handle causal, py::handle window, py::handle threads) {
+  const QkOptions opt = qk_options("qk_mix", scale, softcap, causal, window, threads);
+  py::buffer_info q = q_buf.request(), k = k_buf.request(), v = v_buf.request(), o = writable(out_buf, "out"), mi;
   require_f32_c(v, "values", 4);
   require_f32_c(o, "out", 4);
-  const QkInputs in = check_qk_inputs(q, k, key_mask, mi, nullptr, scale, softcap, causal, window);
+  const QkInputs in = check_qk_inputs(q, k, key_mask, mi, nullptr, opt);
   if (v.shape[0] != in.pb.batch || v.shape[1] != in.pb.h_kv || v.shape[2] != in.pb.n)
     fail_qk("values must be (B, h_kv, N, e) with (B, h_kv, N) = (" + std::to_string(in.pb.batch) + ", " +
             std::to_string(in.pb.h_kv) + ", " + std::to_string(in.pb.n) + "), got shape " + shape_str(v));
@@ -516,11 +620,11 @@ void qk_mix(py::buffer q_buf, py::buffer k_buf, py::object key_mask, py::buffer 
   const float* vp = static_cast<const float*>(v.ptr);
   float* op = static_cast<float*>(o.ptr);
   py::gil_scoped_release release;
-  duat::qk_mix(in.q, in.k, in.key_mask, vp, op, e, in.pb, num_threads);
+  duat::qk_mix(in.q, in.k, in.key_mask, vp, op, e, in.pb, opt.num_threads);
 }
 
 void vector_exp(py::buffer x_buf, py::buffer y_buf) {
-  py::buffer_info x = x_buf.request(), y = y_buf.request(true);
+  py::buffer_info x = x_buf.request(), y = writable(y_buf, "y");
   require_f32_c(x, "x", 1);
   require_f32_c(y, "y", 1);
   if (y.shape[0] != x.shape[0]) fail_qk("y must have the shape of x");
@@ -547,9 +651,18 @@ PYBIND11_MODULE(_C, m) {
         "all C-contiguous float32 or float64.");
   m.def(
       "alloc_output",
-      [](int64_t nbytes) {
+      [](py::handle nbytes_arg) {
+        const int64_t nbytes = int_arg(nbytes_arg, "alloc_output: nbytes");
         if (nbytes < 0) throw std::invalid_argument("alloc_output: nbytes must be non-negative");
-        auto* block = new duat::OutputBlock(duat::take_output_block(static_cast<size_t>(nbytes)));
+        duat::OutputBlock taken;
+        try {
+          taken = duat::take_output_block(static_cast<size_t>(nbytes));
+        } catch (const std::bad_alloc&) {  // was MemoryError "std::bad_alloc", naming no size
+          PyErr_SetString(PyExc_MemoryError, ("duat_kernels._C.alloc_output: cannot map " + std::to_string(nbytes) +
+                                              " bytes for an output").c_str());
+          throw py::error_already_set();
+        }
+        auto* block = new duat::OutputBlock(taken);
         py::capsule owner(block, [](void* p) {
           auto* b = static_cast<duat::OutputBlock*>(p);
           duat::give_output_block(*b);
@@ -575,16 +688,18 @@ PYBIND11_MODULE(_C, m) {
       },
       "Bytes and blocks held by the output cache, its limit, and its hits and misses so far.");
   m.def(
-      "set_output_cache_limit", [](int64_t bytes) {
+      "set_output_cache_limit", [](py::handle bytes_arg) {
+        const int64_t bytes = int_arg(bytes_arg, "set_output_cache_limit: bytes");
         if (bytes < 0) throw std::invalid_argument("set_output_cache_limit: bytes must be non-negative");
         duat::set_output_cache_limit(static_cast<size_t>(bytes));
       },
       py::arg("bytes"), "Cap the bytes the output cache keeps (0 turns it off); evicts the oldest blocks.");
   m.def(
       "fma_peak_gflops",
-      [](int64_t iterations, int num_threads) {
+      [](py::handle iterations_arg, py::handle threads) {
+        const int64_t iterations = int_arg(iterations_arg, "fma_peak_gflops: iterations");
         if (iterations <= 0) throw std::invalid_argument("fma_peak_gflops: iterations must be positive");
-        check_threads(num_threads);
+        const int num_threads = threads_arg(threads, "fma_peak_gflops");
         const duat::IsaKernels& kernels = duat::active();
         py::gil_scoped_release release;
         return kernels.fma_peak_gflops(iterations, num_threads);
@@ -594,7 +709,12 @@ PYBIND11_MODULE(_C, m) {
       "the arithmetic floor of kron_sum.");
   m.def(
       "micro_kernel_gflops",
-      [](const std::string& out_dtype, int64_t h, int64_t cols, int segments, int64_t reps) {
+      [](py::handle out_dtype_arg, py::handle h_arg, py::handle cols_arg, py::handle segments_arg,
+         py::handle reps_arg) {
+        const std::string out_dtype = str_arg(out_dtype_arg, "micro_kernel_gflops: out_dtype");
+        const int64_t h = int_arg(h_arg, "micro_kernel_gflops: h"), cols = int_arg(cols_arg, "micro_kernel_gflops: cols");
+        const int64_t segments = int_arg(segments_arg, "micro_kernel_gflops: segments");
+        const int64_t reps = int_arg(reps_arg, "micro_kernel_gflops: reps");
         const duat::OutType ot = parse_out_type(out_dtype);
         if (ot == duat::OutType::kFloat64) fail("micro_kernel_gflops: out_dtype must be float32, float16 or bfloat16, got 'float64'");
         if (h < 1 || h > 256) fail("micro_kernel_gflops: h must be in [1, 256], got " + std::to_string(h));
@@ -604,7 +724,7 @@ PYBIND11_MODULE(_C, m) {
         if (reps < 1) fail("micro_kernel_gflops: reps must be positive, got " + std::to_string(reps));
         const duat::IsaKernels& kernels = duat::active();
         py::gil_scoped_release release;
-        return kernels.micro_kernel_gflops(ot, h, cols, segments, reps);
+        return kernels.micro_kernel_gflops(ot, h, cols, static_cast<int>(segments), reps);
       },
       py::arg("out_dtype"), py::arg("h"), py::arg("cols") = 128, py::arg("segments") = 12, py::arg("reps") = 20000,
       "GFLOP/s (2h flops per entry) of one thread running the kron_sum micro-kernels of the active ISA\n"
@@ -612,16 +732,17 @@ PYBIND11_MODULE(_C, m) {
       "slab, `reps` times, stored as out_dtype. Compare with fma_peak_gflops(num_threads=1).");
   m.def(
       "stream_fill",
-      [](py::array out, int value, int num_threads) {
+      [](py::array out, py::handle value_arg, py::handle threads) {
+        const int64_t value = int_arg(value_arg, "stream_fill: value");
+        const int num_threads = threads_arg(threads, "stream_fill");
         if (!out.writeable()) throw std::invalid_argument("stream_fill: out must be writable");
         if (!(out.flags() & py::array::c_style)) throw std::invalid_argument("stream_fill: out must be C-contiguous");
         if (value < 0 || value > 255) throw std::invalid_argument("stream_fill: value must be a byte, 0 to 255");
-        check_threads(num_threads);
         void* data = out.mutable_data();
         const int64_t nbytes = static_cast<int64_t>(out.nbytes());
         const duat::IsaKernels& kernels = duat::active();
         py::gil_scoped_release release;
-        kernels.stream_fill(data, nbytes, value, num_threads);
+        kernels.stream_fill(data, nbytes, static_cast<int>(value), num_threads);
       },
       py::arg("out"), py::arg("value"), py::arg("num_threads") = 1,
       "Set every byte of a C-contiguous array to value with the non-temporal stores of the active ISA\n"

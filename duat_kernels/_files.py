@@ -142,6 +142,25 @@ def check_writable_folder(what: str, folder) -> None:
                               "folder") from None
 
 
+def check_output_file(option: str, path) -> None:
+    """Refuse, before any work, an output file that cannot be written (a ValueError, or the PermissionError of
+    check_writable_folder): a folder, a path whose folder does not exist, a folder in which no file can be created
+    (/proc, a read-only file system), an existing file without write permission. A symbolic link is written
+    through: its target's folder must exist. `duat scale --plot /proc/x.png` ran the whole sweep first, then
+    failed on the plot. An empty or blank name is refused as such (it was '--plot : is a directory', Path('') being
+    the working directory)."""
+    check_nonempty_path(option, path, "give a file name")
+    target = link_target(option, Path(path))
+    if target.is_dir():
+        raise ValueError(f"{option} {path}: is a directory; give a file name")
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise ValueError(f"{option} {path}: the directory {str(parent)!r} does not exist")
+    check_writable_folder(f"{option} {path}", parent)  # os.access says yes to root on /proc or read-only mounts
+    if target.exists() and not os.access(target, os.W_OK):
+        raise ValueError(f"{option} {path}: not writable")
+
+
 OUTPUTS_MANIFEST = ".duat-outputs.json"  # {command: [names of the files its last run wrote into the folder]}
 
 

@@ -39,9 +39,13 @@ def _meminfo_available() -> int:
 
 
 def format_bytes(n: float) -> str:
+    """n bytes in B, KiB, ... PiB; past 10^4 PiB in powers of ten (a size of 10^26 tokens read
+    '284217094304040072421727437120360939520.0 PiB')."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if n < 1024 or unit == "PiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+            if unit == "B":
+                return f"{int(n)} B"
+            return f"{n:.1f} {unit}" if n < 1e4 else f"{n:.3g} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
 

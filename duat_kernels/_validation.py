@@ -109,8 +109,9 @@ def integer(value, tensors: bool = True) -> int | None:
     cannot trace hasattr on it."""
     if isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool):
         return value if type(value) in (int, torch.SymInt) else int(value)  # an int subclass (IntEnum) as int
-    if isinstance(value, bool) or (not tensors and isinstance(value, torch.Tensor)) or not hasattr(value, "__index__"):
-        return None
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and (not tensors or value.dtype == torch.bool)) \
+            or not hasattr(value, "__index__"):
+        return None  # a bool tensor's __index__ gives 0 or 1: block(torch.tensor(True), 0) was block 1
     try:
         return value.__index__()
     except TypeError:  # an array of several entries or of floats has __index__, and refuses it
@@ -172,6 +173,27 @@ def check_has_data(what: str, device: torch.device) -> None:
                          "(they have shapes only)")
 
 
+def check_operator(what: str, op, data: bool = True) -> None:
+    """op must be an HVOOperator, on tensors with data for data=True (check_has_data): save_dense('op', path) failed
+    with "'str' object has no attribute 'dims'", to_dask(attn) with "'Tensor' object has no attribute 'device'"."""
+    from duat_kernels.hvo_operator import HVOOperator  # it imports this module
+
+    if not isinstance(op, HVOOperator):
+        raise TypeError(f"{what} needs an HVOOperator (duat_kernels.HVOOperator(attn, w_v, w_o)), got "
+                        f"{type(op).__name__}")
+    if data:
+        check_has_data(what, op.device)
+
+
+def check_not_given(what: str, kwargs: dict, **fixed) -> None:
+    """Refuse keyword arguments that `what` fixes itself (their fixed values given as `fixed`), which Python refused
+    as "hvo_matrix() got multiple values for keyword argument 'layout'"."""
+    given = [name for name in fixed if name in kwargs]
+    if given:
+        own = ", ".join(f"{name}={fixed[name]!r}" for name in given)
+        raise TypeError(f"{what} takes its own {', '.join(given)} ({own}); build another one for other values")
+
+
 def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     first_name, first = next(iter(devices.items()))
@@ -218,10 +240,13 @@ ATTN_AXES_HINT = (
 
 
 def check_attention(attn: torch.Tensor, w_v: torch.Tensor | None, w_o: torch.Tensor,
-                    num_kv_heads: int | None, num_heads: int | None = None) -> HeadDims:
+                    num_kv_heads: int | None, num_heads: int | None = None, *, needs_w_v: bool = True) -> HeadDims:
+    """The sizes of attn (h, N, N) / (B, h, N, N) with w_v (h_kv·d, M_in) and w_o (M_out, h·d). w_v=None only with
+    needs_w_v=False (hvo_bias, which has no w_v): hvo_matrix(attn, None, w_o) failed with "'NoneType' object has
+    no attribute 'dtype'", and HVOOperator(attn, None, w_o) made an operator of shape (N·M_out, 0)."""
     check_tensor("attn", attn, (3, 4))
     check_tensor("w_o", w_o, (2,))
-    if w_v is not None:
+    if w_v is not None or needs_w_v:
         check_tensor("w_v", w_v, (2,))
     n, n_k = attn.shape[-2], attn.shape[-1]
     if n == 0 or n_k == 0 or attn.shape[-3] == 0:

@@ -181,10 +181,11 @@ def as_source(attn, num_kv_heads: int, w_v: torch.Tensor | None = None,
               w_o: torch.Tensor | None = None) -> AttentionSource:
     """attn as an AttentionSource: a source as it is; a tensor (B, h, N, N_k), checked against the weights
     when they are given, as ExplicitAttention. The duat_kernels.linalg functions take either; called
-    directly with a wrong shape they failed deep inside torch ("shape '[2, 1, 3]' is invalid")."""
-    if not isinstance(attn, torch.Tensor):
+    directly with a wrong shape they failed deep inside torch ("shape '[2, 1, 3]' is invalid"), with anything
+    else (a list, None) with "'list' object has no attribute 'heads'"."""
+    if isinstance(attn, AttentionSource):
         return attn
-    v.check_tensor("attn", attn, (4,))
-    if w_o is not None:  # num_kv_heads=None is h, as in hvo_matrix: callers read source.kv_heads
+    v.check_tensor("attn", attn, (4,))  # a list or None failed later: "'list' object has no attribute 'heads'"
+    if w_o is not None or w_v is not None:  # num_kv_heads=None is h, as in hvo_matrix: callers read source.kv_heads
         num_kv_heads = v.check_attention(attn, w_v, w_o, num_kv_heads).kv_heads
     return ExplicitAttention(attn, num_kv_heads)

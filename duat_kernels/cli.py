@@ -9,11 +9,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import torch
 
-from duat_kernels._files import check_plot_format
+from duat_kernels._files import check_output_file, check_plot_format
 from duat_kernels._validation import check_threads
 from duat_kernels.analysis.claims import cli as claims_cli
 from duat_kernels.corpus import cli as corpus_cli
@@ -107,24 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_output_file(option: str, path: str | None) -> None:
-    """An output file's folder must exist and the path must not be a folder (checked before the work)."""
-    if path is None:
-        return
-    p = Path(path)
-    if p.is_dir():
-        raise ValueError(f"{option} {path} is a directory; give a file name")
-    if not p.parent.is_dir():
-        raise ValueError(f"{option} {path}: the folder {p.parent} does not exist")
-
-
 def check_scale_args(args) -> None:
     if min(args.n) < 2:
         raise ValueError(f"every --n must be >= 2, got {min(args.n)}")
     if args.m % args.heads:
         raise ValueError(f"--m {args.m} must be divisible by --heads {args.heads}")
-    check_output_file("--plot", args.plot)
     if args.plot is not None:
+        check_output_file("--plot", args.plot)
         check_plot_format("--plot", args.plot)
     from duat_kernels.analysis.scaling import sweep_bytes, sweep_memory_formula
 

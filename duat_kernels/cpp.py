@@ -159,9 +159,12 @@ def _check_tile(name: str, out, row0, col0, total: tuple[int, int] | None) -> No
         raise TypeError(f"{name}: out must be {', '.join(_DTYPE_NAMES.values())}, got {out.dtype}")
     if total is None:  # out alone: checked before the factors, whose shapes give W's
         return
+    from duat_kernels._validation import integer  # _validation imports this module
+
     for arg, start, size, limit in (("row0", row0, out.shape[0], total[0]), ("col0", col0, out.shape[1], total[1])):
-        if isinstance(start, bool) or not hasattr(start, "__index__"):
+        if integer(start) is None:  # a bool tensor was taken as 0 or 1
             raise TypeError(f"{name}: {arg} must be an int, got {start!r}")
+        start = integer(start)
         if start < 0 or start + size > limit:
             raise ValueError(f"{name}: the tile [{start}, {start + size}) along {arg} lies outside W's {limit} "
                              f"{'rows' if arg == 'row0' else 'columns'} (W of shape {tuple(total)}, out {tuple(out.shape)})")
@@ -190,6 +193,19 @@ def _check_factors(name: str, out: torch.Tensor, **factors: tuple[torch.Tensor, 
                              "pass a separate buffer")
 
 
+def _check_heads_of(name: str, num_heads, num_kv_heads, w_v: torch.Tensor, w_o: torch.Tensor) -> int:
+    """_validation.check_heads for a kernel wrapper: ov_circuits(w_v, w_o, True, True) was one head of d = h·d
+    (shape (1, M_out, M_in), silently), a float head count torch.empty's "failed to unpack the object", and a
+    kv head count that does not divide the kernel's "heads (2) must be a positive multiple of kv_heads (3)".
+    Returns h_kv (num_kv_heads=None: h, as everywhere)."""
+    from duat_kernels._validation import check_heads  # _validation imports this module
+
+    try:
+        return check_heads(num_heads, num_kv_heads, w_v, w_o)[0]
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+
+
 def kron_sum_tile_(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor, row0: int = 0,
                    col0: int = 0) -> torch.Tensor:
     """Write W[row0:row0+rows, col0:col0+cols] of W = sum_i left_i (x) right_i into out (rows, cols).
@@ -198,6 +214,9 @@ def kron_sum_tile_(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor, r
     """
     _check_tile("kron_sum_tile_", out, row0, col0, None)
     _check_factors("kron_sum_tile_", out, left=(left, 3, "(h, P, S)"), right=(right, 3, "(h, Q, T)"))
+    if left.shape[0] != right.shape[0]:  # was the kernel's "lt has 2 heads but rt has 3"
+        raise ValueError(f"kron_sum_tile_: left {tuple(left.shape)} and right {tuple(right.shape)} must have the same "
+                         "number of heads h (axis 0)")
     _check_tile("kron_sum_tile_", out, row0, col0, (left.shape[1] * right.shape[1], left.shape[2] * right.shape[2]))
     if out.numel() == 0:
         return out
@@ -223,6 +242,7 @@ def kron_sum_factored_(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor,
     _check_tile("kron_sum_factored_", out, row0, col0, None)
     _check_factors("kron_sum_factored_", out, attn=(attn, 3, "(h, N, N_k)"), w_v=(w_v, 2, "(h_kv·d, M_in)"),
                    w_o=(w_o, 2, "(M_out, h·d)"))
+    num_kv_heads = _check_heads_of("kron_sum_factored_", attn.shape[0], num_kv_heads, w_v, w_o)
     _check_tile("kron_sum_factored_", out, row0, col0, (attn.shape[1] * w_o.shape[0], attn.shape[2] * w_v.shape[1]))
     if out.numel() == 0:
         return out
@@ -246,6 +266,8 @@ def ov_circuits(w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int, num_kv_hea
                 w.dtype not in (torch.float32, torch.float64):
             got = f"{w.dim()}-D {w.dtype} on {w.device}" if isinstance(w, torch.Tensor) else type(w).__name__
             raise ValueError(f"ov_circuits: {name} must be a 2-D float32 or float64 CPU tensor, got {got}")
+    num_kv_heads = _check_heads_of("ov_circuits", num_heads, num_kv_heads, w_v, w_o)
+    num_heads = int(num_heads)
     dtype = torch.promote_types(w_v.dtype, w_o.dtype)
     wo, wv = w_o.detach().to(dtype).contiguous(), w_v.detach().to(dtype).contiguous()
     slabs = torch.empty(wo.shape[0], num_heads, wv.shape[1], dtype=dtype)
@@ -260,8 +282,13 @@ OUTPUT_CACHE_MIN_BYTES = 8 << 20
 def empty_output(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised contiguous CPU tensor for a kernel output: from the output cache when it is
     large (its storage cannot be resized), else torch.empty."""
-    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+    from duat_kernels._validation import integer  # _validation imports this module
+
+    if not all(integer(n, tensors=False) is not None and n >= 0 for n in shape):
         raise ValueError(f"empty_output: shape must be ints >= 0, got {tuple(shape)!r}")
+    if dtype not in _DTYPE_NAMES:  # a dtype's name failed with "'str' object has no attribute 'itemsize'"
+        raise TypeError(f"empty_output: dtype must be one of {', '.join(map(str, _DTYPE_NAMES))}, got {dtype!r}")
+    shape = tuple(integer(n, tensors=False) for n in shape)  # NumPy integers as ints
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes >= 1 << 63:
         raise ValueError(f"empty_output: shape {tuple(shape)} of {dtype} needs {nbytes} bytes, more than any "
@@ -283,9 +310,11 @@ def stream_fill_(out: torch.Tensor, byte: int = 0x3F) -> torch.Tensor:
                          "out.resolve_neg().resolve_conj() (a copy) or the tensor it views")
     if out.device.type != "cpu" or not out.is_contiguous():
         raise ValueError(f"stream_fill_ needs a contiguous CPU tensor, got {out.device} tensor of strides {out.stride()}")
-    if isinstance(byte, bool) or not isinstance(byte, int) or not 0 <= byte <= 255:
+    from duat_kernels._validation import integer  # _validation imports this module
+
+    if integer(byte, tensors=False) is None or not 0 <= byte <= 255:  # a NumPy integer was refused
         raise ValueError(f"byte must be an int in [0, 255], got {byte!r}")
-    _C.stream_fill(_numpy_view(out), byte, kernel_threads())
+    _C.stream_fill(_numpy_view(out), integer(byte), kernel_threads())
     return out
 
 

@@ -143,12 +143,12 @@ def hvo_bias(attn: torch.Tensor, w_o: torch.Tensor, b_v: torch.Tensor | None = N
     Returns:
         (N·M_out,), or (B, N·M_out) for batched attn, in the promoted dtype of the inputs.
     """
-    dims = v.check_attention(attn, None, w_o, num_kv_heads, num_heads)
+    dims = v.check_attention(attn, None, w_o, num_kv_heads, num_heads, needs_w_v=False)
     if heads is not None:
         v.check_bias("b_v", b_v, dims.kv_heads * dims.head_dim)
         w_v = torch.empty(dims.kv_heads * dims.head_dim, 0, dtype=w_o.dtype, device=w_o.device)
         attn, _, w_o, b_v, num_kv_heads = select_heads(attn, w_v, w_o, b_v, heads, dims.kv_heads)
-        dims = v.check_attention(attn, None, w_o, num_kv_heads)
+        dims = v.check_attention(attn, None, w_o, num_kv_heads, needs_w_v=False)
     v.check_layout(layout)
     v.check_bias("b_v", b_v, dims.kv_heads * dims.head_dim)
     v.check_bias("b_o", b_o, dims.m_out)

@@ -19,7 +19,7 @@ from duat_kernels._memory import check_fits
 from duat_kernels.attention_source import AttentionSource, ExplicitAttention
 from duat_kernels.heads import select_heads
 from duat_kernels.hvo import hvo_bias, hvo_matrix
-from duat_kernels.operator_parts import check_qk, operator_bias, tile_factors, weighted_ov
+from duat_kernels.operator_parts import check_products_fit, check_qk, operator_bias, tile_factors, weighted_ov
 from duat_kernels.qk_attention import QKAttention
 
 
@@ -133,6 +133,7 @@ class HVOOperator:
         d = self.dims
         b, k, n, m = x.shape
         dtype, w_v, w_o = self._factors(x)
+        check_products_fit("W' x'", d, k, m, d.m_out, dtype, self.device)
         if m == 0:  # W' has no columns: W' x' is an empty sum, whatever A holds
             return x.new_zeros(b, k, d.tokens, d.m_out, dtype=dtype)
         vals = (x.to(dtype) @ w_v.T).reshape(b, k, n, d.kv_heads, d.head_dim).permute(0, 3, 2, 1, 4)
@@ -153,6 +154,7 @@ class HVOOperator:
         b, k, n, _ = ys.shape
         g = d.heads // d.kv_heads
         dtype, w_v, w_o = self._factors(ys)
+        check_products_fit("W'ᵀ y", d, k, d.m_out, d.m_in, dtype, self.device)
         if d.m_out == 0:  # W' has no rows: W'ᵀ y is an empty sum
             return self._flatten(ys.new_zeros(b, k, d.keys, d.m_in, dtype=dtype), lead)
         u = (ys.to(dtype) @ w_o).reshape(b, k, n, d.heads, d.head_dim).permute(0, 3, 2, 1, 4)  # Y Wo_i: (B, h, N, K, d)
@@ -176,6 +178,7 @@ class HVOOperator:
 
     def to_dense(self, **kwargs) -> torch.Tensor:
         """The dense W' (refused with DenseTooLargeError when it would not fit); kwargs go to hvo_matrix."""
+        v.check_not_given("HVOOperator.to_dense", kwargs, layout=self.layout, num_kv_heads=self.dims.kv_heads)
         return hvo_matrix(self.attn, self.w_v, self.w_o, num_kv_heads=self.dims.kv_heads, layout=self.layout, **kwargs)
 
     def block(self, n: int, m: int) -> torch.Tensor:
@@ -327,6 +330,8 @@ class HVOOperator:
     def _range(s: slice, size: int, name: str) -> tuple[int, int]:
         if not isinstance(s, slice) or s.step not in (None, 1):
             raise ValueError(f"{name} must be a slice with step 1, got {s!r}")
+        if any(bound is not None and v.integer(bound) is None for bound in (s.start, s.stop)):  # slice(True, 3) was 1:3
+            raise TypeError(f"{name} must be a slice of ints (or None), got {s!r}")
         try:
             start, stop, _ = s.indices(size)
         except TypeError:  # Python's "slice indices must be integers or None or have an __index__ method"

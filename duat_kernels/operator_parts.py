@@ -36,6 +36,8 @@ def check_qk(q: torch.Tensor, k: torch.Tensor, w_v: torch.Tensor, w_o: torch.Ten
     if q.shape[-1] == 0:
         raise ValueError(f"q and k must have a head size d >= 1 (the logits are d-term dot products), got q "
                          f"{tuple(q.shape)}")
+    if num_kv_heads is not None and v.positive_int(num_kv_heads) is None:  # True and 2.0 passed as 1 and 2
+        raise ValueError(f"num_kv_heads must be a positive int or None, got {num_kv_heads!r}")
     if num_kv_heads is not None and num_kv_heads != h_kv:
         raise ValueError(f"num_kv_heads={num_kv_heads} but k has {h_kv} heads")
     for name, value in (("scale", scale), ("softcap", softcap)):
@@ -64,6 +66,28 @@ def operator_bias(source: AttentionSource, w_o: torch.Tensor, b_v: torch.Tensor 
     bias = reference.hvo_bias(sums[..., None], w_o.to(ct), None if b_v is None else b_v.to(ct),
                               None if b_o is None else b_o.to(ct), source.kv_heads, layout)
     return bias.to(dtype)
+
+
+# Products needing less than this are not checked: reading the free memory costs ~15 µs, a third of a small matvec
+# (ARPACK calls it hundreds of times).
+PRODUCTS_CHECKED_FROM_BYTES = 64 << 20
+
+
+def check_products_fit(what: str, dims: v.HeadDims, columns: int, width_in: int, width_out: int,
+                       dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse, before allocating, the products of W' (or W'ᵀ) with `columns` vectors per batch element whose
+    vectors and per-head values would not fit: B·K·N·(width_in + 3·h·d + width_out) entries of dtype (the input
+    in the compute dtype, the values, the mixed values and their copy, the result). matvec of 10^6 expanded
+    (stride-0) vectors failed with the allocator's "can't allocate memory: you tried to allocate 800000000000
+    bytes". Meta tensors allocate nothing; a torch.compile trace is not checked (check_fits), nor guarded on sizes."""
+    if torch.compiler.is_compiling() or device.type == "meta":
+        return
+    entries = dims.batch * columns * dims.tokens * (width_in + 3 * dims.heads * dims.head_dim + width_out)
+    if entries * dtype.itemsize < PRODUCTS_CHECKED_FROM_BYTES:
+        return
+    check_fits(f"{what} of {columns:,} vector(s) per batch element (B={dims.batch}, N={dims.tokens}, h={dims.heads}, "
+               f"d={dims.head_dim}, {dtype})", entries * dtype.itemsize, device,
+               "Pass fewer vectors (columns of X) at a time.")
 
 
 # Entries of OV (h·rows·M_in) formed per step by weighted_ov.

@@ -55,6 +55,7 @@ def test_bias_shapes(lay):
     (dict(w_v=torch.rand(7, 7)), ValueError, r"w_v must have shape \(h_kv\*d, M_in\) = \(2\*3, M_in\)"),
     (dict(w_o=torch.rand(6, 13)), ValueError, r"w_o must have shape \(M_out, h\*d\) with h=4 heads"),
     (dict(w_o=torch.rand(6)), ValueError, "w_o must be 2-D"),
+    (dict(w_v=None), TypeError, "w_v must be a torch.Tensor, got NoneType"),  # was AttributeError 'dtype'
     (dict(num_kv_heads=3), ValueError, "num_kv_heads=3 must divide the number of query heads h=4"),
     (dict(num_kv_heads=0), ValueError, "num_kv_heads must be a positive int"),
     (dict(layout="row"), ValueError, "layout must be 'token' or 'feature'"),

@@ -54,9 +54,16 @@ IN_PROCESS_ERRORS = {
     # memory: you tried to allocate 4000000000000000000 bytes")
     "scale-m-huge": (["scale", "--n", "2", "--m", str(10 ** 9), "--heads", "1"], "--n 2 --m 1000000000 needs about"),
     "scale-plot-missing-folder": (["scale", "--n", "8", "--plot", "/nonexistent/x.png"],
-                                  "--plot /nonexistent/x.png: the folder /nonexistent does not exist"),
-    "scale-plot-is-folder": (["scale", "--n", "8", "--plot", "/"], "--plot / is a directory"),
+                                  "--plot /nonexistent/x.png: the directory '/nonexistent' does not exist"),
+    "scale-plot-is-folder": (["scale", "--n", "8", "--plot", "/"], "--plot /: is a directory"),
+    "scale-plot-empty": (["scale", "--n", "8", "--plot", ""], "--plot is empty; give a file name"),  # 'is a directory'
+
+    # a folder where no file can be created: the sweep ran first, then "[Errno 2] No such file or directory"
+    "scale-plot-unwritable": (["scale", "--n", "8", "--plot", "/proc/x.png"], "--plot /proc/x.png: cannot write in /proc"),
     "unknown-command": (["bogus"], "invalid choice: 'bogus'"),
+    # "threads must be at most ...", CorpusSettings' name, once the texts had been read
+    "corpus-threads-huge": (["corpus", "--texts", "/nonexistent.jsonl", "--out", "/nonexistent/out", "--threads", "100000"],
+                            "duat corpus: --threads must be at most"),
     # matplotlib's "Format 'bogus' is not supported" came after the sweep
     "scale-plot-format": (["scale", "--n", "8", "--plot", "/tmp/w.bogus"], "--plot /tmp/w.bogus: matplotlib cannot write"),
     # torch.manual_seed's "Overflow when unpacking long long"

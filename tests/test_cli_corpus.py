@@ -185,6 +185,16 @@ def test_bad_jsonl_line_is_named(tmp_path):
         read_texts(path)
 
 
+def test_a_file_that_is_not_utf8_is_named(tmp_path):
+    # "'utf-8' codec can't decode byte 0xff in position 0: invalid start byte", naming no file or line
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"text": "fine"}\n{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.jsonl:2: not UTF-8 text \(byte 0xe9\)"):
+        read_texts(path)
+    path.write_bytes('{"text": "caf\u00e9"}\n'.encode("utf-8"))
+    assert read_texts(path) == [("1", "caf\u00e9")]
+
+
 @pytest.mark.parametrize("lines,match", [
     (['{"text": "a", "id": null}'], r'ids.jsonl:1: "id" must be a string or an integer, got null'),
     (['{"text": "a", "id": 1.5}'], r'ids.jsonl:1: "id" must be a string or an integer, got 1.5'),

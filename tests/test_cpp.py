@@ -686,9 +686,125 @@ def test_kron_sum_tile_names_a_bad_factor(left, right, message):
     (lambda: cpp.ov_circuits(torch.randn(8, 8), torch.randn(8, 8).half(), 2, 2), "w_o must be a 2-D float32"),
     (lambda: cpp.empty_output((-1, 4), torch.float32), r"shape must be ints >= 0"),
     (lambda: cpp.empty_output((2 ** 40, 2 ** 40), torch.float32), "more than any address space holds"),
+    (lambda: cpp.empty_output((2,), "float32"), "empty_output: dtype must be one of"),  # "'str' ... 'itemsize'"
 ])
 def test_internal_helpers_name_bad_arguments(call, message):
     # An IndexError (1-D w_v), a message about an `out` ov_circuits has not, torch's negative-dimension error and
     # pybind's "incompatible function arguments" before.
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ValueError, TypeError), match=message):
         call()
+
+
+def test_internal_helpers_take_numpy_integers():
+    # empty_output((np.int64(2),)) and stream_fill_(out, np.int64(3)) were refused as "must be ints"
+    import numpy as np
+
+    out = cpp.empty_output((np.int64(2), 3), torch.float32)
+    assert out.shape == (2, 3)
+    cpp.stream_fill_(out, np.uint8(0x3F))
+    assert (out.view(torch.uint8) == 0x3F).all()
+
+
+_BOOL_ARGUMENTS = {  # pybind11 took True as the int 1, the float 1.0 and 2 as the bool True: each ran silently
+    "micro_kernel_gflops: h": "_C.micro_kernel_gflops('float32', True, 64, 1, 1)",
+    "micro_kernel_gflops: reps": "_C.micro_kernel_gflops('float32', 1, 64, 1, True)",
+    "fma_peak_gflops: iterations": "_C.fma_peak_gflops(True, 1)",
+    "fma_peak_gflops: num_threads": "_C.fma_peak_gflops(10, True)",
+    "alloc_output: nbytes": "_C.alloc_output(True)",
+    "set_output_cache_limit: bytes": "_C.set_output_cache_limit(False)",
+    "stream_fill: value": "_C.stream_fill(np.zeros(4, np.uint8), True, 1)",
+    "kron_sum: row0": "_C.kron_sum(np.ones((1, 2, 2), F), np.ones((1, 2, 2), F), np.zeros((2, 4), F), 'float32', True)",
+    "kron_sum_factored: kv_heads": "_C.kron_sum_factored(np.ones((1, 2, 2), F), np.ones((2, 1), F), np.ones((1, 2), F),"
+                                   " np.zeros((4, 4), F), 'float32', True)",
+    "ov_slabs: heads": "_C.ov_slabs(np.ones((2, 1), F), np.ones((1, 2), F), np.zeros((2, 1, 2), F), True, 1)",
+    "gram_squared_norms: root": "_C.gram_squared_norms(np.ones((1, 2, 2), F), np.ones((1, 1), F), np.zeros((2, 2), F), 1, 2)",
+    "gram_squared_norms: num_threads": "_C.gram_squared_norms(np.ones((1, 2, 2), F), np.ones((1, 1), F),"
+                                       " np.zeros((2, 2), F), True)",
+    "qk_gram_squared_norms: scale": "_C.qk_gram_squared_norms(Q, Q, None, np.ones((1, 1), F), np.zeros((1, 2, 2), F), True)",
+    "qk_gram_squared_norms: causal": "_C.qk_gram_squared_norms(Q, Q, None, np.ones((1, 1), F), np.zeros((1, 2, 2), F),"
+                                     " 1.0, causal=2)",
+    "qk_mix: window": "_C.qk_mix(Q, Q, None, np.ones((1, 1, 2, 3), F), np.zeros((1, 1, 2, 3), F), 1.0, window=True)",
+    "qk_mix_transposed: softcap": "_C.qk_mix_transposed(Q, Q, None, np.ones((1, 1, 2, 3), F), np.zeros((1, 1, 2, 3), F),"
+                                  " 1.0, softcap=False)",
+}
+
+
+@pytest.mark.parametrize("name", sorted(_BOOL_ARGUMENTS))
+def test_boundary_refuses_bools_for_numbers_and_numbers_for_flags(name):
+    import numpy as np
+
+    from duat_kernels import _C
+
+    scope = {"np": np, "_C": _C, "F": np.float32, "Q": np.ones((1, 1, 2, 1), np.float32)}
+    before = _C.output_cache_info()["limit_bytes"]
+    try:
+        with pytest.raises(TypeError, match=f"duat_kernels._C: {name} must be (an int|True or False|a real number), got"):
+            exec(_BOOL_ARGUMENTS[name], scope)
+    finally:
+        _C.set_output_cache_limit(before)
+    good = _BOOL_ARGUMENTS[name].replace("True", "1").replace("False", "0")
+    for bad_flag, flag in (("causal=2", "causal=True"), ("(2, 2), F), 1, 2)", "(2, 2), F), 1, True)")):
+        good = good.replace(bad_flag, flag)
+    exec(good, scope)  # the same call with an int (a bool) runs
+
+
+@pytest.mark.parametrize("call, message", [
+    # NumPy's "buffer source array is read-only" named no argument
+    ("_C.kron_sum(np.ones((1, 2, 2), F), np.ones((1, 2, 2), F), RO((4, 4)), 'float32')", "out must be a writable array"),
+    ("_C.gram_squared_norms(np.ones((1, 2, 2), F), np.ones((1, 1), F), RO((2, 2)), 1)", "out must be a writable array"),
+    ("_C.vector_exp(np.ones(3, F), RO((3,)))", "y must be a writable array"),
+    # pybind11's "Object of type 'list' is not an instance of 'buffer'"
+    ("_C.qk_mix(Q, Q, [[1, 1]], np.ones((1, 1, 2, 3), F), np.zeros((1, 1, 2, 3), F), 1.0)",
+     r"key_mask must be None or a \(B, N\) bool or uint8 array, got list"),
+    # "lt must hold float32 or float64, got format '=f'" for a float32 view at an odd byte offset
+    ("_C.kron_sum(np.zeros(17, np.uint8)[1:].view(F).reshape(1, 2, 2), np.ones((1, 2, 2), F), np.zeros((4, 4), F),"
+     " 'float32')", "not aligned to its item size"),
+    # pybind11's "incompatible function arguments" list for a bool or None out_dtype
+    ("_C.micro_kernel_gflops(True, 1)", "micro_kernel_gflops: out_dtype must be a str .*, got bool True"),
+    ("_C.kron_sum(np.ones((1, 2, 2), F), np.ones((1, 2, 2), F), np.zeros((4, 4), F), None)",
+     "kron_sum: out_dtype must be a str .*, got NoneType None"),
+    # a big-endian float32 array: "got format '>f'" (it held float32)
+    ("_C.kron_sum(np.ones((1, 2, 2), '>f4'), np.ones((1, 2, 2), F), np.zeros((4, 4), F), 'float32')",
+     "in a byte order that is not this machine's"),
+])
+def test_boundary_names_read_only_and_odd_buffers(call, message):
+    import numpy as np
+
+    from duat_kernels import _C
+
+    scope = {"np": np, "_C": _C, "F": np.float32, "Q": np.ones((1, 1, 2, 1), np.float32),
+             "RO": lambda shape: np.broadcast_to(np.zeros(shape, np.float32), shape)}
+    with pytest.raises((ValueError, TypeError), match=message):
+        exec(call, scope)
+
+
+@pytest.mark.parametrize("call, message", [
+    # one head of d = 4 from two heads' weights: OV of shape (1, 6, 5), silently
+    (lambda w_v, w_o: cpp.ov_circuits(w_v, w_o, True, True), "ov_circuits: num_heads must be a positive int, got True"),
+    # torch.empty's "failed to unpack the object at pos 2"
+    (lambda w_v, w_o: cpp.ov_circuits(w_v, w_o, 2.0, 2), "ov_circuits: num_heads must be a positive int, got 2.0"),
+    # the kernel's "heads (2) must be a positive multiple of kv_heads (3)"
+    (lambda w_v, w_o: cpp.ov_circuits(w_v, w_o, 2, 3), "ov_circuits: num_kv_heads=3 must divide"),
+    (lambda w_v, w_o: cpp.kron_sum_factored_(torch.rand(2, 3, 3), w_v, w_o, 3, torch.empty(18, 15)),
+     "kron_sum_factored_: num_kv_heads=3 must divide"),
+    # the kernel's "wv has 4 rows, expected kv_heads * d = 2"
+    (lambda w_v, w_o: cpp.kron_sum_factored_(torch.rand(2, 3, 3), w_v, w_o, True, torch.empty(18, 15)),
+     "kron_sum_factored_: num_kv_heads must be a positive int"),
+    # the kernel's "lt has 2 heads but rt has 3"
+    (lambda w_v, w_o: cpp.kron_sum_tile_(torch.rand(2, 3, 3), torch.rand(3, 4, 5), torch.empty(12, 15)),
+     r"kron_sum_tile_: left \(2, 3, 3\) and right \(3, 4, 5\) must have the same number of heads"),
+    # a bool tensor row0 was row 1
+    (lambda w_v, w_o: cpp.kron_sum_tile_(torch.rand(1, 2, 2), torch.rand(1, 2, 2), torch.empty(2, 2), torch.tensor(True)),
+     r"kron_sum_tile_: row0 must be an int, got tensor\(True\)"),
+])
+def test_kernel_wrappers_name_bad_head_counts(call, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        call(torch.randn(4, 5), torch.randn(6, 4))
+
+
+def test_alloc_output_names_the_size_it_cannot_map():
+    # MemoryError 'std::bad_alloc', naming no size
+    from duat_kernels import _C
+
+    with pytest.raises(MemoryError, match="alloc_output: cannot map 4611686018427387904 bytes"):
+        _C.alloc_output(1 << 62)

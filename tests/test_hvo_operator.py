@@ -153,6 +153,34 @@ def test_tile_slices_of_floats_are_named():
         op.tile(slice(0.0, 2.0), slice(0, 4))
 
 
+def test_operator_without_w_v_is_refused():
+    # HVOOperator(attn, None, w_o) made an operator of shape (N·M_out, 0) without a word
+    lay = random_layer(1, 2, tokens=3, batched=False)
+    with pytest.raises(TypeError, match="w_v must be a torch.Tensor, got NoneType"):
+        dk.HVOOperator(lay["attn"], None, lay["w_o"])
+
+
+@pytest.mark.parametrize("rows,message", [
+    (slice(True, 2), r"rows must be a slice of ints \(or None\), got slice\(True, 2, None\)"),
+    (slice(0, torch.tensor(True)), r"rows must be a slice of ints \(or None\)"),
+])
+def test_tile_slices_of_bools_are_refused(rows, message):
+    # slice(True, 2) was read as 1:2 (block(True, 0) is refused); a bool tensor bound likewise
+    lay = random_layer(1, 2, tokens=3, batched=False)
+    op = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"])
+    with pytest.raises(TypeError, match=message):
+        op.tile(rows, slice(0, 4))
+
+
+def test_block_index_of_a_bool_tensor_is_refused():
+    # v.integer took torch.tensor(True) as 1: block(torch.tensor(True), 0) was block (1, 0)
+    lay = random_layer(1, 2, tokens=3, batched=False)
+    op = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"])
+    with pytest.raises(TypeError, match="n must be an int, got Tensor"):
+        op.block(torch.tensor(True), 0)
+    torch.testing.assert_close(op.block(torch.tensor(1), 0), op.block(1, 0), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("case", ["finite", "nan_w_v", "inf_w_o_zero_alpha"])
 def test_block_forms_ov_a_few_rows_at_a_time(case, monkeypatch):
     # block(n, m) formed the whole (h, M_out, M_in) OV, h times the block: h = 2, M = 100000 failed with
@@ -291,3 +319,25 @@ def test_methods_under_fake_tensor_mode_give_eager_shapes(source):
     for name, result in fake.items():
         assert isinstance(result, FakeTensor), name
         assert (result.shape, result.dtype) == (eager[name].shape, eager[name].dtype), name
+
+
+@pytest.mark.parametrize("method", ["matvec", "rmatvec", "matmat"])
+def test_products_that_cannot_fit_are_refused_before_allocating(method):
+    # 10^6 expanded (stride-0) vectors of N = 200000: the allocator's "can't allocate memory: you tried to allocate
+    # 800000000000 bytes" (a raw RuntimeError)
+    n = 200_000
+    op = dk.HVOOperator(torch.ones(1, 1, 1).expand(1, n, n), torch.ones(1, 1), torch.ones(1, 1))
+    x = torch.ones(1, 1).expand(n, 10 ** 6) if method == "matmat" else torch.ones(1, 1).expand(10 ** 6, n)
+    with pytest.raises(dk.DenseTooLargeError, match=r"of 1,000,000 vector\(s\) per batch element .* needs 3.6 TiB .* "
+                                                     r"Pass fewer vectors"):
+        getattr(op, method)(x)
+
+
+@pytest.mark.parametrize("kwargs", [dict(layout="feature"), dict(num_kv_heads=1)])
+def test_to_dense_names_the_arguments_the_operator_fixes(kwargs):
+    # "hvo_matrix() got multiple values for keyword argument 'layout'"
+    lay = random_layer(1, 2, tokens=3, batched=False)
+    op = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"])
+    name = next(iter(kwargs))
+    with pytest.raises(TypeError, match=f"HVOOperator.to_dense takes its own {name} \\({name}=.*\\); build another"):
+        op.to_dense(**kwargs)

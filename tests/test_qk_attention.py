@@ -142,6 +142,10 @@ def test_causal_matvec_is_torch_sdpa():
     (dict(k=torch.randn(3, 11, 5)), "multiple of h_kv"),
     (dict(k=torch.randn(2, 10, 5)), "k must have shape"),
     (dict(num_kv_heads=4), "num_kv_heads=4"),
+    # 2.0 passed as 2; "2" was refused as "num_kv_heads=2 but k has 2 heads"
+    (dict(num_kv_heads=2.0), "num_kv_heads must be a positive int or None, got 2.0"),
+    (dict(num_kv_heads="2"), "num_kv_heads must be a positive int or None, got '2'"),
+    (dict(k=torch.randn(1, 11, 5), w_v=torch.randn(5, 6), num_kv_heads=True), "got True"),  # passed as 1
     (dict(attention_mask=torch.ones(12, dtype=torch.bool)), "attention_mask"),
     # an additive mask (0 = attend, -inf = masked) used to be read as bool: silently inverted
     (dict(attention_mask=torch.tensor([0.0] * 8 + [float("-inf")] * 3)), "additive mask"),

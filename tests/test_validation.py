@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
 
 from duat_kernels import _validation as v
 
@@ -16,3 +18,9 @@ def test_nan_max_keeps_a_nan_wherever_it_is():
     assert v.nan_max([], default=0.0) == 0.0
     with pytest.raises(ValueError):
         v.nan_max([])
+
+
+def test_integer_refuses_bool_tensors():
+    # a bool tensor's __index__ gives 0 or 1: torch.tensor(True) was taken as the int 1 (as bools are not)
+    assert v.integer(torch.tensor(True)) is None and v.integer(True) is None
+    assert v.integer(torch.tensor(3)) == 3 and v.integer(np.int8(3)) == 3

@@ -35,7 +35,7 @@ def _dask():
 def stored_dtype(op, dtype: torch.dtype | None) -> torch.dtype:
     """The dtype of W' entries (default: the inputs' promoted dtype, float32 for bfloat16); float32, float64
     or float16, or its name. Refuses an operator on meta tensors (no entries to store)."""
-    v.check_has_data("W' as a Dask array (to_dask, save_zarr)", op.device)
+    v.check_operator("W' as a Dask array (to_dask, save_zarr)", op)
     return v.storage_dtype(dtype, op.dtype, "(a NumPy dtype)")
 
 

@@ -66,10 +66,10 @@ def save_dense(op, path: str | os.PathLike, *, rows_per_tile: int | None = None,
         from the last tile (an interrupted run leaves `path` as it was: `<file>.partial` next to the file written,
         the link's target for a link, holds its tiles).
     """
+    v.check_operator("save_dense", op)
     if op.dims.batched:
         raise ValueError("save_dense needs an unbatched HVOOperator (attn of shape (h, N, N_k))")
-    v.check_has_data("save_dense", op.device)
-    overwrite = v.check_flag("overwrite", overwrite)
+    overwrite, progress = v.check_flag("overwrite", overwrite), v.check_flag("progress", progress)
     if v.positive_int(max_tile_bytes) is None:
         raise ValueError(f"max_tile_bytes must be a positive int, got {max_tile_bytes!r}")
     dtype = v.storage_dtype(dtype, op.dtype, "for a .npy file")

@@ -110,7 +110,7 @@ def save_zarr(op, path: str | os.PathLike, chunks: tuple[int, int] | None = None
     dask, zarr = _dask(), _zarr()
     dtype = stored_dtype(op, dtype)
     chunk_rows, chunk_cols = check_chunks(op, chunks, dtype)
-    overwrite = v.check_flag("overwrite", overwrite)
+    overwrite, progress = v.check_flag("overwrite", overwrite), v.check_flag("progress", progress)
     path = as_target_path("path", path)
     target = link_target("save_zarr", path)  # the store written: path itself, or the one a link at path points to
     if not overwrite and (path.exists() or path.is_symlink()):  # a dangling link too, as save_dense

@@ -60,11 +60,13 @@ def run(args) -> int:
     from duat_kernels.corpus.analysis import CorpusSettings
     from duat_kernels.corpus.runner import max_rel_error, read_texts, run_corpus, summary_table
     from duat_kernels._files import check_output_folder
+    from duat_kernels._validation import check_threads
     from duat_kernels.models.zoo import transformers_progress_bars
 
     if args.workers is not None and args.workers < 1 or args.grid < 1 or args.threads < 1:
         raise ValueError(f"--workers, --grid and --threads must be positive, got "
                          f"{args.workers}, {args.grid}, {args.threads}")
+    check_threads("--threads", args.threads)  # CorpusSettings' own check named it "threads", after the texts were read
     if not Path(args.texts).is_file():
         raise ValueError(f"--texts {args.texts}: no such file")
     check_output_folder("--out", args.out)  # before the Dask cluster starts

@@ -42,9 +42,17 @@ def schema():
 
 def read_texts(path: str | os.PathLike) -> list[tuple[str, str]]:
     """(text_id, text) for each line of a JSON Lines file: {"text": ..., "id": ...} ("id"
-    optional, default the line number) or a bare JSON string; blank lines are skipped."""
+    optional, default the line number) or a bare JSON string; blank lines are skipped. The file is UTF-8 (JSON's
+    encoding), whatever the locale says."""
+    data = Path(path).read_bytes()
+    try:
+        content = data.decode("utf-8")
+    except UnicodeDecodeError as exc:  # was "'utf-8' codec can't decode byte 0xff in position 0", naming no file
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {data[exc.start]:#04x}); JSON Lines files are UTF-8") \
+            from None
     texts, seen = [], {}
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for number, line in enumerate(content.splitlines(), 1):
         if not line.strip():
             continue
         try:

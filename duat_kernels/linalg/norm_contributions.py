@@ -12,9 +12,9 @@ import torch
 
 from duat_kernels._memory import check_fits
 from duat_kernels._validation import all_finite, check_flag, check_real_dtype, has_values
-from duat_kernels.attention_source import as_source
+from duat_kernels.attention_source import ExplicitAttention, as_source
 from duat_kernels.linalg import norm_scaling
-from duat_kernels.linalg.norms import TORCH_PATH_HINT, root_with_zero_subgradient, tracks_gradient
+from duat_kernels.linalg.norms import TORCH_PATH_HINT, root_with_zero_subgradient, scaled_attention, tracks_gradient
 from duat_kernels.reference import head_factors
 
 # Rows of A per step: the (B, h, rows, N) chunk and its Gram product stay ~64 MiB (fp32).
@@ -62,6 +62,12 @@ def contributions(attn, x: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, n
                    (batch * h * n_k * m_out + result + x.numel()) * 8 + out.numel() * 4, source.device,
                    CONTRIBUTIONS_HINT)
         out = _contributions(source, x.double(), w_v, w_o, per_head).float()
+    if has_values(out) and not all_finite(out) and isinstance(source, ExplicitAttention) and \
+            all_finite(x, w_v, w_o, *source.inputs()):
+        # finite factors whose float64 squares overflowed too: a stored A with entries far above 1 (1e160 gave Inf)
+        scaled, e = scaled_attention(source, "contributions")
+        out = norm_scaling.unscaled(_contributions(scaled, x.double(), w_v, w_o, per_head),
+                                    torch.tensor(float(e), dtype=torch.float64, device=out.device)).to(ct)
     return out
 
 

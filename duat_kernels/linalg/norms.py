@@ -100,7 +100,8 @@ def _block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int
     source = as_source(source, num_kv_heads, w_v, w_o)
     h, num_kv_heads = source.heads, source.kv_heads
     grid = grid_argument(grid, None)  # HVOOperator.block_norms takes at most N per side
-    if tracks_gradient(w_v, w_o, *source.inputs()) or not backends.direct_kernel_call(w_v, w_o, *source.inputs()):
+    if tracks_gradient(w_v, w_o, *source.inputs()) or not backends.direct_kernel_call(w_v, w_o, *source.inputs()) \
+            or not has_values(w_v, w_o, *source.inputs()):  # meta tensors: the scaling read their values (.item())
         return _block_norms_torch(source, w_v, w_o, num_kv_heads, grid, float64)  # autograd, torch.func, compile, fake
     wide = _wide(source, w_v, w_o)
     whole = not wide and gram_norms.available(source) and isinstance(source, ExplicitAttention)
@@ -125,7 +126,21 @@ def _block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int
         if not wide:  # finite factors whose float32 squares overflowed (a stored A with entries far above 1)
             _check_output_fits(source, grid, True, True)
             out = _scaled_norms(source, c, grid, True)
+        if not all_finite(out) and isinstance(source, ExplicitAttention):
+            # finite factors whose float64 squares overflowed too: a stored float64 A with entries far above 1
+            # (1e160 gave Inf norms where W' is finite)
+            scaled, attn_shift = scaled_attention(source, "block norms")
+            out, shift = _scaled_norms(scaled, c, grid, True), shift + attn_shift
     return _unscaled64(out, shift).to(dtype)
+
+
+def scaled_attention(source: ExplicitAttention, what: str) -> tuple[ExplicitAttention, int]:
+    """(a float64 copy of the stored A scaled by 2^-e to max|A| in [1, 2), e) (norm_scaling): for `what` (norms,
+    contributions) whose float64 squares overflowed on an A with entries far above 1; the copy is checked to fit."""
+    check_fits(f"a scaled float64 copy of attn of shape {tuple(source.attn.shape)} ({what} overflowed float64)",
+               source.attn.numel() * 8, source.device, TORCH_PATH_HINT)
+    attn, e = norm_scaling.scaled_down(source.attn, 1, norm_scaling.MAX_EXPONENT_FLOAT64, torch.float64)
+    return ExplicitAttention(attn, source.kv_heads), e
 
 
 def _unscaled64(norms: torch.Tensor, e: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from duat_kernels._validation import all_finite, check_has_data, integer, numeric_array
+from duat_kernels._validation import all_finite, check_operator, integer, numeric_array
 from duat_kernels.operator_args import positive_tolerance
 
 
@@ -13,6 +13,7 @@ def as_linear_operator(op):
     """A scipy.sparse.linalg.LinearOperator for an unbatched HVOOperator (matvec and rmatvec only)."""
     from scipy.sparse.linalg import LinearOperator
 
+    check_operator("as_linear_operator", op, data=False)
     if op.dims.batched:
         raise ValueError("as_linear_operator needs an unbatched HVOOperator (attn of shape (h, N, N_k)); "
                          "build one per batch element")
@@ -39,7 +40,7 @@ def singular_values(op, k: int = 1, tol: float = 1e-6, seed: int = 0) -> np.ndar
     when k = min(shape), which svds cannot do). NaN when W' has a NaN or Inf entry."""
     from scipy.sparse.linalg import svds
 
-    check_has_data("singular_values", op.device)
+    check_operator("singular_values", op)
     lin = as_linear_operator(op)
     side = min(lin.shape)
     if integer(k, tensors=False) is None:

@@ -10,7 +10,7 @@ import torch
 
 from duat_kernels import reference
 from duat_kernels._memory import check_fits
-from duat_kernels._validation import check_has_data, check_index
+from duat_kernels._validation import check_has_data, check_index, check_tensor, integer
 from duat_kernels.operator_args import sampling_arguments
 from duat_kernels.linalg.norms import grid_norms64
 from duat_kernels.attention_source import as_source
@@ -72,6 +72,9 @@ def sample_entries(attn, ov: torch.Tensor | tuple[torch.Tensor, torch.Tensor], s
     entries): W'[(n, c), (m, a)] = Σ_i A_i[n, m] OV_i[c, a], each computed as a length-h dot product.
     ov: the OV circuits (h, M_out, M_in), or their head factors (Wo_i (h, M_out, d), Wv_{i//g} (h, d, M_in))
     (reference.head_factors), from which only the sampled entries of OV are formed."""
+    _check_ov(ov)
+    if integer(samples, tensors=False) is None or samples < 0:
+        raise ValueError(f"samples must be an int >= 0, got {samples!r}")
     wo = ov[0] if isinstance(ov, tuple) else ov
     h, m_out, m_in = wo.shape[0], wo.shape[1], ov[1].shape[2] if isinstance(ov, tuple) else ov.shape[2]
     source = as_source(attn, h)  # attn (B, h, N, N_k) or an AttentionSource
@@ -83,6 +86,22 @@ def sample_entries(attn, ov: torch.Tensor | tuple[torch.Tensor, torch.Tensor], s
     rows, c, cols, a = (i.to(source.device) for i in idx)
     alpha = source.entries(batch, rows, cols).to(wo.dtype)  # (h, samples)
     return (alpha * _ov_entries(ov, c, a)).sum(0)
+
+
+def _check_ov(ov) -> None:
+    """ov (h, M_out, M_in), or the head factors (h, M_out, d) and (h, d, M_in): a 2-D weight for it failed with
+    IndexError 'tuple index out of range'."""
+    if isinstance(ov, tuple):
+        if len(ov) != 2:
+            raise ValueError(f"ov must be OV (h, M_out, M_in) or the pair (Wo_i (h, M_out, d), Wv_i (h, d, M_in)), "
+                             f"got a tuple of {len(ov)}")
+        check_tensor("ov[0]", ov[0], (3,))
+        check_tensor("ov[1]", ov[1], (3,))
+        if ov[0].shape[0] != ov[1].shape[0] or ov[0].shape[2] != ov[1].shape[1]:
+            raise ValueError(f"ov must be the pair (Wo_i (h, M_out, d), Wv_i (h, d, M_in)), got shapes "
+                             f"{tuple(ov[0].shape)} and {tuple(ov[1].shape)}")
+    else:
+        check_tensor("ov", ov, (3,))
 
 
 def _ov_entries(ov: torch.Tensor | tuple[torch.Tensor, torch.Tensor], c: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from duat_kernels._validation import check_index, integer, numeric_array
-from duat_kernels.markov.operator import TransitionOperator
+from duat_kernels.markov.operator import ROW_SUM_TOLERANCE, TransitionOperator
 from duat_kernels.operator_args import positive_tolerance
 
 # Up to this many states P is handled densely (an S x S float64 matrix: 32 MiB at 2048); above it,
@@ -41,11 +41,25 @@ class SpectralGap:
     method: str  # "dense eigvals" or "eigs"
 
 
-def _check_pi(op: TransitionOperator, pi) -> np.ndarray:
+def _check_operator(op) -> None:
+    """op must be a TransitionOperator: spectral_gap(q) of the probability table failed with "'numpy.ndarray'
+    object has no attribute 'to_csr'"."""
+    if not isinstance(op, TransitionOperator):
+        raise TypeError(f"op must be a TransitionOperator (TransitionOperator(probabilities, num_symbols, context) or "
+                        f"LanguageModelChain.operator(τ)), got {type(op).__name__}")
+
+
+def _check_pi(op: TransitionOperator, pi, distribution: bool = False) -> np.ndarray:
+    """pi (S,) as float64; with distribution=True, entries >= 0 summing to one (ROW_SUM_TOLERANCE), as the total
+    variation distances to it need: mixing_time(op, -pi) returned None (t_mix 'above max_steps'), silently."""
+    _check_operator(op)
     pi = numeric_array("pi", pi).astype(np.float64, copy=False)
     if pi.shape != (op.num_states,):
         raise ValueError(f"pi must be a distribution over the {op.num_states} states, shape ({op.num_states},), "
                          f"got {pi.shape}")
+    if distribution and np.isfinite(pi).all() and not ((pi >= 0).all() and abs(pi.sum() - 1.0) <= ROW_SUM_TOLERANCE):
+        raise ValueError(f"pi must be a distribution over the {op.num_states} states (entries >= 0 that sum to one), "
+                         f"got entries in [{pi.min():.3g}, {pi.max():.3g}] summing to {pi.sum():.6g}")
     return pi
 
 
@@ -59,6 +73,7 @@ def closed_class_count(op: TransitionOperator) -> int:
     """The number of closed communicating classes of P: strongly connected components of the graph s -> s'
     (P[s, s'] > 0) that no edge leaves. π is unique exactly when there is one (the multiplicity of the
     eigenvalue 1); transient states around it do not matter."""
+    _check_operator(op)
     from scipy.sparse.csgraph import connected_components
 
     graph = op.to_csr().copy()  # to_csr's entries are a view of op.probabilities, which eliminate_zeros compacts
@@ -86,6 +101,7 @@ def stationary_distribution(op: TransitionOperator, *, power_steps: int = 1000, 
     eigenvector of Pᵀ, then power steps π <- πP until ||πP − π||₁ <= tol or power_steps is reached; if that
     leaves the residual above tol (a periodic P, whose other unit-modulus eigenvalues can take ARPACK's pick),
     the dense path's equations solved by a sparse LU instead."""
+    _check_operator(op)
     if integer(power_steps, tensors=False) is None:
         raise TypeError(f"power_steps must be an int, got {type(power_steps).__name__} {power_steps!r}")
     if power_steps < 0:
@@ -186,7 +202,7 @@ def constant_states(num_symbols: int, context: int) -> np.ndarray:
 
 def tv_curves(op: TransitionOperator, pi: np.ndarray, starts: np.ndarray, steps: int) -> np.ndarray:
     """(len(starts), steps + 1): ||δ_s P^t − π||_TV for each start s and t = 0..steps (structured products)."""
-    pi = _check_pi(op, pi)
+    pi = _check_pi(op, pi, distribution=True)
     if integer(steps) is None or steps < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
     starts = numeric_array("starts", starts)
@@ -208,6 +224,7 @@ def tv_curves(op: TransitionOperator, pi: np.ndarray, starts: np.ndarray, steps:
 def worst_tv_curve(op: TransitionOperator, pi: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
     """d(t) = max over all S states of ||δ_s P^t − π||_TV, and the maximising state, for t = 0..steps:
     two (steps + 1,) arrays (float64, int64); S x S work per step."""
+    _check_operator(op)
     every = tv_curves(op, pi, np.arange(op.num_states), steps)
     return every.max(axis=0), every.argmax(axis=0)
 
@@ -223,8 +240,8 @@ def mixing_time(op: TransitionOperator, pi: np.ndarray, epsilon: float = MIXING_
     Dense P^(2^i) by repeated squaring until d <= ε, then binary lifting down the powers (d is
     non-increasing, so the largest t with d(t) > ε is found bit by bit): O(log t) S x S products.
     Needs S <= DENSE_MAX_STATES."""
+    pi = _check_pi(op, pi, distribution=True)
     s = op.num_states
-    pi = _check_pi(op, pi)
     if s > DENSE_MAX_STATES:
         raise ValueError(f"mixing_time over all states needs S <= {DENSE_MAX_STATES} states, got {s}; "
                          "use tv_curves from a few starting states instead")

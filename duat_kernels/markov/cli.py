@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--tokens must give at least 2 distinct symbols, got {symbols}")
         state_count(len(symbols), check_context(args.context))  # before the model loads
         check_output_folder("--out", args.out)
-        if args.cache:
+        if args.cache is not None:  # --cache '' is refused as empty, as --out '' is (it was taken as OUT/cache)
             check_output_folder("--cache", args.cache)
         with transformers_progress_bars(not args.no_progress):
             model, tokenizer = load(args.model, causal_lm=True)
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
             chain = LanguageModelChain.from_model(
                 model, symbols, args.context, tokenizer=tokenizer, temperatures=args.temperature,
                 bos_id=None if args.no_bos else "auto", batch_size=args.batch_size,
-                cache_dir=Path(args.cache) if args.cache else out / "cache", progress=not args.no_progress)
+                cache_dir=Path(args.cache) if args.cache is not None else out / "cache", progress=not args.no_progress)
             logits_seconds = time.perf_counter() - start
             results = report.analyse(chain, progress=not args.no_progress)
             meta = dict(model=args.model, model_type=getattr(model.config, "model_type", None),

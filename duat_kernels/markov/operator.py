@@ -111,7 +111,12 @@ class TransitionOperator:
         return scipy.sparse.csr_matrix((self.probabilities.ravel(), indices, indptr), shape=self.shape)
 
     def to_dense(self) -> np.ndarray:
-        """P as a dense (S, S) float64 array (S² entries: for small chains and tests)."""
+        """P as a dense (S, S) float64 array (S² entries: for small chains and tests); refused with
+        DenseTooLargeError before allocating when it would not fit (T=2, K=20 was NumPy's 'Unable to allocate
+        8.00 TiB')."""
+        s = self.num_states
+        check_fits(f"the dense transition matrix P of shape ({s:,}, {s:,}) (float64)", s * s * 8, torch.device("cpu"),
+                   "Use the structured operator: matvec/rmatvec, to_csr() (T nonzeros per row) or as_linear_operator().")
         return self.to_csr().toarray()
 
     def as_linear_operator(self):

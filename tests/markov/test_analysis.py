@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from duat_kernels.markov import LanguageModelChain, TransitionOperator, analysis
+from duat_kernels.markov.analysis import (mixing_time, residual, spectral_gap, stationary_distribution, tv_curves,
+                                          worst_tv_curve)
 
 from .test_operator import random_probabilities
 
@@ -289,3 +291,24 @@ def test_stationary_arguments_and_residual_pi_are_checked(monkeypatch):
     assert analysis.residual(op, torch.from_numpy(pi)) == analysis.residual(op, pi)
     with pytest.raises(ValueError, match=r"pi must be a distribution over the 243 states, shape \(243,\), got \(3,\)"):
         analysis.residual(op, pi[:3])
+
+
+@pytest.mark.parametrize("call", [
+    lambda q, pi: mixing_time(q, pi), lambda q, pi: spectral_gap(q), lambda q, pi: stationary_distribution(q),
+    lambda q, pi: tv_curves(q, pi, [0], 2), lambda q, pi: worst_tv_curve(q, pi, 2), lambda q, pi: residual(q, pi),
+])
+def test_a_probability_table_for_the_operator_is_refused_by_name(call):
+    # spectral_gap(q) failed with "'numpy.ndarray' object has no attribute 'to_csr'"
+    q = np.full((4, 2), 0.5)
+    with pytest.raises(TypeError, match="op must be a TransitionOperator .*, got ndarray"):
+        call(q, np.full(4, 0.25))
+
+
+@pytest.mark.parametrize("pi", [-np.full(4, 0.25), np.full(4, 0.5), np.array([1.5, -0.5, 0.0, 0.0])])
+def test_tv_distances_need_a_distribution(pi):
+    # mixing_time(op, -pi) returned None ('above max_steps') and tv_curves distances to a non-distribution
+    op = TransitionOperator(np.full((4, 2), 0.5), 2, 2)
+    for call in (lambda: mixing_time(op, pi), lambda: tv_curves(op, pi, [0], 2), lambda: worst_tv_curve(op, pi, 2)):
+        with pytest.raises(ValueError, match=r"pi must be a distribution over the 4 states \(entries >= 0 that sum"):
+            call()
+    assert mixing_time(op, np.full(4, 0.25)) == 2  # two steps forget the two-symbol context

@@ -86,6 +86,17 @@ def test_markov_output_folder_that_is_a_file_is_refused_before_loading(tmp_path,
     assert capsys.readouterr().err == f"duat markov: {option} {blocker / 'sub'}: {blocker} is a file, not a folder\n"
 
 
+@pytest.mark.parametrize("option", ["--out", "--cache"])
+def test_markov_empty_output_folder_is_refused_before_loading(tmp_path, capsys, monkeypatch, option):
+    # --cache '' was taken as OUT/cache (--out '' was refused)
+    import duat_kernels.models
+
+    monkeypatch.setattr(duat_kernels.models, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    argv = ["markov", "--model", "any", "--tokens", "ab", "--context", "1", "--out", str(tmp_path / "out")]
+    assert main([*argv, option, ""]) == 2
+    assert capsys.readouterr().err == f"duat markov: {option} is empty; give a folder\n"
+
+
 @pytest.mark.parametrize("context,message", [
     ("99999", "has T^K = 2^99999 (about 10^30103) states, more than any memory holds"),
     ("45", r"the table of (35,184,372,088,832, 2) transition probabilities (T=2, K=45) needs"),

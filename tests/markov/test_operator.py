@@ -101,3 +101,14 @@ def test_state_counts_beyond_memory_are_refused_by_every_constructor():
         with pytest.raises(MemoryError, match=r"states, more than any memory holds"):
             call()
     assert state_count(3, 2) == 9
+
+
+def test_dense_matrix_beyond_memory_is_refused_before_allocating():
+    # T=2, K=20: P is (2^20, 2^20) float64, 8 TiB; to_dense() failed with NumPy's "Unable to allocate 8.00 TiB"
+    from duat_kernels import DenseTooLargeError
+
+    op = TransitionOperator(np.full((2 ** 20, 2), 0.5), 2, 20)
+    with pytest.raises(DenseTooLargeError, match=r"P of shape \(1,048,576, 1,048,576\) .* needs 8.0 TiB .* to_csr\(\)"):
+        op.to_dense()
+    np.testing.assert_array_equal(TransitionOperator(np.full((4, 2), 0.5), 2, 2).to_dense(), np.full((4, 4), 0.5) *
+                                  np.array([[1, 1, 0, 0], [0, 0, 1, 1], [1, 1, 0, 0], [0, 0, 1, 1]]))

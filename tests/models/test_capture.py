@@ -191,6 +191,8 @@ def test_sdpa_models_are_switched_or_refused():
     layers = dk.models.attention_layers(model, **_ids(100))
     _assert_exact(layers, 2)
     assert model.config._attn_implementation == "sdpa"  # restored
+    with pytest.raises(TypeError, match="switch_to_eager must be True or False, got str 'no'"):  # was truthy
+        dk.models.attention_layers(model, switch_to_eager="no", **_ids(100))
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -332,6 +334,14 @@ def test_sequences_without_tokens_are_refused_by_name(capture, positional):
     args, kwargs = ((ids,), {}) if positional else ((), {"input_ids": ids})
     with pytest.raises(ValueError, match=r"input_ids of shape \(0, 9\) holds no sequences"):
         dk.models.attention_layers(model, *args, capture=capture, **kwargs)
+
+
+def test_layer_hvo_matrix_names_the_arguments_the_layer_fixes():
+    # "hvo_matrix() got multiple values for keyword argument 'num_kv_heads'"
+    config, model = _random_model("llama")
+    layer = dk.models.attention_layers(model, layers=[0], **_ids(100))[0]
+    with pytest.raises(TypeError, match=r"AttentionLayer.hvo_matrix takes its own num_kv_heads \(num_kv_heads="):
+        layer.hvo_matrix(num_kv_heads=1)
 
 
 def test_relative_error_of_an_all_padding_batch_is_refused():

@@ -225,6 +225,7 @@ def test_html_report_renders_in_chromium(folder, tmp_path):
     (["--heads", "4"], "--heads 4: head 4 is not a head of layer 0 (encoder.layer.0.attention.self), which has 4 "
                        "heads (valid: -4 ... 3)"),
     (["--heads", "1", "-3"], "--heads: heads must be distinct, got [1, -3]"),
+    (["--heads", "1", "1"], "--heads: heads must be distinct, got [1, 1]"),  # refused before loading now
     (["--heads", "x"], "--heads takes 'all' or head indices"),
     (["--plot", "{tmp}/w.jgp"], "matplotlib cannot write .jgp files"),  # was savefig's error after every layer
     (["--plot", "{tmp}/out.png", "--html", "{tmp}/./out.png"], "is the file --plot writes too"),  # the last write won
@@ -237,7 +238,7 @@ def test_bad_input_is_one_line(folder, tmp_path, capsys, argv, message):
     lines = captured.err.strip().splitlines()
     assert lines[-1].startswith("duat inspect: ") and message in lines[-1], captured.err
     assert "Traceback" not in captured.err and "layers:" not in captured.err  # nothing computed
-    if "--layer" in argv or "--save" in argv or "--html" in argv or "--plot" in argv:
+    if "--layer" in argv or "--save" in argv or "--html" in argv or "--plot" in argv or argv[-2:] == ["1", "1"]:
         assert "loading" not in captured.err  # refused before the model loaded
 
 

@@ -21,6 +21,13 @@ def test_load_names_a_model_that_is_no_name_or_path(name, exc, message):
         load(name)
 
 
+@pytest.mark.parametrize("flag", ["no", None, 2])
+def test_load_refuses_a_causal_lm_flag_that_is_no_bool(flag):
+    # "no" was truthy: minilm came with a newly initialised language-model head, silently
+    with pytest.raises(TypeError, match=f"causal_lm must be True or False, got {type(flag).__name__}"):
+        load("minilm", causal_lm=flag)
+
+
 def test_an_encoder_decoder_model_folder_loads_and_is_inspected(tmp_path, capsys):
     # a saved BERT2BERT (EncoderDecoderModel) failed in AutoModel: "Unrecognized configuration class
     # EncoderDecoderConfig for this kind of AutoModel: AutoModel. Model type should be one of ..." (10 kB)
@@ -71,3 +78,17 @@ def test_progress_bars_are_as_they_were_after_the_block(transformers_on, hub_on)
     finally:
         (logging.enable_progress_bar if was[0] else logging.disable_progress_bar)()
         (hub.disable_progress_bars if was[1] else hub.enable_progress_bars)()
+
+
+def test_no_progress_hides_the_gguf_conversion_bar_too():
+    # transformers' GGUF loader runs a plain tqdm ("Converting and de-quantizing GGUF tensors..."): duat markov
+    # --no-progress --model smollm2 showed it
+    gguf = pytest.importorskip("transformers.modeling_gguf_pytorch_utils", reason="needs transformers with GGUF")
+    from duat_kernels.models.zoo import transformers_progress_bars
+
+    before = gguf.tqdm
+    with transformers_progress_bars(False):
+        assert gguf.tqdm(range(3), desc="x").disable
+    assert gguf.tqdm is before
+    with transformers_progress_bars(True):
+        assert gguf.tqdm is before
