@@ -21,7 +21,7 @@ def handles(source) -> bool:
     return (cpp.is_available() and hasattr(cpp._C, "qk_mix") and source.device.type == "cpu"
             and backends.direct_kernel_call(source.q, source.k)
             and source.dtype == torch.float32 and source.q.shape[-1] > 0 and all_finite(source.q, source.k)
-            and not source.wide_logits())
+            and not source.wide_logits() and source.keys == source.tokens)  # self-attention only
 
 
 def kernel_options(source) -> dict:
