@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import duat_kernels as dk
+from duat_kernels import cpp, qk_cpu
+from duat_kernels.linalg import gram_norms, norms
 
 # (batch, h, h_kv, N, N_k, d, M_in, M_out): odd N, N_k above and below N, GQA and MQA
 SHAPES = [(2, 4, 2, 5, 9, 3, 4, 6), (3, 3, 1, 7, 4, 2, 5, 3), (1, 2, 2, 3, 11, 4, 3, 5)]
@@ -144,6 +146,54 @@ def test_nan_and_inf_in_q_or_k_agree_with_the_dense_route(where, value, dtype):
                             ("tile", op.tile(slice(0, 12), slice(0, 20)), explicit.tile(slice(0, 12), slice(0, 20)))]:
         assert torch.equal(got.isnan(), want.isnan()), name
         torch.testing.assert_close(got, want, equal_nan=True, msg=name)
+
+
+needs_cpp = pytest.mark.skipif(not cpp.is_available(), reason="C++ extension not built: the fused q/k pass is absent")
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", cpp.supported_capabilities() if cpp.is_available() else [])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("case", ["plain", "padded_softcap"])
+def test_fused_cpu_pass_of_cross_attention_matches_the_dense_attention(isa, shape, case):
+    """float32 CPU q/k of N_k != N keys take the fused C++ pass; its A V, Aᵀ U and ||C α||² (whole and in a grid)
+    against the dense A in float64, in every ISA variant the CPU runs."""
+    op, dense = _pair(shape, CASES[case], torch.float32, "token")
+    src, a = op.source, dense.attn
+    batch, h, h_kv, n, n_k = shape[:5]
+    assert qk_cpu.handles(src) and gram_norms.qk_available(src)
+    g = torch.Generator().manual_seed(3)
+    values, u, c = (torch.randn(batch, h_kv, n_k, 21, generator=g), torch.randn(batch, h, n, 19, generator=g),
+                    torch.randn(h, h, generator=g))
+    sq = torch.einsum("ij,bjnm->binm", c.double(), a).square().sum(1)
+    with cpp.using_capability(isa):
+        _close(qk_cpu.mix(src, values), a @ values.double().repeat_interleave(h // h_kv, 1), torch.float32)
+        _close(qk_cpu.mix_transposed(src, u), a.transpose(-1, -2) @ u.double(), torch.float32)
+        _close(gram_norms.qk_squared_norms(src, c, None), sq, torch.float32)
+        for grid in [(2, 3), (n, 1), (1, n_k)]:
+            bins = norms._bins(n, grid[0], src.device), norms._bins(n_k, grid[1], src.device)
+            _close(gram_norms.qk_squared_norms(src, c, grid, *bins), norms.grid_sums(sq, grid), torch.float32)
+
+
+@needs_cpp
+def test_fused_cpu_pass_refuses_query_position_masks_of_cross_attention():
+    q, k, c = torch.randn(1, 2, 5, 3), torch.randn(1, 2, 7, 3), torch.eye(2)
+    out = torch.zeros(1, 5, 7)
+    for opts in (dict(causal=True), dict(window=2)):
+        with pytest.raises(ValueError, match=r"causal and window need k of N = 5 keys \(self-attention\), got k"):
+            cpp._C.qk_gram_squared_norms(q.numpy(), k.numpy(), None, c.numpy(), out.numpy(), scale=1.0, **opts)
+    with pytest.raises(ValueError, match=r"key_mask must be \(B, N_k\) = \(1, 7\), got shape \(1, 5\)"):
+        cpp._C.qk_gram_squared_norms(q.numpy(), k.numpy(), torch.ones(1, 5, dtype=torch.bool).numpy(), c.numpy(),
+                                     out.numpy(), scale=1.0)
+    with pytest.raises(ValueError, match=r"out must be float32 \(B, N, N_k\) = \(1, 5, 7\)"):
+        cpp._C.qk_gram_squared_norms(q.numpy(), k.numpy(), None, c.numpy(), torch.zeros(1, 5, 5).numpy(), scale=1.0)
+    with pytest.raises(ValueError, match=r"col_bin must be a contiguous \(N_k,\) = \(7,\) vector"):
+        cpp._C.qk_gram_grid_norms(q.numpy(), k.numpy(), None, c.numpy(), torch.zeros(5, dtype=torch.long).numpy(),
+                                  torch.zeros(5, dtype=torch.long).numpy(),
+                                  torch.zeros(1, 1, 1, dtype=torch.float64).numpy(), scale=1.0)
+    with pytest.raises(ValueError, match=r"values must be \(B, h_kv, N_k, e\)"):
+        cpp._C.qk_mix(q.numpy(), k.numpy(), None, torch.zeros(1, 2, 5, 4).numpy(), torch.zeros(1, 2, 5, 4).numpy(),
+                      scale=1.0)
 
 
 @pytest.mark.parametrize("opts,match", [
