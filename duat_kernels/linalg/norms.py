@@ -145,7 +145,7 @@ def _scaled_norms(source, c: torch.Tensor, grid: tuple[int, int] | None, wide: b
     whole = fused and isinstance(source, ExplicitAttention)  # one pass over the stored A, every entry written
     rooted = whole and grid is None  # that pass writes the norms themselves (roots taken per row, in cache)
     if (grid is not None and isinstance(source, QKAttention) and source.device.type == "cuda" and not wide
-            and not source.wide_logits() and _triton_launches(n) and n == n_k):  # self-attention only  # the q/k Triton pass forms float32 logits
+            and not source.wide_logits() and _triton_launches(max(n, n_k))):  # the q/k Triton pass forms float32 logits
         return _block_norms_triton(source, c, grid).double()
     c = c.to(torch.float64 if wide else torch.float32)
     out_rows, out_cols = grid if grid is not None else (n, n_k)
@@ -250,7 +250,7 @@ def _check_output_fits(source, grid: tuple[int, int] | None, finite: bool, wide:
 
 
 def _triton_launches(n: int) -> bool:
-    """Whether the q/k Triton pass launches for n tokens (CUDA's 65535 programs per grid axis)."""
+    """Whether the q/k Triton pass launches for n tokens (queries and keys; CUDA's 65535 programs per grid axis)."""
     from duat_kernels.triton.attention_norms import MAX_TOKENS
 
     return n <= MAX_TOKENS
