@@ -110,6 +110,8 @@ def test_cross_from_qk_unbatched_matches_the_stored_dense_attention(layout, case
     _close(op.rmatvec(x.float()), dense.rmatvec(x), torch.float32)
     _close(op.block_norms(grid=(2, 4)), dense.block_norms(grid=(2, 4)), torch.float32)
     _close(op.to_dense(), dense.to_dense(), torch.float32)
+    got, want = (torch.as_tensor(o.singular_values(2)).double() for o in (op, dense))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=0)
 
 
 def test_padded_batch_row_without_keys_is_a_zero_block_row():
