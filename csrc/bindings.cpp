@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -464,7 +465,8 @@ void require_f32_c(const py::buffer_info& b, const char* name, int64_t ndim) {
   }
 }
 
-// The problem of q (B, h, N, d), k (B, h_kv, N, d), c (h, h) and the options; key_mask (B, N) bytes or None.
+// The problem of q (B, h, N, d), k (B, h_kv, N_k, d), c (h, h) and the options; key_mask (B, N_k) bytes or None.
+// N_k != N (cross-attention) only without causal mask and window.
 struct QkInputs {
   duat::QkNormsProblem pb;
   const float *q, *k, *c;
@@ -495,10 +497,13 @@ QkInputs check_qk_inputs(const py::buffer_info& q, const py::buffer_info& k, con
   require_f32_c(k, "k", 4);
   if (c) require_f32_c(*c, "c", 2);
   duat::QkNormsProblem pb{q.shape[0], q.shape[1], k.shape[1], q.shape[2], q.shape[3], static_cast<float>(scale),
-                          static_cast<float>(softcap), causal, window};
-  if (k.shape[0] != pb.batch || k.shape[2] != pb.n || k.shape[3] != pb.d)
-    fail_qk("k must be (B, h_kv, N, d) = (" + std::to_string(pb.batch) + ", h_kv, " + std::to_string(pb.n) + ", " +
-            std::to_string(pb.d) + ") to match q " + shape_str(q) + ", got " + shape_str(k));
+                          static_cast<float>(softcap), causal, window, k.shape[2]};
+  if (k.shape[0] != pb.batch || k.shape[3] != pb.d)
+    fail_qk("k must be (B, h_kv, N_k, d) = (" + std::to_string(pb.batch) + ", h_kv, N_k, " + std::to_string(pb.d) +
+            ") to match q " + shape_str(q) + ", got " + shape_str(k));
+  if (pb.n_k != pb.n && (causal || window != 0))
+    fail_qk("causal and window need k of N = " + std::to_string(pb.n) + " keys (self-attention), got k " + shape_str(k));
+  if (pb.n_k == 0 && pb.n != 0 && pb.batch != 0) fail_qk("k must have at least one key, got " + shape_str(k));
   if (pb.h <= 0 || pb.h_kv <= 0 || pb.h % pb.h_kv != 0)
     fail_qk("the heads of q (" + std::to_string(pb.h) + ") must be a positive multiple of those of k (" +
             std::to_string(pb.h_kv) + ")");
@@ -509,21 +514,22 @@ QkInputs check_qk_inputs(const py::buffer_info& q, const py::buffer_info& k, con
   if (!(softcap >= 0.0) || !std::isfinite(softcap)) fail_qk("softcap must be finite and >= 0 (0 = none), got " + std::to_string(softcap));
   if (window < 0) fail_qk("window must be >= 0 (0 = none), got " + std::to_string(window));
   checked_mul(checked_mul(checked_mul(pb.batch, pb.h, "B*h"), pb.n, "B*h*N"), pb.d, "B*h*N*d");
-  checked_mul(checked_mul(checked_mul(pb.h, pb.n, "h*N"), 96, "h*N*rows"), 4, "the logits buffer bytes");
-  checked_mul(checked_mul(pb.batch, pb.n, "B*N"), pb.n, "B*N*N");
+  checked_mul(checked_mul(checked_mul(pb.batch, pb.h_kv, "B*h_kv"), pb.n_k, "B*h_kv*N_k"), pb.d, "B*h_kv*N_k*d");
+  checked_mul(checked_mul(checked_mul(pb.h, pb.n_k, "h*N_k"), 96, "h*N_k*rows"), 4, "the logits buffer bytes");
+  checked_mul(checked_mul(pb.batch, pb.n, "B*N"), pb.n_k, "B*N*N_k");
   const uint8_t* mask = nullptr;
   if (!key_mask_obj.is_none()) {
     if (!py::isinstance<py::buffer>(key_mask_obj))  // pybind11's "Object of type 'list' is not an instance of 'buffer'"
-      throw py::type_error("duat_kernels._C.qk_gram_norms: key_mask must be None or a (B, N) bool or uint8 array, got " +
+      throw py::type_error("duat_kernels._C.qk_gram_norms: key_mask must be None or a (B, N_k) bool or uint8 array, got " +
                            describe(key_mask_obj));
     mask_info = py::cast<py::buffer>(key_mask_obj).request();
     if (mask_info.itemsize != 1 || (mask_info.format != "?" && mask_info.format != "B" && mask_info.format != "b"))
       fail_qk("key_mask must hold bool or uint8, got format '" + mask_info.format + "'");
-    if (mask_info.ndim != 2 || mask_info.shape[0] != pb.batch || mask_info.shape[1] != pb.n)
-      fail_qk("key_mask must be (B, N) = (" + std::to_string(pb.batch) + ", " + std::to_string(pb.n) + "), got shape " +
+    if (mask_info.ndim != 2 || mask_info.shape[0] != pb.batch || mask_info.shape[1] != pb.n_k)
+      fail_qk("key_mask must be (B, N_k) = (" + std::to_string(pb.batch) + ", " + std::to_string(pb.n_k) + "), got shape " +
               shape_str(mask_info));
     if ((mask_info.shape[1] != 1 && mask_info.strides[1] != 1) ||
-        (mask_info.shape[0] != 1 && mask_info.strides[0] != pb.n))
+        (mask_info.shape[0] != 1 && mask_info.strides[0] != pb.n_k))
       fail_qk("key_mask must be C-contiguous");
     mask = static_cast<const uint8_t*>(mask_info.ptr);
   }
@@ -537,9 +543,9 @@ void qk_gram_squared_norms(py::buffer q_buf, py::buffer k_buf, py::object key_ma
   py::buffer_info q = q_buf.request(), k = k_buf.request(), c = c_buf.request(), o = writable(out_buf, "out"), mi;
   const QkInputs in = check_qk_inputs(q, k, key_mask, mi, &c, opt);
   if (o.format != py::format_descriptor<float>::format() || o.ndim != 3 || o.shape[0] != in.pb.batch ||
-      o.shape[1] != in.pb.n || o.shape[2] != in.pb.n)
-    fail_qk("out must be float32 (B, N, N) = (" + std::to_string(in.pb.batch) + ", " + std::to_string(in.pb.n) + ", " +
-            std::to_string(in.pb.n) + "), got format '" + o.format + "' shape " + shape_str(o));
+      o.shape[1] != in.pb.n || o.shape[2] != in.pb.n_k)
+    fail_qk("out must be float32 (B, N, N_k) = (" + std::to_string(in.pb.batch) + ", " + std::to_string(in.pb.n) + ", " +
+            std::to_string(in.pb.n_k) + "), got format '" + o.format + "' shape " + shape_str(o));
   require_f32_c(o, "out", 3);
   if (in.pb.batch == 0 || in.pb.n == 0) return;
   float* op = static_cast<float*>(o.ptr);
@@ -559,9 +565,10 @@ void qk_gram_grid_norms(py::buffer q_buf, py::buffer k_buf, py::object key_mask,
     const char* name = b == &rb ? "row_bin" : "col_bin";
     if (!(b->format == i64 || ((b->format == "l" || b->format == "q") && b->itemsize == 8)))
       fail_qk(std::string(name) + " must hold int64, got format '" + b->format + "'");
-    if (b->ndim != 1 || b->shape[0] != in.pb.n || (in.pb.n > 1 && b->strides[0] != 8))
-      fail_qk(std::string(name) + " must be a contiguous (N,) = (" + std::to_string(in.pb.n) + ",) vector, got shape " +
-              shape_str(*b));
+    const int64_t len = b == &rb ? in.pb.n : in.pb.n_k;  // a super-block per query, per key
+    if (b->ndim != 1 || b->shape[0] != len || (len > 1 && b->strides[0] != 8))
+      fail_qk(std::string(name) + " must be a contiguous (" + (b == &rb ? "N" : "N_k") + ",) = (" + std::to_string(len) +
+              ",) vector, got shape " + shape_str(*b));
   }
   if (o.format != py::format_descriptor<double>::format() || o.ndim != 3 || o.shape[0] != in.pb.batch)
     fail_qk("out must be float64 (B, R, C) with B = " + std::to_string(in.pb.batch) + ", got format '" + o.format +
@@ -575,7 +582,7 @@ void qk_gram_grid_norms(py::buffer q_buf, py::buffer k_buf, py::object key_mask,
   const int64_t *rp = static_cast<const int64_t*>(rb.ptr), *cp = static_cast<const int64_t*>(cb.ptr);
   for (int64_t r = 0; r < in.pb.n; ++r)
     if (rp[r] < 0 || rp[r] >= out_rows) fail_qk("row_bin[" + std::to_string(r) + "] is out of range");
-  for (int64_t m = 0; m < in.pb.n; ++m)
+  for (int64_t m = 0; m < in.pb.n_k; ++m)
     if (cp[m] < 0 || cp[m] >= out_cols) fail_qk("col_bin[" + std::to_string(m) + "] is out of range");
   if (in.pb.batch == 0 || in.pb.n == 0) return;
   double* op = static_cast<double*>(o.ptr);
@@ -593,9 +600,14 @@ void qk_mix_transposed(py::buffer q_buf, py::buffer k_buf, py::object key_mask, 
   if (u.shape[0] != in.pb.batch || u.shape[1] != in.pb.h || u.shape[2] != in.pb.n)
     fail_qk("u must be (B, h, N, e) with (B, h, N) = (" + std::to_string(in.pb.batch) + ", " + std::to_string(in.pb.h) +
             ", " + std::to_string(in.pb.n) + "), got shape " + shape_str(u));
-  if (o.shape != u.shape) fail_qk("out must have the shape of u " + shape_str(u) + ", got " + shape_str(o));
+  if (o.shape[0] != u.shape[0] || o.shape[1] != u.shape[1] || o.shape[2] != in.pb.n_k || o.shape[3] != u.shape[3])
+    fail_qk("out must be (B, h, N_k, e) = (" + std::to_string(in.pb.batch) + ", " + std::to_string(in.pb.h) + ", " +
+            std::to_string(in.pb.n_k) + ", " + std::to_string(u.shape[3]) + "), got shape " + shape_str(o));
   const int64_t e = u.shape[3];
-  if (in.pb.batch == 0 || in.pb.n == 0 || e == 0) return;
+  if (in.pb.batch == 0 || in.pb.n == 0 || e == 0) {  // no query rows: Aᵀ U = 0 over the N_k keys
+    std::fill(static_cast<float*>(o.ptr), static_cast<float*>(o.ptr) + in.pb.batch * in.pb.h * in.pb.n_k * e, 0.0f);
+    return;
+  }
   const float* up = static_cast<const float*>(u.ptr);
   float* op = static_cast<float*>(o.ptr);
   py::gil_scoped_release release;
@@ -609,9 +621,9 @@ void qk_mix(py::buffer q_buf, py::buffer k_buf, py::object key_mask, py::buffer 
   require_f32_c(v, "values", 4);
   require_f32_c(o, "out", 4);
   const QkInputs in = check_qk_inputs(q, k, key_mask, mi, nullptr, opt);
-  if (v.shape[0] != in.pb.batch || v.shape[1] != in.pb.h_kv || v.shape[2] != in.pb.n)
-    fail_qk("values must be (B, h_kv, N, e) with (B, h_kv, N) = (" + std::to_string(in.pb.batch) + ", " +
-            std::to_string(in.pb.h_kv) + ", " + std::to_string(in.pb.n) + "), got shape " + shape_str(v));
+  if (v.shape[0] != in.pb.batch || v.shape[1] != in.pb.h_kv || v.shape[2] != in.pb.n_k)
+    fail_qk("values must be (B, h_kv, N_k, e) with (B, h_kv, N_k) = (" + std::to_string(in.pb.batch) + ", " +
+            std::to_string(in.pb.h_kv) + ", " + std::to_string(in.pb.n_k) + "), got shape " + shape_str(v));
   const int64_t e = v.shape[3];
   if (o.shape[0] != in.pb.batch || o.shape[1] != in.pb.h || o.shape[2] != in.pb.n || o.shape[3] != e)
     fail_qk("out must be (B, h, N, e) = (" + std::to_string(in.pb.batch) + ", " + std::to_string(in.pb.h) + ", " +

@@ -32,31 +32,31 @@ constexpr int64_t kPad = 64;  // key columns of kᵀ and of the buffer past the 
 int64_t key_lo(const QkNormsProblem& pb, int64_t n) { return pb.window > 0 ? std::max<int64_t>(0, n - pb.window + 1) : 0; }
 int64_t key_hi(const QkNormsProblem& pb, int64_t n) {
   if (pb.causal) return n + 1;
-  return pb.window > 0 ? std::min(pb.n, n + pb.window) : pb.n;
+  return pb.window > 0 ? std::min(pb.n, n + pb.window) : pb.n_k;
 }
 
 int64_t block_rows(const QkNormsProblem& pb) {
-  const int64_t per_row = 4 * pb.h * std::max<int64_t>(1, pb.n);
+  const int64_t per_row = 4 * pb.h * std::max<int64_t>(1, pb.n_k);
   return std::max<int64_t>(1, std::min(kMaxBlockRows, kBufferBytes / per_row));
 }
 
 // Rows per block when one head's logits are in the buffer at a time (the mix drivers).
 int64_t head_block_rows(const QkNormsProblem& pb) {
-  return std::max<int64_t>(1, std::min(kMaxBlockRows, kBufferBytes / (4 * std::max<int64_t>(1, pb.n))));
+  return std::max<int64_t>(1, std::min(kMaxBlockRows, kBufferBytes / (4 * std::max<int64_t>(1, pb.n_k))));
 }
 
-// kt (h_kv, d, n + kPad) = k[b] transposed per key head (zero padding): one key per lane in the logits
+// kt (h_kv, d, n_k + kPad) = k[b] transposed per key head (zero padding): one key per lane in the logits
 // micro-kernel.
 void transpose_keys(const float* k, const QkNormsProblem& pb, int64_t b, float* kt, int threads) {
   constexpr int64_t kChunk = 64;
-  const int64_t chunks = (pb.n + kChunk - 1) / kChunk;
+  const int64_t chunks = (pb.n_k + kChunk - 1) / kChunk;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t job = 0; job < pb.h_kv * chunks; ++job) {
-    const int64_t kv = job / chunks, m0 = (job % chunks) * kChunk, m1 = std::min(pb.n, m0 + kChunk);
-    const float* src = k + (b * pb.h_kv + kv) * pb.n * pb.d;
-    float* dst = kt + kv * pb.d * (pb.n + kPad);
+    const int64_t kv = job / chunks, m0 = (job % chunks) * kChunk, m1 = std::min(pb.n_k, m0 + kChunk);
+    const float* src = k + (b * pb.h_kv + kv) * pb.n_k * pb.d;
+    float* dst = kt + kv * pb.d * (pb.n_k + kPad);
     for (int64_t t = 0; t < pb.d; ++t)
-      for (int64_t m = m0; m < m1; ++m) dst[t * (pb.n + kPad) + m] = src[m * pb.d + t];
+      for (int64_t m = m0; m < m1; ++m) dst[t * (pb.n_k + kPad) + m] = src[m * pb.d + t];
   }
 }
 
@@ -65,14 +65,14 @@ void transpose_keys(const float* k, const QkNormsProblem& pb, int64_t b, float* 
 struct Keys {
   std::vector<float> kt, bias;
   Keys(const QkNormsProblem& pb, bool masked)
-      : kt(static_cast<size_t>(pb.h_kv * pb.d * (pb.n + kPad)), 0.0f), bias(masked ? static_cast<size_t>(pb.n) : 0) {}
+      : kt(static_cast<size_t>(pb.h_kv * pb.d * (pb.n_k + kPad)), 0.0f), bias(masked ? static_cast<size_t>(pb.n_k) : 0) {}
   void load(const float* k, const uint8_t* key_mask, const QkNormsProblem& pb, int64_t b, int threads) {
     transpose_keys(k, pb, b, kt.data(), threads);
-    for (int64_t m = 0; key_mask && m < pb.n; ++m) bias[m] = key_mask[b * pb.n + m] ? 0.0f : -INFINITY;
+    for (int64_t m = 0; key_mask && m < pb.n_k; ++m) bias[m] = key_mask[b * pb.n_k + m] ? 0.0f : -INFINITY;
   }
   const float* mask_bias() const { return bias.empty() ? nullptr : bias.data(); }
   const float* head(const QkNormsProblem& pb, int64_t i) const {  // kᵀ of query head i's key head
-    return kt.data() + (i / (pb.h / pb.h_kv)) * pb.d * (pb.n + kPad);
+    return kt.data() + (i / (pb.h / pb.h_kv)) * pb.d * (pb.n_k + kPad);
   }
 };
 
@@ -81,7 +81,7 @@ struct Keys {
 void head_logits(const float* qi, const float* kti, const QkNormsProblem& pb, int64_t r0, int64_t r1, int64_t width,
                  float* si) {
   const IsaKernels& isa = active();
-  const int64_t rows = r1 - r0, cb0 = key_lo(pb, r0), cb1 = key_hi(pb, r1 - 1), ldk = pb.n + kPad;
+  const int64_t rows = r1 - r0, cb0 = key_lo(pb, r0), cb1 = key_hi(pb, r1 - 1), ldk = pb.n_k + kPad;
   for (int64_t t0 = cb0; t0 < cb1; t0 += kKeyTile) {
     const int64_t t1 = std::min(cb1, t0 + kKeyTile);
     for (int64_t g0 = 0; g0 < rows; g0 += kGroupRows) {
@@ -162,7 +162,7 @@ void qk_pass(const float* q, const float* k, const uint8_t* key_mask, const floa
 #pragma omp parallel num_threads(threads)
     {
       auto sink = make_sink(b);
-      std::vector<float> buf, sq(static_cast<size_t>(pb.n)), cs(static_cast<size_t>(pb.h * pb.h));
+      std::vector<float> buf, sq(static_cast<size_t>(pb.n_k)), cs(static_cast<size_t>(pb.h * pb.h));
 #pragma omp for schedule(dynamic, 1)
       for (int64_t j = 0; j < blocks; ++j) {
         const int64_t blk = pb.causal ? blocks - 1 - j : j;  // largest causal blocks first
@@ -177,10 +177,10 @@ void qk_pass(const float* q, const float* k, const uint8_t* key_mask, const floa
   }
 }
 
-// Writes whole rows of the (n, n) output: zeros outside the row's keys.
+// Writes whole rows of the (n, n_k) output: zeros outside the row's keys.
 struct DenseSink {
-  float* out;  // out[b] (n, n)
-  int64_t n;
+  float* out;  // out[b] (n, n_k)
+  int64_t n;   // n_k, the row length
   void begin(int64_t, int64_t) {}
   void end() {}
   void row(int64_t r, const float* sq, int64_t lo, int64_t hi) {
@@ -224,7 +224,7 @@ void qk_mix_transposed(const float* q, const float* k, const uint8_t* key_mask, 
                        const QkNormsProblem& pb, int num_threads) {
   const int threads = std::max(1, num_threads);
   const IsaKernels& isa = active();
-  const int64_t rb = head_block_rows(pb), blocks = (pb.n + rb - 1) / rb, head_size = pb.n * e;
+  const int64_t rb = head_block_rows(pb), blocks = (pb.n + rb - 1) / rb, head_size = pb.n * e, key_size = pb.n_k * e;
   Keys keys(pb, key_mask != nullptr);
   for (int64_t b = 0; b < pb.batch; ++b) {
     keys.load(k, key_mask, pb, b, threads);
@@ -234,9 +234,9 @@ void qk_mix_transposed(const float* q, const float* k, const uint8_t* key_mask, 
       std::vector<float> buf, us(static_cast<size_t>(rb * e)), w(static_cast<size_t>(rb));
 #pragma omp for schedule(dynamic, 1)
       for (int64_t i = 0; i < pb.h; ++i) {
-        float* oi = out + (b * pb.h + i) * head_size;
+        float* oi = out + (b * pb.h + i) * key_size;  // out (B, h, N_k, e), u (B, h, N, e)
         const float* ui = u + (b * pb.h + i) * head_size;
-        std::fill(oi, oi + head_size, 0.0f);
+        std::fill(oi, oi + key_size, 0.0f);
         for (int64_t blk = 0; blk < blocks; ++blk) {
           const int64_t r0 = blk * rb, r1 = std::min(pb.n, r0 + rb), rows = r1 - r0;
           const int64_t cb0 = key_lo(pb, r0), cb1 = key_hi(pb, r1 - 1), width = cb1 - cb0 + kPad;
@@ -273,7 +273,7 @@ void qk_mix(const float* q, const float* k, const uint8_t* key_mask, const float
         // out rows = diag(w) P V, a key tile of V (kKeyTile x e, in L1/L2) at a time for all the rows.
         float* o = out + ((b * pb.h + i) * pb.n + r0) * e;
         std::fill(o, o + rows * e, 0.0f);
-        const float* vi = values + (b * pb.h_kv + i / g) * pb.n * e;
+        const float* vi = values + (b * pb.h_kv + i / g) * pb.n_k * e;
         for (int64_t t0 = cb0; t0 < cb1; t0 += kKeyTile) {
           const int64_t t1 = std::min(cb1, t0 + kKeyTile);
           isa.qk_logits(buf.data() + (t0 - cb0), width, rows, t1 - t0, vi + t0 * e, e, 0, e, 1.0f, part.data(), e);
@@ -288,7 +288,7 @@ void qk_mix(const float* q, const float* k, const uint8_t* key_mask, const float
 
 void qk_gram_squared_norms(const float* q, const float* k, const uint8_t* key_mask, const float* c, float* out,
                            const QkNormsProblem& pb, int num_threads) {
-  qk_pass(q, k, key_mask, c, pb, num_threads, [&](int64_t b) { return DenseSink{out + b * pb.n * pb.n, pb.n}; });
+  qk_pass(q, k, key_mask, c, pb, num_threads, [&](int64_t b) { return DenseSink{out + b * pb.n * pb.n_k, pb.n_k}; });
 }
 
 void qk_gram_grid_norms(const float* q, const float* k, const uint8_t* key_mask, const float* c, const int64_t* row_bin,

@@ -17,11 +17,13 @@
 namespace duat {
 
 struct QkNormsProblem {
-  int64_t batch, h, h_kv, n, d;  // q (batch, h, n, d), k (batch, h_kv, n, d); head i reads key head i / (h / h_kv)
+  int64_t batch, h, h_kv, n, d;  // q (batch, h, n, d), k (batch, h_kv, n_k, d); head i reads key head i / (h / h_kv)
   float scale;                   // logits scale · q·k
   float softcap;                 // > 0: logits softcap · tanh(logits / softcap); 0: none
   bool causal;
   int64_t window;                // > 0: sliding window; 0: none
+  int64_t n_k;                   // keys of k (batch, h_kv, n_k, d): n for self-attention; n_k != n (cross-attention)
+                                 // only without causal mask and window
 };
 
 // out (batch, n, n) float32: out[b, n, m] = ||C A[b, :, n, m]||². q, k, c (h, h) float32 C-contiguous;

@@ -59,8 +59,9 @@ class HVOOperator:
                 sliding_window: int | None = None) -> "HVOOperator":
         """W' of the layer whose A = softmax(scale·q kᵀ + masks) is recomputed tile by tile, never stored.
 
-        q (h, N, d) or (B, h, N, d); k (h_kv, N, d) or (B, h_kv, N, d) (GQA: query head i reads key
-        head i // (h / h_kv)); attention_mask a key mask (N,) or (B, N), True = attend; causal: key
+        q (h, N, d) or (B, h, N, d); k (h_kv, N_k, d) or (B, h_kv, N_k, d) (GQA: query head i reads key
+        head i // (h / h_kv); N_k != N: cross-attention, without causal mask or sliding window, which are
+        refused there); attention_mask a key mask (N_k,) or (B, N_k), True = attend; causal: key
         m <= query n; scale defaults to d^-0.5; softcap c: logits c·tanh(logits / c) (Gemma 2);
         sliding_window w: keys with n - w < m (< n + w when not causal) (Mistral). Rows that attend
         no key are zero. Memory O(h · rows · N) per step; every method gives what it gives on the

@@ -17,21 +17,18 @@ from duat_kernels.cpp import _factor_range
 
 def check_qk(q: torch.Tensor, k: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int | None,
              scale: float | None, softcap: float | None, sliding_window: int | None) -> v.HeadDims:
-    """Shapes of q (h, N, d) / (B, h, N, d) and k (h_kv, N, d) / (B, h_kv, N, d) against the weights."""
+    """Shapes of q (h, N, d) / (B, h, N, d) and k (h_kv, N_k, d) / (B, h_kv, N_k, d) against the weights (N_k != N:
+    cross-attention, whose masks QKAttention checks)."""
     v.check_tensor("q", q, (3, 4))
     v.check_tensor("k", k, (3, 4))
     v.check_tensor("w_v", w_v, (2,))
     v.check_tensor("w_o", w_o, (2,))
-    if k.dim() != q.dim() or k.shape[-2:] != q.shape[-2:] or (q.dim() == 4 and k.shape[0] != q.shape[0]):
-        cross = "" if k.dim() != q.dim() or k.shape[-2] == q.shape[-2] else (
-            f": {k.shape[-2]} keys for {q.shape[-2]} queries. from_qk is self-attention only (causal masks, sliding "
-            "windows and the fused q/k passes index keys by query position); for cross-attention (N_k != N) pass the "
-            "probabilities: HVOOperator(attn of shape (B, h, N, N_k), w_v, w_o)")
-        raise ValueError(f"k must have shape (h_kv, N, d) or (B, h_kv, N, d) matching q {tuple(q.shape)} in B, N and d, "
-                         f"got {tuple(k.shape)}{cross}")
-    h, n, h_kv = q.shape[-3], q.shape[-2], k.shape[-3]
-    if n == 0 or h == 0 or h_kv == 0 or h % h_kv:
-        raise ValueError(f"need N >= 1 and h = {h} a positive multiple of h_kv = {h_kv} (q {tuple(q.shape)}, "
+    if k.dim() != q.dim() or k.shape[-1] != q.shape[-1] or (q.dim() == 4 and k.shape[0] != q.shape[0]):
+        raise ValueError(f"k must have shape (h_kv, N_k, d) or (B, h_kv, N_k, d) matching q {tuple(q.shape)} in B and d, "
+                         f"got {tuple(k.shape)}")
+    h, n, h_kv, n_k = q.shape[-3], q.shape[-2], k.shape[-3], k.shape[-2]
+    if n == 0 or n_k == 0 or h == 0 or h_kv == 0 or h % h_kv:
+        raise ValueError(f"need N >= 1, N_k >= 1 and h = {h} a positive multiple of h_kv = {h_kv} (q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)})")
     if q.shape[-1] == 0:
         raise ValueError(f"q and k must have a head size d >= 1 (the logits are d-term dot products), got q "
@@ -52,7 +49,7 @@ def check_qk(q: torch.Tensor, k: torch.Tensor, w_v: torch.Tensor, w_o: torch.Ten
     kv, d = v.check_heads(h, h_kv, w_v, w_o)
     batched = q.dim() == 4
     return v.HeadDims(batch=q.shape[0] if batched else 1, heads=h, kv_heads=kv, tokens=n, head_dim=d,
-                      m_in=w_v.shape[1], m_out=w_o.shape[0], batched=batched, keys=n)
+                      m_in=w_v.shape[1], m_out=w_o.shape[0], batched=batched, keys=n_k)
 
 
 def operator_bias(source: AttentionSource, w_o: torch.Tensor, b_v: torch.Tensor | None, b_o: torch.Tensor | None,

@@ -3,7 +3,8 @@ attention does, so memory stays O(h · rows · N) and A is never stored whole (a
 duat_kernels.attention_source).
 
 Masks follow Hugging Face: key mask True = attend; causal: key m <= query n; sliding window w:
-n - w < m (and m < n + w without causal). Rows that may attend no key are zero rows of A.
+n - w < m (and m < n + w without causal). Rows that may attend no key are zero rows of A. Cross-attention
+(k of N_k != N keys): a key mask over the N_k keys only (causal masks and windows index keys by query position).
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ from duat_kernels import backends, qk_cpu, reference
 from duat_kernels.attention_source import AttentionSource
 
 
-def key_mask_4d(mask: torch.Tensor | None, batch: int, tokens: int, device: torch.device) -> torch.Tensor | None:
-    """attention_mask (N,) or (B, N), True/1 = attend -> bool (B, 1, 1, N) on `device` (q's), or None."""
+def key_mask_4d(mask: torch.Tensor | None, batch: int, tokens: int, device: torch.device,
+                keys_name: str = "N") -> torch.Tensor | None:
+    """attention_mask (N,) or (B, N) (tokens = N keys, named keys_name: N_k for cross-attention), True/1 = attend
+    -> bool (B, 1, 1, N) on `device` (q's), or None."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor) or mask.dim() not in (1, 2) or mask.shape[-1] != tokens or (
             mask.dim() == 2 and mask.shape[0] not in (1, batch)):
         got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"attention_mask must be a key mask of shape (N,) = ({tokens},) or (B, N) = "
+        raise ValueError(f"attention_mask must be a key mask of shape ({keys_name},) = ({tokens},) or (B, {keys_name}) = "
                          f"({batch}, {tokens}), True = attend, got {got}")
     v.check_strided("attention_mask", mask)
     if mask.device.type == "meta" and device.type != "meta":  # a meta mask has no values to move to q's device
@@ -45,7 +48,7 @@ def key_mask_4d(mask: torch.Tensor | None, batch: int, tokens: int, device: torc
 
 
 class QKAttention(AttentionSource):
-    """A = softmax(scale·q kᵀ (soft-capped) + masks) from q (B, h, N, d), k (B, h_kv, N, d)."""
+    """A = softmax(scale·q kᵀ (soft-capped) + masks) (B, h, N, N_k) from q (B, h, N, d), k (B, h_kv, N_k, d)."""
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = False,
                  attention_mask: torch.Tensor | None = None, scale: float | None = None,
@@ -54,24 +57,36 @@ class QKAttention(AttentionSource):
         ct = reference.compute_dtype(q.dtype)
         self.q, self.k = q.to(ct), k.to(ct)
         self.batch, self.heads, self.tokens, d = q.shape
-        self.kv_heads = k.shape[1]
+        self.kv_heads, self.key_count = k.shape[1], k.shape[2]
+        if self.key_count != self.tokens and (causal or sliding_window is not None):
+            raise ValueError(f"{'causal=True' if causal else f'sliding_window={sliding_window!r}'} needs self-attention "
+                             f"(k of N = {self.tokens} keys, one per query), got k of N_k = {self.key_count} keys: a causal "
+                             "mask or sliding window indexes keys by query position, which cross-attention keys do not "
+                             "have; pass causal=False and sliding_window=None (an attention_mask over the N_k keys masks "
+                             "encoder padding)")
         self.dtype, self.device = ct, q.device
         self.scale = d ** -0.5 if scale is None else float(scale)
         self.causal, self.softcap = bool(causal), softcap
         # a NumPy integer as an int; a window of N or more keys is every key (the kernels take int64: 10**20
         # overflowed there, 2**63 wrapped to a negative index)
         self.window = None if sliding_window is None else min(int(sliding_window), self.tokens)
-        self.key_mask = key_mask_4d(attention_mask, self.batch, self.tokens, self.device)
+        self.key_mask = key_mask_4d(attention_mask, self.batch, self.keys, self.device,
+                                    "N" if self.keys == self.tokens else "N_k")
         self._qk_finite: bool | None = None
         self._wide: bool | None = None
         self._normalisers: tuple[torch.Tensor, torch.Tensor] | None = None
         self.empty_rows = self._rows_without_keys()  # (B, N) bool or None
 
+    @property
+    def keys(self) -> int:
+        """N_k, the keys of k: N for self-attention."""
+        return self.key_count
+
     # --- masks ------------------------------------------------------------------------------
 
     def column_range(self, r0, r1):
         c0 = max(0, r0 - self.window + 1) if self.window else 0
-        c1 = r1 if self.causal else (min(self.tokens, r1 - 1 + self.window) if self.window else self.tokens)
+        c1 = r1 if self.causal else (min(self.tokens, r1 - 1 + self.window) if self.window else self.keys)
         return c0, max(c1, c0 + 1)
 
     def allowed(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor | None:
@@ -93,12 +108,12 @@ class QKAttention(AttentionSource):
         if self.key_mask is None and not self.window:
             return None  # causal rows see themselves; full rows see every key
         keys = self.key_mask[:, 0, 0] if self.key_mask is not None else \
-            torch.ones(1, self.tokens, dtype=torch.bool, device=self.device)
+            torch.ones(1, self.keys, dtype=torch.bool, device=self.device)
         count = torch.nn.functional.pad(keys.long().cumsum(-1), (1, 0))  # count[j] = keys before j
         n = torch.arange(self.tokens, device=self.device)
         lo = (n - self.window + 1).clamp_min(0) if self.window else torch.zeros_like(n)
         hi = n + 1 if self.causal else ((n + self.window).clamp_max(self.tokens) if self.window else
-                                        torch.full_like(n, self.tokens))
+                                        torch.full_like(n, self.keys))
         empty = (count[:, hi] - count[:, lo]) == 0
         # None (no row to zero) only where Python can read the mask: a meta, fake, vmap's or traced one is kept
         return empty.expand(self.batch, -1) if not v.has_values(empty) or empty.any() else None
@@ -289,9 +304,9 @@ class QKAttention(AttentionSource):
         return ok
 
     def diagonal(self):
-        n = torch.arange(self.tokens, device=self.device)
+        n = torch.arange(min(self.tokens, self.keys), device=self.device)  # A_i[n, n] for n < min(N, N_k)
         if self.batch == 0:  # an empty batch: nothing to stack
-            return torch.zeros(0, self.heads, self.tokens, dtype=self.dtype, device=self.device)
+            return torch.zeros(0, self.heads, n.shape[0], dtype=self.dtype, device=self.device)
         return torch.stack([self.entries(b, n, n) for b in range(self.batch)])
 
     def row_sums(self):

@@ -36,12 +36,12 @@ def query_keys(source):
 
 
 def key_mask(source):
-    """The key mask (B, N) as a NumPy bool view for the kernels, or None."""
+    """The key mask (B, N_k) as a NumPy bool view for the kernels, or None."""
     return None if source.key_mask is None else source.key_mask[:, 0, 0].contiguous().numpy()
 
 
 def mix(source, values: torch.Tensor) -> torch.Tensor:
-    """A_i V_{i // g} (B, h, N, e) for values (B, h_kv, N, e) and a source that `handles` accepts; computed
+    """A_i V_{i // g} (B, h, N, e) for values (B, h_kv, N_k, e) and a source that `handles` accepts; computed
     in float32, returned in values' dtype."""
     vals = values.to(torch.float32).contiguous()
     out = torch.empty(source.batch, source.heads, source.tokens, vals.shape[-1], dtype=torch.float32)
@@ -50,9 +50,9 @@ def mix(source, values: torch.Tensor) -> torch.Tensor:
 
 
 def mix_transposed(source, u: torch.Tensor) -> torch.Tensor:
-    """A_iᵀ U_i (B, h, N, e) for u (B, h, N, e) and a QKAttention source that `handles` accepts; computed
+    """A_iᵀ U_i (B, h, N_k, e) for u (B, h, N, e) and a QKAttention source that `handles` accepts; computed
     in float32, returned in u's dtype."""
     uc = u.to(torch.float32).contiguous()
-    out = torch.empty_like(uc)
+    out = torch.empty(source.batch, source.heads, source.keys, uc.shape[-1], dtype=torch.float32)
     cpp._C.qk_mix_transposed(*query_keys(source), key_mask(source), uc.numpy(), out.numpy(), **kernel_options(source))
     return out.to(u.dtype)

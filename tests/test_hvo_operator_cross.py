@@ -87,13 +87,12 @@ def test_singular_values_and_sampled_entries():
     assert est.low - 0.01 <= exact <= est.high + 0.01
 
 
-def test_square_only_methods_and_from_qk_refuse_rectangular_attention():
+def test_square_only_methods_refuse_rectangular_attention():
     op, _, lay = _operator("token", True)
-    with pytest.raises(ValueError, match=r"trace needs a square W', but A is 3 x 5 \(cross-attention"):
-        op.trace()
-    q, k = torch.randn(2, 6, N, 2), torch.randn(2, 2, N_K, 2)
-    with pytest.raises(ValueError, match=r"got \(2, 2, 5, 2\): 5 keys for 3 queries\. from_qk is self-attention only"):
-        dk.HVOOperator.from_qk(q, k, lay["w_v"], lay["w_o"])
+    q, k = torch.randn(2, 6, N, 2, dtype=torch.float64), torch.randn(2, 2, N_K, 2, dtype=torch.float64)
+    for rect in (op, dk.HVOOperator.from_qk(q, k, lay["w_v"], lay["w_o"])):  # q/k: tests/test_qk_attention_cross.py
+        with pytest.raises(ValueError, match=r"trace needs a square W', but A is 3 x 5 \(cross-attention"):
+            rect.trace()
 
 
 @pytest.mark.parametrize("call,message", [

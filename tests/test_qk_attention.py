@@ -140,7 +140,7 @@ def test_causal_matvec_is_torch_sdpa():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(k=torch.randn(3, 11, 5)), "multiple of h_kv"),
-    (dict(k=torch.randn(2, 10, 5)), "k must have shape"),
+    (dict(k=torch.randn(2, 11, 4)), "k must have shape"),  # N_k = 10 keys is cross-attention (test_qk_attention_cross)
     (dict(num_kv_heads=4), "num_kv_heads=4"),
     # 2.0 passed as 2; "2" was refused as "num_kv_heads=2 but k has 2 heads"
     (dict(num_kv_heads=2.0), "num_kv_heads must be a positive int or None, got 2.0"),

@@ -78,7 +78,7 @@ def test_bad_buffers_are_rejected():
     with pytest.raises(ValueError, match="u must be"):
         cpp._C.qk_mix_transposed(q, k, None, torch.zeros(1, 3, 37, 8).numpy(), torch.zeros(1, 3, 37, 8).numpy(),
                                  scale=1.0)
-    with pytest.raises(ValueError, match="out must have"):
+    with pytest.raises(ValueError, match=r"out must be \(B, h, N_k, e\) = \(1, 4, 37, 8\)"):
         cpp._C.qk_mix_transposed(q, k, None, u.numpy(), torch.zeros(1, 4, 37, 9).numpy(), scale=1.0)
     with pytest.raises(ValueError, match="float32"):
         cpp._C.qk_mix_transposed(q, k, None, u.double().numpy(), u.numpy(), scale=1.0)

@@ -46,14 +46,14 @@ def qk_available(source) -> bool:
 
 def qk_squared_norms(source, c: torch.Tensor, grid: tuple[int, int] | None, row_bins: torch.Tensor | None = None,
                      col_bins: torch.Tensor | None = None) -> torch.Tensor:
-    """||C α||² from q and k in one C++ pass, A never written: (B, N, N) float32 for grid=None, else the
-    super-block sums (B, R, C) float64 with row_bins / col_bins (N,) int64 the super-block of each token.
+    """||C α||² from q and k in one C++ pass, A never written: (B, N, N_k) float32 for grid=None, else the
+    super-block sums (B, R, C) float64 with row_bins (N,) / col_bins (N_k,) int64 the super-block of each query / key.
     source a QKAttention (float32, CPU), c (h, h)."""
     q, k = qk_cpu.query_keys(source)
     c32 = cpp._numpy_view(c.to(torch.float32).contiguous())
     opts = qk_cpu.kernel_options(source)
     if grid is None:
-        out = torch.empty(source.batch, source.tokens, source.tokens, dtype=torch.float32)
+        out = torch.empty(source.batch, source.tokens, source.keys, dtype=torch.float32)
         cpp._C.qk_gram_squared_norms(q, k, qk_cpu.key_mask(source), c32, out.numpy(), **opts)
     else:
         out = torch.zeros(source.batch, *grid, dtype=torch.float64)

@@ -160,12 +160,12 @@ def _scaled_norms(source, c: torch.Tensor, grid: tuple[int, int] | None, wide: b
     whole = fused and isinstance(source, ExplicitAttention)  # one pass over the stored A, every entry written
     rooted = whole and grid is None  # that pass writes the norms themselves (roots taken per row, in cache)
     if (grid is not None and isinstance(source, QKAttention) and source.device.type == "cuda" and not wide
-            and not source.wide_logits() and _triton_launches(n)):  # the q/k Triton pass forms float32 logits
+            and not source.wide_logits() and _triton_launches(max(n, n_k))):  # the q/k Triton pass forms float32 logits
         return _block_norms_triton(source, c, grid).double()
     c = c.to(torch.float64 if wide else torch.float32)
     out_rows, out_cols = grid if grid is not None else (n, n_k)
     if not wide and gram_norms.qk_available(source):  # logits, softmax and ||C α||² fused in C++: A never written
-        bins = _bins(n, out_rows, source.device), _bins(n, out_cols, source.device)
+        bins = _bins(n, out_rows, source.device), _bins(n_k, out_cols, source.device)
         return gram_norms.qk_squared_norms(source, c, grid, *bins).clamp_min_(0).sqrt_()
     if rooted:  # from the output cache: huge pages, no page zeroing on repeated calls
         out = cpp.empty_output((batch, out_rows, out_cols), torch.float32)
@@ -265,7 +265,7 @@ def _check_output_fits(source, grid: tuple[int, int] | None, finite: bool, wide:
 
 
 def _triton_launches(n: int) -> bool:
-    """Whether the q/k Triton pass launches for n tokens (CUDA's 65535 programs per grid axis)."""
+    """Whether the q/k Triton pass launches for n tokens (queries and keys; CUDA's 65535 programs per grid axis)."""
     from duat_kernels.triton.attention_norms import MAX_TOKENS
 
     return n <= MAX_TOKENS
@@ -279,7 +279,7 @@ def _block_norms_triton(source: QKAttention, c: torch.Tensor, grid: tuple[int, i
     c = c.to(source.device, torch.float32)
     key_mask = None if source.key_mask is None else source.key_mask[:, 0, 0]
     return block_norms_qk(source.q, source.k, c, _bins(source.tokens, grid[0], source.device),
-                          _bins(source.tokens, grid[1], source.device), grid, causal=source.causal, key_mask=key_mask,
+                          _bins(source.keys, grid[1], source.device), grid, causal=source.causal, key_mask=key_mask,
                           scale=source.scale, softcap=source.softcap, window=source.window)
 
 

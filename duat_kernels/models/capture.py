@@ -282,8 +282,8 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
     if capture not in ("attn", "qk"):
         raise ValueError(f"capture must be 'attn' or 'qk', got {capture!r}")
     if check_flag("include_cross", include_cross) and capture != "attn":
-        raise ValueError("include_cross=True needs capture='attn': capture='qk' recomputes A from q and k of one "
-                         "sequence (HVOOperator.from_qk is self-attention only)")
+        raise ValueError("include_cross=True needs capture='attn': capture='qk' records the q and k of self-attention "
+                         "layers only (HVOOperator.from_qk itself takes cross-attention q and k)")
     check_flag("switch_to_eager", switch_to_eager)  # "no" was truthy: sdpa was switched to eager
     from duat_kernels.models import lens
 

@@ -50,12 +50,13 @@ MAX_TOKENS = min(MAX_GRID_AXIS * max(c.kwargs["BM"] for c in _ROW_STATS_CONFIGS)
 
 
 def _launchable(configs, named_args: dict, kwargs: dict, axes=("BM", "BN")):
-    """The configs whose blocks along `axes` number at most MAX_GRID_AXIS for the launch's N tokens
-    (block_norms_qk refuses any N that no config launches)."""
+    """The configs whose blocks along `axes` number at most MAX_GRID_AXIS for the launch's N queries (BM) and
+    N_k keys (BN) (block_norms_qk refuses any N or N_k that no config launches)."""
     n = named_args.get("N", kwargs.get("N"))
     if n is None:  # a Triton that hands the pruner other arguments: nothing to judge by
         return configs
-    return [c for c in configs if all(triton.cdiv(n, c.kwargs[a]) <= MAX_GRID_AXIS for a in axes)]
+    length = {"BM": n, "BN": named_args.get("NK", kwargs.get("NK", n))}
+    return [c for c in configs if all(triton.cdiv(length[a], c.kwargs[a]) <= MAX_GRID_AXIS for a in axes)]
 
 
 def _prune_row_stats_configs(configs, named_args, **kwargs):
@@ -70,19 +71,19 @@ def _prune_grid_configs(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _logits(q_ptr, k_ptr, mask_ptr, b, i, kv, rows, cols, N, D, scale, softcap, window,
+def _logits(q_ptr, k_ptr, mask_ptr, b, i, kv, rows, cols, N, NK, D, scale, softcap, window,
             sqb, sqh, sqn, skb, skh, skn, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, D_PAD: tl.constexpr,
             PRECISION: tl.constexpr):
-    """s (BM, BN) of head i with -inf where masked."""
+    """s (BM, BN) of head i with -inf where masked (N queries, NK keys)."""
     d = tl.arange(0, D_PAD)
     q = tl.load(q_ptr + b * sqb + i * sqh + rows[:, None].to(tl.int64) * sqn + d[None, :],
                 mask=(rows[:, None] < N) & (d[None, :] < D), other=0.0)
     k = tl.load(k_ptr + b * skb + kv * skh + cols[:, None].to(tl.int64) * skn + d[None, :],
-                mask=(cols[:, None] < N) & (d[None, :] < D), other=0.0)
+                mask=(cols[:, None] < NK) & (d[None, :] < D), other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
     if softcap > 0:
         s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))  # softcap · tanh(s / softcap)
-    ok = (rows[:, None] < N) & (cols[None, :] < N)
+    ok = (rows[:, None] < N) & (cols[None, :] < NK)
     if CAUSAL:
         ok = ok & (cols[None, :] <= rows[:, None])
     if window > 0:
@@ -90,7 +91,7 @@ def _logits(q_ptr, k_ptr, mask_ptr, b, i, kv, rows, cols, N, D, scale, softcap, 
         if not CAUSAL:
             ok = ok & (cols[None, :] - rows[:, None] < window)
     if HAS_MASK:
-        keys = tl.load(mask_ptr + b * N + cols, mask=cols < N, other=0)
+        keys = tl.load(mask_ptr + b * NK + cols, mask=cols < NK, other=0)
         ok = ok & (keys[None, :] != 0)
     return tl.where(ok, s, float("-inf"))
 
@@ -98,7 +99,7 @@ def _logits(q_ptr, k_ptr, mask_ptr, b, i, kv, rows, cols, N, D, scale, softcap, 
 @triton.autotune(configs=_ROW_STATS_CONFIGS, key=["D_PAD", "SIZE_CLASS", "CAUSAL", "PRECISION"],
                  prune_configs_by={"early_config_prune": _prune_row_stats_configs})
 @triton.jit
-def row_stats_kernel(q_ptr, k_ptr, mask_ptr, max_ptr, sum_ptr, H, G, N, D, scale, softcap, window,
+def row_stats_kernel(q_ptr, k_ptr, mask_ptr, max_ptr, sum_ptr, H, G, N, NK, D, scale, softcap, window,
                    sqb, sqh, sqn, skb, skh, skn, SIZE_CLASS,
                    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr):
@@ -107,12 +108,12 @@ def row_stats_kernel(q_ptr, k_ptr, mask_ptr, max_ptr, sum_ptr, H, G, N, D, scale
     rows = tl.program_id(1) * BM + tl.arange(0, BM)
     run_max = tl.full((BM,), float("-inf"), tl.float32)
     run_sum = tl.zeros((BM,), tl.float32)
-    end = N
-    if CAUSAL:
+    end = NK
+    if CAUSAL:  # N_k = N
         end = tl.minimum(N, (tl.program_id(1) + 1) * BM)
     for c0 in range(0, end, BN):
         cols = c0 + tl.arange(0, BN)
-        s = _logits(q_ptr, k_ptr, mask_ptr, b, i, i // G, rows, cols, N, D, scale, softcap, window,
+        s = _logits(q_ptr, k_ptr, mask_ptr, b, i, i // G, rows, cols, N, NK, D, scale, softcap, window,
                     sqb, sqh, sqn, skb, skh, skn, CAUSAL, HAS_MASK, D_PAD, PRECISION)
         new_max = tl.maximum(run_max, tl.max(s, 1))
         safe = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -127,21 +128,21 @@ def row_stats_kernel(q_ptr, k_ptr, mask_ptr, max_ptr, sum_ptr, H, G, N, D, scale
                  prune_configs_by={"early_config_prune": _prune_grid_configs})
 @triton.jit
 def gram_grid_kernel(q_ptr, k_ptr, mask_ptr, max_ptr, sum_ptr, c_ptr, rbin_ptr, cbin_ptr, out_ptr,
-                     H, G, N, D, OUT_R, OUT_C, scale, softcap, window,
+                     H, G, N, NK, D, OUT_R, OUT_C, scale, softcap, window,
                      sqb, sqh, sqn, skb, skh, skn, SIZE_CLASS,
                      CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, D_PAD: tl.constexpr, H_PAD: tl.constexpr,
                      PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     b = tl.program_id(0)
     rows = tl.program_id(1) * BM + tl.arange(0, BM)
     cols = tl.program_id(2) * BN + tl.arange(0, BN)
-    limit = N
-    if CAUSAL:
+    limit = NK
+    if CAUSAL:  # N_k = N
         limit = tl.minimum(N, tl.program_id(1) * BM + BM)  # key blocks above the diagonal are zero
     if tl.program_id(2) * BN < limit:
         j = tl.arange(0, H_PAD)
         y = tl.zeros((H_PAD, BM, BN), tl.float32)
         for i in range(H):
-            s = _logits(q_ptr, k_ptr, mask_ptr, b, i, i // G, rows, cols, N, D, scale, softcap, window,
+            s = _logits(q_ptr, k_ptr, mask_ptr, b, i, i // G, rows, cols, N, NK, D, scale, softcap, window,
                         sqb, sqh, sqn, skb, skh, skn, CAUSAL, HAS_MASK, D_PAD, PRECISION)
             row = (b * H + i).to(tl.int64) * N + rows
             top = tl.load(max_ptr + row, mask=rows < N, other=float("-inf"))
@@ -152,16 +153,16 @@ def gram_grid_kernel(q_ptr, k_ptr, mask_ptr, max_ptr, sum_ptr, c_ptr, rbin_ptr, 
             y += c_col[:, None, None] * alpha[None, :, :]
         sq = tl.sum(y * y, 0)
         rb = tl.load(rbin_ptr + rows, mask=rows < N, other=0)
-        cb = tl.load(cbin_ptr + cols, mask=cols < N, other=0)
-        ok = (rows[:, None] < N) & (cols[None, :] < N)
+        cb = tl.load(cbin_ptr + cols, mask=cols < NK, other=0)
+        ok = (rows[:, None] < N) & (cols[None, :] < NK)
         base = out_ptr + b.to(tl.int64) * OUT_R * OUT_C
         # Bins rise with the token index, so a tile within a super-block's size spans at most 2 x 2 of them:
         # sum each part in registers and add it with one atomic, instead of BM·BN atomics on the same few
         # addresses (which serialise). Finer grids take one atomic per entry, on distinct addresses.
         r_lo = tl.min(tl.where(rows < N, rb, OUT_R))
         r_hi = tl.max(tl.where(rows < N, rb, -1))
-        c_lo = tl.min(tl.where(cols < N, cb, OUT_C))
-        c_hi = tl.max(tl.where(cols < N, cb, -1))
+        c_lo = tl.min(tl.where(cols < NK, cb, OUT_C))
+        c_hi = tl.max(tl.where(cols < NK, cb, -1))
         if (r_hi - r_lo <= 1) & (c_hi - c_lo <= 1):
             for dr in range(2):
                 for dc in range(2):
@@ -176,23 +177,28 @@ def gram_grid_kernel(q_ptr, k_ptr, mask_ptr, max_ptr, sum_ptr, c_ptr, rbin_ptr, 
 def block_norms_qk(q: torch.Tensor, k: torch.Tensor, c: torch.Tensor, row_bins: torch.Tensor,
                    col_bins: torch.Tensor, grid: tuple[int, int], *, causal: bool, key_mask: torch.Tensor | None,
                    scale: float, softcap: float | None, window: int | None) -> torch.Tensor:
-    """Super-block norms (B, R, C) of W' for q (B, h, N, d), k (B, h_kv, N, d) float32, c (h, h) the
-    Gram factor, row_bins / col_bins (N,) int64 super-block of each token; key_mask (B, N) bool."""
+    """Super-block norms (B, R, C) of W' for q (B, h, N, d), k (B, h_kv, N_k, d) float32 (N_k != N: cross-attention,
+    without causal mask or window), c (h, h) the Gram factor, row_bins (N,) / col_bins (N_k,) int64 super-block of
+    each query / key; key_mask (B, N_k) bool."""
     batch, h, n, d = q.shape
-    if n > MAX_TOKENS:  # norms.block_norms takes its torch route for these
-        raise ValueError(f"the Triton q/k block-norm pass launches at most {MAX_TOKENS} tokens, got N = {n}")
+    n_k = k.shape[2]
+    if n_k != n and (causal or window):
+        raise ValueError(f"causal and window need k of N = {n} keys (self-attention), got N_k = {n_k}")
+    if max(n, n_k) > MAX_TOKENS:  # norms.block_norms takes its torch route for these
+        raise ValueError(f"the Triton q/k block-norm pass launches at most {MAX_TOKENS} tokens, got N = {n}"
+                         + (f", N_k = {n_k}" if n_k != n else ""))
     q, k, c = q.contiguous().float(), k.contiguous().float(), c.contiguous().float()
     mask = key_mask.to(torch.int8).contiguous() if key_mask is not None else torch.ones(1, dtype=torch.int8,
                                                                                          device=q.device)
     top, total = (torch.empty(batch, h, n, dtype=torch.float32, device=q.device) for _ in range(2))
     meta = dict(CAUSAL=bool(causal), HAS_MASK=key_mask is not None, D_PAD=max(16, triton.next_power_of_2(d)),
                 PRECISION=LOGIT_PRECISION)
-    strides = (*q.stride()[:3], *k.stride()[:3], n.bit_length())  # the last: the autotuners' size class
+    strides = (*q.stride()[:3], *k.stride()[:3], max(n, n_k).bit_length())  # the last: the autotuners' size class
     masking = (float(scale), float(softcap or 0.0), int(window or 0))
     row_stats_kernel[lambda cfg: (batch * h, triton.cdiv(n, cfg["BM"]))](
-        q, k, mask, top, total, h, h // k.shape[1], n, d, *masking, *strides, **meta)
+        q, k, mask, top, total, h, h // k.shape[1], n, n_k, d, *masking, *strides, **meta)
     out = torch.zeros(batch, *grid, dtype=torch.float32, device=q.device)
-    gram_grid_kernel[lambda cfg: (batch, triton.cdiv(n, cfg["BM"]), triton.cdiv(n, cfg["BN"]))](
-        q, k, mask, top, total, c, row_bins.contiguous(), col_bins.contiguous(), out, h, h // k.shape[1], n, d, *grid,
-        *masking, *strides, H_PAD=max(2, triton.next_power_of_2(h)), **meta)
+    gram_grid_kernel[lambda cfg: (batch, triton.cdiv(n, cfg["BM"]), triton.cdiv(n_k, cfg["BN"]))](
+        q, k, mask, top, total, c, row_bins.contiguous(), col_bins.contiguous(), out, h, h // k.shape[1], n, n_k, d,
+        *grid, *masking, *strides, H_PAD=max(2, triton.next_power_of_2(h)), **meta)
     return out.clamp_min_(0).sqrt_()

@@ -113,7 +113,7 @@ def test_bad_buffers_are_rejected():
     c, out = torch.eye(4), torch.zeros(1, 10, 10)
     call = cpp._C.qk_gram_squared_norms
     with pytest.raises(ValueError, match="k must be"):
-        call(q.numpy(), k[:, :, :9].contiguous().numpy(), None, c.numpy(), out.numpy(), scale=1.0)
+        call(q.numpy(), k[..., :7].contiguous().numpy(), None, c.numpy(), out.numpy(), scale=1.0)  # N_k != N is cross-attention
     with pytest.raises(ValueError, match="multiple"):
         call(q.numpy(), torch.zeros(1, 3, 10, 8).numpy(), None, c.numpy(), out.numpy(), scale=1.0)
     with pytest.raises(ValueError, match="float32"):

@@ -40,6 +40,37 @@ def test_block_norms_match_from_qk(causal, padded, softcap, window, grid):
     torch.testing.assert_close(got.cpu(), op.block_norms(grid=grid), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("grid", [(3, 5), (2, 2), (1, 1)])
+@pytest.mark.parametrize("n,n_k", [(21, 37), (33, 7)])  # N_k over and under a tile, N over two row tiles
+@pytest.mark.parametrize("padded,softcap", [(True, None), (False, 3.0)])
+def test_cross_attention_block_norms_match_the_dense_attention(n, n_k, padded, softcap, grid):
+    """k of N_k != N keys (cross-attention): the key loop, key mask and column bins run over N_k; against the
+    stored dense A of the same logits (float64), batch row 1 attending no key."""
+    from duat_kernels.triton.attention_norms import block_norms_qk
+
+    g = torch.Generator().manual_seed(1)
+    batch, heads, kv_heads, d, m = 2, 6, 2, 8, 12
+    q, k = torch.randn(batch, heads, n, d, generator=g), torch.randn(batch, kv_heads, n_k, d, generator=g)
+    w_v, w_o = torch.randn(kv_heads * d, m, generator=g), torch.randn(m, heads * d, generator=g)
+    mask = torch.rand(batch, n_k, generator=g) < 0.5
+    mask[0, 0], mask[1] = True, False
+    s = (q.double() @ k.double().repeat_interleave(heads // kv_heads, 1).transpose(-1, -2)) * d ** -0.5
+    s = s if softcap is None else torch.tanh(s / softcap) * softcap
+    keep = mask[:, None, None, :] if padded else torch.ones(1, 1, 1, n_k, dtype=torch.bool)
+    attn = torch.where(keep & keep.any(-1, keepdim=True), s.masked_fill(~keep, float("-inf")).softmax(-1), 0.0)
+    want = dk.HVOOperator(attn, w_v.double(), w_o.double(), num_kv_heads=kv_heads).block_norms(grid=grid)
+    c = norms.gram_factor(w_v, w_o, heads, kv_heads).float().to(DEVICE)
+    qd, kd = q.to(DEVICE), k.to(DEVICE)
+    got = block_norms_qk(qd, kd, c, norms._bins(n, grid[0], qd.device), norms._bins(n_k, grid[1], qd.device), grid,
+                         causal=False, key_mask=mask.to(DEVICE) if padded else None, scale=d ** -0.5, softcap=softcap,
+                         window=None)
+    torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5, atol=1e-6)
+    for opts in (dict(causal=True, window=None), dict(causal=False, window=3)):
+        with pytest.raises(ValueError, match=f"causal and window need k of N = {n} keys"):
+            block_norms_qk(qd, kd, c, norms._bins(n, 1, qd.device), norms._bins(n_k, 1, qd.device), (1, 1),
+                           key_mask=None, scale=1.0, softcap=None, **opts)
+
+
 def test_tile_shapes_respect_cuda_grid_limits():
     """CUDA launches at most 65535 programs along a grid's second and third axes: beyond 65535 blocks of
     16 rows (N > 1,048,560) only larger tiles launch, and beyond every tile shape block_norms takes its
