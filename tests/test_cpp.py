@@ -755,7 +755,7 @@ def test_boundary_refuses_bools_for_numbers_and_numbers_for_flags(name):
     ("_C.vector_exp(np.ones(3, F), RO((3,)))", "y must be a writable array"),
     # pybind11's "Object of type 'list' is not an instance of 'buffer'"
     ("_C.qk_mix(Q, Q, [[1, 1]], np.ones((1, 1, 2, 3), F), np.zeros((1, 1, 2, 3), F), 1.0)",
-     r"key_mask must be None or a \(B, N\) bool or uint8 array, got list"),
+     r"key_mask must be None or a \(B, N_k\) bool or uint8 array, got list"),
     # "lt must hold float32 or float64, got format '=f'" for a float32 view at an odd byte offset
     ("_C.kron_sum(np.zeros(17, np.uint8)[1:].view(F).reshape(1, 2, 2), np.ones((1, 2, 2), F), np.zeros((4, 4), F),"
      " 'float32')", "not aligned to its item size"),
