@@ -46,7 +46,7 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
         names.append("triton")  # correct but slow: for tests, never picked by "auto" on the CPU
     if kind == "cpu" and cpp.is_available():
         names.append("cpp")
-    if kind == "cuda" and _triton_importable():
+    if kind == "cuda" and torch.cuda.is_available() and _triton_importable():  # no GPU: nothing runs on "cuda"
         names.append("triton")
     return names
 

@@ -157,3 +157,9 @@ def test_available_backends_names_a_bad_device(device):
     with pytest.raises((ValueError, TypeError), match=r"device must be a torch\.device or a device name .*got"):
         dk.available_backends(device)
     assert dk.available_backends(torch.device("cpu")) == dk.available_backends("cpu")
+
+
+def test_available_backends_of_cuda_without_a_gpu(monkeypatch):
+    """Without a GPU no kernel runs on "cuda" tensors: triton was listed there whenever triton imported."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert dk.available_backends("cuda") == ["reference"]
