@@ -65,6 +65,9 @@ def run(args: argparse.Namespace) -> int:
         if len(symbols) < 2 or len(set(symbols)) != len(symbols):
             raise ValueError(f"--tokens must give at least 2 distinct symbols, got {symbols}")
         state_count(len(symbols), check_context(args.context))  # before the model loads
+        if args.model == "minilm":  # the built-in encoder: known before loading it (and transformers' load report)
+            raise ValueError("--model minilm is an encoder (all-MiniLM-L6-v2, BERT), not a causal language model: its "
+                             "logits are no next-token distribution; use a decoder-only model such as smollm2")
         check_output_folder("--out", args.out)
         if args.cache is not None:  # --cache '' is refused as empty, as --out '' is (it was taken as OUT/cache)
             check_output_folder("--cache", args.cache)

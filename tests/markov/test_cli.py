@@ -126,3 +126,15 @@ def test_markov_no_progress_hides_the_bars(tiny_lm_folder, tmp_path, capsys):
     from transformers.utils import logging
 
     assert logging.is_progress_bar_enabled()  # as before the run
+
+
+def test_markov_minilm_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    # it loaded MiniLM with a newly initialised LM head (transformers' load report on stderr) and then refused it
+    import duat_kernels.models
+
+    monkeypatch.setattr(duat_kernels.models, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    argv = ["markov", "--model", "minilm", "--tokens", "ab", "--context", "1", "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("duat markov: --model minilm is an encoder") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
