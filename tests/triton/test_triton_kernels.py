@@ -49,6 +49,18 @@ def test_matches_reference(layout, dtype, batch, heads, kv_heads, tokens, m_in, 
 
 @pytest.mark.parametrize("layout", ["token", "feature"])
 @pytest.mark.parametrize("dtype", TRITON_DTYPES)
+@pytest.mark.parametrize("tokens,keys", [(5, 37), (19, 3)])  # cross-attention: N queries over N_k != N keys
+def test_rectangular_attention_matches_reference(layout, dtype, tokens, keys):
+    lay = random_layer(2, 6, 2, tokens=tokens, head_dim=2, m_in=7, m_out=5, seed=keys, keys=keys)
+    dev = on_device(lay)
+    got = dk.hvo_matrix(dev["attn"], dev["w_v"], dev["w_o"], num_kv_heads=2, layout=layout, backend="triton",
+                        dtype=dtype)
+    assert got.shape == (2, tokens * 5, keys * 7)
+    assert_close_to_reference(got, lay["attn"], lay["w_v"], lay["w_o"], 2, layout, operand_roundoff(dtype))
+
+
+@pytest.mark.parametrize("layout", ["token", "feature"])
+@pytest.mark.parametrize("dtype", TRITON_DTYPES)
 def test_causal_gqa_batch_and_a_ragged_tile(layout, dtype):
     lay = random_layer(2, 6, 2, tokens=7, head_dim=2, m_in=37, m_out=5, causal=True, seed=8)
     dev = on_device(lay)
