@@ -16,13 +16,25 @@ namespace duat {
 namespace {
 
 // The per-row pass of the active ISA variant (csrc/kernels/gram_rows.cpp).
-void row_squared_norms(const float* a_row, int64_t plane, const float* c, int64_t h, int64_t cols, float* sq) {
-  active().gram_row_squared_norms(a_row, plane, c, h, cols, sq);
+bool row_squared_norms(const float* a_row, int64_t plane, const float* c, int64_t h, int64_t cols, float* sq) {
+  return active().gram_row_squared_norms(a_row, plane, c, h, cols, sq);
 }
 
 int thread_count(int requested) { return std::max(1, requested); }
 
 }  // namespace
+
+void decode_roots(const float* sq, int64_t cols, float* norms) {
+  for (int64_t m = 0; m < cols; ++m) norms[m] = sq[m] < 0.0f ? tiny_norm(sq[m]) : std::sqrt(sq[m]);
+}
+
+void add_tiny_to_bins(float* sq, const int64_t* bin, int64_t cols, double* acc) {
+  for (int64_t m = 0; m < cols; ++m)
+    if (sq[m] < 0.0f) {
+      acc[bin[m]] += tiny_square(sq[m]);
+      sq[m] = 0.0f;
+    }
+}
 
 void add_to_bins(const float* sq, const int64_t* bin, int64_t cols, double* acc) {
   for (int64_t m = 0; m < cols;) {
@@ -45,9 +57,13 @@ void gram_squared_norms(const float* a, const float* c, float* out, const GramNo
 #pragma omp parallel for schedule(dynamic, 4) num_threads(thread_count(num_threads))
   for (int64_t r = 0; r < pb.rows; ++r) {
     float* row = out + r * pb.cols;
-    row_squared_norms(a + r * pb.cols, plane, c, pb.h, pb.cols, row);
-    if (root)
+    const bool tiny = row_squared_norms(a + r * pb.cols, plane, c, pb.h, pb.cols, row);
+    if (root && tiny)
+      decode_roots(row, pb.cols, row);
+    else if (root)
       for (int64_t m = 0; m < pb.cols; ++m) row[m] = std::sqrt(row[m]);  // vectorised (-fno-math-errno); NaN stays
+    else if (tiny)  // float32 squares: a tiny one as the nearest float32 (roots taken in Python)
+      for (int64_t m = 0; m < pb.cols; ++m) row[m] = row[m] < 0.0f ? static_cast<float>(tiny_square(row[m])) : row[m];
   }
 }
 
@@ -74,7 +90,8 @@ void gram_grid_norms(const float* a, const float* c, const int64_t* row_bin, con
       std::vector<double> local(static_cast<size_t>((b_hi - b_lo + 1) * out_cols), 0.0);
       std::vector<float> sq(static_cast<size_t>(pb.cols));
       for (int64_t r = r_begin; r < r_end; ++r) {
-        row_squared_norms(a + r * pb.cols, plane, c, pb.h, pb.cols, sq.data());
+        if (row_squared_norms(a + r * pb.cols, plane, c, pb.h, pb.cols, sq.data()))
+          add_tiny_to_bins(sq.data(), col_bin, pb.cols, local.data() + (row_bin[r] - b_lo) * out_cols);
         add_to_bins(sq.data(), col_bin, pb.cols, local.data() + (row_bin[r] - b_lo) * out_cols);
       }
 #pragma omp critical(duat_gram_grid_norms)

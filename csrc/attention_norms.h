@@ -6,9 +6,26 @@
 // grid variant, which sums the squared norms into super-blocks (row_bin[r], col_bin[m]).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 namespace duat {
+
+// Squared norms below kTinySquare (with nonzero α) are recomputed in float64 by the row pass and written as
+// the code -(||C α||² · kTinyScale), which float32 holds where the square itself underflows (below 2^-149:
+// α entries ~1e-25 gave norms of 0). Ordinary columns keep their float32 square: a code is always < 0.
+constexpr float kTinySquare = 0x1p-100f;
+constexpr double kTinyScale = 0x1p224, kTinyUnscale = 0x1p-224, kTinyRootUnscale = 0x1p-112;
+
+// The squared norm a code stands for, in float64.
+inline double tiny_square(float code) { return -static_cast<double>(code) * kTinyUnscale; }
+// The norm a code stands for, in float32 (exact roots: 2^224 is an even power of two).
+inline float tiny_norm(float code) { return static_cast<float>(std::sqrt(-static_cast<double>(code)) * kTinyRootUnscale); }
+
+// Where sq[m] is a code: norms[m] = its norm, else sqrt(sq[m]) (sq and norms may alias).
+void decode_roots(const float* sq, int64_t cols, float* norms);
+// Where sq[m] is a code: acc[bin[m]] += its square and sq[m] = 0 (then add_to_bins adds the rest).
+void add_tiny_to_bins(float* sq, const int64_t* bin, int64_t cols, double* acc);
 
 struct GramNormsProblem {
   int64_t h;     // heads

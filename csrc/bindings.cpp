@@ -537,9 +537,11 @@ QkInputs check_qk_inputs(const py::buffer_info& q, const py::buffer_info& k, con
           c ? static_cast<const float*>(c->ptr) : nullptr, mask};
 }
 
-void qk_gram_squared_norms(py::buffer q_buf, py::buffer k_buf, py::object key_mask, py::buffer c_buf, py::buffer out_buf,
-                           py::handle scale, py::handle softcap, py::handle causal, py::handle window, py::handle threads) {
+bool qk_gram_squared_norms(py::buffer q_buf, py::buffer k_buf, py::object key_mask, py::buffer c_buf, py::buffer out_buf,
+                           py::handle scale, py::handle softcap, py::handle causal, py::handle window, py::handle threads,
+                           py::handle tiny_roots_arg) {
   const QkOptions opt = qk_options("qk_gram_squared_norms", scale, softcap, causal, window, threads);
+  const bool tiny_roots = flag_arg(tiny_roots_arg, "qk_gram_squared_norms: tiny_roots");
   py::buffer_info q = q_buf.request(), k = k_buf.request(), c = c_buf.request(), o = writable(out_buf, "out"), mi;
   const QkInputs in = check_qk_inputs(q, k, key_mask, mi, &c, opt);
   if (o.format != py::format_descriptor<float>::format() || o.ndim != 3 || o.shape[0] != in.pb.batch ||
@@ -547,10 +549,10 @@ void qk_gram_squared_norms(py::buffer q_buf, py::buffer k_buf, py::object key_ma
     fail_qk("out must be float32 (B, N, N_k) = (" + std::to_string(in.pb.batch) + ", " + std::to_string(in.pb.n) + ", " +
             std::to_string(in.pb.n_k) + "), got format '" + o.format + "' shape " + shape_str(o));
   require_f32_c(o, "out", 3);
-  if (in.pb.batch == 0 || in.pb.n == 0) return;
+  if (in.pb.batch == 0 || in.pb.n == 0) return false;
   float* op = static_cast<float*>(o.ptr);
   py::gil_scoped_release release;
-  duat::qk_gram_squared_norms(in.q, in.k, in.key_mask, in.c, op, in.pb, opt.num_threads);
+  return duat::qk_gram_squared_norms(in.q, in.k, in.key_mask, in.c, op, in.pb, opt.num_threads, tiny_roots);
 }
 
 void qk_gram_grid_norms(py::buffer q_buf, py::buffer k_buf, py::object key_mask, py::buffer c_buf, py::buffer row_bin_buf,
@@ -789,8 +791,10 @@ PYBIND11_MODULE(_C, m) {
         "out[row_bin[r], col_bin[m]] += ||c @ a[:, r, m]||^2; row_bin (rows,), col_bin (cols,) int64, out float64.");
   m.def("qk_gram_squared_norms", &qk_gram_squared_norms, py::arg("q"), py::arg("k"), py::arg("key_mask"), py::arg("c"),
         py::arg("out"), py::arg("scale"), py::arg("softcap") = 0.0, py::arg("causal") = false, py::arg("window") = 0,
-        py::arg("num_threads") = 1,
+        py::arg("num_threads") = 1, py::arg("tiny_roots") = false,
         "out[b, n, m] = ||c @ A[b, :, n, m]||^2 with A = softmax(scale q k^T (soft-capped, masked)) never written;\n"
+        "a square float32 cannot hold (tiny A) as -||c @ A[b, :, n, m]|| with tiny_roots, else its nearest float32;\n"
+        "returns whether there is any;\n"
         "q (B, h, N, d), k (B, h_kv, N, d), c (h, h) float32, key_mask (B, N) bool/uint8 or None, out (B, N, N) float32.");
   m.def("qk_gram_grid_norms", &qk_gram_grid_norms, py::arg("q"), py::arg("k"), py::arg("key_mask"), py::arg("c"),
         py::arg("row_bin"), py::arg("col_bin"), py::arg("out"), py::arg("scale"), py::arg("softcap") = 0.0,

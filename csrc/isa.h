@@ -13,8 +13,9 @@
 
 namespace duat {
 
-// sq[m] = ||C a[:, m]||^2 for one row of A (a_row = a[0, r, 0], head stride plane; c (h, h)).
-using GramRow = void (*)(const float* a_row, int64_t plane, const float* c, int64_t h, int64_t cols, float* sq);
+// sq[m] = ||C a[:, m]||^2 for one row of A (a_row = a[0, r, 0], head stride plane; c (h, h)); tiny squares
+// as negative codes (attention_norms.h), returns whether the row has any.
+using GramRow = bool (*)(const float* a_row, int64_t plane, const float* c, int64_t h, int64_t cols, float* sq);
 
 // s[r * lds + (m - m0)] = scale · q_r · k_m, r < rows, m in [m0, m1), for q (rows, d) with row stride ldq
 // and kt = kᵀ (d, ldk).

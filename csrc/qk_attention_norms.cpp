@@ -13,6 +13,7 @@
 #include "isa.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -117,8 +118,8 @@ void head_numerators(const float* q, const Keys& keys, const QkNormsProblem& pb,
   }
 }
 
-// Rows [r0, r1) of batch b: the squared norms of each row go to sink.row(n, sq, lo, hi) (sq[m - lo] for
-// keys m in [lo, hi); sq == nullptr for a row without keys).
+// Rows [r0, r1) of batch b: the squared norms of each row go to sink.row(n, sq, lo, hi, tiny) (sq[m - lo] for
+// keys m in [lo, hi); sq == nullptr for a row without keys; tiny: sq holds codes of tiny squares, attention_norms.h).
 template <class Sink>
 void process_block(const float* q, const Keys& keys, const float* c, const QkNormsProblem& pb, int64_t b, int64_t r0,
                    int64_t r1, std::vector<float>& buf, std::vector<float>& sq, std::vector<float>& cs, Sink& sink) {
@@ -139,13 +140,14 @@ void process_block(const float* q, const Keys& keys, const float* c, const QkNor
       inv[i] = 1.0f / sum;
     }
     if (empty) {
-      sink.row(n, nullptr, lo, hi);
+      sink.row(n, nullptr, lo, hi, false);
       continue;
     }
     for (int64_t j = 0; j < pb.h; ++j)
       for (int64_t i = 0; i < pb.h; ++i) cs[j * pb.h + i] = c[j * pb.h + i] * inv[i];  // C diag(1 / Σ)
-    isa.gram_row_squared_norms(buf.data() + r * width + (lo - cb0), rows * width, cs.data(), pb.h, hi - lo, sq.data());
-    sink.row(n, sq.data(), lo, hi);
+    const bool tiny =
+        isa.gram_row_squared_norms(buf.data() + r * width + (lo - cb0), rows * width, cs.data(), pb.h, hi - lo, sq.data());
+    sink.row(n, sq.data(), lo, hi, tiny);
   }
 }
 
@@ -177,16 +179,25 @@ void qk_pass(const float* q, const float* k, const uint8_t* key_mask, const floa
   }
 }
 
-// Writes whole rows of the (n, n_k) output: zeros outside the row's keys.
+// Writes whole rows of the (n, n_k) output: zeros outside the row's keys, the squared norms, and a tiny one
+// (whose float32 square underflows) as the negative of its norm with tiny_roots, else as the nearest float32.
 struct DenseSink {
   float* out;  // out[b] (n, n_k)
   int64_t n;   // n_k, the row length
+  bool tiny_roots;
+  std::atomic<bool>* any_tiny;
   void begin(int64_t, int64_t) {}
   void end() {}
-  void row(int64_t r, const float* sq, int64_t lo, int64_t hi) {
+  void row(int64_t r, const float* sq, int64_t lo, int64_t hi, bool tiny) {
     float* o = out + r * n;
     std::fill(o, o + lo, 0.0f);
-    if (sq) std::copy(sq, sq + (hi - lo), o + lo);
+    if (sq && tiny) {
+      for (int64_t m = 0; m < hi - lo; ++m)
+        o[lo + m] = sq[m] >= 0.0f || sq[m] != sq[m] ? sq[m]
+                    : tiny_roots ? -tiny_norm(sq[m]) : static_cast<float>(tiny_square(sq[m]));
+      any_tiny->store(true, std::memory_order_relaxed);
+    }
+    else if (sq) std::copy(sq, sq + (hi - lo), o + lo);
     else std::fill(o + lo, o + hi, 0.0f);
     std::fill(o + hi, o + n, 0.0f);
   }
@@ -207,9 +218,11 @@ struct GridSink {
     }
     local.assign(static_cast<size_t>((b_hi - b_lo + 1) * out_cols), 0.0);
   }
-  void row(int64_t r, const float* sq, int64_t lo, int64_t hi) {
+  void row(int64_t r, float* sq, int64_t lo, int64_t hi, bool tiny) {
     if (!sq) return;
-    add_to_bins(sq, col_bin + lo, hi - lo, local.data() + (row_bin[r] - b_lo) * out_cols);
+    double* acc = local.data() + (row_bin[r] - b_lo) * out_cols;
+    if (tiny) add_tiny_to_bins(sq, col_bin + lo, hi - lo, acc);
+    add_to_bins(sq, col_bin + lo, hi - lo, acc);
   }
   void end() {
 #pragma omp critical(duat_qk_grid_norms)
@@ -286,9 +299,12 @@ void qk_mix(const float* q, const float* k, const uint8_t* key_mask, const float
   }
 }
 
-void qk_gram_squared_norms(const float* q, const float* k, const uint8_t* key_mask, const float* c, float* out,
-                           const QkNormsProblem& pb, int num_threads) {
-  qk_pass(q, k, key_mask, c, pb, num_threads, [&](int64_t b) { return DenseSink{out + b * pb.n * pb.n_k, pb.n_k}; });
+bool qk_gram_squared_norms(const float* q, const float* k, const uint8_t* key_mask, const float* c, float* out,
+                           const QkNormsProblem& pb, int num_threads, bool tiny_roots) {
+  std::atomic<bool> any_tiny(false);
+  qk_pass(q, k, key_mask, c, pb, num_threads,
+          [&](int64_t b) { return DenseSink{out + b * pb.n * pb.n_k, pb.n_k, tiny_roots, &any_tiny}; });
+  return any_tiny.load();
 }
 
 void qk_gram_grid_norms(const float* q, const float* k, const uint8_t* key_mask, const float* c, const int64_t* row_bin,

@@ -27,9 +27,11 @@ struct QkNormsProblem {
 };
 
 // out (batch, n, n) float32: out[b, n, m] = ||C A[b, :, n, m]||². q, k, c (h, h) float32 C-contiguous;
-// key_mask (batch, n) bytes (0 = masked) or null. The caller validates every argument.
-void qk_gram_squared_norms(const float* q, const float* k, const uint8_t* key_mask, const float* c, float* out,
-                           const QkNormsProblem& pb, int num_threads);
+// key_mask (batch, n) bytes (0 = masked) or null. The caller validates every argument. A square that float32
+// cannot hold (tiny α: attention_norms.h) is written as the negative of its norm with tiny_roots, else as its
+// nearest float32; returns whether there is any.
+bool qk_gram_squared_norms(const float* q, const float* k, const uint8_t* key_mask, const float* c, float* out,
+                           const QkNormsProblem& pb, int num_threads, bool tiny_roots = false);
 
 // out (batch, out_rows, out_cols) float64 accumulates out[b, row_bin[n], col_bin[m]] += ||C A[b, :, n, m]||²;
 // every bin index must lie in range.

@@ -9,6 +9,7 @@
 // whose h coefficients are all zero (the upper triangle of causal attention) cost h loads only.
 #include <cstring>
 
+#include "attention_norms.h"
 #include "simd.h"
 
 DUAT_ISA_BEGIN
@@ -22,10 +23,26 @@ inline VF load_vf(const float* p) {
   return v;
 }
 
+// ||C α||² of column m in float64, where the float32 squares lost bits (below kTinySquare), written as
+// -(||C α||² · 2^kTinyShift) (attention_norms.h): float64 products of floats are exact, and the scaled
+// square fits float32 (< 2^-100 · 2^224 = 2^124).
+float tiny_square_code(const float* a_col, int64_t plane, const float* c, int64_t h, bool upper) {
+  double norm = 0.0;
+  for (int64_t j = 0; j < h; ++j) {
+    double y = 0.0;
+    for (int64_t i = upper ? j : 0; i < h; ++i) y += static_cast<double>(c[j * h + i]) * a_col[i * plane];
+    norm += y * y;
+  }
+  return norm > 0.0 ? static_cast<float>(-(norm * kTinyScale)) : 0.0f;  // no -0 (a code)
+}
+
 }  // namespace
 
-// sq[m] = ||C a[:, m]||^2 for one row of A: a_row points at a[0, r, 0], head stride `plane`.
-void gram_row_squared_norms(const float* a_row, int64_t plane, const float* c, int64_t h, int64_t cols, float* sq) {
+// sq[m] = ||C a[:, m]||^2 for one row of A: a_row points at a[0, r, 0], head stride `plane`. A column with
+// nonzero α whose float32 square fell below kTinySquare (α entries ~1e-19 and less: the squares of y lose
+// bits, below ~1e-25 they vanish) is recomputed in float64 and written as a negative code
+// (attention_norms.h); returns whether the row has any.
+bool gram_row_squared_norms(const float* a_row, int64_t plane, const float* c, int64_t h, int64_t cols, float* sq) {
   typedef int32_t VI __attribute__((vector_size(kVecBytes)));
   constexpr int64_t kLanes = Vec<float>::kLanes, kCols = kLanes * kVecs;
   // An upper-triangular C (what linalg.gram_factor gives) needs only the products i >= j: h(h+1)/2
@@ -35,13 +52,16 @@ void gram_row_squared_norms(const float* a_row, int64_t plane, const float* c, i
   bool upper = true;
   for (int64_t j = 1; j < h; ++j)
     for (int64_t i = 0; i < j; ++i) upper &= c[j * h + i] == 0.0f;
+  bool tiny_any = false;
   int64_t m = 0;
   for (; m + kCols <= cols; m += kCols) {
-    VI nonzero = {};
+    VI nonzero[kVecs] = {};
     for (int64_t i = 0; i < h; ++i)
-      for (int v = 0; v < kVecs; ++v) nonzero |= (load_vf(a_row + i * plane + m + v * kLanes) != 0);
+      for (int v = 0; v < kVecs; ++v) nonzero[v] |= (load_vf(a_row + i * plane + m + v * kLanes) != 0);
+    VI nonzero_all = nonzero[0];
+    for (int v = 1; v < kVecs; ++v) nonzero_all |= nonzero[v];
     bool any = false;
-    for (int l = 0; l < kLanes; ++l) any |= nonzero[l] != 0;
+    for (int l = 0; l < kLanes; ++l) any |= nonzero_all[l] != 0;
     if (!any) {
       for (int64_t k = 0; k < kCols; ++k) sq[m + k] = 0.0f;
       continue;
@@ -58,16 +78,35 @@ void gram_row_squared_norms(const float* a_row, int64_t plane, const float* c, i
       for (int v = 0; v < kVecs; ++v) norm[v] = madd(y[v], y[v], norm[v]);
     }
     for (int v = 0; v < kVecs; ++v) std::memcpy(sq + m + v * kLanes, &norm[v], sizeof(VF));
+    VI tiny = {};
+    for (int v = 0; v < kVecs; ++v) tiny |= (norm[v] < kTinySquare) & nonzero[v];
+    bool any_tiny = false;
+    for (int l = 0; l < kLanes; ++l) any_tiny |= tiny[l] != 0;
+    if (any_tiny) {  // rare: α entries below ~2^-50 / max|C|
+      for (int64_t k = m; k < m + kCols; ++k) {
+        bool nz = false;
+        for (int64_t i = 0; i < h; ++i) nz |= a_row[i * plane + k] != 0.0f;
+        if (nz && sq[k] < kTinySquare) sq[k] = tiny_square_code(a_row + k, plane, c, h, upper);
+      }
+      tiny_any = true;
+    }
   }
   for (; m < cols; ++m) {
     float norm = 0.0f;
+    bool nz = false;
     for (int64_t j = 0; j < h; ++j) {
       float y = 0.0f;
       for (int64_t i = upper ? j : 0; i < h; ++i) y = madd(c[j * h + i], a_row[i * plane + m], y);
       norm = madd(y, y, norm);
     }
+    for (int64_t i = 0; i < h; ++i) nz |= a_row[i * plane + m] != 0.0f;
+    if (nz && norm < kTinySquare) {
+      norm = tiny_square_code(a_row + m, plane, c, h, upper);
+      tiny_any = true;
+    }
     sq[m] = norm;
   }
+  return tiny_any;
 }
 
 DUAT_ISA_END

@@ -48,15 +48,36 @@ def qk_squared_norms(source, c: torch.Tensor, grid: tuple[int, int] | None, row_
                      col_bins: torch.Tensor | None = None) -> torch.Tensor:
     """||C α||² from q and k in one C++ pass, A never written: (B, N, N_k) float32 for grid=None, else the
     super-block sums (B, R, C) float64 with row_bins (N,) / col_bins (N_k,) int64 the super-block of each query / key.
-    source a QKAttention (float32, CPU), c (h, h)."""
+    source a QKAttention (float32, CPU), c (h, h). A float32 square that underflows (tiny α) is its nearest float32:
+    qk_norms keeps those norms."""
+    return _qk_pass(source, c, grid, row_bins, col_bins, False)[0]
+
+
+def qk_norms(source, c: torch.Tensor) -> torch.Tensor:
+    """||C α|| (B, N, N_k) float32 from q and k (qk_squared_norms' roots), with the norms of tiny α whose float32
+    squares underflow (the C++ pass computes those in float64)."""
+    out, tiny = _qk_pass(source, c, None, None, None, True)
+    if not tiny:
+        return out.clamp_min_(0).sqrt_()
+    tiny_entries = out < 0  # written as -||C α||
+    tiny_norms = -out[tiny_entries]
+    out.clamp_min_(0).sqrt_()[tiny_entries] = tiny_norms
+    return out
+
+
+def _qk_pass(source, c: torch.Tensor, grid: tuple[int, int] | None, row_bins: torch.Tensor | None,
+             col_bins: torch.Tensor | None, tiny_roots: bool) -> tuple[torch.Tensor, bool]:
+    """The C++ q/k pass behind qk_squared_norms / qk_norms, and whether any dense entry is a negated tiny norm."""
     q, k = qk_cpu.query_keys(source)
     c32 = cpp._numpy_view(c.to(torch.float32).contiguous())
     opts = qk_cpu.kernel_options(source)
     if grid is None:
         out = torch.empty(source.batch, source.tokens, source.keys, dtype=torch.float32)
-        cpp._C.qk_gram_squared_norms(q, k, qk_cpu.key_mask(source), c32, out.numpy(), **opts)
+        tiny = cpp._C.qk_gram_squared_norms(q, k, qk_cpu.key_mask(source), c32, out.numpy(), **opts,
+                                            tiny_roots=tiny_roots)
     else:
         out = torch.zeros(source.batch, *grid, dtype=torch.float64)
         cpp._C.qk_gram_grid_norms(q, k, qk_cpu.key_mask(source), c32, row_bins.contiguous().numpy(),
                                   col_bins.contiguous().numpy(), out.numpy(), **opts)
-    return out
+        tiny = False
+    return out, tiny

@@ -166,6 +166,8 @@ def _scaled_norms(source, c: torch.Tensor, grid: tuple[int, int] | None, wide: b
     out_rows, out_cols = grid if grid is not None else (n, n_k)
     if not wide and gram_norms.qk_available(source):  # logits, softmax and ||C α||² fused in C++: A never written
         bins = _bins(n, out_rows, source.device), _bins(n_k, out_cols, source.device)
+        if grid is None:  # float32 squares of tiny norms underflow: those norms come from the pass itself
+            return gram_norms.qk_norms(source, c)
         return gram_norms.qk_squared_norms(source, c, grid, *bins).clamp_min_(0).sqrt_()
     if rooted:  # from the output cache: huge pages, no page zeroing on repeated calls
         out = cpp.empty_output((batch, out_rows, out_cols), torch.float32)
