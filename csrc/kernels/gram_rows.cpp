@@ -52,7 +52,7 @@ bool gram_row_squared_norms(const float* a_row, int64_t plane, const float* c, i
   bool upper = true;
   for (int64_t j = 1; j < h; ++j)
     for (int64_t i = 0; i < j; ++i) upper &= c[j * h + i] == 0.0f;
-  bool tiny_any = false;
+  VI tiny = {};  // lanes of a column group with nonzero α and a square below kTinySquare
   int64_t m = 0;
   for (; m + kCols <= cols; m += kCols) {
     VI nonzero[kVecs] = {};
@@ -78,31 +78,31 @@ bool gram_row_squared_norms(const float* a_row, int64_t plane, const float* c, i
       for (int v = 0; v < kVecs; ++v) norm[v] = madd(y[v], y[v], norm[v]);
     }
     for (int v = 0; v < kVecs; ++v) std::memcpy(sq + m + v * kLanes, &norm[v], sizeof(VF));
-    VI tiny = {};
     for (int v = 0; v < kVecs; ++v) tiny |= (norm[v] < kTinySquare) & nonzero[v];
-    bool any_tiny = false;
-    for (int l = 0; l < kLanes; ++l) any_tiny |= tiny[l] != 0;
-    if (any_tiny) {  // rare: α entries below ~2^-50 / max|C|
-      for (int64_t k = m; k < m + kCols; ++k) {
+  }
+  bool tiny_any = false;
+  for (int l = 0; l < kLanes; ++l) tiny_any |= tiny[l] != 0;
+  if (tiny_any)  // rare: α entries below ~2^-50 / max|C| (the lanes are reduced once per row)
+    for (int64_t k = 0; k < m; ++k)
+      if (sq[k] < kTinySquare) {
         bool nz = false;
         for (int64_t i = 0; i < h; ++i) nz |= a_row[i * plane + k] != 0.0f;
-        if (nz && sq[k] < kTinySquare) sq[k] = tiny_square_code(a_row + k, plane, c, h, upper);
+        if (nz) sq[k] = tiny_square_code(a_row + k, plane, c, h, upper);
       }
-      tiny_any = true;
-    }
-  }
   for (; m < cols; ++m) {
     float norm = 0.0f;
-    bool nz = false;
     for (int64_t j = 0; j < h; ++j) {
       float y = 0.0f;
       for (int64_t i = upper ? j : 0; i < h; ++i) y = madd(c[j * h + i], a_row[i * plane + m], y);
       norm = madd(y, y, norm);
     }
-    for (int64_t i = 0; i < h; ++i) nz |= a_row[i * plane + m] != 0.0f;
-    if (nz && norm < kTinySquare) {
-      norm = tiny_square_code(a_row + m, plane, c, h, upper);
-      tiny_any = true;
+    if (norm < kTinySquare) {
+      bool nz = false;
+      for (int64_t i = 0; i < h; ++i) nz |= a_row[i * plane + m] != 0.0f;
+      if (nz) {
+        norm = tiny_square_code(a_row + m, plane, c, h, upper);
+        tiny_any = true;
+      }
     }
     sq[m] = norm;
   }
