@@ -63,7 +63,7 @@ void gram_squared_norms(const float* a, const float* c, float* out, const GramNo
     else if (root)
       for (int64_t m = 0; m < pb.cols; ++m) row[m] = std::sqrt(row[m]);  // vectorised (-fno-math-errno); NaN stays
     else if (tiny)  // float32 squares: a tiny one as the nearest float32 (roots taken in Python)
-      for (int64_t m = 0; m < pb.cols; ++m) row[m] = row[m] < 0.0f ? static_cast<float>(tiny_square(row[m])) : row[m];
+      for (int64_t m = 0; m < pb.cols; ++m) row[m] = decoded_square(row[m]);
   }
 }
 

@@ -21,6 +21,8 @@ constexpr double kTinyScale = 0x1p224, kTinyUnscale = 0x1p-224, kTinyRootUnscale
 inline double tiny_square(float code) { return -static_cast<double>(code) * kTinyUnscale; }
 // The norm a code stands for, in float32 (exact roots: 2^224 is an even power of two).
 inline float tiny_norm(float code) { return static_cast<float>(std::sqrt(-static_cast<double>(code)) * kTinyRootUnscale); }
+// sq itself where it is no code (a square, or NaN), else the nearest float32 of the square its code stands for.
+inline float decoded_square(float sq) { return sq < 0.0f ? static_cast<float>(tiny_square(sq)) : sq; }
 
 // Where sq[m] is a code: norms[m] = its norm, else sqrt(sq[m]) (sq and norms may alias).
 void decode_roots(const float* sq, int64_t cols, float* norms);

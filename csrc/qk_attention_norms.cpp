@@ -193,8 +193,7 @@ struct DenseSink {
     std::fill(o, o + lo, 0.0f);
     if (sq && tiny) {
       for (int64_t m = 0; m < hi - lo; ++m)
-        o[lo + m] = sq[m] >= 0.0f || sq[m] != sq[m] ? sq[m]
-                    : tiny_roots ? -tiny_norm(sq[m]) : static_cast<float>(tiny_square(sq[m]));
+        o[lo + m] = tiny_roots && sq[m] < 0.0f ? -tiny_norm(sq[m]) : decoded_square(sq[m]);
       any_tiny->store(true, std::memory_order_relaxed);
     }
     else if (sq) std::copy(sq, sq + (hi - lo), o + lo);

@@ -24,9 +24,12 @@ inline VF load_vf(const float* p) {
 }
 
 // ||C α||² of column m in float64, where the float32 squares lost bits (below kTinySquare), written as
-// -(||C α||² · 2^kTinyShift) (attention_norms.h): float64 products of floats are exact, and the scaled
+// -(||C α||² · kTinyScale) (attention_norms.h): float64 products of floats are exact, and the scaled
 // square fits float32 (< 2^-100 · 2^224 = 2^124).
 float tiny_square_code(const float* a_col, int64_t plane, const float* c, int64_t h, bool upper) {
+  bool nonzero = false;  // an all-zero α keeps its square, 0
+  for (int64_t i = 0; i < h; ++i) nonzero |= a_col[i * plane] != 0.0f;
+  if (!nonzero) return 0.0f;
   double norm = 0.0;
   for (int64_t j = 0; j < h; ++j) {
     double y = 0.0;
@@ -84,11 +87,7 @@ bool gram_row_squared_norms(const float* a_row, int64_t plane, const float* c, i
   for (int l = 0; l < kLanes; ++l) tiny_any |= tiny[l] != 0;
   if (tiny_any)  // rare: α entries below ~2^-50 / max|C| (the lanes are reduced once per row)
     for (int64_t k = 0; k < m; ++k)
-      if (sq[k] < kTinySquare) {
-        bool nz = false;
-        for (int64_t i = 0; i < h; ++i) nz |= a_row[i * plane + k] != 0.0f;
-        if (nz) sq[k] = tiny_square_code(a_row + k, plane, c, h, upper);
-      }
+      if (sq[k] < kTinySquare) sq[k] = tiny_square_code(a_row + k, plane, c, h, upper);
   for (; m < cols; ++m) {
     float norm = 0.0f;
     for (int64_t j = 0; j < h; ++j) {
@@ -97,12 +96,8 @@ bool gram_row_squared_norms(const float* a_row, int64_t plane, const float* c, i
       norm = madd(y, y, norm);
     }
     if (norm < kTinySquare) {
-      bool nz = false;
-      for (int64_t i = 0; i < h; ++i) nz |= a_row[i * plane + m] != 0.0f;
-      if (nz) {
-        norm = tiny_square_code(a_row + m, plane, c, h, upper);
-        tiny_any = true;
-      }
+      norm = tiny_square_code(a_row + m, plane, c, h, upper);
+      tiny_any |= norm < 0.0f;
     }
     sq[m] = norm;
   }
