@@ -77,6 +77,10 @@ CONTRIBUTIONS_HINT = "Analyse fewer tokens (or one batch element) at a time."
 # Input tokens whose projected values have norms ||u_i[m]|| of at most 2^VALUE_LIMIT, the largest at least
 # 2^-VALUE_LIMIT, are taken as they are (norm_scaling): G_m <= 2^64.
 VALUE_LIMIT = 32
+# Columns α = A[:, n, m] whose largest entry is at least 2^-ATTENTION_LIMIT (or 0) are taken as they are, smaller ones
+# scaled up (norm_scaling.scaled_up): with G_m's largest entry at least 2^-64 (VALUE_LIMIT), the largest terms
+# α_i α_j G_m[i, j] stay above 2^-126.
+ATTENTION_LIMIT = (norm_scaling.MAX_EXPONENT - 2 * VALUE_LIMIT) // 2
 
 
 def _contributions(source, x: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, per_head: bool) -> torch.Tensor:
@@ -91,20 +95,22 @@ def _contributions(source, x: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor
         e = norm_scaling.exponent_of(u, VALUE_LIMIT, dims=(1, 3), most=norm_scaling.max_exponent(ct))
         u = norm_scaling.scaled(u, e)
         norms_or_gram = _norms_or_gram(u, per_head)
-    e = e.reshape(batch, 1, n_k)  # the scale of column m of the result
+    e = e[..., 0]  # the scale of column m of the result (B, 1, N_k), or one 0 (1, 1, 1)
     if per_head:  # |A_i[n, m]| · ||u_i[m]||
         return norm_scaling.unscaled(source.dense().to(ct).abs() * norms_or_gram.unsqueeze(2), e.unsqueeze(1))
     gram = norms_or_gram
+    # α scaled up by a power of two per (n, m) where its largest entry is tiny (a softmax tail: float32 squares of
+    # ~1e-25 vanished), the roots scaled back
     if tracks_gradient(x, w_v, w_o, *source.inputs()):  # autograd, torch.func: the whole A, no in-place writes
-        alpha = source.dense(TORCH_PATH_HINT).to(ct)
+        alpha, e_alpha = norm_scaling.scaled_up(source.dense(TORCH_PATH_HINT).to(ct), ATTENTION_LIMIT, (1,))
         sq = (alpha * torch.einsum("bmij,bjnm->binm", gram, alpha)).sum(1)
-        return norm_scaling.unscaled(root_with_zero_subgradient(sq), e)
+        return norm_scaling.unscaled(norm_scaling.unscaled(root_with_zero_subgradient(sq), e_alpha[:, 0]), e)
     out = torch.zeros(batch, n, n_k, dtype=ct, device=source.device)
     for r0, r1, c0, c1, alpha in source.row_blocks(max(1, CHUNK_ENTRIES // (h * n_k))):
-        alpha = alpha.to(ct)  # (B, h, rows, cols)
+        alpha, e_alpha = norm_scaling.scaled_up(alpha.to(ct), ATTENTION_LIMIT, (1,))  # (B, h, rows, cols)
         g_alpha = torch.einsum("bmij,bjrm->birm", gram[:, c0:c1], alpha)  # G_m α per (row, m)
-        out[:, r0:r1, c0:c1] = (alpha * g_alpha).sum(1)
-    return norm_scaling.unscaled(out.clamp_min_(0).sqrt_(), e)
+        out[:, r0:r1, c0:c1] = norm_scaling.unscaled((alpha * g_alpha).sum(1).clamp_min_(0).sqrt_(), e_alpha[:, 0])
+    return norm_scaling.unscaled(out, e)
 
 
 def _norms_or_gram(u: torch.Tensor, per_head: bool) -> torch.Tensor:

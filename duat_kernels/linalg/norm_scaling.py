@@ -62,22 +62,42 @@ def scaled_down(t: torch.Tensor, limit: int, most: int = MAX_EXPONENT,
 
 def exponent_of(t: torch.Tensor, limit: int, dims: tuple[int, ...] | None = None,
                 most: int = MAX_EXPONENT) -> torch.Tensor:
-    """`exponent` of max|t| as a float64 tensor () from torch operations: no Python branch on the values, so it
-    runs under autograd, torch.func and torch.compile; not differentiated (the scale is a constant). With dims,
+    """`exponent` of max|t| as a float64 tensor () from torch operations (a Python branch on the values only where they
+    can be read), so it runs under autograd, torch.func and torch.compile; not differentiated (the scale is a constant). With dims,
     one exponent per slice: max|t| over dims, kept as dimensions of size 1. Clamped to ±most (max_exponent of
-    the dtype t is scaled in)."""
+    the dtype t is scaled in). Where no slice is scaled and the values can be read, a single 0 of that many
+    dimensions (broadcasts as the exponents would)."""
     if t.numel() == 0:
         shape = () if dims is None else [1 if i in dims or i - t.dim() in dims else n for i, n in enumerate(t.shape)]
         return torch.zeros(shape, dtype=torch.float64, device=t.device)
-    mag = (t.detach().abs().amax() if dims is None else t.detach().abs().amax(dim=dims, keepdim=True)).double()
-    outside = mag.isfinite() & (mag > 0) & ((mag > 2.0 ** limit) | (mag < 2.0 ** -limit))
+    t = t.detach()
+    # max|t| per slice from max and -min: two reductions, no |t| written
+    mag = t.abs().amax() if dims is None else torch.maximum(t.amax(dim=dims, keepdim=True),
+                                                             t.amin(dim=dims, keepdim=True).neg_())
+    if has_values(mag):  # every slice as it is (all zero or inside the limits): one 0, no pass over the slices
+        lowest, highest = (float(m) for m in torch.aminmax(mag.masked_fill(mag == 0, 1)))  # NaN: neither holds
+        if 2.0 ** -limit <= lowest and highest <= 2.0 ** limit:
+            return torch.zeros([1] * mag.dim(), dtype=torch.float64, device=t.device)
+    outside = ((mag > 2.0 ** limit) & (mag < math.inf)) | ((mag > 0) & (mag < 2.0 ** -limit))  # NaN: neither
+    mag = mag.double()
     e = (mag.log2().floor() + 1).clamp(-most, most)
     return torch.where(outside, e, torch.zeros_like(e))
 
 
+def scaled_up(t: torch.Tensor, limit: int, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t · 2^-e, e) with e <= 0 per slice over dims (exponent_of, kept as dimensions of size 1): each slice whose
+    largest entry is below 2^-limit' brought to [1/2, 1), the others as they are (huge ones are the callers' float64
+    recompute). limit is float32's; limit' = limit + (max_exponent(t.dtype) - MAX_EXPONENT) // 2 widens it by half of
+    float64's extra range, which its squares keep (float64 slices of 1e-13 are not scaled). Traceable and
+    differentiable, as scaled is."""
+    most = max_exponent(t.dtype)
+    e = exponent_of(t, limit + (most - MAX_EXPONENT) // 2, dims, most).clamp_max(0)
+    return scaled(t, e), e
+
+
 def scaled(t: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     """t · 2^-e (|e| <= max_exponent(t.dtype)) in t's dtype (t itself for e = 0 where e can be read)."""
-    if _zero(e):
+    if known_zero(e):
         return t
     return t * torch.exp2(-e).to(t.dtype)
 
@@ -85,13 +105,13 @@ def scaled(t: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
 def unscaled(t: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     """t · 2^e in t's dtype for |e| <= 2·max_exponent(t.dtype), as two same-signed power-of-two factors that the
     dtype holds (an intermediate overflows only where the result does); t itself for e = 0 where e can be read."""
-    if _zero(e):
+    if known_zero(e):
         return t
     half = torch.trunc(e / 2)
     return t * torch.exp2(half).to(t.dtype) * torch.exp2(e - half).to(t.dtype)
 
 
-def _zero(e: torch.Tensor) -> bool:
+def known_zero(e: torch.Tensor) -> bool:
     """Whether e is known to be 0 everywhere (its value read: not under torch.compile or vmap), so that the common case
     costs no pass over the tensor scaled."""
     return has_values(e) and not bool(e.any())

@@ -150,6 +150,9 @@ def _unscaled64(norms: torch.Tensor, e: int) -> torch.Tensor:
 
 # Gram factors with max|C| in [2^-GRAM_FACTOR_LIMIT, 2^GRAM_FACTOR_LIMIT] are taken as they are (norm_scaling).
 GRAM_FACTOR_LIMIT = 32
+# Columns C α (torch path) or α (autograd's αᵀGα) whose largest entry is at least 2^-COLUMN_LIMIT (or 0) are squared
+# as they are, smaller ones scaled up (norm_scaling.scaled_up): squares above 2^-80, with 2^-46 left for G's entries.
+COLUMN_LIMIT = 40
 
 
 def _scaled_norms(source, c: torch.Tensor, grid: tuple[int, int] | None, wide: bool) -> torch.Tensor:
@@ -158,7 +161,7 @@ def _scaled_norms(source, c: torch.Tensor, grid: tuple[int, int] | None, wide: b
     batch, h, n, n_k = source.batch, source.heads, source.tokens, source.keys
     fused = not wide and gram_norms.available(source)
     whole = fused and isinstance(source, ExplicitAttention)  # one pass over the stored A, every entry written
-    rooted = whole and grid is None  # that pass writes the norms themselves (roots taken per row, in cache)
+    rooted = whole and grid is None  # that pass writes every norm (roots taken per row, in cache)
     if (grid is not None and isinstance(source, QKAttention) and source.device.type == "cuda" and not wide
             and not source.wide_logits() and _triton_launches(max(n, n_k))):  # the q/k Triton pass forms float32 logits
         return _block_norms_triton(source, c, grid).double()
@@ -180,18 +183,22 @@ def _scaled_norms(source, c: torch.Tensor, grid: tuple[int, int] | None, wide: b
         for b in range(batch):
             if fused:  # one multithreaded pass: ||C α||² and the grid sums, nothing else written
                 if grid is None:
-                    gram_norms.squared_(alpha[b], c, out[b, r0:r1, c0:c1], root=rooted)
+                    # the roots: the float32 squares of tiny α vanish, their norms come from the pass itself
+                    gram_norms.squared_(alpha[b], c, out[b, r0:r1, c0:c1], root=True)
                 else:
                     gram_norms.grid_(alpha[b], c, row_bins[r0:r1], col_bins[c0:c1], out[b])
                 continue
-            sq = (c @ alpha[b].to(c.dtype).reshape(h, -1)).square_().sum(0).reshape(r1 - r0, c1 - c0)
+            # C α scaled up by a power of two per column where its largest entry is tiny (a softmax tail: the float32
+            # squares of ~1e-25 vanished), its norm or square scaled back
+            c_alpha, e = norm_scaling.scaled_up(c @ alpha[b].to(c.dtype).reshape(h, -1), COLUMN_LIMIT, (0,))
+            sq = c_alpha.square_().sum(0, keepdim=True)  # (1, rows·cols), as e
             if grid is None:
-                out[b, r0:r1, c0:c1] = sq
+                out[b, r0:r1, c0:c1] = norm_scaling.unscaled(sq.sqrt_(), e).reshape(r1 - r0, c1 - c0)
             else:  # accumulate squared norms into super-blocks
                 per_row = torch.zeros(r1 - r0, out_cols, dtype=out.dtype, device=sq.device).index_add_(
-                    1, col_bins[c0:c1], sq.to(out.dtype))
+                    1, col_bins[c0:c1], norm_scaling.unscaled(sq.to(out.dtype), 2 * e).reshape(r1 - r0, c1 - c0))
                 out[b].index_add_(0, row_bins[r0:r1], per_row)
-    return out if rooted else out.clamp_min_(0).sqrt_()
+    return out if grid is None else out.clamp_min_(0).sqrt_()  # grid=None: the norms themselves written
 
 
 def _block_norms_torch(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int,
@@ -231,11 +238,18 @@ def _block_norms_torch_in(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_h
     e_v, e_o = (norm_scaling.exponent_of(w, WEIGHT_LIMIT, most=most) for w in (w_v, w_o))
     w_v, w_o = norm_scaling.scaled(w_v.to(dtype), e_v), norm_scaling.scaled(w_o.to(dtype), e_o)
     gram = gram_matrix(w_v, w_o, source.heads, num_kv_heads, dtype).to(source.device)
-    attn = source.dense(TORCH_PATH_HINT).to(dtype)
+    # α scaled up by a power of two per column (b, n, m) where its largest entry is tiny (a softmax tail: float32
+    # squares of ~1e-25 vanished), the norms scaled back (the squares, summed in float64, for a grid)
+    attn, e = norm_scaling.scaled_up(source.dense(TORCH_PATH_HINT).to(dtype), COLUMN_LIMIT, (1,))
+    e = e[:, 0]
     sq = torch.einsum("binm,ij,bjnm->bnm", attn, gram, attn)
-    if grid is not None:
-        sq = grid_sums(sq, grid)
-    norms = root_with_zero_subgradient(sq.double() if float64 else sq)
+    if grid is None:
+        norms = norm_scaling.unscaled(root_with_zero_subgradient(sq.double() if float64 else sq), e)
+    else:
+        if not norm_scaling.known_zero(e):  # the squares of scaled columns scaled back in float64
+            sq = norm_scaling.unscaled(sq.double(), 2 * e)
+        sums = grid_sums(sq, grid)
+        norms = root_with_zero_subgradient(sums.double() if float64 else sums).to(torch.float64 if float64 else dtype)
     return norm_scaling.unscaled(norms, (e_v + e_o).to(norms.device))
 
 

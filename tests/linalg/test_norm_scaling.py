@@ -265,3 +265,18 @@ def test_exponent_range_of_the_computation_dtype(dtype, most):
         assert norm_scaling.exponent(magnitude, 32, most) == want
         t = torch.tensor([magnitude], dtype=torch.float64)
         assert float(norm_scaling.exponent_of(t, 32, most=most)) == want
+
+
+@pytest.mark.parametrize("dtype,tiny,ordinary", [(torch.float32, 1e-30, 1e-11), (torch.float64, 1e-200, 1e-13)])
+def test_scaled_up_brings_tiny_columns_to_one_and_leaves_the_others(dtype, tiny, ordinary):
+    # columns: tiny, all zero, ordinary, huge, NaN; only the tiny one is scaled (float64 keeps its squares of 1e-26)
+    t = torch.tensor([[tiny, 0.0, ordinary, 1e30, math.nan], [-tiny / 3, 0.0, ordinary / 7, 1.0, 1.0]], dtype=dtype)
+    scaled, e = norm_scaling.scaled_up(t, 40, (0,))
+    assert e.shape == (1, 5) and e.dtype == torch.float64
+    assert e[0, 0] == math.frexp(tiny)[1] and not bool(e[0, 1:].any())
+    assert 0.5 <= float(scaled[:, 0].abs().max()) < 1
+    assert torch.equal(scaled[:, 1:4], t[:, 1:4]) and bool(scaled[0, 4].isnan())
+    assert torch.equal(norm_scaling.unscaled(scaled, e)[:, :4], t[:, :4])  # powers of two: exact
+    ordinary_only, zero = norm_scaling.scaled_up(t[:, 1:3], 40, (0,))
+    assert torch.equal(ordinary_only, t[:, 1:3])
+    assert zero.shape == (1, 1) and not bool(zero.any())  # nothing scaled: one 0, no pass over the columns
