@@ -114,7 +114,7 @@ def _block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int
         return _block_norms_direct(source, w_v, w_o, num_kv_heads, grid).to(dtype)
     c, weight_shift = scaled_gram_factor(w_v, w_o, h, num_kv_heads)
     c = c.to(source.device)
-    # ||C α||² of C scaled to max|C| in [1, 2) where it could leave float32 (for |α| <= 1 and h < 2^20,
+    # ||C α||² of C scaled to max|C| in [1/2, 1) where it could leave float32 (for |α| <= 1 and h < 2^20,
     # h³ max|C|² < 2^124), the norms scaled back in float64 (norm_scaling), with the weights' scale
     c, shift = norm_scaling.scaled_down(c, GRAM_FACTOR_LIMIT, most=1000)
     shift += weight_shift
@@ -135,7 +135,7 @@ def _block_norms(source, w_v: torch.Tensor, w_o: torch.Tensor, num_kv_heads: int
 
 
 def scaled_attention(source: ExplicitAttention, what: str) -> tuple[ExplicitAttention, int]:
-    """(a float64 copy of the stored A scaled by 2^-e to max|A| in [1, 2), e) (norm_scaling): for `what` (norms,
+    """(a float64 copy of the stored A scaled by 2^-e to max|A| in [1/2, 1), e) (norm_scaling): for `what` (norms,
     contributions) whose float64 squares overflowed on an A with entries far above 1; the copy is checked to fit."""
     check_fits(f"a scaled float64 copy of attn of shape {tuple(source.attn.shape)} ({what} overflowed float64)",
                source.attn.numel() * 8, source.device, TORCH_PATH_HINT)
