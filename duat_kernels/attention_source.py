@@ -14,6 +14,7 @@ import torch
 
 from duat_kernels import _validation as v
 from duat_kernels._memory import DENSE_HINT, check_fits
+from duat_kernels.repeated_batch import repeats_one_element
 
 # Entries of A per row block (B·h·rows·cols): 64 MiB of float32 per step.
 BLOCK_ENTRIES = 1 << 24
@@ -127,6 +128,19 @@ class AttentionSource:
         """Whether every entry of A is finite (finite inputs() prove it; see qk_attention.QKAttention for the rest)."""
         return v.all_finite(*self.inputs())
 
+    def batched_inputs(self) -> list[torch.Tensor]:
+        """The tensors with a batch dimension (dim 0) that A is computed from."""
+        return self.inputs()
+
+    def repeats_one_element(self) -> bool:
+        """Whether every batch element is the same A: B > 1 and every batched input expanded along the batch
+        (stride 0; duat_kernels.repeated_batch)."""
+        return repeats_one_element(*self.batched_inputs())
+
+    def element_zero(self) -> "AttentionSource":
+        """This source restricted to batch element 0 (B = 1)."""
+        raise NotImplementedError
+
 
 class ExplicitAttention(AttentionSource):
     """A stored attn (B, h, N, N_k) (N_k != N: cross-attention)."""
@@ -175,6 +189,9 @@ class ExplicitAttention(AttentionSource):
     def fingerprint(self):
         flat = self.attn.detach().reshape(-1)
         return [flat[::max(1, flat.numel() >> 20)]]
+
+    def element_zero(self):
+        return ExplicitAttention(self.attn[:1], self.kv_heads)
 
 
 def as_source(attn, num_kv_heads: int, w_v: torch.Tensor | None = None,

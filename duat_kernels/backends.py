@@ -14,6 +14,7 @@ import torch
 from torch.autograd import forward_ad
 
 from duat_kernels import cpp, reference
+from duat_kernels._progress import batch_elements
 from duat_kernels._validation import OUTPUT_DTYPES, functorch_level_is, functorch_wrapped
 
 BACKENDS = ("auto", "reference", "cpp", "triton")
@@ -195,6 +196,6 @@ def materialise(backend: str, attn: torch.Tensor, ov: torch.Tensor, layout: str,
     if out.numel() == 0:  # empty batch, M_in = 0 or M_out = 0: nothing to write
         return out
     kernel = tile_kernel(backend)
-    for b in range(attn.shape[0]):
+    for b in batch_elements(attn.shape[0], "W' per batch element"):
         kernel(*kron_factors(attn[b].to(ct), ov, layout), out[b])
     return out

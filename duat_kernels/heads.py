@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from duat_kernels._validation import integer
+from duat_kernels.repeated_batch import per_element
 
 
 def _integer_dtype(a: torch.Tensor | np.ndarray) -> bool:
@@ -56,6 +57,7 @@ def select_heads(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, b_v: 
     index = torch.tensor(chosen, device=attn.device)
     out_cols = (index[:, None] * d + torch.arange(d, device=attn.device)).reshape(-1)
     kv_rows = ((index // group)[:, None] * d + torch.arange(d, device=attn.device)).reshape(-1)
-    return (attn.index_select(-3, index), w_v.index_select(0, kv_rows.to(w_v.device)),
+    attn = per_element(attn, lambda a: a.index_select(-3, index)) if attn.dim() == 4 else attn.index_select(-3, index)
+    return (attn, w_v.index_select(0, kv_rows.to(w_v.device)),
             w_o.index_select(1, out_cols.to(w_o.device)),
             None if b_v is None else b_v.index_select(0, kv_rows.to(b_v.device)), len(chosen))

@@ -13,6 +13,7 @@ from duat_kernels import _validation as v
 from duat_kernels import backends, ops, reference
 from duat_kernels._memory import check_fits
 from duat_kernels.heads import select_heads
+from duat_kernels.repeated_batch import repeated, repeats_one_element
 
 __all__ = ["hvo_matrix", "hvo_bias", "ov_circuits"]
 
@@ -93,15 +94,20 @@ def hvo_matrix(attn: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, *, num_
         if backends.tracks_grad(attn, w_v, w_o):
             raise RuntimeError("out= writes W' in place and records no gradient; pass out=None for a differentiable "
                                "W' (or call under torch.no_grad())")
+    attn4 = attn if dims.batched else attn.unsqueeze(0)
+    # every batch element the same (attn expanded along the batch): W' of element 0, copied over the batch
+    repeats = repeats_one_element(attn4) and not v.functorch_wrapped(w_v, w_o, out)
     if not torch.compiler.is_compiling() and device.type != "meta":  # meta tensors and compiled graphs allocate nothing
         entries = dims.batch * rows * cols
         needed = 0 if out is not None else entries * dtype.itemsize
         if backend == "reference":  # the Kronecker products and their running sum, in the compute dtype
-            needed += (dims.batch + 2) * rows * cols * reference.compute_dtype(dtype).itemsize
+            needed += ((1 if repeats else dims.batch) + 2) * rows * cols * reference.compute_dtype(dtype).itemsize
         check_fits(f"W' of shape {shape} ({entries:,} entries of {dtype}) with backend={backend!r}", needed, device)
+    if repeats:
+        one = hvo_matrix(attn4[:1], w_v, w_o, num_kv_heads=dims.kv_heads, layout=layout, backend=backend, dtype=dtype)
+        return repeated(one, dims.batch, "W'", out)
 
     ct = reference.compute_dtype(dtype)
-    attn4 = attn if dims.batched else attn.unsqueeze(0)
     if backends.fuses_ov(backend, layout, attn4.shape[0], attn4, w_v, w_o):
         result = out if out is not None else backends.empty_output(backend, shape, dtype, device)
         backends.materialise_fused(attn4, w_v, w_o, dims.kv_heads, result if dims.batched else result.unsqueeze(0))
@@ -156,6 +162,8 @@ def hvo_bias(attn: torch.Tensor, w_o: torch.Tensor, b_v: torch.Tensor | None = N
     dtype = v.resolve_dtype(None, None, *(t for t in (attn, w_o, b_v, b_o) if t is not None))
     ct = reference.compute_dtype(dtype)
     attn4 = attn if dims.batched else attn.unsqueeze(0)
+    if repeats_one_element(attn4) and not v.functorch_wrapped(w_o, b_v, b_o):  # every batch element the same
+        return repeated(hvo_bias(attn4[:1], w_o, b_v, b_o, num_kv_heads=dims.kv_heads, layout=layout), dims.batch, "b'")
     bias = reference.hvo_bias(attn4.to(ct), w_o.to(ct), None if b_v is None else b_v.to(ct),
                               None if b_o is None else b_o.to(ct), dims.kv_heads, layout).to(dtype)
     return bias if dims.batched else bias[0]

@@ -16,11 +16,13 @@ from duat_kernels import _validation as v
 from duat_kernels import backends, linalg, reference
 from duat_kernels import operator_args as args
 from duat_kernels._memory import check_fits
+from duat_kernels._progress import batch_elements
 from duat_kernels.attention_source import AttentionSource, ExplicitAttention
 from duat_kernels.heads import select_heads
 from duat_kernels.hvo import hvo_bias, hvo_matrix
 from duat_kernels.operator_parts import check_products_fit, check_qk, operator_bias, tile_factors, weighted_ov
 from duat_kernels.qk_attention import QKAttention
+from duat_kernels.repeated_batch import dense_attention, once_per_repeated_batch
 
 
 class HVOOperator:
@@ -143,11 +145,13 @@ class HVOOperator:
         z = z.reshape(b, k, d.tokens, d.heads * d.head_dim)
         return z @ w_o.T
 
+    @once_per_repeated_batch("x")
     def matvec(self, x: torch.Tensor) -> torch.Tensor:
         """W' x' for x' (N_k·M_in,) or batched (B, N_k·M_in) (more leading dims are treated as columns)."""
         xs, lead = self._unflatten(x, self.dims.m_in, "x", self.dims.keys)
         return self._flatten(self._attention(xs), lead)
 
+    @once_per_repeated_batch("y")
     def rmatvec(self, y: torch.Tensor) -> torch.Tensor:
         """W'ᵀ y for y (N·M_out,) or (B, N·M_out): the attention with Aᵀ, w_oᵀ and w_vᵀ swapped in."""
         ys, lead = self._unflatten(y, self.dims.m_out, "y", self.dims.tokens)
@@ -164,12 +168,14 @@ class HVOOperator:
         x = z.permute(0, 3, 2, 1, 4).reshape(b, k, d.keys, d.kv_heads * d.head_dim) @ w_v
         return self._flatten(x, lead)
 
+    @once_per_repeated_batch("x")
     def matmat(self, x: torch.Tensor) -> torch.Tensor:
         """W' X for X (N_k·M_in, K) or (B, N_k·M_in, K)."""
         args.matrix_operand(x, "X", self.shape[-1], self.dims.batch, self.dims.batched)
         xs, lead = self._unflatten(x.transpose(-1, -2), self.dims.m_in, "X", self.dims.keys)  # columns of X as vectors
         return self._flatten(self._attention(xs), lead).transpose(-1, -2)
 
+    @once_per_repeated_batch()
     def bias(self) -> torch.Tensor:
         """b' of h' = W' x' + b' (see duat_kernels.hvo_bias)."""
         if isinstance(self.source, ExplicitAttention):
@@ -180,8 +186,10 @@ class HVOOperator:
     def to_dense(self, **kwargs) -> torch.Tensor:
         """The dense W' (refused with DenseTooLargeError when it would not fit); kwargs go to hvo_matrix."""
         v.check_not_given("HVOOperator.to_dense", kwargs, layout=self.layout, num_kv_heads=self.dims.kv_heads)
-        return hvo_matrix(self.attn, self.w_v, self.w_o, num_kv_heads=self.dims.kv_heads, layout=self.layout, **kwargs)
+        return hvo_matrix(dense_attention(self), self.w_v, self.w_o, num_kv_heads=self.dims.kv_heads, layout=self.layout,
+                          **kwargs)
 
+    @once_per_repeated_batch()
     def block(self, n: int, m: int) -> torch.Tensor:
         """Block (n, m) = Σ_i A_i[n, m] OV_i: (M_out, M_in), or (B, M_out, M_in); token-layout block.
         Negative n, m count from the end, as in Python."""
@@ -191,11 +199,12 @@ class HVOOperator:
                   else f"N={self.dims.tokens} tokens")))
         dtype = self.dtype
         idx = torch.tensor([n], device=self.device), torch.tensor([m], device=self.device)
-        alpha = torch.stack([self.source.entries(b, *idx)[:, 0] for b in range(self.dims.batch)]) if self.dims.batch \
-            else torch.zeros(0, self.dims.heads, dtype=dtype, device=self.device)
+        alpha = torch.stack([self.source.entries(b, *idx)[:, 0] for b in batch_elements(self.dims.batch, "blocks")]) \
+            if self.dims.batch else torch.zeros(0, self.dims.heads, dtype=dtype, device=self.device)
         blk = weighted_ov(alpha.to(dtype), self.w_v.to(dtype), self.w_o.to(dtype), self.dims.heads, self.dims.kv_heads)
         return blk if self.dims.batched else blk[0]
 
+    @once_per_repeated_batch()
     def tile(self, rows: slice, cols: slice, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W'[rows, cols] for unit-step slices: (rows, cols), or (B, rows, cols) for a batch.
 
@@ -226,14 +235,14 @@ class HVOOperator:
                 # OV's slabs for the tile's rows q and columns t only, in cache, per batch element: no
                 # (h, M, M) OV for a tile spanning several tokens. A batch recomputes the slabs per
                 # element, so it takes this path only where the OV part would outgrow the tile itself.
-                for b in range(self.dims.batch):
+                for b in batch_elements(self.dims.batch, "tiles"):
                     backends.materialise_fused(attn[b:b + 1], w_v[:, ov_cols], w_o[ov_rows], self.dims.kv_heads,
                                                out[b:b + 1], row0, col0)
                 return out if self.dims.batched else out[0]
             ov = backends.ov_part(backend, w_v, w_o, self.dims.heads, self.dims.kv_heads, ov_rows, ov_cols)
             kernel = (backend != "reference" and dtype in backends.output_dtypes(backend)
                       and backends.direct_kernel_call(attn, ov, out))  # no FakeTensor, dispatch mode or trace
-            for b in range(self.dims.batch):
+            for b in batch_elements(self.dims.batch, "tiles"):
                 left, right = backends.kron_factors(attn[b].to(ct), ov, self.layout)
                 if kernel:
                     backends.tile_kernel(backend)(left, right, out[b], row0, col0)
@@ -255,12 +264,13 @@ class HVOOperator:
                                                           r0, r1, c0, c1)
         ov = reference.ov_circuits(w_v[:, ov_cols], w_o[ov_rows], self.dims.heads, self.dims.kv_heads)
         parts = [self._kron_part(*backends.kron_factors(attn[b].to(ct), ov, self.layout), row0, col0, r1 - r0, c1 - c0)
-                 for b in range(self.dims.batch)]
+                 for b in batch_elements(self.dims.batch, "tiles")]
         out = (torch.stack(parts) if parts else attn.new_zeros(0, r1 - r0, c1 - c0, dtype=ct)).to(dtype)
         return out if self.dims.batched else out[0]
 
     # --- analysis without the dense matrix (duat_kernels.linalg) -------------------------------
 
+    @once_per_repeated_batch()
     def block_norms(self, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """Frobenius norms of all N x N_k blocks (token-layout blocks B_nm = Σ_i A_i[n, m] OV_i):
         (N, N_k) or (B, N, N_k), exactly, via the h x h Gram matrix of the OV circuits: O(N²h²) time,
@@ -272,11 +282,13 @@ class HVOOperator:
         norms = linalg.block_norms(self.source, self.w_v, self.w_o, self.dims.kv_heads, grid)  # differentiable
         return norms if self.dims.batched else norms[0]
 
+    @once_per_repeated_batch()
     def frobenius_norm(self) -> torch.Tensor:
         """||W'||_F exactly (float64), () or (B,); differentiable as block_norms is."""
         norm = linalg.frobenius_norm(self.source, self.w_v, self.w_o, self.dims.kv_heads)  # differentiable
         return norm if self.dims.batched else norm[0]
 
+    @once_per_repeated_batch()
     def trace(self) -> torch.Tensor:
         """tr W' exactly (float64), () or (B,); W' must be square (M_in = M_out)."""
         tr = linalg.trace(self.source, self.w_v, self.w_o, self.dims.kv_heads)  # torch operations: differentiable
@@ -304,6 +316,7 @@ class HVOOperator:
             return 0.0
         return float(self.singular_values(1, tol)[0])
 
+    @once_per_repeated_batch("x")
     def contributions(self, x: torch.Tensor, per_head: bool = False) -> torch.Tensor:
         """Token-to-token contributions ||W'_nm x_m||₂ of input token m to output token n, without W'.
 

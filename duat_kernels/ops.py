@@ -12,6 +12,7 @@ import torch
 
 from duat_kernels import _validation as v
 from duat_kernels import backends, reference
+from duat_kernels._progress import batch_elements
 
 KERNEL_BACKENDS = ("reference", "cpp", "triton")
 
@@ -106,7 +107,7 @@ def hvo_matrix_vjp(grad: torch.Tensor, attn: torch.Tensor, ov: torch.Tensor, lay
     a_ct = attn.to(ct)
     grad_attn = torch.empty(batch, h, n, n_k, dtype=ct, device=attn.device)
     grad_ov = torch.zeros(m_out, h, m_in, dtype=ct, device=attn.device)
-    for b in range(batch):
+    for b in batch_elements(batch, "gradient of W'"):
         for row in range(n):
             g = g5[b, row].to(ct)  # (c, m, a): the blocks of output token `row`
             grad_attn[b, :, row, :] = torch.matmul(ov_c, g.transpose(-1, -2)).sum(0)  # Σ_c OV[:, c, :] Gᵀ

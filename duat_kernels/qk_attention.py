@@ -9,11 +9,15 @@ n - w < m (and m < n + w without causal). Rows that may attend no key are zero r
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from duat_kernels import _validation as v
 from duat_kernels import backends, qk_cpu, reference
+from duat_kernels._progress import batch_elements
 from duat_kernels.attention_source import AttentionSource
+from duat_kernels.repeated_batch import per_element, repeats_one_element
 
 
 def key_mask_4d(mask: torch.Tensor | None, batch: int, tokens: int, device: torch.device,
@@ -28,6 +32,8 @@ def key_mask_4d(mask: torch.Tensor | None, batch: int, tokens: int, device: torc
         raise ValueError(f"attention_mask must be a key mask of shape ({keys_name},) = ({tokens},) or (B, {keys_name}) = "
                          f"({batch}, {tokens}), True = attend, got {got}")
     v.check_strided("attention_mask", mask)
+    if mask.dim() == 2 and repeats_one_element(mask):  # one mask expanded over the batch: checked and converted once
+        return key_mask_4d(mask[:1], batch, tokens, device, keys_name)
     if mask.device.type == "meta" and device.type != "meta":  # a meta mask has no values to move to q's device
         raise ValueError(f"attention_mask is on {mask.device} but q and k are on {device}; put them on one device")
     if (mask.is_floating_point() or mask.is_complex()) and not torch.compiler.is_compiling() and \
@@ -44,7 +50,7 @@ def key_mask_4d(mask: torch.Tensor | None, batch: int, tokens: int, device: torc
                              "values other than 0 and 1 (an additive mask, 0 = attend and -inf = masked? pass "
                              "attention_mask == 0 for one)")
     mask = mask.bool().reshape(-1, 1, 1, tokens)
-    return mask.expand(batch, 1, 1, tokens).to(device)
+    return mask.to(device).expand(batch, 1, 1, tokens)
 
 
 class QKAttention(AttentionSource):
@@ -55,7 +61,7 @@ class QKAttention(AttentionSource):
                  softcap: float | None = None, sliding_window: int | None = None):
         causal = v.check_flag("causal", causal)  # "no" would be truthy
         ct = reference.compute_dtype(q.dtype)
-        self.q, self.k = q.to(ct), k.to(ct)
+        self.q, self.k = (per_element(t, lambda one: one.to(ct)) for t in (q, k))  # an expanded batch stays so
         self.batch, self.heads, self.tokens, d = q.shape
         self.kv_heads, self.key_count = k.shape[1], k.shape[2]
         if self.key_count != self.tokens and (causal or sliding_window is not None):
@@ -109,6 +115,7 @@ class QKAttention(AttentionSource):
             return None  # causal rows see themselves; full rows see every key
         keys = self.key_mask[:, 0, 0] if self.key_mask is not None else \
             torch.ones(1, self.keys, dtype=torch.bool, device=self.device)
+        keys = keys[:1] if repeats_one_element(keys) else keys  # one mask for the batch: its rows, expanded below
         count = torch.nn.functional.pad(keys.long().cumsum(-1), (1, 0))  # count[j] = keys before j
         n = torch.arange(self.tokens, device=self.device)
         lo = (n - self.window + 1).clamp_min(0) if self.window else torch.zeros_like(n)
@@ -183,6 +190,9 @@ class QKAttention(AttentionSource):
         """(max_m logits[n, m], Σ_m exp(logits[n, m] - max)) per row, each (B, h, N), computed once (max -inf
         for rows without keys). Kept apart, not as log Σ exp = max + log Σ: that sum rounds away its log Σ
         once ulp(max) > log N (logits of 1e17 in float64, 1e8 in float32), and exp(s - lse) gave 1, not 1/N."""
+        if self._normalisers is None and self.repeats_one_element():  # element 0's, as a view over the batch
+            self._normalisers = tuple(t.expand(self.batch, *t.shape[1:])
+                                      for t in self.element_zero().softmax_normalisers())
         if self._normalisers is None:
             tops, totals = [], []  # per row block, concatenated (vmap cannot write batched rows into a buffer)
             for r0 in range(0, self.tokens, self.rows_per_step()):
@@ -307,7 +317,7 @@ class QKAttention(AttentionSource):
         n = torch.arange(min(self.tokens, self.keys), device=self.device)  # A_i[n, n] for n < min(N, N_k)
         if self.batch == 0:  # an empty batch: nothing to stack
             return torch.zeros(0, self.heads, n.shape[0], dtype=self.dtype, device=self.device)
-        return torch.stack([self.entries(b, n, n) for b in range(self.batch)])
+        return torch.stack([self.entries(b, n, n) for b in batch_elements(self.batch, "diagonals of A")])
 
     def row_sums(self):
         if not self._finite_qk():  # a row with a NaN or Inf logit sums to NaN, as its entries say
@@ -319,6 +329,17 @@ class QKAttention(AttentionSource):
 
     def inputs(self):
         return [self.q, self.k]
+
+    def batched_inputs(self):
+        return [self.q, self.k, self.key_mask]
+
+    def element_zero(self):
+        one = copy.copy(self)  # the options, and what is known of q and k (finite, wide logits), are element 0's too
+        one.batch, one.q, one.k = 1, self.q[:1], self.k[:1]
+        one.key_mask = None if self.key_mask is None else self.key_mask[:1]
+        one.empty_rows = None if self.empty_rows is None else self.empty_rows[:1]
+        one._normalisers = None if self._normalisers is None else tuple(t[:1] for t in self._normalisers)
+        return one
 
     def finite(self):
         """A NaN or Inf in q or k need not reach A: a masked key's, or an Inf logit soft-capped to c.

@@ -13,6 +13,7 @@ import torch
 
 from duat_kernels import backends, cpp, reference
 from duat_kernels._memory import check_fits
+from duat_kernels._progress import batch_elements
 from duat_kernels._validation import all_finite, check_heads, check_tensor, has_values
 from duat_kernels.linalg import gram_norms, norm_scaling
 from duat_kernels.operator_args import grid_argument
@@ -180,7 +181,7 @@ def _scaled_norms(source, c: torch.Tensor, grid: tuple[int, int] | None, wide: b
     col_bins, row_bins = _bins(n_k, out_cols, source.device), _bins(n, out_rows, source.device)
     rows = n if whole else max(1, CHUNK_ENTRIES // max(1, batch * h * n_k))
     for r0, r1, c0, c1, alpha in source.row_blocks(rows):
-        for b in range(batch):
+        for b in batch_elements(batch, "block norms"):
             if fused:  # one multithreaded pass: ||C α||² and the grid sums, nothing else written
                 if grid is None:
                     # the roots: the float32 squares of tiny α vanish, their norms come from the pass itself
