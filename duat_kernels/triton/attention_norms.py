@@ -7,7 +7,8 @@ Two launches, as flash attention's forward and its statistics:
   2. one program per (row block, key block): for every head i, α_i = exp(s_i - m_i) / l_i (BM x
      BN, recomputed), y = C α accumulated as (H_PAD, BM, BN), and ||y||² summed
      into the super-block of each entry (summed per super-block in the tile, then atomic adds into
-     the (R, C) grid, float32).
+     the (R, C) grid, float32); entries whose C α is tiny (below TINY_LIMIT) are squared scaled by TINY_SCALE
+     into a second grid, added to the first in float64 after the pass.
 Cost: twice the q kᵀ products of one attention forward plus h² FMAs per entry; memory O(grid).
 Tile shapes are autotuned (the grid kernel's atomic sums are zeroed before each trial). The CPU
 tests run it in Triton's interpreter; the same tests passed compiled on an NVIDIA H200 and, as the
@@ -29,6 +30,13 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # H200 (benchmarks/bench_block_norms_gpu.py, N = 32768, h = 12, causal) they took 76 ms against 196 ms for IEEE
 # float32 dots on the CUDA cores, with the norms as close to float64 (1.4e-7 against 2.1e-7 relative).
 LOGIT_PRECISION = "tf32x3"
+# Entries whose largest |(C α)_j| is below TINY_LIMIT are squared times TINY_SCALE (squares of C α below 2^-80 lose
+# bits in float32, below 2^-149 they vanish): scaled, those from 2^-100 up keep float32 precision, and the largest
+# (2^24 scaled) cannot overflow a grid cell's sum of up to 2^42 entries.
+TINY_LIMIT = 2.0 ** -40
+TINY_SCALE = 2.0 ** 64
+_TINY_LIMIT = tl.constexpr(TINY_LIMIT)  # the kernels' copies (Triton reads constexpr globals only)
+_TINY_SCALE = tl.constexpr(TINY_SCALE)
 
 
 def _configs(shapes):
@@ -124,10 +132,10 @@ def row_stats_kernel(q_ptr, k_ptr, mask_ptr, max_ptr, sum_ptr, H, G, N, NK, D, s
     tl.store(sum_ptr + bh.to(tl.int64) * N + rows, run_sum, mask=rows < N)
 
 
-@triton.autotune(configs=_GRID_CONFIGS, key=["D_PAD", "H_PAD", "SIZE_CLASS", "CAUSAL", "PRECISION"], reset_to_zero=["out_ptr"],
+@triton.autotune(configs=_GRID_CONFIGS, key=["D_PAD", "H_PAD", "SIZE_CLASS", "CAUSAL", "PRECISION"], reset_to_zero=["out_ptr", "tiny_ptr"],
                  prune_configs_by={"early_config_prune": _prune_grid_configs})
 @triton.jit
-def gram_grid_kernel(q_ptr, k_ptr, mask_ptr, max_ptr, sum_ptr, c_ptr, rbin_ptr, cbin_ptr, out_ptr,
+def gram_grid_kernel(q_ptr, k_ptr, mask_ptr, max_ptr, sum_ptr, c_ptr, rbin_ptr, cbin_ptr, out_ptr, tiny_ptr,
                      H, G, N, NK, D, OUT_R, OUT_C, scale, softcap, window,
                      sqb, sqh, sqn, skb, skh, skn, SIZE_CLASS,
                      CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, D_PAD: tl.constexpr, H_PAD: tl.constexpr,
@@ -151,27 +159,38 @@ def gram_grid_kernel(q_ptr, k_ptr, mask_ptr, max_ptr, sum_ptr, c_ptr, rbin_ptr, 
             alpha = tl.exp(s - top[:, None]) * (1.0 / tl.where(total > 0, total, 1.0))[:, None]
             c_col = tl.load(c_ptr + j * H + i, mask=j < H, other=0.0)  # C[:, i]
             y += c_col[:, None, None] * alpha[None, :, :]
+        # Entries whose C α is tiny (a softmax tail: float32 squares of ~1e-25 vanish) are squared scaled by
+        # TINY_SCALE and summed into a grid of their own, scaled back in float64 after the pass.
+        tiny = tl.max(tl.abs(y), 0) < _TINY_LIMIT
+        y = y * tl.where(tiny, _TINY_SCALE, 1.0)[None, :, :]
         sq = tl.sum(y * y, 0)
         rb = tl.load(rbin_ptr + rows, mask=rows < N, other=0)
         cb = tl.load(cbin_ptr + cols, mask=cols < NK, other=0)
         ok = (rows[:, None] < N) & (cols[None, :] < NK)
-        base = out_ptr + b.to(tl.int64) * OUT_R * OUT_C
-        # Bins rise with the token index, so a tile within a super-block's size spans at most 2 x 2 of them:
-        # sum each part in registers and add it with one atomic, instead of BM·BN atomics on the same few
-        # addresses (which serialise). Finer grids take one atomic per entry, on distinct addresses.
-        r_lo = tl.min(tl.where(rows < N, rb, OUT_R))
-        r_hi = tl.max(tl.where(rows < N, rb, -1))
-        c_lo = tl.min(tl.where(cols < NK, cb, OUT_C))
-        c_hi = tl.max(tl.where(cols < NK, cb, -1))
-        if (r_hi - r_lo <= 1) & (c_hi - c_lo <= 1):
-            for dr in range(2):
-                for dc in range(2):
-                    part = tl.sum(tl.sum(tl.where(ok & (rb[:, None] == r_lo + dr) & (cb[None, :] == c_lo + dc),
-                                                  sq, 0.0), 1), 0)
-                    tl.atomic_add(base + (r_lo + dr) * OUT_C + c_lo + dc, part,
-                                  mask=(r_lo + dr <= r_hi) & (c_lo + dc <= c_hi))
-        else:
-            tl.atomic_add(base + rb[:, None] * OUT_C + cb[None, :], sq, mask=ok)
+        offset = b.to(tl.int64) * OUT_R * OUT_C
+        _add_to_grid(out_ptr + offset, tl.where(tiny, 0.0, sq), rows, cols, rb, cb, ok, N, NK, OUT_R, OUT_C)
+        if tl.max(tl.where(ok & tiny, 1, 0)) > 0:
+            _add_to_grid(tiny_ptr + offset, tl.where(tiny, sq, 0.0), rows, cols, rb, cb, ok, N, NK, OUT_R, OUT_C)
+
+
+@triton.jit
+def _add_to_grid(base, sq, rows, cols, rb, cb, ok, N, NK, OUT_R, OUT_C):
+    # Bins rise with the token index, so a tile within a super-block's size spans at most 2 x 2 of them:
+    # sum each part in registers and add it with one atomic, instead of BM·BN atomics on the same few
+    # addresses (which serialise). Finer grids take one atomic per entry, on distinct addresses.
+    r_lo = tl.min(tl.where(rows < N, rb, OUT_R))
+    r_hi = tl.max(tl.where(rows < N, rb, -1))
+    c_lo = tl.min(tl.where(cols < NK, cb, OUT_C))
+    c_hi = tl.max(tl.where(cols < NK, cb, -1))
+    if (r_hi - r_lo <= 1) & (c_hi - c_lo <= 1):
+        for dr in range(2):
+            for dc in range(2):
+                part = tl.sum(tl.sum(tl.where(ok & (rb[:, None] == r_lo + dr) & (cb[None, :] == c_lo + dc),
+                                              sq, 0.0), 1), 0)
+                tl.atomic_add(base + (r_lo + dr) * OUT_C + c_lo + dc, part,
+                              mask=(r_lo + dr <= r_hi) & (c_lo + dc <= c_hi))
+    else:
+        tl.atomic_add(base + rb[:, None] * OUT_C + cb[None, :], sq, mask=ok)
 
 
 def block_norms_qk(q: torch.Tensor, k: torch.Tensor, c: torch.Tensor, row_bins: torch.Tensor,
@@ -197,8 +216,9 @@ def block_norms_qk(q: torch.Tensor, k: torch.Tensor, c: torch.Tensor, row_bins: 
     masking = (float(scale), float(softcap or 0.0), int(window or 0))
     row_stats_kernel[lambda cfg: (batch * h, triton.cdiv(n, cfg["BM"]))](
         q, k, mask, top, total, h, h // k.shape[1], n, n_k, d, *masking, *strides, **meta)
-    out = torch.zeros(batch, *grid, dtype=torch.float32, device=q.device)
+    out, tiny = (torch.zeros(batch, *grid, dtype=torch.float32, device=q.device) for _ in range(2))
     gram_grid_kernel[lambda cfg: (batch, triton.cdiv(n, cfg["BM"]), triton.cdiv(n_k, cfg["BN"]))](
-        q, k, mask, top, total, c, row_bins.contiguous(), col_bins.contiguous(), out, h, h // k.shape[1], n, n_k, d,
-        *grid, *masking, *strides, H_PAD=max(2, triton.next_power_of_2(h)), **meta)
-    return out.clamp_min_(0).sqrt_()
+        q, k, mask, top, total, c, row_bins.contiguous(), col_bins.contiguous(), out, tiny, h, h // k.shape[1], n,
+        n_k, d, *grid, *masking, *strides, H_PAD=max(2, triton.next_power_of_2(h)), **meta)
+    # the tiny entries' squares were summed times TINY_SCALE²: the grid's squares in float64
+    return (out.double() + tiny.double() * TINY_SCALE ** -2).clamp_min_(0).sqrt_().float()

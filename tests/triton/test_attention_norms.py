@@ -110,6 +110,28 @@ def test_huge_equal_logits_share_the_row():
     torch.testing.assert_close(got.cpu(), torch.full((1, 2, 2), 0.5), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("grid", [(5, 3), (1, 2), (7, 7)])
+def test_tiny_probabilities_keep_their_norms(grid):
+    """Keys 56 to 62 below the row maximum (probabilities ~1e-25, so ||C α|| ~1e-25): the float32 squares of their
+    C α vanished, and super-blocks holding only such keys came out 0 (relative error 1). They are now squared scaled
+    by a power of two into a grid of their own."""
+    from duat_kernels.triton.attention_norms import block_norms_qk
+
+    g = torch.Generator().manual_seed(1)
+    n, h = 40, 3
+    gaps = torch.cat([torch.randint(0, 160, (n // 2,), generator=g), torch.randint(896, 992, (n // 2,), generator=g)])
+    k = -(gaps / 16 + torch.randint(0, 3, (h, n), generator=g) / 16).reshape(1, h, n, 1)  # exact products with q
+    q = torch.ones(1, h, n, 1)
+    w_v, w_o = torch.randn(h, 6, generator=g) / 2, torch.randn(6, h, generator=g) / 2
+    exact = dk.HVOOperator.from_qk(q.double(), k.double(), w_v.double(), w_o.double(), scale=1.0).block_norms(grid=grid)
+    assert (exact < 1e-20).any() and (exact > 1e-3).any()
+    c = norms.gram_factor(w_v, w_o, h, h).float().to(DEVICE)
+    got = block_norms_qk(q.to(DEVICE), k.to(DEVICE), c, norms._bins(n, grid[0], DEVICE), norms._bins(n, grid[1], DEVICE),
+                         grid, causal=False, key_mask=None, scale=1.0, softcap=None, window=None)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.cpu().double(), exact, rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("shift", [30, -30])
 def test_scaled_gram_factor_reaches_the_kernel(shift):
     """Weights scaled by 2^±30 scale W' by 2^±60, so every block norm exactly by 2^±60 (still a float32), while
