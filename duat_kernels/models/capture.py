@@ -232,7 +232,7 @@ def unread_cross_attention(model: torch.nn.Module, blocks: list | None = None) -
     return [name for name in cross_attention_blocks(model) if not _nested(name, read)]
 
 
-def _warn_unread_cross_attention(model: torch.nn.Module, blocks: list) -> None:
+def warn_unread_cross_attention(model: torch.nn.Module, blocks: list) -> None:
     """include_cross=True: a UserWarning naming the cross-attention modules it cannot read (unread_cross_attention)."""
     if unread := unread_cross_attention(model, blocks):
         warnings.warn(f"attention_layers: include_cross=True: {type(model).__name__} has cross-attention modules the "
@@ -264,8 +264,9 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
         include_cross: also capture the cross-attention layers of an encoder-decoder model (kind "cross": A is
             (B, h, N_dec, N_enc), x the encoder states their value projection reads), numbered after all the
             self-attention layers, in module order; those keep their indices whichever the option. Off by
-            default: the list of a model is then what it was before cross-attention was supported. capture="attn"
-            only.
+            default: the list of a model is then what it was before cross-attention was supported. With
+            capture="qk" they come as q (decoder), k and key_mask (encoder) (qk_capture.QKAttentionLayer); FSMT's
+            (tokens first) and nn.MultiheadAttention's are refused there, as their self-attention is.
         *args, **inputs: the model's inputs (e.g. input_ids, attention_mask). An encoder-decoder model
             given no decoder inputs gets decoder_input_ids = input_ids shifted right by its own function
             (and decoder_attention_mask = attention_mask shifted the same way): see
@@ -281,9 +282,7 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
     """
     if capture not in ("attn", "qk"):
         raise ValueError(f"capture must be 'attn' or 'qk', got {capture!r}")
-    if check_flag("include_cross", include_cross) and capture != "attn":
-        raise ValueError("include_cross=True needs capture='attn': capture='qk' records the q and k of self-attention "
-                         "layers only (HVOOperator.from_qk itself takes cross-attention q and k)")
+    check_flag("include_cross", include_cross)
     check_flag("switch_to_eager", switch_to_eager)  # "no" was truthy: sdpa was switched to eager
     from duat_kernels.models import lens
 
@@ -304,10 +303,10 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
     _warn_uncovered(model)
     if capture == "qk":
         from duat_kernels.models.qk_capture import attention_layers_qk
-        return attention_layers_qk(model, *args, layers=layers, **inputs)
+        return attention_layers_qk(model, *args, layers=layers, include_cross=include_cross, **inputs)
     blocks = attention_blocks(model, include_cross)
     if include_cross:
-        _warn_unread_cross_attention(model, blocks)
+        warn_unread_cross_attention(model, blocks)
     cross = {name for name, _, _ in blocks if is_cross_attention_module(model, name)}
     plan = layer_plan(model, blocks)
     selected = select_layers(layers, len(plan))

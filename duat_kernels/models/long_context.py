@@ -85,7 +85,7 @@ def _unbatched(layer):
     from duat_kernels.hvo_operator import HVOOperator
 
     return HVOOperator.from_qk(layer.q[0], layer.k[0], layer.w_v, layer.w_o, causal=layer.causal,
-                               attention_mask=None if layer.token_mask is None else layer.token_mask[0],
+                               attention_mask=None if layer.attended_keys is None else layer.attended_keys[0],
                                scale=layer.scale, b_v=layer.b_v, b_o=layer.b_o, softcap=layer.softcap,
                                sliding_window=layer.sliding_window)
 

@@ -24,15 +24,19 @@ import torch
 from duat_kernels.forward_signature import named_inputs
 from duat_kernels.heads import head_indices, select_heads
 from duat_kernels.hvo_operator import HVOOperator
-from duat_kernels.models.architectures import owning_config, resolve
+from duat_kernels.models.architectures import is_cross_attention_module, owning_config, resolve
 from duat_kernels.models.capture import (AttentionLayer, _token_mask, attention_blocks, attn_implementation,
-                                         check_not_called_with_encoder_states, encoder_states_hook, select_layers)
+                                         check_not_called_with_encoder_states, encoder_states_hook, select_layers,
+                                         warn_unread_cross_attention)
+from duat_kernels.models.encoder_decoder import check_cross_attention
 from duat_kernels.models.shared_layers import ApplicationRecords, layer_plan
 
 
 @dataclass
 class QKAttentionLayer(AttentionLayer):
-    """An attention layer captured as q (B, h, N, d), k (B, h_kv, N, d) and its masks; attn is None."""
+    """An attention layer captured as q (B, h, N, d), k (B, h_kv, N, d) and its masks; attn is None.
+    A cross-attention layer (kind "cross", include_cross=True) has k (B, h_kv, N_k, d) of the N_k encoder tokens,
+    key_mask (B, N_k) True at the real (unpadded) encoder tokens or None, and token_mask its decoder tokens."""
 
     q: torch.Tensor | None = field(default=None, repr=False)
     k: torch.Tensor | None = field(default=None, repr=False)
@@ -40,10 +44,18 @@ class QKAttentionLayer(AttentionLayer):
     scale: float | None = None
     softcap: float | None = None
     sliding_window: int | None = None
+    key_mask: torch.Tensor | None = field(default=None, repr=False)  # cross-attention: the encoder's real tokens
+
+    @property
+    def attended_keys(self) -> torch.Tensor | None:
+        """(B, N_k) True at the keys the queries may attend (padding excluded), or None for all: the token mask of a
+        self-attention layer, the encoder's key mask of a cross-attention layer."""
+        return self.token_mask if self.kind == "self" else self.key_mask
 
     def __repr__(self) -> str:
         batch, heads, tokens, d = self.q.shape
         shared = "" if self.application is None else f", application={self.application}"
+        shared += "" if self.kind == "self" else f", kind={self.kind!r}, keys={self.k.shape[-2]}"
         return (f"QKAttentionLayer(index={self.index}, name={self.name!r}{shared}, batch={batch}, tokens={tokens}, "
                 f"heads={heads}, "
                 f"kv_heads={self.num_kv_heads}, head_dim={d}, M_in={self.w_v.shape[1]}, M_out={self.w_o.shape[0]}, "
@@ -58,16 +70,16 @@ class QKAttentionLayer(AttentionLayer):
             kv = torch.tensor(head_indices(heads, q.shape[-3]), device=k.device) // group
             q, w_v, w_o, b_v, _ = select_heads(q, w_v, w_o, b_v, heads, k.shape[-3])
             k = k.index_select(-3, kv)
-        return HVOOperator.from_qk(q, k, w_v, w_o, causal=self.causal, attention_mask=self.token_mask,
+        return HVOOperator.from_qk(q, k, w_v, w_o, causal=self.causal, attention_mask=self.attended_keys,
                                    scale=self.scale, b_v=b_v, b_o=self.b_o, layout=layout, softcap=self.softcap,
                                    sliding_window=self.sliding_window)
 
     def attention(self) -> torch.Tensor:
-        """A (B, h, N, N), computed (refused when it would not fit)."""
+        """A (B, h, N, N_k) (N_k = N but for cross-attention), computed (refused when it would not fit)."""
         return self.operator().attn
 
     def hvo_matrix(self, heads: int | list[int] | None = None, layout: str = "token", **kwargs) -> torch.Tensor:
-        """Dense W' (B, N·M_out, N·M_in) in the layout, of the given heads only if any; kwargs (dtype=, backend=,
+        """Dense W' (B, N·M_out, N_k·M_in) in the layout, of the given heads only if any; kwargs (dtype=, backend=,
         ...) go to HVOOperator.to_dense."""
         return self.operator(layout, heads=heads).to_dense(**kwargs)
 
@@ -100,10 +112,11 @@ def _eager_function(module: torch.nn.Module):
 
 
 @contextmanager
-def _attention_recorder(model: torch.nn.Module, records: dict):
+def _attention_recorder(model: torch.nn.Module, records: dict, cross: frozenset = frozenset()):
     """Run the model with sdpa attention (its own eager attention where sdpa cannot run it), recording
     q, k and options of the modules in `records` (by id: a function giving the record of the module's ongoing
-    application, None when it is not selected)."""
+    application, None when it is not selected); the modules in `cross` (by id) are cross-attention: not causal, their
+    key mask read from the mask they pass (_key_padding)."""
     from transformers.modeling_utils import AttentionInterface
 
     mapping = AttentionInterface._global_mapping
@@ -134,9 +147,13 @@ def _attention_recorder(model: torch.nn.Module, records: dict):
             rec["scale"] = kwargs.get("scaling", args[1] if len(args) > 1 else None)
             rec["softcap"] = kwargs.get("softcap", args[2] if len(args) > 2 else None)
             rec["sliding_window"] = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-            is_causal = kwargs.get("is_causal")
-            rec["causal"] = bool(getattr(module, "is_causal", False) if is_causal is None else is_causal) \
-                or _masks_later_keys(attention_mask)
+            if id(module) in cross:  # decoder queries over all the real encoder tokens
+                rec["causal"] = False
+                rec["key_mask"] = _key_padding(type(module).__name__, attention_mask, query.shape[0])
+            else:
+                is_causal = kwargs.get("is_causal")
+                rec["causal"] = bool(getattr(module, "is_causal", False) if is_causal is None else is_causal) \
+                    or _masks_later_keys(attention_mask)
         if target == "eager":
             return (wrapped or _eager_function(module))(module, query, key, value, attention_mask, *args, **kwargs)
         return wrapped(module, query, key, value, attention_mask, *args, **kwargs)
@@ -164,7 +181,7 @@ def _masks_later_keys(mask) -> bool:
     seen = False
     for start in range(0, queries, rows):  # row blocks: a long padded batch's mask is large already
         part = mask[..., start:start + rows, :]
-        blocked = ~part if part.dtype == torch.bool else part <= torch.finfo(part.dtype).min / 2
+        blocked = _blocked(part)
         later = torch.ones(part.shape[-2], keys, dtype=torch.bool, device=mask.device).triu(keys - queries + 1 + start)
         informative = blocked.any(-1, keepdim=True) & ~blocked.all(-1, keepdim=True)
         if not bool((blocked | ~later | ~informative).all()):
@@ -173,10 +190,38 @@ def _masks_later_keys(mask) -> bool:
     return seen
 
 
-def attention_layers_qk(model: torch.nn.Module, *args, layers: list[int] | None = None,
+def _blocked(mask: torch.Tensor) -> torch.Tensor:
+    """True where a mask (bool, True = attend, or additive: -inf or the dtype's minimum) forbids the key."""
+    return ~mask if mask.dtype == torch.bool else mask <= torch.finfo(mask.dtype).min / 2
+
+
+def _key_padding(module_name: str, mask, batch: int) -> torch.Tensor | None:
+    """The (B, N_k) key mask (True = attend) of a cross-attention layer, from the mask it passes its attention
+    function: None (every key), or (B or 1, 1 or h, N_q, N_k). A mask that is not one key mask for every query and
+    head of a sequence is refused: HVOOperator.from_qk takes a key mask only."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        raise QkCaptureUnsupported(f"{module_name}: cross-attention mask of {_shape(mask)} is not (B, 1, N_q, N_k); "
+                                   "capture='qk' cannot read its key mask (use capture='attn')")
+    blocked = _blocked(mask)
+    if not bool((blocked == blocked[:, :1, :1]).all()):
+        raise QkCaptureUnsupported(f"{module_name}: its cross-attention mask of shape {tuple(mask.shape)} forbids "
+                                   "different keys to different queries or heads, which HVOOperator.from_qk (a key "
+                                   "mask only) does not model; use capture='attn'")
+    return (~blocked[:, 0, 0]).expand(batch, -1)
+
+
+def _shape(t) -> str:
+    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else f"type {type(t).__name__}"
+
+
+def attention_layers_qk(model: torch.nn.Module, *args, layers: list[int] | None = None, include_cross: bool = False,
                         **inputs) -> list[QKAttentionLayer]:
-    """attention_layers(..., capture="qk"): the selected layers as q/k captures, in order (see the module doc)."""
-    blocks = attention_blocks(model)
+    """attention_layers(..., capture="qk"): the selected layers as q/k captures, in order (see the module doc);
+    include_cross: also the cross-attention layers (kind "cross": q of the decoder, k and key_mask of the encoder),
+    numbered after the self-attention layers as with capture="attn"."""
+    blocks = attention_blocks(model, include_cross)
     if not blocks:
         raise ValueError(f"found no attention layers in {type(model).__name__}")
     if any(arch is None for _, _, arch in blocks) or not hasattr(model, "config"):
@@ -185,6 +230,9 @@ def attention_layers_qk(model: torch.nn.Module, *args, layers: list[int] | None 
     plan = layer_plan(model, blocks)
     selected = select_layers(layers, len(plan))
     _check_batch_first(model, [blocks[plan[a][0]] for a in selected])
+    if include_cross:
+        warn_unread_cross_attention(model, blocks)
+    cross = {name for name, _, _ in blocks if is_cross_attention_module(model, name)}
     named = named_inputs(model, args, inputs)
     for key in ("attention_mask", "decoder_attention_mask"):
         mask = named.get(key)
@@ -197,6 +245,8 @@ def attention_layers_qk(model: torch.nn.Module, *args, layers: list[int] | None 
     weights: dict[int, dict] = {}
     # per selected block: the record of its ongoing application (None when that application is not selected)
     currents = {i: (lambda i=i: applications.current(i)) for i in applications.selected_blocks()}
+    # the pass stops once every selected layer has its output (cross-attention runs between the decoder's layers)
+    done = (lambda: all("output" in rec for rec in applications.records.values()))
     for i, current in currents.items():
         name, module, arch = blocks[i]
         value, out_proj = resolve(model, name, arch.value), resolve(model, name, arch.out_proj)
@@ -205,11 +255,11 @@ def attention_layers_qk(model: torch.nn.Module, *args, layers: list[int] | None 
         weights[i] = dict(w_v=w_v, b_v=b_v, w_o=w_o, b_o=b_o)
         handles.append(value.register_forward_pre_hook(_store_input(current), with_kwargs=True))
         handles.append(module.register_forward_pre_hook(encoder_states_hook(current), with_kwargs=True))
-        last = (lambda i=i: applications.is_last(i, selected[-1]))  # the pass stops after the last selected layer
-        handles.append(out_proj.register_forward_hook(_store_output(current, last)))
+        handles.append(out_proj.register_forward_hook(_store_output(current, done)))
     by_module = {id(blocks[i][1]): current for i, current in currents.items()}
+    cross_ids = frozenset(id(module) for name, module, _ in blocks if name in cross)
     try:
-        with _attention_recorder(model, by_module), torch.no_grad():
+        with _attention_recorder(model, by_module, cross_ids), torch.no_grad():
             model(*args, **inputs)
     except _StopForward:
         pass
@@ -225,12 +275,17 @@ def attention_layers_qk(model: torch.nn.Module, *args, layers: list[int] | None 
                                        "transformers' attention functions; capture='qk' cannot record it (use "
                                        "capture='attn')")
         rec = {**weights[i], **rec}
-        check_not_called_with_encoder_states(blocks[i][0], rec)
-        rec["num_heads"], rec["num_kv_heads"] = rec["q"].shape[1], rec["k"].shape[1]  # as the layer ran
-        batch, _, tokens, _ = rec["q"].shape  # the decoder of an encoder-decoder model has its own mask
+        batch, heads, tokens, _ = rec["q"].shape  # the decoder of an encoder-decoder model has its own mask
+        if blocks[i][0] in cross:  # A's shape (B, h, N_dec, N_enc) as a view of one element
+            rec.pop("given_encoder_states", None)
+            check_cross_attention(blocks[i][0], rec["q"].new_empty(()).expand(batch, heads, tokens, rec["k"].shape[-2]),
+                                  rec["x"], rec["output"])
+        else:
+            check_not_called_with_encoder_states(blocks[i][0], rec)
+        rec["num_heads"], rec["num_kv_heads"] = heads, rec["k"].shape[1]  # as the layer ran
         token_mask = _token_mask(model, blocks[i][0], batch, tokens, named, strict=True)
         result.append(QKAttentionLayer(index=index, name=blocks[i][0], attn=None, token_mask=token_mask,
-                                       application=call, **rec))
+                                       application=call, kind="cross" if blocks[i][0] in cross else "self", **rec))
     return result
 
 
@@ -251,10 +306,10 @@ def _store_input(current):
     return hook
 
 
-def _store_output(current, last):
+def _store_output(current, done):
     def hook(_m, _args, out):
         if (rec := current()) is not None:
             rec["output"] = out.detach()
-        if last():
+        if done():
             raise _StopForward
     return hook
