@@ -159,10 +159,62 @@ def test_an_empty_or_unreadable_target_is_refused(bart_folder, tmp_path, capsys,
     assert _refusal(capsys, message.format(tmp=tmp_path)) == []  # before loading
 
 
-def test_target_is_not_available_with_long(bart_folder, capsys):
-    capsys.readouterr()
-    assert main(["inspect", "--model", str(bart_folder), "--text", TEXT, "--target", TARGET, "--long"]) == 2
-    assert _refusal(capsys, "--target is not available with --long") == []
+@pytest.mark.parametrize("family", ["bart", "marian"])
+def test_cross_long_reads_q_and_k_of_the_cross_attention_layers(tmp_path, capsys, monkeypatch, family):
+    # --cross and --target were refused with --long ("--cross is not available with --long"), and --long wrote no
+    # --json or --plot; now the q/k capture (A never stored) reports the cross-attention layer N_dec x N_enc
+    from test_inspect_plot import panels, recorded_figures, tick_labels  # not at the top: imports test_cross_capture
+
+    folder = _folder(tmp_path / family, family)
+    figures = recorded_figures(monkeypatch)
+    argv = ["inspect", "--model", str(folder), "--text", TEXT, "--target", TARGET, "--no-progress", "--cross"]
+    out = tmp_path / "r.json"
+    assert main([*argv, "--long", "--json", str(out), "--plot", str(tmp_path / "r.png")]) == 0
+    printed = capsys.readouterr().out
+    assert "q/k capture" in printed and "cross-attention layers: N is N_dec x N_enc" in printed
+    assert "cross-attention layers not inspected" not in printed and "heatmap (" in printed
+    long = json.loads(out.read_text())
+    assert main([*argv, "--json", "-"]) == 0  # the same layers with A stored
+    dense = json.loads(capsys.readouterr().out)
+    assert long["passed"] and (long["tokens"], long["decoder_tokens"]) == (dense["tokens"], dense["decoder_tokens"])
+    assert [(e["name"], e["tokens"], e.get("keys"), e.get("kind")) for e in long["layers"]] == [
+        (e["name"], e["tokens"], e.get("keys"), e.get("kind")) for e in dense["layers"]]
+    assert [e.get("keys") for e in long["layers"]] == [None, None, 6]  # encoder 6, decoder 4, cross 4 x 6
+    for mine, theirs in zip(long["layers"], dense["layers"]):
+        assert set(theirs) <= set(mine) and mine["rel_error"] <= TOLERANCE, (mine["name"], mine["rel_error"])
+        assert mine["grid"] == [mine["tokens"], mine.get("keys", mine["tokens"])]
+        assert mine["frobenius"] == pytest.approx(theirs["frobenius"], rel=1e-5)  # from q/k and from stored A
+        assert {k: mine[k] for k in ("reads", "rows", "columns") if k in theirs} == \
+            {k: theirs[k] for k in ("reads", "rows", "columns") if k in theirs}
+    # --plot: the cross-attention panel is N_dec x N_enc, the target's tokens by the text's, the norms of stored A's W'
+    model, tok = dk.models.load(str(folder))
+    ids, labels = tok([TEXT], return_tensors="pt")["input_ids"], tok(text_target=[TARGET], return_tensors="pt")[
+        "input_ids"]
+    decoder_ids = torch.cat([torch.full_like(labels[:, :1], model.config.decoder_start_token_id), labels[:, :-1]], 1)
+    cross = dk.models.attention_layers(model, input_ids=ids, decoder_input_ids=decoder_ids, include_cross=True)[-1]
+    panel = panels(figures[0])[-1]
+    assert "cross" in panel.get_title() and tick_labels(panel) == (long["tokens"], long["decoder_tokens"])
+    torch.testing.assert_close(torch.as_tensor(panel.get_images()[0].get_array().data),
+                               cross.operator().block_norms()[0].clamp_min(1e-30), rtol=1e-4, atol=0)
+
+
+def test_cross_long_refuses_what_the_q_k_capture_cannot_read(tmp_path, capsys, fsmt_folder):  # noqa: F811
+    t5 = _folder(tmp_path / "t5", "t5")
+    argv = ["inspect", "--text", TEXT, "--no-progress", "--cross", "--long"]
+    instead = "duat inspect without --long captures A itself"
+    assert main([*argv, "--model", str(t5), "--json", "-"]) == 2  # T5's self-attention: its position bias
+    assert capsys.readouterr().out == ""
+    assert main([*argv, "--model", str(t5)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("duat inspect:") == 1 and "position bias" in err and instead in err, err
+    assert "--layer may select the layers --long can read (T5: its cross-attention layers alone)" in err, err
+    assert main([*argv, "--model", str(t5), "--layer", "2"]) == 0  # its cross-attention layer alone
+    assert "    2       6x6" in capsys.readouterr().out
+    assert main([*argv, "--model", str(fsmt_folder)]) == 2  # FSMT: its attention reads x tokens first
+    err = capsys.readouterr().err
+    assert err.count("duat inspect:") == 1 and "FSMTModel" in err and instead in err, err
+    assert main([*argv, "--model", str(fsmt_folder), "--html", str(tmp_path / "r.html")]) == 2  # before loading
+    assert _refusal(capsys, "--html is not available with --long") == []
 
 
 def test_a_target_read_from_a_file(bart_folder, tmp_path, capsys):
