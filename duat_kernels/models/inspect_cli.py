@@ -256,17 +256,17 @@ def _input_text(value: str | None, option: str = "--text") -> str:
 
 
 def _check_long_options(args) -> None:
-    """--long (q/k capture, also automatic for long texts) writes its table, --json and --plot (grid norms): no dense
-    W', no per-head rows, no page."""
+    """--long (q/k capture, also automatic for long texts) writes its table, --json, --plot and --html (grid norms):
+    no dense W', no per-head rows."""
     given = [option for option, value, default in (
-        ("--heads", args.heads, None), ("--save", args.save_file, None), ("--html", args.html, None),
-        ("--dtype", args.dtype, "float32"), ("--backend", args.backend, "auto")) if value != default]
+        ("--heads", args.heads, None), ("--save", args.save_file, None), ("--dtype", args.dtype, "float32"),
+        ("--backend", args.backend, "auto")) if value != default]
     if given:
         from duat_kernels.models.long_context import AUTO_WORDS
 
         why = "" if args.long else f" (chosen for texts of more than {AUTO_WORDS} words)"
         raise InspectError(f"{given[0]} is not available with --long{why}: the q/k capture reports norms on a grid "
-                           f"(--json, --plot) and the spectral norm only; leave out {', '.join(given)}")
+                           f"(--json, --plot, --html) and the spectral norm only; leave out {', '.join(given)}")
 
 
 def _tokenize(model, tokenizer, text: str) -> dict:
@@ -344,52 +344,40 @@ def _run(args) -> int:
     listed = dict(model_name=args.model, model_type=model.config.model_type, tokens=tokens,
                   skipped=encoder_decoder["skipped"], uncovered=encoder_decoder["uncovered"], target=target,
                   decoder_tokens=decoder_tokens(model, tokenizer, inputs["input_ids"], target_ids))
-    if args.long or long_context.is_long(text):  # q/k capture: A never stored, norms on a grid, spectral norm
-        with _uncovered_warning_silenced():
-            reports = long_context.long_reports(args, model, given)
-        decoder = dict(decoder_tokens=listed["decoder_tokens"],
-                       decoder_layers={r.index for r in reports if _in_decoder(model, r.layer.name)})
-        tolerance = inspection.TOLERANCES[torch.float32]
-        if not quiet:
-            notes = inspection.encoder_decoder_notes(**encoder_decoder, unreadable=unreadable)
-            print("\n".join(filter(None, [long_context.format_long_reports(reports, name), notes])))
-        entries = long_context.as_long_json(reports, tolerance, decoder["decoder_layers"])
-        _write_outputs(args, inspection.results_json(entries, dtype=torch.float32, tolerance=tolerance, heads=None,
-                                                     **listed), reports, tokens, None, decoder, log)
-        return _exit_status(reports, tolerance, "float32")
-    dtype = getattr(torch, args.dtype)
+    long = args.long or long_context.is_long(text)  # q/k capture: A never stored, norms on a grid, spectral norm
+    dtype = torch.float32 if long else getattr(torch, args.dtype)
     if heads is not None:
         heads = _selected_heads(model, args.layer, heads, args.cross)
     per_head = ("all" if heads is None else heads) if per_head_wanted else None
     with _uncovered_warning_silenced():
-        reports = inspection.inspect_layers(model, given, args.layer, args.backend, keep=bool(args.save_file),
-                                            progress=not args.no_progress, dtype=dtype, heads=heads,
-                                            per_head=per_head, include_cross=args.cross)
+        reports = long_context.long_reports(args, model, given) if long else inspection.inspect_layers(
+            model, given, args.layer, args.backend, keep=bool(args.save_file), progress=not args.no_progress,
+            dtype=dtype, heads=heads, per_head=per_head, include_cross=args.cross)
     tolerance = inspection.TOLERANCES[dtype]
     # the tokens each decoder layer reads: --target or the text shifted right (labels of its heatmaps, in the JSON)
     decoder = dict(decoder_tokens=listed["decoder_tokens"],
                    decoder_layers={r.layer.index for r in reports if _in_decoder(model, r.layer.name)})
-    if not quiet:
-        print(inspection.format_reports(reports, name, tokens, heads, **encoder_decoder, unreadable=unreadable))
-    document = inspection.as_json(reports, dtype=dtype, tolerance=tolerance, heads=heads, **listed,
-                                  decoder_layers=decoder["decoder_layers"])
+    if long:
+        if not quiet:
+            notes = inspection.encoder_decoder_notes(**encoder_decoder, unreadable=unreadable)
+            print("\n".join(filter(None, [long_context.format_long_reports(reports, name), notes])))
+        document = inspection.results_json(long_context.as_long_json(reports, tolerance, decoder["decoder_layers"]),
+                                           dtype=dtype, tolerance=tolerance, heads=None, **listed)
+    else:
+        if not quiet:
+            print(inspection.format_reports(reports, name, tokens, heads, **encoder_decoder, unreadable=unreadable))
+        document = inspection.as_json(reports, dtype=dtype, tolerance=tolerance, heads=heads, **listed,
+                                      decoder_layers=decoder["decoder_layers"])
     _write_outputs(args, document, reports, tokens, heads, decoder, log)
     if args.save_file:
         inspection.save(reports, args.save_file, tokens, log=log, heads=heads, **decoder)
-    if args.html:
-        from duat_kernels._memory import format_bytes
-        from duat_kernels.models.html_report import write_html
-
-        size = write_html(args.html, reports, tokens, f"duat inspect: {name}, {len(tokens)} tokens", tolerance, heads,
-                          **decoder)
-        log(f"interactive report ({format_bytes(size)}, self-contained) written to {args.html}")
-    return _exit_status(reports, tolerance, args.dtype)
+    return _exit_status(reports, tolerance, str(dtype).removeprefix("torch."))
 
 
 def _write_outputs(args, document: dict, reports, tokens: list[str], heads: list[int] | None, decoder: dict,
                    log) -> None:
-    """--json (the document; '-': stdout) and --plot (block-norm heatmaps of the reports, duat inspect's or
-    --long's), in both modes."""
+    """--json (the document; '-': stdout), --plot (block-norm heatmaps of the reports, duat inspect's or --long's) and
+    --html (the page), in both modes."""
     if args.json:
         text = strict_json.dumps(document, indent=1)
         if args.json == "-":
@@ -403,6 +391,13 @@ def _write_outputs(args, document: dict, reports, tokens: list[str], heads: list
         width, height = plot_block_norms(reports, args.plot, tokens, f"{args.model}: block norms of W'", heads,
                                          **decoder)
         log(f"heatmap ({width}x{height} px) written to {args.plot}")
+    if args.html:
+        from duat_kernels._memory import format_bytes
+        from duat_kernels.models.html_report import write_html
+
+        title = f"duat inspect: {args.model} ({document['model_type']}), {len(tokens)} tokens"
+        size = write_html(args.html, reports, tokens, title, document["tolerance"], heads, **decoder)
+        log(f"interactive report ({format_bytes(size)}, self-contained) written to {args.html}")
 
 
 def _exit_status(reports, tolerance: float, dtype: str) -> int:

@@ -11,7 +11,8 @@ import torch
 
 import duat_kernels as dk
 from duat_kernels.cli import main
-from test_inspect_cli import ENCODER_DECODER, _html_data, _save_tokenizer, _save_with_random_biases, _text
+from test_inspect_cli import (ENCODER_DECODER, _html_data, _rendered, _save_tokenizer, _save_with_random_biases,
+                              _text, chromium)
 from test_token_labels import SOURCE_WORDS, TARGET_WORDS, fsmt_folder, marian_tokenizer  # noqa: F401 (fixture)
 
 transformers = pytest.importorskip("transformers", reason="needs transformers: pip install '.[models]'")
@@ -168,13 +169,13 @@ def test_cross_long_reads_q_and_k_of_the_cross_attention_layers(tmp_path, capsys
     folder = _folder(tmp_path / family, family)
     figures = recorded_figures(monkeypatch)
     argv = ["inspect", "--model", str(folder), "--text", TEXT, "--target", TARGET, "--no-progress", "--cross"]
-    out = tmp_path / "r.json"
-    assert main([*argv, "--long", "--json", str(out), "--plot", str(tmp_path / "r.png")]) == 0
+    out, page, dense_page = tmp_path / "r.json", tmp_path / "r.html", tmp_path / "dense.html"
+    assert main([*argv, "--long", "--json", str(out), "--plot", str(tmp_path / "r.png"), "--html", str(page)]) == 0
     printed = capsys.readouterr().out
     assert "q/k capture" in printed and "cross-attention layers: N is N_dec x N_enc" in printed
     assert "cross-attention layers not inspected" not in printed and "heatmap (" in printed
     long = json.loads(out.read_text())
-    assert main([*argv, "--json", "-"]) == 0  # the same layers with A stored
+    assert main([*argv, "--json", "-", "--html", str(dense_page)]) == 0  # the same layers with A stored
     dense = json.loads(capsys.readouterr().out)
     assert long["passed"] and (long["tokens"], long["decoder_tokens"]) == (dense["tokens"], dense["decoder_tokens"])
     assert [(e["name"], e["tokens"], e.get("keys"), e.get("kind")) for e in long["layers"]] == [
@@ -196,6 +197,19 @@ def test_cross_long_reads_q_and_k_of_the_cross_attention_layers(tmp_path, capsys
     assert "cross" in panel.get_title() and tick_labels(panel) == (long["tokens"], long["decoder_tokens"])
     torch.testing.assert_close(torch.as_tensor(panel.get_images()[0].get_array().data),
                                cross.operator().block_norms()[0].clamp_min(1e-30), rtol=1e-4, atol=0)
+    # --html: the same page as with A stored (labels, grids; norms to the page's 3 digits), per head from q/k
+    mine, theirs = _html_data(page), _html_data(dense_page)
+    assert (mine["tokens"], mine["decoder_tokens"]) == (theirs["tokens"], theirs["decoder_tokens"])
+    for layer, dense_layer in zip(mine["layers"], theirs["layers"]):
+        assert layer["qk"] and not dense_layer["qk"] and layer["dense_blocks"] is None
+        assert {k: layer[k] for k in ("kind", "labels", "column_labels", "grid", "heads")} == \
+            {k: dense_layer[k] for k in ("kind", "labels", "column_labels", "grid", "heads")}
+        for maps, dense_maps in ((layer["per_head"], dense_layer["per_head"]), (layer["total"], dense_layer["total"])):
+            torch.testing.assert_close(torch.tensor(maps), torch.tensor(dense_maps), rtol=5e-3, atol=0)
+    assert mine["layers"][-1]["grid"] == [4, 6]
+    if chromium is not None and family == "bart":  # the page draws the cross-attention layer (4 heads + all) from q/k
+        dom = _rendered(page, tmp_path, "selftest-2")
+        assert "rendered layer 2: 5 heatmaps of 4x6" in dom and "n/a (q/k)" in dom, dom[-2000:]
 
 
 def test_cross_long_refuses_what_the_q_k_capture_cannot_read(tmp_path, capsys, fsmt_folder):  # noqa: F811
@@ -213,8 +227,8 @@ def test_cross_long_refuses_what_the_q_k_capture_cannot_read(tmp_path, capsys, f
     assert main([*argv, "--model", str(fsmt_folder)]) == 2  # FSMT: its attention reads x tokens first
     err = capsys.readouterr().err
     assert err.count("duat inspect:") == 1 and "FSMTModel" in err and instead in err, err
-    assert main([*argv, "--model", str(fsmt_folder), "--html", str(tmp_path / "r.html")]) == 2  # before loading
-    assert _refusal(capsys, "--html is not available with --long") == []
+    assert main([*argv, "--model", str(fsmt_folder), "--save", str(tmp_path / "w.safetensors")]) == 2  # no W'
+    assert _refusal(capsys, "--save is not available with --long") == []  # before loading
 
 
 def test_a_target_read_from_a_file(bart_folder, tmp_path, capsys):
