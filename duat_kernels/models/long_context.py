@@ -2,7 +2,9 @@
 
 Layers are captured as q and k (attention_layers(..., capture="qk"), sdpa, the pass stops after the
 last selected layer); every number comes from HVOOperator.from_qk: the exactness check W' x' + b'
-against the module's output, ||W'||_F, block norms on a grid and the spectral norm.
+against the module's output, ||W'||_F, block norms on a grid and the spectral norm. With --cross
+(include_cross=True) an encoder-decoder's cross-attention layers too, as decoder q over encoder k:
+their grid is min(GRID, N_dec) x min(GRID, N_enc).
 """
 
 from __future__ import annotations
