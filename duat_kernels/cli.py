@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     insp = sub.add_parser("inspect", help="W' of every attention layer of a real model on a text (the default)")
     inspect_cli.add_arguments(insp)
     insp.add_argument("--long", action="store_true", help="capture q/k instead of A (long texts; also automatic "
-                      "past a few thousand words): norms on a grid, spectral norm, no dense W'")
+                      "past 1500 words): norms on a grid (--json, --plot, --html; --cross: N_dec x N_enc), spectral "
+                      "norm, no dense W'")
     demo = sub.add_parser("demo", help="W' of a seeded random attention layer with every backend")
     demo.add_argument("--tokens", type=positive_int, default=24, help="sequence length N (default 24)")
     demo.add_argument("--embed-dim", type=positive_int, default=192, help="model width M (default 192)")

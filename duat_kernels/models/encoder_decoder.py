@@ -73,7 +73,7 @@ def cross_attention_note(skipped: list[str], unreadable: list[str] = ()) -> str:
     lines = []
     if readable := [name for name in skipped if name not in unreadable]:
         lines.append(f"cross-attention layers not inspected ({len(readable)}: {', '.join(readable)}): their A is "
-                     "N_dec x N_enc over the encoder's tokens; inspect them with --cross (not with --long).")
+                     "N_dec x N_enc over the encoder's tokens; inspect them with --cross.")
     if unread := [name for name in skipped if name in unreadable]:
         lines.append(f"cross-attention layers not inspected ({len(unread)}: {', '.join(unread)}): no separate value "
                      "and output projections found (GPT-2's c_attn computes keys and values in one projection).")

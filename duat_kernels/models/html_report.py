@@ -9,6 +9,7 @@ import math
 import torch
 
 from duat_kernels import strict_json
+from duat_kernels.models.inspection import layer_shape
 from duat_kernels.models.inspect_plot import axis_names, axis_tokens, cell_labels, grid_size, reduced_norms
 from duat_kernels.reference import ov_circuits
 
@@ -20,7 +21,11 @@ def _rounded(t: torch.Tensor) -> list:
 
 
 def head_block_norms(layer, grid: tuple[int, int]) -> torch.Tensor:
-    """(h, R, C) = grid: ||A_i ⊗ OV_i|| on each super-block = ||OV_i||_F · sqrt(Σ_cell A_i[n, m]²)."""
+    """(h, R, C) = grid: ||A_i ⊗ OV_i|| on each super-block = ||OV_i||_F · sqrt(Σ_cell A_i[n, m]²); a layer captured
+    as q/k (attn None, duat inspect --long): each head's operator's grid norms, A_i recomputed from q_i and k."""
+    if layer.attn is None:
+        return torch.stack([layer.operator(heads=[i]).block_norms(grid=tuple(grid))[0].double()
+                            for i in range(layer.q.shape[1])])
     attn = layer.attn[0].double()
     h, n, n_k = attn.shape
     rows, columns = grid
@@ -42,9 +47,11 @@ def page_data(reports, tokens: list[str], title: str, tolerance: float, heads: l
         row_tokens, column_tokens = axis_tokens(lay, tokens, decoder_tokens, decoder_layers)
         grid = (grid_size(len(row_tokens), HTML_MAX_CELLS), grid_size(len(column_tokens), HTML_MAX_CELLS))
         layers.append(dict(
-            index=lay.index, name=lay.name, kind=lay.kind, heads=lay.attn.shape[1], kv_heads=lay.num_kv_heads,
+            index=lay.index, name=lay.name, kind=lay.kind, heads=layer_shape(lay)[0], kv_heads=lay.num_kv_heads,
             rel_error=r.rel_error, passed=r.rel_error <= tolerance, frobenius=r.frobenius,
-            dense_blocks=r.dense_blocks, w_ms=None if math.isnan(r.seconds) else r.seconds * 1e3,
+            qk=lay.attn is None,  # duat inspect --long: W' never materialised, norms on a grid only
+            dense_blocks=None if lay.attn is None else r.dense_blocks,
+            w_ms=None if lay.attn is None or math.isnan(r.seconds) else r.seconds * 1e3,
             total=_rounded(reduced_norms(r, grid, heads)),
             per_head=[_rounded(m) for m in head_block_norms(lay, grid)], grid=grid,
             labels=cell_labels(row_tokens, grid[0]) if rows == "decoder_tokens" else None,
@@ -169,7 +176,7 @@ D.layers.forEach((L, j) => {
   if (!L.passed) tr.className = "fail";
   const cells = [L.index, L.name, `${L.heads}/${L.kv_heads}`, shown(L.rel_error, v => v.toExponential(2)),
     L.passed ? "yes" : "NO", shown(L.frobenius, v => v.toFixed(2)),
-    shown(L.dense_blocks, v => (100 * v).toFixed(1) + "%"),
+    L.qk ? "n/a (q/k)" : shown(L.dense_blocks, v => (100 * v).toFixed(1) + "%"),
     L.w_ms === null ? "matrix-free" : L.w_ms.toFixed(1) + " ms"];
   for (const c of cells) { const td = document.createElement("td"); td.textContent = c; tr.appendChild(td); }
   tr.addEventListener("click", () => showLayer(j));

@@ -256,18 +256,17 @@ def _input_text(value: str | None, option: str = "--text") -> str:
 
 
 def _check_long_options(args) -> None:
-    """--long (q/k capture, also automatic for long texts) writes only its table: no dense W', no per-head rows."""
+    """--long (q/k capture, also automatic for long texts) writes its table, --json, --plot and --html (grid norms):
+    no dense W', no per-head rows."""
     given = [option for option, value, default in (
-        ("--cross", args.cross, False), ("--target", args.target, None), ("--heads", args.heads, None),
-        ("--save", args.save_file, None), ("--plot", args.plot, None),
-        ("--html", args.html, None), ("--json", args.json, None), ("--dtype", args.dtype, "float32"),
+        ("--heads", args.heads, None), ("--save", args.save_file, None), ("--dtype", args.dtype, "float32"),
         ("--backend", args.backend, "auto")) if value != default]
     if given:
         from duat_kernels.models.long_context import AUTO_WORDS
 
         why = "" if args.long else f" (chosen for texts of more than {AUTO_WORDS} words)"
         raise InspectError(f"{given[0]} is not available with --long{why}: the q/k capture reports norms on a grid "
-                           f"and the spectral norm only; leave out {', '.join(given)}")
+                           f"(--json, --plot, --html) and the spectral norm only; leave out {', '.join(given)}")
 
 
 def _tokenize(model, tokenizer, text: str) -> dict:
@@ -335,42 +334,57 @@ def _run(args) -> int:
         check_positions(model, target_ids.shape[1], "--target")
     # what an encoder-decoder's decoder reads, decoder token 0 named
     decoder_note = decoder_inputs_note(model, tokenizer, inputs["input_ids"], target_ids)
-    if args.long or long_context.is_long(text):  # q/k capture: A never stored, norms on a grid, spectral norm
-        with _uncovered_warning_silenced():
-            return long_context.run_inspect_long(args, model, inputs, decoder_note)
     tokens = input_tokens(tokenizer, inputs["input_ids"][0])  # FSMT: its source vocabulary
-    dtype = getattr(torch, args.dtype)
-    if heads is not None:
-        heads = _selected_heads(model, args.layer, heads, args.cross)
-    per_head = ("all" if heads is None else heads) if per_head_wanted else None
-    with _uncovered_warning_silenced():
-        given = dict(inputs) if target_ids is None else {**inputs, "decoder_input_ids": target_ids}
-        reports = inspection.inspect_layers(model, given, args.layer, args.backend, keep=bool(args.save_file),
-                                            progress=not args.no_progress, dtype=dtype, heads=heads,
-                                            per_head=per_head, include_cross=args.cross)
-    tolerance = inspection.TOLERANCES[dtype]
+    given = dict(inputs) if target_ids is None else {**inputs, "decoder_input_ids": target_ids}
     name = f"{args.model} ({model.config.model_type})"
     unreadable = unread_cross_attention(model)  # by --cross either
     encoder_decoder = dict(decoder_note=decoder_note,
                            skipped=unreadable if args.cross else cross_attention_blocks(model),
                            uncovered=uncovered_attention_modules(model))
+    listed = dict(model_name=args.model, model_type=model.config.model_type, tokens=tokens,
+                  skipped=encoder_decoder["skipped"], uncovered=encoder_decoder["uncovered"], target=target,
+                  decoder_tokens=decoder_tokens(model, tokenizer, inputs["input_ids"], target_ids))
+    long = args.long or long_context.is_long(text)  # q/k capture: A never stored, norms on a grid, spectral norm
+    dtype = torch.float32 if long else getattr(torch, args.dtype)
+    if heads is not None:
+        heads = _selected_heads(model, args.layer, heads, args.cross)
+    per_head = ("all" if heads is None else heads) if per_head_wanted else None
+    with _uncovered_warning_silenced():
+        reports = long_context.long_reports(args, model, given) if long else inspection.inspect_layers(
+            model, given, args.layer, args.backend, keep=bool(args.save_file), progress=not args.no_progress,
+            dtype=dtype, heads=heads, per_head=per_head, include_cross=args.cross)
+    tolerance = inspection.TOLERANCES[dtype]
     # the tokens each decoder layer reads: --target or the text shifted right (labels of its heatmaps, in the JSON)
-    decoder = dict(decoder_tokens=decoder_tokens(model, tokenizer, inputs["input_ids"], target_ids),
+    decoder = dict(decoder_tokens=listed["decoder_tokens"],
                    decoder_layers={r.layer.index for r in reports if _in_decoder(model, r.layer.name)})
-    if not quiet:
-        print(inspection.format_reports(reports, name, tokens, heads, **encoder_decoder, unreadable=unreadable))
+    if long:
+        if not quiet:
+            notes = inspection.encoder_decoder_notes(**encoder_decoder, unreadable=unreadable)
+            print("\n".join(filter(None, [long_context.format_long_reports(reports, name), notes])))
+        document = inspection.results_json(long_context.as_long_json(reports, tolerance, decoder["decoder_layers"]),
+                                           dtype=dtype, tolerance=tolerance, heads=None, **listed)
+    else:
+        if not quiet:
+            print(inspection.format_reports(reports, name, tokens, heads, **encoder_decoder, unreadable=unreadable))
+        document = inspection.as_json(reports, dtype=dtype, tolerance=tolerance, heads=heads, **listed,
+                                      decoder_layers=decoder["decoder_layers"])
+    _write_outputs(args, document, reports, tokens, heads, decoder, log)
+    if args.save_file:
+        inspection.save(reports, args.save_file, tokens, log=log, heads=heads, **decoder)
+    return _exit_status(reports, tolerance, str(dtype).removeprefix("torch."))
+
+
+def _write_outputs(args, document: dict, reports, tokens: list[str], heads: list[int] | None, decoder: dict,
+                   log) -> None:
+    """--json (the document; '-': stdout), --plot (block-norm heatmaps of the reports, duat inspect's or --long's) and
+    --html (the page), in both modes."""
     if args.json:
-        text = strict_json.dumps(inspection.as_json(reports, args.model, model.config.model_type, tokens, dtype,
-                                                    tolerance, heads, skipped=encoder_decoder["skipped"],
-                                                    uncovered=encoder_decoder["uncovered"], target=target,
-                                                    **decoder), indent=1)
-        if quiet:
+        text = strict_json.dumps(document, indent=1)
+        if args.json == "-":
             print(text)
         else:
             Path(args.json).write_text(text + "\n")
             log(f"per-layer results (JSON) written to {args.json}")
-    if args.save_file:
-        inspection.save(reports, args.save_file, tokens, log=log, heads=heads, **decoder)
     if args.plot:
         from duat_kernels.models.inspect_plot import plot_block_norms
 
@@ -381,12 +395,16 @@ def _run(args) -> int:
         from duat_kernels._memory import format_bytes
         from duat_kernels.models.html_report import write_html
 
-        size = write_html(args.html, reports, tokens, f"duat inspect: {name}, {len(tokens)} tokens", tolerance, heads,
-                          **decoder)
+        title = f"duat inspect: {args.model} ({document['model_type']}), {len(tokens)} tokens"
+        size = write_html(args.html, reports, tokens, title, document["tolerance"], heads, **decoder)
         log(f"interactive report ({format_bytes(size)}, self-contained) written to {args.html}")
+
+
+def _exit_status(reports, tolerance: float, dtype: str) -> int:
+    """1 (FAILED on stderr) when a layer's W' x' + b' misses its output by more than tolerance, else 0."""
     worst = nan_max(r.rel_error for r in reports)
     if not worst <= tolerance:
-        print(f"FAILED: W' x' + b' differs from a layer's output by {worst:.2e} > {tolerance:g} ({args.dtype})",
+        print(f"FAILED: W' x' + b' differs from a layer's output by {worst:.2e} > {tolerance:g} ({dtype})",
               file=sys.stderr)
         return 1
     return 0

@@ -46,8 +46,9 @@ def axis_tokens(layer, tokens: list[str], decoder_tokens: list[str] | None = Non
 
 
 def reduced_norms(report, grid: tuple[int, int], heads: list[int] | None = None) -> torch.Tensor:
-    """(R, C) = grid Frobenius norms of the super-blocks of the report's W' (of `heads`), exactly."""
-    if tuple(grid) == tuple(report.layer.attn.shape[-2:]):
+    """(R, C) = grid Frobenius norms of the super-blocks of the report's W' (of `heads`), exactly: its own block_norms
+    when they are on that grid (all N x N_k blocks, or duat inspect --long's grid), else from its layer's operator."""
+    if tuple(grid) == tuple(report.block_norms.shape):
         return report.block_norms
     return report.layer.operator(heads=heads).block_norms(grid=tuple(grid))[0]
 

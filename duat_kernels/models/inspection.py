@@ -127,6 +127,19 @@ def inspect_layers(model, inputs: dict, layers: list[int] | None = None, backend
     return reports
 
 
+def encoder_decoder_notes(decoder_note: str | None = None, skipped: list[str] = (), uncovered: list[str] = (),
+                          unreadable: list[str] = ()) -> str:
+    """The lines under both tables (duat inspect's, --long's): what an encoder-decoder's decoder read, the
+    cross-attention layers left out (unreadable: those --cross cannot read either), the self-attention modules the
+    capture cannot read; "" when there is nothing to say."""
+    lines = [decoder_note] if decoder_note else []
+    if skipped:
+        lines.append(cross_attention_note(skipped, unreadable))
+    if uncovered:
+        lines.append(uncovered_note(uncovered))
+    return "\n".join(lines)
+
+
 def format_reports(reports: list[LayerReport], model_name: str, tokens: list[str], heads: list[int] | None = None,
                    decoder_note: str | None = None, skipped: list[str] = (), uncovered: list[str] = (),
                    unreadable: list[str] = ()) -> str:
@@ -141,7 +154,7 @@ def format_reports(reports: list[LayerReport], model_name: str, tokens: list[str
         lay = r.layer
         count = f"{lay.attn.shape[1]}/{lay.num_kv_heads}"
         t = "matrix-free" if math.isnan(r.seconds) else f"{r.seconds * 1e3:.1f}ms"
-        n = lay.attn.shape[-1] if lay.kind == "self" else "{}x{}".format(*lay.attn.shape[-2:])  # N_dec x N_enc
+        n = tokens_column(lay)
         lines.append(f"{lay.index:>5} {n:>4} {lay.w_v.shape[1]:>5} {lay.w_o.shape[0]:>5} {count:>7} "
                      f"{r.rel_error:>11.2e} {t:>11} {r.frobenius:>9.2f} {r.dense_blocks:>9.1%}")
     checked = "(all heads) against the attention module's own output" if heads is None else \
@@ -151,21 +164,54 @@ def format_reports(reports: list[LayerReport], model_name: str, tokens: list[str
               "blocks>1%: fraction of the N x N blocks whose norm exceeds 1% of the largest."]
     if heads is not None:
         lines.append(f"W' time, ||W||_F and blocks>1% are of heads {', '.join(map(str, heads))} only.")
-    if decoder_note:
-        lines.append(decoder_note)
     if any(r.layer.kind == "cross" for r in reports):
         lines.append("cross-attention layers: N is N_dec x N_enc, x' the encoder's output (what their value "
                      "projection reads), W' (N_dec·M_out) x (N_enc·M_in).")
-    if skipped:
-        lines.append(cross_attention_note(skipped, unreadable))
-    if uncovered:
-        lines.append(uncovered_note(uncovered))
+    if notes := encoder_decoder_notes(decoder_note, skipped, uncovered, unreadable):
+        lines.append(notes)
     if any(r.heads for r in reports):
         lines += ["", f"{'layer':>5} {'head':>5} {'||A_i (x) OV_i||_F':>19} {'output share':>13}"]
         for r in reports:
             lines += [f"{r.layer.index:>5} {h.head:>5} {h.frobenius:>19.3f} {h.output_share:>13.1%}" for h in r.heads]
         lines.append("output share: ||head i's part of the attention output|| / ||attention output||.")
     return "\n".join(lines)
+
+
+def layer_shape(layer) -> tuple[int, int, int]:
+    """(h, N, N_k) of a captured layer: from A (B, h, N, N_k), or from q (B, h, N, d) and k (B, h_kv, N_k, d) of one
+    captured as q/k (attn None)."""
+    if layer.attn is not None:
+        return tuple(layer.attn.shape[1:])
+    return layer.q.shape[1], layer.q.shape[-2], layer.k.shape[-2]
+
+
+def tokens_column(layer) -> str:
+    """The N column of the tables: N, or N_dec x N_enc for a cross-attention layer."""
+    _, n, n_k = layer_shape(layer)
+    return str(n) if layer.kind == "self" else f"{n}x{n_k}"
+
+
+def layer_json(layer, decoder_layers=frozenset()) -> dict:
+    """The JSON fields that describe a layer (both `duat inspect` and `duat inspect --long`): its index, name, shape,
+    what its rows read; a cross-attention layer's also its "kind", "keys" (N_enc), "rows" and "columns"."""
+    heads, n, n_k = layer_shape(layer)
+    rows, columns = axis_names(layer, decoder_layers)
+    return dict(index=layer.index, name=layer.name, application=layer.application, tokens=n,
+                reads=rows,  # the tokens of the layer's queries: its rows
+                m_in=layer.w_v.shape[1], m_out=layer.w_o.shape[0], heads=heads, kv_heads=layer.num_kv_heads,
+                cross={} if layer.kind == "self" else dict(kind=layer.kind, keys=n_k, rows=rows, columns=columns))
+
+
+def results_json(layers: list[dict], model_name: str, model_type: str, tokens: list[str], dtype: torch.dtype,
+                 tolerance: float, heads: list[int] | None, skipped: list[str] = (), uncovered: list[str] = (),
+                 decoder_tokens: list[str] | None = None, target: str | None = None) -> dict:
+    """The JSON document around the per-layer entries (as_json, long_context.as_long_json)."""
+    given = {} if target is None else dict(target=target)
+    return dict(model=model_name, model_type=model_type, tokens=tokens, **given, decoder_tokens=decoder_tokens,
+                dtype=str(dtype).removeprefix("torch."),
+                tolerance=tolerance, selected_heads=heads, skipped_cross_attention=list(skipped),
+                uncovered_attention=list(uncovered),
+                passed=all(item["passed"] for item in layers), layers=layers)
 
 
 def as_json(reports: list[LayerReport], model_name: str, model_type: str, tokens: list[str], dtype: torch.dtype,
@@ -179,23 +225,16 @@ def as_json(reports: list[LayerReport], model_name: str, model_type: str, tokens
     ("tokens": the encoder's)."""
     layers = []
     for r in reports:
-        lay = r.layer
-        rows, columns = axis_names(lay, decoder_layers)
+        fields = layer_json(r.layer, decoder_layers)
+        cross = fields.pop("cross")
         layers.append(dict(
-            index=lay.index, name=lay.name, application=lay.application, tokens=lay.attn.shape[-2],
-            reads=rows,  # the tokens of the layer's queries: its rows
-            m_in=lay.w_v.shape[1], m_out=lay.w_o.shape[0],
-            heads=lay.attn.shape[1], kv_heads=lay.num_kv_heads, rel_error=r.rel_error,
+            **fields, rel_error=r.rel_error,
             w_seconds=None if math.isnan(r.seconds) else r.seconds, materialised=not math.isnan(r.seconds),
             frobenius=r.frobenius, dense_blocks=r.dense_blocks, passed=r.rel_error <= tolerance,
             per_head=[dict(head=h.head, frobenius=h.frobenius, output_share=h.output_share) for h in r.heads],
-            **({} if lay.kind == "self" else dict(kind=lay.kind, keys=lay.attn.shape[-1], rows=rows, columns=columns))))
-    given = {} if target is None else dict(target=target)
-    return dict(model=model_name, model_type=model_type, tokens=tokens, **given, decoder_tokens=decoder_tokens,
-                dtype=str(dtype).removeprefix("torch."),
-                tolerance=tolerance, selected_heads=heads, skipped_cross_attention=list(skipped),
-                uncovered_attention=list(uncovered),
-                passed=all(item["passed"] for item in layers), layers=layers)
+            **cross))
+    return results_json(layers, model_name, model_type, tokens, dtype, tolerance, heads, skipped, uncovered,
+                        decoder_tokens, target)
 
 
 def saved_tensors(reports: list[LayerReport]) -> dict[str, torch.Tensor]:

@@ -104,8 +104,6 @@ def test_duat_inspect_cross(tmp_path, capsys):
                  "--json", "-"]) == 0
     assert [e["name"] for e in json.loads(capsys.readouterr().out)["layers"]] == ["decoder.layers.0.encoder_attn"]
     assert main(["inspect", "--model", str(folder), "--text", _text(6), "--layer", "2"]) == 2  # 2 layers without it
-    assert main(["inspect", "--model", str(folder), "--text", _text(6), "--cross", "--long"]) == 2
-    assert "--cross is not available with --long" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("family", ["bart", "t5"])

@@ -11,7 +11,8 @@ import torch
 
 import duat_kernels as dk
 from duat_kernels.cli import main
-from test_inspect_cli import ENCODER_DECODER, _html_data, _save_tokenizer, _save_with_random_biases, _text
+from test_inspect_cli import (ENCODER_DECODER, _html_data, _rendered, _save_tokenizer, _save_with_random_biases,
+                              _text, chromium)
 from test_token_labels import SOURCE_WORDS, TARGET_WORDS, fsmt_folder, marian_tokenizer  # noqa: F401 (fixture)
 
 transformers = pytest.importorskip("transformers", reason="needs transformers: pip install '.[models]'")
@@ -159,10 +160,75 @@ def test_an_empty_or_unreadable_target_is_refused(bart_folder, tmp_path, capsys,
     assert _refusal(capsys, message.format(tmp=tmp_path)) == []  # before loading
 
 
-def test_target_is_not_available_with_long(bart_folder, capsys):
-    capsys.readouterr()
-    assert main(["inspect", "--model", str(bart_folder), "--text", TEXT, "--target", TARGET, "--long"]) == 2
-    assert _refusal(capsys, "--target is not available with --long") == []
+@pytest.mark.parametrize("family", ["bart", "marian"])
+def test_cross_long_reads_q_and_k_of_the_cross_attention_layers(tmp_path, capsys, monkeypatch, family):
+    # --cross and --target were refused with --long ("--cross is not available with --long"), and --long wrote no
+    # --json or --plot; now the q/k capture (A never stored) reports the cross-attention layer N_dec x N_enc
+    from test_inspect_plot import panels, recorded_figures, tick_labels  # not at the top: imports test_cross_capture
+
+    folder = _folder(tmp_path / family, family)
+    figures = recorded_figures(monkeypatch)
+    argv = ["inspect", "--model", str(folder), "--text", TEXT, "--target", TARGET, "--no-progress", "--cross"]
+    out, page, dense_page = tmp_path / "r.json", tmp_path / "r.html", tmp_path / "dense.html"
+    assert main([*argv, "--long", "--json", str(out), "--plot", str(tmp_path / "r.png"), "--html", str(page)]) == 0
+    printed = capsys.readouterr().out
+    assert "q/k capture" in printed and "cross-attention layers: N is N_dec x N_enc" in printed
+    assert "cross-attention layers not inspected" not in printed and "heatmap (" in printed
+    long = json.loads(out.read_text())
+    assert main([*argv, "--json", "-", "--html", str(dense_page)]) == 0  # the same layers with A stored
+    dense = json.loads(capsys.readouterr().out)
+    assert long["passed"] and (long["tokens"], long["decoder_tokens"]) == (dense["tokens"], dense["decoder_tokens"])
+    assert [(e["name"], e["tokens"], e.get("keys"), e.get("kind")) for e in long["layers"]] == [
+        (e["name"], e["tokens"], e.get("keys"), e.get("kind")) for e in dense["layers"]]
+    assert [e.get("keys") for e in long["layers"]] == [None, None, 6]  # encoder 6, decoder 4, cross 4 x 6
+    for mine, theirs in zip(long["layers"], dense["layers"]):
+        assert set(theirs) <= set(mine) and mine["rel_error"] <= TOLERANCE, (mine["name"], mine["rel_error"])
+        assert mine["grid"] == [mine["tokens"], mine.get("keys", mine["tokens"])]
+        assert mine["frobenius"] == pytest.approx(theirs["frobenius"], rel=1e-5)  # from q/k and from stored A
+        assert {k: mine[k] for k in ("reads", "rows", "columns") if k in theirs} == \
+            {k: theirs[k] for k in ("reads", "rows", "columns") if k in theirs}
+    # --plot: the cross-attention panel is N_dec x N_enc, the target's tokens by the text's, the norms of stored A's W'
+    model, tok = dk.models.load(str(folder))
+    ids, labels = tok([TEXT], return_tensors="pt")["input_ids"], tok(text_target=[TARGET], return_tensors="pt")[
+        "input_ids"]
+    decoder_ids = torch.cat([torch.full_like(labels[:, :1], model.config.decoder_start_token_id), labels[:, :-1]], 1)
+    cross = dk.models.attention_layers(model, input_ids=ids, decoder_input_ids=decoder_ids, include_cross=True)[-1]
+    panel = panels(figures[0])[-1]
+    assert "cross" in panel.get_title() and tick_labels(panel) == (long["tokens"], long["decoder_tokens"])
+    torch.testing.assert_close(torch.as_tensor(panel.get_images()[0].get_array().data),
+                               cross.operator().block_norms()[0].clamp_min(1e-30), rtol=1e-4, atol=0)
+    # --html: the same page as with A stored (labels, grids; norms to the page's 3 digits), per head from q/k
+    mine, theirs = _html_data(page), _html_data(dense_page)
+    assert (mine["tokens"], mine["decoder_tokens"]) == (theirs["tokens"], theirs["decoder_tokens"])
+    for layer, dense_layer in zip(mine["layers"], theirs["layers"]):
+        assert layer["qk"] and not dense_layer["qk"] and layer["dense_blocks"] is None
+        assert {k: layer[k] for k in ("kind", "labels", "column_labels", "grid", "heads")} == \
+            {k: dense_layer[k] for k in ("kind", "labels", "column_labels", "grid", "heads")}
+        for maps, dense_maps in ((layer["per_head"], dense_layer["per_head"]), (layer["total"], dense_layer["total"])):
+            torch.testing.assert_close(torch.tensor(maps), torch.tensor(dense_maps), rtol=5e-3, atol=0)
+    assert mine["layers"][-1]["grid"] == [4, 6]
+    if chromium is not None and family == "bart":  # the page draws the cross-attention layer (4 heads + all) from q/k
+        dom = _rendered(page, tmp_path, "selftest-2")
+        assert "rendered layer 2: 5 heatmaps of 4x6" in dom and "n/a (q/k)" in dom, dom[-2000:]
+
+
+def test_cross_long_refuses_what_the_q_k_capture_cannot_read(tmp_path, capsys, fsmt_folder):  # noqa: F811
+    t5 = _folder(tmp_path / "t5", "t5")
+    argv = ["inspect", "--text", TEXT, "--no-progress", "--cross", "--long"]
+    instead = "duat inspect without --long captures A itself"
+    assert main([*argv, "--model", str(t5), "--json", "-"]) == 2  # T5's self-attention: its position bias
+    assert capsys.readouterr().out == ""
+    assert main([*argv, "--model", str(t5)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("duat inspect:") == 1 and "position bias" in err and instead in err, err
+    assert "--layer may select the layers --long can read (T5: its cross-attention layers alone)" in err, err
+    assert main([*argv, "--model", str(t5), "--layer", "2"]) == 0  # its cross-attention layer alone
+    assert "    2       6x6" in capsys.readouterr().out
+    assert main([*argv, "--model", str(fsmt_folder)]) == 2  # FSMT: its attention reads x tokens first
+    err = capsys.readouterr().err
+    assert err.count("duat inspect:") == 1 and "FSMTModel" in err and instead in err, err
+    assert main([*argv, "--model", str(fsmt_folder), "--save", str(tmp_path / "w.safetensors")]) == 2  # no W'
+    assert _refusal(capsys, "--save is not available with --long") == []  # before loading
 
 
 def test_a_target_read_from_a_file(bart_folder, tmp_path, capsys):
