@@ -29,6 +29,11 @@ def cell_labels(tokens: list[str], cells: int) -> list[str]:
     return [f"{a}-{b - 1}: {tokens[a]} ... {tokens[b - 1]}" for a, b in zip(edges, edges[1:])]
 
 
+def cell_unit(tokens: int, cells: int) -> str:
+    """What one of `cells` grid cells over `tokens` tokens holds, for an axis label."""
+    return "token" if cells == tokens else f"super-block (~{tokens / cells:.1f} tokens)"
+
+
 def axis_names(layer, decoder_layers=frozenset()) -> tuple[str, str]:
     """Which token list names the rows (output tokens n) and the columns (input tokens m) of the layer's block
     norms: "tokens" (the text) or "decoder_tokens" (what an encoder-decoder's decoder reads, for the layers of index
@@ -89,10 +94,17 @@ def block_norm_figure(reports, tokens: list[str], title: str, heads: list[int] |
             ax.set_yticks(range(grid[0]), cell_labels(row_tokens, grid[0]), fontsize=6)
         else:
             ax.tick_params(labelsize=6)
-    longest = max(len(t) for pair in axes_tokens for t in pair)
-    what = "token" if cells == longest else f"super-block (~{longest / cells:.1f} tokens)"
-    fig.supxlabel(f"input {what} m", fontsize=9)
-    fig.supylabel(f"output {what} n", fontsize=9)
+    # what one cell of each panel's columns and rows holds: shared by all panels, or per panel (a decoder or
+    # cross-attention panel of fewer tokens has finer super-blocks than the encoder's)
+    units = [(cell_unit(len(columns), grid[1]), cell_unit(len(rows), grid[0]))
+             for (rows, columns), grid in zip(axes_tokens, grids)]
+    if len(set(units)) == 1:
+        fig.supxlabel(f"input {units[0][0]} m", fontsize=9)
+        fig.supylabel(f"output {units[0][1]} n", fontsize=9)
+    else:
+        for ax, (column_unit, row_unit) in zip(axes.flat, units):
+            ax.set_xlabel(f"input {column_unit} m", fontsize=7)
+            ax.set_ylabel(f"output {row_unit} n", fontsize=7)
     fig.colorbar(image, ax=axes, fraction=0.03, pad=0.02, label="||W'_nm||_F (log, shared by all layers)")
     fig.suptitle(title, fontsize=10)
     return fig

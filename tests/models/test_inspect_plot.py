@@ -100,3 +100,27 @@ def test_self_attention_panels_are_the_same_with_a_cross_attention_panel(family)
     finally:
         for fig in figures:
             plt.close(fig)
+
+
+def test_panels_with_other_super_blocks_name_their_own():
+    """An encoder of 150 tokens is drawn on 96 super-blocks (~1.6 tokens each) while the decoder's 4 tokens stay
+    single tokens: each panel's axes say what its own cells hold (the figure's one label named the encoder's
+    super-blocks for every panel)."""
+    g = torch.Generator().manual_seed(2)
+    n_enc = 150
+    inputs = dict(input_ids=torch.randint(2, 100, (1, n_enc), generator=g),
+                  decoder_input_ids=torch.randint(2, 100, (1, N_DEC), generator=g))
+    # T5: relative positions, so 150 tokens fit its tiny config (the others have 64 positions)
+    reports = inspection.inspect_layers(_model("t5"), inputs, progress=False, include_cross=True)
+    decoder_layers = frozenset(r.layer.index for r in reports if "decoder" in r.layer.name.split("."))
+    encoder_tokens = [f"e{m}" for m in range(n_enc)]
+    fig = block_norm_figure(reports, encoder_tokens, "t", decoder_tokens=DECODER_TOKENS, decoder_layers=decoder_layers)
+    try:
+        labels = [(ax.get_xlabel(), ax.get_ylabel()) for ax in panels(fig)]
+        encoder, decoder = f"super-block (~{n_enc / 96:.1f} tokens)", "token"
+        assert labels == [(f"input {encoder} m", f"output {encoder} n"),
+                          (f"input {decoder} m", f"output {decoder} n"),
+                          (f"input {encoder} m", f"output {decoder} n")]
+        assert fig._supxlabel is None and fig._supylabel is None
+    finally:
+        plt.close(fig)
