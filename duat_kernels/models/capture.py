@@ -232,7 +232,12 @@ def unread_cross_attention(model: torch.nn.Module, blocks: list | None = None) -
     return [name for name in cross_attention_blocks(model) if not _nested(name, read)]
 
 
-def warn_unread_cross_attention(model: torch.nn.Module, blocks: list) -> None:
+def cross_attention_names(model: torch.nn.Module, blocks: list) -> set[str]:
+    """The names of the cross-attention modules among blocks (attention_blocks)."""
+    return {name for name, _, _ in blocks if is_cross_attention_module(model, name)}
+
+
+def _warn_unread_cross_attention(model: torch.nn.Module, blocks: list) -> None:
     """include_cross=True: a UserWarning naming the cross-attention modules it cannot read (unread_cross_attention)."""
     if unread := unread_cross_attention(model, blocks):
         warnings.warn(f"attention_layers: include_cross=True: {type(model).__name__} has cross-attention modules the "
@@ -301,13 +306,13 @@ def attention_layers(model: torch.nn.Module, *args, layers: list[int] | None = N
     _check_has_tokens(named)
     _check_no_cached_keys(named)
     _warn_uncovered(model)
-    if capture == "qk":
-        from duat_kernels.models.qk_capture import attention_layers_qk
-        return attention_layers_qk(model, *args, layers=layers, include_cross=include_cross, **inputs)
     blocks = attention_blocks(model, include_cross)
     if include_cross:
-        warn_unread_cross_attention(model, blocks)
-    cross = {name for name, _, _ in blocks if is_cross_attention_module(model, name)}
+        _warn_unread_cross_attention(model, blocks)
+    if capture == "qk":
+        from duat_kernels.models.qk_capture import attention_layers_qk
+        return attention_layers_qk(model, blocks, *args, layers=layers, **inputs)
+    cross = cross_attention_names(model, blocks)
     plan = layer_plan(model, blocks)
     selected = select_layers(layers, len(plan))
     applications = ApplicationRecords(blocks, plan, selected)

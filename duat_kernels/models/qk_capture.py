@@ -24,10 +24,10 @@ import torch
 from duat_kernels.forward_signature import named_inputs
 from duat_kernels.heads import head_indices, select_heads
 from duat_kernels.hvo_operator import HVOOperator
-from duat_kernels.models.architectures import is_cross_attention_module, owning_config, resolve
-from duat_kernels.models.capture import (AttentionLayer, _token_mask, attention_blocks, attn_implementation,
-                                         check_not_called_with_encoder_states, encoder_states_hook, select_layers,
-                                         warn_unread_cross_attention)
+from duat_kernels.models.architectures import owning_config, resolve
+from duat_kernels.models.capture import (AttentionLayer, _token_mask, attn_implementation,
+                                         check_not_called_with_encoder_states, cross_attention_names,
+                                         encoder_states_hook, select_layers)
 from duat_kernels.models.encoder_decoder import check_cross_attention
 from duat_kernels.models.shared_layers import ApplicationRecords, layer_plan
 
@@ -216,12 +216,12 @@ def _shape(t) -> str:
     return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else f"type {type(t).__name__}"
 
 
-def attention_layers_qk(model: torch.nn.Module, *args, layers: list[int] | None = None, include_cross: bool = False,
+def attention_layers_qk(model: torch.nn.Module, blocks: list, *args, layers: list[int] | None = None,
                         **inputs) -> list[QKAttentionLayer]:
-    """attention_layers(..., capture="qk"): the selected layers as q/k captures, in order (see the module doc);
-    include_cross: also the cross-attention layers (kind "cross": q of the decoder, k and key_mask of the encoder),
-    numbered after the self-attention layers as with capture="attn"."""
-    blocks = attention_blocks(model, include_cross)
+    """attention_layers(..., capture="qk"): the selected layers as q/k captures, in order (see the module doc).
+    blocks: attention_blocks(model, include_cross); with include_cross also the cross-attention layers (kind "cross":
+    q of the decoder, k and key_mask of the encoder), numbered after the self-attention layers as with
+    capture="attn"."""
     if not blocks:
         raise ValueError(f"found no attention layers in {type(model).__name__}")
     if any(arch is None for _, _, arch in blocks) or not hasattr(model, "config"):
@@ -230,9 +230,7 @@ def attention_layers_qk(model: torch.nn.Module, *args, layers: list[int] | None 
     plan = layer_plan(model, blocks)
     selected = select_layers(layers, len(plan))
     _check_batch_first(model, [blocks[plan[a][0]] for a in selected])
-    if include_cross:
-        warn_unread_cross_attention(model, blocks)
-    cross = {name for name, _, _ in blocks if is_cross_attention_module(model, name)}
+    cross = cross_attention_names(model, blocks)
     named = named_inputs(model, args, inputs)
     for key in ("attention_mask", "decoder_attention_mask"):
         mask = named.get(key)

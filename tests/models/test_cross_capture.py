@@ -197,17 +197,21 @@ def test_duat_inspect_cross_needs_an_encoder_decoder_model(tmp_path, capsys, ext
     assert err.startswith("duat inspect: --cross needs an encoder-decoder model") and "(bert)" in err, err
 
 
-def test_cross_attention_the_capture_cannot_read_is_named():
+@pytest.mark.parametrize("capture", ["attn", "qk"])
+def test_cross_attention_the_capture_cannot_read_is_named(capture):
     # GPT-2's cross-attention (c_attn computes keys and values in one projection, c_proj is shared with nothing) was
-    # left out of include_cross=True without a word: the caller asked for cross-attention layers and got none
+    # left out of include_cross=True without a word: the caller asked for cross-attention layers and got none. The
+    # warning points at the caller's line (capture="qk" pointed into capture.py).
     torch.manual_seed(0)
     model = transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100,
                                                            n_positions=32, add_cross_attention=True)).eval()
     ids, states = torch.randint(0, 100, (2, 5)), torch.randn(2, 7, 32)
     with pytest.warns(UserWarning, match=r"include_cross=True: .*cross-attention modules the capture cannot read "
-                                         r"\(1: h\.0\.crossattention\)"):
-        layers = dk.models.attention_layers(model, input_ids=ids, encoder_hidden_states=states, include_cross=True)
+                                         r"\(1: h\.0\.crossattention\)") as caught:
+        layers = dk.models.attention_layers(model, input_ids=ids, encoder_hidden_states=states, include_cross=True,
+                                            capture=capture)
     assert [l.name for l in layers] == ["h.0.attn"]
+    assert [w.filename for w in caught if "cannot read" in str(w.message)] == [__file__]
 
 
 def test_duat_inspect_cross_names_only_the_layers_it_cannot_read(tmp_path, capsys):
