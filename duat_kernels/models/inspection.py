@@ -191,15 +191,16 @@ def tokens_column(layer) -> str:
     return str(n) if layer.kind == "self" else f"{n}x{n_k}"
 
 
-def layer_json(layer, decoder_layers=frozenset()) -> dict:
-    """The JSON fields that describe a layer (both `duat inspect` and `duat inspect --long`): its index, name, shape,
-    what its rows read; a cross-attention layer's also its "kind", "keys" (N_enc), "rows" and "columns"."""
+def layer_json(layer, decoder_layers=frozenset(), **measured) -> dict:
+    """A layer's JSON entry (both `duat inspect` and `duat inspect --long`): its index, name, shape, what its rows
+    read, then the `measured` fields, then a cross-attention layer's "kind", "keys" (N_enc), "rows" and "columns"."""
     heads, n, n_k = layer_shape(layer)
     rows, columns = axis_names(layer, decoder_layers)
+    cross = {} if layer.kind == "self" else dict(kind=layer.kind, keys=n_k, rows=rows, columns=columns)
     return dict(index=layer.index, name=layer.name, application=layer.application, tokens=n,
                 reads=rows,  # the tokens of the layer's queries: its rows
                 m_in=layer.w_v.shape[1], m_out=layer.w_o.shape[0], heads=heads, kv_heads=layer.num_kv_heads,
-                cross={} if layer.kind == "self" else dict(kind=layer.kind, keys=n_k, rows=rows, columns=columns))
+                **measured, **cross)
 
 
 def results_json(layers: list[dict], model_name: str, model_type: str, tokens: list[str], dtype: torch.dtype,
@@ -223,16 +224,12 @@ def as_json(reports: list[LayerReport], model_name: str, model_type: str, tokens
     decoder_tokens: what the layers of index in decoder_layers read (each layer's "reads": "tokens" or
     "decoder_tokens"); a cross-attention layer's entry also names its "rows" ("decoder_tokens") and "columns"
     ("tokens": the encoder's)."""
-    layers = []
-    for r in reports:
-        fields = layer_json(r.layer, decoder_layers)
-        cross = fields.pop("cross")
-        layers.append(dict(
-            **fields, rel_error=r.rel_error,
-            w_seconds=None if math.isnan(r.seconds) else r.seconds, materialised=not math.isnan(r.seconds),
-            frobenius=r.frobenius, dense_blocks=r.dense_blocks, passed=r.rel_error <= tolerance,
-            per_head=[dict(head=h.head, frobenius=h.frobenius, output_share=h.output_share) for h in r.heads],
-            **cross))
+    layers = [layer_json(
+        r.layer, decoder_layers, rel_error=r.rel_error,
+        w_seconds=None if math.isnan(r.seconds) else r.seconds, materialised=not math.isnan(r.seconds),
+        frobenius=r.frobenius, dense_blocks=r.dense_blocks, passed=r.rel_error <= tolerance,
+        per_head=[dict(head=h.head, frobenius=h.frobenius, output_share=h.output_share) for h in r.heads])
+        for r in reports]
     return results_json(layers, model_name, model_type, tokens, dtype, tolerance, heads, skipped, uncovered,
                         decoder_tokens, target)
 

@@ -116,7 +116,7 @@ def format_long_reports(reports: list[LongLayerReport], model_name: str) -> str:
                      f"{r.spectral:>9.3f} {r.seconds['block_norms']:>9.2f}s {spec_t:>12.2f}s")
     if any(r.layer is not None and r.layer.kind == "cross" for r in reports):
         lines.append("cross-attention layers: N is N_dec x N_enc (decoder queries over encoder keys), x' the "
-                     "encoder's output; their grid is min(64, N_dec) x min(64, N_enc).")
+                     f"encoder's output; their grid is min({GRID}, N_dec) x min({GRID}, N_enc).")
     return "\n".join(lines)
 
 
@@ -126,14 +126,9 @@ def as_long_json(reports: list[LongLayerReport], tolerance: float, decoder_layer
     "dense_blocks" null: the norms are on a grid, "per_head" empty), plus "spectral" (||W'||_2) and "grid" (R, C)."""
     from duat_kernels.models.inspection import layer_json
 
-    entries = []
-    for r in reports:
-        fields = layer_json(r.layer, decoder_layers)
-        cross = fields.pop("cross")
-        entries.append(dict(**fields, rel_error=r.rel_error, w_seconds=None, materialised=False,
-                            frobenius=r.frobenius, dense_blocks=None, passed=r.rel_error <= tolerance, per_head=[],
-                            spectral=r.spectral, grid=list(r.grid_norms.shape), seconds=r.seconds, **cross))
-    return entries
+    return [layer_json(r.layer, decoder_layers, rel_error=r.rel_error, w_seconds=None, materialised=False,
+                       frobenius=r.frobenius, dense_blocks=None, passed=r.rel_error <= tolerance, per_head=[],
+                       spectral=r.spectral, grid=list(r.grid_norms.shape), seconds=r.seconds) for r in reports]
 
 
 def long_reports(args, model, inputs: dict) -> list[LongLayerReport]:
